@@ -1,0 +1,136 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * Service lookup and backend choice for socket-level load balancing.
+ *
+ * The userspace reconciler writes in make-before-break order (backends, then
+ * slots, then the frontend count; deletes in reverse), so a slot below the
+ * count we read points at a backend that exists. A reader racing a shrink can
+ * still hold a stale count; it retries slot 0, which stays valid while the
+ * count is above zero.
+ */
+#ifndef MBPF_LB_H
+#define MBPF_LB_H
+
+#include "common.h"
+#include "compat.h"
+#include "lb_maps.h"
+#include "sock_addr.h"
+
+static __always_inline struct mbpf_backend *
+lb_slot_backend(__u32 svc_id, __u32 slot, __u32 *backend_id)
+{
+	struct mbpf_slot_key key = { .svc_id = svc_id, .slot = slot };
+	struct mbpf_slot *s = mbpf_slots.lookup(&key);
+
+	if (!s)
+		return NULL;
+	*backend_id = s->backend_id;
+	return mbpf_backends.lookup(backend_id);
+}
+
+/* The backend this client was given last, if affinity still holds. */
+static __always_inline struct mbpf_backend *
+lb_affinity_backend(const struct mbpf_svc *svc, struct mbpf_aff_key *akey,
+		    __u64 now)
+{
+	struct mbpf_aff *aff = mbpf_affinity.lookup(akey);
+	struct mbpf_backend *be;
+	__u32 backend_id = 0;
+
+	if (!aff)
+		return NULL;
+	if (now - aff->last_used_ns >
+	    (__u64)svc->affinity_timeout * MBPF_NSEC_PER_SEC)
+		return NULL;
+	/* Still a member? Only if the slot it held still holds it. */
+	if (aff->slot >= svc->count)
+		return NULL;
+	be = lb_slot_backend(svc->svc_id, aff->slot, &backend_id);
+	if (!be || backend_id != aff->backend_id)
+		return NULL;
+	aff->last_used_ns = now;
+	return be;
+}
+
+/* Picks a backend for one connect() or one datagram; NULL means refuse. */
+static __always_inline struct mbpf_backend *
+lb_pick_backend(void *ctx, const struct mbpf_svc *svc)
+{
+	struct mbpf_aff_key akey = {};
+	struct mbpf_backend *be;
+	__u32 backend_id = 0;
+	__u64 now = 0;
+	__u32 slot;
+
+	if (svc->count == 0)
+		return NULL;
+	if (svc->affinity_timeout) {
+		akey.netns_cookie = bpf_get_netns_cookie(ctx);
+		akey.svc_id = svc->svc_id;
+		now = bpf_ktime_get_ns();
+		be = lb_affinity_backend(svc, &akey, now);
+		if (be)
+			return be;
+	}
+
+	slot = bpf_get_prandom_u32() % svc->count;
+	be = lb_slot_backend(svc->svc_id, slot, &backend_id);
+	if (!be) {
+		slot = 0;
+		be = lb_slot_backend(svc->svc_id, slot, &backend_id);
+		if (!be)
+			return NULL;
+	}
+
+	if (svc->affinity_timeout) {
+		struct mbpf_aff val = {
+			.last_used_ns = now,
+			.backend_id = backend_id,
+			.slot = slot,
+		};
+		mbpf_affinity.update(&akey, &val);
+	}
+	return be;
+}
+
+/* Remembers, per socket, which service a backend address stands for. */
+static __always_inline void rnat_remember(void *ctx,
+					  const struct mbpf_backend *be,
+					  const struct mbpf_svc_key *svc_key)
+{
+	struct mbpf_rnat_key key = {};
+	struct mbpf_rnat val = {};
+	struct mbpf_rnat *old;
+
+	key.cookie = mbpf_get_socket_cookie(ctx);
+	__builtin_memcpy(key.addr, be->addr, MBPF_ADDR_LEN);
+	key.port = be->port;
+	__builtin_memcpy(val.addr, svc_key->addr, MBPF_ADDR_LEN);
+	val.port = svc_key->port;
+
+	/* UDP calls this per datagram: skip the write when nothing changed. */
+	old = mbpf_rnat.lookup(&key);
+	if (old && old->port == val.port && addr_equal(old->addr, val.addr))
+		return;
+	mbpf_rnat.update(&key, &val);
+}
+
+/* Rewrites a peer address (backend) back to the service it stands for.
+ * Returns 1 when it found one. */
+static __always_inline int rnat_restore(void *ctx, struct mbpf_l4addr *peer)
+{
+	struct mbpf_rnat_key key = {};
+	struct mbpf_rnat *val;
+
+	key.cookie = mbpf_get_socket_cookie(ctx);
+	__builtin_memcpy(key.addr, peer->addr, MBPF_ADDR_LEN);
+	key.port = peer->port;
+	val = mbpf_rnat.lookup(&key);
+	if (!val)
+		return 0;
+	__builtin_memcpy(peer->addr, val->addr, MBPF_ADDR_LEN);
+	peer->port = val->port;
+	return 1;
+}
+
+#endif /* MBPF_LB_H */

@@ -1,0 +1,49 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * Socket-LB maps. All are pinned under MBPF_PIN_DIR (set by the loader) so
+ * that they outlive the agent, and so that the CLI can read them.
+ * Sizes come from the loader as -D flags; the defaults are for a large cluster.
+ */
+#ifndef MBPF_LB_MAPS_H
+#define MBPF_LB_MAPS_H
+
+#include "common.h"
+
+#ifndef MBPF_PIN_DIR
+#error "the loader sets MBPF_PIN_DIR to the bpffs folder"
+#endif
+#define MBPF_PIN(name) MBPF_PIN_DIR "/" #name
+
+#ifndef MBPF_SVC_MAX
+#define MBPF_SVC_MAX 65536
+#endif
+#ifndef MBPF_SLOT_MAX
+#define MBPF_SLOT_MAX 262144
+#endif
+#ifndef MBPF_BACKEND_MAX
+#define MBPF_BACKEND_MAX 131072
+#endif
+#ifndef MBPF_AFFINITY_MAX
+#define MBPF_AFFINITY_MAX 65536
+#endif
+#ifndef MBPF_RNAT_MAX
+#define MBPF_RNAT_MAX 131072
+#endif
+
+/* (service address, port, protocol) -> service id and usable backend count */
+BPF_TABLE_PINNED("hash", struct mbpf_svc_key, struct mbpf_svc, mbpf_svc,
+		 MBPF_SVC_MAX, MBPF_PIN(mbpf_svc));
+/* (service id, slot) -> backend id */
+BPF_TABLE_PINNED("hash", struct mbpf_slot_key, struct mbpf_slot, mbpf_slots,
+		 MBPF_SLOT_MAX, MBPF_PIN(mbpf_slots));
+/* backend id -> backend address, port and protocol */
+BPF_TABLE_PINNED("hash", __u32, struct mbpf_backend, mbpf_backends,
+		 MBPF_BACKEND_MAX, MBPF_PIN(mbpf_backends));
+/* (client netns, service id) -> backend chosen last, for sessionAffinity */
+BPF_TABLE_PINNED("lru_hash", struct mbpf_aff_key, struct mbpf_aff, mbpf_affinity,
+		 MBPF_AFFINITY_MAX, MBPF_PIN(mbpf_affinity));
+/* (socket, backend) -> service address shown by recvmsg() and getpeername() */
+BPF_TABLE_PINNED("lru_hash", struct mbpf_rnat_key, struct mbpf_rnat, mbpf_rnat,
+		 MBPF_RNAT_MAX, MBPF_PIN(mbpf_rnat));
+
+#endif /* MBPF_LB_MAPS_H */

@@ -1,0 +1,136 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * Socket-level load balancing on the cgroup socket-address hooks.
+ *
+ * connect() and unconnected sendmsg() to a service address are rewritten to a
+ * backend before the kernel routes anything, so there is no per-packet NAT and
+ * no conntrack. recvmsg() and getpeername() rewrite the backend back to the
+ * service address, so UDP replies come from the address the client asked and
+ * applications see the service as their peer.
+ */
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/in.h>
+
+#include "lib/common.h"
+#include "lib/compat.h"
+#include "lib/lb_maps.h"
+#include "lib/sock_addr.h"
+#include "lib/lb.h"
+
+#define SYS_PROCEED 1
+#define SYS_REJECT  0
+
+static __always_inline int refuse(struct bpf_sock_addr *ctx)
+{
+#ifdef MBPF_HAVE_SET_RETVAL
+	/* A service without usable endpoints fails at once, like a closed port. */
+	mbpf_set_retval(-MBPF_ECONNREFUSED);
+#endif
+	/* Without bpf_set_retval the caller sees EPERM. */
+	return SYS_REJECT;
+}
+
+/* Translates a service destination to a backend; v6 says which ctx fields. */
+static __always_inline int xlate_forward(struct bpf_sock_addr *ctx, int v6)
+{
+	struct mbpf_svc_key key = {};
+	struct mbpf_l4addr dst = {};
+	struct mbpf_backend *be;
+	struct mbpf_svc *svcp;
+	struct mbpf_svc svc;
+	__u32 proto = ctx->protocol;
+
+	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
+		return SYS_PROCEED;
+	if (v6)
+		ctx_get_dst6(ctx, &dst);
+	else
+		ctx_get_dst4(ctx, &dst);
+
+	__builtin_memcpy(key.addr, dst.addr, MBPF_ADDR_LEN);
+	key.port = dst.port;
+	key.proto = proto;
+	svcp = mbpf_svc.lookup(&key);
+	if (!svcp)
+		return SYS_PROCEED;
+	/* One copy, so count and id agree while the agent updates the entry. */
+	svc = *svcp;
+
+	be = lb_pick_backend(ctx, &svc);
+	if (!be)
+		return refuse(ctx);
+
+	if (v6) {
+		ctx_set_dst6(ctx, be->addr, be->port);
+	} else if (ctx_set_dst4(ctx, be->addr, be->port) < 0) {
+		return refuse(ctx);
+	}
+	rnat_remember(ctx, be, &key);
+	return SYS_PROCEED;
+}
+
+/* Shows the service address instead of the backend one. */
+static __always_inline int xlate_reverse(struct bpf_sock_addr *ctx, int v6)
+{
+	struct mbpf_l4addr peer = {};
+
+	if (v6)
+		ctx_get_dst6(ctx, &peer);
+	else
+		ctx_get_dst4(ctx, &peer);
+	if (!rnat_restore(ctx, &peer))
+		return SYS_PROCEED;
+	if (v6)
+		ctx_set_dst6(ctx, peer.addr, peer.port);
+	else
+		ctx_set_dst4(ctx, peer.addr, peer.port);
+	return SYS_PROCEED;
+}
+
+/* attaches to cgroup/connect4 */
+int mbpf_connect4(struct bpf_sock_addr *ctx)
+{
+	return xlate_forward(ctx, 0);
+}
+
+/* attaches to cgroup/connect6 */
+int mbpf_connect6(struct bpf_sock_addr *ctx)
+{
+	return xlate_forward(ctx, 1);
+}
+
+/* attaches to cgroup/sendmsg4 (unconnected UDP) */
+int mbpf_sendmsg4(struct bpf_sock_addr *ctx)
+{
+	return xlate_forward(ctx, 0);
+}
+
+/* attaches to cgroup/sendmsg6 (unconnected UDP) */
+int mbpf_sendmsg6(struct bpf_sock_addr *ctx)
+{
+	return xlate_forward(ctx, 1);
+}
+
+/* attaches to cgroup/recvmsg4 (UDP) */
+int mbpf_recvmsg4(struct bpf_sock_addr *ctx)
+{
+	return xlate_reverse(ctx, 0);
+}
+
+/* attaches to cgroup/recvmsg6 (UDP) */
+int mbpf_recvmsg6(struct bpf_sock_addr *ctx)
+{
+	return xlate_reverse(ctx, 1);
+}
+
+/* attaches to cgroup/getpeername4 */
+int mbpf_getpeer4(struct bpf_sock_addr *ctx)
+{
+	return xlate_reverse(ctx, 0);
+}
+
+/* attaches to cgroup/getpeername6 */
+int mbpf_getpeer6(struct bpf_sock_addr *ctx)
+{
+	return xlate_reverse(ctx, 1);
+}

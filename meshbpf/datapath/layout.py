@@ -1,0 +1,151 @@
+"""The socket-LB maps: names, layouts, and conversion to reconciler values.
+
+bpf/lib/common.h is the definition. The agent writes maps through bcc's
+Key/Leaf types compiled from it; the ctypes mirror below exists only so the
+CLI can read pinned maps without compiling, and tests/kernel/test_layout.py
+fails if it drifts from the compiled layout.
+
+The conversion functions work on either (they go by field name).
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import socket
+from dataclasses import dataclass
+
+from ..reconcile import BackendVal, SlotKey, SlotVal, SvcKey, SvcVal
+
+U8x16 = ct.c_uint8 * 16
+
+
+class SvcKeyC(ct.Structure):
+    _fields_ = [("addr", U8x16), ("port", ct.c_uint16), ("proto", ct.c_uint8), ("pad", ct.c_uint8)]
+
+
+class SvcC(ct.Structure):
+    _fields_ = [("svc_id", ct.c_uint32), ("count", ct.c_uint32),
+                ("affinity_timeout", ct.c_uint32), ("flags", ct.c_uint32)]
+
+
+class SlotKeyC(ct.Structure):
+    _fields_ = [("svc_id", ct.c_uint32), ("slot", ct.c_uint32)]
+
+
+class SlotC(ct.Structure):
+    _fields_ = [("backend_id", ct.c_uint32), ("state", ct.c_uint8), ("pad", ct.c_uint8 * 3)]
+
+
+class BackendC(ct.Structure):
+    _fields_ = [("addr", U8x16), ("port", ct.c_uint16), ("proto", ct.c_uint8), ("pad", ct.c_uint8)]
+
+
+class AffKeyC(ct.Structure):
+    _fields_ = [("netns_cookie", ct.c_uint64), ("svc_id", ct.c_uint32), ("pad", ct.c_uint32)]
+
+
+class AffC(ct.Structure):
+    _fields_ = [("last_used_ns", ct.c_uint64), ("backend_id", ct.c_uint32), ("slot", ct.c_uint32)]
+
+
+class RnatKeyC(ct.Structure):
+    _fields_ = [("cookie", ct.c_uint64), ("addr", U8x16), ("port", ct.c_uint16), ("pad", ct.c_uint8 * 6)]
+
+
+class RnatC(ct.Structure):
+    _fields_ = [("addr", U8x16), ("port", ct.c_uint16), ("pad", ct.c_uint8 * 6)]
+
+
+@dataclass(frozen=True)
+class MapSpec:
+    name: str           # map name in C, pin name, and kernel name (<= 15 chars)
+    role: str           # reconciler name ("services", ...) or "" for kernel-owned maps
+    key: type
+    value: type
+    size_macro: str     # -D name that sets max_entries
+    default_size: int
+
+
+LB_MAPS = (
+    MapSpec("mbpf_svc", "services", SvcKeyC, SvcC, "MBPF_SVC_MAX", 65536),
+    MapSpec("mbpf_slots", "slots", SlotKeyC, SlotC, "MBPF_SLOT_MAX", 262144),
+    MapSpec("mbpf_backends", "backends", ct.c_uint32, BackendC, "MBPF_BACKEND_MAX", 131072),
+    MapSpec("mbpf_affinity", "", AffKeyC, AffC, "MBPF_AFFINITY_MAX", 65536),
+    MapSpec("mbpf_rnat", "", RnatKeyC, RnatC, "MBPF_RNAT_MAX", 131072),
+)
+BY_ROLE = {m.role: m for m in LB_MAPS if m.role}
+
+
+# --- ctypes <-> reconciler values -------------------------------------------
+
+def _u16_net(host: int) -> int:
+    return socket.htons(host)
+
+
+def svc_key_from(c) -> SvcKey:
+    return SvcKey(bytes(c.addr), socket.ntohs(c.port), c.proto)
+
+
+def svc_key_into(c, k: SvcKey):
+    c.addr[:] = k.addr
+    c.port = _u16_net(k.port)
+    c.proto = k.proto
+    c.pad = 0
+    return c
+
+
+def svc_from(c) -> SvcVal:
+    return SvcVal(c.svc_id, c.count, c.affinity_timeout)
+
+
+def svc_into(c, v: SvcVal):
+    c.svc_id, c.count, c.affinity_timeout, c.flags = v.svc_id, v.count, v.affinity_timeout, 0
+    return c
+
+
+def slot_key_from(c) -> SlotKey:
+    return SlotKey(c.svc_id, c.slot)
+
+
+def slot_key_into(c, k: SlotKey):
+    c.svc_id, c.slot = k.svc_id, k.slot
+    return c
+
+
+def slot_from(c) -> SlotVal:
+    return SlotVal(c.backend_id, c.state)
+
+
+def slot_into(c, v: SlotVal):
+    c.backend_id, c.state = v.backend_id, v.state
+    c.pad[:] = b"\0\0\0"
+    return c
+
+
+def backend_key_from(c) -> int:
+    # ctypes hands out scalar keys as plain ints from arrays, c_uint32 elsewhere
+    return c.value if hasattr(c, "value") else int(c)
+
+
+def backend_key_into(c, k: int) -> int:
+    # Scalar array elements cannot be filled in place; the caller stores this.
+    return k
+
+
+def backend_from(c) -> BackendVal:
+    return BackendVal(bytes(c.addr), socket.ntohs(c.port), c.proto)
+
+
+def backend_into(c, v: BackendVal):
+    c.addr[:] = v.addr
+    c.port = _u16_net(v.port)
+    c.proto = v.proto
+    c.pad = 0
+    return c
+
+
+CODECS = {
+    "services": (svc_key_from, svc_key_into, svc_from, svc_into),
+    "slots": (slot_key_from, slot_key_into, slot_from, slot_into),
+    "backends": (backend_key_from, backend_key_into, backend_from, backend_into),
+}

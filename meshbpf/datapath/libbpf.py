@@ -1,0 +1,186 @@
+"""The few bpf() operations bcc 0.26 does not wrap, through Debian's libbpf1.
+
+libbpf1 is always present where bcc is (libbpfcc and iproute2 depend on it),
+and its symbols used here are part of its stable ABI since 0.0.x. This is
+also what the CLI uses to read pinned maps without compiling anything.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import ctypes.util
+import os
+from dataclasses import dataclass
+
+_lib = ct.CDLL(ctypes.util.find_library("bpf") or "libbpf.so.1", use_errno=True)
+
+BPF_MAP_TYPE_NAMES = {1: "hash", 2: "array", 9: "lru_hash", 18: "sockhash", 15: "sockmap"}
+
+
+class BPFError(OSError):
+    pass
+
+
+def _check(res: int, what: str) -> int:
+    if res < 0:
+        err = ct.get_errno() or -res
+        raise BPFError(err, f"{what}: {os.strerror(err)}")
+    return res
+
+
+class _ProgInfo(ct.Structure):
+    _fields_ = [
+        ("type", ct.c_uint32), ("id", ct.c_uint32), ("tag", ct.c_uint8 * 8),
+        ("jited_prog_len", ct.c_uint32), ("xlated_prog_len", ct.c_uint32),
+        ("jited_prog_insns", ct.c_uint64), ("xlated_prog_insns", ct.c_uint64),
+        ("load_time", ct.c_uint64), ("created_by_uid", ct.c_uint32),
+        ("nr_map_ids", ct.c_uint32), ("map_ids", ct.c_uint64),
+        ("name", ct.c_char * 16),
+    ]
+
+
+class _LinkInfo(ct.Structure):
+    # struct bpf_link_info with the cgroup member of its union (at offset 16,
+    # the union being 8-byte aligned); the tail pads for larger members.
+    _fields_ = [
+        ("type", ct.c_uint32), ("id", ct.c_uint32), ("prog_id", ct.c_uint32),
+        ("_pad", ct.c_uint32), ("cgroup_id", ct.c_uint64), ("attach_type", ct.c_uint32),
+        ("_tail", ct.c_uint8 * 36),
+    ]
+
+
+class _MapInfo(ct.Structure):
+    _fields_ = [
+        ("type", ct.c_uint32), ("id", ct.c_uint32), ("key_size", ct.c_uint32),
+        ("value_size", ct.c_uint32), ("max_entries", ct.c_uint32),
+        ("map_flags", ct.c_uint32), ("name", ct.c_char * 16),
+    ]
+
+
+_lib.bpf_obj_get.argtypes = [ct.c_char_p]
+_lib.bpf_obj_pin.argtypes = [ct.c_int, ct.c_char_p]
+_lib.bpf_link_create.argtypes = [ct.c_int, ct.c_int, ct.c_int, ct.c_void_p]
+_lib.bpf_link_update.argtypes = [ct.c_int, ct.c_int, ct.c_void_p]
+_lib.bpf_link_detach.argtypes = [ct.c_int]
+_lib.bpf_prog_query.argtypes = [ct.c_int, ct.c_int, ct.c_uint32, ct.POINTER(ct.c_uint32),
+                                ct.POINTER(ct.c_uint32), ct.POINTER(ct.c_uint32)]
+_lib.bpf_prog_get_fd_by_id.argtypes = [ct.c_uint32]
+_lib.bpf_obj_get_info_by_fd.argtypes = [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32)]
+_lib.bpf_map_lookup_elem.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
+_lib.bpf_map_get_next_key.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
+
+
+def obj_get(path: str) -> int:
+    return _check(_lib.bpf_obj_get(path.encode()), f"open pinned {path}")
+
+
+def obj_pin(fd: int, path: str) -> None:
+    _check(_lib.bpf_obj_pin(fd, path.encode()), f"pin {path}")
+
+
+def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
+    """A BPF link attaching prog to target (a cgroup fd). It stays attached
+    while the link is pinned or an fd to it is open, and coexists with other
+    programs on the same hook (like BPF_F_ALLOW_MULTI)."""
+    return _check(_lib.bpf_link_create(prog_fd, target_fd, attach_type, None),
+                  f"attach program (attach type {attach_type})")
+
+
+def link_update(link_fd: int, new_prog_fd: int) -> None:
+    """Swap the program behind a link atomically: no moment without one."""
+    _check(_lib.bpf_link_update(link_fd, new_prog_fd, None), "replace program in link")
+
+
+def link_detach(link_fd: int) -> None:
+    """Detach now, even if another process still holds the link."""
+    _check(_lib.bpf_link_detach(link_fd), "detach link")
+
+
+def prog_query(target_fd: int, attach_type: int) -> list[int]:
+    """IDs of the programs attached to a cgroup for one attach type."""
+    count = ct.c_uint32(64)
+    ids = (ct.c_uint32 * 64)()
+    flags = ct.c_uint32(0)
+    _check(_lib.bpf_prog_query(target_fd, attach_type, 0, ct.byref(flags), ids, ct.byref(count)),
+           f"query attach type {attach_type}")
+    return list(ids[: count.value])
+
+
+def prog_fd_by_id(prog_id: int) -> int:
+    return _check(_lib.bpf_prog_get_fd_by_id(prog_id), f"open program id {prog_id}")
+
+
+@dataclass(frozen=True)
+class ProgInfo:
+    id: int
+    type: int
+    name: str
+    tag: str
+
+
+@dataclass(frozen=True)
+class LinkInfo:
+    id: int
+    prog_id: int
+    cgroup_id: int
+    attach_type: int
+
+
+@dataclass(frozen=True)
+class MapInfo:
+    id: int
+    type: int
+    key_size: int
+    value_size: int
+    max_entries: int
+    name: str
+
+
+def prog_info(fd: int) -> ProgInfo:
+    info = _ProgInfo()
+    size = ct.c_uint32(ct.sizeof(info))
+    _check(_lib.bpf_obj_get_info_by_fd(fd, ct.byref(info), ct.byref(size)), "program info")
+    return ProgInfo(info.id, info.type, info.name.decode(), bytes(info.tag).hex())
+
+
+def link_info(fd: int) -> LinkInfo:
+    info = _LinkInfo()
+    size = ct.c_uint32(ct.sizeof(info))
+    _check(_lib.bpf_obj_get_info_by_fd(fd, ct.byref(info), ct.byref(size)), "link info")
+    return LinkInfo(info.id, info.prog_id, info.cgroup_id, info.attach_type)
+
+
+def map_info(fd: int) -> MapInfo:
+    info = _MapInfo()
+    size = ct.c_uint32(ct.sizeof(info))
+    _check(_lib.bpf_obj_get_info_by_fd(fd, ct.byref(info), ct.byref(size)), "map info")
+    return MapInfo(info.id, info.type, info.key_size, info.value_size, info.max_entries,
+                   info.name.decode())
+
+
+def map_items(fd: int, key_type: type, value_type: type):
+    """Every (key, value) of a map, read with get_next_key + lookup."""
+    key, next_key, value = key_type(), key_type(), value_type()
+    res = _lib.bpf_map_get_next_key(fd, None, ct.byref(next_key))
+    while res == 0:
+        ct.memmove(ct.byref(key), ct.byref(next_key), ct.sizeof(key))
+        if _lib.bpf_map_lookup_elem(fd, ct.byref(key), ct.byref(value)) == 0:
+            copy_v = value_type()
+            ct.memmove(ct.byref(copy_v), ct.byref(value), ct.sizeof(value))
+            copy_k = key_type()
+            ct.memmove(ct.byref(copy_k), ct.byref(key), ct.sizeof(key))
+            yield copy_k, copy_v
+        res = _lib.bpf_map_get_next_key(fd, ct.byref(key), ct.byref(next_key))
+
+
+def map_count(fd: int, key_size: int) -> int:
+    """Number of entries, by walking the keys (no value copies)."""
+    key = ct.create_string_buffer(key_size)
+    next_key = ct.create_string_buffer(key_size)
+    count = 0
+    res = _lib.bpf_map_get_next_key(fd, None, next_key)
+    while res == 0:
+        count += 1
+        ct.memmove(key, next_key, key_size)
+        res = _lib.bpf_map_get_next_key(fd, key, next_key)
+    return count

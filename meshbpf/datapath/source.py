@@ -1,0 +1,43 @@
+"""Turning bpf/*.c into the one translation unit bcc compiles.
+
+bcc rewrites map calls such as ``mbpf_svc.lookup(&key)`` only in the main
+file it is given; the same call inside an included header compiles to an
+indirect call the verifier rejects. So quoted includes are expanded in place
+here, with ``#line`` markers so compiler errors still name bpf/lib/*.h.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+_QUOTED_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
+
+
+def bpf_dir() -> Path:
+    """The bpf/ folder of this checkout (MESHBPF_BPF_DIR overrides it)."""
+    override = os.environ.get("MESHBPF_BPF_DIR")
+    if override:
+        return Path(override)
+    return Path(__file__).resolve().parents[2] / "bpf"
+
+
+def expand(path: Path, _seen: set[Path] | None = None) -> str:
+    """Source of ``path`` with every quoted include inlined once."""
+    seen = _seen if _seen is not None else set()
+    path = path.resolve()
+    seen.add(path)
+    out = [f'#line 1 "{path}"']
+    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+        match = _QUOTED_INCLUDE.match(line)
+        if not match:
+            out.append(line)
+            continue
+        target = (path.parent / match.group(1)).resolve()
+        if not target.is_file():
+            raise FileNotFoundError(f"{path}:{lineno}: include {match.group(1)!r} not found")
+        if target not in seen:
+            out.append(expand(target, seen))
+        out.append(f'#line {lineno + 1} "{path}"')
+    return "\n".join(out) + "\n"

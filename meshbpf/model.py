@@ -1,0 +1,93 @@
+"""Desired state: what the node should be doing, as plain, validated data.
+
+Sources (the YAML file, the Kubernetes API) produce a DesiredState; the
+reconciler turns it into map writes. Nothing here knows about BPF.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Union
+
+IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+
+PROTOCOLS = ("TCP", "UDP")
+
+# Kubernetes' default for sessionAffinityConfig.clientIP.timeoutSeconds.
+DEFAULT_AFFINITY_TIMEOUT = 10800
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One endpoint address and port of a service port, with its conditions.
+
+    Defaults follow kube-proxy's EndpointSlice reading: ready and serving are
+    true when unset, terminating only counts when set.
+    """
+
+    address: IPAddress
+    port: int
+    ready: bool = True
+    serving: bool = True
+    terminating: bool = False
+    node_name: str | None = None
+    zone: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Frontend:
+    """What a client connects to: a service address, port and protocol."""
+
+    address: IPAddress
+    port: int
+    protocol: str  # "TCP" or "UDP"
+
+    def __str__(self) -> str:
+        host = f"[{self.address}]" if self.address.version == 6 else str(self.address)
+        return f"{host}:{self.port}/{self.protocol}"
+
+
+@dataclass(frozen=True, slots=True)
+class ServicePort:
+    """One port of one Service on one of its cluster IPs."""
+
+    namespace: str
+    name: str
+    port_name: str
+    frontend: Frontend
+    endpoints: tuple[Endpoint, ...]
+    affinity_timeout: int = 0  # seconds; 0 means no session affinity
+
+    @property
+    def service(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class UsableEndpoint:
+    endpoint: Endpoint
+    terminating_fallback: bool  # chosen only because no endpoint is ready
+
+
+def usable_endpoints(endpoints: tuple[Endpoint, ...]) -> list[UsableEndpoint]:
+    """Which endpoints new connections may go to, as kube-proxy decides.
+
+    Ready endpoints when there are any; otherwise the ones that are still
+    serving while terminating, so a rolling update never leaves a gap;
+    otherwise none, and the service refuses connections.
+    """
+    ready = [UsableEndpoint(e, False) for e in endpoints if e.ready]
+    if ready:
+        return ready
+    return [UsableEndpoint(e, True) for e in endpoints if e.serving and e.terminating]
+
+
+@dataclass
+class DesiredState:
+    """Everything the node should program, keyed by frontend."""
+
+    service_ports: dict[Frontend, ServicePort] = field(default_factory=dict)
+
+    def services(self) -> set[str]:
+        return {sp.service for sp in self.service_ports.values()}

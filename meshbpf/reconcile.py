@@ -1,0 +1,272 @@
+"""Desired state -> the smallest ordered set of socket-LB map writes.
+
+Plain Python over plain values: no BPF, no root. The datapath reads the
+pinned maps into an LBState, asks `plan()` what to change, and applies the
+Plan's steps in order.
+
+Make-before-break: backends are written first, then slots, then the
+frontend's count; removals go the other way (frontend, then slots, then
+backends). A reader in the kernel therefore never sees a count that covers a
+missing slot, nor a slot naming a missing backend, and a service that keeps
+at least one endpoint never drops to zero backends during an update.
+
+Slots keep their positions across updates where they can, so adding or
+removing one endpoint rewrites one or two slots, not the whole service.
+IDs are taken from the maps on restart, so an unchanged config writes nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, NamedTuple
+
+from .model import DesiredState, IPAddress, usable_endpoints
+
+IPPROTO = {"TCP": 6, "UDP": 17}
+PROTO_NAME = {v: k for k, v in IPPROTO.items()}
+
+SLOT_READY = 1        # MBPF_SLOT_READY in bpf/lib/common.h
+SLOT_TERMINATING = 2  # MBPF_SLOT_TERMINATING
+
+
+def addr16(ip: IPAddress) -> bytes:
+    """The maps' address form: 16 bytes, IPv4 mapped as ::ffff:a.b.c.d."""
+    if ip.version == 4:
+        return b"\0" * 10 + b"\xff\xff" + ip.packed
+    return ip.packed
+
+
+class SvcKey(NamedTuple):
+    addr: bytes  # 16 bytes
+    port: int    # host order here; the datapath converts
+    proto: int
+
+
+class SvcVal(NamedTuple):
+    svc_id: int
+    count: int
+    affinity_timeout: int
+
+
+class SlotKey(NamedTuple):
+    svc_id: int
+    slot: int
+
+
+class SlotVal(NamedTuple):
+    backend_id: int
+    state: int
+
+
+class BackendVal(NamedTuple):
+    addr: bytes
+    port: int
+    proto: int
+
+
+class WantedService(NamedTuple):
+    """A frontend as the maps should hold it, before IDs are assigned."""
+
+    name: str                              # "namespace/name:port", for errors
+    backends: tuple[tuple[BackendVal, int], ...]  # (backend, slot state), in order
+    affinity_timeout: int
+
+
+@dataclass
+class LBState:
+    """The content of the socket-LB maps (or what it will be)."""
+
+    services: dict[SvcKey, SvcVal] = field(default_factory=dict)
+    slots: dict[SlotKey, SlotVal] = field(default_factory=dict)
+    backends: dict[int, BackendVal] = field(default_factory=dict)
+
+    def copy(self) -> "LBState":
+        return LBState(dict(self.services), dict(self.slots), dict(self.backends))
+
+
+class Step(NamedTuple):
+    map: str     # "backends", "slots" or "services"
+    op: str      # "update" or "delete"
+    entries: dict  # key -> value for updates; key -> None for deletes
+
+
+@dataclass
+class Plan:
+    backend_updates: dict[int, BackendVal] = field(default_factory=dict)
+    slot_updates: dict[SlotKey, SlotVal] = field(default_factory=dict)
+    service_updates: dict[SvcKey, SvcVal] = field(default_factory=dict)
+    service_deletes: list[SvcKey] = field(default_factory=list)
+    slot_deletes: list[SlotKey] = field(default_factory=list)
+    backend_deletes: list[int] = field(default_factory=list)
+
+    def steps(self) -> Iterator[Step]:
+        """The writes in make-before-break order. Empty steps are skipped."""
+        order = [
+            ("backends", "update", self.backend_updates),
+            ("slots", "update", self.slot_updates),
+            ("services", "update", self.service_updates),
+            ("services", "delete", dict.fromkeys(self.service_deletes)),
+            ("slots", "delete", dict.fromkeys(self.slot_deletes)),
+            ("backends", "delete", dict.fromkeys(self.backend_deletes)),
+        ]
+        for name, op, entries in order:
+            if entries:
+                yield Step(name, op, entries)
+
+    @property
+    def writes(self) -> int:
+        return sum(len(s.entries) for s in self.steps())
+
+    def __bool__(self) -> bool:
+        return self.writes > 0
+
+    def apply_to(self, state: LBState) -> LBState:
+        """The state the maps hold once every step is applied."""
+        new = state.copy()
+        for step in self.steps():
+            target = getattr(new, step.map)
+            if step.op == "update":
+                target.update(step.entries)
+            else:
+                for key in step.entries:
+                    target.pop(key, None)
+        return new
+
+
+class CapacityError(Exception):
+    """A map would overflow; nothing was written."""
+
+
+def wanted_services(desired: DesiredState) -> dict[SvcKey, WantedService]:
+    """Desired state in map terms: usable endpoints only, in a stable order."""
+    out: dict[SvcKey, WantedService] = {}
+    for fe, sp in desired.service_ports.items():
+        proto = IPPROTO[fe.protocol]
+        backends = []
+        seen = set()
+        for usable in usable_endpoints(sp.endpoints):
+            ep = usable.endpoint
+            be = BackendVal(addr16(ep.address), ep.port, proto)
+            if be in seen:
+                continue
+            seen.add(be)
+            backends.append((be, SLOT_TERMINATING if usable.terminating_fallback else SLOT_READY))
+        port_label = f":{sp.port_name}" if sp.port_name else ""
+        out[SvcKey(addr16(fe.address), fe.port, proto)] = WantedService(
+            f"{sp.service}{port_label}", tuple(backends), sp.affinity_timeout)
+    return out
+
+
+class _IdAllocator:
+    """Hands out IDs above the highest in use, so a freed ID is not reused
+    while a kernel reader may still hold it."""
+
+    def __init__(self, used: set[int], limit: int = 0xFFFFFFFF):
+        self.used = used
+        self.next = max(used, default=0) + 1
+        self.limit = limit
+
+    def take(self) -> int:
+        for _ in range(2):
+            while self.next <= self.limit:
+                candidate = self.next
+                self.next += 1
+                if candidate not in self.used:
+                    self.used.add(candidate)
+                    return candidate
+            self.next = 1  # wrapped: reuse the lowest free IDs
+        raise CapacityError("no free IDs left")
+
+
+def plan(current: LBState, wanted: dict[SvcKey, WantedService]) -> Plan:
+    """What to write to turn `current` into `wanted`."""
+    p = Plan()
+
+    # Backends: one ID per (address, port, protocol), shared by services.
+    backend_id: dict[BackendVal, int] = {}
+    for bid, val in sorted(current.backends.items()):
+        backend_id.setdefault(val, bid)
+    backend_ids = _IdAllocator(set(current.backends))
+    referenced: set[int] = set()
+
+    slots_by_svc: dict[int, dict[int, SlotVal]] = {}
+    for key, val in current.slots.items():
+        slots_by_svc.setdefault(key.svc_id, {})[key.slot] = val
+
+    svc_ids = _IdAllocator({v.svc_id for v in current.services.values()})
+    live_svc_ids: set[int] = set()
+
+    for key, want in wanted.items():
+        members: list[tuple[int, int]] = []
+        for be, state in want.backends:
+            bid = backend_id.get(be)
+            if bid is None:
+                bid = backend_ids.take()
+                backend_id[be] = bid
+                p.backend_updates[bid] = be
+            referenced.add(bid)
+            members.append((bid, state))
+
+        old = current.services.get(key)
+        svc_id = old.svc_id if old else svc_ids.take()
+        live_svc_ids.add(svc_id)
+        old_slots = slots_by_svc.get(svc_id, {})
+        layout = _slot_layout(old_slots, old.count if old else 0, members)
+        for i, (bid, state) in enumerate(layout):
+            val = SlotVal(bid, state)
+            if old_slots.get(i) != val:
+                p.slot_updates[SlotKey(svc_id, i)] = val
+        for i in old_slots:
+            if i >= len(layout):
+                p.slot_deletes.append(SlotKey(svc_id, i))
+
+        new_val = SvcVal(svc_id, len(layout), want.affinity_timeout)
+        if old != new_val:
+            p.service_updates[key] = new_val
+
+    for key, val in current.services.items():
+        if key not in wanted:
+            p.service_deletes.append(key)
+    # Slots of removed services, and any orphan a crash left behind.
+    for svc_id, slots in slots_by_svc.items():
+        if svc_id not in live_svc_ids:
+            p.slot_deletes.extend(SlotKey(svc_id, i) for i in slots)
+
+    for bid in current.backends:
+        if bid not in referenced:
+            p.backend_deletes.append(bid)
+    return p
+
+
+def _slot_layout(old_slots: dict[int, SlotVal], old_count: int,
+                 members: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """New slot contents, keeping each surviving backend where it was."""
+    n = len(members)
+    state_of = dict(members)
+    layout: list[tuple[int, int] | None] = [None] * n
+    placed: set[int] = set()
+    for i in range(min(old_count, n)):
+        old = old_slots.get(i)
+        if old is not None and old.backend_id in state_of and old.backend_id not in placed:
+            layout[i] = (old.backend_id, state_of[old.backend_id])
+            placed.add(old.backend_id)
+    rest = iter([m for m in members if m[0] not in placed])
+    return [entry if entry is not None else next(rest) for entry in layout]
+
+
+def check_capacity(current: LBState, p: Plan, capacity: dict[str, int]) -> None:
+    """Raises CapacityError if any map would overflow while the plan runs.
+
+    Updates land before deletes, so the peak is every key the map holds now
+    plus every key the plan adds.
+    """
+    peaks = {
+        "services": len(current.services.keys() | p.service_updates.keys()),
+        "slots": len(current.slots.keys() | p.slot_updates.keys()),
+        "backends": len(current.backends.keys() | p.backend_updates.keys()),
+    }
+    over = [f"{name} map needs {peaks[name]} entries, it holds {capacity[name]}"
+            for name in peaks if name in capacity and peaks[name] > capacity[name]]
+    if over:
+        raise CapacityError("map full: " + "; ".join(over)
+                            + " (raise the size with --map-size or lower the number of services)")

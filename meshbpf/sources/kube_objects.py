@@ -1,0 +1,436 @@
+"""Kubernetes Services and EndpointSlices -> DesiredState.
+
+Both sources feed this module: the YAML file source with objects as
+`kubectl get svc,endpointslices -A -o yaml` prints them, and the Kubernetes
+API source with the same objects from a watch. One reading of the objects
+means one set of semantics, which follow kube-proxy's endpointslicecache.go:
+endpoints merge across the slices of a service, `ready` and `serving` are
+true when unset, `terminating` only counts when set, and slice ports match
+service ports by name and protocol.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from ..model import (DEFAULT_AFFINITY_TIMEOUT, DesiredState, Endpoint,
+                     Frontend, IPAddress, ServicePort)
+from . import schema
+from .errors import Problem
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+
+
+@dataclass(frozen=True)
+class SourceObject:
+    """One object and where it came from, for error messages."""
+
+    obj: Any
+    where: str
+
+
+@dataclass
+class BuildResult:
+    state: DesiredState
+    problems: list[Problem] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # things skipped on purpose
+
+
+@dataclass
+class _Port:
+    index: int
+    name: str
+    protocol: str
+    port: int
+    target: int | str
+
+
+@dataclass
+class _Service:
+    src: SourceObject
+    namespace: str
+    name: str
+    cluster_ips: list[IPAddress]
+    ports: list[_Port]
+    affinity_timeout: int
+    local_only: bool
+
+
+@dataclass
+class _SlicePort:
+    index: int
+    name: str
+    protocol: str
+    port: int | None
+
+
+@dataclass
+class _Slice:
+    src: SourceObject
+    namespace: str
+    name: str
+    service: str
+    family: int
+    endpoints: list[Endpoint]  # port is 0 here; set per service port
+    ports: list[_SlicePort] | None  # None: the slice lists no ports
+
+
+class _Collector:
+    def __init__(self) -> None:
+        self.problems: list[Problem] = []
+        self.notes: list[str] = []
+
+    def add(self, src: SourceObject, obj: str, path: str, reason: str) -> None:
+        self.problems.append(Problem(src.where, obj, path, reason))
+
+
+def build_state(objects: Iterable[SourceObject], *, node_name: str | None = None) -> BuildResult:
+    """Reads Services and EndpointSlices. Objects with problems are left out
+    and their problems returned; the file source rejects the whole input when
+    there are any, the API source skips just those objects."""
+    out = _Collector()
+    services: dict[tuple[str, str], _Service] = {}
+    slices: dict[tuple[str, str], _Slice] = {}
+
+    for src in _flatten_lists(objects, out):
+        kind = src.obj.get("kind")
+        if kind == "Service":
+            svc = _read_service(src, out)
+            if svc is None:
+                continue
+            key = (svc.namespace, svc.name)
+            if key in services:
+                out.add(src, f"Service {svc.namespace}/{svc.name}", "metadata.name",
+                        f"defined twice (first at {services[key].src.where})")
+                continue
+            services[key] = svc
+        elif kind == "EndpointSlice":
+            sl = _read_slice(src, out)
+            if sl is None:
+                continue
+            key = (sl.namespace, sl.name)
+            if key in slices:
+                out.add(src, f"EndpointSlice {sl.namespace}/{sl.name}", "metadata.name",
+                        f"defined twice (first at {slices[key].src.where})")
+                continue
+            slices[key] = sl
+        else:
+            out.notes.append(f"{src.where}: skipping kind {kind!r}: meshbpf reads Service and EndpointSlice")
+
+    by_service: dict[tuple[str, str], list[_Slice]] = {}
+    for sl in slices.values():
+        by_service.setdefault((sl.namespace, sl.service), []).append(sl)
+
+    state = DesiredState()
+    owner: dict[Frontend, str] = {}
+    for key, svc in services.items():
+        ports = _service_ports(svc, by_service.get(key, []), node_name, out)
+        for sp in ports:
+            first = owner.get(sp.frontend)
+            if first is not None:
+                out.add(svc.src, f"Service {svc.namespace}/{svc.name}", "spec.clusterIP",
+                        f"{sp.frontend} is already used by Service {first}")
+                continue
+            owner[sp.frontend] = sp.service
+            state.service_ports[sp.frontend] = sp
+    return BuildResult(state, out.problems, out.notes)
+
+
+def _flatten_lists(objects: Iterable[SourceObject], out: _Collector) -> Iterable[SourceObject]:
+    for src in objects:
+        obj = src.obj
+        if obj is None:
+            continue  # an empty YAML document
+        if not isinstance(obj, dict):
+            out.add(src, "", "", f"expected a Kubernetes object (a map), got {schema._kind_name(obj)}")
+            continue
+        kind = obj.get("kind")
+        if not isinstance(kind, str) or not kind:
+            out.add(src, "", "kind", "missing: every object needs apiVersion and kind")
+            continue
+        if kind == "List" or kind.endswith("List") and "items" in obj:
+            for path, reason in schema.check(obj, schema.LIST):
+                out.add(src, kind, path, reason)
+            for i, item in enumerate(obj.get("items") or []):
+                yield from _flatten_lists([SourceObject(item, f"{src.where}: items[{i}]")], out)
+            continue
+        yield src
+
+
+def _meta(src: SourceObject, kind: str, out: _Collector) -> tuple[str, str, str] | None:
+    meta = src.obj.get("metadata")
+    name = meta.get("name") if isinstance(meta, dict) else None
+    if not isinstance(name, str) or not name:
+        out.add(src, kind, "metadata.name", "missing")
+        return None
+    namespace = meta.get("namespace") or "default"
+    return namespace, name, f"{kind} {namespace}/{name}"
+
+
+def _check_schema(src: SourceObject, kind: str, api_versions: tuple[str, ...],
+                  spec: dict, out: _Collector) -> tuple[str, str, str] | None:
+    ident = _meta(src, kind, out)
+    if ident is None:
+        return None
+    bad = False
+    if src.obj.get("apiVersion") not in api_versions:
+        out.add(src, ident[2], "apiVersion",
+                f"{src.obj.get('apiVersion')!r} is not supported; use {' or '.join(api_versions)}")
+        bad = True
+    for path, reason in schema.check(src.obj, spec):
+        out.add(src, ident[2], path, reason)
+        bad = True
+    return None if bad else ident
+
+
+def _parse_ip(text: Any) -> IPAddress | None:
+    if not isinstance(text, str):
+        return None
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def _read_service(src: SourceObject, out: _Collector) -> _Service | None:
+    ident = _check_schema(src, "Service", ("v1",), schema.SERVICE, out)
+    if ident is None:
+        return None
+    namespace, name, label = ident
+    spec = src.obj.get("spec") or {}
+    before = len(out.problems)
+
+    svc_type = spec.get("type") or "ClusterIP"
+    if svc_type not in ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName"):
+        out.add(src, label, "spec.type", f"{svc_type!r} is not a Service type")
+        return None
+    if svc_type == "ExternalName":
+        out.notes.append(f"{src.where}: skipping {label}: ExternalName services are DNS only")
+        return None
+    cluster_ip = spec.get("clusterIP")
+    if cluster_ip == "None":
+        out.notes.append(f"{src.where}: skipping {label}: headless (clusterIP: None)")
+        return None
+
+    raw_ips = list(spec.get("clusterIPs") or ([cluster_ip] if cluster_ip else []))
+    if not raw_ips:
+        out.add(src, label, "spec.clusterIP",
+                "missing: meshbpf does not allocate cluster IPs, give the address")
+        return None
+    if cluster_ip and raw_ips[0] != cluster_ip:
+        out.add(src, label, "spec.clusterIPs[0]",
+                f"{raw_ips[0]!r} differs from spec.clusterIP {cluster_ip!r}")
+    ips: list[IPAddress] = []
+    for i, text in enumerate(raw_ips):
+        ip = _parse_ip(text)
+        if ip is None:
+            out.add(src, label, f"spec.clusterIPs[{i}]", f"{text!r} is not an IP address")
+        else:
+            ips.append(ip)
+    if len({ip.version for ip in ips}) != len(ips):
+        out.add(src, label, "spec.clusterIPs", "at most one address per IP family")
+    families = spec.get("ipFamilies")
+    if families:
+        for i, fam in enumerate(families):
+            if fam not in ("IPv4", "IPv6"):
+                out.add(src, label, f"spec.ipFamilies[{i}]", f"{fam!r} is not IPv4 or IPv6")
+        if len(families) == len(ips) and all(f in ("IPv4", "IPv6") for f in families):
+            for i, (fam, ip) in enumerate(zip(families, ips)):
+                if fam != f"IPv{ip.version}":
+                    out.add(src, label, f"spec.ipFamilies[{i}]",
+                            f"{fam} does not match cluster IP {ip}")
+
+    ports: list[_Port] = []
+    seen_names: set[str] = set()
+    raw_ports = spec.get("ports") or []
+    if not raw_ports:
+        out.add(src, label, "spec.ports", "a Service with a cluster IP needs at least one port")
+    for i, p in enumerate(raw_ports):
+        port = _read_service_port(src, label, i, p, len(raw_ports), out)
+        if port is None:
+            continue
+        if port.name in seen_names:
+            out.add(src, label, f"spec.ports[{i}].name", f"{port.name!r} is used twice")
+            continue
+        seen_names.add(port.name)
+        ports.append(port)
+
+    affinity = spec.get("sessionAffinity") or "None"
+    timeout = 0
+    if affinity == "ClientIP":
+        cfg = ((spec.get("sessionAffinityConfig") or {}).get("clientIP") or {})
+        timeout = cfg.get("timeoutSeconds")
+        if timeout is None:
+            timeout = DEFAULT_AFFINITY_TIMEOUT
+        elif not 0 < timeout <= 86400:
+            out.add(src, label, "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                    f"{timeout} is out of range (1-86400)")
+    elif affinity != "None":
+        out.add(src, label, "spec.sessionAffinity", f"{affinity!r} is not None or ClientIP")
+
+    itp = spec.get("internalTrafficPolicy") or "Cluster"
+    if itp not in ("Cluster", "Local"):
+        out.add(src, label, "spec.internalTrafficPolicy", f"{itp!r} is not Cluster or Local")
+
+    if len(out.problems) != before:
+        return None
+    return _Service(src, namespace, name, ips, ports, timeout, itp == "Local")
+
+
+def _read_service_port(src: SourceObject, label: str, i: int, p: Any, count: int,
+                       out: _Collector) -> _Port | None:
+    where = f"spec.ports[{i}]"
+    name = p.get("name") or ""
+    if count > 1 and not name:
+        out.add(src, label, f"{where}.name", "required when a Service has more than one port")
+        return None
+    protocol = p.get("protocol") or "TCP"
+    if protocol == "SCTP":
+        out.notes.append(f"{src.where}: {label} {where}: SCTP is not load-balanced by meshbpf")
+        return None
+    if protocol not in ("TCP", "UDP"):
+        out.add(src, label, f"{where}.protocol", f"{protocol!r} is not TCP, UDP or SCTP")
+        return None
+    number = p.get("port")
+    if number is None:
+        out.add(src, label, f"{where}.port", "missing")
+        return None
+    if not 1 <= number <= 65535:
+        out.add(src, label, f"{where}.port", f"{number} is not a port number (1-65535)")
+        return None
+    target = p.get("targetPort", number)
+    if target is None:
+        target = number
+    if isinstance(target, bool) or not isinstance(target, (int, str)):
+        out.add(src, label, f"{where}.targetPort", f"expected a port number or name, got {target!r}")
+        return None
+    if isinstance(target, str) and target.isdigit():
+        target = int(target)
+    if isinstance(target, int) and not 1 <= target <= 65535:
+        out.add(src, label, f"{where}.targetPort", f"{target} is not a port number (1-65535)")
+        return None
+    if isinstance(target, str) and not target:
+        target = number
+    return _Port(i, name, protocol, number, target)
+
+
+def _read_slice(src: SourceObject, out: _Collector) -> _Slice | None:
+    ident = _check_schema(src, "EndpointSlice", ("discovery.k8s.io/v1",), schema.ENDPOINT_SLICE, out)
+    if ident is None:
+        return None
+    namespace, name, label = ident
+    obj = src.obj
+    before = len(out.problems)
+
+    service = ((obj.get("metadata") or {}).get("labels") or {}).get(SERVICE_NAME_LABEL)
+    if not service:
+        out.notes.append(f"{src.where}: skipping {label}: no {SERVICE_NAME_LABEL} label")
+        return None
+    address_type = obj.get("addressType")
+    if address_type == "FQDN":
+        out.notes.append(f"{src.where}: skipping {label}: FQDN endpoints are not load-balanced")
+        return None
+    if address_type not in ("IPv4", "IPv6"):
+        out.add(src, label, "addressType", f"{address_type!r} is not IPv4, IPv6 or FQDN")
+        return None
+    family = 4 if address_type == "IPv4" else 6
+
+    endpoints: list[Endpoint] = []
+    for i, ep in enumerate(obj.get("endpoints") or []):
+        addrs = ep.get("addresses") or []
+        if not addrs:
+            out.add(src, label, f"endpoints[{i}].addresses", "missing: an endpoint needs an address")
+            continue
+        cond = ep.get("conditions") or {}
+        ready = cond.get("ready")
+        serving = cond.get("serving")
+        terminating = cond.get("terminating")
+        # Like kube-proxy, only the first address of an endpoint is used.
+        ip = _parse_ip(addrs[0])
+        if ip is None:
+            out.add(src, label, f"endpoints[{i}].addresses[0]", f"{addrs[0]!r} is not an IP address")
+            continue
+        if ip.version != family:
+            out.add(src, label, f"endpoints[{i}].addresses[0]",
+                    f"{ip} is not an {address_type} address (addressType: {address_type})")
+            continue
+        endpoints.append(Endpoint(
+            address=ip, port=0,
+            ready=True if ready is None else ready,
+            serving=True if serving is None else serving,
+            terminating=bool(terminating),
+            node_name=ep.get("nodeName"),
+            zone=ep.get("zone"),
+        ))
+
+    ports: list[_SlicePort] | None = None
+    if obj.get("ports") is not None:
+        ports = []
+        for i, p in enumerate(obj["ports"]):
+            protocol = p.get("protocol") or "TCP"
+            number = p.get("port")
+            if number is not None and not 1 <= number <= 65535:
+                out.add(src, label, f"ports[{i}].port", f"{number} is not a port number (1-65535)")
+                continue
+            ports.append(_SlicePort(i, p.get("name") or "", protocol, number))
+
+    if len(out.problems) != before:
+        return None
+    return _Slice(src, namespace, name, service, family, endpoints, ports)
+
+
+def _service_ports(svc: _Service, slices: list[_Slice], node_name: str | None,
+                   out: _Collector) -> list[ServicePort]:
+    label = f"Service {svc.namespace}/{svc.name}"
+    names = {p.name: p for p in svc.ports}
+    for sl in slices:
+        for sp in sl.ports or []:
+            if sp.name not in names:
+                known = ", ".join(repr(n) for n in names) or "none"
+                out.add(sl.src, f"EndpointSlice {sl.namespace}/{sl.name}", f"ports[{sp.index}].name",
+                        f"{sp.name!r} matches no port of {label} (its ports: {known})")
+    result: list[ServicePort] = []
+    for ip in svc.cluster_ips:
+        family_slices = [sl for sl in slices if sl.family == ip.version]
+        for port in svc.ports:
+            eps = _endpoints_for(svc, port, family_slices, label, out)
+            if svc.local_only and node_name is not None:
+                eps = tuple(e for e in eps if e.node_name == node_name)
+            result.append(ServicePort(
+                namespace=svc.namespace, name=svc.name, port_name=port.name,
+                frontend=Frontend(ip, port.port, port.protocol),
+                endpoints=eps, affinity_timeout=svc.affinity_timeout,
+            ))
+    return result
+
+
+def _endpoints_for(svc: _Service, port: _Port, slices: list[_Slice], label: str,
+                   out: _Collector) -> tuple[Endpoint, ...]:
+    merged: dict[tuple[IPAddress, int], Endpoint] = {}
+    for sl in slices:
+        if sl.ports is None:
+            # A slice with no ports: the standalone shorthand, where the
+            # Service's numeric targetPort is the endpoint port.
+            if isinstance(port.target, str):
+                out.add(svc.src, label, f"spec.ports[{port.index}].targetPort",
+                        f"named port {port.target!r} cannot be resolved: EndpointSlice "
+                        f"{sl.namespace}/{sl.name} lists no ports")
+                continue
+            number = port.target
+        else:
+            match = [p for p in sl.ports if p.name == port.name and p.protocol == port.protocol]
+            if not match or match[0].port is None:
+                continue
+            number = match[0].port
+        for ep in sl.endpoints:
+            key = (ep.address, number)
+            prev = merged.get(key)
+            if prev is None or (ep.ready and not prev.ready):
+                merged[key] = Endpoint(ep.address, number, ep.ready, ep.serving,
+                                       ep.terminating, ep.node_name, ep.zone)
+    return tuple(merged.values())
