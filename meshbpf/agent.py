@@ -1,0 +1,161 @@
+"""The agent: source -> reconciler -> datapath, plus health and metrics.
+
+It compiles and attaches the programs (or swaps them in place behind the
+pinned links), reads the pinned maps back, and from then on keeps them in
+step with the desired state. It never detaches anything on exit: SIGTERM,
+a crash or kill -9 all leave the datapath serving what it last programmed.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .datapath import cgroup
+from .datapath.layout import BY_ROLE
+from .datapath.loader import DEFAULT_BPFFS, SockLB
+from .datapath.maps import LBMaps, MapWriteError
+from .metrics import AgentMetrics, HealthServer, MapPressureCollector, heartbeat_check
+from .model import DesiredState
+from .reconcile import CapacityError, LBState, Plan, check_capacity, plan, wanted_services
+from .sources.errors import ConfigError
+from .sources.yaml_file import FileSource
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AgentOptions:
+    config: Path
+    cgroup: str | None = None           # None: the cgroup2 root
+    bpffs: Path = DEFAULT_BPFFS
+    listen: str = "127.0.0.1:9890"
+    node_name: str | None = None
+    poll_interval: float = 0.2          # config changes apply within a second
+    map_sizes: dict[str, int] = field(default_factory=dict)
+
+
+class Agent:
+    def __init__(self, opts: AgentOptions):
+        self.opts = opts
+        self.metrics = AgentMetrics()
+        self.source = FileSource(opts.config, opts.node_name)
+        self.lb = SockLB(bpffs=opts.bpffs, sizes=opts.map_sizes)
+        self.maps: LBMaps | None = None
+        self.current = LBState()
+        self.last_good: DesiredState | None = None
+        self.ready = False
+        self._beat = time.monotonic()
+        self._stop = threading.Event()
+        self.http: HealthServer | None = None
+
+    # --- start-up ------------------------------------------------------------
+    def start(self) -> None:
+        target = cgroup.resolve(self.opts.cgroup)
+        self.lb.compile()
+        self.lb.attach(target)
+        self.maps = LBMaps.from_socklb(self.lb)
+        self.current = self.maps.read()
+        log.info("attached to cgroup %s; pinned maps at %s hold %d services, %d backends",
+                 target, self.opts.bpffs, len(self.current.services), len(self.current.backends))
+        self._update_gauges()
+        self.metrics.registry.register(MapPressureCollector(self.opts.bpffs, self._known_counts))
+        self.http = HealthServer(self.opts.listen, self.metrics.registry,
+                                 alive=heartbeat_check(lambda: self._beat, 10.0),
+                                 ready=lambda: self.ready)
+        self.http.start()
+        log.info("serving /healthz, /readyz and /metrics on http://%s", self.http.address)
+
+    # --- the loop ------------------------------------------------------------
+    def run(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self._stop.set())
+        while not self._stop.is_set():
+            self._beat = time.monotonic()
+            self.step()
+            self._stop.wait(self.opts.poll_interval)
+        log.info("stopping; the datapath stays attached and keeps serving")
+        if self.http:
+            self.http.stop()
+
+    def step(self) -> None:
+        started = time.monotonic()
+        try:
+            desired = self.source.poll()
+        except ConfigError as exc:
+            self.metrics.sync_errors.labels("config").inc()
+            self.metrics.config_ok.set(0)
+            log.error("config rejected, still running the previous state:\n%s", exc)
+            return
+        if desired is None:
+            return
+        self.metrics.config_ok.set(1)
+        if self.sync(desired):
+            self.metrics.sync_duration.observe(time.monotonic() - started)
+
+    def sync(self, desired: DesiredState) -> bool:
+        """Brings the maps to `desired`. On any failure the maps keep (or get
+        back to) the last good state. Returns True on success."""
+        assert self.maps is not None
+        p = plan(self.current, wanted_services(desired))
+        try:
+            check_capacity(self.current, p, self.maps.capacity)
+        except CapacityError as exc:
+            self.metrics.sync_errors.labels("capacity").inc()
+            log.error("update rejected, still running the previous state: %s", exc)
+            return False
+        try:
+            self._apply(p)
+        except MapWriteError as exc:
+            self.metrics.sync_errors.labels("datapath").inc()
+            log.error("map write failed: %s; restoring the previous state", exc)
+            self._restore()
+            return False
+        self.last_good = desired
+        self.ready = True
+        self.metrics.last_sync.set_to_current_time()
+        if p:
+            log.info("synced %d services: %d map writes", len(desired.service_ports), p.writes)
+        return True
+
+    def _apply(self, p: Plan) -> None:
+        assert self.maps is not None
+        self.maps.apply(p)
+        for step in p.steps():
+            self.metrics.map_writes.labels(BY_ROLE[step.map].name, step.op).inc(len(step.entries))
+        self.current = p.apply_to(self.current)
+        self._update_gauges()
+
+    def _restore(self) -> None:
+        """After a partial write: read what the maps hold and plan back to the
+        last good state, so nothing stays half-applied."""
+        assert self.maps is not None
+        self.current = self.maps.read()
+        if self.last_good is None:
+            return
+        try:
+            self._apply(plan(self.current, wanted_services(self.last_good)))
+        except MapWriteError as exc:
+            log.error("could not restore the previous state: %s", exc)
+            self.current = self.maps.read()
+
+    # --- views -----------------------------------------------------------------
+    def _known_counts(self) -> dict[str, int]:
+        return {BY_ROLE[role].name: len(getattr(self.current, role)) for role in BY_ROLE}
+
+    def _update_gauges(self) -> None:
+        self.metrics.services.set(len(self.current.services))
+        self.metrics.backends.set(len(self.current.backends))
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def run_agent(opts: AgentOptions) -> None:
+    agent = Agent(opts)
+    agent.start()
+    agent.run()

@@ -1,0 +1,75 @@
+"""`meshbpf lab`: the network-namespace lab and its demo."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from ..lab import netlab
+from .common import friendly_errors
+
+
+@click.group()
+def lab() -> None:
+    """Pods as network namespaces on a bridge, in a child cgroup."""
+
+
+@lab.command()
+@click.argument("name")
+@click.option("--pods", default="client,web-1,web-2,web-3", show_default=True,
+              help="Comma-separated pod names; addresses follow this order from .2.")
+@friendly_errors
+def up(name: str, pods: str) -> None:
+    """Create lab NAME."""
+    created = netlab.Lab(name).up([p for p in pods.split(",") if p])
+    for pod in created.pods.values():
+        click.echo(f"{pod.name:<16} {pod.ipv4:<14} {pod.ipv6}")
+    click.echo(f"cgroup: {created.cgroup}")
+
+
+@lab.command(name="exec", context_settings={"ignore_unknown_options": True})
+@click.argument("name")
+@click.argument("pod")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.option("--no-cgroup", is_flag=True, help="Run outside the lab cgroup (not load-balanced).")
+@friendly_errors
+def exec_(name: str, pod: str, command: tuple[str, ...], no_cgroup: bool) -> None:
+    """Run COMMAND in POD of lab NAME (inside the lab cgroup)."""
+    existing = netlab.Lab.attach(name)
+    if pod not in existing.pods:
+        raise click.ClickException(f"lab {name} has no pod {pod!r} (pods: {', '.join(existing.pods)})")
+    proc = existing.popen(pod, list(command), in_cgroup=not no_cgroup)
+    sys.exit(proc.wait())
+
+
+@lab.command()
+@click.argument("name")
+@friendly_errors
+def down(name: str) -> None:
+    """Remove lab NAME: its processes, namespaces and cgroup."""
+    netlab.Lab(name).down()
+    click.echo(f"lab {name} removed")
+
+
+@lab.command(name="list")
+@friendly_errors
+def list_() -> None:
+    """Labs on this machine."""
+    for name in netlab.list_labs():
+        click.echo(name)
+
+
+@lab.command()
+@click.option("--config", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Services to program [default: the bundled example, meshbpf/examples/lab.yaml].")
+@click.option("--requests", default=30, show_default=True, help="Requests per check.")
+@friendly_errors
+def demo(config: Path | None, requests: int) -> None:
+    """Bring up a lab, run the agent, send real traffic, tear down."""
+    from ..lab.demo import run_demo
+    if os.geteuid() != 0:
+        raise click.ClickException("the lab needs root")
+    run_demo(config, requests)

@@ -1,0 +1,123 @@
+"""Prometheus metrics and the agent's /healthz, /readyz and /metrics server.
+
+Map fill ratios are read at scrape time: the reconciled maps from the
+agent's own record of what it wrote, the kernel-owned LRU maps (affinity,
+reverse NAT) by walking their keys.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+from .datapath import libbpf
+from .datapath.layout import LB_MAPS
+
+log = logging.getLogger(__name__)
+
+
+class AgentMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.services = Gauge("meshbpf_services", "Service frontends programmed", registry=r)
+        self.backends = Gauge("meshbpf_backends", "Backends programmed", registry=r)
+        self.sync_duration = Histogram(
+            "meshbpf_sync_duration_seconds", "Time from reading desired state to maps written",
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5), registry=r)
+        self.sync_errors = Counter(
+            "meshbpf_sync_errors", "Syncs rejected or failed, by reason (config, capacity, datapath)",
+            ["reason"], registry=r)
+        self.map_writes = Counter("meshbpf_map_writes", "Map entries written or deleted",
+                                  ["map", "op"], registry=r)
+        self.last_sync = Gauge("meshbpf_last_sync_timestamp_seconds",
+                               "When the maps last matched the desired state", registry=r)
+        self.config_ok = Gauge("meshbpf_config_last_load_success",
+                               "1 if the last config change was accepted", registry=r)
+        for reason in ("config", "capacity", "datapath"):
+            self.sync_errors.labels(reason)
+
+
+class MapPressureCollector:
+    """meshbpf_map_entries, _capacity and _pressure per map, read at scrape."""
+
+    def __init__(self, bpffs: Path, known_counts: Callable[[], dict[str, int]]):
+        self.bpffs = bpffs
+        self.known_counts = known_counts  # map name -> entries, for maps we write
+
+    def collect(self):
+        entries = GaugeMetricFamily("meshbpf_map_entries", "Entries in each BPF map", labels=["map_name"])
+        capacity = GaugeMetricFamily("meshbpf_map_capacity", "max_entries of each BPF map", labels=["map_name"])
+        pressure = GaugeMetricFamily("meshbpf_map_pressure", "Fill ratio of each BPF map (entries / capacity)",
+                                     labels=["map_name"])
+        known = self.known_counts()
+        for spec in LB_MAPS:
+            path = self.bpffs / spec.name
+            try:
+                fd = libbpf.obj_get(str(path))
+            except OSError:
+                continue
+            try:
+                info = libbpf.map_info(fd)
+                n = known[spec.name] if spec.name in known else libbpf.map_count(fd, info.key_size)
+            finally:
+                os.close(fd)
+            entries.add_metric([spec.name], n)
+            capacity.add_metric([spec.name], info.max_entries)
+            pressure.add_metric([spec.name], n / info.max_entries if info.max_entries else 0)
+        yield entries
+        yield capacity
+        yield pressure
+
+
+class HealthServer:
+    """Serves /healthz (the loop is alive), /readyz (maps match a config) and /metrics."""
+
+    def __init__(self, listen: str, registry: CollectorRegistry,
+                 alive: Callable[[], bool], ready: Callable[[], bool]):
+        host, _, port = listen.rpartition(":")
+        host = host.strip("[]") or "127.0.0.1"
+        checks = {"/healthz": alive, "/readyz": ready}
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (http.server's naming)
+                path = self.path.split("?")[0]
+                if path == "/metrics":
+                    body, code, ctype = generate_latest(registry), 200, "text/plain; version=0.0.4"
+                elif path in checks:
+                    ok = checks[path]()
+                    body, code, ctype = (b"ok\n" if ok else b"not ok\n"), (200 if ok else 503), "text/plain"
+                else:
+                    body, code, ctype = b"not found\n", 404, "text/plain"
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        ThreadingHTTPServer.allow_reuse_address = True
+        self.server = ThreadingHTTPServer((host, int(port)), Handler)
+        self.server.daemon_threads = True
+        self.address = f"{host}:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, name="http", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+def heartbeat_check(last_beat: Callable[[], float], max_age: float) -> Callable[[], bool]:
+    return lambda: time.monotonic() - last_beat() < max_age
