@@ -103,7 +103,8 @@ class Agent:
         assert self.maps is not None
         p = plan(self.current, wanted_services(desired))
         try:
-            check_capacity(self.current, p, self.maps.capacity)
+            check_capacity(self.current, p, self.maps.capacity,
+                           {role: spec.name for role, spec in BY_ROLE.items()})
         except CapacityError as exc:
             self.metrics.sync_errors.labels("capacity").inc()
             log.error("update rejected, still running the previous state: %s", exc)

@@ -254,18 +254,20 @@ def _slot_layout(old_slots: dict[int, SlotVal], old_count: int,
     return [entry if entry is not None else next(rest) for entry in layout]
 
 
-def check_capacity(current: LBState, p: Plan, capacity: dict[str, int]) -> None:
+def check_capacity(current: LBState, p: Plan, capacity: dict[str, int],
+                   labels: dict[str, str] | None = None) -> None:
     """Raises CapacityError if any map would overflow while the plan runs.
 
     Updates land before deletes, so the peak is every key the map holds now
-    plus every key the plan adds.
+    plus every key the plan adds. `labels` names the maps in the message.
     """
+    labels = labels or {}
     peaks = {
         "services": len(current.services.keys() | p.service_updates.keys()),
         "slots": len(current.slots.keys() | p.slot_updates.keys()),
         "backends": len(current.backends.keys() | p.backend_updates.keys()),
     }
-    over = [f"{name} map needs {peaks[name]} entries, it holds {capacity[name]}"
+    over = [f"{labels.get(name, name + ' map')} needs {peaks[name]} entries, it holds {capacity[name]}"
             for name in peaks if name in capacity and peaks[name] > capacity[name]]
     if over:
         raise CapacityError("map full: " + "; ".join(over)

@@ -105,8 +105,16 @@ def check(value: Any, schema: Any, path: str = "") -> list[tuple[str, str]]:
             why = f"unknown field {name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
             out.append((_join(path, str(name)), why))
         for name, sub in value.items():
-            if name in schema and sub is not None and schema[name] != ANY:
-                out.extend(check(sub, schema[name], _join(path, name)))
+            sub_schema = schema.get(name, ANY)
+            if sub is None or sub_schema == ANY:
+                continue
+            scalar = _SCALARS.get(sub_schema) if isinstance(sub_schema, str) else None
+            if scalar is not None:
+                # Inline the common case: a scalar field needs no recursion.
+                if not scalar(sub):
+                    out.extend(_scalar_problem(sub, sub_schema, _join(path, name)))
+            else:
+                out.extend(check(sub, sub_schema, _join(path, name)))
         return out
     if isinstance(schema, list):
         if not isinstance(value, list):
@@ -121,8 +129,13 @@ def check(value: Any, schema: Any, path: str = "") -> list[tuple[str, str]]:
         return [(_join(path, str(k)), f"expected a string, got {_kind_name(v)}")
                 for k, v in value.items() if not isinstance(v, str)]
     if not _SCALARS[schema](value):
-        return [(path, f"expected {'an' if schema == INT else 'a'} {schema}, got {_kind_name(value)} {value!r}")]
+        return _scalar_problem(value, schema, path)
     return []
+
+
+def _scalar_problem(value: Any, schema: str, path: str) -> list[tuple[str, str]]:
+    article = "an" if schema == INT else "a"
+    return [(path, f"expected {article} {schema}, got {_kind_name(value)} {value!r}")]
 
 
 def _join(path: str, name: str) -> str:

@@ -40,10 +40,13 @@ def config_files(path: Path) -> list[Path]:
 
 def _document_lines(text: str, count: int) -> list[int]:
     """Best-effort first line of each document, for error messages."""
-    starts = [text.count("\n", 0, m.start()) + 1 for m in _DOC_START.finditer(text)]
+    starts, line, pos = [], 1, 0
+    for m in _DOC_START.finditer(text):
+        line += text.count("\n", pos, m.start())
+        pos = m.start()
+        starts.append(line)
     head = text[: _DOC_START.search(text).start()] if starts else text
-    has_leading_doc = any(line.strip() and not line.lstrip().startswith("#")
-                          for line in head.splitlines())
+    has_leading_doc = any(ln.strip() and not ln.lstrip().startswith("#") for ln in head.splitlines())
     lines = ([1] if has_leading_doc or not starts else []) + starts
     return (lines + [lines[-1] if lines else 1] * count)[:count]
 

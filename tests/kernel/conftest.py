@@ -1,0 +1,152 @@
+"""Fixtures for real-kernel, real-traffic tests.
+
+Every test gets its own lab (namespaces + child cgroup), its own bpffs folder
+and its own agent, all removed even when the test fails; `no_leaks` then
+checks that nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from meshbpf.datapath import libbpf
+from meshbpf.datapath.cgroup import cgroup2_mount
+from meshbpf.datapath.loader import ATTACH
+from meshbpf.lab.netlab import CGROUP_PREFIX, NETNS_PREFIX, Lab
+from meshbpf.lab.workloads import AgentProcess, start_dnsmasq, start_whoami
+
+from . import k8s
+
+PROBE = Path(__file__).with_name("probe.py")
+_names = itertools.count()
+BPFFS_ROOT = Path("/sys/fs/bpf")
+
+
+LAB_PREFIX = f"t{os.getpid() % 10000}-"     # this test run's labs
+PIN_PREFIX = f"meshbpf-test-{os.getpid()}-"  # this test run's bpffs folders
+
+
+def _snapshot() -> dict[str, set[str]]:
+    """What this test run has created (other runs may share the machine)."""
+    cg2 = cgroup2_mount()
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+    return {
+        "netns": {n for n in netns if n.startswith(NETNS_PREFIX + LAB_PREFIX)},
+        "cgroups": {p.name for p in cg2.iterdir() if p.name.startswith(CGROUP_PREFIX + LAB_PREFIX)},
+        "pins": {p.name for p in BPFFS_ROOT.iterdir() if p.name.startswith(PIN_PREFIX)},
+    }
+
+
+def attached_programs(cgroup: Path) -> list[int]:
+    """IDs of every program attached to a cgroup on the socket-address hooks."""
+    fd = os.open(cgroup, os.O_RDONLY)
+    try:
+        return [pid for t in ATTACH.values() for pid in libbpf.prog_query(fd, t)]
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture(autouse=True)
+def no_leaks():
+    """Fails a test that leaves namespaces, lab cgroups or pins behind."""
+    before = _snapshot()
+    yield
+    after = _snapshot()
+    leaked = {k: sorted(after[k] - before[k]) for k in after if after[k] - before[k]}
+    assert not leaked, f"test left these behind: {leaked}"
+
+
+class Probe:
+    """Runs tests/kernel/probe.py commands inside a lab pod."""
+
+    def __init__(self, lab: Lab):
+        self.lab = lab
+
+    def __call__(self, pod: str, command: str, *args, timeout: float = 60) -> dict:
+        r = self.lab.run(pod, [sys.executable, str(PROBE), command, *map(str, args)], timeout=timeout)
+        assert r.returncode == 0, f"probe {command} failed in {pod}: {r.stderr}"
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    def popen(self, pod: str, command: str, *args) -> subprocess.Popen:
+        return self.lab.popen(pod, [sys.executable, "-u", str(PROBE), command, *map(str, args)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
+@pytest.fixture
+def lab():
+    """A lab with a client pod and four web pods running whoami on :8080."""
+    name = f"{LAB_PREFIX}{next(_names)}"
+    with Lab(name) as the_lab:
+        the_lab.up(["client", "client2", "web-1", "web-2", "web-3", "web-4"])
+        for pod in ("web-1", "web-2", "web-3", "web-4"):
+            start_whoami(the_lab, pod, 8080)
+        yield the_lab
+
+
+@pytest.fixture
+def probe(lab):
+    return Probe(lab)
+
+
+@pytest.fixture
+def bpffs():
+    path = BPFFS_ROOT / f"{PIN_PREFIX}{next(_names)}"
+    yield path
+    if path.exists():
+        from meshbpf.datapath.loader import uninstall
+        uninstall(path)
+
+
+@pytest.fixture
+def config(tmp_path):
+    return tmp_path / "services.yaml"
+
+
+@pytest.fixture
+def start_agent(lab, bpffs, config):
+    """start_agent(objects, *extra_args) -> a ready AgentProcess on the lab."""
+    agents: list[AgentProcess] = []
+
+    def start(objects: list[dict] | None = None, *extra: str, wait_ready: bool = True) -> AgentProcess:
+        if objects is not None:
+            k8s.write(config, objects)
+        agent = AgentProcess(config, lab.cgroup, bpffs, list(extra))
+        agents.append(agent)
+        try:
+            return agent.start(wait_ready=wait_ready)
+        except Exception:
+            print(agent.log())
+            raise
+
+    yield start
+    for agent in agents:
+        if agent.proc and agent.proc.poll() is None:
+            agent.stop()
+        print(f"--- agent log ---\n{agent.log()}")
+        agent.cleanup()
+
+
+def web_service(lab: Lab, pods=("web-1", "web-2", "web-3", "web-4"), name="web",
+                ip="10.96.0.10", **kwargs) -> list[dict]:
+    """A Service on ip:80 with an EndpointSlice of the given web pods on 8080."""
+    return [
+        k8s.service(name, [ip], [k8s.port("http", 80, 8080)], **kwargs),
+        k8s.endpoint_slice(f"{name}-1", name, [k8s.endpoint(str(lab.pods[p].ipv4)) for p in pods],
+                           [k8s.slice_port("http", 8080)]),
+    ]
+
+
+@pytest.fixture
+def dns_pods(lab, tmp_path):
+    """Two more pods running dnsmasq; TXT whoami.lab answers with the pod name."""
+    for pod in ("dns-1", "dns-2"):
+        lab.add_pod(pod)
+        start_dnsmasq(lab, pod, tmp_path)
+    return ["dns-1", "dns-2"]

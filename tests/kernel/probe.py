@@ -1,0 +1,151 @@
+"""Client programs the kernel tests run inside lab pods (real sockets).
+
+    python probe.py <command> [args...]   -> one JSON object on stdout
+
+Kept in one file so each test runs a real process in the pod's network
+namespace and the lab cgroup, where meshbpf's hooks apply.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import json
+import socket
+import struct
+import sys
+import time
+
+
+def _http_get(host: str, port: int, timeout: float = 2.0) -> str:
+    with socket.create_connection((host, port), timeout=timeout) as s:
+        s.sendall(f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := s.recv(4096):
+            data += chunk
+    return data.split(b"\r\n\r\n", 1)[1].decode().strip()
+
+
+def whoami(host: str, port: str, count: str) -> dict:
+    """count sequential connections; which backend answered each."""
+    seen: collections.Counter = collections.Counter()
+    errors: collections.Counter = collections.Counter()
+    for _ in range(int(count)):
+        try:
+            seen[_http_get(host, int(port))] += 1
+        except OSError as exc:
+            errors[errno.errorcode.get(exc.errno, str(exc))] += 1
+    return {"answers": dict(seen), "errors": dict(errors)}
+
+
+def peername(host: str, port: str) -> dict:
+    """What getpeername() reports for a TCP connection to host:port."""
+    with socket.create_connection((host, int(port)), timeout=2) as s:
+        peer = s.getpeername()
+        return {"peer": [peer[0], peer[1]]}
+
+
+def _dns_query(name: str) -> bytes:
+    header = struct.pack("!HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0)
+    qname = b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0"
+    return header + qname + struct.pack("!HH", 16, 1)  # TXT, IN
+
+
+def udp_peer(host: str, port: str, connected: str = "no") -> dict:
+    """Send a DNS query; where recvfrom() says the reply came from."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.settimeout(2)
+        if connected == "yes":
+            s.connect((host, int(port)))
+            s.send(_dns_query("whoami.lab"))
+        else:
+            s.sendto(_dns_query("whoami.lab"), (host, int(port)))
+        data, addr = s.recvfrom(4096)
+        return {"from": [addr[0], addr[1]], "txt": _last_txt(data)}
+
+
+def _last_txt(reply: bytes) -> str:
+    """The TXT string that ends the reply: rdlength(2) | length(1) | text."""
+    for n in range(1, min(64, len(reply) - 3)):
+        if reply[-n - 1] == n and struct.unpack("!H", reply[-n - 3:-n - 1])[0] == n + 1:
+            return reply[-n:].decode(errors="replace")
+    return ""
+
+
+def connect_error(host: str, port: str) -> dict:
+    """errno and elapsed time of a TCP connect() that should be refused."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.settimeout(5)
+    start = time.monotonic()
+    try:
+        s.connect((host, int(port)))
+        err = 0
+    except OSError as exc:
+        err = exc.errno or -1
+    elapsed = time.monotonic() - start
+    s.close()
+    return {"errno": errno.errorcode.get(err, str(err)), "elapsed": elapsed}
+
+
+def udp_send_error(host: str, port: str) -> dict:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        try:
+            s.sendto(b"x", (host, int(port)))
+            return {"errno": "0"}
+        except OSError as exc:
+            return {"errno": errno.errorcode.get(exc.errno, str(exc.errno))}
+
+
+def loop(host: str, port: str, seconds: str) -> dict:
+    """New connections back to back for `seconds`; counts answers and failures."""
+    result = whoami_until(host, int(port), time.monotonic() + float(seconds))
+    return result
+
+
+def whoami_until(host: str, port: int, deadline: float) -> dict:
+    seen: collections.Counter = collections.Counter()
+    errors: collections.Counter = collections.Counter()
+    while time.monotonic() < deadline:
+        try:
+            seen[_http_get(host, port)] += 1
+        except OSError as exc:
+            errors[errno.errorcode.get(exc.errno, str(exc))] += 1
+    return {"answers": dict(seen), "errors": dict(errors)}
+
+
+def hold(host: str, port: str, seconds: str) -> dict:
+    """One keep-alive connection, a request now and one after `seconds`
+    (reading a line from stdin first if seconds is 'stdin')."""
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        def ask() -> str:
+            s.sendall(f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += s.recv(1)
+            length = int([line.split(b":")[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length")][0])
+            body = b""
+            while len(body) < length:
+                body += s.recv(length - len(body))
+            return body.decode().strip()
+        first = ask()
+        print(json.dumps({"first": first}), flush=True)
+        if seconds == "stdin":
+            sys.stdin.readline()
+        else:
+            time.sleep(float(seconds))
+        try:
+            second = ask()
+        except OSError as exc:
+            second = f"error: {exc}"
+        return {"first": first, "second": second}
+
+
+COMMANDS = {f.__name__.replace("_", "-"): f for f in
+            (whoami, peername, udp_peer, connect_error, udp_send_error, loop, hold)}
+
+if __name__ == "__main__":
+    print(json.dumps(COMMANDS[sys.argv[1]](*sys.argv[2:])), flush=True)

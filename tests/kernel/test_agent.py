@@ -1,0 +1,144 @@
+"""The agent's lifecycle: restarts, crashes, uninstall, metrics, bad input."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+from meshbpf.datapath import loader
+
+from . import k8s
+from .conftest import attached_programs, web_service
+from .helpers import metric, services, wait_backends, wait_log
+
+FRONTEND = "10.96.0.10:80/TCP"
+
+
+def _cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "meshbpf", *args], capture_output=True, text=True)
+
+
+def _lb_json(bpffs) -> dict:
+    out = _cli("bpf", "lb", "list", "--bpffs", str(bpffs), "-o", "json")
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def _total_writes(metrics_text: str) -> float:
+    return sum(float(line.split()[-1]) for line in metrics_text.splitlines()
+               if line.startswith("meshbpf_map_writes_total{"))
+
+
+def test_kill9_keeps_traffic_flowing_and_restart_writes_nothing(lab, probe, bpffs, start_agent):
+    agent = start_agent(web_service(lab) + web_service(lab, pods=("web-1",), name="api", ip="10.96.0.11",
+                                                       affinity_timeout=60))
+    before = _lb_json(bpffs)
+    agent.stop(signal.SIGKILL)
+    assert agent.proc.returncode == -signal.SIGKILL
+
+    # No agent: the pinned links and maps keep serving.
+    result = probe("client", "whoami", "10.96.0.10", 80, 100)
+    assert result["errors"] == {} and len(result["answers"]) == 4
+
+    restarted = start_agent()
+    code, body = restarted.get("/metrics")
+    assert _total_writes(body) == 0, body
+    assert metric(body, "meshbpf_services") == 2
+    assert _lb_json(bpffs) == before  # same IDs, same slots
+    assert "0 services, 0 backends" not in restarted.log()
+
+
+def test_restart_under_load_drops_no_connection(lab, probe, bpffs, start_agent):
+    agent = start_agent(web_service(lab))
+    loop = probe.popen("client", "loop", "10.96.0.10", 80, 6)
+    time.sleep(1)
+    agent.stop(signal.SIGTERM)          # SIGTERM leaves the datapath attached too
+    assert agent.proc.returncode == 0
+    time.sleep(1)
+    start_agent()                        # recompiles and swaps programs behind the links
+    out, _ = loop.communicate(timeout=30)
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["errors"] == {}, result
+    assert sum(result["answers"].values()) > 100
+
+
+def test_uninstall_removes_everything_meshbpf_made_and_nothing_else(lab, probe, bpffs, start_agent):
+    agent = start_agent(web_service(lab))
+    assert len(attached_programs(lab.cgroup)) == len(loader.SOCK_LB_HOOKS)
+    # Something that is not meshbpf's, in the same folder: uninstall must leave it.
+    foreign = bpffs / "someone-elses-map"
+    subprocess.run(["bpftool", "map", "create", str(foreign), "type", "hash", "key", "4",
+                    "value", "4", "entries", "4", "name", "foreign"], check=True)
+    agent.stop()
+
+    out = _cli("uninstall", "--bpffs", str(bpffs))
+    assert out.returncode == 0, out.stderr
+    assert attached_programs(lab.cgroup) == []
+    assert sorted(p.name for p in bpffs.iterdir()) == ["someone-elses-map"]
+    # New connections are no longer translated (the VIP has no route).
+    assert probe("client", "connect-error", "10.96.0.10", 80)["errno"] != "0"
+    foreign.unlink()
+    bpffs.rmdir()
+
+
+def test_metrics_and_health(lab, probe, bpffs, start_agent):
+    agent = start_agent(web_service(lab))
+    assert agent.get("/healthz")[0] == 200
+    assert agent.get("/readyz")[0] == 200
+    probe("client", "whoami", "10.96.0.10", 80, 5)
+    code, body = agent.get("/metrics")
+    assert code == 200
+    assert metric(body, "meshbpf_services") == 1
+    assert metric(body, "meshbpf_backends") == 4
+    assert metric(body, "meshbpf_sync_duration_seconds_count") >= 1
+    assert metric(body, "meshbpf_sync_errors_total", 'reason="config"') == 0
+    assert metric(body, "meshbpf_map_entries", 'map_name="mbpf_slots"') == 4
+    assert metric(body, "meshbpf_map_pressure", 'map_name="mbpf_svc"') == 1 / 65536
+    # The kernel-owned reverse-NAT map is counted too: one entry per connection.
+    assert metric(body, "meshbpf_map_entries", 'map_name="mbpf_rnat"') >= 5
+
+
+def test_full_map_rejects_the_update_and_keeps_the_old_state(lab, probe, bpffs, config, start_agent):
+    agent = start_agent(web_service(lab), "--map-size", "mbpf_svc=3")
+    too_many = []
+    for i in range(4):
+        too_many += web_service(lab, name=f"svc{i}", ip=f"10.96.1.{i + 1}")
+    k8s.write(config, too_many)
+    log = wait_log(agent, "map full")
+    assert "mbpf_svc needs 5 entries, it holds 3" in log
+    assert list(services(bpffs)) == [FRONTEND]  # nothing half-applied
+    assert probe("client", "whoami", "10.96.0.10", 80, 10)["errors"] == {}
+    code, body = agent.get("/metrics")
+    assert metric(body, "meshbpf_sync_errors_total", 'reason="capacity"') == 1
+
+
+def test_pinned_maps_of_another_layout_are_refused_clearly(lab, probe, bpffs, start_agent):
+    first = start_agent(web_service(lab))
+    first.stop()
+    second = start_agent(None, "--map-size", "mbpf_svc=1024", wait_ready=False)
+    assert second.proc.wait(60) == 1
+    log = second.log()
+    assert "pinned maps do not match this build" in log and "mbpf_svc" in log
+    assert "Traceback" not in log
+    # The old datapath is untouched and still serving.
+    assert probe("client", "whoami", "10.96.0.10", 80, 10)["errors"] == {}
+
+
+def test_ten_thousand_services(lab, probe, bpffs, config, start_agent):
+    pods = ("web-1", "web-2", "web-3", "web-4")
+    objects = []
+    for i in range(10_000):
+        objects += web_service(lab, pods=pods, name=f"svc{i}", ip=f"10.97.{i // 250}.{i % 250 + 1}")
+    agent = start_agent(objects)
+    assert metric(agent.get("/metrics")[1], "meshbpf_services") == 10_000
+    last = probe("client", "whoami", "10.97.39.250", 80, 40)
+    assert last["errors"] == {} and set(last["answers"]) == set(pods)
+    # One more service at N = 10 000 is one small diff: its slot and its
+    # frontend (the backend address already exists and is shared).
+    k8s.write(config, objects + web_service(lab, pods=("web-2",), name="extra", ip="10.96.9.9"))
+    wait_backends(bpffs, "10.96.9.9:80/TCP", [f"{lab.pods['web-2'].ipv4}:8080"], timeout=30)
+    log = agent.log()
+    assert "synced 10001 services: 2 map writes" in log
