@@ -198,14 +198,17 @@ def plan(current: LBState, wanted: dict[SvcKey, WantedService]) -> Plan:
 
     for key, want in wanted.items():
         members: list[tuple[int, int]] = []
+        referenced_here: set[int] = set()
         for be, state in want.backends:
             bid = backend_id.get(be)
             if bid is None:
                 bid = backend_ids.take()
                 backend_id[be] = bid
                 p.backend_updates[bid] = be
+            if bid not in referenced_here:
+                referenced_here.add(bid)
+                members.append((bid, state))
             referenced.add(bid)
-            members.append((bid, state))
 
         old = current.services.get(key)
         svc_id = old.svc_id if old else svc_ids.take()

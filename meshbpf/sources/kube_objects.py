@@ -130,12 +130,13 @@ def build_state(objects: Iterable[SourceObject], *, node_name: str | None = None
     owner: dict[Frontend, str] = {}
     for key, svc in services.items():
         ports = _service_ports(svc, by_service.get(key, []), node_name, out)
+        clashes = [(sp, owner[sp.frontend]) for sp in ports if sp.frontend in owner]
+        for sp, first in clashes:
+            out.add(svc.src, f"Service {svc.namespace}/{svc.name}", "spec.clusterIP",
+                    f"{sp.frontend} is already used by Service {first}")
+        if clashes:
+            continue  # all of a Service or none of it
         for sp in ports:
-            first = owner.get(sp.frontend)
-            if first is not None:
-                out.add(svc.src, f"Service {svc.namespace}/{svc.name}", "spec.clusterIP",
-                        f"{sp.frontend} is already used by Service {first}")
-                continue
             owner[sp.frontend] = sp.service
             state.service_ports[sp.frontend] = sp
     return BuildResult(state, out.problems, out.notes)
@@ -154,8 +155,11 @@ def _flatten_lists(objects: Iterable[SourceObject], out: _Collector) -> Iterable
             out.add(src, "", "kind", "missing: every object needs apiVersion and kind")
             continue
         if kind == "List" or kind.endswith("List") and "items" in obj:
-            for path, reason in schema.check(obj, schema.LIST):
+            problems = schema.check(obj, schema.LIST)
+            for path, reason in problems:
                 out.add(src, kind, path, reason)
+            if problems:
+                continue
             for i, item in enumerate(obj.get("items") or []):
                 yield from _flatten_lists([SourceObject(item, f"{src.where}: items[{i}]")], out)
             continue
@@ -217,6 +221,7 @@ def _read_service(src: SourceObject, out: _Collector) -> _Service | None:
         out.notes.append(f"{src.where}: skipping {label}: headless (clusterIP: None)")
         return None
 
+    ips_field = "spec.clusterIPs" if spec.get("clusterIPs") else "spec.clusterIP"
     raw_ips = list(spec.get("clusterIPs") or ([cluster_ip] if cluster_ip else []))
     if not raw_ips:
         out.add(src, label, "spec.clusterIP",
@@ -229,7 +234,8 @@ def _read_service(src: SourceObject, out: _Collector) -> _Service | None:
     for i, text in enumerate(raw_ips):
         ip = _parse_ip(text)
         if ip is None:
-            out.add(src, label, f"spec.clusterIPs[{i}]", f"{text!r} is not an IP address")
+            field_path = f"{ips_field}[{i}]" if ips_field == "spec.clusterIPs" else ips_field
+            out.add(src, label, field_path, f"{text!r} is not an IP address")
         else:
             ips.append(ip)
     if len({ip.version for ip in ips}) != len(ips):
@@ -416,6 +422,8 @@ def _endpoints_for(svc: _Service, port: _Port, slices: list[_Slice], label: str,
         if sl.ports is None:
             # A slice with no ports: the standalone shorthand, where the
             # Service's numeric targetPort is the endpoint port.
+            if not sl.endpoints:
+                continue  # kubectl prints a scaled-to-zero slice as ports: null, endpoints: null
             if isinstance(port.target, str):
                 out.add(svc.src, label, f"spec.ports[{port.index}].targetPort",
                         f"named port {port.target!r} cannot be resolved: EndpointSlice "

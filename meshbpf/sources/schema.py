@@ -121,7 +121,10 @@ def check(value: Any, schema: Any, path: str = "") -> list[tuple[str, str]]:
             return [(path, f"expected a list, got {_kind_name(value)}")]
         out = []
         for i, item in enumerate(value):
-            out.extend(check(item, schema[0], f"{path}[{i}]"))
+            if item is None:
+                out.append((f"{path}[{i}]", "empty list item"))
+            else:
+                out.extend(check(item, schema[0], f"{path}[{i}]"))
         return out
     if schema == STR_MAP:
         if not isinstance(value, dict):

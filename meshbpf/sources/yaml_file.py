@@ -38,28 +38,48 @@ def config_files(path: Path) -> list[Path]:
     raise ConfigError([Problem(str(path), "", "", "no such file or folder")])
 
 
-def _document_lines(text: str, count: int) -> list[int]:
-    """Best-effort first line of each document, for error messages."""
+def document_starts(text: str) -> list[int]:
+    """First line of each YAML document in text (1-based).
+
+    A document starts at each `---` marker, and at line 1 when content comes
+    before the first marker (directives such as %YAML and comments are not
+    content)."""
     starts, line, pos = [], 1, 0
     for m in _DOC_START.finditer(text):
         line += text.count("\n", pos, m.start())
         pos = m.start()
         starts.append(line)
     head = text[: _DOC_START.search(text).start()] if starts else text
-    has_leading_doc = any(ln.strip() and not ln.lstrip().startswith("#") for ln in head.splitlines())
-    lines = ([1] if has_leading_doc or not starts else []) + starts
-    return (lines + [lines[-1] if lines else 1] * count)[:count]
+    has_leading_doc = any(ln.strip() and not ln.lstrip().startswith(("#", "%"))
+                          for ln in head.splitlines())
+    return ([1] if has_leading_doc or not starts else []) + starts
+
+
+def _document_at(starts: list[int], line: int) -> int:
+    """Index of the document holding `line`."""
+    index = 0
+    for i, start in enumerate(starts):
+        if start <= line:
+            index = i
+    return index
 
 
 def parse_documents(path: Path, text: str) -> list[SourceObject]:
+    starts = document_starts(text)
     try:
         loaded = yaml_rs.loads(text, parse_datetime=False)
     except Exception as exc:  # yaml_rs.YAMLDecodeError carries line and column
-        raise ConfigError([Problem(str(path), "", "", f"not valid YAML: {exc}")]) from None
-    multi = len(_DOC_START.findall(text)) > 0 and isinstance(loaded, list)
-    docs = loaded if multi else [loaded]
-    lines = _document_lines(text, len(docs))
-    return [SourceObject(doc, f"{path}: document {i + 1} (line {lines[i]})")
+        m = re.search(r"line (\d+)", str(exc))
+        where = str(path)
+        if m:
+            doc = _document_at(starts, int(m.group(1)))
+            where += f": document {doc + 1} (line {starts[doc]})"
+        raise ConfigError([Problem(where, "", "", f"not valid YAML: {exc}")]) from None
+    # yaml_rs returns one document as itself and several as a list of them,
+    # so a lone document that is a list is told apart by counting markers.
+    docs = loaded if len(starts) > 1 and isinstance(loaded, list) else [loaded]
+    starts = (starts + [starts[-1]] * len(docs))[: len(docs)]
+    return [SourceObject(doc, f"{path}: document {i + 1} (line {starts[i]})")
             for i, doc in enumerate(docs)]
 
 
@@ -69,7 +89,7 @@ def read_config(path: Path, node_name: str | None = None) -> BuildResult:
     problems: list[Problem] = []
     for file in config_files(path):
         try:
-            text = file.read_text()
+            text = file.read_text(encoding="utf-8-sig")  # tolerate a byte order mark
         except (OSError, UnicodeDecodeError) as exc:
             problems.append(Problem(str(file), "", "", f"cannot read: {exc}"))
             continue
