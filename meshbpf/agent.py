@@ -22,7 +22,8 @@ from .datapath.maps import LBMaps, MapWriteError
 from .metrics import AgentMetrics, HealthServer, MapPressureCollector, heartbeat_check
 from .model import DesiredState
 from .reconcile import CapacityError, LBState, Plan, check_capacity, plan, wanted_services
-from .sources.errors import ConfigError
+from .sources import Source
+from .sources.errors import ConfigError, Problem
 from .sources.yaml_file import FileSource
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class AgentOptions:
-    config: Path
+    config: Path | None = None          # the YAML file source (the default source)
+    source: str = "file"                # "file" or "kubernetes"
+    kubeconfig: str | None = None       # kubernetes source: None = in-cluster, then ~/.kube/config
+    service_proxy_name: str | None = None
+    config_map: str = "kube-system/meshbpf-config"  # kubernetes source: namespace/name of the AgentConfig
     cgroup: str | None = None           # None: the cgroup2 root
     bpffs: Path = DEFAULT_BPFFS
     listen: str = "127.0.0.1:9890"
@@ -43,7 +48,7 @@ class Agent:
     def __init__(self, opts: AgentOptions):
         self.opts = opts
         self.metrics = AgentMetrics()
-        self.source = FileSource(opts.config, opts.node_name)
+        self.source = make_source(opts)
         self.lb = SockLB(bpffs=opts.bpffs, sizes=opts.map_sizes)
         self.maps: LBMaps | None = None
         self.current = LBState()
@@ -154,6 +159,19 @@ class Agent:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+def make_source(opts: AgentOptions) -> Source:
+    if opts.source == "file":
+        if opts.config is None:
+            raise ConfigError([Problem("--config", "", "", "the file source needs --config PATH")])
+        return FileSource(opts.config, opts.node_name)
+    if opts.source == "kubernetes":
+        from .sources.kubernetes import KubernetesSource
+        return KubernetesSource(kubeconfig=opts.kubeconfig, node_name=opts.node_name,
+                                service_proxy_name=opts.service_proxy_name,
+                                config_map=opts.config_map)
+    raise ConfigError([Problem("--source", "", "", f"{opts.source!r} is not file or kubernetes")])
 
 
 def run_agent(opts: AgentOptions) -> None:

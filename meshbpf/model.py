@@ -83,11 +83,29 @@ def usable_endpoints(endpoints: tuple[Endpoint, ...]) -> list[UsableEndpoint]:
     return [UsableEndpoint(e, True) for e in endpoints if e.serving and e.terminating]
 
 
+@dataclass(frozen=True, slots=True)
+class RedirectSettings:
+    """Same-node socket redirection: which workloads take part."""
+
+    enabled: bool = False
+    cgroups: tuple[str, ...] = ()                       # below the cgroup2 mount
+    pod_cidrs: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSettings:
+    """What an AgentConfig object sets; the defaults stand without one."""
+
+    redirect: RedirectSettings = RedirectSettings()
+
+
 @dataclass
 class DesiredState:
-    """Everything the node should program, keyed by frontend."""
+    """Everything the node should program: services keyed by frontend, and
+    the agent's own settings."""
 
     service_ports: dict[Frontend, ServicePort] = field(default_factory=dict)
+    settings: AgentSettings = AgentSettings()
 
     def services(self) -> set[str]:
         return {sp.service for sp in self.service_ports.values()}

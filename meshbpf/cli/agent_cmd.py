@@ -25,8 +25,18 @@ def _map_sizes(values: tuple[str, ...]) -> dict[str, int]:
 
 
 @click.command()
-@click.option("--config", type=click.Path(path_type=Path), required=True,
-              help="YAML file or folder of Services and EndpointSlices (watched for changes).")
+@click.option("--source", type=click.Choice(["file", "kubernetes"]), default="file", show_default=True,
+              help="Where desired state comes from.")
+@click.option("--config", type=click.Path(path_type=Path), default=None,
+              help="File source: YAML file or folder of Services, EndpointSlices and an "
+                   "AgentConfig (watched for changes).")
+@click.option("--kubeconfig", default=None,
+              help="Kubernetes source: kubeconfig file [default: in-cluster, then ~/.kube/config].")
+@click.option("--service-proxy-name", default=None,
+              help="Kubernetes source: handle only Services labelled "
+                   "service.kubernetes.io/service-proxy-name=NAME (coexist with kube-proxy).")
+@click.option("--config-map", default="kube-system/meshbpf-config", show_default=True,
+              help="Kubernetes source: NAMESPACE/NAME of the ConfigMap holding the AgentConfig.")
 @click.option("--cgroup", "cgroup_path", default=None,
               help="cgroup v2 to attach to, absolute or relative to the cgroup2 mount "
                    "[default: the cgroup2 root, i.e. the whole node].")
@@ -38,8 +48,13 @@ def _map_sizes(values: tuple[str, ...]) -> dict[str, int]:
 @click.option("--map-size", multiple=True, metavar="NAME=ENTRIES",
               help="max_entries of a map, e.g. mbpf_svc=131072 (repeatable).")
 @friendly_errors
-def agent(config: Path, cgroup_path: str | None, bpffs: Path, listen: str, node_name: str,
+def agent(source: str, config: Path | None, kubeconfig: str | None, service_proxy_name: str | None,
+          config_map: str, cgroup_path: str | None, bpffs: Path, listen: str, node_name: str,
           map_size: tuple[str, ...]) -> None:
-    """Compile, attach, sync the maps to the config, and keep them in sync."""
-    run_agent(AgentOptions(config=config, cgroup=cgroup_path, bpffs=bpffs, listen=listen,
+    """Compile, attach, sync the maps to the desired state, and keep them in sync."""
+    if source == "file" and config is None:
+        raise click.UsageError("--config is required with --source file")
+    run_agent(AgentOptions(config=config, source=source, kubeconfig=kubeconfig,
+                           service_proxy_name=service_proxy_name, config_map=config_map,
+                           cgroup=cgroup_path, bpffs=bpffs, listen=listen,
                            node_name=node_name, map_sizes=_map_sizes(map_size)))

@@ -16,9 +16,9 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from ..model import (DEFAULT_AFFINITY_TIMEOUT, DesiredState, Endpoint,
+from ..model import (DEFAULT_AFFINITY_TIMEOUT, AgentSettings, DesiredState, Endpoint,
                      Frontend, IPAddress, ServicePort)
-from . import schema
+from . import agent_config, schema
 from .errors import Problem
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,7 @@ def build_state(objects: Iterable[SourceObject], *, node_name: str | None = None
     out = _Collector()
     services: dict[tuple[str, str], _Service] = {}
     slices: dict[tuple[str, str], _Slice] = {}
+    state_settings, settings_from = AgentSettings(), None
 
     for src in _flatten_lists(objects, out):
         kind = src.obj.get("kind")
@@ -119,14 +120,24 @@ def build_state(objects: Iterable[SourceObject], *, node_name: str | None = None
                         f"defined twice (first at {slices[key].src.where})")
                 continue
             slices[key] = sl
+        elif kind == agent_config.KIND:
+            settings, problems = agent_config.read_agent_config(src.obj, src.where)
+            out.problems.extend(problems)
+            if settings is None:
+                continue
+            if settings_from is not None:
+                out.add(src, "AgentConfig", "", f"a second AgentConfig (the first is at {settings_from})")
+                continue
+            state_settings, settings_from = settings, src.where
         else:
-            out.notes.append(f"{src.where}: skipping kind {kind!r}: meshbpf reads Service and EndpointSlice")
+            out.notes.append(f"{src.where}: skipping kind {kind!r}: meshbpf reads Service, "
+                             f"EndpointSlice and AgentConfig")
 
     by_service: dict[tuple[str, str], list[_Slice]] = {}
     for sl in slices.values():
         by_service.setdefault((sl.namespace, sl.service), []).append(sl)
 
-    state = DesiredState()
+    state = DesiredState(settings=state_settings)
     owner: dict[Frontend, str] = {}
     for key, svc in services.items():
         ports = _service_ports(svc, by_service.get(key, []), node_name, out)
