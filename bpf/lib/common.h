@@ -85,6 +85,61 @@ struct mbpf_rnat {
 	__u8  pad[6];               /* zero */
 };
 
+/* Same-node socket redirection: the sockhash and socket-state key, one per
+ * TCP socket, as that socket sees its connection. A peer's key is the same
+ * with local and remote swapped. */
+struct mbpf_sock_key {
+	__u8  local_ip[MBPF_ADDR_LEN];   /* network order; IPv4 as ::ffff:a.b.c.d */
+	__u8  remote_ip[MBPF_ADDR_LEN];  /* network order; IPv4 as ::ffff:a.b.c.d */
+	__u16 local_port;                /* host order */
+	__u16 remote_port;               /* host order */
+	__u8  family;                    /* 4 or 6: the family of the addresses */
+	__u8  pad[3];                    /* zero */
+};
+
+/* Per-socket redirection state (socket-state map value). Each field is
+ * written whole (no read-modify-write of shared bits), because the socket's
+ * own programs and its peer's write it concurrently. */
+struct mbpf_sockstate {
+	__u64 pass_since_ns;    /* host order; when the pair stopped redirecting, 0 before */
+	__u32 small_run;        /* host order; small sends in a row with no reply */
+	__u8  mode;             /* MBPF_MODE_*: undecided, redirect, pass (one way) */
+	__u8  nodelay;          /* 1 if the application set TCP_NODELAY */
+	__u8  evicted;          /* 1 once out of the sockhash: native TCP again */
+	__u8  pad;              /* zero */
+};
+
+/* mbpf_sockstate.mode: 0 -> REDIRECT -> PASS, or 0 -> PASS; never back,
+ * because bytes passed to TCP and bytes redirected later would reorder. */
+#define MBPF_MODE_UNDECIDED 0
+#define MBPF_MODE_REDIRECT  1
+#define MBPF_MODE_PASS      2
+
+/* Redirection settings, one entry (key 0) of the settings map. */
+struct mbpf_redir_cfg {
+	__u32 enabled;          /* host order; 0: pass everything, insert nothing */
+	__u32 require_cidr;     /* host order; 1: both ends must be in the CIDR map */
+	__u32 small_write;      /* host order; bytes: a send below this is "small" */
+	__u32 small_run_max;    /* host order; small sends in a row before passing */
+	__u64 evict_grace_ns;   /* host order; wait this long after passing to evict */
+};
+
+/* Key of the pod-CIDR LPM map. */
+struct mbpf_cidr_key {
+	__u32 prefixlen;        /* host order; over the 16-byte (v4-mapped) address */
+	__u8  addr[MBPF_ADDR_LEN];  /* network order; IPv4 as ::ffff:a.b.c.d */
+};
+
+/* Indexes of the redirection counters (per-CPU array of __u64). */
+#define MBPF_CNT_REDIR_MSGS     0  /* sendmsg calls spliced to the peer socket */
+#define MBPF_CNT_REDIR_BYTES    1
+#define MBPF_CNT_PASS_MSGS      2  /* sendmsg calls left to the TCP stack */
+#define MBPF_CNT_PASS_BYTES     3
+#define MBPF_CNT_SWITCHED       4  /* pairs switched to the TCP stack (small writes, no peer) */
+#define MBPF_CNT_EVICTED        5  /* sockets taken out of the sockhash */
+#define MBPF_CNT_INSERTED       6  /* sockets put into the sockhash */
+#define MBPF_CNT_MAX            8
+
 /* mbpf_slot.state */
 #define MBPF_SLOT_READY        1  /* endpoint is ready */
 #define MBPF_SLOT_TERMINATING  2  /* serving and terminating: used only when none is ready */

@@ -56,6 +56,25 @@ class RnatC(ct.Structure):
     _fields_ = [("addr", U8x16), ("port", ct.c_uint16), ("pad", ct.c_uint8 * 6)]
 
 
+class SockKeyC(ct.Structure):
+    _fields_ = [("local_ip", U8x16), ("remote_ip", U8x16), ("local_port", ct.c_uint16),
+                ("remote_port", ct.c_uint16), ("family", ct.c_uint8), ("pad", ct.c_uint8 * 3)]
+
+
+class SockStateC(ct.Structure):
+    _fields_ = [("pass_since_ns", ct.c_uint64), ("small_run", ct.c_uint32), ("mode", ct.c_uint8),
+                ("nodelay", ct.c_uint8), ("evicted", ct.c_uint8), ("pad", ct.c_uint8)]
+
+
+class RedirCfgC(ct.Structure):
+    _fields_ = [("enabled", ct.c_uint32), ("require_cidr", ct.c_uint32), ("small_write", ct.c_uint32),
+                ("small_run_max", ct.c_uint32), ("evict_grace_ns", ct.c_uint64)]
+
+
+class CidrKeyC(ct.Structure):
+    _fields_ = [("prefixlen", ct.c_uint32), ("addr", U8x16)]
+
+
 @dataclass(frozen=True)
 class MapSpec:
     name: str           # map name in C, pin name, and kernel name (<= 15 chars)
@@ -74,6 +93,23 @@ LB_MAPS = (
     MapSpec("mbpf_rnat", "", RnatKeyC, RnatC, "MBPF_RNAT_MAX", 131072),
 )
 BY_ROLE = {m.role: m for m in LB_MAPS if m.role}
+
+# Same-node socket redirection (bpf/lib/redir_maps.h).
+REDIR_MAPS = (
+    MapSpec("mbpf_sockhash", "", SockKeyC, ct.c_uint32, "MBPF_SOCKHASH_MAX", 65536),
+    MapSpec("mbpf_sockstate", "", SockKeyC, SockStateC, "MBPF_SOCKSTATE_MAX", 131072),
+    MapSpec("mbpf_redir_cidr", "", CidrKeyC, ct.c_uint8, "MBPF_CIDR_MAX", 1024),
+    MapSpec("mbpf_redir_cfg", "", ct.c_uint32, RedirCfgC, "", 1),
+    MapSpec("mbpf_redir_cnt", "", ct.c_uint32, ct.c_uint64, "", 8),
+)
+ALL_MAPS = LB_MAPS + REDIR_MAPS
+
+# Indexes of mbpf_redir_cnt (MBPF_CNT_* in bpf/lib/common.h).
+REDIR_COUNTERS = {
+    "redirected_msgs": 0, "redirected_bytes": 1, "passed_msgs": 2, "passed_bytes": 3,
+    "switched_pairs": 4, "evicted_sockets": 5, "inserted_sockets": 6,
+}
+MODE_NAMES = {0: "undecided", 1: "redirect", 2: "pass"}
 
 
 # --- ctypes <-> reconciler values -------------------------------------------

@@ -184,3 +184,41 @@ def map_count(fd: int, key_size: int) -> int:
         ct.memmove(key, next_key, key_size)
         res = _lib.bpf_map_get_next_key(fd, key, next_key)
     return count
+
+
+_lib.bpf_map_update_elem.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_uint64]
+_lib.bpf_map_delete_elem.argtypes = [ct.c_int, ct.c_void_p]
+
+
+def map_update(fd: int, key, value, flags: int = 0) -> None:
+    _check(_lib.bpf_map_update_elem(fd, ct.byref(key), ct.byref(value), flags), "map update")
+
+
+def map_delete(fd: int, key) -> None:
+    _check(_lib.bpf_map_delete_elem(fd, ct.byref(key)), "map delete")
+
+
+def map_lookup(fd: int, key, value) -> None:
+    _check(_lib.bpf_map_lookup_elem(fd, ct.byref(key), ct.byref(value)), "map lookup")
+
+
+def map_keys(fd: int, key_type: type):
+    """Every key of a map (works for sockhash, whose values are sockets)."""
+    key, next_key = key_type(), key_type()
+    res = _lib.bpf_map_get_next_key(fd, None, ct.byref(next_key))
+    while res == 0:
+        ct.memmove(ct.byref(key), ct.byref(next_key), ct.sizeof(key))
+        copy = key_type()
+        ct.memmove(ct.byref(copy), ct.byref(key), ct.sizeof(key))
+        yield copy
+        res = _lib.bpf_map_get_next_key(fd, ct.byref(key), ct.byref(next_key))
+
+
+def possible_cpus() -> int:
+    """Per-CPU map values have one slot per possible CPU."""
+    text = open("/sys/devices/system/cpu/possible").read().strip()
+    count = 0
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        count += int(hi or lo) - int(lo) + 1
+    return count

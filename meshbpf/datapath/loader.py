@@ -1,10 +1,11 @@
-"""Compiling, attaching and pinning the socket-LB programs.
+"""Compiling, attaching and pinning meshbpf's programs.
 
 Everything meshbpf creates lives in one bpffs folder (default
-/sys/fs/bpf/meshbpf): the maps, and under links/ one BPF link per hook. The
-pinned links are what keep the programs attached while no agent runs; a new
-agent swaps the program behind each link atomically (BPF_LINK_UPDATE), so
-an upgrade or restart never leaves a moment without translation.
+/sys/fs/bpf/meshbpf): the maps, and under links/ one BPF link per hook and
+cgroup. The pinned links are what keep the programs attached while no agent
+runs; a new agent swaps the program behind each link atomically
+(BPF_LINK_UPDATE), so an upgrade or restart never leaves a moment without
+translation. The sk_msg program is attached to the pinned sockhash itself.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import cgroup, libbpf
-from .layout import LB_MAPS, MapSpec
-from .source import bpf_dir, expand
+from . import btf, cgroup, libbpf
+from .layout import ALL_MAPS, LB_MAPS, REDIR_MAPS, MapSpec
+from .source import program_text
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +30,17 @@ ATTACH = {
     "connect4": 10, "connect6": 11, "sendmsg4": 14, "sendmsg6": 15,
     "recvmsg4": 19, "recvmsg6": 20, "getpeername4": 29, "getpeername6": 30,
 }
-BPF_PROG_TYPE_CGROUP_SOCK_ADDR = 18
+ATTACH_SOCK_OPS = 3
+ATTACH_SK_MSG_VERDICT = 7
+ATTACH_SETSOCKOPT = 22
+PROG_TYPE_SOCK_OPS = 13
+PROG_TYPE_SK_MSG = 16
+PROG_TYPE_CGROUP_SOCKOPT = 25
 
 
 @dataclass(frozen=True)
 class Hook:
-    func: str        # entry point in bpf/sock_lb.c, also the link's pin name
+    func: str        # entry point in bpf/*.c, also the link's pin name
     attach: str      # key of ATTACH
 
 
@@ -44,6 +50,10 @@ SOCK_LB_HOOKS = (
     Hook("mbpf_recvmsg4", "recvmsg4"), Hook("mbpf_recvmsg6", "recvmsg6"),
     Hook("mbpf_getpeer4", "getpeername4"), Hook("mbpf_getpeer6", "getpeername6"),
 )
+
+# One file per hook family, compiled together.
+LB_SOURCES = ["sock_lb.c"]
+REDIR_SOURCES = ["sockops.c", "sk_msg.c", "sockopt.c"]
 
 
 class DatapathError(Exception):
@@ -60,32 +70,53 @@ def check_bpffs(folder: Path) -> None:
                             f"`mount -t bpf bpf /sys/fs/bpf`")
 
 
+def kernel_offsets() -> dict[str, int]:
+    """Offsets inside kernel structs that sockops reads (see psock_ingress_empty)."""
+    return {
+        "MBPF_OFF_SK_USER_DATA": btf.member_offset("sock", "sk_user_data"),
+        "MBPF_OFF_PSOCK_INGRESS_MSG": btf.member_offset("sk_psock", "ingress_msg"),
+    }
+
+
 @dataclass
 class SockLB:
-    """The socket-LB programs and their pinned maps for one bpffs folder."""
+    """meshbpf's programs and pinned maps for one bpffs folder.
+
+    (Named for its first job; it also carries same-node redirection.)"""
 
     bpffs: Path = DEFAULT_BPFFS
     sizes: dict[str, int] = field(default_factory=dict)      # map name -> max_entries
     features: dict[str, bool] = field(default_factory=dict)  # e.g. {"set_retval": True}
+    redirect: bool = True                                    # compile the redirection programs
     bpf: object = None
 
     def compile(self) -> None:
-        """Compile bpf/sock_lb.c, creating or reopening the pinned maps."""
+        """Compile the programs, creating or reopening the pinned maps."""
         from bcc import BPF  # imported here: the CLI must work without bcc
 
         check_bpffs(self.bpffs)
         self.bpffs.mkdir(parents=True, exist_ok=True)
         cflags = [f'-DMBPF_PIN_DIR="{self.bpffs}"']
-        for spec in LB_MAPS:
-            cflags.append(f"-D{spec.size_macro}={self.capacity(spec)}")
+        for spec in self.maps():
+            if spec.size_macro:
+                cflags.append(f"-D{spec.size_macro}={self.capacity(spec)}")
         if self.features.get("set_retval", True):
             cflags.append("-DMBPF_HAVE_SET_RETVAL")
-        text = expand(bpf_dir() / "sock_lb.c")
+        files = list(LB_SOURCES)
+        if self.redirect:
+            try:
+                cflags += [f"-D{k}={v}" for k, v in kernel_offsets().items()]
+            except btf.BTFError as exc:
+                raise DatapathError(f"same-node redirection needs kernel BTF: {exc}") from None
+            files += REDIR_SOURCES
         try:
-            self.bpf = BPF(text=text.encode(), cflags=cflags)
+            self.bpf = BPF(text=program_text(files).encode(), cflags=cflags)
         except Exception as exc:
-            raise DatapathError(f"compiling bpf/sock_lb.c failed: {exc}") from exc
+            raise DatapathError(f"compiling {', '.join(files)} failed: {exc}") from exc
         self._check_pinned_layouts()
+
+    def maps(self) -> tuple[MapSpec, ...]:
+        return ALL_MAPS if self.redirect else LB_MAPS
 
     def capacity(self, spec: MapSpec) -> int:
         return self.sizes.get(spec.name, spec.default_size)
@@ -93,14 +124,21 @@ class SockLB:
     def table(self, name: str):
         return self.bpf[name.encode()]
 
+    def map_fd(self, name: str) -> int:
+        """The fd of any map, sockhash included (bcc has no Table for it)."""
+        from bcc.libbcc import lib
+        fd = lib.bpf_table_fd(self.bpf.module, name.encode())
+        if fd < 0:
+            raise DatapathError(f"no map {name} in the compiled programs")
+        return fd
+
     def _check_pinned_layouts(self) -> None:
         """bcc reopens a pinned map without comparing layouts; do it here,
         before any program is loaded or any entry written."""
         problems = []
-        for spec in LB_MAPS:
-            t = self.table(spec.name)
-            info = libbpf.map_info(t.map_fd)
-            want = (ct.sizeof(t.Key), ct.sizeof(t.Leaf), self.capacity(spec))
+        for spec in self.maps():
+            info = libbpf.map_info(self.map_fd(spec.name))
+            want = (ct.sizeof(spec.key), ct.sizeof(spec.value), self.capacity(spec))
             have = (info.key_size, info.value_size, info.max_entries)
             if want != have:
                 problems.append(f"{self.bpffs / spec.name}: pinned map has key/value/entries "
@@ -111,12 +149,15 @@ class SockLB:
                 + "\n`meshbpf uninstall` removes them (existing connections keep working; "
                   "affinity and reverse-NAT state is lost)")
 
+    def _links_dir(self) -> Path:
+        links = self.bpffs / "links"
+        links.mkdir(exist_ok=True)
+        return links
+
     def attach(self, cgroup_path: Path) -> None:
-        """Attach every hook to the cgroup, or swap the programs in place."""
+        """Attach every socket-LB hook to the cgroup, or swap the programs in place."""
         from bcc import BPF
 
-        links_dir = self.bpffs / "links"
-        links_dir.mkdir(exist_ok=True)
         target_id = cgroup.cgroup_id(cgroup_path)
         cg_fd = cgroup.open_cgroup(cgroup_path)
         try:
@@ -124,9 +165,47 @@ class SockLB:
                 fn = self.bpf.load_func(hook.func.encode(), BPF.CGROUP_SOCK_ADDR,
                                         attach_type=ATTACH[hook.attach])
                 _attach_or_swap(fn.fd, cg_fd, target_id, ATTACH[hook.attach],
-                                links_dir / hook.func)
+                                self._links_dir() / hook.func)
         finally:
             os.close(cg_fd)
+
+    def attach_redirect(self, cgroups: list[Path]) -> None:
+        """sk_msg on the sockhash; sockops and setsockopt on each cgroup whose
+        workloads take part. Links to cgroups no longer listed are removed."""
+        from bcc import BPF
+
+        msg = self.bpf.load_func(b"mbpf_sk_msg", PROG_TYPE_SK_MSG)
+        BPF.attach_func(msg, self.map_fd("mbpf_sockhash"), ATTACH_SK_MSG_VERDICT)
+        sockops = self.bpf.load_func(b"mbpf_sockops", PROG_TYPE_SOCK_OPS)
+        sockopt = self.bpf.load_func(b"mbpf_setsockopt", PROG_TYPE_CGROUP_SOCKOPT,
+                                     attach_type=ATTACH_SETSOCKOPT)
+        wanted: set[str] = set()
+        for path in cgroups:
+            cg_id = cgroup.cgroup_id(path)
+            cg_fd = cgroup.open_cgroup(path)
+            try:
+                for fn, attach_type, name in ((sockops, ATTACH_SOCK_OPS, "mbpf_sockops"),
+                                              (sockopt, ATTACH_SETSOCKOPT, "mbpf_setsockopt")):
+                    pin = self._links_dir() / f"{name}-{cg_id}"  # bpffs refuses "." in names
+                    wanted.add(pin.name)
+                    _attach_or_swap(fn.fd, cg_fd, cg_id, attach_type, pin)
+            finally:
+                os.close(cg_fd)
+        self._remove_links(lambda name: name.startswith(("mbpf_sockops-", "mbpf_setsockopt-"))
+                           and name not in wanted)
+
+    def detach_redirect(self) -> None:
+        """Stop adding sockets (sockops and setsockopt links go); the sk_msg
+        program stays on the sockhash so pairs already spliced drain."""
+        self._remove_links(lambda name: name.startswith(("mbpf_sockops-", "mbpf_setsockopt-")))
+
+    def _remove_links(self, which) -> None:
+        links = self.bpffs / "links"
+        if not links.is_dir():
+            return
+        for pin in links.iterdir():
+            if which(pin.name):
+                _detach_pin(pin)
 
 
 def _attach_or_swap(prog_fd: int, cg_fd: int, target_id: int, attach_type: int, pin: Path) -> None:
@@ -154,6 +233,18 @@ def _attach_or_swap(prog_fd: int, cg_fd: int, target_id: int, attach_type: int, 
             os.close(old_fd)
 
 
+def _detach_pin(pin: Path) -> None:
+    fd = libbpf.obj_get(str(pin))
+    try:
+        libbpf.link_detach(fd)
+    except libbpf.BPFError as exc:
+        if exc.errno not in (errno.ENOLINK, errno.EINVAL):
+            raise
+    finally:
+        os.close(fd)
+    pin.unlink()
+
+
 @dataclass
 class Installed:
     """What a bpffs folder holds, read without compiling anything."""
@@ -168,7 +259,7 @@ class Installed:
 
 
 def inspect(bpffs: Path) -> Installed:
-    maps = {spec.name: bpffs / spec.name for spec in LB_MAPS if (bpffs / spec.name).exists()}
+    maps = {spec.name: bpffs / spec.name for spec in ALL_MAPS if (bpffs / spec.name).exists()}
     links = {}
     links_dir = bpffs / "links"
     if links_dir.is_dir():
@@ -188,20 +279,11 @@ def uninstall(bpffs: Path) -> list[str]:
     links_dir = bpffs / "links"
     if links_dir.is_dir():
         for pin in sorted(links_dir.iterdir()):
-            if not pin.name.startswith("mbpf_"):
-                continue
-            fd = libbpf.obj_get(str(pin))
-            try:
-                libbpf.link_detach(fd)
-            except libbpf.BPFError as exc:
-                if exc.errno not in (errno.ENOLINK, errno.EINVAL):
-                    raise
-            finally:
-                os.close(fd)
-            pin.unlink()
-            removed.append(f"link {pin.name}")
+            if pin.name.startswith("mbpf_"):
+                _detach_pin(pin)
+                removed.append(f"link {pin.name}")
         _rmdir_if_empty(links_dir)
-    for spec in LB_MAPS:
+    for spec in ALL_MAPS:
         pin = bpffs / spec.name
         if pin.exists():
             pin.unlink()

@@ -23,6 +23,13 @@ def bpf_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "bpf"
 
 
+def program_text(files: list[str]) -> str:
+    """One translation unit made of several bpf/*.c files (one per hook
+    family): one compile, one set of maps."""
+    seen: set[Path] = set()
+    return "".join(expand(bpf_dir() / name, seen) for name in files)
+
+
 def expand(path: Path, _seen: set[Path] | None = None) -> str:
     """Source of ``path`` with every quoted include inlined once."""
     seen = _seen if _seen is not None else set()

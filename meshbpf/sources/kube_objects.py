@@ -6,7 +6,10 @@ API source with the same objects from a watch. One reading of the objects
 means one set of semantics, which follow kube-proxy's endpointslicecache.go:
 endpoints merge across the slices of a service, `ready` and `serving` are
 true when unset, `terminating` only counts when set, and slice ports match
-service ports by name and protocol.
+service ports by name and protocol; internalTrafficPolicy: Local keeps
+this node's endpoints; topology hints follow pkg/proxy/topology.go; and
+services labelled for another proxy (service.kubernetes.io/service-proxy-name)
+are left to it.
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ from .errors import Problem
 log = logging.getLogger(__name__)
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+# kube-proxy skips every Service carrying this label; a proxy started with
+# --service-proxy-name NAME handles exactly those labelled NAME.
+PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,7 @@ class _Slice:
     family: int
     endpoints: list[Endpoint]  # port is 0 here; set per service port
     ports: list[_SlicePort] | None  # None: the slice lists no ports
+    zone_hints: list[frozenset[str]] = field(default_factory=list)  # per endpoint
 
 
 class _Collector:
@@ -89,10 +96,19 @@ class _Collector:
         self.problems.append(Problem(src.where, obj, path, reason))
 
 
-def build_state(objects: Iterable[SourceObject], *, node_name: str | None = None) -> BuildResult:
+def build_state(objects: Iterable[SourceObject], *, node_name: str | None = None,
+                service_proxy_name: str | None = None,
+                node_zone: str | None = None) -> BuildResult:
     """Reads Services and EndpointSlices. Objects with problems are left out
     and their problems returned; the file source rejects the whole input when
-    there are any, the API source skips just those objects."""
+    there are any, the API source skips just those objects.
+
+    node_name: this node, for internalTrafficPolicy: Local (None: no filter).
+    service_proxy_name: None handles the Services without the
+    service-proxy-name label (replacing kube-proxy); a name handles only the
+    Services labelled with it (beside kube-proxy).
+    node_zone: this node's topology.kubernetes.io/zone, for topology hints
+    (None: hints are not used)."""
     out = _Collector()
     services: dict[tuple[str, str], _Service] = {}
     slices: dict[tuple[str, str], _Slice] = {}
@@ -101,6 +117,8 @@ def build_state(objects: Iterable[SourceObject], *, node_name: str | None = None
     for src in _flatten_lists(objects, out):
         kind = src.obj.get("kind")
         if kind == "Service":
+            if not _ours(src, service_proxy_name, out):
+                continue
             svc = _read_service(src, out)
             if svc is None:
                 continue
@@ -140,7 +158,7 @@ def build_state(objects: Iterable[SourceObject], *, node_name: str | None = None
     state = DesiredState(settings=state_settings)
     owner: dict[Frontend, str] = {}
     for key, svc in services.items():
-        ports = _service_ports(svc, by_service.get(key, []), node_name, out)
+        ports = _service_ports(svc, by_service.get(key, []), node_name, node_zone, out)
         clashes = [(sp, owner[sp.frontend]) for sp in ports if sp.frontend in owner]
         for sp, first in clashes:
             out.add(svc.src, f"Service {svc.namespace}/{svc.name}", "spec.clusterIP",
@@ -175,6 +193,25 @@ def _flatten_lists(objects: Iterable[SourceObject], out: _Collector) -> Iterable
                 yield from _flatten_lists([SourceObject(item, f"{src.where}: items[{i}]")], out)
             continue
         yield src
+
+
+def _ours(src: SourceObject, service_proxy_name: str | None, out: _Collector) -> bool:
+    """Whether this Service is for meshbpf, by kube-proxy's label rule. Checked
+    before anything else: another proxy's Service is not ours to judge."""
+    meta = src.obj.get("metadata")
+    labels = meta.get("labels") if isinstance(meta, dict) else None
+    labels = labels if isinstance(labels, dict) else {}
+    if service_proxy_name is None and PROXY_NAME_LABEL not in labels:
+        return True
+    if service_proxy_name is not None and labels.get(PROXY_NAME_LABEL) == service_proxy_name:
+        return True
+    name = f"{meta.get('namespace') or 'default'}/{meta.get('name')}" if isinstance(meta, dict) else "?"
+    if PROXY_NAME_LABEL in labels:
+        why = f"labelled {PROXY_NAME_LABEL}={labels[PROXY_NAME_LABEL]!r}, for another proxy"
+    else:
+        why = f"not labelled {PROXY_NAME_LABEL}={service_proxy_name!r}, kube-proxy handles it"
+    out.notes.append(f"{src.where}: skipping Service {name}: {why}")
+    return False
 
 
 def _meta(src: SourceObject, kind: str, out: _Collector) -> tuple[str, str, str] | None:
@@ -358,6 +395,7 @@ def _read_slice(src: SourceObject, out: _Collector) -> _Slice | None:
     family = 4 if address_type == "IPv4" else 6
 
     endpoints: list[Endpoint] = []
+    zone_hints: list[frozenset[str]] = []
     for i, ep in enumerate(obj.get("endpoints") or []):
         addrs = ep.get("addresses") or []
         if not addrs:
@@ -384,6 +422,8 @@ def _read_slice(src: SourceObject, out: _Collector) -> _Slice | None:
             node_name=ep.get("nodeName"),
             zone=ep.get("zone"),
         ))
+        hints = (ep.get("hints") or {}).get("forZones") or []
+        zone_hints.append(frozenset(h["name"] for h in hints if h and h.get("name")))
 
     ports: list[_SlicePort] | None = None
     if obj.get("ports") is not None:
@@ -398,11 +438,11 @@ def _read_slice(src: SourceObject, out: _Collector) -> _Slice | None:
 
     if len(out.problems) != before:
         return None
-    return _Slice(src, namespace, name, service, family, endpoints, ports)
+    return _Slice(src, namespace, name, service, family, endpoints, ports, zone_hints)
 
 
 def _service_ports(svc: _Service, slices: list[_Slice], node_name: str | None,
-                   out: _Collector) -> list[ServicePort]:
+                   node_zone: str | None, out: _Collector) -> list[ServicePort]:
     label = f"Service {svc.namespace}/{svc.name}"
     names = {p.name: p for p in svc.ports}
     for sl in slices:
@@ -415,9 +455,15 @@ def _service_ports(svc: _Service, slices: list[_Slice], node_name: str | None,
     for ip in svc.cluster_ips:
         family_slices = [sl for sl in slices if sl.family == ip.version]
         for port in svc.ports:
-            eps = _endpoints_for(svc, port, family_slices, label, out)
-            if svc.local_only and node_name is not None:
-                eps = tuple(e for e in eps if e.node_name == node_name)
+            eps, hints = _endpoints_for(svc, port, family_slices, label, out)
+            if svc.local_only:
+                # kube-proxy: Local traffic uses this node's endpoints only, and
+                # topology plays no part. usable_endpoints() then picks the
+                # ready ones, or the serving-terminating ones, among them.
+                if node_name is not None:
+                    eps = tuple(e for e in eps if e.node_name == node_name)
+            elif node_zone:
+                eps = _topology_filter(eps, hints, node_zone)
             result.append(ServicePort(
                 namespace=svc.namespace, name=svc.name, port_name=port.name,
                 frontend=Frontend(ip, port.port, port.protocol),
@@ -426,9 +472,24 @@ def _service_ports(svc: _Service, slices: list[_Slice], node_name: str | None,
     return result
 
 
-def _endpoints_for(svc: _Service, port: _Port, slices: list[_Slice], label: str,
-                   out: _Collector) -> tuple[Endpoint, ...]:
+def _topology_filter(eps: tuple[Endpoint, ...], hints: dict[tuple[IPAddress, int], frozenset[str]],
+                     zone: str) -> tuple[Endpoint, ...]:
+    """kube-proxy's pkg/proxy/topology.go (canUseTopology, availableForTopology):
+    hints are used only when every ready endpoint has zone hints and at least
+    one is hinted for this node's zone; then only the endpoints hinted for the
+    zone are kept. Otherwise all endpoints are, so a half-rolled-out hint or a
+    zone with nothing hinted to it never leaves a service without backends."""
+    ready = [hints.get((e.address, e.port), frozenset()) for e in eps if e.ready]
+    if not ready or not all(ready) or not any(zone in h for h in ready):
+        return eps
+    return tuple(e for e in eps if zone in hints.get((e.address, e.port), frozenset()))
+
+
+def _endpoints_for(svc: _Service, port: _Port, slices: list[_Slice], label: str, out: _Collector
+                   ) -> tuple[tuple[Endpoint, ...], dict[tuple[IPAddress, int], frozenset[str]]]:
+    """The merged endpoints of one service port, and their zone hints."""
     merged: dict[tuple[IPAddress, int], Endpoint] = {}
+    hints: dict[tuple[IPAddress, int], frozenset[str]] = {}
     for sl in slices:
         if sl.ports is None:
             # A slice with no ports: the standalone shorthand, where the
@@ -446,10 +507,11 @@ def _endpoints_for(svc: _Service, port: _Port, slices: list[_Slice], label: str,
             if not match or match[0].port is None:
                 continue
             number = match[0].port
-        for ep in sl.endpoints:
+        for ep, zones in zip(sl.endpoints, sl.zone_hints):
             key = (ep.address, number)
             prev = merged.get(key)
             if prev is None or (ep.ready and not prev.ready):
                 merged[key] = Endpoint(ep.address, number, ep.ready, ep.serving,
                                        ep.terminating, ep.node_name, ep.zone)
-    return tuple(merged.values())
+                hints[key] = zones
+    return tuple(merged.values()), hints

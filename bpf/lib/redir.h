@@ -1,0 +1,98 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * Shared logic of same-node socket redirection.
+ *
+ * A connection whose two sockets are both on this node and both eligible
+ * starts in REDIRECT mode: sk_msg splices each send into the peer socket's
+ * receive queue. A pair whose sender streams small writes without Nagle's
+ * batching is slower spliced than over TCP, so it is switched to PASS for
+ * good (switching back would reorder bytes), and each socket leaves the
+ * sockhash once nothing spliced is waiting in its queue, which gives it its
+ * native TCP path back.
+ */
+#ifndef MBPF_REDIR_H
+#define MBPF_REDIR_H
+
+#include "common.h"
+#include "compat.h"
+#include "redir_maps.h"
+
+static __always_inline void redir_count(__u32 idx, __u64 n)
+{
+	__u64 *v = mbpf_redir_cnt.lookup(&idx);
+
+	if (v)
+		*v += n;
+}
+
+static __always_inline struct mbpf_redir_cfg *redir_cfg(void)
+{
+	__u32 zero = 0;
+
+	return mbpf_redir_cfg.lookup(&zero);
+}
+
+/* Fills one 16-byte address from a family and the ctx's ip4 / ip6 words. */
+static __always_inline void redir_addr(__u8 *out, __u32 family, __u32 ip4,
+				       __u32 w0, __u32 w1, __u32 w2, __u32 w3)
+{
+	__u32 *w = (__u32 *)out;
+
+	if (family == 2 /* AF_INET */) {
+		w[0] = 0;
+		w[1] = 0;
+		w[2] = bpf_htonl(0x0000ffff);
+		w[3] = ip4;
+	} else {
+		w[0] = w0;
+		w[1] = w1;
+		w[2] = w2;
+		w[3] = w3;
+	}
+}
+
+static __always_inline void redir_key_finish(struct mbpf_sock_key *key)
+{
+	const __u32 *w = (const __u32 *)key->remote_ip;
+
+	key->family = (w[0] == 0 && w[1] == 0 && w[2] == bpf_htonl(0x0000ffff)) ? 4 : 6;
+}
+
+static __always_inline void redir_peer_key(const struct mbpf_sock_key *key,
+					   struct mbpf_sock_key *peer)
+{
+	__builtin_memcpy(peer->local_ip, key->remote_ip, MBPF_ADDR_LEN);
+	__builtin_memcpy(peer->remote_ip, key->local_ip, MBPF_ADDR_LEN);
+	peer->local_port = key->remote_port;
+	peer->remote_port = key->local_port;
+	peer->family = key->family;
+}
+
+/* Switches a pair to the TCP stack, for good. Either state may be NULL. */
+static __always_inline void redir_pass_pair(struct mbpf_sockstate *self,
+					    struct mbpf_sockstate *peer)
+{
+	__u64 now = bpf_ktime_get_ns();
+
+	if (self) {
+		if (!self->pass_since_ns)
+			self->pass_since_ns = now;
+		self->mode = MBPF_MODE_PASS;
+	}
+	if (peer) {
+		if (!peer->pass_since_ns)
+			peer->pass_since_ns = now;
+		peer->mode = MBPF_MODE_PASS;
+	}
+	redir_count(MBPF_CNT_SWITCHED, 1);
+}
+
+static __always_inline int redir_in_cidrs(const __u8 *addr)
+{
+	struct mbpf_cidr_key k = { .prefixlen = 128 };
+
+	__builtin_memcpy(k.addr, addr, MBPF_ADDR_LEN);
+	return mbpf_redir_cidr.lookup(&k) != NULL;
+}
+
+#endif /* MBPF_REDIR_H */

@@ -1,0 +1,93 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * The sk_msg verdict: splice a send into the peer socket's receive queue
+ * when both ends are in the sockhash, or leave it to TCP.
+ */
+#include <uapi/linux/bpf.h>
+
+#include "lib/common.h"
+#include "lib/compat.h"
+#include "lib/redir_maps.h"
+#include "lib/redir.h"
+
+static __always_inline void msg_key(struct sk_msg_md *msg, struct mbpf_sock_key *key)
+{
+	__u32 family = msg->family;
+
+	redir_addr(key->local_ip, family, msg->local_ip4,
+		   MBPF_CTX_READ32(msg->local_ip6[0]), MBPF_CTX_READ32(msg->local_ip6[1]),
+		   MBPF_CTX_READ32(msg->local_ip6[2]), MBPF_CTX_READ32(msg->local_ip6[3]));
+	redir_addr(key->remote_ip, family, msg->remote_ip4,
+		   MBPF_CTX_READ32(msg->remote_ip6[0]), MBPF_CTX_READ32(msg->remote_ip6[1]),
+		   MBPF_CTX_READ32(msg->remote_ip6[2]), MBPF_CTX_READ32(msg->remote_ip6[3]));
+	key->local_port = (__u16)msg->local_port;
+	key->remote_port = (__u16)bpf_ntohl(msg->remote_port);
+	redir_key_finish(key);
+}
+
+static __always_inline int pass(__u32 size)
+{
+	redir_count(MBPF_CNT_PASS_MSGS, 1);
+	redir_count(MBPF_CNT_PASS_BYTES, size);
+	return SK_PASS;
+}
+
+/* attaches to the mbpf_sockhash map as its sk_msg verdict program */
+int mbpf_sk_msg(struct sk_msg_md *msg)
+{
+	struct mbpf_redir_cfg *cfg = redir_cfg();
+	struct mbpf_sockstate *st, *peer_st;
+	struct mbpf_sock_key key = {};
+	struct mbpf_sock_key peer = {};
+	__u32 size = msg->size;
+	int verdict;
+
+	msg_key(msg, &key);
+	st = mbpf_sockstate.lookup(&key);
+	if (!st)
+		return pass(size);
+	if (st->mode == MBPF_MODE_PASS)
+		return pass(size);
+	redir_peer_key(&key, &peer);
+	peer_st = mbpf_sockstate.lookup(&peer);
+
+	/* Off, or no peer on this node (any more): this pair takes TCP. */
+	if (!cfg || !cfg->enabled || !peer_st || peer_st->evicted ||
+	    peer_st->mode == MBPF_MODE_PASS) {
+		redir_pass_pair(st, peer_st);
+		return pass(size);
+	}
+	if (st->mode == MBPF_MODE_UNDECIDED) {
+		/* Only the first send of a direction may choose to splice:
+		 * nothing has gone over TCP yet that splicing could overtake. */
+		st->mode = MBPF_MODE_REDIRECT;
+		if (peer_st->mode == MBPF_MODE_PASS) {
+			redir_pass_pair(st, peer_st);
+			return pass(size);
+		}
+	}
+
+	/* Small writes in a row, no reply, Nagle on: TCP batches them into
+	 * full segments and wins, splicing pays per write. */
+	if (size < cfg->small_write && !st->nodelay) {
+		st->small_run += 1;
+		if (st->small_run > cfg->small_run_max) {
+			redir_pass_pair(st, peer_st);
+			return pass(size);
+		}
+	} else {
+		st->small_run = 0;
+	}
+	peer_st->small_run = 0;  /* the peer got a reply */
+
+	verdict = mbpf_sockhash.msg_redirect_hash(msg, &peer, BPF_F_INGRESS);
+	if (verdict != SK_PASS) {
+		/* The peer left the sockhash; without a target the helper
+		 * would drop the data. */
+		redir_pass_pair(st, peer_st);
+		return pass(size);
+	}
+	redir_count(MBPF_CNT_REDIR_MSGS, 1);
+	redir_count(MBPF_CNT_REDIR_BYTES, size);
+	return SK_PASS;
+}

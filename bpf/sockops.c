@@ -1,0 +1,164 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * Socket operations: fill the sockhash with established TCP sockets whose
+ * peer is on this node, and take them out again once their pair has gone
+ * back to the TCP stack and nothing spliced waits in their queue.
+ */
+#include <uapi/linux/bpf.h>
+
+#include "lib/common.h"
+#include "lib/compat.h"
+#include "lib/redir_maps.h"
+#include "lib/redir.h"
+
+#ifndef MBPF_OFF_SK_USER_DATA
+#error "the loader sets the kernel struct offsets from BTF"
+#endif
+
+/* tcp_sock options, for bpf_getsockopt */
+#define MBPF_SOL_TCP 6
+#define MBPF_TCP_NODELAY 1
+#define MBPF_TCP_CLOSE 7  /* BPF_TCP_CLOSE */
+
+/* Callbacks a socket in the sockhash asks for: state changes (to forget
+ * it), and every ACK (RTT) and incoming header, which is where eviction
+ * is tried once the pair has switched to the TCP stack. */
+#define MBPF_SOCKOPS_FLAGS (BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTT_CB_FLAG | \
+			    BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG)
+
+static __always_inline void skops_key(struct bpf_sock_ops *skops, struct mbpf_sock_key *key)
+{
+	__u32 family = skops->family;
+
+	redir_addr(key->local_ip, family, skops->local_ip4,
+		   MBPF_CTX_READ32(skops->local_ip6[0]), MBPF_CTX_READ32(skops->local_ip6[1]),
+		   MBPF_CTX_READ32(skops->local_ip6[2]), MBPF_CTX_READ32(skops->local_ip6[3]));
+	redir_addr(key->remote_ip, family, skops->remote_ip4,
+		   MBPF_CTX_READ32(skops->remote_ip6[0]), MBPF_CTX_READ32(skops->remote_ip6[1]),
+		   MBPF_CTX_READ32(skops->remote_ip6[2]), MBPF_CTX_READ32(skops->remote_ip6[3]));
+	key->local_port = (__u16)skops->local_port;
+	/* remote_port holds the network-order port in its upper 16 bits */
+	key->remote_port = (__u16)bpf_ntohl(skops->remote_port);
+	redir_key_finish(key);
+}
+
+/* True when nothing spliced by the peer waits in this socket's queue.
+ * The psock is reached through sk->sk_user_data (low bits are flags) and
+ * its ingress_msg list is empty when it points at itself. The offsets come
+ * from the running kernel's BTF, not from the headers bcc compiles with. */
+static __always_inline int psock_ingress_empty(struct bpf_sock_ops *skops)
+{
+	struct bpf_sock *sk = skops->sk;
+	__u64 sk_addr = 0, psock = 0, next = 0, head;
+
+	if (!sk)
+		return 0;
+	bpf_probe_read_kernel(&sk_addr, sizeof(sk_addr), &sk);
+	if (bpf_probe_read_kernel(&psock, sizeof(psock), (void *)(sk_addr + MBPF_OFF_SK_USER_DATA)))
+		return 0;
+	psock &= ~7ULL;  /* SK_USER_DATA_NOCOPY | _BPF | _PSOCK */
+	if (!psock)
+		return 1;  /* no psock at all: nothing can be queued */
+	head = psock + MBPF_OFF_PSOCK_INGRESS_MSG;
+	if (bpf_probe_read_kernel(&next, sizeof(next), (void *)head))
+		return 0;
+	return next == head;
+}
+
+static __always_inline void on_established(struct bpf_sock_ops *skops, int active)
+{
+	struct mbpf_redir_cfg *cfg = redir_cfg();
+	struct mbpf_sockstate st = {};
+	struct mbpf_sock_key key = {};
+	struct mbpf_sock_key peer = {};
+	int nodelay = 0;
+	int err;
+
+	if (!cfg || !cfg->enabled)
+		return;
+	if (skops->family != 2 && skops->family != 10)
+		return;
+	skops_key(skops, &key);
+	if (cfg->require_cidr && (!redir_in_cidrs(key.local_ip) || !redir_in_cidrs(key.remote_ip)))
+		return;
+	/* The passive side joins only if the active side did: the peer is
+	 * then a socket on this node, in a workload that takes part. */
+	if (!active) {
+		redir_peer_key(&key, &peer);
+		if (!mbpf_sockstate.lookup(&peer))
+			return;
+	}
+	if (bpf_getsockopt(skops, MBPF_SOL_TCP, MBPF_TCP_NODELAY, &nodelay, sizeof(nodelay)) == 0 && nodelay)
+		st.nodelay = 1;
+	if (mbpf_sockstate.update(&key, &st))
+		return;
+	/* (a statement of its own: bcc's rewrite of this call breaks inside an if) */
+	err = mbpf_sockhash.sock_hash_update(skops, &key, BPF_NOEXIST);
+	if (err) {
+		mbpf_sockstate.delete(&key);
+		return;
+	}
+	redir_count(MBPF_CNT_INSERTED, 1);
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | MBPF_SOCKOPS_FLAGS);
+}
+
+/* Leaves the sockhash once the pair passes to TCP and our queue is empty. */
+static __always_inline void try_evict(struct bpf_sock_ops *skops)
+{
+	struct mbpf_redir_cfg *cfg = redir_cfg();
+	struct mbpf_sockstate *st, *peer_st;
+	struct mbpf_sock_key key = {};
+	struct mbpf_sock_key peer = {};
+	__u64 since;
+
+	skops_key(skops, &key);
+	st = mbpf_sockstate.lookup(&key);
+	if (!st || st->evicted || st->mode != MBPF_MODE_PASS || !cfg)
+		return;
+	redir_peer_key(&key, &peer);
+	peer_st = mbpf_sockstate.lookup(&peer);
+	/* The peer may still splice into us unless it passes too. */
+	if (peer_st && !peer_st->evicted && peer_st->mode != MBPF_MODE_PASS)
+		return;
+	since = st->pass_since_ns;
+	if (peer_st && peer_st->pass_since_ns > since)
+		since = peer_st->pass_since_ns;
+	/* A splice decided just before the switch may still be on its way. */
+	if (bpf_ktime_get_ns() - since < cfg->evict_grace_ns)
+		return;
+	if (!psock_ingress_empty(skops))
+		return;
+	if (mbpf_sockhash.delete(&key) == 0) {
+		st->evicted = 1;
+		redir_count(MBPF_CNT_EVICTED, 1);
+	}
+	bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
+}
+
+/* attaches to cgroup/sock_ops */
+int mbpf_sockops(struct bpf_sock_ops *skops)
+{
+	struct mbpf_sock_key key = {};
+
+	switch (skops->op) {
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+		on_established(skops, 1);
+		break;
+	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+		on_established(skops, 0);
+		break;
+	case BPF_SOCK_OPS_RTT_CB:
+	case BPF_SOCK_OPS_PARSE_HDR_OPT_CB:
+		try_evict(skops);
+		break;
+	case BPF_SOCK_OPS_STATE_CB:
+		/* args[1] is the new state; the sockhash drops closed sockets
+		 * by itself, the state map is ours to clean. */
+		if (skops->args[1] == MBPF_TCP_CLOSE) {
+			skops_key(skops, &key);
+			mbpf_sockstate.delete(&key);
+		}
+		break;
+	}
+	return 1;
+}

@@ -1,0 +1,158 @@
+"""Same-node socket redirection: settings into maps, and views of its state.
+
+The agent turns `AgentConfig.spec.socketRedirect` into the settings map, the
+pod-CIDR map and the set of cgroups carrying the sockops program. The CLI and
+metrics read the sockhash, the socket-state map and the counters straight
+from bpffs, like the socket-LB views.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..model import RedirectSettings
+from ..reconcile import addr16
+from . import cgroup, libbpf
+from .layout import MODE_NAMES, REDIR_COUNTERS, CidrKeyC, RedirCfgC, SockKeyC, SockStateC
+
+# Tuning, measured in bench/redirect (see README): a send below SMALL_WRITE
+# bytes counts as small; more than SMALL_RUN_MAX of them in a row with no
+# reply, from a sender that keeps Nagle, switch the pair to TCP.
+SMALL_WRITE = 4096
+SMALL_RUN_MAX = 16
+EVICT_GRACE_NS = 5_000_000
+
+
+def _cidr_key(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> CidrKeyC:
+    key = CidrKeyC()
+    key.prefixlen = net.prefixlen + (96 if net.version == 4 else 0)
+    key.addr[:] = addr16(net.network_address)
+    return key
+
+
+def apply_settings(lb, settings: RedirectSettings, default_cgroup: Path,
+                   applied: RedirectSettings | None) -> None:
+    """Brings the redirection maps and attachments to `settings`."""
+    cfg = RedirCfgC(enabled=int(settings.enabled), require_cidr=int(bool(settings.pod_cidrs)),
+                    small_write=SMALL_WRITE, small_run_max=SMALL_RUN_MAX,
+                    evict_grace_ns=EVICT_GRACE_NS)
+    cidr_fd = lb.map_fd("mbpf_redir_cidr")
+    wanted = {bytes(_cidr_key(n)) for n in settings.pod_cidrs}
+    present = {bytes(k) for k, _ in libbpf.map_items(cidr_fd, CidrKeyC, ct.c_uint8)}
+    one = ct.c_uint8(1)
+    # New CIDRs first, then the switch, then stale CIDRs out: a socket never
+    # meets a half-written list that would let in what the old one kept out
+    # and the new one too.
+    for raw in wanted - present:
+        key = CidrKeyC.from_buffer_copy(raw)
+        libbpf.map_update(cidr_fd, key, one)
+    libbpf.map_update(lb.map_fd("mbpf_redir_cfg"), ct.c_uint32(0), cfg)
+    for raw in present - wanted:
+        libbpf.map_delete(cidr_fd, CidrKeyC.from_buffer_copy(raw))
+
+    if settings.enabled:
+        paths = [cgroup.resolve(p) for p in settings.cgroups] or [default_cgroup]
+        lb.attach_redirect(paths)
+    elif applied is None or applied.enabled:
+        # Pairs already spliced switch to TCP and drain; no new ones start.
+        lb.detach_redirect()
+
+
+@dataclass
+class SockEntry:
+    key: SockKeyC
+    mode: str
+    nodelay: bool
+    evicted: bool
+    in_sockhash: bool
+
+    @property
+    def local(self) -> str:
+        return _endpoint(self.key.local_ip, self.key.local_port)
+
+    @property
+    def remote(self) -> str:
+        return _endpoint(self.key.remote_ip, self.key.remote_port)
+
+
+def _endpoint(addr, port: int) -> str:
+    ip = ipaddress.IPv6Address(bytes(addr))
+    text = str(ip.ipv4_mapped or ip)
+    return f"[{text}]:{port}" if ":" in text else f"{text}:{port}"
+
+
+def _open(bpffs: Path, name: str) -> int | None:
+    try:
+        return libbpf.obj_get(str(bpffs / name))
+    except OSError:
+        return None
+
+
+def read_sockets(bpffs: Path) -> list[SockEntry]:
+    """Every socket meshbpf tracks, and whether it is in the sockhash."""
+    hash_fd, state_fd = _open(bpffs, "mbpf_sockhash"), _open(bpffs, "mbpf_sockstate")
+    try:
+        in_hash = set()
+        if hash_fd is not None:
+            in_hash = {bytes(k) for k in libbpf.map_keys(hash_fd, SockKeyC)}
+        out = []
+        if state_fd is not None:
+            for key, st in libbpf.map_items(state_fd, SockKeyC, SockStateC):
+                out.append(SockEntry(key, MODE_NAMES.get(st.mode, str(st.mode)), bool(st.nodelay),
+                                     bool(st.evicted), bytes(key) in in_hash))
+        return out
+    finally:
+        for fd in (hash_fd, state_fd):
+            if fd is not None:
+                os.close(fd)
+
+
+def sockhash_count(bpffs: Path) -> int | None:
+    fd = _open(bpffs, "mbpf_sockhash")
+    if fd is None:
+        return None
+    try:
+        return libbpf.map_count(fd, ct.sizeof(SockKeyC))
+    finally:
+        os.close(fd)
+
+
+def read_counters(bpffs: Path) -> dict[str, int] | None:
+    """MBPF_CNT_* summed over CPUs."""
+    fd = _open(bpffs, "mbpf_redir_cnt")
+    if fd is None:
+        return None
+    try:
+        ncpu = libbpf.possible_cpus()
+        out = {}
+        for name, idx in REDIR_COUNTERS.items():
+            values = (ct.c_uint64 * ncpu)()
+            libbpf.map_lookup(fd, ct.c_uint32(idx), values)
+            out[name] = sum(values)
+        return out
+    finally:
+        os.close(fd)
+
+
+def pairs(entries: list[SockEntry]) -> list[tuple[SockEntry, SockEntry | None]]:
+    """Sockets grouped with their peer (None when the peer is not tracked)."""
+    by_key = {bytes(e.key): e for e in entries}
+    seen: set[bytes] = set()
+    out = []
+    for e in sorted(entries, key=lambda e: (e.local, e.remote)):
+        k = bytes(e.key)
+        if k in seen:
+            continue
+        peer_key = SockKeyC(local_ip=e.key.remote_ip, remote_ip=e.key.local_ip,
+                            local_port=e.key.remote_port, remote_port=e.key.local_port,
+                            family=e.key.family)
+        peer = by_key.get(bytes(peer_key))
+        seen.add(k)
+        if peer is not None:
+            seen.add(bytes(peer_key))
+        out.append((e, peer))
+    return out

@@ -1,0 +1,300 @@
+"""List-then-watch of one Kubernetes collection, in a background thread.
+
+A Reflector keeps a complete copy of one collection (say, every Service),
+the way client-go's reflector does:
+
+- list (in pages, a consistent read), replace the copy, note the list's
+  resourceVersion;
+- watch from that resourceVersion, applying ADDED / MODIFIED / DELETED and
+  moving the resourceVersion on with every event and BOOKMARK;
+- when the watch ends, watch again from where it stopped; when the connection
+  drops, do the same after a backoff with jitter;
+- when the server answers 410 Gone (the resourceVersion was compacted away),
+  list again and swap the copy in one step, logging the difference.
+
+The copy is only ever replaced whole, so a reader sees either the state
+before a relist or the state after it, never a half-listed collection.
+
+Objects are kept as the raw JSON dicts the API server sent (camelCase, as
+kubectl prints them), not the client's generated model objects: those would
+be converted back for kube_objects anyway, and the client's model checks
+have rejected valid objects before (a scaled-to-zero EndpointSlice has
+`endpoints: null`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import urllib3
+from kubernetes.client.exceptions import ApiException
+from kubernetes.watch.watch import iter_resp_lines
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, str]  # (namespace, name); namespace "" for cluster-scoped objects
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff with jitter, like client-go's wait.Backoff:
+    initial * 2**n capped at `cap`, each stretched by up to `jitter` of itself
+    so a fleet of agents does not reconnect in step after an API outage."""
+
+    initial: float = 0.8
+    cap: float = 30.0
+    jitter: float = 1.0
+
+    def delay(self, failures: int, rand: Callable[[], float] = random.random) -> float:
+        base = min(self.cap, self.initial * 2 ** max(0, failures - 1))
+        return base * (1 + self.jitter * rand())
+
+
+class Gone(Exception):
+    """The resourceVersion we hold is too old: list again."""
+
+
+def object_key(obj: dict) -> Key:
+    meta = obj.get("metadata") or {}
+    return meta.get("namespace") or "", meta.get("name") or ""
+
+
+def _resource_version(obj: dict) -> str | None:
+    return (obj.get("metadata") or {}).get("resourceVersion")
+
+
+class Reflector:
+    """Keeps a complete copy of one collection, listed then watched.
+
+    list_func is a generated client method such as
+    CoreV1Api.list_service_for_all_namespaces; `selectors` are passed to it
+    on every call (label_selector, field_selector). `transform` may trim each
+    object before it is stored (client-go's TransformFunc).
+    """
+
+    def __init__(self, name: str, list_func: Callable[..., Any], *, kind: str, api_version: str,
+                 selectors: dict[str, str] | None = None,
+                 transform: Callable[[dict], dict] = lambda obj: obj,
+                 on_change: Callable[[], None] = lambda: None,
+                 backoff: Backoff = Backoff(), page_size: int = 500,
+                 watch_timeout: tuple[int, int] = (300, 600), connect_timeout: float = 10.0):
+        self.name = name
+        self._list_func = list_func
+        self._kind, self._api_version = kind, api_version
+        self._selectors = dict(selectors or {})
+        self._transform = transform
+        self._on_change = on_change
+        self._backoff = backoff
+        self._page_size = page_size
+        self._watch_timeout = watch_timeout
+        self._connect_timeout = connect_timeout
+
+        self._lock = threading.Lock()
+        self._items: dict[Key, dict] = {}
+        self.generation = 0             # bumped whenever _items changes
+        self.synced = threading.Event()  # set once the first list is in
+        self.resource_version: str | None = None
+        self.lists = 0                   # how many complete lists were taken
+        self._failures = 0               # consecutive failed attempts, for the backoff
+        self._stop = threading.Event()
+        self._resp: Any = None           # the response being read, to cut it on stop()
+        self._thread = threading.Thread(target=self._run, name=f"watch-{name}", daemon=True)
+
+    # --- reading ---------------------------------------------------------------
+    def items(self) -> list[dict]:
+        with self._lock:
+            return list(self._items.values())
+
+    # --- lifecycle -------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def signal_stop(self) -> None:
+        self._stop.set()
+        self._cut()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.signal_stop()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _cut(self) -> None:
+        """Unblocks a read in progress: shut the socket so the read returns."""
+        resp = self._resp
+        sock = getattr(getattr(resp, "connection", None), "sock", None)
+        if sock is not None:
+            try:
+                sock.shutdown(2)  # SHUT_RDWR
+            except OSError:
+                pass
+
+    # --- the loop --------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if self.resource_version is None:
+                    self._relist()
+                self._watch()
+            except Gone as exc:
+                # Expected now and then (compaction outran us): relist at once,
+                # but back off if it keeps happening right after a list.
+                self._failures += 1
+                log.info("%s: %s; listing again", self.name, exc)
+                self.resource_version = None
+                if self._failures > 1:
+                    self._stop.wait(self._backoff.delay(self._failures - 1))
+            except (ApiException, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
+                if self._stop.is_set():
+                    break
+                # Keep the resourceVersion: once the server is back, the watch
+                # resumes where it stopped and replays what was missed; only
+                # if that is too old by then does the 410 path relist.
+                self._failures += 1
+                delay = self._backoff.delay(self._failures)
+                quiet = self._failures not in (1, 5) and self._failures % 20
+                log.log(logging.DEBUG if quiet else logging.WARNING,
+                        "%s: %s (attempt %d); retrying in %.1fs, keeping the last state",
+                        self.name, _describe(exc), self._failures, delay)
+                self._stop.wait(delay)
+
+    def _call(self, read_timeout: float, **kwargs: Any) -> Any:
+        """One request through the generated client, raw: the urllib3
+        response, not a deserialized model. Raises ApiException on non-2xx."""
+        resp = self._list_func(_preload_content=False,
+                               _request_timeout=(self._connect_timeout, read_timeout),
+                               **self._selectors, **kwargs)
+        self._resp = resp
+        if self._stop.is_set():
+            self._cut()
+        return resp
+
+    def _relist(self) -> None:
+        """A full, paged list; the copy is swapped only once every page is in.
+
+        No resourceVersion is given, so the server reads from etcd: a relist
+        never goes back in time, which a list at "0" from a lagging watch
+        cache could."""
+        items: dict[Key, dict] = {}
+        cont: str | None = None
+        while True:
+            try:
+                body = json.loads(self._read_all(self._call(
+                    60.0, limit=self._page_size, **({"_continue": cont} if cont else {}))))
+            except ApiException as exc:
+                if exc.status == 410 and cont:
+                    # The continue token expired: pages would mix snapshots.
+                    log.info("%s: list continuation expired; listing from the start", self.name)
+                    items, cont = {}, None
+                    continue
+                raise
+            for obj in body.get("items") or []:
+                # List items come without kind and apiVersion; watch events
+                # and kubectl's output have them, and kube_objects needs them.
+                obj.setdefault("kind", self._kind)
+                obj.setdefault("apiVersion", self._api_version)
+                items[object_key(obj)] = self._transform(obj)
+            meta = body.get("metadata") or {}
+            cont = meta.get("continue")
+            if not cont:
+                break
+        self._replace(items, meta.get("resourceVersion"))
+
+    def _replace(self, items: dict[Key, dict], resource_version: str | None) -> None:
+        with self._lock:
+            old = self._items
+            added = items.keys() - old.keys()
+            deleted = old.keys() - items.keys()
+            changed = [k for k in items.keys() & old.keys() if items[k] != old[k]]
+            self._items = items
+            if added or deleted or changed:
+                self.generation += 1
+        self.lists += 1
+        self.resource_version = resource_version
+        if self.lists > 1:
+            log.info("%s: relisted at resourceVersion %s: %d added, %d changed, %d deleted",
+                     self.name, resource_version, len(added), len(changed), len(deleted))
+        self.synced.set()
+        if added or deleted or changed:
+            self._on_change()
+
+    def _read_all(self, resp: Any) -> bytes:
+        try:
+            data = resp.data
+        except BaseException:
+            resp.close()  # a half-read connection must not go back to the pool
+            raise
+        finally:
+            self._resp = None
+        resp.release_conn()
+        return data
+
+    def _watch(self) -> None:
+        """One watch request, from self.resource_version until the stream
+        ends; raises Gone, or a connection or API error."""
+        timeout = random.randint(*self._watch_timeout)  # spread reconnects, as client-go does
+        started, events, complete = time.monotonic(), 0, False
+        try:
+            resp = self._call(timeout + 30.0, watch=True, resource_version=self.resource_version,
+                              allow_watch_bookmarks=True, timeout_seconds=timeout)
+        except ApiException as exc:
+            if exc.status == 410:
+                raise Gone(f"watch from resourceVersion {self.resource_version}: 410 Gone") from None
+            raise
+        try:
+            for line in iter_resp_lines(resp):
+                if line.strip():
+                    self._apply(json.loads(line))
+                    events += 1
+                    self._failures = 0  # the server is back and talking
+                if self._stop.is_set():
+                    return
+            complete = True
+        finally:
+            self._resp = None
+            if complete:
+                resp.release_conn()  # keep-alive: the next watch reuses it
+            else:
+                resp.close()
+            if time.monotonic() - started >= 1.0:
+                self._failures = 0
+        if events == 0 and time.monotonic() - started < 1.0:
+            # client-go's "very short watch": a server closing watches at
+            # once must not make us reconnect in a tight loop.
+            raise urllib3.exceptions.ProtocolError("very short watch: closed at once with no event")
+
+    def _apply(self, event: dict) -> None:
+        kind, obj = event.get("type"), event.get("object") or {}
+        if kind == "ERROR":
+            if obj.get("code") == 410:
+                raise Gone(f"watch: {obj.get('reason')}: {obj.get('message')}")
+            raise ApiException(status=obj.get("code") or 0,
+                               reason=f"watch error: {obj.get('reason')}: {obj.get('message')}")
+        if kind == "BOOKMARK":
+            self.resource_version = _resource_version(obj) or self.resource_version
+            return
+        if kind not in ("ADDED", "MODIFIED", "DELETED"):
+            log.debug("%s: ignoring watch event of type %r", self.name, kind)
+            return
+        key = object_key(obj)
+        with self._lock:
+            if kind == "DELETED":
+                self._items.pop(key, None)
+            else:
+                obj.setdefault("kind", self._kind)
+                obj.setdefault("apiVersion", self._api_version)
+                self._items[key] = self._transform(obj)
+            self.generation += 1
+        self.resource_version = _resource_version(obj) or self.resource_version
+        self._on_change()
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, ApiException):
+        return f"API server answered {exc.status} {exc.reason}".strip()
+    return f"{type(exc).__name__}: {exc}"

@@ -1,0 +1,248 @@
+"""The Kubernetes API source: Services, EndpointSlices, this node's Pods and
+Node, and meshbpf's ConfigMap, followed with list-then-watch.
+
+Each collection has its own Reflector (kube_watch.py) in a background thread.
+poll() only reads their copies: once every collection has been listed, it
+builds the desired state with kube_objects.build_state (the same reading of
+the objects as the YAML file source) and returns it when it differs from the
+last one. Before the first complete list it returns None, and during an API
+outage or a relist the copies stay as they were, so the datapath never sees
+an empty or half-listed state: only ever a complete one, reached by a diff.
+
+Unlike the file source, one bad object does not reject the rest: it is left
+out, and its problem logged once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable
+
+import yaml_rs
+from kubernetes import client, config
+
+from ..model import DesiredState
+from . import schema
+from .errors import ConfigError, Problem
+from .kube_objects import PROXY_NAME_LABEL, BuildResult, SourceObject, build_state
+from .kube_watch import Backoff, Reflector
+
+log = logging.getLogger(__name__)
+
+CONFIG_MAP_KEY = "agent-config.yaml"
+ZONE_LABEL = "topology.kubernetes.io/zone"
+
+
+def load_client_config(kubeconfig: str | None) -> client.Configuration:
+    """The API server address and credentials: the kubeconfig file given;
+    without one, the pod's service account when running in a cluster, else
+    $KUBECONFIG or ~/.kube/config (what kubectl would use)."""
+    cfg = client.Configuration()
+    failures = []
+    if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
+        try:
+            config.load_incluster_config(client_configuration=cfg)
+            return _tuned(cfg)
+        except config.ConfigException as exc:
+            failures.append(f"in-cluster: {exc}")
+    path = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
+    try:
+        # persist_config=False: never write refreshed tokens into the file,
+        # which is read-only in a pod anyway.
+        config.load_kube_config(config_file=path, client_configuration=cfg, persist_config=False)
+        return _tuned(cfg)
+    except (config.ConfigException, OSError, ValueError) as exc:
+        failures.append(f"kubeconfig {path}: {exc}")
+    raise ConfigError([Problem("--kubeconfig", "", "",
+                               "cannot reach the Kubernetes API: " + "; ".join(failures))])
+
+
+def _tuned(cfg: client.Configuration) -> client.Configuration:
+    cfg.retries = 0                     # the reflectors back off and retry themselves
+    cfg.connection_pool_maxsize = 10    # one long-lived watch per collection, and lists
+    return cfg
+
+
+def _pruned(spec: Any) -> Callable[[dict], dict]:
+    """Keeps the fields kube_objects knows. The API server has validated every
+    object, so a field the schema lacks comes from a newer Kubernetes, not a
+    typo: dropping it keeps the object usable (the file source reports such
+    fields instead). managedFields is dropped to save memory."""
+    def prune(value: Any, node: Any) -> Any:
+        if isinstance(node, dict) and isinstance(value, dict):
+            return {k: prune(v, node[k]) for k, v in value.items() if k in node}
+        if isinstance(node, list) and isinstance(value, list):
+            return [prune(v, node[0]) for v in value]
+        return value
+
+    def transform(obj: dict) -> dict:
+        out = prune(obj, spec)
+        (out.get("metadata") or {}).pop("managedFields", None)
+        return out
+    return transform
+
+
+def _without_managed_fields(obj: dict) -> dict:
+    (obj.get("metadata") or {}).pop("managedFields", None)
+    return obj
+
+
+def _where(obj: dict) -> str:
+    meta = obj.get("metadata") or {}
+    name = f"{meta['namespace']}/{meta.get('name')}" if meta.get("namespace") else meta.get("name")
+    return f"API {obj.get('kind')} {name}"
+
+
+class KubernetesSource:
+    """Desired state from the Kubernetes API. See the module docstring."""
+
+    def __init__(self, *, kubeconfig: str | None = None, node_name: str | None = None,
+                 service_proxy_name: str | None = None,
+                 config_map: str = "kube-system/meshbpf-config",
+                 backoff: Backoff = Backoff(), page_size: int = 500,
+                 watch_timeout: tuple[int, int] = (300, 600)):
+        namespace, _, name = config_map.partition("/")
+        if not namespace or not name or "/" in name:
+            raise ConfigError([Problem("--config-map", "", "", f"{config_map!r} is not NAMESPACE/NAME")])
+        self.node_name = node_name
+        self.service_proxy_name = service_proxy_name
+        self.config_map = (namespace, name)
+        self._api = client.ApiClient(load_client_config(kubeconfig))
+        core, discovery = client.CoreV1Api(self._api), client.DiscoveryV1Api(self._api)
+
+        def reflector(name: str, func: Callable[..., Any], kind: str, api_version: str = "v1",
+                      **kwargs: Any) -> Reflector:
+            return Reflector(name, func, kind=kind, api_version=api_version, backoff=backoff,
+                             page_size=page_size, watch_timeout=watch_timeout, **kwargs)
+
+        # kube-proxy's own selector, so the two never both handle a Service
+        # (server side here, and again in build_state for the file source).
+        proxy_selector = (f"{PROXY_NAME_LABEL}={service_proxy_name}" if service_proxy_name
+                          else f"!{PROXY_NAME_LABEL}")
+        self.reflectors: dict[str, Reflector] = {
+            "services": reflector(
+                "services", core.list_service_for_all_namespaces, "Service",
+                selectors={"label_selector": proxy_selector}, transform=_pruned(schema.SERVICE)),
+            # Slices are not filtered by label: hand-made ones may lack the
+            # labels the controller copies from their Service. build_state
+            # ignores the slices of Services it does not handle.
+            "endpointslices": reflector(
+                "endpointslices", discovery.list_endpoint_slice_for_all_namespaces, "EndpointSlice",
+                "discovery.k8s.io/v1", transform=_pruned(schema.ENDPOINT_SLICE)),
+            "configmap": reflector(
+                f"configmap {config_map}", core.list_namespaced_config_map, "ConfigMap",
+                selectors={"namespace": namespace, "field_selector": f"metadata.name={name}"},
+                transform=_without_managed_fields),
+        }
+        if node_name:
+            self.reflectors["node"] = reflector(
+                f"node {node_name}", core.list_node, "Node",
+                selectors={"field_selector": f"metadata.name={node_name}"},
+                transform=lambda obj: {k: obj[k] for k in ("apiVersion", "kind", "metadata") if k in obj})
+            # Pods on this node are kept for the features to come (socket
+            # redirection); they do not make up the load-balancing state.
+            self.reflectors["pods"] = reflector(
+                "pods", core.list_pod_for_all_namespaces, "Pod",
+                selectors={"field_selector": f"spec.nodeName={node_name}"},
+                transform=_without_managed_fields)
+
+        self._inputs = [r for key, r in self.reflectors.items() if key != "pods"]
+        self._built: tuple[int, ...] | None = None
+        self._last: DesiredState | None = None
+        self._problems: set[str] = set()
+        self._notes: set[str] = set()
+        for r in self.reflectors.values():
+            r.start()
+
+    # --- the Source interface --------------------------------------------------
+    def poll(self) -> DesiredState | None:
+        """A new DesiredState when the watched objects changed since the last
+        one and every collection has been listed; None otherwise."""
+        if not self.synced():
+            return None
+        # Generations are read before the objects: a change landing in
+        # between is then in this build and triggers one more, never none.
+        generations = tuple(r.generation for r in self._inputs)
+        if generations == self._built:
+            return None
+        self._built = generations
+        result = self.build()
+        if result.state == self._last:
+            return None
+        self._last = result.state
+        return result.state
+
+    def build(self) -> BuildResult:
+        objects = [SourceObject(obj, _where(obj)) for key in ("services", "endpointslices")
+                   for obj in self.reflectors[key].items()]
+        extra: list[Problem] = []
+        objects += self._agent_config(extra)
+        zone = self.node_zone()
+        result = build_state(objects, node_name=self.node_name,
+                             service_proxy_name=self.service_proxy_name, node_zone=zone)
+        result.problems[:0] = extra
+        if "node" in self.reflectors and not self.reflectors["node"].items():
+            result.notes.append(f"Node {self.node_name} not found: topology hints are not used")
+        self._report(result)
+        return result
+
+    # --- views -----------------------------------------------------------------
+    def synced(self) -> bool:
+        return all(r.synced.is_set() for r in self.reflectors.values())
+
+    def node_zone(self) -> str | None:
+        """This node's topology.kubernetes.io/zone label, as kube-proxy reads it."""
+        nodes = self.reflectors["node"].items() if "node" in self.reflectors else []
+        labels = ((nodes[0].get("metadata") or {}).get("labels") or {}) if nodes else {}
+        return labels.get(ZONE_LABEL) or None
+
+    def pods(self) -> list[dict]:
+        """The pods on this node, as the API server sent them."""
+        return self.reflectors["pods"].items() if "pods" in self.reflectors else []
+
+    def stop(self) -> None:
+        for r in self.reflectors.values():
+            r.signal_stop()  # all at once, then wait for each
+        for r in self.reflectors.values():
+            r.stop()
+        self._api.close()
+
+    def __enter__(self) -> KubernetesSource:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    # --- helpers ---------------------------------------------------------------
+    def _agent_config(self, problems: list[Problem]) -> list[SourceObject]:
+        """The AgentConfig document held in the ConfigMap, if there is one."""
+        found = self.reflectors["configmap"].items()
+        if not found:
+            return []  # no ConfigMap: every setting has its default
+        cm = found[0]
+        where = f"{_where(cm)}: data.{CONFIG_MAP_KEY}"
+        text = (cm.get("data") or {}).get(CONFIG_MAP_KEY)
+        if text is None:
+            problems.append(Problem(_where(cm), "", f"data.{CONFIG_MAP_KEY}",
+                                    "missing: the AgentConfig goes under this key"))
+            return []
+        try:
+            doc = yaml_rs.loads(text, parse_datetime=False)
+        except Exception as exc:  # yaml_rs.YAMLDecodeError
+            problems.append(Problem(where, "", "", f"not valid YAML: {exc}"))
+            return []
+        return [SourceObject(doc, where)]
+
+    def _report(self, result: BuildResult) -> None:
+        """Logs each problem and note once, when it appears, and says when a
+        problem is gone: the same view is rebuilt on every change."""
+        problems = {str(p) for p in result.problems}
+        notes = set(result.notes)
+        for text in sorted(problems - self._problems):
+            log.warning("left out of the state: %s", text)
+        for text in sorted(self._problems - problems):
+            log.info("resolved: %s", text)
+        for text in sorted(notes - self._notes):
+            log.info("%s", text)
+        self._problems, self._notes = problems, notes
