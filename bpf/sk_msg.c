@@ -87,6 +87,7 @@ int mbpf_sk_msg(struct sk_msg_md *msg)
 		redir_pass_pair(st, peer_st);
 		return pass(size);
 	}
+	st->last_redirect_ns = bpf_ktime_get_ns();
 	redir_count(MBPF_CNT_REDIR_MSGS, 1);
 	redir_count(MBPF_CNT_REDIR_BYTES, size);
 	return SK_PASS;

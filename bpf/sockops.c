@@ -18,7 +18,10 @@
 /* tcp_sock options, for bpf_getsockopt */
 #define MBPF_SOL_TCP 6
 #define MBPF_TCP_NODELAY 1
-#define MBPF_TCP_CLOSE 7  /* BPF_TCP_CLOSE */
+/* BPF_TCP_* states */
+#define MBPF_TCP_FIN_WAIT1 4
+#define MBPF_TCP_CLOSE 7
+#define MBPF_TCP_CLOSE_WAIT 8
 
 /* Callbacks a socket in the sockhash asks for: state changes (to forget
  * it), and every ACK (RTT) and incoming header, which is where eviction
@@ -42,14 +45,18 @@ static __always_inline void skops_key(struct bpf_sock_ops *skops, struct mbpf_so
 	redir_key_finish(key);
 }
 
-/* True when nothing spliced by the peer waits in this socket's queue.
- * The psock is reached through sk->sk_user_data (low bits are flags) and
- * its ingress_msg list is empty when it points at itself. The offsets come
- * from the running kernel's BTF, not from the headers bcc compiles with. */
-static __always_inline int psock_ingress_empty(struct bpf_sock_ops *skops)
+/* True when this socket's psock is idle: nothing spliced by the peer waits
+ * in its ingress queue, and no one but the sockhash holds it. A splice on
+ * its way holds a reference while it queues; whatever is queued when the
+ * psock is finally dropped is freed, so eviction must find refcnt == 1.
+ * The psock is reached through sk->sk_user_data (low bits are flags). The
+ * offsets come from the running kernel's BTF, not from the headers bcc
+ * compiles with. */
+static __always_inline int psock_idle(struct bpf_sock_ops *skops)
 {
 	struct bpf_sock *sk = skops->sk;
 	__u64 sk_addr = 0, psock = 0, next = 0, head;
+	__u32 refcnt = 0;
 
 	if (!sk)
 		return 0;
@@ -62,7 +69,9 @@ static __always_inline int psock_ingress_empty(struct bpf_sock_ops *skops)
 	head = psock + MBPF_OFF_PSOCK_INGRESS_MSG;
 	if (bpf_probe_read_kernel(&next, sizeof(next), (void *)head))
 		return 0;
-	return next == head;
+	if (bpf_probe_read_kernel(&refcnt, sizeof(refcnt), (void *)(psock + MBPF_OFF_PSOCK_REFCNT)))
+		return 0;
+	return next == head && refcnt == 1;
 }
 
 static __always_inline void on_established(struct bpf_sock_ops *skops, int active)
@@ -109,7 +118,6 @@ static __always_inline void try_evict(struct bpf_sock_ops *skops)
 	struct mbpf_sockstate *st, *peer_st;
 	struct mbpf_sock_key key = {};
 	struct mbpf_sock_key peer = {};
-	__u64 since;
 
 	skops_key(skops, &key);
 	st = mbpf_sockstate.lookup(&key);
@@ -117,22 +125,43 @@ static __always_inline void try_evict(struct bpf_sock_ops *skops)
 		return;
 	redir_peer_key(&key, &peer);
 	peer_st = mbpf_sockstate.lookup(&peer);
-	/* The peer may still splice into us unless it passes too. */
-	if (peer_st && !peer_st->evicted && peer_st->mode != MBPF_MODE_PASS)
-		return;
-	since = st->pass_since_ns;
-	if (peer_st && peer_st->pass_since_ns > since)
-		since = peer_st->pass_since_ns;
-	/* A splice decided just before the switch may still be on its way. */
-	if (bpf_ktime_get_ns() - since < cfg->evict_grace_ns)
-		return;
-	if (!psock_ingress_empty(skops))
+	if (peer_st && !peer_st->evicted) {
+		/* The peer may still splice into us unless it passes too... */
+		if (peer_st->mode != MBPF_MODE_PASS)
+			return;
+		/* ...and a splice it decided just before may still be on its way. */
+		if (bpf_ktime_get_ns() - peer_st->last_redirect_ns < cfg->evict_grace_ns)
+			return;
+	}
+	if (!psock_idle(skops))
 		return;
 	if (mbpf_sockhash.delete(&key) == 0) {
 		st->evicted = 1;
 		redir_count(MBPF_CNT_EVICTED, 1);
 	}
 	bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
+}
+
+/* This socket sent or received a FIN. A blocking read on a socket in the
+ * sockhash returns EAGAIN after a wakeup that brings no data (a kernel bug
+ * in tcp_bpf_recvmsg), and the state change that follows a FIN is such a
+ * wakeup; so the pair goes back to TCP and this socket leaves the sockhash
+ * now if nothing spliced waits in it ("send, shutdown, read the reply"). */
+static __always_inline void on_fin(struct bpf_sock_ops *skops)
+{
+	struct mbpf_sockstate *st, *peer_st;
+	struct mbpf_sock_key key = {};
+	struct mbpf_sock_key peer = {};
+
+	skops_key(skops, &key);
+	st = mbpf_sockstate.lookup(&key);
+	if (!st || st->evicted)
+		return;
+	redir_peer_key(&key, &peer);
+	peer_st = mbpf_sockstate.lookup(&peer);
+	if (st->mode != MBPF_MODE_PASS || (peer_st && peer_st->mode != MBPF_MODE_PASS))
+		redir_pass_pair(st, peer_st);
+	try_evict(skops);
 }
 
 /* attaches to cgroup/sock_ops */
@@ -157,6 +186,9 @@ int mbpf_sockops(struct bpf_sock_ops *skops)
 		if (skops->args[1] == MBPF_TCP_CLOSE) {
 			skops_key(skops, &key);
 			mbpf_sockstate.delete(&key);
+		} else if (skops->args[1] == MBPF_TCP_FIN_WAIT1 ||
+			   skops->args[1] == MBPF_TCP_CLOSE_WAIT) {
+			on_fin(skops);
 		}
 		break;
 	}

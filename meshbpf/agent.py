@@ -17,10 +17,11 @@ from pathlib import Path
 
 from .datapath import cgroup
 from .datapath.layout import BY_ROLE
-from .datapath.loader import DEFAULT_BPFFS, SockLB
+from .datapath.loader import DEFAULT_BPFFS, DatapathError, SockLB
+from .datapath.redirect import apply_settings
 from .datapath.maps import LBMaps, MapWriteError
-from .metrics import AgentMetrics, HealthServer, MapPressureCollector, heartbeat_check
-from .model import DesiredState
+from .metrics import AgentMetrics, HealthServer, MapPressureCollector, RedirectCollector, heartbeat_check
+from .model import DesiredState, RedirectSettings
 from .reconcile import CapacityError, LBState, Plan, check_capacity, plan, wanted_services
 from .sources import Source
 from .sources.errors import ConfigError, Problem
@@ -53,6 +54,8 @@ class Agent:
         self.maps: LBMaps | None = None
         self.current = LBState()
         self.last_good: DesiredState | None = None
+        self.applied_redirect: RedirectSettings | None = None
+        self.target: Path | None = None
         self.ready = False
         self._beat = time.monotonic()
         self._stop = threading.Event()
@@ -60,7 +63,7 @@ class Agent:
 
     # --- start-up ------------------------------------------------------------
     def start(self) -> None:
-        target = cgroup.resolve(self.opts.cgroup)
+        target = self.target = cgroup.resolve(self.opts.cgroup)
         self.lb.compile()
         self.lb.attach(target)
         self.maps = LBMaps.from_socklb(self.lb)
@@ -69,6 +72,7 @@ class Agent:
                  target, self.opts.bpffs, len(self.current.services), len(self.current.backends))
         self._update_gauges()
         self.metrics.registry.register(MapPressureCollector(self.opts.bpffs, self._known_counts))
+        self.metrics.registry.register(RedirectCollector(self.opts.bpffs))
         self.http = HealthServer(self.opts.listen, self.metrics.registry,
                                  alive=heartbeat_check(lambda: self._beat, 10.0),
                                  ready=lambda: self.ready)
@@ -106,6 +110,15 @@ class Agent:
         """Brings the maps to `desired`. On any failure the maps keep (or get
         back to) the last good state. Returns True on success."""
         assert self.maps is not None
+        try:
+            # Checked before anything is written, so a bad path changes nothing.
+            for path in desired.settings.redirect.cgroups:
+                cgroup.resolve(path)
+        except cgroup.CgroupError as exc:
+            self.metrics.sync_errors.labels("config").inc()
+            log.error("config rejected, still running the previous state: "
+                      "AgentConfig spec.socketRedirect.cgroups: %s", exc)
+            return False
         p = plan(self.current, wanted_services(desired))
         try:
             check_capacity(self.current, p, self.maps.capacity,
@@ -121,6 +134,15 @@ class Agent:
             log.error("map write failed: %s; restoring the previous state", exc)
             self._restore()
             return False
+        if desired.settings.redirect != self.applied_redirect:
+            try:
+                apply_settings(self.lb, desired.settings.redirect, self.target, self.applied_redirect)
+            except (OSError, DatapathError) as exc:
+                self.metrics.sync_errors.labels("datapath").inc()
+                log.error("socket redirection settings not applied: %s", exc)
+                return False
+            log.info("socket redirection: %s", _describe(desired.settings.redirect))
+            self.applied_redirect = desired.settings.redirect
         self.last_good = desired
         self.ready = True
         self.metrics.last_sync.set_to_current_time()
@@ -159,6 +181,14 @@ class Agent:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+def _describe(r: RedirectSettings) -> str:
+    if not r.enabled:
+        return "off"
+    where = ", ".join(r.cgroups) or "the agent's cgroup"
+    cidrs = ", ".join(map(str, r.pod_cidrs)) or "any address"
+    return f"on for sockets in {where}, between {cidrs}"
 
 
 def make_source(opts: AgentOptions) -> Source:

@@ -18,8 +18,8 @@ from typing import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
-from .datapath import libbpf
-from .datapath.layout import LB_MAPS
+from .datapath import libbpf, redirect
+from .datapath.layout import LB_MAPS, REDIR_MAPS
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class MapPressureCollector:
         pressure = GaugeMetricFamily("meshbpf_map_pressure", "Fill ratio of each BPF map (entries / capacity)",
                                      labels=["map_name"])
         known = self.known_counts()
-        for spec in LB_MAPS:
+        for spec in LB_MAPS + tuple(m for m in REDIR_MAPS if m.name in ("mbpf_sockhash", "mbpf_sockstate")):
             path = self.bpffs / spec.name
             try:
                 fd = libbpf.obj_get(str(path))
@@ -76,6 +76,40 @@ class MapPressureCollector:
         yield entries
         yield capacity
         yield pressure
+
+
+class RedirectCollector:
+    """Same-node redirection counters and sockhash size, read at scrape."""
+
+    HELP = {
+        "redirected_msgs": ("meshbpf_redirect_messages_total", "sendmsg calls spliced to the peer socket"),
+        "redirected_bytes": ("meshbpf_redirect_bytes_total", "Bytes spliced to the peer socket"),
+        "passed_msgs": ("meshbpf_redirect_fallback_messages_total",
+                        "sendmsg calls of tracked sockets left to the TCP stack"),
+        "passed_bytes": ("meshbpf_redirect_fallback_bytes_total", "Bytes of tracked sockets left to TCP"),
+        "switched_pairs": ("meshbpf_redirect_switched_pairs_total",
+                           "Socket pairs switched to TCP (small-write streams, peer not local)"),
+        "evicted_sockets": ("meshbpf_redirect_evicted_sockets_total",
+                            "Sockets taken out of the sockhash after switching"),
+        "inserted_sockets": ("meshbpf_redirect_inserted_sockets_total", "Sockets put into the sockhash"),
+    }
+
+    def __init__(self, bpffs: Path):
+        self.bpffs = bpffs
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+        counters = redirect.read_counters(self.bpffs)
+        if counters is None:
+            return
+        for key, value in counters.items():
+            name, doc = self.HELP[key]
+            metric = CounterMetricFamily(name[: -len("_total")], doc)
+            metric.add_metric([], value)
+            yield metric
+        entries = GaugeMetricFamily("meshbpf_sockhash_entries", "Sockets in the sockhash now")
+        entries.add_metric([], redirect.sockhash_count(self.bpffs) or 0)
+        yield entries
 
 
 class HealthServer:

@@ -17,12 +17,14 @@ fi
 # --- 1. Debian packages ------------------------------------------------------
 # python3-bpfcc: bcc for Debian's /usr/bin/python3 (never the PyPI "bcc").
 # linux-headers-amd64: bcc compiles against kernel headers.
-# The rest are what the lab, demo, tests and benchmarks drive for real traffic.
+# The rest are what the lab, demo, tests and benchmarks drive for real traffic,
+# and what tests/unit/test_deploy.py runs (vagrant validate, shellcheck).
 packages=(
   python3-bpfcc bpftool linux-headers-amd64 libbpf1
   python3-venv python3-yaml iproute2 procps kmod
   curl dnsutils dnsmasq-base socat iperf3 tcpdump iputils-ping
   iptables nftables conntrack gcc libc6-dev
+  vagrant shellcheck
 )
 missing=()
 for p in "${packages[@]}"; do
@@ -37,23 +39,9 @@ fi
 
 # --- 2. kernel headers for bcc ----------------------------------------------
 # bcc looks in /lib/modules/$(uname -r)/{build,source}. When the running kernel
-# has no headers package, point both at Debian's newest generic headers.
-# Programs here only use uapi context structs, which is what makes an older
-# header set safe for a newer kernel.
-kver=$(uname -r)
-moddir="/lib/modules/$kver"
-if [ ! -e "$moddir/build/include/generated/uapi" ]; then
-  arch_hdr=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n 1)
-  common_hdr=$(ls -d /usr/src/linux-headers-*-common 2>/dev/null | sort -V | tail -n 1)
-  if [ -z "$arch_hdr" ] || [ -z "$common_hdr" ]; then
-    echo "setup: no kernel headers under /usr/src; install linux-headers-amd64" >&2
-    exit 1
-  fi
-  log "linking $moddir/build -> $arch_hdr and source -> $common_hdr"
-  mkdir -p "$moddir"
-  ln -sfn "$arch_hdr" "$moddir/build"
-  ln -sfn "$common_hdr" "$moddir/source"
-fi
+# has no headers package, point both at Debian's newest generic headers (the
+# same script runs in the container image's entrypoint).
+"$repo/scripts/link-kernel-headers.sh"
 
 # --- 3. bpffs ----------------------------------------------------------------
 if ! awk '$2=="/sys/fs/bpf" && $3=="bpf" {found=1} END {exit !found}' /proc/mounts; then
@@ -73,7 +61,7 @@ want=$(sha256sum "$repo/pyproject.toml" | cut -d' ' -f1)
 if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   log "building the venv in $venv"
   [ -x "$venv/bin/python" ] || /usr/bin/python3 -m venv --system-site-packages "$venv"
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$repo[test]"
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "${repo}[test]"
   "$venv/bin/python" -c "import bcc" || { echo "setup: bcc is not importable from the venv" >&2; exit 1; }
   echo "$want" >"$stamp"
 fi

@@ -102,6 +102,7 @@ struct mbpf_sock_key {
  * own programs and its peer's write it concurrently. */
 struct mbpf_sockstate {
 	__u64 pass_since_ns;    /* host order; when the pair stopped redirecting, 0 before */
+	__u64 last_redirect_ns; /* host order; this socket's last splice into its peer */
 	__u32 small_run;        /* host order; small sends in a row with no reply */
 	__u8  mode;             /* MBPF_MODE_*: undecided, redirect, pass (one way) */
 	__u8  nodelay;          /* 1 if the application set TCP_NODELAY */
@@ -121,7 +122,7 @@ struct mbpf_redir_cfg {
 	__u32 require_cidr;     /* host order; 1: both ends must be in the CIDR map */
 	__u32 small_write;      /* host order; bytes: a send below this is "small" */
 	__u32 small_run_max;    /* host order; small sends in a row before passing */
-	__u64 evict_grace_ns;   /* host order; wait this long after passing to evict */
+	__u64 evict_grace_ns;   /* host order; evict only this long after the peer's last splice */
 };
 
 /* Key of the pod-CIDR LPM map. */

@@ -10,6 +10,7 @@ import click
 from .agent_cmd import agent
 from .inspect_cmd import bpf, service, uninstall
 from .lab_cmd import lab
+from .sockmap_cmd import sockmap
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -21,7 +22,7 @@ def cli(verbose: int) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-for command in (agent, service, bpf, uninstall, lab):
+for command in (agent, service, bpf, sockmap, uninstall, lab):
     cli.add_command(command)
 
 

@@ -132,6 +132,6 @@ def uninstall(bpffs: Path) -> None:
         return
     removed = loader.uninstall(bpffs)
     for item in removed:
-        click.echo(f"removed {item}")
+        click.echo(item if item.startswith("warning") else f"removed {item}")
     if not removed:
         click.echo(f"nothing to remove in {bpffs}")

@@ -75,6 +75,7 @@ def kernel_offsets() -> dict[str, int]:
     return {
         "MBPF_OFF_SK_USER_DATA": btf.member_offset("sock", "sk_user_data"),
         "MBPF_OFF_PSOCK_INGRESS_MSG": btf.member_offset("sk_psock", "ingress_msg"),
+        "MBPF_OFF_PSOCK_REFCNT": btf.member_offset("sk_psock", "refcnt"),
     }
 
 
@@ -272,10 +273,18 @@ def inspect(bpffs: Path) -> Installed:
     return Installed(bpffs, maps, links)
 
 
-def uninstall(bpffs: Path) -> list[str]:
+def uninstall(bpffs: Path, drain_timeout: float = 2.0) -> list[str]:
     """Detach and unpin everything meshbpf made in this folder, and nothing
-    else. Returns what was removed."""
+    else. Returns what was removed.
+
+    Spliced socket pairs are first switched to TCP and given drain_timeout
+    to leave the sockhash: freeing the sockhash frees what a socket still
+    holds spliced and unread."""
     removed: list[str] = []
+    left = _drain_sockhash(bpffs, drain_timeout)
+    if left:
+        removed.append(f"warning: {left} socket(s) were still spliced; bytes they had not "
+                       f"read yet are lost")
     links_dir = bpffs / "links"
     if links_dir.is_dir():
         for pin in sorted(links_dir.iterdir()):
@@ -290,6 +299,39 @@ def uninstall(bpffs: Path) -> list[str]:
             removed.append(f"map {spec.name}")
     _rmdir_if_empty(bpffs)
     return removed
+
+
+def _drain_sockhash(bpffs: Path, timeout: float) -> int:
+    """Turns redirection off and waits for the sockhash to empty."""
+    import time
+
+    from .layout import RedirCfgC, SockKeyC
+    cfg_pin, hash_pin = bpffs / "mbpf_redir_cfg", bpffs / "mbpf_sockhash"
+    if not cfg_pin.exists() or not hash_pin.exists():
+        return 0
+    fd = libbpf.obj_get(str(cfg_pin))
+    try:
+        cfg = RedirCfgC()
+        libbpf.map_lookup(fd, ct.c_uint32(0), cfg)
+        cfg.enabled = 0  # sk_msg now switches every pair it sees to TCP
+        libbpf.map_update(fd, ct.c_uint32(0), cfg)
+    finally:
+        os.close(fd)
+    links = bpffs / "links"
+    if links.is_dir():
+        for pin in links.iterdir():
+            if pin.name.startswith(("mbpf_sockops-", "mbpf_setsockopt-")):
+                _detach_pin(pin)
+    fd = libbpf.obj_get(str(hash_pin))
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = libbpf.map_count(fd, ct.sizeof(SockKeyC))
+            if left == 0 or time.monotonic() > deadline:
+                return left
+            time.sleep(0.05)
+    finally:
+        os.close(fd)
 
 
 def _rmdir_if_empty(path: Path) -> None:

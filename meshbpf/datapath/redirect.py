@@ -24,7 +24,7 @@ from .layout import MODE_NAMES, REDIR_COUNTERS, CidrKeyC, RedirCfgC, SockKeyC, S
 # reply, from a sender that keeps Nagle, switch the pair to TCP.
 SMALL_WRITE = 4096
 SMALL_RUN_MAX = 16
-EVICT_GRACE_NS = 5_000_000
+EVICT_GRACE_NS = 10_000_000
 
 
 def _cidr_key(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> CidrKeyC:

@@ -17,9 +17,8 @@ before a relist or the state after it, never a half-listed collection.
 
 Objects are kept as the raw JSON dicts the API server sent (camelCase, as
 kubectl prints them), not the client's generated model objects: those would
-be converted back for kube_objects anyway, and the client's model checks
-have rejected valid objects before (a scaled-to-zero EndpointSlice has
-`endpoints: null`).
+only be converted back for kube_objects, at a cost that counts with 10 000
+Services, and would tie us to the client's model checks.
 """
 
 from __future__ import annotations
@@ -30,11 +29,10 @@ import random
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import urllib3
 from kubernetes.client.exceptions import ApiException
-from kubernetes.watch.watch import iter_resp_lines
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +58,16 @@ class Gone(Exception):
     """The resourceVersion we hold is too old: list again."""
 
 
+def _lines(resp: Any) -> Iterator[bytes]:
+    """The complete lines of a chunked watch stream, one event each. Split as
+    bytes, not text: a chunk can end inside a multi-byte character (older
+    client versions decoded each chunk on its own and failed there)."""
+    rest = b""
+    for chunk in resp.stream(amt=None, decode_content=False):
+        *lines, rest = (rest + chunk).split(b"\n")
+        yield from lines
+
+
 def object_key(obj: dict) -> Key:
     meta = obj.get("metadata") or {}
     return meta.get("namespace") or "", meta.get("name") or ""
@@ -81,7 +89,6 @@ class Reflector:
     def __init__(self, name: str, list_func: Callable[..., Any], *, kind: str, api_version: str,
                  selectors: dict[str, str] | None = None,
                  transform: Callable[[dict], dict] = lambda obj: obj,
-                 on_change: Callable[[], None] = lambda: None,
                  backoff: Backoff = Backoff(), page_size: int = 500,
                  watch_timeout: tuple[int, int] = (300, 600), connect_timeout: float = 10.0):
         self.name = name
@@ -89,7 +96,6 @@ class Reflector:
         self._kind, self._api_version = kind, api_version
         self._selectors = dict(selectors or {})
         self._transform = transform
-        self._on_change = on_change
         self._backoff = backoff
         self._page_size = page_size
         self._watch_timeout = watch_timeout
@@ -220,8 +226,6 @@ class Reflector:
             log.info("%s: relisted at resourceVersion %s: %d added, %d changed, %d deleted",
                      self.name, resource_version, len(added), len(changed), len(deleted))
         self.synced.set()
-        if added or deleted or changed:
-            self._on_change()
 
     def _read_all(self, resp: Any) -> bytes:
         try:
@@ -247,7 +251,7 @@ class Reflector:
                 raise Gone(f"watch from resourceVersion {self.resource_version}: 410 Gone") from None
             raise
         try:
-            for line in iter_resp_lines(resp):
+            for line in _lines(resp):
                 if line.strip():
                     self._apply(json.loads(line))
                     events += 1
@@ -291,10 +295,11 @@ class Reflector:
                 self._items[key] = self._transform(obj)
             self.generation += 1
         self.resource_version = _resource_version(obj) or self.resource_version
-        self._on_change()
 
 
-def _describe(exc: Exception) -> str:
+def _describe(exc: BaseException) -> str:
     if isinstance(exc, ApiException):
         return f"API server answered {exc.status} {exc.reason}".strip()
+    if isinstance(exc, urllib3.exceptions.MaxRetryError) and exc.reason is not None:
+        return _describe(exc.reason)  # the cause, without the whole URL
     return f"{type(exc).__name__}: {exc}"

@@ -144,8 +144,104 @@ def hold(host: str, port: str, seconds: str) -> dict:
         return {"first": first, "second": second}
 
 
+# --- redirection: full-duplex transfers with checksums ---------------------
+
+def _pattern(seed: int) -> bytes:
+    import random
+    return random.Random(seed).randbytes((1 << 20) + 7)  # not a multiple of any write size
+
+
+def _send_stream(sock, size: int, total: int, seed: int, flags: int = 0) -> str:
+    import hashlib
+    pool, h, off, sent = _pattern(seed), hashlib.sha256(), 0, 0
+    view = memoryview(pool)
+    while sent < total:
+        n = min(size, total - sent)
+        if off + n > len(pool):
+            off = 0
+        chunk = view[off:off + n]
+        if flags:
+            while chunk:
+                chunk = chunk[sock.send(chunk, flags):]
+        else:
+            sock.sendall(chunk)
+        h.update(view[off:off + n])
+        off += n
+        sent += n
+    return h.hexdigest()
+
+
+def _recv_stream(sock) -> tuple[str, int]:
+    """Reads to EOF the way event-driven servers do: poll, then a
+    non-blocking read. (A blocking read on a spliced socket that another
+    thread writes to at the same time can return EAGAIN: a kernel bug in
+    tcp_bpf_recvmsg, see README.md. EAGAIN is how this loop waits anyway.)"""
+    import hashlib
+    import select
+    h, n, buf = hashlib.sha256(), 0, bytearray(1 << 20)
+    view = memoryview(buf)
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    while True:
+        try:
+            got = sock.recv_into(buf, 0, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            poller.poll()
+            continue
+        if not got:
+            return h.hexdigest(), n
+        h.update(view[:got])
+        n += got
+
+
+def _duplex(sock, size: int, total: int, seed: int, flags: int = 0) -> dict:
+    """Send `total` bytes in `size` writes while receiving the peer's stream."""
+    import threading
+    out: dict = {}
+
+    def sender():
+        out["sent_sha"] = _send_stream(sock, size, total, seed, flags)
+        sock.shutdown(socket.SHUT_WR)  # half-close: the peer reads to EOF
+    t = threading.Thread(target=sender)
+    t.start()
+    out["recv_sha"], out["recv_bytes"] = _recv_stream(sock)
+    t.join()
+    return out
+
+
+def _tune(sock, nodelay: str) -> None:
+    if nodelay == "nodelay":
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def xfer_server(port: str, size: str, total: str, nodelay: str, mode: str = "duplex") -> dict:
+    """Accept one connection and run a full-duplex transfer on it; with
+    mode "sink", only read to EOF (a one-way upload)."""
+    family = socket.AF_INET6
+    with socket.socket(family, socket.SOCK_STREAM) as ls:
+        ls.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        ls.bind(("::", int(port)))
+        ls.listen(1)
+        print(json.dumps({"listening": True}), flush=True)
+        conn, _ = ls.accept()
+        with conn:
+            _tune(conn, nodelay)
+            if mode == "sink":
+                recv_sha, recv_bytes = _recv_stream(conn)
+                return {"recv_sha": recv_sha, "recv_bytes": recv_bytes, "sent_sha": ""}
+            return _duplex(conn, int(size), int(total), seed=2)
+
+
+def xfer_client(host: str, port: str, size: str, total: str, nodelay: str, flags: str = "0") -> dict:
+    with socket.create_connection((host, int(port)), timeout=120) as c:
+        _tune(c, nodelay)
+        return _duplex(c, int(size), int(total), seed=1, flags=int(flags))
+
+
 COMMANDS = {f.__name__.replace("_", "-"): f for f in
-            (whoami, peername, udp_peer, connect_error, udp_send_error, loop, hold)}
+            (whoami, peername, udp_peer, connect_error, udp_send_error, loop, hold,
+             xfer_server, xfer_client)}
 
 if __name__ == "__main__":
     print(json.dumps(COMMANDS[sys.argv[1]](*sys.argv[2:])), flush=True)

@@ -1,0 +1,467 @@
+"""Packaging and the Vagrant lab, checked offline (no cluster, no VM, no root):
+
+- every Kubernetes manifest under deploy/ and vagrant/k3s/ against the
+  Kubernetes JSON schemas bundled in kubernetes-validate (strict: unknown
+  fields fail), for the oldest and newest Kubernetes versions it carries;
+- what the DaemonSet must be (privileged, hostNetwork, bpffs Bidirectional,
+  probes, RBAC...), and that its arguments parse with the real `meshbpf` CLI;
+- scripts/link-kernel-headers.sh in a scratch folder;
+- shellcheck on the provisioning scripts and the manifests' inline scripts;
+- `vagrant validate` on vagrant/Vagrantfile (no box, no provider, no network).
+
+scripts/setup.sh installs shellcheck and vagrant; run ./scripts/test.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
+VAGRANT = REPO / "vagrant"
+MANIFEST = DEPLOY / "meshbpf.yaml"
+UNINSTALL = DEPLOY / "uninstall" / "meshbpf-uninstall.yaml"
+LAB_MANIFEST_SCRIPT = VAGRANT / "k3s" / "lab-manifest.sh"
+
+MANIFEST_FILES = sorted([*DEPLOY.rglob("*.yaml"), *(VAGRANT / "k3s").glob("*.yaml")])
+
+
+def load_docs(text: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all(text) if d]
+
+
+def objects(path: Path) -> list[dict]:
+    return load_docs(path.read_text())
+
+
+def lab_manifest() -> list[dict]:
+    out = subprocess.run([str(LAB_MANIFEST_SCRIPT)], capture_output=True, text=True, check=True)
+    return load_docs(out.stdout)
+
+
+def one(objs: list[dict], kind: str, name: str | None = None) -> dict:
+    found = [o for o in objs if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+def pod_containers(obj: dict) -> list[dict]:
+    """The containers (init ones first) of a workload object; [] for others."""
+    pod = (obj.get("spec") or {}).get("template", {}).get("spec")
+    return (pod.get("initContainers", []) + pod["containers"]) if pod else []
+
+
+def need(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        pytest.fail(f"{tool} is not installed: run scripts/setup.sh (it installs it)", pytrace=False)
+    return path
+
+
+# --- schemas -------------------------------------------------------------------
+
+# kubernetes-validate bundles the schemas (the test extras; scripts/setup.sh
+# installs them): nothing is fetched.
+from kubernetes_validate import utils as kv  # noqa: E402
+from kubernetes_validate.utils import SchemaNotFoundError  # noqa: E402
+from kubernetes_validate.utils import ValidationError as K8sValidationError  # noqa: E402
+
+K8S_VERSIONS = sorted({kv.all_versions()[0], kv.latest_version()})
+
+
+def validate(obj: dict, version: str) -> None:
+    """Strict schema check; an unknown kind or apiVersion is an error too
+    (kubernetes-validate's CLI only warns about those)."""
+    try:
+        kv.validate(obj, version, strict=True)
+    except SchemaNotFoundError as exc:
+        pytest.fail(f"{obj.get('kind')} {obj.get('apiVersion')}: {exc.message}", pytrace=False)
+    except K8sValidationError as exc:
+        where = ".".join(str(p) for p in exc.path)
+        pytest.fail(f"{obj['kind']}/{obj['metadata']['name']} against Kubernetes {exc.version}: "
+                    f"{where}: {exc.message}", pytrace=False)
+
+
+def test_there_are_manifests_to_check():
+    names = {p.relative_to(REPO).as_posix() for p in MANIFEST_FILES}
+    assert {"deploy/meshbpf.yaml", "deploy/uninstall/meshbpf-uninstall.yaml",
+            "vagrant/k3s/whoami.yaml"} <= names
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("path", MANIFEST_FILES, ids=lambda p: p.relative_to(REPO).as_posix())
+def test_manifest_validates_against_kubernetes_schemas(path, version):
+    objs = objects(path)
+    assert objs, f"{path} holds no objects"
+    for obj in objs:
+        validate(obj, version)
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_lab_manifest_validates_against_kubernetes_schemas(version):
+    for obj in lab_manifest():
+        validate(obj, version)
+
+
+def test_schema_check_is_not_vacuous():
+    ds = copy.deepcopy(one(objects(MANIFEST), "DaemonSet"))
+    ds["spec"]["template"]["spec"]["hostNetwrk"] = True
+    with pytest.raises(K8sValidationError):
+        kv.validate(ds, kv.latest_version(), strict=True)
+    ds = copy.deepcopy(one(objects(MANIFEST), "DaemonSet"))
+    ds["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"] = [1]
+    with pytest.raises(K8sValidationError):
+        kv.validate(ds, kv.latest_version(), strict=False)
+
+
+# --- the DaemonSet ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def install() -> list[dict]:
+    return objects(MANIFEST)
+
+
+@pytest.fixture(scope="module")
+def daemonset(install) -> dict:
+    return one(install, "DaemonSet", "meshbpf")
+
+
+def container(pod: dict, name: str, init: bool = False) -> dict:
+    key = "initContainers" if init else "containers"
+    return one([{"kind": "c", "metadata": c, **c} for c in pod[key]], "c", name)
+
+
+def mounts_by_path(c: dict) -> dict[str, dict]:
+    return {m["mountPath"]: m for m in c.get("volumeMounts", [])}
+
+
+def test_daemonset_runs_privileged_on_the_host_network_at_node_critical(daemonset):
+    pod = daemonset["spec"]["template"]["spec"]
+    assert pod["hostNetwork"] is True
+    assert pod["dnsPolicy"] == "ClusterFirstWithHostNet"
+    assert pod["priorityClassName"] == "system-node-critical"
+    assert {"operator": "Exists"} in pod["tolerations"]
+    for c in pod["containers"] + pod["initContainers"]:
+        assert c["securityContext"]["privileged"] is True, c["name"]
+    assert daemonset["metadata"]["namespace"] == "kube-system"
+
+
+def test_daemonset_rolls_one_node_at_a_time(daemonset):
+    strategy = daemonset["spec"]["updateStrategy"]
+    assert strategy["type"] == "RollingUpdate"
+    assert strategy["rollingUpdate"] == {"maxUnavailable": 1, "maxSurge": 0}
+
+
+def test_selector_matches_the_pod_labels(daemonset):
+    labels = daemonset["spec"]["template"]["metadata"]["labels"]
+    assert daemonset["spec"]["selector"]["matchLabels"].items() <= labels.items()
+
+
+def test_every_volume_mount_names_a_volume(daemonset):
+    pod = daemonset["spec"]["template"]["spec"]
+    volumes = {v["name"] for v in pod["volumes"]}
+    for c in pod["containers"] + pod["initContainers"]:
+        for m in c.get("volumeMounts", []):
+            assert m["name"] in volumes, f"{c['name']}: {m['name']}"
+
+
+def test_host_bpffs_is_mounted_bidirectional_and_cgroup2_where_the_agent_looks(daemonset):
+    pod = daemonset["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    agent = container(pod, "agent")
+    bpf = mounts_by_path(agent)["/sys/fs/bpf"]
+    assert bpf["mountPropagation"] == "Bidirectional"
+    assert volumes[bpf["name"]]["hostPath"]["path"] == "/sys/fs/bpf"
+    # The agent attaches to the first cgroup2 mount in /proc/mounts, which
+    # is /sys/fs/cgroup in the container: the host's cgroup2 root goes there.
+    cg = mounts_by_path(agent)["/sys/fs/cgroup"]
+    assert volumes[cg["name"]]["hostPath"]["path"] == "/sys/fs/cgroup"
+    assert "--cgroup" not in agent["args"]
+
+
+def test_init_container_mounts_bpffs_when_missing(daemonset):
+    pod = daemonset["spec"]["template"]["spec"]
+    init = container(pod, "mount-bpf-fs", init=True)
+    script = init["command"][-1]
+    assert "mount -t bpf bpf /sys/fs/bpf" in script
+    assert '$3=="bpf"' in script
+    assert mounts_by_path(init)["/sys/fs/bpf"]["mountPropagation"] == "Bidirectional"
+
+
+def test_probes_and_metrics_port(daemonset):
+    pod = daemonset["spec"]["template"]
+    agent = container(pod["spec"], "agent")
+    (port,) = agent["ports"]
+    assert port["name"] == "metrics"
+    assert agent["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert agent["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert agent["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    notes = pod["metadata"]["annotations"]
+    assert notes["prometheus.io/scrape"] == "true"
+    assert notes["prometheus.io/port"] == str(port["containerPort"])
+    assert notes["prometheus.io/path"] == "/metrics"
+
+
+def test_node_name_comes_from_the_downward_api(daemonset):
+    agent = container(daemonset["spec"]["template"]["spec"], "agent")
+    env = {e["name"]: e for e in agent["env"]}
+    assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    assert "$(NODE_NAME)" in agent["args"]
+
+
+def parse_agent_args(args: list[str]) -> dict:
+    """The DaemonSet's args through the real `meshbpf` click command."""
+    from meshbpf.cli import cli
+
+    assert args[0] == "agent"
+    expanded = [a.replace("$(NODE_NAME)", "node-a") for a in args[1:]]
+    ctx = cli.commands["agent"].make_context("agent", expanded)
+    return ctx.params
+
+
+def test_agent_args_parse_and_agree_with_the_other_objects(install, daemonset):
+    agent = container(daemonset["spec"]["template"]["spec"], "agent")
+    params = parse_agent_args(agent["args"])
+    assert params["source"] == "kubernetes"
+    assert params["node_name"] == "node-a"
+    assert params["service_proxy_name"] is None
+    cm = one(install, "ConfigMap")
+    assert params["config_map"] == f"{cm['metadata']['namespace']}/{cm['metadata']['name']}"
+    host, _, port = params["listen"].rpartition(":")
+    assert host == "0.0.0.0"
+    assert int(port) == agent["ports"][0]["containerPort"]
+
+
+def test_lab_manifest_only_adds_the_service_proxy_name():
+    lab = lab_manifest()
+    base = objects(MANIFEST)
+    assert [o["kind"] for o in lab] == [o["kind"] for o in base]
+    for got, want in zip(lab, base):
+        if got["kind"] != "DaemonSet":
+            assert got == want
+    agent = container(one(lab, "DaemonSet")["spec"]["template"]["spec"], "agent")
+    params = parse_agent_args(agent["args"])
+    assert params["service_proxy_name"] == "meshbpf"
+    svc = one(objects(VAGRANT / "k3s" / "whoami.yaml"), "Service", "whoami")
+    assert svc["metadata"]["labels"]["service.kubernetes.io/service-proxy-name"] == "meshbpf"
+
+
+def test_agent_settings_configmap_holds_a_valid_agent_config(install):
+    from meshbpf.sources.agent_config import read_agent_config
+
+    cm = one(install, "ConfigMap")
+    settings, problems = read_agent_config(yaml.safe_load(cm["data"]["agent-config.yaml"]), "cm")
+    assert problems == []
+    assert settings is not None
+
+
+def test_rbac_is_read_only_on_what_the_agent_reads(install, daemonset):
+    sa = one(install, "ServiceAccount", "meshbpf")
+    role = one(install, "ClusterRole", "meshbpf")
+    binding = one(install, "ClusterRoleBinding", "meshbpf")
+    pod = daemonset["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == sa["metadata"]["name"]
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                                  "name": role["metadata"]["name"]}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"],
+                                    "namespace": sa["metadata"]["namespace"]}]
+    granted = {}
+    for rule in role["rules"]:
+        assert set(rule["verbs"]) <= {"get", "list", "watch"}, rule
+        for group in rule["apiGroups"]:
+            for res in rule["resources"]:
+                granted[(group, res)] = rule
+    assert set(granted) == {("", "services"), ("discovery.k8s.io", "endpointslices"),
+                            ("", "pods"), ("", "nodes"), ("", "configmaps")}
+    cm = one(install, "ConfigMap")
+    assert granted[("", "configmaps")]["resourceNames"] == [cm["metadata"]["name"]]
+
+
+def test_one_image_everywhere_tagged_with_the_package_version():
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    images = set()
+    for path in MANIFEST_FILES:
+        for obj in objects(path):
+            images.update(c["image"] for c in pod_containers(obj))
+    assert images == {f"localhost/meshbpf:{version}"}
+
+
+# --- uninstall -------------------------------------------------------------------
+
+def test_uninstall_daemonset_runs_meshbpf_uninstall_on_the_host_bpffs():
+    from meshbpf.cli import cli
+
+    ds = one(objects(UNINSTALL), "DaemonSet", "meshbpf-uninstall")
+    pod = ds["spec"]["template"]["spec"]
+    init = container(pod, "uninstall", init=True)
+    script = init["command"][-1]
+    line = next(x.strip() for x in script.splitlines() if "meshbpf uninstall" in x)
+    argv = line.removeprefix("exec ").split()
+    assert argv[:2] == ["meshbpf", "uninstall"]
+    params = cli.commands["uninstall"].make_context("uninstall", argv[2:]).params
+    assert str(params["bpffs"]) == "/sys/fs/bpf/meshbpf"
+    assert mounts_by_path(init)["/sys/fs/bpf"]["name"] in {v["name"] for v in pod["volumes"]}
+    assert init["securityContext"]["privileged"] is True
+    assert pod["hostNetwork"] is True            # to see a running agent's port
+    assert {"operator": "Exists"} in pod["tolerations"]
+
+
+def test_uninstall_refuses_while_an_agent_answers_on_its_port(daemonset):
+    agent = container(daemonset["spec"]["template"]["spec"], "agent")
+    port = agent["ports"][0]["containerPort"]
+    init = container(one(objects(UNINSTALL), "DaemonSet")["spec"]["template"]["spec"],
+                     "uninstall", init=True)
+    assert f"/dev/tcp/127.0.0.1/{port}" in init["command"][-1]
+
+
+# --- image -----------------------------------------------------------------------
+
+def test_dockerfile_copies_what_exists_and_uses_the_shared_header_script():
+    text = (DEPLOY / "Dockerfile").read_text()
+    ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().split()
+    copies = re.findall(r"^COPY\s+(.+?)\s+\S+$", text, flags=re.M)
+    sources = [s for line in copies for s in line.split()]
+    assert "scripts/link-kernel-headers.sh" in sources
+    for src in sources:
+        assert (REPO / src).exists(), src
+        assert f"!{src.rstrip('/')}/" in ignore or f"!{src}" in ignore, f"{src} left out of the context"
+    entry = (DEPLOY / "entrypoint.sh").read_text()
+    assert "/usr/local/bin/link-kernel-headers.sh" in entry
+    assert 'ENTRYPOINT ["/usr/local/bin/meshbpf-entrypoint"]' in text
+    assert "COPY deploy/entrypoint.sh /usr/local/bin/meshbpf-entrypoint" in text
+    assert "python3-bpfcc" in text and "linux-headers-amd64" in text
+
+
+def test_header_links_are_made_in_one_place_only():
+    def makes_header_links(p: Path) -> bool:
+        text = p.read_text(errors="replace")
+        return p.suffix != ".md" and "ln -s" in text and "linux-headers" in text
+    makers = [p.relative_to(REPO).as_posix()
+              for p in [*(REPO / "scripts").iterdir(), *DEPLOY.rglob("*"), *VAGRANT.rglob("*")]
+              if p.is_file() and makes_header_links(p)]
+    assert makers == ["scripts/link-kernel-headers.sh"]
+    assert '"$repo/scripts/link-kernel-headers.sh"' in (REPO / "scripts" / "setup.sh").read_text()
+
+
+# --- scripts/link-kernel-headers.sh ------------------------------------------------
+
+def run_linker(tmp_path: Path, release: str = "9.9.9-test") -> subprocess.CompletedProcess:
+    env = dict(os.environ, MESHBPF_KERNEL_RELEASE=release,
+               MESHBPF_MODULES_DIR=str(tmp_path / "modules"), MESHBPF_SRC_DIR=str(tmp_path / "src"))
+    return subprocess.run([str(REPO / "scripts" / "link-kernel-headers.sh")], env=env,
+                          capture_output=True, text=True)
+
+
+def test_link_kernel_headers_picks_the_newest_headers(tmp_path):
+    for name in ["6.1.0-9-amd64", "6.1.0-10-amd64", "6.1.0-9-common", "6.1.0-10-common"]:
+        (tmp_path / "src" / f"linux-headers-{name}").mkdir(parents=True)
+    res = run_linker(tmp_path)
+    assert res.returncode == 0, res.stderr
+    moddir = tmp_path / "modules" / "9.9.9-test"
+    assert os.readlink(moddir / "build") == str(tmp_path / "src" / "linux-headers-6.1.0-10-amd64")
+    assert os.readlink(moddir / "source") == str(tmp_path / "src" / "linux-headers-6.1.0-10-common")
+
+
+def test_link_kernel_headers_leaves_real_headers_alone(tmp_path):
+    (tmp_path / "src" / "linux-headers-6.1.0-10-amd64").mkdir(parents=True)
+    (tmp_path / "src" / "linux-headers-6.1.0-10-common").mkdir(parents=True)
+    own = tmp_path / "modules" / "9.9.9-test" / "build" / "include" / "generated" / "uapi"
+    own.mkdir(parents=True)
+    res = run_linker(tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert not (tmp_path / "modules" / "9.9.9-test" / "build").is_symlink()
+    assert not (tmp_path / "modules" / "9.9.9-test" / "source").exists()
+    assert res.stderr == ""
+
+
+def test_link_kernel_headers_says_what_to_install_when_there_are_none(tmp_path):
+    (tmp_path / "src").mkdir()
+    res = run_linker(tmp_path)
+    assert res.returncode == 1
+    assert "install linux-headers-amd64" in res.stderr
+    assert not (tmp_path / "modules").exists()
+
+
+# --- shellcheck ----------------------------------------------------------------------
+
+SHELL_SHEBANG = re.compile(rb"^#!\s*/(usr/)?bin/(env\s+)?(ba)?sh\b")
+
+
+def shell_scripts() -> list[Path]:
+    """.ci/run and every shell script under scripts/, deploy/ and vagrant/."""
+    found = [REPO / ".ci" / "run"]
+    for folder in (REPO / "scripts", DEPLOY, VAGRANT):
+        for p in sorted(folder.rglob("*")):
+            if p.is_file() and not p.name.startswith(".") and (
+                    p.suffix == ".sh" or SHELL_SHEBANG.match(p.read_bytes()[:64])):
+                found.append(p)
+    return found
+
+
+def test_provisioning_scripts_are_found():
+    names = {p.relative_to(REPO).as_posix() for p in shell_scripts()}
+    assert {"scripts/setup.sh", "scripts/link-kernel-headers.sh", "deploy/entrypoint.sh",
+            "vagrant/k3s/provision.sh", "vagrant/k3s/lab-manifest.sh", "vagrant/k3s/demo.sh"} <= names
+
+
+@pytest.mark.parametrize("script", shell_scripts(), ids=lambda p: p.relative_to(REPO).as_posix())
+def test_shellcheck(script):
+    res = subprocess.run([need("shellcheck"), "--external-sources", str(script)],
+                         capture_output=True, text=True, cwd=script.parent)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def inline_scripts() -> list:
+    """Every container command of the form [sh|bash, -c..., SCRIPT]."""
+    found = []
+    for path in MANIFEST_FILES:
+        for obj in objects(path):
+            for c in pod_containers(obj):
+                cmd = c.get("command", [])
+                if len(cmd) == 3 and Path(cmd[0]).name in ("sh", "bash") and cmd[1].startswith("-"):
+                    found.append(pytest.param(Path(cmd[0]).name, cmd[2],
+                                              id=f"{path.name}:{c['name']}"))
+    return found
+
+
+def test_inline_container_scripts_are_found():
+    assert len(inline_scripts()) >= 2
+
+
+@pytest.mark.parametrize("shell,script", inline_scripts())
+def test_shellcheck_inline_container_scripts(shell, script):
+    res = subprocess.run([need("shellcheck"), f"--shell={shell}", "-"], input=script,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+# --- vagrant ---------------------------------------------------------------------------
+
+def test_vagrant_validate(tmp_path):
+    env = dict(os.environ, VAGRANT_CHECKPOINT_DISABLE="1", VAGRANT_HOME=str(tmp_path / "home"),
+               VAGRANT_DOTFILE_PATH=str(tmp_path / "dotfile"), VAGRANT_NO_COLOR="1")
+    res = subprocess.run([need("vagrant"), "validate", "--ignore-provider"], cwd=VAGRANT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "validated successfully" in res.stdout
+
+
+def test_vagrantfile_runs_the_ci_setup_script_then_the_demo():
+    text = (VAGRANT / "Vagrantfile").read_text()
+    assert 'config.vm.synced_folder "..", "/meshbpf"' in text
+    paths = re.findall(r'"(/meshbpf/[^"]+)"', text)
+    assert "/meshbpf/scripts/setup.sh" in paths and "/meshbpf/scripts/demo" in paths
+    assert paths.index("/meshbpf/scripts/setup.sh") < paths.index("/meshbpf/scripts/demo")
+    for p in paths:
+        assert (REPO / p.removeprefix("/meshbpf/")).exists(), p
+    for p in re.findall(r'path: "([^"]+)"', text):
+        assert (VAGRANT / p).is_file(), p
