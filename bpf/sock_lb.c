@@ -30,8 +30,9 @@ static __always_inline int refuse(struct bpf_sock_addr *ctx)
 	return SYS_REJECT;
 }
 
-/* Translates a service destination to a backend; v6 says which ctx fields. */
-static __always_inline int xlate_forward(struct bpf_sock_addr *ctx, int v6)
+/* Translates a service destination to a backend; v6 says which ctx fields,
+ * connect whether this is connect() (else an unconnected UDP send). */
+static __always_inline int xlate_forward(struct bpf_sock_addr *ctx, int v6, int connect)
 {
 	struct mbpf_svc_key key = {};
 	struct mbpf_l4addr dst = {};
@@ -65,7 +66,10 @@ static __always_inline int xlate_forward(struct bpf_sock_addr *ctx, int v6)
 	} else if (ctx_set_dst4(ctx, be->addr, be->port) < 0) {
 		return refuse(ctx);
 	}
-	rnat_remember(ctx, be, &key);
+	if (connect)
+		rnat_remember_sk(ctx, be, &key);
+	else
+		rnat_remember(ctx, be, &key);
 	return SYS_PROCEED;
 }
 
@@ -90,25 +94,25 @@ static __always_inline int xlate_reverse(struct bpf_sock_addr *ctx, int v6)
 /* attaches to cgroup/connect4 */
 int mbpf_connect4(struct bpf_sock_addr *ctx)
 {
-	return xlate_forward(ctx, 0);
+	return xlate_forward(ctx, 0, 1);
 }
 
 /* attaches to cgroup/connect6 */
 int mbpf_connect6(struct bpf_sock_addr *ctx)
 {
-	return xlate_forward(ctx, 1);
+	return xlate_forward(ctx, 1, 1);
 }
 
 /* attaches to cgroup/sendmsg4 (unconnected UDP) */
 int mbpf_sendmsg4(struct bpf_sock_addr *ctx)
 {
-	return xlate_forward(ctx, 0);
+	return xlate_forward(ctx, 0, 0);
 }
 
 /* attaches to cgroup/sendmsg6 (unconnected UDP) */
 int mbpf_sendmsg6(struct bpf_sock_addr *ctx)
 {
-	return xlate_forward(ctx, 1);
+	return xlate_forward(ctx, 1, 0);
 }
 
 /* attaches to cgroup/recvmsg4 (UDP) */

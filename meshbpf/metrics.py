@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import GaugeMetricFamily
 
 from .datapath import libbpf, redirect
-from .datapath.layout import LB_MAPS, REDIR_MAPS
+from .datapath.layout import ALL_MAPS, COUNTABLE
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class MapPressureCollector:
         pressure = GaugeMetricFamily("meshbpf_map_pressure", "Fill ratio of each BPF map (entries / capacity)",
                                      labels=["map_name"])
         known = self.known_counts()
-        for spec in LB_MAPS + tuple(m for m in REDIR_MAPS if m.name in ("mbpf_sockhash", "mbpf_sockstate")):
+        for spec in (m for m in ALL_MAPS if m.name in COUNTABLE):
             path = self.bpffs / spec.name
             try:
                 fd = libbpf.obj_get(str(path))

@@ -70,7 +70,8 @@ struct mbpf_aff {
 	__u32 slot;                 /* host order; slot the backend held when chosen */
 };
 
-/* Reverse-NAT map key (LRU): a socket and the backend it was sent to. */
+/* Reverse-NAT map key (LRU), for unconnected UDP, which may send to several
+ * services from one socket: a socket and the backend it was sent to. */
 struct mbpf_rnat_key {
 	__u64 cookie;               /* host order; bpf_get_socket_cookie() */
 	__u8  addr[MBPF_ADDR_LEN];  /* network order; backend address */
@@ -83,6 +84,16 @@ struct mbpf_rnat {
 	__u8  addr[MBPF_ADDR_LEN];  /* network order; service address */
 	__u16 port;                 /* network order; service port */
 	__u8  pad[6];               /* zero */
+};
+
+/* Per-socket reverse NAT (socket storage) of a connected socket: freed with
+ * the socket, so live connections never lose it to LRU churn. */
+struct mbpf_sk_rnat {
+	__u8  backend_addr[MBPF_ADDR_LEN];  /* network order; IPv4 as ::ffff:a.b.c.d */
+	__u8  svc_addr[MBPF_ADDR_LEN];      /* network order; IPv4 as ::ffff:a.b.c.d */
+	__u16 backend_port;                 /* network order */
+	__u16 svc_port;                     /* network order */
+	__u32 pad;                          /* zero */
 };
 
 /* Same-node socket redirection: the sockhash and socket-state key, one per

@@ -93,7 +93,27 @@ lb_pick_backend(void *ctx, const struct mbpf_svc *svc)
 	return be;
 }
 
-/* Remembers, per socket, which service a backend address stands for. */
+/* A connected socket keeps its translation in socket storage. */
+static __always_inline void rnat_remember_sk(struct bpf_sock_addr *ctx,
+					     const struct mbpf_backend *be,
+					     const struct mbpf_svc_key *svc_key)
+{
+	struct bpf_sock *sk = ctx->sk;
+	struct mbpf_sk_rnat *r;
+
+	if (!sk)
+		return;
+	r = mbpf_sk_rnat.sk_storage_get(sk, NULL, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!r)
+		return;
+	__builtin_memcpy(r->backend_addr, be->addr, MBPF_ADDR_LEN);
+	__builtin_memcpy(r->svc_addr, svc_key->addr, MBPF_ADDR_LEN);
+	r->backend_port = be->port;
+	r->svc_port = svc_key->port;
+}
+
+/* Remembers, per socket, which service a backend address stands for
+ * (unconnected UDP: one socket, many services). */
 static __always_inline void rnat_remember(void *ctx,
 					  const struct mbpf_backend *be,
 					  const struct mbpf_svc_key *svc_key)
@@ -117,10 +137,21 @@ static __always_inline void rnat_remember(void *ctx,
 
 /* Rewrites a peer address (backend) back to the service it stands for.
  * Returns 1 when it found one. */
-static __always_inline int rnat_restore(void *ctx, struct mbpf_l4addr *peer)
+static __always_inline int rnat_restore(struct bpf_sock_addr *ctx, struct mbpf_l4addr *peer)
 {
 	struct mbpf_rnat_key key = {};
+	struct bpf_sock *sk = ctx->sk;
+	struct mbpf_sk_rnat *r;
 	struct mbpf_rnat *val;
+
+	if (sk) {
+		r = mbpf_sk_rnat.sk_storage_get(sk, NULL, 0);
+		if (r && r->backend_port == peer->port && addr_equal(r->backend_addr, peer->addr)) {
+			__builtin_memcpy(peer->addr, r->svc_addr, MBPF_ADDR_LEN);
+			peer->port = r->svc_port;
+			return 1;
+		}
+	}
 
 	key.cookie = mbpf_get_socket_cookie(ctx);
 	__builtin_memcpy(key.addr, peer->addr, MBPF_ADDR_LEN);

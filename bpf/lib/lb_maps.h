@@ -46,4 +46,17 @@ BPF_TABLE_PINNED("lru_hash", struct mbpf_aff_key, struct mbpf_aff, mbpf_affinity
 BPF_TABLE_PINNED("lru_hash", struct mbpf_rnat_key, struct mbpf_rnat, mbpf_rnat,
 		 MBPF_RNAT_MAX, MBPF_PIN(mbpf_rnat));
 
+/* socket -> the service its connect() was translated from; freed with the
+ * socket. Spelled out because bcc's BPF_SK_STORAGE has no pinned form. */
+struct mbpf_sk_rnat_table_t {
+	int key;
+	struct mbpf_sk_rnat leaf;
+	void *(*sk_storage_get)(void *, void *, int);
+	int (*sk_storage_delete)(void *);
+	u32 flags;
+};
+__attribute__((section("maps/sk_storage:" MBPF_PIN(mbpf_sk_rnat))))
+struct mbpf_sk_rnat_table_t mbpf_sk_rnat = { .flags = BPF_F_NO_PREALLOC };
+BPF_ANNOTATE_KV_PAIR(mbpf_sk_rnat, int, struct mbpf_sk_rnat);
+
 #endif /* MBPF_LB_MAPS_H */

@@ -56,6 +56,11 @@ class RnatC(ct.Structure):
     _fields_ = [("addr", U8x16), ("port", ct.c_uint16), ("pad", ct.c_uint8 * 6)]
 
 
+class SkRnatC(ct.Structure):
+    _fields_ = [("backend_addr", U8x16), ("svc_addr", U8x16), ("backend_port", ct.c_uint16),
+                ("svc_port", ct.c_uint16), ("pad", ct.c_uint32)]
+
+
 class SockKeyC(ct.Structure):
     _fields_ = [("local_ip", U8x16), ("remote_ip", U8x16), ("local_port", ct.c_uint16),
                 ("remote_port", ct.c_uint16), ("family", ct.c_uint8), ("pad", ct.c_uint8 * 3)]
@@ -92,7 +97,11 @@ LB_MAPS = (
     MapSpec("mbpf_backends", "backends", ct.c_uint32, BackendC, "MBPF_BACKEND_MAX", 131072),
     MapSpec("mbpf_affinity", "", AffKeyC, AffC, "MBPF_AFFINITY_MAX", 65536),
     MapSpec("mbpf_rnat", "", RnatKeyC, RnatC, "MBPF_RNAT_MAX", 131072),
+    # Socket storage: one value per socket, freed with it; max_entries is 0.
+    MapSpec("mbpf_sk_rnat", "", ct.c_int, SkRnatC, "", 0),
 )
+COUNTABLE = {"mbpf_svc", "mbpf_slots", "mbpf_backends", "mbpf_affinity", "mbpf_rnat",
+             "mbpf_sockhash", "mbpf_sockstate"}  # maps whose keys can be walked
 BY_ROLE = {m.role: m for m in LB_MAPS if m.role}
 
 # Same-node socket redirection (bpf/lib/redir_maps.h).

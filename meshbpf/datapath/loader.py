@@ -125,6 +125,17 @@ class SockLB:
     def table(self, name: str):
         return self.bpf[name.encode()]
 
+    def compiled_types(self, name: str) -> tuple[type, type]:
+        """bcc's Key and Leaf ctypes for any map, including the map types
+        bcc has no Table class for (sockhash, socket storage)."""
+        import json
+
+        from bcc import BPF
+        from bcc.libbcc import lib
+        key = lib.bpf_table_key_desc(self.bpf.module, name.encode()).decode()
+        leaf = lib.bpf_table_leaf_desc(self.bpf.module, name.encode()).decode()
+        return BPF._decode_table_type(json.loads(key)), BPF._decode_table_type(json.loads(leaf))
+
     def map_fd(self, name: str) -> int:
         """The fd of any map, sockhash included (bcc has no Table for it)."""
         from bcc.libbcc import lib

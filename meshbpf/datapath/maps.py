@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..reconcile import LBState, Plan
 from . import libbpf
-from .layout import BY_ROLE, CODECS, LB_MAPS
+from .layout import BY_ROLE, CODECS, COUNTABLE, LB_MAPS
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def read_pinned(bpffs: Path) -> tuple[LBState, dict[str, int]]:
     counts: dict[str, int] = {}
     for spec in LB_MAPS:
         path = bpffs / spec.name
-        if not path.exists():
+        if not path.exists() or spec.name not in COUNTABLE:
             continue
         fd = libbpf.obj_get(str(path))
         try:

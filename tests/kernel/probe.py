@@ -45,6 +45,17 @@ def peername(host: str, port: str) -> dict:
         return {"peer": [peer[0], peer[1]]}
 
 
+def peername_after_churn(host: str, port: str, idle: str, churn: str) -> dict:
+    """getpeername() of idle connections after many newer ones came and went."""
+    held = [socket.create_connection((host, int(port)), timeout=2) for _ in range(int(idle))]
+    for _ in range(int(churn)):
+        socket.create_connection((host, int(port)), timeout=2).close()
+    peers = sorted({f"{s.getpeername()[0]}:{s.getpeername()[1]}" for s in held})
+    for s in held:
+        s.close()
+    return {"peers": peers}
+
+
 def _dns_query(name: str) -> bytes:
     header = struct.pack("!HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0)
     qname = b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0"
@@ -240,7 +251,7 @@ def xfer_client(host: str, port: str, size: str, total: str, nodelay: str, flags
 
 
 COMMANDS = {f.__name__.replace("_", "-"): f for f in
-            (whoami, peername, udp_peer, connect_error, udp_send_error, loop, hold,
+            (whoami, peername, peername_after_churn, udp_peer, connect_error, udp_send_error, loop, hold,
              xfer_server, xfer_client)}
 
 if __name__ == "__main__":

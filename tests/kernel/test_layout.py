@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ctypes as ct
 
-from meshbpf.datapath.layout import LB_MAPS
+from meshbpf.datapath.layout import ALL_MAPS
 from meshbpf.datapath.loader import SockLB
 
 
@@ -17,9 +17,9 @@ def _layout(t) -> list[tuple[str, int, int]]:
 def test_hand_mirror_matches_the_compiled_structs(bpffs):
     lb = SockLB(bpffs=bpffs)
     lb.compile()
-    for spec in LB_MAPS:
-        table = lb.table(spec.name)
-        assert ct.sizeof(spec.key) == ct.sizeof(table.Key), spec.name
-        assert ct.sizeof(spec.value) == ct.sizeof(table.Leaf), spec.name
-        assert _layout(spec.key) == _layout(table.Key), spec.name
-        assert _layout(spec.value) == _layout(table.Leaf), spec.name
+    for spec in ALL_MAPS:
+        key, leaf = lb.compiled_types(spec.name)
+        assert ct.sizeof(spec.key) == ct.sizeof(key), spec.name
+        assert ct.sizeof(spec.value) == ct.sizeof(leaf), spec.name
+        assert _layout(spec.key) == _layout(key), spec.name
+        assert _layout(spec.value) == _layout(leaf), spec.name

@@ -75,6 +75,15 @@ def test_getpeername_shows_the_service_address(lab, probe, start_agent):
     assert probe("client", "peername", "fd00:96::10", 80)["peer"] == ["fd00:96::10", 80]
 
 
+def test_getpeername_survives_connection_churn(lab, probe, start_agent):
+    """TCP keeps its translation in socket storage, freed with the socket,
+    so many newer connections cannot push out a live one's entry (the LRU
+    reverse-NAT map is for unconnected UDP only, and is tiny here)."""
+    start_agent(web_service(lab), "--map-size", "mbpf_rnat=16")
+    result = probe("client", "peername-after-churn", "10.96.0.10", 80, 10, 200)
+    assert result["peers"] == ["10.96.0.10:80"]
+
+
 def _dns_service(lab, pods) -> list[dict]:
     return [
         k8s.service("dns", ["10.96.0.53"], [k8s.port("dns", 53, 53, "UDP"), k8s.port("dns-tcp", 53, 53)],
