@@ -20,6 +20,7 @@ from .datapath.layout import BY_ROLE
 from .datapath.loader import DEFAULT_BPFFS, DatapathError, SockLB
 from .datapath.redirect import apply_settings
 from .datapath.maps import LBMaps, MapWriteError
+from .gcpause import gc_paused
 from .metrics import AgentMetrics, HealthServer, MapPressureCollector, RedirectCollector, heartbeat_check
 from .model import DesiredState, RedirectSettings
 from .reconcile import CapacityError, LBState, Plan, check_capacity, plan, wanted_services
@@ -92,6 +93,10 @@ class Agent:
             self.http.stop()
 
     def step(self) -> None:
+        with gc_paused():
+            self._step()
+
+    def _step(self) -> None:
         started = time.monotonic()
         try:
             desired = self.source.poll()

@@ -9,7 +9,7 @@ all is a typo, and is reported with the nearest known name, the way
 from __future__ import annotations
 
 import difflib
-from typing import Any, Callable
+from typing import Any
 
 # A schema node is one of:
 #   ANY                      anything (status, managedFields, targetRef ...)
@@ -69,12 +69,7 @@ ENDPOINT_SLICE = {
 
 LIST = {"apiVersion": STR, "kind": STR, "metadata": ANY, "items": [ANY]}
 
-_SCALARS: dict[str, Callable[[Any], bool]] = {
-    STR: lambda v: isinstance(v, str),
-    # bool is an int in Python; a YAML true is not a port number.
-    INT: lambda v: isinstance(v, int) and not isinstance(v, bool),
-    BOOL: lambda v: isinstance(v, bool),
-}
+# Exact type checks: bool is an int in Python, and a YAML true is not a port number.
 
 
 def _kind_name(value: Any) -> str:
@@ -93,47 +88,95 @@ def _kind_name(value: Any) -> str:
 
 def check(value: Any, schema: Any, path: str = "") -> list[tuple[str, str]]:
     """Returns (field path, reason) for every violation below value."""
-    if value is None or schema == ANY:
-        return []
+    out: list[tuple[str, str]] = []
+    validator = _compiled(schema)
+    if value is not None and validator is not None:
+        validator(value, path, out)
+    return out
+
+
+# The schemas are compiled once into nested closures: checking 20 000
+# objects is on the path of every config reload, and walking the schema
+# description anew for each value cost more than parsing the YAML.
+_CACHE: dict[int, Any] = {}
+
+_EXACT_TYPE = {STR: str, INT: int, BOOL: bool}
+
+
+def _compiled(schema: Any):
+    key = id(schema)
+    if key not in _CACHE:
+        _CACHE[key] = (_compile(schema), schema)  # keep schema alive: ids are reused
+    return _CACHE[key][0]
+
+
+def _compile(schema: Any):
+    if schema == ANY:
+        return None
     if isinstance(schema, dict):
-        if not isinstance(value, dict):
-            return [(path, f"expected a map, got {_kind_name(value)}")]
-        out: list[tuple[str, str]] = []
-        unknown = value.keys() - schema.keys()
-        for name in sorted(unknown, key=str):
-            hint = difflib.get_close_matches(str(name), list(schema), n=1)
-            why = f"unknown field {name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
-            out.append((_join(path, str(name)), why))
-        for name, sub in value.items():
-            sub_schema = schema.get(name, ANY)
-            if sub is None or sub_schema == ANY:
-                continue
-            scalar = _SCALARS.get(sub_schema) if isinstance(sub_schema, str) else None
-            if scalar is not None:
-                # Inline the common case: a scalar field needs no recursion.
-                if not scalar(sub):
-                    out.extend(_scalar_problem(sub, sub_schema, _join(path, name)))
-            else:
-                out.extend(check(sub, sub_schema, _join(path, name)))
-        return out
+        return _compile_object(schema)
     if isinstance(schema, list):
-        if not isinstance(value, list):
-            return [(path, f"expected a list, got {_kind_name(value)}")]
-        out = []
-        for i, item in enumerate(value):
-            if item is None:
-                out.append((f"{path}[{i}]", "empty list item"))
-            else:
-                out.extend(check(item, schema[0], f"{path}[{i}]"))
-        return out
+        return _compile_list(schema[0])
     if schema == STR_MAP:
-        if not isinstance(value, dict):
-            return [(path, f"expected a map of strings, got {_kind_name(value)}")]
-        return [(_join(path, str(k)), f"expected a string, got {_kind_name(v)}")
-                for k, v in value.items() if not isinstance(v, str)]
-    if not _SCALARS[schema](value):
-        return _scalar_problem(value, schema, path)
-    return []
+        def check_str_map(value, path, out):
+            if type(value) is not dict:
+                out.append((path, f"expected a map of strings, got {_kind_name(value)}"))
+                return
+            for k, v in value.items():
+                if type(v) is not str:
+                    out.append((_join(path, str(k)), f"expected a string, got {_kind_name(v)}"))
+        return check_str_map
+    wanted = _EXACT_TYPE[schema]
+
+    def check_scalar(value, path, out):
+        if type(value) is not wanted:
+            out.extend(_scalar_problem(value, schema, path))
+    return check_scalar
+
+
+def _compile_object(schema: dict):
+    allowed = frozenset(schema)
+    names = list(schema)
+    scalars = {k: _EXACT_TYPE[v] for k, v in schema.items() if isinstance(v, str) and v in _EXACT_TYPE}
+    nested = {k: _compile(v) for k, v in schema.items()
+              if k not in scalars and v != ANY}
+
+    def check_object(value, path, out):
+        if type(value) is not dict:
+            out.append((path, f"expected a map, got {_kind_name(value)}"))
+            return
+        if not value.keys() <= allowed:
+            for name in sorted(value.keys() - allowed, key=str):
+                hint = difflib.get_close_matches(str(name), names, n=1)
+                why = f"unknown field {name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                out.append((_join(path, str(name)), why))
+        for name, sub in value.items():
+            if sub is None:
+                continue
+            wanted = scalars.get(name)
+            if wanted is not None:
+                if type(sub) is not wanted:
+                    out.extend(_scalar_problem(sub, schema[name], _join(path, name)))
+                continue
+            fn = nested.get(name)
+            if fn is not None:
+                fn(sub, _join(path, name), out)
+    return check_object
+
+
+def _compile_list(item_schema: Any):
+    item = _compile(item_schema)
+
+    def check_list(value, path, out):
+        if type(value) is not list:
+            out.append((path, f"expected a list, got {_kind_name(value)}"))
+            return
+        for i, element in enumerate(value):
+            if element is None:
+                out.append((f"{path}[{i}]", "empty list item"))
+            elif item is not None:
+                item(element, f"{path}[{i}]", out)
+    return check_list
 
 
 def _scalar_problem(value: Any, schema: str, path: str) -> list[tuple[str, str]]:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml_rs
 
+from ..gcpause import gc_paused
 from ..model import DesiredState
 from .errors import ConfigError, Problem
 from .kube_objects import BuildResult, SourceObject, build_state
@@ -85,6 +86,11 @@ def parse_documents(path: Path, text: str) -> list[SourceObject]:
 
 def read_config(path: Path, node_name: str | None = None) -> BuildResult:
     """Reads and validates everything under path; raises ConfigError."""
+    with gc_paused():
+        return _read_config(path, node_name)
+
+
+def _read_config(path: Path, node_name: str | None) -> BuildResult:
     objects: list[SourceObject] = []
     problems: list[Problem] = []
     for file in config_files(path):
