@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .datapath import cgroup
+from .datapath import cgroup, features
 from .datapath.layout import BY_ROLE
 from .datapath.loader import DEFAULT_BPFFS, DatapathError, SockLB
 from .datapath.redirect import apply_settings
@@ -65,6 +65,11 @@ class Agent:
     # --- start-up ------------------------------------------------------------
     def start(self) -> None:
         target = self.target = cgroup.resolve(self.opts.cgroup)
+        probed = features.probe()
+        self.lb.features = features.as_dict(probed)
+        for f in probed:
+            if not self.lb.features[f.name]:
+                log.warning("kernel feature %s is unavailable (%s): %s", f.name, f.needed_for, f.without)
         self.lb.compile()
         self.lb.attach(target)
         self.maps = LBMaps.from_socklb(self.lb)
@@ -139,6 +144,11 @@ class Agent:
             log.error("map write failed: %s; restoring the previous state", exc)
             self._restore()
             return False
+        if desired.settings.redirect != self.applied_redirect:
+            if desired.settings.redirect.enabled and not self.lb.redirect:
+                log.warning("AgentConfig asks for socket redirection, but this kernel cannot do "
+                            "it safely (see `meshbpf status`); it stays off")
+                self.applied_redirect = desired.settings.redirect
         if desired.settings.redirect != self.applied_redirect:
             try:
                 apply_settings(self.lb, desired.settings.redirect, self.target, self.applied_redirect)

@@ -64,6 +64,7 @@ lb_pick_backend(void *ctx, const struct mbpf_svc *svc)
 
 	if (svc->count == 0)
 		return NULL;
+#ifdef MBPF_HAVE_NETNS_COOKIE
 	if (svc->affinity_timeout) {
 		akey.netns_cookie = bpf_get_netns_cookie(ctx);
 		akey.svc_id = svc->svc_id;
@@ -72,6 +73,7 @@ lb_pick_backend(void *ctx, const struct mbpf_svc *svc)
 		if (be)
 			return be;
 	}
+#endif
 
 	slot = bpf_get_prandom_u32() % svc->count;
 	be = lb_slot_backend(svc->svc_id, slot, &backend_id);
@@ -82,6 +84,7 @@ lb_pick_backend(void *ctx, const struct mbpf_svc *svc)
 			return NULL;
 	}
 
+#ifdef MBPF_HAVE_NETNS_COOKIE
 	if (svc->affinity_timeout) {
 		struct mbpf_aff val = {
 			.last_used_ns = now,
@@ -90,14 +93,25 @@ lb_pick_backend(void *ctx, const struct mbpf_svc *svc)
 		};
 		mbpf_affinity.update(&akey, &val);
 	}
+#endif
 	return be;
 }
 
-/* A connected socket keeps its translation in socket storage. */
+/* Remembers, per socket, which service a backend address stands for
+ * (unconnected UDP: one socket, many services). */
+static __always_inline void rnat_remember(void *ctx,
+					  const struct mbpf_backend *be,
+					  const struct mbpf_svc_key *svc_key);
+
+/* A connected socket keeps its translation in socket storage (or, on
+ * kernels without it, in the LRU map like unconnected UDP). */
 static __always_inline void rnat_remember_sk(struct bpf_sock_addr *ctx,
 					     const struct mbpf_backend *be,
 					     const struct mbpf_svc_key *svc_key)
 {
+#ifndef MBPF_HAVE_SK_STORAGE
+	rnat_remember(ctx, be, svc_key);
+#else
 	struct bpf_sock *sk = ctx->sk;
 	struct mbpf_sk_rnat *r;
 
@@ -110,6 +124,7 @@ static __always_inline void rnat_remember_sk(struct bpf_sock_addr *ctx,
 	__builtin_memcpy(r->svc_addr, svc_key->addr, MBPF_ADDR_LEN);
 	r->backend_port = be->port;
 	r->svc_port = svc_key->port;
+#endif
 }
 
 /* Remembers, per socket, which service a backend address stands for
@@ -140,9 +155,10 @@ static __always_inline void rnat_remember(void *ctx,
 static __always_inline int rnat_restore(struct bpf_sock_addr *ctx, struct mbpf_l4addr *peer)
 {
 	struct mbpf_rnat_key key = {};
+	struct mbpf_rnat *val;
+#ifdef MBPF_HAVE_SK_STORAGE
 	struct bpf_sock *sk = ctx->sk;
 	struct mbpf_sk_rnat *r;
-	struct mbpf_rnat *val;
 
 	if (sk) {
 		r = mbpf_sk_rnat.sk_storage_get(sk, NULL, 0);
@@ -152,6 +168,7 @@ static __always_inline int rnat_restore(struct bpf_sock_addr *ctx, struct mbpf_l
 			return 1;
 		}
 	}
+#endif
 
 	key.cookie = mbpf_get_socket_cookie(ctx);
 	__builtin_memcpy(key.addr, peer->addr, MBPF_ADDR_LEN);

@@ -46,6 +46,7 @@ BPF_TABLE_PINNED("lru_hash", struct mbpf_aff_key, struct mbpf_aff, mbpf_affinity
 BPF_TABLE_PINNED("lru_hash", struct mbpf_rnat_key, struct mbpf_rnat, mbpf_rnat,
 		 MBPF_RNAT_MAX, MBPF_PIN(mbpf_rnat));
 
+#ifdef MBPF_HAVE_SK_STORAGE
 /* socket -> the service its connect() was translated from; freed with the
  * socket. Spelled out because bcc's BPF_SK_STORAGE has no pinned form. */
 struct mbpf_sk_rnat_table_t {
@@ -58,5 +59,6 @@ struct mbpf_sk_rnat_table_t {
 __attribute__((section("maps/sk_storage:" MBPF_PIN(mbpf_sk_rnat))))
 struct mbpf_sk_rnat_table_t mbpf_sk_rnat = { .flags = BPF_F_NO_PREALLOC };
 BPF_ANNOTATE_KV_PAIR(mbpf_sk_rnat, int, struct mbpf_sk_rnat);
+#endif
 
 #endif /* MBPF_LB_MAPS_H */

@@ -11,6 +11,7 @@ from .agent_cmd import agent
 from .inspect_cmd import bpf, service, uninstall
 from .lab_cmd import lab
 from .sockmap_cmd import sockmap
+from .status_cmd import status
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -22,7 +23,7 @@ def cli(verbose: int) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-for command in (agent, service, bpf, sockmap, uninstall, lab):
+for command in (agent, service, bpf, sockmap, status, uninstall, lab):
     cli.add_command(command)
 
 

@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import btf, cgroup, libbpf
+from . import btf, cgroup, features as kernel_features, libbpf
 from .layout import ALL_MAPS, LB_MAPS, REDIR_MAPS, MapSpec
 from .source import program_text
 
@@ -53,7 +53,6 @@ SOCK_LB_HOOKS = (
 
 # One file per hook family, compiled together.
 LB_SOURCES = ["sock_lb.c"]
-REDIR_SOURCES = ["sockops.c", "sk_msg.c", "sockopt.c"]
 
 
 class DatapathError(Exception):
@@ -87,8 +86,8 @@ class SockLB:
 
     bpffs: Path = DEFAULT_BPFFS
     sizes: dict[str, int] = field(default_factory=dict)      # map name -> max_entries
-    features: dict[str, bool] = field(default_factory=dict)  # e.g. {"set_retval": True}
-    redirect: bool = True                                    # compile the redirection programs
+    features: dict[str, bool] | None = None                  # None: probe the kernel
+    redirect: bool = True                                    # compile redirection if the kernel can
     bpf: object = None
 
     def compile(self) -> None:
@@ -96,20 +95,26 @@ class SockLB:
         from bcc import BPF  # imported here: the CLI must work without bcc
 
         check_bpffs(self.bpffs)
+        if self.features is None:
+            self.features = kernel_features.as_dict(kernel_features.probe())
+        if not self.features["cgroup_sock_addr"]:
+            raise DatapathError("this kernel has no cgroup socket-address hooks (4.17+ with "
+                                "bpf_get_socket_cookie, 5.0+): meshbpf cannot run here")
+        self.redirect = self.redirect and kernel_features.redirect_possible(self.features)
         self.bpffs.mkdir(parents=True, exist_ok=True)
         cflags = [f'-DMBPF_PIN_DIR="{self.bpffs}"']
         for spec in self.maps():
             if spec.size_macro:
                 cflags.append(f"-D{spec.size_macro}={self.capacity(spec)}")
-        if self.features.get("set_retval", True):
-            cflags.append("-DMBPF_HAVE_SET_RETVAL")
+        for feature in ("set_retval", "sk_storage", "netns_cookie"):
+            if self.features[feature]:
+                cflags.append(f"-DMBPF_HAVE_{feature.upper()}")
         files = list(LB_SOURCES)
         if self.redirect:
-            try:
-                cflags += [f"-D{k}={v}" for k, v in kernel_offsets().items()]
-            except btf.BTFError as exc:
-                raise DatapathError(f"same-node redirection needs kernel BTF: {exc}") from None
-            files += REDIR_SOURCES
+            cflags += [f"-D{k}={v}" for k, v in kernel_offsets().items()]
+            files += ["sockops.c", "sk_msg.c"]
+            if self.features["cgroup_sockopt"]:
+                files.append("sockopt.c")
         try:
             self.bpf = BPF(text=program_text(files).encode(), cflags=cflags)
         except Exception as exc:
@@ -117,7 +122,9 @@ class SockLB:
         self._check_pinned_layouts()
 
     def maps(self) -> tuple[MapSpec, ...]:
-        return ALL_MAPS if self.redirect else LB_MAPS
+        feats = self.features or {}
+        lb = tuple(m for m in LB_MAPS if m.name != "mbpf_sk_rnat" or feats.get("sk_storage", True))
+        return lb + REDIR_MAPS if self.redirect else lb
 
     def capacity(self, spec: MapSpec) -> int:
         return self.sizes.get(spec.name, spec.default_size)
@@ -186,18 +193,24 @@ class SockLB:
         workloads take part. Links to cgroups no longer listed are removed."""
         from bcc import BPF
 
+        if not self.redirect:
+            missing = [f.name for f in kernel_features.probe()
+                       if not f.available and "redirection" in f.needed_for]
+            raise DatapathError("socket redirection is not available on this kernel "
+                                f"(missing: {', '.join(missing) or 'disabled at build'})")
         msg = self.bpf.load_func(b"mbpf_sk_msg", PROG_TYPE_SK_MSG)
         BPF.attach_func(msg, self.map_fd("mbpf_sockhash"), ATTACH_SK_MSG_VERDICT)
-        sockops = self.bpf.load_func(b"mbpf_sockops", PROG_TYPE_SOCK_OPS)
-        sockopt = self.bpf.load_func(b"mbpf_setsockopt", PROG_TYPE_CGROUP_SOCKOPT,
-                                     attach_type=ATTACH_SETSOCKOPT)
+        hooks = [(self.bpf.load_func(b"mbpf_sockops", PROG_TYPE_SOCK_OPS), ATTACH_SOCK_OPS, "mbpf_sockops")]
+        if self.features["cgroup_sockopt"]:
+            hooks.append((self.bpf.load_func(b"mbpf_setsockopt", PROG_TYPE_CGROUP_SOCKOPT,
+                                             attach_type=ATTACH_SETSOCKOPT),
+                          ATTACH_SETSOCKOPT, "mbpf_setsockopt"))
         wanted: set[str] = set()
         for path in cgroups:
             cg_id = cgroup.cgroup_id(path)
             cg_fd = cgroup.open_cgroup(path)
             try:
-                for fn, attach_type, name in ((sockops, ATTACH_SOCK_OPS, "mbpf_sockops"),
-                                              (sockopt, ATTACH_SETSOCKOPT, "mbpf_setsockopt")):
+                for fn, attach_type, name in hooks:
                     pin = self._links_dir() / f"{name}-{cg_id}"  # bpffs refuses "." in names
                     wanted.add(pin.name)
                     _attach_or_swap(fn.fd, cg_fd, cg_id, attach_type, pin)

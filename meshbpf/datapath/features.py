@@ -1,0 +1,96 @@
+"""What the running kernel supports, probed the way bpftool does.
+
+libbpf's probes load a tiny program or map of each kind and see whether the
+verifier takes it; they cost a few milliseconds and need no compiler. The
+loader turns the answers into -D flags, and a feature the kernel lacks
+either gets a fallback or is turned off with a clear message; loading never
+fails on it.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import btf
+from .libbpf import _lib
+
+# uapi/linux/bpf.h enum values
+PROG = {"cgroup_sock_addr": 18, "sock_ops": 13, "sk_msg": 16, "cgroup_sockopt": 25}
+MAP = {"sockhash": 18, "sk_storage": 24, "lru_hash": 9, "lpm_trie": 11}
+HELPER = {
+    "get_socket_cookie": 46, "get_netns_cookie": 122, "set_retval": 187,
+    "sk_storage_get": 107, "sock_hash_update": 70, "msg_redirect_hash": 71,
+    "probe_read_kernel": 113, "sock_ops_cb_flags_set": 59, "getsockopt": 57,
+}
+
+_lib.libbpf_probe_bpf_prog_type.argtypes = [ct.c_int, ct.c_void_p]
+_lib.libbpf_probe_bpf_map_type.argtypes = [ct.c_int, ct.c_void_p]
+_lib.libbpf_probe_bpf_helper.argtypes = [ct.c_int, ct.c_int, ct.c_void_p]
+
+
+def _prog(name: str) -> bool:
+    return _lib.libbpf_probe_bpf_prog_type(PROG[name], None) == 1
+
+
+def _map(name: str) -> bool:
+    return _lib.libbpf_probe_bpf_map_type(MAP[name], None) == 1
+
+
+def _helper(prog: str, helper: str) -> bool:
+    return _lib.libbpf_probe_bpf_helper(PROG[prog], HELPER[helper], None) == 1
+
+
+@dataclass(frozen=True)
+class Feature:
+    name: str
+    available: bool
+    needed_for: str
+    without: str     # what meshbpf does when the kernel lacks it
+
+
+def probe() -> list[Feature]:
+    """The feature table `meshbpf status` prints and the loader uses."""
+    sock_addr = _prog("cgroup_sock_addr")
+    try:
+        btf.member_offset("sk_psock", "ingress_msg")
+        has_btf = True
+    except btf.BTFError:
+        has_btf = False
+    sockops = _prog("sock_ops") and _helper("sock_ops", "sock_hash_update")
+    return [
+        Feature("cgroup_sock_addr", sock_addr and _helper("cgroup_sock_addr", "get_socket_cookie"),
+                "socket-level load balancing", "meshbpf cannot run: no socket-LB"),
+        Feature("set_retval", sock_addr and _helper("cgroup_sock_addr", "set_retval"),
+                "ECONNREFUSED for services without endpoints (5.18+)",
+                "connect() and UDP sends to such services fail with EPERM instead"),
+        Feature("sk_storage", _map("sk_storage") and sock_addr
+                and _helper("cgroup_sock_addr", "sk_storage_get"),
+                "reverse NAT kept per socket (getpeername, connected UDP)",
+                "kept in the LRU map instead: heavy connection churn can evict live entries"),
+        Feature("netns_cookie", sock_addr and _helper("cgroup_sock_addr", "get_netns_cookie"),
+                "sessionAffinity: ClientIP", "session affinity is not applied"),
+        Feature("sockmap", _map("sockhash") and _prog("sk_msg") and sockops
+                and _helper("sk_msg", "msg_redirect_hash"),
+                "same-node socket redirection", "socket redirection is off"),
+        Feature("sockops_probe_read", sockops and _helper("sock_ops", "probe_read_kernel"),
+                "redirection: evicting sockets safely", "socket redirection is off"),
+        Feature("kernel_btf", has_btf and Path(btf.VMLINUX).exists(),
+                "redirection: kernel struct offsets", "socket redirection is off"),
+        Feature("cgroup_sockopt", _prog("cgroup_sockopt"),
+                "redirection: seeing TCP_NODELAY set after connect",
+                "TCP_NODELAY set after connect is not seen; such sockets may switch to TCP"),
+    ]
+
+
+def as_dict(features: list[Feature]) -> dict[str, bool]:
+    """name -> available. MESHBPF_DISABLE_FEATURES=a,b makes meshbpf act as
+    if the kernel lacked them: how the fallbacks are tested on a new kernel."""
+    disabled = {n.strip() for n in os.environ.get("MESHBPF_DISABLE_FEATURES", "").split(",") if n.strip()}
+    return {f.name: f.available and f.name not in disabled for f in features}
+
+
+def redirect_possible(f: dict[str, bool]) -> bool:
+    return f["sockmap"] and f["sockops_probe_read"] and f["kernel_btf"]
