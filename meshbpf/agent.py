@@ -94,6 +94,8 @@ class Agent:
             self.step()
             self._stop.wait(self.opts.poll_interval)
         log.info("stopping; the datapath stays attached and keeps serving")
+        if hasattr(self.source, "stop"):
+            self.source.stop()
         if self.http:
             self.http.stop()
 
@@ -110,6 +112,7 @@ class Agent:
             self.metrics.config_ok.set(0)
             log.error("config rejected, still running the previous state:\n%s", exc)
             return
+        self.metrics.source_problems.set(len(getattr(self.source, "problems", [])))
         if desired is None:
             return
         self.metrics.config_ok.set(1)

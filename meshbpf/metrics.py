@@ -42,6 +42,10 @@ class AgentMetrics:
                                "When the maps last matched the desired state", registry=r)
         self.config_ok = Gauge("meshbpf_config_last_load_success",
                                "1 if the last config change was accepted", registry=r)
+        self.source_problems = Gauge(
+            "meshbpf_source_problems",
+            "Objects the Kubernetes source leaves out for their problems (logged once each)",
+            registry=r)
         for reason in ("config", "capacity", "datapath"):
             self.sync_errors.labels(reason)
 

@@ -84,25 +84,40 @@ def parse_documents(path: Path, text: str) -> list[SourceObject]:
             for i, doc in enumerate(docs)]
 
 
-def read_config(path: Path, node_name: str | None = None) -> BuildResult:
-    """Reads and validates everything under path; raises ConfigError."""
+def read_config(path: Path, node_name: str | None = None,
+                cache: dict | None = None) -> BuildResult:
+    """Reads and validates everything under path; raises ConfigError.
+
+    With a cache (kept by the caller between reads), files whose inode, size
+    and mtime are unchanged are not parsed again."""
     with gc_paused():
-        return _read_config(path, node_name)
+        return _read_config(path, node_name, cache if cache is not None else {})
 
 
-def _read_config(path: Path, node_name: str | None) -> BuildResult:
+def _read_config(path: Path, node_name: str | None, cache: dict) -> BuildResult:
     objects: list[SourceObject] = []
     problems: list[Problem] = []
-    for file in config_files(path):
+    files = config_files(path)
+    for stale in set(cache) - set(files):
+        del cache[stale]
+    for file in files:
         try:
+            st = os.stat(file)
+            stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+            if file in cache and cache[file][0] == stamp:
+                objects.extend(cache[file][1])
+                continue
             text = file.read_text(encoding="utf-8-sig")  # tolerate a byte order mark
         except (OSError, UnicodeDecodeError) as exc:
             problems.append(Problem(str(file), "", "", f"cannot read: {exc}"))
             continue
         try:
-            objects.extend(parse_documents(file, text))
+            parsed = parse_documents(file, text)
         except ConfigError as exc:
             problems.extend(exc.problems)
+            continue
+        cache[file] = (stamp, parsed)
+        objects.extend(parsed)
     if problems:
         raise ConfigError(problems)
     result = build_state(objects, node_name=node_name)
@@ -140,6 +155,7 @@ class FileSource:
         self.node_name = node_name
         self._last: _Stamp | None = None
         self._notes: list[str] = []
+        self._parsed: dict = {}  # file -> (stamp, parsed documents)
 
     def changed(self) -> bool:
         return _stamp(self.path) != self._last
@@ -151,7 +167,7 @@ class FileSource:
         if stamp == self._last:
             return None
         self._last = stamp
-        result = read_config(self.path, self.node_name)
+        result = read_config(self.path, self.node_name, self._parsed)
         if result.notes != self._notes:
             for note in result.notes:
                 log.info("%s", note)

@@ -142,3 +142,29 @@ def test_ten_thousand_services(lab, probe, bpffs, config, start_agent):
     wait_backends(bpffs, "10.96.9.9:80/TCP", [f"{lab.pods['web-2'].ipv4}:8080"], timeout=30)
     log = agent.log()
     assert "synced 10001 services: 2 map writes" in log
+
+
+def test_upgrade_to_another_build_under_load(lab, probe, bpffs, start_agent, monkeypatch):
+    """Two agent builds in a row, like a DaemonSet rolling update: the new
+    one takes over the pinned maps and swaps its programs in behind the
+    pinned links while connections keep being made."""
+    # The "old version": a build without the affinity code (other programs,
+    # same map layouts), as a kernel or a release without a feature makes.
+    monkeypatch.setenv("MESHBPF_DISABLE_FEATURES", "netns_cookie")
+    old = start_agent(web_service(lab))
+    before = {name: info.prog_id for name, info in loader.inspect(bpffs).links.items()}
+    ids_before = _lb_json(bpffs)
+    loop = probe.popen("client", "loop", "10.96.0.10", 80, 6)
+    time.sleep(1.5)
+    old.stop(signal.SIGTERM)
+    monkeypatch.delenv("MESHBPF_DISABLE_FEATURES")
+    new = start_agent()
+    out, _ = loop.communicate(timeout=30)
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["errors"] == {}, result
+    assert sum(result["answers"].values()) > 100
+    after = {name: info.prog_id for name, info in loader.inspect(bpffs).links.items()}
+    assert after.keys() == before.keys()
+    assert all(after[name] != before[name] for name in after)  # every program swapped
+    assert _lb_json(bpffs) == ids_before  # maps taken over as they were
+    assert _total_writes(new.get("/metrics")[1]) == 0
