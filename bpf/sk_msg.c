@@ -10,21 +10,6 @@
 #include "lib/redir_maps.h"
 #include "lib/redir.h"
 
-static __always_inline void msg_key(struct sk_msg_md *msg, struct mbpf_sock_key *key)
-{
-	__u32 family = msg->family;
-
-	redir_addr(key->local_ip, family, msg->local_ip4,
-		   MBPF_CTX_READ32(msg->local_ip6[0]), MBPF_CTX_READ32(msg->local_ip6[1]),
-		   MBPF_CTX_READ32(msg->local_ip6[2]), MBPF_CTX_READ32(msg->local_ip6[3]));
-	redir_addr(key->remote_ip, family, msg->remote_ip4,
-		   MBPF_CTX_READ32(msg->remote_ip6[0]), MBPF_CTX_READ32(msg->remote_ip6[1]),
-		   MBPF_CTX_READ32(msg->remote_ip6[2]), MBPF_CTX_READ32(msg->remote_ip6[3]));
-	key->local_port = (__u16)msg->local_port;
-	key->remote_port = (__u16)bpf_ntohl(msg->remote_port);
-	redir_key_finish(key);
-}
-
 static __always_inline int pass(__u32 size)
 {
 	redir_count(MBPF_CNT_PASS_MSGS, 1);
@@ -42,7 +27,7 @@ int mbpf_sk_msg(struct sk_msg_md *msg)
 	__u32 size = msg->size;
 	int verdict;
 
-	msg_key(msg, &key);
+	redir_key_from_ctx(msg, &key);
 	st = mbpf_sockstate.lookup(&key);
 	if (!st)
 		return pass(size);

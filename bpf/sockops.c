@@ -29,22 +29,6 @@
 #define MBPF_SOCKOPS_FLAGS (BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTT_CB_FLAG | \
 			    BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG)
 
-static __always_inline void skops_key(struct bpf_sock_ops *skops, struct mbpf_sock_key *key)
-{
-	__u32 family = skops->family;
-
-	redir_addr(key->local_ip, family, skops->local_ip4,
-		   MBPF_CTX_READ32(skops->local_ip6[0]), MBPF_CTX_READ32(skops->local_ip6[1]),
-		   MBPF_CTX_READ32(skops->local_ip6[2]), MBPF_CTX_READ32(skops->local_ip6[3]));
-	redir_addr(key->remote_ip, family, skops->remote_ip4,
-		   MBPF_CTX_READ32(skops->remote_ip6[0]), MBPF_CTX_READ32(skops->remote_ip6[1]),
-		   MBPF_CTX_READ32(skops->remote_ip6[2]), MBPF_CTX_READ32(skops->remote_ip6[3]));
-	key->local_port = (__u16)skops->local_port;
-	/* remote_port holds the network-order port in its upper 16 bits */
-	key->remote_port = (__u16)bpf_ntohl(skops->remote_port);
-	redir_key_finish(key);
-}
-
 /* True when this socket's psock is idle: nothing spliced by the peer waits
  * in its ingress queue, and no one but the sockhash holds it. A splice on
  * its way holds a reference while it queues; whatever is queued when the
@@ -87,7 +71,7 @@ static __always_inline void on_established(struct bpf_sock_ops *skops, int activ
 		return;
 	if (skops->family != 2 && skops->family != 10)
 		return;
-	skops_key(skops, &key);
+	redir_key_from_ctx(skops, &key);
 	if (cfg->require_cidr && (!redir_in_cidrs(key.local_ip) || !redir_in_cidrs(key.remote_ip)))
 		return;
 	/* The passive side joins only if the active side did: the peer is
@@ -119,7 +103,7 @@ static __always_inline void try_evict(struct bpf_sock_ops *skops)
 	struct mbpf_sock_key key = {};
 	struct mbpf_sock_key peer = {};
 
-	skops_key(skops, &key);
+	redir_key_from_ctx(skops, &key);
 	st = mbpf_sockstate.lookup(&key);
 	if (!st || st->evicted || st->mode != MBPF_MODE_PASS || !cfg)
 		return;
@@ -153,7 +137,7 @@ static __always_inline void on_fin(struct bpf_sock_ops *skops)
 	struct mbpf_sock_key key = {};
 	struct mbpf_sock_key peer = {};
 
-	skops_key(skops, &key);
+	redir_key_from_ctx(skops, &key);
 	st = mbpf_sockstate.lookup(&key);
 	if (!st || st->evicted)
 		return;
@@ -184,7 +168,7 @@ int mbpf_sockops(struct bpf_sock_ops *skops)
 		/* args[1] is the new state; the sockhash drops closed sockets
 		 * by itself, the state map is ours to clean. */
 		if (skops->args[1] == MBPF_TCP_CLOSE) {
-			skops_key(skops, &key);
+			redir_key_from_ctx(skops, &key);
 			mbpf_sockstate.delete(&key);
 		} else if (skops->args[1] == MBPF_TCP_FIN_WAIT1 ||
 			   skops->args[1] == MBPF_TCP_CLOSE_WAIT) {

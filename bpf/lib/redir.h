@@ -58,6 +58,23 @@ static __always_inline void redir_key_finish(struct mbpf_sock_key *key)
 	key->family = (w[0] == 0 && w[1] == 0 && w[2] == bpf_htonl(0x0000ffff)) ? 4 : 6;
 }
 
+/* Fills a key from a bpf_sock_ops or sk_msg_md context: both uapi structs
+ * name these fields alike, with the same byte orders (local_port in host
+ * order, remote_port network order in the upper 16 bits). */
+#define redir_key_from_ctx(ctx, key)							\
+	do {										\
+		__u32 __family = (ctx)->family;						\
+		redir_addr((key)->local_ip, __family, (ctx)->local_ip4,			\
+			   MBPF_CTX_READ32((ctx)->local_ip6[0]), MBPF_CTX_READ32((ctx)->local_ip6[1]),	\
+			   MBPF_CTX_READ32((ctx)->local_ip6[2]), MBPF_CTX_READ32((ctx)->local_ip6[3]));	\
+		redir_addr((key)->remote_ip, __family, (ctx)->remote_ip4,			\
+			   MBPF_CTX_READ32((ctx)->remote_ip6[0]), MBPF_CTX_READ32((ctx)->remote_ip6[1]),	\
+			   MBPF_CTX_READ32((ctx)->remote_ip6[2]), MBPF_CTX_READ32((ctx)->remote_ip6[3]));	\
+		(key)->local_port = (__u16)(ctx)->local_port;				\
+		(key)->remote_port = (__u16)bpf_ntohl((ctx)->remote_port);		\
+		redir_key_finish(key);							\
+	} while (0)
+
 static __always_inline void redir_peer_key(const struct mbpf_sock_key *key,
 					   struct mbpf_sock_key *peer)
 {

@@ -121,25 +121,9 @@ def build_state(objects: Iterable[SourceObject], *, node_name: str | None = None
         if kind == "Service":
             if not _ours(src, service_proxy_name, out):
                 continue
-            svc = _read_service(src, out)
-            if svc is None:
-                continue
-            key = (svc.namespace, svc.name)
-            if key in services:
-                out.add(src, f"Service {svc.namespace}/{svc.name}", "metadata.name",
-                        f"defined twice (first at {services[key].src.where})")
-                continue
-            services[key] = svc
+            _add_once(services, _read_service(src, out), "Service", out)
         elif kind == "EndpointSlice":
-            sl = _read_slice(src, out)
-            if sl is None:
-                continue
-            key = (sl.namespace, sl.name)
-            if key in slices:
-                out.add(src, f"EndpointSlice {sl.namespace}/{sl.name}", "metadata.name",
-                        f"defined twice (first at {slices[key].src.where})")
-                continue
-            slices[key] = sl
+            _add_once(slices, _read_slice(src, out), "EndpointSlice", out)
         elif kind == agent_config.KIND:
             settings, problems = agent_config.read_agent_config(src.obj, src.where)
             out.problems.extend(problems)
@@ -171,6 +155,18 @@ def build_state(objects: Iterable[SourceObject], *, node_name: str | None = None
             owner[sp.frontend] = sp.service
             state.service_ports[sp.frontend] = sp
     return BuildResult(state, out.problems, out.notes)
+
+
+def _add_once(table: dict, obj: "_Service | _Slice | None", kind: str, out: "_Collector") -> None:
+    """Keeps the first object of a namespace/name; a second one is a problem."""
+    if obj is None:
+        return
+    key = (obj.namespace, obj.name)
+    if key in table:
+        out.add(obj.src, f"{kind} {obj.namespace}/{obj.name}", "metadata.name",
+                f"defined twice (first at {table[key].src.where})")
+        return
+    table[key] = obj
 
 
 def _flatten_lists(objects: Iterable[SourceObject], out: _Collector) -> Iterable[SourceObject]:
