@@ -304,7 +304,12 @@ def main() -> None:
         ap.error(f"{LOADGEN} is missing: run bench/run, which builds it")
 
     # SIGTERM unwinds like Ctrl-C, so every lab, pin and process is removed.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    # Only in this process: pyroute2 forks helpers (IPRoute(netns=...)) and
+    # stops them with SIGTERM; unwinding in such a child would run our
+    # clean-up there and delete the namespaces the parent is still using.
+    main_pid = os.getpid()
+    signal.signal(signal.SIGTERM,
+                  lambda *_: sys.exit(143) if os.getpid() == main_pid else os._exit(143))
     argv = " ".join(sys.argv[1:])
     results = {"command": f"bench/run {argv}".strip(), "machine": machine(),
                "config": {"sizes": sizes, "cases": cases, "rounds": args.rounds,

@@ -83,6 +83,7 @@ static __always_inline void on_established(struct bpf_sock_ops *skops, int activ
 	}
 	if (bpf_getsockopt(skops, MBPF_SOL_TCP, MBPF_TCP_NODELAY, &nodelay, sizeof(nodelay)) == 0 && nodelay)
 		st.nodelay = 1;
+	st.wide_mss = skops->mss_cache >= cfg->nagle_mss_min;
 	if (mbpf_sockstate.update(&key, &st))
 		return;
 	/* (a statement of its own: bcc's rewrite of this call breaks inside an if) */

@@ -1,14 +1,117 @@
-"""Shared test setup: kernel tests (tests/kernel) need root; unit tests do not."""
+"""Shared test setup: kernel tests (tests/kernel) need root; unit tests do not.
 
+Markers for the kernel matrix (tests/vm), where the tests run under qemu TCG,
+about ten times slower than on a real machine:
+
+- ``heavy``: throughput or scale (GiB transfers, 100 000 connections,
+  10 000 services). Under emulation they take many minutes and show nothing
+  a small run does not.
+- ``timing``: asserts on elapsed time or on a rate (connections within a
+  window, an affinity timeout of a second). Under emulation they measure the
+  emulator.
+- ``needs_feature(name, ...)``: needs these kernel features (names from
+  `meshbpf status`); skipped, naming what is missing, on a kernel without
+  them. The table is probed once per session, the same way the agent does.
+
+``MESHBPF_SKIP_MARKS=heavy,timing`` skips tests with those markers (the VMs
+set it); the summary names each skip and why. ``--shard I/N`` runs every
+N-th test from the I-th on (1-based), so that N VMs share one kernel's run.
+"""
+
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 
+SKIPPABLE = {
+    "heavy": "throughput or scale test",
+    "timing": "asserts on elapsed time or a rate",
+}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--shard", default=None, metavar="I/N",
+                     help="run only the I-th of N interleaved shares of the tests (1-based)")
+
+
+def _shard(config) -> tuple[int, int] | None:
+    value = config.getoption("--shard")
+    if not value:
+        return None
+    try:
+        i, n = (int(x) for x in value.split("/"))
+    except ValueError:
+        raise pytest.UsageError(f"--shard {value!r}: expected I/N, like 1/2") from None
+    if not 1 <= i <= n:
+        raise pytest.UsageError(f"--shard {value!r}: I must be 1..N")
+    return i, n
+
+
+def pytest_configure(config):
+    for name, what in SKIPPABLE.items():
+        config.addinivalue_line("markers", f"{name}: {what}; MESHBPF_SKIP_MARKS={name} skips it")
+    config.addinivalue_line("markers", "needs_feature(*names): needs these kernel features "
+                                       "(`meshbpf status`); skipped on a kernel without them")
+
 
 def pytest_collection_modifyitems(config, items):
+    skip = {m.strip() for m in os.environ.get("MESHBPF_SKIP_MARKS", "").split(",") if m.strip()}
+    unknown = skip - SKIPPABLE.keys()
+    if unknown:
+        raise pytest.UsageError(f"MESHBPF_SKIP_MARKS: unknown marker(s) {sorted(unknown)}; "
+                                f"known: {sorted(SKIPPABLE)}")
     for item in items:
         if "/tests/kernel/" in str(item.fspath):
             item.add_marker(pytest.mark.kernel)
+        for name in sorted(skip):
+            if item.get_closest_marker(name):
+                item.add_marker(pytest.mark.skip(
+                    reason=f"{SKIPPABLE[name]} (marked {name}; MESHBPF_SKIP_MARKS skips it here)"))
+                break
+        else:
+            needed = [n for m in item.iter_markers("needs_feature") for n in m.args]
+            if needed and os.geteuid() == 0:
+                table = kernel_features()
+                missing = [n for n in dict.fromkeys(needed) if not table[n]]
+                if missing:
+                    item.add_marker(pytest.mark.skip(
+                        reason=f"this kernel lacks {', '.join(missing)} (meshbpf status)"))
+    shard = _shard(config)
+    if shard:
+        # Tests that run and tests that are skipped are dealt out separately,
+        # so each share gets as many of the slow ones.
+        i, n = shard
+        keep, drop, dealt = [], [], {True: 0, False: 0}
+        for item in items:
+            skipped = item.get_closest_marker("skip") is not None
+            (keep if dealt[skipped] % n == i - 1 else drop).append(item)
+            dealt[skipped] += 1
+        items[:] = keep
+        config.hook.pytest_deselected(items=drop)
+
+
+_features: dict[str, bool] | None = None
+
+
+def kernel_features() -> dict[str, bool]:
+    """Feature name -> available, from `meshbpf status -o json` (which also
+    honours MESHBPF_DISABLE_FEATURES), probed once per test session."""
+    global _features
+    if _features is None:
+        out = subprocess.run([sys.executable, "-m", "meshbpf", "status", "-o", "json",
+                              "--bpffs", "/sys/fs/bpf/meshbpf-test-status"],
+                             capture_output=True, text=True, timeout=120)
+        if out.returncode != 0:
+            raise RuntimeError(f"meshbpf status failed: {out.stderr}")
+        _features = {f["name"]: f["available"] for f in json.loads(out.stdout)["features"]}
+    return _features
+
+
+@pytest.fixture(scope="session", name="kernel_features")
+def kernel_features_fixture() -> dict[str, bool]:
+    return kernel_features()
 
 
 def pytest_runtest_setup(item):

@@ -118,7 +118,7 @@ struct mbpf_sockstate {
 	__u8  mode;             /* MBPF_MODE_*: undecided, redirect, pass (one way) */
 	__u8  nodelay;          /* 1 if the application set TCP_NODELAY */
 	__u8  evicted;          /* 1 once out of the sockhash: native TCP again */
-	__u8  pad;              /* zero */
+	__u8  wide_mss;         /* 1 if the path MSS >= cfg nagle_mss_min (loopback-sized) */
 };
 
 /* mbpf_sockstate.mode: 0 -> REDIRECT -> PASS, or 0 -> PASS; never back,
@@ -133,6 +133,8 @@ struct mbpf_redir_cfg {
 	__u32 require_cidr;     /* host order; 1: both ends must be in the CIDR map */
 	__u32 small_write;      /* host order; bytes: a send below this is "small" */
 	__u32 small_run_max;    /* host order; small sends in a row before passing */
+	__u32 nodelay_small_min; /* host order; bytes: with TCP_NODELAY, smaller sends never count as small */
+	__u32 nagle_mss_min;    /* host order; bytes: with Nagle, sends count as small only on a path with this MSS */
 	__u64 evict_grace_ns;   /* host order; evict only this long after the peer's last splice */
 };
 

@@ -69,12 +69,13 @@ class SockKeyC(ct.Structure):
 class SockStateC(ct.Structure):
     _fields_ = [("pass_since_ns", ct.c_uint64), ("last_redirect_ns", ct.c_uint64),
                 ("small_run", ct.c_uint32), ("mode", ct.c_uint8),
-                ("nodelay", ct.c_uint8), ("evicted", ct.c_uint8), ("pad", ct.c_uint8)]
+                ("nodelay", ct.c_uint8), ("evicted", ct.c_uint8), ("wide_mss", ct.c_uint8)]
 
 
 class RedirCfgC(ct.Structure):
     _fields_ = [("enabled", ct.c_uint32), ("require_cidr", ct.c_uint32), ("small_write", ct.c_uint32),
-                ("small_run_max", ct.c_uint32), ("evict_grace_ns", ct.c_uint64)]
+                ("small_run_max", ct.c_uint32), ("nodelay_small_min", ct.c_uint32),
+                ("nagle_mss_min", ct.c_uint32), ("evict_grace_ns", ct.c_uint64)]
 
 
 class CidrKeyC(ct.Structure):

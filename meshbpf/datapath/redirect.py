@@ -19,11 +19,16 @@ from ..reconcile import addr16
 from . import cgroup, libbpf
 from .layout import MODE_NAMES, REDIR_COUNTERS, CidrKeyC, RedirCfgC, SockKeyC, SockStateC
 
-# Tuning, measured in bench/redirect (see README): a send below SMALL_WRITE
-# bytes counts as small; more than SMALL_RUN_MAX of them in a row with no
-# reply, from a sender that keeps Nagle, switch the pair to TCP.
+# Tuning, measured with bench/run-redirect (see README): a send below
+# SMALL_WRITE bytes counts as small, except with TCP_NODELAY below
+# NODELAY_SMALL_MIN (TCP sends those one by one; splicing wins) and with
+# Nagle on a path whose MSS is under NAGLE_MSS_MIN (veth: Nagle's segments
+# are too small to beat a splice). More than SMALL_RUN_MAX small sends in a
+# row with no reply switch the pair to TCP.
 SMALL_WRITE = 4096
 SMALL_RUN_MAX = 16
+NODELAY_SMALL_MIN = 128
+NAGLE_MSS_MIN = 16384
 EVICT_GRACE_NS = 10_000_000
 
 
@@ -39,6 +44,7 @@ def apply_settings(lb, settings: RedirectSettings, default_cgroup: Path,
     """Brings the redirection maps and attachments to `settings`."""
     cfg = RedirCfgC(enabled=int(settings.enabled), require_cidr=int(bool(settings.pod_cidrs)),
                     small_write=SMALL_WRITE, small_run_max=SMALL_RUN_MAX,
+                    nodelay_small_min=NODELAY_SMALL_MIN, nagle_mss_min=NAGLE_MSS_MIN,
                     evict_grace_ns=EVICT_GRACE_NS)
     cidr_fd = lb.map_fd("mbpf_redir_cidr")
     wanted = {bytes(_cidr_key(n)) for n in settings.pod_cidrs}

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from meshbpf.datapath import loader
 
 from . import k8s
@@ -51,6 +53,7 @@ def test_kill9_keeps_traffic_flowing_and_restart_writes_nothing(lab, probe, bpff
     assert "0 services, 0 backends" not in restarted.log()
 
 
+@pytest.mark.timing
 def test_restart_under_load_drops_no_connection(lab, probe, bpffs, start_agent):
     agent = start_agent(web_service(lab))
     loop = probe.popen("client", "loop", "10.96.0.10", 80, 6)
@@ -129,6 +132,7 @@ def test_pinned_maps_of_another_layout_are_refused_clearly(lab, probe, bpffs, st
     assert probe("client", "whoami", "10.96.0.10", 80, 10)["errors"] == {}
 
 
+@pytest.mark.heavy
 def test_ten_thousand_services(lab, probe, bpffs, config, start_agent):
     pods = ("web-1", "web-2", "web-3", "web-4")
     objects = []
@@ -146,6 +150,7 @@ def test_ten_thousand_services(lab, probe, bpffs, config, start_agent):
     assert "synced 10001 services: 2 map writes" in log
 
 
+@pytest.mark.timing
 def test_upgrade_to_another_build_under_load(lab, probe, bpffs, start_agent, monkeypatch):
     """Two agent builds in a row, like a DaemonSet rolling update: the new
     one takes over the pinned maps and swaps its programs in behind the

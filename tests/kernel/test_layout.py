@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ctypes as ct
 
+import pytest
+
 from meshbpf.datapath.layout import ALL_MAPS
 from meshbpf.datapath.loader import SockLB
 
@@ -14,6 +16,8 @@ def _layout(t) -> list[tuple[str, int, int]]:
     return [(name, getattr(t, name).offset, getattr(t, name).size) for name, *_ in t._fields_]
 
 
+# Every map is compiled only where the kernel has what each needs.
+@pytest.mark.needs_feature("sk_storage", "sockmap", "sockops_probe_read", "kernel_btf")
 def test_hand_mirror_matches_the_compiled_structs(bpffs):
     lb = SockLB(bpffs=bpffs)
     lb.compile()

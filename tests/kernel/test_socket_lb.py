@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 
+import pytest
+
 from . import k8s
 from .conftest import web_service
 
@@ -75,6 +77,7 @@ def test_getpeername_shows_the_service_address(lab, probe, start_agent):
     assert probe("client", "peername", "fd00:96::10", 80)["peer"] == ["fd00:96::10", 80]
 
 
+@pytest.mark.needs_feature("sk_storage")
 def test_getpeername_survives_connection_churn(lab, probe, start_agent):
     """TCP keeps its translation in socket storage, freed with the socket,
     so many newer connections cannot push out a live one's entry (the LRU
@@ -121,16 +124,20 @@ def test_udp_reply_comes_from_the_service_address(lab, probe, dns_pods, start_ag
         assert reply["txt"] in dns_pods
 
 
-def test_service_without_endpoints_refuses_at_once(lab, probe, start_agent):
+def test_service_without_endpoints_refuses_at_once(lab, probe, start_agent, kernel_features):
+    # A kernel without bpf_set_retval (before 5.18) cannot choose the errno:
+    # meshbpf status says so, and the refusal comes as EPERM.
+    refused = "ECONNREFUSED" if kernel_features["set_retval"] else "EPERM"
     objects = [k8s.service("empty", ["10.96.0.20"], [k8s.port("http", 80, 8080), k8s.port("dns", 53, 53, "UDP")])]
     start_agent(objects)
     result = probe("client", "connect-error", "10.96.0.20", 80)
-    assert result["errno"] == "ECONNREFUSED"
+    assert result["errno"] == refused
     # A timeout would take at least the 1 s SYN retransmit; a refusal is immediate.
     assert result["elapsed"] < 0.05, result
-    assert probe("client", "udp-send-error", "10.96.0.20", 53)["errno"] == "ECONNREFUSED"
+    assert probe("client", "udp-send-error", "10.96.0.20", 53)["errno"] == refused
 
 
+@pytest.mark.needs_feature("netns_cookie")
 def test_session_affinity_pins_a_client_to_one_backend(lab, probe, start_agent):
     start_agent(web_service(lab, affinity_timeout=600))
     first = probe("client", "whoami", "10.96.0.10", 80, 50)
@@ -143,6 +150,8 @@ def test_session_affinity_pins_a_client_to_one_backend(lab, probe, start_agent):
     assert again["answers"] == {next(iter(first["answers"])): 10}
 
 
+@pytest.mark.needs_feature("netns_cookie")
+@pytest.mark.timing
 def test_session_affinity_expires_after_its_timeout(lab, probe, start_agent):
     start_agent(web_service(lab, affinity_timeout=1))
     seen = set()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
+
 from . import k8s
 from .conftest import web_service
 from .helpers import metric, services, wait_backends, wait_log
@@ -78,6 +80,7 @@ def test_endpoints_from_several_slices_merge(lab, probe, start_agent):
     assert set(result["answers"]) == {"web-1", "web-2", "web-3"}
 
 
+@pytest.mark.timing
 def test_no_connection_fails_while_backends_change(lab, probe, bpffs, config, start_agent):
     """Make-before-break under load: every connection succeeds through
     growing, shrinking and replacing the backend set."""

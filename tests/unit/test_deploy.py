@@ -397,9 +397,10 @@ SHELL_SHEBANG = re.compile(rb"^#!\s*/(usr/)?bin/(env\s+)?(ba)?sh\b")
 
 
 def shell_scripts() -> list[Path]:
-    """.ci/run and every shell script under scripts/, deploy/ and vagrant/."""
+    """.ci/run and every shell script under scripts/, deploy/, vagrant/,
+    tests/vm/ and bench/."""
     found = [REPO / ".ci" / "run"]
-    for folder in (REPO / "scripts", DEPLOY, VAGRANT):
+    for folder in (REPO / "scripts", DEPLOY, VAGRANT, REPO / "tests" / "vm", REPO / "bench"):
         for p in sorted(folder.rglob("*")):
             if p.is_file() and not p.name.startswith(".") and (
                     p.suffix == ".sh" or SHELL_SHEBANG.match(p.read_bytes()[:64])):
@@ -410,7 +411,9 @@ def shell_scripts() -> list[Path]:
 def test_provisioning_scripts_are_found():
     names = {p.relative_to(REPO).as_posix() for p in shell_scripts()}
     assert {"scripts/setup.sh", "scripts/link-kernel-headers.sh", "deploy/entrypoint.sh",
-            "vagrant/k3s/provision.sh", "vagrant/k3s/lab-manifest.sh", "vagrant/k3s/demo.sh"} <= names
+            "vagrant/k3s/provision.sh", "vagrant/k3s/lab-manifest.sh", "vagrant/k3s/demo.sh",
+            "tests/vm/run", "tests/vm/matrix", "tests/vm/build-image", "tests/vm/guest-run",
+            "tests/vm/guest-init", "bench/run", "bench/run-redirect"} <= names
 
 
 @pytest.mark.parametrize("script", shell_scripts(), ids=lambda p: p.relative_to(REPO).as_posix())
