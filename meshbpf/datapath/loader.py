@@ -305,7 +305,7 @@ def uninstall(bpffs: Path, drain_timeout: float = 2.0) -> list[str]:
     to leave the sockhash: freeing the sockhash frees what a socket still
     holds spliced and unread."""
     removed: list[str] = []
-    left = _drain_sockhash(bpffs, drain_timeout)
+    left = _drain_sockhash(bpffs, drain_timeout, removed)
     if left:
         removed.append(f"warning: {left} socket(s) were still spliced; bytes they had not "
                        f"read yet are lost")
@@ -325,8 +325,9 @@ def uninstall(bpffs: Path, drain_timeout: float = 2.0) -> list[str]:
     return removed
 
 
-def _drain_sockhash(bpffs: Path, timeout: float) -> int:
-    """Turns redirection off and waits for the sockhash to empty."""
+def _drain_sockhash(bpffs: Path, timeout: float, removed: list[str]) -> int:
+    """Turns redirection off, detaches sockops (noting it in `removed`) and
+    waits for the sockhash to empty. Returns the sockets still in it."""
     import time
 
     from .layout import RedirCfgC, SockKeyC
@@ -346,6 +347,7 @@ def _drain_sockhash(bpffs: Path, timeout: float) -> int:
         for pin in links.iterdir():
             if pin.name.startswith(("mbpf_sockops-", "mbpf_setsockopt-")):
                 _detach_pin(pin)
+                removed.append(f"link {pin.name}")
     fd = libbpf.obj_get(str(hash_pin))
     try:
         deadline = time.monotonic() + timeout

@@ -50,3 +50,12 @@ def write(path: Path, objects: list[dict]) -> Path:
     tmp.write_text(yaml.dump_all(objects, Dumper=yaml.CSafeDumper, sort_keys=False))
     tmp.rename(path)
     return path
+
+
+def agent_config(enabled: bool = True, cgroups: list[str] | None = None,
+                 cidrs=("10.244.0.0/24", "fd00:244::/64")) -> dict:
+    spec: dict = {"enabled": enabled, "podCIDRs": list(cidrs)}
+    if cgroups is not None:
+        spec["cgroups"] = cgroups
+    return {"apiVersion": "meshbpf.io/v1alpha1", "kind": "AgentConfig",
+            "metadata": {"name": "meshbpf"}, "spec": {"socketRedirect": spec}}

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from meshbpf.datapath import loader
+from meshbpf.datapath import features, loader
 
 from . import k8s
 from .conftest import attached_programs, web_service
@@ -68,9 +68,13 @@ def test_restart_under_load_drops_no_connection(lab, probe, bpffs, start_agent):
     assert sum(result["answers"].values()) > 100
 
 
-def test_uninstall_removes_everything_meshbpf_made_and_nothing_else(lab, probe, bpffs, start_agent):
-    agent = start_agent(web_service(lab))
+def test_uninstall_removes_everything_meshbpf_made_and_nothing_else(lab, probe, bpffs, start_agent,
+                                                                    kernel_features):
+    agent = start_agent(web_service(lab) + [k8s.agent_config()])
     assert len(attached_programs(lab.cgroup)) == len(loader.SOCK_LB_HOOKS)
+    redirecting = features.redirect_possible(kernel_features)
+    if redirecting:
+        assert "sock_ops" in _bpftool_cgroup(lab.cgroup)
     # Something that is not meshbpf's, in the same folder: uninstall must leave it.
     foreign = bpffs / "someone-elses-map"
     subprocess.run(["bpftool", "map", "create", str(foreign), "type", "hash", "key", "4",
@@ -80,11 +84,22 @@ def test_uninstall_removes_everything_meshbpf_made_and_nothing_else(lab, probe, 
     out = _cli("uninstall", "--bpffs", str(bpffs))
     assert out.returncode == 0, out.stderr
     assert attached_programs(lab.cgroup) == []
+    assert _bpftool_cgroup(lab.cgroup) == ""  # sockops and setsockopt too
+    if redirecting:
+        assert "link mbpf_sockops-" in out.stdout
+    if redirecting and kernel_features["cgroup_sockopt"]:
+        assert "link mbpf_setsockopt-" in out.stdout
     assert sorted(p.name for p in bpffs.iterdir()) == ["someone-elses-map"]
     # New connections are no longer translated (the VIP has no route).
     assert probe("client", "connect-error", "10.96.0.10", 80)["errno"] != "0"
     foreign.unlink()
     bpffs.rmdir()
+
+
+def _bpftool_cgroup(cgroup) -> str:
+    """What bpftool sees attached to the cgroup, any hook (empty: nothing)."""
+    out = subprocess.run(["bpftool", "cgroup", "show", str(cgroup)], capture_output=True, text=True, check=True)
+    return out.stdout.strip()
 
 
 def test_metrics_and_health(lab, probe, bpffs, start_agent):

@@ -21,15 +21,6 @@ pytestmark = pytest.mark.needs_feature("sockmap", "sockops_probe_read", "kernel_
 MiB, GiB = 1 << 20, 1 << 30
 
 
-def agent_config(enabled: bool = True, cgroups: list[str] | None = None,
-                 cidrs=("10.244.0.0/24", "fd00:244::/64")) -> dict:
-    spec: dict = {"enabled": enabled, "podCIDRs": list(cidrs)}
-    if cgroups is not None:
-        spec["cgroups"] = cgroups
-    return {"apiVersion": "meshbpf.io/v1alpha1", "kind": "AgentConfig",
-            "metadata": {"name": "meshbpf"}, "spec": {"socketRedirect": spec}}
-
-
 def counters(bpffs) -> dict:
     return redirect.read_counters(bpffs)
 
@@ -68,7 +59,7 @@ def assert_intact(client: dict, server: dict, total: int) -> None:
 
 @pytest.fixture
 def redirect_agent(lab, start_agent):
-    return start_agent([agent_config()])
+    return start_agent([k8s.agent_config()])
 
 
 # Writes of 1 B and 64 B move less than 1 GiB: a Python sender makes about
@@ -149,7 +140,7 @@ def test_no_data_segments_on_the_wire_when_spliced(lab, probe, bpffs, redirect_a
     assert spliced_wire < 64 * 1024, f"{spliced_wire} bytes went over eth0"  # handshake, ACKs, FIN
 
     # The same transfer with redirection off crosses the wire.
-    k8s.write(config, [agent_config(enabled=False)])
+    k8s.write(config, [k8s.agent_config(enabled=False)])
     deadline = time.monotonic() + 5
     while redirect.read_counters(bpffs) is not None and time.monotonic() < deadline:
         if not list((bpffs / "links").glob("mbpf_sockops-*")):
@@ -254,7 +245,7 @@ def test_pods_in_two_namespaces_are_spliced_and_remote_peers_are_not(lab, probe,
 
 
 def test_service_connection_is_load_balanced_and_spliced(lab, probe, bpffs, start_agent):
-    start_agent(web_service(lab) + [agent_config()])
+    start_agent(web_service(lab) + [k8s.agent_config()])
     before = counters(bpffs)
     wire_before = tx_bytes(lab, "client")
     result = probe("client", "whoami", "10.96.0.10", 80, 40)
@@ -266,7 +257,7 @@ def test_service_connection_is_load_balanced_and_spliced(lab, probe, bpffs, star
 
 
 def test_redirection_survives_agent_death_and_restart_has_no_gap(lab, probe, bpffs, start_agent):
-    agent = start_agent([agent_config()])
+    agent = start_agent([k8s.agent_config()])
     server = lab.popen("web-1", [sys.executable, "-u", str(PROBE.with_name("edge_cases.py")), "server",
                                  "echo", "-"], stdout=subprocess.PIPE, text=True)
     try:
