@@ -44,11 +44,12 @@ def _snapshot() -> dict[str, set[str]]:
     }
 
 
-def attached_programs(cgroup: Path) -> list[int]:
-    """IDs of every program attached to a cgroup on the socket-address hooks."""
+def attached_programs(cgroup: Path, attach_types=tuple(ATTACH.values())) -> list[int]:
+    """IDs of every program attached to a cgroup on these hooks (default:
+    the socket-address ones)."""
     fd = os.open(cgroup, os.O_RDONLY)
     try:
-        return [pid for t in ATTACH.values() for pid in libbpf.prog_query(fd, t)]
+        return [pid for t in attach_types for pid in libbpf.prog_query(fd, t)]
     finally:
         os.close(fd)
 
