@@ -19,7 +19,6 @@ import logging
 import os
 from typing import Any, Callable
 
-import yaml_rs
 from kubernetes import client, config
 
 from ..model import DesiredState
@@ -27,6 +26,7 @@ from . import schema
 from .errors import ConfigError, Problem
 from .kube_objects import PROXY_NAME_LABEL, BuildResult, SourceObject, build_state
 from .kube_watch import Backoff, Reflector
+from .yaml_load import LoadError, load_one
 
 log = logging.getLogger(__name__)
 
@@ -240,9 +240,10 @@ class KubernetesSource:
                                     "missing: the AgentConfig goes under this key"))
             return []
         try:
-            doc = yaml_rs.loads(text, parse_datetime=False)
-        except Exception as exc:  # yaml_rs.YAMLDecodeError
-            problems.append(Problem(where, "", "", f"not valid YAML: {exc}"))
+            doc = load_one(text)
+        except LoadError as exc:
+            line = f"line {exc.line}: " if exc.line else ""
+            problems.append(Problem(where, "", "", f"not valid YAML: {line}{exc.message}"))
             return []
         return [SourceObject(doc, where)]
 
