@@ -41,9 +41,13 @@ AGENT_CONFIG = {
 
 def read_agent_config(obj: Any, where: str) -> tuple[AgentSettings | None, list[Problem]]:
     """Settings from one AgentConfig object, or the problems with it."""
-    label = f"AgentConfig {((obj.get('metadata') or {}).get('name')) or '?'}"
+    # The label is taken before the checks, so it must survive any input:
+    # `metadata: foo` is reported as a problem, not an AttributeError.
+    meta = obj.get("metadata")
+    name = meta.get("name") if isinstance(meta, dict) else None
+    label = f"AgentConfig {name if isinstance(name, str) and name else '?'}"
     problems = [Problem(where, label, path, reason) for path, reason in schema.check(obj, AGENT_CONFIG)]
-    if obj.get("apiVersion") != API_VERSION:
+    if not any(p.path == "apiVersion" for p in problems) and obj.get("apiVersion") != API_VERSION:
         problems.append(Problem(where, label, "apiVersion",
                                 f"{obj.get('apiVersion')!r} is not supported; use {API_VERSION}"))
     if problems:

@@ -32,3 +32,10 @@ class ConfigError(Exception):
         if more > 0:
             shown += f"\n  ... and {more} more"
         super().__init__(f"{len(self.problems)} problem(s) in the configuration:\n{shown}")
+
+
+def internal_error(where: str, exc: BaseException) -> ConfigError:
+    """A bug met while reading input, as a rejected change: the agent logs it
+    and keeps running the previous state instead of dying on one input."""
+    return ConfigError([Problem(where, "", "", f"internal error while reading it "
+                                               f"({type(exc).__name__}: {exc}); please report this")])

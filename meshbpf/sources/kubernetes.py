@@ -21,9 +21,9 @@ from typing import Any, Callable
 
 from kubernetes import client, config
 
-from ..model import DesiredState
-from . import schema
-from .errors import ConfigError, Problem
+from ..model import AgentSettings, DesiredState
+from . import agent_config, schema
+from .errors import ConfigError, Problem, internal_error
 from .kube_objects import PROXY_NAME_LABEL, BuildResult, SourceObject, build_state
 from .kube_watch import Backoff, Reflector
 from .yaml_load import LoadError, load_one
@@ -151,6 +151,7 @@ class KubernetesSource:
         self._last: DesiredState | None = None
         self._problems: set[str] = set()
         self._notes: set[str] = set()
+        self._good_settings = AgentSettings()  # of the last valid ConfigMap
         for r in self.reflectors.values():
             r.start()
 
@@ -169,7 +170,11 @@ class KubernetesSource:
         if generations == self._built:
             return None
         self._built = generations
-        result = self.build()
+        try:
+            result = self.build()
+        except Exception as exc:
+            log.exception("building the state from the API objects failed")
+            raise internal_error("API server objects", exc) from None
         if result.state == self._last:
             return None
         self._last = result.state
@@ -180,12 +185,13 @@ class KubernetesSource:
         # (Service default/web): spec.ports[0]...".
         objects = [SourceObject(obj, "API server") for key in ("services", "endpointslices")
                    for obj in self.reflectors[key].items()]
-        extra: list[Problem] = []
-        objects += self._agent_config(extra)
+        settings_problems: list[Problem] = []
+        settings = self._settings(settings_problems)
         zone = self.node_zone()
         result = build_state(objects, node_name=self.node_name,
                              service_proxy_name=self.service_proxy_name, node_zone=zone)
-        result.problems[:0] = extra
+        result.state.settings = settings
+        result.problems[:0] = settings_problems
         if "node" in self.reflectors and not self.reflectors["node"].items():
             result.notes.append(f"Node {self.node_name} not found: topology hints are not used")
         if not self.reflectors["configmap"].items():
@@ -227,25 +233,42 @@ class KubernetesSource:
         self.stop()
 
     # --- helpers ---------------------------------------------------------------
-    def _agent_config(self, problems: list[Problem]) -> list[SourceObject]:
-        """The AgentConfig document held in the ConfigMap, if there is one."""
+    def _settings(self, problems: list[Problem]) -> AgentSettings:
+        """The settings of the AgentConfig in the ConfigMap.
+
+        No ConfigMap: the defaults (deleting it is a deliberate act). A
+        ConfigMap that is present but invalid keeps the last good settings
+        and reports a problem: one bad edit must not reset every node's
+        settings at once."""
         found = self.reflectors["configmap"].items()
         if not found:
-            return []  # no ConfigMap: every setting has its default
-        cm = found[0]
+            self._good_settings = AgentSettings()
+            return self._good_settings
+        settings, found_problems = self._read_config_map(found[0])
+        if settings is not None:
+            self._good_settings = settings
+            return settings
+        keeping = ("keeping the previous settings" if self._good_settings != AgentSettings()
+                   else "keeping the default settings")
+        problems.extend(Problem(p.where, p.obj, p.path, f"{p.reason} ({keeping})")
+                        for p in found_problems)
+        return self._good_settings
+
+    def _read_config_map(self, cm: dict) -> tuple[AgentSettings | None, list[Problem]]:
         where = f"{_where(cm)}: data.{CONFIG_MAP_KEY}"
-        text = (cm.get("data") or {}).get(CONFIG_MAP_KEY)
-        if text is None:
-            problems.append(Problem(_where(cm), "", f"data.{CONFIG_MAP_KEY}",
-                                    "missing: the AgentConfig goes under this key"))
-            return []
+        data = cm.get("data")
+        text = data.get(CONFIG_MAP_KEY) if isinstance(data, dict) else None
+        if not isinstance(text, str):
+            return None, [Problem(_where(cm), "", f"data.{CONFIG_MAP_KEY}",
+                                  "missing: the AgentConfig goes under this key")]
         try:
             doc = load_one(text)
         except LoadError as exc:
             line = f"line {exc.line}: " if exc.line else ""
-            problems.append(Problem(where, "", "", f"not valid YAML: {line}{exc.message}"))
-            return []
-        return [SourceObject(doc, where)]
+            return None, [Problem(where, "", "", f"not valid YAML: {line}{exc.message}")]
+        if not isinstance(doc, dict) or doc.get("kind") != agent_config.KIND:
+            return None, [Problem(where, "", "kind", f"expected one {agent_config.KIND} object")]
+        return agent_config.read_agent_config(doc, where)
 
     def _report(self, result: BuildResult) -> None:
         """Logs each problem and note once, when it appears, and says when a

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..gcpause import gc_paused
 from ..model import DesiredState
-from .errors import ConfigError, Problem
+from .errors import ConfigError, Problem, internal_error
 from .kube_objects import BuildResult, SourceObject, build_state
 from .yaml_load import LoadError, load_all
 
@@ -165,7 +165,13 @@ class FileSource:
         if stamp == self._last:
             return None
         self._last = stamp
-        result = read_config(self.path, self.node_name, self._parsed)
+        try:
+            result = read_config(self.path, self.node_name, self._parsed)
+        except ConfigError:
+            raise
+        except Exception as exc:
+            log.exception("reading %s failed", self.path)
+            raise internal_error(str(self.path), exc) from None
         if result.notes != self._notes:
             for note in result.notes:
                 log.info("%s", note)

@@ -445,14 +445,44 @@ def test_agent_settings_come_from_the_config_map(api, make_source, cluster_list,
     api.apply(cm)
     p.wait(lambda: not p.emitted[-1].settings.redirect.enabled, "redirect turned off")
 
+    good = p.emitted[-1].settings
     cm["data"]["agent-config.yaml"] = "spec: [unclosed"
     api.apply(cm)
     p.wait(lambda: "not valid YAML" in caplog.text, "the bad ConfigMap to be reported")
-    assert p.emitted[-1].settings == AgentSettings()  # left out: the defaults
+    assert p.emitted[-1].settings == good  # the last good settings stay
     assert view(p.emitted[-1]) == view(p.emitted[0])  # services untouched
 
     api.delete("ConfigMap", "kube-system", "meshbpf-config")
     p.wait(lambda: "resolved" in caplog.text, "the problem to go with the ConfigMap")
+
+
+@pytest.mark.parametrize("bad", [
+    "apiVersion: meshbpf.io/v1alpha1\nkind: AgentConfig\nmetadata: foo\n",
+    "apiVersion: meshbpf.io/v1alpha1\nkind: AgentConfig\nspec: {socketRedirect: {enabled: 3}}\n",
+    "spec: [unclosed\n",
+    "- just\n- a list\n",
+], ids=["metadata-string", "wrong-type", "bad-yaml", "not-an-object"])
+def test_an_invalid_config_map_keeps_the_last_good_settings(api, make_source, cluster_list, caplog,
+                                                           bad):
+    """Through the ConfigMap a bad edit reaches every node at once: it must
+    neither crash them nor reset them all to the defaults. Deleting the
+    ConfigMap does give the defaults."""
+    api.load(cluster_list)
+    api.load(CONFIG_MAP)
+    p = make_source()
+    good = p.first().settings
+    assert good.redirect.enabled
+    cm = api.get("ConfigMap", "kube-system", "meshbpf-config")
+    cm["data"]["agent-config.yaml"] = bad
+    api.apply(cm)
+    p.wait(lambda: p.source.problems, "the bad ConfigMap to be reported")
+    (problem,) = p.source.problems
+    assert "meshbpf-config" in problem and "keeping the previous settings" in problem, problem
+    assert p.source.build().state.settings == good
+    assert p.emitted[-1].settings == good and view(p.emitted[-1]) == view(p.emitted[0])
+    api.delete("ConfigMap", "kube-system", "meshbpf-config")
+    p.wait(lambda: p.emitted[-1].settings == AgentSettings(), "the defaults once it is deleted")
+    assert not p.source.problems
 
 
 def test_an_object_with_a_problem_is_left_out_and_logged(api, make_source, cluster_list, caplog):
