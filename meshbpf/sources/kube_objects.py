@@ -250,6 +250,18 @@ def _parse_address(text: str) -> IPAddress | None:
         return None
 
 
+# The maps key every address as 16 bytes, IPv4 as ::ffff:a.b.c.d, so an
+# IPv4-mapped IPv6 address is the same key as its IPv4 address: accepting both
+# would silently merge two Services (or endpoints) into one. Kubernetes refuses
+# such addresses in clusterIPs too.
+_MAPPED_REASON = ("{ip} is an IPv4-mapped IPv6 address, the same as {v4} to meshbpf's maps; "
+                  "write {v4} instead")
+
+
+def _ipv4_mapped(ip: IPAddress) -> bool:
+    return ip.version == 6 and ip.ipv4_mapped is not None
+
+
 def _parse_ip(text: Any) -> IPAddress | None:
     return _parse_address(text) if isinstance(text, str) else None
 
@@ -286,9 +298,11 @@ def _read_service(src: SourceObject, out: _Collector) -> _Service | None:
     ips: list[IPAddress] = []
     for i, text in enumerate(raw_ips):
         ip = _parse_ip(text)
+        field_path = f"{ips_field}[{i}]" if ips_field == "spec.clusterIPs" else ips_field
         if ip is None:
-            field_path = f"{ips_field}[{i}]" if ips_field == "spec.clusterIPs" else ips_field
             out.add(src, label, field_path, f"{text!r} is not an IP address")
+        elif _ipv4_mapped(ip):
+            out.add(src, label, field_path, _MAPPED_REASON.format(ip=ip, v4=ip.ipv4_mapped))
         else:
             ips.append(ip)
     if len({ip.version for ip in ips}) != len(ips):
@@ -414,6 +428,10 @@ def _read_slice(src: SourceObject, out: _Collector) -> _Slice | None:
         ip = _parse_ip(addrs[0])
         if ip is None:
             out.add(src, label, f"endpoints[{i}].addresses[0]", f"{addrs[0]!r} is not an IP address")
+            continue
+        if _ipv4_mapped(ip):
+            out.add(src, label, f"endpoints[{i}].addresses[0]",
+                    _MAPPED_REASON.format(ip=ip, v4=ip.ipv4_mapped))
             continue
         if ip.version != family:
             out.add(src, label, f"endpoints[{i}].addresses[0]",

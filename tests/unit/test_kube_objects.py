@@ -697,3 +697,27 @@ def test_list_with_scalar_items_is_a_problem_not_a_crash():
     lst["items"] = 5
     result = build(lst)
     assert [p.path for p in result.problems] == ["items"]
+
+
+# --- IPv4-mapped IPv6 addresses: the same map key as their IPv4 address ----------
+
+def test_ipv4_mapped_cluster_ip_is_refused_so_two_services_cannot_share_a_map_key():
+    # Both would be the 16-byte key ::ffff:10.0.0.1 port 80: one would be dropped.
+    result = build(service("v4", "10.0.0.1"), service("mapped", "::ffff:10.0.0.1"))
+    (problem,) = result.problems
+    assert problem.obj == "Service default/mapped" and problem.path == "spec.clusterIPs[0]"
+    assert "::ffff:a00:1 is an IPv4-mapped IPv6 address, the same as 10.0.0.1" in problem.reason
+    assert result.state.services() == {"default/v4"}
+
+
+def test_ipv4_mapped_cluster_ip_alone_is_refused_too():
+    (problem,) = build(service("mapped", "::ffff:10.0.0.1")).problems
+    assert "write 10.0.0.1 instead" in problem.reason
+
+
+def test_ipv4_mapped_endpoint_address_is_refused():
+    sl = endpoint_slice("web-a", "web", [ep("fd00:244::1"), ep("::ffff:10.244.1.1")],
+                        address_type="IPv6")
+    result = build(service("web", "fd00:96::10"), sl)
+    (problem,) = result.problems
+    assert problem.path == "endpoints[1].addresses[0]" and "IPv4-mapped" in problem.reason
