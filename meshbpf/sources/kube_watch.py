@@ -3,14 +3,22 @@
 A Reflector keeps a complete copy of one collection (say, every Service),
 the way client-go's reflector does:
 
-- list (in pages, a consistent read), replace the copy, note the list's
-  resourceVersion;
+- list (in pages, from the API server's watch cache: resourceVersion "0",
+  as client-go does), replace the copy, note the list's resourceVersion;
 - watch from that resourceVersion, applying ADDED / MODIFIED / DELETED and
   moving the resourceVersion on with every event and BOOKMARK;
 - when the watch ends, watch again from where it stopped; when the connection
   drops, do the same after a backoff with jitter;
 - when the server answers 410 Gone (the resourceVersion was compacted away),
-  list again and swap the copy in one step, logging the difference.
+  list again, this time a consistent read from etcd (no resourceVersion: the
+  watch cache may be what lagged), and swap the copy in one step, logging
+  the difference;
+- a watch that stays silent for two bookmark intervals (the API server
+  sends a BOOKMARK about every minute) is taken for a dead connection and
+  reopened; TCP keepalive notices a vanished peer sooner;
+- anything unexpected (a line that is not an event, a bug) is logged and
+  followed by a relist after a backoff: the thread never ends on its own,
+  and health() shows each thread's liveness and the age of its last event.
 
 The copy is only ever replaced whole, so a reader sees either the state
 before a relist or the state after it, never a half-listed collection.
@@ -58,6 +66,10 @@ class Gone(Exception):
     """The resourceVersion we hold is too old: list again."""
 
 
+class BadEvent(Exception):
+    """A watch line that is not a watch event."""
+
+
 def _lines(resp: Any) -> Iterator[bytes]:
     """The complete lines of a chunked watch stream, one event each. Split as
     bytes, not text: a chunk can end inside a multi-byte character (older
@@ -90,7 +102,8 @@ class Reflector:
                  selectors: dict[str, str] | None = None,
                  transform: Callable[[dict], dict] = lambda obj: obj,
                  backoff: Backoff = Backoff(), page_size: int = 500,
-                 watch_timeout: tuple[int, int] = (300, 600), connect_timeout: float = 10.0):
+                 watch_timeout: tuple[int, int] = (300, 600), connect_timeout: float = 10.0,
+                 bookmark_interval: float = 60.0):
         self.name = name
         self._list_func = list_func
         self._kind, self._api_version = kind, api_version
@@ -100,6 +113,8 @@ class Reflector:
         self._page_size = page_size
         self._watch_timeout = watch_timeout
         self._connect_timeout = connect_timeout
+        # No line for two bookmark intervals: the connection is dead.
+        self._watch_read_timeout = 2 * bookmark_interval
 
         self._lock = threading.Lock()
         self._items: dict[Key, dict] = {}
@@ -108,6 +123,8 @@ class Reflector:
         self.resource_version: str | None = None
         self.lists = 0                   # how many complete lists were taken
         self._failures = 0               # consecutive failed attempts, for the backoff
+        self._consistent_list = False    # the next list reads etcd (after a 410), not the cache
+        self.last_event = time.monotonic()  # of the last list or watch line, for health()
         self._stop = threading.Event()
         self._resp: Any = None           # the response being read, to cut it on stop()
         self._thread = threading.Thread(target=self._run, name=f"watch-{name}", daemon=True)
@@ -116,6 +133,10 @@ class Reflector:
     def items(self) -> list[dict]:
         with self._lock:
             return list(self._items.values())
+
+    def health(self) -> dict[str, Any]:
+        return {"alive": self._thread.is_alive(),
+                "last_event_age_s": round(time.monotonic() - self.last_event, 3)}
 
     # --- lifecycle -------------------------------------------------------------
     def start(self) -> None:
@@ -153,6 +174,7 @@ class Reflector:
                 self._failures += 1
                 log.info("%s: %s; listing again", self.name, exc)
                 self.resource_version = None
+                self._consistent_list = True
                 if self._failures > 1:
                     self._stop.wait(self._backoff.delay(self._failures - 1))
             except (ApiException, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
@@ -161,13 +183,22 @@ class Reflector:
                 # Keep the resourceVersion: once the server is back, the watch
                 # resumes where it stopped and replays what was missed; only
                 # if that is too old by then does the 410 path relist.
-                self._failures += 1
-                delay = self._backoff.delay(self._failures)
-                quiet = self._failures not in (1, 5) and self._failures % 20
-                log.log(logging.DEBUG if quiet else logging.WARNING,
-                        "%s: %s (attempt %d); retrying in %.1fs, keeping the last state",
-                        self.name, _describe(exc), self._failures, delay)
-                self._stop.wait(delay)
+                self._retry_later(exc, "keeping the last state")
+            except Exception as exc:  # BadEvent, or a bug: never end the thread
+                if self._stop.is_set():
+                    break
+                log.debug("%s: unexpected error", self.name, exc_info=True)
+                self.resource_version = None  # the copy may have missed an event: relist
+                self._retry_later(exc, "then listing again")
+
+    def _retry_later(self, exc: BaseException, then: str) -> None:
+        self._failures += 1
+        delay = self._backoff.delay(self._failures)
+        quiet = self._failures not in (1, 5) and self._failures % 20
+        log.log(logging.DEBUG if quiet else logging.WARNING,
+                "%s: %s (attempt %d); retrying in %.1fs, %s",
+                self.name, _describe(exc), self._failures, delay, then)
+        self._stop.wait(delay)
 
     def _call(self, read_timeout: float, **kwargs: Any) -> Any:
         """One request through the generated client, raw: the urllib3
@@ -183,15 +214,18 @@ class Reflector:
     def _relist(self) -> None:
         """A full, paged list; the copy is swapped only once every page is in.
 
-        No resourceVersion is given, so the server reads from etcd: a relist
-        never goes back in time, which a list at "0" from a lagging watch
-        cache could."""
+        Normally from the watch cache (resourceVersion "0", as client-go
+        lists), which spares etcd when every node lists at once. After a 410
+        the cache itself may be what lagged, so that relist reads etcd (no
+        resourceVersion) and cannot go back in time."""
         items: dict[Key, dict] = {}
         cont: str | None = None
+        first_page = {} if self._consistent_list else {"resource_version": "0"}
         while True:
             try:
                 body = json.loads(self._read_all(self._call(
-                    60.0, limit=self._page_size, **({"_continue": cont} if cont else {}))))
+                    60.0, limit=self._page_size,
+                    **({"_continue": cont} if cont else first_page))))
             except ApiException as exc:
                 if exc.status == 410 and cont:
                     # The continue token expired: pages would mix snapshots.
@@ -199,6 +233,8 @@ class Reflector:
                     items, cont = {}, None
                     continue
                 raise
+            if not isinstance(body, dict):
+                raise BadEvent(f"a list answer that is not an object: {str(body)[:80]!r}")
             for obj in body.get("items") or []:
                 # List items come without kind and apiVersion; watch events
                 # and kubectl's output have them, and kube_objects needs them.
@@ -222,6 +258,8 @@ class Reflector:
                 self.generation += 1
         self.lists += 1
         self.resource_version = resource_version
+        self._consistent_list = False
+        self.last_event = time.monotonic()
         if self.lists > 1:
             log.info("%s: relisted at resourceVersion %s: %d added, %d changed, %d deleted",
                      self.name, resource_version, len(added), len(changed), len(deleted))
@@ -244,7 +282,8 @@ class Reflector:
         timeout = random.randint(*self._watch_timeout)  # spread reconnects, as client-go does
         started, events, complete = time.monotonic(), 0, False
         try:
-            resp = self._call(timeout + 30.0, watch=True, resource_version=self.resource_version,
+            resp = self._call(self._watch_read_timeout, watch=True,
+                              resource_version=self.resource_version,
                               allow_watch_bookmarks=True, timeout_seconds=timeout)
         except ApiException as exc:
             if exc.status == 410:
@@ -252,8 +291,9 @@ class Reflector:
             raise
         try:
             for line in _lines(resp):
+                self.last_event = time.monotonic()
                 if line.strip():
-                    self._apply(json.loads(line))
+                    self._apply(_event(line))
                     events += 1
                     self._failures = 0  # the server is back and talking
                 if self._stop.is_set():
@@ -297,9 +337,22 @@ class Reflector:
         self.resource_version = _resource_version(obj) or self.resource_version
 
 
+def _event(line: bytes) -> dict:
+    """One watch line as an event; BadEvent for anything else."""
+    try:
+        event = json.loads(line)
+    except ValueError:
+        raise BadEvent(f"a watch line that is not JSON: {line[:80]!r}") from None
+    if not isinstance(event, dict) or not isinstance(event.get("object", {}), dict):
+        raise BadEvent(f"a watch line that is not an event: {line[:80]!r}")
+    return event
+
+
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, ApiException):
         return f"API server answered {exc.status} {exc.reason}".strip()
+    if isinstance(exc, BadEvent):
+        return str(exc)
     if isinstance(exc, urllib3.exceptions.MaxRetryError) and exc.reason is not None:
         return _describe(exc.reason)  # the cause, without the whole URL
     return f"{type(exc).__name__}: {exc}"

@@ -155,6 +155,9 @@ class FileSource:
         self._notes: list[str] = []
         self._parsed: dict = {}  # file -> (stamp, parsed documents)
 
+    def health(self) -> dict:
+        return {"ok": True}  # no thread to die: polling runs in the agent's loop
+
     def changed(self) -> bool:
         return _stamp(self.path) != self._last
 

@@ -14,8 +14,10 @@ cluster, on 127.0.0.1 only:
   `timeoutSeconds`, and the ADDED / DELETED a selector change turns a
   MODIFIED into;
 - faults on demand: dropped watch connections (cut mid-event), 410 on open
-  watches, events split across chunks, and a whole-server outage (the port
-  closed, every connection cut) followed by a restart on the same port.
+  watches, events split across chunks, a raw line that is not an event,
+  open watches gone silent (a half-open connection: nothing more arrives,
+  nothing closes), and a whole-server outage (the port closed, every
+  connection cut) followed by a restart on the same port.
 
 Tests change the cluster with apply() and delete(), as kubectl would.
 """
@@ -64,7 +66,7 @@ class _Event:
 @dataclass
 class _Watcher:
     kind: str
-    actions: list[str] = field(default_factory=list)  # "bookmark", "drop", "gone"
+    actions: list[Any] = field(default_factory=list)  # "bookmark", "drop", "gone", "silence", bytes
 
 
 @dataclass(frozen=True)
@@ -249,7 +251,16 @@ class FakeAPIServer:
         """Ends every open watch with a 410 ERROR event, as a lagging watch cache does."""
         self._act("gone")
 
-    def _act(self, action: str) -> None:
+    def send_raw_line(self, line: bytes) -> None:
+        """Sends line, as it is, on every open watch."""
+        self._act(line)
+
+    def silence_watches(self) -> None:
+        """Open watches go quiet for good, as over a half-open connection:
+        no event, no bookmark, no end. New watches are served as usual."""
+        self._act("silence")
+
+    def _act(self, action: Any) -> None:
         with self._cond:
             for w in self._watchers:
                 w.actions.append(action)
@@ -305,7 +316,7 @@ class FakeAPIServer:
                      "kind": f"{kind}List", "metadata": meta, "items": items}
 
     def _watch_events(self, kind: str, namespace: str | None, query: dict[str, str],
-                      since: int, watcher: _Watcher, deadline: float) -> Iterator[list[dict] | str]:
+                      since: int, watcher: _Watcher, deadline: float) -> Iterator[list[dict] | str | bytes]:
         """What one watch stream sends: batches of events (the writes one
         wake-up found, sent as one chunk), and at the end "drop" or nothing."""
         with self._cond:
@@ -324,6 +335,11 @@ class FakeAPIServer:
             if "drop" in actions:
                 yield "drop"  # the connection dies: nothing more gets through
                 return
+            if "silence" in actions:
+                with self._cond:
+                    while self._epoch == epoch and time.monotonic() < deadline:
+                        self._cond.wait(0.2)
+                return
             batch = []
             for e in events:
                 if e.kind != kind:
@@ -339,7 +355,11 @@ class FakeAPIServer:
                 if kind_:
                     batch.append({"type": kind_, "object": e.obj})
             for action in actions:
-                if action == "bookmark" and _bool(query.get("allowWatchBookmarks")):
+                if isinstance(action, bytes):
+                    yield batch
+                    batch = []
+                    yield action
+                elif action == "bookmark" and _bool(query.get("allowWatchBookmarks")):
                     batch.append({"type": "BOOKMARK", "object": {
                         "kind": kind, "apiVersion": RESOURCES[kind][0].split("/", 2)[-1],
                         "metadata": {"resourceVersion": str(rv_now)}}})
@@ -433,6 +453,9 @@ class _Handler(BaseHTTPRequestHandler):
             for batch in api._watch_events(kind, namespace, query, int(since), watcher, deadline):
                 if batch == "drop":
                     return self._cut()
+                if isinstance(batch, bytes):
+                    self._send_raw(batch + b"\n")
+                    continue
                 self._send(batch)
             self._end()
         except OSError:
@@ -452,6 +475,10 @@ class _Handler(BaseHTTPRequestHandler):
         for i in range(0, len(data), size):
             piece = data[i:i + size]
             self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+        self.wfile.flush()
+
+    def _send_raw(self, data: bytes) -> None:
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
         self.wfile.flush()
 
     def _end(self) -> None:

@@ -297,6 +297,82 @@ def test_a_dropped_watch_resumes_from_its_resource_version(api, make_source, clu
     p.assert_never_lost({WEB, DNS})
 
 
+# --- A watch never dies silently ------------------------------------------------
+
+@pytest.mark.parametrize("line", [b"[]", b"42", b"not json", b'{"type": "ADDED", "object": []}'],
+                         ids=["list", "number", "not-json", "object-not-a-map"])
+def test_a_line_that_is_not_an_event_is_survived_by_a_relist(api, make_source, cluster_list,
+                                                            caplog, line):
+    """One unexpected line used to end the watch thread: the collection froze
+    while /healthz stayed OK."""
+    api.load(cluster_list)
+    p = make_source()
+    p.first()
+    services = p.source.reflectors["services"]
+    api.send_raw_line(line)
+    wait_for(lambda: services.lists == 2, "the relist after the bad line")
+    assert "not an event" in caplog.text or "not JSON" in caplog.text
+    api.apply(service("later", "10.96.8.6"), endpoint_slice("later-x", "later", [ep("10.244.8.6")]))
+    p.until(lambda v: v.get("10.96.8.6:80/TCP") == ["10.244.8.6"], "a change after the bad line")
+    health = p.source.health()
+    assert health["ok"] and all(w["alive"] for w in health["watches"].values()), health
+    p.assert_never_lost({WEB, DNS})
+
+
+def test_a_silent_watch_is_reopened_after_two_bookmark_intervals(api, make_source, cluster_list):
+    """A half-open connection: no event, no bookmark, no end. Without a read
+    timeout near the bookmark interval the source would wait for minutes."""
+    api.load(cluster_list)
+    p = make_source(bookmark_interval=0.5)  # so a watch quiet for 1 s is dead
+    p.first()
+    watches = len(api.watches("Service"))
+    api.silence_watches()
+    api.apply(service("quiet", "10.96.8.7"), endpoint_slice("quiet-x", "quiet", [ep("10.244.8.7")]))
+    p.until(lambda v: v.get("10.96.8.7:80/TCP") == ["10.244.8.7"], "the change, through a new watch")
+    assert len(api.watches("Service")) > watches
+    assert len(api.lists("Service")) == 1  # resumed from its resourceVersion
+
+
+def test_lists_read_the_watch_cache_and_read_etcd_only_after_a_410(api, make_source, cluster_list):
+    """client-go's rule: resourceVersion=0 spares etcd when every node lists
+    at once; after 410 Gone the cache may be what lagged, so read etcd."""
+    api.load(cluster_list)
+    p = make_source()
+    p.first()
+    assert [r.query.get("resourceVersion") for r in api.lists("Service")] == ["0"]
+    api.expire_watches()
+    wait_for(lambda: len(api.lists("Service")) == 2, "the relist after 410")
+    assert api.lists("Service")[1].query.get("resourceVersion") is None
+    wait_for(lambda: len(api.watches("Service")) == 2 and api.watching("Service") == 1,
+             "the new watch")
+    api.send_raw_line(b"[]")  # a relist for another reason reads the cache again
+    wait_for(lambda: len(api.lists("Service")) == 3, "the relist after a bad line")
+    assert api.lists("Service")[2].query.get("resourceVersion") == "0"
+
+
+def test_health_shows_each_watch_and_a_dead_one(api, make_source, cluster_list):
+    api.load(cluster_list)
+    p = make_source()
+    p.first()
+    health = p.source.health()
+    assert health["ok"] is True
+    assert set(health["watches"]) == set(p.source.reflectors) and "services" in health["watches"]
+    assert all(w["alive"] and 0 <= w["last_event_age_s"] < DEADLINE for w in health["watches"].values())
+    p.source.reflectors["services"].stop()
+    health = p.source.health()
+    assert health["ok"] is False and health["watches"]["services"]["alive"] is False
+    assert health["watches"]["endpointslices"]["alive"] is True
+
+
+def test_api_connections_use_tcp_keepalive(api, tmp_path):
+    import socket
+    from meshbpf.sources.kubernetes import load_client_config
+    options = load_client_config(str(api.kubeconfig(tmp_path / "kubeconfig"))).socket_options
+    assert (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1) in options
+    idle = [v for level, name, v in options if name == socket.TCP_KEEPIDLE]
+    assert idle and idle[0] <= 30
+
+
 def test_api_outage_keeps_the_last_state_and_converges_after(api, make_source, cluster_list, caplog):
     caplog.set_level(logging.DEBUG, logger="meshbpf.sources.kube_watch")
     api.load(cluster_list)
