@@ -13,8 +13,10 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from ..gcpause import gc_paused
 from ..model import DesiredState
@@ -126,34 +128,60 @@ def _read_config(path: Path, node_name: str | None, cache: dict) -> BuildResult:
 
 @dataclass(frozen=True)
 class _Stamp:
-    entries: tuple[tuple[str, int, int, int], ...]
+    entries: tuple[tuple[str, int, int, int], ...]  # (file, inode, size, mtime in ns)
 
 
 def _stamp(path: Path) -> _Stamp:
-    """What changes when any config file changes (name, inode, size, mtime)."""
-    try:
-        files = config_files(path)
-    except ConfigError:
-        return _Stamp(())
+    """What changes when any config file changes (name, inode, size, mtime):
+    one stat per file (scandir knows the file type without one)."""
     entries = []
-    for f in files:
-        try:
-            st = os.stat(f)
-        except OSError:
-            continue
-        entries.append((str(f), st.st_ino, st.st_size, st.st_mtime_ns))
+    try:
+        if path.is_dir():
+            with os.scandir(path) as it:
+                found = sorted((e.path, e) for e in it
+                               if e.name.endswith(_SUFFIXES) and not e.name.startswith(".")
+                               and e.is_file())
+            for name, entry in found:
+                st = entry.stat()
+                entries.append((name, st.st_ino, st.st_size, st.st_mtime_ns))
+        else:
+            st = os.stat(path)
+            entries.append((str(path), st.st_ino, st.st_size, st.st_mtime_ns))
+    except OSError:
+        pass  # gone between listing and stat: the next poll sees the rest
     return _Stamp(tuple(entries))
 
 
 class FileSource:
-    """Polls a config path; `poll()` returns new desired state when it changed."""
+    """Polls a config path; `poll()` returns new desired state when it changed.
 
-    def __init__(self, path: Path, node_name: str | None = None):
+    Two guards against applying a file while it is being written
+    (`kubectl get ... > file` truncates it first, then writes for a while):
+
+    - a change is read only once it has settled: the same stamps on two polls
+      in a row, or every file last modified more than `settle_s` ago;
+    - a change that would remove every Service is held for `hold_s`, with a
+      warning, and applied only if it is still so then: an empty or cut file
+      must not take every Service down at once.
+
+    Write-then-rename (`kubectl get ... > f.tmp && mv f.tmp f`) avoids both
+    waits: the rename is atomic and the file is never seen half-written.
+    """
+
+    def __init__(self, path: Path, node_name: str | None = None, *, settle_s: float = 1.0,
+                 hold_s: float = 5.0, clock: Callable[[], float] = time.monotonic):
         self.path = path
         self.node_name = node_name
-        self._last: _Stamp | None = None
+        self.settle_s = settle_s
+        self.hold_s = hold_s
+        self._clock = clock
+        self._last: _Stamp | None = None     # the stamp last read
+        self._seen: _Stamp | None = None     # the stamp of the previous poll
         self._notes: list[str] = []
         self._parsed: dict = {}  # file -> (stamp, parsed documents)
+        self._pending: DesiredState | None = None  # read, not yet handed out (held)
+        self._held_since: float | None = None
+        self._serving_services = False       # the last state handed out had Services
 
     def health(self) -> dict:
         return {"ok": True}  # no thread to die: polling runs in the agent's loop
@@ -162,12 +190,31 @@ class FileSource:
         return _stamp(self.path) != self._last
 
     def poll(self) -> DesiredState | None:
-        """None when nothing changed; raises ConfigError on a bad change
-        (reported once per change, not on every poll)."""
+        """None when nothing changed (or a change is settling or held);
+        raises ConfigError on a bad change (reported once per change, not on
+        every poll)."""
         stamp = _stamp(self.path)
-        if stamp == self._last:
-            return None
-        self._last = stamp
+        seen, self._seen = self._seen, stamp
+        if stamp != self._last:
+            if not self._settled(stamp, seen):
+                return None  # still being written, perhaps: look again next poll
+            self._last = stamp
+            self._pending, self._held_since = None, None
+            self._pending = self._read()
+        return self._release()
+
+    def _settled(self, stamp: _Stamp, seen: _Stamp | None) -> bool:
+        """Whether every file is safe to read: unchanged since the previous
+        poll, or last modified settle_s ago, or put in place by a rename (a
+        new inode under a name read before: the writer had finished)."""
+        before = set(seen.entries) if seen else set()
+        inodes = {name: ino for name, ino, _, _ in (self._last.entries if self._last else ())}
+        old = time.time_ns() - int(self.settle_s * 1e9)
+        return all(entry in before or entry[3] <= old
+                   or inodes.get(entry[0], entry[1]) != entry[1]
+                   for entry in stamp.entries)
+
+    def _read(self) -> DesiredState:
         try:
             result = read_config(self.path, self.node_name, self._parsed)
         except ConfigError:
@@ -180,3 +227,22 @@ class FileSource:
                 log.info("%s", note)
             self._notes = result.notes
         return result.state
+
+    def _release(self) -> DesiredState | None:
+        """The pending state, unless it is being held back."""
+        state = self._pending
+        if state is None:
+            return None
+        if self._serving_services and not state.service_ports:
+            now = self._clock()
+            if self._held_since is None:
+                self._held_since = now
+                log.warning("%s: this change removes every Service; holding it for %.0f s in "
+                            "case the file is still being written", self.path, self.hold_s)
+            if now - self._held_since < self.hold_s:
+                return None
+            log.warning("%s: still no Service after %.0f s: applying the change", self.path,
+                        self.hold_s)
+        self._pending, self._held_since = None, None
+        self._serving_services = bool(state.service_ports)
+        return state

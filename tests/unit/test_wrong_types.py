@@ -115,7 +115,7 @@ spec:
 def test_agent_config_metadata_string_in_the_watched_folder_is_a_one_line_problem(tmp_path):
     """The issue's reproduction: `metadata: foo` killed the agent."""
     (tmp_path / "svc.yaml").write_text(GOOD_FILE)
-    src = FileSource(tmp_path)
+    src = FileSource(tmp_path, settle_s=0)
     assert src.poll() is not None
     (tmp_path / "agent.yaml").write_text(
         "apiVersion: meshbpf.io/v1alpha1\nkind: AgentConfig\nmetadata: foo\n")
@@ -129,7 +129,7 @@ def test_agent_config_metadata_string_in_the_watched_folder_is_a_one_line_proble
 
 def test_a_bug_while_reading_is_a_rejected_change_not_a_crash(tmp_path, monkeypatch):
     (tmp_path / "svc.yaml").write_text(GOOD_FILE)
-    src = FileSource(tmp_path)
+    src = FileSource(tmp_path, settle_s=0)
 
     def broken(*args, **kwargs):
         raise TypeError("a bug")

@@ -494,3 +494,93 @@ def test_notes_are_logged_when_they_change_not_on_every_read(tmp_path, cluster_l
     with caplog.at_level(logging.INFO, logger="meshbpf.sources.yaml_file"):
         assert src.poll() is not None
     assert not any("headless" in r.getMessage() for r in caplog.records)
+
+
+# --- A file being written is not applied half-way --------------------------------
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_fresh_change_is_read_only_once_it_is_the_same_on_two_polls(tmp_path):
+    """`kubectl get ... > file` truncates first and writes for a while: a
+    file that just changed waits a poll, so a cut file is not applied."""
+    f = write(tmp_path / "svc.yaml", svc_doc("a") + "---\n" + svc_doc("b", "10.96.0.11"), T0)
+    src = FileSource(f)
+    assert len(src.poll().service_ports) == 2
+    f.write_text(svc_doc("a") + "---\napiVersion: v1\nkind: Serv")  # cut mid-write, mtime now
+    assert src.poll() is None  # not read yet: nothing rejected, nothing applied
+    f.write_text(svc_doc("a") + "---\n" + svc_doc("c", "10.96.0.12"))  # the writer finishes
+    assert src.poll() is None  # changed again since the last poll
+    state = src.poll()  # the same as on the last poll: settled
+    assert state is not None and set(state.service_ports) == {fe("10.96.0.10", 80), fe("10.96.0.12", 80)}
+
+
+def test_a_change_that_empties_every_service_is_held_then_applied(tmp_path, caplog):
+    clock = FakeClock()
+    f = write(tmp_path / "svc.yaml", svc_doc(), T0)
+    src = FileSource(f, clock=clock, hold_s=5)
+    assert src.poll() is not None
+    write(f, "", T0 + 1)  # truncated, and the writer stalls
+    with caplog.at_level(logging.WARNING, logger="meshbpf.sources.yaml_file"):
+        assert src.poll() is None
+        clock.now += 4
+        assert src.poll() is None
+    assert "removes every Service; holding it" in caplog.text
+    clock.now += 1.5
+    state = src.poll()  # still empty after the hold: meant, so applied
+    assert state is not None and not state.service_ports
+    assert src.poll() is None
+
+
+def test_a_held_empty_change_is_dropped_when_the_writer_finishes(tmp_path):
+    clock = FakeClock()
+    f = write(tmp_path / "svc.yaml", svc_doc(port=80), T0)
+    src = FileSource(f, clock=clock)
+    src.poll()
+    write(f, "", T0 + 1)
+    assert src.poll() is None
+    clock.now += 1
+    write(f, svc_doc(port=81), T0 + 2)
+    state = src.poll()
+    assert set(state.service_ports) == {fe("10.96.0.10", 81)}
+    clock.now += 10
+    assert src.poll() is None  # the empty state is never applied
+
+
+def test_removing_some_services_is_not_held(tmp_path):
+    f = write(tmp_path / "svc.yaml", svc_doc("a") + "---\n" + svc_doc("b", "10.96.0.11"), T0)
+    src = FileSource(f, clock=FakeClock())
+    src.poll()
+    write(f, svc_doc("a"), T0 + 1)
+    assert set(src.poll().service_ports) == {fe("10.96.0.10", 80)}
+
+
+def test_an_empty_config_at_start_is_not_held(tmp_path):
+    src = FileSource(write(tmp_path / "svc.yaml", "", T0), clock=FakeClock())
+    state = src.poll()
+    assert state is not None and not state.service_ports
+
+
+def test_a_file_replaced_by_rename_is_read_at_once(tmp_path):
+    """Write-then-rename, as the README advises: the new inode means the
+    writer has finished, so there is no settling wait."""
+    f = write(tmp_path / "svc.yaml", svc_doc(port=80), T0)
+    src = FileSource(f)
+    src.poll()
+    tmp = write(tmp_path / "svc.yaml.tmp", svc_doc(port=81))  # mtime: now
+    os.replace(tmp, f)
+    assert set(src.poll().service_ports) == {fe("10.96.0.10", 81)}
+
+
+def test_a_new_file_just_written_waits_a_poll(tmp_path):
+    write(tmp_path / "a.yaml", svc_doc("a"), T0)
+    src = FileSource(tmp_path)
+    src.poll()
+    write(tmp_path / "b.yaml", svc_doc("b", "10.96.0.11"))  # mtime: now, perhaps still growing
+    assert src.poll() is None
+    assert len(src.poll().service_ports) == 2
