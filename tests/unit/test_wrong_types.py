@@ -74,6 +74,18 @@ def test_the_base_objects_are_good():
     assert len(result.state.service_ports) == 4
 
 
+# Fields meshbpf does not read (any value passes), and targetPort (a number or a name).
+UNREAD = ("status", "creationTimestamp", "ownerReferences", "targetRef", "targetPort")
+
+
+def field_path(path: tuple) -> str:
+    """('spec', 'ports', 0, 'port') -> 'spec.ports[0].port', as problems name fields."""
+    out = ""
+    for key in path:
+        out += f"[{key}]" if isinstance(key, int) else (f".{key}" if out else key)
+    return out
+
+
 @pytest.mark.parametrize("obj, path, value", list(cases()))
 def test_a_wrong_type_anywhere_is_a_problem_not_an_exception(obj, path, value):
     others = [o for o in (AGENT_CONFIG, SERVICE, SLICE) if o is not obj]
@@ -81,6 +93,14 @@ def test_a_wrong_type_anywhere_is_a_problem_not_an_exception(obj, path, value):
     for problem in result.problems:
         text = str(problem)
         assert text.startswith("test.yaml: document") and "\n" not in text, text
+    original = obj
+    for key in path:
+        original = original[key]
+    if value is None or type(value) is type(original) or set(path) & set(UNREAD):
+        return  # unset, or the same type, or a field nobody reads: may be fine
+    where = field_path(path)
+    assert any(p.path and (where.startswith(p.path) or p.path.startswith(where))
+               for p in result.problems), (where, [str(p) for p in result.problems])
 
 
 @pytest.mark.parametrize("field, value", [
