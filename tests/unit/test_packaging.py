@@ -7,6 +7,7 @@ Built offline from this checkout with the venv's own setuptools
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,10 +18,16 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def install_copy(target: Path) -> Path:
-    """pip-installs this checkout into target (no deps, no network)."""
+    """pip-installs this checkout into target (no deps, no network), built
+    from a clean copy: a build/ folder left in the checkout would leak
+    into the wheel and hide what the build itself carries."""
+    source = target.with_name(target.name + "-src")
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "*.egg-info", "__pycache__", ".pytest_cache", "out", "bin"))
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--no-index", "--disable-pip-version-check", "--target", str(target), str(REPO)],
+                    "--no-index", "--disable-pip-version-check", "--target", str(target), str(source)],
                    check=True, capture_output=True, text=True)
+    shutil.rmtree(source)
     return target
 
 
