@@ -99,6 +99,9 @@ class HealthServer:
             asyncio.run_coroutine_threadsafe(close(), self._loop).result(timeout=5)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self.thread.join(timeout=5)
+        else:
+            self._loop.run_until_complete(close())
+        self._loop.close()
         self._pool.shutdown(wait=False)
 
     # --- connections -----------------------------------------------------------

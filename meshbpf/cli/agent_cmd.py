@@ -11,6 +11,7 @@ import click
 from .. import __version__
 from ..agent import AgentOptions, run_agent
 from ..datapath.layout import LB_MAPS
+from ..health import parse_listen
 from .common import bpffs_option, friendly_errors
 
 log = logging.getLogger("meshbpf.agent")
@@ -59,6 +60,10 @@ def agent(source: str, config: Path | None, kubeconfig: str | None, service_prox
     if source == "file" and config is None:
         raise click.UsageError("--config is required with --source file")
     sizes = _map_sizes(map_size)
+    try:  # checked before anything is compiled or attached
+        parse_listen(listen)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc).removeprefix(f"--listen {listen!r}: "), param_hint="--listen")
     # The first line of every agent log: which build is running.
     log.info("meshbpf %s starting: source %s, bpffs %s, cgroup %s, listen %s", __version__,
              config if source == "file" else source, bpffs, cgroup_path or "the cgroup2 root", listen)

@@ -20,6 +20,7 @@ from click.testing import CliRunner
 from meshbpf import __version__
 from meshbpf.cli import cli
 from meshbpf.cli.common import friendly_errors
+from meshbpf.health import parse_listen
 
 SCRIPT = Path(sys.executable).parent / "meshbpf"
 
@@ -73,6 +74,7 @@ def test_json_log_format_prints_one_object_per_line():
     (["service", "list", "-o", "yaml"], "'yaml' is not one of"),
     (["agent"], "--config is required"),
     (["agent", "--config", "x.yaml", "--map-size", "nope=1"], "--map-size"),
+    (["agent", "--config", "x.yaml", "--listen", "::1:9890"], "Invalid value for --listen: expected HOST:PORT"),
 ])
 def test_usage_errors_are_one_line(args, words):
     out = meshbpf(*args)
@@ -117,3 +119,11 @@ def test_views_of_a_plain_folder_say_nothing_is_installed(tmp_path):
     out = meshbpf("service", "list", "--bpffs", str(tmp_path))
     assert out.returncode == 1
     assert len(out.stderr.splitlines()) == 1 and "meshbpf is not installed" in out.stderr
+
+
+@pytest.mark.parametrize("listen, address", [
+    ("127.0.0.1:9890", ("127.0.0.1", 9890)), ("[::1]:9890", ("::1", 9890)),
+    (":9890", ("127.0.0.1", 9890)), ("0.0.0.0:0", ("0.0.0.0", 0)), ("[::]:80", ("::", 80)),
+])
+def test_listen_addresses(listen, address):
+    assert parse_listen(listen) == address
