@@ -5,14 +5,14 @@ timeout (300 idle half-sent requests held 300 threads), and its bind looks
 up the host's name. Here one asyncio thread holds every connection, so an
 idle one costs a socket, not a thread; a request must arrive whole within
 REQUEST_TIMEOUT; at most MAX_WAITING connections wait for their request (a
-new one closes the oldest); responses are built on WORKERS threads. /metrics
-is prometheus-client's own WSGI app (content negotiation, gzip, name[]).
+new one closes the oldest). /healthz and /readyz are answered on that
+thread; /metrics, prometheus-client's own WSGI app (content negotiation,
+gzip, name[]), runs on WORKERS threads, at most MAX_WAITING scrapes queued.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import threading
 import time
@@ -78,6 +78,7 @@ class HealthServer:
         self._checks = {"/healthz": alive, "/readyz": ready}
         self._details = details
         self._waiting: dict[asyncio.StreamWriter, None] = {}  # oldest first
+        self._scrapes = 0  # /metrics requests queued or running on the workers
         self._pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="http-worker")
         self._loop = asyncio.new_event_loop()
         # Bound here, so a bad address fails the agent's start, not a thread.
@@ -117,16 +118,15 @@ class HealthServer:
                 return
             finally:
                 self._waiting.pop(writer, None)
-            response = await self._loop.run_in_executor(self._pool, self._respond, head)
-            writer.write(_serialize(response))
+            writer.write(_serialize(await self._respond(head)))
             await asyncio.wait_for(writer.drain(), REQUEST_TIMEOUT)
         except (asyncio.TimeoutError, ConnectionError):
             pass
         finally:
             writer.close()
 
-    # --- requests (on a worker thread) ----------------------------------------
-    def _respond(self, head: bytes) -> Response:
+    # --- requests ----------------------------------------------------------------
+    async def _respond(self, head: bytes) -> Response:
         try:
             method, target, headers = _parse_head(head)
         except ValueError:
@@ -135,10 +135,17 @@ class HealthServer:
             return _text(405, "only GET\n")
         url = urlsplit(target)
         try:
-            if url.path == "/metrics":
-                return self._metrics(method, url.query, headers)
             if url.path in self._checks:
+                # Answered on the loop thread: a probe never waits behind a slow scrape.
                 return self._check(url.path)
+            if url.path == "/metrics":
+                if self._scrapes >= MAX_WAITING:
+                    return _text(503, "busy\n")
+                self._scrapes += 1
+                try:
+                    return await self._loop.run_in_executor(self._pool, self._metrics, url.query, headers)
+                finally:
+                    self._scrapes -= 1
         except Exception as exc:  # a failing check or collector is a 500, never a dead server
             return _text(500, f"{type(exc).__name__}: {exc}\n")
         return _text(404, "not found\n")
@@ -151,8 +158,9 @@ class HealthServer:
             return code, [("Content-Type", "application/json")], (json.dumps(body) + "\n").encode()
         return _text(code, "ok\n" if ok else "not ok\n")
 
-    def _metrics(self, method: str, query: str, headers: dict[str, str]) -> Response:
-        environ = {"REQUEST_METHOD": method, "PATH_INFO": "/metrics", "QUERY_STRING": query,
+    def _metrics(self, query: str, headers: dict[str, str]) -> Response:
+        """prometheus-client's WSGI app, on a worker thread (collectors read BPF maps)."""
+        environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/metrics", "QUERY_STRING": query,
                    "HTTP_ACCEPT": headers.get("accept", ""),
                    "HTTP_ACCEPT_ENCODING": headers.get("accept-encoding", "")}
         started: list = []

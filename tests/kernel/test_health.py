@@ -87,3 +87,49 @@ def test_agent_on_ipv6_loopback(lab, bpffs, start_agent):
     assert f"meshbpf {__version__} from " in first  # -v: the debug line comes first
     assert f"meshbpf {__version__} starting: " in agent.log()
     assert f"on http://[::1]:{port}" in agent.log()
+
+
+def test_a_half_request_is_closed_after_the_request_timeout(monkeypatch):
+    from meshbpf import health
+    monkeypatch.setattr(health, "REQUEST_TIMEOUT", 0.2)
+    http = HealthServer("127.0.0.1:0", CollectorRegistry(), alive=lambda: True, ready=lambda: True)
+    http.start()
+    try:
+        host, port = http.address.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=10) as conn:
+            conn.sendall(b"GET /healthz HTTP/1.1\r\n")
+            assert conn.recv(100) == b""  # closed by the server, with no answer
+    finally:
+        http.stop()
+
+
+def test_probes_answer_while_every_worker_is_busy_scraping():
+    release, entered = threading.Event(), threading.Semaphore(0)
+
+    class Stuck:
+        def describe(self):
+            return []
+
+        def collect(self):
+            entered.release()
+            release.wait(30)
+            return []
+
+    registry = CollectorRegistry()
+    registry.register(Stuck())
+    http = HealthServer("127.0.0.1:0", registry, alive=lambda: True, ready=lambda: True)
+    http.start()
+    scrapes = [threading.Thread(target=get, args=(f"http://{http.address}/metrics",))
+               for _ in range(WORKERS + 1)]
+    try:
+        for scrape in scrapes:
+            scrape.start()
+        for _ in range(WORKERS):  # every worker is inside a scrape now
+            assert entered.acquire(timeout=10)
+        assert get(f"http://{http.address}/healthz") == (200, "ok\n")
+        assert get(f"http://{http.address}/readyz") == (200, "ok\n")
+    finally:
+        release.set()
+        for scrape in scrapes:
+            scrape.join(10)
+        http.stop()
