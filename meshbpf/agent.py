@@ -21,7 +21,8 @@ from .datapath.loader import DEFAULT_BPFFS, DatapathError, SockLB
 from .datapath.redirect import apply_settings
 from .datapath.maps import LBMaps, MapWriteError
 from .gcpause import gc_paused
-from .metrics import AgentMetrics, HealthServer, MapPressureCollector, RedirectCollector, heartbeat_check
+from .health import HealthServer, heartbeat_check
+from .metrics import AgentMetrics, MapPressureCollector, RedirectCollector
 from .model import DesiredState, RedirectSettings
 from .reconcile import CapacityError, LBState, Plan, check_capacity, plan, wanted_services
 from .sources import Source

@@ -1,4 +1,4 @@
-"""Prometheus metrics and the agent's /healthz, /readyz and /metrics server.
+"""Prometheus metrics (served by meshbpf/health.py).
 
 Map fill ratios are read at scrape time: the reconciled maps from the
 agent's own record of what it wrote, the kernel-owned LRU maps (affinity,
@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
 from .datapath import libbpf, redirect
@@ -114,48 +111,3 @@ class RedirectCollector:
         entries = GaugeMetricFamily("meshbpf_sockhash_entries", "Sockets in the sockhash now")
         entries.add_metric([], redirect.sockhash_count(self.bpffs) or 0)
         yield entries
-
-
-class HealthServer:
-    """Serves /healthz (the loop is alive), /readyz (maps match a config) and /metrics."""
-
-    def __init__(self, listen: str, registry: CollectorRegistry,
-                 alive: Callable[[], bool], ready: Callable[[], bool]):
-        host, _, port = listen.rpartition(":")
-        host = host.strip("[]") or "127.0.0.1"
-        checks = {"/healthz": alive, "/readyz": ready}
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 (http.server's naming)
-                path = self.path.split("?")[0]
-                if path == "/metrics":
-                    body, code, ctype = generate_latest(registry), 200, "text/plain; version=0.0.4"
-                elif path in checks:
-                    ok = checks[path]()
-                    body, code, ctype = (b"ok\n" if ok else b"not ok\n"), (200 if ok else 503), "text/plain"
-                else:
-                    body, code, ctype = b"not found\n", 404, "text/plain"
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        ThreadingHTTPServer.allow_reuse_address = True
-        self.server = ThreadingHTTPServer((host, int(port)), Handler)
-        self.server.daemon_threads = True
-        self.address = f"{host}:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, name="http", daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-
-
-def heartbeat_check(last_beat: Callable[[], float], max_age: float) -> Callable[[], bool]:
-    return lambda: time.monotonic() - last_beat() < max_age

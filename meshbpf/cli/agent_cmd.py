@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 from pathlib import Path
 
 import click
 
+from .. import __version__
 from ..agent import AgentOptions, run_agent
 from ..datapath.layout import LB_MAPS
+from ..health import parse_listen
 from .common import bpffs_option, friendly_errors
+
+log = logging.getLogger("meshbpf.agent")
 
 
 def _map_sizes(values: tuple[str, ...]) -> dict[str, int]:
@@ -54,7 +59,15 @@ def agent(source: str, config: Path | None, kubeconfig: str | None, service_prox
     """Compile, attach, sync the maps to the desired state, and keep them in sync."""
     if source == "file" and config is None:
         raise click.UsageError("--config is required with --source file")
+    sizes = _map_sizes(map_size)
+    try:  # checked before anything is compiled or attached
+        parse_listen(listen)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc).removeprefix(f"--listen {listen!r}: "), param_hint="--listen")
+    # The first line of every agent log: which build is running.
+    log.info("meshbpf %s starting: source %s, bpffs %s, cgroup %s, listen %s", __version__,
+             config if source == "file" else source, bpffs, cgroup_path or "the cgroup2 root", listen)
     run_agent(AgentOptions(config=config, source=source, kubeconfig=kubeconfig,
                            service_proxy_name=service_proxy_name, config_map=config_map,
                            cgroup=cgroup_path, bpffs=bpffs, listen=listen,
-                           node_name=node_name, map_sizes=_map_sizes(map_size)))
+                           node_name=node_name, map_sizes=sizes))

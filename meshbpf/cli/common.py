@@ -29,12 +29,23 @@ def friendly_errors(fn: Callable) -> Callable:
         except click.ClickException:
             raise
         except (OSError, ValueError, RuntimeError, LookupError) as exc:
-            raise click.ClickException(str(exc)) from None
+            raise click.ClickException(one_line(exc)) from None
         except Exception as exc:  # errors of our own modules carry a message
             if type(exc).__module__.startswith("meshbpf"):
-                raise click.ClickException(str(exc)) from None
+                raise click.ClickException(one_line(exc)) from None
             raise
     return wrapper
+
+
+def one_line(text: str) -> str:
+    """A message on one line: its lines joined with "; " (" " after a line
+    that ends with ":"), so a problem list or a hint on a second line still
+    reads as one error line."""
+    out = ""
+    for line in (part.strip() for part in str(text).splitlines()):
+        if line:
+            out += ("" if not out else " " if out.endswith(":") else "; ") + line
+    return out
 
 
 def addr_text(addr: bytes) -> str:

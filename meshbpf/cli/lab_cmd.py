@@ -26,7 +26,8 @@ def up(name: str, pods: str) -> None:
     """Create lab NAME."""
     created = netlab.Lab(name).up([p for p in pods.split(",") if p])
     for pod in created.pods.values():
-        click.echo(f"{pod.name:<16} {pod.ipv4:<14} {pod.ipv6}")
+        # str() first: ip_address objects take no width in format() (Python 3.11).
+        click.echo(f"{pod.name:<16} {str(pod.ipv4):<14} {pod.ipv6}")
     click.echo(f"cgroup: {created.cgroup}")
 
 
@@ -66,10 +67,11 @@ def list_() -> None:
 @click.option("--config", type=click.Path(exists=True, path_type=Path), default=None,
               help="Services to program [default: the bundled example, meshbpf/examples/lab.yaml].")
 @click.option("--requests", default=30, show_default=True, help="Requests per check.")
+@click.option("--name", default="demo", show_default=True, help="Name of the demo's lab.")
 @friendly_errors
-def demo(config: Path | None, requests: int) -> None:
+def demo(config: Path | None, requests: int, name: str) -> None:
     """Bring up a lab, run the agent, send real traffic, tear down."""
     from ..lab.demo import run_demo
     if os.geteuid() != 0:
         raise click.ClickException("the lab needs root")
-    run_demo(config, requests)
+    run_demo(config, requests, name)

@@ -283,12 +283,60 @@ class Installed:
         return bool(self.maps or self.links)
 
 
+BPF_FS_MAGIC = 0xCAFE4A11  # statfs f_type of a bpffs mount (linux/magic.h)
+_FD_KINDS = {"anon_inode:bpf-map": "map", "anon_inode:bpf-link": "link", "anon_inode:bpf-prog": "prog"}
+
+
+class _StatFs(ct.Structure):
+    # struct statfs begins with f_type (a long on 64-bit Linux); the rest is
+    # room for the fields we do not read.
+    _fields_ = [("f_type", ct.c_long), ("_rest", ct.c_uint8 * 256)]
+
+
+def is_bpffs(path: Path) -> bool:
+    """True if path is a folder on a bpffs mount (by filesystem magic, so a
+    plain folder with files named like our pins never counts)."""
+    libc = ct.CDLL(None, use_errno=True)
+    buf = _StatFs()
+    if libc.statfs(os.fsencode(path), ct.byref(buf)) != 0:
+        return False
+    return (buf.f_type & 0xFFFFFFFF) == BPF_FS_MAGIC
+
+
+def pin_kind(pin: Path) -> tuple[str, str] | None:
+    """("map", its kernel name), ("link", "") or ("prog", "") for a BPF
+    object pinned at pin; None if pin is anything else."""
+    try:
+        fd = libbpf.obj_get(str(pin))
+    except OSError:
+        return None
+    try:
+        kind = _FD_KINDS.get(os.readlink(f"/proc/self/fd/{fd}"))
+        if kind == "map":
+            return kind, libbpf.map_info(fd).name
+        return (kind, "") if kind else None
+    finally:
+        os.close(fd)
+
+
+def _ours(pin: Path, kind: str, name: str = "") -> bool:
+    """Is pin a BPF object of that kind (and, for a map, that kernel name)?"""
+    found = pin_kind(pin)
+    return found is not None and found[0] == kind and (not name or found[1] == name)
+
+
 def inspect(bpffs: Path) -> Installed:
-    maps = {spec.name: bpffs / spec.name for spec in ALL_MAPS if (bpffs / spec.name).exists()}
+    """meshbpf's pins in bpffs: maps under their names, links under links/.
+    Anything else, or a folder that is not on bpffs, counts as nothing."""
+    if not is_bpffs(bpffs):
+        return Installed(bpffs, {}, {})
+    maps = {spec.name: bpffs / spec.name for spec in ALL_MAPS if _ours(bpffs / spec.name, "map")}
     links = {}
     links_dir = bpffs / "links"
     if links_dir.is_dir():
         for pin in sorted(links_dir.iterdir()):
+            if not _ours(pin, "link"):
+                continue
             fd = libbpf.obj_get(str(pin))
             try:
                 links[pin.name] = libbpf.link_info(fd)
@@ -299,11 +347,17 @@ def inspect(bpffs: Path) -> Installed:
 
 def uninstall(bpffs: Path, drain_timeout: float = 2.0) -> list[str]:
     """Detach and unpin everything meshbpf made in this folder, and nothing
-    else. Returns what was removed.
+    else. Returns what was removed, and a warning for each pin left.
 
+    The folder must be on bpffs, and a pin is removed only if it is a BPF
+    link (under links/) or a BPF map of the name it is pinned under: a
+    plain folder with files named like ours is refused, not emptied.
     Spliced socket pairs are first switched to TCP and given drain_timeout
     to leave the sockhash: freeing the sockhash frees what a socket still
     holds spliced and unread."""
+    if not is_bpffs(bpffs):
+        raise DatapathError(f"{bpffs} is not on a bpffs mount: refusing to delete anything in it "
+                            f"(pass the --bpffs folder the agent pins to)")
     removed: list[str] = []
     left = _drain_sockhash(bpffs, drain_timeout, removed)
     if left:
@@ -312,15 +366,23 @@ def uninstall(bpffs: Path, drain_timeout: float = 2.0) -> list[str]:
     links_dir = bpffs / "links"
     if links_dir.is_dir():
         for pin in sorted(links_dir.iterdir()):
-            if pin.name.startswith("mbpf_"):
-                _detach_pin(pin)
-                removed.append(f"link {pin.name}")
+            if not pin.name.startswith("mbpf_"):
+                continue
+            if not _ours(pin, "link"):
+                removed.append(f"warning: left {pin}: it is not a BPF link")
+                continue
+            _detach_pin(pin)
+            removed.append(f"link {pin.name}")
         _rmdir_if_empty(links_dir)
     for spec in ALL_MAPS:
         pin = bpffs / spec.name
-        if pin.exists():
-            pin.unlink()
-            removed.append(f"map {spec.name}")
+        if not pin.exists() and not pin.is_symlink():
+            continue
+        if not _ours(pin, "map", spec.name):
+            removed.append(f"warning: left {pin}: it is not a BPF map named {spec.name}")
+            continue
+        pin.unlink()
+        removed.append(f"map {spec.name}")
     _rmdir_if_empty(bpffs)
     return removed
 
@@ -332,7 +394,7 @@ def _drain_sockhash(bpffs: Path, timeout: float, removed: list[str]) -> int:
 
     from .layout import RedirCfgC, SockKeyC
     cfg_pin, hash_pin = bpffs / "mbpf_redir_cfg", bpffs / "mbpf_sockhash"
-    if not cfg_pin.exists() or not hash_pin.exists():
+    if not _ours(cfg_pin, "map", cfg_pin.name) or not _ours(hash_pin, "map", hash_pin.name):
         return 0
     fd = libbpf.obj_get(str(cfg_pin))
     try:
@@ -345,7 +407,7 @@ def _drain_sockhash(bpffs: Path, timeout: float, removed: list[str]) -> int:
     links = bpffs / "links"
     if links.is_dir():
         for pin in links.iterdir():
-            if pin.name.startswith(("mbpf_sockops-", "mbpf_setsockopt-")):
+            if pin.name.startswith(("mbpf_sockops-", "mbpf_setsockopt-")) and _ours(pin, "link"):
                 _detach_pin(pin)
                 removed.append(f"link {pin.name}")
     fd = libbpf.obj_get(str(hash_pin))

@@ -16,11 +16,17 @@ _QUOTED_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
 
 
 def bpf_dir() -> Path:
-    """The bpf/ folder of this checkout (MESHBPF_BPF_DIR overrides it)."""
+    """Where the C sources are: MESHBPF_BPF_DIR if set; else meshbpf/_bpf in
+    an installed wheel (setup.py maps bpf/ there); else bpf/ at the top of
+    this checkout (an editable install, or running from the repository)."""
     override = os.environ.get("MESHBPF_BPF_DIR")
     if override:
         return Path(override)
-    return Path(__file__).resolve().parents[2] / "bpf"
+    package = Path(__file__).resolve().parents[1]
+    bundled = package / "_bpf"
+    if bundled.is_dir():
+        return bundled
+    return package.parent / "bpf"
 
 
 def program_text(files: list[str]) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import click
 
-from .netlab import Lab
+from .netlab import Lab, LabError
 from .workloads import AgentProcess, copy_config, start_dnsmasq, start_whoami
 
 PODS = ["client", "web-1", "web-2", "web-3", "dns-1", "dns-2"]  # order fixes addresses
@@ -38,6 +38,8 @@ def _tally(title: str, answers: list[str]) -> None:
 def run_demo(config: Path | None = None, requests: int = 30, name: str = "demo") -> None:
     config = config or default_config()
     bpffs = Path(f"/sys/fs/bpf/meshbpf-lab-{name}")
+    if Lab(name).exists():  # checked before `with`, whose exit would tear down that lab
+        raise LabError(f"lab {name!r} already exists; `meshbpf lab down {name}` first, or pass --name")
     with tempfile.TemporaryDirectory(prefix="meshbpf-demo-") as tmp, Lab(name) as lab:
         click.echo(f"lab {name}: pods {', '.join(PODS)} on 10.244.0.0/24 and fd00:244::/64, "
                    f"cgroup {lab.cgroup}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import socket
+import socketserver
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -21,10 +22,15 @@ class DualStackServer(ThreadingHTTPServer):
 
     def server_bind(self) -> None:
         self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        super().server_bind()
+        # Not HTTPServer.server_bind: it looks up the host's name
+        # (socket.getfqdn), which stalls for seconds in a pod whose resolver
+        # answers nothing. Nothing in the lab may depend on name resolution.
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name, self.server_port = host, port
 
 
-def serve(name: str, port: int) -> None:
+def make_server(name: str, port: int) -> DualStackServer:
     body = f"{name}\n".encode()
 
     class Handler(BaseHTTPRequestHandler):
@@ -40,7 +46,11 @@ def serve(name: str, port: int) -> None:
         def log_message(self, *args):
             pass
 
-    DualStackServer(("::", port), Handler).serve_forever()
+    return DualStackServer(("::", port), Handler)
+
+
+def serve(name: str, port: int) -> None:
+    make_server(name, port).serve_forever()
 
 
 def main() -> None:
