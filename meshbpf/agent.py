@@ -71,6 +71,8 @@ class Agent:
         self.refused: dict[str, Refusal] = {}
         self.lb_retry = Backoff()
         self.redirect_retry = Backoff()
+        self.lb_stale = False          # the load-balancing maps differ from self.desired
+        self.redirect_stale = False    # the redirection settings differ from self.desired
         self.applied_redirect: RedirectSettings | None = None
         self.target: Path | None = None
         self.next_resync = time.monotonic() + opts.resync_interval
@@ -182,9 +184,10 @@ class Agent:
         except Exception as exc:
             self._restore()
             return self._lb_failed("internal", f"sync failed: {_one_line(exc)}; restored the previous state")
-        if self.lb_retry.due_at is not None:
+        if self.lb_stale:
             log.info("load-balancing maps match the desired state again")
         self.lb_retry.reset()
+        self.lb_stale = False
         self.metrics.datapath_stale.set(0)
         self.metrics.last_sync.set_to_current_time()
         if writes:
@@ -221,6 +224,7 @@ class Agent:
 
     def _lb_failed(self, reason: str, message: str) -> bool:
         self.metrics.sync_errors.labels(reason).inc()
+        self.lb_stale = True
         self.metrics.datapath_stale.set(1)
         delay = self.lb_retry.failed(time.monotonic())
         self._error("%s; retrying in %gs", message, delay)
@@ -270,7 +274,7 @@ class Agent:
     def sync_redirect(self, settings: RedirectSettings) -> bool:
         """Applies the redirection settings, apart from load balancing: a
         failure here is retried on its own and never holds up Service updates."""
-        if settings == self.applied_redirect and self.redirect_retry.due_at is None:
+        if settings == self.applied_redirect and not self.redirect_stale:
             return True
         if not self.lb.redirect:
             # Redirection was not compiled (kernel without it): no maps to
@@ -288,12 +292,14 @@ class Agent:
             apply_settings(self.lb, settings, self.target, self.applied_redirect)
         except Exception as exc:
             self.metrics.sync_errors.labels("redirect").inc()
+            self.redirect_stale = True
             self.metrics.redirect_stale.set(1)
             delay = self.redirect_retry.failed(time.monotonic())
             self._error("socket redirection settings not applied (load balancing goes on): "
                         "AgentConfig spec.socketRedirect: %s; retrying in %gs", _one_line(exc), delay)
             return False
         self.redirect_retry.reset()
+        self.redirect_stale = False
         self.metrics.redirect_stale.set(0)
         log.info("socket redirection: %s", _describe(settings))
         self.applied_redirect = settings
@@ -303,7 +309,7 @@ class Agent:
     def ready(self) -> bool:
         """The load-balancing maps match the desired state (Services left out
         for lack of room are problems, not staleness: retrying cannot help)."""
-        return self.programmed is not None and self.lb_retry.due_at is None
+        return self.programmed is not None and not self.lb_stale
 
     def alive(self) -> bool:
         return time.monotonic() - self._beat < HEARTBEAT_MAX_AGE and self._source_health().get("ok", True)
@@ -313,8 +319,8 @@ class Agent:
         return {
             "loop_heartbeat_age_s": round(time.monotonic() - self._beat, 3),
             "ready": self.ready(),
-            "datapath_stale": self.lb_retry.due_at is not None,
-            "redirect_stale": self.redirect_retry.due_at is not None,
+            "datapath_stale": self.lb_stale,
+            "redirect_stale": self.redirect_stale,
             "services_refused": sorted(self.refused),
             "last_error": self.last_error,
             "source": self._source_health(),
