@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes as ct
 import os
 import signal
+import threading
 
 import pytest
 
@@ -82,27 +83,46 @@ def test_a_service_too_big_for_the_map_is_left_out_and_the_others_keep_updating(
 
 # --- item 4 --------------------------------------------------------------------------
 
+def _keep_filling(path, stop: threading.Event) -> None:
+    """Someone else keeps taking the last free entry of a map (a stray key
+    the agent removes on restore and this puts back)."""
+    fd = libbpf.obj_get(str(path))
+    try:
+        while not stop.is_set():
+            try:
+                libbpf.map_update(fd, ct.c_uint32(4242), BackendC())
+            except OSError:
+                pass  # full right now
+            stop.wait(0.01)
+    finally:
+        os.close(fd)
+
+
 @pytest.mark.userspace
 def test_a_failed_map_write_is_retried_without_a_new_change(lab, probe, bpffs, config, start_agent):
     agent = start_agent(web_service(lab), "--map-size", "mbpf_backends=5")
-    # Someone else fills the last free backend slot behind the agent's back,
-    # so the agent's next write fails in the kernel (E2BIG).
-    fd = libbpf.obj_get(str(bpffs / "mbpf_backends"))
+    stop = threading.Event()
+    filler = threading.Thread(target=_keep_filling, args=(bpffs / "mbpf_backends", stop))
+    filler.start()
     try:
-        libbpf.map_update(fd, ct.c_uint32(4242), BackendC())
+        api = web_service(lab, pods=("client2",), name="api", ip="10.96.0.11")  # a fifth backend
+        k8s.write(config, web_service(lab) + api)
+        wait_log(agent, "map write failed")          # E2BIG from the kernel
+        assert agent.get("/readyz")[0] == 503        # stale while it keeps failing
+        assert _metric(agent, "meshbpf_datapath_stale") == 1
+        assert agent.proc.poll() is None
     finally:
-        os.close(fd)
-    api = web_service(lab, pods=("client2",), name="api", ip="10.96.0.11")  # a fifth backend
-    k8s.write(config, web_service(lab) + api)
-    wait_log(agent, "map write failed")
-    # No further change from the source: the retry alone lands it (the
-    # restore after the failure removed the stray entry).
-    wait_backends(bpffs, "10.96.0.11:80/TCP", [f"{lab.pods['client2'].ipv4}:8080"], timeout=10)
+        stop.set()
+        filler.join()
+    # No further change from the source: a retry alone lands it (the
+    # restore after each failure removes the stray entry).
+    wait_backends(bpffs, "10.96.0.11:80/TCP", [f"{lab.pods['client2'].ipv4}:8080"], timeout=40)
     log = wait_log(agent, "match the desired state again")
     assert "retrying in 0.5s" in log
     assert agent.get("/readyz")[0] == 200
     assert _metric(agent, "meshbpf_datapath_stale") == 0
     assert _metric(agent, "meshbpf_sync_errors_total", 'reason="datapath"') >= 1
+    assert probe("client", "whoami", "10.96.0.10", 80, 10)["errors"] == {}
 
 
 @pytest.mark.userspace
