@@ -17,11 +17,11 @@ import pytest
 from meshbpf.datapath import libbpf, loader
 from meshbpf.datapath.cgroup import cgroup2_mount
 from meshbpf.datapath.layout import BackendC, SvcKeyC
+from meshbpf.lab.workloads import wait_for
 
 from . import k8s
 from .conftest import attached_programs, web_service
 from .helpers import metric, services, wait_backends, wait_log
-from meshbpf.lab.workloads import wait_for
 
 WEB = "10.96.0.10:80/TCP"
 

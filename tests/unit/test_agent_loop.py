@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -15,9 +16,10 @@ import pytest
 
 import meshbpf.agent as agent_mod
 from meshbpf.agent import Agent, AgentOptions
+from meshbpf.datapath.lock import holder_pid
 from meshbpf.datapath.maps import MapWriteError
 from meshbpf.model import AgentSettings, DesiredState, Endpoint, RedirectSettings
-from meshbpf.reconcile import LBState, Plan, wanted_services, plan
+from meshbpf.reconcile import LBState, Plan, plan, wanted_services
 from meshbpf.retry import Backoff
 from meshbpf.sources.errors import ConfigError, Problem
 from reconcile_checks import service_port
@@ -272,3 +274,17 @@ def test_healthz_follows_the_source_health(make_agent):
     assert agent.health_details()["source"]["watches"]["services"]["alive"] is False
     source.health = lambda: {"ok": True, "watches": {}}
     assert agent.alive()
+
+
+# --- the bpffs lock's message ----------------------------------------------------------
+
+def test_the_lock_holder_is_found_in_proc_locks(tmp_path):
+    st = os.stat(tmp_path)
+    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}"
+    locks = tmp_path / "locks"
+    locks.write_text(f"1: POSIX  ADVISORY  WRITE 111 {dev}:{st.st_ino} 0 EOF\n"
+                     f"2: FLOCK  ADVISORY  WRITE 4321 {dev}:{st.st_ino} 0 EOF\n"
+                     f"3: FLOCK  ADVISORY  WRITE 999 {dev}:{st.st_ino + 1} 0 EOF\n")
+    assert holder_pid(tmp_path, str(locks)) == 4321
+    locks.write_text("")
+    assert holder_pid(tmp_path, str(locks)) is None
