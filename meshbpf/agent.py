@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .admission import Refusal, admit
+from .admission import Admission, Refusal, admit
 from .datapath import cgroup, features
 from .datapath.layout import BY_ROLE
 from .datapath.lock import BpffsLock
@@ -198,9 +198,7 @@ class Agent:
         assert self.maps is not None
         writes = 0
         for _ in range(ADMISSION_ROUNDS):
-            admission = admit(self.current, wanted, self.maps.capacity, MAP_NAMES)
-            p = plan(self.current, admission.wanted)
-            check_capacity(self.current, p, self.maps.capacity, MAP_NAMES)
+            admission, p = self._plan_what_fits(wanted)
             self._apply(p)
             self.programmed = admission.wanted
             writes += p.writes
@@ -209,6 +207,21 @@ class Agent:
                 break
         self._note_refusals(admission.refused)
         return writes
+
+    def _plan_what_fits(self, wanted: dict[SvcKey, WantedService]) -> tuple[Admission, Plan]:
+        """The whole plan when it fits (the usual case, and the cheap one);
+        otherwise the plan of what admission lets in, Service by Service."""
+        assert self.maps is not None
+        p = plan(self.current, wanted)
+        try:
+            check_capacity(self.current, p, self.maps.capacity, MAP_NAMES)
+            return Admission(wanted), p
+        except CapacityError:
+            pass
+        admission = admit(self.current, wanted, self.maps.capacity, MAP_NAMES)
+        p = plan(self.current, admission.wanted)
+        check_capacity(self.current, p, self.maps.capacity, MAP_NAMES)  # admission's guarantee
+        return admission, p
 
     def _note_refusals(self, refusals: list[Refusal]) -> None:
         """Logs each Service once when it is left out and once when it fits again."""
