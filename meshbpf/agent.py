@@ -4,6 +4,12 @@ It compiles and attaches the programs (or swaps them in place behind the
 pinned links), reads the pinned maps back, and from then on keeps them in
 step with the desired state. It never detaches anything on exit: SIGTERM,
 a crash or kill -9 all leave the datapath serving what it last programmed.
+
+Nothing a source or a sync raises ends the loop. The agent keeps the last
+desired state it was given, so a failed sync is retried (with backoff) with
+no new change needed, and a periodic resync re-reads the maps to repair
+drift. Redirection settings are applied apart from load balancing, so a
+problem with them never holds up Service updates.
 """
 
 from __future__ import annotations
