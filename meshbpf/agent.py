@@ -4,32 +4,47 @@ It compiles and attaches the programs (or swaps them in place behind the
 pinned links), reads the pinned maps back, and from then on keeps them in
 step with the desired state. It never detaches anything on exit: SIGTERM,
 a crash or kill -9 all leave the datapath serving what it last programmed.
+
+Nothing a source or a sync raises ends the loop. The agent keeps the last
+desired state it was given, so a failed sync is retried (with backoff) with
+no new change needed, and a periodic resync re-reads the maps to repair
+drift. Redirection settings are applied apart from load balancing, so a
+problem with them never holds up Service updates.
 """
 
 from __future__ import annotations
 
 import logging
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from .admission import Admission, Refusal, admit
 from .datapath import cgroup, features
 from .datapath.layout import BY_ROLE
-from .datapath.loader import DEFAULT_BPFFS, DatapathError, SockLB
+from .datapath.lock import BpffsLock
+from .datapath.loader import DEFAULT_BPFFS, SockLB
 from .datapath.redirect import apply_settings
 from .datapath.maps import LBMaps, MapWriteError
 from .gcpause import gc_paused
 from .health import HealthServer, heartbeat_check
 from .metrics import AgentMetrics, MapPressureCollector, RedirectCollector
 from .model import DesiredState, RedirectSettings
-from .reconcile import CapacityError, LBState, Plan, check_capacity, plan, wanted_services
+from .reconcile import CapacityError, LBState, Plan, SvcKey, WantedService, check_capacity, plan, wanted_services
+from .retry import Backoff
 from .sources import Source
 from .sources.errors import ConfigError, Problem
 from .sources.yaml_file import FileSource
 
 log = logging.getLogger(__name__)
+
+MAP_NAMES = {role: spec.name for role, spec in BY_ROLE.items()}
+ADMISSION_ROUNDS = 3   # a round that deletes frees room the next round can hand out
+HEARTBEAT_MAX_AGE = 10.0
 
 
 @dataclass
@@ -45,26 +60,39 @@ class AgentOptions:
     node_name: str | None = None
     poll_interval: float = 0.2          # config changes apply within a second
     map_sizes: dict[str, int] = field(default_factory=dict)
+    resync_interval: float = 300.0      # re-read the pinned maps and repair drift; 0: never
+    lock_timeout: float = 10.0          # wait this long for a previous agent on the bpffs to exit
 
 
 class Agent:
-    def __init__(self, opts: AgentOptions):
+    def __init__(self, opts: AgentOptions, source: Source | None = None, lb: SockLB | None = None):
         self.opts = opts
         self.metrics = AgentMetrics()
-        self.source = make_source(opts)
-        self.lb = SockLB(bpffs=opts.bpffs, sizes=opts.map_sizes)
+        self.source = source if source is not None else make_source(opts)
+        self.lb = lb if lb is not None else SockLB(bpffs=opts.bpffs, sizes=opts.map_sizes)
+        self.lock = BpffsLock(opts.bpffs)
         self.maps: LBMaps | None = None
         self.current = LBState()
-        self.last_good: DesiredState | None = None
+        self.desired: DesiredState | None = None        # the latest state the source accepted
+        self.programmed: dict[SvcKey, WantedService] | None = None  # what the maps were last brought to
+        self.refused: dict[str, Refusal] = {}
+        self.lb_retry = Backoff()
+        self.redirect_retry = Backoff()
+        self.lb_stale = False          # the load-balancing maps differ from self.desired
+        self.redirect_stale = False    # the redirection settings differ from self.desired
         self.applied_redirect: RedirectSettings | None = None
         self.target: Path | None = None
-        self.ready = False
+        self.next_resync = time.monotonic() + opts.resync_interval
+        self.last_error = ""
         self._beat = time.monotonic()
         self._stop = threading.Event()
         self.http: HealthServer | None = None
 
     # --- start-up ------------------------------------------------------------
     def start(self) -> None:
+        # Before anything is compiled or attached: a second agent on this
+        # folder would hand out the same service IDs.
+        self.lock.acquire(self.opts.lock_timeout)
         target = self.target = cgroup.resolve(self.opts.cgroup)
         probed = features.probe()
         self.lb.features = features.as_dict(probed)
@@ -81,8 +109,7 @@ class Agent:
         self.metrics.registry.register(MapPressureCollector(self.opts.bpffs, self._known_counts))
         self.metrics.registry.register(RedirectCollector(self.opts.bpffs))
         self.http = HealthServer(self.opts.listen, self.metrics.registry,
-                                 alive=heartbeat_check(lambda: self._beat, 10.0),
-                                 ready=lambda: self.ready)
+                                 alive=self.alive, ready=self.ready, details=self.health_details)
         self.http.start()
         log.info("serving /healthz, /readyz and /metrics on http://%s", self.http.address)
 
@@ -92,82 +119,136 @@ class Agent:
             signal.signal(sig, lambda *_: self._stop.set())
         while not self._stop.is_set():
             self._beat = time.monotonic()
-            self.step()
+            try:
+                self.step()
+            except Exception as exc:  # a bug must not end the loop: the maps keep serving
+                self.metrics.sync_errors.labels("internal").inc()
+                self._error("agent loop failed, still running the previous state: %s", _one_line(exc))
             self._stop.wait(self.opts.poll_interval)
         log.info("stopping; the datapath stays attached and keeps serving")
         if hasattr(self.source, "stop"):
             self.source.stop()
         if self.http:
             self.http.stop()
+        self.lock.release()
 
     def step(self) -> None:
         with gc_paused():
             self._step()
 
     def _step(self) -> None:
-        started = time.monotonic()
+        started = now = time.monotonic()
+        changed = self._poll_source()
+        if self.desired is None:
+            return
+        resync = self.opts.resync_interval > 0 and now >= self.next_resync
+        if changed or resync or self.lb_retry.due(now):
+            if self.sync_lb(self.desired, reread=resync) and changed:
+                self.metrics.sync_duration.observe(time.monotonic() - started)
+        if changed or self.redirect_retry.due(now):
+            self.sync_redirect(self.desired.settings.redirect)
+
+    def _poll_source(self) -> bool:
+        """Takes a new desired state from the source; True when there is one.
+        Nothing the source raises ends the loop."""
         try:
             desired = self.source.poll()
         except ConfigError as exc:
             self.metrics.sync_errors.labels("config").inc()
             self.metrics.config_ok.set(0)
             log.error("config rejected, still running the previous state:\n%s", exc)
-            return
+            return False
+        except Exception as exc:
+            self.metrics.sync_errors.labels("source").inc()
+            self.metrics.config_ok.set(0)
+            self._error("%s failed, still running the previous state: %s",
+                        type(self.source).__name__, _one_line(exc))
+            return False
         self.metrics.source_problems.set(len(getattr(self.source, "problems", [])))
         if desired is None:
-            return
+            return False
         self.metrics.config_ok.set(1)
-        if self.sync(desired):
-            self.metrics.sync_duration.observe(time.monotonic() - started)
+        self.desired = desired
+        self.lb_retry.reset()        # a new change is tried at once
+        self.redirect_retry.reset()
+        return True
 
-    def sync(self, desired: DesiredState) -> bool:
-        """Brings the maps to `desired`. On any failure the maps keep (or get
-        back to) the last good state. Returns True on success."""
+    # --- load balancing ----------------------------------------------------------
+    def sync_lb(self, desired: DesiredState, reread: bool = False) -> bool:
+        """Brings the load-balancing maps to `desired`, Service by Service as
+        they fit. On a failure the maps get back to what they held and a
+        retry is scheduled. Returns True on success."""
         assert self.maps is not None
         try:
-            # Checked before anything is written, so a bad path changes nothing.
-            for path in desired.settings.redirect.cgroups:
-                cgroup.resolve(path)
-        except cgroup.CgroupError as exc:
-            self.metrics.sync_errors.labels("config").inc()
-            log.error("config rejected, still running the previous state: "
-                      "AgentConfig spec.socketRedirect.cgroups: %s", exc)
-            return False
-        p = plan(self.current, wanted_services(desired))
-        try:
-            check_capacity(self.current, p, self.maps.capacity,
-                           {role: spec.name for role, spec in BY_ROLE.items()})
-        except CapacityError as exc:
-            self.metrics.sync_errors.labels("capacity").inc()
-            log.error("update rejected, still running the previous state: %s", exc)
-            return False
-        try:
-            self._apply(p)
+            if reread:
+                self._resync_read()
+            writes = self._admit_and_apply(wanted_services(desired))
+        except CapacityError as exc:  # admission should have prevented it
+            return self._lb_failed("capacity", f"update rejected, still running the previous state: {exc}")
         except MapWriteError as exc:
-            self.metrics.sync_errors.labels("datapath").inc()
-            log.error("map write failed: %s; restoring the previous state", exc)
             self._restore()
-            return False
-        if desired.settings.redirect != self.applied_redirect:
-            if desired.settings.redirect.enabled and not self.lb.redirect:
-                log.warning("AgentConfig asks for socket redirection, but this kernel cannot do "
-                            "it safely (see `meshbpf status`); it stays off")
-                self.applied_redirect = desired.settings.redirect
-        if desired.settings.redirect != self.applied_redirect:
-            try:
-                apply_settings(self.lb, desired.settings.redirect, self.target, self.applied_redirect)
-            except (OSError, DatapathError) as exc:
-                self.metrics.sync_errors.labels("datapath").inc()
-                log.error("socket redirection settings not applied: %s", exc)
-                return False
-            log.info("socket redirection: %s", _describe(desired.settings.redirect))
-            self.applied_redirect = desired.settings.redirect
-        self.last_good = desired
-        self.ready = True
+            return self._lb_failed("datapath", f"map write failed: {exc}; restored the previous state")
+        except Exception as exc:
+            self._restore()
+            return self._lb_failed("internal", f"sync failed: {_one_line(exc)}; restored the previous state")
+        if self.lb_stale:
+            log.info("load-balancing maps match the desired state again")
+        self.lb_retry.reset()
+        self.lb_stale = False
+        self.metrics.datapath_stale.set(0)
         self.metrics.last_sync.set_to_current_time()
-        if p:
-            log.info("synced %d services: %d map writes", len(desired.service_ports), p.writes)
+        if writes:
+            log.info("synced %d services: %d map writes", len(desired.service_ports), writes)
         return True
+
+    def _admit_and_apply(self, wanted: dict[SvcKey, WantedService]) -> int:
+        assert self.maps is not None
+        writes = 0
+        for _ in range(ADMISSION_ROUNDS):
+            admission, p = self._plan_what_fits(wanted)
+            self._apply(p)
+            self.programmed = admission.wanted
+            writes += p.writes
+            freed = p.service_deletes or p.slot_deletes or p.backend_deletes
+            if not (admission.refused and freed):
+                break
+        self._note_refusals(admission.refused)
+        return writes
+
+    def _plan_what_fits(self, wanted: dict[SvcKey, WantedService]) -> tuple[Admission, Plan]:
+        """The whole plan when it fits (the usual case, and the cheap one);
+        otherwise the plan of what admission lets in, Service by Service."""
+        assert self.maps is not None
+        p = plan(self.current, wanted)
+        try:
+            check_capacity(self.current, p, self.maps.capacity, MAP_NAMES)
+            return Admission(wanted), p
+        except CapacityError:
+            pass
+        admission = admit(self.current, wanted, self.maps.capacity, MAP_NAMES)
+        p = plan(self.current, admission.wanted)
+        check_capacity(self.current, p, self.maps.capacity, MAP_NAMES)  # admission's guarantee
+        return admission, p
+
+    def _note_refusals(self, refusals: list[Refusal]) -> None:
+        """Logs each Service once when it is left out and once when it fits again."""
+        now = {r.service: r for r in refusals}
+        for name, refusal in now.items():
+            if name not in self.refused:
+                self.metrics.sync_errors.labels("capacity").inc()
+                self._error("map full: %s", refusal)
+        for name in self.refused.keys() - now.keys():
+            log.info("Service %s is no longer left out", name)
+        self.refused = now
+        self.metrics.services_refused.set(len(now))
+
+    def _lb_failed(self, reason: str, message: str) -> bool:
+        self.metrics.sync_errors.labels(reason).inc()
+        self.lb_stale = True
+        self.metrics.datapath_stale.set(1)
+        delay = self.lb_retry.failed(time.monotonic())
+        self._error("%s; retrying in %gs", message, delay)
+        return False
 
     def _apply(self, p: Plan) -> None:
         assert self.maps is not None
@@ -178,19 +259,109 @@ class Agent:
         self._update_gauges()
 
     def _restore(self) -> None:
-        """After a partial write: read what the maps hold and plan back to the
-        last good state, so nothing stays half-applied."""
+        """After a partial write: read what the maps hold and plan back to
+        what they were last brought to, so nothing stays half-applied."""
         assert self.maps is not None
-        self.current = self.maps.read()
-        if self.last_good is None:
-            return
         try:
-            self._apply(plan(self.current, wanted_services(self.last_good)))
-        except MapWriteError as exc:
-            log.error("could not restore the previous state: %s", exc)
             self.current = self.maps.read()
+            if self.programmed is not None:
+                self._apply(plan(self.current, self.programmed))
+        except Exception as exc:
+            log.error("could not restore the previous state: %s", _one_line(exc))
+            try:
+                self.current = self.maps.read()
+            except Exception:
+                pass
+
+    def _resync_read(self) -> None:
+        """Periodic resync: the maps as they are, not as the agent wrote
+        them, so the plan that follows repairs any drift."""
+        assert self.maps is not None
+        self.next_resync = time.monotonic() + self.opts.resync_interval
+        started = time.monotonic()
+        actual = self.maps.read()
+        took = time.monotonic() - started
+        drift = _differing_entries(self.current, actual)
+        self.current = actual
+        self.metrics.resync_duration.set(took)
+        self.metrics.resync_drift.inc(drift)
+        entries = sum(len(getattr(actual, role)) for role in BY_ROLE)
+        log.log(logging.WARNING if drift else logging.INFO,
+                "resync: read %d map entries in %.1f ms; %d differ from what the agent wrote%s",
+                entries, took * 1000, drift, ", repairing" if drift else "")
+
+    # --- redirection -----------------------------------------------------------
+    def sync_redirect(self, settings: RedirectSettings) -> bool:
+        """Applies the redirection settings, apart from load balancing: a
+        failure here is retried on its own and never holds up Service updates."""
+        if settings == self.applied_redirect and not self.redirect_stale:
+            return True
+        if not self.lb.redirect:
+            # Redirection was not compiled (kernel without it): no maps to
+            # write, nothing to attach; say so once if it is asked for.
+            if settings.enabled:
+                log.warning("AgentConfig asks for socket redirection, but this kernel cannot do "
+                            "it safely (see `meshbpf status`); it stays off")
+            self.applied_redirect = settings
+            return True
+        try:
+            # Every cgroup checked before anything is written, so a missing
+            # one changes nothing.
+            for path in settings.cgroups:
+                cgroup.resolve(path)
+            apply_settings(self.lb, settings, self.target, self.applied_redirect)
+        except Exception as exc:
+            self.metrics.sync_errors.labels("redirect").inc()
+            self.redirect_stale = True
+            self.metrics.redirect_stale.set(1)
+            delay = self.redirect_retry.failed(time.monotonic())
+            self._error("socket redirection settings not applied (load balancing goes on): "
+                        "AgentConfig spec.socketRedirect: %s; retrying in %gs", _one_line(exc), delay)
+            return False
+        self.redirect_retry.reset()
+        self.redirect_stale = False
+        self.metrics.redirect_stale.set(0)
+        log.info("socket redirection: %s", _describe(settings))
+        self.applied_redirect = settings
+        return True
 
     # --- views -----------------------------------------------------------------
+    def ready(self) -> bool:
+        """The load-balancing maps match the desired state (Services left out
+        for lack of room are problems, not staleness: retrying cannot help)."""
+        return self.programmed is not None and not self.lb_stale
+
+    def alive(self) -> bool:
+        return time.monotonic() - self._beat < HEARTBEAT_MAX_AGE and self._source_health().get("ok", True)
+
+    def health_details(self) -> dict[str, Any]:
+        """What /healthz and /readyz rest on, for the HTTP layer to show."""
+        return {
+            "loop_heartbeat_age_s": round(time.monotonic() - self._beat, 3),
+            "ready": self.ready(),
+            "datapath_stale": self.lb_stale,
+            "redirect_stale": self.redirect_stale,
+            "services_refused": sorted(self.refused),
+            "last_error": self.last_error,
+            "source": self._source_health(),
+        }
+
+    def _source_health(self) -> dict[str, Any]:
+        health = getattr(self.source, "health", None)
+        if health is None:
+            return {"ok": True}
+        try:
+            return health()
+        except Exception as exc:
+            return {"ok": False, "error": _one_line(exc)}
+
+    def _error(self, fmt: str, *args: Any) -> None:
+        """One log line per failure; the traceback only at debug level."""
+        self.last_error = fmt % args
+        log.error("%s", self.last_error)
+        if sys.exc_info()[0] is not None:
+            log.debug("traceback of the failure above", exc_info=True)
+
     def _known_counts(self) -> dict[str, int]:
         return {BY_ROLE[role].name: len(getattr(self.current, role)) for role in BY_ROLE}
 
@@ -200,6 +371,20 @@ class Agent:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _differing_entries(expected: LBState, actual: LBState) -> int:
+    """Keys missing, added or holding another value, over the three maps."""
+    total = 0
+    for role in BY_ROLE:
+        a, b = getattr(expected, role), getattr(actual, role)
+        total += sum(1 for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    return total
 
 
 def _describe(r: RedirectSettings) -> str:

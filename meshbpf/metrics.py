@@ -31,7 +31,9 @@ class AgentMetrics:
             "meshbpf_sync_duration_seconds", "Time from reading desired state to maps written",
             buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5), registry=r)
         self.sync_errors = Counter(
-            "meshbpf_sync_errors", "Syncs rejected or failed, by reason (config, capacity, datapath)",
+            "meshbpf_sync_errors", "Syncs rejected or failed, by reason: config, source (a source "
+            "failed unexpectedly), capacity (a Service newly left out), datapath (a map write), "
+            "redirect (redirection settings), internal (an unexpected error in a sync)",
             ["reason"], registry=r)
         self.map_writes = Counter("meshbpf_map_writes", "Map entries written or deleted",
                                   ["map", "op"], registry=r)
@@ -43,7 +45,25 @@ class AgentMetrics:
             "meshbpf_source_problems",
             "Objects the Kubernetes source leaves out for their problems (logged once each)",
             registry=r)
-        for reason in ("config", "capacity", "datapath"):
+        self.datapath_stale = Gauge(
+            "meshbpf_datapath_stale",
+            "1 while the load-balancing maps differ from the desired state (a failed sync being "
+            "retried); Services left out for lack of room are not stale, see meshbpf_services_refused",
+            registry=r)
+        self.redirect_stale = Gauge(
+            "meshbpf_redirect_stale", "1 while the socket redirection settings wait for a retry",
+            registry=r)
+        self.services_refused = Gauge(
+            "meshbpf_services_refused", "Services left out because a map has no room for them",
+            registry=r)
+        self.resync_duration = Gauge(
+            "meshbpf_resync_duration_seconds", "Time the last periodic resync took to read the pinned maps",
+            registry=r)
+        self.resync_drift = Counter(
+            "meshbpf_resync_drift_entries",
+            "Map entries a periodic resync found changed behind the agent's back (then repaired)",
+            registry=r)
+        for reason in ("config", "source", "capacity", "datapath", "redirect", "internal"):
             self.sync_errors.labels(reason)
 
 

@@ -70,6 +70,11 @@ class WantedService(NamedTuple):
     name: str                              # "namespace/name:port", for errors
     backends: tuple[tuple[BackendVal, int], ...]  # (backend, slot state), in order
     affinity_timeout: int
+    service: str = ""                      # "namespace/name"; admission keeps a Service whole
+
+    @property
+    def owner(self) -> str:
+        return self.service or self.name.partition(":")[0]
 
 
 @dataclass
@@ -153,7 +158,7 @@ def wanted_services(desired: DesiredState) -> dict[SvcKey, WantedService]:
             backends.append((be, SLOT_TERMINATING if usable.terminating_fallback else SLOT_READY))
         port_label = f":{sp.port_name}" if sp.port_name else ""
         out[SvcKey(addr16(fe.address), fe.port, proto)] = WantedService(
-            f"{sp.service}{port_label}", tuple(backends), sp.affinity_timeout)
+            f"{sp.service}{port_label}", tuple(backends), sp.affinity_timeout, sp.service)
     return out
 
 

@@ -52,10 +52,14 @@ def _map_sizes(values: tuple[str, ...]) -> dict[str, int]:
               help="This node's name, for internalTrafficPolicy: Local.")
 @click.option("--map-size", multiple=True, metavar="NAME=ENTRIES",
               help="max_entries of a map, e.g. mbpf_svc=131072 (repeatable).")
+@click.option("--resync-interval", type=click.FloatRange(min=0), default=300, show_default=True,
+              help="Seconds between re-reading the pinned maps to repair drift (0: never).")
+@click.option("--lock-timeout", type=click.FloatRange(min=0), default=10, show_default=True,
+              help="Seconds to wait for another agent on the same --bpffs to exit.")
 @friendly_errors
 def agent(source: str, config: Path | None, kubeconfig: str | None, service_proxy_name: str | None,
           config_map: str, cgroup_path: str | None, bpffs: Path, listen: str, node_name: str,
-          map_size: tuple[str, ...]) -> None:
+          map_size: tuple[str, ...], resync_interval: float, lock_timeout: float) -> None:
     """Compile, attach, sync the maps to the desired state, and keep them in sync."""
     if source == "file" and config is None:
         raise click.UsageError("--config is required with --source file")
@@ -70,4 +74,5 @@ def agent(source: str, config: Path | None, kubeconfig: str | None, service_prox
     run_agent(AgentOptions(config=config, source=source, kubeconfig=kubeconfig,
                            service_proxy_name=service_proxy_name, config_map=config_map,
                            cgroup=cgroup_path, bpffs=bpffs, listen=listen,
-                           node_name=node_name, map_sizes=sizes))
+                           node_name=node_name, map_sizes=sizes,
+                           resync_interval=resync_interval, lock_timeout=lock_timeout))

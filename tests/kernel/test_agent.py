@@ -11,6 +11,7 @@ import time
 import pytest
 
 from meshbpf.datapath import features, loader
+from meshbpf.lab.workloads import wait_for
 
 from . import k8s
 from .conftest import attached_programs, web_service
@@ -116,18 +117,25 @@ def test_metrics_and_health(lab, probe, bpffs, start_agent):
     assert metric(body, "meshbpf_map_capacity", 'map_name="mbpf_rnat"') == 131072
 
 
-def test_full_map_rejects_the_update_and_keeps_the_old_state(lab, probe, bpffs, config, start_agent):
+def test_full_map_leaves_out_the_services_that_do_not_fit_and_keeps_the_rest(lab, probe, bpffs, config,
+                                                                             start_agent):
+    """Services are admitted one by one (issue 9): web goes, svc0..svc2 fill
+    the three entries, svc3 is left out alone instead of the whole update."""
     agent = start_agent(web_service(lab), "--map-size", "mbpf_svc=3")
     too_many = []
     for i in range(4):
         too_many += web_service(lab, name=f"svc{i}", ip=f"10.96.1.{i + 1}")
     k8s.write(config, too_many)
-    log = wait_log(agent, "map full")
-    assert "mbpf_svc needs 5 entries, it holds 3" in log
-    assert list(services(bpffs)) == [FRONTEND]  # nothing half-applied
-    assert probe("client", "whoami", "10.96.0.10", 80, 10)["errors"] == {}
+    log = wait_log(agent, "left out")
+    assert ("map full: Service default/svc3 (1 frontend(s)) left out: mbpf_svc is full "
+            "(it needs 1 more entries, 0 of 3 are free)") in log
+    wait_for(lambda: sorted(services(bpffs)) == [f"10.96.1.{i}:80/TCP" for i in (1, 2, 3)], 5,
+             "svc0..svc2 programmed")
+    assert probe("client", "whoami", "10.96.1.3", 80, 10)["errors"] == {}
     code, body = agent.get("/metrics")
     assert metric(body, "meshbpf_sync_errors_total", 'reason="capacity"') == 1
+    assert metric(body, "meshbpf_services_refused") == 1
+    assert agent.get("/readyz")[0] == 200   # a Service left out is a problem, not staleness
 
 
 def test_pinned_maps_of_another_layout_are_refused_clearly(lab, probe, bpffs, start_agent):
