@@ -21,7 +21,8 @@ from .datapath.loader import DEFAULT_BPFFS, DatapathError, SockLB
 from .datapath.redirect import apply_settings
 from .datapath.maps import LBMaps, MapWriteError
 from .gcpause import gc_paused
-from .metrics import AgentMetrics, HealthServer, MapPressureCollector, RedirectCollector, heartbeat_check
+from .metrics import (AgentMetrics, HealthServer, LBStatsCollector, MapPressureCollector, RedirectCollector,
+                      heartbeat_check)
 from .model import DesiredState, RedirectSettings
 from .reconcile import CapacityError, LBState, Plan, check_capacity, plan, wanted_services
 from .sources import Source
@@ -79,6 +80,7 @@ class Agent:
         self._update_gauges()
         self.metrics.registry.register(MapPressureCollector(self.opts.bpffs, self._known_counts))
         self.metrics.registry.register(RedirectCollector(self.opts.bpffs))
+        self.metrics.registry.register(LBStatsCollector(self.opts.bpffs))
         self.http = HealthServer(self.opts.listen, self.metrics.registry,
                                  alive=heartbeat_check(lambda: self._beat, 10.0),
                                  ready=lambda: self.ready)

@@ -46,6 +46,10 @@ BPF_TABLE_PINNED("lru_hash", struct mbpf_aff_key, struct mbpf_aff, mbpf_affinity
 BPF_TABLE_PINNED("lru_hash", struct mbpf_rnat_key, struct mbpf_rnat, mbpf_rnat,
 		 MBPF_RNAT_MAX, MBPF_PIN(mbpf_rnat));
 
+/* MBPF_LB_* counters per CPU, summed by the metrics collector */
+BPF_TABLE_PINNED("percpu_array", __u32, __u64, mbpf_lb_stats,
+		 MBPF_LB_STAT_MAX, MBPF_PIN(mbpf_lb_stats));
+
 #ifdef MBPF_HAVE_SK_STORAGE
 /* socket -> the service its connect() was translated from; freed with the
  * socket. Spelled out because bcc's BPF_SK_STORAGE has no pinned form. */
