@@ -101,15 +101,26 @@ struct mbpf_sk_rnat {
 
 /* Same-node socket redirection: the sockhash and socket-state key, one per
  * TCP socket, as that socket sees its connection. A peer's key is the same
- * with local and remote swapped. */
+ * with local and remote swapped.
+ *
+ * Loopback addresses repeat in every network namespace, so a loopback key
+ * carries its namespace: the first 8 bytes of both addresses, zero in every
+ * loopback address (::1, ::ffff:127.x.y.z), hold the netns cookie instead,
+ * and scope says so. The size stays that of 0.1.0's key. */
 struct mbpf_sock_key {
 	__u8  local_ip[MBPF_ADDR_LEN];   /* network order; IPv4 as ::ffff:a.b.c.d */
 	__u8  remote_ip[MBPF_ADDR_LEN];  /* network order; IPv4 as ::ffff:a.b.c.d */
 	__u16 local_port;                /* host order */
 	__u16 remote_port;               /* host order */
 	__u8  family;                    /* 4 or 6: the family of the addresses */
-	__u8  pad[3];                    /* zero */
+	__u8  scope;                     /* MBPF_SCOPE_* */
+	__u8  pad[2];                    /* zero */
 };
+
+/* mbpf_sock_key.scope */
+#define MBPF_SCOPE_NODE      0  /* addresses unique on the node */
+#define MBPF_SCOPE_NETNS     1  /* loopback; address bytes 0-7 hold the netns cookie (host order) */
+#define MBPF_SCOPE_AMBIGUOUS 2  /* loopback, on a kernel that cannot tell namespaces apart: never spliced */
 
 /* Per-socket redirection state (socket-state map value). Each field is
  * written whole (no read-modify-write of shared bits), because the socket's

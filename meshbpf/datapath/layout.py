@@ -63,7 +63,8 @@ class SkRnatC(ct.Structure):
 
 class SockKeyC(ct.Structure):
     _fields_ = [("local_ip", U8x16), ("remote_ip", U8x16), ("local_port", ct.c_uint16),
-                ("remote_port", ct.c_uint16), ("family", ct.c_uint8), ("pad", ct.c_uint8 * 3)]
+                ("remote_port", ct.c_uint16), ("family", ct.c_uint8), ("scope", ct.c_uint8),
+                ("pad", ct.c_uint8 * 2)]
 
 
 class SockStateC(ct.Structure):
@@ -129,6 +130,7 @@ LB_RESULTS = {
 }
 LB_COLUMNS = {(0, 0): ("ipv4", "tcp"), (0, 1): ("ipv4", "udp"),
               (1, 0): ("ipv6", "tcp"), (1, 1): ("ipv6", "udp")}
+SCOPE_NETNS = 1  # MBPF_SCOPE_NETNS: address bytes 0-7 hold the netns cookie
 MODE_NAMES = {0: "undecided", 1: "redirect", 2: "pass"}
 
 

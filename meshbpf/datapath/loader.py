@@ -112,6 +112,8 @@ class SockLB:
         files = list(LB_SOURCES)
         if self.redirect:
             cflags += [f"-D{k}={v}" for k, v in kernel_offsets().items()]
+            if self.features.get("redir_netns_cookie"):
+                cflags.append("-DMBPF_HAVE_REDIR_NETNS_COOKIE")
             files += ["sockops.c", "sk_msg.c"]
             if self.features["cgroup_sockopt"]:
                 files.append("sockopt.c")

@@ -134,3 +134,93 @@ def test_stale_reverse_nat_is_not_applied(lab, bpffs, config, start_agent):
         for proc in (client, server):
             proc.kill()
             proc.wait()
+
+
+# One pod's loopback pair on fixed ports (127.0.0.1:47100 -> 127.0.0.1:7100),
+# the same tuple in every pod. After a line on stdin, the client sends argv[1]
+# random bytes and the server reads them to EOF.
+LOOPBACK_PAIR = r"""
+import hashlib, json, os, socket, sys, threading
+total = int(sys.argv[1])
+ls = socket.socket()
+ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+ls.bind(("127.0.0.1", 7100))
+ls.listen(1)
+c = socket.socket()
+c.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+c.bind(("127.0.0.1", 47100))
+c.connect(("127.0.0.1", 7100))
+s, _ = ls.accept()
+print(json.dumps({"connected": True}), flush=True)
+sys.stdin.readline()
+got = {}
+def serve():
+    h, n = hashlib.sha256(), 0
+    while True:
+        try:
+            data = s.recv(1 << 16)
+        except BlockingIOError:  # tcp_bpf_recvmsg's spurious EAGAIN (README)
+            continue
+        if not data:
+            break
+        h.update(data)
+        n += len(data)
+    got.update(recv_sha=h.hexdigest(), recv_bytes=n)
+reader = threading.Thread(target=serve)
+reader.start()
+h = hashlib.sha256()
+for _ in range(total // 16384):
+    block = os.urandom(16384)
+    c.sendall(block)
+    h.update(block)
+c.shutdown(socket.SHUT_WR)
+reader.join()
+print(json.dumps({"sent_sha": h.hexdigest(), **got}), flush=True)
+"""
+
+
+def _run_loopback_pairs(lab, bpffs, pods, total) -> tuple[list[dict], int, int]:
+    """Runs LOOPBACK_PAIR in each pod at once; returns their results, the
+    sockets in the sockhash while all pairs were up, and the bytes spliced."""
+    from meshbpf.datapath import redirect
+
+    procs = [lab.popen(pod, [sys.executable, "-u", "-c", LOOPBACK_PAIR, str(total)],
+                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for pod in pods]
+    try:
+        for proc in procs:  # every pair established (and in the sockhash) at once
+            assert json.loads(proc.stdout.readline())["connected"]
+        before = redirect.read_counters(bpffs)
+        in_sockhash = redirect.sockhash_count(bpffs)
+        for proc in procs:
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        results = [json.loads(proc.stdout.readline()) for proc in procs]
+        spliced = redirect.read_counters(bpffs)["redirected_bytes"] - before["redirected_bytes"]
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    for pod, r in zip(pods, results):
+        assert r["recv_bytes"] == total and r["recv_sha"] == r["sent_sha"], pod
+    return results, in_sockhash, spliced
+
+
+@pytest.mark.needs_feature("sockmap", "sockops_probe_read", "kernel_btf", "redir_netns_cookie")
+def test_identical_loopback_pairs_in_two_pods_are_each_spliced_intact(lab, bpffs, start_agent):
+    """Two pods, each with a loopback connection on the same ports: their
+    sockhash keys must differ (the network namespace is part of the key),
+    or the second pair collides with the first."""
+    total = 8 << 20
+    start_agent([k8s.agent_config(cidrs=())])
+    _, in_sockhash, spliced = _run_loopback_pairs(lab, bpffs, ("client", "client2"), total)
+    assert in_sockhash == 4
+    assert spliced == 2 * total
+
+
+@pytest.mark.needs_feature("sockmap", "sockops_probe_read", "kernel_btf")
+def test_without_netns_cookie_loopback_pairs_are_left_to_tcp(lab, bpffs, start_agent, monkeypatch):
+    monkeypatch.setenv("MESHBPF_DISABLE_FEATURES", "redir_netns_cookie")
+    agent = start_agent([k8s.agent_config(cidrs=())])
+    assert "loopback connections are not spliced" in agent.log()
+    _, in_sockhash, spliced = _run_loopback_pairs(lab, bpffs, ("client", "client2"), 1 << 20)
+    assert in_sockhash == 0 and spliced == 0
