@@ -17,6 +17,12 @@
 
 #define MBPF_ADDR_LEN 16
 
+/* BPF_F_NO_PREALLOC: elements are allocated per update and freed after an
+ * RCU grace period, so a program never reads an element that an update has
+ * already recycled (a preallocated hash reuses the replaced element at the
+ * next update). LPM tries and socket storage require it. */
+#define MBPF_F_NO_PREALLOC 1
+
 /* Frontend (service) map key: a Service's virtual address, port and protocol. */
 struct mbpf_svc_key {
 	__u8  addr[MBPF_ADDR_LEN];  /* network order; IPv4 as ::ffff:a.b.c.d */

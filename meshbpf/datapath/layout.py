@@ -91,16 +91,20 @@ class MapSpec:
     value: type
     size_macro: str     # -D name that sets max_entries
     default_size: int
+    no_prealloc: bool = False  # created with BPF_F_NO_PREALLOC
+
+
+NO_PREALLOC = 1  # BPF_F_NO_PREALLOC
 
 
 LB_MAPS = (
-    MapSpec("mbpf_svc", "services", SvcKeyC, SvcC, "MBPF_SVC_MAX", 65536),
+    MapSpec("mbpf_svc", "services", SvcKeyC, SvcC, "MBPF_SVC_MAX", 65536, no_prealloc=True),
     MapSpec("mbpf_slots", "slots", SlotKeyC, SlotC, "MBPF_SLOT_MAX", 262144),
-    MapSpec("mbpf_backends", "backends", ct.c_uint32, BackendC, "MBPF_BACKEND_MAX", 131072),
+    MapSpec("mbpf_backends", "backends", ct.c_uint32, BackendC, "MBPF_BACKEND_MAX", 131072, no_prealloc=True),
     MapSpec("mbpf_affinity", "", AffKeyC, AffC, "MBPF_AFFINITY_MAX", 65536),
     MapSpec("mbpf_rnat", "", RnatKeyC, RnatC, "MBPF_RNAT_MAX", 131072),
     # Socket storage: one value per socket, freed with it; max_entries is 0.
-    MapSpec("mbpf_sk_rnat", "", ct.c_int, SkRnatC, "", 0),
+    MapSpec("mbpf_sk_rnat", "", ct.c_int, SkRnatC, "", 0, no_prealloc=True),
     MapSpec("mbpf_lb_stats", "", ct.c_uint32, ct.c_uint64, "", 24),
 )
 COUNTABLE = {"mbpf_svc", "mbpf_slots", "mbpf_backends", "mbpf_affinity", "mbpf_rnat",
@@ -111,7 +115,7 @@ BY_ROLE = {m.role: m for m in LB_MAPS if m.role}
 REDIR_MAPS = (
     MapSpec("mbpf_sockhash", "", SockKeyC, ct.c_uint32, "MBPF_SOCKHASH_MAX", 65536),
     MapSpec("mbpf_sockstate", "", SockKeyC, SockStateC, "MBPF_SOCKSTATE_MAX", 131072),
-    MapSpec("mbpf_redir_cidr", "", CidrKeyC, ct.c_uint8, "MBPF_CIDR_MAX", 1024),
+    MapSpec("mbpf_redir_cidr", "", CidrKeyC, ct.c_uint8, "MBPF_CIDR_MAX", 1024, no_prealloc=True),
     MapSpec("mbpf_redir_cfg", "", ct.c_uint32, RedirCfgC, "", 1),
     MapSpec("mbpf_redir_cnt", "", ct.c_uint32, ct.c_uint64, "", 8),
 )

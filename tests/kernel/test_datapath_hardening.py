@@ -5,8 +5,10 @@ namespace."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -37,7 +39,8 @@ while True:
 """
 
 # A UDP client: one unconnected and one connected socket ask the service;
-# after a line on stdin, it reads the late reply and asks getpeername again.
+# then, a line on stdin before each, it reads the late reply and asks
+# getpeername again.
 UDP_CLIENT = r"""
 import json, socket, sys
 svc = (sys.argv[1], int(sys.argv[2]))
@@ -53,7 +56,12 @@ c.recv(100)
 print(json.dumps({"from": list(first), "peer": list(c.getpeername())}), flush=True)
 sys.stdin.readline()
 _, late = u.recvfrom(100)
-print(json.dumps({"from": list(late), "peer": list(c.getpeername())}), flush=True)
+print(json.dumps({"from": list(late)}), flush=True)
+sys.stdin.readline()
+peer = c.getpeername()
+u.close()  # an unclosed socket's ResourceWarning calls getpeername again
+c.close()
+print(json.dumps({"peer": list(peer)}), flush=True)
 """
 
 
@@ -63,6 +71,14 @@ def lb_counter(agent, result: str, family: str = "ipv4", protocol: str = "tcp") 
                    f'family="{family}",protocol="{protocol}",result="{result}"')
     assert value is not None, f"no meshbpf_lb_connections_total{{result={result}}} in:\n{text}"
     return value
+
+
+def _json_line(proc) -> dict:
+    line = proc.stdout.readline()
+    if not line:
+        proc.kill()
+        raise AssertionError(f"no output; stderr: {proc.stderr.read()}")
+    return json.loads(line)
 
 
 def _udp_service(lab, ip: str, port: int, pod: str) -> list[dict]:
@@ -106,34 +122,35 @@ def test_stale_reverse_nat_is_not_applied(lab, bpffs, config, start_agent):
     agent = start_agent(keep + _udp_service(lab, ip, port, "web-1"))
     server = lab.popen("web-1", [sys.executable, "-u", "-c", UDP_SERVER, str(port)],
                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    client = lab.popen("client", [sys.executable, "-u", "-c", UDP_CLIENT, ip, str(port)],
-                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    client = None
     try:
         assert json.loads(server.stdout.readline())["listening"]
-        first = json.loads(client.stdout.readline())
+        client = lab.popen("client", [sys.executable, "-u", "-c", UDP_CLIENT, ip, str(port)],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        first = _json_line(client)
         assert first == {"from": [ip, port], "peer": [ip, port]}
         stale_before = lb_counter(agent, "rnat_stale", protocol="udp")
 
         k8s.write(config, keep)
-        deadline_waits = 0
+        waits = 0
         while f"{ip}:{port}/UDP" in services(bpffs):
-            deadline_waits += 1
-            assert deadline_waits < 500, "the agent did not remove the service"
+            waits += 1
+            assert waits < 500, "the agent did not remove the service"
             subprocess.run(["sleep", "0.02"])
         server.stdin.write("again\n")
         server.stdin.flush()
         assert json.loads(server.stdout.readline())["sent"] == 2
-        client.stdin.write("go\n")
-        client.stdin.flush()
-        late = json.loads(client.stdout.readline())
-        backend = str(lab.pods["web-1"].ipv4)
-        assert late == {"from": [backend, port], "peer": [backend, port]}, late
-        # recvfrom and getpeername each met a stale entry.
-        assert lb_counter(agent, "rnat_stale", protocol="udp") - stale_before == 2
+        backend = [str(lab.pods["web-1"].ipv4), port]
+        for step, field in ((1, "from"), (2, "peer")):  # recvfrom, then getpeername
+            client.stdin.write("go\n")
+            client.stdin.flush()
+            assert _json_line(client) == {field: backend}
+            assert lb_counter(agent, "rnat_stale", protocol="udp") - stale_before == step
     finally:
         for proc in (client, server):
-            proc.kill()
-            proc.wait()
+            if proc:
+                proc.kill()
+                proc.wait()
 
 
 # One pod's loopback pair on fixed ports (127.0.0.1:47100 -> 127.0.0.1:7100),
@@ -224,3 +241,196 @@ def test_without_netns_cookie_loopback_pairs_are_left_to_tcp(lab, bpffs, start_a
     assert "loopback connections are not spliced" in agent.log()
     _, in_sockhash, spliced = _run_loopback_pairs(lab, bpffs, ("client", "client2"), 1 << 20)
     assert in_sockhash == 0 and spliced == 0
+
+
+# Accepts and drops connections on one port, as fast as they come.
+SINK = r"""
+import json, socket, sys
+ls = socket.socket()
+ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+ls.bind(("0.0.0.0", int(sys.argv[1])))
+ls.listen(4096)
+print(json.dumps({"listening": True}), flush=True)
+while True:
+    ls.accept()[0].close()
+"""
+
+# connect() to a service in a loop for argv[3] seconds; errors by errno.
+CONNECT_LOOP = r"""
+import collections, errno, json, socket, struct, sys, time
+addr, deadline = (sys.argv[1], int(sys.argv[2])), time.monotonic() + float(sys.argv[3])
+ok, errors = 0, collections.Counter()
+linger = struct.pack("ii", 1, 0)  # close with RST: no TIME_WAIT pile-up
+while time.monotonic() < deadline:
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+    try:
+        s.connect(addr)
+        ok += 1
+    except OSError as exc:
+        errors[errno.errorcode.get(exc.errno, str(exc.errno))] += 1
+    s.close()
+print(json.dumps({"ok": ok, "errors": errors}), flush=True)
+"""
+
+
+def _backend_value(lab, pod: str, port: int):
+    import socket as pysocket
+
+    from meshbpf.datapath.layout import BackendC
+    value = BackendC()
+    value.addr[:] = bytes(10) + b"\xff\xff" + lab.pods[pod].ipv4.packed
+    value.port = pysocket.htons(port)
+    value.proto = 6
+    return value
+
+
+def test_backend_rewrites_racing_lookups_never_give_a_torn_backend(lab, bpffs, start_agent):
+    """Backend entries rewritten in a tight loop while a client connects
+    through the service as fast as it can, on the other CPU. Every backend
+    entry always holds a valid (address, port); each pod listens only on its
+    own port, so a read that mixed two entries' address and port (a
+    preallocated element reused under a reader) is refused."""
+    import ctypes as ct
+    import os
+    import threading
+
+    from meshbpf.datapath import libbpf
+
+    pods, ports = ("web-1", "web-2", "web-3", "web-4"), (9091, 9092, 9093, 9094)
+    sinks = [lab.popen(pod, [sys.executable, "-u", "-c", SINK, str(port)], stdout=subprocess.PIPE, text=True)
+             for pod, port in zip(pods, ports)]
+    client = None
+    try:
+        for sink in sinks:
+            assert json.loads(sink.stdout.readline())["listening"]
+        objects = [
+            k8s.service("race", ["10.96.0.40"], [k8s.port("p", 80, 9091)]),
+            k8s.endpoint_slice("race-1", "race", [k8s.endpoint(str(lab.pods[p].ipv4)) for p in pods],
+                               [k8s.slice_port("p", 9091)]),
+        ]
+        start_agent(objects)
+        valid = [_backend_value(lab, pod, port) for pod, port in zip(pods, ports)]
+        fd = libbpf.obj_get(str(bpffs / "mbpf_backends"))
+        ids = [k.value for k in libbpf.map_keys(fd, ct.c_uint32)]
+        assert len(ids) == 4
+        for i, backend_id in enumerate(ids):  # every pod on its own port
+            libbpf.map_update(fd, ct.c_uint32(backend_id), valid[i])
+
+        cpus = sorted(os.sched_getaffinity(0))
+        client = lab.popen("client", ["taskset", "-c", str(cpus[0]), sys.executable, "-u", "-c", CONNECT_LOOP,
+                                      "10.96.0.40", "80", os.environ.get("MESHBPF_TORN_SECONDS", "6")], stdout=subprocess.PIPE, text=True)
+        stop = threading.Event()
+        rewrites = [0]
+
+        def rewrite():
+            # One CPU, so each rewrite reuses the element the one before freed.
+            os.sched_setaffinity(0, {cpus[-1]})
+            keys = [ct.c_uint32(i) for i in ids]
+            while not stop.is_set():
+                shift = rewrites[0] % 4
+                for i, key in enumerate(keys):
+                    libbpf.map_update(fd, key, valid[(i + shift) % 4])
+                rewrites[0] += 1
+
+        writer = threading.Thread(target=rewrite)
+        writer.start()
+        try:
+            out, _ = client.communicate(timeout=60)
+        finally:
+            stop.set()
+            writer.join()
+            os.close(fd)
+        result = json.loads(out.strip().splitlines()[-1])
+        assert rewrites[0] > 1000 and result["ok"] > 1000, (result, rewrites[0])
+        assert result["errors"] == {}, result
+    finally:
+        for proc in sinks + ([client] if client else []):
+            proc.kill()
+            proc.wait()
+
+
+RELEASE_0_1_0 = "ccde2ac9c037635978dd2843c5b90d192f3176b8"  # main when 0.1.0 was cut
+
+
+@pytest.fixture
+def release_0_1_0(tmp_path) -> Path:
+    """The 0.1.0 sources (meshbpf/ and bpf/), from this clone's history."""
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "meshbpf-0.1.0"
+    out.mkdir()
+    archive = subprocess.run(["git", "-C", str(root), "archive", RELEASE_0_1_0, "meshbpf", "bpf"],
+                             capture_output=True)
+    if archive.returncode != 0:
+        pytest.skip(f"0.1.0 is not in this clone's history: {archive.stderr.decode().strip()}")
+    subprocess.run(["tar", "-x", "-C", str(out)], input=archive.stdout, check=True)
+    return out
+
+
+def _flags(bpffs, name: str) -> int:
+    from meshbpf.datapath import libbpf
+
+    fd = libbpf.obj_get(str(bpffs / name))
+    try:
+        return libbpf.map_info(fd).map_flags
+    finally:
+        os.close(fd)
+
+
+def test_upgrade_from_0_1_0_takes_over_its_maps_under_load(lab, probe, bpffs, start_agent, release_0_1_0,
+                                                           monkeypatch):
+    """0.1.0 pinned mbpf_svc and mbpf_backends preallocated, and its reverse
+    NAT entries carry no service id. This build replaces those two maps make
+    before break (entries copied, then the programs swapped), keeps the
+    reverse NAT of sockets 0.1.0 translated, and drops no connection."""
+    from meshbpf.datapath.layout import NO_PREALLOC
+    from meshbpf.datapath.maps import read_pinned
+
+    port, ip = 5300, "10.96.0.30"
+    objects = web_service(lab) + _udp_service(lab, ip, port, "web-1")
+    with monkeypatch.context() as old_build:  # `python -m meshbpf` from the 0.1.0 sources
+        old_build.chdir(release_0_1_0)
+        old_build.setenv("PYTHONPATH", str(release_0_1_0))
+        old = start_agent(objects)
+    assert not _flags(bpffs, "mbpf_svc") & NO_PREALLOC and not (bpffs / "mbpf_lb_stats").exists()
+    state_before = read_pinned(bpffs)[0]
+
+    server = lab.popen("web-1", [sys.executable, "-u", "-c", UDP_SERVER, str(port)],
+                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    client = loop = None
+    try:
+        assert json.loads(server.stdout.readline())["listening"]
+        client = lab.popen("client", [sys.executable, "-u", "-c", UDP_CLIENT, ip, str(port)],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert _json_line(client) == {"from": [ip, port], "peer": [ip, port]}  # 0.1.0 translated them
+        loop = probe.popen("client2", "loop", "10.96.0.10", 80, 5)
+        subprocess.run(["sleep", "1"])
+        old.stop()
+        new = start_agent()
+        out, _ = loop.communicate(timeout=60)
+        result = json.loads(out.strip().splitlines()[-1])
+        assert result["errors"] == {} and sum(result["answers"].values()) > 20, result
+
+        for name in ("mbpf_svc", "mbpf_backends"):
+            assert _flags(bpffs, name) & NO_PREALLOC, name
+            assert not (bpffs / f"{name}_prealloc").exists()
+        assert read_pinned(bpffs)[0] == state_before  # same entries, same ids
+        _, text = new.get("/metrics")
+        writes = [line for line in text.splitlines()
+                  if line.startswith("meshbpf_map_writes_total{") and float(line.split()[-1])]
+        assert writes == []  # the copied maps already matched the config
+        assert lb_counter(new, "translated") > 0  # the loop, after the swap
+
+        # Reverse NAT written by 0.1.0 (no service id) still applies.
+        server.stdin.write("again\n")
+        server.stdin.flush()
+        assert json.loads(server.stdout.readline())["sent"] == 2
+        for field in ("from", "peer"):
+            client.stdin.write("go\n")
+            client.stdin.flush()
+            assert _json_line(client) == {field: [ip, port]}
+    finally:
+        for proc in (client, server, loop):
+            if proc:
+                proc.kill()
+                proc.wait()
