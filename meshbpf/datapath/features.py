@@ -86,8 +86,7 @@ def probe() -> list[Feature]:
         Feature("kernel_btf", has_btf and Path(btf.VMLINUX).exists(),
                 "redirection: kernel struct offsets", "socket redirection is off"),
         Feature("redir_netns_cookie", sockops and _redir_netns_cookie(),
-                "redirection of loopback connections (their sockhash key names the "
-                "network namespace, 5.15+)",
+                "redirection: loopback connections, keyed per pod (5.15+)",
                 "loopback connections are not spliced (two pods' would share keys)"),
         Feature("cgroup_sockopt", _prog("cgroup_sockopt"),
                 "redirection: seeing TCP_NODELAY set after connect",
