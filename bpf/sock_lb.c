@@ -37,6 +37,7 @@ static __always_inline int xlate_forward(struct bpf_sock_addr *ctx, int v6, int 
 {
 	struct mbpf_svc_key key = {};
 	struct mbpf_l4addr dst = {};
+	struct mbpf_backend backend;
 	struct mbpf_backend *be;
 	struct mbpf_svc *svcp;
 	struct mbpf_svc svc;
@@ -62,16 +63,22 @@ static __always_inline int xlate_forward(struct bpf_sock_addr *ctx, int v6, int 
 	be = lb_pick_backend(ctx, &svc, col);
 	if (!be)
 		return refuse(ctx, col);
+	/* One copy, read once: a hash element can be reused for another key
+	 * while a program still holds it (preallocated maps, and since 6.1
+	 * the BPF allocator, reuse freed elements at once), so two reads of
+	 * *be could disagree and the reverse NAT would not match the
+	 * destination. */
+	backend = *be;
 
 	if (v6) {
-		ctx_set_dst6(ctx, be->addr, be->port);
-	} else if (ctx_set_dst4(ctx, be->addr, be->port) < 0) {
+		ctx_set_dst6(ctx, backend.addr, backend.port);
+	} else if (ctx_set_dst4(ctx, backend.addr, backend.port) < 0) {
 		return refuse(ctx, col);
 	}
 	if (connect)
-		rnat_remember_sk(ctx, be, &key, svc.svc_id);
+		rnat_remember_sk(ctx, &backend, &key, svc.svc_id);
 	else
-		rnat_remember(ctx, be, &key, svc.svc_id);
+		rnat_remember(ctx, &backend, &key, svc.svc_id);
 	lb_count(MBPF_LB_TRANSLATED, col);
 	return SYS_PROCEED;
 }

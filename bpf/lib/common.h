@@ -17,10 +17,10 @@
 
 #define MBPF_ADDR_LEN 16
 
-/* BPF_F_NO_PREALLOC: elements are allocated per update and freed after an
- * RCU grace period, so a program never reads an element that an update has
- * already recycled (a preallocated hash reuses the replaced element at the
- * next update). LPM tries and socket storage require it. */
+/* BPF_F_NO_PREALLOC, which LPM tries and socket storage require. (It does
+ * not stop a hash element's reuse under a reader: since 6.1 the BPF
+ * allocator hands a freed element out again at once, as preallocated maps
+ * do; programs copy what they read instead.) */
 #define MBPF_F_NO_PREALLOC 1
 
 /* Frontend (service) map key: a Service's virtual address, port and protocol. */

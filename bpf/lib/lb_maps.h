@@ -31,16 +31,16 @@
 #endif
 
 /* (service address, port, protocol) -> service id and usable backend count.
- * Not preallocated (nor is mbpf_backends): the agent rewrites these entries
- * in batches while programs read them. */
+ * Programs copy what they read from this map and mbpf_backends once: an
+ * element may be reused for another key while they hold it (see sock_lb.c). */
 BPF_TABLE_PINNED("hash", struct mbpf_svc_key, struct mbpf_svc, mbpf_svc,
-		 MBPF_SVC_MAX, MBPF_PIN(mbpf_svc), MBPF_F_NO_PREALLOC);
+		 MBPF_SVC_MAX, MBPF_PIN(mbpf_svc));
 /* (service id, slot) -> backend id */
 BPF_TABLE_PINNED("hash", struct mbpf_slot_key, struct mbpf_slot, mbpf_slots,
 		 MBPF_SLOT_MAX, MBPF_PIN(mbpf_slots));
 /* backend id -> backend address, port and protocol */
 BPF_TABLE_PINNED("hash", __u32, struct mbpf_backend, mbpf_backends,
-		 MBPF_BACKEND_MAX, MBPF_PIN(mbpf_backends), MBPF_F_NO_PREALLOC);
+		 MBPF_BACKEND_MAX, MBPF_PIN(mbpf_backends));
 /* (client netns, service id) -> backend chosen last, for sessionAffinity */
 BPF_TABLE_PINNED("lru_hash", struct mbpf_aff_key, struct mbpf_aff, mbpf_affinity,
 		 MBPF_AFFINITY_MAX, MBPF_PIN(mbpf_affinity));

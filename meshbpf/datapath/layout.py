@@ -98,9 +98,9 @@ NO_PREALLOC = 1  # BPF_F_NO_PREALLOC
 
 
 LB_MAPS = (
-    MapSpec("mbpf_svc", "services", SvcKeyC, SvcC, "MBPF_SVC_MAX", 65536, no_prealloc=True),
+    MapSpec("mbpf_svc", "services", SvcKeyC, SvcC, "MBPF_SVC_MAX", 65536),
     MapSpec("mbpf_slots", "slots", SlotKeyC, SlotC, "MBPF_SLOT_MAX", 262144),
-    MapSpec("mbpf_backends", "backends", ct.c_uint32, BackendC, "MBPF_BACKEND_MAX", 131072, no_prealloc=True),
+    MapSpec("mbpf_backends", "backends", ct.c_uint32, BackendC, "MBPF_BACKEND_MAX", 131072),
     MapSpec("mbpf_affinity", "", AffKeyC, AffC, "MBPF_AFFINITY_MAX", 65536),
     MapSpec("mbpf_rnat", "", RnatKeyC, RnatC, "MBPF_RNAT_MAX", 131072),
     # Socket storage: one value per socket, freed with it; max_entries is 0.

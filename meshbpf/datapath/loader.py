@@ -117,58 +117,11 @@ class SockLB:
             files += ["sockops.c", "sk_msg.c"]
             if self.features["cgroup_sockopt"]:
                 files.append("sockopt.c")
-        self._set_aside_preallocated()
         try:
             self.bpf = BPF(text=program_text(files).encode(), cflags=cflags)
         except Exception as exc:
             raise DatapathError(f"compiling {', '.join(files)} failed: {exc}") from exc
         self._check_pinned_layouts()
-        self._carry_over_set_aside()
-
-    # --- maps pinned preallocated by 0.1.0 --------------------------------------
-    # 0.1.0 pinned mbpf_svc and mbpf_backends preallocated; this build wants
-    # them not preallocated, and a map's flags cannot change. Make before
-    # break: the old pin is renamed aside, the compile creates the new map,
-    # every entry is copied into it, and only then attach() swaps the programs
-    # (the old ones keep using the old maps until that atomic swap). An agent
-    # that dies midway finds the aside pin and finishes the copy.
-
-    def _aside(self, spec: MapSpec) -> Path:
-        return self.bpffs / f"{spec.name}_prealloc"
-
-    def _set_aside_preallocated(self) -> None:
-        for spec in self.maps():
-            pin = self.bpffs / spec.name
-            if not spec.no_prealloc or not pin.exists():
-                continue
-            fd = libbpf.obj_get(str(pin))
-            try:
-                flags = libbpf.map_info(fd).map_flags
-            finally:
-                os.close(fd)
-            if flags & NO_PREALLOC:
-                continue
-            aside = self._aside(spec)
-            if aside.exists():  # an older copy, from a run that died before pinning anew
-                aside.unlink()
-            pin.rename(aside)
-            log.info("%s is preallocated (pinned by an older build): replacing it, entries kept", pin)
-
-    def _carry_over_set_aside(self) -> None:
-        for spec in self.maps():
-            aside = self._aside(spec)
-            if not aside.exists():
-                continue
-            old_fd = libbpf.obj_get(str(aside))
-            try:
-                n = 0
-                for key, value in libbpf.map_items(old_fd, spec.key, spec.value):
-                    libbpf.map_update(self.map_fd(spec.name), key, value)
-                    n += 1
-            finally:
-                os.close(old_fd)
-            aside.unlink()
-            log.info("copied %d entries into the new %s", n, spec.name)
 
     def maps(self) -> tuple[MapSpec, ...]:
         feats = self.features or {}
