@@ -20,8 +20,9 @@
 #define SYS_PROCEED 1
 #define SYS_REJECT  0
 
-static __always_inline int refuse(struct bpf_sock_addr *ctx)
+static __always_inline int refuse(struct bpf_sock_addr *ctx, __u32 col)
 {
+	lb_count(MBPF_LB_REFUSED, col);
 #ifdef MBPF_HAVE_SET_RETVAL
 	/* A service without usable endpoints fails at once, like a closed port. */
 	mbpf_set_retval(-MBPF_ECONNREFUSED);
@@ -36,10 +37,12 @@ static __always_inline int xlate_forward(struct bpf_sock_addr *ctx, int v6, int 
 {
 	struct mbpf_svc_key key = {};
 	struct mbpf_l4addr dst = {};
+	struct mbpf_backend backend;
 	struct mbpf_backend *be;
 	struct mbpf_svc *svcp;
 	struct mbpf_svc svc;
 	__u32 proto = ctx->protocol;
+	__u32 col = MBPF_LB_STAT(0, v6, proto == IPPROTO_UDP);
 
 	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
 		return SYS_PROCEED;
@@ -57,19 +60,26 @@ static __always_inline int xlate_forward(struct bpf_sock_addr *ctx, int v6, int 
 	/* One copy, so count and id agree while the agent updates the entry. */
 	svc = *svcp;
 
-	be = lb_pick_backend(ctx, &svc);
+	be = lb_pick_backend(ctx, &svc, col);
 	if (!be)
-		return refuse(ctx);
+		return refuse(ctx, col);
+	/* One copy, read once: a hash element can be reused for another key
+	 * while a program still holds it (preallocated maps, and since 6.1
+	 * the BPF allocator, reuse freed elements at once), so two reads of
+	 * *be could disagree and the reverse NAT would not match the
+	 * destination. */
+	backend = *be;
 
 	if (v6) {
-		ctx_set_dst6(ctx, be->addr, be->port);
-	} else if (ctx_set_dst4(ctx, be->addr, be->port) < 0) {
-		return refuse(ctx);
+		ctx_set_dst6(ctx, backend.addr, backend.port);
+	} else if (ctx_set_dst4(ctx, backend.addr, backend.port) < 0) {
+		return refuse(ctx, col);
 	}
 	if (connect)
-		rnat_remember_sk(ctx, be, &key);
+		rnat_remember_sk(ctx, &backend, &key, svc.svc_id);
 	else
-		rnat_remember(ctx, be, &key);
+		rnat_remember(ctx, &backend, &key, svc.svc_id);
+	lb_count(MBPF_LB_TRANSLATED, col);
 	return SYS_PROCEED;
 }
 
@@ -77,12 +87,13 @@ static __always_inline int xlate_forward(struct bpf_sock_addr *ctx, int v6, int 
 static __always_inline int xlate_reverse(struct bpf_sock_addr *ctx, int v6)
 {
 	struct mbpf_l4addr peer = {};
+	__u32 col = MBPF_LB_STAT(0, v6, ctx->protocol == IPPROTO_UDP);
 
 	if (v6)
 		ctx_get_dst6(ctx, &peer);
 	else
 		ctx_get_dst4(ctx, &peer);
-	if (!rnat_restore(ctx, &peer))
+	if (!rnat_restore(ctx, &peer, col))
 		return SYS_PROCEED;
 	if (v6)
 		ctx_set_dst6(ctx, peer.addr, peer.port);

@@ -72,6 +72,8 @@ static __always_inline void on_established(struct bpf_sock_ops *skops, int activ
 	if (skops->family != 2 && skops->family != 10)
 		return;
 	redir_key_from_ctx(skops, &key);
+	if (key.scope == MBPF_SCOPE_AMBIGUOUS)
+		return;
 	if (cfg->require_cidr && (!redir_in_cidrs(key.local_ip) || !redir_in_cidrs(key.remote_ip)))
 		return;
 	/* The passive side joins only if the active side did: the peer is

@@ -37,7 +37,7 @@ int mbpf_setsockopt(struct bpf_sockopt *ctx)
 		   MBPF_CTX_READ32(sk->dst_ip6[2]), MBPF_CTX_READ32(sk->dst_ip6[3]));
 	key.local_port = (__u16)sk->src_port;
 	key.remote_port = bpf_ntohs((__u16)sk->dst_port);
-	redir_key_finish(&key);
+	redir_key_finish(ctx, &key);
 	st = mbpf_sockstate.lookup(&key);
 	if (st)
 		st->nodelay = *(int *)optval ? 1 : 0;

@@ -32,7 +32,7 @@ from .datapath.redirect import apply_settings
 from .datapath.maps import LBMaps, MapWriteError
 from .gcpause import gc_paused
 from .health import HealthServer, heartbeat_check
-from .metrics import AgentMetrics, MapPressureCollector, RedirectCollector
+from .metrics import AgentMetrics, LBStatsCollector, MapPressureCollector, RedirectCollector
 from .model import DesiredState, RedirectSettings
 from .reconcile import CapacityError, LBState, Plan, SvcKey, WantedService, check_capacity, plan, wanted_services
 from .retry import Backoff
@@ -108,6 +108,7 @@ class Agent:
         self._update_gauges()
         self.metrics.registry.register(MapPressureCollector(self.opts.bpffs, self._known_counts))
         self.metrics.registry.register(RedirectCollector(self.opts.bpffs))
+        self.metrics.registry.register(LBStatsCollector(self.opts.bpffs))
         self.http = HealthServer(self.opts.listen, self.metrics.registry,
                                  alive=self.alive, ready=self.ready, details=self.health_details)
         self.http.start()

@@ -1,14 +1,17 @@
 """Prometheus metrics (served by meshbpf/health.py).
 
 Map fill ratios are read at scrape time: the reconciled maps from the
-agent's own record of what it wrote, the kernel-owned LRU maps (affinity,
-reverse NAT) by walking their keys.
+agent's own record of what it wrote, the kernel-owned maps (affinity,
+reverse NAT, sockhash, socket state) by walking their keys, which costs a
+syscall per entry; so a walked count is reused for COUNT_MAX_AGE seconds
+and a scrape storm costs one walk.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -17,6 +20,7 @@ from prometheus_client.core import GaugeMetricFamily
 
 from .datapath import libbpf, redirect
 from .datapath.layout import ALL_MAPS, COUNTABLE
+from .datapath.maps import read_lb_stats
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +40,7 @@ class AgentMetrics:
             "redirect (redirection settings), internal (an unexpected error in a sync)",
             ["reason"], registry=r)
         self.map_writes = Counter("meshbpf_map_writes", "Map entries written or deleted",
-                                  ["map", "op"], registry=r)
+                                  ["map_name", "op"], registry=r)
         self.last_sync = Gauge("meshbpf_last_sync_timestamp_seconds",
                                "When the maps last matched the desired state", registry=r)
         self.config_ok = Gauge("meshbpf_config_last_load_success",
@@ -67,12 +71,39 @@ class AgentMetrics:
             self.sync_errors.labels(reason)
 
 
+# Seconds a walked entry count is reused; fill ratios move slowly, and a
+# walk of a full 128 K-entry LRU map is 128 K syscalls.
+COUNT_MAX_AGE = 10.0
+
+
+class CachedCounts:
+    """Entry counts of maps that must be walked, each reused for max_age."""
+
+    def __init__(self, max_age: float = COUNT_MAX_AGE, clock: Callable[[], float] = time.monotonic):
+        self.max_age = max_age
+        self.clock = clock
+        self._counts: dict[str, tuple[float, int]] = {}
+        self._lock = threading.Lock()  # scrapes run on the HTTP server's threads
+
+    def get(self, name: str, walk: Callable[[], int]) -> int:
+        with self._lock:
+            now = self.clock()
+            hit = self._counts.get(name)
+            if hit is not None and now - hit[0] < self.max_age:
+                return hit[1]
+            n = walk()
+            self._counts[name] = (now, n)
+            return n
+
+
 class MapPressureCollector:
     """meshbpf_map_entries, _capacity and _pressure per map, read at scrape."""
 
-    def __init__(self, bpffs: Path, known_counts: Callable[[], dict[str, int]]):
+    def __init__(self, bpffs: Path, known_counts: Callable[[], dict[str, int]],
+                 cache: CachedCounts | None = None):
         self.bpffs = bpffs
         self.known_counts = known_counts  # map name -> entries, for maps we write
+        self.cache = cache or CachedCounts()
 
     def collect(self):
         entries = GaugeMetricFamily("meshbpf_map_entries", "Entries in each BPF map", labels=["map_name"])
@@ -88,7 +119,10 @@ class MapPressureCollector:
                 continue
             try:
                 info = libbpf.map_info(fd)
-                n = known[spec.name] if spec.name in known else libbpf.map_count(fd, info.key_size)
+                if spec.name in known:
+                    n = known[spec.name]
+                else:
+                    n = self.cache.get(spec.name, lambda: libbpf.map_count(fd, info.key_size))
             finally:
                 os.close(fd)
             entries.add_metric([spec.name], n)
@@ -115,8 +149,9 @@ class RedirectCollector:
         "inserted_sockets": ("meshbpf_redirect_inserted_sockets_total", "Sockets put into the sockhash"),
     }
 
-    def __init__(self, bpffs: Path):
+    def __init__(self, bpffs: Path, cache: CachedCounts | None = None):
         self.bpffs = bpffs
+        self.cache = cache or CachedCounts()
 
     def collect(self):
         from prometheus_client.core import CounterMetricFamily
@@ -129,5 +164,31 @@ class RedirectCollector:
             metric.add_metric([], value)
             yield metric
         entries = GaugeMetricFamily("meshbpf_sockhash_entries", "Sockets in the sockhash now")
-        entries.add_metric([], redirect.sockhash_count(self.bpffs) or 0)
+        entries.add_metric([], self.cache.get("mbpf_sockhash", lambda: redirect.sockhash_count(self.bpffs) or 0))
         yield entries
+
+
+class LBStatsCollector:
+    """meshbpf_lb_connections_total{result,family,protocol}: what the
+    socket-LB programs did, from the per-CPU mbpf_lb_stats, read at scrape."""
+
+    HELP = ("Socket-LB decisions: connect() calls and unconnected UDP datagrams to a service "
+            "(translated, refused for lack of a backend; affinity_hit, slot0_retry and "
+            "terminating_fallback are translations counted again by how the backend was found), "
+            "and replies whose reverse NAT was skipped because the service is gone or replaced "
+            "(rnat_stale)")
+
+    def __init__(self, bpffs: Path):
+        self.bpffs = bpffs
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+        stats = read_lb_stats(self.bpffs)
+        if stats is None:
+            return
+        metric = CounterMetricFamily("meshbpf_lb_connections", self.HELP,
+                                     labels=["result", "family", "protocol"])
+        for labels, value in stats.items():
+            metric.add_metric(list(labels), value)
+        yield metric
+

@@ -17,6 +17,12 @@
 
 #define MBPF_ADDR_LEN 16
 
+/* BPF_F_NO_PREALLOC, which LPM tries and socket storage require. (It does
+ * not stop a hash element's reuse under a reader: since 6.1 the BPF
+ * allocator hands a freed element out again at once, as preallocated maps
+ * do; programs copy what they read instead.) */
+#define MBPF_F_NO_PREALLOC 1
+
 /* Frontend (service) map key: a Service's virtual address, port and protocol. */
 struct mbpf_svc_key {
 	__u8  addr[MBPF_ADDR_LEN];  /* network order; IPv4 as ::ffff:a.b.c.d */
@@ -83,7 +89,9 @@ struct mbpf_rnat_key {
 struct mbpf_rnat {
 	__u8  addr[MBPF_ADDR_LEN];  /* network order; service address */
 	__u16 port;                 /* network order; service port */
-	__u8  pad[6];               /* zero */
+	__u16 pad;                  /* zero */
+	__u32 svc_id;               /* host order; the service it was translated
+	                             * for; 0 in entries written by 0.1.0 */
 };
 
 /* Per-socket reverse NAT (socket storage) of a connected socket: freed with
@@ -93,20 +101,32 @@ struct mbpf_sk_rnat {
 	__u8  svc_addr[MBPF_ADDR_LEN];      /* network order; IPv4 as ::ffff:a.b.c.d */
 	__u16 backend_port;                 /* network order */
 	__u16 svc_port;                     /* network order */
-	__u32 pad;                          /* zero */
+	__u32 svc_id;                       /* host order; the service translated
+	                                     * for; 0 in entries written by 0.1.0 */
 };
 
 /* Same-node socket redirection: the sockhash and socket-state key, one per
  * TCP socket, as that socket sees its connection. A peer's key is the same
- * with local and remote swapped. */
+ * with local and remote swapped.
+ *
+ * Loopback addresses repeat in every network namespace, so a loopback key
+ * carries its namespace: the first 8 bytes of both addresses, zero in every
+ * loopback address (::1, ::ffff:127.x.y.z), hold the netns cookie instead,
+ * and scope says so. The size stays that of 0.1.0's key. */
 struct mbpf_sock_key {
 	__u8  local_ip[MBPF_ADDR_LEN];   /* network order; IPv4 as ::ffff:a.b.c.d */
 	__u8  remote_ip[MBPF_ADDR_LEN];  /* network order; IPv4 as ::ffff:a.b.c.d */
 	__u16 local_port;                /* host order */
 	__u16 remote_port;               /* host order */
 	__u8  family;                    /* 4 or 6: the family of the addresses */
-	__u8  pad[3];                    /* zero */
+	__u8  scope;                     /* MBPF_SCOPE_* */
+	__u8  pad[2];                    /* zero */
 };
+
+/* mbpf_sock_key.scope */
+#define MBPF_SCOPE_NODE      0  /* addresses unique on the node */
+#define MBPF_SCOPE_NETNS     1  /* loopback; address bytes 0-7 hold the netns cookie (host order) */
+#define MBPF_SCOPE_AMBIGUOUS 2  /* loopback, on a kernel that cannot tell namespaces apart: never spliced */
 
 /* Per-socket redirection state (socket-state map value). Each field is
  * written whole (no read-modify-write of shared bits), because the socket's
@@ -153,6 +173,21 @@ struct mbpf_cidr_key {
 #define MBPF_CNT_EVICTED        5  /* sockets taken out of the sockhash */
 #define MBPF_CNT_INSERTED       6  /* sockets put into the sockhash */
 #define MBPF_CNT_MAX            8
+
+/* Socket-LB counters (per-CPU array of __u64, mbpf_lb_stats): one row of
+ * four per result, one column per family and protocol. A translation is
+ * counted as TRANSLATED and, where it applies, also as AFFINITY, SLOT0 or
+ * TERMINATING. */
+#define MBPF_LB_TRANSLATED   0  /* connect() or UDP datagram sent to a backend */
+#define MBPF_LB_REFUSED      1  /* service without usable backend: refused */
+#define MBPF_LB_AFFINITY     2  /* backend kept by session affinity */
+#define MBPF_LB_SLOT0        3  /* picked slot gone mid-update: retried slot 0 */
+#define MBPF_LB_TERMINATING  4  /* no ready endpoint: a serving, terminating one */
+#define MBPF_LB_RNAT_STALE   5  /* reverse NAT skipped: its service is gone or replaced */
+#define MBPF_LB_RESULTS      6
+#define MBPF_LB_STAT_MAX     (MBPF_LB_RESULTS * 4)
+/* Column: bit 1 IPv6 hook, bit 0 UDP. */
+#define MBPF_LB_STAT(result, v6, udp) ((result) * 4 + ((v6) ? 2 : 0) + ((udp) ? 1 : 0))
 
 /* mbpf_slot.state */
 #define MBPF_SLOT_READY        1  /* endpoint is ready */

@@ -16,8 +16,17 @@
 #include "lb_maps.h"
 #include "sock_addr.h"
 
+static __always_inline void lb_count(__u32 result, __u32 col)
+{
+	__u32 idx = result * 4 + col;
+	__u64 *v = mbpf_lb_stats.lookup(&idx);
+
+	if (v)
+		*v += 1;
+}
+
 static __always_inline struct mbpf_backend *
-lb_slot_backend(__u32 svc_id, __u32 slot, __u32 *backend_id)
+lb_slot_backend(__u32 svc_id, __u32 slot, __u32 *backend_id, __u8 *state)
 {
 	struct mbpf_slot_key key = { .svc_id = svc_id, .slot = slot };
 	struct mbpf_slot *s = mbpf_slots.lookup(&key);
@@ -25,6 +34,7 @@ lb_slot_backend(__u32 svc_id, __u32 slot, __u32 *backend_id)
 	if (!s)
 		return NULL;
 	*backend_id = s->backend_id;
+	*state = s->state;
 	return mbpf_backends.lookup(backend_id);
 }
 
@@ -36,6 +46,7 @@ lb_affinity_backend(const struct mbpf_svc *svc, struct mbpf_aff_key *akey,
 	struct mbpf_aff *aff = mbpf_affinity.lookup(akey);
 	struct mbpf_backend *be;
 	__u32 backend_id = 0;
+	__u8 state = 0;
 
 	if (!aff)
 		return NULL;
@@ -45,20 +56,22 @@ lb_affinity_backend(const struct mbpf_svc *svc, struct mbpf_aff_key *akey,
 	/* Still a member? Only if the slot it held still holds it. */
 	if (aff->slot >= svc->count)
 		return NULL;
-	be = lb_slot_backend(svc->svc_id, aff->slot, &backend_id);
+	be = lb_slot_backend(svc->svc_id, aff->slot, &backend_id, &state);
 	if (!be || backend_id != aff->backend_id)
 		return NULL;
 	aff->last_used_ns = now;
 	return be;
 }
 
-/* Picks a backend for one connect() or one datagram; NULL means refuse. */
+/* Picks a backend for one connect() or one datagram; NULL means refuse.
+ * col is the counter column (MBPF_LB_STAT(0, v6, udp)). */
 static __always_inline struct mbpf_backend *
-lb_pick_backend(void *ctx, const struct mbpf_svc *svc)
+lb_pick_backend(void *ctx, const struct mbpf_svc *svc, __u32 col)
 {
 	struct mbpf_aff_key akey = {};
 	struct mbpf_backend *be;
 	__u32 backend_id = 0;
+	__u8 state = 0;
 	__u64 now = 0;
 	__u32 slot;
 
@@ -70,19 +83,24 @@ lb_pick_backend(void *ctx, const struct mbpf_svc *svc)
 		akey.svc_id = svc->svc_id;
 		now = bpf_ktime_get_ns();
 		be = lb_affinity_backend(svc, &akey, now);
-		if (be)
+		if (be) {
+			lb_count(MBPF_LB_AFFINITY, col);
 			return be;
+		}
 	}
 #endif
 
 	slot = bpf_get_prandom_u32() % svc->count;
-	be = lb_slot_backend(svc->svc_id, slot, &backend_id);
+	be = lb_slot_backend(svc->svc_id, slot, &backend_id, &state);
 	if (!be) {
 		slot = 0;
-		be = lb_slot_backend(svc->svc_id, slot, &backend_id);
+		be = lb_slot_backend(svc->svc_id, slot, &backend_id, &state);
 		if (!be)
 			return NULL;
+		lb_count(MBPF_LB_SLOT0, col);
 	}
+	if (state == MBPF_SLOT_TERMINATING)
+		lb_count(MBPF_LB_TERMINATING, col);
 
 #ifdef MBPF_HAVE_NETNS_COOKIE
 	if (svc->affinity_timeout) {
@@ -101,16 +119,18 @@ lb_pick_backend(void *ctx, const struct mbpf_svc *svc)
  * (unconnected UDP: one socket, many services). */
 static __always_inline void rnat_remember(void *ctx,
 					  const struct mbpf_backend *be,
-					  const struct mbpf_svc_key *svc_key);
+					  const struct mbpf_svc_key *svc_key,
+					  __u32 svc_id);
 
 /* A connected socket keeps its translation in socket storage (or, on
  * kernels without it, in the LRU map like unconnected UDP). */
 static __always_inline void rnat_remember_sk(struct bpf_sock_addr *ctx,
 					     const struct mbpf_backend *be,
-					     const struct mbpf_svc_key *svc_key)
+					     const struct mbpf_svc_key *svc_key,
+					     __u32 svc_id)
 {
 #ifndef MBPF_HAVE_SK_STORAGE
-	rnat_remember(ctx, be, svc_key);
+	rnat_remember(ctx, be, svc_key, svc_id);
 #else
 	struct bpf_sock *sk = ctx->sk;
 	struct mbpf_sk_rnat *r;
@@ -124,6 +144,7 @@ static __always_inline void rnat_remember_sk(struct bpf_sock_addr *ctx,
 	__builtin_memcpy(r->svc_addr, svc_key->addr, MBPF_ADDR_LEN);
 	r->backend_port = be->port;
 	r->svc_port = svc_key->port;
+	r->svc_id = svc_id;
 #endif
 }
 
@@ -131,7 +152,8 @@ static __always_inline void rnat_remember_sk(struct bpf_sock_addr *ctx,
  * (unconnected UDP: one socket, many services). */
 static __always_inline void rnat_remember(void *ctx,
 					  const struct mbpf_backend *be,
-					  const struct mbpf_svc_key *svc_key)
+					  const struct mbpf_svc_key *svc_key,
+					  __u32 svc_id)
 {
 	struct mbpf_rnat_key key = {};
 	struct mbpf_rnat val = {};
@@ -142,20 +164,42 @@ static __always_inline void rnat_remember(void *ctx,
 	key.port = be->port;
 	__builtin_memcpy(val.addr, svc_key->addr, MBPF_ADDR_LEN);
 	val.port = svc_key->port;
+	val.svc_id = svc_id;
 
 	/* UDP calls this per datagram: skip the write when nothing changed. */
 	old = mbpf_rnat.lookup(&key);
-	if (old && old->port == val.port && addr_equal(old->addr, val.addr))
+	if (old && old->port == val.port && old->svc_id == svc_id && addr_equal(old->addr, val.addr))
 		return;
 	mbpf_rnat.update(&key, &val);
 }
 
+/* True while the service a reverse-NAT entry names still exists with the
+ * id it had at translation: a reply must not be shown as coming from a
+ * service that is gone, or from a different service now at its address
+ * (Cilium's __sock4_xlate_rev does the same check). */
+static __always_inline int rnat_service_live(const __u8 *addr, __u16 port,
+					     __u32 proto, __u32 svc_id)
+{
+	struct mbpf_svc_key key = {};
+	struct mbpf_svc *svc;
+
+	if (svc_id == 0)
+		return 1;  /* written by 0.1.0, which kept no id: trusted, as it was */
+	__builtin_memcpy(key.addr, addr, MBPF_ADDR_LEN);
+	key.port = port;
+	key.proto = proto;
+	svc = mbpf_svc.lookup(&key);
+	return svc && svc->svc_id == svc_id;
+}
+
 /* Rewrites a peer address (backend) back to the service it stands for.
- * Returns 1 when it found one. */
-static __always_inline int rnat_restore(struct bpf_sock_addr *ctx, struct mbpf_l4addr *peer)
+ * Returns 1 when it did; a stale entry is left alone and counted. */
+static __always_inline int rnat_restore(struct bpf_sock_addr *ctx, struct mbpf_l4addr *peer,
+					__u32 col)
 {
 	struct mbpf_rnat_key key = {};
 	struct mbpf_rnat *val;
+	__u32 proto = ctx->protocol;
 #ifdef MBPF_HAVE_SK_STORAGE
 	struct bpf_sock *sk = ctx->sk;
 	struct mbpf_sk_rnat *r;
@@ -163,6 +207,10 @@ static __always_inline int rnat_restore(struct bpf_sock_addr *ctx, struct mbpf_l
 	if (sk) {
 		r = mbpf_sk_rnat.sk_storage_get(sk, NULL, 0);
 		if (r && r->backend_port == peer->port && addr_equal(r->backend_addr, peer->addr)) {
+			if (!rnat_service_live(r->svc_addr, r->svc_port, proto, r->svc_id)) {
+				lb_count(MBPF_LB_RNAT_STALE, col);
+				return 0;
+			}
 			__builtin_memcpy(peer->addr, r->svc_addr, MBPF_ADDR_LEN);
 			peer->port = r->svc_port;
 			return 1;
@@ -176,6 +224,10 @@ static __always_inline int rnat_restore(struct bpf_sock_addr *ctx, struct mbpf_l
 	val = mbpf_rnat.lookup(&key);
 	if (!val)
 		return 0;
+	if (!rnat_service_live(val->addr, val->port, proto, val->svc_id)) {
+		lb_count(MBPF_LB_RNAT_STALE, col);
+		return 0;
+	}
 	__builtin_memcpy(peer->addr, val->addr, MBPF_ADDR_LEN);
 	peer->port = val->port;
 	return 1;

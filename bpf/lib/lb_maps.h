@@ -30,7 +30,9 @@
 #define MBPF_RNAT_MAX 131072
 #endif
 
-/* (service address, port, protocol) -> service id and usable backend count */
+/* (service address, port, protocol) -> service id and usable backend count.
+ * Programs copy what they read from this map and mbpf_backends once: an
+ * element may be reused for another key while they hold it (see sock_lb.c). */
 BPF_TABLE_PINNED("hash", struct mbpf_svc_key, struct mbpf_svc, mbpf_svc,
 		 MBPF_SVC_MAX, MBPF_PIN(mbpf_svc));
 /* (service id, slot) -> backend id */
@@ -45,6 +47,10 @@ BPF_TABLE_PINNED("lru_hash", struct mbpf_aff_key, struct mbpf_aff, mbpf_affinity
 /* (socket, backend) -> service address shown by recvmsg() and getpeername() */
 BPF_TABLE_PINNED("lru_hash", struct mbpf_rnat_key, struct mbpf_rnat, mbpf_rnat,
 		 MBPF_RNAT_MAX, MBPF_PIN(mbpf_rnat));
+
+/* MBPF_LB_* counters per CPU, summed by the metrics collector */
+BPF_TABLE_PINNED("percpu_array", __u32, __u64, mbpf_lb_stats,
+		 MBPF_LB_STAT_MAX, MBPF_PIN(mbpf_lb_stats));
 
 #ifdef MBPF_HAVE_SK_STORAGE
 /* socket -> the service its connect() was translated from; freed with the

@@ -51,12 +51,42 @@ static __always_inline void redir_addr(__u8 *out, __u32 family, __u32 ip4,
 	}
 }
 
-static __always_inline void redir_key_finish(struct mbpf_sock_key *key)
+static __always_inline int redir_addr_is_loopback(const __u8 *addr)
 {
-	const __u32 *w = (const __u32 *)key->remote_ip;
+	const __u32 *w = (const __u32 *)addr;
 
-	key->family = (w[0] == 0 && w[1] == 0 && w[2] == bpf_htonl(0x0000ffff)) ? 4 : 6;
+	if (w[0] || w[1])
+		return 0;
+	if (w[2] == bpf_htonl(0x0000ffff))
+		return addr[12] == 127;                    /* 127.0.0.0/8 */
+	return w[2] == 0 && w[3] == bpf_htonl(1);          /* ::1 */
 }
+
+/* Family and scope of a filled key; ctx is the program's context, for the
+ * netns cookie of a loopback connection (both ends share the namespace). */
+#define redir_key_finish(ctx, key)							\
+	do {										\
+		const __u32 *__w = (const __u32 *)(key)->remote_ip;			\
+		(key)->family = (__w[0] == 0 && __w[1] == 0 &&				\
+				 __w[2] == bpf_htonl(0x0000ffff)) ? 4 : 6;		\
+		if (redir_addr_is_loopback((key)->local_ip) ||				\
+		    redir_addr_is_loopback((key)->remote_ip))				\
+			redir_key_scope(ctx, key);					\
+	} while (0)
+
+#ifdef MBPF_HAVE_REDIR_NETNS_COOKIE
+#define redir_key_scope(ctx, key)							\
+	do {										\
+		__u64 __ns = bpf_get_netns_cookie(ctx);					\
+		__builtin_memcpy((key)->local_ip, &__ns, sizeof(__ns));			\
+		__builtin_memcpy((key)->remote_ip, &__ns, sizeof(__ns));		\
+		(key)->scope = MBPF_SCOPE_NETNS;					\
+	} while (0)
+#else
+/* Without the helper in sockops and sk_msg (before 5.15), loopback pairs of
+ * two pods would share keys: they are left to TCP. */
+#define redir_key_scope(ctx, key) ((key)->scope = MBPF_SCOPE_AMBIGUOUS)
+#endif
 
 /* Fills a key from a bpf_sock_ops or sk_msg_md context: both uapi structs
  * name these fields alike, with the same byte orders (local_port in host
@@ -72,7 +102,7 @@ static __always_inline void redir_key_finish(struct mbpf_sock_key *key)
 			   MBPF_CTX_READ32((ctx)->remote_ip6[2]), MBPF_CTX_READ32((ctx)->remote_ip6[3]));	\
 		(key)->local_port = (__u16)(ctx)->local_port;				\
 		(key)->remote_port = (__u16)bpf_ntohl((ctx)->remote_port);		\
-		redir_key_finish(key);							\
+		redir_key_finish(ctx, key);						\
 	} while (0)
 
 static __always_inline void redir_peer_key(const struct mbpf_sock_key *key,
@@ -83,6 +113,7 @@ static __always_inline void redir_peer_key(const struct mbpf_sock_key *key,
 	peer->local_port = key->remote_port;
 	peer->remote_port = key->local_port;
 	peer->family = key->family;
+	peer->scope = key->scope;
 }
 
 /* Switches a pair to the TCP stack, for good. Either state may be NULL. */

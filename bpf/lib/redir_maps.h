@@ -18,7 +18,6 @@
 #ifndef MBPF_CIDR_MAX
 #define MBPF_CIDR_MAX 1024
 #endif
-#define MBPF_F_NO_PREALLOC 1  /* BPF_F_NO_PREALLOC, which LPM tries require */
 
 /* socket tuple -> socket: the sockets that may be spliced. Spelled out
  * because bcc's BPF_SOCKHASH has no pinned form and BPF_TABLE_PINNED lacks

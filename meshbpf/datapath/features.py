@@ -51,6 +51,12 @@ class Feature:
     without: str     # what meshbpf does when the kernel lacks it
 
 
+def _redir_netns_cookie() -> bool:
+    """bpf_get_netns_cookie in every program that builds a sockhash key."""
+    progs = ["sock_ops", "sk_msg"] + (["cgroup_sockopt"] if _prog("cgroup_sockopt") else [])
+    return all(_helper(p, "get_netns_cookie") for p in progs)
+
+
 def probe() -> list[Feature]:
     """The feature table `meshbpf status` prints and the loader uses."""
     sock_addr = _prog("cgroup_sock_addr")
@@ -79,6 +85,9 @@ def probe() -> list[Feature]:
                 "redirection: evicting sockets safely", "socket redirection is off"),
         Feature("kernel_btf", has_btf and Path(btf.VMLINUX).exists(),
                 "redirection: kernel struct offsets", "socket redirection is off"),
+        Feature("redir_netns_cookie", sockops and _redir_netns_cookie(),
+                "redirection: loopback connections, keyed per pod (5.15+)",
+                "loopback connections are not spliced (two pods' would share keys)"),
         Feature("cgroup_sockopt", _prog("cgroup_sockopt"),
                 "redirection: seeing TCP_NODELAY set after connect",
                 "TCP_NODELAY set after connect is not seen; such sockets may switch to TCP"),

@@ -53,17 +53,18 @@ class RnatKeyC(ct.Structure):
 
 
 class RnatC(ct.Structure):
-    _fields_ = [("addr", U8x16), ("port", ct.c_uint16), ("pad", ct.c_uint8 * 6)]
+    _fields_ = [("addr", U8x16), ("port", ct.c_uint16), ("pad", ct.c_uint16), ("svc_id", ct.c_uint32)]
 
 
 class SkRnatC(ct.Structure):
     _fields_ = [("backend_addr", U8x16), ("svc_addr", U8x16), ("backend_port", ct.c_uint16),
-                ("svc_port", ct.c_uint16), ("pad", ct.c_uint32)]
+                ("svc_port", ct.c_uint16), ("svc_id", ct.c_uint32)]
 
 
 class SockKeyC(ct.Structure):
     _fields_ = [("local_ip", U8x16), ("remote_ip", U8x16), ("local_port", ct.c_uint16),
-                ("remote_port", ct.c_uint16), ("family", ct.c_uint8), ("pad", ct.c_uint8 * 3)]
+                ("remote_port", ct.c_uint16), ("family", ct.c_uint8), ("scope", ct.c_uint8),
+                ("pad", ct.c_uint8 * 2)]
 
 
 class SockStateC(ct.Structure):
@@ -90,6 +91,10 @@ class MapSpec:
     value: type
     size_macro: str     # -D name that sets max_entries
     default_size: int
+    no_prealloc: bool = False  # created with BPF_F_NO_PREALLOC
+
+
+NO_PREALLOC = 1  # BPF_F_NO_PREALLOC
 
 
 LB_MAPS = (
@@ -99,7 +104,8 @@ LB_MAPS = (
     MapSpec("mbpf_affinity", "", AffKeyC, AffC, "MBPF_AFFINITY_MAX", 65536),
     MapSpec("mbpf_rnat", "", RnatKeyC, RnatC, "MBPF_RNAT_MAX", 131072),
     # Socket storage: one value per socket, freed with it; max_entries is 0.
-    MapSpec("mbpf_sk_rnat", "", ct.c_int, SkRnatC, "", 0),
+    MapSpec("mbpf_sk_rnat", "", ct.c_int, SkRnatC, "", 0, no_prealloc=True),
+    MapSpec("mbpf_lb_stats", "", ct.c_uint32, ct.c_uint64, "", 24),
 )
 COUNTABLE = {"mbpf_svc", "mbpf_slots", "mbpf_backends", "mbpf_affinity", "mbpf_rnat",
              "mbpf_sockhash", "mbpf_sockstate"}  # maps whose keys can be walked
@@ -109,7 +115,7 @@ BY_ROLE = {m.role: m for m in LB_MAPS if m.role}
 REDIR_MAPS = (
     MapSpec("mbpf_sockhash", "", SockKeyC, ct.c_uint32, "MBPF_SOCKHASH_MAX", 65536),
     MapSpec("mbpf_sockstate", "", SockKeyC, SockStateC, "MBPF_SOCKSTATE_MAX", 131072),
-    MapSpec("mbpf_redir_cidr", "", CidrKeyC, ct.c_uint8, "MBPF_CIDR_MAX", 1024),
+    MapSpec("mbpf_redir_cidr", "", CidrKeyC, ct.c_uint8, "MBPF_CIDR_MAX", 1024, no_prealloc=True),
     MapSpec("mbpf_redir_cfg", "", ct.c_uint32, RedirCfgC, "", 1),
     MapSpec("mbpf_redir_cnt", "", ct.c_uint32, ct.c_uint64, "", 8),
 )
@@ -120,6 +126,15 @@ REDIR_COUNTERS = {
     "redirected_msgs": 0, "redirected_bytes": 1, "passed_msgs": 2, "passed_bytes": 3,
     "switched_pairs": 4, "evicted_sockets": 5, "inserted_sockets": 6,
 }
+# Rows of mbpf_lb_stats (MBPF_LB_* in bpf/lib/common.h); each row has four
+# columns, MBPF_LB_STAT(result, v6, udp) = row * 4 + 2 * v6 + udp.
+LB_RESULTS = {
+    "translated": 0, "refused": 1, "affinity_hit": 2, "slot0_retry": 3,
+    "terminating_fallback": 4, "rnat_stale": 5,
+}
+LB_COLUMNS = {(0, 0): ("ipv4", "tcp"), (0, 1): ("ipv4", "udp"),
+              (1, 0): ("ipv6", "tcp"), (1, 1): ("ipv6", "udp")}
+SCOPE_NETNS = 1  # MBPF_SCOPE_NETNS: address bytes 0-7 hold the netns cookie
 MODE_NAMES = {0: "undecided", 1: "redirect", 2: "pass"}
 
 

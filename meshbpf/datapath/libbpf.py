@@ -134,6 +134,7 @@ class MapInfo:
     value_size: int
     max_entries: int
     name: str
+    map_flags: int = 0
 
 
 def prog_info(fd: int) -> ProgInfo:
@@ -155,7 +156,7 @@ def map_info(fd: int) -> MapInfo:
     size = ct.c_uint32(ct.sizeof(info))
     _check(_lib.bpf_obj_get_info_by_fd(fd, ct.byref(info), ct.byref(size)), "map info")
     return MapInfo(info.id, info.type, info.key_size, info.value_size, info.max_entries,
-                   info.name.decode())
+                   info.name.decode(), info.map_flags)
 
 
 def map_items(fd: int, key_type: type, value_type: type):

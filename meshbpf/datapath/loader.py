@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import btf, cgroup, features as kernel_features, libbpf
-from .layout import ALL_MAPS, LB_MAPS, REDIR_MAPS, MapSpec
+from .layout import ALL_MAPS, LB_MAPS, NO_PREALLOC, REDIR_MAPS, MapSpec
 from .source import program_text
 
 log = logging.getLogger(__name__)
@@ -112,6 +112,8 @@ class SockLB:
         files = list(LB_SOURCES)
         if self.redirect:
             cflags += [f"-D{k}={v}" for k, v in kernel_offsets().items()]
+            if self.features.get("redir_netns_cookie"):
+                cflags.append("-DMBPF_HAVE_REDIR_NETNS_COOKIE")
             files += ["sockops.c", "sk_msg.c"]
             if self.features["cgroup_sockopt"]:
                 files.append("sockopt.c")
@@ -162,6 +164,11 @@ class SockLB:
             if want != have:
                 problems.append(f"{self.bpffs / spec.name}: pinned map has key/value/entries "
                                 f"{have}, this build needs {want}")
+            elif bool(info.map_flags & NO_PREALLOC) != spec.no_prealloc:
+                pinned = "preallocated" if spec.no_prealloc else "not preallocated"
+                needed = "not preallocated" if spec.no_prealloc else "preallocated"
+                problems.append(f"{self.bpffs / spec.name}: pinned map is {pinned}, this build "
+                                f"needs it {needed}")
         if problems:
             raise DatapathError(
                 "pinned maps do not match this build:\n  " + "\n  ".join(problems)

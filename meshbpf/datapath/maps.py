@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..reconcile import LBState, Plan
 from . import libbpf
-from .layout import BY_ROLE, CODECS, COUNTABLE, LB_MAPS
+from .layout import BY_ROLE, CODECS, COUNTABLE, LB_COLUMNS, LB_MAPS, LB_RESULTS
 
 log = logging.getLogger(__name__)
 
@@ -126,3 +126,23 @@ def read_pinned(bpffs: Path) -> tuple[LBState, dict[str, int]]:
         finally:
             os.close(fd)
     return state, counts
+
+
+def read_lb_stats(bpffs: Path) -> dict[tuple[str, str, str], int] | None:
+    """(result, family, protocol) -> count from mbpf_lb_stats, summed over
+    CPUs; None when the map is not pinned (no agent of this build ran)."""
+    try:
+        fd = libbpf.obj_get(str(bpffs / "mbpf_lb_stats"))
+    except OSError:
+        return None
+    try:
+        ncpu = libbpf.possible_cpus()
+        out = {}
+        for result, row in LB_RESULTS.items():
+            for (v6, udp), (family, proto) in LB_COLUMNS.items():
+                values = (ct.c_uint64 * ncpu)()
+                libbpf.map_lookup(fd, ct.c_uint32(row * 4 + 2 * v6 + udp), values)
+                out[(result, family, proto)] = sum(values)
+        return out
+    finally:
+        os.close(fd)

@@ -11,13 +11,14 @@ from __future__ import annotations
 import ctypes as ct
 import ipaddress
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..model import RedirectSettings
 from ..reconcile import addr16
 from . import cgroup, libbpf
-from .layout import MODE_NAMES, REDIR_COUNTERS, CidrKeyC, RedirCfgC, SockKeyC, SockStateC
+from .layout import MODE_NAMES, REDIR_COUNTERS, SCOPE_NETNS, CidrKeyC, RedirCfgC, SockKeyC, SockStateC
 
 # Tuning, measured with bench/run-redirect (see README): a send below
 # SMALL_WRITE bytes counts as small, except with TCP_NODELAY below
@@ -78,15 +79,25 @@ class SockEntry:
 
     @property
     def local(self) -> str:
-        return _endpoint(self.key.local_ip, self.key.local_port)
+        return _endpoint(self.key.local_ip, self.key.local_port, self.key.scope)
 
     @property
     def remote(self) -> str:
-        return _endpoint(self.key.remote_ip, self.key.remote_port)
+        return _endpoint(self.key.remote_ip, self.key.remote_port, self.key.scope)
+
+    @property
+    def netns_cookie(self) -> int | None:
+        """The network namespace of a loopback pair (None: addresses say it all)."""
+        if self.key.scope != SCOPE_NETNS:
+            return None
+        return int.from_bytes(bytes(self.key.local_ip)[:8], sys.byteorder)
 
 
-def _endpoint(addr, port: int) -> str:
-    ip = ipaddress.IPv6Address(bytes(addr))
+def _endpoint(addr, port: int, scope: int = 0) -> str:
+    raw = bytes(addr)
+    if scope == SCOPE_NETNS:  # the netns cookie stands in the loopback address's zero bytes
+        raw = bytes(8) + raw[8:]
+    ip = ipaddress.IPv6Address(raw)
     text = str(ip.ipv4_mapped or ip)
     return f"[{text}]:{port}" if ":" in text else f"{text}:{port}"
 
@@ -155,7 +166,7 @@ def pairs(entries: list[SockEntry]) -> list[tuple[SockEntry, SockEntry | None]]:
             continue
         peer_key = SockKeyC(local_ip=e.key.remote_ip, remote_ip=e.key.local_ip,
                             local_port=e.key.remote_port, remote_port=e.key.local_port,
-                            family=e.key.family)
+                            family=e.key.family, scope=e.key.scope)
         peer = by_key.get(bytes(peer_key))
         seen.add(k)
         if peer is not None:

@@ -6,7 +6,8 @@ import ctypes as ct
 
 import pytest
 
-from meshbpf.datapath.layout import ALL_MAPS
+from meshbpf.datapath import libbpf
+from meshbpf.datapath.layout import ALL_MAPS, NO_PREALLOC
 from meshbpf.datapath.loader import SockLB
 
 
@@ -27,3 +28,6 @@ def test_hand_mirror_matches_the_compiled_structs(bpffs):
         assert ct.sizeof(spec.value) == ct.sizeof(leaf), spec.name
         assert _layout(spec.key) == _layout(key), spec.name
         assert _layout(spec.value) == _layout(leaf), spec.name
+        # The loader's take-over of older pins goes by this flag.
+        flags = libbpf.map_info(lb.map_fd(spec.name)).map_flags
+        assert bool(flags & NO_PREALLOC) == spec.no_prealloc, spec.name
