@@ -161,15 +161,16 @@ def test_daemonset_runs_on_the_host_network_at_node_critical(daemonset):
 
 
 # What the agent is allowed, and why each one (deploy/README.md, "Security").
-AGENT_CAPABILITIES = {"BPF", "NET_ADMIN", "PERFMON", "SYSLOG", "SYS_RESOURCE"}
+AGENT_CAPABILITIES = {"BPF", "NET_ADMIN", "PERFMON", "SYSLOG", "SYS_RESOURCE", "SYS_ADMIN"}
 
 
 def locked_down(c: dict, caps: set[str]) -> None:
-    """Not privileged, exactly `caps`, no escalation, read-only root, the
-    runtime's seccomp profile."""
+    """Not privileged, exactly `caps`, read-only root, the runtime's seccomp
+    profile; no privilege escalation unless SYS_ADMIN makes that moot (the
+    API refuses allowPrivilegeEscalation: false with CAP_SYS_ADMIN)."""
     sc = c["securityContext"]
     assert sc.get("privileged", False) is False, c["name"]
-    assert sc["allowPrivilegeEscalation"] is False, c["name"]
+    assert sc.get("allowPrivilegeEscalation") is (None if "SYS_ADMIN" in caps else False), c["name"]
     assert sc["readOnlyRootFilesystem"] is True, c["name"]
     assert sc["capabilities"]["drop"] == ["ALL"], c["name"]
     assert set(sc["capabilities"].get("add", [])) == caps, c["name"]
