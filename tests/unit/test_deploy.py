@@ -299,7 +299,7 @@ def mount_bpffs(daemonset) -> dict:
     return container(daemonset["spec"]["template"]["spec"], "mount-bpf-fs", init=True)
 
 
-def test_bpffs_mount_script_targets_the_host_bpffs_volume(daemonset, mount_bpffs):
+def test_bpffs_mount_script_targets_the_host_bpffs_volume(mount_bpffs):
     _, (where,) = container_command(mount_bpffs)
     assert mounts_by_path(mount_bpffs)[where]["mountPropagation"] == "Bidirectional"
     assert where == "/sys/fs/bpf"
