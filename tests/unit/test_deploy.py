@@ -3,8 +3,14 @@
 - every Kubernetes manifest under deploy/ and vagrant/k3s/ against the
   Kubernetes JSON schemas bundled in kubernetes-validate (strict: unknown
   fields fail), for the oldest and newest Kubernetes versions it carries;
-- what the DaemonSet must be (privileged, hostNetwork, bpffs Bidirectional,
-  probes, RBAC...), and that its arguments parse with the real `meshbpf` CLI;
+- what the DaemonSet must be (hostNetwork; an unprivileged agent with listed
+  capabilities, read-only root, RuntimeDefault seccomp; bpffs Bidirectional
+  only in the init container that mounts it; probes; list/watch RBAC, the
+  ConfigMap through a Role...), and that its arguments parse with the real
+  `meshbpf` CLI;
+- the manifests' inline scripts (bpffs mount, node uninstall), run with fake
+  `mount` and `meshbpf` commands first on PATH, against scratch folders and
+  this machine's bpffs;
 - scripts/link-kernel-headers.sh in a scratch folder;
 - shellcheck on the provisioning scripts and the manifests' inline scripts;
 - `vagrant validate` on vagrant/Vagrantfile (no box, no provider, no network).
@@ -18,6 +24,7 @@ import copy
 import os
 import re
 import shutil
+import socket
 import subprocess
 import tomllib
 from pathlib import Path
@@ -144,17 +151,58 @@ def mounts_by_path(c: dict) -> dict[str, dict]:
     return {m["mountPath"]: m for m in c.get("volumeMounts", [])}
 
 
-def test_daemonset_runs_privileged_on_the_host_network_at_node_critical(daemonset):
+def test_daemonset_runs_on_the_host_network_at_node_critical(daemonset):
     pod = daemonset["spec"]["template"]["spec"]
     assert pod["hostNetwork"] is True
     assert pod["dnsPolicy"] == "ClusterFirstWithHostNet"
     assert pod["priorityClassName"] == "system-node-critical"
     assert {"operator": "Exists"} in pod["tolerations"]
-    for c in pod["containers"] + pod["initContainers"]:
-        assert c["securityContext"]["privileged"] is True, c["name"]
     assert daemonset["metadata"]["namespace"] == "kube-system"
 
 
+# What the agent is allowed, and why each one (deploy/README.md, "Security").
+AGENT_CAPABILITIES = {"BPF", "NET_ADMIN", "PERFMON", "SYSLOG", "SYS_RESOURCE", "SYS_ADMIN"}
+
+
+def locked_down(c: dict, caps: set[str]) -> None:
+    """Not privileged, exactly `caps`, read-only root, the runtime's seccomp
+    profile; no privilege escalation unless SYS_ADMIN makes that moot (the
+    API refuses allowPrivilegeEscalation: false with CAP_SYS_ADMIN)."""
+    sc = c["securityContext"]
+    assert sc.get("privileged", False) is False, c["name"]
+    assert sc.get("allowPrivilegeEscalation") is (None if "SYS_ADMIN" in caps else False), c["name"]
+    assert sc["readOnlyRootFilesystem"] is True, c["name"]
+    assert sc["capabilities"]["drop"] == ["ALL"], c["name"]
+    assert set(sc["capabilities"].get("add", [])) == caps, c["name"]
+    assert sc["seccompProfile"] == {"type": "RuntimeDefault"}, c["name"]
+
+
+def test_only_the_bpffs_mount_container_is_privileged(daemonset):
+    pod = daemonset["spec"]["template"]["spec"]
+    privileged = [c["name"] for c in pod["initContainers"] + pod["containers"]
+                  if c.get("securityContext", {}).get("privileged")]
+    assert privileged == ["mount-bpf-fs"]
+    assert "securityContext" not in pod or "seccompProfile" not in pod["securityContext"]
+
+
+def test_agent_runs_with_listed_capabilities_only(daemonset):
+    locked_down(container(daemonset["spec"]["template"]["spec"], "agent"), AGENT_CAPABILITIES)
+
+
+def emptydir_mounts(pod: dict, c: dict) -> set[str]:
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    return {m["mountPath"] for m in c.get("volumeMounts", [])
+            if "emptyDir" in volumes[m["name"]] and not m.get("readOnly")}
+
+
+def test_agent_writes_only_to_its_empty_dirs(daemonset):
+    """Read-only root: the header links the entrypoint makes and /tmp are
+    emptyDirs (the pins go to the host's bpffs)."""
+    pod = daemonset["spec"]["template"]["spec"]
+    agent = container(pod, "agent")
+    linker = (REPO / "scripts" / "link-kernel-headers.sh").read_text()
+    (modules_dir,) = re.findall(r"modules=\$\{MESHBPF_MODULES_DIR:-([^}]+)\}", linker)
+    assert emptydir_mounts(pod, agent) == {modules_dir, "/tmp"}
 def test_daemonset_rolls_one_node_at_a_time(daemonset):
     strategy = daemonset["spec"]["updateStrategy"]
     assert strategy["type"] == "RollingUpdate"
@@ -174,27 +222,110 @@ def test_every_volume_mount_names_a_volume(daemonset):
             assert m["name"] in volumes, f"{c['name']}: {m['name']}"
 
 
-def test_host_bpffs_is_mounted_bidirectional_and_cgroup2_where_the_agent_looks(daemonset):
+def test_host_bpffs_reaches_the_agent_host_to_container_and_cgroup2_where_it_looks(daemonset):
     pod = daemonset["spec"]["template"]["spec"]
     volumes = {v["name"]: v for v in pod["volumes"]}
     agent = container(pod, "agent")
     bpf = mounts_by_path(agent)["/sys/fs/bpf"]
-    assert bpf["mountPropagation"] == "Bidirectional"
+    assert bpf["mountPropagation"] == "HostToContainer"
     assert volumes[bpf["name"]]["hostPath"]["path"] == "/sys/fs/bpf"
     # The agent attaches to the first cgroup2 mount in /proc/mounts, which
     # is /sys/fs/cgroup in the container: the host's cgroup2 root goes there.
     cg = mounts_by_path(agent)["/sys/fs/cgroup"]
     assert volumes[cg["name"]]["hostPath"]["path"] == "/sys/fs/cgroup"
+    assert cg["readOnly"] is True
     assert "--cgroup" not in agent["args"]
 
 
-def test_init_container_mounts_bpffs_when_missing(daemonset):
+def test_bidirectional_propagation_only_where_bpffs_is_mounted(daemonset):
     pod = daemonset["spec"]["template"]["spec"]
-    init = container(pod, "mount-bpf-fs", init=True)
-    script = init["command"][-1]
-    assert "mount -t bpf bpf /sys/fs/bpf" in script
-    assert '$3=="bpf"' in script
-    assert mounts_by_path(init)["/sys/fs/bpf"]["mountPropagation"] == "Bidirectional"
+    bidirectional = [(c["name"], m["mountPath"]) for c in pod["initContainers"] + pod["containers"]
+                     for m in c.get("volumeMounts", []) if m.get("mountPropagation") == "Bidirectional"]
+    assert bidirectional == [("mount-bpf-fs", "/sys/fs/bpf")]
+
+
+# --- the manifests' inline scripts, run against fakes --------------------------------
+
+def container_command(c: dict) -> tuple[list[str], list[str]]:
+    """[shell, -ec, SCRIPT, $0] and the positional arguments after them."""
+    cmd = c["command"]
+    assert Path(cmd[0]).name in ("sh", "bash") and cmd[1] == "-ec", cmd[:2]
+    return cmd[:4], cmd[4:]
+
+
+def fake_tool(bindir: Path, name: str, status: int = 0) -> Path:
+    """An executable `name` on bindir that records each call's arguments
+    (one per line, calls separated by ---) and exits with `status`."""
+    calls = bindir.parent / f"{name}.calls"
+    tool = bindir / name
+    tool.write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" --- >> '{calls}'\nexit {status}\n")
+    tool.chmod(0o755)
+    return calls
+
+
+def calls_of(calls: Path) -> list[list[str]]:
+    if not calls.exists():
+        return []
+    return [c.strip("\n").split("\n") if c.strip("\n") else []
+            for c in calls.read_text().split("---\n")[:-1]]
+
+
+def run_inline(c: dict, args: list[str], tmp_path: Path, fakes: dict[str, int],
+               env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, dict]:
+    """Run container c's inline script with `args` for its positional
+    arguments and fake tools (name: exit status) first on PATH."""
+    head, defaults = container_command(c)
+    assert len(args) == len(defaults)
+    bindir = tmp_path / "bin"
+    bindir.mkdir(exist_ok=True)
+    calls = {name: fake_tool(bindir, name, status) for name, status in fakes.items()}
+    run_env = {k: v for k, v in os.environ.items() if k != "HOST_IP"}
+    run_env.update(env or {}, PATH=f"{bindir}:{os.environ['PATH']}")
+    res = subprocess.run([*head, *args], env=run_env, capture_output=True, text=True, timeout=30)
+    return res, {name: calls_of(path) for name, path in calls.items()}
+
+
+def a_bpffs_mount() -> str:
+    """A folder of this machine that /proc/mounts lists as bpffs."""
+    for line in Path("/proc/mounts").read_text().splitlines():
+        fields = line.split()
+        if fields[2] == "bpf":
+            return fields[1]
+    pytest.fail("no bpffs mounted on this machine: run scripts/setup.sh (it mounts one)", pytrace=False)
+
+
+@pytest.fixture()
+def mount_bpffs(daemonset) -> dict:
+    return container(daemonset["spec"]["template"]["spec"], "mount-bpf-fs", init=True)
+
+
+def test_bpffs_mount_script_targets_the_host_bpffs_volume(mount_bpffs):
+    _, (where,) = container_command(mount_bpffs)
+    assert mounts_by_path(mount_bpffs)[where]["mountPropagation"] == "Bidirectional"
+    assert where == "/sys/fs/bpf"
+
+
+def test_bpffs_mount_script_mounts_bpffs_where_there_is_none(mount_bpffs, tmp_path):
+    target = tmp_path / "bpf"
+    target.mkdir()
+    res, calls = run_inline(mount_bpffs, [str(target)], tmp_path, {"mount": 0})
+    assert res.returncode == 0, res.stderr
+    assert calls["mount"] == [["-t", "bpf", "bpf", str(target)]]
+    assert f"mounting bpffs at {target}" in res.stdout
+
+
+def test_bpffs_mount_script_leaves_a_mounted_bpffs_alone(mount_bpffs, tmp_path):
+    mounted = a_bpffs_mount()
+    res, calls = run_inline(mount_bpffs, [mounted], tmp_path, {"mount": 0})
+    assert res.returncode == 0, res.stderr
+    assert calls["mount"] == []
+    assert f"bpffs already mounted at {mounted}" in res.stdout
+
+
+def test_bpffs_mount_script_fails_when_mount_fails(mount_bpffs, tmp_path):
+    res, calls = run_inline(mount_bpffs, [str(tmp_path)], tmp_path, {"mount": 32})
+    assert res.returncode == 32
+    assert len(calls["mount"]) == 1
 
 
 def test_probes_and_metrics_port(daemonset):
@@ -211,10 +342,11 @@ def test_probes_and_metrics_port(daemonset):
     assert notes["prometheus.io/path"] == "/metrics"
 
 
-def test_node_name_comes_from_the_downward_api(daemonset):
+def test_node_name_and_address_come_from_the_downward_api(daemonset):
     agent = container(daemonset["spec"]["template"]["spec"], "agent")
     env = {e["name"]: e for e in agent["env"]}
     assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    assert env["HOST_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIP"
     assert "$(NODE_NAME)" in agent["args"]
 
 
@@ -223,7 +355,8 @@ def parse_agent_args(args: list[str]) -> dict:
     from meshbpf.cli import cli
 
     assert args[0] == "agent"
-    expanded = [a.replace("$(NODE_NAME)", "node-a") for a in args[1:]]
+    expanded = [a.replace("$(NODE_NAME)", "node-a").replace("$(HOST_IP)", "192.0.2.7")
+                for a in args[1:]]
     ctx = cli.commands["agent"].make_context("agent", expanded)
     return ctx.params
 
@@ -236,8 +369,10 @@ def test_agent_args_parse_and_agree_with_the_other_objects(install, daemonset):
     assert params["service_proxy_name"] is None
     cm = one(install, "ConfigMap")
     assert params["config_map"] == f"{cm['metadata']['namespace']}/{cm['metadata']['name']}"
+    # The node's address (HOST_IP), where the kubelet probes and Prometheus
+    # scrapes a hostNetwork pod; not every address of the node.
     host, _, port = params["listen"].rpartition(":")
-    assert host == "0.0.0.0"
+    assert host == "192.0.2.7"
     assert int(port) == agent["ports"][0]["containerPort"]
 
 
@@ -264,26 +399,45 @@ def test_agent_settings_configmap_holds_a_valid_agent_config(install):
     assert settings is not None
 
 
-def test_rbac_is_read_only_on_what_the_agent_reads(install, daemonset):
-    sa = one(install, "ServiceAccount", "meshbpf")
-    role = one(install, "ClusterRole", "meshbpf")
-    binding = one(install, "ClusterRoleBinding", "meshbpf")
-    pod = daemonset["spec"]["template"]["spec"]
-    assert pod["serviceAccountName"] == sa["metadata"]["name"]
-    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
-                                  "name": role["metadata"]["name"]}
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"],
-                                    "namespace": sa["metadata"]["namespace"]}]
-    granted = {}
+def granted(role: dict) -> dict[tuple[str, str], dict]:
+    """(apiGroup, resource) -> its rule; every rule read-only."""
+    out = {}
     for rule in role["rules"]:
-        assert set(rule["verbs"]) <= {"get", "list", "watch"}, rule
+        assert set(rule["verbs"]) <= {"list", "watch"}, rule
         for group in rule["apiGroups"]:
             for res in rule["resources"]:
-                granted[(group, res)] = rule
-    assert set(granted) == {("", "services"), ("discovery.k8s.io", "endpointslices"),
-                            ("", "pods"), ("", "nodes"), ("", "configmaps")}
-    cm = one(install, "ConfigMap")
-    assert granted[("", "configmaps")]["resourceNames"] == [cm["metadata"]["name"]]
+                out[(group, res)] = rule
+    return out
+
+
+def binds(binding: dict, role: dict, sa: dict) -> bool:
+    return (binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": role["kind"],
+                                   "name": role["metadata"]["name"]}
+            and binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"],
+                                         "namespace": sa["metadata"]["namespace"]}])
+
+
+def test_cluster_wide_rbac_is_list_watch_on_what_the_agent_watches(install, daemonset):
+    sa = one(install, "ServiceAccount", "meshbpf")
+    assert daemonset["spec"]["template"]["spec"]["serviceAccountName"] == sa["metadata"]["name"]
+    role = one(install, "ClusterRole", "meshbpf")
+    assert binds(one(install, "ClusterRoleBinding", "meshbpf"), role, sa)
+    # The reflectors of meshbpf/sources/kubernetes.py, and nothing else.
+    assert set(granted(role)) == {("", "services"), ("discovery.k8s.io", "endpointslices"),
+                                  ("", "pods"), ("", "nodes")}
+    assert [o for o in install if o["kind"] == "ClusterRole"] == [role]
+
+
+def test_configmap_access_is_a_role_in_its_namespace_on_that_configmap_only(install, daemonset):
+    sa = one(install, "ServiceAccount", "meshbpf")
+    role = one(install, "Role")
+    assert binds(one(install, "RoleBinding"), role, sa)
+    agent = container(daemonset["spec"]["template"]["spec"], "agent")
+    namespace, name = parse_agent_args(agent["args"])["config_map"].split("/")
+    assert role["metadata"]["namespace"] == one(install, "RoleBinding")["metadata"]["namespace"] == namespace
+    rules = granted(role)
+    assert set(rules) == {("", "configmaps")}
+    assert rules[("", "configmaps")]["resourceNames"] == [name]
 
 
 def test_one_image_everywhere_tagged_with_the_package_version():
@@ -297,30 +451,84 @@ def test_one_image_everywhere_tagged_with_the_package_version():
 
 # --- uninstall -------------------------------------------------------------------
 
-def test_uninstall_daemonset_runs_meshbpf_uninstall_on_the_host_bpffs():
+@pytest.fixture(scope="module")
+def uninstall_pod() -> dict:
+    return one(objects(UNINSTALL), "DaemonSet", "meshbpf-uninstall")["spec"]["template"]["spec"]
+
+
+@pytest.fixture()
+def uninstall_init(uninstall_pod) -> dict:
+    return container(uninstall_pod, "uninstall", init=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_uninstall_pods_are_locked_down(uninstall_pod, uninstall_init):
+    locked_down(uninstall_init, {"BPF"})
+    locked_down(container(uninstall_pod, "done"), set())
+    assert mounts_by_path(uninstall_init)["/sys/fs/bpf"]["mountPropagation"] == "HostToContainer"
+    assert uninstall_pod["hostNetwork"] is True            # to see a running agent's port
+    assert {"operator": "Exists"} in uninstall_pod["tolerations"]
+    env = {e["name"]: e for e in uninstall_init["env"]}
+    assert env["HOST_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIP"
+
+
+def test_uninstall_script_defaults_are_the_agent_port_and_host_bpffs(daemonset, uninstall_pod, uninstall_init):
+    agent = container(daemonset["spec"]["template"]["spec"], "agent")
+    _, (port, bpffs) = container_command(uninstall_init)
+    assert int(port) == agent["ports"][0]["containerPort"]
+    assert mounts_by_path(uninstall_init)[bpffs]["name"] in {v["name"] for v in uninstall_pod["volumes"]}
+
+
+def test_uninstall_script_runs_meshbpf_uninstall_on_the_agents_bpffs(daemonset, uninstall_init, tmp_path):
     from meshbpf.cli import cli
 
-    ds = one(objects(UNINSTALL), "DaemonSet", "meshbpf-uninstall")
-    pod = ds["spec"]["template"]["spec"]
-    init = container(pod, "uninstall", init=True)
-    script = init["command"][-1]
-    line = next(x.strip() for x in script.splitlines() if "meshbpf uninstall" in x)
-    argv = line.removeprefix("exec ").split()
-    assert argv[:2] == ["meshbpf", "uninstall"]
-    params = cli.commands["uninstall"].make_context("uninstall", argv[2:]).params
-    assert str(params["bpffs"]) == "/sys/fs/bpf/meshbpf"
-    assert mounts_by_path(init)["/sys/fs/bpf"]["name"] in {v["name"] for v in pod["volumes"]}
-    assert init["securityContext"]["privileged"] is True
-    assert pod["hostNetwork"] is True            # to see a running agent's port
-    assert {"operator": "Exists"} in pod["tolerations"]
+    mounted = a_bpffs_mount()
+    res, calls = run_inline(uninstall_init, [str(free_port()), mounted], tmp_path, {"meshbpf": 0},
+                            env={"HOST_IP": "127.0.0.1"})
+    assert res.returncode == 0, res.stderr
+    (argv,) = calls["meshbpf"]
+    assert argv[0] == "uninstall"
+    params = cli.commands["uninstall"].make_context("uninstall", argv[1:]).params
+    assert params["bpffs"] == Path(mounted) / "meshbpf"
+    # ... which, with the manifest's bpffs folder, is where the agent pins.
+    _, (_, host_bpffs) = container_command(uninstall_init)
+    agent = parse_agent_args(container(daemonset["spec"]["template"]["spec"], "agent")["args"])
+    assert Path(host_bpffs) / "meshbpf" == agent["bpffs"]
 
 
-def test_uninstall_refuses_while_an_agent_answers_on_its_port(daemonset):
-    agent = container(daemonset["spec"]["template"]["spec"], "agent")
-    port = agent["ports"][0]["containerPort"]
-    init = container(one(objects(UNINSTALL), "DaemonSet")["spec"]["template"]["spec"],
-                     "uninstall", init=True)
-    assert f"/dev/tcp/127.0.0.1/{port}" in init["command"][-1]
+def test_uninstall_script_passes_on_meshbpf_uninstall_failing(uninstall_init, tmp_path):
+    res, calls = run_inline(uninstall_init, [str(free_port()), a_bpffs_mount()], tmp_path,
+                            {"meshbpf": 3}, env={"HOST_IP": "127.0.0.1"})
+    assert res.returncode == 3
+    assert len(calls["meshbpf"]) == 1
+
+
+@pytest.mark.parametrize("agent_ip", ["127.0.0.2", "127.0.0.1"], ids=["node-address", "loopback"])
+def test_uninstall_script_refuses_while_an_agent_answers(uninstall_init, tmp_path, agent_ip):
+    """The agent listens on the node's address (HOST_IP, here 127.0.0.2);
+    one listening on loopback only counts too."""
+    with socket.socket() as agent:
+        agent.bind((agent_ip, 0))
+        agent.listen()
+        port = agent.getsockname()[1]
+        res, calls = run_inline(uninstall_init, [str(port), a_bpffs_mount()], tmp_path,
+                                {"meshbpf": 0}, env={"HOST_IP": "127.0.0.2"})
+    assert res.returncode == 1
+    assert calls["meshbpf"] == []
+    assert f"a meshbpf agent still answers on {agent_ip}:{port}" in res.stderr
+
+
+def test_uninstall_script_does_nothing_without_a_bpffs(uninstall_init, tmp_path):
+    res, calls = run_inline(uninstall_init, [str(free_port()), str(tmp_path)], tmp_path,
+                            {"meshbpf": 0}, env={"HOST_IP": "127.0.0.1"})
+    assert res.returncode == 0, res.stderr
+    assert calls["meshbpf"] == []
+    assert f"no bpffs at {tmp_path}" in res.stdout
 
 
 # --- image -----------------------------------------------------------------------
@@ -424,13 +632,13 @@ def test_shellcheck(script):
 
 
 def inline_scripts() -> list:
-    """Every container command of the form [sh|bash, -c..., SCRIPT]."""
+    """Every container command of the form [sh|bash, -c..., SCRIPT, ...]."""
     found = []
     for path in MANIFEST_FILES:
         for obj in objects(path):
             for c in pod_containers(obj):
                 cmd = c.get("command", [])
-                if len(cmd) == 3 and Path(cmd[0]).name in ("sh", "bash") and cmd[1].startswith("-"):
+                if len(cmd) >= 3 and Path(cmd[0]).name in ("sh", "bash") and cmd[1].startswith("-"):
                     found.append(pytest.param(Path(cmd[0]).name, cmd[2],
                                               id=f"{path.name}:{c['name']}"))
     return found
