@@ -31,7 +31,7 @@ from .datapath.loader import DEFAULT_BPFFS, SockLB
 from .datapath.redirect import apply_settings
 from .datapath.maps import LBMaps, MapWriteError
 from .gcpause import gc_paused
-from .health import HealthServer, heartbeat_check
+from .health import HealthServer
 from .metrics import AgentMetrics, LBStatsCollector, MapPressureCollector, RedirectCollector
 from .model import DesiredState, RedirectSettings
 from .reconcile import CapacityError, LBState, Plan, SvcKey, WantedService, check_capacity, plan, wanted_services
