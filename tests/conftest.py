@@ -9,11 +9,15 @@ about ten times slower than on a real machine:
 - ``timing``: asserts on elapsed time or on a rate (connections within a
   window, an affinity timeout of a second). Under emulation they measure the
   emulator.
+- ``userspace``: the outcome cannot depend on the kernel version (input
+  handling, agent lifecycle, CLI, packaging): runs on the host only; the
+  kernel matrix skips it. Anything that sends traffic through a BPF program
+  is not ``userspace``.
 - ``needs_feature(name, ...)``: needs these kernel features (names from
   `meshbpf status`); skipped, naming what is missing, on a kernel without
   them. The table is probed once per session, the same way the agent does.
 
-``MESHBPF_SKIP_MARKS=heavy,timing`` skips tests with those markers (the VMs
+``MESHBPF_SKIP_MARKS=heavy,timing,userspace`` skips tests with those markers (the VMs
 set it); the summary names each skip and why. ``--shard I/N`` runs every
 N-th test from the I-th on (1-based), so that N VMs share one kernel's run.
 """
@@ -28,6 +32,8 @@ import pytest
 SKIPPABLE = {
     "heavy": "throughput or scale test",
     "timing": "asserts on elapsed time or a rate",
+    "userspace": "outcome cannot depend on the kernel version (input handling, agent lifecycle, "
+                 "CLI, packaging): runs on the host only; the kernel matrix skips it",
 }
 
 
