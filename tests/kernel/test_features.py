@@ -29,7 +29,8 @@ def test_without_netns_cookie_affinity_is_not_applied(lab, probe, start_agent, m
     monkeypatch.setenv("MESHBPF_DISABLE_FEATURES", "netns_cookie")
     agent = start_agent(web_service(lab, affinity_timeout=600))
     assert "session affinity is not applied" in agent.log()
-    assert len(probe("client", "whoami", "10.96.0.10", 80, 60)["answers"]) >= 2
+    result = probe("client", "whoami", "10.96.0.10", 80, 60)
+    assert result["errors"] == {} and len(result["answers"]) >= 2, result
 
 
 def test_without_sockmap_redirection_stays_off_and_the_agent_runs(lab, probe, bpffs, start_agent, monkeypatch):

@@ -61,8 +61,9 @@ def test_dual_stack_service_answers_on_both_families(lab, probe, start_agent):
                            [k8s.slice_port("http", 8080)], address_type="IPv6"),
     ]
     start_agent(objects)
-    assert probe("client", "whoami", "10.96.0.10", 80, 5)["answers"] == {"web-1": 5}
-    assert probe("client", "whoami", "fd00:96::10", 80, 5)["answers"] == {"web-2": 5}
+    for vip, pod in (("10.96.0.10", "web-1"), ("fd00:96::10", "web-2")):
+        result = probe("client", "whoami", vip, 80, 5)
+        assert result["errors"] == {} and result["answers"] == {pod: 5}, result
 
 
 def test_getpeername_shows_the_service_address(lab, probe, start_agent):
@@ -144,10 +145,10 @@ def test_session_affinity_pins_a_client_to_one_backend(lab, probe, start_agent):
     assert first["errors"] == {} and len(first["answers"]) == 1, first
     # A second pod is a second client: it is pinned too, independently.
     second = probe("client2", "whoami", "10.96.0.10", 80, 30)
-    assert len(second["answers"]) == 1, second
+    assert second["errors"] == {} and len(second["answers"]) == 1, second
     # And the first stays where it was.
     again = probe("client", "whoami", "10.96.0.10", 80, 10)
-    assert again["answers"] == {next(iter(first["answers"])): 10}
+    assert again["errors"] == {} and again["answers"] == {next(iter(first["answers"])): 10}, again
 
 
 @pytest.mark.needs_feature("netns_cookie")
@@ -157,7 +158,7 @@ def test_session_affinity_expires_after_its_timeout(lab, probe, start_agent):
     seen = set()
     for _ in range(8):
         result = probe("client", "whoami", "10.96.0.10", 80, 3)
-        assert len(result["answers"]) == 1, result  # pinned within the timeout
+        assert result["errors"] == {} and len(result["answers"]) == 1, result  # pinned within the timeout
         seen |= set(result["answers"])
         subprocess.run(["sleep", "1.2"])
     # Re-chosen uniformly after each expiry: 8 rounds on one backend has p = 4^-7.

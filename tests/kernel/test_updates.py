@@ -57,7 +57,8 @@ def test_terminating_endpoints_serve_only_when_none_is_ready(lab, probe, bpffs, 
         k8s.endpoint(ip["web-3"], ready=True),
     ], slice_port)])
     wait_backends(bpffs, FRONTEND, [f"{ip['web-3']}:8080"])
-    assert probe("client", "whoami", "10.96.0.10", 80, 30)["answers"] == {"web-3": 30}
+    result = probe("client", "whoami", "10.96.0.10", 80, 30)
+    assert result["errors"] == {} and result["answers"] == {"web-3": 30}, result
 
 
 def _replace_last(text: str, old: str, new: str) -> str:
@@ -77,6 +78,7 @@ def test_endpoints_from_several_slices_merge(lab, probe, start_agent):
                                       [k8s.slice_port("http", 8080)]))
     start_agent(objects)
     result = probe("client", "whoami", "10.96.0.10", 80, 90)
+    assert result["errors"] == {}, result
     assert set(result["answers"]) == {"web-1", "web-2", "web-3"}
 
 
@@ -106,7 +108,8 @@ def test_config_edit_applies_live(lab, probe, bpffs, config, start_agent):
     k8s.write(config, objects)
     waited = wait_backends(bpffs, "10.96.0.11:80/TCP", _addrs(lab, ("web-2",)))
     print(f"new service applied in {waited:.3f}s")
-    assert probe("client", "whoami", "10.96.0.11", 80, 10)["answers"] == {"web-2": 10}
+    result = probe("client", "whoami", "10.96.0.11", 80, 10)
+    assert result["errors"] == {} and result["answers"] == {"web-2": 10}, result
 
     # Removing a service removes its frontend, slots and backends no one else uses.
     k8s.write(config, web_service(lab, pods=("web-1",)))
