@@ -80,6 +80,34 @@ class Probe:
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
 
+class Load:
+    """Connections back to back to host:port from a pod, while a test does
+    something (probe.py load). Started means answers are already flowing;
+    stop() returns the result with the time of every answer."""
+
+    def __init__(self, probe: Probe, pod: str, host: str, port: int):
+        self.proc = probe.popen(pod, "load", host, port)
+        line = self.proc.stdout.readline()
+        assert line, f"load loop in {pod} ended before it started"
+        self.started = json.loads(line)["started"]
+        self.result: dict = {}
+
+    def stop(self) -> dict:
+        out, _ = self.proc.communicate("\n", timeout=90)
+        self.result = json.loads(out.strip().splitlines()[-1])
+        return self.result
+
+    def answers_between(self, start: float, end: float) -> int:
+        return sum(start < t < end for t in self.result["times"])
+
+    def assert_spans(self, *events: float) -> None:
+        """Connections were answered before the first event, between each
+        pair of events and after the last: the events happened under load."""
+        edges = [float("-inf"), *events, float("inf")]
+        counts = [self.answers_between(a, b) for a, b in zip(edges, edges[1:])]
+        assert all(counts), f"answers before, between and after the events: {counts}"
+
+
 @pytest.fixture
 def lab():
     """A lab with a client pod and four web pods running whoami on :8080."""

@@ -116,6 +116,38 @@ def loop(host: str, port: str, seconds: str) -> dict:
     return result
 
 
+def load(host: str, port: str, settle: str = "20") -> dict:
+    """New connections back to back until told to stop, for tests that must
+    show an event happened while traffic flowed. Prints {"started": ...}
+    after `settle` answers; after a line on stdin it makes `settle` more
+    answers (or gives up after 60 s) and returns the CLOCK_MONOTONIC time of
+    every answer (the clock the test reads too), so the test can count the
+    connections made before, during and after its event."""
+    import threading
+    settle_n, stop_at = int(settle), []
+    seen: collections.Counter = collections.Counter()
+    errors: collections.Counter = collections.Counter()
+    times: list[float] = []
+
+    def wait_for_stop():
+        sys.stdin.readline()
+        stop_at.append(time.monotonic())
+    threading.Thread(target=wait_for_stop, daemon=True).start()
+    started = False
+    while True:
+        try:
+            seen[_http_get(host, int(port))] += 1
+            times.append(round(time.monotonic(), 4))
+        except OSError as exc:
+            errors[errno.errorcode.get(exc.errno, str(exc))] += 1
+        if not started and len(times) >= settle_n:
+            print(json.dumps({"started": times[0]}), flush=True)
+            started = True
+        if stop_at and (sum(t > stop_at[0] for t in times[-settle_n:]) >= settle_n
+                        or time.monotonic() > stop_at[0] + 60):
+            return {"answers": dict(seen), "errors": dict(errors), "times": times}
+
+
 def whoami_until(host: str, port: int, deadline: float) -> dict:
     seen: collections.Counter = collections.Counter()
     errors: collections.Counter = collections.Counter()
@@ -251,7 +283,7 @@ def xfer_client(host: str, port: str, size: str, total: str, nodelay: str, flags
 
 
 COMMANDS = {f.__name__.replace("_", "-"): f for f in
-            (whoami, peername, peername_after_churn, udp_peer, connect_error, udp_send_error, loop, hold,
+            (whoami, peername, peername_after_churn, udp_peer, connect_error, udp_send_error, loop, load, hold,
              xfer_server, xfer_client)}
 
 if __name__ == "__main__":
