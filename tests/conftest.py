@@ -21,6 +21,10 @@ about ten times slower than on a real machine:
   the ``kernel_features`` fixture, so a wrong probe cannot turn tests into
   silent skips (CI's host run sets it: ``.ci/run``).
 
+``MESHBPF_FAIL_ON_SKIP=1`` turns every skip into a failure naming its reason:
+CI's host run has every tool and feature (scripts/setup.sh installs them), so
+there a skip (a missing command, a wrong probe) means a test did not run.
+
 ``MESHBPF_SKIP_MARKS=heavy,timing,userspace`` skips tests with those markers (the VMs
 set it); the summary names each skip and why. ``--shard I/N`` runs every
 N-th test from the I-th on (1-based), so that N VMs share one kernel's run.
@@ -146,6 +150,17 @@ def kernel_features_fixture() -> dict[str, bool]:
         pytest.fail(f"MESHBPF_EXPECT_FEATURES: this kernel was expected to have {', '.join(missing)}, "
                     f"but meshbpf status says no", pytrace=False)
     return table
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if (report.skipped and not hasattr(report, "wasxfail")
+            and os.environ.get("MESHBPF_FAIL_ON_SKIP") == "1"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped where every test must run (MESHBPF_FAIL_ON_SKIP=1): {reason}"
 
 
 def pytest_runtest_setup(item):
