@@ -91,6 +91,9 @@ class Load:
         assert line, f"load loop in {pod} ended before it started"
         self.started = json.loads(line)["started"]
         self.result: dict = {}
+        if self.started is None:
+            self.stop()
+            raise AssertionError(f"no answers from {host}:{port} in {pod} in 30 s: {self.result}")
 
     def stop(self) -> dict:
         out, _ = self.proc.communicate("\n", timeout=90)

@@ -133,7 +133,7 @@ def load(host: str, port: str, settle: str = "20") -> dict:
         sys.stdin.readline()
         stop_at.append(time.monotonic())
     threading.Thread(target=wait_for_stop, daemon=True).start()
-    started = False
+    started, give_up = False, time.monotonic() + 30
     while True:
         try:
             seen[_http_get(host, int(port))] += 1
@@ -143,6 +143,9 @@ def load(host: str, port: str, settle: str = "20") -> dict:
         if not started and len(times) >= settle_n:
             print(json.dumps({"started": times[0]}), flush=True)
             started = True
+        elif not started and time.monotonic() > give_up:
+            print(json.dumps({"started": None}), flush=True)
+            return {"answers": dict(seen), "errors": dict(errors), "times": times}
         if stop_at and (sum(t > stop_at[0] for t in times[-settle_n:]) >= settle_n
                         or time.monotonic() > stop_at[0] + 60):
             return {"answers": dict(seen), "errors": dict(errors), "times": times}
