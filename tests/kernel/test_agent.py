@@ -14,7 +14,7 @@ from meshbpf.datapath import features, loader
 
 from . import k8s
 from .conftest import Load, attached_programs, web_service
-from .helpers import metric, services, wait_backends, wait_log
+from .helpers import README_MAP_SIZES, metric, services, wait_backends, wait_log
 
 FRONTEND = "10.96.0.10:80/TCP"
 
@@ -109,11 +109,14 @@ def test_metrics_and_health(lab, probe, bpffs, start_agent):
     assert metric(body, "meshbpf_sync_duration_seconds_count") >= 1
     assert metric(body, "meshbpf_sync_errors_total", 'reason="config"') == 0
     assert metric(body, "meshbpf_map_entries", 'map_name="mbpf_slots"') == 4
-    assert metric(body, "meshbpf_map_pressure", 'map_name="mbpf_svc"') == 1 / 65536
+    assert metric(body, "meshbpf_map_pressure", 'map_name="mbpf_svc"') == 1 / README_MAP_SIZES["mbpf_svc"]
     # Kernel-owned maps are counted by walking them: TCP keeps its reverse
     # NAT in socket storage, so the LRU map (unconnected UDP only) is empty.
     assert metric(body, "meshbpf_map_entries", 'map_name="mbpf_rnat"') == 0
-    assert metric(body, "meshbpf_map_capacity", 'map_name="mbpf_rnat"') == 131072
+    for name, size in README_MAP_SIZES.items():  # the defaults README states
+        capacity = metric(body, "meshbpf_map_capacity", f'map_name="{name}"')
+        if capacity is not None or name != "mbpf_sockhash":  # no sockhash on a kernel without sockmap
+            assert capacity == size, name
 
 
 def test_full_map_rejects_the_update_and_keeps_the_old_state(lab, probe, bpffs, config, start_agent):

@@ -14,47 +14,13 @@ from meshbpf.datapath import redirect
 
 from . import k8s
 from .conftest import PROBE, web_service
+from .helpers import README_NODELAY_SMALL_MIN, README_SMALL_RUN_MAX, README_SMALL_WRITE
+from .helpers import assert_intact, counters, transfer, tx_bytes
 
 # Redirection is off on a kernel without these (meshbpf status).
 pytestmark = pytest.mark.needs_feature("sockmap", "sockops_probe_read", "kernel_btf")
 
 MiB, GiB = 1 << 20, 1 << 30
-
-
-def counters(bpffs) -> dict:
-    return redirect.read_counters(bpffs)
-
-
-def tx_bytes(lab, pod: str) -> int:
-    """Bytes sent on the pod's eth0, read over netlink inside its namespace."""
-    out = lab.run(pod, ["ip", "-s", "-j", "link", "show", "eth0"], in_cgroup=False)
-    return json.loads(out.stdout)[0]["stats64"]["tx"]["bytes"]
-
-
-def transfer(lab, probe, size: int, total: int, nodelay: str = "nagle", port: int = 7000,
-             server_pod: str = "web-1", client_pod: str = "client", server_in_cgroup: bool = True,
-             flags: int = 0, server_mode: str = "duplex") -> tuple[dict, dict]:
-    """Full duplex: client and server each send `total` bytes in `size` writes
-    (server_mode "sink": only the client sends)."""
-    server = lab.popen(server_pod, [sys.executable, "-u", str(PROBE), "xfer-server", str(port),
-                                    str(size), str(total), nodelay, server_mode],
-                       in_cgroup=server_in_cgroup, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert json.loads(server.stdout.readline())["listening"]
-        client = probe(client_pod, "xfer-client", lab.pods[server_pod].ipv4, port, size, total,
-                       nodelay, flags, timeout=600)
-        out, err = server.communicate(timeout=600)
-        assert server.returncode == 0, f"server failed: {err}"
-        return client, json.loads(out.strip().splitlines()[-1])
-    finally:
-        if server.poll() is None:
-            server.kill()
-
-
-def assert_intact(client: dict, server: dict, total: int) -> None:
-    assert client["recv_bytes"] == total and server["recv_bytes"] == total
-    assert client["sent_sha"] == server["recv_sha"], "client -> server bytes differ"
-    assert server["sent_sha"] == client["recv_sha"], "server -> client bytes differ"
 
 
 @pytest.fixture
@@ -79,7 +45,7 @@ def test_bytes_arrive_intact_when_spliced(lab, probe, bpffs, redirect_agent, siz
     assert_intact(client, server, total)
     after = counters(bpffs)
     switched = after["switched_pairs"] - before["switched_pairs"]
-    if redirect.NODELAY_SMALL_MIN <= size < redirect.SMALL_WRITE:
+    if README_NODELAY_SMALL_MIN <= size < README_SMALL_WRITE:
         assert switched >= 1
     else:
         assert after["redirected_bytes"] - before["redirected_bytes"] >= total
@@ -123,7 +89,7 @@ def test_unanswered_small_writes_switch_to_tcp_where_tcp_batches_them(lab, probe
         spliced = after["redirected_bytes"] - before["redirected_bytes"]
         what = f"{size} B writes, {nagle}, from {client_pod}"
         if switches:
-            assert spliced <= (redirect.SMALL_RUN_MAX + 1) * size, what
+            assert spliced <= (README_SMALL_RUN_MAX + 1) * size, what
             assert after["evicted_sockets"] - before["evicted_sockets"] == 2, what
         else:
             assert spliced >= total, what
