@@ -4,6 +4,8 @@ rules, no conntrack entries", each with real traffic in lab pods."""
 
 from __future__ import annotations
 
+import pytest
+
 from . import k8s
 from .conftest import Load, web_service
 
@@ -41,6 +43,16 @@ def test_ipv4_service_from_an_ipv6_socket(lab, probe, start_agent):
     result = probe("client", "whoami", mapped, 80, 40)
     assert result["errors"] == {} and len(result["answers"]) >= 2, result
     assert probe("client", "peername", mapped, 80)["peer"] == [mapped, 80]
+
+
+@pytest.mark.needs_feature("sk_storage")
+def test_getpeername_survives_connection_churn(lab, probe, start_agent):
+    """TCP keeps its translation in socket storage, freed with the socket,
+    so many newer connections cannot push out a live one's entry (the LRU
+    reverse-NAT map is for unconnected UDP only, and is tiny here)."""
+    start_agent(web_service(lab), "--map-size", "mbpf_rnat=16")
+    result = probe("client", "peername-after-churn", "10.96.0.10", 80, 10, 200)
+    assert result["peers"] == ["10.96.0.10:80"]
 
 
 def _netfilter_rules(lab, pod) -> dict[str, str]:
