@@ -101,7 +101,7 @@ def test_metrics_and_health(lab, probe, bpffs, start_agent):
     agent = start_agent(web_service(lab))
     assert agent.get("/healthz")[0] == 200
     assert agent.get("/readyz")[0] == 200
-    probe("client", "whoami", "10.96.0.10", 80, 5)
+    assert probe("client", "whoami", "10.96.0.10", 80, 5)["errors"] == {}
     code, body = agent.get("/metrics")
     assert code == 200
     assert metric(body, "meshbpf_services") == 1
