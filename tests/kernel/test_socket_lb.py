@@ -8,36 +8,9 @@ import pytest
 
 from . import k8s
 from .conftest import web_service
+from .shared import dns_pods, lab, probe, start_agent  # noqa: F401 (one lab and agent for the module)
 
 WEBS = ("web-1", "web-2", "web-3", "web-4")
-
-
-# Every test here only needs some Services programmed: they share one lab and
-# one agent (conftest.SharedLB), which these fixtures hand out under the
-# usual names. start_agent(objects) rewrites the config and waits for the
-# sync. A test that needs its own agent flags or breaks things belongs in
-# another module.
-@pytest.fixture
-def lab(shared_lb):
-    return shared_lb.lab
-
-
-@pytest.fixture
-def probe(shared_lb):
-    return shared_lb.probe
-
-
-@pytest.fixture
-def dns_pods(shared_lb):
-    return shared_lb.dns_pods
-
-
-@pytest.fixture
-def start_agent(shared_lb):
-    def serve(objects: list[dict], *extra: str):
-        assert not extra, "the shared agent takes no flags: use a module with its own agents"
-        return shared_lb.serve(objects)
-    return serve
 
 
 def test_tcp_spreads_over_all_backends(lab, probe, start_agent):

@@ -9,6 +9,7 @@ import pytest
 
 from . import k8s
 from .conftest import Load, web_service
+from .shared import bpffs, config, lab, probe, start_agent  # noqa: F401 (one lab and agent for the module)
 from .helpers import metric, services, wait_backends, wait_log
 
 FRONTEND = "10.96.0.10:80/TCP"
@@ -120,6 +121,7 @@ def test_config_edit_applies_live(lab, probe, bpffs, config, start_agent):
 def test_invalid_edit_keeps_the_running_state_and_says_why(lab, probe, bpffs, config, start_agent):
     agent = start_agent(web_service(lab))
     before = services(bpffs)
+    errors_before = metric(agent.get("/metrics")[1], "meshbpf_sync_errors_total", 'reason="config"')
     bad_edits = [
         ("apiVersion: v1\nkind: Service\nmetadata: {name: x\n", "not valid YAML"),
         (config.read_text().replace("clusterIP:", "clusterIp:", 1), "unknown field 'clusterIp'"),
@@ -136,7 +138,7 @@ def test_invalid_edit_keeps_the_running_state_and_says_why(lab, probe, bpffs, co
         assert services(bpffs) == before
         assert probe("client", "whoami", "10.96.0.10", 80, 8)["errors"] == {}
         code, body = agent.get("/metrics")
-        assert metric(body, "meshbpf_sync_errors_total", 'reason="config"') == n
+        assert metric(body, "meshbpf_sync_errors_total", 'reason="config"') == errors_before + n
         k8s.write(config, web_service(lab))  # back to valid for the next edit
         time.sleep(0.3)
     # The error names the document and field, not only the file.
