@@ -30,6 +30,9 @@ BPFFS_ROOT = Path("/sys/fs/bpf")
 
 
 LAB_PREFIX = f"t{os.getpid() % 10000}-"     # this test run's labs
+# Compiling takes ~1 s on the host, ~10 s under the VMs' emulation, and a
+# lot more when the machine is busy: a slow start is not what tests test.
+AGENT_READY_TIMEOUT = 180
 PIN_PREFIX = f"meshbpf-test-{os.getpid()}-"  # this test run's bpffs folders
 
 
@@ -152,7 +155,7 @@ def start_agent(lab, bpffs, config):
         agent = AgentProcess(config, lab.cgroup, bpffs, list(extra))
         agents.append(agent)
         try:
-            return agent.start(wait_ready=wait_ready)
+            return agent.start(wait_ready=wait_ready, timeout=AGENT_READY_TIMEOUT)
         except Exception:
             print(agent.log())
             raise
@@ -213,7 +216,7 @@ def shared_lb(tmp_path_factory):
             start_dnsmasq(the_lab, pod, tmp)
         agent = AgentProcess(config, the_lab.cgroup, bpffs)
         try:
-            agent.start()
+            agent.start(timeout=AGENT_READY_TIMEOUT)
             yield SharedLB(the_lab, bpffs, config, agent)
         finally:
             print(f"--- shared agent log ---\n{agent.log()}")

@@ -93,7 +93,7 @@ def test_no_connection_fails_while_backends_change(lab, probe, bpffs, config, st
     first_edit = time.monotonic()
     for pods in sequence * 2:
         k8s.write(config, web_service(lab, pods=pods))
-        wait_backends(bpffs, FRONTEND, _addrs(lab, pods))
+        wait_backends(bpffs, FRONTEND, _addrs(lab, pods), timeout=30)
         time.sleep(0.15)  # let some connections use this backend set
     last_applied = time.monotonic()
     result = load.stop()
