@@ -102,3 +102,18 @@ def assert_intact(client: dict, server: dict, total: int) -> None:
     assert client["recv_bytes"] == total and server["recv_bytes"] == total
     assert client["sent_sha"] == server["recv_sha"], "client -> server bytes differ"
     assert server["sent_sha"] == client["recv_sha"], "server -> client bytes differ"
+
+
+def popen_probe(lab, pod: str, argv: list[str], cgroup=None) -> subprocess.Popen:
+    """A probe.py command in a pod: in the lab cgroup, or moved on into
+    `cgroup` (a child of it) before it starts."""
+    cmd = [sys.executable, "-u", str(PROBE), *map(str, argv)]
+    if cgroup is not None:
+        cmd = ["sh", "-c", f'echo 0 > {cgroup}/cgroup.procs && exec "$@"', "sh", *cmd]
+    return lab.popen(pod, cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
+def probe_result(proc: subprocess.Popen, timeout: float = 120) -> dict:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, f"{proc.args} exited with {proc.returncode}"
+    return json.loads(out.strip().splitlines()[-1])

@@ -15,7 +15,7 @@ from meshbpf.datapath import redirect
 from . import k8s
 from .conftest import PROBE, web_service
 from .helpers import README_NODELAY_SMALL_MIN, README_SMALL_RUN_MAX, README_SMALL_WRITE
-from .helpers import assert_intact, counters, transfer, tx_bytes
+from .helpers import assert_intact, counters, popen_probe, probe_result, transfer, tx_bytes
 
 # Redirection is off on a kernel without these (meshbpf status).
 pytestmark = pytest.mark.needs_feature("sockmap", "sockops_probe_read", "kernel_btf")
@@ -246,3 +246,43 @@ def test_redirection_survives_agent_death_and_restart_has_no_gap(lab, probe, bpf
     finally:
         server.kill()
         server.wait()
+
+
+def test_uninstall_drains_a_live_spliced_connection_without_losing_bytes(lab, bpffs, start_agent):
+    agent = start_agent([k8s.agent_config()])
+    server = popen_probe(lab, "web-1", ["echo-server", 7400])
+    client = None
+    try:
+        assert json.loads(server.stdout.readline())["listening"]
+        client = popen_probe(lab, "client", ["stream-client", lab.pods["web-1"].ipv4, 7400, 1024])
+        assert json.loads(client.stdout.readline())["connected"]
+
+        def sent() -> int:
+            client.stdin.write("mark\n")
+            client.stdin.flush()
+            return json.loads(client.stdout.readline())["sent"]
+        deadline = time.monotonic() + 30
+        while counters(bpffs)["redirected_bytes"] < 256 * 1024 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert counters(bpffs)["redirected_bytes"] >= 256 * 1024, "the stream is not spliced"
+        agent.stop()
+
+        out = subprocess.run([sys.executable, "-m", "meshbpf", "uninstall", "--bpffs", str(bpffs)],
+                             capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        assert "still spliced" not in out.stdout, out.stdout
+        assert not bpffs.exists()
+        at_uninstall = sent()
+        assert client.poll() is None  # the connection lived through it
+        while sent() < at_uninstall + 256 * 1024:  # and keeps going over plain TCP
+            time.sleep(0.05)
+        client.stdin.write("stop\n")
+        client.stdin.flush()
+        result = probe_result(client)
+        assert result["recv_bytes"] == result["sent_bytes"] > at_uninstall
+        assert result["recv_sha"] == result["sent_sha"], "bytes lost or reordered"
+        assert probe_result(server)["echoed"] == result["sent_bytes"]
+    finally:
+        for p in (server, client):
+            if p is not None and p.poll() is None:
+                p.kill()

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import time
 
-import pytest
-
 from . import k8s
 from .conftest import Load, web_service
 from .shared import bpffs, config, lab, probe, start_agent  # noqa: F401 (one lab and agent for the module)
