@@ -1,49 +1,13 @@
-"""README's socket-LB claims that had no test of their own: reverse NAT for
-UDP over IPv6, IPv4 Services reached from IPv6 sockets, and "no iptables
-rules, no conntrack entries", each with real traffic in lab pods."""
+"""Socket-LB tests that need a lab and agent of their own: "no iptables rules,
+no conntrack entries" (it turns conntrack on in the client pod) and reverse
+NAT under connection churn (its own map size). README's other socket-LB
+claims are in test_socket_lb.py."""
 
 from __future__ import annotations
 
 import pytest
 
-from . import k8s
 from .conftest import Load, web_service
-
-DNS_V4, DNS_V6 = "10.96.0.53", "fd00:96::53"
-
-
-def _dual_stack_dns(lab, pods) -> list[dict]:
-    ports = [k8s.port("dns", 53, 53, "UDP")]
-    slice_ports = [k8s.slice_port("dns", 53, "UDP")]
-    return [
-        k8s.service("dns", [DNS_V4, DNS_V6], ports, namespace="kube-system"),
-        k8s.endpoint_slice("dns-v4", "dns", [k8s.endpoint(str(lab.pods[p].ipv4)) for p in pods],
-                           slice_ports, namespace="kube-system"),
-        k8s.endpoint_slice("dns-v6", "dns", [k8s.endpoint(str(lab.pods[p].ipv6)) for p in pods],
-                           slice_ports, namespace="kube-system", address_type="IPv6"),
-    ]
-
-
-def test_udp_replies_over_ipv6_and_to_ipv4_mapped_sockets_come_from_the_service(
-        lab, probe, dns_pods, start_agent):
-    """recvmsg6 turns the backend's address back into the Service's: for an
-    IPv6 Service, and for an IPv4 Service asked from an AF_INET6 socket as
-    ::ffff:a.b.c.d (one lookup path serves both, README "Maps")."""
-    start_agent(_dual_stack_dns(lab, dns_pods))
-    for service in (DNS_V6, f"::ffff:{DNS_V4}"):
-        for connected in ("no", "yes"):
-            reply = probe("client", "udp-peer", service, 53, connected)
-            assert reply["from"] == [service, 53], (service, connected, reply)
-            assert reply["txt"] in dns_pods, reply
-
-
-def test_ipv4_service_from_an_ipv6_socket(lab, probe, start_agent):
-    start_agent(web_service(lab))
-    mapped = "::ffff:10.96.0.10"
-    result = probe("client", "whoami", mapped, 80, 40)
-    assert result["errors"] == {} and len(result["answers"]) >= 2, result
-    assert probe("client", "peername", mapped, 80)["peer"] == [mapped, 80]
-
 
 @pytest.mark.needs_feature("sk_storage")
 def test_getpeername_survives_connection_churn(lab, probe, start_agent):

@@ -154,3 +154,41 @@ def test_session_affinity_expires_after_its_timeout(lab, probe, start_agent):
         subprocess.run(["sleep", "1.2"])
     # Re-chosen uniformly after each expiry: 8 rounds on one backend has p = 4^-7.
     assert len(seen) >= 2
+
+
+# README claims: reverse NAT for UDP over IPv6, and IPv4 Services reached from
+# IPv6 sockets.
+DNS_V4, DNS_V6 = "10.96.0.53", "fd00:96::53"
+
+
+def _dual_stack_dns(lab, pods) -> list[dict]:
+    ports = [k8s.port("dns", 53, 53, "UDP")]
+    slice_ports = [k8s.slice_port("dns", 53, "UDP")]
+    return [
+        k8s.service("dns", [DNS_V4, DNS_V6], ports, namespace="kube-system"),
+        k8s.endpoint_slice("dns-v4", "dns", [k8s.endpoint(str(lab.pods[p].ipv4)) for p in pods],
+                           slice_ports, namespace="kube-system"),
+        k8s.endpoint_slice("dns-v6", "dns", [k8s.endpoint(str(lab.pods[p].ipv6)) for p in pods],
+                           slice_ports, namespace="kube-system", address_type="IPv6"),
+    ]
+
+
+def test_udp_replies_over_ipv6_and_to_ipv4_mapped_sockets_come_from_the_service(
+        lab, probe, dns_pods, start_agent):
+    """recvmsg6 turns the backend's address back into the Service's: for an
+    IPv6 Service, and for an IPv4 Service asked from an AF_INET6 socket as
+    ::ffff:a.b.c.d (one lookup path serves both, README "Maps")."""
+    start_agent(_dual_stack_dns(lab, dns_pods))
+    for service in (DNS_V6, f"::ffff:{DNS_V4}"):
+        for connected in ("no", "yes"):
+            reply = probe("client", "udp-peer", service, 53, connected)
+            assert reply["from"] == [service, 53], (service, connected, reply)
+            assert reply["txt"] in dns_pods, reply
+
+
+def test_ipv4_service_from_an_ipv6_socket(lab, probe, start_agent):
+    start_agent(web_service(lab))
+    mapped = "::ffff:10.96.0.10"
+    result = probe("client", "whoami", mapped, 80, 40)
+    assert result["errors"] == {} and len(result["answers"]) >= 2, result
+    assert probe("client", "peername", mapped, 80)["peer"] == [mapped, 80]
