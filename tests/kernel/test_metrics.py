@@ -14,7 +14,7 @@ from meshbpf.lab.workloads import wait_for
 
 from . import k8s
 from .conftest import PROBE, web_service
-from .helpers import README_SMALL_RUN_MAX, metric, transfer, wait_backends, wait_log
+from .helpers import README_SMALL_RUN_MAX, assert_intact, metric, transfer, wait_backends, wait_log
 
 MiB = 1 << 20
 REDIRECT = ["messages", "bytes", "fallback_messages", "fallback_bytes", "switched_pairs",
@@ -58,13 +58,15 @@ def test_redirect_metrics_count_real_spliced_and_fallback_traffic(lab, probe, st
                 p.kill()
     wait_for(lambda: _redirect_metrics(agent)["sockhash_entries"] == 0, 10, "an empty sockhash")
 
-    # 1 MB writes both ways: spliced until the first FIN, then the direction
-    # still sending finishes over TCP; every byte counted once, in one of the two.
+    # 1 MB writes both ways: spliced until the first FIN, so at least the
+    # direction that finished first was spliced whole; the other finishes
+    # over TCP, counted as fallback until its socket leaves the sockhash.
     before = _redirect_metrics(agent)
     client, server = transfer(lab, probe, MiB, total, "nagle", port=7501)
+    assert_intact(client, server, total)
     spliced = _delta(_redirect_metrics(agent), before)
-    assert spliced["bytes"] + spliced["fallback_bytes"] == 2 * total, spliced
-    assert spliced["bytes"] >= total and spliced["messages"] >= total / MiB, spliced
+    assert total <= spliced["bytes"] <= 2 * total and spliced["messages"] >= total / MiB, spliced
+    assert spliced["bytes"] + spliced["fallback_bytes"] <= 2 * total, spliced  # none counted twice
     assert spliced["inserted_sockets"] == 2 and spliced["switched_pairs"] == 1, spliced  # at the FIN
 
     # Unanswered 1 KB TCP_NODELAY writes: 16 spliced, the 17th switches the
