@@ -23,7 +23,7 @@ packages=(
   python3-bpfcc bpftool linux-headers-amd64 libbpf1
   python3-venv python3-yaml iproute2 procps kmod
   curl dnsutils dnsmasq-base socat iperf3 tcpdump iputils-ping
-  iptables nftables conntrack gcc libc6-dev
+  iptables nftables conntrack gcc libc6-dev openssl
   vagrant shellcheck
 )
 missing=()

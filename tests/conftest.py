@@ -9,11 +9,23 @@ about ten times slower than on a real machine:
 - ``timing``: asserts on elapsed time or on a rate (connections within a
   window, an affinity timeout of a second). Under emulation they measure the
   emulator.
+- ``userspace``: the outcome cannot depend on the kernel version (input
+  handling, agent lifecycle, CLI, packaging): runs on the host only; the
+  kernel matrix skips it. Anything that sends traffic through a BPF program
+  is not ``userspace``.
 - ``needs_feature(name, ...)``: needs these kernel features (names from
   `meshbpf status`); skipped, naming what is missing, on a kernel without
   them. The table is probed once per session, the same way the agent does.
+  ``MESHBPF_EXPECT_FEATURES=all`` (or ``name,...``) says this kernel has
+  them: a test that would skip for one of them fails instead, and so does
+  the ``kernel_features`` fixture, so a wrong probe cannot turn tests into
+  silent skips (CI's host run sets it: ``.ci/run``).
 
-``MESHBPF_SKIP_MARKS=heavy,timing`` skips tests with those markers (the VMs
+``MESHBPF_FAIL_ON_SKIP=1`` turns every skip into a failure naming its reason:
+CI's host run has every tool and feature (scripts/setup.sh installs them), so
+there a skip (a missing command, a wrong probe) means a test did not run.
+
+``MESHBPF_SKIP_MARKS=heavy,timing,userspace`` skips tests with those markers (the VMs
 set it); the summary names each skip and why. ``--shard I/N`` runs every
 N-th test from the I-th on (1-based), so that N VMs share one kernel's run.
 """
@@ -28,6 +40,8 @@ import pytest
 SKIPPABLE = {
     "heavy": "throughput or scale test",
     "timing": "asserts on elapsed time or a rate",
+    "userspace": "outcome cannot depend on the kernel version (input handling, agent lifecycle, "
+                 "CLI, packaging): runs on the host only; the kernel matrix skips it",
 }
 
 
@@ -75,7 +89,9 @@ def pytest_collection_modifyitems(config, items):
             if needed and os.geteuid() == 0:
                 table = kernel_features()
                 missing = [n for n in dict.fromkeys(needed) if not table[n]]
-                if missing:
+                if missing and expected_features() & set(missing):
+                    item.stash[_UNEXPECTED_SKIP] = missing  # fails in pytest_runtest_setup
+                elif missing:
                     item.add_marker(pytest.mark.skip(
                         reason=f"this kernel lacks {', '.join(missing)} (meshbpf status)"))
     shard = _shard(config)
@@ -93,6 +109,22 @@ def pytest_collection_modifyitems(config, items):
 
 
 _features: dict[str, bool] | None = None
+_UNEXPECTED_SKIP = pytest.StashKey[list]()
+
+
+def expected_features() -> set[str]:
+    """Features MESHBPF_EXPECT_FEATURES says this kernel has ("all": every one)."""
+    names = {n.strip() for n in os.environ.get("MESHBPF_EXPECT_FEATURES", "").split(",") if n.strip()}
+    if names == {"all"}:
+        return set(kernel_features())
+    unknown = names - set(kernel_features()) if names else set()
+    if unknown:
+        raise pytest.UsageError(f"MESHBPF_EXPECT_FEATURES: unknown feature(s) {sorted(unknown)}")
+    return names
+
+
+def _unexpectedly_missing(table: dict[str, bool]) -> list[str]:
+    return sorted(n for n in expected_features() if not table[n])
 
 
 def kernel_features() -> dict[str, bool]:
@@ -111,10 +143,31 @@ def kernel_features() -> dict[str, bool]:
 
 @pytest.fixture(scope="session", name="kernel_features")
 def kernel_features_fixture() -> dict[str, bool]:
-    return kernel_features()
+    table = kernel_features()
+    # Tests that adapt to the table would quietly take the fallback path.
+    missing = _unexpectedly_missing(table)
+    if missing:
+        pytest.fail(f"MESHBPF_EXPECT_FEATURES: this kernel was expected to have {', '.join(missing)}, "
+                    f"but meshbpf status says no", pytrace=False)
+    return table
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if (report.skipped and not hasattr(report, "wasxfail")
+            and os.environ.get("MESHBPF_FAIL_ON_SKIP") == "1"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped where every test must run (MESHBPF_FAIL_ON_SKIP=1): {reason}"
 
 
 def pytest_runtest_setup(item):
     if item.get_closest_marker("kernel") and os.geteuid() != 0:
         pytest.fail("kernel tests need root (bpf(), cgroups, namespaces): run scripts/test as root",
                     pytrace=False)
+    missing = item.stash.get(_UNEXPECTED_SKIP, None)
+    if missing:
+        pytest.fail(f"would skip for lack of {', '.join(missing)}, but MESHBPF_EXPECT_FEATURES "
+                    f"says this kernel has it: is the probe wrong? (meshbpf status)", pytrace=False)

@@ -395,8 +395,8 @@ def uninstall(bpffs: Path, drain_timeout: float = 2.0) -> list[str]:
 
 
 def _drain_sockhash(bpffs: Path, timeout: float, removed: list[str]) -> int:
-    """Turns redirection off, detaches sockops (noting it in `removed`) and
-    waits for the sockhash to empty. Returns the sockets still in it."""
+    """Turns redirection off, waits for the sockhash to empty, then detaches
+    sockops (noting it in `removed`). Returns the sockets still in it."""
     import time
 
     from .layout import RedirCfgC, SockKeyC
@@ -411,22 +411,25 @@ def _drain_sockhash(bpffs: Path, timeout: float, removed: list[str]) -> int:
         libbpf.map_update(fd, ct.c_uint32(0), cfg)
     finally:
         os.close(fd)
-    links = bpffs / "links"
-    if links.is_dir():
-        for pin in links.iterdir():
-            if pin.name.startswith(("mbpf_sockops-", "mbpf_setsockopt-")) and _ours(pin, "link"):
-                _detach_pin(pin)
-                removed.append(f"link {pin.name}")
     fd = libbpf.obj_get(str(hash_pin))
     try:
         deadline = time.monotonic() + timeout
         while True:
             left = libbpf.map_count(fd, ct.sizeof(SockKeyC))
             if left == 0 or time.monotonic() > deadline:
-                return left
+                break
             time.sleep(0.05)
     finally:
         os.close(fd)
+    # Only now: sockops is what takes a drained socket out of the sockhash
+    # (try_evict, on its ACKs); with redirection off it adds none.
+    links = bpffs / "links"
+    if links.is_dir():
+        for pin in links.iterdir():
+            if pin.name.startswith(("mbpf_sockops-", "mbpf_setsockopt-")) and _ours(pin, "link"):
+                _detach_pin(pin)
+                removed.append(f"link {pin.name}")
+    return left
 
 
 def _rmdir_if_empty(path: Path) -> None:

@@ -20,7 +20,7 @@ from meshbpf.datapath import libbpf
 from meshbpf.datapath.cgroup import cgroup2_mount
 from meshbpf.datapath.loader import ATTACH
 from meshbpf.lab.netlab import CGROUP_PREFIX, NETNS_PREFIX, Lab
-from meshbpf.lab.workloads import AgentProcess, start_dnsmasq, start_whoami
+from meshbpf.lab.workloads import AgentProcess, start_dnsmasq, start_whoami, wait_for
 
 from . import k8s
 
@@ -30,6 +30,9 @@ BPFFS_ROOT = Path("/sys/fs/bpf")
 
 
 LAB_PREFIX = f"t{os.getpid() % 10000}-"     # this test run's labs
+# Compiling takes ~1 s on the host, ~10 s under the VMs' emulation, and a
+# lot more when the machine is busy: a slow start is not what tests test.
+AGENT_READY_TIMEOUT = 180
 PIN_PREFIX = f"meshbpf-test-{os.getpid()}-"  # this test run's bpffs folders
 
 
@@ -80,6 +83,37 @@ class Probe:
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
 
+class Load:
+    """Connections back to back to host:port from a pod, while a test does
+    something (probe.py load). Started means answers are already flowing;
+    stop() returns the result with the time of every answer."""
+
+    def __init__(self, probe: Probe, pod: str, host: str, port: int):
+        self.proc = probe.popen(pod, "load", host, port)
+        line = self.proc.stdout.readline()
+        assert line, f"load loop in {pod} ended before it started"
+        self.started = json.loads(line)["started"]
+        self.result: dict = {}
+        if self.started is None:
+            self.stop()
+            raise AssertionError(f"no answers from {host}:{port} in {pod} in 30 s: {self.result}")
+
+    def stop(self) -> dict:
+        out, _ = self.proc.communicate("\n", timeout=90)
+        self.result = json.loads(out.strip().splitlines()[-1])
+        return self.result
+
+    def answers_between(self, start: float, end: float) -> int:
+        return sum(start < t < end for t in self.result["times"])
+
+    def assert_spans(self, *events: float) -> None:
+        """Connections were answered before the first event, between each
+        pair of events and after the last: the events happened under load."""
+        edges = [float("-inf"), *events, float("inf")]
+        counts = [self.answers_between(a, b) for a, b in zip(edges, edges[1:])]
+        assert all(counts), f"answers before, between and after the events: {counts}"
+
+
 @pytest.fixture
 def lab():
     """A lab with a client pod and four web pods running whoami on :8080."""
@@ -121,7 +155,7 @@ def start_agent(lab, bpffs, config):
         agent = AgentProcess(config, lab.cgroup, bpffs, list(extra))
         agents.append(agent)
         try:
-            return agent.start(wait_ready=wait_ready)
+            return agent.start(wait_ready=wait_ready, timeout=AGENT_READY_TIMEOUT)
         except Exception:
             print(agent.log())
             raise
@@ -142,6 +176,58 @@ def web_service(lab: Lab, pods=("web-1", "web-2", "web-3", "web-4"), name="web",
         k8s.endpoint_slice(f"{name}-1", name, [k8s.endpoint(str(lab.pods[p].ipv4)) for p in pods],
                            [k8s.slice_port("http", 8080)]),
     ]
+
+
+class SharedLB:
+    """One lab and one agent for a whole test module (CI time: an agent start
+    is ~10 s of compiling under the VMs' emulation). Tests that only need
+    some Services programmed call serve(objects): it writes the config and
+    waits until the agent has synced it. Tests that need their own agent
+    flags, or break things, use `lab` and `start_agent` instead."""
+
+    def __init__(self, lab: Lab, bpffs: Path, config: Path, agent: AgentProcess):
+        self.lab, self.bpffs, self.config, self.agent = lab, bpffs, config, agent
+        self.probe = Probe(lab)
+        self.dns_pods = ["dns-1", "dns-2"]
+
+    def serve(self, objects: list[dict]) -> AgentProcess:
+        from .helpers import metric
+        before = metric(self.agent.get("/metrics")[1], "meshbpf_last_sync_timestamp_seconds")
+        k8s.write(self.config, objects)
+        wait_for(lambda: metric(self.agent.get("/metrics")[1], "meshbpf_last_sync_timestamp_seconds") > before,
+                 30, "the agent to sync the test's config")
+        return self.agent
+
+
+@pytest.fixture(scope="module")
+def shared_lb(tmp_path_factory):
+    """A module's SharedLB: the `lab` pods plus two dnsmasq pods, and an agent
+    on them. Made before the first test's no_leaks snapshot and removed after
+    the last one's, so it checks its own removal."""
+    name = f"{LAB_PREFIX}{next(_names)}"
+    tmp = tmp_path_factory.mktemp("shared-lb")
+    bpffs = BPFFS_ROOT / f"{PIN_PREFIX}{next(_names)}"
+    config = k8s.write(tmp / "services.yaml", [])
+    with Lab(name) as the_lab:
+        the_lab.up(["client", "client2", "web-1", "web-2", "web-3", "web-4", "dns-1", "dns-2"])
+        for pod in ("web-1", "web-2", "web-3", "web-4"):
+            start_whoami(the_lab, pod, 8080)
+        for pod in ("dns-1", "dns-2"):
+            start_dnsmasq(the_lab, pod, tmp)
+        agent = AgentProcess(config, the_lab.cgroup, bpffs)
+        try:
+            agent.start(timeout=AGENT_READY_TIMEOUT)
+            yield SharedLB(the_lab, bpffs, config, agent)
+        finally:
+            print(f"--- shared agent log ---\n{agent.log()}")
+            agent.cleanup()
+            if bpffs.exists():
+                from meshbpf.datapath.loader import uninstall
+                uninstall(bpffs)
+    ours = {CGROUP_PREFIX + name, bpffs.name}
+    left = {k: sorted(n for n in v if n in ours or n.startswith(f"{NETNS_PREFIX}{name}-"))
+            for k, v in _snapshot().items()}
+    assert not any(left.values()), f"the shared lab left these behind: {left}"
 
 
 @pytest.fixture

@@ -116,6 +116,41 @@ def loop(host: str, port: str, seconds: str) -> dict:
     return result
 
 
+def load(host: str, port: str, settle: str = "20") -> dict:
+    """New connections back to back until told to stop, for tests that must
+    show an event happened while traffic flowed. Prints {"started": ...}
+    after `settle` answers; after a line on stdin it makes `settle` more
+    answers (or gives up after 60 s) and returns the CLOCK_MONOTONIC time of
+    every answer (the clock the test reads too), so the test can count the
+    connections made before, during and after its event."""
+    import threading
+    settle_n, stop_at = int(settle), []
+    seen: collections.Counter = collections.Counter()
+    errors: collections.Counter = collections.Counter()
+    times: list[float] = []
+
+    def wait_for_stop():
+        sys.stdin.readline()
+        stop_at.append(time.monotonic())
+    threading.Thread(target=wait_for_stop, daemon=True).start()
+    started, give_up = False, time.monotonic() + 30
+    while True:
+        try:
+            seen[_http_get(host, int(port))] += 1
+            times.append(round(time.monotonic(), 4))
+        except OSError as exc:
+            errors[errno.errorcode.get(exc.errno, str(exc))] += 1
+        if not started and len(times) >= settle_n:
+            print(json.dumps({"started": times[0]}), flush=True)
+            started = True
+        elif not started and time.monotonic() > give_up:
+            print(json.dumps({"started": None}), flush=True)
+            return {"answers": dict(seen), "errors": dict(errors), "times": times}
+        if stop_at and (sum(t > stop_at[0] for t in times[-settle_n:]) >= settle_n
+                        or time.monotonic() > stop_at[0] + 60):
+            return {"answers": dict(seen), "errors": dict(errors), "times": times}
+
+
 def whoami_until(host: str, port: int, deadline: float) -> dict:
     seen: collections.Counter = collections.Counter()
     errors: collections.Counter = collections.Counter()
@@ -250,9 +285,126 @@ def xfer_client(host: str, port: str, size: str, total: str, nodelay: str, flags
         return _duplex(c, int(size), int(total), seed=1, flags=int(flags))
 
 
+def _recv_exact(sock, n: int) -> bytes:
+    """n bytes, waiting with poll (see _recv_stream on blocking reads)."""
+    import select
+    out = bytearray()
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    while len(out) < n:
+        try:
+            got = sock.recv(n - len(out), socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            poller.poll()
+            continue
+        if not got:
+            raise ConnectionError(f"EOF after {len(out)} of {n} bytes")
+        out += got
+    return bytes(out)
+
+
+def burst_server(port: str, size: str, burst: str, rounds: str) -> dict:
+    """Reads `rounds` bursts of `burst` x `size` bytes, answering each with
+    one byte (TCP_NODELAY); returns the sha256 of what it read."""
+    import hashlib
+    with socket.create_server(("::", int(port)), family=socket.AF_INET6, dualstack_ipv6=True) as ls:
+        print(json.dumps({"listening": True}), flush=True)
+        conn, _ = ls.accept()
+        with conn:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            h, n = hashlib.sha256(), 0
+            for _ in range(int(rounds)):
+                data = _recv_exact(conn, int(size) * int(burst))
+                h.update(data)
+                n += len(data)
+                conn.sendall(b"k")
+            return {"recv_sha": h.hexdigest(), "recv_bytes": n}
+
+
+def burst_client(host: str, port: str, size: str, burst: str, rounds: str) -> dict:
+    """`rounds` times: `burst` writes of `size` bytes (TCP_NODELAY), then
+    wait for the server's one-byte reply."""
+    import hashlib
+    pool, h = _pattern(3), hashlib.sha256()
+    with socket.create_connection((host, int(port)), timeout=60) as c:
+        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        off = 0
+        for _ in range(int(rounds)):
+            for _ in range(int(burst)):
+                chunk = pool[off:off + int(size)]
+                off = (off + int(size)) % (len(pool) - int(size))
+                c.sendall(chunk)
+                h.update(chunk)
+            assert _recv_exact(c, 1) == b"k"
+    return {"sent_sha": h.hexdigest()}
+
+
+def echo_server(port: str) -> dict:
+    """Echoes one connection back until EOF, reading with poll."""
+    import select
+    with socket.create_server(("::", int(port)), family=socket.AF_INET6, dualstack_ipv6=True) as ls:
+        print(json.dumps({"listening": True}), flush=True)
+        conn, _ = ls.accept()
+        n, buf = 0, bytearray(1 << 16)
+        poller = select.poll()
+        poller.register(conn, select.POLLIN)
+        with conn:
+            while True:
+                try:
+                    got = conn.recv_into(buf, 0, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    poller.poll()
+                    continue
+                if not got:
+                    conn.shutdown(socket.SHUT_WR)
+                    return {"echoed": n}
+                conn.sendall(memoryview(buf)[:got])
+                n += got
+
+
+def stream_client(host: str, port: str, size: str) -> dict:
+    """A live connection for as long as the test wants: sends `size`-byte
+    writes about every millisecond, reads the echo back, and answers each
+    stdin line "mark" with the bytes sent so far; "stop" ends the stream.
+    Returns sha256 of both directions, to check nothing was lost."""
+    import hashlib
+    import threading
+    pool, size_n = _pattern(4), int(size)
+    sent = {"bytes": 0, "sha": hashlib.sha256()}
+    stop = threading.Event()
+    with socket.create_connection((host, int(port)), timeout=60) as c:
+        def sender():
+            off = 0
+            while not stop.is_set():
+                chunk = pool[off:off + size_n]
+                off = (off + size_n) % (len(pool) - size_n)
+                c.sendall(chunk)
+                sent["sha"].update(chunk)
+                sent["bytes"] += len(chunk)
+                time.sleep(0.001)
+            c.shutdown(socket.SHUT_WR)
+        result: dict = {}
+
+        def receiver():
+            result["recv_sha"], result["recv_bytes"] = _recv_stream(c)
+        threads = [threading.Thread(target=sender), threading.Thread(target=receiver)]
+        for t in threads:
+            t.start()
+        print(json.dumps({"connected": True}), flush=True)
+        for line in sys.stdin:
+            if line.strip() == "mark":
+                print(json.dumps({"sent": sent["bytes"]}), flush=True)
+            else:
+                break
+        stop.set()
+        for t in threads:
+            t.join(60)
+    return {"sent_sha": sent["sha"].hexdigest(), "sent_bytes": sent["bytes"], **result}
+
+
 COMMANDS = {f.__name__.replace("_", "-"): f for f in
-            (whoami, peername, peername_after_churn, udp_peer, connect_error, udp_send_error, loop, hold,
-             xfer_server, xfer_client)}
+            (whoami, peername, peername_after_churn, udp_peer, connect_error, udp_send_error, loop, load, hold,
+             xfer_server, xfer_client, burst_server, burst_client, echo_server, stream_client)}
 
 if __name__ == "__main__":
     print(json.dumps(COMMANDS[sys.argv[1]](*sys.argv[2:])), flush=True)

@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from . import k8s
 from .conftest import web_service
 
@@ -42,6 +44,7 @@ def test_service_list_and_bpf_lb_list_with_and_without_the_agent(lab, bpffs, sta
             agent.stop()
 
 
+@pytest.mark.userspace
 def test_cli_says_clearly_when_nothing_is_installed(tmp_path):
     missing = "/sys/fs/bpf/meshbpf-test-not-there"
     for args in (["service", "list"], ["bpf", "lb", "list"], ["service", "list", "-o", "json"]):
