@@ -101,5 +101,21 @@ def as_dict(features: list[Feature]) -> dict[str, bool]:
     return {f.name: f.available and f.name not in disabled for f in features}
 
 
+CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_BPF = 12, 21, 39
+
+
+def missing_capabilities(status: str = "/proc/self/status") -> list[str]:
+    """The capabilities bpf() and cgroup attach need that this process lacks.
+    libbpf's probes read a refusal (EPERM) as "unsupported", so without them
+    every feature looks missing; this tells the two apart."""
+    try:
+        eff = next(int(line.split()[1], 16) for line in open(status) if line.startswith("CapEff:"))
+    except (OSError, StopIteration, ValueError):
+        return []
+    has = lambda cap: bool(eff >> cap & 1)  # noqa: E731
+    missing = [] if has(CAP_BPF) or has(CAP_SYS_ADMIN) else ["CAP_BPF"]
+    return missing + ([] if has(CAP_NET_ADMIN) else ["CAP_NET_ADMIN"])
+
+
 def redirect_possible(f: dict[str, bool]) -> bool:
     return f["sockmap"] and f["sockops_probe_read"] and f["kernel_btf"]

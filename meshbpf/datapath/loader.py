@@ -98,6 +98,10 @@ class SockLB:
         if self.features is None:
             self.features = kernel_features.as_dict(kernel_features.probe())
         if not self.features["cgroup_sock_addr"]:
+            missing = kernel_features.missing_capabilities()
+            if missing:
+                raise DatapathError(f"not permitted to load BPF programs: this process lacks "
+                                    f"{' and '.join(missing)} (run as root, or see deploy/README.md)")
             raise DatapathError("this kernel has no cgroup socket-address hooks (4.17+ with "
                                 "bpf_get_socket_cookie, 5.0+): meshbpf cannot run here")
         self.redirect = self.redirect and kernel_features.redirect_possible(self.features)
@@ -205,13 +209,14 @@ class SockLB:
                        if not f.available and "redirection" in f.needed_for]
             raise DatapathError("socket redirection is not available on this kernel "
                                 f"(missing: {', '.join(missing) or 'disabled at build'})")
-        msg = self.bpf.load_func(b"mbpf_sk_msg", PROG_TYPE_SK_MSG)
-        BPF.attach_func(msg, self.map_fd("mbpf_sockhash"), ATTACH_SK_MSG_VERDICT)
-        hooks = [(self.bpf.load_func(b"mbpf_sockops", PROG_TYPE_SOCK_OPS), ATTACH_SOCK_OPS, "mbpf_sockops")]
+        msg = self._load(b"mbpf_sk_msg", PROG_TYPE_SK_MSG)
+        hooks = [(self._load(b"mbpf_sockops", PROG_TYPE_SOCK_OPS), ATTACH_SOCK_OPS, "mbpf_sockops")]
         if self.features["cgroup_sockopt"]:
-            hooks.append((self.bpf.load_func(b"mbpf_setsockopt", PROG_TYPE_CGROUP_SOCKOPT,
-                                             attach_type=ATTACH_SETSOCKOPT),
+            hooks.append((self._load(b"mbpf_setsockopt", PROG_TYPE_CGROUP_SOCKOPT,
+                                     attach_type=ATTACH_SETSOCKOPT),
                           ATTACH_SETSOCKOPT, "mbpf_setsockopt"))
+        # Loaded (verified) all first, attached after: a refusal changes nothing.
+        BPF.attach_func(msg, self.map_fd("mbpf_sockhash"), ATTACH_SK_MSG_VERDICT)
         wanted: set[str] = set()
         for path in cgroups:
             cg_id = cgroup.cgroup_id(path)
@@ -225,6 +230,15 @@ class SockLB:
                 os.close(cg_fd)
         self._remove_links(lambda name: name.startswith(("mbpf_sockops-", "mbpf_setsockopt-"))
                            and name not in wanted)
+
+    def _load(self, name: bytes, prog_type: int, **kwargs):
+        """load_func, with the verifier's refusal as one DatapathError line
+        (bcc raises a bare Exception and prints the verifier log)."""
+        try:
+            return self.bpf.load_func(name, prog_type, **kwargs)
+        except Exception as exc:
+            lines = str(exc).strip().splitlines() or [repr(exc)]
+            raise DatapathError(f"the kernel refused {name.decode()}: {lines[-1]}") from exc
 
     def detach_redirect(self) -> None:
         """Stop adding sockets (sockops and setsockopt links go); the sk_msg
