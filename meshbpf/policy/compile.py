@@ -1,0 +1,240 @@
+"""NetworkPolicy -> per-pod allow sets: a pure function, no kernel.
+
+For each pod on this node: is it isolated for ingress / egress, and if so
+which (peer, protocol, port range) triples may pass. Semantics, as upstream:
+
+- A pod is isolated for a direction when some policy in its namespace selects
+  it and lists that direction in policyTypes; allowed traffic is then the
+  union of the rules of every such policy (policies never deny).
+- A connection passes when the source's egress AND the destination's
+  ingress allow it; a pod always reaches itself.
+- Peers: podSelector alone = pods of the policy's namespace; with
+  namespaceSelector = those pods in the matching namespaces; ipBlock = the
+  CIDR minus its except list. Empty from/to = any peer; empty ports = any.
+- Named ports resolve against the DESTINATION pod's container ports: the
+  selected pod for ingress, each peer pod for egress.
+- hostNetwork pods are never selected; as peers they count as their node's
+  IPs (node_ips), or their own pod IPs when the node is not listed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+from .model import (NAMESPACE_NAME_LABEL, IPAddress, IPNetwork, NamespaceInfo, NetworkPolicy,
+                    Peer, PodInfo, PolicyPort, Rule)
+
+ANY_PORT = (0, 65535)
+
+
+@dataclass(frozen=True)
+class PortRange:
+    protocol: str
+    first: int
+    last: int
+
+    def matches(self, protocol: str, port: int) -> bool:
+        return protocol == self.protocol and self.first <= port <= self.last
+
+
+@dataclass(frozen=True)
+class AllowRule:
+    """peers None: any address; ports None: any protocol and port."""
+
+    peers: frozenset[IPNetwork] | None
+    ports: tuple[PortRange, ...] | None
+
+    def matches(self, ip: IPAddress, protocol: str, port: int) -> bool:
+        if self.peers is not None and not any(ip in net for net in self.peers):
+            return False
+        return self.ports is None or any(r.matches(protocol, port) for r in self.ports)
+
+
+@dataclass(frozen=True)
+class PodPolicy:
+    pod: PodInfo
+    isolated_ingress: bool
+    isolated_egress: bool
+    ingress: tuple[AllowRule, ...]  # who may connect to the pod
+    egress: tuple[AllowRule, ...]   # where the pod may connect
+
+
+@dataclass(frozen=True)
+class Compiled:
+    pods: Mapping[tuple[str, str], PodPolicy]   # local pods by (namespace, name)
+    by_ip: Mapping[IPAddress, tuple[str, str]]  # every local pod IP
+
+
+class _World:
+    """The cluster as the compiler sees it: pods, namespace labels, node IPs."""
+
+    def __init__(self, pods: Iterable[PodInfo], namespaces: Iterable[NamespaceInfo],
+                 node_ips: Mapping[str, Iterable[IPAddress]]):
+        self.pods = list(pods)
+        self.ns_labels = {ns.name: ns.labels for ns in namespaces}
+        self.node_ips = {k: tuple(v) for k, v in node_ips.items()}
+
+    def namespace_labels(self, name: str) -> Mapping[str, str]:
+        # A namespace we hold no object for still has the label the API
+        # server puts on every namespace.
+        return self.ns_labels.get(name, {NAMESPACE_NAME_LABEL: name})
+
+    def addresses(self, pod: PodInfo) -> tuple[IPAddress, ...]:
+        if pod.host_network:
+            return self.node_ips.get(pod.node_name, pod.ips)
+        return pod.ips
+
+    def peer_pods(self, peer: Peer, policy_ns: str) -> list[PodInfo]:
+        pod_sel, ns_sel = peer.pod_selector, peer.namespace_selector
+        out = []
+        for pod in self.pods:
+            if ns_sel is None:
+                if pod.namespace != policy_ns:
+                    continue
+            elif not ns_sel.matches(self.namespace_labels(pod.namespace)):
+                continue
+            if pod_sel is None or pod_sel.matches(pod.labels):
+                out.append(pod)
+        return out
+
+
+def compile_policies(pods: Iterable[PodInfo], namespaces: Iterable[NamespaceInfo],
+                     policies: Iterable[NetworkPolicy], node_name: str,
+                     node_ips: Mapping[str, Iterable[IPAddress]] | None = None) -> Compiled:
+    """Allow sets for every pod on node_name that is not hostNetwork."""
+    world = _World(pods, namespaces, node_ips or {})
+    policies = list(policies)
+    compiled: dict[tuple[str, str], PodPolicy] = {}
+    by_ip: dict[IPAddress, tuple[str, str]] = {}
+    for pod in world.pods:
+        if pod.node_name != node_name or pod.host_network:
+            continue
+        compiled[pod.key] = _compile_pod(world, pod, policies)
+        for ip in pod.ips:
+            by_ip[ip] = pod.key
+    return Compiled(compiled, by_ip)
+
+
+def _selects(policy: NetworkPolicy, pod: PodInfo) -> bool:
+    return policy.namespace == pod.namespace and policy.pod_selector.matches(pod.labels)
+
+
+def _compile_pod(world: _World, pod: PodInfo, policies: list[NetworkPolicy]) -> PodPolicy:
+    mine = [p for p in policies if _selects(p, pod)]
+    ingress_from = [p for p in mine if "Ingress" in p.policy_types]
+    egress_from = [p for p in mine if "Egress" in p.policy_types]
+    ingress = tuple(a for p in ingress_from for r in p.ingress
+                    for a in _ingress_rule(world, p, r, pod))
+    egress = tuple(a for p in egress_from for r in p.egress for a in _egress_rule(world, p, r))
+    return PodPolicy(pod, bool(ingress_from), bool(egress_from), ingress, egress)
+
+
+def _ingress_rule(world: _World, policy: NetworkPolicy, rule: Rule, pod: PodInfo) -> list[AllowRule]:
+    ports = _resolve_ports(rule.ports, pod)
+    if ports == ():
+        return []  # only named ports this pod does not have: matches nothing
+    return [AllowRule(_peer_networks(world, policy, rule.peers), ports)]
+
+
+def _egress_rule(world: _World, policy: NetworkPolicy, rule: Rule) -> list[AllowRule]:
+    numeric = tuple(p for p in rule.ports if not isinstance(p.port, str))
+    named = tuple(p for p in rule.ports if isinstance(p.port, str))
+    peers = _peer_networks(world, policy, rule.peers)
+    out = []
+    if not rule.ports or numeric:
+        out.append(AllowRule(peers, _resolve_ports(numeric, None) if rule.ports else None))
+    if named:
+        # A name means a port of the destination pod: one rule per peer pod.
+        for dest in _destination_pods(world, policy, rule.peers):
+            ports = _resolve_ports(named, dest)
+            addrs = world.addresses(dest)
+            if ports and addrs:
+                out.append(AllowRule(frozenset(_host_net(ip) for ip in addrs), ports))
+    return out
+
+
+def _destination_pods(world: _World, policy: NetworkPolicy, peers: tuple[Peer, ...]) -> list[PodInfo]:
+    if not peers:
+        return world.pods
+    found: dict[tuple[str, str], PodInfo] = {}
+    for peer in peers:
+        if peer.ip_block is not None:
+            nets = _block_networks(peer)
+            candidates = [p for p in world.pods
+                          if any(ip in n for ip in world.addresses(p) for n in nets)]
+        else:
+            candidates = world.peer_pods(peer, policy.namespace)
+        for p in candidates:
+            found.setdefault(p.key, p)
+    return list(found.values())
+
+
+def _peer_networks(world: _World, policy: NetworkPolicy,
+                   peers: tuple[Peer, ...]) -> frozenset[IPNetwork] | None:
+    if not peers:
+        return None
+    nets: set[IPNetwork] = set()
+    for peer in peers:
+        if peer.ip_block is not None:
+            nets.update(_block_networks(peer))
+        else:
+            for pod in world.peer_pods(peer, policy.namespace):
+                nets.update(_host_net(ip) for ip in world.addresses(pod))
+    return frozenset(nets)
+
+
+def _block_networks(peer: Peer) -> list[IPNetwork]:
+    """The CIDR with every except range carved out, as disjoint networks."""
+    block = peer.ip_block
+    remaining = [block.cidr]
+    for hole in block.except_:
+        nxt = []
+        for net in remaining:
+            if hole.subnet_of(net):
+                nxt.extend(net.address_exclude(hole))
+            elif not net.subnet_of(hole):
+                nxt.append(net)
+        remaining = nxt
+    return remaining
+
+
+def _host_net(ip: IPAddress) -> IPNetwork:
+    return ipaddress.ip_network(ip)
+
+
+def _resolve_ports(ports: tuple[PolicyPort, ...], dest: PodInfo | None) -> tuple[PortRange, ...] | None:
+    """None: any port; () : nothing resolved (every name unknown on dest)."""
+    if not ports:
+        return None
+    out = []
+    for p in ports:
+        if p.port is None:
+            out.append(PortRange(p.protocol, *ANY_PORT))
+        elif isinstance(p.port, int):
+            out.append(PortRange(p.protocol, p.port, p.end_port or p.port))
+        elif dest is not None:
+            found = dest.named_ports.get(p.port)
+            if found is not None and found[0] == p.protocol:
+                out.append(PortRange(p.protocol, found[1], found[1]))
+    return tuple(out)
+
+
+def verdict(compiled: Compiled, src_ip: IPAddress, dst_ip: IPAddress, protocol: str,
+            dport: int) -> bool:
+    """True if the datapath must let (src -> dst, protocol, dport) through:
+    the source pod's egress and the destination pod's ingress both allow it.
+    Addresses of no local pod are not policed on their side."""
+    src_ip, dst_ip = ipaddress.ip_address(src_ip), ipaddress.ip_address(dst_ip)
+    src = compiled.pods.get(compiled.by_ip.get(src_ip))
+    dst = compiled.pods.get(compiled.by_ip.get(dst_ip))
+    if src is not None and src is dst:
+        return True
+    if src is not None and src.isolated_egress:
+        if not any(r.matches(dst_ip, protocol, dport) for r in src.egress):
+            return False
+    if dst is not None and dst.isolated_ingress:
+        if not any(r.matches(src_ip, protocol, dport) for r in dst.ingress):
+            return False
+    return True

@@ -1,0 +1,244 @@
+"""Pods, Namespaces and NetworkPolicies -> the policy model (meshbpf/policy).
+
+Objects come as `kubectl get netpol,pods,ns -A -o yaml` prints them (or from
+the API). Each bad object is left out with Problems naming its place and
+field, exactly like kube_objects.py; no input raises.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+from ..policy.model import (LabelSelector, ModelError, NamespaceInfo, NetworkPolicy, Peer,
+                            PodInfo, PolicyPort, Requirement, Rule, IPBlock)
+from . import schema
+from .errors import Problem
+from .kube_objects import SourceObject, _check_schema, _Collector, _flatten_lists, _parse_ip
+from .schema import ANY, BOOL, INT, OBJECT_META, STR, STR_MAP
+
+LABEL_SELECTOR = {"matchLabels": STR_MAP,
+                  "matchExpressions": [{"key": STR, "operator": STR, "values": [STR]}]}
+POLICY_PEER = {"podSelector": LABEL_SELECTOR, "namespaceSelector": LABEL_SELECTOR,
+               "ipBlock": {"cidr": STR, "except": [STR]}}
+POLICY_PORT = {"protocol": STR, "port": ANY, "endPort": INT}  # port: number or name
+NETWORK_POLICY = {
+    "apiVersion": STR, "kind": STR, "metadata": OBJECT_META, "status": ANY,
+    "spec": {"podSelector": LABEL_SELECTOR, "policyTypes": [STR],
+             "ingress": [{"from": [POLICY_PEER], "ports": [POLICY_PORT]}],
+             "egress": [{"to": [POLICY_PEER], "ports": [POLICY_PORT]}]},
+}
+NAMESPACE = {"apiVersion": STR, "kind": STR, "metadata": OBJECT_META, "spec": ANY, "status": ANY}
+# A PodSpec has dozens of fields meshbpf does not read; only those it reads are checked.
+POD = {"apiVersion": STR, "kind": STR, "metadata": OBJECT_META, "spec": ANY, "status": ANY}
+CONTAINER_PORT = {"name": STR, "containerPort": INT, "protocol": STR, "hostPort": INT, "hostIP": STR}
+POD_FIELDS = {"nodeName": STR, "hostNetwork": BOOL}
+POD_STATUS = {"podIP": STR, "podIPs": [{"ip": STR}], "phase": STR}
+FINISHED_PHASES = ("Succeeded", "Failed")  # their IPs may already belong to another pod
+
+
+@dataclass
+class PolicyInputs:
+    pods: list[PodInfo] = field(default_factory=list)
+    namespaces: list[NamespaceInfo] = field(default_factory=list)
+    policies: list[NetworkPolicy] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def read_policy_objects(objects: Iterable[SourceObject]) -> PolicyInputs:
+    """Reads every Pod, Namespace and NetworkPolicy; other kinds are skipped
+    silently (they sit beside Services in the same files)."""
+    out = _Collector()
+    found: dict[tuple[str, str, str], tuple[Any, str]] = {}
+    readers: dict[str, Callable[[SourceObject, _Collector], Any]] = {
+        "Pod": _read_pod, "Namespace": _read_namespace, "NetworkPolicy": _read_policy}
+    for src in _flatten_lists(objects, out):
+        kind = src.obj.get("kind")
+        reader = readers.get(kind)
+        if reader is None:
+            continue
+        try:
+            value = reader(src, out)
+        except Exception as exc:  # a bug must not take the agent down with it
+            out.add(src, kind, "", f"internal error while reading it ({type(exc).__name__}: {exc})")
+            continue
+        if value is None:
+            continue
+        key = (kind, getattr(value, "namespace", ""), value.name)
+        if key in found:
+            out.add(src, f"{kind} {_label(value)}", "metadata.name",
+                    f"defined twice (first at {found[key][1]})")
+            continue
+        found[key] = (value, src.where)
+    result = PolicyInputs(problems=out.problems, notes=out.notes)
+    lists = {"Pod": result.pods, "Namespace": result.namespaces, "NetworkPolicy": result.policies}
+    for (kind, _, _), (value, _) in found.items():
+        lists[kind].append(value)
+    return result
+
+
+def _label(value: Any) -> str:
+    ns = getattr(value, "namespace", None)
+    return f"{ns}/{value.name}" if ns else value.name
+
+
+def _read_namespace(src: SourceObject, out: _Collector) -> NamespaceInfo | None:
+    ident = _check_schema(src, "Namespace", ("v1",), NAMESPACE, out)
+    if ident is None:
+        return None
+    meta = src.obj["metadata"]
+    return NamespaceInfo(meta["name"], dict(meta.get("labels") or {}))
+
+
+def _read_pod(src: SourceObject, out: _Collector) -> PodInfo | None:
+    ident = _check_schema(src, "Pod", ("v1",), POD, out)
+    if ident is None:
+        return None
+    namespace, name, label = ident
+    spec, status = src.obj.get("spec") or {}, src.obj.get("status") or {}
+    problems = _field_problems(spec, POD_FIELDS, "spec") + _field_problems(status, POD_STATUS, "status")
+    containers = spec.get("containers") if isinstance(spec, dict) else None
+    problems += schema.check(containers, [ANY], "spec.containers")
+    if not problems and containers:
+        for i, c in enumerate(containers):
+            ports = c.get("ports") if isinstance(c, dict) else None
+            problems += schema.check(ports, [CONTAINER_PORT], f"spec.containers[{i}].ports")
+    for path, reason in problems:
+        out.add(src, label, path, reason)
+    if problems:
+        return None
+    if status.get("phase") in FINISHED_PHASES:
+        out.notes.append(f"{src.where}: skipping {label}: {status['phase']}")
+        return None
+    named = _named_ports(src, label, containers or [], out)
+    ips = _pod_ips(src, label, status, out)
+    if named is None or ips is None:
+        return None
+    meta = src.obj["metadata"]
+    return PodInfo(namespace, name, meta.get("uid") or "", dict(meta.get("labels") or {}),
+                   spec.get("nodeName") or "", bool(spec.get("hostNetwork")), named, ips)
+
+
+def _field_problems(obj: Any, fields: dict, path: str) -> list[tuple[str, str]]:
+    if not isinstance(obj, dict):
+        return [(path, f"expected a map, got {schema._kind_name(obj)}")]
+    return [p for name, node in fields.items()
+            for p in schema.check(obj.get(name), node, f"{path}.{name}")]
+
+
+def _named_ports(src: SourceObject, label: str, containers: list,
+                 out: _Collector) -> dict[str, tuple[str, int]] | None:
+    named: dict[str, tuple[str, int]] = {}
+    for i, c in enumerate(containers):
+        for j, p in enumerate(c.get("ports") or []):
+            path = f"spec.containers[{i}].ports[{j}]"
+            protocol = p.get("protocol") or "TCP"
+            number = p.get("containerPort")
+            try:
+                PolicyPort(protocol, number)
+            except ModelError as e:
+                field_name = "containerPort" if e.path == "port" else e.path
+                out.add(src, label, f"{path}.{field_name}", e.reason)
+                return None
+            if p.get("name"):
+                named[p["name"]] = (protocol, number)
+    return named
+
+
+def _pod_ips(src: SourceObject, label: str, status: dict, out: _Collector) -> tuple | None:
+    texts = [(f"status.podIPs[{i}].ip", e.get("ip")) for i, e in enumerate(status.get("podIPs") or [])]
+    if status.get("podIP"):
+        texts.append(("status.podIP", status["podIP"]))
+    ips = []
+    for path, text in texts:
+        ip = _parse_ip(text)
+        if ip is None:
+            out.add(src, label, path, f"{text!r} is not an IP address")
+            return None
+        if ip not in ips:
+            ips.append(ip)
+    return tuple(ips)
+
+
+def _read_policy(src: SourceObject, out: _Collector) -> NetworkPolicy | None:
+    ident = _check_schema(src, "NetworkPolicy", ("networking.k8s.io/v1",), NETWORK_POLICY, out)
+    if ident is None:
+        return None
+    namespace, name, label = ident
+    spec = src.obj.get("spec") or {}
+    try:
+        selector = _selector(spec.get("podSelector") or {}, "spec.podSelector")
+        ingress = tuple(_rule(r, "from", f"spec.ingress[{i}]") for i, r in enumerate(spec.get("ingress") or []))
+        egress = tuple(_rule(r, "to", f"spec.egress[{i}]") for i, r in enumerate(spec.get("egress") or []))
+        types = spec.get("policyTypes")
+        if types is None:
+            types = NetworkPolicy.default_types(bool(spec.get("egress")))
+        return NetworkPolicy(namespace, name, selector, frozenset(types), ingress, egress)
+    except ModelError as e:
+        out.add(src, label, e.path, e.reason)
+        return None
+
+
+def _nested(path: str, fn: Callable, *args):
+    """Calls fn; a ModelError from it gets path in front of its own."""
+    try:
+        return fn(*args)
+    except ModelError as e:
+        raise ModelError(f"{path}.{e.path}" if e.path else path, e.reason) from None
+
+
+def _selector(obj: dict, path: str) -> LabelSelector:
+    exprs = tuple(_nested(f"{path}.matchExpressions[{i}]", Requirement, e.get("key"), e.get("operator"),
+                          tuple(e.get("values") or ()))
+                  for i, e in enumerate(obj.get("matchExpressions") or []))
+    for i, e in enumerate(exprs):
+        if not e.key:
+            raise ModelError(f"{path}.matchExpressions[{i}].key", "missing")
+    return LabelSelector.of(obj.get("matchLabels") or {}, *exprs)
+
+
+def _rule(obj: dict, peers_field: str, path: str) -> Rule:
+    peers = tuple(_peer(p, f"{path}.{peers_field}[{i}]") for i, p in enumerate(obj.get(peers_field) or []))
+    ports = tuple(_port(p, f"{path}.ports[{i}]") for i, p in enumerate(obj.get("ports") or []))
+    return Rule(peers, ports)
+
+
+def _peer(obj: dict, path: str) -> Peer:
+    pod = obj.get("podSelector")
+    ns = obj.get("namespaceSelector")
+    block = obj.get("ipBlock")
+    return _nested(path, Peer,
+                   None if pod is None else _selector(pod, f"{path}.podSelector"),
+                   None if ns is None else _selector(ns, f"{path}.namespaceSelector"),
+                   None if block is None else _ip_block(block, f"{path}.ipBlock"))
+
+
+def _ip_block(obj: dict, path: str) -> IPBlock:
+    cidr = _network(obj.get("cidr"), f"{path}.cidr")
+    holes = tuple(_network(t, f"{path}.except[{i}]") for i, t in enumerate(obj.get("except") or []))
+    return _nested(path, IPBlock, cidr, holes)
+
+
+def _network(text: Any, path: str):
+    if not isinstance(text, str) or "/" not in text:
+        raise ModelError(path, f"{text!r} is not a CIDR (address/prefix)")
+    try:
+        return ipaddress.ip_network(text, strict=True)
+    except ValueError as e:
+        raise ModelError(path, f"{text!r} is not a CIDR ({e})") from None
+
+
+def _port(obj: dict, path: str) -> PolicyPort:
+    port = obj.get("port")
+    if port is not None and type(port) not in (int, str):
+        raise ModelError(f"{path}.port", f"expected a port number or name, got {schema._kind_name(port)}")
+    if isinstance(port, str) and not any(ch.isalpha() for ch in port):
+        # As the API server: a name has a letter; "80" in quotes is neither.
+        raise ModelError(f"{path}.port", f"{port!r} is not a port name (write a number unquoted)")
+    error = {"port": "port", "endPort": "endPort", "protocol": "protocol"}
+    try:
+        return PolicyPort(obj.get("protocol") or "TCP", port, obj.get("endPort"))
+    except ModelError as e:
+        raise ModelError(f"{path}.{error.get(e.path, e.path)}", e.reason) from None
