@@ -103,8 +103,10 @@ def _read_pod(src: SourceObject, out: _Collector) -> PodInfo | None:
     problems += schema.check(containers, [ANY], "spec.containers")
     if not problems and containers:
         for i, c in enumerate(containers):
-            ports = c.get("ports") if isinstance(c, dict) else None
-            problems += schema.check(ports, [CONTAINER_PORT], f"spec.containers[{i}].ports")
+            if not isinstance(c, dict):
+                problems.append((f"spec.containers[{i}]", f"expected a map, got {schema._kind_name(c)}"))
+                continue
+            problems += schema.check(c.get("ports"), [CONTAINER_PORT], f"spec.containers[{i}].ports")
     for path, reason in problems:
         out.add(src, label, path, reason)
     if problems:
