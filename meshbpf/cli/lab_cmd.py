@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -20,7 +21,8 @@ def lab() -> None:
 @lab.command()
 @click.argument("name")
 @click.option("--pods", default="client,web-1,web-2,web-3", show_default=True,
-              help="Comma-separated pod names; addresses follow this order from .2.")
+              help="Comma-separated pods, NAME or NAMESPACE/NAME (a bare name is in namespace "
+                   "default); addresses follow this order from .2.")
 @friendly_errors
 def up(name: str, pods: str) -> None:
     """Create lab NAME."""
@@ -44,6 +46,20 @@ def exec_(name: str, pod: str, command: tuple[str, ...], no_cgroup: bool) -> Non
         raise click.ClickException(f"lab {name} has no pod {pod!r} (pods: {', '.join(existing.pods)})")
     proc = existing.popen(pod, list(command), in_cgroup=not no_cgroup)
     sys.exit(proc.wait())
+
+
+@lab.command()
+@click.argument("name")
+@click.option("--node-name", default=lambda: socket.gethostname(), show_default="this host's name",
+              help="spec.nodeName of the pods: the agent's --node-name, whose default is the same.")
+@friendly_errors
+def objects(name: str, node_name: str) -> None:
+    """Print lab NAME's Namespaces and Pods as `kubectl get ns,pods -o yaml` would."""
+    import yaml
+
+    from ..lab.objects import lab_objects
+    existing = netlab.Lab.attach(name)
+    click.echo(yaml.safe_dump(lab_objects(existing.pods.values(), node_name), sort_keys=False), nl=False)
 
 
 @lab.command()

@@ -4,6 +4,15 @@
     pod netns   mbl-<lab>-<pod>  eth0: 10.244.0.<n>/24, fd00:244::<n>/64
     cgroup      <cgroup2>/meshbpf-lab-<lab>   every lab process runs here
 
+A pod named NAMESPACE/NAME ("x/a") is a Kubernetes-style pod: netns
+mbl-<lab>-<namespace>.<name>, a uid derived from the lab and its name, and
+its own cgroup laid out as a cgroupfs-driver kubelet lays it out:
+    <lab cgroup>/kubepods/besteffort/pod<uid>
+It stays inside the lab cgroup's subtree, so programs attached to the lab
+cgroup (BPF links are inherited by descendants) still apply to it. A bare
+name ("web-1") is a pod of namespace "default" that runs in the lab cgroup
+itself, as it always has.
+
 The demo, the tests and the benchmarks all use it. Nothing here touches the
 host's interfaces or root cgroup: the bridge lives in the lab's own node
 namespace, and meshbpf attaches to the lab cgroup only.
@@ -17,6 +26,7 @@ import os
 import signal
 import subprocess
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,9 +51,19 @@ class LabError(Exception):
 
 @dataclass(frozen=True)
 class Pod:
-    name: str
+    name: str   # the lab's key: "web-1", or "x/a" for namespace x, pod a
     netns: str
     index: int  # host part of its addresses
+    uid: str = ""
+    cgroup: Path | None = None  # its own cgroup; None: the lab cgroup
+
+    @property
+    def namespace(self) -> str:
+        return self.name.split("/")[0] if "/" in self.name else "default"
+
+    @property
+    def pod_name(self) -> str:
+        return self.name.split("/")[-1]
 
     @property
     def ipv4(self) -> ipaddress.IPv4Address:
@@ -52,6 +72,35 @@ class Pod:
     @property
     def ipv6(self) -> ipaddress.IPv6Address:
         return SUBNET6.network_address + self.index
+
+
+def _dns_label(text: str, what: str, longest: int) -> None:
+    ok = text and len(text) <= longest and text[0].isalnum() and text[-1].isalnum()
+    if not ok or any(not (ch.isdigit() or "a" <= ch <= "z" or ch == "-") for ch in text):
+        raise LabError(f"{what} {text!r}: use up to {longest} lowercase letters, digits and dashes")
+
+
+def parse_pod(spec: str) -> tuple[str | None, str]:
+    """"x/a" -> ("x", "a"); a bare "web-1" -> (None, "web-1"), as it always was."""
+    if "/" not in spec:
+        if not spec.replace("-", "").isalnum() or len(spec) > 24:
+            raise LabError(f"pod name {spec!r}: use up to 24 letters, digits and dashes")
+        return None, spec
+    namespace, _, name = spec.partition("/")
+    _dns_label(namespace, f"namespace of pod {spec!r}", 20)
+    _dns_label(name, f"pod name in {spec!r}", 24)
+    return namespace, name
+
+
+def pod_uid(lab: str, namespace: str, name: str) -> str:
+    """Stable across `lab up` and `Lab.attach`, unique per lab and pod."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"meshbpf-lab/{lab}/{namespace}/{name}"))
+
+
+def kubelet_cgroup(parent: Path, uid: str) -> Path:
+    """Where a cgroupfs-driver kubelet puts a BestEffort pod, below parent
+    (kubepods/besteffort/pod<uid>); see README, "Lab namespaces"."""
+    return parent / "kubepods" / "besteffort" / f"pod{uid}"
 
 
 def _setns(name: str) -> None:
@@ -107,15 +156,23 @@ class Lab:
             raise
         return self
 
+    def _pod(self, name: str, index: int) -> Pod:
+        namespace, pod_name = parse_pod(name)
+        uid = pod_uid(self.name, namespace or "default", pod_name)
+        if namespace is None:
+            return Pod(name, f"{NETNS_PREFIX}{self.name}-{name}", index, uid)
+        return Pod(name, f"{NETNS_PREFIX}{self.name}-{namespace}.{pod_name}", index, uid,
+                   kubelet_cgroup(self.cgroup, uid))
+
     def add_pod(self, name: str) -> Pod:
         if name in self.pods:
             raise LabError(f"pod {name!r} exists")
-        if not name.replace("-", "").isalnum() or len(name) > 24:
-            raise LabError(f"pod name {name!r}: use up to 24 letters, digits and dashes")
         index = len(self.pods) + 2  # .1 is the bridge
         if index > 250:
             raise LabError("a lab holds at most 249 pods")
-        pod = Pod(name, f"{NETNS_PREFIX}{self.name}-{name}", index)
+        pod = self._pod(name, index)
+        if pod.cgroup is not None:
+            pod.cgroup.mkdir(parents=True, exist_ok=True)
         netns.create(pod.netns)
         _sysctl_ns(pod.netns, {"net.ipv6.conf.all.accept_dad": "0",
                                "net.ipv6.conf.default.accept_dad": "0"})
@@ -142,14 +199,11 @@ class Lab:
             if ns.startswith(f"{NETNS_PREFIX}{self.name}-"):
                 netns.remove(ns)
         if self.cgroup.exists():
-            for _ in range(100):
-                try:
-                    self.cgroup.rmdir()
-                    break
-                except OSError:
-                    time.sleep(0.05)
-            else:
-                raise LabError(f"cannot remove {self.cgroup}: processes are still in it")
+            # Pods' own cgroups first: a cgroup with children cannot go.
+            for cg in sorted(self.cgroup.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+                if cg.is_dir():
+                    _rmdir_cgroup(cg)
+            _rmdir_cgroup(self.cgroup)
         self.pods.clear()
 
     @classmethod
@@ -165,13 +219,14 @@ class Lab:
                     addrs = [a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(family=2, label="eth0")]
                 if addrs:
                     index = int(ipaddress.ip_address(addrs[0])) - int(SUBNET4.network_address)
-                    lab.pods[ns[len(prefix):]] = Pod(ns[len(prefix):], ns, index)
+                    name = ns[len(prefix):].replace(".", "/", 1)  # bare names hold no dot
+                    lab.pods[name] = lab._pod(name, index)
         return lab
 
     # --- processes -----------------------------------------------------------
     def _preexec(self, pod: str | None, in_cgroup: bool):
         ns = self.pods[pod].netns if pod else self.node_ns
-        procs = self.cgroup / "cgroup.procs"
+        procs = ((pod and self.pods[pod].cgroup) or self.cgroup) / "cgroup.procs"
 
         def enter() -> None:
             # Join the cgroup first, then the namespace: setns(2) keeps this
@@ -201,21 +256,44 @@ def _sysctl_ns(ns: str, values: dict[str, str]) -> None:
 
 
 def _kill_cgroup(cg: Path) -> None:
+    """Kills every process in cg and its descendants (the pods' cgroups)."""
     if not cg.exists():
         return
     kill = cg / "cgroup.kill"
     if kill.exists():
-        kill.write_text("1")
+        kill.write_text("1")  # the whole subtree
     else:
-        for pid in (cg / "cgroup.procs").read_text().split():
+        for pid in _subtree_pids(cg):
             try:
                 os.kill(int(pid), signal.SIGKILL)
             except ProcessLookupError:
                 pass
     for _ in range(100):
-        if not (cg / "cgroup.procs").read_text().strip():
+        if not _subtree_pids(cg):
             return
         time.sleep(0.02)
+
+
+def _subtree_pids(cg: Path) -> list[str]:
+    pids = []
+    for procs in cg.rglob("cgroup.procs"):  # cg itself included
+        try:
+            pids += procs.read_text().split()
+        except FileNotFoundError:
+            pass  # removed meanwhile
+    return pids
+
+
+def _rmdir_cgroup(cg: Path) -> None:
+    for _ in range(100):
+        try:
+            cg.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise LabError(f"cannot remove {cg}: processes are still in it")
 
 
 def list_labs() -> list[str]:
