@@ -175,7 +175,7 @@ def _read_policy(src: SourceObject, out: _Collector) -> NetworkPolicy | None:
         ingress = tuple(_rule(r, "from", f"spec.ingress[{i}]") for i, r in enumerate(spec.get("ingress") or []))
         egress = tuple(_rule(r, "to", f"spec.egress[{i}]") for i, r in enumerate(spec.get("egress") or []))
         types = spec.get("policyTypes")
-        if types is None:
+        if not types:  # the API server defaults an empty list too
             types = NetworkPolicy.default_types(bool(spec.get("egress")))
         return NetworkPolicy(namespace, name, selector, frozenset(types), ingress, egress)
     except ModelError as e:

@@ -61,6 +61,7 @@ def test_a_full_policy_is_read():
     ({"podSelector": {}, "egress": [{}]}, {"Ingress", "Egress"}),
     ({"podSelector": {}, "egress": []}, {"Ingress"}),
     ({"podSelector": {}, "policyTypes": ["Egress"]}, {"Egress"}),
+    ({"podSelector": {}, "policyTypes": [], "egress": [{}]}, {"Ingress", "Egress"}),
 ])
 def test_policy_types_default_as_upstream(spec, types):
     obj = {**POLICY, "spec": spec}
