@@ -34,7 +34,9 @@ from .gcpause import gc_paused
 from .health import HealthServer, heartbeat_check
 from .metrics import AgentMetrics, LBStatsCollector, MapPressureCollector, RedirectCollector
 from .model import DesiredState, RedirectSettings
-from .reconcile import CapacityError, LBState, Plan, SvcKey, WantedService, check_capacity, plan, wanted_services
+from .reconcile import (CapacityError, LBState, Plan, SvcKey, WantedService, check_capacity, plan,
+                        wanted_service, wanted_services)
+from .reconcile.incremental import LBIndex, plan_services
 from .retry import Backoff
 from .sources import Source
 from .sources.errors import ConfigError, Problem
@@ -75,6 +77,11 @@ class Agent:
         self.current = LBState()
         self.desired: DesiredState | None = None        # the latest state the source accepted
         self.programmed: dict[SvcKey, WantedService] | None = None  # what the maps were last brought to
+        # For the incremental path: the frontends the maps were last fully
+        # brought to (None: the next sync is a full one), and the index of
+        # self.current that plan_services() reads.
+        self.synced_ports: dict | None = None
+        self.index: LBIndex | None = None
         self.refused: dict[str, Refusal] = {}
         self.lb_retry = Backoff()
         self.redirect_retry = Backoff()
@@ -178,12 +185,20 @@ class Agent:
     def sync_lb(self, desired: DesiredState, reread: bool = False) -> bool:
         """Brings the load-balancing maps to `desired`, Service by Service as
         they fit. On a failure the maps get back to what they held and a
-        retry is scheduled. Returns True on success."""
+        retry is scheduled. Returns True on success.
+
+        A change is planned over the frontends it touches only, when the last
+        sync brought the maps to the whole previous desired state; anything
+        else (the first sync, a resync, a retry, Services left out, a plan
+        that does not fit) plans everything, as the safety net."""
         assert self.maps is not None
         try:
             if reread:
                 self._resync_read()
-            writes = self._admit_and_apply(wanted_services(desired))
+            writes = None if reread else self._sync_incremental(desired)
+            if writes is None:
+                writes = self._admit_and_apply(wanted_services(desired))
+                self.synced_ports = None if self.refused else dict(desired.service_ports)
         except CapacityError as exc:  # admission should have prevented it
             return self._lb_failed("capacity", f"update rejected, still running the previous state: {exc}")
         except MapWriteError as exc:
@@ -201,6 +216,36 @@ class Agent:
         if writes:
             log.info("synced %d services: %d map writes", len(desired.service_ports), writes)
         return True
+
+    def _sync_incremental(self, desired: DesiredState) -> int | None:
+        """Plans and writes only the frontends that differ from the last
+        synced state; None when a full sync is needed instead."""
+        assert self.maps is not None
+        before = self.synced_ports
+        if before is None or self.programmed is None or self.lb_stale or self.refused:
+            return None
+        changes = frontend_changes(before, desired.service_ports)
+        if not changes:
+            return 0
+        if self.index is None:
+            self.index = LBIndex(self.current)
+        p = plan_services(self.current, self.index, changes)
+        try:
+            check_capacity(self.current, p, self.maps.capacity, MAP_NAMES)
+        except CapacityError:
+            return None  # admission decides, over everything
+        self.synced_ports = None  # until the write is known to have landed
+        self.maps.apply(p)
+        self._count_writes(p)
+        self.index.apply(p, self.current)
+        self._update_gauges()
+        for key, want in changes.items():
+            if want is None:
+                self.programmed.pop(key, None)
+            else:
+                self.programmed[key] = want
+        self.synced_ports = dict(desired.service_ports)
+        return p.writes
 
     def _admit_and_apply(self, wanted: dict[SvcKey, WantedService]) -> int:
         assert self.maps is not None
@@ -253,16 +298,21 @@ class Agent:
 
     def _apply(self, p: Plan) -> None:
         assert self.maps is not None
+        self.index = None  # a full plan may repair what the index assumes; rebuilt when needed
         self.maps.apply(p)
+        self._count_writes(p)
+        p.apply_in_place(self.current)
+        self._update_gauges()
+
+    def _count_writes(self, p: Plan) -> None:
         for step in p.steps():
             self.metrics.map_writes.labels(BY_ROLE[step.map].name, step.op).inc(len(step.entries))
-        self.current = p.apply_to(self.current)
-        self._update_gauges()
 
     def _restore(self) -> None:
         """After a partial write: read what the maps hold and plan back to
         what they were last brought to, so nothing stays half-applied."""
         assert self.maps is not None
+        self.index, self.synced_ports = None, None
         try:
             self.current = self.maps.read()
             if self.programmed is not None:
@@ -283,7 +333,7 @@ class Agent:
         actual = self.maps.read()
         took = time.monotonic() - started
         drift = _differing_entries(self.current, actual)
-        self.current = actual
+        self.current, self.index = actual, None
         self.metrics.resync_duration.set(took)
         self.metrics.resync_drift.inc(drift)
         entries = sum(len(getattr(actual, role)) for role in BY_ROLE)
@@ -377,6 +427,22 @@ class Agent:
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def frontend_changes(before: dict, after: dict) -> dict[SvcKey, WantedService | None]:
+    """The frontends whose ServicePort differs between two desired states,
+    in map terms (None: gone). Unchanged objects are usually the same object,
+    so most comparisons stop at the identity check."""
+    changes: dict[SvcKey, WantedService | None] = {}
+    for fe, sp in after.items():
+        old = before.get(fe)
+        if old is not sp and old != sp:
+            key, want = wanted_service(sp)
+            changes[key] = want
+    for fe, sp in before.items():
+        if fe not in after:
+            changes[wanted_service(sp)[0]] = None
+    return changes
 
 
 def _differing_entries(expected: LBState, actual: LBState) -> int:
