@@ -21,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from .admission import Admission, Refusal, admit
 from .datapath import cgroup, features
@@ -77,10 +77,11 @@ class Agent:
         self.current = LBState()
         self.desired: DesiredState | None = None        # the latest state the source accepted
         self.programmed: dict[SvcKey, WantedService] | None = None  # what the maps were last brought to
-        # For the incremental path: the frontends the maps were last fully
-        # brought to (None: the next sync is a full one), and the index of
+        # For the incremental path: the desired state the maps were last
+        # wholly brought to (None: the next sync is a full one), and the index of
         # self.current that plan_services() reads.
-        self.synced_ports: dict | None = None
+        self.synced: DesiredState | None = None
+        self.pending_triggers: list[float] = []  # change times of states not yet in the maps
         self.index: LBIndex | None = None
         self.refused: dict[str, Refusal] = {}
         self.lb_retry = Backoff()
@@ -177,6 +178,7 @@ class Agent:
             return False
         self.metrics.config_ok.set(1)
         self.desired = desired
+        self.pending_triggers.extend(desired.trigger_times)
         self.lb_retry.reset()        # a new change is tried at once
         self.redirect_retry.reset()
         return True
@@ -198,7 +200,7 @@ class Agent:
             writes = None if reread else self._sync_incremental(desired)
             if writes is None:
                 writes = self._admit_and_apply(wanted_services(desired))
-                self.synced_ports = None if self.refused else dict(desired.service_ports)
+                self.synced = None if self.refused else desired
         except CapacityError as exc:  # admission should have prevented it
             return self._lb_failed("capacity", f"update rejected, still running the previous state: {exc}")
         except MapWriteError as exc:
@@ -213,18 +215,34 @@ class Agent:
         self.lb_stale = False
         self.metrics.datapath_stale.set(0)
         self.metrics.last_sync.set_to_current_time()
+        self._observe_programming()
         if writes:
             log.info("synced %d services: %d map writes", len(desired.service_ports), writes)
         return True
+
+    def _observe_programming(self) -> None:
+        """kube-proxy's network_programming_duration_seconds: from each
+        change's trigger time (set by the EndpointSlice controller) to now,
+        when the maps hold it."""
+        now = time.time()
+        for t in self.pending_triggers:
+            self.metrics.network_programming.observe(max(now - t, 0.0))
+        self.pending_triggers.clear()
 
     def _sync_incremental(self, desired: DesiredState) -> int | None:
         """Plans and writes only the frontends that differ from the last
         synced state; None when a full sync is needed instead."""
         assert self.maps is not None
-        before = self.synced_ports
+        before = self.synced
         if before is None or self.programmed is None or self.lb_stale or self.refused:
             return None
-        changes = frontend_changes(before, desired.service_ports)
+        delta = desired.delta
+        if delta is not None and delta.base() is before:
+            # The source names what changed since the state synced last: the
+            # work is the change's, not the whole state's.
+            changes = frontend_changes(before.service_ports, desired.service_ports, delta.frontends)
+        else:
+            changes = frontend_changes(before.service_ports, desired.service_ports)
         if not changes:
             return 0
         if self.index is None:
@@ -234,7 +252,7 @@ class Agent:
             check_capacity(self.current, p, self.maps.capacity, MAP_NAMES)
         except CapacityError:
             return None  # admission decides, over everything
-        self.synced_ports = None  # until the write is known to have landed
+        self.synced = None  # until the write is known to have landed
         self.maps.apply(p)
         self._count_writes(p)
         self.index.apply(p, self.current)
@@ -244,7 +262,7 @@ class Agent:
                 self.programmed.pop(key, None)
             else:
                 self.programmed[key] = want
-        self.synced_ports = dict(desired.service_ports)
+        self.synced = desired
         return p.writes
 
     def _admit_and_apply(self, wanted: dict[SvcKey, WantedService]) -> int:
@@ -312,7 +330,7 @@ class Agent:
         """After a partial write: read what the maps hold and plan back to
         what they were last brought to, so nothing stays half-applied."""
         assert self.maps is not None
-        self.index, self.synced_ports = None, None
+        self.index, self.synced = None, None
         try:
             self.current = self.maps.read()
             if self.programmed is not None:
@@ -429,19 +447,21 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def frontend_changes(before: dict, after: dict) -> dict[SvcKey, WantedService | None]:
+def frontend_changes(before: dict, after: dict, where: Iterable | None = None
+                     ) -> dict[SvcKey, WantedService | None]:
     """The frontends whose ServicePort differs between two desired states,
-    in map terms (None: gone). Unchanged objects are usually the same object,
-    so most comparisons stop at the identity check."""
+    in map terms (None: gone), looking only at `where` when given. Unchanged
+    objects are usually the same object: most comparisons stop at identity."""
     changes: dict[SvcKey, WantedService | None] = {}
-    for fe, sp in after.items():
-        old = before.get(fe)
-        if old is not sp and old != sp:
-            key, want = wanted_service(sp)
+    for fe in (after.keys() | before.keys()) if where is None else where:
+        old, new = before.get(fe), after.get(fe)
+        if old is new or old == new:
+            continue
+        if new is None:
+            changes[wanted_service(old)[0]] = None
+        else:
+            key, want = wanted_service(new)
             changes[key] = want
-    for fe, sp in before.items():
-        if fe not in after:
-            changes[wanted_service(sp)[0]] = None
     return changes
 
 

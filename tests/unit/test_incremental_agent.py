@@ -128,3 +128,42 @@ def test_frontend_changes_compares_by_value_and_sees_removals():
     c = state(4, moved={1: "10.244.9.9"})
     changes = frontend_changes(a.service_ports, c.service_ports)
     assert sorted(v is None for v in changes.values()) == [False, True]
+
+
+def test_a_delta_from_the_source_is_all_the_agent_looks_at_and_its_trigger_times_are_observed(
+        agent_for, monkeypatch):
+    import time
+    import weakref
+    from meshbpf.model import Delta
+    first = state(50)
+    moved = state(50, moved={4: "10.244.77.77"})
+    fe4 = next(fe for fe, sp in moved.service_ports.items() if sp.name == "svc4")
+    # Every other frontend is an equal but new object, as a rebuilt state has them:
+    # with the delta, none of them is compared.
+    second = DesiredState(moved.service_ports, delta=Delta(weakref.ref(first), frozenset({fe4})),
+                          trigger_times=(time.time() - 0.2,))
+    compared = []
+    real = agent_mod.frontend_changes
+    monkeypatch.setattr(agent_mod, "frontend_changes",
+                        lambda a, b, where=None: compared.append(where) or real(a, b, where))
+    agent = agent_for(first, second)
+    agent.step()
+    agent.step()
+    assert compared == [frozenset({fe4})]
+    assert matches(agent, second)
+    hist = agent.metrics.network_programming
+    assert hist._sum.get() >= 0.2 and sum(b.get() for b in hist._buckets) == 1
+
+
+def test_a_delta_whose_base_was_not_synced_is_not_trusted(agent_for):
+    import weakref
+    from meshbpf.model import Delta
+    first, other = state(10), state(10, moved={2: "10.244.60.60"})
+    moved = state(10, moved={2: "10.244.60.60", 5: "10.244.50.50"})
+    fe5 = next(fe for fe, sp in moved.service_ports.items() if sp.name == "svc5")
+    # Based on a state the agent never synced: svc2 differs too, and must be seen.
+    second = DesiredState(moved.service_ports, delta=Delta(weakref.ref(other), frozenset({fe5})))
+    agent = agent_for(first, second)
+    agent.step()
+    agent.step()
+    assert matches(agent, moved)
