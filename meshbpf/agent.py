@@ -133,13 +133,23 @@ class Agent:
             except Exception as exc:  # a bug must not end the loop: the maps keep serving
                 self.metrics.sync_errors.labels("internal").inc()
                 self._error("agent loop failed, still running the previous state: %s", _one_line(exc))
-            self._stop.wait(self.opts.poll_interval)
+            self._pause()
         log.info("stopping; the datapath stays attached and keeps serving")
         if hasattr(self.source, "stop"):
             self.source.stop()
         if self.http:
             self.http.stop()
         self.lock.release()
+
+    def _pause(self) -> None:
+        """Until the next step: a source that can tell when something
+        changed (the Kubernetes source) wakes the loop at once; others are
+        polled every poll_interval. A pending retry keeps to the interval."""
+        wait = getattr(self.source, "wait", None)
+        if wait is None or self.lb_stale or self.redirect_stale:
+            self._stop.wait(self.opts.poll_interval)
+        else:
+            wait(self.opts.poll_interval)
 
     def step(self) -> None:
         with gc_paused():

@@ -103,8 +103,9 @@ class Reflector:
                  transform: Callable[[dict], dict] = lambda obj: obj,
                  backoff: Backoff = Backoff(), page_size: int = 500,
                  watch_timeout: tuple[int, int] = (300, 600), connect_timeout: float = 10.0,
-                 bookmark_interval: float = 60.0):
+                 bookmark_interval: float = 60.0, on_change: Callable[[], None] = lambda: None):
         self.name = name
+        self._on_change = on_change  # called after each change (must not take our lock)
         self._list_func = list_func
         self._kind, self._api_version = kind, api_version
         self._selectors = dict(selectors or {})
@@ -268,6 +269,7 @@ class Reflector:
             if added or deleted or changed:
                 self.generation += 1
                 self._touched = None
+                self._on_change()
         self.lists += 1
         self.resource_version = resource_version
         self._consistent_list = False
@@ -348,6 +350,7 @@ class Reflector:
             self.generation += 1
             if self._touched is not None:
                 self._touched.add(key)
+        self._on_change()
         self.resource_version = _resource_version(obj) or self.resource_version
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 from typing import Any, Callable
 
 import urllib3
@@ -126,11 +127,14 @@ class KubernetesSource:
         self._api = client.ApiClient(load_client_config(kubeconfig))
         core, discovery = client.CoreV1Api(self._api), client.DiscoveryV1Api(self._api)
 
+        self._wake = threading.Event()  # set by every change, so the agent acts at once
+
         def reflector(name: str, func: Callable[..., Any], kind: str, api_version: str = "v1",
                       **kwargs: Any) -> Reflector:
             return Reflector(name, func, kind=kind, api_version=api_version, backoff=backoff,
                              page_size=page_size, watch_timeout=watch_timeout,
-                             bookmark_interval=bookmark_interval, **kwargs)
+                             bookmark_interval=bookmark_interval, on_change=self._wake.set,
+                             **kwargs)
 
         # kube-proxy's own selector, so the two never both handle a Service
         # (server side here, and again in build_state for the file source).
@@ -253,6 +257,13 @@ class KubernetesSource:
             return None
         self._last = update.state
         return update.state
+
+    def wait(self, timeout: float) -> None:
+        """Returns when an object changed, or after timeout: the agent's
+        loop sleeps here, so an event is programmed in milliseconds, not at
+        the next poll interval."""
+        self._wake.wait(timeout)
+        self._wake.clear()
 
     # --- views -----------------------------------------------------------------
     @property
