@@ -30,7 +30,7 @@ from .datapath.lock import BpffsLock
 from .datapath.loader import DEFAULT_BPFFS, SockLB
 from .datapath.redirect import apply_settings
 from .datapath.maps import LBMaps, MapWriteError
-from .gcpause import gc_paused
+from .gcpause import freeze_heap, gc_paused
 from .health import HealthServer, heartbeat_check
 from .metrics import AgentMetrics, LBStatsCollector, MapPressureCollector, RedirectCollector
 from .model import DesiredState, RedirectSettings
@@ -211,6 +211,7 @@ class Agent:
             if writes is None:
                 writes = self._admit_and_apply(wanted_services(desired))
                 self.synced = None if self.refused else desired
+                freeze_heap()
         except CapacityError as exc:  # admission should have prevented it
             return self._lb_failed("capacity", f"update rejected, still running the previous state: {exc}")
         except MapWriteError as exc:
