@@ -208,7 +208,9 @@ class Agent:
             if reread:
                 self._resync_read()
             writes = None if reread else self._sync_incremental(desired)
+            how = "changed frontends only"
             if writes is None:
+                how = "full plan"
                 writes = self._admit_and_apply(wanted_services(desired))
                 self.synced = None if self.refused else desired
                 freeze_heap()
@@ -228,7 +230,7 @@ class Agent:
         self.metrics.last_sync.set_to_current_time()
         self._observe_programming()
         if writes:
-            log.info("synced %d services: %d map writes", len(desired.service_ports), writes)
+            log.info("synced %d services: %d map writes (%s)", len(desired.service_ports), writes, how)
         return True
 
     def _observe_programming(self) -> None:
