@@ -36,6 +36,7 @@ import json
 import os
 import socket
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -49,6 +50,7 @@ import fake_apiserver  # noqa: E402
 from fake_apiserver import FakeAPIServer  # noqa: E402
 from k8s_builders import endpoint_slice, ep, service  # noqa: E402
 from meshbpf.agent import Agent, AgentOptions  # noqa: E402
+from meshbpf.gcpause import gc_paused  # noqa: E402
 from meshbpf.reconcile import LBState, Plan, plan, wanted_services  # noqa: E402
 from meshbpf.sources.kube_incremental import TRIGGER_TIME  # noqa: E402
 from meshbpf.sources.kubernetes import KubernetesSource  # noqa: E402
@@ -231,8 +233,8 @@ def bench_file(n: int, tmp: Path, fmt: str) -> dict:
     folder = tmp / f"file-{fmt}-{n}"
     folder.mkdir()
     big = folder / f"services.{fmt}"
-    items = list(objects(n))
-    write_config(big, items, fmt)
+    # The files are written by a child process, so this one's RSS is the agent's.
+    write_in_child(big, n, fmt, -1)
     write_config(folder / "small.json", [service("small-0", "10.95.0.1")], "json")
     gc.collect()
     rss0 = rss_mb()
@@ -245,8 +247,7 @@ def bench_file(n: int, tmp: Path, fmt: str) -> dict:
                  "rss_after_start_mb": round(rss_mb(), 1), "rss_before_mb": round(rss0, 1)}
     times = []
     for k in range(3):
-        items[1] = moved_slice(0, k)
-        write_config(big, items, fmt)
+        write_in_child(big, n, fmt, k)
         t = time.monotonic()
         agent.step()
         times.append(time.monotonic() - t)
@@ -261,11 +262,24 @@ def bench_file(n: int, tmp: Path, fmt: str) -> dict:
     out["rss_after_edits_mb"] = round(rss_mb(), 1)
     # The safety net: a full resync (read back + full plan), timed apart.
     t = time.monotonic()
-    agent._resync_read()
-    agent._admit_and_apply(wanted_services(agent.desired))
+    with gc_paused():
+        agent._resync_read()
+        agent._admit_and_apply(wanted_services(agent.desired))
     out["full_resync_s"] = round(time.monotonic() - t, 2)
     assert plan(maps.state, wanted_services(agent.desired)).writes == 0
     return out
+
+
+def write_in_child(path: Path, n: int, fmt: str, k: int) -> None:
+    """The N-Service file; k >= 0 moves an endpoint of svc-0 (the k-th edit)."""
+    subprocess.run([sys.executable, __file__, "--write", str(path), str(n), fmt, str(k)], check=True)
+
+
+def _write(path: str, n: str, fmt: str, k: str) -> None:
+    items = list(objects(int(n)))
+    if int(k) >= 0:
+        items[1] = moved_slice(0, int(k))
+    write_config(Path(path), items, fmt)
 
 
 def write_config(path: Path, items: list[dict], fmt: str) -> None:
@@ -280,6 +294,8 @@ def write_config(path: Path, items: list[dict], fmt: str) -> None:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--write"]:
+        return _write(*sys.argv[2:6])
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="10000,100000")
     ap.add_argument("--events", type=int, default=200)

@@ -213,6 +213,8 @@ class Agent:
                 how = "full plan"
                 writes = self._admit_and_apply(wanted_services(desired))
                 self.synced = None if self.refused else desired
+                if self.synced is not None:  # built now, so the next change does not wait for it
+                    self.index = LBIndex(self.current)
                 freeze_heap()
         except CapacityError as exc:  # admission should have prevented it
             return self._lb_failed("capacity", f"update rejected, still running the previous state: {exc}")
