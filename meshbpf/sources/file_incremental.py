@@ -84,6 +84,10 @@ class FileIndex:
             for key, obj in objects.items():
                 if old.get(key) != obj:
                     events[key[0]][key[1:]] = obj
+                else:
+                    # Equal: hold the new parse's object, so the old parse
+                    # tree is freed, not kept alive beside the new one.
+                    self.services.hold_equal(key[0], key[1:], obj)
         update = self.services.apply(events["Service"], events["EndpointSlice"])
         if update.problems:
             return None

@@ -106,6 +106,12 @@ class ServiceIndex:
         if owner is not None:
             self.slices_of.setdefault(owner, set()).add(key)
 
+    def hold_equal(self, kind: str, key: Key, obj: dict) -> None:
+        """Swaps in an object equal to the one held (nothing to rebuild)."""
+        table = self.services if kind == "Service" else self.slices
+        if key in table:
+            table[key] = obj
+
     def apply(self, services: dict[Any, dict | None], slices: dict[Any, dict | None]) -> Update:
         """Takes the changed objects (reflector keys -> object, None: deleted)
         and returns the next state, built from the last one."""
