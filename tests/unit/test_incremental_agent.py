@@ -98,15 +98,17 @@ def test_a_failed_incremental_write_restores_and_the_retry_is_a_full_sync(agent_
     assert full.calls and matches(agent, second)
 
 
-def test_the_resync_plans_everything_and_repairs_drift(agent_for, monkeypatch):
+def test_the_resync_plans_everything_and_repairs_drift(agent_for, monkeypatch, caplog):
     first = state(10)
     agent = agent_for(first, resync_interval=0.01)
     agent.step()
     victim = next(iter(agent.maps.state.services))
     del agent.maps.state.services[victim]  # drift behind the agent's back
     full = Spy(monkeypatch, "plan")
-    step_until(agent, lambda: victim in agent.maps.state.services)
+    with caplog.at_level("INFO", logger="meshbpf.agent"):
+        step_until(agent, lambda: victim in agent.maps.state.services)
     assert full.calls and matches(agent, first)
+    assert "resync: maps read, planned in full and repaired in" in caplog.text  # its cost, reported
 
 
 def test_a_change_that_does_not_fit_goes_through_admission(agent_for):
