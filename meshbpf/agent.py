@@ -21,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from .admission import Admission, Refusal, admit
 from .datapath import cgroup, features
@@ -30,11 +30,13 @@ from .datapath.lock import BpffsLock
 from .datapath.loader import DEFAULT_BPFFS, SockLB
 from .datapath.redirect import apply_settings
 from .datapath.maps import LBMaps, MapWriteError
-from .gcpause import gc_paused
+from .gcpause import freeze_heap, gc_paused
 from .health import HealthServer
 from .metrics import AgentMetrics, LBStatsCollector, MapPressureCollector, RedirectCollector
 from .model import DesiredState, RedirectSettings
-from .reconcile import CapacityError, LBState, Plan, SvcKey, WantedService, check_capacity, plan, wanted_services
+from .reconcile import (CapacityError, LBState, Plan, SvcKey, WantedService, check_capacity, plan,
+                        wanted_service, wanted_services)
+from .reconcile.incremental import LBIndex, plan_services
 from .retry import Backoff
 from .sources import Source
 from .sources.errors import ConfigError, Problem
@@ -75,6 +77,12 @@ class Agent:
         self.current = LBState()
         self.desired: DesiredState | None = None        # the latest state the source accepted
         self.programmed: dict[SvcKey, WantedService] | None = None  # what the maps were last brought to
+        # For the incremental path: the desired state the maps were last
+        # wholly brought to (None: the next sync is a full one), and the index of
+        # self.current that plan_services() reads.
+        self.synced: DesiredState | None = None
+        self.pending_triggers: list[float] = []  # change times of states not yet in the maps
+        self.index: LBIndex | None = None
         self.refused: dict[str, Refusal] = {}
         self.lb_retry = Backoff()
         self.redirect_retry = Backoff()
@@ -125,13 +133,23 @@ class Agent:
             except Exception as exc:  # a bug must not end the loop: the maps keep serving
                 self.metrics.sync_errors.labels("internal").inc()
                 self._error("agent loop failed, still running the previous state: %s", _one_line(exc))
-            self._stop.wait(self.opts.poll_interval)
+            self._pause()
         log.info("stopping; the datapath stays attached and keeps serving")
         if hasattr(self.source, "stop"):
             self.source.stop()
         if self.http:
             self.http.stop()
         self.lock.release()
+
+    def _pause(self) -> None:
+        """Until the next step: a source that can tell when something
+        changed (the Kubernetes source) wakes the loop at once; others are
+        polled every poll_interval. A pending retry keeps to the interval."""
+        wait = getattr(self.source, "wait", None)
+        if wait is None or self.lb_stale or self.redirect_stale:
+            self._stop.wait(self.opts.poll_interval)
+        else:
+            wait(self.opts.poll_interval)
 
     def step(self) -> None:
         with gc_paused():
@@ -170,6 +188,7 @@ class Agent:
             return False
         self.metrics.config_ok.set(1)
         self.desired = desired
+        self.pending_triggers.extend(desired.trigger_times)
         self.lb_retry.reset()        # a new change is tried at once
         self.redirect_retry.reset()
         return True
@@ -178,12 +197,26 @@ class Agent:
     def sync_lb(self, desired: DesiredState, reread: bool = False) -> bool:
         """Brings the load-balancing maps to `desired`, Service by Service as
         they fit. On a failure the maps get back to what they held and a
-        retry is scheduled. Returns True on success."""
+        retry is scheduled. Returns True on success.
+
+        A change is planned over the frontends it touches only, when the last
+        sync brought the maps to the whole previous desired state; anything
+        else (the first sync, a resync, a retry, Services left out, a plan
+        that does not fit) plans everything, as the safety net."""
         assert self.maps is not None
         try:
+            started = time.monotonic()
             if reread:
                 self._resync_read()
-            writes = self._admit_and_apply(wanted_services(desired))
+            writes = None if reread else self._sync_incremental(desired)
+            how = "changed frontends only"
+            if writes is None:
+                how = "full plan"
+                writes = self._admit_and_apply(wanted_services(desired))
+                self.synced = None if self.refused else desired
+                if self.synced is not None:  # built now, so the next change does not wait for it
+                    self.index = LBIndex(self.current)
+                freeze_heap()
         except CapacityError as exc:  # admission should have prevented it
             return self._lb_failed("capacity", f"update rejected, still running the previous state: {exc}")
         except MapWriteError as exc:
@@ -198,9 +231,58 @@ class Agent:
         self.lb_stale = False
         self.metrics.datapath_stale.set(0)
         self.metrics.last_sync.set_to_current_time()
+        self._observe_programming()
+        if reread:  # the safety net's whole cost: read back, full plan, repair
+            log.info("resync: maps read, planned in full and repaired in %.1f ms",
+                     (time.monotonic() - started) * 1000)
         if writes:
-            log.info("synced %d services: %d map writes", len(desired.service_ports), writes)
+            log.info("synced %d services: %d map writes (%s)", len(desired.service_ports), writes, how)
         return True
+
+    def _observe_programming(self) -> None:
+        """kube-proxy's network_programming_duration_seconds: from each
+        change's trigger time (set by the EndpointSlice controller) to now,
+        when the maps hold it."""
+        now = time.time()
+        for t in self.pending_triggers:
+            self.metrics.network_programming.observe(max(now - t, 0.0))
+        self.pending_triggers.clear()
+
+    def _sync_incremental(self, desired: DesiredState) -> int | None:
+        """Plans and writes only the frontends that differ from the last
+        synced state; None when a full sync is needed instead."""
+        assert self.maps is not None
+        before = self.synced
+        if before is None or self.programmed is None or self.lb_stale or self.refused:
+            return None
+        delta = desired.delta
+        if delta is not None and delta.base() is before:
+            # The source names what changed since the state synced last: the
+            # work is the change's, not the whole state's.
+            changes = frontend_changes(before.service_ports, desired.service_ports, delta.frontends)
+        else:
+            changes = frontend_changes(before.service_ports, desired.service_ports)
+        if not changes:
+            return 0
+        if self.index is None:
+            self.index = LBIndex(self.current)
+        p = plan_services(self.current, self.index, changes)
+        try:
+            check_capacity(self.current, p, self.maps.capacity, MAP_NAMES)
+        except CapacityError:
+            return None  # admission decides, over everything
+        self.synced = None  # until the write is known to have landed
+        self.maps.apply(p)
+        self._count_writes(p)
+        self.index.apply(p, self.current)
+        self._update_gauges()
+        for key, want in changes.items():
+            if want is None:
+                self.programmed.pop(key, None)
+            else:
+                self.programmed[key] = want
+        self.synced = desired
+        return p.writes
 
     def _admit_and_apply(self, wanted: dict[SvcKey, WantedService]) -> int:
         assert self.maps is not None
@@ -253,16 +335,21 @@ class Agent:
 
     def _apply(self, p: Plan) -> None:
         assert self.maps is not None
+        self.index = None  # a full plan may repair what the index assumes; rebuilt when needed
         self.maps.apply(p)
+        self._count_writes(p)
+        p.apply_in_place(self.current)
+        self._update_gauges()
+
+    def _count_writes(self, p: Plan) -> None:
         for step in p.steps():
             self.metrics.map_writes.labels(BY_ROLE[step.map].name, step.op).inc(len(step.entries))
-        self.current = p.apply_to(self.current)
-        self._update_gauges()
 
     def _restore(self) -> None:
         """After a partial write: read what the maps hold and plan back to
         what they were last brought to, so nothing stays half-applied."""
         assert self.maps is not None
+        self.index, self.synced = None, None
         try:
             self.current = self.maps.read()
             if self.programmed is not None:
@@ -283,7 +370,7 @@ class Agent:
         actual = self.maps.read()
         took = time.monotonic() - started
         drift = _differing_entries(self.current, actual)
-        self.current = actual
+        self.current, self.index = actual, None
         self.metrics.resync_duration.set(took)
         self.metrics.resync_drift.inc(drift)
         entries = sum(len(getattr(actual, role)) for role in BY_ROLE)
@@ -377,6 +464,24 @@ class Agent:
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def frontend_changes(before: dict, after: dict, where: Iterable | None = None
+                     ) -> dict[SvcKey, WantedService | None]:
+    """The frontends whose ServicePort differs between two desired states,
+    in map terms (None: gone), looking only at `where` when given. Unchanged
+    objects are usually the same object: most comparisons stop at identity."""
+    changes: dict[SvcKey, WantedService | None] = {}
+    for fe in (after.keys() | before.keys()) if where is None else where:
+        old, new = before.get(fe), after.get(fe)
+        if old is new or old == new:
+            continue
+        if new is None:
+            changes[wanted_service(old)[0]] = None
+        else:
+            key, want = wanted_service(new)
+            changes[key] = want
+    return changes
 
 
 def _differing_entries(expected: LBState, actual: LBState) -> int:

@@ -7,6 +7,7 @@ reconciler turns it into map writes. Nothing here knows about BPF.
 from __future__ import annotations
 
 import ipaddress
+import weakref
 from dataclasses import dataclass, field
 from typing import Union
 
@@ -99,13 +100,31 @@ class AgentSettings:
     redirect: RedirectSettings = RedirectSettings()
 
 
+@dataclass(frozen=True)
+class Delta:
+    """How a DesiredState differs from the one a source handed out before it
+    (`base`, held weakly so states never chain up in memory): at most these
+    frontends. A consumer that synced exactly `base` needs to look at
+    nothing else; any other consumer compares the states itself."""
+
+    base: "weakref.ref[DesiredState]"
+    frontends: frozenset[Frontend]
+
+
 @dataclass
 class DesiredState:
     """Everything the node should program: services keyed by frontend, and
-    the agent's own settings."""
+    the agent's own settings. Sources never change a state once handed
+    out; a new one shares the unchanged ServicePort objects."""
 
     service_ports: dict[Frontend, ServicePort] = field(default_factory=dict)
     settings: AgentSettings = AgentSettings()
+    # Not part of what the state is, only of how it came about:
+    delta: Delta | None = field(default=None, compare=False, repr=False)
+    # When the changes in it were made (EndpointSlices'
+    # endpoints.kubernetes.io/last-change-trigger-time, Unix seconds), for
+    # meshbpf_network_programming_duration_seconds.
+    trigger_times: tuple[float, ...] = field(default=(), compare=False, repr=False)
 
     def services(self) -> set[str]:
         return {sp.service for sp in self.service_ports.values()}

@@ -137,8 +137,11 @@ def build_state(objects: Iterable[SourceObject], *, node_name: str | None = None
             out.notes.append(f"{src.where}: skipping kind {kind!r}: meshbpf reads Service, "
                              f"EndpointSlice and AgentConfig")
 
+    # Slices merge in name order, whatever order they were listed or
+    # watched in: the same objects always give the same state (the
+    # incremental path in kube_incremental.py relies on it).
     by_service: dict[tuple[str, str], list[_Slice]] = {}
-    for sl in slices.values():
+    for _, sl in sorted(slices.items()):
         by_service.setdefault((sl.namespace, sl.service), []).append(sl)
 
     state = DesiredState(settings=state_settings)

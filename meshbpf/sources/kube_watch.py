@@ -103,8 +103,9 @@ class Reflector:
                  transform: Callable[[dict], dict] = lambda obj: obj,
                  backoff: Backoff = Backoff(), page_size: int = 500,
                  watch_timeout: tuple[int, int] = (300, 600), connect_timeout: float = 10.0,
-                 bookmark_interval: float = 60.0):
+                 bookmark_interval: float = 60.0, on_change: Callable[[], None] = lambda: None):
         self.name = name
+        self._on_change = on_change  # called after each change (must not take our lock)
         self._list_func = list_func
         self._kind, self._api_version = kind, api_version
         self._selectors = dict(selectors or {})
@@ -119,6 +120,7 @@ class Reflector:
         self._lock = threading.Lock()
         self._items: dict[Key, dict] = {}
         self.generation = 0             # bumped whenever _items changes
+        self._touched: set[Key] | None = set()  # keys changed since take_changes(); None: a relist
         self.synced = threading.Event()  # set once the first list is in
         self.resource_version: str | None = None
         self.lists = 0                   # how many complete lists were taken
@@ -133,6 +135,16 @@ class Reflector:
     def items(self) -> list[dict]:
         with self._lock:
             return list(self._items.values())
+
+    def take_changes(self) -> dict[Key, dict | None] | None:
+        """The objects changed since the last call, by key (None: deleted),
+        as one consistent snapshot; None when a relist replaced the
+        collection (the caller then reads items() whole)."""
+        with self._lock:
+            touched, self._touched = self._touched, set()
+            if touched is None:
+                return None
+            return {key: self._items.get(key) for key in touched}
 
     def health(self) -> dict[str, Any]:
         return {"alive": self._thread.is_alive(),
@@ -256,6 +268,8 @@ class Reflector:
             self._items = items
             if added or deleted or changed:
                 self.generation += 1
+                self._touched = None
+                self._on_change()
         self.lists += 1
         self.resource_version = resource_version
         self._consistent_list = False
@@ -334,6 +348,9 @@ class Reflector:
                 obj.setdefault("apiVersion", self._api_version)
                 self._items[key] = self._transform(obj)
             self.generation += 1
+            if self._touched is not None:
+                self._touched.add(key)
+        self._on_change()
         self.resource_version = _resource_version(obj) or self.resource_version
 
 

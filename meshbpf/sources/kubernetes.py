@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 from typing import Any, Callable
 
 import urllib3
@@ -27,6 +28,7 @@ from kubernetes import client, config
 from ..model import AgentSettings, DesiredState
 from . import agent_config, schema
 from .errors import ConfigError, Problem, internal_error
+from .kube_incremental import ServiceIndex
 from .kube_objects import PROXY_NAME_LABEL, BuildResult, SourceObject, build_state
 from .kube_watch import Backoff, Reflector
 from .yaml_load import LoadError, load_one
@@ -125,11 +127,14 @@ class KubernetesSource:
         self._api = client.ApiClient(load_client_config(kubeconfig))
         core, discovery = client.CoreV1Api(self._api), client.DiscoveryV1Api(self._api)
 
+        self._wake = threading.Event()  # set by every change, so the agent acts at once
+
         def reflector(name: str, func: Callable[..., Any], kind: str, api_version: str = "v1",
                       **kwargs: Any) -> Reflector:
             return Reflector(name, func, kind=kind, api_version=api_version, backoff=backoff,
                              page_size=page_size, watch_timeout=watch_timeout,
-                             bookmark_interval=bookmark_interval, **kwargs)
+                             bookmark_interval=bookmark_interval, on_change=self._wake.set,
+                             **kwargs)
 
         # kube-proxy's own selector, so the two never both handle a Service
         # (server side here, and again in build_state for the file source).
@@ -164,6 +169,7 @@ class KubernetesSource:
 
         self._inputs = [r for key, r in self.reflectors.items() if key != "pods"]
         self._built: tuple[int, ...] | None = None
+        self._index: ServiceIndex | None = None  # for incremental builds; None: build everything
         self._last: DesiredState | None = None
         self._problems: set[str] = set()
         self._notes: set[str] = set()
@@ -175,9 +181,13 @@ class KubernetesSource:
     def poll(self) -> DesiredState | None:
         """A new DesiredState when the watched objects changed since the last
         one and every collection has been listed; None otherwise. Never
-        blocks on the network; the build itself runs here (under a second
-        for 10 000 Services), at most once per change however many events
-        arrived since the last poll."""
+        blocks on the network; at most one build per poll however many
+        events arrived since the last one.
+
+        Service and EndpointSlice events rebuild only the Services they
+        touch (kube_incremental), and the state carries a Delta naming the
+        frontends that changed; a (re)list, or a change to the ConfigMap or
+        the Node, rebuilds everything."""
         if not self.synced():
             return None
         # Generations are read before the objects: a change landing in
@@ -185,13 +195,23 @@ class KubernetesSource:
         generations = tuple(r.generation for r in self._inputs)
         if generations == self._built:
             return None
-        self._built = generations
+        previous, self._built = self._built, generations
+        # Taken before any object is read, for the same reason.
+        services = self.reflectors["services"].take_changes()
+        slices = self.reflectors["endpointslices"].take_changes()
+        incremental = (self._index is not None and services is not None and slices is not None
+                       and previous is not None and previous[2:] == generations[2:])
         try:
+            if incremental:
+                return self._apply_events(services, slices)
             result = self.build()
         except Exception as exc:
+            self._index = None  # the next poll builds everything again
             log.exception("building the state from the API objects failed")
             raise internal_error("API server objects", exc) from None
         if result.state == self._last:
+            if self._index is not None and self._last is not None:
+                self._index.state = self._last  # deltas then name the state handed out
             return None
         self._last = result.state
         return result.state
@@ -199,14 +219,18 @@ class KubernetesSource:
     def build(self) -> BuildResult:
         # Messages about these name the object themselves: "API server
         # (Service default/web): spec.ports[0]...".
-        objects = [SourceObject(obj, "API server") for key in ("services", "endpointslices")
-                   for obj in self.reflectors[key].items()]
+        services = self.reflectors["services"].items()
+        slices = self.reflectors["endpointslices"].items()
+        objects = [SourceObject(obj, "API server") for obj in services + slices]
         settings_problems: list[Problem] = []
         settings = self._settings(settings_problems)
         zone = self.node_zone()
         result = build_state(objects, node_name=self.node_name,
                              service_proxy_name=self.service_proxy_name, node_zone=zone)
         result.state.settings = settings
+        self._index = ServiceIndex(result.state, services, slices, result.problems,
+                                   node_name=self.node_name,
+                                   service_proxy_name=self.service_proxy_name, node_zone=zone)
         result.problems[:0] = settings_problems
         if "node" in self.reflectors and not self.reflectors["node"].items():
             result.notes.append(f"Node {self.node_name} not found: topology hints are not used")
@@ -215,6 +239,31 @@ class KubernetesSource:
                                 f"agent settings are the defaults")
         self._report(result)
         return result
+
+    def _apply_events(self, services: dict, slices: dict) -> DesiredState | None:
+        assert self._index is not None
+        update = self._index.apply(services, slices)
+        problems = {str(p) for p in update.problems}
+        for text in sorted(problems - self._problems):
+            log.warning("left out of the state: %s", text)
+        for text in sorted(update.resolved - problems):
+            log.info("resolved: %s", text)
+        for text in update.notes:
+            if text not in self._notes:
+                log.info("%s", text)
+                self._notes.add(text)
+        self._problems = (self._problems - update.resolved) | problems
+        if update.state is None:
+            return None
+        self._last = update.state
+        return update.state
+
+    def wait(self, timeout: float) -> None:
+        """Returns when an object changed, or after timeout: the agent's
+        loop sleeps here, so an event is programmed in milliseconds, not at
+        the next poll interval."""
+        self._wake.wait(timeout)
+        self._wake.clear()
 
     # --- views -----------------------------------------------------------------
     @property

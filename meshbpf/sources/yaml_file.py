@@ -21,6 +21,7 @@ from typing import Callable
 from ..gcpause import gc_paused
 from ..model import DesiredState
 from .errors import ConfigError, Problem, internal_error
+from .file_incremental import FileIndex
 from .kube_objects import BuildResult, SourceObject, build_state
 from .yaml_load import LoadError, load_all
 
@@ -67,10 +68,10 @@ def _document_at(starts: list[int], line: int) -> int:
 
 
 def parse_documents(path: Path, text: str) -> list[SourceObject]:
-    starts = document_starts(text)
     try:
         docs = load_all(text)
     except LoadError as exc:
+        starts = document_starts(text)
         where = str(path)
         if exc.line is not None:
             doc = _document_at(starts, exc.line)
@@ -79,6 +80,9 @@ def parse_documents(path: Path, text: str) -> list[SourceObject]:
         else:
             reason = f"not valid YAML: {exc.message}"
         raise ConfigError([Problem(where, "", "", reason)]) from None
+    # One JSON object from line 1 (kubectl get -o json): no need to scan the
+    # text for document markers, which costs as much as parsing it.
+    starts = [1] if len(docs) == 1 and text.startswith("{") else document_starts(text)
     starts = (starts + [starts[-1]] * len(docs))[: len(docs)]
     return [SourceObject(doc, f"{path}: document {i + 1} (line {starts[i]})")
             for i, doc in enumerate(docs)]
@@ -179,6 +183,7 @@ class FileSource:
         self._seen: _Stamp | None = None     # the stamp of the previous poll
         self._notes: list[str] = []
         self._parsed: dict = {}  # file -> (stamp, parsed documents)
+        self._index: FileIndex | None = None  # for incremental reads; None: read everything
         self._pending: DesiredState | None = None  # read, not yet handed out (held)
         self._held_since: float | None = None
         self._serving_services = False       # the last state handed out had Services
@@ -216,17 +221,52 @@ class FileSource:
 
     def _read(self) -> DesiredState:
         try:
+            state = self._read_changed_files()
+            if state is not None:
+                return state
+            self._index = None
             result = read_config(self.path, self.node_name, self._parsed)
         except ConfigError:
+            self._index = None
             raise
         except Exception as exc:
+            self._index = None
             log.exception("reading %s failed", self.path)
             raise internal_error(str(self.path), exc) from None
         if result.notes != self._notes:
             for note in result.notes:
                 log.info("%s", note)
             self._notes = result.notes
+        with gc_paused():
+            self._index = FileIndex(result.state, self._parsed, self.node_name)
         return result.state
+
+    def _read_changed_files(self) -> DesiredState | None:
+        """Parses only the files that changed and applies their differences
+        (file_incremental); None when a full read is needed."""
+        if self._index is None:
+            return None
+        with gc_paused():
+            files = config_files(self.path)
+            changed: dict[Path, list | None] = dict.fromkeys(self._parsed.keys() - set(files))
+            for file in files:
+                try:
+                    st = os.stat(file)
+                    stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+                    if file in self._parsed and self._parsed[file][0] == stamp:
+                        continue
+                    text = file.read_text(encoding="utf-8-sig")
+                except (OSError, UnicodeDecodeError):
+                    return None  # the full read says what is wrong, with every other problem
+                docs = parse_documents(file, text)  # ConfigError: reported as the full read would
+                self._parsed[file] = (stamp, docs)
+                changed[file] = docs
+            for gone in [f for f, docs in changed.items() if docs is None]:
+                self._parsed.pop(gone, None)
+            state = self._index.apply(changed)
+        if state is None:
+            self._index = None
+        return state
 
     def _release(self) -> DesiredState | None:
         """The pending state, unless it is being held back."""

@@ -13,6 +13,9 @@ at least one endpoint never drops to zero backends during an update.
 Slots keep their positions across updates where they can, so adding or
 removing one endpoint rewrites one or two slots, not the whole service.
 IDs are taken from the maps on restart, so an unchanged config writes nothing.
+
+`plan()` looks at everything; `incremental.plan_services()` plans only the
+Services a change touches, with the same IDs and slots (see that module).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterator, NamedTuple
 
-from .model import DesiredState, IPAddress, usable_endpoints
+from ..model import DesiredState, IPAddress, ServicePort, usable_endpoints
 
 IPPROTO = {"TCP": 6, "UDP": 17}
 PROTO_NAME = {v: k for k, v in IPPROTO.items()}
@@ -128,14 +131,18 @@ class Plan:
     def apply_to(self, state: LBState) -> LBState:
         """The state the maps hold once every step is applied."""
         new = state.copy()
+        self.apply_in_place(new)
+        return new
+
+    def apply_in_place(self, state: LBState) -> None:
+        """apply_to() without the copy: costs the plan's size, not the maps'."""
         for step in self.steps():
-            target = getattr(new, step.map)
+            target = getattr(state, step.map)
             if step.op == "update":
                 target.update(step.entries)
             else:
                 for key in step.entries:
                     target.pop(key, None)
-        return new
 
 
 class CapacityError(Exception):
@@ -144,31 +151,37 @@ class CapacityError(Exception):
 
 def wanted_services(desired: DesiredState) -> dict[SvcKey, WantedService]:
     """Desired state in map terms: usable endpoints only, in a stable order."""
-    out: dict[SvcKey, WantedService] = {}
-    for fe, sp in desired.service_ports.items():
-        proto = IPPROTO[fe.protocol]
-        backends = []
-        seen = set()
-        for usable in usable_endpoints(sp.endpoints):
-            ep = usable.endpoint
-            be = BackendVal(addr16(ep.address), ep.port, proto)
-            if be in seen:
-                continue
-            seen.add(be)
-            backends.append((be, SLOT_TERMINATING if usable.terminating_fallback else SLOT_READY))
-        port_label = f":{sp.port_name}" if sp.port_name else ""
-        out[SvcKey(addr16(fe.address), fe.port, proto)] = WantedService(
-            f"{sp.service}{port_label}", tuple(backends), sp.affinity_timeout, sp.service)
-    return out
+    return dict(wanted_service(sp) for sp in desired.service_ports.values())
+
+
+def wanted_service(sp: ServicePort) -> tuple[SvcKey, WantedService]:
+    """One frontend in map terms (the key and what the maps should hold)."""
+    fe = sp.frontend
+    proto = IPPROTO[fe.protocol]
+    backends = []
+    seen = set()
+    for usable in usable_endpoints(sp.endpoints):
+        ep = usable.endpoint
+        be = BackendVal(addr16(ep.address), ep.port, proto)
+        if be in seen:
+            continue
+        seen.add(be)
+        backends.append((be, SLOT_TERMINATING if usable.terminating_fallback else SLOT_READY))
+    port_label = f":{sp.port_name}" if sp.port_name else ""
+    return SvcKey(addr16(fe.address), fe.port, proto), WantedService(
+        f"{sp.service}{port_label}", tuple(backends), sp.affinity_timeout, sp.service)
 
 
 class _IdAllocator:
     """Hands out IDs above the highest in use, so a freed ID is not reused
-    while a kernel reader may still hold it."""
+    while a kernel reader may still hold it. `used` is only read (the
+    incremental planner passes its index's live set); `top` is its maximum
+    when the caller knows it already."""
 
-    def __init__(self, used: set[int], limit: int = 0xFFFFFFFF):
+    def __init__(self, used: set[int], limit: int = 0xFFFFFFFF, top: int | None = None):
         self.used = used
-        self.next = max(used, default=0) + 1
+        self.taken: set[int] = set()
+        self.next = (max(used, default=0) if top is None else top) + 1
         self.limit = limit
 
     def take(self) -> int:
@@ -176,8 +189,8 @@ class _IdAllocator:
             while self.next <= self.limit:
                 candidate = self.next
                 self.next += 1
-                if candidate not in self.used:
-                    self.used.add(candidate)
+                if candidate not in self.used and candidate not in self.taken:
+                    self.taken.add(candidate)
                     return candidate
             self.next = 1  # wrapped: reuse the lowest free IDs
         raise CapacityError("no free IDs left")
@@ -270,13 +283,19 @@ def check_capacity(current: LBState, p: Plan, capacity: dict[str, int],
     plus every key the plan adds. `labels` names the maps in the message.
     """
     labels = labels or {}
+    # Counted over the plan's keys only, so a small plan is checked in time
+    # proportional to it, not to the maps.
     peaks = {
-        "services": len(current.services.keys() | p.service_updates.keys()),
-        "slots": len(current.slots.keys() | p.slot_updates.keys()),
-        "backends": len(current.backends.keys() | p.backend_updates.keys()),
+        "services": _peak(current.services, p.service_updates),
+        "slots": _peak(current.slots, p.slot_updates),
+        "backends": _peak(current.backends, p.backend_updates),
     }
     over = [f"{labels.get(name, name + ' map')} needs {peaks[name]} entries, it holds {capacity[name]}"
             for name in peaks if name in capacity and peaks[name] > capacity[name]]
     if over:
         raise CapacityError("map full: " + "; ".join(over)
                             + " (raise the size with --map-size or lower the number of services)")
+
+
+def _peak(held: dict, updates: dict) -> int:
+    return len(held) + sum(1 for key in updates if key not in held)

@@ -1,0 +1,330 @@
+"""Incremental sync at scale (issue 14): cost per change, flat in N.
+
+    .venv/bin/python bench/incremental.py [--sizes 10000,100000] [--events 200]
+        [--churn-seconds 20] [--out bench/results/incremental.json]
+
+No root, no BPF: the agent runs its real loop (source -> delta -> planner)
+over an in-memory stand-in for the maps (`MemoryMaps`), so what is timed is
+the userspace path a change takes; a map write itself is one batch syscall
+of a few entries on top (microseconds). Services have 4 endpoints each.
+
+- kubernetes: the fake API server (tests/unit/fake_apiserver.py) holds N
+  Services and their EndpointSlices; the Kubernetes source lists and
+  watches it over HTTP. Each event is an EndpointSlice update stamped with
+  endpoints.kubernetes.io/last-change-trigger-time = now (RFC3339Nano); the
+  latency is the agent's own meshbpf_network_programming_duration_seconds
+  observation: trigger time to maps written, as kube-proxy measures it.
+- churn: 100 EndpointSlice updates per second at 10 000 Services; the CPU
+  time of the agent's threads (loop + watch threads, from /proc, the fake
+  server's threads excluded) over wall time; every update must land.
+- file: one folder with one N-Service file (JSON, and YAML at 10 000) plus
+  a small file; time from the edit to maps written (poll + sync), for an
+  endpoint moved in the big file and a Service added in a small file.
+- rss: the agent process's RSS after the file source's cold start, and
+  after the edits (bcc/LLVM excluded: see README, "Footprint").
+- the periodic full resync's cost (read + full plan) is reported apart.
+
+Figures depend on the machine; the JSON records the load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import ipaddress
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "unit")]
+
+import fake_apiserver  # noqa: E402
+from fake_apiserver import FakeAPIServer  # noqa: E402
+from k8s_builders import endpoint_slice, ep, service  # noqa: E402
+from meshbpf.agent import Agent, AgentOptions  # noqa: E402
+from meshbpf.gcpause import gc_paused  # noqa: E402
+from meshbpf.reconcile import LBState, Plan, plan, wanted_services  # noqa: E402
+from meshbpf.sources.kube_incremental import TRIGGER_TIME  # noqa: E402
+from meshbpf.sources.kubernetes import KubernetesSource  # noqa: E402
+from meshbpf.sources.yaml_file import FileSource  # noqa: E402
+
+ENDPOINTS = 4
+
+
+class MemoryMaps:
+    """The three maps in memory: what LBMaps does, minus the syscalls."""
+
+    def __init__(self, size: int):
+        self.state = LBState()
+        self.capacity = {"services": size, "slots": size * 8, "backends": size * 8}
+        self.writes = 0
+        self.last_write = 0.0
+
+    def read(self) -> LBState:
+        return self.state.copy()
+
+    def apply(self, p: Plan) -> None:
+        p.apply_in_place(self.state)
+        self.writes += p.writes
+        self.last_write = time.time()
+
+
+class _LB:
+    redirect = False
+
+
+def cluster_ip(i: int) -> str:
+    return str(ipaddress.ip_address("10.96.0.0") + 1 + i)
+
+
+def pod_ip(i: int, j: int) -> str:
+    return str(ipaddress.ip_address("10.128.0.0") + 1 + i * ENDPOINTS + j)
+
+
+def objects(n: int):
+    for i in range(n):
+        yield service(f"svc-{i}", cluster_ip(i), namespace=f"ns-{i % 50}")
+        yield endpoint_slice(f"svc-{i}-x", f"svc-{i}", [ep(pod_ip(i, j)) for j in range(ENDPOINTS)],
+                             namespace=f"ns-{i % 50}")
+
+
+def rfc3339nano(t: float) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f000Z")
+
+
+def moved_slice(i: int, k: int) -> dict:
+    """svc-i's slice with its last endpoint moved to a new address (k-th time)."""
+    eps = [ep(pod_ip(i, j)) for j in range(ENDPOINTS - 1)]
+    eps.append(ep(str(ipaddress.ip_address("10.200.0.0") + 1 + k)))
+    obj = endpoint_slice(f"svc-{i}-x", f"svc-{i}", eps, namespace=f"ns-{i % 50}")
+    obj["metadata"]["annotations"][TRIGGER_TIME] = rfc3339nano(time.time())
+    return obj
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def thread_cpu(tids: list[int]) -> float:
+    total = 0
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        except OSError:
+            pass
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+
+
+BUCKETS_MS = (1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000)  # the metric's, up to 1 s
+
+
+def summary(values: list[float]) -> dict:
+    ms = [v * 1000 for v in values]
+    histogram = {f"<={b}": sum(1 for v in ms if v <= b) for b in BUCKETS_MS}  # cumulative
+    return {"n": len(ms), "p50_ms": round(pct(ms, 0.5), 3), "p90_ms": round(pct(ms, 0.9), 3),
+            "p99_ms": round(pct(ms, 0.99), 3), "max_ms": round(max(ms), 3) if ms else None,
+            "histogram_ms": histogram}
+
+
+class LoopThread:
+    """The agent's loop (Agent.run without its signal handlers) in a thread."""
+
+    def __init__(self, agent: Agent):
+        self.agent = agent
+        self.thread = threading.Thread(target=self._run, name="agent-loop", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        self.tid = threading.get_native_id()
+        while not self.agent._stop.is_set():
+            self.agent.step()
+            self.agent._pause()
+
+    def stop(self) -> None:
+        self.agent.stop()
+        self.thread.join()
+
+
+def make_agent(source, n: int, **opts) -> tuple[Agent, MemoryMaps, list[float]]:
+    agent = Agent(AgentOptions(config=Path("unused"), poll_interval=0.2, resync_interval=0, **opts),
+                  source=source, lb=_LB())
+    maps = MemoryMaps(max(2 * n, 1000))
+    agent.maps = maps
+    latencies: list[float] = []
+    hist = agent.metrics.network_programming
+    real = hist.observe
+    hist.observe = lambda v: (latencies.append(v), real(v))  # keep each observation
+    return agent, maps, latencies
+
+
+def _nodelay_setup(self) -> None:
+    """The real API server (Go) writes with TCP_NODELAY; the fake one's small
+    chunked writes would otherwise meet Nagle and delayed ACKs (40 ms)."""
+    _setup(self)
+    self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+_setup = fake_apiserver._Handler.setup
+fake_apiserver._Handler.setup = _nodelay_setup
+
+
+def bench_kubernetes(n: int, events: int, churn_seconds: float, tmp: Path) -> dict:
+    api = FakeAPIServer().start()
+    t = time.monotonic()
+    api.apply(*objects(n))
+    loaded = time.monotonic() - t
+    source = KubernetesSource(kubeconfig=str(api.kubeconfig(tmp / "kubeconfig")), node_name="node-a")
+    started = time.monotonic()
+    agent, maps, latencies = make_agent(source, n)
+    loop = LoopThread(agent)
+    while not agent.ready():
+        time.sleep(0.01)
+    cold = time.monotonic() - started
+    out: dict = {"services": n, "cold_start_s": round(cold, 2), "server_load_s": round(loaded, 1)}
+
+    # One event at a time, each waited for: latency with nothing queued.
+    for k in range(events):
+        before = len(latencies)
+        api.apply(moved_slice((k * 7919) % n, k))
+        while len(latencies) == before:
+            time.sleep(0.0005)
+    out["one_event"] = summary(latencies)
+
+    if churn_seconds:
+        latencies.clear()
+        watch_tids = [r._thread.native_id for r in source.reflectors.values()]
+        tids = watch_tids + [loop.tid]
+        cpu0, wall0 = thread_cpu(tids), time.monotonic()
+        sent, k = 0, events
+        period = 0.01
+        next_at = time.monotonic()
+        while time.monotonic() - wall0 < churn_seconds:
+            api.apply(moved_slice((k * 104729) % n, k))
+            sent, k = sent + 1, k + 1
+            next_at += period
+            time.sleep(max(0.0, next_at - time.monotonic()))
+        deadline = time.monotonic() + 10
+        while len(latencies) < sent and time.monotonic() < deadline:
+            time.sleep(0.01)
+        wall = time.monotonic() - wall0
+        cpu = thread_cpu(tids) - cpu0
+        out["churn"] = {"updates_per_s": round(sent / churn_seconds, 1), "seconds": churn_seconds,
+                        "agent_cpu_pct_of_one_core": round(100 * cpu / wall, 1),
+                        "programmed": len(latencies), "sent": sent,
+                        "latency": summary(latencies)}
+    loop.stop()
+    source.stop()
+    api.stop()
+    return out
+
+
+def bench_file(n: int, tmp: Path, fmt: str) -> dict:
+    folder = tmp / f"file-{fmt}-{n}"
+    folder.mkdir()
+    big = folder / f"services.{fmt}"
+    # The files are written by a child process, so this one's RSS is the agent's.
+    write_in_child(big, n, fmt, -1)
+    write_config(folder / "small.json", [service("small-0", "10.95.0.1")], "json")
+    gc.collect()
+    rss0 = rss_mb()
+    source = FileSource(folder, "node-a", settle_s=0)
+    agent, maps, _ = make_agent(source, n)
+    t = time.monotonic()
+    agent.step()
+    cold = time.monotonic() - t
+    out: dict = {"services": n, "format": fmt, "cold_start_s": round(cold, 2),
+                 "rss_after_start_mb": round(rss_mb(), 1), "rss_before_mb": round(rss0, 1)}
+    times = []
+    for k in range(3):
+        write_in_child(big, n, fmt, k)
+        t = time.monotonic()
+        agent.step()
+        times.append(time.monotonic() - t)
+    out["edit_in_big_file_ms"] = round(statistics.median(times) * 1000, 1)
+    times = []
+    for k in range(5):
+        write_config(folder / f"extra-{k}.json", [service(f"extra-{k}", f"10.94.0.{k + 1}")], "json")
+        t = time.monotonic()
+        agent.step()
+        times.append(time.monotonic() - t)
+    out["service_in_small_file_ms"] = round(statistics.median(times) * 1000, 2)
+    out["rss_after_edits_mb"] = round(rss_mb(), 1)
+    # The safety net: a full resync (read back + full plan), timed apart.
+    t = time.monotonic()
+    with gc_paused():
+        agent._resync_read()
+        agent._admit_and_apply(wanted_services(agent.desired))
+    out["full_resync_s"] = round(time.monotonic() - t, 2)
+    assert plan(maps.state, wanted_services(agent.desired)).writes == 0
+    return out
+
+
+def write_in_child(path: Path, n: int, fmt: str, k: int) -> None:
+    """The N-Service file; k >= 0 moves an endpoint of svc-0 (the k-th edit)."""
+    subprocess.run([sys.executable, __file__, "--write", str(path), str(n), fmt, str(k)], check=True)
+
+
+def _write(path: str, n: str, fmt: str, k: str) -> None:
+    items = list(objects(int(n)))
+    if int(k) >= 0:
+        items[1] = moved_slice(0, int(k))
+    write_config(Path(path), items, fmt)
+
+
+def write_config(path: Path, items: list[dict], fmt: str) -> None:
+    tmp = path.with_name("." + path.name + ".tmp")
+    doc = {"apiVersion": "v1", "kind": "List", "items": items}
+    if fmt == "json":
+        tmp.write_text(json.dumps(doc))
+    else:
+        import yaml
+        tmp.write_text(yaml.dump(doc, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper)))
+    os.replace(tmp, path)
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["--write"]:
+        return _write(*sys.argv[2:6])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", default="10000,100000")
+    ap.add_argument("--events", type=int, default=200)
+    ap.add_argument("--churn-seconds", type=float, default=20.0)
+    ap.add_argument("--only", choices=("kubernetes", "file"), default=None)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "incremental.json")
+    args = ap.parse_args()
+    import tempfile
+    results: dict = {"load_average": os.getloadavg(), "cpus": os.cpu_count(), "runs": []}
+    with tempfile.TemporaryDirectory() as d:
+        for n in map(int, args.sizes.split(",")):
+            if args.only in (None, "file"):
+                for fmt in ("json", "yaml") if n <= 10_000 else ("json",):
+                    r = bench_file(n, Path(d), fmt)
+                    print(json.dumps({"file": r}), flush=True)
+                    results["runs"].append({"file": r})
+            if args.only in (None, "kubernetes"):
+                r = bench_kubernetes(n, args.events, args.churn_seconds if n <= 10_000 else 0, Path(d))
+                print(json.dumps({"kubernetes": r}), flush=True)
+                results["runs"].append({"kubernetes": r})
+    results["load_average_after"] = os.getloadavg()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

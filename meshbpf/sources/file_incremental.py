@@ -1,0 +1,109 @@
+"""The file source's incremental path: a changed file costs its own size.
+
+After a full read, `FileIndex` remembers each file's Services and
+EndpointSlices. When some files change, only those are parsed again; their
+objects are compared with what the same files held before, and the
+differences go to a ServiceIndex (kube_incremental) as events, exactly as
+watch events from the API server do. The rest of the folder is not looked
+at beyond one stat per file (which the change detection does anyway).
+
+Anything unusual goes back to the full read, which gives the complete,
+well-placed error messages: a changed file holding another kind (an
+AgentConfig, a List of them, a kind meshbpf skips), an object defined in
+two files, or any problem in the rebuilt Services.
+"""
+
+from __future__ import annotations
+
+import weakref
+from pathlib import Path
+
+from ..model import Delta, DesiredState
+from .kube_incremental import ServiceIndex
+from .kube_objects import SourceObject, _Collector, _flatten_lists
+
+ObjKey = tuple[str, str, str]   # (kind, namespace, name)
+INCREMENTAL_KINDS = ("Service", "EndpointSlice")
+
+
+def file_objects(parsed: list[SourceObject]) -> dict[ObjKey, dict] | None:
+    """A file's Services and EndpointSlices by key; None when it holds
+    anything else (or a problem), which only the full read handles."""
+    out: dict[ObjKey, dict] = {}
+    collector = _Collector()
+    for src in _flatten_lists(parsed, collector):
+        obj = src.obj
+        meta = obj.get("metadata")
+        name = meta.get("name") if isinstance(meta, dict) else None
+        if obj.get("kind") not in INCREMENTAL_KINDS or not isinstance(name, str):
+            return None
+        key = (obj["kind"], meta.get("namespace") or "default", name)
+        if key in out:
+            return None
+        out[key] = obj
+    return None if collector.problems else out
+
+
+class FileIndex:
+    def __init__(self, state: DesiredState, parsed: dict[Path, tuple], node_name: str | None):
+        """From a full read that had no problems: `parsed` is the parse cache
+        (file -> (stamp, documents))."""
+        self.files: dict[Path, dict[ObjKey, dict] | None] = {
+            f: file_objects(docs) for f, (_, docs) in parsed.items()}
+        self.where: dict[ObjKey, Path] = {}
+        services, slices = [], []
+        for f, objects in self.files.items():
+            for key, obj in (objects or {}).items():
+                self.where[key] = f
+                (services if key[0] == "Service" else slices).append(obj)
+        self.services = ServiceIndex(state, services, slices, [], node_name=node_name)
+
+    @property
+    def state(self) -> DesiredState:
+        return self.services.state
+
+    def apply(self, changed: dict[Path, list[SourceObject] | None]) -> DesiredState | None:
+        """The next state after these files changed (None: removed); None
+        when only a full read can say (the index is then no longer valid)."""
+        new_objects: dict[Path, dict[ObjKey, dict]] = {}
+        for f, docs in changed.items():
+            if self.files.get(f, {}) is None:
+                return None  # it held other kinds before
+            objects = {} if docs is None else file_objects(docs)
+            if objects is None:
+                return None
+            for key in objects:
+                if self.where.get(key, f) != f and self.where[key] not in changed:
+                    return None  # defined twice: the full read names both places
+            new_objects[f] = objects
+        events: dict[str, dict] = {"Service": {}, "EndpointSlice": {}}
+        for f, objects in new_objects.items():
+            old = self.files.get(f) or {}
+            for key in old.keys() - objects.keys():
+                events[key[0]].setdefault(key[1:], None)
+            for key, obj in objects.items():
+                if old.get(key) != obj:
+                    events[key[0]][key[1:]] = obj
+                else:
+                    # Equal: hold the new parse's object, so the old parse
+                    # tree is freed, not kept alive beside the new one.
+                    self.services.hold_equal(key[0], key[1:], obj)
+        update = self.services.apply(events["Service"], events["EndpointSlice"])
+        if update.problems:
+            return None
+        if update.state is None:  # nothing meshbpf programs changed
+            base = self.services.state
+            update.state = self.services.state = DesiredState(
+                base.service_ports, base.settings, delta=Delta(weakref.ref(base), frozenset()))
+        for f, objects in new_objects.items():
+            for key in self.files.get(f) or {}:
+                if self.where.get(key) == f:
+                    del self.where[key]
+            if changed[f] is None:
+                self.files.pop(f, None)
+            else:
+                self.files[f] = objects
+            for key in objects:
+                self.where[key] = f
+        return update.state
+

@@ -1,0 +1,200 @@
+"""Applying Service and EndpointSlice events to a DesiredState, per Service.
+
+build_state() reads every object; at 100 000 Services that is seconds for a
+one-endpoint change. `ServiceIndex` remembers, per Service, its object, its
+slices and the ServicePorts it gave, and rebuilds only the Services an event
+touches, with build_state() itself (one Service and its slices at a time),
+so both paths read objects the same way. A full build_state() stays the
+path after a (re)list and for settings or node changes.
+
+Where the two could differ, the full build decides on the next relist:
+two Services claiming one frontend keep the one that had it (the full build
+keeps the first listed), and problems are reported per touched Service.
+"""
+
+from __future__ import annotations
+
+import re
+import weakref
+from datetime import datetime
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from ..model import Delta, DesiredState, Frontend, ServicePort
+from .errors import Problem
+from .kube_objects import SERVICE_NAME_LABEL, BuildResult, SourceObject, build_state
+
+Key = tuple[str, str]  # (namespace, name)
+TRIGGER_TIME = "endpoints.kubernetes.io/last-change-trigger-time"
+
+
+@dataclass
+class Update:
+    state: DesiredState | None             # None: nothing meshbpf programs changed
+    problems: list[Problem] = field(default_factory=list)   # of the touched Services
+    resolved: set[str] = field(default_factory=set)          # their problems now gone
+    notes: list[str] = field(default_factory=list)
+
+
+def _key(obj: dict) -> Key:
+    meta = obj.get("metadata") or {}
+    return meta.get("namespace") or "default", meta.get("name") or ""
+
+
+def _slice_service(obj: dict) -> Key | None:
+    meta = obj.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    name = labels.get(SERVICE_NAME_LABEL) if isinstance(labels, dict) else None
+    return (meta.get("namespace") or "default", name) if isinstance(name, str) else None
+
+
+def trigger_time(obj: dict | None) -> float | None:
+    """An object's last-change-trigger-time annotation as Unix seconds."""
+    meta = (obj or {}).get("metadata") or {}
+    text = (meta.get("annotations") or {}).get(TRIGGER_TIME)
+    if not isinstance(text, str):
+        return None
+    # RFC 3339, perhaps with nanoseconds (Go's RFC3339Nano): Python reads microseconds.
+    m = re.fullmatch(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)", text.strip())
+    if m is None:
+        return None
+    fraction = (m.group(2) or "")[:7]
+    try:
+        when = datetime.fromisoformat(m.group(1) + fraction + m.group(3).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return when.timestamp()
+
+
+class ServiceIndex:
+    def __init__(self, state: DesiredState, services: Iterable[dict], slices: Iterable[dict],
+                 problems: list[Problem], **build_args: Any):
+        self.state = state
+        self.build_args = build_args      # node_name, service_proxy_name, node_zone
+        self.services: dict[Key, dict] = {_key(o): o for o in services}
+        self.slices: dict[Key, dict] = {}
+        self.slice_owner: dict[Key, Key | None] = {}
+        self.slices_of: dict[Key, set[Key]] = {}
+        for obj in slices:
+            self._put_slice(_key(obj), obj)
+        self.ports_of: dict[Key, list[ServicePort]] = {}
+        self.owner: dict[Frontend, Key] = {}
+        for fe, sp in state.service_ports.items():
+            self.ports_of.setdefault((sp.namespace, sp.name), []).append(sp)
+            self.owner[fe] = (sp.namespace, sp.name)
+        self.blocked: set[Key] = set()   # left out: a frontend of theirs is another's
+        self.problems_of: dict[Key, list[Problem]] = {}
+        for p in problems:
+            kind, _, name = p.obj.partition(" ")
+            ns, _, n = name.partition("/")
+            if kind == "Service":
+                self.problems_of.setdefault((ns, n), []).append(p)
+                if p.path == "spec.clusterIP" and "is already used by" in p.reason:
+                    self.blocked.add((ns, n))
+            elif kind == "EndpointSlice" and self.slice_owner.get((ns, n)):
+                self.problems_of.setdefault(self.slice_owner[(ns, n)], []).append(p)
+
+    def _put_slice(self, key: Key, obj: dict | None) -> None:
+        old_owner = self.slice_owner.pop(key, None)
+        if old_owner is not None:
+            self.slices_of.get(old_owner, set()).discard(key)
+        self.slices.pop(key, None)
+        if obj is None:
+            return
+        self.slices[key] = obj
+        owner = self.slice_owner[key] = _slice_service(obj)
+        if owner is not None:
+            self.slices_of.setdefault(owner, set()).add(key)
+
+    def hold_equal(self, kind: str, key: Key, obj: dict) -> None:
+        """Swaps in an object equal to the one held (nothing to rebuild)."""
+        table = self.services if kind == "Service" else self.slices
+        if key in table:
+            table[key] = obj
+
+    def apply(self, services: dict[Any, dict | None], slices: dict[Any, dict | None]) -> Update:
+        """Takes the changed objects (reflector keys -> object, None: deleted)
+        and returns the next state, built from the last one."""
+        touched: dict[Key, None] = {}
+        triggers: list[float] = []
+        for obj_key, obj in services.items():
+            key = (obj_key[0] or "default", obj_key[1])
+            touched[key] = None
+            if obj is None:
+                self.services.pop(key, None)
+            else:
+                self.services[key] = obj
+        for obj_key, obj in slices.items():
+            key = (obj_key[0] or "default", obj_key[1])
+            before = self.slice_owner.get(key)
+            if before is not None:
+                touched[before] = None
+            self._put_slice(key, obj)
+            after = self.slice_owner.get(key)
+            if after is not None:
+                touched[after] = None
+            t = trigger_time(obj)
+            if t is not None:
+                triggers.append(t)
+
+        ports = dict(self.state.service_ports)
+        changed: set[Frontend] = set()
+        update = Update(None)
+        for key in touched:
+            self._release(key, ports, changed)
+        # Services left out for a clash get another chance once frontends free up.
+        retry = [k for k in self.blocked if k not in touched] if changed else []
+        for key in list(touched) + retry:
+            self._rebuild(key, ports, changed, update)
+        if not changed:
+            return update
+        update.state = DesiredState(ports, self.state.settings,
+                                    delta=Delta(weakref.ref(self.state), frozenset(changed)),
+                                    trigger_times=tuple(triggers))
+        self.state = update.state
+        return update
+
+    def _release(self, key: Key, ports: dict, changed: set[Frontend]) -> None:
+        for sp in self.ports_of.pop(key, []):
+            if self.owner.get(sp.frontend) == key:
+                del self.owner[sp.frontend]
+                del ports[sp.frontend]
+                changed.add(sp.frontend)
+
+    def _rebuild(self, key: Key, ports: dict, changed: set[Frontend], update: Update) -> None:
+        self.blocked.discard(key)
+        for p in self.problems_of.pop(key, []):
+            update.resolved.add(str(p))
+        svc = self.services.get(key)
+        if svc is None:
+            return
+        objects = [SourceObject(svc, "API server")] + [
+            SourceObject(self.slices[k], "API server") for k in sorted(self.slices_of.get(key, ()))]  # build_state's order
+        result: BuildResult = build_state(objects, **self.build_args)
+        problems = list(result.problems)
+        mine = list(result.state.service_ports.values())
+        clashes = [sp for sp in mine if self.owner.get(sp.frontend, key) != key]
+        for sp in clashes:
+            first = "/".join(self.owner[sp.frontend])
+            problems.append(Problem("API server", f"Service {key[0]}/{key[1]}", "spec.clusterIP",
+                                    f"{sp.frontend} is already used by Service {first}"))
+        if clashes:
+            self.blocked.add(key)
+            mine = []
+        for i, sp in enumerate(mine):
+            base = self.state.service_ports.get(sp.frontend)
+            if base == sp:  # released and rebuilt the same: keep the old object
+                mine[i] = sp = base
+                changed.discard(sp.frontend)
+            else:
+                changed.add(sp.frontend)
+            ports[sp.frontend] = sp
+            self.owner[sp.frontend] = key
+        if mine:
+            self.ports_of[key] = mine
+        if problems:
+            self.problems_of[key] = problems
+        for p in problems:
+            update.resolved.discard(str(p))
+        update.problems.extend(problems)
+        update.notes.extend(result.notes)

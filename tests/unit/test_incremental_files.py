@@ -1,0 +1,130 @@
+"""The file source re-reads only the files that changed, and gives the state a
+full read of the folder gives. Seeded random edits over a folder of files."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import yaml
+
+import meshbpf.sources.yaml_file as yaml_file
+from k8s_builders import endpoint_slice, ep, service
+from meshbpf.sources.errors import ConfigError
+from meshbpf.sources.yaml_file import FileSource, read_config
+
+
+def write(path, objects) -> None:
+    """Write-then-rename, as the README advises: a new inode every time."""
+    tmp = path.with_name("." + path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump_all(objects) if objects else "")
+    os.replace(tmp, path)
+
+
+@pytest.fixture
+def parses(monkeypatch):
+    seen = []
+    real = yaml_file.parse_documents
+
+    def spy(path, text):
+        seen.append(path.name)
+        return real(path, text)
+    monkeypatch.setattr(yaml_file, "parse_documents", spy)
+    return seen
+
+
+def source(path) -> FileSource:
+    return FileSource(path, "node-a", settle_s=0, hold_s=0)
+
+
+def random_file(rng: random.Random, f: int) -> list[dict]:
+    objects = []
+    for i in range(rng.randint(0, 3)):
+        name = f"f{f}s{i}"
+        objects.append(service(name, f"10.96.{f}.{i + 1}"))
+        for j in range(rng.randint(0, 2)):
+            objects.append(endpoint_slice(f"{name}-{j}", name, [
+                ep(f"10.244.{f}.{rng.randint(1, 9)}", ready=rng.random() < 0.8)
+                for _ in range(rng.randint(0, 3))]))
+    return objects
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_random_edits_give_the_state_of_a_full_read_and_parse_only_the_edited_files(
+        tmp_path, parses, seed):
+    rng = random.Random(seed)
+    for f in range(5):
+        write(tmp_path / f"f{f}.yaml", random_file(rng, f))
+    src = source(tmp_path)
+    state = src.poll()
+    assert state == read_config(tmp_path, "node-a").state
+    for _ in range(8):
+        edited = rng.sample(range(6), rng.randint(1, 2))
+        for f in edited:
+            path = tmp_path / f"f{f}.yaml"
+            if rng.random() < 0.15 and path.exists():
+                path.unlink()
+            else:
+                write(path, random_file(rng, f))
+        parses.clear()
+        previous = state
+        new = src.poll()
+        expected = read_config(tmp_path, "node-a").state
+        if new is not None:
+            state = new
+        assert state == expected
+        existing = {f"f{f}.yaml" for f in edited if (tmp_path / f"f{f}.yaml").exists()}
+        assert sorted(parses[: len(existing)]) == sorted(existing)  # then read_config's own
+        assert src._index is not None  # stayed incremental
+        if new is not None:
+            assert new.delta is not None and new.delta.base() is previous
+            changed = {fe for fe in state.service_ports.keys() | previous.service_ports.keys()
+                       if state.service_ports.get(fe) != previous.service_ports.get(fe)}
+            assert new.delta.frontends == changed
+
+
+def test_an_object_moving_between_files_and_a_duplicate_across_files(tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    web = [service("web", "10.96.0.1"), endpoint_slice("web-1", "web", [ep("10.244.0.1")])]
+    write(a, web)
+    write(b, [service("db", "10.96.0.2")])
+    src = source(tmp_path)
+    first = src.poll()
+    # Moved from a to b in one change: still one web, same state.
+    write(a, [])
+    write(b, [service("db", "10.96.0.2")] + web)
+    assert src.poll() == first
+    # Now defined in both files: rejected, naming both places, state unchanged.
+    write(a, web[:1])
+    with pytest.raises(ConfigError, match="defined twice"):
+        src.poll()
+    write(a, [])
+    assert src.poll() == first
+
+
+def test_a_bad_edit_is_rejected_with_its_file_and_a_fix_is_read(tmp_path):
+    a = tmp_path / "a.yaml"
+    write(a, [service("web", "10.96.0.1")])
+    write(tmp_path / "b.yaml", [service("db", "10.96.0.2")])
+    src = source(tmp_path)
+    src.poll()
+    bad = service("web", "10.96.0.1")
+    bad["spec"]["ports"][0]["port"] = 70000
+    write(a, [bad])
+    with pytest.raises(ConfigError, match=r"a\.yaml.*spec\.ports\[0\]\.port"):
+        src.poll()
+    write(a, [service("web", "10.96.0.9")])
+    assert {str(fe) for fe in src.poll().service_ports} == {"10.96.0.9:80/TCP", "10.96.0.2:80/TCP"}
+
+
+def test_an_agent_config_in_the_changed_file_takes_the_full_read(tmp_path):
+    a = tmp_path / "a.yaml"
+    write(a, [service("web", "10.96.0.1")])
+    src = source(tmp_path)
+    src.poll()
+    config = {"apiVersion": "meshbpf.io/v1alpha1", "kind": "AgentConfig",
+              "metadata": {"name": "agent"}, "spec": {}}
+    write(tmp_path / "b.yaml", [config])
+    state = src.poll()
+    assert state == read_config(tmp_path, "node-a").state

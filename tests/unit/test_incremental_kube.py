@@ -1,0 +1,147 @@
+"""Service and EndpointSlice events applied per Service (kube_incremental)
+give the state a full build_state() of the same objects gives, and a Delta
+naming exactly the frontends that changed. Seeded random event sequences,
+then the Kubernetes source against the fake API server."""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import pytest
+
+from k8s_builders import endpoint_slice, ep, service
+from meshbpf.sources.kube_incremental import TRIGGER_TIME, ServiceIndex, trigger_time
+from meshbpf.sources.kube_objects import SourceObject, build_state
+from test_kubernetes_source import DEADLINE, FAST, api, no_leaked_threads, wait_for  # noqa: F401
+
+NAMES = [f"svc{i}" for i in range(6)]
+
+
+def key(obj: dict) -> tuple[str, str]:
+    return obj["metadata"]["namespace"], obj["metadata"]["name"]
+
+
+def random_service(rng: random.Random, name: str) -> dict:
+    i = NAMES.index(name)
+    ports = [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]
+    if rng.random() < 0.4:
+        ports.append({"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 5353})
+    extra = {"sessionAffinity": "ClientIP"} if rng.random() < 0.2 else {}
+    return service(name, f"10.96.0.{i + 1}", ports=ports, **extra)
+
+
+def random_slice(rng: random.Random, n: int) -> dict:
+    owner = rng.choice(NAMES + ["nobody"])  # a slice may name a Service that is not there
+    eps = [ep(f"10.244.0.{rng.randint(1, 12)}", ready=rng.random() < 0.8,
+              terminating=rng.random() < 0.2) for _ in range(rng.randint(0, 4))]
+    ports = [{"name": "http", "port": rng.choice((8080, 9090)), "protocol": "TCP"}]
+    if rng.random() < 0.5:
+        ports.append({"name": "dns", "port": 5353, "protocol": "UDP"})
+    if rng.random() < 0.1:
+        ports.append({"name": "nope", "port": 1, "protocol": "TCP"})  # a problem
+    return endpoint_slice(f"slice{n}", owner, eps, ports=ports)
+
+
+def full_build(services: dict, slices: dict):
+    objects = [SourceObject(o, "API server") for o in list(services.values()) + list(slices.values())]
+    return build_state(objects, node_name="node-a")
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_events_applied_per_service_equal_a_full_build(seed):
+    rng = random.Random(seed)
+    services = {key(o): o for o in (random_service(rng, n) for n in NAMES) if rng.random() < 0.7}
+    slices = {key(o): o for o in (random_slice(rng, n) for n in range(8))}
+    start = full_build(services, slices)
+    index = ServiceIndex(start.state, services.values(), slices.values(), start.problems,
+                         node_name="node-a")
+    for _ in range(15):
+        svc_events, slice_events = {}, {}
+        for _ in range(rng.randint(1, 3)):
+            if rng.random() < 0.4:
+                name = rng.choice(NAMES)
+                obj = random_service(rng, name) if rng.random() < 0.7 else None
+                k = ("default", name)
+                svc_events[k] = obj
+                services.pop(k, None) if obj is None else services.__setitem__(k, obj)
+            else:
+                obj = random_slice(rng, rng.randint(0, 9))
+                k = key(obj)
+                if rng.random() < 0.2:
+                    obj = None
+                slice_events[k] = obj
+                slices.pop(k, None) if obj is None else slices.__setitem__(k, obj)
+        before = index.state
+        update = index.apply(svc_events, slice_events)
+        after = index.state
+        expected = full_build(services, slices)
+        assert after.service_ports == expected.state.service_ports
+        changed = {fe for fe in before.service_ports.keys() | after.service_ports.keys()
+                   if before.service_ports.get(fe) != after.service_ports.get(fe)}
+        if update.state is None:
+            assert not changed and after is before
+        else:
+            assert update.state.delta.base() is before
+            assert update.state.delta.frontends == changed
+            # Untouched frontends keep their objects: the agent's check stops at identity.
+            for fe, sp in after.service_ports.items():
+                if fe not in changed:
+                    assert sp is before.service_ports[fe]
+        # Every problem the full build has about a Service is known to the index.
+        known = {str(p) for ps in index.problems_of.values() for p in ps}
+        for p in expected.problems:
+            if p.obj.startswith("Service "):
+                assert str(p) in known
+
+
+def test_a_clash_keeps_the_incumbent_and_the_other_gets_in_once_it_is_free():
+    a, b = service("a", "10.96.0.1"), service("b", "10.96.0.2")
+    start = full_build({key(a): a}, {})
+    index = ServiceIndex(start.state, [a], [], start.problems)
+    b_clash = service("b", "10.96.0.1")
+    update = index.apply({key(b_clash): b_clash}, {})
+    assert update.state is None
+    assert [p.reason for p in update.problems] == [
+        "10.96.0.1:80/TCP is already used by Service default/a"]
+    update = index.apply({key(a): None}, {})
+    assert {sp.name for sp in update.state.service_ports.values()} == {"b"}
+    assert "10.96.0.1:80/TCP is already used by Service default/a" in " ".join(update.resolved)
+    del b
+
+
+def test_trigger_times_are_read_as_kube_proxy_writes_them():
+    sl = endpoint_slice("x", "web", [])
+    sl["metadata"]["annotations"][TRIGGER_TIME] = "2024-04-05T12:30:11.250000123Z"
+    assert trigger_time(sl) == pytest.approx(1712320211.25)
+    sl["metadata"]["annotations"][TRIGGER_TIME] = "yesterday"
+    assert trigger_time(sl) is None
+
+
+def test_the_api_source_hands_out_deltas_of_the_touched_frontends(api, tmp_path):
+    from meshbpf.sources.kubernetes import KubernetesSource
+    objects = [service(f"s{i}", f"10.96.1.{i + 1}") for i in range(20)]
+    objects += [endpoint_slice(f"s{i}-x", f"s{i}", [ep(f"10.244.1.{i + 1}")]) for i in range(20)]
+    api.load_objects(objects) if hasattr(api, "load_objects") else [api.apply(o) for o in objects]
+    source = KubernetesSource(kubeconfig=str(api.kubeconfig(tmp_path / "kubeconfig")),
+                              node_name="node-a", backoff=FAST)
+    try:
+        states = []
+        wait_for(lambda: states.append(source.poll()) or states[-1] is not None
+                 and len(states[-1].service_ports) == 20, "the first state")
+        first = states[-1]
+        moved = endpoint_slice("s3-x", "s3", [ep("10.244.9.9")])
+        now = time.time()
+        moved["metadata"]["annotations"][TRIGGER_TIME] = time.strftime(
+            "%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
+        api.apply(moved)
+        wait_for(lambda: states.append(source.poll()) or states[-1] is not None, "the change")
+        second = states[-1]
+        assert second.delta is not None and second.delta.base() is first
+        assert [str(fe) for fe in second.delta.frontends] == ["10.96.1.4:80/TCP"]
+        assert second.trigger_times == (float(int(now)),)
+        assert [str(e.address) for sp in second.service_ports.values() if sp.name == "s3"
+                for e in sp.endpoints] == ["10.244.9.9"]
+    finally:
+        source.stop()
