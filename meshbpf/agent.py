@@ -392,11 +392,14 @@ class Agent:
                             "it safely (see `meshbpf status`); it stays off")
             self.applied_redirect = settings
             return True
+        field = "spec.socketRedirect"
         try:
             # Every cgroup checked before anything is written, so a missing
             # one changes nothing.
+            field = "spec.socketRedirect.cgroups"
             for path in settings.cgroups:
                 cgroup.resolve(path)
+            field = "spec.socketRedirect"
             apply_settings(self.lb, settings, self.target, self.applied_redirect)
         except Exception as exc:
             self.metrics.sync_errors.labels("redirect").inc()
@@ -404,7 +407,7 @@ class Agent:
             self.metrics.redirect_stale.set(1)
             delay = self.redirect_retry.failed(time.monotonic())
             self._error("socket redirection settings not applied (load balancing goes on): "
-                        "AgentConfig spec.socketRedirect: %s; retrying in %gs", _one_line(exc), delay)
+                        "AgentConfig %s: %s; retrying in %gs", field, _one_line(exc), delay)
             return False
         self.redirect_retry.reset()
         self.redirect_stale = False

@@ -18,7 +18,7 @@ from pathlib import Path
 from ..model import RedirectSettings
 from ..reconcile import addr16
 from . import cgroup, libbpf
-from .layout import MODE_NAMES, REDIR_COUNTERS, SCOPE_NETNS, CidrKeyC, RedirCfgC, SockKeyC, SockStateC
+from .layout import REDIR_MAPS, MODE_NAMES, REDIR_COUNTERS, SCOPE_NETNS, CidrKeyC, RedirCfgC, SockKeyC, SockStateC
 
 # Tuning, measured with bench/run-redirect (see README): a send below
 # SMALL_WRITE bytes counts as small, except with TCP_NODELAY below
@@ -49,8 +49,18 @@ def apply_settings(lb, settings: RedirectSettings, default_cgroup: Path,
                     evict_grace_ns=EVICT_GRACE_NS)
     cidr_fd = lb.map_fd("mbpf_redir_cidr")
     wanted = {bytes(_cidr_key(n)) for n in settings.pod_cidrs}
+    room = lb.capacity(next(spec for spec in REDIR_MAPS if spec.name == "mbpf_redir_cidr"))
+    if len(wanted) > room:  # refused before anything is written: nothing half-applied
+        raise ValueError(f"podCIDRs lists {len(wanted)} networks; at most {room} fit "
+                         f"(mbpf_redir_cidr)")
     present = {bytes(k) for k, _ in libbpf.map_items(cidr_fd, CidrKeyC, ct.c_uint8)}
     one = ct.c_uint8(1)
+    if len(wanted | present) > room:
+        # No room for both lists at once: stale CIDRs out first. In between,
+        # fewer peers are spliced, never more (unspliced is plain TCP).
+        for raw in present - wanted:
+            libbpf.map_delete(cidr_fd, CidrKeyC.from_buffer_copy(raw))
+        present &= wanted
     # New CIDRs first, then the switch, then stale CIDRs out: a socket never
     # meets a half-written list that would let in what the old one kept out
     # and the new one too.

@@ -31,20 +31,31 @@ def test_bad_agent_configs_are_refused_and_the_running_state_stays(lab, bpffs, c
     missing_cgroup = f"{lab.cgroup.name}/no-such-cgroup"
     second = k8s.agent_config(enabled=False)
     second["metadata"]["name"] = "another"
-    bad = [  # (objects, what the error line must name)
+    # (objects, what the error line must name, the sync_errors reason counted).
+    # A cgroup missing on this node is not a config error: the same AgentConfig
+    # may be right on other nodes, so redirection retries it on its own while
+    # Service updates go on (README "Running the agent").
+    bad = [
         (web_service(lab) + [k8s.agent_config(cidrs=["10.244.0.0/33"])],
-         ["spec.socketRedirect.podCIDRs[0]", "10.244.0.0/33", str(config)]),
+         ["spec.socketRedirect.podCIDRs[0]", "10.244.0.0/33", str(config)], "config"),
         (web_service(lab) + [k8s.agent_config(cgroups=[missing_cgroup])],
-         ["spec.socketRedirect.cgroups", missing_cgroup]),
+         ["spec.socketRedirect.cgroups", missing_cgroup], "redirect"),
         (good + [second],
-         ["a second AgentConfig", str(config)]),
+         ["a second AgentConfig", str(config)], "config"),
     ]
-    for n, (objects, names) in enumerate(bad, start=1):
+    counted = {"config": 0, "redirect": 0}
+    for objects, names, reason in bad:
         k8s.write(config, objects)
         line = _error_line(agent, names[0])
         assert all(name in line for name in names), (names, line)
-        assert "Traceback" not in agent.log()
-        assert metric(agent.get("/metrics")[1], "meshbpf_sync_errors_total", 'reason="config"') == n
+        log = agent.log()
+        # Tracebacks only under -v, each after the DEBUG line that announces it.
+        assert log.count("Traceback (most recent") == log.count("traceback of the failure above"), log
+        counted[reason] += 1
+        text = agent.get("/metrics")[1]
+        for why, n in counted.items():
+            assert metric(text, "meshbpf_sync_errors_total", f'reason="{why}"') >= n, (why, text)
+        assert metric(text, "meshbpf_sync_errors_total", 'reason="config"') == counted["config"]
         assert services(bpffs) == before_services
         assert _redirect_links(bpffs) == before_links
         assert agent.proc.poll() is None

@@ -3,7 +3,9 @@ traffic, config edits, syncs, and readiness before the first sync."""
 
 from __future__ import annotations
 
+import ctypes as ct
 import json
+import os
 import subprocess
 import sys
 import time
@@ -107,16 +109,38 @@ def test_config_and_sync_metrics_follow_edits(lab, bpffs, config, start_agent):
 
 @pytest.mark.needs_feature("sockmap", "sockops_probe_read", "kernel_btf")
 @pytest.mark.userspace
-def test_a_failed_datapath_write_counts_as_a_datapath_sync_error(lab, bpffs, config, start_agent):
-    """More podCIDRs than mbpf_redir_cidr holds (1024): the config is valid,
-    the kernel refuses the map write."""
+def test_more_pod_cidrs_than_fit_are_refused_whole_as_a_redirect_error(lab, bpffs, config, start_agent):
+    """More podCIDRs than mbpf_redir_cidr holds (1024): valid YAML, but it
+    cannot fit. It is refused before anything is written (the CIDR map keeps
+    the old list), counted as a redirection error, and load balancing goes on.
+    (A failed load-balancing map write, reason="datapath", is provoked in
+    test_agent_hardening.py.)"""
     agent = start_agent(web_service(lab) + [k8s.agent_config()])
-    assert metric(agent.get("/metrics")[1], "meshbpf_sync_errors_total", 'reason="datapath"') == 0
+    text = agent.get("/metrics")[1]
+    assert metric(text, "meshbpf_sync_errors_total", 'reason="redirect"') == 0
+    before = _cidr_entries(bpffs)
+    assert before  # the lab AgentConfig's podCIDRs
     cidrs = [f"10.{i // 256}.{i % 256}.0/24" for i in range(1025)]
-    k8s.write(config, web_service(lab) + [k8s.agent_config(cidrs=cidrs)])
+    k8s.write(config, web_service(lab, pods=("web-1",)) + [k8s.agent_config(cidrs=cidrs)])
+    needle = "podCIDRs lists 1025 networks; at most 1024 fit"
+    line = [x for x in wait_log(agent, needle).splitlines() if needle in x][0]
+    assert "AgentConfig spec.socketRedirect" in line, line
     wait_for(lambda: metric(agent.get("/metrics")[1], "meshbpf_sync_errors_total",
-                            'reason="datapath"') == 1, 10, "a datapath sync error")
-    assert agent.proc.poll() is None and "Traceback" not in agent.log()
+                            'reason="redirect"') >= 1, 10, "a redirect sync error")
+    assert _cidr_entries(bpffs) == before  # nothing half-applied
+    wait_backends(bpffs, "10.96.0.10:80/TCP", [f"{lab.pods['web-1'].ipv4}:8080"])  # LB went on
+    assert agent.proc.poll() is None
+
+
+def _cidr_entries(bpffs) -> set[bytes]:
+    from meshbpf.datapath import libbpf
+    from meshbpf.datapath.layout import CidrKeyC
+
+    fd = libbpf.obj_get(str(bpffs / "mbpf_redir_cidr"))
+    try:
+        return {bytes(k) for k, _ in libbpf.map_items(fd, CidrKeyC, ct.c_uint8)}
+    finally:
+        os.close(fd)
 
 
 @pytest.mark.userspace
