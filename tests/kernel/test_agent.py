@@ -57,7 +57,6 @@ def test_kill9_keeps_traffic_flowing_and_restart_writes_nothing(lab, probe, bpff
 def test_restart_under_load_drops_no_connection(lab, probe, bpffs, start_agent):
     agent = start_agent(web_service(lab))
     load = Load(probe, "client", "10.96.0.10", 80)
-    stopping = time.monotonic()
     agent.stop(signal.SIGTERM)          # SIGTERM leaves the datapath attached too
     assert agent.proc.returncode == 0
     stopped = time.monotonic()
@@ -65,8 +64,10 @@ def test_restart_under_load_drops_no_connection(lab, probe, bpffs, start_agent):
     ready = time.monotonic()
     result = load.stop()
     assert result["errors"] == {}, result
-    # Connections were made before the stop, with no agent, and after the swap.
-    load.assert_spans(stopping, stopped, ready)
+    # Connections were made before the stop, with no agent (the new one
+    # compiling), and after the swap. (Not between SIGTERM and exit: that
+    # window is a few ms, shorter than one connection under emulation.)
+    load.assert_spans(stopped, ready)
 
 
 def test_uninstall_removes_everything_meshbpf_made_and_nothing_else(lab, probe, bpffs, start_agent,
@@ -182,7 +183,6 @@ def test_upgrade_to_another_build_under_load(lab, probe, bpffs, start_agent, mon
     before = {name: info.prog_id for name, info in loader.inspect(bpffs).links.items()}
     ids_before = _lb_json(bpffs)
     load = Load(probe, "client", "10.96.0.10", 80)
-    stopping = time.monotonic()
     old.stop(signal.SIGTERM)
     stopped = time.monotonic()
     monkeypatch.delenv("MESHBPF_DISABLE_FEATURES")
@@ -190,7 +190,7 @@ def test_upgrade_to_another_build_under_load(lab, probe, bpffs, start_agent, mon
     ready = time.monotonic()
     result = load.stop()
     assert result["errors"] == {}, result
-    load.assert_spans(stopping, stopped, ready)  # the upgrade happened under load
+    load.assert_spans(stopped, ready)  # the upgrade happened under load, with no agent between
     after = {name: info.prog_id for name, info in loader.inspect(bpffs).links.items()}
     assert after.keys() == before.keys()
     assert all(after[name] != before[name] for name in after)  # every program swapped
