@@ -42,6 +42,8 @@ SKIPPABLE = {
     "timing": "asserts on elapsed time or a rate",
     "userspace": "outcome cannot depend on the kernel version (input handling, agent lifecycle, "
                  "CLI, packaging): runs on the host only; the kernel matrix skips it",
+    "fallback": "emulates a missing kernel feature (MESHBPF_DISABLE_FEATURES): the kernel matrix "
+                "runs it on its oldest kernel only, where the real fallbacks are",
 }
 
 

@@ -99,6 +99,7 @@ def test_uninstall_removes_everything_meshbpf_made_and_nothing_else(lab, probe, 
     bpffs.rmdir()
 
 
+@pytest.mark.userspace
 def test_metrics_and_health(lab, probe, bpffs, start_agent):
     agent = start_agent(web_service(lab))
     assert agent.get("/healthz")[0] == 200
@@ -121,6 +122,7 @@ def test_metrics_and_health(lab, probe, bpffs, start_agent):
             assert capacity == size, name
 
 
+@pytest.mark.userspace
 def test_full_map_leaves_out_the_services_that_do_not_fit_and_keeps_the_rest(lab, probe, bpffs, config,
                                                                              start_agent):
     """Services are admitted one by one (issue 9): web goes, svc0..svc2 fill
@@ -142,6 +144,7 @@ def test_full_map_leaves_out_the_services_that_do_not_fit_and_keeps_the_rest(lab
     assert agent.get("/readyz")[0] == 200   # a Service left out is a problem, not staleness
 
 
+@pytest.mark.userspace
 def test_pinned_maps_of_another_layout_are_refused_clearly(lab, probe, bpffs, start_agent):
     first = start_agent(web_service(lab))
     first.stop()

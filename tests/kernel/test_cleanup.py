@@ -7,10 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from meshbpf.datapath.cgroup import cgroup2_mount
 from meshbpf.lab.netlab import CGROUP_PREFIX, NETNS_PREFIX
 
 REPO = Path(__file__).resolve().parents[2]
+
+# The same on every kernel: the host runs it, the kernel matrix skips it.
+pytestmark = pytest.mark.userspace
 
 FAILING_TEST = '''
 from tests.kernel.conftest import *  # noqa: F401,F403 (the real fixtures)

@@ -18,6 +18,10 @@ from .helpers import counters, transfer
 MiB = 1 << 20
 
 
+# Run in the kernel matrix on its oldest kernel only (tests/vm/matrix).
+pytestmark = pytest.mark.fallback
+
+
 def test_without_set_retval_a_service_without_endpoints_refuses_with_eperm(lab, probe, start_agent, monkeypatch):
     monkeypatch.setenv("MESHBPF_DISABLE_FEATURES", "set_retval")
     agent = start_agent([k8s.service("empty", ["10.96.0.20"], [k8s.port("http", 80, 8080)])])

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from meshbpf.datapath.maps import read_pinned
 from meshbpf.reconcile import plan, wanted_services
 from meshbpf.sources.yaml_file import read_config
@@ -16,6 +18,9 @@ from .conftest import web_service
 from .helpers import wait_backends, wait_log
 
 FILLERS = 200
+
+# The same on every kernel: the host runs it, the kernel matrix skips it.
+pytestmark = pytest.mark.userspace
 
 
 def _objects(lab, web_pods, extra=()):
