@@ -3,12 +3,12 @@ upstream defaults, and bad input as one-line Problems, never an exception."""
 
 from __future__ import annotations
 
-import copy
 import ipaddress
 from typing import Any, Iterator
 
 import pytest
 
+from wrong_types import WRONG, paths, replaced
 from meshbpf.policy.model import LabelSelector, Peer, PolicyPort, Requirement, Rule
 from meshbpf.sources.kube_objects import SourceObject
 from meshbpf.sources.kube_policy import read_policy_objects
@@ -129,24 +129,7 @@ def test_an_object_defined_twice_is_a_problem():
 
 # --- Wrong types anywhere: a problem, never an exception ----------------------
 
-WRONG = {"string": "x", "list": ["x"], "map": {"x": 1}, "null": None, "number": 7, "bool": True}
 UNREAD = ("status", "creationTimestamp", "image", "name")  # pod fields read loosely or not at all
-
-
-def paths(value: Any, prefix: tuple = ()) -> Iterator[tuple]:
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-    for key, sub in items:
-        yield prefix + (key,)
-        yield from paths(sub, prefix + (key,))
-
-
-def replaced(obj: dict, path: tuple, new: Any) -> dict:
-    out = copy.deepcopy(obj)
-    parent = out
-    for key in path[:-1]:
-        parent = parent[key]
-    parent[path[-1]] = copy.deepcopy(new)
-    return out
 
 
 def wrong_type_cases() -> Iterator[Any]:

@@ -9,11 +9,11 @@ through a ConfigMap every node at once.
 
 from __future__ import annotations
 
-import copy
 from typing import Any, Iterator
 
 import pytest
 
+from wrong_types import WRONG, paths, replaced
 from k8s_builders import build, endpoint_slice, ep, service
 from meshbpf.sources import yaml_file
 from meshbpf.sources.errors import ConfigError
@@ -35,29 +35,6 @@ SLICE = endpoint_slice("web-x", "web", [ep("10.244.1.1", zone="a"), ep("10.244.1
                               {"name": "dns", "port": 53, "protocol": "UDP"}])
 SLICE["endpoints"][0]["hints"] = {"forZones": [{"name": "a"}]}
 
-WRONG = {"string": "x", "list": ["x"], "map": {"x": 1}, "null": None, "number": 7, "bool": True}
-
-
-def paths(value: Any, prefix: tuple = ()) -> Iterator[tuple]:
-    """Every path to a field or list item below value."""
-    if isinstance(value, dict):
-        items = value.items()
-    elif isinstance(value, list):
-        items = enumerate(value)
-    else:
-        return
-    for key, sub in items:
-        yield prefix + (key,)
-        yield from paths(sub, prefix + (key,))
-
-
-def replaced(obj: dict, path: tuple, new: Any) -> dict:
-    out = copy.deepcopy(obj)
-    parent = out
-    for key in path[:-1]:
-        parent = parent[key]
-    parent[path[-1]] = copy.deepcopy(new)
-    return out
 
 
 def cases() -> Iterator[Any]:
