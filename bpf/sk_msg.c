@@ -52,6 +52,15 @@ int mbpf_sk_msg(struct sk_msg_md *msg)
 		}
 	}
 
+	/* A blocking reader on either end must not stay in the sockhash (see
+	 * sock_reads_block). Checked on every send: the accepting side gets
+	 * its file after its first bytes may have arrived, and fcntl() can
+	 * make a socket blocking at any time. */
+	if (sock_reads_block(st->sk_addr) || sock_reads_block(peer_st->sk_addr)) {
+		redir_pass_pair(st, peer_st);
+		return pass(size);
+	}
+
 	/* Small writes in a row with no reply: where TCP batches them into
 	 * large segments it wins, because splicing pays per write. With
 	 * Nagle that happens on a loopback-sized MSS (64 KB segments); at an
