@@ -23,6 +23,7 @@ import pytest
 from meshbpf.datapath import redirect
 
 from . import k8s
+from .test_datapath_hardening import release_0_1_0  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.needs_feature("sockmap", "sockops_probe_read", "kernel_btf")
 
@@ -109,3 +110,42 @@ def test_non_blocking_applications_stay_spliced(lab, bpffs, redirect_agent, pinn
 def test_ten_thousand_runs_never_see_eagain(lab, bpffs, redirect_agent, pinned):
     run_and_count(lab, bpffs, 10000, pinned, 7101)
     run_and_count(lab, bpffs, 10000, pinned, 7105, client_mode="timeout")
+
+
+def test_pair_spliced_by_0_1_0_lives_on_after_the_upgrade(lab, bpffs, start_agent, release_0_1_0,
+                                                          monkeypatch):
+    """mbpf_sockstate keeps its size: 0.1.0's unread pass_since_ns became
+    sk_addr. A pair 0.1.0 spliced holds a timestamp there (or 0), which
+    reads as "not blocking", so it stays spliced under this build, and its
+    bytes keep arriving."""
+    pytest.importorskip("yaml_rs", reason="the 0.1.0 sources import yaml_rs (PyPI yaml-rs)")
+    script = Path(__file__).with_name("edge_cases.py")
+    with monkeypatch.context() as old_build:  # `python -m meshbpf` from the 0.1.0 sources
+        old_build.chdir(release_0_1_0)
+        old_build.setenv("PYTHONPATH", str(release_0_1_0))
+        old = start_agent([k8s.agent_config()])
+    server = lab.popen("web-1", [sys.executable, "-u", str(script), "server", "echo", "-"],
+                       stdout=subprocess.PIPE, text=True)
+    held = None
+    try:
+        assert json.loads(server.stdout.readline())["listening"]
+        before = redirect.read_counters(bpffs)
+        held = lab.popen("client", [sys.executable, "-u", str(script), "client", "held-echo",
+                                    str(lab.pods["web-1"].ipv4)],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert json.loads(held.stdout.readline())["ok"]
+        assert redirect.read_counters(bpffs)["redirected_msgs"] - before["redirected_msgs"] >= 2
+        old.stop()
+        start_agent()
+        mid = redirect.read_counters(bpffs)
+        held.stdin.write("\n")
+        held.stdin.flush()
+        assert json.loads(held.stdout.readline())["ok"]  # echoed after the swap
+        assert redirect.read_counters(bpffs)["redirected_msgs"] - mid["redirected_msgs"] >= 2  # spliced
+        out, _ = held.communicate("\n", timeout=30)
+        assert json.loads(out.strip().splitlines()[-1]) == {"done": True}
+    finally:
+        for proc in (held, server):
+            if proc and proc.poll() is None:
+                proc.kill()
+                proc.wait()
