@@ -52,11 +52,13 @@ int mbpf_sk_msg(struct sk_msg_md *msg)
 		}
 	}
 
-	/* A blocking reader on either end must not stay in the sockhash (see
-	 * sock_reads_block). Checked on every send: the accepting side gets
-	 * its file after its first bytes may have arrived, and fcntl() can
-	 * make a socket blocking at any time. */
-	if (sock_reads_block(st->sk_addr) || sock_reads_block(peer_st->sk_addr)) {
+	/* A blocking socket must not stay in the sockhash (see
+	 * sock_reads_block). The sender is checked on every send, in its own
+	 * syscall, so its mode is current: the accepting side gets its file
+	 * late, and fcntl() can make a socket blocking at any time. The peer is
+	 * not checked here: a server that accept()s and then sets O_NONBLOCK
+	 * would look blocking to a client that writes first. */
+	if (sock_reads_block(st->sk_addr)) {
 		redir_pass_pair(st, peer_st);
 		return pass(size);
 	}

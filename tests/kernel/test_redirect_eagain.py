@@ -87,8 +87,8 @@ def test_slow_answer_after_eof_never_sees_eagain(lab, bpffs, redirect_agent, pin
 
 def test_blocking_server_behind_non_blocking_client_moves_to_tcp(lab, bpffs, redirect_agent):
     """The client's socket is non-blocking, so the pair forms; the accepted
-    socket turns out blocking once accepted, and the pair goes to TCP
-    with every byte in order."""
+    socket is blocking, so its first send moves the pair to TCP, with every
+    byte in order."""
     delta = run_and_count(lab, bpffs, 200, False, 7103, think_ms=0, client_mode="timeout")
     assert delta["inserted_sockets"] >= 2 * 200
     assert delta["switched_pairs"] >= 200
