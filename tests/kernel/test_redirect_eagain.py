@@ -72,8 +72,9 @@ def run_and_count(lab, bpffs, runs: int, pinned: bool, port: int, **kwargs) -> d
 
 @PINNING
 def test_write_shutdown_read_to_eof_never_sees_eagain(lab, bpffs, redirect_agent, pinned):
-    """Before the fix: 1-2 EAGAINs per 1 000 runs unpinned."""
-    delta = run_and_count(lab, bpffs, 5000, pinned, 7100)
+    """Before the fix: 1-2 EAGAINs per 1 000 runs unpinned, now and then
+    pinned (the slow-answer test below fails every time)."""
+    delta = run_and_count(lab, bpffs, 1000, pinned, 7100)
     assert delta["inserted_sockets"] == 0 and delta["redirected_msgs"] == 0  # blocking: left to TCP
 
 
@@ -81,7 +82,7 @@ def test_write_shutdown_read_to_eof_never_sees_eagain(lab, bpffs, redirect_agent
 def test_slow_answer_after_eof_never_sees_eagain(lab, bpffs, redirect_agent, pinned):
     """The server answers 50 ms after the client's EOF, so the client's FIN
     is ACKed alone while the client is blocked in recv(). Before the fix:
-    80-95 EAGAINs in 100 runs."""
+    6-95 EAGAINs in 100 runs, pinned and unpinned (fewer on a busy machine)."""
     run_and_count(lab, bpffs, 100, pinned, 7102, think_ms=50)
 
 
@@ -99,7 +100,7 @@ def test_blocking_server_behind_non_blocking_client_moves_to_tcp(lab, bpffs, red
 def test_non_blocking_applications_stay_spliced(lab, bpffs, redirect_agent, pinned):
     """Sockets in non-blocking mode (event loops; Python with a timeout)
     are spliced as before: each exchange before the FIN."""
-    runs, rounds = 500, 3
+    runs, rounds = 200, 3
     delta = run_and_count(lab, bpffs, runs, pinned, 7104, client_mode="timeout", server_mode="timeout")
     assert delta["redirected_msgs"] >= runs * (2 + 2 * rounds + 1)
     assert redirect.sockhash_count(bpffs) == 0
