@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import redirreport
+import redirtools
 from meshbpf.datapath import redirect
 from meshbpf.datapath.cgroup import cgroup2_mount
 from meshbpf.datapath.loader import SockLB, uninstall
@@ -378,6 +379,40 @@ def run_tools(bench: Bench, cells: list[ToolCell], pinning: str, args) -> dict:
     return {"rounds": rounds, "summary": summarize(rounds, cells)}
 
 
+def run_apps(bench: Bench, pinning: str, args) -> dict:
+    """Issue 15's matrix with real applications (bench/redirtools.py)."""
+    cells = [c for c in redirtools.app_cells() if not args.apps_only or c.tool in args.apps_only]
+    rounds = []
+    with redirtools.Apps(bench, pin_argv(pinning, "server")) as apps:
+        apps.pin = pin_argv(pinning, "client")  # servers started; clients run under the client's pinning
+        for r in range(args.app_rounds):
+            rnd: dict = {}
+            for i, cell in enumerate(cells):
+                cases = CASES if (r + i) % 2 == 0 else CASES[::-1]
+                rnd[cell.key] = {case: apps.run(cell, case, args.app_duration) for case in cases}
+            rnd["pipe_floor"] = bench.pipe_floor(pinning, args)
+            rnd["loadavg"] = os.getloadavg()[0]
+            rounds.append(rnd)
+            log(f"apps ({pinning}): round {r + 1}/{args.app_rounds}: " + ", ".join(
+                f"{c.key} {rnd[c.key]['redirect']['value'] / rnd[c.key]['tcp']['value']:.2f}" for c in cells)
+                + f"; pipe ceiling {rnd['pipe_floor']:.0f}/s")
+    summary = summarize(rounds, cells)
+    for cell in cells:
+        s = summary[cell.key]
+        # one-connection request/response must gain 1.2x; everything else must not lose
+        s["target"] = 1.2 if cell.rr and cell.conns == 1 and cell.pipeline == 1 else 1.0
+        s["meets_target"] = s["ratio"] >= s["target"]
+        c = s["counters_per_run"]
+        moved = c.get("redirected_bytes", 0) + c.get("passed_bytes", 0)
+        s["spliced_fraction"] = c.get("redirected_bytes", 0) / moved if moved else 0.0
+        s["path"] = ("spliced" if s["spliced_fraction"] > 0.99 else
+                     "TCP" if s["spliced_fraction"] < 0.01 else "mixed")
+        s["unit"] = cell.unit
+    summary["pipe_floor"] = statistics.median(r["pipe_floor"] for r in rounds)
+    summary["loadavg_max"] = max(r["loadavg"] for r in rounds)
+    return {"rounds": rounds, "summary": summary, "cells": [c.key for c in cells]}
+
+
 def _quartiles(xs: list[float]) -> tuple[float, float, float]:
     xs = sorted(xs)
     if len(xs) == 1:
@@ -463,6 +498,12 @@ def main() -> None:
                     help="pinnings to cross-check with sockperf and iperf3 (default: the first "
                          "of --pinning; 'no' to skip)")
     ap.add_argument("--tool-rounds", type=int, default=5)
+    ap.add_argument("--apps", default=None,
+                    help="pinnings for the real-application matrix: redis-benchmark, wrk + nginx, "
+                         "iperf3, sockperf (default: --pinning; 'no' to skip)")
+    ap.add_argument("--apps-only", default="", help="comma list of redis, wrk, iperf3, sockperf")
+    ap.add_argument("--app-rounds", type=int, help="rounds of the application matrix (default 3; 1 with --quick)")
+    ap.add_argument("--app-duration", type=float, default=1.0, help="seconds per application run")
     ap.add_argument("--spin", action="store_true",
                     help="experiment: sockbench -P, reads spin instead of sleeping (no wake-ups)")
     ap.add_argument("--same-pod", action="store_true",
@@ -485,6 +526,9 @@ def main() -> None:
     if args.tools is None:
         args.tools = "no" if args.quick else pinnings[0]
     tool_pinnings = [] if args.tools == "no" else args.tools.split(",")
+    app_pinnings = pinnings if args.apps is None else [] if args.apps == "no" else args.apps.split(",")
+    args.app_rounds = args.app_rounds or (1 if args.quick else 3)
+    args.apps_only = [t for t in args.apps_only.split(",") if t]
     cells = cells_for(args.modes.split(","), [int(s) for s in args.sizes.split(",")],
                       args.nagle.split(","))
     if not SOCKBENCH.exists():
@@ -508,8 +552,9 @@ def main() -> None:
                           "readbuf": args.readbuf, "spin": args.spin, "same_pod": args.same_pod,
                           "bpf_dir": os.environ.get("MESHBPF_BPF_DIR"), "small_write": redirect.SMALL_WRITE,
                           "small_run_max": redirect.SMALL_RUN_MAX, "tool_rounds": args.tool_rounds,
-                          "tools": tool_pinnings},
-               "pinning": {}, "tools": {}}
+                          "tools": tool_pinnings, "apps": app_pinnings, "app_rounds": args.app_rounds,
+                          "app_duration_s": args.app_duration},
+               "pinning": {}, "tools": {}, "apps": {}}
     started = time.monotonic()
     with Bench() as bench:
         # A broken path must fail here, not skew a ratio.
@@ -523,6 +568,8 @@ def main() -> None:
         log(f"pre-flight: rr 64 B nodelay, tcp {off['value']:.0f}/s, redirect {on['value']:.0f}/s")
         for pinning in pinnings:
             results["pinning"][pinning] = run_matrix(bench, cells, pinning, args)
+        for pinning in app_pinnings:
+            results["apps"][pinning] = run_apps(bench, pinning, args)
         for pinning in tool_pinnings:
             tcells = tool_cells([s for s in (64, 1024, 65507)], [1024, 65536, 1048576])
             results["tools"][pinning] = run_tools(bench, tcells, pinning, args)

@@ -96,12 +96,38 @@ def tools_table(res: dict, pinning: str) -> str:
     return _table(["tool", "Nagle", "size", "median, tcp → redirect", "redirect ÷ tcp", "path"], rows)
 
 
+def _app_what(key: str) -> list[str]:
+    tool, size, conns, pipe = key.split("/")
+    conns, pipe = conns[1:], pipe[1:]
+    if tool == "redis":
+        return ["redis-benchmark GET+SET", f"{_size(size)} values", f"{conns}",
+                f"-P {pipe}" if pipe != "1" else "no"]
+    if tool == "wrk":
+        return ["wrk → nginx, HTTP/1.1 keep-alive", f"{_size(size)} bodies", conns, "no"]
+    if tool == "iperf3":
+        return ["iperf3 stream", f"{_size(size)} writes", f"{conns} stream(s)", "—"]
+    return ["sockperf ping-pong", f"{_size(size)}", conns, "no"]
+
+
+def apps_table(res: dict, pinning: str) -> str:
+    data = res["apps"][pinning]
+    rows = []
+    for key in data["cells"]:
+        s = data["summary"][key]
+        rows.append([*_app_what(key), f"{_num(s['tcp'])} → {_num(s['redirect'])} {s['unit']}",
+                     _ratio(s), f"≥ {s['target']:.1f}×",
+                     f"{s['path']} ({100 * s['spliced_fraction']:.0f}% of bytes spliced)"])
+    return _table(["application", "size", "connections", "pipelining", "median, tcp → redirect",
+                   "redirect ÷ tcp", "target", "path"], rows)
+
+
 def losing_cells(res: dict) -> list[str]:
     out = []
-    for pinning, data in res["pinning"].items():
-        for key, s in data["summary"].items():
-            if isinstance(s, dict) and not s["meets_target"]:
-                out.append(f"{pinning}: {key} {s['ratio']:.2f}× (target {s['target']:.1f}×)")
+    for group in ("pinning", "apps"):
+        for pinning, data in res.get(group, {}).items():
+            for key, s in data["summary"].items():
+                if isinstance(s, dict) and not s["meets_target"]:
+                    out.append(f"{pinning}: {key} {s['ratio']:.2f}× (target {s['target']:.1f}×)")
     return out
 
 
@@ -138,6 +164,13 @@ def markdown(res: dict) -> str:
                         f"ceiling is close to the pinned one): other work kept the other CPU busy, "
                         f"so this table is close to the pinned one. With both CPUs idle, cross-CPU "
                         f"wake-ups dominate small request/response; see bench/README.md.", ""]
+    for pinning, data in res.get("apps", {}).items():
+        summ = data["summary"]
+        out += [f"**Real applications ({PINNING_LABEL[pinning]})**, {cfg.get('app_rounds')} rounds of "
+                f"{cfg.get('app_duration_s')} s per cell and case, interleaved; median of the per-round "
+                f"ratios (quartiles). Wake-up ceiling under this pinning (two threads ping-ponging 64 B "
+                f"over pipes): {_num(summ['pipe_floor'])} round trips/s. Highest 1-minute load "
+                f"average seen: {summ['loadavg_max']:.1f}.", "", apps_table(res, pinning), ""]
     for pinning in res.get("tools", {}):
         out += [f"**Cross-check with real tools ({PINNING_LABEL[pinning]})**, "
                 f"{cfg['tool_rounds']} rounds: sockperf sets TCP_NODELAY unless told "

@@ -52,6 +52,17 @@ int mbpf_sk_msg(struct sk_msg_md *msg)
 		}
 	}
 
+	/* A blocking socket must not stay in the sockhash (see
+	 * sock_reads_block). The sender is checked on every send, in its own
+	 * syscall, so its mode is current: the accepting side gets its file
+	 * late, and fcntl() can make a socket blocking at any time. The peer is
+	 * not checked here: a server that accept()s and then sets O_NONBLOCK
+	 * would look blocking to a client that writes first. */
+	if (sock_reads_block(st->sk_addr)) {
+		redir_pass_pair(st, peer_st);
+		return pass(size);
+	}
+
 	/* Small writes in a row with no reply: where TCP batches them into
 	 * large segments it wins, because splicing pays per write. With
 	 * Nagle that happens on a loopback-sized MSS (64 KB segments); at an

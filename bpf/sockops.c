@@ -11,10 +11,6 @@
 #include "lib/redir_maps.h"
 #include "lib/redir.h"
 
-#ifndef MBPF_OFF_SK_USER_DATA
-#error "the loader sets the kernel struct offsets from BTF"
-#endif
-
 /* tcp_sock options, for bpf_getsockopt */
 #define MBPF_SOL_TCP 6
 #define MBPF_TCP_NODELAY 1
@@ -29,6 +25,18 @@
 #define MBPF_SOCKOPS_FLAGS (BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTT_CB_FLAG | \
 			    BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG)
 
+/* The kernel address of the ctx's socket (a pointer the verifier types as
+ * a socket; read as a number, probe reads can follow it). */
+static __always_inline __u64 sock_addr(struct bpf_sock_ops *skops)
+{
+	struct bpf_sock *sk = skops->sk;
+	__u64 addr = 0;
+
+	if (sk)
+		bpf_probe_read_kernel(&addr, sizeof(addr), &sk);
+	return addr;
+}
+
 /* True when this socket's psock is idle: nothing spliced by the peer waits
  * in its ingress queue, and no one but the sockhash holds it. A splice on
  * its way holds a reference while it queues; whatever is queued when the
@@ -38,13 +46,11 @@
  * compiles with. */
 static __always_inline int psock_idle(struct bpf_sock_ops *skops)
 {
-	struct bpf_sock *sk = skops->sk;
-	__u64 sk_addr = 0, psock = 0, next = 0, head;
+	__u64 sk_addr = sock_addr(skops), psock = 0, next = 0, head;
 	__u32 refcnt = 0;
 
-	if (!sk)
+	if (!sk_addr)
 		return 0;
-	bpf_probe_read_kernel(&sk_addr, sizeof(sk_addr), &sk);
 	if (bpf_probe_read_kernel(&psock, sizeof(psock), (void *)(sk_addr + MBPF_OFF_SK_USER_DATA)))
 		return 0;
 	psock &= ~7ULL;  /* SK_USER_DATA_NOCOPY | _BPF | _PSOCK */
@@ -64,6 +70,7 @@ static __always_inline void on_established(struct bpf_sock_ops *skops, int activ
 	struct mbpf_sockstate st = {};
 	struct mbpf_sock_key key = {};
 	struct mbpf_sock_key peer = {};
+	__u64 sk_addr;
 	int nodelay = 0;
 	int err;
 
@@ -76,6 +83,12 @@ static __always_inline void on_established(struct bpf_sock_ops *skops, int activ
 		return;
 	if (cfg->require_cidr && (!redir_in_cidrs(key.local_ip) || !redir_in_cidrs(key.remote_ip)))
 		return;
+	/* A connect() in blocking mode: its reads would block too (see
+	 * sock_reads_block). The accepting side has no file yet; sk_msg checks
+	 * it once it has one. */
+	sk_addr = sock_addr(skops);
+	if (active && sock_reads_block(sk_addr))
+		return;
 	/* The passive side joins only if the active side did: the peer is
 	 * then a socket on this node, in a workload that takes part. */
 	if (!active) {
@@ -86,6 +99,7 @@ static __always_inline void on_established(struct bpf_sock_ops *skops, int activ
 	if (bpf_getsockopt(skops, MBPF_SOL_TCP, MBPF_TCP_NODELAY, &nodelay, sizeof(nodelay)) == 0 && nodelay)
 		st.nodelay = 1;
 	st.wide_mss = skops->mss_cache >= cfg->nagle_mss_min;
+	st.sk_addr = sk_addr;
 	if (mbpf_sockstate.update(&key, &st))
 		return;
 	/* (a statement of its own: bcc's rewrite of this call breaks inside an if) */

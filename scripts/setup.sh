@@ -25,6 +25,7 @@ packages=(
   curl dnsutils dnsmasq-base socat iperf3 tcpdump iputils-ping
   iptables nftables conntrack gcc libc6-dev openssl
   vagrant shellcheck
+  redis-server  # tests/kernel/test_redirect_apps.py: a real pipelining server and client
 )
 missing=()
 for p in "${packages[@]}"; do

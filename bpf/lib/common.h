@@ -132,7 +132,9 @@ struct mbpf_sock_key {
  * written whole (no read-modify-write of shared bits), because the socket's
  * own programs and its peer's write it concurrently. */
 struct mbpf_sockstate {
-	__u64 pass_since_ns;    /* host order; when the pair stopped redirecting, 0 before */
+	__u64 sk_addr;          /* host order; the kernel address of this socket, for
+				 * reading its psock (0.1.0 kept an unread timestamp
+				 * here: a bad address only fails the read) */
 	__u64 last_redirect_ns; /* host order; this socket's last splice into its peer */
 	__u32 small_run;        /* host order; small sends in a row with no reply */
 	__u8  mode;             /* MBPF_MODE_*: undecided, redirect, pass (one way) */

@@ -13,6 +13,10 @@
 #ifndef MBPF_REDIR_H
 #define MBPF_REDIR_H
 
+#ifndef MBPF_OFF_SK_USER_DATA
+#error "the loader sets the kernel struct offsets from BTF"
+#endif
+
 #include "common.h"
 #include "compat.h"
 #include "redir_maps.h"
@@ -120,19 +124,35 @@ static __always_inline void redir_peer_key(const struct mbpf_sock_key *key,
 static __always_inline void redir_pass_pair(struct mbpf_sockstate *self,
 					    struct mbpf_sockstate *peer)
 {
-	__u64 now = bpf_ktime_get_ns();
-
-	if (self) {
-		if (!self->pass_since_ns)
-			self->pass_since_ns = now;
+	if (self)
 		self->mode = MBPF_MODE_PASS;
-	}
-	if (peer) {
-		if (!peer->pass_since_ns)
-			peer->pass_since_ns = now;
+	if (peer)
 		peer->mode = MBPF_MODE_PASS;
-	}
 	redir_count(MBPF_CNT_SWITCHED, 1);
+}
+
+/* 1 if the socket at this kernel address belongs to a file opened for
+ * blocking I/O (no O_NONBLOCK), 0 if non-blocking, or not known (no file
+ * yet: a passive socket before accept(); or an unreadable address).
+ *
+ * Why it matters: tcp_bpf_recvmsg, the recvmsg of every socket in a
+ * sockhash, returns EAGAIN when a blocking read is woken with no data, on
+ * every kernel up to 7.0 at least. Such wake-ups are common: the bare ACK
+ * of the reader's own FIN (a "write, shutdown(SHUT_WR), read to EOF"
+ * client facing a server that answers after 40 ms), a signal, write space
+ * for another thread. A non-blocking reader takes EAGAIN as "poll again";
+ * a blocking one takes it as an error. So blocking sockets stay out. */
+static __always_inline int sock_reads_block(__u64 sk_addr)
+{
+	__u64 sock = 0, file = 0;
+	__u32 flags = 0;
+
+	if (!sk_addr ||
+	    bpf_probe_read_kernel(&sock, sizeof(sock), (void *)(sk_addr + MBPF_OFF_SK_SOCKET)) || !sock ||
+	    bpf_probe_read_kernel(&file, sizeof(file), (void *)(sock + MBPF_OFF_SOCKET_FILE)) || !file ||
+	    bpf_probe_read_kernel(&flags, sizeof(flags), (void *)(file + MBPF_OFF_FILE_FLAGS)))
+		return 0;
+	return !(flags & 04000 /* O_NONBLOCK */);
 }
 
 static __always_inline int redir_in_cidrs(const __u8 *addr)

@@ -81,7 +81,9 @@ def probe() -> list[Feature]:
         Feature("sockmap", _map("sockhash") and _prog("sk_msg") and sockops
                 and _helper("sk_msg", "msg_redirect_hash"),
                 "same-node socket redirection", "socket redirection is off"),
-        Feature("sockops_probe_read", sockops and _helper("sock_ops", "probe_read_kernel"),
+        # sk_msg reads kernel structs too (is either end a blocking socket?)
+        Feature("sockops_probe_read", sockops and _helper("sock_ops", "probe_read_kernel")
+                and _helper("sk_msg", "probe_read_kernel"),
                 "redirection: evicting sockets safely", "socket redirection is off"),
         Feature("kernel_btf", has_btf and Path(btf.VMLINUX).exists(),
                 "redirection: kernel struct offsets", "socket redirection is off"),

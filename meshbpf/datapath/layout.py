@@ -68,7 +68,7 @@ class SockKeyC(ct.Structure):
 
 
 class SockStateC(ct.Structure):
-    _fields_ = [("pass_since_ns", ct.c_uint64), ("last_redirect_ns", ct.c_uint64),
+    _fields_ = [("sk_addr", ct.c_uint64), ("last_redirect_ns", ct.c_uint64),
                 ("small_run", ct.c_uint32), ("mode", ct.c_uint8),
                 ("nodelay", ct.c_uint8), ("evicted", ct.c_uint8), ("wide_mss", ct.c_uint8)]
 

@@ -75,6 +75,10 @@ def kernel_offsets() -> dict[str, int]:
         "MBPF_OFF_SK_USER_DATA": btf.member_offset("sock", "sk_user_data"),
         "MBPF_OFF_PSOCK_INGRESS_MSG": btf.member_offset("sk_psock", "ingress_msg"),
         "MBPF_OFF_PSOCK_REFCNT": btf.member_offset("sk_psock", "refcnt"),
+        # sk->sk_socket->file->f_flags: is the socket non-blocking (sock_reads_block)
+        "MBPF_OFF_SK_SOCKET": btf.member_offset("sock", "sk_socket"),
+        "MBPF_OFF_SOCKET_FILE": btf.member_offset("socket", "file"),
+        "MBPF_OFF_FILE_FLAGS": btf.member_offset("file", "f_flags"),
     }
 
 

@@ -35,6 +35,9 @@ def make_server(name: str, port: int) -> DualStackServer:
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        # A timeout runs the connection non-blocking with poll(), as real
+        # servers do; same-node redirection splices only such sockets.
+        timeout = 60
 
         def do_GET(self):  # noqa: N802
             self.send_response(200)

@@ -10,11 +10,24 @@ import errno
 import hashlib
 import json
 import os
+import select
 import socket
 import sys
 import threading
 
 PORT = 7100
+TIMEOUT = 60  # every socket has one: Python then runs it non-blocking, with
+              # poll(), as event loops do; redirection splices only those
+
+
+def connect(host: str) -> socket.socket:
+    return socket.create_connection((host, PORT), timeout=TIMEOUT)
+
+
+def accept(ls: socket.socket) -> socket.socket:
+    c, _ = ls.accept()
+    c.settimeout(TIMEOUT)
+    return c
 
 
 def listener() -> socket.socket:
@@ -36,14 +49,14 @@ def read_all(c: socket.socket) -> bytes:
 def server(case: str, workdir: str) -> dict:
     ls = listener()
     if case == "sendfile-peek":
-        c, _ = ls.accept()
+        c = accept(ls)
         peeked = c.recv(1000, socket.MSG_PEEK)
         data = read_all(c)
         c.sendall(hashlib.sha256(data).hexdigest().encode())
         c.close()
         return {"peek_ok": len(peeked) > 0 and data.startswith(peeked), "server_bytes": len(data)}
     if case == "close-mid-stream":
-        c, _ = ls.accept()
+        c = accept(ls)
         got = bytearray()
         while len(got) < 1 << 20:
             got += c.recv(1 << 16)
@@ -56,7 +69,7 @@ def server(case: str, workdir: str) -> dict:
                 while data := c.recv(65536):
                     c.sendall(data)
         while True:
-            c, _ = ls.accept()
+            c = accept(ls)
             threading.Thread(target=serve, args=(c,), daemon=True).start()
     raise SystemExit(f"unknown case {case}")
 
@@ -66,11 +79,14 @@ def client(case: str, host: str, arg: str) -> dict:
         path = os.path.join(arg, "sendfile.bin")
         with open(path, "wb") as f:
             f.write(os.urandom(8 << 20))
-        with socket.create_connection((host, PORT)) as c, open(path, "rb") as f:
+        with connect(host) as c, open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             offset = 0
             while offset < size:
-                offset += os.sendfile(c.fileno(), f.fileno(), offset, size - offset)
+                try:
+                    offset += os.sendfile(c.fileno(), f.fileno(), offset, size - offset)
+                except BlockingIOError:
+                    select.select([], [c], [], TIMEOUT)
             c.shutdown(socket.SHUT_WR)
             reply = read_all(c).decode()
         with open(path, "rb") as f:
@@ -78,8 +94,7 @@ def client(case: str, host: str, arg: str) -> dict:
     if case == "close-mid-stream":
         pattern = bytes(range(256)) * 4096  # 1 MiB
         error = None
-        with socket.create_connection((host, PORT)) as c:
-            c.settimeout(30)
+        with connect(host) as c:
             try:
                 for _ in range(1000):
                     c.sendall(pattern)
@@ -87,7 +102,7 @@ def client(case: str, host: str, arg: str) -> dict:
                 error = errno.errorcode.get(exc.errno, str(exc))
         return {"writer_error": error}
     if case == "concurrent":
-        conns = [socket.create_connection((host, PORT)) for _ in range(int(arg))]
+        conns = [connect(host) for _ in range(int(arg))]
         ok = 0
         for i, c in enumerate(conns):
             c.sendall(f"ping {i}".encode())
@@ -98,7 +113,7 @@ def client(case: str, host: str, arg: str) -> dict:
     if case == "short":
         ok = 0
         for i in range(int(arg)):
-            with socket.create_connection((host, PORT)) as c:
+            with connect(host) as c:
                 # RST on close: 100 000 connections from one address would
                 # otherwise run out of ports in TIME_WAIT.
                 c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
@@ -106,7 +121,7 @@ def client(case: str, host: str, arg: str) -> dict:
                 ok += c.recv(100) == b"hello"
         return {"ok": ok}
     if case == "held-echo":
-        with socket.create_connection((host, PORT)) as c:
+        with connect(host) as c:
             c.sendall(b"first")
             print(json.dumps({"ok": c.recv(100) == b"first"}), flush=True)
             sys.stdin.readline()

@@ -271,6 +271,7 @@ def xfer_server(port: str, size: str, total: str, nodelay: str, mode: str = "dup
         ls.listen(1)
         print(json.dumps({"listening": True}), flush=True)
         conn, _ = ls.accept()
+        conn.settimeout(600)  # non-blocking with poll(), like xfer_client: redirection splices only those
         with conn:
             _tune(conn, nodelay)
             if mode == "sink":

@@ -165,8 +165,10 @@ ls.listen(1)
 c = socket.socket()
 c.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 c.bind(("127.0.0.1", 47100))
+c.settimeout(60)  # non-blocking with poll(): meshbpf splices only such sockets
 c.connect(("127.0.0.1", 7100))
 s, _ = ls.accept()
+s.settimeout(60)
 print(json.dumps({"connected": True}), flush=True)
 sys.stdin.readline()
 got = {}

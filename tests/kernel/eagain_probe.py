@@ -1,0 +1,144 @@
+"""Blocking-read clients and servers that count spurious EAGAINs.
+
+The pattern of issue 15: "write, shutdown(SHUT_WR), blocking read to EOF",
+as HTTP/1.0-style clients and many RPC tools do it. Every read here is a
+plain blocking recv() (no timeout, no poll): on a blocking socket EAGAIN is
+never a valid answer, so each one is counted, retried, and reported.
+
+  python eagain_probe.py server PORT THINK_MS MODE
+  python eagain_probe.py client HOST PORT RUNS ROUNDS MODE
+
+MODE "blocking": plain blocking sockets. MODE "timeout": sockets with a
+timeout, which Python runs in non-blocking mode with poll() (as event
+loops do); there an EAGAIN is "poll again", never an error.
+
+Each client run opens a connection, makes ROUNDS request/response
+exchanges, then writes a last request, shuts down its sending side and
+reads the server's answer to EOF. The server answers every request at once
+and, at EOF, sends a closing message (after THINK_MS, as a server that
+works out its answer; past the 40 ms delayed-ACK timeout the client's FIN
+is ACKed alone, a wake-up without data) and closes. Both sides check every
+byte (a sha256 over what each sent and received).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import sys
+import time
+
+REQ = 64           # bytes per request and per reply
+BYE = b"bye" * 100  # the server's last message, after the client's EOF
+
+
+def _recv(sock: socket.socket, n: int, stats: dict) -> bytes:
+    """One blocking recv(); a spurious EAGAIN is counted and retried."""
+    while True:
+        try:
+            return sock.recv(n)
+        except BlockingIOError:
+            stats["eagain"] += 1
+
+
+def _recv_exact(sock: socket.socket, n: int, stats: dict) -> bytes:
+    out = b""
+    while len(out) < n:
+        got = _recv(sock, n - len(out), stats)
+        if not got:
+            raise EOFError(f"EOF after {len(out)} of {n} bytes")
+        out += got
+    return out
+
+
+def _request(run: int, i: int) -> bytes:
+    return f"{run}:{i}:".encode().ljust(REQ, b"q")
+
+
+def _reply(request: bytes) -> bytes:
+    return hashlib.sha256(request).hexdigest().encode() + request[:REQ - 64]
+
+
+def serve_one(conn: socket.socket, stats: dict, think_s: float) -> None:
+    """Answers each request; at EOF, sends BYE and closes."""
+    pending = b""
+    while True:
+        got = _recv(conn, 65536, stats)
+        if not got:
+            break
+        pending += got
+        while len(pending) >= REQ:
+            conn.sendall(_reply(pending[:REQ]))
+            pending = pending[REQ:]
+    if pending:
+        stats["errors"] += 1
+    if think_s:
+        time.sleep(think_s)
+    conn.sendall(BYE)
+
+
+def _set_mode(sock: socket.socket, mode: str) -> None:
+    sock.settimeout(None if mode == "blocking" else 60)
+
+
+def server(port: str, think_ms: str = "0", mode: str = "blocking") -> dict:
+    """Serves connections one after another until a client sends 'quit'."""
+    stats = {"eagain": 0, "errors": 0, "connections": 0}
+    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as ls:
+        ls.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        ls.bind(("::", int(port)))
+        ls.listen(64)
+        print(json.dumps({"listening": True}), flush=True)
+        while True:
+            conn, _ = ls.accept()
+            _set_mode(conn, mode)
+            with conn:
+                first = _recv(conn, 4, stats)
+                if first == b"quit":
+                    return stats
+                stats["connections"] += 1
+                conn.sendall(b"ok!!")
+                serve_one(conn, stats, float(think_ms) / 1000)
+
+
+def client_run(host: str, port: int, run: int, rounds: int, stats: dict, mode: str) -> None:
+    # The mode is set before connect(), as applications do.
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as c:
+        _set_mode(c, mode)
+        c.connect((host, port))
+        c.sendall(b"conn")
+        if _recv_exact(c, 4, stats) != b"ok!!":
+            raise AssertionError("bad greeting")
+        for i in range(rounds):
+            req = _request(run, i)
+            c.sendall(req)
+            if _recv_exact(c, REQ, stats) != _reply(req):
+                stats["errors"] += 1
+        last = _request(run, rounds)
+        c.sendall(last)
+        c.shutdown(socket.SHUT_WR)
+        tail = b""
+        while True:
+            got = _recv(c, 65536, stats)
+            if not got:
+                break
+            tail += got
+        if tail != _reply(last) + BYE:
+            stats["errors"] += 1
+
+
+def client(host: str, port: str, runs: str, rounds: str, mode: str = "blocking") -> dict:
+    stats = {"eagain": 0, "errors": 0, "runs": 0}
+    for run in range(int(runs)):
+        client_run(host, int(port), run, int(rounds), stats, mode)
+        stats["runs"] += 1
+    with socket.create_connection((host, int(port))) as c:
+        c.sendall(b"quit")
+    return stats
+
+
+if __name__ == "__main__":
+    cmd = {"server": server, "client": client}[sys.argv[1]]
+    print(json.dumps(cmd(*sys.argv[2:])), flush=True)
