@@ -119,7 +119,6 @@ def test_pair_spliced_by_0_1_0_lives_on_after_the_upgrade(lab, bpffs, start_agen
     sk_addr. A pair 0.1.0 spliced holds a timestamp there (or 0), which
     reads as "not blocking", so it stays spliced under this build, and its
     bytes keep arriving."""
-    pytest.importorskip("yaml_rs", reason="the 0.1.0 sources import yaml_rs (PyPI yaml-rs)")
     script = Path(__file__).with_name("edge_cases.py")
     with monkeypatch.context() as old_build:  # `python -m meshbpf` from the 0.1.0 sources
         old_build.chdir(release_0_1_0)
