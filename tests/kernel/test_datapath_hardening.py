@@ -371,8 +371,11 @@ def release_0_1_0(tmp_path) -> Path:
     root = Path(__file__).resolve().parents[2]
     out = tmp_path / "meshbpf-0.1.0"
     out.mkdir()
-    archive = subprocess.run(["git", "-C", str(root), "archive", RELEASE_0_1_0, "meshbpf", "bpf"],
-                             capture_output=True)
+    try:
+        archive = subprocess.run(["git", "-C", str(root), "archive", RELEASE_0_1_0, "meshbpf", "bpf"],
+                                 capture_output=True)
+    except FileNotFoundError:  # the kernel matrix VMs have neither git nor the history
+        pytest.skip("no git here to read 0.1.0 from this clone's history")
     if archive.returncode != 0:
         pytest.skip(f"0.1.0 is not in this clone's history: {archive.stderr.decode().strip()}")
     subprocess.run(["tar", "-x", "-C", str(out)], input=archive.stdout, check=True)
