@@ -88,6 +88,7 @@ class Agent:
         self.redirect_retry = Backoff()
         self.lb_stale = False          # the load-balancing maps differ from self.desired
         self.redirect_stale = False    # the redirection settings differ from self.desired
+        self.redirect_tried = False    # the settings of the first desired state were tried
         self.applied_redirect: RedirectSettings | None = None
         self.target: Path | None = None
         self.next_resync = time.monotonic() + opts.resync_interval
@@ -166,6 +167,7 @@ class Agent:
                 self.metrics.sync_duration.observe(time.monotonic() - started)
         if changed or self.redirect_retry.due(now):
             self.sync_redirect(self.desired.settings.redirect)
+            self.redirect_tried = True
 
     def _poll_source(self) -> bool:
         """Takes a new desired state from the source; True when there is one.
@@ -419,8 +421,11 @@ class Agent:
     # --- views -----------------------------------------------------------------
     def ready(self) -> bool:
         """The load-balancing maps match the desired state (Services left out
-        for lack of room are problems, not staleness: retrying cannot help)."""
-        return self.programmed is not None and not self.lb_stale
+        for lack of room are problems, not staleness: retrying cannot help),
+        and the redirection settings have been tried once (their failure is
+        retried apart and does not hold readiness; but a pod started at
+        "ready" finds them applied wherever they could be)."""
+        return self.programmed is not None and not self.lb_stale and self.redirect_tried
 
     def alive(self) -> bool:
         return time.monotonic() - self._beat < HEARTBEAT_MAX_AGE and self._source_health().get("ok", True)

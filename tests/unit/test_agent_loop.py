@@ -288,3 +288,15 @@ def test_the_lock_holder_is_found_in_proc_locks(tmp_path):
     assert holder_pid(tmp_path, str(locks)) == 4321
     locks.write_text("")
     assert holder_pid(tmp_path, str(locks)) is None
+
+
+def test_not_ready_before_the_first_redirection_settings_are_tried(make_agent, monkeypatch):
+    """/readyz is read from another thread: between the load-balancing sync and
+    the redirection settings of the same step it must not say ready, or a pod
+    started at "ready" may find its sockets not yet taking part."""
+    seen = []
+    monkeypatch.setattr(agent_mod, "apply_settings", lambda *a: seen.append(agent.ready()))
+    agent = make_agent(FakeSource(desired("10.96.0.10", redirect=RedirectSettings(enabled=True))),
+                       redirect=True)
+    agent.step()
+    assert seen == [False] and agent.ready()
