@@ -346,6 +346,7 @@ def echo_server(port: str) -> dict:
     with socket.create_server(("::", int(port)), family=socket.AF_INET6, dualstack_ipv6=True) as ls:
         print(json.dumps({"listening": True}), flush=True)
         conn, _ = ls.accept()
+        conn.setblocking(False)  # as event loops do: redirection splices only non-blocking sockets
         n, buf = 0, bytearray(1 << 16)
         poller = select.poll()
         poller.register(conn, select.POLLIN)
@@ -359,8 +360,20 @@ def echo_server(port: str) -> dict:
                 if not got:
                     conn.shutdown(socket.SHUT_WR)
                     return {"echoed": n}
-                conn.sendall(memoryview(buf)[:got])
+                _send_all(conn, memoryview(buf)[:got], poller)
                 n += got
+
+
+def _send_all(conn: socket.socket, data: memoryview, poller) -> None:
+    """sendall for a non-blocking socket: waits for room with poll."""
+    import select
+    while data:
+        try:
+            data = data[conn.send(data):]
+        except BlockingIOError:
+            poller.modify(conn, select.POLLOUT)
+            poller.poll()
+            poller.modify(conn, select.POLLIN)
 
 
 def stream_client(host: str, port: str, size: str) -> dict:
