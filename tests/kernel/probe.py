@@ -311,6 +311,7 @@ def burst_server(port: str, size: str, burst: str, rounds: str) -> dict:
     with socket.create_server(("::", int(port)), family=socket.AF_INET6, dualstack_ipv6=True) as ls:
         print(json.dumps({"listening": True}), flush=True)
         conn, _ = ls.accept()
+        conn.settimeout(600)  # non-blocking with poll(): redirection splices only those
         with conn:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             h, n = hashlib.sha256(), 0
