@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 from urllib.parse import urlsplit
@@ -60,10 +59,6 @@ def register_process_metrics(registry: CollectorRegistry) -> None:
     except ValueError:
         return
     build.labels(__version__).set(1)
-
-
-def heartbeat_check(last_beat: Callable[[], float], max_age: float) -> Callable[[], bool]:
-    return lambda: time.monotonic() - last_beat() < max_age
 
 
 class HealthServer:
