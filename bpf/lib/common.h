@@ -195,4 +195,110 @@ struct mbpf_cidr_key {
 #define MBPF_SLOT_READY        1  /* endpoint is ready */
 #define MBPF_SLOT_TERMINATING  2  /* serving and terminating: used only when none is ready */
 
+/* ---- NetworkPolicy (bpf/policy.c, bpf/lib/policy.h) --------------------
+ * Enforced by tc programs on the host side of each local pod's interface:
+ * mbpf_tc_from_pod on its ingress (traffic the pod sends), mbpf_tc_to_pod on
+ * its egress (traffic the pod receives). A change is atomic per pod: its
+ * rules are written under the endpoint's other generation, then the
+ * endpoint entry flips to that generation in one update, then the old
+ * generation's rules are deleted (meshbpf/reconcile/policy.py).
+ *
+ * Lookup for a new flow in direction dir of endpoint ep: the peer map with
+ * the peer's address gives the peer set (addresses that the same rules
+ * allow) and whether any port is allowed; if not, the port map with
+ * (peer set, protocol, port) decides. Replies and established flows pass
+ * through the conntrack map, so a policy edit never cuts a flow it allowed. */
+
+#define MBPF_DIR_IN   0  /* to the pod: its ingress rules */
+#define MBPF_DIR_OUT  1  /* from the pod: its egress rules */
+
+/* Endpoint map (hash, mbpf_pol_ep) value; the key is the __u32 ifindex of
+ * the pod's host-side interface, host order. */
+struct mbpf_ep {
+	__u32 ep_id;                /* host order; 1..; keys the rule maps */
+	__u8  gen;                  /* 0 or 1: the generation of rules in force */
+	__u8  flags;                /* MBPF_EP_F_* */
+	__u16 pad;                  /* zero */
+};
+#define MBPF_EP_F_ISOLATE_IN   1  /* default deny for traffic to the pod */
+#define MBPF_EP_F_ISOLATE_OUT  2  /* default deny for traffic from the pod */
+
+/* Endpoint address map (hash, mbpf_pol_epaddr) key; the value is the __u32
+ * ep_id (host order) that owns the address. A packet from a pod whose
+ * source address is not its own is dropped. */
+struct mbpf_ep_addr {
+	__u8  addr[MBPF_ADDR_LEN];  /* network order; IPv4 as ::ffff:a.b.c.d */
+};
+
+/* Peer map key (LPM trie, mbpf_pol_peer). prefixlen counts the bits after
+ * it: 64 (ep_id, gen, dir, pad) + the address prefix (IPv4 /n is 96 + n). */
+struct mbpf_pol_peer_key {
+	__u32 prefixlen;            /* host order */
+	__u32 ep_id;                /* host order */
+	__u8  gen;                  /* 0 or 1 */
+	__u8  dir;                  /* MBPF_DIR_* */
+	__u8  pad[2];               /* zero */
+	__u8  addr[MBPF_ADDR_LEN];  /* network order; IPv4 as ::ffff:a.b.c.d */
+};
+
+/* Peer map value. */
+struct mbpf_pol_peer {
+	__u32 peer_set;             /* host order; keys the port map; 1.. */
+	__u32 rule;                 /* host order; with ANY_PORT: the rule that allows */
+	__u32 flags;                /* host order; MBPF_PEER_F_* */
+	__u32 pad;                  /* zero */
+};
+#define MBPF_PEER_F_ANY_PORT  1  /* any protocol, any port */
+
+/* Port map key (LPM trie, mbpf_pol_port). prefixlen counts the bits after
+ * it: 96 (ep_id .. peer_set) + the port prefix (0..16). */
+struct mbpf_pol_port_key {
+	__u32 prefixlen;            /* host order */
+	__u32 ep_id;                /* host order */
+	__u8  gen;                  /* 0 or 1 */
+	__u8  dir;                  /* MBPF_DIR_* */
+	__u8  proto;                /* IPPROTO_TCP, IPPROTO_UDP or IPPROTO_SCTP */
+	__u8  pad;                  /* zero */
+	__u32 peer_set;             /* host order */
+	__u16 port;                 /* network order (prefixes compare bytes) */
+	__u16 pad2;                 /* zero; never inside the prefix */
+};
+
+/* Port map value. */
+struct mbpf_pol_port {
+	__u32 rule;                 /* host order; the rule that allows */
+	__u32 pad;                  /* zero */
+};
+
+/* Conntrack map key (LRU hash, mbpf_ct): a flow as endpoint ep first saw
+ * it in direction dir. A reply is looked up with the addresses and ports
+ * swapped and the other direction. */
+struct mbpf_ct_key {
+	__u8  saddr[MBPF_ADDR_LEN]; /* network order; IPv4 as ::ffff:a.b.c.d */
+	__u8  daddr[MBPF_ADDR_LEN]; /* network order; IPv4 as ::ffff:a.b.c.d */
+	__u16 sport;                /* network order; 0 for protocols without ports */
+	__u16 dport;                /* network order; 0 for protocols without ports */
+	__u32 ep_id;                /* host order */
+	__u8  proto;                /* IP protocol */
+	__u8  dir;                  /* MBPF_DIR_* */
+	__u8  pad[2];               /* zero */
+};
+
+/* Conntrack map value. */
+struct mbpf_ct {
+	__u64 created_ns;           /* host order; bpf_ktime_get_ns() */
+	__u32 rule;                 /* host order; the rule that allowed; 0: not isolated */
+	__u32 pad;                  /* zero */
+};
+
+/* Policy counters (per-CPU array of __u64, mbpf_pol_stats). Verdicts count
+ * new flows; packets of known flows are not counted. */
+#define MBPF_POL_IN_ALLOW    0  /* new flow to a pod, allowed */
+#define MBPF_POL_IN_DENY     1  /* new flow to a pod, dropped by policy */
+#define MBPF_POL_OUT_ALLOW   2  /* new flow from a pod, allowed */
+#define MBPF_POL_OUT_DENY    3  /* new flow from a pod, dropped by policy */
+#define MBPF_DROP_SPOOFED    4  /* from a pod, source address not its own */
+#define MBPF_DROP_MALFORMED  5  /* headers could not be read */
+#define MBPF_POL_STAT_MAX    8
+
 #endif /* MBPF_COMMON_H */
