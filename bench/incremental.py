@@ -165,7 +165,7 @@ def make_agent(source, n: int, **opts) -> tuple[Agent, MemoryMaps, list[float]]:
     agent = Agent(AgentOptions(config=Path("unused"), poll_interval=0.2, resync_interval=0, **opts),
                   source=source, lb=_LB())
     maps = MemoryMaps(max(2 * n, 1000))
-    agent.maps = maps
+    agent.lbsync.maps = maps
     latencies: list[float] = []
     hist = agent.metrics.network_programming
     real = hist.observe

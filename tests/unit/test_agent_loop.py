@@ -75,10 +75,10 @@ def make_agent():
     def make(source, maps=None, redirect=False, **opts):
         agent = Agent(AgentOptions(config=Path("unused"), **opts), source=source, lb=FakeLB())
         agent.lb.redirect = redirect
-        agent.maps = maps or FakeMaps()
+        agent.lbsync.maps = maps or FakeMaps()
         agent.target = Path("/sys/fs/cgroup/fake")
         # Fast retries, so a test waits milliseconds, not seconds.
-        agent.lb_retry, agent.redirect_retry = Backoff(0.01, 0.04), Backoff(0.01, 0.04)
+        agent.lbsync.retry, agent.redirect_retry = Backoff(0.01, 0.04), Backoff(0.01, 0.04)
         return agent
     return make
 
@@ -92,7 +92,7 @@ def gauge(g) -> float:
 
 
 def matches(agent: Agent, state: DesiredState) -> bool:
-    return plan(agent.maps.state, wanted_services(state)).writes == 0
+    return plan(agent.lbsync.maps.state, wanted_services(state)).writes == 0
 
 
 def step_until(agent: Agent, check, timeout: float = 2.0) -> None:
@@ -196,7 +196,7 @@ def test_room_freed_by_deletes_is_handed_out_in_the_same_sync(make_agent):
     agent = make_agent(FakeSource(before, after), FakeMaps({"services": 2, "slots": 100, "backends": 100}))
     agent.step()
     agent.step()    # round 1 deletes the old two; round 2 admits the new two
-    assert matches(agent, after) and agent.refused == {}
+    assert matches(agent, after) and agent.lbsync.refused == {}
 
 
 def test_the_periodic_resync_repairs_drift(make_agent):

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-import meshbpf.agent as agent_mod
-from meshbpf.agent import Agent, AgentOptions, frontend_changes
+import meshbpf.sync.lb as lbsync_mod
+from meshbpf.agent import Agent, AgentOptions
+from meshbpf.sync.lb import frontend_changes
 from meshbpf.datapath.maps import MapWriteError
 from meshbpf.model import DesiredState, Endpoint
 from meshbpf.reconcile import plan, wanted_services
@@ -33,12 +34,12 @@ def state(n: int, moved: dict[int, str] | None = None) -> DesiredState:
 class Spy:
     def __init__(self, monkeypatch, name):
         self.calls = []
-        real = getattr(agent_mod, name)
+        real = getattr(lbsync_mod, name)
 
         def spy(*args):
             self.calls.append(args)
             return real(*args)
-        monkeypatch.setattr(agent_mod, name, spy)
+        monkeypatch.setattr(lbsync_mod, name, spy)
 
 
 @pytest.fixture
@@ -47,16 +48,16 @@ def agent_for(monkeypatch):
         maps = FakeMaps(capacity or {"services": 1000, "slots": 5000, "backends": 5000})
         agent = Agent(AgentOptions(config=Path("unused"), **opts), source=FakeSource(*results),
                       lb=FakeLB())
-        agent.maps = maps
+        agent.lbsync.maps = maps
         agent.target = Path("/sys/fs/cgroup/fake")
-        agent.lb_retry, agent.redirect_retry = Backoff(0.01, 0.04), Backoff(0.01, 0.04)
+        agent.lbsync.retry, agent.redirect_retry = Backoff(0.01, 0.04), Backoff(0.01, 0.04)
         return agent
     return make
 
 
 def matches(agent: Agent, desired: DesiredState) -> bool:
-    return (plan(agent.maps.state, wanted_services(desired)).writes == 0
-            and agent.current == agent.maps.state)
+    return (plan(agent.lbsync.maps.state, wanted_services(desired)).writes == 0
+            and agent.lbsync.current == agent.lbsync.maps.state)
 
 
 def test_a_change_is_planned_over_the_touched_frontends_only(agent_for, monkeypatch):
@@ -69,7 +70,7 @@ def test_a_change_is_planned_over_the_touched_frontends_only(agent_for, monkeypa
     assert len(full.calls) == 1, "the full plan ran for a two-frontend change"
     assert [len(call[2]) for call in incremental.calls] == [2]  # svc7 and the new svc300
     assert matches(agent, second)
-    assert agent.programmed == wanted_services(second)
+    assert agent.lbsync.programmed == wanted_services(second)
     assert agent.ready()
 
 
@@ -81,18 +82,18 @@ def test_a_removed_frontend_is_deleted_incrementally(agent_for, monkeypatch):
     full = Spy(monkeypatch, "plan")
     agent.step()
     assert not full.calls
-    assert matches(agent, after) and len(agent.maps.state.services) == 19
+    assert matches(agent, after) and len(agent.lbsync.maps.state.services) == 19
 
 
 def test_a_failed_incremental_write_restores_and_the_retry_is_a_full_sync(agent_for, monkeypatch):
     first, second = state(10), state(10, moved={2: "10.244.100.100"})
     agent = agent_for(first, second)
     agent.step()
-    held = agent.maps.state.copy()
-    agent.maps.fail = [MapWriteError("boom")]
+    held = agent.lbsync.maps.state.copy()
+    agent.lbsync.maps.fail = [MapWriteError("boom")]
     agent.step()
-    assert agent.lb_stale and not agent.ready()
-    assert agent.maps.state == held  # nothing half-applied
+    assert agent.lbsync.stale and not agent.ready()
+    assert agent.lbsync.maps.state == held  # nothing half-applied
     full = Spy(monkeypatch, "plan")
     step_until(agent, agent.ready)
     assert full.calls and matches(agent, second)
@@ -102,11 +103,11 @@ def test_the_resync_plans_everything_and_repairs_drift(agent_for, monkeypatch, c
     first = state(10)
     agent = agent_for(first, resync_interval=0.01)
     agent.step()
-    victim = next(iter(agent.maps.state.services))
-    del agent.maps.state.services[victim]  # drift behind the agent's back
+    victim = next(iter(agent.lbsync.maps.state.services))
+    del agent.lbsync.maps.state.services[victim]  # drift behind the agent's back
     full = Spy(monkeypatch, "plan")
     with caplog.at_level("INFO", logger="meshbpf.agent"):
-        step_until(agent, lambda: victim in agent.maps.state.services)
+        step_until(agent, lambda: victim in agent.lbsync.maps.state.services)
     assert full.calls and matches(agent, first)
     assert "resync: maps read, planned in full and repaired in" in caplog.text  # its cost, reported
 
@@ -116,12 +117,12 @@ def test_a_change_that_does_not_fit_goes_through_admission(agent_for):
     agent = agent_for(first, second, capacity={"services": 5, "slots": 100, "backends": 100})
     agent.step()
     agent.step()
-    assert len(agent.maps.state.services) == 5
-    assert list(agent.refused) == ["default/svc5"]
+    assert len(agent.lbsync.maps.state.services) == 5
+    assert list(agent.lbsync.refused) == ["default/svc5"]
     # Services left out: the next change is planned fully, so they get in when room frees.
     agent.source.results.append(state(5))
     agent.step()
-    assert not agent.refused and matches(agent, state(5))
+    assert not agent.lbsync.refused and matches(agent, state(5))
 
 
 def test_frontend_changes_compares_by_value_and_sees_removals():
@@ -145,8 +146,8 @@ def test_a_delta_from_the_source_is_all_the_agent_looks_at_and_its_trigger_times
     second = DesiredState(moved.service_ports, delta=Delta(weakref.ref(first), frozenset({fe4})),
                           trigger_times=(time.time() - 0.2,))
     compared = []
-    real = agent_mod.frontend_changes
-    monkeypatch.setattr(agent_mod, "frontend_changes",
+    real = lbsync_mod.frontend_changes
+    monkeypatch.setattr(lbsync_mod, "frontend_changes",
                         lambda a, b, where=None: compared.append(where) or real(a, b, where))
     agent = agent_for(first, second)
     agent.step()

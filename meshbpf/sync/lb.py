@@ -1,0 +1,278 @@
+"""Load balancing: brings the socket-LB maps to the desired state.
+
+Service by Service as they fit (admission), over the changed frontends
+only when it can (incremental), and back to the last programmed state
+after a failed write, so nothing stays half-applied. The agent owns the
+loop and the timing (retries, resyncs); this part owns the LB maps' state.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Iterable
+
+from ..admission import Admission, Refusal, admit
+from ..datapath.layout import BY_ROLE
+from ..datapath.maps import MapWriteError
+from ..gcpause import freeze_heap
+from ..metrics import AgentMetrics
+from ..model import DesiredState
+from ..reconcile import (CapacityError, LBState, Plan, SvcKey, WantedService, check_capacity, plan,
+                         wanted_service, wanted_services)
+from ..reconcile.incremental import LBIndex, plan_services
+from ..retry import Backoff
+from . import one_line
+
+log = logging.getLogger("meshbpf.agent")  # the agent's log, as users and tests filter it
+
+MAP_NAMES = {role: spec.name for role, spec in BY_ROLE.items()}
+ADMISSION_ROUNDS = 3   # a round that deletes frees room the next round can hand out
+
+
+class LBSync:
+    """The LB maps, what they hold (current), and what they were last
+    brought to (programmed)."""
+
+    def __init__(self, metrics: AgentMetrics, error: Callable[..., None]):
+        self.metrics = metrics
+        self.error = error              # the agent's one-line error reporter
+        self.maps = None                # LBMaps (or a fake in unit tests), set at start
+        self.current = LBState()
+        self.programmed: dict[SvcKey, WantedService] | None = None  # what the maps were last brought to
+        # For the incremental path: the desired state the maps were last
+        # wholly brought to (None: the next sync is a full one), and the index of
+        # self.current that plan_services() reads.
+        self.synced: DesiredState | None = None
+        self.pending_triggers: list[float] = []  # change times of states not yet in the maps
+        self.index: LBIndex | None = None
+        self.refused: dict[str, Refusal] = {}
+        self.retry = Backoff()
+        self.stale = False              # the maps differ from the desired state
+
+    def start(self, maps) -> None:
+        self.maps = maps
+        self.current = maps.read()
+        self._update_gauges()
+
+    @property
+    def programmed_once(self) -> bool:
+        return self.programmed is not None
+
+    def known_counts(self) -> dict[str, int]:
+        return {BY_ROLE[role].name: len(getattr(self.current, role)) for role in BY_ROLE}
+
+    def _update_gauges(self) -> None:
+        self.metrics.services.set(len(self.current.services))
+        self.metrics.backends.set(len(self.current.backends))
+
+    def sync(self, desired: DesiredState, reread: bool = False) -> bool:
+        """Brings the load-balancing maps to `desired`, Service by Service as
+        they fit. On a failure the maps get back to what they held and a
+        retry is scheduled. Returns True on success.
+
+        A change is planned over the frontends it touches only, when the last
+        sync brought the maps to the whole previous desired state; anything
+        else (the first sync, a resync, a retry, Services left out, a plan
+        that does not fit) plans everything, as the safety net."""
+        assert self.maps is not None
+        try:
+            started = time.monotonic()
+            if reread:
+                self._resync_read()
+            writes = None if reread else self._sync_incremental(desired)
+            how = "changed frontends only"
+            if writes is None:
+                how = "full plan"
+                writes = self._admit_and_apply(wanted_services(desired))
+                self.synced = None if self.refused else desired
+                if self.synced is not None:  # built now, so the next change does not wait for it
+                    self.index = LBIndex(self.current)
+                freeze_heap()
+        except CapacityError as exc:  # admission should have prevented it
+            return self._failed("capacity", f"update rejected, still running the previous state: {exc}")
+        except MapWriteError as exc:
+            self._restore()
+            return self._failed("datapath", f"map write failed: {exc}; restored the previous state")
+        except Exception as exc:
+            self._restore()
+            return self._failed("internal", f"sync failed: {one_line(exc)}; restored the previous state")
+        if self.stale:
+            log.info("load-balancing maps match the desired state again")
+        self.retry.reset()
+        self.stale = False
+        self.metrics.datapath_stale.set(0)
+        self.metrics.last_sync.set_to_current_time()
+        self._observe_programming()
+        if reread:  # the safety net's whole cost: read back, full plan, repair
+            log.info("resync: maps read, planned in full and repaired in %.1f ms",
+                     (time.monotonic() - started) * 1000)
+        if writes:
+            log.info("synced %d services: %d map writes (%s)", len(desired.service_ports), writes, how)
+        return True
+
+    def _observe_programming(self) -> None:
+        """kube-proxy's network_programming_duration_seconds: from each
+        change's trigger time (set by the EndpointSlice controller) to now,
+        when the maps hold it."""
+        now = time.time()
+        for t in self.pending_triggers:
+            self.metrics.network_programming.observe(max(now - t, 0.0))
+        self.pending_triggers.clear()
+
+    def _sync_incremental(self, desired: DesiredState) -> int | None:
+        """Plans and writes only the frontends that differ from the last
+        synced state; None when a full sync is needed instead."""
+        assert self.maps is not None
+        before = self.synced
+        if before is None or self.programmed is None or self.stale or self.refused:
+            return None
+        delta = desired.delta
+        if delta is not None and delta.base() is before:
+            # The source names what changed since the state synced last: the
+            # work is the change's, not the whole state's.
+            changes = frontend_changes(before.service_ports, desired.service_ports, delta.frontends)
+        else:
+            changes = frontend_changes(before.service_ports, desired.service_ports)
+        if not changes:
+            return 0
+        if self.index is None:
+            self.index = LBIndex(self.current)
+        p = plan_services(self.current, self.index, changes)
+        try:
+            check_capacity(self.current, p, self.maps.capacity, MAP_NAMES)
+        except CapacityError:
+            return None  # admission decides, over everything
+        self.synced = None  # until the write is known to have landed
+        self.maps.apply(p)
+        self._count_writes(p)
+        self.index.apply(p, self.current)
+        self._update_gauges()
+        for key, want in changes.items():
+            if want is None:
+                self.programmed.pop(key, None)
+            else:
+                self.programmed[key] = want
+        self.synced = desired
+        return p.writes
+
+    def _admit_and_apply(self, wanted: dict[SvcKey, WantedService]) -> int:
+        assert self.maps is not None
+        writes = 0
+        for _ in range(ADMISSION_ROUNDS):
+            admission, p = self._plan_what_fits(wanted)
+            self._apply(p)
+            self.programmed = admission.wanted
+            writes += p.writes
+            freed = p.service_deletes or p.slot_deletes or p.backend_deletes
+            if not (admission.refused and freed):
+                break
+        self._note_refusals(admission.refused)
+        return writes
+
+    def _plan_what_fits(self, wanted: dict[SvcKey, WantedService]) -> tuple[Admission, Plan]:
+        """The whole plan when it fits (the usual case, and the cheap one);
+        otherwise the plan of what admission lets in, Service by Service."""
+        assert self.maps is not None
+        p = plan(self.current, wanted)
+        try:
+            check_capacity(self.current, p, self.maps.capacity, MAP_NAMES)
+            return Admission(wanted), p
+        except CapacityError:
+            pass
+        admission = admit(self.current, wanted, self.maps.capacity, MAP_NAMES)
+        p = plan(self.current, admission.wanted)
+        check_capacity(self.current, p, self.maps.capacity, MAP_NAMES)  # admission's guarantee
+        return admission, p
+
+    def _note_refusals(self, refusals: list[Refusal]) -> None:
+        """Logs each Service once when it is left out and once when it fits again."""
+        now = {r.service: r for r in refusals}
+        for name, refusal in now.items():
+            if name not in self.refused:
+                self.metrics.sync_errors.labels("capacity").inc()
+                self.error("map full: %s", refusal)
+        for name in self.refused.keys() - now.keys():
+            log.info("Service %s is no longer left out", name)
+        self.refused = now
+        self.metrics.services_refused.set(len(now))
+
+    def _failed(self, reason: str, message: str) -> bool:
+        self.metrics.sync_errors.labels(reason).inc()
+        self.stale = True
+        self.metrics.datapath_stale.set(1)
+        delay = self.retry.failed(time.monotonic())
+        self.error("%s; retrying in %gs", message, delay)
+        return False
+
+    def _apply(self, p: Plan) -> None:
+        assert self.maps is not None
+        self.index = None  # a full plan may repair what the index assumes; rebuilt when needed
+        self.maps.apply(p)
+        self._count_writes(p)
+        p.apply_in_place(self.current)
+        self._update_gauges()
+
+    def _count_writes(self, p: Plan) -> None:
+        for step in p.steps():
+            self.metrics.map_writes.labels(BY_ROLE[step.map].name, step.op).inc(len(step.entries))
+
+    def _restore(self) -> None:
+        """After a partial write: read what the maps hold and plan back to
+        what they were last brought to, so nothing stays half-applied."""
+        assert self.maps is not None
+        self.index, self.synced = None, None
+        try:
+            self.current = self.maps.read()
+            if self.programmed is not None:
+                self._apply(plan(self.current, self.programmed))
+        except Exception as exc:
+            log.error("could not restore the previous state: %s", one_line(exc))
+            try:
+                self.current = self.maps.read()
+            except Exception:
+                pass
+
+    def _resync_read(self) -> None:
+        """Periodic resync: the maps as they are, not as the agent wrote
+        them, so the plan that follows repairs any drift."""
+        assert self.maps is not None
+        started = time.monotonic()
+        actual = self.maps.read()
+        took = time.monotonic() - started
+        drift = _differing_entries(self.current, actual)
+        self.current, self.index = actual, None
+        self.metrics.resync_duration.set(took)
+        self.metrics.resync_drift.inc(drift)
+        entries = sum(len(getattr(actual, role)) for role in BY_ROLE)
+        log.log(logging.WARNING if drift else logging.INFO,
+                "resync: read %d map entries in %.1f ms; %d differ from what the agent wrote%s",
+                entries, took * 1000, drift, ", repairing" if drift else "")
+
+
+
+def frontend_changes(before: dict, after: dict, where: Iterable | None = None
+                     ) -> dict[SvcKey, WantedService | None]:
+    """The frontends whose ServicePort differs between two desired states,
+    in map terms (None: gone), looking only at `where` when given. Unchanged
+    objects are usually the same object: most comparisons stop at identity."""
+    changes: dict[SvcKey, WantedService | None] = {}
+    for fe in (after.keys() | before.keys()) if where is None else where:
+        old, new = before.get(fe), after.get(fe)
+        if old is new or old == new:
+            continue
+        if new is None:
+            changes[wanted_service(old)[0]] = None
+        else:
+            key, want = wanted_service(new)
+            changes[key] = want
+    return changes
+
+
+def _differing_entries(expected: LBState, actual: LBState) -> int:
+    """Keys missing, added or holding another value, over the three maps."""
+    total = 0
+    for role in BY_ROLE:
+        a, b = getattr(expected, role), getattr(actual, role)
+        total += sum(1 for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    return total
