@@ -140,8 +140,9 @@ class PolicyDatapath:
         return attached_filters(self.netns)
 
 
-def _our_filters(ipr, ifindex: int):
-    """(parent, TCA_BPF_NAME, prog id) of our filters on one interface."""
+def _our_filters(ipr, ifindex: int) -> list[tuple[int, str]]:
+    """(parent, TCA_BPF_NAME) of our filters on one interface."""
+    found = []
     for parent in (TC_INGRESS, TC_EGRESS):
         try:
             msgs = ipr.get_filters(index=ifindex, parent=parent)
@@ -153,23 +154,40 @@ def _our_filters(ipr, ifindex: int):
                 continue
             name = opts.get_attr("TCA_BPF_NAME") or ""
             if name in PROGRAMS and (msg["info"] >> 16) == TC_PRIO:
-                yield parent, name, opts.get_attr("TCA_BPF_ID") or 0
+                found.append((parent, name))
+    return found
+
+
+def _prog_ids(netns: str | None, ifname: str) -> dict[str, int]:
+    """Program id behind each of our filters on ifname. pyroute2 0.9 does
+    not decode TCA_BPF_ID, so this one read goes through tc's JSON."""
+    import json
+    import subprocess
+    ids = {}
+    for hook in ("ingress", "egress"):
+        argv = ["tc", *(["-n", netns] if netns else []), "-j", "filter", "show", "dev", ifname, hook]
+        out = subprocess.run(argv, capture_output=True, text=True).stdout
+        for f in json.loads(out or "[]"):
+            opts = f.get("options", {})
+            if f.get("pref") == TC_PRIO and opts.get("bpf_name") in PROGRAMS:
+                ids[opts["bpf_name"]] = opts.get("prog", {}).get("id", 0)
+    return ids
 
 
 def attached_filters(netns: str | None) -> dict[int, dict[str, int]]:
+    """ifindex -> {program name: program id} of our filters in netns."""
     out: dict[int, dict[str, int]] = {}
     with _ipr(netns) as ipr:
         for link in ipr.get_links():
-            found = {name: pid for _, name, pid in _our_filters(ipr, link["index"])}
-            if found:
-                out[link["index"]] = found
+            if _our_filters(ipr, link["index"]):
+                out[link["index"]] = _prog_ids(netns, link.get_attr("IFLA_IFNAME"))
     return out
 
 
 def detach_filters(netns: str | None, ifindex: int) -> list[str]:
     removed = []
     with _ipr(netns) as ipr:
-        for parent, name, _ in list(_our_filters(ipr, ifindex)):
+        for parent, name in _our_filters(ipr, ifindex):
             try:
                 ipr.tc("del-filter", "bpf", ifindex, TC_HANDLE, parent=parent, prio=TC_PRIO,
                        protocol=ETH_P_ALL)
