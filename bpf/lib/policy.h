@@ -175,9 +175,9 @@ static __always_inline int source_is_own(const struct mbpf_flow *f, __u32 ep_id)
 	return owner && *owner == ep_id;
 }
 
-/* The rule that allows a new flow of an isolated endpoint, 0 if none
- * (rule ids start at 1; an allow without one is reported as rule 0 too, so
- * the return value only says allowed through *allowed). */
+/* Does a rule of the endpoint's current generation allow this new flow?
+ * *allowed says so; the return value is that rule's id (for conntrack and
+ * the monitor), which the planner may leave 0. */
 static __always_inline __u32 policy_allows(const struct mbpf_flow *f, const struct mbpf_ep *ep,
 					   __u8 dir, int *allowed)
 {

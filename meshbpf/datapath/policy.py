@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import Iterable
 
 from ..reconcile import addr16
-from ..reconcile.policy_keys import (EpVal, PeerKey, PeerVal, PolicyState, PolicyStep, PortKey,
-                                     PortVal)
+from ..reconcile.policy_keys import (DROP_COUNTERS, POLICY_COUNTERS, EpVal, PeerKey, PeerVal,
+                                     PolicyState, PolicyStep, PortKey, PortVal)
 from . import libbpf
-from .layout import (POLICY_MAPS, CtKeyC, EpAddrC, EpC, MapSpec, NO_PREALLOC, PolPeerC,
+from .layout import (POLICY_MAPS, CtC, CtKeyC, EpAddrC, EpC, MapSpec, NO_PREALLOC, PolPeerC,
                      PolPeerKeyC, PolPortC, PolPortKeyC)
 from .source import program_text
 
@@ -244,8 +244,9 @@ CODECS = {
               lambda c: PortVal(c.rule)),
 }
 ROLE_MAP = {spec.role: spec for spec in POLICY_MAPS if spec.role}
-COUNTERS = {"ingress_allow": 0, "ingress_deny": 1, "egress_allow": 2, "egress_deny": 3,
-            "spoofed": 4, "malformed": 5}
+# mbpf_pol_stats slots by name: "ingress_allow" .. "egress_deny", "spoofed", "malformed"
+COUNTERS = {f"{d}_{v}": i for (d, v), i in POLICY_COUNTERS.items()}
+COUNTERS.update(spoofed=DROP_COUNTERS["spoofed_source"][0], malformed=DROP_COUNTERS["malformed"][0])
 
 
 class PolicyMaps:
@@ -288,17 +289,19 @@ class PolicyMaps:
             spec = ROLE_MAP[step.map]
             key_into, val_into, _, _ = CODECS[step.map]
             fd = self.fds[spec.name]
+            if step.op not in ("update", "delete"):
+                raise ValueError(f"policy step on {spec.name}: unknown op {step.op!r}")
             for key, value in step.entries.items():
-                if step.op == "update":
-                    libbpf.map_update(fd, key_into(key), val_into(value))
-                elif step.op == "delete":
-                    try:
+                try:
+                    if step.op == "update":
+                        libbpf.map_update(fd, key_into(key), val_into(value))
+                    else:
                         libbpf.map_delete(fd, key_into(key))
-                    except OSError as exc:
-                        if exc.errno != errno.ENOENT:
-                            raise
-                else:
-                    raise ValueError(f"policy step {step.map}: unknown op {step.op!r}")
+                except OSError as exc:
+                    if step.op == "delete" and exc.errno == errno.ENOENT:
+                        continue  # already gone: the goal is reached
+                    raise PolicyError(f"{step.op} of {spec.name} entry {key} failed: "
+                                      f"{exc.strerror}") from exc
 
     def counters(self) -> dict[str, int]:
         """mbpf_pol_stats summed over CPUs, by name (COUNTERS)."""
@@ -311,7 +314,7 @@ class PolicyMaps:
         return out
 
     def conntrack(self) -> list[CtKeyC]:
-        return [k for k, _ in libbpf.map_items(self.fds["mbpf_ct"], CtKeyC, POLICY_MAPS[4].value)]
+        return [k for k, _ in libbpf.map_items(self.fds["mbpf_ct"], CtKeyC, CtC)]
 
 
 # --- endpoint discovery ------------------------------------------------------
