@@ -40,12 +40,14 @@ static __always_inline int enforce(struct __sk_buff *skb, __u8 dir)
 		return MBPF_TC_PASS;
 	if (res != MBPF_PARSE_OK) {
 		pol_count(MBPF_DROP_MALFORMED);
+		pol_event(skb, &f, ep.ep_id, dir, MBPF_EV_MALFORMED, 0);
 		return MBPF_TC_DROP;
 	}
 	if (is_nd(&f))
 		return MBPF_TC_PASS;
 	if (dir == MBPF_DIR_OUT && !source_is_own(&f, ep.ep_id)) {
 		pol_count(MBPF_DROP_SPOOFED);
+		pol_event(skb, &f, ep.ep_id, dir, MBPF_EV_SPOOFED, 0);
 		return MBPF_TC_DROP;
 	}
 	if (ct_known(&f, ep.ep_id, dir))
@@ -54,11 +56,13 @@ static __always_inline int enforce(struct __sk_buff *skb, __u8 dir)
 		rule = policy_allows(&f, &ep, dir, &allowed);
 		if (!allowed) {
 			pol_count(dir == MBPF_DIR_IN ? MBPF_POL_IN_DENY : MBPF_POL_OUT_DENY);
+			pol_event(skb, &f, ep.ep_id, dir, MBPF_EV_DENY, 0);
 			return MBPF_TC_DROP;
 		}
 	}
 	ct_create(&f, ep.ep_id, dir, rule);
 	pol_count(dir == MBPF_DIR_IN ? MBPF_POL_IN_ALLOW : MBPF_POL_OUT_ALLOW);
+	pol_event(skb, &f, ep.ep_id, dir, MBPF_EV_ALLOW, rule);
 	return MBPF_TC_PASS;
 }
 

@@ -40,6 +40,33 @@ static __always_inline void pol_count(__u32 idx)
 		*n += 1;  /* per-CPU slot: no atomics needed */
 }
 
+/* One event, only while a reader has set mbpf_pol_cfg.events: nobody
+ * listening costs one array lookup per new flow or drop. */
+static __always_inline void pol_event(struct __sk_buff *skb, const struct mbpf_flow *f,
+				      __u32 ep_id, __u8 dir, __u8 verdict, __u32 rule)
+{
+#ifdef MBPF_HAVE_RINGBUF
+	__u32 zero = 0;
+	struct mbpf_pol_cfg *cfg = mbpf_pol_cfg.lookup(&zero);
+	struct mbpf_pol_event ev = {};
+
+	if (!cfg || !cfg->events)
+		return;
+	ev.ts_ns = bpf_ktime_get_ns();
+	__builtin_memcpy(ev.saddr, f->saddr, MBPF_ADDR_LEN);
+	__builtin_memcpy(ev.daddr, f->daddr, MBPF_ADDR_LEN);
+	ev.sport = f->sport;
+	ev.dport = f->dport;
+	ev.ep_id = ep_id;
+	ev.rule = rule;
+	ev.ifindex = skb->ifindex;
+	ev.proto = f->proto;
+	ev.dir = dir;
+	ev.verdict = verdict;
+	mbpf_events.ringbuf_output(&ev, sizeof(ev), 0);  /* full: the event is lost, the packet not */
+#endif
+}
+
 static __always_inline int has_ports(__u8 proto)
 {
 	return proto == IPPROTO_TCP || proto == IPPROTO_UDP || proto == IPPROTO_SCTP;

@@ -122,6 +122,18 @@ class CtC(ct.Structure):
     _fields_ = [("created_ns", ct.c_uint64), ("rule", ct.c_uint32), ("pad", ct.c_uint32)]
 
 
+class PolCfgC(ct.Structure):
+    _fields_ = [("events", ct.c_uint32), ("pad", ct.c_uint32)]
+
+
+class PolEventC(ct.Structure):
+    _fields_ = [("ts_ns", ct.c_uint64), ("saddr", U8x16), ("daddr", U8x16),
+                ("sport", ct.c_uint16), ("dport", ct.c_uint16), ("ep_id", ct.c_uint32),
+                ("rule", ct.c_uint32), ("ifindex", ct.c_uint32), ("proto", ct.c_uint8),
+                ("dir", ct.c_uint8), ("verdict", ct.c_uint8), ("pad", ct.c_uint8),
+                ("pad2", ct.c_uint32)]
+
+
 @dataclass(frozen=True)
 class MapSpec:
     name: str           # map name in C, pin name, and kernel name (<= 15 chars)
@@ -261,5 +273,10 @@ POLICY_MAPS = (
             no_prealloc=True),
     MapSpec("mbpf_ct", "", CtKeyC, CtC, "MBPF_CT_MAX", 262144),
     MapSpec("mbpf_pol_stats", "", ct.c_uint32, ct.c_uint64, "", 8),  # MBPF_POL_STAT_MAX
+    MapSpec("mbpf_pol_cfg", "", ct.c_uint32, PolCfgC, "", 1),
+    # Ring buffer (kernel 5.8+): bytes, not entries; key and value are bcc's
+    # annotation (the kernel's sizes are 0). Holds PolEventC records.
+    MapSpec("mbpf_events", "", ct.c_int, ct.c_uint32, "MBPF_EVENTS_BYTES", 262144),
 )
+RINGBUF_MAPS = {"mbpf_events"}
 PINNED_MAPS = ALL_MAPS + POLICY_MAPS  # everything uninstall and inspect look for

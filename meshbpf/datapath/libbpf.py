@@ -274,3 +274,42 @@ def prog_test_run_skb(prog_fd: int, packet: bytes, ifindex: int = 0) -> int:
                         ctx_size_in=SKB_CTX_SIZE, repeat=1)
     _check(_lib.bpf_prog_test_run_opts(prog_fd, ct.byref(opts)), "BPF_PROG_TEST_RUN")
     return ct.c_int32(opts.retval).value
+
+
+BPF_MAP_TYPE_RINGBUF = 27
+_lib.libbpf_probe_bpf_map_type.argtypes = [ct.c_int, ct.c_void_p]
+RINGBUF_CALLBACK = ct.CFUNCTYPE(ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_size_t)
+_lib.ring_buffer__new.argtypes = [ct.c_int, RINGBUF_CALLBACK, ct.c_void_p, ct.c_void_p]
+_lib.ring_buffer__new.restype = ct.c_void_p
+_lib.ring_buffer__poll.argtypes = [ct.c_void_p, ct.c_int]
+_lib.ring_buffer__free.argtypes = [ct.c_void_p]
+
+
+def ringbuf_supported() -> bool:
+    """Does this kernel have BPF ring buffers (5.8+)?"""
+    return _lib.libbpf_probe_bpf_map_type(BPF_MAP_TYPE_RINGBUF, None) == 1
+
+
+class RingBuffer:
+    """A reader of a BPF ring buffer map: poll() hands each record's bytes to
+    on_record."""
+
+    def __init__(self, map_fd: int, on_record):
+        def callback(_ctx, data, size):
+            on_record(ct.string_at(data, size))
+            return 0
+        self._callback = RINGBUF_CALLBACK(callback)  # kept alive as long as the reader
+        ptr = _lib.ring_buffer__new(map_fd, self._callback, None, None)
+        if not ptr:
+            err = ct.get_errno()
+            raise BPFError(err, f"open ring buffer: {os.strerror(err)}")
+        self._rb = ptr
+
+    def poll(self, timeout_ms: int) -> int:
+        """Records consumed (waits up to timeout_ms for the first)."""
+        return _check(_lib.ring_buffer__poll(self._rb, timeout_ms), "poll ring buffer")
+
+    def close(self) -> None:
+        if self._rb:
+            _lib.ring_buffer__free(self._rb)
+            self._rb = None

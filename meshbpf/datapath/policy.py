@@ -32,8 +32,8 @@ from ..reconcile import addr16
 from ..reconcile.policy_keys import (DROP_COUNTERS, POLICY_COUNTERS, EpVal, PeerKey, PeerVal,
                                      PolicyState, PolicyStep, PortKey, PortVal)
 from . import libbpf
-from .layout import (POLICY_MAPS, CtC, CtKeyC, EpAddrC, EpC, MapSpec, NO_PREALLOC, PolPeerC,
-                     PolPeerKeyC, PolPortC, PolPortKeyC)
+from .layout import (POLICY_MAPS, RINGBUF_MAPS, CtC, CtKeyC, EpAddrC, EpC, MapSpec, NO_PREALLOC,
+                     PolCfgC, PolEventC, PolPeerC, PolPeerKeyC, PolPortC, PolPortKeyC)
 from .source import program_text
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,6 @@ HOOKS = {"mbpf_tc_from_pod": TC_INGRESS, "mbpf_tc_to_pod": TC_EGRESS}
 TC_PRIO = 1
 TC_HANDLE = 0x4D42
 ETH_P_ALL = 0x0003
-SPECS = {spec.name: spec for spec in POLICY_MAPS}
 
 
 class PolicyError(Exception):
@@ -75,6 +74,10 @@ class PolicyDatapath:
     def capacity(self, spec: MapSpec) -> int:
         return self.sizes.get(spec.name, spec.default_size)
 
+    def maps(self) -> tuple[MapSpec, ...]:
+        """The maps this kernel gets (no event ring buffer before 5.8)."""
+        return pinned_policy_maps(libbpf.ringbuf_supported())
+
     def compile(self) -> None:
         """Compile and verify both programs, creating or reopening the pins."""
         from bcc import BPF  # the CLI must work without bcc
@@ -83,7 +86,9 @@ class PolicyDatapath:
         check_bpffs(self.bpffs)
         self.bpffs.mkdir(parents=True, exist_ok=True)
         cflags = [f'-DMBPF_PIN_DIR="{self.bpffs}"']
-        cflags += [f"-D{s.size_macro}={self.capacity(s)}" for s in POLICY_MAPS if s.size_macro]
+        cflags += [f"-D{s.size_macro}={self.capacity(s)}" for s in self.maps() if s.size_macro]
+        if libbpf.ringbuf_supported():
+            cflags.append("-DMBPF_HAVE_RINGBUF")
         try:
             self.bpf = BPF(text=program_text(["policy.c"]).encode(), cflags=cflags)
         except Exception as exc:
@@ -104,10 +109,10 @@ class PolicyDatapath:
         before a program is attached, if the pins are another layout."""
         from bcc.libbcc import lib
         problems = []
-        for spec in POLICY_MAPS:
+        for spec in self.maps():
             info = libbpf.map_info(lib.bpf_table_fd(self.bpf.module, spec.name.encode()))
-            want = (ct.sizeof(spec.key), ct.sizeof(spec.value), self.capacity(spec),
-                    spec.no_prealloc)
+            sizes = (0, 0) if spec.name in RINGBUF_MAPS else (ct.sizeof(spec.key), ct.sizeof(spec.value))
+            want = (*sizes, self.capacity(spec), spec.no_prealloc)
             have = (info.key_size, info.value_size, info.max_entries,
                     bool(info.map_flags & NO_PREALLOC))
             if want != have:
@@ -249,6 +254,10 @@ COUNTERS = {f"{d}_{v}": i for (d, v), i in POLICY_COUNTERS.items()}
 COUNTERS.update(spoofed=DROP_COUNTERS["spoofed_source"][0], malformed=DROP_COUNTERS["malformed"][0])
 
 
+def pinned_policy_maps(ringbuf: bool) -> tuple[MapSpec, ...]:
+    return tuple(s for s in POLICY_MAPS if ringbuf or s.name not in RINGBUF_MAPS)
+
+
 class PolicyMaps:
     """The pinned policy maps of one bpffs folder, opened without bcc."""
 
@@ -257,6 +266,8 @@ class PolicyMaps:
         self.fds: dict[str, int] = {}
         try:
             for spec in POLICY_MAPS:
+                if spec.name in RINGBUF_MAPS and not (bpffs / spec.name).exists():
+                    continue  # a kernel without ring buffers
                 self.fds[spec.name] = libbpf.obj_get(str(bpffs / spec.name))
         except OSError:
             self.close()
@@ -313,8 +324,74 @@ class PolicyMaps:
             out[name] = sum(values)
         return out
 
+    def set_events(self, on: bool) -> None:
+        libbpf.map_update(self.fds["mbpf_pol_cfg"], ct.c_uint32(0), PolCfgC(events=int(on)))
+
     def conntrack(self) -> list[CtKeyC]:
         return [k for k, _ in libbpf.map_items(self.fds["mbpf_ct"], CtKeyC, CtC)]
+
+
+@dataclass(frozen=True)
+class PolicyEvent:
+    ts_ns: int
+    src: str         # "addr:port" (IPv6 in brackets)
+    dst: str
+    proto: int
+    ep_id: int
+    ifindex: int
+    direction: str   # "ingress" (to the pod) or "egress"
+    verdict: str     # EVENT_VERDICTS
+    rule: int
+
+
+EVENT_VERDICTS = {0: "allow", 1: "deny", 2: "spoofed", 3: "malformed"}
+
+
+def _endpoint_text(raw: bytes, port_net: int) -> str:
+    ip = ipaddress.IPv6Address(raw)
+    text = str(ip.ipv4_mapped or ip)
+    port = socket.ntohs(port_net)
+    return f"[{text}]:{port}" if ":" in text else f"{text}:{port}"
+
+
+def parse_event(record: bytes) -> PolicyEvent:
+    c = PolEventC.from_buffer_copy(record[:ct.sizeof(PolEventC)])
+    return PolicyEvent(c.ts_ns, _endpoint_text(bytes(c.saddr), c.sport),
+                       _endpoint_text(bytes(c.daddr), c.dport), c.proto, c.ep_id, c.ifindex,
+                       "ingress" if c.dir == 0 else "egress", EVENT_VERDICTS.get(c.verdict, "?"),
+                       c.rule)
+
+
+class PolicyEvents:
+    """Listens to the flow events: the programs emit them only while a
+    reader has the switch in mbpf_pol_cfg on (this turns it on, close()
+    turns it off), so nobody listening costs one array lookup per event."""
+
+    def __init__(self, bpffs: Path):
+        self.maps = PolicyMaps(bpffs)
+        if "mbpf_events" not in self.maps.fds:
+            self.maps.close()
+            raise PolicyError("no event ring buffer here (kernel 5.8+ needed)")
+        self._pending: list[PolicyEvent] = []
+        self._rb = libbpf.RingBuffer(self.maps.fds["mbpf_events"],
+                                     lambda rec: self._pending.append(parse_event(rec)))
+        self.maps.set_events(True)
+
+    def poll(self, timeout_ms: int = 100) -> list[PolicyEvent]:
+        self._rb.poll(timeout_ms)
+        out, self._pending = self._pending, []
+        return out
+
+    def close(self) -> None:
+        self.maps.set_events(False)
+        self._rb.close()
+        self.maps.close()
+
+    def __enter__(self) -> "PolicyEvents":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 # --- endpoint discovery ------------------------------------------------------

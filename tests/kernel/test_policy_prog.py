@@ -13,8 +13,7 @@ from scapy.layers.inet6 import ICMPv6EchoRequest, ICMPv6ND_NS, IPv6
 from scapy.layers.l2 import ARP, Ether
 
 from meshbpf.datapath import libbpf
-from meshbpf.datapath.layout import POLICY_MAPS
-from meshbpf.datapath.policy import PolicyDatapath, PolicyMaps, addr_bytes
+from meshbpf.datapath.policy import PolicyDatapath, PolicyEvents, PolicyMaps, addr_bytes
 from meshbpf.reconcile.policy_keys import (DIR_IN, DIR_OUT, EP_ISOLATE_IN, EP_ISOLATE_OUT,
                                            PEER_ANY_PORT, EpVal, PeerKey, PeerVal, PolicyStep,
                                            PortKey, PortVal)
@@ -105,7 +104,7 @@ def test_the_hand_mirrors_match_the_compiled_policy_maps(dp):
     from bcc.libbcc import lib
 
     from .test_layout import _layout
-    for spec in POLICY_MAPS:
+    for spec in dp.maps():
         name = spec.name.encode()
         key = BPF._decode_table_type(json.loads(lib.bpf_table_key_desc(dp.bpf.module, name)))
         leaf = BPF._decode_table_type(json.loads(lib.bpf_table_leaf_desc(dp.bpf.module, name)))
@@ -237,3 +236,29 @@ def test_fragments_after_the_first_carry_no_ports(dp, maps):
     later6 = IPv6(src=PEER6, dst=POD6, nh=44) / bytes([17, 0, 0, 24, 0, 0, 0, 7]) / (b"x" * 16)
     allow_peer(maps, f"{PEER6}/128", DIR_IN, any_port=True, peer_set=3)
     assert to_pod(dp, eth(later6)) == PASS  # any port: no ports needed
+
+
+@pytest.mark.skipif(not libbpf.ringbuf_supported(), reason="no BPF ring buffer before 5.8")
+def test_flow_events_only_while_someone_listens(dp, maps):
+    endpoint(maps, EP_ISOLATE_IN)
+    allow_peer(maps, f"{PEER4}/32", DIR_IN)
+    allow_port(maps, 6, 80, DIR_IN, rule=42)
+    assert to_pod(dp, tcp4(PEER4, POD4, 40030, 81)) == DROP  # nobody listens: no event
+    with PolicyEvents(dp.bpffs) as events:
+        assert events.poll(0) == []
+        assert to_pod(dp, tcp4(PEER4, POD4, 40031, 80)) == PASS
+        assert to_pod(dp, tcp4(PEER4, POD4, 40031, 80)) == PASS  # known flow: no event
+        assert to_pod(dp, tcp4(PEER4, POD4, 40032, 81)) == DROP
+        assert from_pod(dp, eth(IPv6(src=PEER6, dst=POD6) / UDP(sport=7, dport=53))) == DROP
+        got = [(e.verdict, e.direction, e.src, e.dst, e.proto, e.rule, e.ep_id, e.ifindex)
+               for e in events.poll(1000)]
+    assert got == [
+        ("allow", "ingress", f"{PEER4}:40031", f"{POD4}:80", 6, 42, EP, LO),
+        ("deny", "ingress", f"{PEER4}:40032", f"{POD4}:81", 6, 0, EP, LO),
+        ("spoofed", "egress", f"[{PEER6}]:7", f"[{POD6}]:53", 17, 0, EP, LO),
+    ]
+    with PolicyEvents(dp.bpffs) as events:
+        pass  # the reader closed: the switch is off again
+    assert to_pod(dp, tcp4(PEER4, POD4, 40033, 81)) == DROP
+    with PolicyEvents(dp.bpffs) as events:
+        assert [e.src for e in events.poll(0)] == []
