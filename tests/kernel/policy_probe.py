@@ -1,11 +1,11 @@
 """Probes for the policy datapath tests, run inside lab pods:
 
     python policy_probe.py connects HOST PORT COUNT   -> {"ok": n, "failed": m}
-    python policy_probe.py flood HOST PORT            -> connect attempts back to back
+    python policy_probe.py flood HOST PORT TIMEOUT    -> connect attempts back to back
         until a line on stdin; prints {"started": true} after the first
         attempt, then {"ok": n, "failed": m}
     python policy_probe.py listen PORT                -> accepts and closes, until killed
-    python policy_probe.py udp-recv PORT SECONDS      -> {"got": [payloads]}
+    python policy_probe.py udp-recv PORT UNTIL        -> {"got": [payloads]}, up to UNTIL
     python policy_probe.py spoof SRC DST PORT PAYLOAD  -> sends one UDP packet
         from SRC with scapy on eth0 (a raw frame: the stack cannot stop it)
 """
@@ -19,15 +19,13 @@ import sys
 import time
 
 TIMEOUT = 0.3  # a denied SYN is dropped: the attempt times out
+ERRORS: dict[str, int] = {}  # why attempts failed
 
 
-ERRORS: dict[str, int] = {}
-
-
-def _connect(host: str, port: int) -> bool:
+def _connect(host: str, port: int, timeout: float = TIMEOUT) -> bool:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.settimeout(TIMEOUT)
+        s.settimeout(timeout)
         try:
             s.connect((host, port))
             return True
@@ -42,11 +40,11 @@ def connects(host: str, port: str, count: str) -> dict:
     return {"ok": sum(results), "failed": len(results) - sum(results)}
 
 
-def flood(host: str, port: str) -> dict:
+def flood(host: str, port: str, timeout: str) -> dict:
     ok = failed = 0
     started = False
     while not select.select([sys.stdin], [], [], 0)[0]:
-        if _connect(host, int(port)):
+        if _connect(host, int(port), float(timeout)):
             ok += 1
         else:
             failed += 1
@@ -70,13 +68,14 @@ def listen(port: str) -> dict:
             conn.close()
 
 
-def udp_recv(port: str, seconds: str) -> dict:
+def udp_recv(port: str, until: str) -> dict:
+    """Every datagram to port until one says `until` (or 60 s)."""
     got = []
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("0.0.0.0", int(port)))
         print(json.dumps({"listening": True}), flush=True)
-        end = time.monotonic() + float(seconds)
-        while (left := end - time.monotonic()) > 0:
+        end = time.monotonic() + 60
+        while until not in got and (left := end - time.monotonic()) > 0:
             if select.select([s], [], [], left)[0]:
                 got.append(s.recv(100).decode())
     return {"got": got}
