@@ -1,5 +1,4 @@
-"""NetworkPolicy datapath: the tc programs, their pinned maps, and finding a
-pod's interface.
+"""NetworkPolicy datapath: the tc programs and their pinned maps.
 
 `PolicyDatapath` compiles bpf/policy.c (its own bcc module; the maps are
 pinned in the same bpffs folder as the socket-LB ones) and attaches
@@ -11,9 +10,8 @@ stay attached when the agent dies.
 `PolicyMaps` reads and writes the maps through libbpf.py and the ctypes
 mirrors of layout.py, the one map-access layer (bcc only compiles and loads).
 
-`find_endpoint` goes from a pod's uid to its host-side ifindex the way it
-works on a real node: kubelet pod cgroup -> a pid -> its netns -> the
-interface holding the pod IP -> that veth's peer (IFLA_LINK).
+Finding a pod's interface: endpoints.py (find_endpoint, re-exported
+here); flow events: policy_events.py.
 """
 
 from __future__ import annotations
@@ -32,8 +30,9 @@ from ..reconcile import addr16
 from ..reconcile.policy_keys import (DROP_COUNTERS, POLICY_COUNTERS, EpVal, PeerKey, PeerVal,
                                      PolicyState, PolicyStep, PortKey, PortVal)
 from . import libbpf
+from .endpoints import find_endpoint  # noqa: F401 (part of this module's API)
 from .layout import (POLICY_MAPS, RINGBUF_MAPS, CtC, CtKeyC, EpAddrC, EpC, MapSpec, NO_PREALLOC,
-                     PolCfgC, PolEventC, PolPeerC, PolPeerKeyC, PolPortC, PolPortKeyC)
+                     PolCfgC, PolPeerC, PolPeerKeyC, PolPortC, PolPortKeyC)
 from .source import program_text
 
 log = logging.getLogger(__name__)
@@ -329,134 +328,6 @@ class PolicyMaps:
 
     def conntrack(self) -> list[CtKeyC]:
         return [k for k, _ in libbpf.map_items(self.fds["mbpf_ct"], CtKeyC, CtC)]
-
-
-@dataclass(frozen=True)
-class PolicyEvent:
-    ts_ns: int
-    src: str         # "addr:port" (IPv6 in brackets)
-    dst: str
-    proto: int
-    ep_id: int
-    ifindex: int
-    direction: str   # "ingress" (to the pod) or "egress"
-    verdict: str     # EVENT_VERDICTS
-    rule: int
-
-
-EVENT_VERDICTS = {0: "allow", 1: "deny", 2: "spoofed", 3: "malformed"}
-
-
-def _endpoint_text(raw: bytes, port_net: int) -> str:
-    ip = ipaddress.IPv6Address(raw)
-    text = str(ip.ipv4_mapped or ip)
-    port = socket.ntohs(port_net)
-    return f"[{text}]:{port}" if ":" in text else f"{text}:{port}"
-
-
-def parse_event(record: bytes) -> PolicyEvent:
-    c = PolEventC.from_buffer_copy(record[:ct.sizeof(PolEventC)])
-    return PolicyEvent(c.ts_ns, _endpoint_text(bytes(c.saddr), c.sport),
-                       _endpoint_text(bytes(c.daddr), c.dport), c.proto, c.ep_id, c.ifindex,
-                       "ingress" if c.dir == 0 else "egress", EVENT_VERDICTS.get(c.verdict, "?"),
-                       c.rule)
-
-
-class PolicyEvents:
-    """Listens to the flow events: the programs emit them only while a
-    reader has the switch in mbpf_pol_cfg on (this turns it on, close()
-    turns it off), so nobody listening costs one array lookup per event."""
-
-    def __init__(self, bpffs: Path):
-        self.maps = PolicyMaps(bpffs)
-        if "mbpf_events" not in self.maps.fds:
-            self.maps.close()
-            raise PolicyError("no event ring buffer here (kernel 5.8+ needed)")
-        self._pending: list[PolicyEvent] = []
-        self._rb = libbpf.RingBuffer(self.maps.fds["mbpf_events"],
-                                     lambda rec: self._pending.append(parse_event(rec)))
-        self.maps.set_events(True)
-
-    def poll(self, timeout_ms: int = 100) -> list[PolicyEvent]:
-        self._rb.poll(timeout_ms)
-        out, self._pending = self._pending, []
-        return out
-
-    def close(self) -> None:
-        self.maps.set_events(False)
-        self._rb.close()
-        self.maps.close()
-
-    def __enter__(self) -> "PolicyEvents":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-# --- endpoint discovery ------------------------------------------------------
-
-def pod_cgroup_candidates(cgroup_root: Path, pod_uid: str) -> list[Path]:
-    """Where kubelet puts a pod's cgroup below the cgroup it manages, for
-    each QoS class: the cgroupfs driver (kubepods/<qos>/pod<uid>) and the
-    systemd driver (kubepods.slice/kubepods-<qos>.slice/kubepods-<qos>-pod<uid_>.slice,
-    dashes of the uid turned into underscores)."""
-    uid_ = pod_uid.replace("-", "_")
-    return [
-        cgroup_root / "kubepods" / f"pod{pod_uid}",
-        cgroup_root / "kubepods" / "burstable" / f"pod{pod_uid}",
-        cgroup_root / "kubepods" / "besteffort" / f"pod{pod_uid}",
-        cgroup_root / "kubepods.slice" / f"kubepods-pod{uid_}.slice",
-        cgroup_root / "kubepods.slice" / "kubepods-burstable.slice" / f"kubepods-burstable-pod{uid_}.slice",
-        cgroup_root / "kubepods.slice" / "kubepods-besteffort.slice" / f"kubepods-besteffort-pod{uid_}.slice",
-    ]
-
-
-def _pids_below(cg: Path) -> list[int]:
-    """Pids in cg and its children (containers get their own child cgroups)."""
-    pids = []
-    for procs in [cg / "cgroup.procs", *cg.rglob("*/cgroup.procs")]:
-        try:
-            pids += [int(p) for p in procs.read_text().split()]
-        except OSError:
-            pass  # gone meanwhile
-    return pids
-
-
-def _peer_ifindex(netns_path: str, ips: set) -> int | None:
-    """In the netns at netns_path: the peer ifindex (IFLA_LINK) of the
-    interface holding one of ips."""
-    from pyroute2 import IPRoute
-    with IPRoute(netns=netns_path) as ipr:
-        for a in ipr.get_addr():
-            if ipaddress.ip_address(a.get_attr("IFA_ADDRESS")) not in ips:
-                continue
-            link = ipr.get_links(a["index"])[0]
-            peer = link.get_attr("IFLA_LINK")
-            if peer and peer != a["index"]:
-                return peer
-    return None
-
-
-def find_endpoint(pod_uid: str, pod_ips: Iterable, cgroup_root: Path) -> int | None:
-    """The ifindex, in the netns the pod's veth peer lives in (the node's),
-    of the host side of the pod's interface; None if not found (the pod is
-    not running here yet, or is not a veth pod)."""
-    ips = {ipaddress.ip_address(str(ip)) for ip in pod_ips}
-    for cg in pod_cgroup_candidates(cgroup_root, pod_uid):
-        if not cg.is_dir():
-            continue
-        for pid in _pids_below(cg):
-            path = f"/proc/{pid}/ns/net"
-            try:
-                if os.stat(path).st_ino == os.stat("/proc/self/ns/net").st_ino:
-                    continue  # a host-network process tells nothing
-                found = _peer_ifindex(path, ips)
-            except OSError:
-                continue  # exited meanwhile
-            if found:
-                return found
-    return None
 
 
 def addr_bytes(ip) -> bytes:

@@ -10,7 +10,7 @@ its own cgroup laid out as a cgroupfs-driver kubelet lays it out:
     <lab cgroup>/kubepods/besteffort/pod<uid>
 and one long-lived process in it, in its netns (as kubelet's pause
 container), so that pod uid -> cgroup -> pid -> netns finds it as on a real
-node (meshbpf.datapath.policy.find_endpoint).
+node (meshbpf.datapath.endpoints.find_endpoint).
 It stays inside the lab cgroup's subtree, so programs attached to the lab
 cgroup (BPF links are inherited by descendants) still apply to it. A bare
 name ("web-1") is a pod of namespace "default" that runs in the lab cgroup
@@ -208,7 +208,8 @@ class Lab:
         """Kill the lab's processes, delete its namespaces and its cgroup."""
         _kill_cgroup(self.cgroup)
         for proc in self._pauses:
-            proc.wait()  # killed with the cgroup; reap it
+            proc.kill()  # killed with the cgroup already, unless cgroup.kill is missing
+            proc.wait(timeout=10)
         self._pauses.clear()
         for ns in netns.listnetns():
             if ns.startswith(f"{NETNS_PREFIX}{self.name}-"):

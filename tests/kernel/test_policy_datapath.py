@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 
 from meshbpf.datapath import libbpf
-from meshbpf.datapath.policy import (PolicyDatapath, PolicyEvents, PolicyMaps, addr_bytes,
-                                     attached_filters, find_endpoint)
+from meshbpf.datapath.endpoints import find_endpoint
+from meshbpf.datapath.policy import PolicyDatapath, PolicyMaps, addr_bytes, attached_filters
+from meshbpf.datapath.policy_events import PolicyEvents
 from meshbpf.lab.netlab import Lab
 from meshbpf.lab.workloads import start_whoami, wait_for
 from meshbpf.reconcile.policy_keys import (DIR_IN, EP_ISOLATE_IN, EP_ISOLATE_OUT, EpVal, PeerKey,

@@ -13,7 +13,8 @@ from scapy.layers.inet6 import ICMPv6EchoRequest, ICMPv6ND_NS, IPv6
 from scapy.layers.l2 import ARP, Ether
 
 from meshbpf.datapath import libbpf
-from meshbpf.datapath.policy import PolicyDatapath, PolicyEvents, PolicyMaps, addr_bytes
+from meshbpf.datapath.policy import PolicyDatapath, PolicyMaps, addr_bytes
+from meshbpf.datapath.policy_events import PolicyEvents
 from meshbpf.reconcile.policy_keys import (DIR_IN, DIR_OUT, EP_ISOLATE_IN, EP_ISOLATE_OUT,
                                            PEER_ANY_PORT, EpVal, PeerKey, PeerVal, PolicyStep,
                                            PortKey, PortVal)
