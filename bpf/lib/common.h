@@ -301,4 +301,32 @@ struct mbpf_ct {
 #define MBPF_DROP_MALFORMED  5  /* headers could not be read */
 #define MBPF_POL_STAT_MAX    8
 
+/* Policy settings (array, one entry, mbpf_pol_cfg). */
+struct mbpf_pol_cfg {
+	__u32 events;               /* host order; non-zero: a reader listens, emit events */
+	__u32 pad;                  /* zero */
+};
+
+/* Flow event (ring buffer, mbpf_events): one per new flow decided and per
+ * dropped packet, only while mbpf_pol_cfg.events is set. */
+struct mbpf_pol_event {
+	__u64 ts_ns;                /* host order; bpf_ktime_get_ns() */
+	__u8  saddr[MBPF_ADDR_LEN]; /* network order; IPv4 as ::ffff:a.b.c.d */
+	__u8  daddr[MBPF_ADDR_LEN]; /* network order */
+	__u16 sport;                /* network order; 0 for protocols without ports */
+	__u16 dport;                /* network order */
+	__u32 ep_id;                /* host order */
+	__u32 rule;                 /* host order; the rule that allowed, 0 if none */
+	__u32 ifindex;              /* host order; the pod's host-side interface */
+	__u8  proto;                /* IP protocol */
+	__u8  dir;                  /* MBPF_DIR_* */
+	__u8  verdict;              /* MBPF_EV_* */
+	__u8  pad;                  /* zero */
+	__u32 pad2;                 /* zero */
+};
+#define MBPF_EV_ALLOW      0  /* new flow allowed (by a rule, or not isolated) */
+#define MBPF_EV_DENY       1  /* new flow dropped by policy */
+#define MBPF_EV_SPOOFED    2  /* dropped: source address not the pod's */
+#define MBPF_EV_MALFORMED  3  /* dropped: headers could not be read */
+
 #endif /* MBPF_COMMON_H */

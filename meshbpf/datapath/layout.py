@@ -83,6 +83,57 @@ class CidrKeyC(ct.Structure):
     _fields_ = [("prefixlen", ct.c_uint32), ("addr", U8x16)]
 
 
+class EpC(ct.Structure):
+    _fields_ = [("ep_id", ct.c_uint32), ("gen", ct.c_uint8), ("flags", ct.c_uint8),
+                ("pad", ct.c_uint16)]
+
+
+class EpAddrC(ct.Structure):
+    _fields_ = [("addr", U8x16)]
+
+
+class PolPeerKeyC(ct.Structure):
+    _fields_ = [("prefixlen", ct.c_uint32), ("ep_id", ct.c_uint32), ("gen", ct.c_uint8),
+                ("dir", ct.c_uint8), ("pad", ct.c_uint8 * 2), ("addr", U8x16)]
+
+
+class PolPeerC(ct.Structure):
+    _fields_ = [("peer_set", ct.c_uint32), ("rule", ct.c_uint32), ("flags", ct.c_uint32),
+                ("pad", ct.c_uint32)]
+
+
+class PolPortKeyC(ct.Structure):
+    _fields_ = [("prefixlen", ct.c_uint32), ("ep_id", ct.c_uint32), ("gen", ct.c_uint8),
+                ("dir", ct.c_uint8), ("proto", ct.c_uint8), ("pad", ct.c_uint8),
+                ("peer_set", ct.c_uint32), ("port", ct.c_uint16), ("pad2", ct.c_uint16)]
+
+
+class PolPortC(ct.Structure):
+    _fields_ = [("rule", ct.c_uint32), ("pad", ct.c_uint32)]
+
+
+class CtKeyC(ct.Structure):
+    _fields_ = [("saddr", U8x16), ("daddr", U8x16), ("sport", ct.c_uint16), ("dport", ct.c_uint16),
+                ("ep_id", ct.c_uint32), ("proto", ct.c_uint8), ("dir", ct.c_uint8),
+                ("pad", ct.c_uint8 * 2)]
+
+
+class CtC(ct.Structure):
+    _fields_ = [("created_ns", ct.c_uint64), ("rule", ct.c_uint32), ("pad", ct.c_uint32)]
+
+
+class PolCfgC(ct.Structure):
+    _fields_ = [("events", ct.c_uint32), ("pad", ct.c_uint32)]
+
+
+class PolEventC(ct.Structure):
+    _fields_ = [("ts_ns", ct.c_uint64), ("saddr", U8x16), ("daddr", U8x16),
+                ("sport", ct.c_uint16), ("dport", ct.c_uint16), ("ep_id", ct.c_uint32),
+                ("rule", ct.c_uint32), ("ifindex", ct.c_uint32), ("proto", ct.c_uint8),
+                ("dir", ct.c_uint8), ("verdict", ct.c_uint8), ("pad", ct.c_uint8),
+                ("pad2", ct.c_uint32)]
+
+
 @dataclass(frozen=True)
 class MapSpec:
     name: str           # map name in C, pin name, and kernel name (<= 15 chars)
@@ -119,7 +170,7 @@ REDIR_MAPS = (
     MapSpec("mbpf_redir_cfg", "", ct.c_uint32, RedirCfgC, "", 1),
     MapSpec("mbpf_redir_cnt", "", ct.c_uint32, ct.c_uint64, "", 8),
 )
-ALL_MAPS = LB_MAPS + REDIR_MAPS
+ALL_MAPS = LB_MAPS + REDIR_MAPS  # compiled by SockLB (the policy maps by PolicyDatapath)
 
 # Indexes of mbpf_redir_cnt (MBPF_CNT_* in bpf/lib/common.h).
 REDIR_COUNTERS = {
@@ -211,3 +262,21 @@ CODECS = {
     "slots": (slot_key_from, slot_key_into, slot_from, slot_into),
     "backends": (backend_key_from, backend_key_into, backend_from, backend_into),
 }
+
+# NetworkPolicy (bpf/lib/policy_maps.h); role: the PolicyState field it holds.
+POLICY_MAPS = (
+    MapSpec("mbpf_pol_ep", "endpoints", ct.c_uint32, EpC, "MBPF_POL_EP_MAX", 4096),
+    MapSpec("mbpf_pol_epaddr", "addresses", EpAddrC, ct.c_uint32, "MBPF_POL_EPADDR_MAX", 8192),
+    MapSpec("mbpf_pol_peer", "peers", PolPeerKeyC, PolPeerC, "MBPF_POL_PEER_MAX", 262144,
+            no_prealloc=True),
+    MapSpec("mbpf_pol_port", "ports", PolPortKeyC, PolPortC, "MBPF_POL_PORT_MAX", 262144,
+            no_prealloc=True),
+    MapSpec("mbpf_ct", "", CtKeyC, CtC, "MBPF_CT_MAX", 262144),
+    MapSpec("mbpf_pol_stats", "", ct.c_uint32, ct.c_uint64, "", 8),  # MBPF_POL_STAT_MAX
+    MapSpec("mbpf_pol_cfg", "", ct.c_uint32, PolCfgC, "", 1),
+    # Ring buffer (kernel 5.8+): bytes, not entries; key and value are bcc's
+    # annotation (the kernel's sizes are 0). Holds PolEventC records.
+    MapSpec("mbpf_events", "", ct.c_int, ct.c_uint32, "MBPF_EVENTS_BYTES", 262144),
+)
+RINGBUF_MAPS = {"mbpf_events"}
+PINNED_MAPS = ALL_MAPS + POLICY_MAPS  # everything uninstall and inspect look for

@@ -144,6 +144,22 @@ def prog_info(fd: int) -> ProgInfo:
     return ProgInfo(info.id, info.type, info.name.decode(), bytes(info.tag).hex())
 
 
+def prog_map_ids(prog_id: int) -> list[int]:
+    """IDs of the maps a loaded program uses ([] if it is gone)."""
+    try:
+        fd = prog_fd_by_id(prog_id)
+    except BPFError:
+        return []
+    try:
+        ids = (ct.c_uint32 * 64)()
+        info = _ProgInfo(nr_map_ids=64, map_ids=ct.addressof(ids))
+        size = ct.c_uint32(ct.sizeof(info))
+        _check(_lib.bpf_obj_get_info_by_fd(fd, ct.byref(info), ct.byref(size)), "program info")
+        return list(ids[: min(info.nr_map_ids, 64)])
+    finally:
+        os.close(fd)
+
+
 def link_info(fd: int) -> LinkInfo:
     info = _LinkInfo()
     size = ct.c_uint32(ct.sizeof(info))
@@ -223,3 +239,77 @@ def possible_cpus() -> int:
         lo, _, hi = part.partition("-")
         count += int(hi or lo) - int(lo) + 1
     return count
+
+
+class _TestRunOpts(ct.Structure):
+    # struct bpf_test_run_opts (libbpf 1.1); sz says how much of it we fill.
+    _fields_ = [
+        ("sz", ct.c_size_t), ("data_in", ct.c_void_p), ("data_out", ct.c_void_p),
+        ("data_size_in", ct.c_uint32), ("data_size_out", ct.c_uint32),
+        ("ctx_in", ct.c_void_p), ("ctx_out", ct.c_void_p),
+        ("ctx_size_in", ct.c_uint32), ("ctx_size_out", ct.c_uint32),
+        ("retval", ct.c_uint32), ("repeat", ct.c_int), ("duration", ct.c_uint32),
+        ("flags", ct.c_uint32), ("cpu", ct.c_uint32), ("batch_size", ct.c_uint32),
+    ]
+
+
+_lib.bpf_prog_test_run_opts.argtypes = [ct.c_int, ct.POINTER(_TestRunOpts)]
+
+# struct __sk_buff up to data_meta (144 bytes); only ifindex (offset 40) is
+# filled: BPF_PROG_TEST_RUN then runs the skb as if on that device (5.10+).
+SKB_CTX_SIZE = 144
+SKB_IFINDEX_OFFSET = 40
+
+
+def prog_test_run_skb(prog_fd: int, packet: bytes, ifindex: int = 0) -> int:
+    """Runs a tc program once on packet (Ethernet frame) with BPF_PROG_TEST_RUN;
+    returns its return value as a signed int (TC_ACT_UNSPEC is -1)."""
+    data_in = ct.create_string_buffer(packet, len(packet))
+    data_out = ct.create_string_buffer(len(packet) + 256)
+    ctx = ct.create_string_buffer(SKB_CTX_SIZE)
+    ct.memmove(ct.addressof(ctx) + SKB_IFINDEX_OFFSET, ct.byref(ct.c_uint32(ifindex)), 4)
+    opts = _TestRunOpts(sz=ct.sizeof(_TestRunOpts), data_in=ct.addressof(data_in),
+                        data_out=ct.addressof(data_out), data_size_in=len(packet),
+                        data_size_out=len(data_out), ctx_in=ct.addressof(ctx),
+                        ctx_size_in=SKB_CTX_SIZE, repeat=1)
+    _check(_lib.bpf_prog_test_run_opts(prog_fd, ct.byref(opts)), "BPF_PROG_TEST_RUN")
+    return ct.c_int32(opts.retval).value
+
+
+BPF_MAP_TYPE_RINGBUF = 27
+_lib.libbpf_probe_bpf_map_type.argtypes = [ct.c_int, ct.c_void_p]
+RINGBUF_CALLBACK = ct.CFUNCTYPE(ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_size_t)
+_lib.ring_buffer__new.argtypes = [ct.c_int, RINGBUF_CALLBACK, ct.c_void_p, ct.c_void_p]
+_lib.ring_buffer__new.restype = ct.c_void_p
+_lib.ring_buffer__poll.argtypes = [ct.c_void_p, ct.c_int]
+_lib.ring_buffer__free.argtypes = [ct.c_void_p]
+
+
+def ringbuf_supported() -> bool:
+    """Does this kernel have BPF ring buffers (5.8+)?"""
+    return _lib.libbpf_probe_bpf_map_type(BPF_MAP_TYPE_RINGBUF, None) == 1
+
+
+class RingBuffer:
+    """A reader of a BPF ring buffer map: poll() hands each record's bytes to
+    on_record."""
+
+    def __init__(self, map_fd: int, on_record):
+        def callback(_ctx, data, size):
+            on_record(ct.string_at(data, size))
+            return 0
+        self._callback = RINGBUF_CALLBACK(callback)  # kept alive as long as the reader
+        ptr = _lib.ring_buffer__new(map_fd, self._callback, None, None)
+        if not ptr:
+            err = ct.get_errno()
+            raise BPFError(err, f"open ring buffer: {os.strerror(err)}")
+        self._rb = ptr
+
+    def poll(self, timeout_ms: int) -> int:
+        """Records consumed (waits up to timeout_ms for the first)."""
+        return _check(_lib.ring_buffer__poll(self._rb, timeout_ms), "poll ring buffer")
+
+    def close(self) -> None:
+        if self._rb:
+            _lib.ring_buffer__free(self._rb)
+            self._rb = None

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import btf, cgroup, features as kernel_features, libbpf
-from .layout import ALL_MAPS, LB_MAPS, NO_PREALLOC, REDIR_MAPS, MapSpec
+from .layout import LB_MAPS, NO_PREALLOC, PINNED_MAPS, REDIR_MAPS, MapSpec
 from .source import program_text
 
 log = logging.getLogger(__name__)
@@ -355,7 +355,7 @@ def inspect(bpffs: Path) -> Installed:
     Anything else, or a folder that is not on bpffs, counts as nothing."""
     if not is_bpffs(bpffs):
         return Installed(bpffs, {}, {})
-    maps = {spec.name: bpffs / spec.name for spec in ALL_MAPS if _ours(bpffs / spec.name, "map")}
+    maps = {spec.name: bpffs / spec.name for spec in PINNED_MAPS if _ours(bpffs / spec.name, "map")}
     links = {}
     links_dir = bpffs / "links"
     if links_dir.is_dir():
@@ -399,7 +399,8 @@ def uninstall(bpffs: Path, drain_timeout: float = 2.0) -> list[str]:
             _detach_pin(pin)
             removed.append(f"link {pin.name}")
         _rmdir_if_empty(links_dir)
-    for spec in ALL_MAPS:
+    removed += _remove_policy_filters(bpffs)
+    for spec in PINNED_MAPS:
         pin = bpffs / spec.name
         if not pin.exists() and not pin.is_symlink():
             continue
@@ -409,6 +410,36 @@ def uninstall(bpffs: Path, drain_timeout: float = 2.0) -> list[str]:
         pin.unlink()
         removed.append(f"map {spec.name}")
     _rmdir_if_empty(bpffs)
+    return removed
+
+
+def _remove_policy_filters(bpffs: Path) -> list[str]:
+    """The policy tc filters whose programs use this folder's mbpf_pol_ep,
+    in this netns and in every named one (the lab's node netns): filters
+    keep programs and maps alive after their pins go."""
+    pin = bpffs / "mbpf_pol_ep"
+    if not _ours(pin, "map", pin.name):
+        return []
+    from pyroute2 import netns as named_netns
+
+    from . import policy
+    fd = libbpf.obj_get(str(pin))
+    try:
+        map_id = libbpf.map_info(fd).id
+    finally:
+        os.close(fd)
+    removed = []
+    for ns in [None, *named_netns.listnetns()]:
+        try:
+            found = policy.attached_filters(ns)
+        except Exception as exc:  # a namespace going away meanwhile
+            log.debug("policy filters in netns %s: %s", ns, exc)
+            continue
+        for ifindex, progs in found.items():
+            if any(map_id in libbpf.prog_map_ids(pid) for pid in progs.values()):
+                names = policy.detach_filters(ns, ifindex)
+                removed += [f"tc filter {n} on ifindex {ifindex}" + (f" in netns {ns}" if ns else "")
+                            for n in names]
     return removed
 
 

@@ -8,6 +8,9 @@ A pod named NAMESPACE/NAME ("x/a") is a Kubernetes-style pod: netns
 mbl-<lab>-<namespace>.<name>, a uid derived from the lab and its name, and
 its own cgroup laid out as a cgroupfs-driver kubelet lays it out:
     <lab cgroup>/kubepods/besteffort/pod<uid>
+and one long-lived process in it, in its netns (as kubelet's pause
+container), so that pod uid -> cgroup -> pid -> netns finds it as on a real
+node (meshbpf.datapath.endpoints.find_endpoint).
 It stays inside the lab cgroup's subtree, so programs attached to the lab
 cgroup (BPF links are inherited by descendants) still apply to it. A bare
 name ("web-1") is a pod of namespace "default" that runs in the lab cgroup
@@ -122,6 +125,7 @@ class Lab:
         self.node_ns = f"{NETNS_PREFIX}{name}-node"
         self.cgroup = cgroup2_mount() / f"{CGROUP_PREFIX}{name}"
         self.pods: dict[str, Pod] = {}
+        self._pauses: list[subprocess.Popen] = []
 
     # --- lifecycle -----------------------------------------------------------
     def __enter__(self) -> "Lab":
@@ -190,11 +194,23 @@ class Lab:
             ipr.route("add", dst="default", gateway=str(SUBNET4.network_address + 1))
             ipr.route("add", dst="default", gateway=str(SUBNET6.network_address + 1), family=10)
         self.pods[name] = pod
+        if pod.cgroup is not None:
+            self._start_pause(name)
         return pod
+
+    def _start_pause(self, name: str) -> None:
+        """The pod's pause process: holds its netns inside its cgroup."""
+        self._pauses.append(self.popen(name, ["sleep", "infinity"], stdin=subprocess.DEVNULL,
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                       start_new_session=True))
 
     def down(self) -> None:
         """Kill the lab's processes, delete its namespaces and its cgroup."""
         _kill_cgroup(self.cgroup)
+        for proc in self._pauses:
+            proc.kill()  # killed with the cgroup already, unless cgroup.kill is missing
+            proc.wait(timeout=10)
+        self._pauses.clear()
         for ns in netns.listnetns():
             if ns.startswith(f"{NETNS_PREFIX}{self.name}-"):
                 netns.remove(ns)
