@@ -20,7 +20,7 @@ which (peer, protocol, port range) triples may pass. Semantics, as upstream:
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
 from .model import (NAMESPACE_NAME_LABEL, IPAddress, IPNetwork, NamespaceInfo, NetworkPolicy,
@@ -41,10 +41,13 @@ class PortRange:
 
 @dataclass(frozen=True)
 class AllowRule:
-    """peers None: any address; ports None: any protocol and port."""
+    """peers None: any address; ports None: any protocol and port. origin
+    names the policy rule it comes from ("ns/name/ingress/0"), for the
+    monitor; it is not part of what the rule allows."""
 
     peers: frozenset[IPNetwork] | None
     ports: tuple[PortRange, ...] | None
+    origin: str = field(default="", compare=False)
 
     def matches(self, ip: IPAddress, protocol: str, port: int) -> bool:
         if self.peers is not None and not any(ip in net for net in self.peers):
@@ -125,33 +128,40 @@ def _compile_pod(world: _World, pod: PodInfo, policies: list[NetworkPolicy]) -> 
     mine = [p for p in policies if _selects(p, pod)]
     ingress_from = [p for p in mine if "Ingress" in p.policy_types]
     egress_from = [p for p in mine if "Egress" in p.policy_types]
-    ingress = tuple(a for p in ingress_from for r in p.ingress
-                    for a in _ingress_rule(world, p, r, pod))
-    egress = tuple(a for p in egress_from for r in p.egress for a in _egress_rule(world, p, r))
+    ingress = tuple(a for p in ingress_from for i, r in enumerate(p.ingress)
+                    for a in _ingress_rule(world, p, r, pod, rule_origin(p, "ingress", i)))
+    egress = tuple(a for p in egress_from for i, r in enumerate(p.egress)
+                   for a in _egress_rule(world, p, r, rule_origin(p, "egress", i)))
     return PodPolicy(pod, bool(ingress_from), bool(egress_from), ingress, egress)
 
 
-def _ingress_rule(world: _World, policy: NetworkPolicy, rule: Rule, pod: PodInfo) -> list[AllowRule]:
+def rule_origin(policy: NetworkPolicy, direction: str, index: int) -> str:
+    """The name of one rule of a policy: "ns/name/ingress/0"."""
+    return f"{policy.namespace}/{policy.name}/{direction}/{index}"
+
+
+def _ingress_rule(world: _World, policy: NetworkPolicy, rule: Rule, pod: PodInfo,
+                  origin: str) -> list[AllowRule]:
     ports = _resolve_ports(rule.ports, pod)
     if ports == ():
         return []  # only named ports this pod does not have: matches nothing
-    return [AllowRule(_peer_networks(world, policy, rule.peers), ports)]
+    return [AllowRule(_peer_networks(world, policy, rule.peers), ports, origin)]
 
 
-def _egress_rule(world: _World, policy: NetworkPolicy, rule: Rule) -> list[AllowRule]:
+def _egress_rule(world: _World, policy: NetworkPolicy, rule: Rule, origin: str) -> list[AllowRule]:
     numeric = tuple(p for p in rule.ports if not isinstance(p.port, str))
     named = tuple(p for p in rule.ports if isinstance(p.port, str))
     peers = _peer_networks(world, policy, rule.peers)
     out = []
     if not rule.ports or numeric:
-        out.append(AllowRule(peers, _resolve_ports(numeric, None) if rule.ports else None))
+        out.append(AllowRule(peers, _resolve_ports(numeric, None) if rule.ports else None, origin))
     if named:
         # A name means a port of the destination pod: one rule per peer pod.
         for dest in _destination_pods(world, policy, rule.peers):
             ports = _resolve_ports(named, dest)
             addrs = world.addresses(dest)
             if ports and addrs:
-                out.append(AllowRule(frozenset(_host_net(ip) for ip in addrs), ports))
+                out.append(AllowRule(frozenset(_host_net(ip) for ip in addrs), ports, origin))
     return out
 
 
