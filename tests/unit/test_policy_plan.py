@@ -322,6 +322,29 @@ def test_ipv6_any_does_not_let_ipv4_through():
     assert kernel.verdict("fd00::1:1", "::8.8.8.8", "TCP", 80)
 
 
+def test_ipv4_mapped_ipv6_block_matches_no_ipv4_peer():
+    """::ffff:10.0.0.0/104 holds only IPv4-mapped IPv6 addresses, which no
+    pod has; in the maps it would be the IPv4 10.0.0.0/8."""
+    c, kernel = egress_world(Peer(ip_block=IPBlock(net("::ffff:10.0.0.0/104"))))
+    assert not verdict(c, "10.0.1.1", "10.0.2.9", "TCP", 80)
+    assert not kernel.verdict("10.0.1.1", "10.0.2.9", "TCP", 80)
+
+
+def test_a_peer_inside_a_wider_allowed_network_gets_both_rules_ports():
+    """x/b (10.0.1.2) is allowed on 81 by name and on 80 by a CIDR holding it:
+    its /32 entry must carry the CIDR's rule too."""
+    policy = netpol("p", "x", labels(pod="a"), ingress=[
+        {"from": [{"ipBlock": {"cidr": "10.0.0.0/8"}}], "ports": [{"port": 80}]},
+        {"from": [{"podSelector": labels(pod="b")}], "ports": [{"port": 81}]}])
+    c = compiled(world([policy]))
+    kernel = Kernel(planned(c)[1])
+    for port in (80, 81):
+        assert kernel.verdict(ip_of("x/b"), ip_of("x/a"), "TCP", port)
+    assert kernel.verdict(ip_of("x/c"), ip_of("x/a"), "TCP", 80)
+    assert not kernel.verdict(ip_of("x/c"), ip_of("x/a"), "TCP", 81)
+    assert not compiler_mismatches(c, kernel, [ip_of(p) for p in ALL] + [ip("11.0.0.1")])
+
+
 def test_ipv4_any_does_not_let_ipv6_through():
     _, kernel = egress_world(Peer(ip_block=IPBlock(net("0.0.0.0/0"))))
     assert kernel.verdict("10.0.1.1", "8.8.8.8", "TCP", 80)
@@ -379,3 +402,38 @@ def test_a_new_pod_that_does_not_fit_fails_closed():
     assert [p.split(":")[0] for p in plan.problems] == ["policy for pod x/a"]
     assert not Kernel(state).verdict(ip_of("x/b"), ip_of("x/a"), "TCP", 1001)
     assert Kernel(state).verdict(ip_of("x/b"), ip_of("y/a"), "TCP", 1001)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_random_blocks_and_ports_match_the_compiler(seed):
+    """Random nested IPv4/IPv6 blocks with excepts and port ranges, several
+    rules overlapping: the maps decide as the compiler at every edge."""
+    import random
+    rnd = random.Random(seed)
+    bases = ["10.0.0.0/8", "10.0.0.0/16", "10.0.1.0/24", "0.0.0.0/0", "fd00::/16", "::/0", "fd00::1:0/112"]
+    peers, probes = [], []
+    for _ in range(rnd.randint(1, 4)):
+        cidr = net(rnd.choice(bases))
+        holes = [s for s in cidr.subnets(new_prefix=min(cidr.prefixlen + rnd.randint(1, 12), cidr.max_prefixlen))]
+        excepts = tuple(sorted({rnd.choice(holes[:64]) for _ in range(rnd.randint(0, 3))}))
+        peers.append(Peer(ip_block=IPBlock(cidr, excepts)))
+        probes += addresses_around(str(cidr), *map(str, excepts))
+    rules = []
+    for i in range(rnd.randint(1, 3)):
+        first = rnd.randint(1, 200)
+        ports = (PolicyPort(rnd.choice(["TCP", "UDP"]), first, first + rnd.randint(0, 70)),)
+        rules.append(Rule(tuple(rnd.sample(peers, rnd.randint(1, len(peers)))), ports if i else ()))
+    a = PodInfo("x", "a", "u", {}, "node-1", False, {}, (ip("10.0.1.1"), ip("fd00::1:1")))
+    policy = NetworkPolicy("x", "r", LabelSelector(), frozenset({"Egress", "Ingress"}),
+                           tuple(rules), tuple(rules))
+    c = compile_policies([a], [], [policy], "node-1")
+    kernel = Kernel(planned(c, endpoints={("x", "a"): 7})[1])
+    wrong = []
+    for peer in set(probes):
+        me = "10.0.1.1" if peer.version == 4 else "fd00::1:1"
+        for proto in ("TCP", "UDP"):
+            for port in (1, 2, 64, 65, 128, 199, 200, 270, 271):
+                for s, d in ((me, peer), (peer, me)):
+                    if kernel.verdict(s, d, proto, port) != verdict(c, s, d, proto, port):
+                        wrong.append(f"{s} -> {d} {proto}/{port}")
+    assert not wrong, wrong[:10]
