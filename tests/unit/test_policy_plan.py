@@ -256,7 +256,8 @@ def test_crash_leftovers_in_the_unused_generation_are_cleared_before_use():
 def test_end_port_ranges_and_overlaps_match_the_compiler_on_every_port():
     policy = netpol("r", "x", labels(pod="a"), ingress=[
         {"ports": [{"port": 1000, "endPort": 2000}]},
-        {"ports": [{"port": 1900, "endPort": 2100}, {"port": 7, "protocol": "UDP"}]},
+        {"ports": [{"port": 1900, "endPort": 2100}, {"port": 7, "protocol": "UDP"},
+                   {"port": 3000, "endPort": 3010}]},
         {"ports": [{"port": 65000, "endPort": 65535}]}])
     c = compiled(world([policy]))
     plan, state = planned(c)
