@@ -11,6 +11,8 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Union
 
+from .policy.model import NamespaceInfo, NetworkPolicy, PodInfo
+
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 
 PROTOCOLS = ("TCP", "UDP")
@@ -113,12 +115,18 @@ class Delta:
 
 @dataclass
 class DesiredState:
-    """Everything the node should program: services keyed by frontend, and
-    the agent's own settings. Sources never change a state once handed
-    out; a new one shares the unchanged ServicePort objects."""
+    """Everything the node should program: services keyed by frontend, the
+    agent's own settings, and NetworkPolicy's inputs. Sources never change a
+    state once handed out; a new one shares the unchanged ServicePort objects."""
 
     service_ports: dict[Frontend, ServicePort] = field(default_factory=dict)
     settings: AgentSettings = AgentSettings()
+    # Every Pod, Namespace and NetworkPolicy of the cluster (not only this
+    # node's: peers live anywhere), sorted by namespace and name; empty when
+    # the source reads none.
+    pods: tuple[PodInfo, ...] = ()
+    namespaces: tuple[NamespaceInfo, ...] = ()
+    network_policies: tuple[NetworkPolicy, ...] = ()
     # Not part of what the state is, only of how it came about:
     delta: Delta | None = field(default=None, compare=False, repr=False)
     # When the changes in it were made (EndpointSlices'

@@ -15,6 +15,7 @@ two files, or any problem in the rebuilt Services.
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from pathlib import Path
 
@@ -93,8 +94,8 @@ class FileIndex:
             return None
         if update.state is None:  # nothing meshbpf programs changed
             base = self.services.state
-            update.state = self.services.state = DesiredState(
-                base.service_ports, base.settings, delta=Delta(weakref.ref(base), frozenset()))
+            update.state = self.services.state = dataclasses.replace(
+                base, delta=Delta(weakref.ref(base), frozenset()), trigger_times=())
         for f, objects in new_objects.items():
             for key in self.files.get(f) or {}:
                 if self.where.get(key) == f:
