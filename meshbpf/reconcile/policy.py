@@ -40,7 +40,7 @@ from typing import Iterable, Iterator, Mapping
 
 from ..policy.compile import AllowRule, Compiled, PodPolicy
 from ..policy.model import IPAddress, IPNetwork
-from . import IPPROTO, _IdAllocator, addr16
+from . import IPPROTO, StepPlan, _IdAllocator, addr16
 from .policy_keys import (DIR_IN, DIR_OUT, EP_ISOLATE_IN, EP_ISOLATE_OUT, PEER_ANY_PORT, EpVal,
                           PeerKey, PeerVal, PolicyState, PolicyStep, PortKey, PortVal)
 
@@ -211,7 +211,9 @@ def _range_prefixes(first: int, last: int) -> Iterator[tuple[int, int]]:
 
 
 @dataclass
-class PolicyPlan:
+class PolicyPlan(StepPlan):
+    """A policy plan; apply_to(state) and writes come from StepPlan."""
+
     address_updates: dict[bytes, int] = field(default_factory=dict)
     stale_peer_deletes: list[PeerKey] = field(default_factory=list)  # left in a generation about to be written
     stale_port_deletes: list[PortKey] = field(default_factory=list)
@@ -227,9 +229,13 @@ class PolicyPlan:
     rules: dict[int, str] = field(default_factory=dict)   # rule id -> "ns/name/ingress/0"
     problems: list[str] = field(default_factory=list)
 
-    def steps(self) -> Iterator[PolicyStep]:
-        """The writes in make-before-break order; empty steps are skipped."""
-        order = [
+    step_type = PolicyStep
+
+    def order(self) -> list[tuple[str, str, dict]]:
+        """Make-before-break: (1) addresses of new endpoints, (2) the rules
+        under each changed endpoint's other generation, (3) the flips, (4)
+        the old generations, (5) endpoints that left, then their addresses."""
+        return [
             ("addresses", "update", self.address_updates),
             ("peers", "delete", dict.fromkeys(self.stale_peer_deletes)),
             ("ports", "delete", dict.fromkeys(self.stale_port_deletes)),
@@ -243,28 +249,6 @@ class PolicyPlan:
             ("ports", "delete", dict.fromkeys(self.gone_port_deletes)),
             ("addresses", "delete", dict.fromkeys(self.address_deletes)),
         ]
-        for name, op, entries in order:
-            if entries:
-                yield PolicyStep(name, op, entries)
-
-    @property
-    def writes(self) -> int:
-        return sum(len(s.entries) for s in self.steps())
-
-    def __bool__(self) -> bool:
-        return self.writes > 0
-
-    def apply_to(self, state: PolicyState) -> PolicyState:
-        """The state the maps hold once every step is applied."""
-        new = state.copy()
-        for step in self.steps():
-            target = getattr(new, step.map)
-            if step.op == "update":
-                target.update(step.entries)
-            else:
-                for key in step.entries:
-                    target.pop(key, None)
-        return new
 
 
 class _Entries:

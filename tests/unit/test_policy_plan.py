@@ -21,6 +21,7 @@ from meshbpf.reconcile.policy import NODE_RULE, SELF_RULE, plan_policy, rule_id
 from meshbpf.reconcile.policy_keys import (DIR_IN, DIR_OUT, EP_ISOLATE_IN, EP_ISOLATE_OUT,
                                            PEER_ANY_PORT, PeerKey, PolicyState, PortKey)
 from policy_world import ALL, compiled, ip_of, labels, netpol, world
+from reconcile_checks import step_states
 from test_policy_e2e import CASES
 
 ip = ipaddress.ip_address
@@ -132,17 +133,11 @@ def in_force(state: PolicyState) -> dict:
 
 def assert_atomic_steps(before: PolicyState, plan) -> PolicyState:
     """Applies the plan step by step: after every step each endpoint's rules
-    in force are all of its old ones or all of its new ones, and every peer
-    set an in-force peer entry names has all its ports."""
+    in force are all of its old ones or all of its new ones (so every peer
+    set they name has all its ports), and no step deletes a missing key."""
     old, new = in_force(before), in_force(plan.apply_to(before))
-    state = before.copy()
-    for step in plan.steps():
-        target = getattr(state, step.map)
-        if step.op == "update":
-            target.update(step.entries)
-        else:
-            for key in step.entries:
-                del target[key]  # a delete of a key that is not there is a planning bug
+    state = before
+    for step, state in zip(plan.steps(), step_states(before, plan)):
         for ifindex, now in in_force(state).items():
             assert now in (old.get(ifindex), new.get(ifindex)), f"endpoint {ifindex} half-written at {step}"
     assert state == plan.apply_to(before)
