@@ -19,6 +19,7 @@ which (peer, protocol, port range) triples may pass. Semantics, as upstream:
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
@@ -78,6 +79,7 @@ class _World:
         self.pods = list(pods)
         self.ns_labels = {ns.name: ns.labels for ns in namespaces}
         self.node_ips = {k: tuple(v) for k, v in node_ips.items()}
+        self.peer_nets: dict[tuple[Peer, str], frozenset[IPNetwork]] = {}  # see _peer_networks
 
     def namespace_labels(self, name: str) -> Mapping[str, str]:
         # A namespace we hold no object for still has the label the API
@@ -189,9 +191,13 @@ def _peer_networks(world: _World, policy: NetworkPolicy,
     for peer in peers:
         if peer.ip_block is not None:
             nets.update(_block_networks(peer))
-        else:
-            for pod in world.peer_pods(peer, policy.namespace):
-                nets.update(_host_net(ip) for ip in world.addresses(pod))
+            continue
+        # Many policies name the same peers: each is looked up once.
+        key = (peer, policy.namespace)
+        if key not in world.peer_nets:
+            world.peer_nets[key] = frozenset(_host_net(ip) for pod in world.peer_pods(peer, policy.namespace)
+                                             for ip in world.addresses(pod))
+        nets.update(world.peer_nets[key])
     return frozenset(nets)
 
 
@@ -210,8 +216,11 @@ def _block_networks(peer: Peer) -> list[IPNetwork]:
     return remaining
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def _host_net(ip: IPAddress) -> IPNetwork:
-    return ipaddress.ip_network(ip)
+    # Cached, and from a tuple: every peer pod's address is met once per
+    # rule, and ip_network(ip) would print and parse it each time.
+    return ipaddress.ip_network((ip, ip.max_prefixlen))
 
 
 def _resolve_ports(ports: tuple[PolicyPort, ...], dest: PodInfo | None) -> tuple[PortRange, ...] | None:

@@ -128,10 +128,12 @@ def endpoint_rules(pod: PodPolicy, node_nets: Iterable[IPNetwork]) -> EndpointRu
 
 def _direction_entries(direction: int, rules: list[_Rule], peers: PeerEntries,
                        ports: PortEntries) -> None:
-    by_net: dict[IPNetwork, list[_Rule]] = {}
-    for rule in rules:
+    # Rules by their index: sets of ints hash fast, rules with thousands of
+    # networks do not.
+    by_net: dict[IPNetwork, list[int]] = {}
+    for i, rule in enumerate(rules):
         for net in rule.nets:
-            by_net.setdefault(net, []).append(rule)
+            by_net.setdefault(net, []).append(i)
     prefixes = set(by_net)
     if any(n.version == 6 and _V4_MAPPED.subnet_of(n) for n in prefixes):
         # An IPv6 network holding ::ffff:0:0/96 would also match IPv4 peers
@@ -140,30 +142,32 @@ def _direction_entries(direction: int, rules: list[_Rule], peers: PeerEntries,
     lengths = {4: set(), 6: set()}
     for net in by_net:
         lengths[net.version].add(net.prefixlen)
-    peer_sets: dict[frozenset[_Rule], int] = {}
+    peer_sets: dict[frozenset[int], int] = {}
     for net in sorted(prefixes, key=_prefix_key):
-        matching = frozenset(r for n in _supernets(net, lengths[net.version])
-                             for r in by_net.get(n, ()))
-        peers[(direction, *_prefix_key(net))] = _peer_value(direction, matching, peer_sets, ports)
+        matching = frozenset(i for n in _supernets(net, lengths[net.version])
+                             for i in by_net.get(n, ()))
+        peers[(direction, *_prefix_key(net))] = _peer_value(direction, rules, matching, peer_sets, ports)
 
 
 def _supernets(net: IPNetwork, lengths: set[int]) -> Iterator[IPNetwork]:
     """net and its supernets at the given prefix lengths (same family)."""
     for length in lengths:
-        if length <= net.prefixlen:
+        if length == net.prefixlen:
+            yield net  # the common case (pod addresses): no new object
+        elif length < net.prefixlen:
             yield net.supernet(new_prefix=length)
 
 
-def _peer_value(direction: int, matching: frozenset[_Rule], peer_sets: dict,
+def _peer_value(direction: int, rules: list[_Rule], matching: frozenset[int], peer_sets: dict,
                 ports: PortEntries) -> PeerVal:
-    any_port = sorted(r.origin for r in matching if r.ports is None)
+    any_port = sorted(rules[i].origin for i in matching if rules[i].ports is None)
     if any_port:
         return PeerVal(0, rule_id(any_port[0]), PEER_ANY_PORT)
     peer_set = peer_sets.get(matching)
     if peer_set is None:
         # No rules at all (an IPv4 /0 shadowing IPv6): a set with no ports denies.
         peer_set = peer_sets[matching] = len(peer_sets) + 1
-        for (proto, port, bits), origin in _port_prefixes(matching).items():
+        for (proto, port, bits), origin in _port_prefixes(rules[i] for i in matching).items():
             ports[(direction, proto, peer_set, port, bits)] = PortVal(rule_id(origin))
     return PeerVal(peer_set, 0, 0)
 
@@ -215,7 +219,8 @@ class PolicyPlan(StepPlan):
     """A policy plan; apply_to(state) and writes come from StepPlan."""
 
     address_updates: dict[bytes, int] = field(default_factory=dict)
-    stale_peer_deletes: list[PeerKey] = field(default_factory=list)  # left in a generation about to be written
+    # Left over in a generation about to be written (an interrupted run).
+    stale_peer_deletes: list[PeerKey] = field(default_factory=list)
     stale_port_deletes: list[PortKey] = field(default_factory=list)
     port_updates: dict[PortKey, PortVal] = field(default_factory=dict)
     peer_updates: dict[PeerKey, PeerVal] = field(default_factory=dict)
@@ -329,7 +334,8 @@ def _plan_endpoint(plan: PolicyPlan, current: PolicyState, entries: _Entries, bu
     old = current.endpoints.get(ifindex)
     label = f"{pod.pod.namespace}/{pod.pod.name}"
     own = [addr16(ip) for ip in pod.pod.ips]
-    if old is not None and old.flags == rules.flags and entries.of(ep_id, old.gen) == rules.keyed(ep_id, old.gen):
+    unchanged = old is not None and old.flags == rules.flags
+    if unchanged and entries.of(ep_id, old.gen) == rules.keyed(ep_id, old.gen):
         _write_generation(plan, entries, ep_id, old.gen ^ 1, {}, {})  # only clears leftovers
         return _plan_addresses(plan, current, budget, label, ep_id, own, old)
     gen = 0 if old is None else old.gen ^ 1
