@@ -82,8 +82,7 @@ def _map_networks(nets: Iterable[IPNetwork] | None) -> tuple[IPNetwork, ...]:
     ::ffff:0:0/96 are dropped: they hold only IPv4-mapped IPv6 addresses,
     which no pod has and which the maps cannot tell from IPv4."""
     nets = _ANY if nets is None else nets
-    return tuple(sorted((n for n in nets if n.version == 4 or not n.subnet_of(_V4_MAPPED)),
-                        key=_prefix_key))
+    return tuple(n for n in nets if n.version == 4 or not n.subnet_of(_V4_MAPPED))
 
 
 def _prefix_key(net: IPNetwork) -> tuple[bytes, int]:
@@ -143,10 +142,11 @@ def _direction_entries(direction: int, rules: list[_Rule], peers: PeerEntries,
     for net in by_net:
         lengths[net.version].add(net.prefixlen)
     peer_sets: dict[frozenset[int], int] = {}
-    for net in sorted(prefixes, key=_prefix_key):
+    # In address order, so peer set numbers depend on nothing but the rules.
+    for key, net in sorted((_prefix_key(n), n) for n in prefixes):
         matching = frozenset(i for n in _supernets(net, lengths[net.version])
                              for i in by_net.get(n, ()))
-        peers[(direction, *_prefix_key(net))] = _peer_value(direction, rules, matching, peer_sets, ports)
+        peers[(direction, *key)] = _peer_value(direction, rules, matching, peer_sets, ports)
 
 
 def _supernets(net: IPNetwork, lengths: set[int]) -> Iterator[IPNetwork]:
