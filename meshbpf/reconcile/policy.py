@@ -14,7 +14,7 @@ The agent will call it, once the datapath's policy maps land, as:
     for problem in plan.problems:
         log.warning("%s", problem)
     for step in plan.steps():                     # in order; each step's entries in any order
-        write_policy_step(step)
+        policy_maps.write(step)                   # the datapath's writer (meshbpf/datapath/)
     current_policy_state = plan.apply_to(current_policy_state)
 
 What the datapath decides (bpf/lib/common.h), and so what the plan encodes:
@@ -337,7 +337,7 @@ def _plan_endpoint(plan: PolicyPlan, current: PolicyState, entries: _Entries, bu
     unchanged = old is not None and old.flags == rules.flags
     if unchanged and entries.of(ep_id, old.gen) == rules.keyed(ep_id, old.gen):
         _write_generation(plan, entries, ep_id, old.gen ^ 1, {}, {})  # only clears leftovers
-        return _plan_addresses(plan, current, budget, label, ep_id, own, old)
+        return _plan_addresses(plan, current, budget, label, ep_id, own)
     gen = 0 if old is None else old.gen ^ 1
     peers, ports = rules.keyed(ep_id, gen)
     over = budget.take({"endpoints": [ifindex] if old is None else [], "addresses": own,
@@ -367,7 +367,7 @@ def _plan_endpoint(plan: PolicyPlan, current: PolicyState, entries: _Entries, bu
 
 
 def _plan_addresses(plan: PolicyPlan, current: PolicyState, budget: _Budget, label: str,
-                    ep_id: int, own: list[bytes], old: EpVal) -> list[bytes]:
+                    ep_id: int, own: list[bytes]) -> list[bytes]:
     """An unchanged endpoint's addresses (a pod's IPs rarely change)."""
     over = budget.take({"addresses": own})
     if over:
