@@ -433,3 +433,17 @@ def test_random_blocks_and_ports_match_the_compiler(seed):
                     if kernel.verdict(s, d, proto, port) != verdict(c, s, d, proto, port):
                         wrong.append(f"{s} -> {d} {proto}/{port}")
     assert not wrong, wrong[:10]
+
+
+def test_every_local_pod_owns_its_addresses_and_a_new_address_moves_only_those():
+    """mbpf_pol_epaddr (the spoofing check) holds every local pod's addresses,
+    isolated or not; a pod whose IP changes gets its address entries moved."""
+    a = PodInfo("x", "a", "u", {}, "node-1", False, {}, (ip("10.0.1.1"), ip("fd00::1")))
+    plan, state = planned(compile_policies([a], [], [], "node-1"), endpoints={("x", "a"): 7})
+    ep = state.endpoints[7]
+    assert ep.flags == 0 and state.addresses == {addr16(ip("10.0.1.1")): ep.ep_id, addr16(ip("fd00::1")): ep.ep_id}
+    moved = PodInfo("x", "a", "u", {}, "node-1", False, {}, (ip("10.0.1.9"), ip("fd00::1")))
+    plan, after = planned(compile_policies([moved], [], [], "node-1"), state, endpoints={("x", "a"): 7})
+    assert plan.address_updates == {addr16(ip("10.0.1.9")): ep.ep_id}
+    assert plan.address_deletes == [addr16(ip("10.0.1.1"))]
+    assert not plan.endpoint_updates and not plan.peer_updates
