@@ -268,6 +268,7 @@ class FileSource:
         self._report_skipped([str(p) for p in result.skipped])
         with gc_paused():
             self._index = FileIndex(result.state, self._parsed, self.node_name)
+        self._index.skipped = result.skipped
         self._read_state = result.state
         return result.state
 
@@ -308,6 +309,7 @@ class FileSource:
             self._index = None
         else:
             self._read_state = state
+            self._report_skipped([str(p) for p in self._index.skipped])
         return state
 
     def _release(self) -> DesiredState | None:

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from k8s_builders import endpoint_slice, ep, service
+import meshbpf.sources.yaml_file as yaml_file
 from meshbpf.model import DesiredState
 from meshbpf.sources.errors import ConfigError
 from meshbpf.sources.yaml_file import FileSource, read_config
@@ -134,18 +135,42 @@ def test_a_change_that_removes_every_policy_is_held(tmp_path, caplog):
     assert state is not None and not state.network_policies
 
 
-def test_a_services_only_edit_on_the_incremental_path_keeps_the_policy_inputs(tmp_path, monkeypatch):
+@pytest.fixture
+def no_full_read(monkeypatch):
+    """Fails a test whose edits take the full read instead of the incremental path."""
+    def arm():
+        monkeypatch.setattr(yaml_file, "read_config", lambda *a, **k: pytest.fail("took the full read"))
+    return arm
+
+
+def test_a_services_only_edit_on_the_incremental_path_keeps_the_policy_inputs(tmp_path, no_full_read):
     write(tmp_path / "svc.yaml", SERVICES)
     write(tmp_path / "policy.yaml", [DENY, pod_obj("x/a"), ns_obj("x")])
     src = source(tmp_path)
     first = src.poll()
-    import meshbpf.sources.yaml_file as yaml_file
-    monkeypatch.setattr(yaml_file, "read_config", lambda *a, **k: pytest.fail("took the full read"))
+    no_full_read()
     write(tmp_path / "svc.yaml", SERVICES + [service("api", "10.96.0.11")])
     state = src.poll()
     assert state.delta is not None and len(state.service_ports) == 2
     assert (state.pods, state.namespaces, state.network_policies) == (
         first.pods, first.namespaces, first.network_policies)
-    monkeypatch.undo()
+
+
+def test_a_policy_edit_takes_the_incremental_path_and_names_no_frontend(tmp_path, no_full_read):
+    write(tmp_path / "svc.yaml", SERVICES)
+    write(tmp_path / "policy.yaml", [DENY, pod_obj("x/a"), ns_obj("x")])
+    src = source(tmp_path)
+    first = src.poll()
+    no_full_read()
     write(tmp_path / "policy.yaml", [DENY, ALLOW_B, pod_obj("x/a"), ns_obj("x")])
-    assert names(src.poll().network_policies) == ["x/allow-b", "x/deny"]
+    state = src.poll()
+    assert names(state.network_policies) == ["x/allow-b", "x/deny"]
+    assert state.delta.base() is first and state.delta.frontends == frozenset()
+    assert state.service_ports == first.service_ports
+    # A bad edit there: left out, its previous version stays, reported once.
+    write(tmp_path / "policy.yaml", [DENY, bad_policy(), pod_obj("x/a"), ns_obj("x")])
+    assert src.poll().network_policies == state.network_policies
+    (problem,) = src.problems
+    assert "policy.yaml: document 2" in problem and "spec.ingress[0].ports[0].port" in problem
+    write(tmp_path / "policy.yaml", [DENY])
+    assert names(src.poll().network_policies) == ["x/deny"] and not src.problems
