@@ -107,7 +107,9 @@ class Delta:
     """How a DesiredState differs from the one a source handed out before it
     (`base`, held weakly so states never chain up in memory): at most these
     frontends. A consumer that synced exactly `base` needs to look at
-    nothing else; any other consumer compares the states itself."""
+    nothing else; any other consumer compares the states itself. It speaks
+    of Services only: the policy inputs (pods, namespaces,
+    network_policies) are compared by whoever plans policy."""
 
     base: "weakref.ref[DesiredState]"
     frontends: frozenset[Frontend]
