@@ -26,11 +26,10 @@ from ..model import Delta, DesiredState
 from .errors import Problem
 from .kube_incremental import ServiceIndex
 from .kube_objects import SourceObject, _Collector, _flatten_lists
-from .kube_policy import policy_fields, read_policy_objects
+from .kube_policy import POLICY_KINDS, policy_fields, read_policy_objects
 
 ObjKey = tuple[str, str, str]   # (kind, namespace, name)
 INCREMENTAL_KINDS = ("Service", "EndpointSlice")
-POLICY_KINDS = ("Pod", "Namespace", "NetworkPolicy")
 
 
 def file_objects(parsed: list[SourceObject]) -> dict[ObjKey, dict] | None:

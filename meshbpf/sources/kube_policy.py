@@ -37,6 +37,7 @@ CONTAINER_PORT = {"name": STR, "containerPort": INT, "protocol": STR, "hostPort"
 POD_FIELDS = {"nodeName": STR, "hostNetwork": BOOL}
 POD_STATUS = {"podIP": STR, "podIPs": [{"ip": STR}], "phase": STR}
 FINISHED_PHASES = ("Succeeded", "Failed")  # their IPs may already belong to another pod
+POLICY_KINDS = ("Pod", "Namespace", "NetworkPolicy")  # what read_policy_objects reads
 
 
 @dataclass

@@ -25,13 +25,13 @@ from ..model import DesiredState
 from .errors import ConfigError, Problem, internal_error
 from .file_incremental import FileIndex
 from .kube_objects import BuildResult, SourceObject, _Collector, _flatten_lists, build_state
-from .kube_policy import policy_fields, read_policy_objects
+from .kube_policy import POLICY_KINDS, policy_fields, read_policy_objects
 from .yaml_load import LoadError, load_all
 
 log = logging.getLogger(__name__)
 
 _SUFFIXES = (".yaml", ".yml", ".json")
-POLICY_KINDS = ("Pod", "Namespace", "NetworkPolicy")
+_DOC_START = re.compile(r"^---(?:[ \t].*)?$", re.MULTILINE)
 
 
 @dataclass
@@ -40,7 +40,6 @@ class ConfigResult(BuildResult):
     policy objects left out for a problem (which never reject the read)."""
 
     skipped: list[Problem] = field(default_factory=list)
-_DOC_START = re.compile(r"^---(?:[ \t].*)?$", re.MULTILINE)
 
 
 def config_files(path: Path) -> list[Path]:
