@@ -152,3 +152,15 @@ def test_a_wrong_type_anywhere_is_a_problem_not_an_exception(obj, path, value):
     if path[-1] == "port" and type(value) in (str, int):
         return  # a port may be a number or a name
     assert result.problems, f"{path} = {value!r} was accepted"
+
+
+def test_objects_left_out_for_a_problem_are_named_so_their_previous_version_can_stay():
+    bad_pod = pod_obj("x/a")
+    bad_pod["status"]["podIP"] = "nope"
+    nameless = ns_obj("y")
+    del nameless["metadata"]["name"]
+    done = pod_obj("x/b")
+    done["status"]["phase"] = "Succeeded"   # left out on purpose: not a problem
+    inputs = read(bad_pod, nameless, done, ns_obj("z"))
+    assert inputs.rejected == {("Pod", "x", "a")}
+    assert [n.name for n in inputs.namespaces] == ["z"] and not inputs.pods
