@@ -447,3 +447,17 @@ def test_every_local_pod_owns_its_addresses_and_a_new_address_moves_only_those()
     assert plan.address_updates == {addr16(ip("10.0.1.9")): ep.ep_id}
     assert plan.address_deletes == [addr16(ip("10.0.1.1"))]
     assert not plan.endpoint_updates and not plan.peer_updates
+
+
+def test_only_local_pods_with_an_interface_become_endpoints():
+    """A hostNetwork pod is never policed; a pod without an interface yet
+    (no ifindex) waits; a pod of another node is only a peer."""
+    a = PodInfo("x", "a", "u", {}, "node-1", False, {}, (ip("10.0.1.1"),))
+    waiting = PodInfo("x", "w", "u", {}, "node-1", False, {}, (ip("10.0.1.2"),))
+    host = PodInfo("x", "h", "u", {}, "node-1", True, {}, (ip("192.168.50.1"),))
+    remote = PodInfo("x", "r", "u", {}, "node-2", False, {}, (ip("10.0.2.1"),))
+    deny = NetworkPolicy("x", "deny", LabelSelector(), frozenset({"Ingress"}))
+    c = compile_policies([a, waiting, host, remote], [], [deny], "node-1")
+    _, state = planned(c, endpoints={("x", "a"): 7, ("x", "h"): 8, ("x", "r"): 9})
+    assert set(state.endpoints) == {7}
+    assert set(state.addresses) == {addr16(ip("10.0.1.1"))}
