@@ -88,6 +88,31 @@ def read_policy_objects(objects: Iterable[SourceObject]) -> PolicyInputs:
     return result
 
 
+class CachedReader:
+    """read_policy_objects for the API source, where every object has a
+    unique key and a resourceVersion: each object is read once per version,
+    so an event costs one object, not the cluster."""
+
+    def __init__(self) -> None:
+        self._read: dict[tuple, PolicyInputs] = {}
+
+    def read(self, objects: Iterable[SourceObject]) -> PolicyInputs:
+        out, kept = PolicyInputs(), {}
+        for src in objects:
+            meta = src.obj.get("metadata") or {}
+            version = (src.obj.get("kind"), meta.get("namespace"), meta.get("name"),
+                       meta.get("resourceVersion"))
+            one = self._read.get(version) if version[3] else None
+            if one is None:
+                one = read_policy_objects([src])
+            kept[version] = one
+            for name in ("pods", "namespaces", "policies", "problems", "notes"):
+                getattr(out, name).extend(getattr(one, name))
+            out.rejected |= one.rejected
+        self._read = kept
+        return out
+
+
 def _object_key(obj: dict) -> tuple[str, str, str] | None:
     """(kind, namespace, name) as found keys its objects; None without a name."""
     meta = obj.get("metadata")

@@ -39,7 +39,7 @@ from . import agent_config, schema
 from .errors import ConfigError, Problem, internal_error
 from .kube_incremental import ServiceIndex
 from .kube_objects import PROXY_NAME_LABEL, BuildResult, SourceObject, build_state
-from .kube_policy import NETWORK_POLICY, policy_fields, read_policy_objects
+from .kube_policy import NETWORK_POLICY, CachedReader, policy_fields
 from .kube_watch import Backoff, Reflector
 from .yaml_load import LoadError, load_one
 
@@ -212,6 +212,7 @@ class KubernetesSource:
         self._last: DesiredState | None = None
         self._problems: set[str] = set()
         self._policy_problems: set[str] = set()
+        self._policy_reader = CachedReader()
         self.policy_off: str | None = None  # why the API server's refusal turned policy off
         self._notes: set[str] = set()
         self._good_settings = AgentSettings()  # of the last valid ConfigMap
@@ -329,8 +330,8 @@ class KubernetesSource:
         if self.policy_off is not None:
             log.info("NetworkPolicy is on: the API server lists pods, namespaces and networkpolicies")
             self.policy_off = None
-        inputs = read_policy_objects(SourceObject(obj, "API server")
-                                     for r in self._policy_inputs for obj in r.items())
+        inputs = self._policy_reader.read(SourceObject(obj, "API server")
+                                          for r in self._policy_inputs for obj in r.items())
         problems = {str(p) for p in inputs.problems}
         for text in sorted(problems - self._policy_problems):
             log.warning("left out of the state: %s", text)
