@@ -136,19 +136,19 @@ def test_a_change_that_removes_every_policy_is_held(tmp_path, caplog):
 
 
 @pytest.fixture
-def no_full_read(monkeypatch):
-    """Fails a test whose edits take the full read instead of the incremental path."""
-    def arm():
-        monkeypatch.setattr(yaml_file, "read_config", lambda *a, **k: pytest.fail("took the full read"))
-    return arm
-
-
-def test_a_services_only_edit_on_the_incremental_path_keeps_the_policy_inputs(tmp_path, no_full_read):
+def incremental(tmp_path, monkeypatch):
+    """A source that has read Services and policy objects in two files, and
+    from then on fails the test if an edit takes the full read."""
     write(tmp_path / "svc.yaml", SERVICES)
     write(tmp_path / "policy.yaml", [DENY, pod_obj("x/a"), ns_obj("x")])
     src = source(tmp_path)
     first = src.poll()
-    no_full_read()
+    monkeypatch.setattr(yaml_file, "read_config", lambda *a, **k: pytest.fail("took the full read"))
+    return src, first
+
+
+def test_a_services_only_edit_on_the_incremental_path_keeps_the_policy_inputs(tmp_path, incremental):
+    src, first = incremental
     write(tmp_path / "svc.yaml", SERVICES + [service("api", "10.96.0.11")])
     state = src.poll()
     assert state.delta is not None and len(state.service_ports) == 2
@@ -156,12 +156,8 @@ def test_a_services_only_edit_on_the_incremental_path_keeps_the_policy_inputs(tm
         first.pods, first.namespaces, first.network_policies)
 
 
-def test_a_policy_edit_takes_the_incremental_path_and_names_no_frontend(tmp_path, no_full_read):
-    write(tmp_path / "svc.yaml", SERVICES)
-    write(tmp_path / "policy.yaml", [DENY, pod_obj("x/a"), ns_obj("x")])
-    src = source(tmp_path)
-    first = src.poll()
-    no_full_read()
+def test_a_policy_edit_takes_the_incremental_path_and_names_no_frontend(tmp_path, incremental):
+    src, first = incremental
     write(tmp_path / "policy.yaml", [DENY, ALLOW_B, pod_obj("x/a"), ns_obj("x")])
     state = src.poll()
     assert names(state.network_policies) == ["x/allow-b", "x/deny"]
