@@ -187,18 +187,25 @@ def _peer_networks(world: _World, policy: NetworkPolicy,
                    peers: tuple[Peer, ...]) -> frozenset[IPNetwork] | None:
     if not peers:
         return None
+    if len(peers) == 1 and peers[0].ip_block is None:
+        return _selected_networks(world, peers[0], policy.namespace)  # shared: its hash is kept
     nets: set[IPNetwork] = set()
     for peer in peers:
         if peer.ip_block is not None:
             nets.update(_block_networks(peer))
             continue
-        # Many policies name the same peers: each is looked up once.
-        key = (peer, policy.namespace)
-        if key not in world.peer_nets:
-            world.peer_nets[key] = frozenset(_host_net(ip) for pod in world.peer_pods(peer, policy.namespace)
-                                             for ip in world.addresses(pod))
-        nets.update(world.peer_nets[key])
+        nets.update(_selected_networks(world, peer, policy.namespace))
     return frozenset(nets)
+
+
+def _selected_networks(world: _World, peer: Peer, namespace: str) -> frozenset[IPNetwork]:
+    """The addresses of the pods a selector peer picks. Many policies name
+    the same peers: each is looked up once, and its set is shared."""
+    key = (peer, namespace)
+    if key not in world.peer_nets:
+        world.peer_nets[key] = frozenset(_host_net(ip) for pod in world.peer_pods(peer, namespace)
+                                         for ip in world.addresses(pod))
+    return world.peer_nets[key]
 
 
 def _block_networks(peer: Peer) -> list[IPNetwork]:

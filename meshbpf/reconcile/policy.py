@@ -119,10 +119,19 @@ def endpoint_rules(pod: PodPolicy, node_nets: Iterable[IPNetwork]) -> EndpointRu
         if not isolated:
             continue
         flags |= flag
-        rules = [_as_rule(a) for a in allows] + [r for r in always if r.nets]
+        rules = [_as_rule(a) for a in _distinct(allows)] + [r for r in always if r.nets]
         names.update((rule_id(r.origin), r.origin) for r in rules)
         _direction_entries(direction, rules, peers, ports)
     return EndpointRules(flags, peers, ports, names)
+
+
+def _distinct(allows: Iterable[AllowRule]) -> list[AllowRule]:
+    """One rule per (peers, ports): several policies often allow the same
+    thing; the first origin by name speaks for them."""
+    first: dict[AllowRule, AllowRule] = {}
+    for allow in sorted(allows, key=lambda a: a.origin):
+        first.setdefault(allow, allow)  # equality ignores the origin
+    return list(first.values())
 
 
 def _direction_entries(direction: int, rules: list[_Rule], peers: PeerEntries,
