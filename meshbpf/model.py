@@ -11,6 +11,8 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Union
 
+from .policy.model import NamespaceInfo, NetworkPolicy, PodInfo
+
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 
 PROTOCOLS = ("TCP", "UDP")
@@ -105,7 +107,9 @@ class Delta:
     """How a DesiredState differs from the one a source handed out before it
     (`base`, held weakly so states never chain up in memory): at most these
     frontends. A consumer that synced exactly `base` needs to look at
-    nothing else; any other consumer compares the states itself."""
+    nothing else; any other consumer compares the states itself. It speaks
+    of Services only: the policy inputs (pods, namespaces,
+    network_policies) are compared by whoever plans policy."""
 
     base: "weakref.ref[DesiredState]"
     frontends: frozenset[Frontend]
@@ -113,12 +117,18 @@ class Delta:
 
 @dataclass
 class DesiredState:
-    """Everything the node should program: services keyed by frontend, and
-    the agent's own settings. Sources never change a state once handed
-    out; a new one shares the unchanged ServicePort objects."""
+    """Everything the node should program: services keyed by frontend, the
+    agent's own settings, and NetworkPolicy's inputs. Sources never change a
+    state once handed out; a new one shares the unchanged ServicePort objects."""
 
     service_ports: dict[Frontend, ServicePort] = field(default_factory=dict)
     settings: AgentSettings = AgentSettings()
+    # Every Pod, Namespace and NetworkPolicy of the cluster (not only this
+    # node's: peers live anywhere), sorted by namespace and name; empty when
+    # the source reads none.
+    pods: tuple[PodInfo, ...] = ()
+    namespaces: tuple[NamespaceInfo, ...] = ()
+    network_policies: tuple[NetworkPolicy, ...] = ()
     # Not part of what the state is, only of how it came about:
     delta: Delta | None = field(default=None, compare=False, repr=False)
     # When the changes in it were made (EndpointSlices'

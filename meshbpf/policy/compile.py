@@ -19,8 +19,9 @@ which (peer, protocol, port range) triples may pass. Semantics, as upstream:
 
 from __future__ import annotations
 
+import functools
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
 from .model import (NAMESPACE_NAME_LABEL, IPAddress, IPNetwork, NamespaceInfo, NetworkPolicy,
@@ -41,10 +42,13 @@ class PortRange:
 
 @dataclass(frozen=True)
 class AllowRule:
-    """peers None: any address; ports None: any protocol and port."""
+    """peers None: any address; ports None: any protocol and port. origin
+    names the policy rule it comes from ("ns/name/ingress/0"), for the
+    monitor; it is not part of what the rule allows."""
 
     peers: frozenset[IPNetwork] | None
     ports: tuple[PortRange, ...] | None
+    origin: str = field(default="", compare=False)
 
     def matches(self, ip: IPAddress, protocol: str, port: int) -> bool:
         if self.peers is not None and not any(ip in net for net in self.peers):
@@ -75,6 +79,7 @@ class _World:
         self.pods = list(pods)
         self.ns_labels = {ns.name: ns.labels for ns in namespaces}
         self.node_ips = {k: tuple(v) for k, v in node_ips.items()}
+        self.peer_nets: dict[tuple[Peer, str], frozenset[IPNetwork]] = {}  # see _peer_networks
 
     def namespace_labels(self, name: str) -> Mapping[str, str]:
         # A namespace we hold no object for still has the label the API
@@ -125,33 +130,40 @@ def _compile_pod(world: _World, pod: PodInfo, policies: list[NetworkPolicy]) -> 
     mine = [p for p in policies if _selects(p, pod)]
     ingress_from = [p for p in mine if "Ingress" in p.policy_types]
     egress_from = [p for p in mine if "Egress" in p.policy_types]
-    ingress = tuple(a for p in ingress_from for r in p.ingress
-                    for a in _ingress_rule(world, p, r, pod))
-    egress = tuple(a for p in egress_from for r in p.egress for a in _egress_rule(world, p, r))
+    ingress = tuple(a for p in ingress_from for i, r in enumerate(p.ingress)
+                    for a in _ingress_rule(world, p, r, pod, rule_origin(p, "ingress", i)))
+    egress = tuple(a for p in egress_from for i, r in enumerate(p.egress)
+                   for a in _egress_rule(world, p, r, rule_origin(p, "egress", i)))
     return PodPolicy(pod, bool(ingress_from), bool(egress_from), ingress, egress)
 
 
-def _ingress_rule(world: _World, policy: NetworkPolicy, rule: Rule, pod: PodInfo) -> list[AllowRule]:
+def rule_origin(policy: NetworkPolicy, direction: str, index: int) -> str:
+    """The name of one rule of a policy: "ns/name/ingress/0"."""
+    return f"{policy.namespace}/{policy.name}/{direction}/{index}"
+
+
+def _ingress_rule(world: _World, policy: NetworkPolicy, rule: Rule, pod: PodInfo,
+                  origin: str) -> list[AllowRule]:
     ports = _resolve_ports(rule.ports, pod)
     if ports == ():
         return []  # only named ports this pod does not have: matches nothing
-    return [AllowRule(_peer_networks(world, policy, rule.peers), ports)]
+    return [AllowRule(_peer_networks(world, policy, rule.peers), ports, origin)]
 
 
-def _egress_rule(world: _World, policy: NetworkPolicy, rule: Rule) -> list[AllowRule]:
+def _egress_rule(world: _World, policy: NetworkPolicy, rule: Rule, origin: str) -> list[AllowRule]:
     numeric = tuple(p for p in rule.ports if not isinstance(p.port, str))
     named = tuple(p for p in rule.ports if isinstance(p.port, str))
     peers = _peer_networks(world, policy, rule.peers)
     out = []
     if not rule.ports or numeric:
-        out.append(AllowRule(peers, _resolve_ports(numeric, None) if rule.ports else None))
+        out.append(AllowRule(peers, _resolve_ports(numeric, None) if rule.ports else None, origin))
     if named:
         # A name means a port of the destination pod: one rule per peer pod.
         for dest in _destination_pods(world, policy, rule.peers):
             ports = _resolve_ports(named, dest)
             addrs = world.addresses(dest)
             if ports and addrs:
-                out.append(AllowRule(frozenset(_host_net(ip) for ip in addrs), ports))
+                out.append(AllowRule(frozenset(_host_net(ip) for ip in addrs), ports, origin))
     return out
 
 
@@ -175,14 +187,25 @@ def _peer_networks(world: _World, policy: NetworkPolicy,
                    peers: tuple[Peer, ...]) -> frozenset[IPNetwork] | None:
     if not peers:
         return None
+    if len(peers) == 1 and peers[0].ip_block is None:
+        return _selected_networks(world, peers[0], policy.namespace)  # shared: its hash is kept
     nets: set[IPNetwork] = set()
     for peer in peers:
         if peer.ip_block is not None:
             nets.update(_block_networks(peer))
-        else:
-            for pod in world.peer_pods(peer, policy.namespace):
-                nets.update(_host_net(ip) for ip in world.addresses(pod))
+            continue
+        nets.update(_selected_networks(world, peer, policy.namespace))
     return frozenset(nets)
+
+
+def _selected_networks(world: _World, peer: Peer, namespace: str) -> frozenset[IPNetwork]:
+    """The addresses of the pods a selector peer picks. Many policies name
+    the same peers: each is looked up once, and its set is shared."""
+    key = (peer, namespace)
+    if key not in world.peer_nets:
+        world.peer_nets[key] = frozenset(_host_net(ip) for pod in world.peer_pods(peer, namespace)
+                                         for ip in world.addresses(pod))
+    return world.peer_nets[key]
 
 
 def _block_networks(peer: Peer) -> list[IPNetwork]:
@@ -200,8 +223,11 @@ def _block_networks(peer: Peer) -> list[IPNetwork]:
     return remaining
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def _host_net(ip: IPAddress) -> IPNetwork:
-    return ipaddress.ip_network(ip)
+    # Cached, and from a tuple: every peer pod's address is met once per
+    # rule, and ip_network(ip) would print and parse it each time.
+    return ipaddress.ip_network((ip, ip.max_prefixlen))
 
 
 def _resolve_ports(ports: tuple[PolicyPort, ...], dest: PodInfo | None) -> tuple[PortRange, ...] | None:

@@ -98,28 +98,21 @@ class Step(NamedTuple):
     entries: dict  # key -> value for updates; key -> None for deletes
 
 
-@dataclass
-class Plan:
-    backend_updates: dict[int, BackendVal] = field(default_factory=dict)
-    slot_updates: dict[SlotKey, SlotVal] = field(default_factory=dict)
-    service_updates: dict[SvcKey, SvcVal] = field(default_factory=dict)
-    service_deletes: list[SvcKey] = field(default_factory=list)
-    slot_deletes: list[SlotKey] = field(default_factory=list)
-    backend_deletes: list[int] = field(default_factory=list)
+class StepPlan:
+    """What every plan of map writes offers over its steps() (the LB Plan
+    here, the policy plan in policy.py): `state` has one dict per map name."""
 
-    def steps(self) -> Iterator[Step]:
+    step_type = Step
+
+    def order(self) -> list[tuple[str, str, dict]]:
+        """(map, "update" or "delete", entries), in the order they must land."""
+        raise NotImplementedError
+
+    def steps(self) -> Iterator:
         """The writes in make-before-break order. Empty steps are skipped."""
-        order = [
-            ("backends", "update", self.backend_updates),
-            ("slots", "update", self.slot_updates),
-            ("services", "update", self.service_updates),
-            ("services", "delete", dict.fromkeys(self.service_deletes)),
-            ("slots", "delete", dict.fromkeys(self.slot_deletes)),
-            ("backends", "delete", dict.fromkeys(self.backend_deletes)),
-        ]
-        for name, op, entries in order:
+        for name, op, entries in self.order():
             if entries:
-                yield Step(name, op, entries)
+                yield self.step_type(name, op, entries)
 
     @property
     def writes(self) -> int:
@@ -128,13 +121,13 @@ class Plan:
     def __bool__(self) -> bool:
         return self.writes > 0
 
-    def apply_to(self, state: LBState) -> LBState:
+    def apply_to(self, state):
         """The state the maps hold once every step is applied."""
         new = state.copy()
         self.apply_in_place(new)
         return new
 
-    def apply_in_place(self, state: LBState) -> None:
+    def apply_in_place(self, state) -> None:
         """apply_to() without the copy: costs the plan's size, not the maps'."""
         for step in self.steps():
             target = getattr(state, step.map)
@@ -143,6 +136,26 @@ class Plan:
             else:
                 for key in step.entries:
                     target.pop(key, None)
+
+
+@dataclass
+class Plan(StepPlan):
+    backend_updates: dict[int, BackendVal] = field(default_factory=dict)
+    slot_updates: dict[SlotKey, SlotVal] = field(default_factory=dict)
+    service_updates: dict[SvcKey, SvcVal] = field(default_factory=dict)
+    service_deletes: list[SvcKey] = field(default_factory=list)
+    slot_deletes: list[SlotKey] = field(default_factory=list)
+    backend_deletes: list[int] = field(default_factory=list)
+
+    def order(self) -> list[tuple[str, str, dict]]:
+        return [
+            ("backends", "update", self.backend_updates),
+            ("slots", "update", self.slot_updates),
+            ("services", "update", self.service_updates),
+            ("services", "delete", dict.fromkeys(self.service_deletes)),
+            ("slots", "delete", dict.fromkeys(self.slot_deletes)),
+            ("backends", "delete", dict.fromkeys(self.backend_deletes)),
+        ]
 
 
 class CapacityError(Exception):

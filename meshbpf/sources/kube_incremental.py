@@ -14,6 +14,7 @@ keeps the first listed), and problems are reported per touched Service.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import weakref
 from datetime import datetime
@@ -148,9 +149,10 @@ class ServiceIndex:
             self._rebuild(key, ports, changed, update)
         if not changed:
             return update
-        update.state = DesiredState(ports, self.state.settings,
-                                    delta=Delta(weakref.ref(self.state), frozenset(changed)),
-                                    trigger_times=tuple(triggers))
+        # replace(): what this index does not build (settings, policy inputs) carries over.
+        update.state = dataclasses.replace(
+            self.state, service_ports=ports, delta=Delta(weakref.ref(self.state), frozenset(changed)),
+            trigger_times=tuple(triggers))
         self.state = update.state
         return update
 

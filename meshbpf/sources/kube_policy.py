@@ -11,6 +11,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
+from ..model import DesiredState
 from ..policy.model import (LabelSelector, ModelError, NamespaceInfo, NetworkPolicy, Peer,
                             PodInfo, PolicyPort, Requirement, Rule, IPBlock)
 from . import schema
@@ -36,6 +37,7 @@ CONTAINER_PORT = {"name": STR, "containerPort": INT, "protocol": STR, "hostPort"
 POD_FIELDS = {"nodeName": STR, "hostNetwork": BOOL}
 POD_STATUS = {"podIP": STR, "podIPs": [{"ip": STR}], "phase": STR}
 FINISHED_PHASES = ("Succeeded", "Failed")  # their IPs may already belong to another pod
+POLICY_KINDS = ("Pod", "Namespace", "NetworkPolicy")  # what read_policy_objects reads
 
 
 @dataclass
@@ -45,6 +47,9 @@ class PolicyInputs:
     policies: list[NetworkPolicy] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # (kind, namespace, name) of objects left out for a problem ("" for a
+    # Namespace's namespace): their previous version may stay (keep_previous).
+    rejected: set[tuple[str, str, str]] = field(default_factory=set)
 
 
 def read_policy_objects(objects: Iterable[SourceObject]) -> PolicyInputs:
@@ -52,6 +57,7 @@ def read_policy_objects(objects: Iterable[SourceObject]) -> PolicyInputs:
     silently (they sit beside Services in the same files)."""
     out = _Collector()
     found: dict[tuple[str, str, str], tuple[Any, str]] = {}
+    rejected: set[tuple[str, str, str]] = set()
     readers: dict[str, Callable[[SourceObject, _Collector], Any]] = {
         "Pod": _read_pod, "Namespace": _read_namespace, "NetworkPolicy": _read_policy}
     for src in _flatten_lists(objects, out):
@@ -59,12 +65,15 @@ def read_policy_objects(objects: Iterable[SourceObject]) -> PolicyInputs:
         reader = readers.get(kind)
         if reader is None:
             continue
+        seen = len(out.problems)
         try:
             value = reader(src, out)
         except Exception as exc:  # a bug must not take the agent down with it
             out.add(src, kind, "", f"internal error while reading it ({type(exc).__name__}: {exc})")
-            continue
+            value = None
         if value is None:
+            if len(out.problems) > seen and _object_key(src.obj) is not None:
+                rejected.add(_object_key(src.obj))
             continue
         key = (kind, getattr(value, "namespace", ""), value.name)
         if key in found:
@@ -72,11 +81,70 @@ def read_policy_objects(objects: Iterable[SourceObject]) -> PolicyInputs:
                     f"defined twice (first at {found[key][1]})")
             continue
         found[key] = (value, src.where)
-    result = PolicyInputs(problems=out.problems, notes=out.notes)
+    result = PolicyInputs(problems=out.problems, notes=out.notes, rejected=rejected - found.keys())
     lists = {"Pod": result.pods, "Namespace": result.namespaces, "NetworkPolicy": result.policies}
     for (kind, _, _), (value, _) in found.items():
         lists[kind].append(value)
     return result
+
+
+class CachedReader:
+    """read_policy_objects for the API source, where every object has a
+    unique key and a resourceVersion: each object is read once per version,
+    so an event costs one object, not the cluster."""
+
+    def __init__(self) -> None:
+        self._read: dict[tuple, PolicyInputs] = {}
+
+    def read(self, objects: Iterable[SourceObject]) -> PolicyInputs:
+        out, kept = PolicyInputs(), {}
+        for src in objects:
+            meta = src.obj.get("metadata") or {}
+            version = (src.obj.get("kind"), meta.get("namespace"), meta.get("name"),
+                       meta.get("resourceVersion"))
+            one = self._read.get(version) if version[3] else None
+            if one is None:
+                one = read_policy_objects([src])
+            kept[version] = one
+            for name in ("pods", "namespaces", "policies", "problems", "notes"):
+                getattr(out, name).extend(getattr(one, name))
+            out.rejected |= one.rejected
+        self._read = kept
+        return out
+
+
+def _object_key(obj: dict) -> tuple[str, str, str] | None:
+    """(kind, namespace, name) as found keys its objects; None without a name."""
+    meta = obj.get("metadata")
+    name = meta.get("name") if isinstance(meta, dict) else None
+    if not isinstance(name, str) or not name:
+        return None
+    if obj.get("kind") == "Namespace":
+        return ("Namespace", "", name)
+    namespace = meta.get("namespace")
+    return (obj["kind"], namespace if isinstance(namespace, str) and namespace else "default", name)
+
+
+def _value_key(kind: str, value: Any) -> tuple[str, str, str]:
+    return (kind, getattr(value, "namespace", ""), value.name)
+
+
+def policy_fields(inputs: PolicyInputs, previous: DesiredState | None = None) -> dict[str, tuple]:
+    """DesiredState's pods, namespaces and network_policies from inputs,
+    sorted. An object left out for a problem keeps its version in
+    `previous`: a bad edit of a policy changes nothing, it neither opens nor
+    closes traffic."""
+    fields = {"pods": ("Pod", inputs.pods), "namespaces": ("Namespace", inputs.namespaces),
+              "network_policies": ("NetworkPolicy", inputs.policies)}
+    out = {}
+    for name, (kind, values) in fields.items():
+        by_key = {_value_key(kind, v): v for v in values}
+        for old in getattr(previous, name, ()):
+            key = _value_key(kind, old)
+            if key in inputs.rejected:
+                by_key.setdefault(key, old)
+        out[name] = tuple(v for _, v in sorted(by_key.items()))
+    return out
 
 
 def _label(value: Any) -> str:

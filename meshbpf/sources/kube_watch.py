@@ -18,7 +18,10 @@ the way client-go's reflector does:
   reopened; TCP keepalive notices a vanished peer sooner;
 - anything unexpected (a line that is not an event, a bug) is logged and
   followed by a relist after a backoff: the thread never ends on its own,
-  and health() shows each thread's liveness and the age of its last event.
+  and health() shows each thread's liveness and the age of its last event;
+- an optional collection whose first list the server refuses (403, 404:
+  RBAC, or an API the cluster lacks) counts as listed and empty, with
+  `refused` saying why; it keeps trying quietly and fills in once allowed.
 
 The copy is only ever replaced whole, so a reader sees either the state
 before a relist or the state after it, never a half-listed collection.
@@ -103,8 +106,10 @@ class Reflector:
                  transform: Callable[[dict], dict] = lambda obj: obj,
                  backoff: Backoff = Backoff(), page_size: int = 500,
                  watch_timeout: tuple[int, int] = (300, 600), connect_timeout: float = 10.0,
-                 bookmark_interval: float = 60.0, on_change: Callable[[], None] = lambda: None):
+                 bookmark_interval: float = 60.0, on_change: Callable[[], None] = lambda: None,
+                 optional: bool = False):
         self.name = name
+        self.optional = optional
         self._on_change = on_change  # called after each change (must not take our lock)
         self._list_func = list_func
         self._kind, self._api_version = kind, api_version
@@ -123,6 +128,7 @@ class Reflector:
         self._touched: set[Key] | None = set()  # keys changed since take_changes(); None: a relist
         self.synced = threading.Event()  # set once the first list is in
         self.resource_version: str | None = None
+        self.refused: str | None = None  # optional, and the server refuses to list it: why
         self.lists = 0                   # how many complete lists were taken
         self._failures = 0               # consecutive failed attempts, for the backoff
         self._consistent_list = False    # the next list reads etcd (after a 410), not the cache
@@ -192,6 +198,8 @@ class Reflector:
             except (ApiException, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
                 if self._stop.is_set():
                     break
+                if self._refusal(exc):
+                    continue
                 # Keep the resourceVersion: once the server is back, the watch
                 # resumes where it stopped and replays what was missed; only
                 # if that is too old by then does the 410 path relist.
@@ -202,6 +210,23 @@ class Reflector:
                 log.debug("%s: unexpected error", self.name, exc_info=True)
                 self.resource_version = None  # the copy may have missed an event: relist
                 self._retry_later(exc, "then listing again")
+
+    def _refusal(self, exc: BaseException) -> bool:
+        """An optional collection the server will not list (before it ever
+        did): listed as empty and `refused`, retried quietly at the backoff's
+        cap. True when exc was that."""
+        if not (self.optional and not self.lists and isinstance(exc, ApiException)
+                and exc.status in (403, 404)):
+            return False
+        if self.refused is None:
+            with self._lock:
+                self.refused = _describe(exc)
+                self.generation += 1
+            self.synced.set()
+            self._on_change()
+        self._failures += 1
+        self._stop.wait(self._backoff.delay(self._failures))
+        return True
 
     def _retry_later(self, exc: BaseException, then: str) -> None:
         self._failures += 1
@@ -266,7 +291,8 @@ class Reflector:
             deleted = old.keys() - items.keys()
             changed = [k for k in items.keys() & old.keys() if items[k] != old[k]]
             self._items = items
-            if added or deleted or changed:
+            if added or deleted or changed or self.refused:
+                self.refused = None
                 self.generation += 1
                 self._touched = None
                 self._on_change()

@@ -1,5 +1,6 @@
-"""The Kubernetes API source: Services, EndpointSlices, this node's Pods and
-Node, and meshbpf's ConfigMap, followed with list-then-watch.
+"""The Kubernetes API source: Services, EndpointSlices, this node's Node,
+meshbpf's ConfigMap, and for NetworkPolicy every Pod, Namespace and
+NetworkPolicy, followed with list-then-watch.
 
 Each collection has its own Reflector (kube_watch.py) in a background thread.
 poll() only reads their copies: once every collection has been listed, it
@@ -11,6 +12,12 @@ an empty or half-listed state: only ever a complete one, reached by a diff.
 
 Unlike the file source, one bad object does not reject the rest: it is left
 out, and its problem logged once.
+
+NetworkPolicy's inputs are optional: when the API server refuses to list
+Pods, Namespaces or NetworkPolicies (RBAC), policy is off (the state holds
+none of them) with one log line, and Services carry on. A change to them
+alone gives a state whose Delta names no frontend, so load balancing plans
+nothing for it.
 """
 
 from __future__ import annotations
@@ -19,17 +26,20 @@ import logging
 import os
 import socket
 import threading
+import weakref
+from dataclasses import replace
 from typing import Any, Callable
 
 import urllib3
 
 from kubernetes import client, config
 
-from ..model import AgentSettings, DesiredState
+from ..model import AgentSettings, Delta, DesiredState
 from . import agent_config, schema
 from .errors import ConfigError, Problem, internal_error
 from .kube_incremental import ServiceIndex
 from .kube_objects import PROXY_NAME_LABEL, BuildResult, SourceObject, build_state
+from .kube_policy import NETWORK_POLICY, CachedReader, policy_fields
 from .kube_watch import Backoff, Reflector
 from .yaml_load import LoadError, load_one
 
@@ -37,6 +47,18 @@ log = logging.getLogger(__name__)
 
 CONFIG_MAP_KEY = "agent-config.yaml"
 ZONE_LABEL = "topology.kubernetes.io/zone"
+POLICY_REFLECTORS = ("pods", "namespaces", "networkpolicies")
+POLICY_FIELDS = ("pods", "namespaces", "network_policies")  # of DesiredState
+# The parts of a Pod that NetworkPolicy reads (kube_policy); the rest of
+# every pod of the cluster is not kept.
+_POD_KEPT = {
+    "apiVersion": schema.ANY, "kind": schema.ANY,
+    "metadata": {"name": schema.ANY, "namespace": schema.ANY, "uid": schema.ANY,
+                 "labels": schema.ANY, "resourceVersion": schema.ANY},
+    "spec": {"nodeName": schema.ANY, "hostNetwork": schema.ANY,
+             "containers": [{"name": schema.ANY, "ports": schema.ANY}]},
+    "status": {"phase": schema.ANY, "podIP": schema.ANY, "podIPs": schema.ANY},
+}
 
 
 def load_client_config(kubeconfig: str | None) -> client.Configuration:
@@ -117,7 +139,8 @@ class KubernetesSource:
                  service_proxy_name: str | None = None,
                  config_map: str = "kube-system/meshbpf-config",
                  backoff: Backoff = Backoff(), page_size: int = 500,
-                 watch_timeout: tuple[int, int] = (300, 600), bookmark_interval: float = 60.0):
+                 watch_timeout: tuple[int, int] = (300, 600), bookmark_interval: float = 60.0,
+                 network_policy: bool = True):
         namespace, _, name = config_map.partition("/")
         if not namespace or not name or "/" in name:
             raise ConfigError([Problem("--config-map", "", "", f"{config_map!r} is not NAMESPACE/NAME")])
@@ -126,6 +149,7 @@ class KubernetesSource:
         self.config_map = (namespace, name)
         self._api = client.ApiClient(load_client_config(kubeconfig))
         core, discovery = client.CoreV1Api(self._api), client.DiscoveryV1Api(self._api)
+        networking = client.NetworkingV1Api(self._api)
 
         self._wake = threading.Event()  # set by every change, so the agent acts at once
 
@@ -160,6 +184,19 @@ class KubernetesSource:
                 f"node {node_name}", core.list_node, "Node",
                 selectors={"field_selector": f"metadata.name={node_name}"},
                 transform=lambda obj: {k: obj[k] for k in ("apiVersion", "kind", "metadata") if k in obj})
+        if network_policy:
+            # Peers live on every node: every pod, the parts policy reads.
+            self.reflectors["pods"] = reflector(
+                "pods", core.list_pod_for_all_namespaces, "Pod", transform=_pruned(_POD_KEPT),
+                optional=True)
+            self.reflectors["namespaces"] = reflector(
+                "namespaces", core.list_namespace, "Namespace", transform=_without_managed_fields,
+                optional=True)
+            self.reflectors["networkpolicies"] = reflector(
+                "networkpolicies", networking.list_network_policy_for_all_namespaces,
+                "NetworkPolicy", "networking.k8s.io/v1", transform=_pruned(NETWORK_POLICY),
+                optional=True)
+        elif node_name:
             # Pods on this node are kept for the features to come (socket
             # redirection); they do not make up the load-balancing state.
             self.reflectors["pods"] = reflector(
@@ -167,11 +204,16 @@ class KubernetesSource:
                 selectors={"field_selector": f"spec.nodeName={node_name}"},
                 transform=_without_managed_fields)
 
-        self._inputs = [r for key, r in self.reflectors.items() if key != "pods"]
+        self._inputs = [r for key, r in self.reflectors.items() if key not in POLICY_REFLECTORS]
+        self._policy_inputs = [self.reflectors[k] for k in POLICY_REFLECTORS if network_policy]
         self._built: tuple[int, ...] | None = None
+        self._policy_built: tuple[int, ...] | None = None
         self._index: ServiceIndex | None = None  # for incremental builds; None: build everything
         self._last: DesiredState | None = None
         self._problems: set[str] = set()
+        self._policy_problems: set[str] = set()
+        self._policy_reader = CachedReader()
+        self.policy_off: str | None = None  # why the API server's refusal turned policy off
         self._notes: set[str] = set()
         self._good_settings = AgentSettings()  # of the last valid ConfigMap
         for r in self.reflectors.values():
@@ -187,34 +229,48 @@ class KubernetesSource:
         Service and EndpointSlice events rebuild only the Services they
         touch (kube_incremental), and the state carries a Delta naming the
         frontends that changed; a (re)list, or a change to the ConfigMap or
-        the Node, rebuilds everything."""
+        the Node, rebuilds everything. A change to Pods, Namespaces or
+        NetworkPolicies alone re-reads those, and the Delta names no frontend."""
         if not self.synced():
             return None
         # Generations are read before the objects: a change landing in
         # between is then in this build and triggers one more, never none.
         generations = tuple(r.generation for r in self._inputs)
-        if generations == self._built:
+        policy_generations = tuple(r.generation for r in self._policy_inputs)
+        if generations == self._built and policy_generations == self._policy_built:
             return None
         previous, self._built = self._built, generations
+        policy_changed = policy_generations != self._policy_built
+        self._policy_built = policy_generations
         # Taken before any object is read, for the same reason.
         services = self.reflectors["services"].take_changes()
         slices = self.reflectors["endpointslices"].take_changes()
         incremental = (self._index is not None and services is not None and slices is not None
                        and previous is not None and previous[2:] == generations[2:])
         try:
-            if incremental:
-                return self._apply_events(services, slices)
-            result = self.build()
+            if generations == previous:
+                state = None  # only NetworkPolicy's inputs changed
+            elif incremental:
+                state = self._apply_events(services, slices)
+            else:
+                state = self.build().state
+            if state is None:
+                if self._last is None or not policy_changed:
+                    return None
+                state = replace(self._last, delta=Delta(weakref.ref(self._last), frozenset()),
+                                trigger_times=())
+            state = replace(state, **self._policy_fields(policy_changed))
         except Exception as exc:
             self._index = None  # the next poll builds everything again
             log.exception("building the state from the API objects failed")
             raise internal_error("API server objects", exc) from None
-        if result.state == self._last:
-            if self._index is not None and self._last is not None:
-                self._index.state = self._last  # deltas then name the state handed out
+        if self._index is not None:
+            # Deltas then name the state handed out, and carry its policy inputs.
+            self._index.state = self._last if state == self._last else state
+        if state == self._last:
             return None
-        self._last = result.state
-        return result.state
+        self._last = state
+        return state
 
     def build(self) -> BuildResult:
         # Messages about these name the object themselves: "API server
@@ -253,10 +309,36 @@ class KubernetesSource:
                 log.info("%s", text)
                 self._notes.add(text)
         self._problems = (self._problems - update.resolved) | problems
-        if update.state is None:
-            return None
-        self._last = update.state
         return update.state
+
+    def _policy_fields(self, changed: bool) -> dict[str, tuple]:
+        """DesiredState's policy inputs: read again when they changed, else
+        those of the last state; none while the API server refuses any."""
+        if not self._policy_inputs:
+            return {}
+        if not changed and self._last is not None:
+            return {name: getattr(self._last, name) for name in POLICY_FIELDS}
+        refused = [f"{r.name} ({r.refused})" for r in self._policy_inputs if r.refused]
+        if refused:
+            off = ", ".join(refused)
+            if off != self.policy_off:
+                log.warning("NetworkPolicy is off: the API server refuses to list %s; Services are "
+                            "not affected (grant list and watch on pods, namespaces and "
+                            "networkpolicies.networking.k8s.io, as deploy/meshbpf.yaml does)", off)
+            self.policy_off, self._policy_problems = off, set()
+            return dict.fromkeys(POLICY_FIELDS, ())
+        if self.policy_off is not None:
+            log.info("NetworkPolicy is on: the API server lists pods, namespaces and networkpolicies")
+            self.policy_off = None
+        inputs = self._policy_reader.read(SourceObject(obj, "API server")
+                                          for r in self._policy_inputs for obj in r.items())
+        problems = {str(p) for p in inputs.problems}
+        for text in sorted(problems - self._policy_problems):
+            log.warning("left out of the state: %s", text)
+        for text in sorted(self._policy_problems - problems):
+            log.info("resolved: %s", text)
+        self._policy_problems = problems
+        return policy_fields(inputs, self._last)
 
     def wait(self, timeout: float) -> None:
         """Returns when an object changed, or after timeout: the agent's
@@ -269,7 +351,7 @@ class KubernetesSource:
     @property
     def problems(self) -> list[str]:
         """The objects left out of the last state, and why (for health checks)."""
-        return sorted(self._problems)
+        return sorted(self._problems | self._policy_problems)
 
     def health(self) -> dict[str, Any]:
         """Whether every watch thread runs, and how long ago each last heard
@@ -288,8 +370,12 @@ class KubernetesSource:
         return labels.get(ZONE_LABEL) or None
 
     def pods(self) -> list[dict]:
-        """The pods on this node, as the API server sent them."""
-        return self.reflectors["pods"].items() if "pods" in self.reflectors else []
+        """The pods on this node, as the API server sent them (with
+        NetworkPolicy on, only the parts policy reads)."""
+        if not self.node_name or "pods" not in self.reflectors:
+            return []
+        return [pod for pod in self.reflectors["pods"].items()
+                if (pod.get("spec") or {}).get("nodeName") == self.node_name]
 
     def stop(self) -> None:
         for r in self.reflectors.values():

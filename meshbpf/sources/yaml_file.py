@@ -1,8 +1,10 @@
 """The YAML file source: one file or a folder of them, watched for changes.
 
 Files hold multi-document YAML of Kubernetes objects (a `kind: List` too),
-exactly as kubectl prints them. Any problem in any file rejects the whole
-read: the caller keeps running what it had.
+exactly as kubectl prints them. Any problem in a Service, EndpointSlice or
+AgentConfig rejects the whole read: the caller keeps running what it had. A
+bad Pod, Namespace or NetworkPolicy is left out instead (its previous
+version stays), reported in `FileSource.problems`; the others apply.
 
 Parsing is yaml_load's: libyaml, read as Kubernetes reads YAML (1.1), with a
 JSON fast path for `kubectl get -o json` files.
@@ -14,7 +16,7 @@ import logging
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -22,13 +24,22 @@ from ..gcpause import gc_paused
 from ..model import DesiredState
 from .errors import ConfigError, Problem, internal_error
 from .file_incremental import FileIndex
-from .kube_objects import BuildResult, SourceObject, build_state
+from .kube_objects import BuildResult, SourceObject, _Collector, _flatten_lists, build_state
+from .kube_policy import POLICY_KINDS, policy_fields, read_policy_objects
 from .yaml_load import LoadError, load_all
 
 log = logging.getLogger(__name__)
 
 _SUFFIXES = (".yaml", ".yml", ".json")
 _DOC_START = re.compile(r"^---(?:[ \t].*)?$", re.MULTILINE)
+
+
+@dataclass
+class ConfigResult(BuildResult):
+    """build_state's result with the policy inputs in its state, and the
+    policy objects left out for a problem (which never reject the read)."""
+
+    skipped: list[Problem] = field(default_factory=list)
 
 
 def config_files(path: Path) -> list[Path]:
@@ -88,17 +99,19 @@ def parse_documents(path: Path, text: str) -> list[SourceObject]:
             for i, doc in enumerate(docs)]
 
 
-def read_config(path: Path, node_name: str | None = None,
-                cache: dict | None = None) -> BuildResult:
+def read_config(path: Path, node_name: str | None = None, cache: dict | None = None,
+                previous: DesiredState | None = None) -> ConfigResult:
     """Reads and validates everything under path; raises ConfigError.
 
     With a cache (kept by the caller between reads), files whose inode, size
-    and mtime are unchanged are not parsed again."""
+    and mtime are unchanged are not parsed again. A policy object left out
+    for a problem keeps its version in `previous`."""
     with gc_paused():
-        return _read_config(path, node_name, cache if cache is not None else {})
+        return _read_config(path, node_name, cache if cache is not None else {}, previous)
 
 
-def _read_config(path: Path, node_name: str | None, cache: dict) -> BuildResult:
+def _read_config(path: Path, node_name: str | None, cache: dict,
+                 previous: DesiredState | None) -> ConfigResult:
     objects: list[SourceObject] = []
     problems: list[Problem] = []
     files = config_files(path)
@@ -124,10 +137,15 @@ def _read_config(path: Path, node_name: str | None, cache: dict) -> BuildResult:
         objects.extend(parsed)
     if problems:
         raise ConfigError(problems)
-    result = build_state(objects, node_name=node_name)
-    if result.problems:
-        raise ConfigError(result.problems)
-    return result
+    lists = _Collector()
+    flat = list(_flatten_lists(objects, lists))
+    policy_objects = [o for o in flat if o.obj.get("kind") in POLICY_KINDS]
+    result = build_state((o for o in flat if o.obj.get("kind") not in POLICY_KINDS), node_name=node_name)
+    if lists.problems or result.problems:
+        raise ConfigError(lists.problems + result.problems)
+    policy = read_policy_objects(policy_objects)
+    state = replace(result.state, **policy_fields(policy, previous))
+    return ConfigResult(state, [], result.notes + policy.notes, skipped=policy.problems)
 
 
 @dataclass(frozen=True)
@@ -164,9 +182,10 @@ class FileSource:
 
     - a change is read only once it has settled: the same stamps on two polls
       in a row, or every file last modified more than `settle_s` ago;
-    - a change that would remove every Service is held for `hold_s`, with a
-      warning, and applied only if it is still so then: an empty or cut file
-      must not take every Service down at once.
+    - a change that would remove every Service, or every NetworkPolicy, is
+      held for `hold_s`, with a warning, and applied only if it is still so
+      then: an empty or cut file must not take every Service down, nor open
+      every pod, at once.
 
     Write-then-rename (`kubectl get ... > f.tmp && mv f.tmp f`) avoids both
     waits: the rename is atomic and the file is never seen half-written.
@@ -187,9 +206,17 @@ class FileSource:
         self._pending: DesiredState | None = None  # read, not yet handed out (held)
         self._held_since: float | None = None
         self._serving_services = False       # the last state handed out had Services
+        self._serving_policies = False       # ... and NetworkPolicies
+        self._read_state: DesiredState | None = None  # the last state read
+        self._skipped: list[str] = []        # policy objects left out of it, and why
 
     def health(self) -> dict:
         return {"ok": True}  # no thread to die: polling runs in the agent's loop
+
+    @property
+    def problems(self) -> list[str]:
+        """The policy objects left out of the last state read, and why."""
+        return list(self._skipped)
 
     def changed(self) -> bool:
         return _stamp(self.path) != self._last
@@ -225,7 +252,7 @@ class FileSource:
             if state is not None:
                 return state
             self._index = None
-            result = read_config(self.path, self.node_name, self._parsed)
+            result = read_config(self.path, self.node_name, self._parsed, self._read_state)
         except ConfigError:
             self._index = None
             raise
@@ -237,9 +264,22 @@ class FileSource:
             for note in result.notes:
                 log.info("%s", note)
             self._notes = result.notes
+        self._report_skipped([str(p) for p in result.skipped])
         with gc_paused():
             self._index = FileIndex(result.state, self._parsed, self.node_name)
+        self._index.skipped = result.skipped
+        self._read_state = result.state
         return result.state
+
+    def _report_skipped(self, skipped: list[str]) -> None:
+        """Logs each left-out object once, when it appears, and when it is fixed."""
+        for text in skipped:
+            if text not in self._skipped:
+                log.warning("left out (its previous version, if any, stays): %s", text)
+        for text in self._skipped:
+            if text not in skipped:
+                log.info("resolved: %s", text)
+        self._skipped = skipped
 
     def _read_changed_files(self) -> DesiredState | None:
         """Parses only the files that changed and applies their differences
@@ -266,6 +306,9 @@ class FileSource:
             state = self._index.apply(changed)
         if state is None:
             self._index = None
+        else:
+            self._read_state = state
+            self._report_skipped([str(p) for p in self._index.skipped])
         return state
 
     def _release(self) -> DesiredState | None:
@@ -273,16 +316,21 @@ class FileSource:
         state = self._pending
         if state is None:
             return None
-        if self._serving_services and not state.service_ports:
+        emptied = [kind for kind, serving, now_has in (
+            ("Service", self._serving_services, state.service_ports),
+            ("NetworkPolicy", self._serving_policies, state.network_policies)) if serving and not now_has]
+        if emptied:
             now = self._clock()
+            what = " and every ".join(emptied)
             if self._held_since is None:
                 self._held_since = now
-                log.warning("%s: this change removes every Service; holding it for %.0f s in "
-                            "case the file is still being written", self.path, self.hold_s)
+                log.warning("%s: this change removes every %s; holding it for %.0f s in "
+                            "case the file is still being written", self.path, what, self.hold_s)
             if now - self._held_since < self.hold_s:
                 return None
-            log.warning("%s: still no Service after %.0f s: applying the change", self.path,
-                        self.hold_s)
+            log.warning("%s: still no %s after %.0f s: applying the change", self.path,
+                        " and no ".join(emptied), self.hold_s)
         self._pending, self._held_since = None, None
         self._serving_services = bool(state.service_ports)
+        self._serving_policies = bool(state.network_policies)
         return state

@@ -1,8 +1,8 @@
 """A fake Kubernetes API server: the list and watch protocol over real HTTP.
 
 Enough of the API server for a client to list and watch Services,
-EndpointSlices, Pods, ConfigMaps and Nodes the way it would against a real
-cluster, on 127.0.0.1 only:
+EndpointSlices, Pods, ConfigMaps, Nodes, Namespaces and NetworkPolicies the
+way it would against a real cluster, on 127.0.0.1 only:
 
 - one global resourceVersion, bumped by every write, stamped on the object;
 - lists as the API server sends them: `<Kind>List`, items WITHOUT kind and
@@ -13,11 +13,11 @@ cluster, on 127.0.0.1 only:
   with a 410 Status, or a plain HTTP 410 if asked), BOOKMARK events on demand,
   `timeoutSeconds`, and the ADDED / DELETED a selector change turns a
   MODIFIED into;
-- faults on demand: dropped watch connections (cut mid-event), 410 on open
-  watches, events split across chunks, a raw line that is not an event,
-  open watches gone silent (a half-open connection: nothing more arrives,
-  nothing closes), and a whole-server outage (the port closed, every
-  connection cut) followed by a restart on the same port.
+- faults on demand: 403 for a kind (RBAC), dropped watch connections (cut
+  mid-event), 410 on open watches, events split across chunks, a raw line
+  that is not an event, open watches gone silent (a half-open connection:
+  nothing more arrives, nothing closes), and a whole-server outage (the
+  port closed, every connection cut) followed by a restart on the same port.
 
 Tests change the cluster with apply() and delete(), as kubectl would.
 """
@@ -49,6 +49,8 @@ RESOURCES = {
     "Pod": ("/api/v1", "pods", True),
     "ConfigMap": ("/api/v1", "configmaps", True),
     "Node": ("/api/v1", "nodes", False),
+    "Namespace": ("/api/v1", "namespaces", False),
+    "NetworkPolicy": ("/apis/networking.k8s.io/v1", "networkpolicies", True),
 }
 _BY_PLURAL = {(prefix, plural): kind for kind, (prefix, plural, _) in RESOURCES.items()}
 _PATH = re.compile(r"^(/api/v1|/apis/[^/]+/[^/]+)(?:/namespaces/([^/]+))?/([a-z]+)$")
@@ -123,6 +125,7 @@ class FakeAPIServer:
         self.chunk_size: int | None = None  # split watch output into chunks of this many bytes
         self.expire_next_continue = False   # the next `continue` token is too old: 410
         self.failing: set[str] = set()      # kinds whose requests answer 500
+        self.forbidden: set[str] = set()    # kinds whose requests answer 403 (RBAC)
         self.requests: list[Request] = []
 
         self._cond = threading.Condition()
@@ -411,6 +414,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._json(401, _status(401, "Unauthorized", "Unauthorized"))
         if kind in self.api.failing:
             return self._json(500, _status(500, "InternalError", "etcdserver: request timed out"))
+        if kind in self.api.forbidden:
+            return self._json(403, _status(403, "Forbidden", f"cannot list resource {m.group(3)!r}"))
         namespace = m.group(2)
         if not watch:
             return self._json(*self.api._list(kind, namespace, query))

@@ -424,7 +424,8 @@ def test_cluster_wide_rbac_is_list_watch_on_what_the_agent_watches(install, daem
     assert binds(one(install, "ClusterRoleBinding", "meshbpf"), role, sa)
     # The reflectors of meshbpf/sources/kubernetes.py, and nothing else.
     assert set(granted(role)) == {("", "services"), ("discovery.k8s.io", "endpointslices"),
-                                  ("", "pods"), ("", "nodes")}
+                                  ("", "pods"), ("", "nodes"), ("", "namespaces"),
+                                  ("networking.k8s.io", "networkpolicies")}
     assert [o for o in install if o["kind"] == "ClusterRole"] == [role]
 
 

@@ -13,6 +13,7 @@ import meshbpf.sources.yaml_file as yaml_file
 from k8s_builders import endpoint_slice, ep, service
 from meshbpf.sources.errors import ConfigError
 from meshbpf.sources.yaml_file import FileSource, read_config
+from policy_world import netpol, ns_obj, pod_obj
 
 
 def write(path, objects) -> None:
@@ -38,8 +39,23 @@ def source(path) -> FileSource:
     return FileSource(path, "node-a", settle_s=0, hold_s=0)
 
 
+def random_policy_objects(rng: random.Random, f: int) -> list[dict]:
+    """Pods, a Namespace and NetworkPolicies, now and then."""
+    if rng.random() < 0.5:
+        return []
+    pods = []
+    for i in range(rng.randint(0, 2)):
+        pod = pod_obj("x/a", {"v": str(rng.randint(0, 2))})
+        pod["metadata"].update(namespace=f"n{f}", name=f"p{i}")
+        pod["status"].update(podIP=f"10.250.{f}.{i + 1}", podIPs=[{"ip": f"10.250.{f}.{i + 1}"}])
+        pods.append(pod)
+    policies = [netpol(f"f{f}-pol{i}", f"n{f}", {"matchLabels": {"v": str(rng.randint(0, 2))}},
+                       ingress=[{"ports": [{"port": rng.randint(1, 9)}]}]) for i in range(rng.randint(0, 2))]
+    return [ns_obj(f"n{f}")] + pods + policies
+
+
 def random_file(rng: random.Random, f: int) -> list[dict]:
-    objects = []
+    objects = random_policy_objects(rng, f)
     for i in range(rng.randint(0, 3)):
         name = f"f{f}s{i}"
         objects.append(service(name, f"10.96.{f}.{i + 1}"))

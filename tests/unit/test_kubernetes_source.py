@@ -32,6 +32,7 @@ from meshbpf.sources.errors import ConfigError
 from meshbpf.sources.kube_watch import Backoff
 from meshbpf.sources.kubernetes import KubernetesSource
 from meshbpf.sources.yaml_file import read_config
+from policy_world import netpol, ns_obj, pod_obj
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FAST = Backoff(initial=0.05, cap=0.5, jitter=1.0)
@@ -91,7 +92,8 @@ class Poller:
         state = self.until(lambda v: True, "the first complete state")
         if self.api is not None:
             kinds = {"services": "Service", "endpointslices": "EndpointSlice",
-                     "configmap": "ConfigMap", "node": "Node", "pods": "Pod"}
+                     "configmap": "ConfigMap", "node": "Node", "pods": "Pod",
+                     "namespaces": "Namespace", "networkpolicies": "NetworkPolicy"}
             wait_for(lambda: all(self.api.watching(kinds[k]) for k in self.source.reflectors),
                      "every watch to be open")
         return state
@@ -587,9 +589,10 @@ def test_fields_of_a_newer_kubernetes_do_not_make_an_object_unusable(api, make_s
 
 
 def test_pods_of_this_node_are_watched_and_do_not_change_the_state(api, make_source, cluster_list):
+    """With NetworkPolicy off; with it on, see test_policy_kube_source.py."""
     api.load(cluster_list)
     api.load(FIXTURES / "k8s-pods.yaml")
-    p = make_source(node_name="node-a")
+    p = make_source(node_name="node-a", network_policy=False)
     p.first()
     names = lambda: sorted(pod["metadata"]["name"] for pod in p.source.pods())  # noqa: E731
     assert names() == ["statsd-6c9d8b7f5-h7w2m", "web-5d8f7c9b6d-4kq2x"]
@@ -742,3 +745,93 @@ def test_local_traffic_policy_ignores_topology_hints():
                endpoint_slice("s-1", "s", [dict(hinted("10.0.0.1", "b"), nodeName="node-a"),
                                            dict(hinted("10.0.0.2", "a"), nodeName="node-b")])]
     assert addresses(objects, node_name="node-a", node_zone="a") == ["10.0.0.1"]
+
+
+# --- NetworkPolicy inputs: every Pod, Namespace and NetworkPolicy ---------------------
+
+def policy_objects() -> list[dict]:
+    on_b = pod_obj("z/b")
+    on_b["spec"]["nodeName"] = "node-b"
+    on_b["spec"]["schedulerName"] = "default-scheduler"   # a field policy does not read
+    return [ns_obj("x"), ns_obj("z"), pod_obj("x/a"), on_b,
+            netpol("deny", "x", ingress=[]),
+            netpol("allow-b", "x", {"matchLabels": {"pod": "a"}},
+                   ingress=[{"from": [{"podSelector": {"matchLabels": {"pod": "b"}}}]}])]
+
+
+def policy_names(state: DesiredState) -> dict[str, list[str]]:
+    return {"pods": [f"{p.namespace}/{p.name}" for p in state.pods],
+            "namespaces": [n.name for n in state.namespaces],
+            "network_policies": [f"{p.namespace}/{p.name}" for p in state.network_policies]}
+
+
+def test_policy_inputs_are_read_as_the_file_source_reads_them(api, make_source, cluster_list, tmp_path):
+    api.load(cluster_list)
+    api.apply(*policy_objects())
+    state = make_source().first()
+    (tmp_path / "all.yaml").write_text(cluster_list.read_text() + "\n---\n"
+                                       + yaml.safe_dump_all(policy_objects()))
+    assert state == read_config(tmp_path / "all.yaml", node_name="node-a").state
+    assert policy_names(state) == {"pods": ["x/a", "z/b"], "namespaces": ["x", "z"],
+                                   "network_policies": ["x/allow-b", "x/deny"]}
+
+
+def test_pods_with_policy_on_are_every_pod_trimmed_and_pods_gives_this_nodes(api, make_source, cluster_list):
+    api.load(cluster_list)
+    api.apply(*policy_objects())
+    p = make_source(node_name="node-1")
+    p.first()
+    assert {r.query.get("fieldSelector") for r in api.requests if r.kind == "Pod"} == {None}
+    assert [pod["metadata"]["name"] for pod in p.source.pods()] == ["a"]
+    everything = p.source.reflectors["pods"].items()
+    assert len(everything) == 2 and all("schedulerName" not in pod["spec"] for pod in everything)
+
+
+def test_a_policy_change_alone_names_no_frontend(api, make_source, cluster_list):
+    api.load(cluster_list)
+    api.apply(*policy_objects())
+    p = make_source()
+    first = p.first()
+    api.apply(netpol("deny-egress", "x", egress=[]))
+    wait_for(lambda: p.poll() is not None, "a state with the new policy")
+    state = p.emitted[-1]
+    assert "x/deny-egress" in policy_names(state)["network_policies"]
+    assert state.delta is not None and state.delta.frontends == frozenset() and state.delta.base() is first
+    assert state.service_ports == first.service_ports
+    # A Service change afterwards (the incremental path) keeps the policy inputs.
+    api.apply(service("late", "10.96.201.7"))
+    last = p.until(lambda v: "10.96.201.7:80/TCP" in v, "the new Service")
+    assert last.delta is not None and last.delta.frontends
+    assert policy_names(last) == policy_names(state)
+
+
+def test_rbac_refusing_namespaces_turns_policy_off_and_services_work(api, make_source, cluster_list, caplog):
+    caplog.set_level(logging.INFO, logger="meshbpf")
+    api.load(cluster_list)
+    api.apply(*policy_objects())
+    api.forbidden.add("Namespace")
+    p = make_source()
+    state = p.until(lambda v: WEB in v, "Services despite the refusal")
+    assert policy_names(state) == {"pods": [], "namespaces": [], "network_policies": []}
+    assert "namespaces (API server answered 403 Forbidden)" in (p.source.policy_off or "")
+    off = [r.getMessage() for r in caplog.records if "NetworkPolicy is off" in r.getMessage()]
+    assert len(off) == 1 and "\n" not in off[0]
+    api.apply(service("late", "10.96.201.7"))
+    p.until(lambda v: "10.96.201.7:80/TCP" in v, "a Service added while policy is off")
+    # RBAC fixed: policy comes on by itself.
+    api.forbidden.clear()
+    p.wait(lambda: bool(p.emitted[-1].network_policies), "the policy inputs once the API server allows them")
+    assert policy_names(p.emitted[-1])["network_policies"] == ["x/allow-b", "x/deny"]
+    assert p.source.policy_off is None and "NetworkPolicy is on" in caplog.text
+    assert len([r for r in caplog.records if "NetworkPolicy is off" in r.getMessage()]) == 1
+
+
+def test_a_bad_policy_from_the_api_is_left_out_and_the_rest_applies(api, make_source, cluster_list):
+    api.load(cluster_list)
+    api.apply(*policy_objects(), netpol("bad", "x", ingress=[{"ports": [{"port": 70000}]}]))
+    p = make_source()
+    state = p.first()
+    assert policy_names(state)["network_policies"] == ["x/allow-b", "x/deny"]
+    assert WEB in view(state)
+    assert p.source.problems == ["API server (NetworkPolicy x/bad): spec.ingress[0].ports[0].port: "
+                                 "70000 is not a port number (1-65535)"]

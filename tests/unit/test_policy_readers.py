@@ -152,3 +152,37 @@ def test_a_wrong_type_anywhere_is_a_problem_not_an_exception(obj, path, value):
     if path[-1] == "port" and type(value) in (str, int):
         return  # a port may be a number or a name
     assert result.problems, f"{path} = {value!r} was accepted"
+
+
+def test_objects_left_out_for_a_problem_are_named_so_their_previous_version_can_stay():
+    bad_pod = pod_obj("x/a")
+    bad_pod["status"]["podIP"] = "nope"
+    nameless = ns_obj("y")
+    del nameless["metadata"]["name"]
+    done = pod_obj("x/b")
+    done["status"]["phase"] = "Succeeded"   # left out on purpose: not a problem
+    inputs = read(bad_pod, nameless, done, ns_obj("z"))
+    assert inputs.rejected == {("Pod", "x", "a")}
+    assert [n.name for n in inputs.namespaces] == ["z"] and not inputs.pods
+
+
+def test_the_cached_reader_reads_each_object_once_per_version(monkeypatch):
+    import meshbpf.sources.kube_policy as kube_policy
+    objs = [dict(o, metadata={**o["metadata"], "resourceVersion": str(i)})
+            for i, o in enumerate([pod_obj("x/a"), pod_obj("x/b"), ns_obj("x"), POLICY])]
+    bad = dict(pod_obj("x/c"), status={"podIP": "nope"})
+    bad["metadata"] = {**bad["metadata"], "resourceVersion": "9"}
+    sources = lambda objects: [SourceObject(o, "API server") for o in objects]  # noqa: E731
+    reader = kube_policy.CachedReader()
+    first = reader.read(sources(objs + [bad]))
+    whole = read_policy_objects(sources(objs + [bad]))
+    assert (first.pods, first.namespaces, first.policies, first.rejected) == (
+        whole.pods, whole.namespaces, whole.policies, whole.rejected)
+    assert list(map(str, first.problems)) == list(map(str, whole.problems))
+    calls = []
+    real = kube_policy.read_policy_objects
+    monkeypatch.setattr(kube_policy, "read_policy_objects", lambda objects: calls.append(1) or real(objects))
+    changed = dict(objs[1], metadata={**objs[1]["metadata"], "resourceVersion": "10", "labels": {"pod": "z"}})
+    again = reader.read(sources([objs[0], changed, objs[2], objs[3]]))
+    assert len(calls) == 1 and [p.labels for p in again.pods] == [{"pod": "a"}, {"pod": "z"}]
+    assert not again.problems

@@ -1,0 +1,414 @@
+"""Compiled NetworkPolicy -> the smallest ordered set of policy map writes.
+
+Plain Python over plain values (reconcile/policy_keys.py): no BPF, no root.
+The agent will call it, once the datapath's policy maps land, as:
+
+    compiled = compile_policies(desired.pods, desired.namespaces,
+                                desired.network_policies, node_name, node_ips_by_node)
+    plan = plan_policy(current_policy_state,      # the pinned maps read back
+                       compiled,
+                       endpoints,                 # {(namespace, pod): host-side ifindex}
+                       node_ips,                  # this node's own addresses
+                       capacity)                  # {"endpoints": max_entries, "addresses": ...,
+                                                  #  "peers": ..., "ports": ...}
+    for problem in plan.problems:
+        log.warning("%s", problem)
+    for step in plan.steps():                     # in order; each step's entries in any order
+        policy_maps.write(step)                   # the datapath's writer (meshbpf/datapath/)
+    current_policy_state = plan.apply_to(current_policy_state)
+
+What the datapath decides (bpf/lib/common.h), and so what the plan encodes:
+an endpoint not isolated in a direction lets everything pass; if isolated,
+the longest prefix of the peer's address in mbpf_pol_peer gives a peer set
+(or ANY_PORT), and the longest port prefix in mbpf_pol_port under that peer
+set decides. For each (endpoint, direction) every allowed network becomes a
+prefix, and each prefix carries the rules whose networks CONTAIN it: the
+longest prefix holding an address is contained in every allowed network that
+holds the address, so its rules are exactly the rules that match it.
+
+Make-before-break, per endpoint: its rules are written under the generation
+not in force, the endpoint entry flips to it in one update, then the old
+generation is deleted. An endpoint whose rules did not change gets no write.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import zlib
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Mapping
+
+from ..policy.compile import AllowRule, Compiled, PodPolicy
+from ..policy.model import IPAddress, IPNetwork
+from . import IPPROTO, StepPlan, _IdAllocator, addr16
+from .policy_keys import (DIR_IN, DIR_OUT, EP_ISOLATE_IN, EP_ISOLATE_OUT, PEER_ANY_PORT, EpVal,
+                          PeerKey, PeerVal, PolicyState, PolicyStep, PortKey, PortVal)
+
+POLICY_IPPROTO = {**IPPROTO, "SCTP": 132}
+MAP_NAMES = {"endpoints": "mbpf_pol_ep", "addresses": "mbpf_pol_epaddr",
+             "peers": "mbpf_pol_peer", "ports": "mbpf_pol_port"}
+SELF_RULE = "(the pod itself)"   # a pod always reaches itself
+NODE_RULE = "(the node)"         # traffic to and from the node is always allowed
+
+_V4_MAPPED = ipaddress.ip_network("::ffff:0:0/96")  # where the maps keep IPv4
+_V4_ANY = ipaddress.ip_network("0.0.0.0/0")
+_ANY = (_V4_ANY, ipaddress.ip_network("::/0"))
+
+PeerEntries = dict[tuple[int, bytes, int], PeerVal]             # (dir, addr, bits)
+PortEntries = dict[tuple[int, int, int, int, int], PortVal]     # (dir, proto, peer set, port, bits)
+
+
+def rule_id(origin: str) -> int:
+    """A stable u32 naming a policy rule ("ns/name/ingress/0"); never 0,
+    which the conntrack map keeps for "not isolated"."""
+    return zlib.crc32(origin.encode()) or 1
+
+
+@dataclass(frozen=True)
+class _Rule:
+    origin: str
+    nets: tuple[IPNetwork, ...]
+    ports: tuple[tuple[int, int, int], ...] | None   # (proto, first, last); None: any
+
+
+def _as_rule(allow: AllowRule) -> _Rule:
+    ports = None if allow.ports is None else tuple(
+        (POLICY_IPPROTO[r.protocol], r.first, r.last) for r in allow.ports)
+    return _Rule(allow.origin, _map_networks(allow.peers), ports)
+
+
+def _map_networks(nets: Iterable[IPNetwork] | None) -> tuple[IPNetwork, ...]:
+    """The networks as the maps can hold them. IPv6 networks inside
+    ::ffff:0:0/96 are dropped: they hold only IPv4-mapped IPv6 addresses,
+    which no pod has and which the maps cannot tell from IPv4."""
+    nets = _ANY if nets is None else nets
+    return tuple(n for n in nets if n.version == 4 or not n.subnet_of(_V4_MAPPED))
+
+
+def _prefix_key(net: IPNetwork) -> tuple[bytes, int]:
+    """(16-byte address, prefix length over 128 bits) of a network."""
+    if net.version == 4:
+        return addr16(net.network_address), 96 + net.prefixlen
+    return net.network_address.packed, net.prefixlen
+
+
+@dataclass(frozen=True)
+class EndpointRules:
+    """What one endpoint's entries hold, before its ep_id and generation."""
+
+    flags: int
+    peers: PeerEntries
+    ports: PortEntries
+    rules: Mapping[int, str]   # rule id -> origin, for the monitor
+
+    def keyed(self, ep_id: int, gen: int) -> tuple[dict[PeerKey, PeerVal], dict[PortKey, PortVal]]:
+        peers = {PeerKey(ep_id, gen, d, addr, bits): v for (d, addr, bits), v in self.peers.items()}
+        ports = {PortKey(ep_id, gen, d, proto, ps, port, bits): v
+                 for (d, proto, ps, port, bits), v in self.ports.items()}
+        return peers, ports
+
+
+def endpoint_rules(pod: PodPolicy, node_nets: Iterable[IPNetwork]) -> EndpointRules:
+    """The entries one local pod needs: per isolated direction, its allow
+    rules plus itself and the node, any port."""
+    always = [_Rule(SELF_RULE, _map_networks(ipaddress.ip_network(ip) for ip in pod.pod.ips), None),
+              _Rule(NODE_RULE, _map_networks(node_nets), None)]
+    flags, peers, ports, names = 0, {}, {}, {}
+    for direction, isolated, allows, flag in ((DIR_IN, pod.isolated_ingress, pod.ingress, EP_ISOLATE_IN),
+                                              (DIR_OUT, pod.isolated_egress, pod.egress, EP_ISOLATE_OUT)):
+        if not isolated:
+            continue
+        flags |= flag
+        rules = [_as_rule(a) for a in _distinct(allows)] + [r for r in always if r.nets]
+        names.update((rule_id(r.origin), r.origin) for r in rules)
+        _direction_entries(direction, rules, peers, ports)
+    return EndpointRules(flags, peers, ports, names)
+
+
+def _distinct(allows: Iterable[AllowRule]) -> list[AllowRule]:
+    """One rule per (peers, ports): several policies often allow the same
+    thing; the first origin by name speaks for them."""
+    first: dict[AllowRule, AllowRule] = {}
+    for allow in sorted(allows, key=lambda a: a.origin):
+        first.setdefault(allow, allow)  # equality ignores the origin
+    return list(first.values())
+
+
+def _direction_entries(direction: int, rules: list[_Rule], peers: PeerEntries,
+                       ports: PortEntries) -> None:
+    # Rules by their index: sets of ints hash fast, rules with thousands of
+    # networks do not.
+    by_net: dict[IPNetwork, list[int]] = {}
+    for i, rule in enumerate(rules):
+        for net in rule.nets:
+            by_net.setdefault(net, []).append(i)
+    prefixes = set(by_net)
+    if any(n.version == 6 and _V4_MAPPED.subnet_of(n) for n in prefixes):
+        # An IPv6 network holding ::ffff:0:0/96 would also match IPv4 peers
+        # in the trie; the IPv4 /0 (rules or none) shadows it for them.
+        prefixes.add(_V4_ANY)
+    lengths = {4: set(), 6: set()}
+    for net in by_net:
+        lengths[net.version].add(net.prefixlen)
+    peer_sets: dict[frozenset[int], int] = {}
+    # In address order, so peer set numbers depend on nothing but the rules.
+    for key, net in sorted((_prefix_key(n), n) for n in prefixes):
+        matching = frozenset(i for n in _supernets(net, lengths[net.version])
+                             for i in by_net.get(n, ()))
+        peers[(direction, *key)] = _peer_value(direction, rules, matching, peer_sets, ports)
+
+
+def _supernets(net: IPNetwork, lengths: set[int]) -> Iterator[IPNetwork]:
+    """net and its supernets at the given prefix lengths (same family)."""
+    for length in lengths:
+        if length == net.prefixlen:
+            yield net  # the common case (pod addresses): no new object
+        elif length < net.prefixlen:
+            yield net.supernet(new_prefix=length)
+
+
+def _peer_value(direction: int, rules: list[_Rule], matching: frozenset[int], peer_sets: dict,
+                ports: PortEntries) -> PeerVal:
+    any_port = sorted(rules[i].origin for i in matching if rules[i].ports is None)
+    if any_port:
+        return PeerVal(0, rule_id(any_port[0]), PEER_ANY_PORT)
+    peer_set = peer_sets.get(matching)
+    if peer_set is None:
+        # No rules at all (an IPv4 /0 shadowing IPv6): a set with no ports denies.
+        peer_set = peer_sets[matching] = len(peer_sets) + 1
+        for (proto, port, bits), origin in _port_prefixes(rules[i] for i in matching).items():
+            ports[(direction, proto, peer_set, port, bits)] = PortVal(rule_id(origin))
+    return PeerVal(peer_set, 0, 0)
+
+
+def _port_prefixes(rules: Iterable[_Rule]) -> dict[tuple[int, int, int], str]:
+    """The union of the rules' port ranges as (proto, port, bits) prefixes,
+    each naming the first rule (by origin) that allows all of it."""
+    ranges: dict[int, list[tuple[int, int, str]]] = {}
+    for rule in rules:
+        for proto, first, last in rule.ports or ():
+            ranges.setdefault(proto, []).append((first, last, rule.origin))
+    out = {}
+    for proto, spans in ranges.items():
+        for first, last, origin in _attributed_pieces(spans):
+            for port, bits in _range_prefixes(first, last):
+                out[(proto, port, bits)] = origin
+    return out
+
+
+def _attributed_pieces(spans: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
+    """Overlapping (first, last, origin) spans as disjoint ones, each piece
+    owned by the smallest origin covering it; neighbours with one owner merge."""
+    cuts = sorted({f for f, _, _ in spans} | {last + 1 for _, last, _ in spans})
+    pieces: list[tuple[int, int, str]] = []
+    for start, end in zip(cuts, cuts[1:]):
+        owners = [o for f, last, o in spans if f <= start and end - 1 <= last]
+        if not owners:
+            continue
+        owner = min(owners)
+        if pieces and pieces[-1][1] == start - 1 and pieces[-1][2] == owner:
+            pieces[-1] = (pieces[-1][0], end - 1, owner)
+        else:
+            pieces.append((start, end - 1, owner))
+    return pieces
+
+
+def _range_prefixes(first: int, last: int) -> Iterator[tuple[int, int]]:
+    """[first, last] as the fewest 16-bit (port, prefix length) blocks."""
+    while first <= last:
+        size = (first & -first) if first else 1 << 16
+        while first + size - 1 > last:
+            size >>= 1
+        yield first, 17 - size.bit_length()
+        first += size
+
+
+@dataclass
+class PolicyPlan(StepPlan):
+    """A policy plan; apply_to(state) and writes come from StepPlan."""
+
+    address_updates: dict[bytes, int] = field(default_factory=dict)
+    # Left over in a generation about to be written (an interrupted run).
+    stale_peer_deletes: list[PeerKey] = field(default_factory=list)
+    stale_port_deletes: list[PortKey] = field(default_factory=list)
+    port_updates: dict[PortKey, PortVal] = field(default_factory=dict)
+    peer_updates: dict[PeerKey, PeerVal] = field(default_factory=dict)
+    endpoint_updates: dict[int, EpVal] = field(default_factory=dict)
+    old_peer_deletes: list[PeerKey] = field(default_factory=list)   # the generation flipped away from
+    old_port_deletes: list[PortKey] = field(default_factory=list)
+    endpoint_deletes: list[int] = field(default_factory=list)
+    gone_peer_deletes: list[PeerKey] = field(default_factory=list)  # of endpoints that left, and orphans
+    gone_port_deletes: list[PortKey] = field(default_factory=list)
+    address_deletes: list[bytes] = field(default_factory=list)
+    rules: dict[int, str] = field(default_factory=dict)   # rule id -> "ns/name/ingress/0"
+    problems: list[str] = field(default_factory=list)
+
+    step_type = PolicyStep
+
+    def order(self) -> list[tuple[str, str, dict]]:
+        """Make-before-break: (1) addresses of new endpoints, (2) the rules
+        under each changed endpoint's other generation, (3) the flips, (4)
+        the old generations, (5) endpoints that left, then their addresses."""
+        return [
+            ("addresses", "update", self.address_updates),
+            ("peers", "delete", dict.fromkeys(self.stale_peer_deletes)),
+            ("ports", "delete", dict.fromkeys(self.stale_port_deletes)),
+            ("ports", "update", self.port_updates),
+            ("peers", "update", self.peer_updates),
+            ("endpoints", "update", self.endpoint_updates),
+            ("peers", "delete", dict.fromkeys(self.old_peer_deletes)),
+            ("ports", "delete", dict.fromkeys(self.old_port_deletes)),
+            ("endpoints", "delete", dict.fromkeys(self.endpoint_deletes)),
+            ("peers", "delete", dict.fromkeys(self.gone_peer_deletes)),
+            ("ports", "delete", dict.fromkeys(self.gone_port_deletes)),
+            ("addresses", "delete", dict.fromkeys(self.address_deletes)),
+        ]
+
+
+class _Entries:
+    """The current rule entries, by (ep_id, generation)."""
+
+    def __init__(self, state: PolicyState):
+        self.peers: dict[tuple[int, int], dict[PeerKey, PeerVal]] = {}
+        self.ports: dict[tuple[int, int], dict[PortKey, PortVal]] = {}
+        for key, val in state.peers.items():
+            self.peers.setdefault((key.ep_id, key.gen), {})[key] = val
+        for key, val in state.ports.items():
+            self.ports.setdefault((key.ep_id, key.gen), {})[key] = val
+
+    def of(self, ep_id: int, gen: int) -> tuple[dict[PeerKey, PeerVal], dict[PortKey, PortVal]]:
+        return self.peers.get((ep_id, gen), {}), self.ports.get((ep_id, gen), {})
+
+    def ep_ids(self) -> set[int]:
+        return {ep for ep, _ in self.peers} | {ep for ep, _ in self.ports}
+
+
+class _Budget:
+    """Room left in each map while the plan runs: updates land before any
+    delete, so every key added counts against what the maps hold now."""
+
+    def __init__(self, current: PolicyState, capacity: Mapping[str, int] | None):
+        self.current = current
+        self.capacity = dict(capacity or {})
+        self.used = {name: len(getattr(current, name)) for name in MAP_NAMES}
+
+    def take(self, adds: Mapping[str, Iterable]) -> list[str]:
+        """Reserves room for these keys; returns what overflows (then nothing is reserved)."""
+        needed = {name: sum(1 for k in keys if k not in getattr(self.current, name))
+                  for name, keys in adds.items()}
+        over = [f"needs {n} more {MAP_NAMES[name]} entries, {self.capacity[name] - self.used[name]} free"
+                for name, n in needed.items()
+                if name in self.capacity and self.used[name] + n > self.capacity[name]]
+        if not over:
+            for name, n in needed.items():
+                self.used[name] += n
+        return over
+
+
+def plan_policy(current: PolicyState, compiled: Compiled,
+                endpoints: Mapping[tuple[str, str], int], node_ips: Iterable[IPAddress | str],
+                capacity: Mapping[str, int] | None = None) -> PolicyPlan:
+    """What to write to turn `current` into the maps `compiled` needs for the
+    local pods in `endpoints` (pods without an interface yet are left out).
+    With `capacity` (map -> max entries), an endpoint whose entries do not
+    fit keeps its previous rules (a new one denies its isolated directions)
+    and the plan names it in `problems`; the others go ahead."""
+    node_nets = tuple(ipaddress.ip_network(ip) for ip in node_ips)
+    entries = _Entries(current)
+    ep_ids = _IdAllocator({ep.ep_id for ep in current.endpoints.values()} | entries.ep_ids())
+    budget = _Budget(current, capacity)
+    plan = PolicyPlan()
+    addresses: dict[bytes, int] = {}   # every address the maps should hold
+    kept: dict[int, int] = {}          # ifindex -> ep_id of every endpoint that stays
+    # Endpoints the maps hold come first: room goes to keeping them current.
+    order = sorted(endpoints.items(), key=lambda kv: (kv[1] not in current.endpoints, kv[1], kv[0]))
+    for key, ifindex in order:
+        pod = compiled.pods.get(key)
+        if pod is None or ifindex in kept:
+            continue  # hostNetwork or unknown: not policed here
+        old = current.endpoints.get(ifindex)
+        ep_id = old.ep_id if old else ep_ids.take()
+        kept[ifindex] = ep_id
+        rules = endpoint_rules(pod, node_nets)
+        plan.rules.update(rules.rules)
+        own = _plan_endpoint(plan, current, entries, budget, ifindex, ep_id, pod, rules)
+        addresses.update(dict.fromkeys(own, ep_id))
+    _plan_departures(plan, current, entries, kept, addresses)
+    return plan
+
+
+def _plan_endpoint(plan: PolicyPlan, current: PolicyState, entries: _Entries, budget: _Budget,
+                   ifindex: int, ep_id: int, pod: PodPolicy, rules: EndpointRules) -> list[bytes]:
+    """Plans one endpoint; returns the addresses the maps keep for it."""
+    old = current.endpoints.get(ifindex)
+    label = f"{pod.pod.namespace}/{pod.pod.name}"
+    own = [addr16(ip) for ip in pod.pod.ips]
+    unchanged = old is not None and old.flags == rules.flags
+    if unchanged and entries.of(ep_id, old.gen) == rules.keyed(ep_id, old.gen):
+        _write_generation(plan, entries, ep_id, old.gen ^ 1, {}, {})  # only clears leftovers
+        return _plan_addresses(plan, current, budget, label, ep_id, own)
+    gen = 0 if old is None else old.gen ^ 1
+    peers, ports = rules.keyed(ep_id, gen)
+    over = budget.take({"endpoints": [ifindex] if old is None else [], "addresses": own,
+                        "peers": peers, "ports": ports})
+    if over and old is not None:
+        plan.problems.append(f"policy for pod {label}: {'; '.join(over)}; "
+                             f"its previous rules stay in force")
+        return [a for a, owner in current.addresses.items() if owner == ep_id]
+    if over:
+        # Fail closed: a new pod that policy isolates gets no allow rules
+        # rather than none of its isolation.
+        peers, ports = {}, {}
+        if budget.take({"endpoints": [ifindex], "addresses": own}):
+            plan.problems.append(f"policy for pod {label}: {'; '.join(over)}; not enforced "
+                                 f"({MAP_NAMES['endpoints']} or {MAP_NAMES['addresses']} is full)")
+            return []
+        plan.problems.append(f"policy for pod {label}: {'; '.join(over)}; "
+                             f"it denies all traffic its policies isolate until they fit")
+    _write_generation(plan, entries, ep_id, gen, peers, ports)
+    plan.endpoint_updates[ifindex] = EpVal(ep_id, gen, rules.flags)
+    if old is not None:
+        old_peers, old_ports = entries.of(ep_id, old.gen)
+        plan.old_peer_deletes.extend(old_peers)
+        plan.old_port_deletes.extend(old_ports)
+    _add_addresses(plan, current, ep_id, own)
+    return own
+
+
+def _plan_addresses(plan: PolicyPlan, current: PolicyState, budget: _Budget, label: str,
+                    ep_id: int, own: list[bytes]) -> list[bytes]:
+    """An unchanged endpoint's addresses (a pod's IPs rarely change)."""
+    over = budget.take({"addresses": own})
+    if over:
+        plan.problems.append(f"policy for pod {label}: {'; '.join(over)}; its new addresses are left out")
+        return [a for a, owner in current.addresses.items() if owner == ep_id]
+    _add_addresses(plan, current, ep_id, own)
+    return own
+
+
+def _add_addresses(plan: PolicyPlan, current: PolicyState, ep_id: int, own: list[bytes]) -> None:
+    for addr in own:
+        if current.addresses.get(addr) != ep_id:
+            plan.address_updates[addr] = ep_id
+
+
+def _write_generation(plan: PolicyPlan, entries: _Entries, ep_id: int, gen: int,
+                      peers: dict[PeerKey, PeerVal], ports: dict[PortKey, PortVal]) -> None:
+    """Writes these entries under a generation not in force, deleting first
+    whatever else an interrupted earlier run left there."""
+    held_peers, held_ports = entries.of(ep_id, gen)
+    plan.stale_peer_deletes.extend(k for k in held_peers if k not in peers)
+    plan.stale_port_deletes.extend(k for k in held_ports if k not in ports)
+    plan.peer_updates.update((k, v) for k, v in peers.items() if held_peers.get(k) != v)
+    plan.port_updates.update((k, v) for k, v in ports.items() if held_ports.get(k) != v)
+
+
+def _plan_departures(plan: PolicyPlan, current: PolicyState, entries: _Entries,
+                     kept: Mapping[int, int], addresses: Mapping[bytes, int]) -> None:
+    """Endpoints that left, their entries, entries of no endpoint (a crash
+    before an endpoint was written) and addresses no endpoint keeps."""
+    plan.endpoint_deletes.extend(i for i in current.endpoints if i not in kept)
+    live = set(kept.values())
+    plan.gone_peer_deletes.extend(k for k in current.peers if k.ep_id not in live)
+    plan.gone_port_deletes.extend(k for k in current.ports if k.ep_id not in live)
+    plan.address_deletes.extend(a for a in current.addresses if a not in addresses)
