@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import sys
 import threading
 import time
@@ -28,6 +29,7 @@ from .datapath.lock import BpffsLock
 from .datapath.loader import DEFAULT_BPFFS, SockLB
 from .datapath.redirect import apply_settings
 from .datapath.maps import LBMaps
+from .datapath.policy import PolicyDatapath
 from .gcpause import gc_paused
 from .health import HealthServer
 from .metrics import AgentMetrics, LBStatsCollector, MapPressureCollector, RedirectCollector
@@ -38,6 +40,7 @@ from .sources.errors import ConfigError, Problem
 from .sources.yaml_file import FileSource
 from .sync import one_line
 from .sync.lb import LBSync
+from .sync.policy import PolicySync
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,7 @@ class AgentOptions:
     map_sizes: dict[str, int] = field(default_factory=dict)
     resync_interval: float = 300.0      # re-read the pinned maps and repair drift; 0: never
     lock_timeout: float = 10.0          # wait this long for a previous agent on the bpffs to exit
+    node_netns: str | None = None       # netns of the pods' host-side interfaces; None: the agent's
 
 
 class Agent:
@@ -69,6 +73,9 @@ class Agent:
         self.lb = lb if lb is not None else SockLB(bpffs=opts.bpffs, sizes=opts.map_sizes)
         self.lock = BpffsLock(opts.bpffs)
         self.lbsync = LBSync(self.metrics, self._error)
+        self.policy = PolicySync(self.metrics, self._error,
+                                 PolicyDatapath(opts.bpffs, dict(opts.map_sizes), opts.node_netns),
+                                 opts.node_name or socket.gethostname())
         self.desired: DesiredState | None = None        # the latest state the source accepted
         self.redirect_retry = Backoff()
         self.redirect_stale = False    # the redirection settings differ from self.desired
@@ -101,10 +108,20 @@ class Agent:
         self.metrics.registry.register(MapPressureCollector(self.opts.bpffs, self.lbsync.known_counts))
         self.metrics.registry.register(RedirectCollector(self.opts.bpffs))
         self.metrics.registry.register(LBStatsCollector(self.opts.bpffs))
+        self.policy.cgroup_root = target  # where kubelet's pod cgroups are
+        if self.policy.pinned():  # a previous agent enforced policy: take over now
+            self._start_policy()
         self.http = HealthServer(self.opts.listen, self.metrics.registry,
                                  alive=self.alive, ready=self.ready, details=self.health_details)
         self.http.start()
         log.info("serving /healthz, /readyz and /metrics on http://%s", self.http.address)
+
+    def _start_policy(self) -> None:
+        try:
+            self.policy.start()
+        except Exception as exc:  # retried by the next sync; load balancing goes on
+            self.policy.stale = True
+            self._error("policy datapath not started (load balancing goes on): %s", one_line(exc))
 
     # --- the loop ------------------------------------------------------------
     def run(self) -> None:
@@ -130,7 +147,7 @@ class Agent:
         changed (the Kubernetes source) wakes the loop at once; others are
         polled every poll_interval. A pending retry keeps to the interval."""
         wait = getattr(self.source, "wait", None)
-        if wait is None or self.lbsync.stale or self.redirect_stale:
+        if wait is None or self.lbsync.stale or self.redirect_stale or self.policy.pending():
             self._stop.wait(self.opts.poll_interval)
         else:
             wait(self.opts.poll_interval)
@@ -150,6 +167,8 @@ class Agent:
         if changed or resync or self.lbsync.retry.due(now):
             if self.lbsync.sync(self.desired, reread=resync) and changed:
                 self.metrics.sync_duration.observe(time.monotonic() - started)
+        if changed or resync or self.policy.due(now):
+            self.policy.sync(self.desired)
         if changed or self.redirect_retry.due(now):
             self.sync_redirect(self.desired.settings.redirect)
             self.redirect_tried = True
@@ -225,7 +244,8 @@ class Agent:
         and the redirection settings have been tried once (their failure is
         retried apart and does not hold readiness; but a pod started at
         "ready" finds them applied wherever they could be)."""
-        return self.lbsync.programmed_once and not self.lbsync.stale and self.redirect_tried
+        return (self.lbsync.programmed_once and not self.lbsync.stale and self.redirect_tried
+                and not self.policy.stale)
 
     def alive(self) -> bool:
         return time.monotonic() - self._beat < HEARTBEAT_MAX_AGE and self._source_health().get("ok", True)
@@ -237,6 +257,7 @@ class Agent:
             "ready": self.ready(),
             "datapath_stale": self.lbsync.stale,
             "redirect_stale": self.redirect_stale,
+            "policy_stale": self.policy.stale,
             "services_refused": sorted(self.lbsync.refused),
             "last_error": self.last_error,
             "source": self._source_health(),

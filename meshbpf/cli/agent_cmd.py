@@ -50,6 +50,9 @@ def _map_sizes(values: tuple[str, ...]) -> dict[str, int]:
               help="Address for /healthz, /readyz and /metrics (port 0 picks a free one).")
 @click.option("--node-name", default=lambda: socket.gethostname(), show_default="hostname",
               help="This node's name, for internalTrafficPolicy: Local.")
+@click.option("--node-netns", default=None, metavar="NAME",
+              help="Network namespace (ip netns name) holding the pods' host-side interfaces "
+                   "[default: the agent's own, as on a node]; the lab's is meshbpf-lab-LAB-node.")
 @click.option("--map-size", multiple=True, metavar="NAME=ENTRIES",
               help="max_entries of a map, e.g. mbpf_svc=131072 (repeatable).")
 @click.option("--resync-interval", type=click.FloatRange(min=0), default=300, show_default=True,
@@ -59,7 +62,7 @@ def _map_sizes(values: tuple[str, ...]) -> dict[str, int]:
 @friendly_errors
 def agent(source: str, config: Path | None, kubeconfig: str | None, service_proxy_name: str | None,
           config_map: str, cgroup_path: str | None, bpffs: Path, listen: str, node_name: str,
-          map_size: tuple[str, ...], resync_interval: float, lock_timeout: float) -> None:
+          node_netns: str | None, map_size: tuple[str, ...], resync_interval: float, lock_timeout: float) -> None:
     """Compile, attach, sync the maps to the desired state, and keep them in sync."""
     if source == "file" and config is None:
         raise click.UsageError("--config is required with --source file")
@@ -74,5 +77,5 @@ def agent(source: str, config: Path | None, kubeconfig: str | None, service_prox
     run_agent(AgentOptions(config=config, source=source, kubeconfig=kubeconfig,
                            service_proxy_name=service_proxy_name, config_map=config_map,
                            cgroup=cgroup_path, bpffs=bpffs, listen=listen,
-                           node_name=node_name, map_sizes=sizes,
+                           node_name=node_name, node_netns=node_netns, map_sizes=sizes,
                            resync_interval=resync_interval, lock_timeout=lock_timeout))

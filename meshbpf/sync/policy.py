@@ -52,7 +52,7 @@ class Endpoint:
 
 class PolicySync:
     def __init__(self, metrics: AgentMetrics, error: Callable[..., None], datapath: PolicyDatapath,
-                 node_name: str, cgroup_root: Path):
+                 node_name: str, cgroup_root: Path | None = None):
         self.metrics = metrics
         self.error = error
         self.dp = datapath
@@ -66,6 +66,7 @@ class PolicySync:
         self.retry = Backoff()
         self.stale = False
         self.missing: set[tuple[str, str]] = set()  # local pods whose interface was not found
+        self.rules: dict[int, str] = {}         # rule id -> "ns/name/ingress/0", for the views
         self.next_find = 0.0
 
     # --- start-up: only when there is something to enforce or take over -------
@@ -87,10 +88,20 @@ class PolicySync:
                  len(self.current.endpoints))
 
     # --- the sync -------------------------------------------------------------
+    def pending(self) -> bool:
+        """Something to retry or to look for soon: the loop polls, not waits."""
+        return self.stale or bool(self.missing)
+
     def due(self, now: float) -> bool:
         return self.retry.due(now) or (bool(self.missing) and now >= self.next_find)
 
     def sync(self, desired: DesiredState) -> bool:
+        """Brings the policy maps to desired. A change that leaves the policy
+        inputs as they were (a Service edit) costs a comparison."""
+        inputs = (desired.pods, desired.namespaces, desired.network_policies)
+        now = time.monotonic()
+        if inputs == self.inputs and not self.stale and not (self.missing and now >= self.next_find):
+            return True
         try:
             if self.maps is None:
                 if not self.wanted(desired):
@@ -104,6 +115,7 @@ class PolicySync:
             self.error("NetworkPolicy not applied (load balancing goes on): %s; retrying in %gs",
                        one_line(exc), delay)
             return False
+        self.inputs = inputs
         self.retry.reset()
         if self.stale:
             log.info("policy maps match the desired state again")
@@ -116,6 +128,7 @@ class PolicySync:
         compiled = compile_policies(desired.pods, desired.namespaces, desired.network_policies,
                                     self.node_name, {self.node_name: node_ips})
         found = self._find(compiled)
+        self._keep_unseen(compiled, found)
         p: PolicyPlan = plan_policy(self.current, compiled, found, node_ips, self._capacity())
         for problem in p.problems:
             self.error("%s", problem)
@@ -127,7 +140,8 @@ class PolicySync:
         for ifindex in before - set(self.current.endpoints):
             self._detach(ifindex)
         self.compiled = compiled
-        self.endpoints = self._views(compiled, found)
+        self.rules.update(p.rules)
+        self.endpoints = self._views(desired, compiled, found)
         if p.writes:
             log.info("policy: %d local pod(s), %d enforced, %d map writes",
                      len(compiled.pods), len(found), p.writes)
@@ -150,6 +164,24 @@ class PolicySync:
         self.missing = missing
         self.next_find = time.monotonic() + FIND_AGAIN
         return found
+
+    def _keep_unseen(self, compiled: Compiled, found: dict) -> None:
+        """A pod still desired here whose interface was found before and still
+        exists keeps its endpoint even if the look failed this time (its pause
+        process restarting, say): enforcement never lapses on a failed look."""
+        held = {key: ep.ifindex for key, ep in self.endpoints.items() if ep.ifindex is not None}
+        for key in compiled.pods.keys() - found.keys():
+            ifindex = held.get(key)
+            if ifindex is not None and ifindex in self.current.endpoints and self._exists(ifindex):
+                found[key] = ifindex
+
+    def _exists(self, ifindex: int) -> bool:
+        from ..datapath.policy import _ipr
+        try:
+            with _ipr(self.dp.netns) as ipr:
+                return bool(ipr.get_links(ifindex))
+        except Exception:
+            return False
 
     def _capacity(self) -> dict[str, int]:
         specs = {s.name: s for s in self.dp.maps()}
@@ -176,12 +208,15 @@ class PolicySync:
         except Exception as exc:  # the interface went with its pod: nothing left to do
             log.debug("detaching from ifindex %d: %s", ifindex, one_line(exc))
 
-    def _views(self, compiled: Compiled, found: dict) -> dict[tuple[str, str], Endpoint]:
+    def _views(self, desired: DesiredState, compiled: Compiled, found: dict
+               ) -> dict[tuple[str, str], Endpoint]:
         out = {}
         for key, pol in compiled.pods.items():
+            selecting = tuple(sorted(f"{np.namespace}/{np.name}" for np in desired.network_policies
+                                     if np.namespace == key[0]
+                                     and np.pod_selector.matches(pol.pod.labels)))
             ifindex = found.get(key)
             ep = self.current.endpoints.get(ifindex) if ifindex is not None else None
             out[key] = Endpoint(key[0], key[1], ifindex, ep.ep_id if ep else None,
-                                pol.isolated_ingress, pol.isolated_egress,
-                                tuple(sorted(getattr(pol, "policies", ()))))
+                                pol.isolated_ingress, pol.isolated_egress, selecting)
         return out
