@@ -120,7 +120,11 @@ def _float(text: str) -> float:
 
 
 def _scalar(node: ScalarNode) -> Any:
-    tag, value = node.tag, node.value
+    return scalar_value(node.tag, node.value, node.start_mark.line + 1)
+
+
+def scalar_value(tag: str, value: str, line: int | None) -> Any:
+    """The Python value of a scalar with this tag; line is for the error."""
     if tag == _STR or tag == _TIMESTAMP:
         return value
     if tag == _INT:
@@ -138,8 +142,8 @@ def _scalar(node: ScalarNode) -> Any:
         if value in _NULLS:
             return None
     else:
-        raise LoadError(f"unsupported tag {tag!r}", node.start_mark.line + 1)
-    raise LoadError(f"{value!r} is not a valid {tag.rsplit(':', 1)[-1]}", node.start_mark.line + 1)
+        raise LoadError(f"unsupported tag {tag!r}", line)
+    raise LoadError(f"{value!r} is not a valid {tag.rsplit(':', 1)[-1]}", line)
 
 
 class _Builder:
@@ -262,6 +266,16 @@ def load_all(text: str) -> list[Any]:
     fast = _load_json(text)
     if fast is not None:
         return fast
+    try:
+        return yaml_fast.load_all(text)
+    except yaml_fast.NotInSubset:
+        return load_all_libyaml(text)
+    except RecursionError:  # cannot happen (no recursion there); libyaml decides
+        return load_all_libyaml(text)
+
+
+def load_all_libyaml(text: str) -> list[Any]:
+    """load_all without the fast paths: libyaml reads any YAML."""
     loader = _Loader(text)
     try:
         nodes = []
@@ -292,3 +306,6 @@ def load_one(text: str) -> Any:
     if len(docs) > 1:
         raise LoadError(f"expected one document, found {len(docs)}")
     return docs[0] if docs else None
+
+
+from . import yaml_fast  # noqa: E402  (it uses this module's resolver, so it comes after)
