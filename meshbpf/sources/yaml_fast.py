@@ -70,20 +70,30 @@ _ESCAPES = {"0": "\0", "a": "\a", "b": "\b", "t": "\t", "n": "\n", "v": "\v", "f
             "N": "\x85", "_": "\xa0", "L": "\u2028", "P": "\u2029"}
 _ESCAPE = re.compile(r"\\(?:x([0-9a-fA-F]{2})|u([0-9a-fA-F]{4})|U([0-9a-fA-F]{8})|(.))")
 
-# A plain scalar that none of the resolver's expressions match is a string:
-# one match against their union saves the resolver's lookup for most values.
-_MAYBE_NOT_STR = re.compile("|".join(sorted({
-    f"(?:{regexp.pattern})" for resolvers in _Resolver.yaml_implicit_resolvers.values()
-    for _tag, regexp in resolvers})))
+# The resolver's implicit tags by first character, as its resolve() looks
+# them up; a plain scalar that none of them matches is a string. (resolve()
+# itself costs a Python call, list concatenation and lookups per scalar.)
+_RESOLVERS = {first: tuple(resolvers)
+              for first, resolvers in _Resolver.yaml_implicit_resolvers.items()}
+assert None not in _RESOLVERS and not _Resolver.yaml_path_resolvers  # what resolve() also reads
 
 # What a line holds after its key (kinds of token).
 PENDING, SCALAR, EMPTY_MAP, EMPTY_SEQ, LITERAL_CLIP, LITERAL_STRIP = range(6)
 _NO_KEY = object()
-# A token is (simple, indent, dash width, key, kind, value); simple is the
-# indent of a plain `key: scalar` line and -1 otherwise, so the hot loop tests
-# one number. These two stand for an empty or comment-only line and '---'.
-_BLANK = (-1, -1, 0, _NO_KEY, PENDING, None)
-_NEW_DOC = (-1, -1, 0, _NO_KEY, PENDING, None)
+# A token is (simple, column, dash width, is an item, key, kind, value,
+# opens, item): simple is the column of a `key: scalar` line, opens that of a
+# `key:` line and item that of a `- scalar` line, -1 otherwise, so the loop
+# tests one number for its common cases. These two stand for an empty or
+# comment-only line and '---'.
+_BLANK = (-1, -1, 0, False, _NO_KEY, PENDING, None, -1, -1)
+_NEW_DOC = (-1, -1, 0, False, _NO_KEY, PENDING, None, -1, -1)
+
+
+def _make_token(column: int, dash: int, key: Any, kind: int, value: Any) -> tuple:
+    plain_entry = column if not dash and key is not _NO_KEY else -1
+    plain_item = column if dash and key is _NO_KEY and kind == SCALAR else -1
+    return (plain_entry if kind == SCALAR else -1, column, dash, dash != 0, key, kind, value,
+            plain_entry if kind == PENDING else -1, plain_item)
 
 
 def _unescape(match: "re.Match[str]") -> str:
@@ -98,24 +108,56 @@ def _unescape(match: "re.Match[str]") -> str:
     return chr(code)
 
 
-@functools.lru_cache(maxsize=1 << 16)  # keys and common values repeat across lines
 def _scalar(text: str) -> Any:
+    """A one-line scalar's text -> its value, as the libyaml path gives it."""
     first = text[0]
     if first == '"':
         body = text[1:-1]
         return _ESCAPE.sub(_unescape, body) if "\\" in body else body
     if first == "'":
         return text[1:-1].replace("''", "'")
-    if _MAYBE_NOT_STR.match(text) is None:
-        return text
-    try:
-        return scalar_value(_cached_resolve(ScalarNode, text, (True, False)), text, None)
-    except Exception:  # a merge key or a value its tag refuses: libyaml's path says
-        raise NotInSubset from None
+    for tag, regexp in _RESOLVERS.get(first, ()):
+        if regexp.match(text):
+            try:
+                return scalar_value(tag, text, None)
+            except Exception:  # a merge key, or a value its tag refuses: libyaml's path says
+                raise NotInSubset from None
+    return text
 
 
-def _token(line: str) -> Any:
+_key = functools.lru_cache(maxsize=1 << 12)(_scalar)  # keys repeat across lines; values less
+
+
+def _token(line: str) -> tuple:
     """One line -> its token (above), _BLANK or _NEW_DOC."""
+    m = _SIMPLE_LINE.fullmatch(line)
+    if m is not None:
+        indent, dash, key, value, quoted = m.groups()
+        if key is not None or (dash is not None and (value or quoted) is not None):
+            return _simple_token(indent, dash, key, value, quoted)
+    return _general_token(line)
+
+
+# The lines most of a kubectl dump is made of, `key: value`, `- value` and
+# `key:` with ASCII names and values and no escapes, matched by a cheaper
+# expression than _LINE. Each line it matches reads the same by _LINE.
+_SIMPLE_LINE = re.compile(r'( *)(- )?(?:([A-Za-z][A-Za-z0-9_./-]*):(?: |$))?'
+                          r'(?:([A-Za-z0-9_./][A-Za-z0-9_./-]*)|"([^"\\]*)")?')
+
+
+def _simple_token(indent: str, dash: str | None, key: str | None, value: str | None,
+                  quoted: str | None) -> tuple:
+    if value is not None:
+        kind, value = SCALAR, _scalar(value)
+    elif quoted is not None:
+        kind, value = SCALAR, quoted
+    else:
+        kind = PENDING
+    return _make_token(len(indent), 2 if dash else 0, _NO_KEY if key is None else _key(key),
+                       kind, value)
+
+
+def _general_token(line: str) -> tuple:
     if line.startswith(("---", "...")):
         if line == "---":
             return _NEW_DOC
@@ -144,9 +186,8 @@ def _token(line: str) -> Any:
         kind = EMPTY_SEQ
     else:
         kind, value = SCALAR, _scalar(value)
-    simple = len(indent) if kind == SCALAR and dash is None else -1
-    return (simple, len(indent), len(dash) if dash else 0,
-            _NO_KEY if key is None else _scalar(key), kind, value)
+    return _make_token(len(indent), len(dash) if dash else 0,
+                       _NO_KEY if key is None else _key(key), kind, value)
 
 
 def _new_container(kind: int) -> Any:
@@ -160,26 +201,34 @@ def load_all(text: str) -> list[Any]:
     return _documents(text.split("\n"), text.endswith("\n"))
 
 
+_NOT_PENDING = 1 << 62  # pending_column when no key is pending: no line is that deep
+
+
 def _documents(lines: list[str], terminated: bool) -> list[Any]:
     """Lines -> documents; terminated: the last line ends with a line break.
 
     One loop over a million lines: the state is in local variables and the
-    common cases are inline, because a call or an attribute per line would
-    double the time."""
+    common cases come first and inline, because a call or an attribute per
+    line would double the time. Every shortcut does what the general case
+    at the end would do with that line."""
     docs: list[Any] = []
     tokens: dict[str, tuple] = {}
     get = tokens.get
-    stack: list[tuple[int, Any, bool]] = []  # (column, container, is a sequence), innermost last
+    # The innermost container, its column and whether it is a sequence; the
+    # outer ones are on the stack, as (column, container, is a sequence).
+    container: Any = None
+    at = -1
+    in_seq = False
+    stack: list[tuple[int, Any, bool]] = []
+    # With no key pending: `column` is container's column when it is a
+    # mapping and `item_column` when it is a sequence; the other is -2, as
+    # both are while a key is pending. Lines that continue the container
+    # (most lines) are recognised by one comparison.
+    column = item_column = -2
     root: Any = _NO_KEY          # the current document's value, once it starts
     explicit = False             # the current document began with '---'
-    pending_key: Any = _NO_KEY   # a key whose value starts on the next line ...
-    pending_map: Any = None      # ... its mapping
-    pending_column = 0           # ... and its column
-    # The innermost container and the column of its keys when it is a
-    # mapping and no key is pending; else -2: a `key: scalar` line at that
-    # column (the common case) is then stored without further checks.
-    container: Any = None
-    column = -2
+    pending_key: Any = _NO_KEY   # a key (of container) whose value starts on the next line,
+    pending_column = _NOT_PENDING  # its column
     skip_to = 0                  # the lines of a block scalar are read already
     for index, line in enumerate(lines):
         if index < skip_to:
@@ -187,82 +236,110 @@ def _documents(lines: list[str], terminated: bool) -> list[Any]:
         token = get(line)
         if token is None:
             token = tokens[line] = _token(line)
-        if token[0] == column:
-            key = token[3]
+        # token: simple, column, dash, is item, key, kind, value, opens, item
+        simple = token[0]
+        if simple == column:  # `key: scalar` in the current mapping
+            key = token[4]
             if key in container:
                 raise NotInSubset  # libyaml's path names the duplicate and its line
-            container[key] = token[5]
+            container[key] = token[6]
+            continue
+        if token[8] == item_column:  # `- scalar` in the current sequence
+            container.append(token[6])
+            continue
+        if token[7] == column:  # `key:` in the current mapping: its value starts below
+            key = token[4]
+            if key in container:
+                raise NotInSubset
+            pending_key, pending_column, column = key, column, -2
+            continue
+        if simple > pending_column:  # `key: scalar` opening the pending key's mapping
+            nested: Any = {token[4]: token[6]}
+            container[pending_key] = nested
+            stack.append((at, container, in_seq))
+            container, at, in_seq, column = nested, simple, False, simple
+            pending_key, pending_column = _NO_KEY, _NOT_PENDING
+            if len(stack) > MAX_DEPTH:
+                raise NotInSubset
+            continue
+        if token[8] >= pending_column:  # `- scalar` opening the pending key's sequence
+            nested = [token[6]]
+            container[pending_key] = nested
+            stack.append((at, container, in_seq))
+            container, at, in_seq, item_column = nested, token[1], True, token[1]
+            pending_key, pending_column = _NO_KEY, _NOT_PENDING
+            if len(stack) > MAX_DEPTH:
+                raise NotInSubset
             continue
         if token is _BLANK:
             continue
         if token is _NEW_DOC:
             if pending_key is not _NO_KEY:
-                pending_map[pending_key] = None
-                pending_key = _NO_KEY
+                container[pending_key] = None
+                pending_key, pending_column = _NO_KEY, _NOT_PENDING
             if root is not _NO_KEY or explicit:
                 docs.append(None if root is _NO_KEY else root)
-            root, explicit, stack, column = _NO_KEY, True, [], -2
+            root, explicit, stack, container, at = _NO_KEY, True, [], None, -1
+            column = item_column = -2
             continue
-        _, indent, dash, key, kind, value = token
-        is_item = dash != 0
+        # The general case: any line, any state.
+        _, indent, dash, is_item, key, kind, value, _, _ = token
         if pending_key is not _NO_KEY:
             if indent > pending_column or (indent == pending_column and is_item):
-                nested: Any = [] if is_item else {}
-                pending_map[pending_key] = nested
-                stack.append((indent, nested, is_item))
-                if len(stack) > MAX_DEPTH:
-                    raise NotInSubset
+                nested = [] if is_item else {}
+                container[pending_key] = nested
+                stack.append((at, container, in_seq))
+                container, at, in_seq = nested, indent, is_item
             else:
-                pending_map[pending_key] = None
-            pending_key = _NO_KEY
-        elif not stack:
+                container[pending_key] = None
+            pending_key, pending_column = _NO_KEY, _NOT_PENDING
+        elif container is None:
             if root is not _NO_KEY:
                 raise NotInSubset  # a line left of the document's own column
-            root = [] if is_item else {}
-            stack.append((indent, root, is_item))
-        top = stack[-1]
-        while top[0] > indent or (top[0] == indent and top[2] and not is_item):
-            stack.pop()
+            container = root = [] if is_item else {}
+            at, in_seq = indent, is_item
+        while at > indent or (at == indent and in_seq and not is_item):
             if not stack:
                 raise NotInSubset
-            top = stack[-1]
-        if top[0] != indent or top[2] != is_item:
+            at, container, in_seq = stack.pop()
+        if at != indent or in_seq != is_item:
             raise NotInSubset
-        container = top[1]
-        if is_item:
-            if key is _NO_KEY:  # `- value`
-                column = -2
-                if kind == SCALAR:
-                    container.append(value)
-                elif kind == EMPTY_MAP or kind == EMPTY_SEQ:
-                    container.append(_new_container(kind))
-                elif kind == PENDING:
-                    raise NotInSubset
-                else:
-                    text, skip_to = _literal(lines, index + 1, indent, kind, terminated)
-                    container.append(text)
-                continue
-            item: dict = {}
-            container.append(item)
-            indent += dash
-            stack.append((indent, item, False))
-            if len(stack) > MAX_DEPTH:
+        if is_item and key is _NO_KEY:  # `- value`
+            if kind == SCALAR:
+                container.append(value)
+            elif kind == EMPTY_MAP or kind == EMPTY_SEQ:
+                container.append(_new_container(kind))
+            elif kind == PENDING:
                 raise NotInSubset
-            container = item
-        if key in container:
-            raise NotInSubset
-        column = indent
-        if kind == SCALAR:
-            container[key] = value
-        elif kind == PENDING:
-            pending_key, pending_map, pending_column = key, container, indent
-            column = -2
-        elif kind == EMPTY_MAP or kind == EMPTY_SEQ:
-            container[key] = _new_container(kind)
+            else:
+                text, skip_to = _literal(lines, index + 1, indent, kind, terminated)
+                container.append(text)
         else:
-            container[key], skip_to = _literal(lines, index + 1, indent, kind, terminated)
+            if is_item:  # `- key...`: a new mapping in the sequence
+                item: dict = {}
+                container.append(item)
+                stack.append((at, container, in_seq))
+                container, at, in_seq = item, indent + dash, False
+            if key in container:
+                raise NotInSubset
+            if kind == SCALAR:
+                container[key] = value
+            elif kind == PENDING:
+                pending_key, pending_column = key, at
+            elif kind == EMPTY_MAP or kind == EMPTY_SEQ:
+                container[key] = _new_container(kind)
+            else:
+                container[key], skip_to = _literal(lines, index + 1, at, kind, terminated)
+        if len(stack) > MAX_DEPTH:
+            raise NotInSubset
+        if pending_key is not _NO_KEY:
+            column = item_column = -2
+        elif in_seq:
+            column, item_column = -2, at
+        else:
+            column, item_column = at, -2
     if pending_key is not _NO_KEY:
-        pending_map[pending_key] = None
+        container[pending_key] = None
     if root is not _NO_KEY or explicit:
         docs.append(None if root is _NO_KEY else root)
     return docs
