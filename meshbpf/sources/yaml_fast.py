@@ -42,6 +42,8 @@ class NotInSubset(Exception):
 
 # YAML's printable characters minus tab, CR, NEL, LS, PS (line breaks and
 # indentation rules differ for those) and the BOM: anything else bails out.
+# Each distinct line is checked once, when it is first read (and _SIMPLE_LINE
+# admits printable ASCII only), which costs less than a pass over the text.
 _UNUSUAL_CHAR = re.compile("[^\n\x20-\x7e\xa0-\u2027\u202a-\ud7ff\ue000-\ufefe\uff00-\ufffd"
                            "\U00010000-\U0010ffff]")
 
@@ -142,7 +144,7 @@ def _token(line: str) -> tuple:
 # `key:` with ASCII names and values and no escapes, matched by a cheaper
 # expression than _LINE. Each line it matches reads the same by _LINE.
 _SIMPLE_LINE = re.compile(r'( *)(- )?(?:([A-Za-z][A-Za-z0-9_./-]*):(?: |$))?'
-                          r'(?:([A-Za-z0-9_./][A-Za-z0-9_./-]*)|"([^"\\]*)")?')
+                          r'(?:([A-Za-z0-9_./][A-Za-z0-9_./-]*)|"([ !#-\[\]-~]*)")?')
 
 
 def _simple_token(indent: str, dash: str | None, key: str | None, value: str | None,
@@ -163,7 +165,7 @@ def _general_token(line: str) -> tuple:
             return _NEW_DOC
         raise NotInSubset
     m = _LINE.fullmatch(line) if len(line) <= MAX_LINE else None
-    if m is None:
+    if m is None or _UNUSUAL_CHAR.search(line):
         raise NotInSubset
     indent, dash, key, value = m.group("indent", "dash", "key", "value")
     if key is None and value is None:
@@ -196,8 +198,6 @@ def _new_container(kind: int) -> Any:
 
 def load_all(text: str) -> list[Any]:
     """The documents of text, or NotInSubset."""
-    if _UNUSUAL_CHAR.search(text):
-        raise NotInSubset
     return _documents(text.split("\n"), text.endswith("\n"))
 
 
@@ -282,8 +282,29 @@ def _documents(lines: list[str], terminated: bool) -> list[Any]:
             root, explicit, stack, container, at = _NO_KEY, True, [], None, -1
             column = item_column = -2
             continue
-        # The general case: any line, any state.
         _, indent, dash, is_item, key, kind, value, _, _ = token
+        if pending_key is _NO_KEY and container is not None:
+            # Back out to the line's container; then the common lines again.
+            while at > indent or (at == indent and in_seq and not is_item):
+                if not stack:
+                    raise NotInSubset
+                at, container, in_seq = stack.pop()
+            if in_seq:
+                if token[8] == at:
+                    container.append(value)
+                    column, item_column = -2, at
+                    continue
+            elif simple == at or token[7] == at:
+                if key in container:
+                    raise NotInSubset
+                if simple == at:
+                    container[key] = value
+                    column, item_column = at, -2
+                else:
+                    pending_key, pending_column = key, at
+                    column = item_column = -2
+                continue
+        # The general case: any line, any state.
         if pending_key is not _NO_KEY:
             if indent > pending_column or (indent == pending_column and is_item):
                 nested = [] if is_item else {}
@@ -369,6 +390,8 @@ def _literal(lines: list[str], start: int, owner_column: int, kind: int,
             break
         else:
             raise NotInSubset  # a line of spaces: content or blank, by its length
+    if _UNUSUAL_CHAR.search("".join(body)):
+        raise NotInSubset
     if end == len(lines) and not terminated:
         raise NotInSubset  # the last line has no line break to clip or keep
     while body[-1] == "":
