@@ -129,7 +129,10 @@ def scalar_value(tag: str, value: str, line: int | None) -> Any:
         return value
     if tag == _INT:
         if _INT_RE.fullmatch(value):
-            return _int(value)
+            try:
+                return _int(value)
+            except ValueError:  # Python's limit on digits (4300), a guard against slow int()
+                raise LoadError(f"integer {value[:20]}... has too many digits", line) from None
     elif tag == _FLOAT:
         if _FLOAT_RE.fullmatch(value) or _INT_RE.fullmatch(value):
             return _float(value)

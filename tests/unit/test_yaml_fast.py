@@ -301,3 +301,13 @@ def test_fast_path_values_are_independent_objects():
     """A cached line token must not share mutable values between places."""
     (doc,) = yaml_fast.load_all("a: {}\nb: {}\nc:\n- []\n- []\n")
     assert doc["a"] is not doc["b"] and doc["c"][0] is not doc["c"][1]
+
+
+@pytest.mark.parametrize("text", ["a: " + "1" * 5000 + "\n", "a: 1_" + "2" * 5000 + "\n",
+                                  "- " + "7" * 4400 + "\n", "{\"a\": " + "1" * 5000 + "}"])
+def test_an_integer_with_thousands_of_digits_is_a_located_error_not_a_crash(text):
+    """Python refuses to convert ints over 4300 digits (ValueError); that must
+    come out as a LoadError with its line, on every path."""
+    with pytest.raises(yaml_load.LoadError, match="too many digits") as exc:
+        yaml_load.load_all(text)
+    assert exc.value.line == 1
