@@ -1,8 +1,9 @@
 """A fast reader for the YAML that kubectl and go-yaml write, and nothing else.
 
-libyaml builds a node per scalar through PyYAML's C extension, which takes
-about 20 s for the 20 MB `kubectl get svc,endpointslices -A -o yaml` of
-10 000 Services. kubectl's output uses a small, regular part of YAML:
+Through PyYAML, libyaml builds a Python node object for every scalar, and
+yaml_load converts the nodes: about 4x this reader's time for the 20 MB
+`kubectl get svc,endpointslices -A -o yaml` of 10 000 Services (bench/parse.py).
+kubectl's output uses a small, regular part of YAML:
 
 - block mappings and block sequences, one entry per line, fixed indentation,
   `- ` items (the sequence under a key may sit at the key's own column);
@@ -29,9 +30,7 @@ import functools
 import re
 from typing import Any
 
-from yaml.nodes import ScalarNode
-
-from .yaml_load import _Resolver, _cached_resolve, scalar_value
+from .yaml_load import _Resolver, scalar_value
 
 MAX_DEPTH = 100  # kubectl's objects nest a few dozen levels; deeper goes to libyaml
 

@@ -97,7 +97,7 @@ def test_outside_the_subset_load_all_falls_back_to_libyaml():
     "yes: 1\n80: http\n1.5: x\nnull: 2\n'yes': 3\n", "a: 'it''s'\nb: \"q\\\"uote\\\\\"\nc: ''\nd: \"\"\n",
     'a: "\\x41\\u00e9\\U0001F600\\n\\t\\0\\/\\ \\_\\N\\L\\P\\e"\n', 'a: "\\ud800"\n', 'a: "\\q"\n',
     "a: |\n  line 1\n  line 2\nb: 1\n", "a: |-\n  x\n\n  y\n\n\nb: 1\n", "a: |\n  x\n    indented\n",
-    "a: |\n  x", "a: |\n  x\n", "- |\n  x\n- |-\n  y\n", "- a: |\n    x\n  b: 1\n", "a: |\n\n  x\n",
+    "a: |\n  x", "a: |\n  x\n", "a:\n- |\n x\n- b\n", "a:\n  - |\n   x\n  - |-\n    y\n", "a:\n- |\nx\n", "- |\n  x\n- |-\n  y\n", "- a: |\n    x\n  b: 1\n", "a: |\n\n  x\n",
     "a: |\n  x\n  \n", "a: |\nb: 1\n", "a: >\n  x\n", "a: |2\n   x\n", "a: | # c\n  x\n",
     "a: {}\nb: []\n- {}\n", "a: {}\nb: []\nc:\n- {}\n- []\n", "a: { }\n", "a: [1]\n",
     "a: b: c\n", "a: b #c\n", "a: b#c\n", "a:b\n", "a:  \n", "a : b\n", "'a b': c\n", '"a\\nb": c\n',
