@@ -79,22 +79,25 @@ _RESOLVERS = {first: tuple(resolvers)
 assert None not in _RESOLVERS and not _Resolver.yaml_path_resolvers  # what resolve() also reads
 
 # What a line holds after its key (kinds of token).
-PENDING, SCALAR, EMPTY_MAP, EMPTY_SEQ, LITERAL_CLIP, LITERAL_STRIP = range(6)
+PENDING, SCALAR, EMPTY_MAP, EMPTY_SEQ, LITERAL_CLIP, LITERAL_STRIP, CONTINUATION = range(7)
 _NO_KEY = object()
 # A token is (simple, column, dash width, is an item, key, kind, value,
-# opens, item): simple is the column of a `key: scalar` line, opens that of a
-# `key:` line and item that of a `- scalar` line, -1 otherwise, so the loop
-# tests one number for its common cases. These two stand for an empty or
-# comment-only line and '---'.
-_BLANK = (-1, -1, 0, False, _NO_KEY, PENDING, None, -1, -1)
-_NEW_DOC = (-1, -1, 0, False, _NO_KEY, PENDING, None, -1, -1)
+# opens, item, plain): simple is the column of a `key: scalar` line, opens
+# that of a `key:` line and item that of a `- scalar` line, -1 otherwise, so
+# the loop tests one number for its common cases; plain is the text of a
+# plain scalar value that ends the line (go-yaml wraps long ones onto the
+# next lines: CONTINUATION tokens), else None. These two stand for an empty
+# or comment-only line and '---'.
+_BLANK = (-1, -1, 0, False, _NO_KEY, PENDING, None, -1, -1, None)
+_NEW_DOC = (-1, -1, 0, False, _NO_KEY, PENDING, None, -1, -1, None)
 
 
-def _make_token(column: int, dash: int, key: Any, kind: int, value: Any) -> tuple:
+def _make_token(column: int, dash: int, key: Any, kind: int, value: Any,
+                plain: str | None) -> tuple:
     plain_entry = column if not dash and key is not _NO_KEY else -1
     plain_item = column if dash and key is _NO_KEY and kind == SCALAR else -1
     return (plain_entry if kind == SCALAR else -1, column, dash, dash != 0, key, kind, value,
-            plain_entry if kind == PENDING else -1, plain_item)
+            plain_entry if kind == PENDING else -1, plain_item, plain)
 
 
 def _unescape(match: "re.Match[str]") -> str:
@@ -148,6 +151,7 @@ _SIMPLE_LINE = re.compile(r'( *)(- )?(?:([A-Za-z][A-Za-z0-9_./-]*):(?: |$))?'
 
 def _simple_token(indent: str, dash: str | None, key: str | None, value: str | None,
                   quoted: str | None) -> tuple:
+    plain = value
     if value is not None:
         kind, value = SCALAR, _scalar(value)
     elif quoted is not None:
@@ -155,7 +159,7 @@ def _simple_token(indent: str, dash: str | None, key: str | None, value: str | N
     else:
         kind = PENDING
     return _make_token(len(indent), 2 if dash else 0, _NO_KEY if key is None else _key(key),
-                       kind, value)
+                       kind, value, plain)
 
 
 def _general_token(line: str) -> tuple:
@@ -171,8 +175,11 @@ def _general_token(line: str) -> tuple:
         if dash is None:
             return _BLANK
         raise NotInSubset  # '-' alone: an item on the next lines, or null
+    plain = value if value is not None and value[0] not in "\"'{[|" and line.rstrip(" ").endswith(value) else None
     if dash is None and key is None:
-        raise NotInSubset  # a bare scalar: a document that is one value
+        if plain is None:
+            raise NotInSubset  # a document that is one scalar, or worse
+        return (-1, len(indent), 0, False, _NO_KEY, CONTINUATION, plain, -1, -1, None)
     if key is not None and len(key) > 1000:
         raise NotInSubset  # YAML's limit on an implicit key's length
     if value is None:
@@ -188,7 +195,8 @@ def _general_token(line: str) -> tuple:
     else:
         kind, value = SCALAR, _scalar(value)
     return _make_token(len(indent), len(dash) if dash else 0,
-                       _NO_KEY if key is None else _key(key), kind, value)
+                       _NO_KEY if key is None else _key(key), kind, value,
+                       plain if kind == SCALAR else None)
 
 
 def _new_container(kind: int) -> Any:
@@ -229,6 +237,8 @@ def _documents(lines: list[str], terminated: bool) -> list[Any]:
     pending_key: Any = _NO_KEY   # a key (of container) whose value starts on the next line,
     pending_column = _NOT_PENDING  # its column
     skip_to = 0                  # the lines of a block scalar are read already
+    folded_key: Any = _NO_KEY    # a plain scalar over several lines: its key ...
+    folded = ""                  # ... and its text so far
     for index, line in enumerate(lines):
         if index < skip_to:
             continue
@@ -281,7 +291,21 @@ def _documents(lines: list[str], terminated: bool) -> list[Any]:
             root, explicit, stack, container, at = _NO_KEY, True, [], None, -1
             column = item_column = -2
             continue
-        _, indent, dash, is_item, key, kind, value, _, _ = token
+        _, indent, dash, is_item, key, kind, value, _, _, _ = token
+        if kind == CONTINUATION:  # more of the plain scalar on the line before
+            if index - 1 < skip_to or pending_key is not _NO_KEY or indent <= at:
+                raise NotInSubset
+            before = tokens[lines[index - 1]]
+            if before[5] != CONTINUATION:
+                if before[9] is None:
+                    raise NotInSubset  # not after a plain scalar that ended its line
+                folded_key, folded = before[4], before[9]
+            folded = f"{folded} {value}"  # line folding: one break, one space
+            if in_seq:
+                container[-1] = _scalar(folded)
+            else:
+                container[folded_key] = _scalar(folded)
+            continue
         if pending_key is _NO_KEY and container is not None:
             # Back out to the line's container; then the common lines again.
             while at > indent or (at == indent and in_seq and not is_item):

@@ -99,6 +99,10 @@ def test_outside_the_subset_load_all_falls_back_to_libyaml():
     "a: |\n  line 1\n  line 2\nb: 1\n", "a: |-\n  x\n\n  y\n\n\nb: 1\n", "a: |\n  x\n    indented\n",
     "a: |\n  x", "a: |\n  x\n", "a:\n- |\n x\n- b\n", "a:\n  - |\n   x\n  - |-\n    y\n", "a:\n- |\nx\n", "- |\n  x\n- |-\n  y\n", "- a: |\n    x\n  b: 1\n", "a: |\n\n  x\n",
     "a: |\n  x\n  \n", "a: |\nb: 1\n", "a: >\n  x\n", "a: |2\n   x\n", "a: | # c\n  x\n",
+    "a: b\n  c\nd: 1\n", "a: b\n  c\n  d e\nx: 1\n", "- b\n  c\n- d\n", "k:\n- b\n c\n",
+    "k:\n- a: b\n    c\n  d: 1\n", "k:\n- a: b\n   c\n", "a: 1\n  2\n", "a: yes\n  no\n",
+    "a: b # c\n  d\n", "a: b\n c # x\n", "a: b\n\n  c\n", "a: b\n  - c\n", "a: 'b'\n  c\n",
+    "a:\n  b\n", "- a\n  b: c\n", "a: b\n  c: d\n", "a: |\n  x\n  y\n z\n", "a: b\n  c\n \n",
     "a: {}\nb: []\n- {}\n", "a: {}\nb: []\nc:\n- {}\n- []\n", "a: { }\n", "a: [1]\n",
     "a: b: c\n", "a: b #c\n", "a: b#c\n", "a:b\n", "a:  \n", "a : b\n", "'a b': c\n", '"a\\nb": c\n',
     "a: -\n", "a: - b\n", "- - a\n", "-\n  a: 1\n", "- \n", "-1: x\n", "a: -1\n", "a: ---\n",
@@ -215,7 +219,12 @@ def _entry(rng: random.Random, head: str, value, indent: int, inner: int) -> lis
         return [head + " []"]
     if value is None and rng.random() < 0.5:
         return [head]
-    return [f"{head} {_scalar_text(rng, value)}"]
+    text = _scalar_text(rng, value)
+    if " " in text and rng.random() < 0.3:  # wrapped, as go-yaml wraps long scalars
+        first, *rest = text.split(" ")
+        pad = " " * (indent + rng.choice([1, 2, 2, 4]))
+        return [f"{head} {first}"] + [pad + word for word in rest]
+    return [f"{head} {text}"]
 
 
 def generated_documents(rng: random.Random) -> str:
