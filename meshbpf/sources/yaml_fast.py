@@ -65,6 +65,11 @@ _LINE = re.compile(
     rf"(?P<value>{_SCALAR}|\{{\}}|\[\]|\|-?)?"
     r" *(?:(?<![^ ])#.*)?")
 MAX_LINE = 4096  # longer lines go to libyaml (and the regex stays cheap)
+# A 'single-quoted' scalar that go-yaml wrapped: its first line, and the rest
+# of it on each next line (then, on its last line, the closing quote).
+_QUOTE_OPEN = re.compile(rf"(?P<indent> *)(?P<dash>-(?: +|$))?(?:(?P<key>{_SCALAR}) *:(?= ) *)?"
+                         r"'(?P<value>(?:[^']|'')*)")
+_QUOTE_REST = re.compile(r" *((?:[^']|'')*)(?:(')(?: *| +#.*))?")
 
 _ESCAPES = {"0": "\0", "a": "\a", "b": "\b", "t": "\t", "n": "\n", "v": "\v", "f": "\f",
             "r": "\r", "e": "\x1b", " ": " ", '"': '"', "/": "/", "\\": "\\",
@@ -79,7 +84,8 @@ _RESOLVERS = {first: tuple(resolvers)
 assert None not in _RESOLVERS and not _Resolver.yaml_path_resolvers  # what resolve() also reads
 
 # What a line holds after its key (kinds of token).
-PENDING, SCALAR, EMPTY_MAP, EMPTY_SEQ, LITERAL_CLIP, LITERAL_STRIP, CONTINUATION = range(7)
+(PENDING, SCALAR, EMPTY_MAP, EMPTY_SEQ, LITERAL_CLIP, LITERAL_STRIP, CONTINUATION,
+ QUOTE_OPEN) = range(8)
 _NO_KEY = object()
 # A token is (simple, column, dash width, is an item, key, kind, value,
 # opens, item, plain): simple is the column of a `key: scalar` line, opens
@@ -169,7 +175,7 @@ def _general_token(line: str) -> tuple:
         raise NotInSubset
     m = _LINE.fullmatch(line) if len(line) <= MAX_LINE else None
     if m is None or _UNUSUAL_CHAR.search(line):
-        raise NotInSubset
+        return _quote_open_token(line)
     indent, dash, key, value = m.group("indent", "dash", "key", "value")
     if key is None and value is None:
         if dash is None:
@@ -197,6 +203,17 @@ def _general_token(line: str) -> tuple:
     return _make_token(len(indent), len(dash) if dash else 0,
                        _NO_KEY if key is None else _key(key), kind, value,
                        plain if kind == SCALAR else None)
+
+
+def _quote_open_token(line: str) -> tuple:
+    m = _QUOTE_OPEN.fullmatch(line) if len(line) <= MAX_LINE else None
+    if m is None or _UNUSUAL_CHAR.search(line):
+        raise NotInSubset
+    indent, dash, key, value = m.group("indent", "dash", "key", "value")
+    if (dash is None and key is None) or (key is not None and len(key) > 1000):
+        raise NotInSubset
+    return _make_token(len(indent), len(dash) if dash else 0,
+                       _NO_KEY if key is None else _key(key), QUOTE_OPEN, value, None)
 
 
 def _new_container(kind: int) -> Any:
@@ -356,7 +373,7 @@ def _documents(lines: list[str], terminated: bool) -> list[Any]:
             elif kind == PENDING:
                 raise NotInSubset
             else:
-                text, skip_to = _literal(lines, index + 1, indent, kind, terminated)
+                text, skip_to = _multiline(lines, index + 1, indent, kind, value, terminated)
                 container.append(text)
         else:
             if is_item:  # `- key...`: a new mapping in the sequence
@@ -373,7 +390,8 @@ def _documents(lines: list[str], terminated: bool) -> list[Any]:
             elif kind == EMPTY_MAP or kind == EMPTY_SEQ:
                 container[key] = _new_container(kind)
             else:
-                container[key], skip_to = _literal(lines, index + 1, at, kind, terminated)
+                container[key], skip_to = _multiline(lines, index + 1, at, kind, value,
+                                                     terminated)
         if len(stack) > MAX_DEPTH:
             raise NotInSubset
         if pending_key is not _NO_KEY:
@@ -387,6 +405,35 @@ def _documents(lines: list[str], terminated: bool) -> list[Any]:
     if root is not _NO_KEY or explicit:
         docs.append(None if root is _NO_KEY else root)
     return docs
+
+
+def _multiline(lines: list[str], start: int, owner_column: int, kind: int, head: str,
+               terminated: bool) -> tuple[str, int]:
+    """A scalar whose header or first part (head) is on line start - 1: its
+    value and the index of the first line after it."""
+    if kind == QUOTE_OPEN:
+        return _wrapped_quote(lines, start, owner_column, head)
+    return _literal(lines, start, owner_column, kind, terminated)
+
+
+def _wrapped_quote(lines: list[str], start: int, owner_column: int,
+                   head: str) -> tuple[str, int]:
+    """A single-quoted scalar over several lines: each line break between
+    two lines of text folds to one space, with the spaces around it."""
+    parts = [head.rstrip(" ")]
+    for index in range(start, min(len(lines), start + 1000)):
+        line = lines[index]
+        text = line.lstrip(" ")
+        m = _QUOTE_REST.fullmatch(text)
+        if (not text or len(line) - len(text) <= owner_column or m is None
+                or _UNUSUAL_CHAR.search(line)):
+            raise NotInSubset  # an empty line (a line feed), too little indent, ...
+        body, closed = m.groups()
+        if closed:
+            parts.append(body)
+            return " ".join(parts).replace("''", "'"), index + 1
+        parts.append(body.rstrip(" "))
+    raise NotInSubset
 
 
 def _literal(lines: list[str], start: int, owner_column: int, kind: int,
