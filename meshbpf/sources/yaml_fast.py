@@ -7,7 +7,9 @@ kubectl's output uses a small, regular part of YAML:
 
 - block mappings and block sequences, one entry per line, fixed indentation,
   `- ` items (the sequence under a key may sit at the key's own column);
-- plain, 'single-quoted' and "double-quoted" scalars on one line;
+- plain, 'single-quoted' and "double-quoted" scalars on one line, and
+  plain and single-quoted ones wrapped onto the next lines (go-yaml wraps
+  strings longer than 80 columns, kubernetes#32335);
 - `|` and `|-` literal block scalars; `{}` and `[]`; `---` between documents.
 
 This module reads exactly that, line by line: one regular expression per
@@ -16,7 +18,7 @@ per-character Python loop. Plain scalars are resolved by yaml_load's own
 resolver (YAML 1.1 as go-yaml v2 reads it), so values are the ones the
 libyaml path gives.
 
-Anything else -- flow collections, anchors, tags, multi-line flow scalars,
+Anything else -- flow collections, anchors, tags, wrapped double quotes,
 tabs, odd indentation, duplicate keys, any YAML error -- raises
 NotInSubset, and the caller parses the text with libyaml, which gives the
 answer or the located error. This reader never gives a different answer
