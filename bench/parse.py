@@ -71,7 +71,8 @@ def main() -> None:
     fast = median_seconds(lambda: yaml_load.load_all(as_yaml), args.rounds)
     slow = median_seconds(lambda: yaml_load.load_all_libyaml(as_yaml), 1)  # ~20 s: once
     js = median_seconds(lambda: yaml_load.load_all(as_json), args.rounds)
-    print(f"{SERVICES} Services, parse (YAML {len(as_yaml) / 1e6:.1f} MB, JSON {len(as_json) / 1e6:.1f} MB):")
+    print(f"{SERVICES} Services, parse (YAML {len(as_yaml) / 1e6:.1f} MB, "
+          f"JSON {len(as_json) / 1e6:.1f} MB):")
     print(f"  YAML, fast path {fast:.2f} s | YAML, libyaml {slow:.2f} s | JSON {js:.2f} s | "
           f"fast/JSON {fast / js:.1f}x, libyaml/fast {slow / fast:.0f}x")
     with tempfile.TemporaryDirectory() as tmp:

@@ -183,7 +183,8 @@ def _general_token(line: str) -> tuple:
         if dash is None:
             return _BLANK
         raise NotInSubset  # '-' alone: an item on the next lines, or null
-    plain = value if value is not None and value[0] not in "\"'{[|" and line.rstrip(" ").endswith(value) else None
+    ends_line = value is not None and line.rstrip(" ").endswith(value)  # no comment after it
+    plain = value if ends_line and value[0] not in "\"'{[|" else None
     if dash is None and key is None:
         if plain is None:
             raise NotInSubset  # a document that is one scalar, or worse
