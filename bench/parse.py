@@ -2,7 +2,7 @@
 reader takes to parse each form of the same objects, side by side, and
 how long the file takes to become a map plan.
 
-    .venv/bin/python bench/parse.py [--rounds 3]
+    .venv/bin/python bench/parse.py [--rounds 3] [--maps]
 
 The objects are those of tests/unit/test_scale.py (`kubectl get
 svc,endpointslices -A -o yaml` of 10 000 Services, 4 endpoints each);
@@ -15,8 +15,11 @@ the JSON form is the same List serialised with json.dumps. Columns:
 
 Then "file -> plan": read_config of the file (read, parse, validate, build
 the desired state), wanted_services and plan against empty maps, for each
-form. The map writes themselves are the same for both forms (bench/run
-measures them against real maps). Parsing runs with the garbage collector
+form. With --maps (root, compiles the programs with bcc): file -> maps,
+what the agent does on a config change (read_config, plan against the
+maps, batch writes) into real maps pinned under
+/sys/fs/bpf/meshbpf-bench-parse-<pid>, emptied between rounds and removed
+at the end; no program is attached. Parsing runs with the garbage collector
 paused, as read_config does. Medians (libyaml alone is timed once: it
 takes about 20 s); no timing is asserted anywhere.
 """
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -60,9 +64,39 @@ def file_to_plan(path: Path) -> None:
     plan(LBState(), wanted_services(desired))
 
 
+def file_to_maps(paths: dict[str, Path], rounds: int) -> dict[str, list[float]]:
+    """Seconds of read_config + plan + apply into real maps, per form."""
+    from meshbpf.datapath.loader import SockLB, uninstall
+    from meshbpf.datapath.maps import LBMaps
+    from meshbpf.reconcile import check_capacity
+
+    bpffs = Path(f"/sys/fs/bpf/meshbpf-bench-parse-{os.getpid()}")
+    lb = SockLB(bpffs=bpffs)
+    times: dict[str, list[float]] = {form: [] for form in paths}
+    try:
+        lb.compile()
+        maps = LBMaps.from_socklb(lb)
+        for _ in range(rounds):
+            for form, path in paths.items():
+                started = time.perf_counter()
+                desired = read_config(path).state
+                current = maps.read()
+                writes = plan(current, wanted_services(desired))
+                check_capacity(current, writes, maps.capacity)
+                maps.apply(writes)
+                times[form].append(time.perf_counter() - started)
+                maps.apply(plan(maps.read(), {}))  # empty again for the next one
+    finally:
+        uninstall(bpffs)
+        if lb.bpf is not None:
+            lb.bpf.cleanup()
+    return times
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--maps", action="store_true", help="also file -> real maps (root, bcc)")
     args = ap.parse_args()
     as_yaml = kubectl_yaml()
     docs = yaml_load.load_all_libyaml(as_yaml)
@@ -81,7 +115,13 @@ def main() -> None:
         json_file.write_text(as_json)
         y = median_seconds(lambda: file_to_plan(yaml_file), args.rounds)
         j = median_seconds(lambda: file_to_plan(json_file), args.rounds)
-    print(f"  file -> plan: YAML {y:.2f} s | JSON {j:.2f} s | YAML/JSON {y / j:.1f}x")
+        print(f"  file -> plan: YAML {y:.2f} s | JSON {j:.2f} s | YAML/JSON {y / j:.1f}x")
+        if args.maps:
+            runs = file_to_maps({"YAML": yaml_file, "JSON": json_file}, args.rounds)
+            y, j = (statistics.median(runs[form]) for form in ("YAML", "JSON"))
+            print(f"  file -> maps: YAML {y:.2f} s | JSON {j:.2f} s | YAML/JSON {y / j:.1f}x "
+                  f"(all runs: " + ", ".join(f"{form} " + " ".join(f"{t:.2f}" for t in ts)
+                                            for form, ts in runs.items()) + ")")
     print(f"  (median of {args.rounds}; load average {open('/proc/loadavg').read().split()[0]}, "
           f"{len(open('/proc/cpuinfo').read().split('processor')) - 1} CPUs)")
 
