@@ -159,15 +159,24 @@ _SIMPLE_LINE = re.compile(r'( *)(- )?(?:([A-Za-z][A-Za-z0-9_./-]*):(?: |$))?'
 
 def _simple_token(indent: str, dash: str | None, key: str | None, value: str | None,
                   quoted: str | None) -> tuple:
+    """_make_token for a _SIMPLE_LINE, inline: a dump has 100 000s of these."""
+    column = len(indent)
     plain = value
     if value is not None:
-        kind, value = SCALAR, _scalar(value)
+        kind = SCALAR
+        if value[0] in _RESOLVERS:  # else it is a string: no call
+            value = _scalar(value)
     elif quoted is not None:
         kind, value = SCALAR, quoted
     else:
         kind = PENDING
-    return _make_token(len(indent), 2 if dash else 0, _NO_KEY if key is None else _key(key),
-                       kind, value, plain)
+    if dash:
+        if key is None:
+            return (-1, column, 2, True, _NO_KEY, kind, value, -1, column, plain)
+        return (-1, column, 2, True, _key(key), kind, value, -1, -1, plain)
+    if kind == SCALAR:
+        return (column, column, 0, False, _key(key), kind, value, -1, -1, plain)
+    return (-1, column, 0, False, _key(key), kind, value, column, -1, plain)
 
 
 def _general_token(line: str) -> tuple:

@@ -330,3 +330,24 @@ def test_an_integer_with_thousands_of_digits_is_a_located_error_not_a_crash(text
     with pytest.raises(yaml_load.LoadError, match="too many digits") as exc:
         yaml_load.load_all(text)
     assert exc.value.line == 1
+
+
+def test_lines_of_the_cheap_expression_read_the_same_by_the_general_one():
+    """yaml_fast reads most lines with _SIMPLE_LINE; each must give the token
+    the general expression gives."""
+    rng = random.Random(5)
+    lines = set(kubectl_yaml().split("\n")[:20_000])
+    lines |= {line for _ in range(500) for line in generated_documents(rng).split("\n")}
+    lines |= {pad + dash + key + value for pad in ("", "  ") for dash in ("", "- ")
+              for key in ("", "a: ", "yes: ", "a:", "n: ") for value in WORDS + ['"x"', '""']}
+    simple = [line for line in lines if yaml_fast._SIMPLE_LINE.fullmatch(line)]
+    assert len(simple) > 1000
+
+    def token(read, line):
+        try:
+            return read(line)
+        except yaml_fast.NotInSubset:
+            return BAIL
+    for line in simple:
+        assert same(list(token(yaml_fast._token, line)),
+                    list(token(yaml_fast._general_token, line))), line
