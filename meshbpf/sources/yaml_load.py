@@ -276,8 +276,6 @@ def load_all(text: str) -> list[Any]:
         return yaml_fast.load_all(text)
     except yaml_fast.NotInSubset:
         return load_all_libyaml(text)
-    except RecursionError:  # cannot happen (no recursion there); libyaml decides
-        return load_all_libyaml(text)
 
 
 def load_all_libyaml(text: str) -> list[Any]:
