@@ -351,3 +351,22 @@ def test_lines_of_the_cheap_expression_read_the_same_by_the_general_one():
     for line in simple:
         assert same(list(token(yaml_fast._token, line)),
                     list(token(yaml_fast._general_token, line))), line
+
+
+def random_lines(rng: random.Random) -> str:
+    """Lines picked at random from the shapes the reader knows, at random
+    columns: every state of its loop meets every kind of line."""
+    values = ["", " b", " 1", " |", " |-", " {}", " []", " 'x", " 'x y'", ' "q"', " yes", " b #c"]
+    shapes = ["a:{v}", "b:{v}", "- a:{v}", "-{v}", "x{v}", "y'", "---", "# c", "", "  ", "- - a",
+              "'k':{v}", "a b{v}", "<<:{v}", "-"]
+    lines = []
+    for _ in range(rng.randint(1, 12)):
+        shape = rng.choice(shapes).format(v=rng.choice(values))
+        lines.append(" " * rng.choice([0, 0, 1, 2, 2, 3, 4, 6]) + shape)
+    return "\n".join(lines) + rng.choice(["\n", "", "\n\n"])
+
+
+def test_random_lines_agree_or_bail():
+    rng = random.Random(31)
+    answered = sum(check(random_lines(rng)) for _ in range(30_000))
+    assert answered >= 1000
