@@ -35,6 +35,7 @@ def _total_writes(metrics_text: str) -> float:
                if line.startswith("meshbpf_map_writes_total{"))
 
 
+@pytest.mark.bounds
 def test_kill9_keeps_traffic_flowing_and_restart_writes_nothing(lab, probe, bpffs, start_agent):
     agent = start_agent(web_service(lab) + web_service(lab, pods=("web-1",), name="api", ip="10.96.0.11",
                                                        affinity_timeout=60))
@@ -54,6 +55,7 @@ def test_kill9_keeps_traffic_flowing_and_restart_writes_nothing(lab, probe, bpff
     assert "0 services, 0 backends" not in restarted.log()
 
 
+@pytest.mark.bounds
 def test_restart_under_load_drops_no_connection(lab, probe, bpffs, start_agent):
     agent = start_agent(web_service(lab))
     load = Load(probe, "client", "10.96.0.10", 80)
@@ -70,6 +72,7 @@ def test_restart_under_load_drops_no_connection(lab, probe, bpffs, start_agent):
     load.assert_spans(stopped, ready)
 
 
+@pytest.mark.bounds
 def test_uninstall_removes_everything_meshbpf_made_and_nothing_else(lab, probe, bpffs, start_agent,
                                                                     kernel_features):
     agent = start_agent(web_service(lab) + [k8s.agent_config()])
@@ -176,6 +179,7 @@ def test_ten_thousand_services(lab, probe, bpffs, config, start_agent):
     assert "synced 10001 services: 2 map writes" in log
 
 
+@pytest.mark.bounds
 def test_upgrade_to_another_build_under_load(lab, probe, bpffs, start_agent, monkeypatch):
     """Two agent builds in a row, like a DaemonSet rolling update: the new
     one takes over the pinned maps and swaps its programs in behind the

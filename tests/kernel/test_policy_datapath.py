@@ -269,6 +269,8 @@ LOADER = """
 import sys
 from pathlib import Path
 from meshbpf.datapath.policy import PolicyDatapath
+
+pytestmark = pytest.mark.bounds  # the matrix runs it on 5.10 and 6.12 (tests/vm/matrix)
 dp = PolicyDatapath(Path(sys.argv[1]), netns=sys.argv[2])
 dp.compile()
 for ifindex in sys.argv[3:]:

@@ -25,7 +25,7 @@ from meshbpf.datapath import redirect
 from . import k8s
 from .test_datapath_hardening import release_0_1_0  # noqa: F401 (a fixture)
 
-pytestmark = pytest.mark.needs_feature("sockmap", "sockops_probe_read", "kernel_btf")
+pytestmark = [pytest.mark.needs_feature("sockmap", "sockops_probe_read", "kernel_btf"), pytest.mark.bounds]
 
 SCRIPT = Path(__file__).with_name("eagain_probe.py")
 PINNED = ["taskset", "-c", "0"]
