@@ -1,4 +1,5 @@
-"""The agent's HTTP endpoints: /metrics, /healthz and /readyz.
+"""The agent's HTTP endpoints: /metrics, /healthz, /readyz and read-only
+JSON views (/v1/endpoints, /v1/policy: names live in the agent, the CLI asks).
 
 Not http.server: it spends a thread on every connection and has no
 timeout (300 idle half-sent requests held 300 threads), and its bind looks
@@ -66,12 +67,14 @@ class HealthServer:
     given), /readyz (maps match a config) and /metrics."""
 
     def __init__(self, listen: str, registry: CollectorRegistry, alive: Callable[[], bool],
-                 ready: Callable[[], bool], details: Callable[[], dict[str, Any]] | None = None):
+                 ready: Callable[[], bool], details: Callable[[], dict[str, Any]] | None = None,
+                 views: dict[str, Callable[[], Any]] | None = None):
         host, port = parse_listen(listen)
         register_process_metrics(registry)
         self._metrics_app = make_wsgi_app(registry)
         self._checks = {"/healthz": alive, "/readyz": ready}
         self._details = details
+        self._views = dict(views or {})  # path -> JSON-able snapshot, built on a worker
         self._waiting: dict[asyncio.StreamWriter, None] = {}  # oldest first
         self._scrapes = 0  # /metrics requests queued or running on the workers
         self._pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="http-worker")
@@ -141,6 +144,8 @@ class HealthServer:
                     return await self._loop.run_in_executor(self._pool, self._metrics, url.query, headers)
                 finally:
                     self._scrapes -= 1
+            if url.path in self._views:
+                return await self._loop.run_in_executor(self._pool, self._view, url.path)
         except Exception as exc:  # a failing check or collector is a 500, never a dead server
             return _text(500, f"{type(exc).__name__}: {exc}\n")
         return _text(404, "not found\n")
@@ -152,6 +157,10 @@ class HealthServer:
             body = {"status": "ok" if ok else "not ok", **self._details()}
             return code, [("Content-Type", "application/json")], (json.dumps(body) + "\n").encode()
         return _text(code, "ok\n" if ok else "not ok\n")
+
+    def _view(self, path: str) -> Response:
+        body = json.dumps(self._views[path]()) + "\n"
+        return 200, [("Content-Type", "application/json")], body.encode()
 
     def _metrics(self, query: str, headers: dict[str, str]) -> Response:
         """prometheus-client's WSGI app, on a worker thread (collectors read BPF maps)."""
