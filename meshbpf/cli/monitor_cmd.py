@@ -1,14 +1,15 @@
 """`meshbpf monitor`: a live stream of policy flow events.
 
 Events are read from the pinned ring buffer mbpf_events (PolicyEvents);
-the programs emit them only while mbpf_pol_cfg.events is on. Several
-monitors may run at once, so the switch is shared with a lease: each
-monitor holds a shared flock on a lock file named after the bpffs folder
-(in /run/meshbpf) while it runs. On exit, it drops its shared lock and
-tries for an exclusive one without waiting: if it gets it, no other monitor
-is left, and it turns events off (holding the lock, so a monitor starting
-at that moment turns them on again only after). A monitor killed with
-SIGKILL leaves events on until the next monitor exits.
+the programs emit them only while mbpf_pol_cfg.events is on. A BPF ring
+buffer has one consumer position, shared by every process that maps it: two
+readers would each get some of the events, silently. So one monitor reads
+a bpffs folder's events at a time: it holds an exclusive flock on a lock
+file named after the folder (in /run/meshbpf, holding its pid) from before
+it turns events on until after it turns them off, and a second monitor
+refuses with one line naming the first one's pid. Ctrl-C and SIGTERM turn
+events off on the way out; a monitor killed with SIGKILL leaves them on (a
+cost per new flow, not per packet) until the next monitor exits.
 
 Names come from the agent's /v1/endpoints view (addresses -> pods, rule
 ids -> rule names), asked again at most every NAMES_MAX_AGE seconds when an
@@ -42,45 +43,46 @@ COLUMNS = "{time:<15} {verdict:<9} {direction:<8} {proto:<5} {src:<34} {dst:<34}
 
 
 class EventLease:
-    """A shared hold on the event switch of one bpffs folder (see the module doc)."""
+    """The one reader's hold on the events of a bpffs folder (see the module doc)."""
 
     def __init__(self, bpffs: Path):
         LOCK_DIR.mkdir(parents=True, exist_ok=True)
         name = str(bpffs.resolve()).strip("/").replace("/", "-") or "root"
         self.path = LOCK_DIR / f"monitor-{name}.lock"
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        fcntl.flock(self.fd, fcntl.LOCK_SH)
-
-    def release(self, turn_off) -> None:
-        """Drops this monitor's hold; the last one out calls turn_off()."""
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            try:
-                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return  # another monitor still listens (or is the one turning off)
-            turn_off()
-        finally:
-            os.close(self.fd)  # drops the exclusive lock too
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(self.fd)
+            raise click.ClickException(
+                f"another `meshbpf monitor` (pid {holder}) is reading the events of {bpffs}; "
+                "a ring buffer has one reader at a time: stop it first") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        os.ftruncate(self.fd, 0)
+        os.close(self.fd)  # and with it the lock
 
 
 class SharedEvents(PolicyEvents):
-    """PolicyEvents whose close() turns events off only for the last monitor."""
+    """PolicyEvents read under the EventLease: it is taken before events
+    are turned on and let go after they are turned off."""
 
     def __init__(self, bpffs: Path):
-        self.lease = EventLease(bpffs)  # before the switch is turned on
+        self.lease = EventLease(bpffs)
         try:
             super().__init__(bpffs)
         except BaseException:
-            self.lease.release(lambda: None)
+            self.lease.release()
             raise
 
     def close(self) -> None:
         try:
-            self.lease.release(lambda: self.maps.set_events(False))
+            super().close()
         finally:
-            self._rb.close()
-            self.maps.close()
+            self.lease.release()
 
 
 class Names:
@@ -186,10 +188,10 @@ def monitor(bpffs: Path, agent_addr: str, output: str, pods: tuple[str, ...], ve
     """Live NetworkPolicy flow events: verdicts with the rule that decided, and drops."""
     if not (bpffs / "mbpf_pol_cfg").exists():
         raise click.ClickException(f"NetworkPolicy is not installed: no pinned mbpf_pol_cfg under {bpffs}")
-    names = Names(None if no_names else agent_addr)
     shown = 0
     with _stop_on_sigterm(), contextlib.suppress(KeyboardInterrupt, BrokenPipeError), \
             SharedEvents(bpffs) as events:
+        names = Names(None if no_names else agent_addr)
         click.echo(f"listening for policy events on {bpffs} (Ctrl-C stops)", err=True)
         if output == "table":
             click.echo(COLUMNS.format(time="TIME", verdict="VERDICT", direction="DIR", proto="PROTO",
