@@ -49,21 +49,34 @@ class EventLease:
         LOCK_DIR.mkdir(parents=True, exist_ok=True)
         name = str(bpffs.resolve()).strip("/").replace("/", "-") or "root"
         self.path = LOCK_DIR / f"monitor-{name}.lock"
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(self.fd)
-            raise click.ClickException(
-                f"another `meshbpf monitor` (pid {holder}) is reading the events of {bpffs}; "
-                "a ring buffer has one reader at a time: stop it first") from None
-        os.ftruncate(self.fd, 0)
+        while True:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "?"
+                os.close(self.fd)
+                raise click.ClickException(
+                    f"another `meshbpf monitor` (pid {holder}) is reading the events of {bpffs}; "
+                    "a ring buffer has one reader at a time: stop it first") from None
+            if self._still_linked():
+                break
+            os.close(self.fd)  # its holder unlinked it as we opened it: take the new file
         os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
 
+    def _still_linked(self) -> bool:
+        try:
+            return os.stat(self.path).st_ino == os.fstat(self.fd).st_ino
+        except FileNotFoundError:
+            return False
+
     def release(self) -> None:
-        os.ftruncate(self.fd, 0)
-        os.close(self.fd)  # and with it the lock
+        """Removes the file while still holding it (a monitor that opened it
+        meanwhile sees it unlinked and starts over), then lets go."""
+        try:
+            os.unlink(self.path)
+        finally:
+            os.close(self.fd)
 
 
 class SharedEvents(PolicyEvents):

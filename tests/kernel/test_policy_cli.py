@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from meshbpf.cli.monitor_cmd import LOCK_DIR
 from meshbpf.datapath import libbpf
 from meshbpf.datapath.layout import PolCfgC
 from meshbpf.lab.objects import lab_objects
@@ -147,6 +148,7 @@ def test_monitor_shows_verdicts_with_names_and_turns_events_off(policy_lab, bpff
     time.sleep(0.5)
     out, _ = _stop(every, signal.SIGTERM)
     assert _events_on(bpffs) == 0
+    assert not (LOCK_DIR / f"monitor-{str(bpffs).strip('/').replace('/', '-')}.lock").exists()
     events = [json.loads(line) for line in out.splitlines()]
     allowed = [e for e in events if e["verdict"] == "allow" and e["src_pod"] == "x/a"
                and e["dst_pod"] == "x/b" and e["direction"] == "ingress"]
