@@ -41,3 +41,14 @@ def fetch(agent_addr: str, path: str, timeout: float = 2.0) -> Any:
 def note_fallback(exc: AgentUnreachable) -> None:
     click.echo(f"meshbpf: note: agent not reachable ({exc}); showing what the pinned maps alone "
                "say (no pod or rule names)", err=True)
+
+
+def complete_pods(ctx: click.Context, _param, incomplete: str) -> list[str]:
+    """Shell completion of --pod: the local pods the agent knows (none if it
+    does not answer at once)."""
+    try:
+        view = fetch(ctx.params.get("agent_addr") or DEFAULT_AGENT, "/v1/endpoints", timeout=0.5)
+    except AgentUnreachable:
+        return []
+    names = [f"{e['namespace']}/{e['name']}" for e in view.get("endpoints", [])]
+    return [n for n in names if n.startswith(incomplete)]

@@ -33,7 +33,7 @@ from pathlib import Path
 import click
 
 from ..datapath.policy_events import EVENT_VERDICTS, PolicyEvent, PolicyEvents
-from .agent_views import AgentUnreachable, agent_option, fetch
+from .agent_views import AgentUnreachable, agent_option, complete_pods, fetch
 from .common import bpffs_option, friendly_errors
 
 LOCK_DIR = Path("/run/meshbpf")
@@ -189,7 +189,7 @@ def _stop_on_sigterm():
 @agent_option
 @click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True,
               help="json: one JSON object per event and line.")
-@click.option("--pod", "pods", multiple=True, metavar="[NS/]NAME",
+@click.option("--pod", "pods", multiple=True, metavar="[NS/]NAME", shell_complete=complete_pods,
               help="Only events from or to this pod (repeatable).")
 @click.option("--verdict", "verdicts", multiple=True, type=click.Choice(sorted(EVENT_VERDICTS.values())),
               help="Only events with this verdict (repeatable).")

@@ -1,6 +1,6 @@
 """NetworkPolicy visibility as a user types it: `meshbpf endpoint list`,
 `meshbpf policy list`, `meshbpf monitor` and the policy metrics, against a
-real agent enforcing policies on lab pods."""
+real agent enforcing policies on lab pods, through the installed script."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -23,11 +24,11 @@ from .conftest import web_service
 from .test_policy_agent import NODE, curl, netpol
 
 ALLOW_RULE = "x/allow-a/ingress/0"
+SCRIPT = Path(sys.executable).parent / "meshbpf"  # as typed: the installed script
 
 
 def _cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "meshbpf", *args], capture_output=True, text=True,
-                          timeout=60)
+    return subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, timeout=60)
 
 
 @pytest.fixture
@@ -108,7 +109,7 @@ def test_endpoint_and_policy_list_with_and_without_the_agent(policy_lab, bpffs):
 
 
 def _monitor(bpffs, agent, *args) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "meshbpf", "monitor", "--bpffs", str(bpffs),
+    proc = subprocess.Popen([str(SCRIPT), "monitor", "--bpffs", str(bpffs),
                              "--agent", f"127.0.0.1:{agent.port}", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     proc.notes = []  # stderr lines before it listens

@@ -113,3 +113,19 @@ def test_agent_serves_the_views_as_json_and_a_failing_view_is_a_500():
             assert resp.status == 200
     finally:
         server.stop()
+
+
+def test_pod_completion_asks_the_agent():
+    server = HealthServer("127.0.0.1:0", CollectorRegistry(), lambda: True, lambda: True,
+                          views={"/v1/endpoints": lambda: {"endpoints": [
+                              {"namespace": "x", "name": "a"}, {"namespace": "y", "name": "b"}]}})
+    server.start()
+    try:
+        from meshbpf.cli import cli
+        env = {"_MESHBPF_COMPLETE": "bash_complete", "COMP_WORDS": f"meshbpf monitor --agent {server.address} --pod x",
+               "COMP_CWORD": "5"}
+        from click.testing import CliRunner
+        out = CliRunner().invoke(cli, [], env=env, prog_name="meshbpf", complete_var="_MESHBPF_COMPLETE")
+        assert "x/a" in out.output and "y/b" not in out.output
+    finally:
+        server.stop()
