@@ -129,3 +129,35 @@ def test_pod_completion_asks_the_agent():
         assert "x/a" in out.output and "y/b" not in out.output
     finally:
         server.stop()
+
+
+def test_agent_views_name_pods_policies_and_enforcement_states():
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from meshbpf.datapath.policy import PolicyDatapath
+    from meshbpf.metrics import AgentMetrics
+    from meshbpf.sources.kube_objects import SourceObject
+    from meshbpf.sources.kube_policy import read_policy_objects
+    from meshbpf.sync.policy import PolicySync
+
+    from policy_world import NODE, compiled, labels, netpol, world
+    objects = world([netpol("allow-a", "x", labels(pod="b"),
+                            ingress=[{"from": [{"podSelector": labels(pod="a")}],
+                                      "ports": [{"protocol": "TCP", "port": 80}]}])])
+    sync = PolicySync(AgentMetrics(), print, PolicyDatapath(Path("/nonexistent")), NODE)
+    sync.compiled = compiled(objects)
+    policies = read_policy_objects(SourceObject(o, "t") for o in objects).policies
+    found = {("x", "a"): 11, ("x", "b"): 12}  # x/c: no interface found
+    sync.current.endpoints[12] = EpVal(2, 0, EP_ISOLATE_IN)  # x/b in the maps; x/a found, not yet
+    sync.endpoints = sync._views(SimpleNamespace(network_policies=policies), sync.compiled, found)
+
+    eps = {f"{e['namespace']}/{e['name']}": e for e in sync.endpoints_view()["endpoints"]}
+    assert eps["x/b"] == {"namespace": "x", "name": "b", "ips": ["10.0.1.2"], "ifindex": 12, "ep_id": 2,
+                          "state": "enforced", "isolated_ingress": True, "isolated_egress": False,
+                          "policies": ["x/allow-a"]}
+    assert eps["x/a"]["state"] == "not programmed" and eps["x/c"]["state"] == "no interface"
+    pods = {f"{p['namespace']}/{p['name']}": p for p in sync.policy_view()["pods"]}
+    [rule] = pods["x/b"]["ingress"]["rules"]
+    assert rule["rule"] == "x/allow-a/ingress/0" and rule["peers"] == ["10.0.1.1/32"]
+    assert rule["ports"] == ["TCP/80"] and not pods["x/a"]["ingress"]["isolated"]
