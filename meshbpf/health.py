@@ -76,7 +76,7 @@ class HealthServer:
         self._details = details
         self._views = dict(views or {})  # path -> JSON-able snapshot, built on a worker
         self._waiting: dict[asyncio.StreamWriter, None] = {}  # oldest first
-        self._scrapes = 0  # /metrics requests queued or running on the workers
+        self._scrapes = 0  # /metrics and view requests queued or running on the workers
         self._pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="http-worker")
         self._loop = asyncio.new_event_loop()
         # Bound here, so a bad address fails the agent's start, not a thread.
@@ -136,16 +136,17 @@ class HealthServer:
             if url.path in self._checks:
                 # Answered on the loop thread: a probe never waits behind a slow scrape.
                 return self._check(url.path)
-            if url.path == "/metrics":
+            if url.path == "/metrics" or url.path in self._views:
                 if self._scrapes >= MAX_WAITING:
                     return _text(503, "busy\n")
                 self._scrapes += 1
                 try:
-                    return await self._loop.run_in_executor(self._pool, self._metrics, url.query, headers)
+                    if url.path == "/metrics":
+                        return await self._loop.run_in_executor(self._pool, self._metrics, url.query,
+                                                                headers)
+                    return await self._loop.run_in_executor(self._pool, self._view, url.path)
                 finally:
                     self._scrapes -= 1
-            if url.path in self._views:
-                return await self._loop.run_in_executor(self._pool, self._view, url.path)
         except Exception as exc:  # a failing check or collector is a 500, never a dead server
             return _text(500, f"{type(exc).__name__}: {exc}\n")
         return _text(404, "not found\n")
