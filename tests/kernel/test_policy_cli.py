@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import ctypes as ct
 import json
+import os
+import select
 import signal
 import subprocess
 import sys
@@ -54,7 +56,6 @@ def _events_on(bpffs) -> int:
         libbpf.map_lookup(fd, ct.c_uint32(0), cfg)
         return cfg.events
     finally:
-        import os
         os.close(fd)
 
 
@@ -119,11 +120,24 @@ def _monitor(bpffs, agent, *args) -> subprocess.Popen:
     return proc
 
 
-def _stop(proc: subprocess.Popen, sig=signal.SIGINT) -> tuple[str, str]:
+def _wait_output(proc: subprocess.Popen, done, timeout: float = 30) -> str:
+    """The monitor's stdout so far, once done(text) holds (no sleep: emulated
+    kernels are slow). Read raw, so nothing stays in a Python buffer."""
+    text, fd, end = "", proc.stdout.fileno(), time.monotonic() + timeout
+    while not done(text):
+        assert time.monotonic() < end, f"monitor printed only:\n{text}"
+        if select.select([fd], [], [], 0.2)[0]:
+            chunk = os.read(fd, 65536).decode()
+            assert chunk, f"monitor exited:\n{text}"
+            text += chunk
+    return text
+
+
+def _stop(proc: subprocess.Popen, seen: str = "", sig=signal.SIGINT) -> tuple[str, str]:
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=20)
     assert proc.returncode == 0, err
-    return out, err
+    return seen + out, err
 
 
 @pytest.mark.skipif(not libbpf.ringbuf_supported(), reason="flow events need a ring buffer (5.8+)")
@@ -136,8 +150,7 @@ def test_monitor_shows_verdicts_with_names_and_turns_events_off(policy_lab, bpff
     assert second.returncode == 1 and f"(pid {denies.pid}) is reading the events" in second.stderr
     assert len(second.stderr.strip().splitlines()) == 1 and _events_on(bpffs)
     assert curl(lab, "x/a", url) and not curl(lab, "z/a", url)
-    time.sleep(0.5)  # the events of those curls reach the reader
-    out, _ = _stop(denies)
+    out, _ = _stop(denies, _wait_output(denies, lambda text: "DENY" in text))
     assert _events_on(bpffs) == 0, "events are off once the monitor is gone"
     lines = out.splitlines()
     assert lines[0].split()[:3] == ["TIME", "VERDICT", "DIR"]
@@ -146,8 +159,8 @@ def test_monitor_shows_verdicts_with_names_and_turns_events_off(policy_lab, bpff
 
     every = _monitor(bpffs, agent, "-o", "json")
     assert curl(lab, "x/a", url) and not curl(lab, "z/a", url)
-    time.sleep(0.5)
-    out, _ = _stop(every, signal.SIGTERM)
+    seen = _wait_output(every, lambda text: ALLOW_RULE in text and '"deny"' in text)
+    out, _ = _stop(every, seen, signal.SIGTERM)
     assert _events_on(bpffs) == 0
     assert not (LOCK_DIR / f"monitor-{str(bpffs).strip('/').replace('/', '-')}.lock").exists()
     events = [json.loads(line) for line in out.splitlines()]
