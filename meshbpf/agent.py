@@ -32,7 +32,8 @@ from .datapath.maps import LBMaps
 from .datapath.policy import PolicyDatapath
 from .gcpause import gc_paused
 from .health import HealthServer
-from .metrics import AgentMetrics, LBStatsCollector, MapPressureCollector, RedirectCollector
+from .metrics import (AgentMetrics, LBStatsCollector, MapPressureCollector, PolicyStatsCollector,
+                      RedirectCollector)
 from .model import DesiredState, RedirectSettings
 from .retry import Backoff
 from .sources import Source
@@ -105,16 +106,21 @@ class Agent:
         held = self.lbsync.current
         log.info("attached to cgroup %s; pinned maps at %s hold %d services, %d backends",
                  target, self.opts.bpffs, len(held.services), len(held.backends))
-        self.metrics.registry.register(MapPressureCollector(self.opts.bpffs, self.lbsync.known_counts))
+        self.metrics.registry.register(MapPressureCollector(
+            self.opts.bpffs, lambda: {**self.lbsync.known_counts(), **self.policy.known_counts()}))
         self.metrics.registry.register(RedirectCollector(self.opts.bpffs))
         self.metrics.registry.register(LBStatsCollector(self.opts.bpffs))
+        self.metrics.registry.register(PolicyStatsCollector(self.opts.bpffs))
         self.policy.cgroup_root = target  # where kubelet's pod cgroups are
         if self.policy.pinned():  # a previous agent enforced policy: take over now
             self._start_policy()
         self.http = HealthServer(self.opts.listen, self.metrics.registry,
-                                 alive=self.alive, ready=self.ready, details=self.health_details)
+                                 alive=self.alive, ready=self.ready, details=self.health_details,
+                                 views={"/v1/endpoints": self.policy.endpoints_view,
+                                        "/v1/policy": self.policy.policy_view})
         self.http.start()
-        log.info("serving /healthz, /readyz and /metrics on http://%s", self.http.address)
+        log.info("serving /healthz, /readyz, /metrics, /v1/endpoints and /v1/policy on http://%s",
+                 self.http.address)
 
     def _start_policy(self) -> None:
         try:

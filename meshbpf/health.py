@@ -1,4 +1,5 @@
-"""The agent's HTTP endpoints: /metrics, /healthz and /readyz.
+"""The agent's HTTP endpoints: /metrics, /healthz, /readyz and read-only
+JSON views (/v1/endpoints, /v1/policy: names live in the agent, the CLI asks).
 
 Not http.server: it spends a thread on every connection and has no
 timeout (300 idle half-sent requests held 300 threads), and its bind looks
@@ -66,14 +67,16 @@ class HealthServer:
     given), /readyz (maps match a config) and /metrics."""
 
     def __init__(self, listen: str, registry: CollectorRegistry, alive: Callable[[], bool],
-                 ready: Callable[[], bool], details: Callable[[], dict[str, Any]] | None = None):
+                 ready: Callable[[], bool], details: Callable[[], dict[str, Any]] | None = None,
+                 views: dict[str, Callable[[], Any]] | None = None):
         host, port = parse_listen(listen)
         register_process_metrics(registry)
         self._metrics_app = make_wsgi_app(registry)
         self._checks = {"/healthz": alive, "/readyz": ready}
         self._details = details
+        self._views = dict(views or {})  # path -> JSON-able snapshot, built on a worker
         self._waiting: dict[asyncio.StreamWriter, None] = {}  # oldest first
-        self._scrapes = 0  # /metrics requests queued or running on the workers
+        self._scrapes = 0  # /metrics and view requests queued or running on the workers
         self._pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="http-worker")
         self._loop = asyncio.new_event_loop()
         # Bound here, so a bad address fails the agent's start, not a thread.
@@ -133,12 +136,15 @@ class HealthServer:
             if url.path in self._checks:
                 # Answered on the loop thread: a probe never waits behind a slow scrape.
                 return self._check(url.path)
-            if url.path == "/metrics":
+            if url.path == "/metrics" or url.path in self._views:
                 if self._scrapes >= MAX_WAITING:
                     return _text(503, "busy\n")
                 self._scrapes += 1
                 try:
-                    return await self._loop.run_in_executor(self._pool, self._metrics, url.query, headers)
+                    if url.path == "/metrics":
+                        return await self._loop.run_in_executor(self._pool, self._metrics, url.query,
+                                                                headers)
+                    return await self._loop.run_in_executor(self._pool, self._view, url.path)
                 finally:
                     self._scrapes -= 1
         except Exception as exc:  # a failing check or collector is a 500, never a dead server
@@ -152,6 +158,10 @@ class HealthServer:
             body = {"status": "ok" if ok else "not ok", **self._details()}
             return code, [("Content-Type", "application/json")], (json.dumps(body) + "\n").encode()
         return _text(code, "ok\n" if ok else "not ok\n")
+
+    def _view(self, path: str) -> Response:
+        body = json.dumps(self._views[path]()) + "\n"
+        return 200, [("Content-Type", "application/json")], body.encode()
 
     def _metrics(self, query: str, headers: dict[str, str]) -> Response:
         """prometheus-client's WSGI app, on a worker thread (collectors read BPF maps)."""

@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
 from .datapath import libbpf, redirect
-from .datapath.layout import ALL_MAPS, COUNTABLE
+from .datapath.layout import ALL_MAPS, COUNTABLE, POLICY_MAPS
 from .datapath.maps import read_lb_stats
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,9 @@ class AgentMetrics:
             self.sync_errors.labels(reason)
 
 
+# The policy maps whose fill is exported (the conntrack map is walked).
+POLICY_COUNTABLE = {"mbpf_pol_ep", "mbpf_pol_epaddr", "mbpf_pol_peer", "mbpf_pol_port", "mbpf_ct"}
+
 # Seconds a walked entry count is reused; fill ratios move slowly, and a
 # walk of a full 128 K-entry LRU map is 128 K syscalls.
 COUNT_MAX_AGE = 10.0
@@ -117,7 +120,7 @@ class MapPressureCollector:
         pressure = GaugeMetricFamily("meshbpf_map_pressure", "Fill ratio of each BPF map (entries / capacity)",
                                      labels=["map_name"])
         known = self.known_counts()
-        for spec in (m for m in ALL_MAPS if m.name in COUNTABLE):
+        for spec in (m for m in ALL_MAPS + POLICY_MAPS if m.name in COUNTABLE | POLICY_COUNTABLE):
             path = self.bpffs / spec.name
             try:
                 fd = libbpf.obj_get(str(path))
@@ -198,3 +201,40 @@ class LBStatsCollector:
             metric.add_metric(list(labels), value)
         yield metric
 
+
+
+class PolicyStatsCollector:
+    """meshbpf_policy_verdicts_total{direction,verdict} and
+    meshbpf_drops_total{reason}, from the per-CPU mbpf_pol_stats, read at
+    scrape; nothing before a policy datapath is pinned."""
+
+    def __init__(self, bpffs: Path):
+        self.bpffs = bpffs
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        from .datapath.policy import PolicyMaps
+        if not (self.bpffs / "mbpf_pol_stats").exists():
+            return
+        with PolicyMaps(self.bpffs) as maps:
+            counts = maps.counters()
+        yield from policy_metrics(counts, CounterMetricFamily)
+
+
+def policy_metrics(counts: dict[str, int], family):
+    """The two families from PolicyMaps.counters() ("ingress_allow" ...)."""
+    verdicts = family("meshbpf_policy_verdicts",
+                      "New flows a NetworkPolicy decided, by direction (ingress: to the pod) and verdict",
+                      labels=["direction", "verdict"])
+    for direction in ("ingress", "egress"):
+        for verdict in ("allow", "deny"):
+            verdicts.add_metric([direction, verdict], counts.get(f"{direction}_{verdict}", 0))
+    drops = family("meshbpf_drops", "Packets the policy programs dropped, by reason: policy_denied, "
+                   "spoofed_source (a pod sending from an address not its own), malformed",
+                   labels=["reason"])
+    drops.add_metric(["policy_denied"], counts.get("ingress_deny", 0) + counts.get("egress_deny", 0))
+    drops.add_metric(["spoofed_source"], counts.get("spoofed", 0))
+    drops.add_metric(["malformed"], counts.get("malformed", 0))
+    yield verdicts
+    yield drops

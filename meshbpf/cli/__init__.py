@@ -12,9 +12,12 @@ from .. import __version__
 from ..datapath.source import bpf_dir
 from .agent_cmd import agent
 from .common import one_line
+from .endpoint_cmd import endpoint
 from .inspect_cmd import bpf, service, uninstall
 from .lab_cmd import lab
 from .logs import setup_logging
+from .monitor_cmd import monitor
+from .policy_cmd import policy
 from .sockmap_cmd import sockmap
 from .status_cmd import status
 
@@ -40,7 +43,7 @@ def version() -> None:
     click.echo(f"meshbpf {__version__}")
 
 
-for command in (agent, service, bpf, sockmap, status, uninstall, lab, version):
+for command in (agent, service, bpf, sockmap, endpoint, policy, monitor, status, uninstall, lab, version):
     cli.add_command(command)
 
 

@@ -67,6 +67,7 @@ class PolicySync:
         self.stale = False
         self.missing: set[tuple[str, str]] = set()  # local pods whose interface was not found
         self.rules: dict[int, str] = {}         # rule id -> "ns/name/ingress/0", for the views
+        self.pod_names: dict[str, str] = {}     # pod address -> "ns/name" (every pod), for the views
         self.next_find = 0.0
 
     # --- start-up: only when there is something to enforce or take over -------
@@ -140,7 +141,10 @@ class PolicySync:
         for ifindex in before - set(self.current.endpoints):
             self._detach(ifindex)
         self.compiled = compiled
-        self.rules.update(p.rules)
+        # Replaced, not updated: the HTTP thread reads these while the loop runs.
+        self.rules = {**self.rules, **p.rules}
+        self.pod_names = {str(ip): f"{pod.namespace}/{pod.name}" for pod in desired.pods
+                          for ip in pod.ips}
         self.endpoints = self._views(desired, compiled, found)
         if p.writes:
             log.info("policy: %d local pod(s), %d enforced, %d map writes",
@@ -220,3 +224,59 @@ class PolicySync:
             out[key] = Endpoint(key[0], key[1], ifindex, ep.ep_id if ep else None,
                                 pol.isolated_ingress, pol.isolated_egress, selecting)
         return out
+
+    def known_counts(self) -> dict[str, int]:
+        """Entries of the maps this agent writes, for map pressure (no walk)."""
+        if self.maps is None:
+            return {}
+        current = self.current
+        return {name: len(getattr(current, role)) for role, name in MAP_NAMES.items()}
+
+    # --- read-only views for the HTTP server (/v1/endpoints, /v1/policy) -------
+    def endpoints_view(self) -> dict:
+        """The local pods: identity, enforcement state, selecting policies;
+        and every pod address's name and every rule id's name (the monitor's)."""
+        endpoints = self.endpoints
+        return {"endpoints": [_endpoint_json(ep, self.compiled) for _, ep in sorted(endpoints.items())],
+                "pod_names": dict(self.pod_names),
+                "rules": {str(k): v for k, v in sorted(self.rules.items())}}
+
+    def policy_view(self) -> dict:
+        """The effective allow rules per local pod, as compiled."""
+        compiled = self.compiled
+        pods = [] if compiled is None else [_pod_policy_json(pol) for _, pol in sorted(compiled.pods.items())]
+        return {"pods": pods, "always_allowed": "the pod itself and its node, any port"}
+
+
+def enforcement(ep: Endpoint) -> str:
+    if ep.ifindex is None:
+        return "no interface"   # not running here yet: nothing to attach to
+    if ep.ep_id is None:
+        return "not programmed"  # found, but its entries are not in the maps (see the log)
+    return "enforced"
+
+
+def _endpoint_json(ep: Endpoint, compiled: Compiled | None) -> dict:
+    pol = compiled.pods.get((ep.namespace, ep.name)) if compiled else None
+    return {"namespace": ep.namespace, "name": ep.name,
+            "ips": [str(ip) for ip in pol.pod.ips] if pol else [],
+            "ifindex": ep.ifindex, "ep_id": ep.ep_id, "state": enforcement(ep),
+            "isolated_ingress": ep.isolated_ingress, "isolated_egress": ep.isolated_egress,
+            "policies": list(ep.policies)}
+
+
+def _allow_json(allow) -> dict:
+    from ..reconcile.policy import rule_id
+    peers = "any" if allow.peers is None else sorted(str(n) for n in allow.peers)
+    ports = "any" if allow.ports is None else [
+        f"{r.protocol}/{r.first}" if r.first == r.last else f"{r.protocol}/{r.first}-{r.last}"
+        for r in allow.ports]
+    return {"rule": allow.origin, "id": rule_id(allow.origin), "peers": peers, "ports": ports}
+
+
+def _pod_policy_json(pol) -> dict:
+    return {"namespace": pol.pod.namespace, "name": pol.pod.name,
+            "ingress": {"isolated": pol.isolated_ingress,
+                        "rules": [_allow_json(a) for a in pol.ingress]},
+            "egress": {"isolated": pol.isolated_egress,
+                       "rules": [_allow_json(a) for a in pol.egress]}}

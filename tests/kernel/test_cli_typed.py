@@ -138,5 +138,13 @@ def test_demo_script(tmp_path):
     for web in ("web-1", "web-2", "web-3"):
         assert web in out.stdout
     assert "10.96.0.10:80/TCP" in out.stdout  # the service table
+    # The policy step: a default deny, then an allow for shop/client only.
+    denied, allowed = out.stdout.split("policy shop/allow-client:")
+    assert "shop/web     10.244.0.8" in denied and "isolated  open    shop/deny-web" in denied
+    for pod in ("shop/client", "client"):
+        assert f"default deny: curl http://10.244.0.8:8080/ from {pod}: 3 requests\n  no answer" in denied
+    assert "shop/allow-client/ingress/0" in allowed and "TCP/8080" in allowed  # policy list
+    assert "from shop/client: 3 requests\n  shop/web       3" in allowed
+    assert "from client: 3 requests\n  no answer (timed out)   3" in allowed
     assert out.stdout.rstrip().endswith("lab torn down: namespaces, cgroup, programs and pins removed")
     assert name not in list_labs()

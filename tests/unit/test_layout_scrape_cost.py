@@ -29,7 +29,7 @@ def _scrape(collector) -> dict[str, float]:
 
 
 KNOWN = {"mbpf_svc": 3, "mbpf_slots": 5, "mbpf_backends": 4}  # the agent's own record
-WALKED = len(COUNTABLE - set(KNOWN))
+WALKED = len((COUNTABLE | metrics.POLICY_COUNTABLE) - set(KNOWN))  # the policy maps too
 
 
 def test_a_scrape_storm_walks_each_map_once(monkeypatch, tmp_path):

@@ -1,0 +1,220 @@
+"""`meshbpf monitor`: a live stream of policy flow events.
+
+Events are read from the pinned ring buffer mbpf_events (PolicyEvents);
+the programs emit them only while mbpf_pol_cfg.events is on. A BPF ring
+buffer has one consumer position, shared by every process that maps it: two
+readers would each get some of the events, silently. So one monitor reads
+a bpffs folder's events at a time: it holds an exclusive flock on a lock
+file named after the folder (in /run/meshbpf, holding its pid) from before
+it turns events on until after it turns them off, and a second monitor
+refuses with one line naming the first one's pid. Ctrl-C and SIGTERM turn
+events off on the way out; a monitor killed with SIGKILL leaves them on (a
+cost per new flow, not per packet) until the next monitor exits.
+
+Names come from the agent's /v1/endpoints view (addresses -> pods, rule
+ids -> rule names), asked again at most every NAMES_MAX_AGE seconds when an
+event names something unknown; without the agent, events are shown raw.
+Socket-LB translations are not in the stream (they happen at connect(),
+with no packet, and would need a second event source in sock_lb.c).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import signal
+import time
+from dataclasses import asdict
+from datetime import datetime
+from pathlib import Path
+
+import click
+
+from ..datapath.policy_events import EVENT_VERDICTS, PolicyEvent, PolicyEvents
+from .agent_views import AgentUnreachable, agent_option, complete_pods, fetch
+from .common import bpffs_option, friendly_errors
+
+LOCK_DIR = Path("/run/meshbpf")
+NAMES_MAX_AGE = 2.0
+PROTOS = {6: "TCP", 17: "UDP", 132: "SCTP", 1: "ICMP", 58: "ICMPv6"}
+COLUMNS = "{time:<15} {verdict:<9} {direction:<8} {proto:<5} {src:<34} {dst:<34} {rule}"
+
+
+class EventLease:
+    """The one reader's hold on the events of a bpffs folder (see the module doc)."""
+
+    def __init__(self, bpffs: Path):
+        LOCK_DIR.mkdir(parents=True, exist_ok=True)
+        name = str(bpffs.resolve()).strip("/").replace("/", "-") or "root"
+        self.path = LOCK_DIR / f"monitor-{name}.lock"
+        while True:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "?"
+                os.close(self.fd)
+                raise click.ClickException(
+                    f"another `meshbpf monitor` (pid {holder}) is reading the events of {bpffs}; "
+                    "a ring buffer has one reader at a time: stop it first") from None
+            if self._still_linked():
+                break
+            os.close(self.fd)  # its holder unlinked it as we opened it: take the new file
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+    def _still_linked(self) -> bool:
+        try:
+            return os.stat(self.path).st_ino == os.fstat(self.fd).st_ino
+        except FileNotFoundError:
+            return False
+
+    def release(self) -> None:
+        """Removes the file while still holding it (a monitor that opened it
+        meanwhile sees it unlinked and starts over), then lets go."""
+        try:
+            os.unlink(self.path)
+        finally:
+            os.close(self.fd)
+
+
+class SharedEvents(PolicyEvents):
+    """PolicyEvents read under the EventLease: it is taken before events
+    are turned on and let go after they are turned off."""
+
+    def __init__(self, bpffs: Path):
+        self.lease = EventLease(bpffs)
+        try:
+            super().__init__(bpffs)
+        except BaseException:
+            self.lease.release()
+            raise
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self.lease.release()
+
+
+class Names:
+    """Pod and rule names from the agent, refreshed when something is unknown."""
+
+    def __init__(self, agent_addr: str | None):
+        self.agent_addr = agent_addr
+        self.pods: dict[str, str] = {}
+        self.rules: dict[int, str] = {}
+        self.by_ifindex: dict[int, str] = {}
+        self.fetched = float("-inf")
+        self.reachable = False
+        self.noted = False  # the "not reachable" note was shown
+        self.refresh()
+
+    def refresh(self) -> None:
+        if self.agent_addr is None or time.monotonic() - self.fetched < NAMES_MAX_AGE:
+            return
+        self.fetched = time.monotonic()
+        try:
+            view = fetch(self.agent_addr, "/v1/endpoints", timeout=1.0)
+        except AgentUnreachable as exc:
+            if self.reachable or not self.noted:
+                self.noted = True
+                click.echo(f"meshbpf: note: agent not reachable ({exc}); showing addresses and rule ids",
+                           err=True)
+            self.reachable = False
+            return
+        self.reachable = True
+        self.pods = view.get("pod_names", {})
+        self.rules = {int(k): v for k, v in view.get("rules", {}).items()}
+        self.by_ifindex = {e["ifindex"]: f"{e['namespace']}/{e['name']}"
+                           for e in view.get("endpoints", []) if e.get("ifindex") is not None}
+
+    def pod(self, endpoint: str) -> str | None:
+        addr = endpoint.rsplit(":", 1)[0].strip("[]")
+        return self.pods.get(addr)
+
+    def describe(self, ev: PolicyEvent) -> dict:
+        known = (self.pod(ev.src), self.pod(ev.dst), self.by_ifindex.get(ev.ifindex),
+                 self.rules.get(ev.rule) if ev.rule else "")
+        if None in known:
+            self.refresh()
+            known = (self.pod(ev.src), self.pod(ev.dst), self.by_ifindex.get(ev.ifindex),
+                     self.rules.get(ev.rule) if ev.rule else "")
+        src_pod, dst_pod, endpoint, rule = known
+        return {**asdict(ev), "protocol": PROTOS.get(ev.proto, str(ev.proto)),
+                "src_pod": src_pod, "dst_pod": dst_pod, "pod": endpoint, "rule_name": rule}
+
+
+def matches(event: dict, pods: tuple[str, ...], verdicts: tuple[str, ...]) -> bool:
+    if verdicts and event["verdict"] not in verdicts:
+        return False
+    if not pods:
+        return True
+    names = {event["src_pod"], event["dst_pod"], event["pod"]} - {None}
+    return any(p in names or any(n.split("/", 1)[1] == p for n in names) for p in pods)
+
+
+def table_line(event: dict) -> str:
+    def side(addr: str, pod: str | None) -> str:
+        return f"{addr} ({pod})" if pod else addr
+    if event["verdict"] == "allow" and event["rule"]:
+        rule = event["rule_name"] or f"rule {event['rule']}"
+    elif event["verdict"] == "allow":
+        rule = "(not isolated)"
+    elif event["verdict"] == "deny":
+        rule = "(no rule allows)"
+    else:
+        rule = f"drop: {event['verdict']}"
+    return COLUMNS.format(time=datetime.now().strftime("%H:%M:%S.%f")[:-3],
+                          verdict=event["verdict"].upper(), direction=event["direction"],
+                          proto=event["protocol"], src=side(event["src"], event["src_pod"]),
+                          dst=side(event["dst"], event["dst_pod"]), rule=rule)
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm():
+    """SIGTERM ends the monitor as Ctrl-C does: through the finally that turns events off."""
+    def raise_interrupt(*_):
+        raise KeyboardInterrupt
+    old = signal.signal(signal.SIGTERM, raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+@click.command()
+@bpffs_option
+@agent_option
+@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True,
+              help="json: one JSON object per event and line.")
+@click.option("--pod", "pods", multiple=True, metavar="[NS/]NAME", shell_complete=complete_pods,
+              help="Only events from or to this pod (repeatable).")
+@click.option("--verdict", "verdicts", multiple=True, type=click.Choice(sorted(EVENT_VERDICTS.values())),
+              help="Only events with this verdict (repeatable).")
+@click.option("--count", type=click.IntRange(min=1), default=None, help="Stop after this many events.")
+@click.option("--no-names", is_flag=True, help="Do not ask the agent for names.")
+@friendly_errors
+def monitor(bpffs: Path, agent_addr: str, output: str, pods: tuple[str, ...], verdicts: tuple[str, ...],
+            count: int | None, no_names: bool) -> None:
+    """Live NetworkPolicy flow events: verdicts with the rule that decided, and drops."""
+    if not (bpffs / "mbpf_pol_cfg").exists():
+        raise click.ClickException(f"NetworkPolicy is not installed: no pinned mbpf_pol_cfg under {bpffs}")
+    shown = 0
+    with _stop_on_sigterm(), contextlib.suppress(KeyboardInterrupt, BrokenPipeError), \
+            SharedEvents(bpffs) as events:
+        names = Names(None if no_names else agent_addr)
+        click.echo(f"listening for policy events on {bpffs} (Ctrl-C stops)", err=True)
+        if output == "table":
+            click.echo(COLUMNS.format(time="TIME", verdict="VERDICT", direction="DIR", proto="PROTO",
+                                      src="SOURCE", dst="DESTINATION", rule="RULE"))
+        while count is None or shown < count:
+            for ev in events.poll(200):
+                event = names.describe(ev)
+                if not matches(event, pods, verdicts):
+                    continue
+                click.echo(json.dumps(event) if output == "json" else table_line(event))
+                shown += 1
+                if count is not None and shown >= count:
+                    break
