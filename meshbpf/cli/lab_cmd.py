@@ -55,11 +55,11 @@ def exec_(name: str, pod: str, command: tuple[str, ...], no_cgroup: bool) -> Non
 @friendly_errors
 def objects(name: str, node_name: str) -> None:
     """Print lab NAME's Namespaces and Pods as `kubectl get ns,pods -o yaml` would."""
-    import yaml
-
     from ..lab.objects import lab_objects
+    from ..sources.yaml_load import dump_all
     existing = netlab.Lab.attach(name)
-    click.echo(yaml.safe_dump(lab_objects(existing.pods.values(), node_name), sort_keys=False), nl=False)
+    # dump_all quotes a namespace named `y` or `n`, which Kubernetes reads as a boolean
+    click.echo(dump_all([lab_objects(existing.pods.values(), node_name)]), nl=False)
 
 
 @lab.command()

@@ -92,6 +92,20 @@ class _Loader(CParser, _Resolver):
         self.resolve = _cached_resolve  # libyaml asks for every scalar, keys included
 
 
+class _Dumper(yaml.CSafeDumper):
+    """Writes YAML that this module reads back as written: a string our
+    resolver would take for something else (`y`, `on`, `0755`) is quoted,
+    as kubectl quotes it. PyYAML's own dumpers know only YAML 1.1's shorter
+    list and leave `y` and `n` bare, which Kubernetes reads as booleans."""
+
+    yaml_implicit_resolvers = _Resolver.yaml_implicit_resolvers
+
+
+def dump_all(documents: list[Any]) -> str:
+    """Documents as multi-document YAML that load_all() reads back unchanged."""
+    return yaml.dump_all(documents, Dumper=_Dumper, sort_keys=False)
+
+
 # Resolving a tag runs regular expressions in Python for every scalar, and a
 # kubectl dump repeats the same keys and values thousands of times: a C-level
 # cache in front of it takes about a third off parsing a 10 000-Service file.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
+from meshbpf.sources.yaml_load import dump_all
 
 
 def service(name: str, ips: list[str], ports: list[dict], *, namespace: str = "default",
@@ -47,7 +47,7 @@ def slice_port(name: str, number: int, protocol: str = "TCP") -> dict:
 def write(path: Path, objects: list[dict]) -> Path:
     """Writes atomically, so the agent never reads half a file."""
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(yaml.dump_all(objects, Dumper=yaml.CSafeDumper, sort_keys=False))
+    tmp.write_text(dump_all(objects))  # quotes `y` and `n`, which the agent reads as booleans
     tmp.rename(path)
     return path
 

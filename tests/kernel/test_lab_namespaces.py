@@ -4,7 +4,6 @@ cgroup inside the lab cgroup, found again by Lab.attach, printed by
 
 from __future__ import annotations
 
-import yaml
 from click.testing import CliRunner
 
 import pytest
@@ -13,6 +12,7 @@ from meshbpf.cli import cli
 from meshbpf.lab.netlab import Lab, kubelet_cgroup
 from meshbpf.sources.kube_objects import SourceObject
 from meshbpf.sources.kube_policy import read_policy_objects
+from meshbpf.sources.yaml_load import load_one
 
 from .conftest import LAB_PREFIX, _names, web_service
 
@@ -40,7 +40,8 @@ def test_namespaced_pods_get_a_netns_and_a_kubelet_cgroup():
 
         result = CliRunner().invoke(cli, ["lab", "objects", lab.name, "--node-name", "n1"])
         assert result.exit_code == 0, result.output
-        read = read_policy_objects([SourceObject(yaml.safe_load(result.output), "objects")])
+        # Read the way the agent reads it: `y` unquoted would be a boolean.
+        read = read_policy_objects([SourceObject(load_one(result.output), "objects")])
         assert not read.problems
         assert {(p.namespace, p.name, p.ips[0]) for p in read.pods} == {
             (p.namespace, p.pod_name, p.ipv4) for p in lab.pods.values()}

@@ -15,9 +15,11 @@ import random
 from pathlib import Path
 
 import pytest
+import yaml
 
 from meshbpf.gcpause import gc_paused
 from meshbpf.sources import yaml_fast, yaml_load
+from meshbpf.sources.yaml_load import load_all
 from test_scale import kubectl_yaml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -370,3 +372,15 @@ def test_random_lines_agree_or_bail():
     rng = random.Random(31)
     answered = sum(check(random_lines(rng)) for _ in range(30_000))
     assert answered >= 1000
+
+
+def test_dump_all_quotes_what_the_agent_would_read_as_another_type():
+    """PyYAML's dumpers leave `y` and `n` bare; Kubernetes (go-yaml v2) and
+    our loader read them as booleans, so a namespace `y` would vanish."""
+    from meshbpf.sources.yaml_load import dump_all
+    docs = [{"metadata": {"namespace": "y", "name": "n"}, "v": ["on", "0755", "1e3", "~", "plain"]},
+            {"kind": "Pod", "n": 3, "t": True, "z": None}]
+    text = dump_all(docs)
+    assert "namespace: 'y'" in text
+    assert load_all(text) == docs
+    assert load_all(yaml.safe_dump(docs[0]))[0]["metadata"]["namespace"] is True  # what it fixes
