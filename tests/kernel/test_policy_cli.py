@@ -140,6 +140,7 @@ def _stop(proc: subprocess.Popen, seen: str = "", sig=signal.SIGINT) -> tuple[st
     return seen + out, err
 
 
+@pytest.mark.bounds
 @pytest.mark.skipif(not libbpf.ringbuf_supported(), reason="flow events need a ring buffer (5.8+)")
 def test_monitor_shows_verdicts_with_names_and_turns_events_off(policy_lab, bpffs):
     lab, agent, url = policy_lab
