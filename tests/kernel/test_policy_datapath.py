@@ -28,6 +28,8 @@ from meshbpf.reconcile.policy_keys import (DIR_IN, EP_ISOLATE_IN, EP_ISOLATE_OUT
 
 from .conftest import BPFFS_ROOT, LAB_PREFIX, PIN_PREFIX, Probe, _names
 
+pytestmark = pytest.mark.bounds  # the matrix runs it on 5.10 and 6.12 (tests/vm/matrix)
+
 POLICY_PROBE = Path(__file__).with_name("policy_probe.py")
 REPO = Path(__file__).resolve().parents[2]
 PODS = ("x/a", "x/b", "y/a")
@@ -270,7 +272,6 @@ import sys
 from pathlib import Path
 from meshbpf.datapath.policy import PolicyDatapath
 
-pytestmark = pytest.mark.bounds  # the matrix runs it on 5.10 and 6.12 (tests/vm/matrix)
 dp = PolicyDatapath(Path(sys.argv[1]), netns=sys.argv[2])
 dp.compile()
 for ifindex in sys.argv[3:]:
