@@ -50,7 +50,11 @@ static __always_inline int enforce(struct __sk_buff *skb, __u8 dir)
 		pol_event(skb, &f, ep.ep_id, dir, MBPF_EV_SPOOFED, 0);
 		return MBPF_TC_DROP;
 	}
-	if (ct_known(&f, ep.ep_id, dir))
+	/* A TCP SYN opens a new connection: it is judged by the rules in force
+	 * even if an earlier connection on the same addresses and ports left an
+	 * entry (the kernel reuses ports soon after a close), so a policy that
+	 * now denies the pair is never bypassed by an old flow's entry. */
+	if (!f.syn && ct_known(&f, ep.ep_id, dir))
 		return MBPF_TC_PASS;
 	if (ep.flags & isolate) {
 		rule = policy_allows(&f, &ep, dir, &allowed);

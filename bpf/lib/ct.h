@@ -4,7 +4,8 @@
  * isolated) is remembered per endpoint and direction; later packets of it,
  * and its replies (addresses and ports swapped, other direction), pass
  * without a policy lookup. Entries leave only by LRU eviction: no TCP state
- * tracking, no timeouts (see README, "NetworkPolicy datapath").
+ * tracking, no timeouts (see README, "NetworkPolicy datapath"). A TCP SYN
+ * is always judged afresh (see enforce() in policy.c).
  */
 #ifndef MBPF_CT_H
 #define MBPF_CT_H
@@ -20,7 +21,7 @@ struct mbpf_flow {
 	__u8  proto;
 	__u8  v6;
 	__u8  icmp_type;             /* ICMPv6 only */
-	__u8  pad;
+	__u8  syn;                   /* 1: TCP SYN without ACK, a connection's first packet */
 };
 
 static __always_inline void ct_key_of(struct mbpf_ct_key *key, const struct mbpf_flow *f,
@@ -64,7 +65,10 @@ static __always_inline void ct_create(const struct mbpf_flow *f, __u32 ep_id, __
 	ct_key_of(&key, f, ep_id, dir, 0);
 	val.created_ns = bpf_ktime_get_ns();
 	val.rule = rule;
-	mbpf_ct.insert(&key, &val);  /* BPF_NOEXIST: a racing packet of the same flow keeps the first */
+	if (f->syn)
+		mbpf_ct.update(&key, &val);  /* a new connection on an old flow's ports: its rule now */
+	else
+		mbpf_ct.insert(&key, &val);  /* BPF_NOEXIST: a racing packet of the same flow keeps the first */
 }
 
 #endif /* MBPF_CT_H */

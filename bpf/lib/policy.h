@@ -86,6 +86,13 @@ static __always_inline int parse_l4(struct __sk_buff *skb, __u32 off, int first_
 			return MBPF_PARSE_BAD;
 		f->sport = ports[0];
 		f->dport = ports[1];
+		if (f->proto == IPPROTO_TCP) {
+			__u8 flags;  /* byte 13 of the TCP header: CWR ECE URG ACK PSH RST SYN FIN */
+
+			if (bpf_skb_load_bytes(skb, off + 13, &flags, 1) < 0)
+				return MBPF_PARSE_BAD;
+			f->syn = (flags & 0x12) == 0x02;
+		}
 	} else if (f->proto == MBPF_IPPROTO_ICMPV6) {
 		if (bpf_skb_load_bytes(skb, off, &f->icmp_type, 1) < 0)
 			return MBPF_PARSE_BAD;

@@ -89,8 +89,9 @@ def eth(pkt):
     return Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / pkt
 
 
-def tcp4(src, dst, sport, dport):
-    return eth(IP(src=src, dst=dst) / TCP(sport=sport, dport=dport, flags="S"))
+def tcp4(src, dst, sport, dport, flags="S"):
+    """A TCP segment; by default a SYN, a connection's first packet."""
+    return eth(IP(src=src, dst=dst) / TCP(sport=sport, dport=dport, flags=flags))
 
 
 def counted(maps, before) -> dict[str, int]:
@@ -125,8 +126,8 @@ def test_open_endpoint_allows_and_remembers_the_flow(dp, maps):
     endpoint(maps)
     before = maps.counters()
     assert from_pod(dp, tcp4(POD4, PEER4, 40000, 80)) == PASS
-    assert from_pod(dp, tcp4(POD4, PEER4, 40000, 80)) == PASS  # known flow: not counted again
-    assert to_pod(dp, tcp4(PEER4, POD4, 80, 40000)) == PASS    # its reply: known too
+    assert from_pod(dp, tcp4(POD4, PEER4, 40000, 80, "A")) == PASS  # known flow: not counted again
+    assert to_pod(dp, tcp4(PEER4, POD4, 80, 40000, "SA")) == PASS   # its reply: known too
     assert counted(maps, before) == {"egress_allow": 1}
     assert len(maps.conntrack()) == 1
 
@@ -193,9 +194,9 @@ def test_reply_of_an_allowed_flow_passes_egress_default_deny(dp, maps):
     allow_port(maps, 6, 80, DIR_IN)
     before = maps.counters()
     assert to_pod(dp, tcp4(PEER4, POD4, 40010, 80)) == PASS
-    assert from_pod(dp, tcp4(POD4, PEER4, 80, 40010)) == PASS   # the reply
-    assert from_pod(dp, tcp4(POD4, PEER4, 40011, 80)) == DROP   # a new flow out
-    assert from_pod(dp, tcp4(POD4, PEER4, 80, 40012)) == DROP   # a "reply" to nothing
+    assert from_pod(dp, tcp4(POD4, PEER4, 80, 40010, "SA")) == PASS   # the reply
+    assert from_pod(dp, tcp4(POD4, PEER4, 40011, 80)) == DROP         # a new flow out
+    assert from_pod(dp, tcp4(POD4, PEER4, 80, 40012, "SA")) == DROP   # a "reply" to nothing
     assert counted(maps, before) == {"ingress_allow": 1, "egress_deny": 2}
 
 
@@ -223,7 +224,12 @@ def test_rules_of_the_other_generation_apply_only_after_the_flip(dp, maps):
     assert to_pod(dp, tcp4(PEER4, POD4, 40021, 80)) == PASS
     endpoint(maps, EP_ISOLATE_IN, gen=0)  # back to generation 0: nothing allowed...
     assert to_pod(dp, tcp4(PEER4, POD4, 40022, 80)) == DROP
-    assert to_pod(dp, tcp4(PEER4, POD4, 40021, 80)) == PASS  # ...but the known flow goes on
+    assert to_pod(dp, tcp4(PEER4, POD4, 40021, 80, "A")) == PASS  # ...but the known flow goes on
+    # A new connection on that flow's ports is judged by the rules in force:
+    # the kernel reuses ports, and an old entry must not admit a denied pair.
+    assert to_pod(dp, tcp4(PEER4, POD4, 40021, 80)) == DROP
+    endpoint(maps, EP_ISOLATE_IN, gen=1)
+    assert to_pod(dp, tcp4(PEER4, POD4, 40021, 80)) == PASS  # allowed again: a SYN passes
 
 
 def test_fragments_after_the_first_carry_no_ports(dp, maps):
@@ -248,7 +254,7 @@ def test_flow_events_only_while_someone_listens(dp, maps):
     with PolicyEvents(dp.bpffs) as events:
         assert events.poll(0) == []
         assert to_pod(dp, tcp4(PEER4, POD4, 40031, 80)) == PASS
-        assert to_pod(dp, tcp4(PEER4, POD4, 40031, 80)) == PASS  # known flow: no event
+        assert to_pod(dp, tcp4(PEER4, POD4, 40031, 80, "A")) == PASS  # known flow: no event
         assert to_pod(dp, tcp4(PEER4, POD4, 40032, 81)) == DROP
         assert from_pod(dp, eth(IPv6(src=PEER6, dst=POD6) / UDP(sport=7, dport=53))) == DROP
         got = [(e.verdict, e.direction, e.src, e.dst, e.proto, e.rule, e.ep_id, e.ifindex)
