@@ -160,12 +160,14 @@ def _port_match(policy: NetworkPolicy, port: PolicyPort | None) -> str:
 # --- iptables + ipset -------------------------------------------------------
 
 def ipset_restore(lay: Layout) -> str:
+    """For `ipset restore -exist`: a set that exists already is emptied and
+    refilled (a full sync, as after a policy edit)."""
     lines = []
     for name, ips in lay.ip_sets.items():
-        lines.append(f"create {name} hash:ip family inet hashsize 1024 maxelem 65536")
+        lines += [f"create {name} hash:ip family inet hashsize 1024 maxelem 65536", f"flush {name}"]
         lines += [f"add {name} {ip}" for ip in ips]
     for name, (cidrs, excepts) in lay.net_sets.items():
-        lines.append(f"create {name} hash:net family inet hashsize 1024 maxelem 65536")
+        lines += [f"create {name} hash:net family inet hashsize 1024 maxelem 65536", f"flush {name}"]
         lines += [f"add {name} {c}" for c in cidrs]
         lines += [f"add {name} {e} nomatch" for e in excepts]
     return "\n".join(lines) + "\n"
