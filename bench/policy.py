@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import queue
+import random
 import re
 import shutil
 import signal
@@ -62,6 +63,7 @@ STREAM_SIZE = 65536
 # long timeout keeps a slow handshake on a busy machine from passing for a
 # denial; it delays the report, not the measured time (the attempt's start).
 PROBE_INTERVAL, PROBE_TIMEOUT = 0.005, 0.9
+PROBE_FIRST_PORT = 10000    # probe source ports 10000-29999, each used once per 100 s
 # the agent's log line once it wrote policy maps (meshbpf/sync/policy.py)
 POLICY_LINE = re.compile(r"policy: \d+ local pod\(s\), \d+ enforced, \d+ map writes")
 
@@ -157,14 +159,15 @@ class PolicyBench:
         os.rename(tmp, folder / name)
 
     # --- meshbpf ---------------------------------------------------------------------
-    def start_agent(self) -> float:
-        """Starts the agent; returns seconds from its start to policy maps written."""
+    def start_agent(self) -> dict:
+        """Starts the agent; returns seconds from its start to policy maps
+        written, and that time split by the agent's own log timestamps."""
         self.agent = AgentProcess(self.config, self.lab.cgroup, self.bpffs,
                                   ["--node-name", world.NODE, "--node-netns", self.lab.node_ns])
         t0 = time.monotonic()
         self.agent.start(wait_ready=False)
         self.wait_policy_line(0, 600)
-        return time.monotonic() - t0
+        return {"total_s": time.monotonic() - t0, **log_split(self.agent.log())}
 
     def wait_policy_line(self, offset: int, timeout: float = 120.0) -> float:
         """Waits for the agent's next "policy: ... map writes" line after byte
@@ -267,6 +270,22 @@ class PolicyBench:
         if self.reaches(case, DENIED_PORT) == enforced:
             raise RuntimeError(f"{case}: port {DENIED_PORT} is {'open' if enforced else 'closed'}, "
                                f"expected {'denied' if enforced else 'reachable'}")
+
+
+def log_split(text: str) -> dict:
+    """From the agent's log: its first line -> "policy datapath ready" (the
+    socket-LB and policy programs compiled and loaded) -> the first policy
+    maps written (read, compile, plan, attach, write)."""
+    def stamp(line: str) -> float:
+        return time.mktime(time.strptime(line[:19], "%Y-%m-%d %H:%M:%S")) + int(line[20:23]) / 1e3
+    lines = text.splitlines()
+    try:
+        first = stamp(lines[0])
+        ready = stamp(next(l for l in lines if "policy datapath ready" in l))
+        written = stamp(next(l for l in lines if POLICY_LINE.search(l)))
+    except (StopIteration, ValueError, IndexError):
+        return {}
+    return {"log_to_datapath_s": ready - first, "log_datapath_to_written_s": written - ready}
 
 
 # --- the measurements -------------------------------------------------------------------
@@ -374,7 +393,8 @@ def edits(b: PolicyBench, cases: list[str], args) -> dict:
         else:
             b.load(case, texts[False])
         probe = b.lab.popen(cli, [sys.executable, str(PROBE), str(b.lab.pods[srv].ipv4), str(RATE_PORT),
-                                  str(PROBE_INTERVAL), str(PROBE_TIMEOUT)],
+                                  str(PROBE_INTERVAL), str(PROBE_TIMEOUT),
+                                  str(PROBE_FIRST_PORT if args.probe_ports == "unique" else 0)],
                             in_cgroup=False, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         b.procs.append(probe)
         lines: queue.Queue = queue.Queue()
@@ -394,13 +414,14 @@ def edits(b: PolicyBench, cases: list[str], args) -> dict:
                         b.load(case, texts[to_deny])
                     start = next_change(lines, t0, want, res)
                     res["deny_s" if to_deny else "allow_s"].append(start - t0)
-                    time.sleep(0.05)
+                    # not in step with the agent's 0.2 s poll of the folder
+                    time.sleep(random.uniform(0.05, 0.45))
             out[case] = res
             if case == "meshbpf":
                 (b.config / "zz-edit.json").unlink()
             log(f"edit -> enforced, {case}: deny p50 {pct(res['deny_s'], 50) * 1e3:.1f} ms, "
-                f"p99 {pct(res['deny_s'], 99) * 1e3:.1f} ms; contrary outcomes {res['contrary']}, "
-                f"stale {res['stale_lines']}")
+                f"p99 {pct(res['deny_s'], 99) * 1e3:.1f} ms; extra outcome changes "
+                f"{res['contrary'] + res['stale_lines']}")
         finally:
             probe.stdin.close()
             probe.wait(10)
@@ -512,9 +533,13 @@ def programming_tables(res: dict) -> list[str]:
             lines.append("| meshbpf profile: read files / compile / plan (in-process, same objects) | " + " | ".join(
                 f"{x['profile_read_s']:.2f} / {x['profile_compile_s']:.2f} / {x['profile_plan_s']:.2f} s"
                 f" ({x['profile_writes']} writes)" for x in m) + " |")
-        if res.get("agent_start_s") is not None:
-            lines.append(f"\nmeshbpf agent start (bcc compile included) → policy maps written, all-local "
-                         f"scenario: {res['agent_start_s']:.2f} s.")
+        start = res.get("agent_start")
+        if start:
+            lines.append(f"\nmeshbpf agent start → policy maps written, all-local scenario, nothing pinned: "
+                         f"{start['total_s']:.2f} s; by the agent's log: "
+                         f"{start.get('log_to_datapath_s', float('nan')):.2f} s to compile and load its programs, "
+                         f"then {start.get('log_datapath_to_written_s', float('nan')):.2f} s to read, compile, "
+                         f"plan, attach and write the policies.")
     return lines
 
 
@@ -523,12 +548,12 @@ def edit_tables(res: dict) -> list[str]:
     if ed:
         lines += ["", f"**Edit → enforced** ({res['args']['edits']} edits of one of {res['args']['edit_policies']} "
                   "policies selecting the server; a probe connects every 5 ms):", "",
-                  "| path | allow → deny p50 / p99 | deny → allow p50 / p99 | contrary outcomes after an edit |",
+                  "| path | allow → deny p50 / p99 | deny → allow p50 / p99 | extra outcome changes |",
                   "|---|---|---|---|"]
         for case, v in ed.items():
             lines.append(f"| {NAMES[case]} | " + " | ".join(
                 f"{pct(v[k], 50) * 1e3:.0f} / {pct(v[k], 99) * 1e3:.0f} ms" for k in ("deny_s", "allow_s"))
-                + f" | {v['contrary']} |")
+                + f" | {v['contrary'] + v['stale_lines']} |")
     return lines
 
 
@@ -562,6 +587,8 @@ def main() -> None:
     ap.add_argument("--policies", type=int, default=1000, help="policies for the programming time")
     ap.add_argument("--edits", type=int, default=30)
     ap.add_argument("--edit-policies", type=int, default=100)
+    ap.add_argument("--probe-ports", choices=("unique", "kernel"), default="unique",
+                    help="edit probe: a fresh source port per attempt, or the kernel's choice (reuses ports)")
     ap.add_argument("--cpu", default="last", help="pin client and server to this CPU, 'last', or 'none'")
     ap.add_argument("--skip", default="", help="comma-separated: rate, programming, edits")
     ap.add_argument("--out", default=str(HERE / "results" / "policy.json"))
@@ -600,7 +627,7 @@ def main() -> None:
             b.agent.cleanup()
             b.write("policies.json", world.selecting_policies(args.policies))
             log("agent start with the full cluster, from nothing pinned")
-            res["agent_start_s"] = b.start_agent()
+            res["agent_start"] = b.start_agent()
     res["machine"] = machine()
     res["seconds"] = time.monotonic() - started
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

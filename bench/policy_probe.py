@@ -1,7 +1,7 @@
 """Probes a TCP port with a new connection every INTERVAL seconds and prints
 each change of outcome: `<CLOCK_MONOTONIC start of the attempt> allowed|denied`.
 
-    python3 policy_probe.py ADDR PORT [INTERVAL] [TIMEOUT]
+    python3 policy_probe.py ADDR PORT [INTERVAL] [TIMEOUT] [FIRST_SOURCE_PORT]
 
 An attempt is "allowed" when the handshake completes (or is refused: the
 packet reached the pod), "denied" when it is still pending after TIMEOUT
@@ -9,6 +9,13 @@ packet reached the pod), "denied" when it is still pending after TIMEOUT
 "error-<ERRNO>" when it fails otherwise. Attempts overlap, so a change is seen within INTERVAL even
 while denied attempts wait out their TIMEOUT. Outcomes are reported in the
 order attempts started. Runs until stdin closes.
+
+With FIRST_SOURCE_PORT, attempt k binds source port FIRST + k (cycling over
+SOURCE_PORTS ports below the ephemeral range), so no two attempts share a
+4-tuple for SOURCE_PORTS x INTERVAL seconds: a flow entry left by an
+earlier attempt (meshbpf's flow map keeps entries until LRU eviction)
+cannot answer for a later one. Without it the kernel picks ports, and
+reuses them.
 """
 
 from __future__ import annotations
@@ -22,10 +29,15 @@ import sys
 import time
 
 
+SOURCE_PORTS = 20000
+
+
 def main() -> None:
     addr, port = sys.argv[1], int(sys.argv[2])
     interval = float(sys.argv[3]) if len(sys.argv) > 3 else 0.005
     timeout = float(sys.argv[4]) if len(sys.argv) > 4 else 0.9   # below TCP's first SYN retransmit (1 s)
+    first_port = int(sys.argv[5]) if len(sys.argv) > 5 else 0
+    attempt = 0
     sel = selectors.DefaultSelector()
     sel.register(sys.stdin, selectors.EVENT_READ, "stdin")
     pending: dict[socket.socket, float] = {}
@@ -39,6 +51,10 @@ def main() -> None:
             s = socket.socket()
             s.setblocking(False)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            if first_port:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind(("", first_port + attempt % SOURCE_PORTS))
+            attempt += 1
             err = s.connect_ex((addr, port))
             if err not in (0, errno.EINPROGRESS):
                 done[now] = "allowed" if err == errno.ECONNREFUSED else f"error-{errno.errorcode.get(err, err)}"
