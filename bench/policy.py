@@ -43,6 +43,7 @@ import threading
 import time
 from pathlib import Path
 
+import policy_profile
 import policy_rules as rules
 import policy_world as world
 from meshbpf.lab.netlab import Lab
@@ -350,27 +351,17 @@ def programming(b: PolicyBench, cases: list[str], args) -> dict:
 
 def profile(b: PolicyBench, policies: list[dict]) -> dict:
     """Where the agent's time goes, stage by stage, with its own functions
-    (no maps: the writes are the difference to the measured total)."""
-    from meshbpf.policy.compile import compile_policies
-    from meshbpf.reconcile.policy import plan_policy
+    (bench/policy_profile.py; no maps: the writes are the difference to the
+    measured total)."""
     from meshbpf.reconcile.policy_keys import PolicyState
-    from meshbpf.sources.yaml_file import read_config
     folder = b.work / "profile"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir()
     b.write("cluster.json", b.cluster, folder)
     b.write("policies.json", policies, folder)
-    t0 = time.perf_counter()
-    desired = read_config(folder, node_name=world.NODE).state
-    t1 = time.perf_counter()
-    compiled = compile_policies(desired.pods, desired.namespaces, desired.network_policies,
-                                world.NODE, {world.NODE: []})
-    t2 = time.perf_counter()
-    found = {key: i + 1 for i, key in enumerate(sorted(compiled.pods))}
-    p = plan_policy(PolicyState(), compiled, found, [])
-    t3 = time.perf_counter()
-    return {"profile_read_s": t1 - t0, "profile_compile_s": t2 - t1, "profile_plan_s": t3 - t2,
-            "profile_writes": p.writes}
+    _, _, t = policy_profile.stages(folder, {}, None, PolicyState())
+    return {"profile_read_s": t["read_s"], "profile_compile_s": t["compile_s"], "profile_plan_s": t["plan_s"],
+            "profile_writes": t["writes"]}
 
 
 def edits(b: PolicyBench, cases: list[str], args) -> dict:
@@ -419,6 +410,7 @@ def edits(b: PolicyBench, cases: list[str], args) -> dict:
             out[case] = res
             if case == "meshbpf":
                 (b.config / "zz-edit.json").unlink()
+                res["profile"] = policy_profile.edit_profile(b.cluster, base, 4)
             log(f"edit -> enforced, {case}: deny p50 {pct(res['deny_s'], 50) * 1e3:.1f} ms, "
                 f"p99 {pct(res['deny_s'], 99) * 1e3:.1f} ms; extra outcome changes "
                 f"{res['contrary'] + res['stale_lines']}")
@@ -554,6 +546,13 @@ def edit_tables(res: dict) -> list[str]:
             lines.append(f"| {NAMES[case]} | " + " | ".join(
                 f"{pct(v[k], 50) * 1e3:.0f} / {pct(v[k], 99) * 1e3:.0f} ms" for k in ("deny_s", "allow_s"))
                 + f" | {v['contrary'] + v['stale_lines']} |")
+        prof = [row for row in (ed.get("meshbpf") or {}).get("profile", []) if row["what"] != "first sync"]
+        if prof:
+            read, comp, plan = (statistics.median(r[k] for r in prof) * 1e3 for k in ("read_s", "compile_s", "plan_s"))
+            lines.append("\nmeshbpf, one edit, the agent's stages in-process (median of "
+                         f"{len(prof)}; folder poll, map writes and flips not included): read {read:.0f} ms, "
+                         f"compile {comp:.0f} ms, plan {plan:.0f} ms"
+                         + f", {prof[0]['writes']} map writes.")
     return lines
 
 
