@@ -79,6 +79,46 @@ def pair(case: str) -> tuple[str, str]:
     return f"{world.NAMESPACE}/cli{twin}", f"{world.NAMESPACE}/srv{twin}"
 
 
+def in_node(lab: Lab, argv: list[str], stdin: str | None = None) -> subprocess.CompletedProcess:
+    """Runs argv in the lab's node netns (where the baselines' rules live) and checks it."""
+    res = lab.run(None, argv, in_cgroup=False, input=stdin, timeout=600)
+    if res.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed in the lab's node netns:\n{res.stderr[-2000:]}")
+    return res
+
+
+def load_rules(lab: Lab, case: str, texts: dict[str, str]) -> dict:
+    """Programs a baseline into the lab's node netns (a full sync: sets
+    refilled, the filter table or the nft table replaced); returns the
+    times (s) of its tools."""
+    out = {}
+    if case == "nftables":
+        t0 = time.perf_counter()
+        in_node(lab, ["nft", "-f", "-"], texts["nft"])
+        out["nft_s"] = time.perf_counter() - t0
+    else:
+        t0 = time.perf_counter()
+        in_node(lab, ["ipset", "restore", "-exist"], texts["ipset"])
+        t1 = time.perf_counter()
+        in_node(lab, [RESTORE[case], "-w", "30"], texts["iptables"])
+        out.update(ipset_s=t1 - t0, restore_s=time.perf_counter() - t1)
+    out["total_s"] = sum(out.values())
+    return out
+
+
+def unload_rules(lab: Lab, case: str) -> None:
+    if case in RESTORE:
+        in_node(lab, [RESTORE[case], "-w", "30"], rules.iptables_flush())
+        in_node(lab, ["ipset", "destroy"])
+    in_node(lab, ["nft", "flush", "ruleset"])   # iptables-nft's tables, or ours
+
+
+def rule_texts(objects: list[dict]) -> dict[str, str]:
+    """The baselines' rules for the twins' node."""
+    lay = rules.layout(objects, world.TWIN_NODE)
+    return {"ipset": rules.ipset_restore(lay), "iptables": rules.iptables_restore(lay), "nft": rules.nft_script(lay)}
+
+
 class PolicyBench:
     """The lab, the servers, the agent and the netfilter baselines."""
 
@@ -146,11 +186,7 @@ class PolicyBench:
         self.stream_out[pod] = lines
 
     def node(self, argv: list[str], stdin: str | None = None) -> subprocess.CompletedProcess:
-        """Runs argv in the lab's node netns (where the baselines' rules live) and checks it."""
-        res = self.lab.run(None, argv, in_cgroup=False, input=stdin, timeout=600)
-        if res.returncode != 0:
-            raise RuntimeError(f"{' '.join(argv)} failed in the lab's node netns:\n{res.stderr[-2000:]}")
-        return res
+        return in_node(self.lab, argv, stdin)
 
     def write(self, name: str, items: list[dict], folder: Path | None = None) -> None:
         """Write then rename, as the README asks: the agent sees the whole file at once."""
@@ -203,33 +239,15 @@ class PolicyBench:
 
     # --- netfilter baselines --------------------------------------------------------
     def texts(self, policies: list[dict]) -> dict[str, str]:
-        lay = rules.layout(self.cluster + policies, world.TWIN_NODE)
-        return {"ipset": rules.ipset_restore(lay), "iptables": rules.iptables_restore(lay),
-                "nft": rules.nft_script(lay)}
+        return rule_texts(self.cluster + policies)
 
     def load(self, case: str, texts: dict[str, str]) -> dict:
-        """Programs a baseline into the node netns; returns the times (s) of its tools."""
-        out = {}
-        if case == "nftables":
-            t0 = time.perf_counter()
-            self.node(["nft", "-f", "-"], texts["nft"])
-            out["nft_s"] = time.perf_counter() - t0
-        else:
-            t0 = time.perf_counter()
-            self.node(["ipset", "restore", "-exist"], texts["ipset"])
-            t1 = time.perf_counter()
-            self.node([RESTORE[case], "-w", "30"], texts["iptables"])
-            out.update(ipset_s=t1 - t0, restore_s=time.perf_counter() - t1)
-        out["total_s"] = sum(out.values())
         self.loaded = case
-        return out
+        return load_rules(self.lab, case, texts)
 
     def unload(self) -> None:
-        if self.loaded in RESTORE:
-            self.node([RESTORE[self.loaded], "-w", "30"], rules.iptables_flush())
-            self.node(["ipset", "destroy"])
         if self.loaded is not None:
-            self.node(["nft", "flush", "ruleset"])   # iptables-nft's tables, or ours
+            unload_rules(self.lab, self.loaded)
         self.loaded = None
 
     # --- traffic ---------------------------------------------------------------------
@@ -252,15 +270,8 @@ class PolicyBench:
         return json.loads(self.stream_out[srv].get(timeout=30))
 
     def reaches(self, case: str, port: int) -> bool:
-        """One connection attempt: True if it got through (connected or refused)."""
         cli, srv = pair(case)
-        code = ("import socket,sys; s=socket.socket(); s.settimeout(0.5)\n"
-                "try: s.connect((sys.argv[1], int(sys.argv[2]))); print('y')\n"
-                "except ConnectionRefusedError: print('y')\n"
-                "except OSError: print('n')\n")
-        res = self.lab.run(cli, [sys.executable, "-c", code, str(self.lab.pods[srv].ipv4), str(port)],
-                           in_cgroup=False, timeout=30)
-        return res.stdout.strip() == "y"
+        return reaches(self.lab, cli, srv, port)
 
     def preflight(self, case: str, enforced: bool) -> None:
         """The path serves, and denies what the policies deny: a baseline that
@@ -287,6 +298,18 @@ def log_split(text: str) -> dict:
     except (StopIteration, ValueError, IndexError):
         return {}
     return {"log_to_datapath_s": ready - first, "log_datapath_to_written_s": written - ready}
+
+
+def reaches(lab: Lab, cli: str, srv: str, port: int) -> bool:
+    """One connection attempt from pod cli to pod srv: True if it got
+    through (connected, or refused by the pod), False if dropped."""
+    code = ("import socket,sys; s=socket.socket(); s.settimeout(0.5)\n"
+            "try: s.connect((sys.argv[1], int(sys.argv[2]))); print('y')\n"
+            "except ConnectionRefusedError: print('y')\n"
+            "except OSError: print('n')\n")
+    res = lab.run(cli, [sys.executable, "-c", code, str(lab.pods[srv].ipv4), str(port)],
+                  in_cgroup=False, timeout=30)
+    return res.stdout.strip() == "y"
 
 
 # --- the measurements -------------------------------------------------------------------
