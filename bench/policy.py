@@ -402,7 +402,7 @@ def edits(b: PolicyBench, cases: list[str], args) -> dict:
         cli, srv = pair(case)
         texts = {False: b.texts(base + allow), True: b.texts(base + deny)}
         if case == "meshbpf":
-            b.set_policies(base, "policies.json")
+            b.reset_policies(base)
             b.set_policies(allow, "zz-edit.json")
         else:
             b.load(case, texts[False])
