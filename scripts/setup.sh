@@ -24,6 +24,7 @@ packages=(
   python3-venv python3-yaml iproute2 procps kmod
   curl dnsutils dnsmasq-base socat iperf3 tcpdump iputils-ping
   iptables nftables conntrack gcc libc6-dev openssl
+  ipset  # bench/policy.py: the iptables baselines' sets (and tests/kernel/test_bench_policy_baselines.py)
   vagrant shellcheck
   redis-server  # tests/kernel/test_redirect_apps.py: a real pipelining server and client
 )
