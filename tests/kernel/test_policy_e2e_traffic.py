@@ -98,7 +98,6 @@ def test_upstream_case(world, name):
 def test_representative_cases(world):
     for name in REPRESENTATIVE:
         run_case(world, name)
-    open_world(world)
 
 
 # --- beyond the truth tables ---------------------------------------------------
@@ -144,7 +143,6 @@ def test_an_established_flow_survives_a_deny(world):
         assert held.ask() == "x/a", "the open connection was cut by the new policy"
     finally:
         held.close()
-    open_world(world)
 
 
 class Flood:
@@ -243,4 +241,3 @@ def test_bad_policy_objects_are_left_out_and_the_rest_applies(world):
     wait_log(world.agent, "(NetworkPolicy x/deny-ingress)")
     assert_holds(world, want)  # neither opened nor closed
     assert world.agent.proc.poll() is None
-    open_world(world)
