@@ -8,7 +8,9 @@
         before; prints [answer or null, ...] in the same order
     python matrix_probe.py flood HOST PORT TIMEOUT PAUSE -> TCP connections one after
         another (each waits for the server's answer, then resets, leaving no
-        TIME_WAIT), PAUSE seconds apart, until a line on stdin; prints
+        TIME_WAIT), PAUSE seconds apart, from source ports 32768 up, each once
+        (a repeated tuple would ride on the conntrack entry of its first
+        time), until a line on stdin or the ports run out; prints
         {"started": true} after the first, then {"ok": n, "failed": m, "errors": {...}}
     python matrix_probe.py hold HOST PORT     -> one TCP connection; prints {"answer": ...}
         at once, then one line per line on stdin (EOF closes it)
@@ -102,11 +104,16 @@ def probe(spec: str, timeout: str) -> list:
     return answers
 
 
-def _attempt(host: str, port: int, timeout: float) -> str | None:
+def _attempt(host: str, port: int, sport: int, timeout: float) -> str | None:
     """None when answered, else why not."""
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     s.settimeout(timeout)
+    try:
+        s.bind(("0.0.0.0", sport))
+    except OSError:
+        s.close()
+        return "skip"  # the port is taken: not a probe
     try:
         s.connect((host, port))
         return None if s.recv(100) else "no answer"
@@ -119,8 +126,15 @@ def _attempt(host: str, port: int, timeout: float) -> str | None:
 def flood(host: str, port: str, timeout: str, pause: str) -> dict:
     ok, errors = 0, {}
     started = False
+    sports = iter(range(32768, 65536))
     while not select.select([sys.stdin], [], [], float(pause))[0]:
-        why = _attempt(host, int(port), float(timeout))
+        sport = next(sports, None)
+        if sport is None:
+            sys.stdin.readline()
+            break
+        why = _attempt(host, int(port), sport, float(timeout))
+        if why == "skip":
+            continue
         if why is None:
             ok += 1
         else:

@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from meshbpf.datapath import libbpf
+from meshbpf.datapath.policy import PolicyMaps
 from meshbpf.lab.netlab import Lab
 from meshbpf.lab.objects import pod_object
 from meshbpf.lab.workloads import AgentProcess, wait_for, wait_listening
@@ -61,6 +63,14 @@ class PolicyLab:
     def stop_agent(self, sig: int = signal.SIGTERM) -> None:
         assert self.agent is not None
         self.agent.stop(sig)
+
+    def forget_flows(self) -> None:
+        """Empties the policy datapath's conntrack: flows of earlier tests
+        (it has no timeouts) must not carry this test's connections."""
+        with PolicyMaps(self.bpffs) as maps:
+            fd = maps.fds["mbpf_ct"]
+            for key in maps.conntrack():
+                libbpf.map_delete(fd, key)
 
     def log(self) -> str:
         return "".join(a.log() for a in self.agents)
