@@ -7,6 +7,22 @@ One lab and one agent serve the module (an agent start is ~10 s of
 compiling under the VMs' emulation). Every upstream case runs on the host,
 marked `heavy`; the VMs run the four of test_representative_cases, the
 Service address and the established flow (README, NetworkPolicy).
+
+Seen failing against deliberately broken builds (each edit made by hand,
+run, reverted):
+- planner ignores egress isolation (reconcile/policy.py endpoint_rules):
+  test_representative_cases, default-deny-all;
+- PolicySync compares only namespaces and policies, not pods: test_a_relabelled_pod;
+- PolicySync.start() detaches, sleeps 1 s, re-attaches: test_agent_restart_opens_no_window
+  (both), ~100 denied connections passed;
+- PolicySync empties mbpf_ct after each change: test_an_established_flow_survives_a_deny;
+- the source drops the previous version of a bad policy (kube_policy.policy_fields):
+  test_bad_policy_objects_are_left_out_and_the_rest_applies;
+- endpoints flipped before their rules, 10 ms before the peer writes: 4 allowed
+  connections failed in test_policy_edits_while_traffic_flows (a flip-first order
+  with no delay, a window of microseconds, is too short for the flood to see);
+- PolicySync skips a change that removes the last policy: test_a_deleted_policy;
+- PolicySync never applies: every test here.
 """
 
 from __future__ import annotations
