@@ -22,6 +22,7 @@ run, reverted):
   connections failed in test_policy_edits_while_traffic_flows (a flip-first order
   with no delay, a window of microseconds, is too short for the flood to see);
 - PolicySync skips a change that removes the last policy: test_a_deleted_policy;
+- the anti-spoofing check off in bpf/policy.c: test_a_spoofed_source_is_dropped;
 - PolicySync never applies: every test here.
 """
 
@@ -44,6 +45,7 @@ from .netpol_lab import (PODS, PolicyLab, assert_holds, assert_reaches, expected
                          upstream)
 
 MATRIX_PROBE = Path(__file__).with_name("matrix_probe.py")
+POLICY_PROBE = Path(__file__).with_name("policy_probe.py")
 
 CASES = {c[0]: c for c in upstream.CASES}
 # What the VMs run: isolation both ways, a namespaceSelector with a named
@@ -268,3 +270,28 @@ def test_bad_policy_objects_are_left_out_and_the_rest_applies(world):
     for _ in range(2):  # neither opened nor closed
         assert_holds(world, want)
     assert world.agent.proc.poll() is None
+
+
+def policy_probe(w: PolicyLab, pod: str, *args) -> subprocess.Popen:
+    return w.lab.popen(pod, [sys.executable, "-u", str(POLICY_PROBE), *map(str, args)],
+                       stdout=subprocess.PIPE, text=True)
+
+
+@pytest.mark.userspace  # the drop itself runs in every VM (test_policy_datapath.py); here: what the agent writes
+def test_a_spoofed_source_is_dropped(world):
+    """x/a accepts only x/b. y/c sends a raw frame (scapy) claiming to be
+    x/b: the agent's address entries make y/c's interface drop it, so x/a
+    never sees it; the same frame sent by x/b itself arrives."""
+    run_case(world, ONLY_XB_TO_XA)
+    xa, xb = world.ip("x/a"), world.ip("x/b")
+    recv = policy_probe(world, "x/a", "udp-recv", 9999, "genuine")
+    try:
+        assert json.loads(recv.stdout.readline()) == {"listening": True}
+        for pod, payload in (("y/c", "spoofed"), ("x/b", "genuine")):
+            r = world.lab.run(pod, [sys.executable, str(POLICY_PROBE), "spoof", str(xb), str(xa), "9999", payload])
+            assert r.returncode == 0, r.stderr
+        out, _ = recv.communicate(timeout=30)
+    finally:
+        if recv.poll() is None:
+            recv.kill()
+    assert json.loads(out.strip().splitlines()[-1]) == {"got": ["genuine"]}
