@@ -27,7 +27,9 @@ from meshbpf.lab.objects import pod_object
 from meshbpf.lab.workloads import AgentProcess, wait_for, wait_listening
 from meshbpf.policy.compile import verdict
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "unit"))
+UNIT_TESTS = str(Path(__file__).parents[1] / "unit")
+if UNIT_TESTS not in sys.path:  # last: its modules must shadow nothing
+    sys.path.append(UNIT_TESTS)
 import policy_world as pw  # noqa: E402  (tests/unit is not a package)
 import test_policy_e2e as upstream  # noqa: E402
 
