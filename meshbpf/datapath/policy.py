@@ -55,8 +55,10 @@ class PolicyError(Exception):
 
 
 def _ipr(netns: str | None):
+    """flags=0: open a named netns, never create it (pyroute2's default is
+    O_CREAT, which brought back, empty, a netns deleted meanwhile)."""
     from pyroute2 import IPRoute
-    return IPRoute(netns=netns) if netns else IPRoute()
+    return IPRoute(netns=netns, flags=0) if netns else IPRoute()
 
 
 @dataclass
