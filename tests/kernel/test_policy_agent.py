@@ -3,12 +3,15 @@ enforced on the pods' interfaces with real traffic."""
 
 from __future__ import annotations
 
-from meshbpf.lab.objects import lab_objects
-from meshbpf.lab.workloads import start_whoami
+import pytest
 
-from .conftest import web_service
+from meshbpf.lab.objects import lab_objects
+from meshbpf.lab.workloads import start_whoami, wait_for
+
 from . import k8s
-from meshbpf.lab.workloads import wait_for
+from .conftest import web_service
+
+pytestmark = pytest.mark.bounds  # the matrix runs it on 5.10 and 6.12 (tests/vm/matrix)
 
 NODE = "lab-node"
 
