@@ -3,6 +3,8 @@ enforced on the pods' interfaces with real traffic."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from meshbpf.lab.objects import lab_objects
@@ -10,22 +12,11 @@ from meshbpf.lab.workloads import start_whoami, wait_for
 
 from . import k8s
 from .conftest import web_service
+from .netpol_lab import pw  # tests/unit/policy_world.py: the e2e suite's builders
 
 pytestmark = pytest.mark.bounds  # the matrix runs it on 5.10 and 6.12 (tests/vm/matrix)
 
 NODE = "lab-node"
-
-
-def netpol(name: str, namespace: str, selector: dict, ingress=None, egress=None, types=None) -> dict:
-    spec: dict = {"podSelector": {"matchLabels": selector} if selector else {}}
-    if ingress is not None:
-        spec["ingress"] = ingress
-    if egress is not None:
-        spec["egress"] = egress
-    if types is not None:
-        spec["policyTypes"] = types
-    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-            "metadata": {"name": name, "namespace": namespace}, "spec": spec}
 
 
 def curl(lab, pod: str, url: str) -> bool:
@@ -42,13 +33,16 @@ def test_default_deny_then_allow_through_the_agent(lab, start_agent, config):
     agent = start_agent(world + web_service(lab), "--node-name", NODE, "--node-netns", lab.node_ns)
     assert curl(lab, "x/a", b) and curl(lab, "y/a", b)
 
-    deny = netpol("deny-b", "x", {"pod": "b"}, ingress=[])
+    deny = pw.netpol("deny-b", "x", {"matchLabels": {"pod": "b"}}, ingress=[])
     k8s.write(config, world + web_service(lab) + [deny])
     wait_for(lambda: not curl(lab, "x/a", b), 20, "the default deny to take effect")
     assert not curl(lab, "y/a", b)
 
-    allow = netpol("allow-a", "x", {"pod": "b"}, ingress=[{"from": [{"podSelector": {"matchLabels": {"pod": "a"}}}]}])
+    allow = pw.netpol("allow-a", "x", {"matchLabels": {"pod": "b"}}, ingress=[{"from": [{"podSelector": {"matchLabels": {"pod": "a"}}}]}])
     k8s.write(config, world + web_service(lab) + [deny, allow])
     wait_for(lambda: curl(lab, "x/a", b), 20, "the allow to take effect")
     assert not curl(lab, "y/a", b), "y/a is not in x's podSelector peers"
+    status, body = agent.get("/v1/endpoints")
+    states = {(e["namespace"], e["name"]): e["state"] for e in json.loads(body)["endpoints"]}
+    assert states == dict.fromkeys([("x", "a"), ("x", "b"), ("y", "a")], "enforced"), states
     assert agent.proc.poll() is None
