@@ -9,7 +9,7 @@ over a new state: read (the file source re-reads the changed file, with
 its cache, and rebuilds the desired state), compile (PolicyCompiler: the
 local pods whose inputs changed), plan (plan_policy against the state the
 agent holds), as the agent runs them (one PolicyCompiler kept across
-edits). The map writes and the tc attach are not here; the
+edits, the garbage collector paused). The map writes and the tc attach are not here; the
 benchmark's edit time also holds the folder poll (up to 0.2 s).
 """
 
@@ -26,6 +26,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import policy_world as world
+from meshbpf.gcpause import gc_paused
 from meshbpf.policy.compile import PolicyCompiler
 from meshbpf.reconcile.policy import plan_policy
 from meshbpf.reconcile.policy_keys import PolicyState
@@ -45,6 +46,11 @@ def write(folder: Path, name: str, items: list[dict]) -> None:
 
 
 def stages(folder: Path, cache: dict, previous, current: PolicyState, compiler: PolicyCompiler):
+    with gc_paused():   # as the agent runs its step
+        return _stages(folder, cache, previous, current, compiler)
+
+
+def _stages(folder: Path, cache: dict, previous, current: PolicyState, compiler: PolicyCompiler):
     t0 = time.perf_counter()
     desired = read_config(folder, node_name=world.NODE, cache=cache, previous=previous).state
     t1 = time.perf_counter()

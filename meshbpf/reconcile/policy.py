@@ -33,6 +33,7 @@ generation is deleted. An endpoint whose rules did not change gets no write.
 
 from __future__ import annotations
 
+import heapq
 import ipaddress
 import zlib
 from dataclasses import dataclass, field
@@ -51,6 +52,7 @@ SELF_RULE = "(the pod itself)"   # a pod always reaches itself
 NODE_RULE = "(the node)"         # traffic to and from the node is always allowed
 
 _V4_MAPPED = ipaddress.ip_network("::ffff:0:0/96")  # where the maps keep IPv4
+_V4_MAPPED_INT = int(_V4_MAPPED.network_address)
 _V4_ANY = ipaddress.ip_network("0.0.0.0/0")
 _ANY = (_V4_ANY, ipaddress.ip_network("::/0"))
 
@@ -85,11 +87,12 @@ def _map_networks(nets: Iterable[IPNetwork] | None) -> tuple[IPNetwork, ...]:
     return tuple(n for n in nets if n.version == 4 or not n.subnet_of(_V4_MAPPED))
 
 
-def _prefix_key(net: IPNetwork) -> tuple[bytes, int]:
-    """(16-byte address, prefix length over 128 bits) of a network."""
-    if net.version == 4:
-        return addr16(net.network_address), 96 + net.prefixlen
-    return net.network_address.packed, net.prefixlen
+def _prefix_key(version: int, first: int, bits: int) -> tuple[bytes, int]:
+    """(16-byte address, prefix length over 128 bits) of a network given as
+    its version, first address and prefix length."""
+    if version == 4:
+        return (_V4_MAPPED_INT | first).to_bytes(16, "big"), 96 + bits
+    return first.to_bytes(16, "big"), bits
 
 
 @dataclass(frozen=True)
@@ -136,39 +139,39 @@ def _distinct(allows: Iterable[AllowRule]) -> list[AllowRule]:
 
 def _direction_entries(direction: int, rules: list[_Rule], peers: PeerEntries,
                        ports: PortEntries) -> None:
-    # Rules by their index: sets of ints hash fast, rules with thousands of
-    # networks do not.
-    by_net: dict[IPNetwork, list[int]] = {}
+    # Networks as (version, first address, prefix length) and rules by their
+    # index: tuples of ints hash fast, ipaddress objects and rules with
+    # thousands of networks do not.
+    by_net: dict[tuple[int, int, int], list[int]] = {}
     for i, rule in enumerate(rules):
         for net in rule.nets:
-            by_net.setdefault(net, []).append(i)
+            by_net.setdefault((net.version, int(net.network_address), net.prefixlen), []).append(i)
     prefixes = set(by_net)
-    if any(n.version == 6 and _V4_MAPPED.subnet_of(n) for n in prefixes):
+    if any(v == 6 and _holds_v4_mapped(first, bits) for v, first, bits in prefixes):
         # An IPv6 network holding ::ffff:0:0/96 would also match IPv4 peers
         # in the trie; the IPv4 /0 (rules or none) shadows it for them.
-        prefixes.add(_V4_ANY)
-    lengths = {4: set(), 6: set()}
-    for net in by_net:
-        lengths[net.version].add(net.prefixlen)
+        prefixes.add((4, 0, 0))
+    lengths: dict[int, list[int]] = {4: [], 6: []}
+    for v, bits in sorted({(v, bits) for v, _, bits in by_net}):
+        lengths[v].append(bits)
     peer_sets: dict[frozenset[int], PeerVal] = {}   # by the rules matching a prefix
     by_content: dict[frozenset, int] = {}           # peer set id by its port entries
     # In address order, so peer set numbers depend on nothing but the rules.
-    for key, net in sorted((_prefix_key(n), n) for n in prefixes):
-        matching = frozenset(i for n in _supernets(net, lengths[net.version])
-                             for i in by_net.get(n, ()))
+    for key, (v, first, bits) in sorted((_prefix_key(*n), n) for n in prefixes):
+        width = 32 if v == 4 else 128
+        # The rules of every network holding this one: its supernets at the
+        # lengths in use, same family.
+        matching = frozenset(i for length in lengths[v] if length <= bits
+                             for i in by_net.get((v, first >> (width - length) << (width - length), length), ()))
         val = peer_sets.get(matching)
         if val is None:
             val = peer_sets[matching] = _peer_value(direction, rules, matching, by_content, ports)
         peers[(direction, *key)] = val
 
 
-def _supernets(net: IPNetwork, lengths: set[int]) -> Iterator[IPNetwork]:
-    """net and its supernets at the given prefix lengths (same family)."""
-    for length in lengths:
-        if length == net.prefixlen:
-            yield net  # the common case (pod addresses): no new object
-        elif length < net.prefixlen:
-            yield net.supernet(new_prefix=length)
+def _holds_v4_mapped(first: int, bits: int) -> bool:
+    """Whether the IPv6 network (first, bits) holds ::ffff:0:0/96."""
+    return bits <= 96 and (_V4_MAPPED_INT ^ first) >> (128 - bits) == 0
 
 
 def _peer_value(direction: int, rules: list[_Rule], matching: frozenset[int],
@@ -211,11 +214,17 @@ def _attributed_pieces(spans: list[tuple[int, int, str]]) -> list[tuple[int, int
     owned by the smallest origin covering it; neighbours with one owner merge."""
     cuts = sorted({f for f, _, _ in spans} | {last + 1 for _, last, _ in spans})
     pieces: list[tuple[int, int, str]] = []
+    todo = sorted(spans, reverse=True)     # by first port; popped from the end
+    covering: list[tuple[str, int]] = []   # heap of (origin, last) of spans begun
     for start, end in zip(cuts, cuts[1:]):
-        owners = [o for f, last, o in spans if f <= start and end - 1 <= last]
-        if not owners:
+        while todo and todo[-1][0] <= start:
+            _, last, origin = todo.pop()
+            heapq.heappush(covering, (origin, last))
+        while covering and covering[0][1] < start:
+            heapq.heappop(covering)   # ended: a span ends only at a cut
+        if not covering:
             continue
-        owner = min(owners)
+        owner = covering[0][0]
         if pieces and pieces[-1][1] == start - 1 and pieces[-1][2] == owner:
             pieces[-1] = (pieces[-1][0], end - 1, owner)
         else:
