@@ -663,3 +663,35 @@ def test_nested_prefixes_change_in_place_in_a_safe_order(before, after):
     assert not plan.endpoint_updates   # in place, no flip
     state = assert_safe_entry_by_entry(state, plan, EDIT_PROBES)
     assert not compiler_mismatches(c, Kernel(state), [ip("10.0.1.4"), ip("10.2.0.1"), ip_of("x/a")])
+
+
+def test_maps_of_the_previous_build_are_edited_in_place_safely():
+    """0.1.0 numbered peer sets by the rules matching a prefix, so two sets
+    could hold the same ports. An agent of this build edits such maps in
+    place: safe at every write, right at the end, one set per content."""
+    policy = netpol("p", "x", labels(pod="a"), ingress=[
+        {"from": [{"ipBlock": {"cidr": "10.0.0.0/16"}}], "ports": [{"port": 80}]},
+        {"from": [{"podSelector": labels(pod="b")}], "ports": [{"port": 80}]}])
+    _, state = planned(compiled(world([policy])))
+    x_a = state.endpoints[IFINDEX["x", "a"]]
+    # Give one prefix its own copy of its set, as the old numbering did.
+    key = next(k for k, v in state.peers.items() if k.ep_id == x_a.ep_id and k.addr_bits == 128
+               and not v.flags)
+    copy_of = state.peers[key].peer_set
+    state.ports.update({k._replace(peer_set=99): v for k, v in list(state.ports.items())
+                        if k.ep_id == x_a.ep_id and k.peer_set == copy_of})
+    state.peers[key] = state.peers[key]._replace(peer_set=99)
+    c = compiled(world([netpol("p", "x", labels(pod="a"), ingress=[
+        {"from": [{"ipBlock": {"cidr": "10.0.0.0/16"}}], "ports": [{"port": 80}, {"port": 81}]}])]))
+    plan = plan_policy(state, c, IFINDEX, NODE_IPS)
+    assert not plan.endpoint_updates
+    state = assert_safe_entry_by_entry(state, plan, EDIT_PROBES)
+    sets: dict = {}
+    for k, v in state.ports.items():
+        if k.ep_id == x_a.ep_id:
+            sets.setdefault((k.dir, k.peer_set), set()).add((k.proto, k.port, k.port_bits, v))
+    named = {(k.dir, v.peer_set) for k, v in state.peers.items() if k.ep_id == x_a.ep_id and not v.flags}
+    assert set(sets) <= named, "a peer set no prefix names was left"
+    assert len({frozenset(s) for s in sets.values()}) == len(sets), "two sets with the same ports"
+    assert not compiler_mismatches(c, Kernel(state), [ip_of(p) for p in ALL])
+    assert not plan_policy(state, c, IFINDEX, NODE_IPS)
