@@ -33,6 +33,7 @@ generation is deleted. An endpoint whose rules did not change gets no write.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import ipaddress
 import zlib
@@ -66,25 +67,38 @@ def rule_id(origin: str) -> int:
     return zlib.crc32(origin.encode()) or 1
 
 
+NetKey = tuple[int, int, int]   # a network as (version, first address, prefix length)
+
+
 @dataclass(frozen=True)
 class _Rule:
     origin: str
-    nets: tuple[IPNetwork, ...]
+    nets: tuple[NetKey, ...]
     ports: tuple[tuple[int, int, int], ...] | None   # (proto, first, last); None: any
 
 
 def _as_rule(allow: AllowRule) -> _Rule:
     ports = None if allow.ports is None else tuple(
         (POLICY_IPPROTO[r.protocol], r.first, r.last) for r in allow.ports)
-    return _Rule(allow.origin, _map_networks(allow.peers), ports)
+    return _Rule(allow.origin, _peer_keys(allow.peers), ports)
 
 
-def _map_networks(nets: Iterable[IPNetwork] | None) -> tuple[IPNetwork, ...]:
+@functools.lru_cache(maxsize=4096)
+def _peer_keys(nets: frozenset[IPNetwork] | None) -> tuple[NetKey, ...]:
+    """_map_networks of a rule's peers. Cached: the compiler shares one set
+    among the rules that name the same peers, and a set can hold thousands
+    of pod addresses (the same tuple back also lets _direction_entries
+    treat those rules as one group)."""
+    return _map_networks(nets)
+
+
+def _map_networks(nets: Iterable[IPNetwork] | None) -> tuple[NetKey, ...]:
     """The networks as the maps can hold them. IPv6 networks inside
     ::ffff:0:0/96 are dropped: they hold only IPv4-mapped IPv6 addresses,
     which no pod has and which the maps cannot tell from IPv4."""
     nets = _ANY if nets is None else nets
-    return tuple(n for n in nets if n.version == 4 or not n.subnet_of(_V4_MAPPED))
+    return tuple((n.version, int(n.network_address), n.prefixlen) for n in nets
+                 if n.version == 4 or not n.subnet_of(_V4_MAPPED))
 
 
 def _prefix_key(version: int, first: int, bits: int) -> tuple[bytes, int]:
@@ -139,13 +153,16 @@ def _distinct(allows: Iterable[AllowRule]) -> list[AllowRule]:
 
 def _direction_entries(direction: int, rules: list[_Rule], peers: PeerEntries,
                        ports: PortEntries) -> None:
-    # Networks as (version, first address, prefix length) and rules by their
-    # index: tuples of ints hash fast, ipaddress objects and rules with
-    # thousands of networks do not.
-    by_net: dict[tuple[int, int, int], list[int]] = {}
+    # Rules by their index: sets of ints hash fast, rules with thousands of
+    # networks do not. Rules with the very same networks (one cached tuple)
+    # are grouped first, so each network is visited once per group.
+    groups: dict[int, tuple[tuple[NetKey, ...], list[int]]] = {}
     for i, rule in enumerate(rules):
-        for net in rule.nets:
-            by_net.setdefault((net.version, int(net.network_address), net.prefixlen), []).append(i)
+        groups.setdefault(id(rule.nets), (rule.nets, []))[1].append(i)
+    by_net: dict[NetKey, list[int]] = {}
+    for nets, members in groups.values():
+        for net in nets:
+            by_net.setdefault(net, []).extend(members)
     prefixes = set(by_net)
     if any(v == 6 and _holds_v4_mapped(first, bits) for v, first, bits in prefixes):
         # An IPv6 network holding ::ffff:0:0/96 would also match IPv4 peers
