@@ -26,9 +26,13 @@ prefix, and each prefix carries the rules whose networks CONTAIN it: the
 longest prefix holding an address is contained in every allowed network that
 holds the address, so its rules are exactly the rules that match it.
 
-Make-before-break, per endpoint: its rules are written under the generation
-not in force, the endpoint entry flips to it in one update, then the old
-generation is deleted. An endpoint whose rules did not change gets no write.
+Make-before-break, per endpoint. An endpoint whose isolation flags change
+(or a new one): its rules are written under the generation not in force,
+the endpoint entry flips to it in one update, then the old generation is
+deleted. An endpoint whose flags stay: only the difference is written, in
+the generation in force, in an order where every new flow's decision is
+wholly old or wholly new at each single write (_write_in_place). An
+endpoint whose rules did not change gets no write.
 """
 
 from __future__ import annotations
