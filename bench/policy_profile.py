@@ -6,9 +6,10 @@ cluster (bench/policy_world.py), no root and no maps.
 
 Stages, as meshbpf/sync/policy.py runs them after the file source hands
 over a new state: read (the file source re-reads the changed file, with
-its cache, and rebuilds the desired state), compile (compile_policies
-over every pod and policy), plan (plan_policy against the state the
-agent holds). The map writes and the tc attach are not here; the
+its cache, and rebuilds the desired state), compile (PolicyCompiler: the
+local pods whose inputs changed), plan (plan_policy against the state the
+agent holds), as the agent runs them (one PolicyCompiler kept across
+edits, the garbage collector paused). The map writes and the tc attach are not here; the
 benchmark's edit time also holds the folder poll (up to 0.2 s).
 """
 
@@ -25,7 +26,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import policy_world as world
-from meshbpf.policy.compile import compile_policies
+from meshbpf.gcpause import gc_paused
+from meshbpf.policy.compile import PolicyCompiler
 from meshbpf.reconcile.policy import plan_policy
 from meshbpf.reconcile.policy_keys import PolicyState
 from meshbpf.sources.yaml_file import read_config
@@ -43,11 +45,16 @@ def write(folder: Path, name: str, items: list[dict]) -> None:
     os.rename(tmp, folder / name)
 
 
-def stages(folder: Path, cache: dict, previous, current: PolicyState):
+def stages(folder: Path, cache: dict, previous, current: PolicyState, compiler: PolicyCompiler):
+    with gc_paused():   # as the agent runs its step
+        return _stages(folder, cache, previous, current, compiler)
+
+
+def _stages(folder: Path, cache: dict, previous, current: PolicyState, compiler: PolicyCompiler):
     t0 = time.perf_counter()
     desired = read_config(folder, node_name=world.NODE, cache=cache, previous=previous).state
     t1 = time.perf_counter()
-    compiled = compile_policies(desired.pods, desired.namespaces, desired.network_policies,
+    compiled = compiler.compile(desired.pods, desired.namespaces, desired.network_policies,
                                 world.NODE, {world.NODE: []})
     t2 = time.perf_counter()
     found = {key: i + 1 for i, key in enumerate(sorted(compiled.pods))}
@@ -65,11 +72,12 @@ def edit_profile(cluster: list[dict], base: list[dict], edits: int) -> list[dict
         write(folder, "policies.json", base)
         write(folder, "zz-edit.json", [world.allow_client()])
         cache: dict = {}
-        desired, current, first = stages(folder, cache, None, PolicyState())
+        compiler = PolicyCompiler()   # one per agent, as meshbpf/sync/policy.py keeps it
+        desired, current, first = stages(folder, cache, None, PolicyState(), compiler)
         out = [{"what": "first sync", **first}]
         for i in range(edits):
             write(folder, "zz-edit.json", [world.deny_client() if i % 2 == 0 else world.allow_client()])
-            desired, current, one = stages(folder, cache, desired, current)
+            desired, current, one = stages(folder, cache, desired, current, compiler)
             out.append({"what": f"edit {i + 1}", **one})
         return out
     finally:

@@ -80,6 +80,11 @@ class _World:
         self.ns_labels = {ns.name: ns.labels for ns in namespaces}
         self.node_ips = {k: tuple(v) for k, v in node_ips.items()}
         self.peer_nets: dict[tuple[Peer, str], frozenset[IPNetwork]] = {}  # see _peer_networks
+        # Pods by namespace, with their place in the list: a namespace
+        # selector is matched once per namespace, not once per pod.
+        self.by_namespace: dict[str, list[tuple[int, PodInfo]]] = {}
+        for i, pod in enumerate(self.pods):
+            self.by_namespace.setdefault(pod.namespace, []).append((i, pod))
 
     def namespace_labels(self, name: str) -> Mapping[str, str]:
         # A namespace we hold no object for still has the label the API
@@ -92,42 +97,75 @@ class _World:
         return pod.ips
 
     def peer_pods(self, peer: Peer, policy_ns: str) -> list[PodInfo]:
+        """The pods a selector peer picks, in the order of the pod list."""
         pod_sel, ns_sel = peer.pod_selector, peer.namespace_selector
-        out = []
-        for pod in self.pods:
-            if ns_sel is None:
-                if pod.namespace != policy_ns:
-                    continue
-            elif not ns_sel.matches(self.namespace_labels(pod.namespace)):
-                continue
-            if pod_sel is None or pod_sel.matches(pod.labels):
-                out.append(pod)
-        return out
+        if ns_sel is None:
+            spaces = [policy_ns]
+        else:
+            spaces = [ns for ns in self.by_namespace if ns_sel.matches(self.namespace_labels(ns))]
+        found = [(i, pod) for ns in spaces for i, pod in self.by_namespace.get(ns, ())
+                 if pod_sel is None or pod_sel.matches(pod.labels)]
+        if len(spaces) > 1:
+            found.sort(key=lambda item: item[0])
+        return [pod for _, pod in found]
 
 
 def compile_policies(pods: Iterable[PodInfo], namespaces: Iterable[NamespaceInfo],
                      policies: Iterable[NetworkPolicy], node_name: str,
                      node_ips: Mapping[str, Iterable[IPAddress]] | None = None) -> Compiled:
     """Allow sets for every pod on node_name that is not hostNetwork."""
-    world = _World(pods, namespaces, node_ips or {})
-    policies = list(policies)
-    compiled: dict[tuple[str, str], PodPolicy] = {}
-    by_ip: dict[IPAddress, tuple[str, str]] = {}
-    for pod in world.pods:
-        if pod.node_name != node_name or pod.host_network:
-            continue
-        compiled[pod.key] = _compile_pod(world, pod, policies)
-        for ip in pod.ips:
-            by_ip[ip] = pod.key
-    return Compiled(compiled, by_ip)
+    return PolicyCompiler().compile(pods, namespaces, policies, node_name, node_ips)
+
+
+class PolicyCompiler:
+    """compile_policies with a memory, for the agent's edits: while the pods,
+    namespaces, node and node IPs stay equal (a NetworkPolicy edit), the
+    peers' address sets are kept, and a local pod is compiled again only if
+    the policies that select it changed. The result is exactly
+    compile_policies' (everything kept is a function of what it is keyed on)."""
+
+    def __init__(self) -> None:
+        self._world_inputs: tuple | None = None
+        self._world: _World | None = None
+        # pod key -> (pod, the policies that select it, its result)
+        self._pods: dict[tuple[str, str], tuple[PodInfo, tuple, PodPolicy]] = {}
+
+    def compile(self, pods: Iterable[PodInfo], namespaces: Iterable[NamespaceInfo],
+                policies: Iterable[NetworkPolicy], node_name: str,
+                node_ips: Mapping[str, Iterable[IPAddress]] | None = None) -> Compiled:
+        pods, namespaces = tuple(pods), tuple(namespaces)
+        node_ips = {k: tuple(v) for k, v in (node_ips or {}).items()}
+        inputs = (pods, namespaces, node_ips, node_name)
+        if inputs != self._world_inputs:
+            self._world_inputs, self._world, self._pods = inputs, _World(pods, namespaces, node_ips), {}
+        world = self._world
+        policies = list(policies)
+        compiled: dict[tuple[str, str], PodPolicy] = {}
+        by_ip: dict[IPAddress, tuple[str, str]] = {}
+        kept: dict[tuple[str, str], tuple[PodInfo, tuple, PodPolicy]] = {}
+        for pod in world.pods:
+            if pod.node_name != node_name or pod.host_network:
+                continue
+            mine = tuple(p for p in policies if _selects(p, pod))
+            held = self._pods.get(pod.key)
+            if held is not None and held[0] is pod and held[1] == mine:
+                result = held[2]
+            else:
+                result = _compile_pod(world, pod, mine)
+            kept[pod.key] = (pod, mine, result)
+            compiled[pod.key] = result
+            for ip in pod.ips:
+                by_ip[ip] = pod.key
+        self._pods = kept
+        return Compiled(compiled, by_ip)
 
 
 def _selects(policy: NetworkPolicy, pod: PodInfo) -> bool:
     return policy.namespace == pod.namespace and policy.pod_selector.matches(pod.labels)
 
 
-def _compile_pod(world: _World, pod: PodInfo, policies: list[NetworkPolicy]) -> PodPolicy:
-    mine = [p for p in policies if _selects(p, pod)]
+def _compile_pod(world: _World, pod: PodInfo, mine: tuple[NetworkPolicy, ...]) -> PodPolicy:
+    """One local pod's result, from the policies that select it (in order)."""
     ingress_from = [p for p in mine if "Ingress" in p.policy_types]
     egress_from = [p for p in mine if "Egress" in p.policy_types]
     ingress = tuple(a for p in ingress_from for i, r in enumerate(p.ingress)

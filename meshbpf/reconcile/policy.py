@@ -26,13 +26,19 @@ prefix, and each prefix carries the rules whose networks CONTAIN it: the
 longest prefix holding an address is contained in every allowed network that
 holds the address, so its rules are exactly the rules that match it.
 
-Make-before-break, per endpoint: its rules are written under the generation
-not in force, the endpoint entry flips to it in one update, then the old
-generation is deleted. An endpoint whose rules did not change gets no write.
+Make-before-break, per endpoint. An endpoint whose isolation flags change
+(or a new one): its rules are written under the generation not in force,
+the endpoint entry flips to it in one update, then the old generation is
+deleted. An endpoint whose flags stay: only the difference is written, in
+the generation in force, in an order where every new flow's decision is
+wholly old or wholly new at each single write (_write_in_place). An
+endpoint whose rules did not change gets no write.
 """
 
 from __future__ import annotations
 
+import functools
+import heapq
 import ipaddress
 import zlib
 from dataclasses import dataclass, field
@@ -51,6 +57,7 @@ SELF_RULE = "(the pod itself)"   # a pod always reaches itself
 NODE_RULE = "(the node)"         # traffic to and from the node is always allowed
 
 _V4_MAPPED = ipaddress.ip_network("::ffff:0:0/96")  # where the maps keep IPv4
+_V4_MAPPED_INT = int(_V4_MAPPED.network_address)
 _V4_ANY = ipaddress.ip_network("0.0.0.0/0")
 _ANY = (_V4_ANY, ipaddress.ip_network("::/0"))
 
@@ -64,32 +71,46 @@ def rule_id(origin: str) -> int:
     return zlib.crc32(origin.encode()) or 1
 
 
+NetKey = tuple[int, int, int]   # a network as (version, first address, prefix length)
+
+
 @dataclass(frozen=True)
 class _Rule:
     origin: str
-    nets: tuple[IPNetwork, ...]
+    nets: tuple[NetKey, ...]
     ports: tuple[tuple[int, int, int], ...] | None   # (proto, first, last); None: any
 
 
 def _as_rule(allow: AllowRule) -> _Rule:
     ports = None if allow.ports is None else tuple(
         (POLICY_IPPROTO[r.protocol], r.first, r.last) for r in allow.ports)
-    return _Rule(allow.origin, _map_networks(allow.peers), ports)
+    return _Rule(allow.origin, _peer_keys(allow.peers), ports)
 
 
-def _map_networks(nets: Iterable[IPNetwork] | None) -> tuple[IPNetwork, ...]:
+@functools.lru_cache(maxsize=4096)
+def _peer_keys(nets: frozenset[IPNetwork] | None) -> tuple[NetKey, ...]:
+    """_map_networks of a rule's peers. Cached: the compiler shares one set
+    among the rules that name the same peers, and a set can hold thousands
+    of pod addresses (the same tuple back also lets _direction_entries
+    treat those rules as one group)."""
+    return _map_networks(nets)
+
+
+def _map_networks(nets: Iterable[IPNetwork] | None) -> tuple[NetKey, ...]:
     """The networks as the maps can hold them. IPv6 networks inside
     ::ffff:0:0/96 are dropped: they hold only IPv4-mapped IPv6 addresses,
     which no pod has and which the maps cannot tell from IPv4."""
     nets = _ANY if nets is None else nets
-    return tuple(n for n in nets if n.version == 4 or not n.subnet_of(_V4_MAPPED))
+    return tuple((n.version, int(n.network_address), n.prefixlen) for n in nets
+                 if n.version == 4 or not n.subnet_of(_V4_MAPPED))
 
 
-def _prefix_key(net: IPNetwork) -> tuple[bytes, int]:
-    """(16-byte address, prefix length over 128 bits) of a network."""
-    if net.version == 4:
-        return addr16(net.network_address), 96 + net.prefixlen
-    return net.network_address.packed, net.prefixlen
+def _prefix_key(version: int, first: int, bits: int) -> tuple[bytes, int]:
+    """(16-byte address, prefix length over 128 bits) of a network given as
+    its version, first address and prefix length."""
+    if version == 4:
+        return (_V4_MAPPED_INT | first).to_bytes(16, "big"), 96 + bits
+    return first.to_bytes(16, "big"), bits
 
 
 @dataclass(frozen=True)
@@ -137,47 +158,60 @@ def _distinct(allows: Iterable[AllowRule]) -> list[AllowRule]:
 def _direction_entries(direction: int, rules: list[_Rule], peers: PeerEntries,
                        ports: PortEntries) -> None:
     # Rules by their index: sets of ints hash fast, rules with thousands of
-    # networks do not.
-    by_net: dict[IPNetwork, list[int]] = {}
+    # networks do not. Rules with the very same networks (one cached tuple)
+    # are grouped first, so each network is visited once per group.
+    groups: dict[int, tuple[tuple[NetKey, ...], list[int]]] = {}
     for i, rule in enumerate(rules):
-        for net in rule.nets:
-            by_net.setdefault(net, []).append(i)
+        groups.setdefault(id(rule.nets), (rule.nets, []))[1].append(i)
+    by_net: dict[NetKey, list[int]] = {}
+    for nets, members in groups.values():
+        for net in nets:
+            by_net.setdefault(net, []).extend(members)
     prefixes = set(by_net)
-    if any(n.version == 6 and _V4_MAPPED.subnet_of(n) for n in prefixes):
+    if any(v == 6 and _holds_v4_mapped(first, bits) for v, first, bits in prefixes):
         # An IPv6 network holding ::ffff:0:0/96 would also match IPv4 peers
         # in the trie; the IPv4 /0 (rules or none) shadows it for them.
-        prefixes.add(_V4_ANY)
-    lengths = {4: set(), 6: set()}
-    for net in by_net:
-        lengths[net.version].add(net.prefixlen)
-    peer_sets: dict[frozenset[int], int] = {}
+        prefixes.add((4, 0, 0))
+    lengths: dict[int, list[int]] = {4: [], 6: []}
+    for v, bits in sorted({(v, bits) for v, _, bits in by_net}):
+        lengths[v].append(bits)
+    peer_sets: dict[frozenset[int], PeerVal] = {}   # by the rules matching a prefix
+    by_content: dict[frozenset, int] = {}           # peer set id by its port entries
     # In address order, so peer set numbers depend on nothing but the rules.
-    for key, net in sorted((_prefix_key(n), n) for n in prefixes):
-        matching = frozenset(i for n in _supernets(net, lengths[net.version])
-                             for i in by_net.get(n, ()))
-        peers[(direction, *key)] = _peer_value(direction, rules, matching, peer_sets, ports)
+    for key, (v, first, bits) in sorted((_prefix_key(*n), n) for n in prefixes):
+        width = 32 if v == 4 else 128
+        # The rules of every network holding this one: its supernets at the
+        # lengths in use, same family.
+        matching = frozenset(i for length in lengths[v] if length <= bits
+                             for i in by_net.get((v, first >> (width - length) << (width - length), length), ()))
+        val = peer_sets.get(matching)
+        if val is None:
+            val = peer_sets[matching] = _peer_value(direction, rules, matching, by_content, ports)
+        peers[(direction, *key)] = val
 
 
-def _supernets(net: IPNetwork, lengths: set[int]) -> Iterator[IPNetwork]:
-    """net and its supernets at the given prefix lengths (same family)."""
-    for length in lengths:
-        if length == net.prefixlen:
-            yield net  # the common case (pod addresses): no new object
-        elif length < net.prefixlen:
-            yield net.supernet(new_prefix=length)
+def _holds_v4_mapped(first: int, bits: int) -> bool:
+    """Whether the IPv6 network (first, bits) holds ::ffff:0:0/96."""
+    return bits <= 96 and (_V4_MAPPED_INT ^ first) >> (128 - bits) == 0
 
 
-def _peer_value(direction: int, rules: list[_Rule], matching: frozenset[int], peer_sets: dict,
-                ports: PortEntries) -> PeerVal:
+def _peer_value(direction: int, rules: list[_Rule], matching: frozenset[int],
+                by_content: dict[frozenset, int], ports: PortEntries) -> PeerVal:
+    """Prefixes whose rules allow the same ports share one peer set (keyed by
+    content, so an edit that keeps a set's ports keeps the set: see
+    _inplace_entries). No rules at all (an IPv4 /0 shadowing IPv6): a set
+    with no ports, which denies."""
     any_port = sorted(rules[i].origin for i in matching if rules[i].ports is None)
     if any_port:
         return PeerVal(0, rule_id(any_port[0]), PEER_ANY_PORT)
-    peer_set = peer_sets.get(matching)
+    content = {(proto, port, bits): PortVal(rule_id(origin))
+               for (proto, port, bits), origin in _port_prefixes(rules[i] for i in matching).items()}
+    key = frozenset(content.items())
+    peer_set = by_content.get(key)
     if peer_set is None:
-        # No rules at all (an IPv4 /0 shadowing IPv6): a set with no ports denies.
-        peer_set = peer_sets[matching] = len(peer_sets) + 1
-        for (proto, port, bits), origin in _port_prefixes(rules[i] for i in matching).items():
-            ports[(direction, proto, peer_set, port, bits)] = PortVal(rule_id(origin))
+        peer_set = by_content[key] = len(by_content) + 1
+        for (proto, port, bits), val in content.items():
+            ports[(direction, proto, peer_set, port, bits)] = val
     return PeerVal(peer_set, 0, 0)
 
 
@@ -201,11 +235,17 @@ def _attributed_pieces(spans: list[tuple[int, int, str]]) -> list[tuple[int, int
     owned by the smallest origin covering it; neighbours with one owner merge."""
     cuts = sorted({f for f, _, _ in spans} | {last + 1 for _, last, _ in spans})
     pieces: list[tuple[int, int, str]] = []
+    todo = sorted(spans, reverse=True)     # by first port; popped from the end
+    covering: list[tuple[str, int]] = []   # heap of (origin, last) of spans begun
     for start, end in zip(cuts, cuts[1:]):
-        owners = [o for f, last, o in spans if f <= start and end - 1 <= last]
-        if not owners:
+        while todo and todo[-1][0] <= start:
+            _, last, origin = todo.pop()
+            heapq.heappush(covering, (origin, last))
+        while covering and covering[0][1] < start:
+            heapq.heappop(covering)   # ended: a span ends only at a cut
+        if not covering:
             continue
-        owner = min(owners)
+        owner = covering[0][0]
         if pieces and pieces[-1][1] == start - 1 and pieces[-1][2] == owner:
             pieces[-1] = (pieces[-1][0], end - 1, owner)
         else:
@@ -233,6 +273,14 @@ class PolicyPlan(StepPlan):
     stale_port_deletes: list[PortKey] = field(default_factory=list)
     port_updates: dict[PortKey, PortVal] = field(default_factory=dict)
     peer_updates: dict[PeerKey, PeerVal] = field(default_factory=dict)
+    # Edits written in the generation in force (_write_in_place): new peer
+    # sets, prefixes added (by length), values changed, prefixes removed (by
+    # length), peer sets no prefix names any more.
+    inplace_port_updates: dict[PortKey, PortVal] = field(default_factory=dict)
+    inplace_peer_adds: dict[int, dict[PeerKey, PeerVal]] = field(default_factory=dict)
+    inplace_peer_changes: dict[PeerKey, PeerVal] = field(default_factory=dict)
+    inplace_peer_removes: dict[int, list[PeerKey]] = field(default_factory=dict)
+    inplace_port_deletes: list[PortKey] = field(default_factory=list)
     endpoint_updates: dict[int, EpVal] = field(default_factory=dict)
     old_peer_deletes: list[PeerKey] = field(default_factory=list)   # the generation flipped away from
     old_port_deletes: list[PortKey] = field(default_factory=list)
@@ -247,17 +295,25 @@ class PolicyPlan(StepPlan):
 
     def order(self) -> list[tuple[str, str, dict]]:
         """Make-before-break: (1) addresses of new endpoints, (2) the rules
-        under each changed endpoint's other generation, (3) the flips, (4)
-        the old generations, (5) endpoints that left, then their addresses."""
+        under each flipping endpoint's other generation, and the new peer
+        sets of in-place edits, (3) in-place prefixes added, longest first,
+        then changed, (4) the flips, (5) in-place prefixes removed, shortest
+        first, (6) the old generations and the peer sets no prefix names,
+        (7) endpoints that left, then their addresses. Steps of different
+        endpoints touch different keys, so they can share a step."""
+        adds, removes = self.inplace_peer_adds, self.inplace_peer_removes
         return [
             ("addresses", "update", self.address_updates),
             ("peers", "delete", dict.fromkeys(self.stale_peer_deletes)),
             ("ports", "delete", dict.fromkeys(self.stale_port_deletes)),
-            ("ports", "update", self.port_updates),
+            ("ports", "update", {**self.port_updates, **self.inplace_port_updates}),
             ("peers", "update", self.peer_updates),
+            *(("peers", "update", adds[bits]) for bits in sorted(adds, reverse=True)),
+            ("peers", "update", self.inplace_peer_changes),
             ("endpoints", "update", self.endpoint_updates),
+            *(("peers", "delete", dict.fromkeys(removes[bits])) for bits in sorted(removes)),
             ("peers", "delete", dict.fromkeys(self.old_peer_deletes)),
-            ("ports", "delete", dict.fromkeys(self.old_port_deletes)),
+            ("ports", "delete", dict.fromkeys([*self.old_port_deletes, *self.inplace_port_deletes])),
             ("endpoints", "delete", dict.fromkeys(self.endpoint_deletes)),
             ("peers", "delete", dict.fromkeys(self.gone_peer_deletes)),
             ("ports", "delete", dict.fromkeys(self.gone_port_deletes)),
@@ -343,10 +399,8 @@ def _plan_endpoint(plan: PolicyPlan, current: PolicyState, entries: _Entries, bu
     old = current.endpoints.get(ifindex)
     label = f"{pod.pod.namespace}/{pod.pod.name}"
     own = [addr16(ip) for ip in pod.pod.ips]
-    unchanged = old is not None and old.flags == rules.flags
-    if unchanged and entries.of(ep_id, old.gen) == rules.keyed(ep_id, old.gen):
-        _write_generation(plan, entries, ep_id, old.gen ^ 1, {}, {})  # only clears leftovers
-        return _plan_addresses(plan, current, budget, label, ep_id, own)
+    if old is not None and old.flags == rules.flags:
+        return _plan_in_place(plan, current, entries, budget, label, old, rules, own)
     gen = 0 if old is None else old.gen ^ 1
     peers, ports = rules.keyed(ep_id, gen)
     over = budget.take({"endpoints": [ifindex] if old is None else [], "addresses": own,
@@ -373,6 +427,94 @@ def _plan_endpoint(plan: PolicyPlan, current: PolicyState, entries: _Entries, bu
         plan.old_port_deletes.extend(old_ports)
     _add_addresses(plan, current, ep_id, own)
     return own
+
+
+def _plan_in_place(plan: PolicyPlan, current: PolicyState, entries: _Entries, budget: _Budget,
+                   label: str, old: EpVal, rules: EndpointRules, own: list[bytes]) -> list[bytes]:
+    """An endpoint whose isolation stays: its edit is written into the
+    generation in force (the smallest write, and safe: _write_in_place)."""
+    _write_generation(plan, entries, old.ep_id, old.gen ^ 1, {}, {})  # only clears leftovers
+    held_peers, held_ports = entries.of(old.ep_id, old.gen)
+    peers, ports = _renamed(rules, held_peers, held_ports, old.ep_id, old.gen)
+    if peers == held_peers and ports == held_ports:
+        return _plan_addresses(plan, current, budget, label, old.ep_id, own)
+    over = budget.take({"addresses": own, "peers": peers, "ports": ports})
+    if over:
+        plan.problems.append(f"policy for pod {label}: {'; '.join(over)}; "
+                             f"its previous rules stay in force")
+        return [a for a, owner in current.addresses.items() if owner == old.ep_id]
+    _write_in_place(plan, held_peers, held_ports, peers, ports)
+    _add_addresses(plan, current, old.ep_id, own)
+    return own
+
+
+def _renamed(rules: EndpointRules, held_peers: Mapping[PeerKey, PeerVal],
+             held_ports: Mapping[PortKey, PortVal], ep_id: int, gen: int
+             ) -> tuple[dict[PeerKey, PeerVal], dict[PortKey, PortVal]]:
+    """rules keyed under (ep_id, gen), each peer set numbered as the held set
+    with the same port entries, or else by a number no held entry uses: an
+    edit rewrites only the sets whose ports change, and never a set in use."""
+    held: dict[tuple[int, int], dict] = {}   # (dir, peer set) -> {(proto, port, bits): val}
+    for k, v in held_ports.items():
+        held.setdefault((k.dir, k.peer_set), {})[(k.proto, k.port, k.port_bits)] = v
+    for k, v in held_peers.items():
+        if not v.flags & PEER_ANY_PORT:
+            held.setdefault((k.dir, v.peer_set), {})   # a set with no ports
+    by_content: dict[tuple[int, frozenset], int] = {}
+    for (d, ps), content in sorted(held.items()):
+        by_content.setdefault((d, frozenset(content.items())), ps)
+    wanted: dict[tuple[int, int], dict] = {}
+    for (d, proto, ps, port, bits), v in rules.ports.items():
+        wanted.setdefault((d, ps), {})[(proto, port, bits)] = v
+    for (d, _, _), v in rules.peers.items():
+        if not v.flags & PEER_ANY_PORT:
+            wanted.setdefault((d, v.peer_set), {})
+    used = set(held)
+    rename: dict[tuple[int, int], int] = {}
+    for (d, ps), content in sorted(wanted.items()):
+        number = by_content.get((d, frozenset(content.items())))
+        if number is None:
+            number = next(n for n in range(1, len(used) + 2) if (d, n) not in used)
+            used.add((d, number))
+        rename[(d, ps)] = number
+    peers = {PeerKey(ep_id, gen, d, addr, bits):
+             v if v.flags & PEER_ANY_PORT else v._replace(peer_set=rename[(d, v.peer_set)])
+             for (d, addr, bits), v in rules.peers.items()}
+    ports = {PortKey(ep_id, gen, d, proto, rename[(d, ps)], port, bits): v
+             for (d, proto, ps, port, bits), v in rules.ports.items()}
+    return peers, ports
+
+
+def _write_in_place(plan: PolicyPlan, held_peers: Mapping[PeerKey, PeerVal],
+                    held_ports: Mapping[PortKey, PortVal], peers: dict[PeerKey, PeerVal],
+                    ports: dict[PortKey, PortVal]) -> None:
+    """The difference between held and wanted entries of one generation, in
+    an order where every new flow's decision is at all times wholly the old
+    one or wholly the new one (per address: its longest prefix and that
+    prefix's value are both old or both new):
+
+    1. new peer sets (no prefix names them yet; a set in use never changes);
+    2. prefixes added, longest first: an added prefix that becomes the
+       longest match of an address is then its new longest match (longer
+       new ones are in already), with its new value;
+    3. values of kept prefixes: for the addresses they are the longest match
+       of, they are it before and after;
+    4. prefixes removed, shortest first: an address falls back only once no
+       longer old prefix holds it, onto its new longest match, which holds
+       its new value since 3;
+    5. peer sets no prefix names any more.
+    Proven entry by entry with the datapath simulator (test_policy_plan.py)."""
+    plan.inplace_port_updates.update((k, v) for k, v in ports.items() if held_ports.get(k) != v)
+    for k, v in peers.items():
+        was = held_peers.get(k)
+        if was is None:
+            plan.inplace_peer_adds.setdefault(k.addr_bits, {})[k] = v
+        elif was != v:
+            plan.inplace_peer_changes[k] = v
+    for k in held_peers:
+        if k not in peers:
+            plan.inplace_peer_removes.setdefault(k.addr_bits, []).append(k)
+    plan.inplace_port_deletes.extend(k for k in held_ports if k not in ports)
 
 
 def _plan_addresses(plan: PolicyPlan, current: PolicyState, budget: _Budget, label: str,

@@ -26,7 +26,7 @@ from ..datapath.endpoints import find_endpoint
 from ..datapath.policy import PolicyDatapath, PolicyMaps
 from ..metrics import AgentMetrics
 from ..model import DesiredState
-from ..policy.compile import Compiled, compile_policies
+from ..policy.compile import Compiled, PolicyCompiler
 from ..reconcile.policy import MAP_NAMES, PolicyPlan, plan_policy
 from ..reconcile.policy_keys import PolicyState
 from ..retry import Backoff
@@ -63,6 +63,7 @@ class PolicySync:
         self.inputs: tuple | None = None        # the desired inputs the maps were last brought to
         self.endpoints: dict[tuple[str, str], Endpoint] = {}
         self.compiled: Compiled | None = None
+        self.compiler = PolicyCompiler()        # keeps work between edits (same result)
         self.retry = Backoff()
         self.stale = False
         self.missing: set[tuple[str, str]] = set()  # local pods whose interface was not found
@@ -126,8 +127,8 @@ class PolicySync:
     def _sync(self, desired: DesiredState) -> None:
         assert self.maps is not None
         node_ips = self._node_ips()
-        compiled = compile_policies(desired.pods, desired.namespaces, desired.network_policies,
-                                    self.node_name, {self.node_name: node_ips})
+        compiled = self.compiler.compile(desired.pods, desired.namespaces, desired.network_policies,
+                                         self.node_name, {self.node_name: node_ips})
         found = self._find(compiled)
         self._keep_unseen(compiled, found)
         p: PolicyPlan = plan_policy(self.current, compiled, found, node_ips, self._capacity())

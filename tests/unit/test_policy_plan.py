@@ -21,7 +21,7 @@ from meshbpf.reconcile.policy import NODE_RULE, SELF_RULE, plan_policy, rule_id
 from meshbpf.reconcile.policy_keys import (DIR_IN, DIR_OUT, EP_ISOLATE_IN, EP_ISOLATE_OUT,
                                            PEER_ANY_PORT, PeerKey, PolicyState, PortKey)
 from policy_world import ALL, compiled, ip_of, labels, netpol, world
-from reconcile_checks import step_states
+from reconcile_checks import apply_entries, step_states
 from test_policy_e2e import CASES
 
 ip = ipaddress.ip_address
@@ -121,6 +121,56 @@ def test_maps_enforce_the_e2e_truth_table(case):
     assert not problems, "\n".join(problems[:30])
 
 
+PROBE_PORTS = (("TCP", 80), ("TCP", 81), ("UDP", 80), ("TCP", 82))
+PROBES = [addr16(ip_of(p)) for p in ALL] + [addr16(ip(a)) for a in (
+    *NODE_IPS, "10.0.0.1", "10.0.1.0", "10.0.2.255", "11.0.0.1", "fd00::1:1", "2001:db8::1")]
+
+
+def decisions(kernel: Kernel, ifindex: int, probes) -> dict:
+    """Allowed or not, for every new flow through one endpoint (both
+    directions): what a half-written plan must never get wrong."""
+    ep = kernel.state.endpoints.get(ifindex)
+    out = {}
+    for direction in (DIR_IN, DIR_OUT):
+        for peer in probes:
+            for protocol, port in PROBE_PORTS:
+                d = None if ep is None else kernel.decide(ep, direction, peer, PROTO[protocol], port)
+                out[direction, peer, protocol, port] = d != 0
+    return out
+
+
+def assert_safe_entry_by_entry(before: PolicyState, plan, probes=PROBES) -> PolicyState:
+    """Applies the plan one map write at a time (a kernel reader can run
+    between any two) and checks issue 10's rule at every state: each new
+    flow's verdict at each endpoint is its old one where old == new, and
+    one of the two where they differ. No write deletes a missing key."""
+    after = plan.apply_to(before)
+    ifindexes = sorted({*before.endpoints, *after.endpoints})
+    old = {i: decisions(Kernel(before), i, probes) for i in ifindexes}
+    new = {i: decisions(Kernel(after), i, probes) for i in ifindexes}
+    kernel = Kernel(before.copy())
+    kernel.peer_bits = sorted({k.addr_bits for k in [*before.peers, *after.peers]}, reverse=True)
+    kernel.port_bits = sorted({k.port_bits for k in [*before.ports, *after.ports]}, reverse=True)
+    state = kernel.state
+    by_ep = {ep.ep_id: i for s in (before, after) for i, ep in s.endpoints.items()}
+    for n, step in enumerate(plan.steps()):
+        target = getattr(state, step.map)
+        for key, value in step.entries.items():
+            if step.op == "update":
+                target[key] = value
+            else:
+                del target[key]
+            kernel.by_id = {ep.ep_id: ep for ep in state.endpoints.values()}
+            touched = [by_ep[key.ep_id]] if step.map in ("peers", "ports") and key.ep_id in by_ep \
+                else ifindexes
+            for i in touched:
+                now = decisions(kernel, i, probes)
+                wrong = [f for f, v in now.items() if v != old[i][f] and old[i][f] == new[i][f]]
+                assert not wrong, f"endpoint {i}: step {n} ({step.map} {step.op} {key}) changes {wrong[:3]}"
+    assert state == after
+    return state
+
+
 def in_force(state: PolicyState) -> dict:
     """Per endpoint (ifindex): its flags and the entries of its generation in force."""
     out = {}
@@ -153,7 +203,7 @@ def test_every_case_planned_on_top_of_the_previous_one():
         objects, checks = case_objects(case)
         c = compiled(objects)
         plan = plan_policy(state, c, IFINDEX, NODE_IPS)
-        state = assert_atomic_steps(state, plan)
+        state = assert_safe_entry_by_entry(state, plan)
         live = {(ep.ep_id, ep.gen) for ep in state.endpoints.values()}
         assert {(k.ep_id, k.gen) for k in [*state.peers, *state.ports]} <= live, case[0]
         assert not table_mismatches(c, Kernel(state), checks), case[0]
@@ -176,8 +226,7 @@ def test_relabelled_pod_rewrites_only_the_endpoints_it_affects():
     after = compiled(world([policy], pod_labels={"x/b": {"pod2": "updated"}}))
     plan = plan_policy(state, after, IFINDEX, NODE_IPS)
     x_a = state.endpoints[IFINDEX["x", "a"]]
-    assert set(plan.endpoint_updates) == {IFINDEX["x", "a"]}
-    assert plan.endpoint_updates[IFINDEX["x", "a"]] == x_a._replace(gen=1)
+    assert not plan.endpoint_updates   # its isolation stays: written in place
     touched = {k.ep_id for step in plan.steps() if step.map in ("peers", "ports") for k in step.entries}
     assert touched == {x_a.ep_id}
     assert not plan.address_updates and not plan.address_deletes
@@ -185,9 +234,11 @@ def test_relabelled_pod_rewrites_only_the_endpoints_it_affects():
 
 
 def test_new_generation_is_complete_before_the_flip_and_old_one_deleted_after():
+    """A change of isolation (here: egress too) flips generations."""
     policy = netpol("p", "x", labels(pod="a"), ingress=[{"ports": [{"port": 80}]}])
     _, state = planned(compiled(world([policy])))
-    changed = netpol("p", "x", labels(pod="a"), ingress=[{"ports": [{"port": 81}]}])
+    changed = netpol("p", "x", labels(pod="a"), ingress=[{"ports": [{"port": 81}]}],
+                     egress=[{"ports": [{"port": 53}]}])
     plan = plan_policy(state, compiled(world([changed])), IFINDEX, NODE_IPS)
     kinds = [(s.map, s.op) for s in plan.steps()]
     flip = kinds.index(("endpoints", "update"))
@@ -197,6 +248,7 @@ def test_new_generation_is_complete_before_the_flip_and_old_one_deleted_after():
     assert all(k.gen == 1 for s in steps[:flip] for k in s.entries)
     assert all(k.gen == 0 for s in steps[flip + 1:] for k in s.entries)
     assert_atomic_steps(state, plan)
+    assert_safe_entry_by_entry(state, plan)
 
 
 def test_restart_reuses_ids_and_generations():
@@ -461,3 +513,185 @@ def test_only_local_pods_with_an_interface_become_endpoints():
     _, state = planned(c, endpoints={("x", "a"): 7, ("x", "h"): 8, ("x", "r"): 9})
     assert set(state.endpoints) == {7}
     assert set(state.addresses) == {addr16(ip("10.0.1.1"))}
+
+
+def test_e2e_cases_as_live_edits_in_random_orders():
+    """The e2e states in random orders (each pair of cases is an edit: new
+    policies, relabelled pods and namespaces): safe at every map write, and
+    each lands on its truth table with nothing left to write."""
+    import random
+    for seed in range(4):
+        rnd = random.Random(seed)
+        state = PolicyState()
+        for case in rnd.sample(CASES, len(CASES)):
+            objects, checks = case_objects(case)
+            c = compiled(objects)
+            state = assert_safe_entry_by_entry(state, plan_policy(state, c, IFINDEX, NODE_IPS))
+            assert not table_mismatches(c, Kernel(state), checks), case[0]
+            assert not plan_policy(state, c, IFINDEX, NODE_IPS), case[0]
+
+
+NESTED = ["0.0.0.0/0", "10.0.0.0/8", "10.0.0.0/16", "10.0.1.0/24", "10.0.1.0/30", "10.0.2.0/24",
+          "10.0.1.2/32", "10.0.3.0/25", "::/0", "fd00::/16", "fd00::1:0/112"]
+EDIT_PROBES = PROBES + [addr16(ip(a)) for a in (
+    "10.0.1.4", "10.0.3.200", "10.1.0.1", "10.0.1.3", "fd00::2", "fd00::1:ffff", "fd01::1", "::1")]
+
+
+def random_peer(rnd) -> dict:
+    kind = rnd.randrange(4)
+    if kind == 0:
+        return {"podSelector": labels(pod=rnd.choice("abc"))}
+    if kind == 1:
+        return {"namespaceSelector": labels(ns=rnd.choice("xyz"))}
+    cidr = net(rnd.choice(NESTED))
+    holes = [str(h) for h in NESTED if net(h).version == cidr.version and net(h) != cidr
+             and net(h).subnet_of(cidr)]
+    block = {"cidr": str(cidr)}
+    if holes and rnd.random() < 0.4:
+        block["except"] = [rnd.choice(holes)]
+    return {"ipBlock": block}
+
+
+def random_rule(rnd, side: str) -> dict:
+    rule: dict = {side: [random_peer(rnd) for _ in range(rnd.randint(0, 2))]}
+    if rnd.random() < 0.7:
+        first = rnd.choice((79, 80, 81))
+        port = {"port": first, "protocol": rnd.choice(("TCP", "UDP"))}
+        if rnd.random() < 0.3:
+            port["endPort"] = first + rnd.randint(1, 3)
+        rule["ports"] = [port]
+    return rule
+
+
+def random_policy(rnd, name: str) -> dict:
+    selector = rnd.choice([labels(pod="a"), labels(pod="b"), {}])
+    ingress = [random_rule(rnd, "from") for _ in range(rnd.randint(0, 3))]
+    egress = [random_rule(rnd, "to") for _ in range(rnd.randint(0, 2))] if rnd.random() < 0.3 else None
+    return netpol(name, rnd.choice("xy"), selector, ingress=ingress, egress=egress)
+
+
+def random_edit(rnd, policies: dict, pod_labels: dict) -> None:
+    """One live edit: a policy added, removed or rewritten, or a pod relabelled."""
+    what = rnd.random()
+    if what < 0.25 and policies:
+        del policies[rnd.choice(sorted(policies))]
+    elif what < 0.4:
+        pod_labels[rnd.choice(ALL)] = {"pod": rnd.choice("abcd")}
+    elif what < 0.55 and policies:
+        # A rule of one policy edited, its isolation kept: the in-place path.
+        name = rnd.choice(sorted(policies))
+        spec = policies[name]["spec"]
+        rules = spec.get("ingress") or []
+        if rules:
+            rules[rnd.randrange(len(rules))] = random_rule(rnd, "from")
+    else:
+        name = f"p{rnd.randrange(6)}"
+        policies[name] = random_policy(rnd, name)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_live_edits_are_safe_at_every_map_write(seed):
+    """Random edit sequences over nested IPv4/IPv6 blocks with excepts, pod
+    selectors, ports and ranges: at every single map write each flow's
+    verdict is its old one where old == new (a denied flow never passes, an
+    allowed one is never refused), and each edit lands exactly on the
+    compiler's verdicts with nothing left to write."""
+    import copy
+    import random
+    rnd = random.Random(seed)
+    policies: dict = {}
+    pod_labels: dict = {}
+    state = PolicyState()
+    addresses = [ip(a) for a in ("10.0.1.4", "10.0.3.200", "11.0.0.1")] + [ip_of(p) for p in ALL]
+    for _ in range(12):
+        random_edit(rnd, policies, pod_labels)
+        c = compiled(world(copy.deepcopy(list(policies.values())), pod_labels))
+        plan = plan_policy(state, c, IFINDEX, NODE_IPS)
+        if plan.writes > 1 and rnd.random() < 0.3:
+            # The agent died mid-plan: the next one plans from what was written.
+            state = apply_entries(state, plan, rnd.randrange(1, plan.writes))
+            plan = plan_policy(state, c, IFINDEX, NODE_IPS)
+        state = assert_safe_entry_by_entry(state, plan, EDIT_PROBES)
+        assert not compiler_mismatches(c, Kernel(state), addresses, ports=(79, 80, 81, 83))
+        assert not plan_policy(state, c, IFINDEX, NODE_IPS)
+
+
+def test_a_one_rule_edit_writes_its_difference_in_place():
+    """Issue 10: a rule that stops allowing one peer among many rewrites that
+    peer's prefix and its peer set, not the pod's whole rule set, and needs
+    no generation flip; the other pods get no write."""
+    decoys = [netpol(f"decoy-{j}", "x", labels(pod="a"), ingress=[
+        {"from": [{"ipBlock": {"cidr": f"10.{j}.0.0/16", "except": [f"10.{j}.1.0/24"]}}],
+         "ports": [{"port": 9000 + j}]}]) for j in range(40, 90)]
+    allow = netpol("zz", "x", labels(pod="a"), ingress=[{"from": [{"podSelector": labels(pod="b")}],
+                                                          "ports": [{"port": 80}]}])
+    deny = netpol("zz", "x", labels(pod="a"), ingress=[{"from": [{"podSelector": labels(pod="nobody")}],
+                                                         "ports": [{"port": 80}]}])
+    _, state = planned(compiled(world(decoys + [allow])))
+    x_a = state.endpoints[IFINDEX["x", "a"]]
+    for policy, allowed in ((deny, False), (allow, True), (deny, False)):
+        c = compiled(world(decoys + [policy]))
+        plan = plan_policy(state, c, IFINDEX, NODE_IPS)
+        assert not plan.endpoint_updates
+        assert {k.ep_id for s in plan.steps() for k in s.entries} == {x_a.ep_id}
+        assert plan.writes <= 3, list(plan.steps())
+        state = assert_safe_entry_by_entry(state, plan)
+        assert state.endpoints[IFINDEX["x", "a"]] == x_a
+        assert Kernel(state).verdict(ip_of("x/b"), ip_of("x/a"), "TCP", 80) is allowed
+        assert not compiler_mismatches(c, Kernel(state), [ip_of(p) for p in ALL] + [ip("10.41.0.1")],
+                                       ports=(80, 9041))
+
+
+def block_rule(cidr: str, *ports: int) -> dict:
+    return {"from": [{"ipBlock": {"cidr": cidr}}], "ports": [{"port": p} for p in ports]}
+
+
+@pytest.mark.parametrize("before, after", [
+    # A more specific prefix comes in while the wider one's ports change: it
+    # must be in before the wider one changes (10.0.1.4 keeps port 80).
+    ([block_rule("10.0.0.0/8", 80)], [block_rule("10.0.0.0/8", 81), block_rule("10.0.1.0/24", 80)]),
+    # Two nested prefixes go, a wider one comes: the outer one must go
+    # first, else 10.0.1.4 falls onto the /16 and loses port 80 it keeps.
+    ([block_rule("10.0.1.0/24", 80), block_rule("10.0.0.0/16", 81)], [block_rule("10.0.0.0/8", 80, 81)]),
+    # and back.
+    ([block_rule("10.0.0.0/8", 80, 81)], [block_rule("10.0.1.0/24", 80), block_rule("10.0.0.0/16", 81)]),
+])
+def test_nested_prefixes_change_in_place_in_a_safe_order(before, after):
+    _, state = planned(compiled(world([netpol("p", "x", labels(pod="a"), ingress=before)])))
+    c = compiled(world([netpol("p", "x", labels(pod="a"), ingress=after)]))
+    plan = plan_policy(state, c, IFINDEX, NODE_IPS)
+    assert not plan.endpoint_updates   # in place, no flip
+    state = assert_safe_entry_by_entry(state, plan, EDIT_PROBES)
+    assert not compiler_mismatches(c, Kernel(state), [ip("10.0.1.4"), ip("10.2.0.1"), ip_of("x/a")])
+
+
+def test_maps_of_the_previous_build_are_edited_in_place_safely():
+    """0.1.0 numbered peer sets by the rules matching a prefix, so two sets
+    could hold the same ports. An agent of this build edits such maps in
+    place: safe at every write, right at the end, one set per content."""
+    policy = netpol("p", "x", labels(pod="a"), ingress=[
+        {"from": [{"ipBlock": {"cidr": "10.0.0.0/16"}}], "ports": [{"port": 80}]},
+        {"from": [{"podSelector": labels(pod="b")}], "ports": [{"port": 80}]}])
+    _, state = planned(compiled(world([policy])))
+    x_a = state.endpoints[IFINDEX["x", "a"]]
+    # Give one prefix its own copy of its set, as the old numbering did.
+    key = next(k for k, v in state.peers.items() if k.ep_id == x_a.ep_id and k.addr_bits == 128
+               and not v.flags)
+    copy_of = state.peers[key].peer_set
+    state.ports.update({k._replace(peer_set=99): v for k, v in list(state.ports.items())
+                        if k.ep_id == x_a.ep_id and k.peer_set == copy_of})
+    state.peers[key] = state.peers[key]._replace(peer_set=99)
+    c = compiled(world([netpol("p", "x", labels(pod="a"), ingress=[
+        {"from": [{"ipBlock": {"cidr": "10.0.0.0/16"}}], "ports": [{"port": 80}, {"port": 81}]}])]))
+    plan = plan_policy(state, c, IFINDEX, NODE_IPS)
+    assert not plan.endpoint_updates
+    state = assert_safe_entry_by_entry(state, plan, EDIT_PROBES)
+    sets: dict = {}
+    for k, v in state.ports.items():
+        if k.ep_id == x_a.ep_id:
+            sets.setdefault((k.dir, k.peer_set), set()).add((k.proto, k.port, k.port_bits, v))
+    named = {(k.dir, v.peer_set) for k, v in state.peers.items() if k.ep_id == x_a.ep_id and not v.flags}
+    assert set(sets) <= named, "a peer set no prefix names was left"
+    assert len({frozenset(s) for s in sets.values()}) == len(sets), "two sets with the same ports"
+    assert not compiler_mismatches(c, Kernel(state), [ip_of(p) for p in ALL])
+    assert not plan_policy(state, c, IFINDEX, NODE_IPS)
