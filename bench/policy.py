@@ -3,7 +3,7 @@ in one run. Run it through bench/run-policy (see bench/README.md).
 
 One lab (`pb<pid>`) holds four pods in namespace "bench": srv and cli, on
 the agent's node, and their twins srv-twin and cli-twin, which the cluster
-objects place on another node (bench/policy_world.py). The agent
+objects place on another node (bench/policy_cluster.py). The agent
 (`--node-name bench-node --node-netns <lab node netns>`) enforces srv and
 cli with its tc programs; the iptables/nftables baselines are generated
 from the same objects for the twins' node (bench/policy_rules.py) and
@@ -45,7 +45,7 @@ from pathlib import Path
 
 import policy_profile
 import policy_rules as rules
-import policy_world as world
+import policy_cluster as world
 from meshbpf.lab.netlab import Lab
 from meshbpf.lab.workloads import AgentProcess
 

@@ -1,6 +1,6 @@
 """Where meshbpf's time goes for one NetworkPolicy edit, and for programming
 the whole cluster: the agent's own stages, in-process, on the benchmark's
-cluster (bench/policy_world.py), no root and no maps.
+cluster (bench/policy_cluster.py), no root and no maps.
 
     .venv/bin/python bench/policy_profile.py [--pods 5000] [--policies 100] [--edits 3]
 
@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import policy_world as world
+import policy_cluster as world
 from meshbpf.gcpause import gc_paused
 from meshbpf.policy.compile import PolicyCompiler
 from meshbpf.reconcile.policy import plan_policy

@@ -16,7 +16,7 @@ from .conftest import LAB_PREFIX, _names
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 import policy as bench  # noqa: E402
-import policy_world as world  # noqa: E402
+import policy_cluster as world  # noqa: E402
 
 NS = world.NAMESPACE
 

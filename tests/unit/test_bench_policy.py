@@ -13,7 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
 import policy_rules as rules  # noqa: E402
-import policy_world as world  # noqa: E402
+import policy_cluster as world  # noqa: E402
 
 NODE = "n1"
 
