@@ -19,6 +19,16 @@ pytestmark = pytest.mark.bounds  # the matrix runs it on 5.10 and 6.12 (tests/vm
 NODE = "lab-node"
 
 
+def netpol(name: str, namespace: str, selector: dict, ingress=None, egress=None, types=None) -> dict:
+    """A NetworkPolicy selecting pods by matchLabels; policyTypes left to
+    upstream's defaults unless given."""
+    policy = pw.netpol(name, namespace, {"matchLabels": selector} if selector else {},
+                       ingress=ingress, egress=egress, types=types or [])
+    if types is None:
+        del policy["spec"]["policyTypes"]
+    return policy
+
+
 def curl(lab, pod: str, url: str) -> bool:
     return lab.run(pod, ["curl", "-sS", "--max-time", "1", url]).returncode == 0
 

@@ -7,17 +7,22 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from meshbpf.datapath.policy import PolicyMaps
 from meshbpf.lab.objects import lab_objects
 from meshbpf.lab.workloads import start_whoami, wait_for
 
 from . import k8s
 from .conftest import Load, web_service
-from .test_policy_agent import NODE, curl, netpol
+from .netpol_lab import pw
+from .test_policy_agent import NODE, curl
+
+pytestmark = pytest.mark.bounds  # the matrix runs it on 5.10 and 6.12 (tests/vm/matrix)
 
 
 def from_pod(name: str, selected: str) -> dict:
-    return netpol(name, "x", {"pod": "b"},
+    return pw.netpol(name, "x", {"matchLabels": {"pod": "b"}},
                   ingress=[{"from": [{"podSelector": {"matchLabels": {"pod": selected}}}],
                             "ports": [{"protocol": "TCP", "port": 8080}]}])
 
