@@ -112,6 +112,7 @@ class PolicySync:
             self._sync(desired)
         except Exception as exc:
             self.stale = True
+            self._reread()  # a write that failed half-way: plan the retry from what the maps hold
             self.metrics.sync_errors.labels("policy").inc()
             delay = self.retry.failed(time.monotonic())
             self.error("NetworkPolicy not applied (load balancing goes on): %s; retrying in %gs",
@@ -123,6 +124,14 @@ class PolicySync:
             log.info("policy maps match the desired state again")
         self.stale = False
         return True
+
+    def _reread(self) -> None:
+        if self.maps is None:
+            return
+        try:
+            self.current = self.maps.read()
+        except Exception as exc:
+            log.error("could not read the policy maps back: %s", one_line(exc))
 
     def _sync(self, desired: DesiredState) -> None:
         assert self.maps is not None
