@@ -61,10 +61,62 @@ class ServicePort:
     frontend: Frontend
     endpoints: tuple[Endpoint, ...]
     affinity_timeout: int = 0  # seconds; 0 means no session affinity
+    # Set when a route (TCPRoute/UDPRoute with this Service as parent)
+    # splits this frontend: new connections go to these backend Services by
+    # weight, not to `endpoints` (kept for display). Empty: no split.
+    split: tuple["SplitShare", ...] = ()
+    route: str = ""  # "TCPRoute namespace/name" that set `split`
 
     @property
     def service(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class SplitShare:
+    """One backendRef of a route, resolved: a backend Service port, its
+    weight and its endpoints (empty when the Service has none)."""
+
+    service: str        # "namespace/name:port"
+    weight: int
+    endpoints: tuple[Endpoint, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ParentRef:
+    """A route's parent: a Service (GAMMA), optionally one of its ports."""
+
+    namespace: str
+    name: str
+    port: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BackendRef:
+    namespace: str
+    name: str
+    port: int
+    weight: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A gateway.networking.k8s.io/v1alpha2 TCPRoute or UDPRoute whose
+    parents are Services: traffic to the parent is split over backend_refs."""
+
+    kind: str           # "TCPRoute" or "UDPRoute"
+    namespace: str
+    name: str
+    parents: tuple[ParentRef, ...]
+    backend_refs: tuple[BackendRef, ...]
+    where: str = field(default="", compare=False)
+
+    @property
+    def protocol(self) -> str:
+        return "TCP" if self.kind == "TCPRoute" else "UDP"
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.namespace}/{self.name}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +181,9 @@ class DesiredState:
     pods: tuple[PodInfo, ...] = ()
     namespaces: tuple[NamespaceInfo, ...] = ()
     network_policies: tuple[NetworkPolicy, ...] = ()
+    # TCPRoutes and UDPRoutes with Service parents, already resolved into
+    # their parents' ServicePort.split; kept for views.
+    routes: tuple[Route, ...] = ()
     # Not part of what the state is, only of how it came about:
     delta: Delta | None = field(default=None, compare=False, repr=False)
     # When the changes in it were made (EndpointSlices'

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Iterator, NamedTuple
 
 from ..model import DesiredState, IPAddress, ServicePort, usable_endpoints
+from .split import split_members
 
 IPPROTO = {"TCP": 6, "UDP": 17}
 PROTO_NAME = {v: k for k, v in IPPROTO.items()}
@@ -172,8 +173,13 @@ def wanted_service(sp: ServicePort) -> tuple[SvcKey, WantedService]:
     fe = sp.frontend
     proto = IPPROTO[fe.protocol]
     backends = []
+    if sp.split:
+        # Weighted: a backend fills as many slots as its share (split.py).
+        for ep, fallback in split_members(sp.split):
+            backends.append((BackendVal(addr16(ep.address), ep.port, proto),
+                             SLOT_TERMINATING if fallback else SLOT_READY))
     seen = set()
-    for usable in usable_endpoints(sp.endpoints):
+    for usable in () if sp.split else usable_endpoints(sp.endpoints):
         ep = usable.endpoint
         be = BackendVal(addr16(ep.address), ep.port, proto)
         if be in seen:
@@ -228,17 +234,16 @@ def plan(current: LBState, wanted: dict[SvcKey, WantedService]) -> Plan:
     live_svc_ids: set[int] = set()
 
     for key, want in wanted.items():
+        # One member per slot: wanted_service de-duplicates endpoints, and
+        # repeats one only for a weighted split, where it fills several.
         members: list[tuple[int, int]] = []
-        referenced_here: set[int] = set()
         for be, state in want.backends:
             bid = backend_id.get(be)
             if bid is None:
                 bid = backend_ids.take()
                 backend_id[be] = bid
                 p.backend_updates[bid] = be
-            if bid not in referenced_here:
-                referenced_here.add(bid)
-                members.append((bid, state))
+            members.append((bid, state))
             referenced.add(bid)
 
         old = current.services.get(key)
@@ -274,18 +279,31 @@ def plan(current: LBState, wanted: dict[SvcKey, WantedService]) -> Plan:
 
 def _slot_layout(old_slots: dict[int, SlotVal], old_count: int,
                  members: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """New slot contents, keeping each surviving backend where it was."""
+    """New slot contents, keeping each surviving backend where it was. A
+    backend may fill several slots (a weighted split): as many of its old
+    positions as it still fills are kept."""
     n = len(members)
-    state_of = dict(members)
+    state_of: dict[int, int] = {}
+    left: dict[int, int] = {}  # backend ID -> slots it still has to fill
+    for bid, state in members:
+        state_of.setdefault(bid, state)
+        left[bid] = left.get(bid, 0) + 1
     layout: list[tuple[int, int] | None] = [None] * n
-    placed: set[int] = set()
     for i in range(min(old_count, n)):
         old = old_slots.get(i)
-        if old is not None and old.backend_id in state_of and old.backend_id not in placed:
+        if old is not None and left.get(old.backend_id, 0) > 0:
             layout[i] = (old.backend_id, state_of[old.backend_id])
-            placed.add(old.backend_id)
-    rest = iter([m for m in members if m[0] not in placed])
+            left[old.backend_id] -= 1
+    rest = iter([m for m in members if _take(left, m[0])])
     return [entry if entry is not None else next(rest) for entry in layout]
+
+
+def _take(left: dict[int, int], bid: int) -> bool:
+    """Whether one more slot of `bid` is still unplaced (and count it)."""
+    if left[bid] > 0:
+        left[bid] -= 1
+        return True
+    return False
 
 
 def check_capacity(current: LBState, p: Plan, capacity: dict[str, int],

@@ -131,8 +131,7 @@ def plan_services(current: LBState, index: LBIndex,
                     count(slot.backend_id, -1)
             continue
 
-        members: list[tuple[int, int]] = []
-        seen: set[int] = set()
+        members: list[tuple[int, int]] = []  # one per slot, as in plan()
         for be, state in want.backends:
             bid = index.backend_id.get(be)
             if bid is None:
@@ -140,9 +139,7 @@ def plan_services(current: LBState, index: LBIndex,
                 if bid is None:
                     bid = new_backend[be] = backend_ids.take()
                     p.backend_updates[bid] = be
-            if bid not in seen:
-                seen.add(bid)
-                members.append((bid, state))
+            members.append((bid, state))
 
         svc_id = old.svc_id if old else svc_ids.take()
         layout = _slot_layout(old_slots, old.count if old else 0, members)

@@ -26,6 +26,7 @@ from .errors import ConfigError, Problem, internal_error
 from .file_incremental import FileIndex
 from .kube_objects import BuildResult, SourceObject, _Collector, _flatten_lists, build_state
 from .kube_policy import POLICY_KINDS, policy_fields, read_policy_objects
+from .routes import ROUTE_KINDS, apply_routes, read_routes
 from .yaml_load import LoadError, load_all
 
 log = logging.getLogger(__name__)
@@ -142,12 +143,18 @@ def _read_config(path: Path, node_name: str | None, cache: dict,
     lists = _Collector()
     flat = list(_flatten_lists(objects, lists))
     policy_objects = [o for o in flat if o.obj.get("kind") in POLICY_KINDS]
-    result = build_state((o for o in flat if o.obj.get("kind") not in POLICY_KINDS), node_name=node_name)
+    route_objects = [o for o in flat if o.obj.get("kind") in ROUTE_KINDS]
+    result = build_state((o for o in flat if o.obj.get("kind") not in POLICY_KINDS + ROUTE_KINDS),
+                         node_name=node_name)
     if lists.problems or result.problems:
         raise ConfigError(lists.problems + result.problems)
     policy = read_policy_objects(policy_objects)
     state = replace(result.state, **policy_fields(policy, previous))
-    return ConfigResult(state, [], result.notes + policy.notes, skipped=policy.problems)
+    # A bad route is left out alone, as a bad policy is: the rest applies.
+    routes, route_problems, route_notes = read_routes(route_objects)
+    state, split_notes = apply_routes(state, routes) if routes else (state, [])
+    return ConfigResult(state, [], result.notes + policy.notes + route_notes + split_notes,
+                        skipped=policy.problems + route_problems)
 
 
 @dataclass(frozen=True)
@@ -267,9 +274,14 @@ class FileSource:
                 log.info("%s", note)
             self._notes = result.notes
         self._report_skipped([str(p) for p in result.skipped])
-        with gc_paused():
-            self._index = FileIndex(result.state, self._parsed, self.node_name)
-        self._index.skipped = result.skipped
+        # A route ties its parent to other Services: the incremental path
+        # would miss a backend Service's change, so routes mean full reads.
+        if result.state.routes or any(p.obj.startswith(ROUTE_KINDS) for p in result.skipped):
+            self._index = None
+        else:
+            with gc_paused():
+                self._index = FileIndex(result.state, self._parsed, self.node_name)
+            self._index.skipped = result.skipped
         self._read_state = result.state
         return result.state
 

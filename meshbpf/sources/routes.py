@@ -1,0 +1,191 @@
+"""Gateway API routes on Services (GAMMA): TCPRoute and UDPRoute, v1alpha2.
+
+`read_routes` turns route objects into model.Route values; a bad route is
+left out with one problem naming file, document and field, and never blocks
+the others. `apply_routes` resolves them against the Services of a
+DesiredState: each parent frontend gets a `split` naming its backend
+Services' endpoints and weights. The planner turns that into slots
+(reconcile/split.py); nothing here knows about maps.
+
+Only routes in the parent's and backends' own namespace are read (no
+ReferenceGrant yet). Parents that are not Services (a Gateway) are skipped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any, Iterable
+
+from ..model import BackendRef, DesiredState, ParentRef, Route, ServicePort, SplitShare
+from .errors import Problem
+from .kube_objects import SourceObject
+
+API_VERSION = "gateway.networking.k8s.io/v1alpha2"
+ROUTE_KINDS = ("TCPRoute", "UDPRoute")
+MAX_WEIGHT = 1_000_000  # the Gateway API's bound
+
+
+class _Bad(Exception):
+    def __init__(self, path: str, reason: str):
+        super().__init__(reason)
+        self.path, self.reason = path, reason
+
+
+def read_routes(objects: Iterable[SourceObject]) -> tuple[list[Route], list[Problem], list[str]]:
+    """(routes, problems, notes): one problem per bad route, which is left out."""
+    routes: list[Route] = []
+    problems: list[Problem] = []
+    notes: list[str] = []
+    seen: dict[tuple[str, str, str], str] = {}
+    for src in objects:
+        obj = src.obj
+        meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
+        label = f"{obj.get('kind')} {meta.get('namespace') or 'default'}/{meta.get('name')}"
+        try:
+            route = _read_route(src)
+        except _Bad as bad:
+            problems.append(Problem(src.where, label, bad.path, bad.reason))
+            continue
+        if route is None:
+            notes.append(f"{src.where} ({label}): no Service parent; skipped")
+            continue
+        key = (route.kind, route.namespace, route.name)
+        if key in seen:
+            problems.append(Problem(src.where, label, "metadata.name", f"defined twice (first at {seen[key]})"))
+            continue
+        seen[key] = src.where
+        routes.append(route)
+    return routes, problems, notes
+
+
+def _read_route(src: SourceObject) -> Route | None:
+    obj = src.obj
+    if obj.get("apiVersion") != API_VERSION:
+        raise _Bad("apiVersion", f"must be {API_VERSION!r}, not {obj.get('apiVersion')!r}")
+    meta = _mapping(obj.get("metadata"), "metadata")
+    name = _string(meta.get("name"), "metadata.name")
+    namespace = _string(meta.get("namespace", "default"), "metadata.namespace")
+    spec = _mapping(obj.get("spec"), "spec")
+    _known(spec, "spec", {"parentRefs", "rules"})
+    parents = [_parent(p, f"spec.parentRefs[{i}]", namespace)
+               for i, p in enumerate(_list(spec.get("parentRefs"), "spec.parentRefs"))]
+    parents = [p for p in parents if p is not None]
+    if not parents:
+        return None
+    rules = _list(spec.get("rules"), "spec.rules")
+    if len(rules) != 1:
+        raise _Bad("spec.rules", f"exactly one rule is supported, found {len(rules)}")
+    rule = _mapping(rules[0], "spec.rules[0]")
+    _known(rule, "spec.rules[0]", {"backendRefs", "name"})
+    refs = tuple(_backend(b, f"spec.rules[0].backendRefs[{i}]", namespace)
+                 for i, b in enumerate(_list(rule.get("backendRefs"), "spec.rules[0].backendRefs")))
+    if not refs:
+        raise _Bad("spec.rules[0].backendRefs", "needs at least one backendRef")
+    return Route(obj["kind"], namespace, name, tuple(parents), refs, src.where)
+
+
+def _parent(p: Any, path: str, namespace: str) -> ParentRef | None:
+    p = _mapping(p, path)
+    _known(p, path, {"group", "kind", "name", "namespace", "port", "sectionName"})
+    # The API's default parent is a Gateway (group gateway.networking.k8s.io).
+    if p.get("group", "gateway.networking.k8s.io") != "" or p.get("kind", "Gateway") != "Service":
+        return None
+    _same_namespace(p, path, namespace)
+    port = p.get("port")
+    return ParentRef(namespace, _string(p.get("name"), f"{path}.name"),
+                     None if port is None else _port(port, f"{path}.port"))
+
+
+def _backend(b: Any, path: str, namespace: str) -> BackendRef:
+    b = _mapping(b, path)
+    _known(b, path, {"group", "kind", "name", "namespace", "port", "weight"})
+    if b.get("group", "") != "" or b.get("kind", "Service") != "Service":
+        raise _Bad(path, "only Service backendRefs (group \"\", kind Service) are supported")
+    _same_namespace(b, path, namespace)
+    if "port" not in b:
+        raise _Bad(f"{path}.port", "missing (a Service backendRef needs a port)")
+    weight = b.get("weight", 1)
+    if type(weight) is not int or not 0 <= weight <= MAX_WEIGHT:
+        raise _Bad(f"{path}.weight", f"must be an integer from 0 to {MAX_WEIGHT}, not {weight!r}")
+    return BackendRef(namespace, _string(b.get("name"), f"{path}.name"), _port(b["port"], f"{path}.port"),
+                      weight)
+
+
+def _same_namespace(ref: dict, path: str, namespace: str) -> None:
+    other = ref.get("namespace", namespace)
+    if other != namespace:
+        raise _Bad(f"{path}.namespace", f"{other!r}: only references in the route's own "
+                                        f"namespace {namespace!r} are supported")
+
+
+def _mapping(v: Any, path: str) -> dict:
+    if not isinstance(v, dict):
+        raise _Bad(path, f"must be a mapping, not {type(v).__name__}")
+    return v
+
+
+def _list(v: Any, path: str) -> list:
+    if not isinstance(v, list):
+        raise _Bad(path, "missing" if v is None else f"must be a list, not {type(v).__name__}")
+    return v
+
+
+def _string(v: Any, path: str) -> str:
+    if not isinstance(v, str) or not v:
+        raise _Bad(path, "missing" if v is None else f"must be a non-empty string, not {v!r}")
+    return v
+
+
+def _port(v: Any, path: str) -> int:
+    if type(v) is not int or not 1 <= v <= 65535:
+        raise _Bad(path, f"must be a port number from 1 to 65535, not {v!r}")
+    return v
+
+
+def _known(m: dict, path: str, fields: set[str]) -> None:
+    unknown = sorted(set(m) - fields)
+    if unknown:
+        raise _Bad(f"{path}.{unknown[0]}", "unknown field")
+
+
+def apply_routes(state: DesiredState, routes: list[Route]) -> tuple[DesiredState, list[str]]:
+    """The state with each route's parent frontends split; notes name broken
+    references and parents a route does not match. The first route (by
+    namespace/name) on a frontend wins; later ones are noted."""
+    by_service: dict[str, list[ServicePort]] = {}
+    for sp in state.service_ports.values():
+        by_service.setdefault(sp.service, []).append(sp)
+    ports = dict(state.service_ports)
+    notes: list[str] = []
+    owner: dict = {}
+    for route in sorted(routes, key=lambda r: (r.namespace, r.name, r.kind)):
+        for parent in route.parents:
+            matched = [sp for sp in by_service.get(f"{parent.namespace}/{parent.name}", [])
+                       if sp.frontend.protocol == route.protocol
+                       and (parent.port is None or sp.frontend.port == parent.port)]
+            if not matched:
+                notes.append(f"{route.where} ({route}): parent Service {parent.namespace}/{parent.name} "
+                             f"has no {route.protocol} port{f' {parent.port}' if parent.port else ''}")
+            for sp in matched:
+                if sp.frontend in owner:
+                    notes.append(f"{route.where} ({route}): {sp.frontend} is already split by {owner[sp.frontend]}")
+                    continue
+                owner[sp.frontend] = route
+                shares = tuple(_share(route, ref, sp, by_service, notes) for ref in route.backend_refs)
+                ports[sp.frontend] = replace(sp, split=shares, route=str(route))
+    return replace(state, service_ports=ports, routes=tuple(routes), delta=None), notes
+
+
+def _share(route: Route, ref: BackendRef, parent: ServicePort,
+           by_service: dict[str, list[ServicePort]], notes: list[str]) -> SplitShare:
+    """One backendRef against the parent's family and protocol; no endpoints
+    (a share that gets no slots) when the Service or port is missing."""
+    label = f"{ref.namespace}/{ref.name}:{ref.port}"
+    fe = parent.frontend
+    for sp in by_service.get(f"{ref.namespace}/{ref.name}", []):
+        if (sp.frontend.port == ref.port and sp.frontend.protocol == fe.protocol
+                and sp.frontend.address.version == fe.address.version):
+            return SplitShare(label, ref.weight, sp.endpoints)
+    notes.append(f"{route.where} ({route}): backendRef Service {label}/{fe.protocol} "
+                 f"(IPv{fe.address.version}) does not exist; its share is left out")
+    return SplitShare(label, ref.weight, ())

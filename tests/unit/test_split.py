@@ -1,0 +1,194 @@
+"""Weighted splitting (issue 13): routes read from files, resolved into the
+parent frontend's ServicePort, planned as weighted slots."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+from meshbpf.reconcile import LBState, plan, wanted_service, wanted_services
+from meshbpf.reconcile.incremental import LBIndex, plan_services
+from meshbpf.reconcile.split import SPLIT_SLOTS, slot_shares
+from meshbpf.sources.yaml_file import read_config
+
+from k8s_builders import endpoint_slice, ep, fe, service
+from reconcile_checks import check_realises, check_transition, members
+
+V4 = {"web": "10.96.0.10", "v1": "10.96.1.1", "v2": "10.96.1.2", "v3": "10.96.1.3"}
+V6 = {"web": "fd00::10", "v1": "fd00::1:1", "v2": "fd00::1:2", "v3": "fd00::1:3"}
+
+
+def route(weights: dict[str, int], *, kind: str = "TCPRoute", name: str = "split",
+          parent_port: int | None = None, port: int = 80) -> dict:
+    parent = {"group": "", "kind": "Service", "name": "web"}
+    if parent_port is not None:
+        parent["port"] = parent_port
+    return {"apiVersion": "gateway.networking.k8s.io/v1alpha2", "kind": kind,
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {"parentRefs": [parent],
+                     "rules": [{"backendRefs": [{"name": n, "port": port, "weight": w}
+                                                for n, w in weights.items()]}]}}
+
+
+def cluster(endpoints: dict[str, int], *, ips: dict[str, str] = V4, protocol: str = "TCP") -> list[dict]:
+    """web plus backend Services v1..v3, each with the given endpoint count;
+    the i-th Service's endpoints are 10.<i+1>.0.x (or fd01:<i+1>::x)."""
+    objs = []
+    v6 = ":" in ips["web"]
+    for i, (name, count) in enumerate({"web": 1, **endpoints}.items()):
+        addrs = [f"fd01:{i + 1}::{j + 1}" if v6 else f"10.{i + 1}.0.{j + 1}" for j in range(count)]
+        objs.append(service(name, ips.get(name, "10.96.9.9"),
+                            ports=[{"name": "p", "port": 80, "protocol": protocol, "targetPort": 8080}]))
+        objs.append(endpoint_slice(f"{name}-abc", name, [ep(a) for a in addrs],
+                                   ports=[{"name": "p", "port": 8080, "protocol": protocol}],
+                                   address_type="IPv6" if v6 else "IPv4"))
+    return objs
+
+
+def read(tmp_path: Path, objs: list[dict]):
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump_all(objs))
+    return read_config(tmp_path / "c.yaml")
+
+
+def service_share(result, parent: str = V4["web"], protocol: str = "TCP") -> dict[str, int]:
+    """Slots per backend Service (by its endpoints' 10.N. prefix) of the parent."""
+    import ipaddress
+    sp = result.state.service_ports[fe(parent, 80, protocol)]
+    _, want = wanted_service(sp)
+    owner = {}
+    for share in sp.split:
+        for e in share.endpoints:
+            owner[(e.address, e.port)] = share.service.split("/")[1].split(":")[0]
+    counts: Counter = Counter()
+    for be, _ in want.backends:
+        addr = ipaddress.ip_address(be.addr)
+        addr = addr.ipv4_mapped or addr
+        counts[owner[(addr, be.port)]] += 1
+    return dict(counts)
+
+
+@pytest.mark.parametrize("weights,endpoints", [
+    ({"v1": 70, "v2": 30}, {"v1": 3, "v2": 1}),
+    ({"v1": 50, "v2": 30, "v3": 20}, {"v1": 1, "v2": 4, "v3": 3}),
+    ({"v1": 1, "v2": 1, "v3": 1}, {"v1": 7, "v2": 2, "v3": 1}),
+])
+def test_shares_match_weights_within_one_slot(tmp_path, weights, endpoints):
+    result = read(tmp_path, cluster(endpoints) + [route(weights)])
+    shares = service_share(result)
+    total = sum(weights.values())
+    assert sum(shares.values()) == SPLIT_SLOTS
+    for name, w in weights.items():
+        assert abs(shares[name] / SPLIT_SLOTS - w / total) <= 1 / SPLIT_SLOTS
+    # Within a backend Service its endpoints differ by at most one slot.
+    sp = result.state.service_ports[fe(V4["web"], 80)]
+    per_endpoint = Counter(be for be, _ in wanted_service(sp)[1].backends)
+    for share in sp.split:
+        mine = [n for be, n in per_endpoint.items()
+                if any(be.addr.endswith(e.address.packed) for e in share.endpoints)]
+        assert len(mine) == len(share.endpoints) and max(mine) - min(mine) <= 1
+
+
+def test_largest_remainder_is_exact():
+    assert slot_shares([1, 1, 1], 1000) == [334, 333, 333]
+    assert slot_shares([0, 5], 1000) == [0, 1000]
+    assert slot_shares([0, 0], 1000) == [0, 0]
+    assert sum(slot_shares([3, 7, 11, 13], 1000)) == 1000
+
+
+def test_no_route_is_today(tmp_path):
+    plain = read(tmp_path, cluster({"v1": 2, "v2": 1}))
+    sp = plain.state.service_ports[fe(V4["web"], 80)]
+    assert not sp.split and len(wanted_service(sp)[1].backends) == 1
+
+
+def test_weight_zero_and_missing_backend_get_no_slots(tmp_path):
+    result = read(tmp_path, cluster({"v1": 2, "v2": 1}) + [route({"v1": 3, "v2": 0, "gone": 5})])
+    assert service_share(result) == {"v1": SPLIT_SLOTS}
+    assert any("gone" in n and "does not exist" in n for n in result.notes)
+
+
+def test_udp_route_splits_udp_ports_only(tmp_path):
+    objs = cluster({"v1": 1, "v2": 1}, protocol="UDP") + [route({"v1": 70, "v2": 30}, kind="UDPRoute")]
+    result = read(tmp_path, objs)
+    assert service_share(result, protocol="UDP") == {"v1": 700, "v2": 300}
+    # A TCPRoute on a UDP-only parent splits nothing, and says so.
+    tcp = read(tmp_path, cluster({"v1": 1, "v2": 1}, protocol="UDP") + [route({"v1": 1})])
+    assert not tcp.state.service_ports[fe(V4["web"], 80, "UDP")].split
+    assert any("has no TCP port" in n for n in tcp.notes)
+
+
+def test_ipv6(tmp_path):
+    result = read(tmp_path, cluster({"v1": 2, "v2": 3}, ips=V6) + [route({"v1": 50, "v2": 50})])
+    sp = result.state.service_ports[fe(V6["web"], 80)]
+    _, want = wanted_service(sp)
+    assert len(want.backends) == SPLIT_SLOTS
+    assert Counter(be.addr[:15] for be, _ in want.backends)  # all IPv6 backends
+    assert all(not be.addr.startswith(b"\0" * 10 + b"\xff\xff") for be, _ in want.backends)
+
+
+def test_bad_route_is_left_out_alone(tmp_path):
+    bad = route({"v1": 1}, name="bad")
+    bad["spec"]["rules"][0]["backendRefs"][0]["weight"] = -1
+    good = route({"v1": 1, "v2": 1}, name="good", kind="TCPRoute")
+    result = read(tmp_path, cluster({"v1": 1, "v2": 1}) + [bad, good])
+    (problem,) = [str(p) for p in result.skipped]
+    assert problem.startswith(f"{tmp_path / 'c.yaml'}: document 7 (line ")
+    assert problem.endswith("(TCPRoute default/bad): spec.rules[0].backendRefs[0].weight: "
+                            "must be an integer from 0 to 1000000, not -1")
+    assert service_share(result) == {"v1": 500, "v2": 500}
+
+
+def test_unknown_field_is_named(tmp_path):
+    bad = route({"v1": 1})
+    bad["spec"]["rules"][0]["backendRefs"][0]["wieght"] = 3
+    result = read(tmp_path, cluster({"v1": 1}) + [bad])
+    assert "spec.rules[0].backendRefs[0].wieght: unknown field" in str(result.skipped[0])
+    assert not result.state.routes
+
+
+def test_gateway_parent_is_not_ours(tmp_path):
+    r = route({"v1": 1})
+    r["spec"]["parentRefs"] = [{"name": "my-gateway"}]
+    result = read(tmp_path, cluster({"v1": 1}) + [r])
+    assert not result.skipped and not result.state.routes
+    assert not result.state.service_ports[fe(V4["web"], 80)].split
+
+
+def plan_and_apply(state: LBState, want) -> tuple[LBState, object]:
+    p = plan(state, want)
+    check_transition(state, want, p)
+    new = p.apply_to(state)
+    check_realises(new, want)
+    return new, p
+
+
+def test_weight_change_rewrites_only_moved_slots(tmp_path):
+    before = wanted_services(read(tmp_path, cluster({"v1": 2, "v2": 1}) + [route({"v1": 70, "v2": 30})]).state)
+    after = wanted_services(read(tmp_path, cluster({"v1": 2, "v2": 1}) + [route({"v1": 60, "v2": 40})]).state)
+    state, _ = plan_and_apply(LBState(), before)
+    state, p = plan_and_apply(state, after)
+    assert len(p.slot_updates) == 100 and not p.slot_deletes and not p.backend_updates
+    # The same again plans nothing; the incremental planner agrees with plan().
+    assert not plan(state, after)
+    index_state = plan(LBState(), before).apply_to(LBState())
+    inc = plan_services(index_state, LBIndex(index_state), after)
+    assert inc.slot_updates == plan(index_state, after).slot_updates
+
+
+def test_backend_service_removed_and_route_deleted(tmp_path):
+    objs = cluster({"v1": 2, "v2": 1})
+    split = wanted_services(read(tmp_path, objs + [route({"v1": 70, "v2": 30})]).state)
+    state, _ = plan_and_apply(LBState(), split)
+    key = next(k for k, w in split.items() if w.name.startswith("default/web"))
+    # v2 removed: v1 takes every slot, keeping the slots it held.
+    no_v2 = [o for o in objs if o["metadata"]["name"] not in ("v2", "v2-abc")]
+    gone = wanted_services(read(tmp_path, no_v2 + [route({"v1": 70, "v2": 30})]).state)
+    state, p = plan_and_apply(state, gone)
+    assert len(p.slot_updates) == 300 and len(p.backend_deletes) == 1
+    # Route deleted: the parent goes back to its own endpoint, one slot.
+    plain = wanted_services(read(tmp_path, no_v2).state)
+    state, p = plan_and_apply(state, plain)
+    assert state.services[key].count == 1 and len(members(state, key)) == 1
