@@ -52,8 +52,22 @@ def services_view(state: LBState) -> list[dict]:
                 "state": SLOT_STATE.get(slot.state, str(slot.state)) if slot and be else "missing",
             })
         out.append({"id": svc.svc_id, "frontend": _frontend(key), "affinity": _affinity(svc.affinity_timeout),
-                    "affinity_timeout": svc.affinity_timeout, "backends": backends})
+                    "affinity_timeout": svc.affinity_timeout, "backends": backends,
+                    "shares": _shares(backends)})
     return out
+
+
+def _shares(backends: list[dict]) -> list[dict]:
+    """Each distinct backend once, with the slots it fills: a weighted split
+    (a TCPRoute/UDPRoute) repeats a backend over many of its 1000 slots."""
+    by_backend: dict[tuple, dict] = {}
+    for b in backends:
+        entry = by_backend.setdefault((b["address"], b["state"]),
+                                      {"address": b["address"], "state": b["state"], "slots": 0})
+        entry["slots"] += 1
+    for entry in by_backend.values():
+        entry["share"] = round(entry["slots"] / len(backends), 4)
+    return list(by_backend.values())
 
 
 @click.group()
@@ -66,14 +80,17 @@ def service() -> None:
 @output_option
 @friendly_errors
 def service_list(bpffs: Path, output: str) -> None:
-    """Each frontend, its backends and their states, and its affinity."""
+    """Each frontend, its backends and their states, and its affinity; a
+    weighted split (TCPRoute/UDPRoute) shows each backend's share of slots."""
     view = services_view(_load(bpffs))
     if output == "json":
         print_json(view)
         return
     rows = []
     for svc in view:
-        names = [f"{b['address']} ({b['state']})" for b in svc["backends"]] or ["none: connections are refused"]
+        split = any(share["slots"] > 1 for share in svc["shares"])
+        names = [f"{b['address']} ({b['state']})" + (f" {b['share']:.1%} ({b['slots']} slots)" if split else "")
+                 for b in svc["shares"]] or ["none: connections are refused"]
         rows.append([svc["id"], svc["frontend"], svc["affinity"], names[0]])
         rows.extend(["", "", "", name] for name in names[1:])
     print_table(["ID", "FRONTEND", "AFFINITY", "BACKENDS"], rows)

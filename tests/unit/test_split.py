@@ -192,3 +192,13 @@ def test_backend_service_removed_and_route_deleted(tmp_path):
     plain = wanted_services(read(tmp_path, no_v2).state)
     state, p = plan_and_apply(state, plain)
     assert state.services[key].count == 1 and len(members(state, key)) == 1
+
+
+def test_service_list_shows_each_backend_share(tmp_path):
+    from meshbpf.cli.inspect_cmd import services_view
+    want = wanted_services(read(tmp_path, cluster({"v1": 2, "v2": 1}) + [route({"v1": 70, "v2": 30})]).state)
+    state = plan(LBState(), want).apply_to(LBState())
+    view = {s["frontend"]: s for s in services_view(state)}
+    shares = {b["address"]: (b["slots"], b["share"]) for b in view["10.96.0.10:80/TCP"]["shares"]}
+    assert shares == {"10.2.0.1:8080": (350, 0.35), "10.2.0.2:8080": (350, 0.35), "10.3.0.1:8080": (300, 0.3)}
+    assert [b["slots"] for b in view["10.96.1.1:80/TCP"]["shares"]] == [1, 1]

@@ -1,0 +1,127 @@
+"""Weighted splitting (issue 13) with real traffic: a TCPRoute/UDPRoute on a
+Service splits new connections over backend Services by weight.
+
+The proof is the Gateway API weight conformance method (MeshHTTPRouteWeight)
+at L4: 500 connections, 10 at a time, the observed split within +-0.05 of
+the weights, up to 10 attempts. One lab and one agent for the module."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from . import k8s
+from .conftest import Load
+from .shared import dns_pods, lab, probe, start_agent  # noqa: F401 (one lab and agent for the module)
+
+SPLIT_PROBE = Path(__file__).parent / "split_probe.py"
+PARENT = {4: "10.96.0.10", 6: "fd00:96::10"}
+ATTEMPTS, TOTAL, PARALLEL, TOLERANCE = 10, 500, 10, 0.05
+
+
+def route(weights: dict[str, int], *, kind: str = "TCPRoute", parent: str = "web", port: int = 80) -> dict:
+    return {"apiVersion": "gateway.networking.k8s.io/v1alpha2", "kind": kind,
+            "metadata": {"name": f"{parent}-split", "namespace": "default"},
+            "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": parent}],
+                     "rules": [{"backendRefs": [{"name": n, "port": port, "weight": w}
+                                                for n, w in weights.items()]}]}}
+
+
+def services(lab, groups: dict[str, tuple[str, ...]], *, family: int = 4, protocol: str = "TCP",
+             port: int = 80, target: int = 8080, affinity: int | None = None) -> list[dict]:
+    """One Service per group of pods, the first group's name being the
+    parent; cluster IPs 10.96.0.10, .11, ... (fd00:96::10, ::11, ...)."""
+    objects = []
+    for i, (name, pods) in enumerate(groups.items()):
+        ip = f"10.96.0.{10 + i}" if family == 4 else f"fd00:96::{10 + i}"
+        objects.append(k8s.service(name, [ip], [k8s.port("p", port, target, protocol)],
+                                   affinity_timeout=affinity if i == 0 else None))
+        addrs = [str(lab.pods[p].ipv4 if family == 4 else lab.pods[p].ipv6) for p in pods]
+        objects.append(k8s.endpoint_slice(f"{name}-1", name, [k8s.endpoint(a) for a in addrs],
+                                          [k8s.slice_port("p", target, protocol)],
+                                          address_type=f"IPv{family}"))
+    return objects
+
+
+def observe(lab, *args: str) -> dict:
+    r = lab.run("client", [sys.executable, str(SPLIT_PROBE), *map(str, args)], timeout=120)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def assert_split(lab, groups: dict[str, tuple[str, ...]], weights: dict[str, int], *probe_args) -> None:
+    """The conformance check: some attempt's split is within TOLERANCE of
+    every weight (answers counted per backend Service by pod name)."""
+    owner = {pod: name for name, pods in groups.items() for pod in pods if name in weights}
+    total_weight = sum(weights.values())
+    seen = []
+    for _ in range(ATTEMPTS):
+        result = observe(lab, *probe_args)
+        assert result["errors"] == {}, result
+        counts = {name: 0 for name in weights}
+        for pod, n in result["answers"].items():
+            where = owner.get(pod, f"{pod} (outside the route)")
+            counts[where] = counts.get(where, 0) + n
+        got = sum(counts.values())
+        seen.append(counts)
+        print(f"split attempt {len(seen)}: {counts} (weights {weights})")
+        if len(counts) == len(weights) and all(
+                abs(counts[n] / got - w / total_weight) <= TOLERANCE for n, w in weights.items()):
+            return
+    raise AssertionError(f"no attempt within {TOLERANCE} of {weights}: {seen}")
+
+
+SEVENTY_THIRTY = {"web": ("web-4",), "v1": ("web-1", "web-2"), "v2": ("web-3",)}
+
+
+def test_tcp_70_30(lab, start_agent):
+    start_agent(services(lab, SEVENTY_THIRTY) + [route({"v1": 70, "v2": 30})])
+    assert_split(lab, SEVENTY_THIRTY, {"v1": 70, "v2": 30}, "tcp", PARENT[4], 80, TOTAL, PARALLEL)
+
+
+def test_tcp_50_30_20_uneven_endpoints(lab, start_agent):
+    groups = {"web": ("web-4",), "v1": ("web-1",), "v2": ("web-2", "web-3"), "v3": ("web-4",)}
+    start_agent(services(lab, groups) + [route({"v1": 50, "v2": 30, "v3": 20})])
+    assert_split(lab, groups, {"v1": 50, "v2": 30, "v3": 20}, "tcp", PARENT[4], 80, TOTAL, PARALLEL)
+
+
+def test_live_weight_change_then_route_deleted(lab, probe, start_agent):
+    objects = services(lab, SEVENTY_THIRTY)
+    start_agent(objects + [route({"v1": 70, "v2": 30})])
+    load = Load(probe, "client", PARENT[4], 80)
+    start_agent(objects + [route({"v1": 10, "v2": 90})])
+    changed = time.monotonic()
+    result = load.stop()
+    assert result["errors"] == {}, result
+    load.assert_spans(changed)
+    assert_split(lab, SEVENTY_THIRTY, {"v1": 10, "v2": 90}, "tcp", PARENT[4], 80, TOTAL, PARALLEL)
+    # A backend Service removed: its share goes to the others.
+    start_agent([o for o in objects if o["metadata"]["name"] not in ("v2", "v2-1")]
+                + [route({"v1": 10, "v2": 90})])
+    assert set(observe(lab, "tcp", PARENT[4], 80, 50, PARALLEL)["answers"]) == {"web-1", "web-2"}
+    # Route deleted: the parent's own endpoints again.
+    start_agent(objects)
+    assert observe(lab, "tcp", PARENT[4], 80, 50, PARALLEL)["answers"] == {"web-4": 50}
+
+
+def test_client_ip_affinity_sticks_to_one_split_backend(lab, start_agent):
+    start_agent(services(lab, SEVENTY_THIRTY, affinity=60) + [route({"v1": 50, "v2": 50})])
+    # The backend is chosen (split, then endpoint) once, then kept: the
+    # affinity entry stores the final backend, not the backend Service.
+    answers = observe(lab, "tcp", PARENT[4], 80, 30, 1)["answers"]
+    assert len(answers) == 1 and sum(answers.values()) == 30, answers
+    assert set(answers) <= {"web-1", "web-2", "web-3"}, answers
+
+
+def test_udp_70_30(lab, dns_pods, start_agent):
+    groups = {"dns": ("dns-1",), "d1": ("dns-1",), "d2": ("dns-2",)}
+    start_agent(services(lab, groups, protocol="UDP", port=53, target=53)
+                + [route({"d1": 70, "d2": 30}, kind="UDPRoute", parent="dns", port=53)])
+    assert_split(lab, groups, {"d1": 70, "d2": 30}, "udp", PARENT[4], 53, TOTAL)
+
+
+def test_ipv6_70_30(lab, start_agent):
+    start_agent(services(lab, SEVENTY_THIRTY, family=6) + [route({"v1": 70, "v2": 30})])
+    assert_split(lab, SEVENTY_THIRTY, {"v1": 70, "v2": 30}, "tcp", PARENT[6], 80, TOTAL, PARALLEL)
