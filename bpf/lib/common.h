@@ -194,6 +194,7 @@ struct mbpf_cidr_key {
 /* mbpf_slot.state */
 #define MBPF_SLOT_READY        1  /* endpoint is ready */
 #define MBPF_SLOT_TERMINATING  2  /* serving and terminating: used only when none is ready */
+#define MBPF_SLOT_REFUSE       3  /* a split's share whose backend Service is missing: refuse */
 
 /* ---- NetworkPolicy (bpf/policy.c, bpf/lib/policy.h) --------------------
  * Enforced by tc programs on the host side of each local pod's interface:

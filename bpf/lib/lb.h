@@ -99,6 +99,10 @@ lb_pick_backend(void *ctx, const struct mbpf_svc *svc, __u32 col)
 			return NULL;
 		lb_count(MBPF_LB_SLOT0, col);
 	}
+	/* A weighted split's share without backends (a broken backendRef) is
+	 * refused, as Gateway API asks; never remembered for affinity. */
+	if (state == MBPF_SLOT_REFUSE)
+		return NULL;
 	if (state == MBPF_SLOT_TERMINATING)
 		lb_count(MBPF_LB_TERMINATING, col);
 

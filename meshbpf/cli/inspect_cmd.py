@@ -12,10 +12,11 @@ import click
 
 from ..datapath import loader
 from ..datapath.maps import read_pinned
-from ..reconcile import PROTO_NAME, SLOT_READY, SLOT_TERMINATING, LBState
+from ..reconcile import PROTO_NAME, SLOT_READY, SLOT_REFUSE, SLOT_TERMINATING, LBState
 from .common import bpffs_option, endpoint_text, friendly_errors, output_option, print_json, print_table
 
-SLOT_STATE = {SLOT_READY: "ready", SLOT_TERMINATING: "terminating"}
+SLOT_STATE = {SLOT_READY: "ready", SLOT_TERMINATING: "terminating",
+              SLOT_REFUSE: "refused (a route's backend Service is missing)"}
 
 
 def _load(bpffs: Path) -> LBState:

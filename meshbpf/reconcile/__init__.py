@@ -31,6 +31,10 @@ PROTO_NAME = {v: k for k, v in IPPROTO.items()}
 
 SLOT_READY = 1        # MBPF_SLOT_READY in bpf/lib/common.h
 SLOT_TERMINATING = 2  # MBPF_SLOT_TERMINATING
+SLOT_REFUSE = 3       # MBPF_SLOT_REFUSE: a split's share with no backend
+# What a refusing slot names (a slot must name a stored backend): never
+# connected to, the kernel refuses on the slot state first.
+REFUSE_ADDR = b"\0" * 16
 
 
 def addr16(ip: IPAddress) -> bytes:
@@ -176,8 +180,11 @@ def wanted_service(sp: ServicePort) -> tuple[SvcKey, WantedService]:
     if sp.split:
         # Weighted: a backend fills as many slots as its share (split.py).
         for ep, fallback in split_members(sp.split):
-            backends.append((BackendVal(addr16(ep.address), ep.port, proto),
-                             SLOT_TERMINATING if fallback else SLOT_READY))
+            if ep is None:  # a broken backendRef's share
+                backends.append((BackendVal(REFUSE_ADDR, 0, proto), SLOT_REFUSE))
+            else:
+                backends.append((BackendVal(addr16(ep.address), ep.port, proto),
+                                 SLOT_TERMINATING if fallback else SLOT_READY))
     seen = set()
     for usable in () if sp.split else usable_endpoints(sp.endpoints):
         ep = usable.endpoint

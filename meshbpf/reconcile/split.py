@@ -5,12 +5,14 @@ fixed budget of SPLIT_SLOTS slots, shared among its backend Services by
 weight with largest-remainder rounding (each Service's share is exact to
 1/SPLIT_SLOTS), then spread over that Service's usable endpoints (which
 differ by at most one slot). A backend endpoint fills several slots; the
-planner keeps their positions across updates.
+planner keeps their positions across updates. A share whose backend
+Service is missing or has no usable endpoint keeps its slots, as refusing
+slots (SLOT_REFUSE): its connections fail at once with ECONNREFUSED.
 """
 
 from __future__ import annotations
 
-from ..model import SplitShare, usable_endpoints
+from ..model import Endpoint, SplitShare, usable_endpoints
 
 SPLIT_SLOTS = 1000
 
@@ -30,14 +32,17 @@ def slot_shares(weights: list[int], budget: int = SPLIT_SLOTS) -> list[int]:
     return shares
 
 
-def split_members(split: tuple[SplitShare, ...]) -> list[tuple[object, int]]:
-    """(endpoint, terminating_fallback) per slot, in a stable order. Shares
-    with no usable endpoint are left out and the rest take the budget."""
-    usable = [(share, usable_endpoints(share.endpoints)) for share in split]
-    usable = [(share, eps) for share, eps in usable if eps and share.weight > 0]
-    counts = slot_shares([share.weight for share, _ in usable])
-    members = []
-    for (share, eps), count in zip(usable, counts):
+def split_members(split: tuple[SplitShare, ...]) -> list[tuple[Endpoint | None, bool]]:
+    """(endpoint, terminating_fallback) per slot, in a stable order. A share
+    with no usable endpoint (its Service is missing or empty) keeps its slots
+    with no endpoint (None): the kernel refuses them, as Gateway API asks."""
+    shares = [(share, usable_endpoints(share.endpoints)) for share in split if share.weight > 0]
+    counts = slot_shares([share.weight for share, _ in shares])
+    members: list[tuple[Endpoint | None, bool]] = []
+    for (share, eps), count in zip(shares, counts):
+        if not eps:
+            members.extend([(None, False)] * count)
+            continue
         per, extra = divmod(count, len(eps))
         for i, u in enumerate(eps):
             members.extend([(u.endpoint, u.terminating_fallback)] * (per + (i < extra)))

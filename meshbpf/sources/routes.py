@@ -187,5 +187,5 @@ def _share(route: Route, ref: BackendRef, parent: ServicePort,
                 and sp.frontend.address.version == fe.address.version):
             return SplitShare(label, ref.weight, sp.endpoints)
     notes.append(f"{route.where} ({route}): backendRef Service {label}/{fe.protocol} "
-                 f"(IPv{fe.address.version}) does not exist; its share is left out")
+                 f"(IPv{fe.address.version}) does not exist; its share is refused")
     return SplitShare(label, ref.weight, ())

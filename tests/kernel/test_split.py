@@ -12,8 +12,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from . import k8s
 from .conftest import Load
+from .test_datapath_hardening import lb_counter
 from .shared import dns_pods, lab, probe, start_agent  # noqa: F401 (one lab and agent for the module)
 
 SPLIT_PROBE = Path(__file__).parent / "split_probe.py"
@@ -51,23 +54,28 @@ def observe(lab, *args: str) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def assert_split(lab, groups: dict[str, tuple[str, ...]], weights: dict[str, int], *probe_args) -> None:
+def assert_split(lab, groups: dict[str, tuple[str, ...]], weights: dict[str, int], *probe_args,
+                 refused_errno: str = "ECONNREFUSED") -> None:
     """The conformance check: some attempt's split is within TOLERANCE of
-    every weight (answers counted per backend Service by pod name)."""
+    every weight (answers counted per backend Service by pod name; refused
+    connections count as "refused" when that is one of the weights)."""
     owner = {pod: name for name, pods in groups.items() for pod in pods if name in weights}
     total_weight = sum(weights.values())
     seen = []
     for _ in range(ATTEMPTS):
         result = observe(lab, *probe_args)
+        refused = result["errors"].pop(refused_errno, 0) if "refused" in weights else 0
         assert result["errors"] == {}, result
         counts = {name: 0 for name in weights}
+        if refused:
+            counts["refused"] += refused
         for pod, n in result["answers"].items():
             where = owner.get(pod, f"{pod} (outside the route)")
             counts[where] = counts.get(where, 0) + n
         got = sum(counts.values())
         seen.append(counts)
         print(f"split attempt {len(seen)}: {counts} (weights {weights})")
-        if len(counts) == len(weights) and all(
+        if set(counts) == set(weights) and all(
                 abs(counts[n] / got - w / total_weight) <= TOLERANCE for n, w in weights.items()):
             return
     raise AssertionError(f"no attempt within {TOLERANCE} of {weights}: {seen}")
@@ -87,7 +95,13 @@ def test_tcp_50_30_20_uneven_endpoints(lab, start_agent):
     assert_split(lab, groups, {"v1": 50, "v2": 30, "v3": 20}, "tcp", PARENT[4], 80, TOTAL, PARALLEL)
 
 
-def test_live_weight_change_then_route_deleted(lab, probe, start_agent):
+@pytest.fixture
+def refused_errno(kernel_features) -> str:
+    # Before 5.18 (no bpf_set_retval) a refusal comes as EPERM.
+    return "ECONNREFUSED" if kernel_features["set_retval"] else "EPERM"
+
+
+def test_live_weight_change_then_route_deleted(lab, probe, start_agent, refused_errno):
     objects = services(lab, SEVENTY_THIRTY)
     start_agent(objects + [route({"v1": 70, "v2": 30})])
     load = Load(probe, "client", PARENT[4], 80)
@@ -97,15 +111,30 @@ def test_live_weight_change_then_route_deleted(lab, probe, start_agent):
     assert result["errors"] == {}, result
     load.assert_spans(changed)
     assert_split(lab, SEVENTY_THIRTY, {"v1": 10, "v2": 90}, "tcp", PARENT[4], 80, TOTAL, PARALLEL)
-    # A backend Service removed: its share goes to the others.
+    # A backend Service removed: its share is refused, the rest still served.
     start_agent([o for o in objects if o["metadata"]["name"] not in ("v2", "v2-1")]
                 + [route({"v1": 10, "v2": 90})])
-    assert set(observe(lab, "tcp", PARENT[4], 80, 50, PARALLEL)["answers"]) == {"web-1", "web-2"}
+    after = observe(lab, "tcp", PARENT[4], 80, 50, PARALLEL)
+    assert set(after["answers"]) <= {"web-1", "web-2"} and set(after["errors"]) == {refused_errno}, after
     # Route deleted: the parent's own endpoints again.
     start_agent(objects)
     assert observe(lab, "tcp", PARENT[4], 80, 50, PARALLEL)["answers"] == {"web-4": 50}
 
 
+@pytest.mark.parametrize("family", [4, 6])
+def test_broken_backend_ref_share_is_refused_by_the_kernel(lab, start_agent, family, refused_errno):
+    """A backendRef to a missing Service: its 30% is refused at once
+    (ECONNREFUSED from the connect hook, counted as refused), 70% served."""
+    groups = {"web": ("web-4",), "v1": ("web-1", "web-2")}
+    agent = start_agent(services(lab, groups, family=family) + [route({"v1": 70, "missing": 30})])
+    ipv = f"ipv{family}"
+    before = lb_counter(agent, "refused", ipv)
+    assert_split(lab, groups, {"v1": 70, "refused": 30}, "tcp", PARENT[family], 80, TOTAL, PARALLEL,
+                 refused_errno=refused_errno)
+    assert lb_counter(agent, "refused", ipv) - before >= 0.25 * TOTAL
+
+
+@pytest.mark.needs_feature("netns_cookie")  # affinity's client key
 def test_client_ip_affinity_sticks_to_one_split_backend(lab, start_agent):
     start_agent(services(lab, SEVENTY_THIRTY, affinity=60) + [route({"v1": 50, "v2": 50})])
     # The backend is chosen (split, then endpoint) once, then kept: the

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from meshbpf.reconcile import LBState, plan, wanted_service, wanted_services
+from meshbpf.reconcile import SLOT_REFUSE, LBState, plan, wanted_service, wanted_services
 from meshbpf.reconcile.incremental import LBIndex, plan_services
 from meshbpf.reconcile.split import SPLIT_SLOTS, slot_shares
 from meshbpf.sources.yaml_file import read_config
@@ -63,7 +63,10 @@ def service_share(result, parent: str = V4["web"], protocol: str = "TCP") -> dic
         for e in share.endpoints:
             owner[(e.address, e.port)] = share.service.split("/")[1].split(":")[0]
     counts: Counter = Counter()
-    for be, _ in want.backends:
+    for be, state in want.backends:
+        if state == SLOT_REFUSE:
+            counts["refused"] += 1
+            continue
         addr = ipaddress.ip_address(be.addr)
         addr = addr.ipv4_mapped or addr
         counts[owner[(addr, be.port)]] += 1
@@ -104,10 +107,16 @@ def test_no_route_is_today(tmp_path):
     assert not sp.split and len(wanted_service(sp)[1].backends) == 1
 
 
-def test_weight_zero_and_missing_backend_get_no_slots(tmp_path):
+def test_weight_zero_gets_no_slots_and_a_missing_backend_is_refused(tmp_path):
     result = read(tmp_path, cluster({"v1": 2, "v2": 1}) + [route({"v1": 3, "v2": 0, "gone": 5})])
-    assert service_share(result) == {"v1": SPLIT_SLOTS}
+    assert service_share(result) == {"v1": 375, "refused": 625}
     assert any("gone" in n and "does not exist" in n for n in result.notes)
+
+
+def test_backend_service_without_endpoints_is_refused(tmp_path):
+    objs = cluster({"v1": 1, "v2": 1})
+    objs[-1]["endpoints"] = []  # v2's slice: no endpoint
+    assert service_share(read(tmp_path, objs + [route({"v1": 70, "v2": 30})])) == {"v1": 700, "refused": 300}
 
 
 def test_udp_route_splits_udp_ports_only(tmp_path):
@@ -183,11 +192,12 @@ def test_backend_service_removed_and_route_deleted(tmp_path):
     split = wanted_services(read(tmp_path, objs + [route({"v1": 70, "v2": 30})]).state)
     state, _ = plan_and_apply(LBState(), split)
     key = next(k for k, w in split.items() if w.name.startswith("default/web"))
-    # v2 removed: v1 takes every slot, keeping the slots it held.
+    # v2 removed: its 300 slots now refuse; v1 keeps the slots it held.
     no_v2 = [o for o in objs if o["metadata"]["name"] not in ("v2", "v2-abc")]
     gone = wanted_services(read(tmp_path, no_v2 + [route({"v1": 70, "v2": 30})]).state)
     state, p = plan_and_apply(state, gone)
     assert len(p.slot_updates) == 300 and len(p.backend_deletes) == 1
+    assert {v.state for v in p.slot_updates.values()} == {SLOT_REFUSE}
     # Route deleted: the parent goes back to its own endpoint, one slot.
     plain = wanted_services(read(tmp_path, no_v2).state)
     state, p = plan_and_apply(state, plain)
@@ -202,3 +212,63 @@ def test_service_list_shows_each_backend_share(tmp_path):
     shares = {b["address"]: (b["slots"], b["share"]) for b in view["10.96.0.10:80/TCP"]["shares"]}
     assert shares == {"10.2.0.1:8080": (350, 0.35), "10.2.0.2:8080": (350, 0.35), "10.3.0.1:8080": (300, 0.3)}
     assert [b["slots"] for b in view["10.96.1.1:80/TCP"]["shares"]] == [1, 1]
+
+
+def test_file_source_sees_a_backend_service_change_through_the_route(tmp_path):
+    """A backend Service edited in another file than the route: the parent's
+    split follows (the incremental file path would not know the parent)."""
+    import os
+    from meshbpf.sources.yaml_file import FileSource
+    folder = tmp_path / "cfg"
+    folder.mkdir()
+    (folder / "routes.yaml").write_text(yaml.safe_dump(route({"v1": 70, "v2": 30})))
+    services_file = folder / "services.yaml"
+    services_file.write_text(yaml.safe_dump_all(cluster({"v1": 1, "v2": 1})))
+    src = FileSource(folder, settle_s=0, hold_s=0)
+    first = src.poll()
+    assert len(first.service_ports[fe(V4["web"], 80)].split[1].endpoints) == 1
+    services_file.write_text(yaml.safe_dump_all(cluster({"v1": 1, "v2": 3})))
+    os.utime(services_file, ns=(1, 1))  # settled at once, whatever the clock
+    second = src.poll()
+    assert second is not None
+    assert len(second.service_ports[fe(V4["web"], 80)].split[1].endpoints) == 3
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_random_split_changes_plan_minimal_writes_and_incremental_equals_full(tmp_path, seed):
+    """Weights, endpoint counts and backend Services change at random: every
+    plan is safe mid-way, realises the wanted state, writes only the slots
+    whose content must change (a backend keeps as many of its positions as it
+    still fills), and the incremental planner gives the full plan's writes."""
+    import random
+    rng = random.Random(seed)
+    state, index = LBState(), None
+    for _ in range(8):
+        endpoints = {n: rng.randint(0, 4) for n in ("v1", "v2", "v3") if rng.random() < 0.9}
+        weights = {n: rng.choice([0, 1, 3, 7, 50]) for n in ("v1", "v2", "v3") if rng.random() < 0.8}
+        objs = cluster(endpoints) + ([route(weights)] if weights else [])
+        want = wanted_services(read(tmp_path, objs).state)
+        full = plan(state, want)
+        if index is not None:
+            inc = plan_services(state, index, {**want, **{k: None for k in state.services if k not in want}})
+            assert (inc.slot_updates, sorted(inc.slot_deletes)) == (full.slot_updates, sorted(full.slot_deletes))
+            assert (inc.backend_updates, sorted(inc.backend_deletes)) == (
+                full.backend_updates, sorted(full.backend_deletes))
+        writes = Counter(sk.svc_id for sk in [*full.slot_updates, *full.slot_deletes])
+        for key, w in want.items():
+            old = state.services.get(key)
+            if old is None:
+                continue
+            m, n = old.count, len(w.backends)
+            old_slots = members(state, key)[:min(m, n)]
+            old_pairs = set(old_slots)
+            old_count = Counter(be for be, _ in old_slots)
+            new_count = Counter(be for be, _ in w.backends)
+            new_state = dict(reversed(w.backends))  # a backend's first state, as the planner keeps
+            keepable = sum(min(old_count[be], new_count[be]) for be in new_count
+                           if (be, new_state[be]) in old_pairs)
+            assert writes[old.svc_id] == n - keepable + max(0, m - n), w.name
+        check_transition(state, want, full, granularity="step")  # per entry: 1000s of state copies
+        state = full.apply_to(state)
+        check_realises(state, want)
+        index = LBIndex(state)
