@@ -18,6 +18,11 @@ Pods, Namespaces or NetworkPolicies (RBAC), policy is off (the state holds
 none of them) with one log line, and Services carry on. A change to them
 alone gives a state whose Delta names no frontend, so load balancing plans
 nothing for it.
+
+Gateway API TCPRoutes and UDPRoutes (weighted splitting, sources/routes.py)
+are optional the same way: without their CRDs the server answers 404, and
+one note says routes are not served. While any route exists every change
+rebuilds the whole state: a route ties its parent to other Services.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import socket
 import threading
 import weakref
 from dataclasses import replace
+from functools import partial
 from typing import Any, Callable
 
 import urllib3
@@ -41,6 +47,8 @@ from .kube_incremental import ServiceIndex
 from .kube_objects import PROXY_NAME_LABEL, BuildResult, SourceObject, build_state
 from .kube_policy import NETWORK_POLICY, CachedReader, policy_fields
 from .kube_watch import Backoff, Reflector
+from .routes import API_VERSION as ROUTE_API_VERSION
+from .routes import apply_routes, read_routes
 from .yaml_load import LoadError, load_one
 
 log = logging.getLogger(__name__)
@@ -48,6 +56,8 @@ log = logging.getLogger(__name__)
 CONFIG_MAP_KEY = "agent-config.yaml"
 ZONE_LABEL = "topology.kubernetes.io/zone"
 POLICY_REFLECTORS = ("pods", "namespaces", "networkpolicies")
+# Gateway API routes (weighted splitting): watched where the CRDs exist.
+ROUTE_REFLECTORS = {"tcproutes": "TCPRoute", "udproutes": "UDPRoute"}
 POLICY_FIELDS = ("pods", "namespaces", "network_policies")  # of DesiredState
 # The parts of a Pod that NetworkPolicy reads (kube_policy); the rest of
 # every pod of the cluster is not kept.
@@ -184,6 +194,14 @@ class KubernetesSource:
                 f"node {node_name}", core.list_node, "Node",
                 selectors={"field_selector": f"metadata.name={node_name}"},
                 transform=lambda obj: {k: obj[k] for k in ("apiVersion", "kind", "metadata") if k in obj})
+        custom = client.CustomObjectsApi(self._api)
+        group, version = ROUTE_API_VERSION.split("/")
+        for plural, kind in ROUTE_REFLECTORS.items():
+            # Optional: without the Gateway API CRDs the server answers 404;
+            # the collection is then empty, said once, and tried again quietly.
+            self.reflectors[plural] = reflector(
+                plural, partial(custom.list_cluster_custom_object, group, version, plural), kind,
+                ROUTE_API_VERSION, transform=_without_managed_fields, optional=True)
         if network_policy:
             # Peers live on every node: every pod, the parts policy reads.
             self.reflectors["pods"] = reflector(
@@ -287,6 +305,10 @@ class KubernetesSource:
         self._index = ServiceIndex(result.state, services, slices, result.problems,
                                    node_name=self.node_name,
                                    service_proxy_name=self.service_proxy_name, node_zone=zone)
+        if self._add_routes(result):
+            # A route ties its parent to other Services, which the
+            # incremental path cannot follow: while routes exist, build all.
+            self._index = None
         result.problems[:0] = settings_problems
         if "node" in self.reflectors and not self.reflectors["node"].items():
             result.notes.append(f"Node {self.node_name} not found: topology hints are not used")
@@ -295,6 +317,25 @@ class KubernetesSource:
                                 f"agent settings are the defaults")
         self._report(result)
         return result
+
+    def _add_routes(self, result: BuildResult) -> bool:
+        """Splits the parents of the routes the API server holds (a bad
+        route is left out alone); notes once when routes are not served.
+        Whether any route was read."""
+        route_objects = []
+        for plural, kind in ROUTE_REFLECTORS.items():
+            r = self.reflectors[plural]
+            if r.refused:
+                result.notes.append(f"{kind}: not served by the API server ({r.refused}; "
+                                    f"no Gateway API CRDs?): no weighted splitting by {kind}")
+            route_objects += [SourceObject(obj, "API server") for obj in r.items()]
+        routes, problems, notes = read_routes(route_objects)
+        result.problems += problems
+        result.notes += notes
+        if routes:
+            result.state, split_notes = apply_routes(result.state, routes)
+            result.notes += split_notes
+        return bool(routes)
 
     def _apply_events(self, services: dict, slices: dict) -> DesiredState | None:
         assert self._index is not None

@@ -51,6 +51,8 @@ RESOURCES = {
     "Node": ("/api/v1", "nodes", False),
     "Namespace": ("/api/v1", "namespaces", False),
     "NetworkPolicy": ("/apis/networking.k8s.io/v1", "networkpolicies", True),
+    "TCPRoute": ("/apis/gateway.networking.k8s.io/v1alpha2", "tcproutes", True),
+    "UDPRoute": ("/apis/gateway.networking.k8s.io/v1alpha2", "udproutes", True),
 }
 _BY_PLURAL = {(prefix, plural): kind for kind, (prefix, plural, _) in RESOURCES.items()}
 _PATH = re.compile(r"^(/api/v1|/apis/[^/]+/[^/]+)(?:/namespaces/([^/]+))?/([a-z]+)$")

@@ -425,7 +425,9 @@ def test_cluster_wide_rbac_is_list_watch_on_what_the_agent_watches(install, daem
     # The reflectors of meshbpf/sources/kubernetes.py, and nothing else.
     assert set(granted(role)) == {("", "services"), ("discovery.k8s.io", "endpointslices"),
                                   ("", "pods"), ("", "nodes"), ("", "namespaces"),
-                                  ("networking.k8s.io", "networkpolicies")}
+                                  ("networking.k8s.io", "networkpolicies"),
+                                  ("gateway.networking.k8s.io", "tcproutes"),
+                                  ("gateway.networking.k8s.io", "udproutes")}
     assert [o for o in install if o["kind"] == "ClusterRole"] == [role]
 
 

@@ -93,7 +93,8 @@ class Poller:
         if self.api is not None:
             kinds = {"services": "Service", "endpointslices": "EndpointSlice",
                      "configmap": "ConfigMap", "node": "Node", "pods": "Pod",
-                     "namespaces": "Namespace", "networkpolicies": "NetworkPolicy"}
+                     "namespaces": "Namespace", "networkpolicies": "NetworkPolicy",
+                     "tcproutes": "TCPRoute", "udproutes": "UDPRoute"}
             wait_for(lambda: all(self.api.watching(kinds[k]) for k in self.source.reflectors),
                      "every watch to be open")
         return state
