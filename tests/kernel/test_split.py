@@ -19,8 +19,8 @@ from .conftest import Load
 from .test_datapath_hardening import lb_counter
 from .shared import dns_pods, lab, probe, start_agent  # noqa: F401 (one lab and agent for the module)
 
-# The slot-state refusal it adds runs in every VM through the LB tests; the
-# splits' statistics are kernel-independent: oldest and newest kernels only.
+# Every VM compiles and verifies the programs with the refusing slot state
+# (the LB tests); the split tests themselves run on the oldest and newest.
 pytestmark = pytest.mark.bounds
 
 SPLIT_PROBE = Path(__file__).parent / "split_probe.py"
