@@ -20,7 +20,7 @@ from .test_datapath_hardening import lb_counter
 from .shared import dns_pods, lab, probe, start_agent  # noqa: F401 (one lab and agent for the module)
 
 # Every VM compiles and verifies the programs with the refusing slot state
-# (the LB tests); the split tests themselves run on the oldest and newest.
+# (the LB tests); the split tests themselves run on the oldest and the host.
 pytestmark = pytest.mark.bounds
 
 SPLIT_PROBE = Path(__file__).parent / "split_probe.py"
