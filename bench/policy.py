@@ -376,13 +376,14 @@ def profile(b: PolicyBench, policies: list[dict]) -> dict:
     """Where the agent's time goes, stage by stage, with its own functions
     (bench/policy_profile.py; no maps: the writes are the difference to the
     measured total)."""
+    from meshbpf.policy.compile import PolicyCompiler
     from meshbpf.reconcile.policy_keys import PolicyState
     folder = b.work / "profile"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir()
     b.write("cluster.json", b.cluster, folder)
     b.write("policies.json", policies, folder)
-    _, _, t = policy_profile.stages(folder, {}, None, PolicyState())
+    _, _, t = policy_profile.stages(folder, {}, None, PolicyState(), PolicyCompiler())
     return {"profile_read_s": t["read_s"], "profile_compile_s": t["compile_s"], "profile_plan_s": t["plan_s"],
             "profile_writes": t["writes"]}
 
