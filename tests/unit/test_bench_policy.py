@@ -13,6 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
 import policy_rules as rules  # noqa: E402
+import policy_world  # noqa: E402  (tests/unit: the e2e suite's builders)
 import policy_cluster as world  # noqa: E402
 
 NODE = "n1"
@@ -23,13 +24,8 @@ def pod(ns, name, labels, ip, node=NODE):
 
 
 def netpol(ns, name, selector, ingress=None, egress=None, types=("Ingress",)):
-    spec = {"podSelector": {"matchLabels": selector}, "policyTypes": list(types)}
-    if ingress is not None:
-        spec["ingress"] = ingress
-    if egress is not None:
-        spec["egress"] = egress
-    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-            "metadata": {"name": name, "namespace": ns}, "spec": spec}
+    return policy_world.netpol(name, ns, {"matchLabels": selector}, ingress=ingress, egress=egress,
+                               types=list(types))
 
 
 def cluster(*policies):
