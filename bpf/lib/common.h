@@ -330,4 +330,100 @@ struct mbpf_pol_event {
 #define MBPF_EV_SPOOFED    2  /* dropped: source address not the pod's */
 #define MBPF_EV_MALFORMED  3  /* dropped: headers could not be read */
 
+/* ---- Sidecar capture (issue 11) ------------------------------------------
+ * A meshed pod's app traffic is steered to its proxy at connect(); the proxy
+ * reads the original destination with getsockopt(SO_ORIGINAL_DST).
+ *
+ * mbpf_cap_pod: hash, key __u64 cgroup id (host order) of the pod's cgroup
+ * (the kubelet pod cgroup; containers are its children). The connect hooks
+ * find the caller's pod by its ancestor cgroup ids, levels 1..MBPF_CAP_MAX_LEVEL,
+ * and also look up a destination pod by address (mbpf_cap_addr).
+ */
+#define MBPF_CAP_MAX_LEVEL 8
+
+struct mbpf_cap_pod {
+	__u8  ip4[MBPF_ADDR_LEN];   /* network order; the pod's IPv4 as ::ffff:a.b.c.d, zero if none */
+	__u8  ip6[MBPF_ADDR_LEN];   /* network order; the pod's IPv6, zero if none */
+	__u32 proxy_uid;            /* host order; sockets of this uid are never captured */
+	__u32 pod_id;               /* host order; 1..; keys mbpf_cap_cidr and mbpf_cap_port */
+	__u16 out_port;             /* host order; proxy's outbound port (15001) */
+	__u16 in_port;              /* host order; proxy's inbound port (15006) */
+	__u16 dns_port;             /* host order; 0: DNS not captured, else port 53 goes here */
+	__u8  flags;                /* MBPF_CAP_F_* */
+	__u8  pad;                  /* zero */
+};
+#define MBPF_CAP_F_OUTBOUND   1  /* capture the app's outbound connects */
+#define MBPF_CAP_F_INBOUND    2  /* capture connects to the pod's ports */
+#define MBPF_CAP_F_IN_ALL     4  /* inbound: every port not EXCLUDEd in mbpf_cap_port
+                                  * (includeInboundPorts "*"); else only INCLUDEd ports */
+#define MBPF_CAP_F_OUT_ALL    8  /* outbound: destinations matching no mbpf_cap_cidr prefix
+                                  * are captured (includeOutboundIPRanges "*") */
+
+/* mbpf_cap_addr: hash, key 16-byte address (network order, IPv4 mapped) of a
+ * meshed pod -> __u64 cgroup id, its mbpf_cap_pod key (inbound lookups). */
+
+/* mbpf_cap_cidr: LPM trie. prefixlen counts 32 bits of pod_id plus address
+ * bits (an IPv4 /8 is 32 + 96 + 8). Longest prefix wins; the planner resolves
+ * Istio's "exclude before include" into prefixes that say so. */
+struct mbpf_cap_cidr_key {
+	__u32 prefixlen;            /* host order */
+	__u32 pod_id;               /* big-endian, so the trie compares it first as bytes */
+	__u8  addr[MBPF_ADDR_LEN];  /* network order */
+};
+struct mbpf_cap_verdict {
+	__u8  verdict;              /* MBPF_CAP_INCLUDE or MBPF_CAP_EXCLUDE */
+	__u8  pad[3];               /* zero */
+};
+#define MBPF_CAP_EXCLUDE  0
+#define MBPF_CAP_INCLUDE  1
+
+/* mbpf_cap_port: hash, per pod and direction, a port's verdict
+ * (value struct mbpf_cap_verdict). Outbound: excludeOutboundPorts (EXCLUDE).
+ * Inbound: with MBPF_CAP_F_IN_ALL the excluded ports (EXCLUDE), else the
+ * included ones (INCLUDE). */
+struct mbpf_cap_port_key {
+	__u32 pod_id;               /* host order */
+	__u16 port;                 /* host order */
+	__u8  dir;                  /* MBPF_DIR_IN or MBPF_DIR_OUT */
+	__u8  pad;                  /* zero */
+};
+
+/* mbpf_cap_orig: LRU hash, key __u64 socket cookie (host order) of a captured
+ * socket -> its original destination, until the connection is established;
+ * then sockops files it in mbpf_cap_pair under the tuple the proxy sees. */
+struct mbpf_cap_orig {
+	__u8  addr[MBPF_ADDR_LEN];  /* network order; IPv4 as ::ffff:a.b.c.d */
+	__u16 port;                 /* network order */
+	__u8  dir;                  /* MBPF_DIR_OUT (to the outbound port) or MBPF_DIR_IN */
+	__u8  pad;                  /* zero */
+	__u32 pad2;                 /* zero */
+};
+
+/* mbpf_cap_pair: LRU hash, the captured connection as the proxy's accepted
+ * socket sees it -> struct mbpf_cap_orig. */
+struct mbpf_cap_pair_key {
+	__u8  peer[MBPF_ADDR_LEN];  /* network order; the app's (connecting) address */
+	__u8  local[MBPF_ADDR_LEN]; /* network order; the proxy's listening address */
+	__u16 peer_port;            /* network order */
+	__u16 local_port;           /* network order */
+	__u32 pad;                  /* zero */
+};
+
+/* mbpf_cap_cfg: array, one entry. */
+struct mbpf_cap_cfg {
+	__u32 pods;                 /* host order; meshed pods; 0: the hooks skip capture at once */
+	__u32 pad;                  /* zero */
+};
+
+/* mbpf_cap_stats: per-CPU array of __u64 counters. */
+#define MBPF_CAP_OUT          0  /* outbound connect steered to the proxy */
+#define MBPF_CAP_IN           1  /* inbound connect steered to the proxy */
+#define MBPF_CAP_DNS          2  /* DNS steered to the proxy's DNS port */
+#define MBPF_CAP_SKIP_UID     3  /* the proxy's own connect: not captured */
+#define MBPF_CAP_SKIP_PORT    4  /* excluded port */
+#define MBPF_CAP_SKIP_CIDR    5  /* excluded destination range */
+#define MBPF_CAP_ORIG_HIT     6  /* SO_ORIGINAL_DST answered */
+#define MBPF_CAP_ORIG_MISS    7  /* SO_ORIGINAL_DST asked, no record */
+#define MBPF_CAP_STAT_MAX     8
+
 #endif /* MBPF_COMMON_H */
