@@ -8,6 +8,7 @@ them); ports are host order here, the datapath converts.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 MAX_LEVEL = 8          # MBPF_CAP_MAX_LEVEL: cgroup ancestor levels the hooks walk
@@ -67,3 +68,24 @@ class Orig(NamedTuple):
     addr: bytes       # 16 bytes, IPv4 mapped
     port: int
     dir: int
+
+
+@dataclass
+class CaptureState:
+    """The content of the capture settings maps (or what it will be). The
+    connection records (mbpf_cap_orig, mbpf_cap_pair) are the kernel's own
+    and not part of it."""
+
+    pods: dict[int, CapPod] = field(default_factory=dict)        # cgroup id -> settings
+    addresses: dict[bytes, int] = field(default_factory=dict)    # pod address -> cgroup id
+    cidrs: dict[CidrKey, int] = field(default_factory=dict)      # -> INCLUDE / EXCLUDE
+    ports: dict[PortKey, int] = field(default_factory=dict)      # -> INCLUDE / EXCLUDE
+
+    def copy(self) -> "CaptureState":
+        return CaptureState(dict(self.pods), dict(self.addresses), dict(self.cidrs), dict(self.ports))
+
+
+class CaptureStep(NamedTuple):
+    map: str       # "pods", "addresses", "cidrs" or "ports" (CaptureState fields)
+    op: str        # "update" or "delete"
+    entries: dict  # key -> value for updates; key -> None for deletes
