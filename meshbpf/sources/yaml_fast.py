@@ -14,7 +14,7 @@ kubectl's output uses a small, regular part of YAML:
 
 This module reads exactly that, line by line: one regular expression per
 *distinct* line (a dump repeats most of its lines), a dict per mapping, no
-per-character Python loop. Plain scalars are resolved by yaml_load's own
+per-character Python loop. Plain scalars are resolved by yaml_scalars' (yaml_load's)
 resolver (YAML 1.1 as go-yaml v2 reads it), so values are the ones the
 libyaml path gives.
 
@@ -32,7 +32,7 @@ import functools
 import re
 from typing import Any
 
-from .yaml_load import _Resolver, scalar_value
+from .yaml_scalars import _Resolver, scalar_value
 
 MAX_DEPTH = 100  # kubectl's objects nest a few dozen levels; deeper goes to libyaml
 
