@@ -16,6 +16,7 @@ def _cli(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "meshbpf", *args], capture_output=True, text=True)
 
 
+@pytest.mark.bounds  # map reading is the same on every kernel the LB tests cover
 def test_service_list_and_bpf_lb_list_with_and_without_the_agent(lab, bpffs, start_agent):
     objects = web_service(lab, pods=("web-1", "web-2"), affinity_timeout=300)
     objects += [k8s.service("empty", ["10.96.0.20"], [k8s.port("dns", 53, 53, "UDP")])]

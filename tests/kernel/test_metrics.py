@@ -35,6 +35,7 @@ def _delta(after: dict, before: dict) -> dict:
     return {k: after[k] - before[k] for k in after}
 
 
+@pytest.mark.bounds  # counters over the redirect path the redirect tests cover on every kernel
 @pytest.mark.needs_feature("sockmap", "sockops_probe_read", "kernel_btf")
 def test_redirect_metrics_count_real_spliced_and_fallback_traffic(lab, probe, start_agent):
     agent = start_agent([k8s.agent_config()])

@@ -222,6 +222,7 @@ def test_service_connection_is_load_balanced_and_spliced(lab, probe, bpffs, star
     assert tx_bytes(lab, "client") - wire_before < 40 * 400
 
 
+@pytest.mark.bounds  # agent lifecycle under traffic: oldest kernel and the host
 def test_redirection_survives_agent_death_and_restart_has_no_gap(lab, probe, bpffs, start_agent):
     agent = start_agent([k8s.agent_config()])
     server = lab.popen("web-1", [sys.executable, "-u", str(PROBE.with_name("edge_cases.py")), "server",
