@@ -1,0 +1,153 @@
+"""Maglev lookup tables (issue 12): the same table on every node, balanced
+shares, little disruption when a backend comes or goes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from meshbpf.reconcile import maglev
+from meshbpf.reconcile.maglev import LARGE_TABLE, SMALL_TABLE, Backend, build, identity
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def backends(n: int, port: int = 8080) -> list[tuple[str, int]]:
+    return [(f"10.{i >> 8 & 255}.{i & 255}.7", port) for i in range(n)]
+
+
+def digest(table: maglev.MaglevTable) -> str:
+    return hashlib.sha256(repr(table.backends).encode() + table.slots.tobytes()).hexdigest()
+
+
+def moved_beyond(old: maglev.MaglevTable, new: maglev.MaglevTable, changed: str) -> int:
+    """Slots whose backend changed, not counting those of the backend that
+    left (removal) or the one that took them (addition)."""
+    return sum(1 for j in range(old.size)
+               if old.lookup(j) != new.lookup(j) and changed not in (old.lookup(j), new.lookup(j)))
+
+
+def test_same_table_whatever_the_order_of_arrival():
+    given = backends(50) + [("fd00:244::5", 80), ("fd00:244::6", 80)]
+    want = build(given, SMALL_TABLE)
+    rng = random.Random(7)
+    for _ in range(3):
+        shuffled = given[:]
+        rng.shuffle(shuffled)
+        assert digest(build(shuffled, SMALL_TABLE)) == digest(want)
+
+
+def test_same_table_in_another_interpreter_with_another_hash_seed():
+    """What another node's agent computes: a fresh process, other str hashes."""
+    given = backends(20) + [("fd00:244::5", 80)]
+    script = ("import hashlib,sys; from meshbpf.reconcile.maglev import build; "
+              f"t = build({given!r}, {SMALL_TABLE}); "
+              "sys.stdout.write(hashlib.sha256(repr(t.backends).encode() + t.slots.tobytes()).hexdigest())")
+    here = digest(build(list(reversed(given)), SMALL_TABLE))
+    for seed in ("1", "4242"):
+        env = dict(os.environ, PYTHONHASHSEED=seed, PYTHONPATH=str(ROOT))
+        out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                             text=True, check=True, cwd=ROOT).stdout
+        assert out == here, f"PYTHONHASHSEED={seed}"
+
+
+def test_the_table_definition_does_not_drift():
+    """A mixed-version cluster needs every agent build to compute the same
+    table: these slots were computed once; a change to the hash, its key, the
+    identity spelling or the Populate order shows up here."""
+    table = build([("10.0.0.1", 80), ("10.0.0.2", 80), ("fd00::1", 443)], 251)
+    assert table.backends == ("10.0.0.1:80", "10.0.0.2:80", "[fd00::1]:443")
+    assert list(table.slots[:12]) == GOLDEN_FIRST_SLOTS
+
+
+GOLDEN_FIRST_SLOTS = [0, 1, 1, 1, 1, 0, 2, 0, 2, 1, 2, 2]
+
+
+def test_identity_is_canonical():
+    assert identity("fd00:0::0001", 80) == "[fd00::1]:80"
+    assert identity("10.0.0.1", 80) == "10.0.0.1:80"
+    a = build([("fd00::1", 80), ("10.0.0.1", 80)], 251)
+    b = build([("fd00:0000::1", 80), ("10.0.0.1", 80)], 251)
+    assert digest(a) == digest(b)
+
+
+@pytest.mark.parametrize("n", [1, 3, 100, 1000])
+def test_equal_weights_share_the_table_within_one_slot(n):
+    """The paper's Populate gives each backend one slot per round: every
+    backend holds floor(M/N) or ceil(M/N) slots."""
+    size = SMALL_TABLE if n < 1000 else LARGE_TABLE
+    shares = build(backends(n), size).shares()
+    assert len(shares) == n
+    assert set(shares.values()) <= {size // n, -(-size // n)}
+    assert sum(shares.values()) == size
+
+
+def test_weights_share_the_table_in_proportion():
+    given = [Backend("10.0.0.1", 80, 1), Backend("10.0.0.2", 80, 2), Backend("10.0.0.3", 80, 5),
+             Backend("10.0.0.4", 80, 0)]
+    shares = build(given, SMALL_TABLE).shares()
+    assert "10.0.0.4:80" not in shares  # weight 0: out
+    for b in given[:3]:
+        ideal = SMALL_TABLE * b.weight / 8
+        assert abs(shares[identity(b.addr, b.port)] - ideal) <= 2, shares
+
+
+def test_removing_one_of_100_backends_moves_under_one_percent_more():
+    given = backends(100)
+    before = build(given)
+    rng = random.Random(1)
+    worst = 0
+    for gone in rng.sample(given, 8):
+        after = build([b for b in given if b != gone])
+        ident = identity(*gone)
+        assert ident not in after.shares()
+        worst = max(worst, moved_beyond(before, after, ident))
+    print(f"removal: at most {worst} of {before.size} slots ({100 * worst / before.size:.2f} %) moved "
+          "beyond the removed backend's")
+    assert worst <= 0.01 * before.size
+
+
+def test_adding_a_backend_to_100_moves_under_one_percent_more():
+    given = backends(100)
+    before = build(given)
+    worst = 0
+    for extra in [("10.9.0.1", 8080), ("10.9.0.2", 8080), ("fd00::99", 8080), ("10.0.0.7", 9090)]:
+        after = build(given + [extra])
+        ident = identity(*extra)
+        assert after.shares()[ident] in (before.size // 101, -(-before.size // 101))
+        worst = max(worst, moved_beyond(before, after, ident))
+    print(f"addition: at most {worst} of {before.size} slots ({100 * worst / before.size:.2f} %) moved "
+          "beyond those the new backend took")
+    assert worst <= 0.01 * before.size
+
+
+def test_lookup():
+    table = build(backends(3), 251)
+    assert {table.lookup(h) for h in range(1000)} == {identity(*b) for b in backends(3)}
+    assert table.lookup(5) == table.lookup(5 + 251)
+    assert build([], 251).lookup(5) is None
+    assert build([Backend("10.0.0.1", 80, 0)], 251).lookup(5) is None
+
+
+@pytest.mark.parametrize("given, size, message", [
+    ([("10.0.0.1", 80), ("10.0.0.1", 80)], 251, "10.0.0.1:80 is listed twice"),
+    ([("fd00::1", 80), ("fd00:0::1", 80)], 251, "[fd00::1]:80 is listed twice"),
+    ([("10.0.0.1", 80, -1)], 251, "weight -1 is not an integer >= 0"),
+    ([("10.0.0.1", 80, 1.5)], 251, "weight 1.5 is not an integer >= 0"),
+    ([("10.0.0.1", 80)], 1000, "maglev table size 1000: use one of"),
+    ([("10.0.0.300", 80)], 251, "10.0.0.300"),
+])
+def test_bad_input_is_refused_with_the_reason(given, size, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace(".", r"\.")):
+        build(given, size)
+
+
+@pytest.mark.parametrize("size", maglev.TABLE_SIZES)
+def test_every_size_is_prime(size):
+    assert size > 2 and all(size % d for d in range(2, int(size ** 0.5) + 1))
