@@ -151,3 +151,42 @@ def test_bad_input_is_refused_with_the_reason(given, size, message):
 @pytest.mark.parametrize("size", maglev.TABLE_SIZES)
 def test_every_size_is_prime(size):
     assert size > 2 and all(size % d for d in range(2, int(size ** 0.5) + 1))
+
+
+def paper_populate(idents: tuple[str, ...], size: int) -> list[int]:
+    """Section 3.4's Populate, as the paper writes it (full permutations)."""
+    perms = []
+    for ident in idents:
+        offset, skip = maglev.offset_skip(ident, size)
+        perms.append([(offset + j * skip) % size for j in range(size)])
+    nexts = [0] * len(idents)
+    entry = [-1] * size
+    filled = 0
+    while True:
+        for i, perm in enumerate(perms):
+            c = perm[nexts[i]]
+            while entry[c] >= 0:
+                nexts[i] += 1
+                c = perm[nexts[i]]
+            entry[c] = i
+            nexts[i] += 1
+            filled += 1
+            if filled == size:
+                return entry
+
+
+@pytest.mark.parametrize("n, size", [(1, 251), (3, 251), (7, 1021), (40, 4093), (300, 4093)])
+def test_the_fast_populate_claims_what_the_papers_does(n, size):
+    table = build(backends(n), size)
+    assert list(table.slots) == paper_populate(table.backends, size)
+
+
+def test_equal_weights_take_the_unweighted_path():
+    given = backends(30)
+    assert digest(build([Backend(a, p, 3) for a, p in given], 4093)) == digest(build(given, 4093))
+
+
+def test_the_weighted_populate_with_equal_weights_is_the_papers():
+    idents = tuple(sorted(identity(*b) for b in backends(40)))
+    perms = [maglev.offset_skip(ident, 4093) for ident in idents]
+    assert maglev._populate_weighted(perms, [2] * 40, 4093) == paper_populate(idents, 4093)
