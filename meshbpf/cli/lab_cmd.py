@@ -18,18 +18,39 @@ def lab() -> None:
     """Pods as network namespaces on a bridge, in a child cgroup."""
 
 
+DEFAULT_PODS = "client,web-1,web-2,web-3"
+
+
 @lab.command()
 @click.argument("name")
-@click.option("--pods", default="client,web-1,web-2,web-3", show_default=True,
+@click.option("--pods", multiple=True, show_default=DEFAULT_PODS,
               help="Comma-separated pods, NAME or NAMESPACE/NAME (a bare name is in namespace "
-                   "default); addresses follow this order from .2.")
+                   "default); addresses follow this order from .2. With several nodes, give "
+                   "--pods once per node: the k-th for node k.")
+@click.option("--nodes", default=1, show_default=True, type=click.IntRange(1, netlab.MAX_NODES),
+              help="Nodes, each a netns with its own bridge, pod CIDR 10.244.<k-1>.0/24 and cgroup; "
+                   "more than one adds a router namespace with ECMP routes to all of them.")
 @friendly_errors
-def up(name: str, pods: str) -> None:
+def up(name: str, pods: tuple[str, ...], nodes: int) -> None:
     """Create lab NAME."""
-    created = netlab.Lab(name).up([p for p in pods.split(",") if p])
+    if len(pods) > nodes:
+        raise click.BadParameter(f"{len(pods)} pod lists for {nodes} node(s): give --pods at most "
+                                 "once per node", param_hint="--pods")
+    per_node = [[p for p in spec.split(",") if p] for spec in (pods or (DEFAULT_PODS,))]
+    if nodes == 1:
+        created = netlab.Lab(name).up(per_node[0])
+    else:
+        created = netlab.Lab(name).up(*per_node, nodes=nodes)
     for pod in created.pods.values():
         # str() first: ip_address objects take no width in format() (Python 3.11).
-        click.echo(f"{pod.name:<16} {str(pod.ipv4):<14} {pod.ipv6}")
+        where = f" node{pod.node}" if nodes > 1 else ""
+        click.echo(f"{pod.name:<16} {str(pod.ipv4):<14} {pod.ipv6}{where}")
+    if nodes > 1:
+        for node in created.nodes:
+            click.echo(f"node{node.index}: {node.netns}, pods {node.subnet4} {node.subnet6}, "
+                       f"{netlab.NODE_UPLINK} {node.ext_ipv4} {node.ext_ipv6}, cgroup {node.cgroup}")
+        ranges = " ".join(str(r) for r in netlab.SERVICE_RANGES)
+        click.echo(f"router: {created.router_ns}, ECMP to every node: {ranges}")
     click.echo(f"cgroup: {created.cgroup}")
 
 
@@ -40,11 +61,18 @@ def up(name: str, pods: str) -> None:
 @click.option("--no-cgroup", is_flag=True, help="Run outside the lab cgroup (not load-balanced).")
 @friendly_errors
 def exec_(name: str, pod: str, command: tuple[str, ...], no_cgroup: bool) -> None:
-    """Run COMMAND in POD of lab NAME (inside the lab cgroup)."""
+    """Run COMMAND in POD of lab NAME (inside its cgroup). With several nodes,
+    POD may also be node1, node2, ... or router."""
     existing = netlab.Lab.attach(name)
-    if pod not in existing.pods:
-        raise click.ClickException(f"lab {name} has no pod {pod!r} (pods: {', '.join(existing.pods)})")
-    proc = existing.popen(pod, list(command), in_cgroup=not no_cgroup)
+    places = {n.name: n.index for n in existing.nodes} if existing.node_count > 1 else {}
+    if existing.node_count > 1:
+        places[netlab.ROUTER] = netlab.ROUTER
+    if pod in existing.pods:
+        proc = existing.popen(pod, list(command), in_cgroup=not no_cgroup)
+    elif pod in places:
+        proc = existing.popen(None, list(command), in_cgroup=not no_cgroup, node=places[pod])
+    else:
+        raise click.ClickException(f"lab {name} has no pod {pod!r} (pods: {', '.join([*existing.pods, *places])})")
     sys.exit(proc.wait())
 
 
