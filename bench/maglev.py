@@ -73,7 +73,8 @@ def main() -> None:
     removed, added = disruption(args.size)
     for what, moved in (("remove one of 100", removed), ("add a 101st", added)):
         print(f"{what}: slots moved beyond the changed backend's: median "
-              f"{100 * statistics.median(moved) / args.size:.2f} %, worst {100 * max(moved) / args.size:.2f} % "
+              f"{100 * statistics.median(moved) / args.size:.2f} %, "
+              f"worst {100 * max(moved) / args.size:.2f} % "
               f"of {args.size} ({len(moved)} cases; target <= 1 %)")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 

@@ -72,7 +72,8 @@ def exec_(name: str, pod: str, command: tuple[str, ...], no_cgroup: bool) -> Non
     elif pod in places:
         proc = existing.popen(None, list(command), in_cgroup=not no_cgroup, node=places[pod])
     else:
-        raise click.ClickException(f"lab {name} has no pod {pod!r} (pods: {', '.join([*existing.pods, *places])})")
+        known = ", ".join([*existing.pods, *places])
+        raise click.ClickException(f"lab {name} has no pod {pod!r} (pods: {known})")
     sys.exit(proc.wait())
 
 

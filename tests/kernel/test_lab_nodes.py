@@ -115,8 +115,8 @@ def test_lab_up_and_down_from_the_cli_leave_nothing():
     finally:
         gone = runner.invoke(cli, ["lab", "down", name])
     assert gone.exit_code == 0, gone.output
-    assert not [ns for ns in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
-                                            check=True).stdout.split() if ns.startswith(f"{NETNS_PREFIX}{name}-")]
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    assert not [ns for ns in listed.split() if ns.startswith(f"{NETNS_PREFIX}{name}-")]
     assert not (lab.cgroup.parent / f"{CGROUP_PREFIX}{name}").exists()
     assert name not in runner.invoke(cli, ["lab", "list"]).output.split()
 
