@@ -157,40 +157,55 @@ _TAIL = 256
 
 def _populate_tail(entry: list[int], taken: bytearray, pos: list[int],
                    perms: list[tuple[int, int]], turn: int, size: int) -> None:
-    """Claims the last free slots, the same ones the probing would: a
-    backend's next free slot is the free slot the fewest strides ahead of its
-    position, (slot - position) * skip^-1 mod size strides (size is prime)."""
+    """Claims the last free slots, the same ones the probing would (see
+    _claim_free), backends taking turns from `turn` on."""
+    free = _free_slots(taken)
+    inverses = [pow(skip, -1, size) for _, skip in perms]
+    n = len(perms)
+    i = turn
+    while free:
+        _claim_free(entry, free, pos, perms[i][1], inverses[i], i, size)
+        i = i + 1 if i + 1 < n else 0
+
+
+def _free_slots(taken: bytearray) -> list[int]:
     free = []
     slot = taken.find(0)
     while slot >= 0:
         free.append(slot)
         slot = taken.find(0, slot + 1)
-    inverses = [pow(skip, -1, size) for _, skip in perms]
-    n = len(perms)
-    i = turn
-    while free:
-        c = pos[i]
-        inverse = inverses[i]
-        slot = min(free, key=lambda f: (f - c) * inverse % size)
-        free.remove(slot)
-        entry[slot] = i
-        c = slot + perms[i][1]
-        pos[i] = c - size if c >= size else c
-        i = i + 1 if i + 1 < n else 0
+    return free
+
+
+def _claim_free(entry: list[int], free: list[int], pos: list[int], skip: int, inverse: int,
+                i: int, size: int) -> None:
+    """Backend i's next free slot is the free slot the fewest strides ahead
+    of its position: (slot - position) * skip^-1 mod size strides (size is
+    prime, so skip has an inverse)."""
+    c = pos[i]
+    slot = min(free, key=lambda f: (f - c) * inverse % size)
+    free.remove(slot)
+    entry[slot] = i
+    c = slot + skip
+    pos[i] = c - size if c >= size else c
 
 
 def _populate_weighted(perms: list[tuple[int, int]], weights: list[int], size: int) -> list[int]:
     """Round t: backend i takes a turn when t * w_i reaches its target, which
-    then grows by the largest weight; the heaviest backend takes every round."""
+    then grows by the largest weight; the heaviest backend takes every round.
+    Probing, then the last _TAIL slots by _claim_free, as _populate."""
     entry = [-1] * size
     taken = bytearray(size)
     pos = [offset for offset, _ in perms]
     skips = [skip for _, skip in perms]
     top = max(weights)
     targets = [top] * len(perms)
+    n = len(perms)
+    head = size - _TAIL
     filled = 0
     rnd = 0
-    while True:
+    resume = n  # where the tail takes up round rnd; n: at the next round
+    while filled < head:
         rnd += 1
         for i, w in enumerate(weights):
             if rnd * w < targets[i]:
@@ -207,5 +222,18 @@ def _populate_weighted(perms: list[tuple[int, int]], weights: list[int], size: i
             c += s
             pos[i] = c - size if c >= size else c
             filled += 1
-            if filled == size:
-                return entry
+            if filled == head:
+                resume = i + 1
+                break
+    free = _free_slots(taken)
+    inverses = [pow(skip, -1, size) for skip in skips]
+    i = resume
+    while free:
+        if i == n:
+            rnd += 1
+            i = 0
+        if rnd * weights[i] >= targets[i]:
+            targets[i] += top
+            _claim_free(entry, free, pos, skips[i], inverses[i], i, size)
+        i += 1
+    return entry

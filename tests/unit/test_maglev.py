@@ -190,3 +190,36 @@ def test_the_weighted_populate_with_equal_weights_is_the_papers():
     idents = tuple(sorted(identity(*b) for b in backends(40)))
     perms = [maglev.offset_skip(ident, 4093) for ident in idents]
     assert maglev._populate_weighted(perms, [2] * 40, 4093) == paper_populate(idents, 4093)
+
+
+def weighted_by_probing(idents: tuple[str, ...], weights: list[int], size: int) -> list[int]:
+    """The weighted rounds with plain probing to the last slot: what the
+    fast path (probing, then a scan of the last free slots) must match."""
+    perms = [maglev.offset_skip(ident, size) for ident in idents]
+    nexts = [offset for offset, _ in perms]
+    top = max(weights)
+    targets = [top] * len(idents)
+    entry = [-1] * size
+    filled = 0
+    rnd = 0
+    while True:
+        rnd += 1
+        for i, (w, (_, skip)) in enumerate(zip(weights, perms)):
+            if rnd * w < targets[i]:
+                continue
+            targets[i] += top
+            while entry[nexts[i]] >= 0:
+                nexts[i] = (nexts[i] + skip) % size
+            entry[nexts[i]] = i
+            nexts[i] = (nexts[i] + skip) % size
+            filled += 1
+            if filled == size:
+                return entry
+
+
+@pytest.mark.parametrize("n, size", [(2, 251), (5, 1021), (60, 4093), (300, 4093)])
+def test_the_fast_weighted_populate_claims_what_probing_does(n, size):
+    given = [Backend(a, p, 1 + i % 4) for i, (a, p) in enumerate(backends(n))]
+    table = build(given, size)
+    weights = {identity(b.addr, b.port): b.weight for b in given}
+    assert list(table.slots) == weighted_by_probing(table.backends, [weights[i] for i in table.backends], size)
