@@ -142,6 +142,8 @@ def test_lookup():
     ([("10.0.0.1", 80, 1.5)], 251, "weight 1.5 is not an integer >= 0"),
     ([("10.0.0.1", 80)], 1000, "maglev table size 1000: use one of"),
     ([("10.0.0.300", 80)], 251, "10.0.0.300"),
+    ([("10.0.0.1", 0)], 251, "maglev backend 10.0.0.1: port 0 is not 1..65535"),
+    ([("10.0.0.1", "80")], 251, "maglev backend 10.0.0.1: port '80' is not 1..65535"),
 ])
 def test_bad_input_is_refused_with_the_reason(given, size, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace(".", r"\.")):
