@@ -23,7 +23,7 @@ DEFAULT_PODS = "client,web-1,web-2,web-3"
 
 @lab.command()
 @click.argument("name")
-@click.option("--pods", multiple=True, show_default=DEFAULT_PODS,
+@click.option("--pods", multiple=True, show_default=f"{DEFAULT_PODS} on node 1",
               help="Comma-separated pods, NAME or NAMESPACE/NAME (a bare name is in namespace "
                    "default); addresses follow this order from .2. With several nodes, give "
                    "--pods once per node: the k-th for node k.")
