@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from meshbpf.datapath.capture import CaptureMaps, cgroup_id
+from meshbpf.datapath import loader
+from meshbpf.datapath.capture import CaptureError, CaptureMaps, cgroup_id
 from meshbpf.datapath.loader import SockLB
 from meshbpf.lab.netlab import Lab
 from meshbpf.lab.workloads import start_whoami, wait_listening
@@ -27,7 +28,7 @@ from meshbpf.reconcile.capture_keys import (DIR_IN, DIR_OUT, EXCLUDE, F_IN_ALL, 
                                             CaptureStep, CidrKey, PortKey)
 
 from . import k8s
-from .conftest import web_service
+from .conftest import attached_programs, web_service
 
 pytestmark = pytest.mark.needs_feature("capture")
 
@@ -273,3 +274,50 @@ def test_no_pod_meshed_captures_nothing(mesh):
     finally:
         mesh.clear()
         mesh.maps.apply([])
+
+
+@pytest.mark.userspace
+def test_a_bad_capture_step_is_refused_in_one_line(mesh):
+    with pytest.raises(CaptureError, match=r"^capture step: unknown map 'pod' \(known: pods, "):
+        mesh.maps.apply([CaptureStep("pod", "update", {})])
+    with pytest.raises(CaptureError, match=r"^capture step on mbpf_cap_port: unknown op 'put'$"):
+        mesh.maps.apply([CaptureStep("ports", "put", {})])
+
+
+def test_capture_hooks_stay_pinned_and_uninstall_removes_them(lab, bpffs):
+    """Like the other hooks: the links outlive the process that made them, a
+    new one swaps its programs in behind them, uninstall takes them away."""
+    hooks = (loader.ATTACH_GETSOCKOPT, loader.ATTACH_SOCK_OPS)
+    first = SockLB(bpffs=bpffs)
+    first.compile()
+    first.attach_capture([lab.cgroup])
+    attached = attached_programs(lab.cgroup, hooks)
+    assert len(attached) == 2
+    links = {n: i.id for n, i in loader.inspect(bpffs).links.items()}
+    cg = cgroup_id(lab.cgroup)
+    assert set(links) == {f"mbpf_cap_sockops-{cg}", f"mbpf_getsockopt-{cg}"}
+    del first  # the agent is gone; the pinned links keep the programs attached
+    assert attached_programs(lab.cgroup, hooks) == attached
+    second = SockLB(bpffs=bpffs)
+    second.compile()
+    second.attach_capture([lab.cgroup])
+    assert {n: i.id for n, i in loader.inspect(bpffs).links.items()} == links  # swapped in place
+    assert attached_programs(lab.cgroup, hooks) != attached
+    removed = loader.uninstall(bpffs)
+    assert {f"link mbpf_getsockopt-{cg}", "map mbpf_cap_pod", "map mbpf_cap_pair"} <= set(removed)
+    assert attached_programs(lab.cgroup, hooks) == []
+
+
+@pytest.mark.fallback
+def test_without_the_capture_feature_socket_lb_runs_and_capture_is_refused_clearly(
+        lab, probe, bpffs, start_agent, monkeypatch):
+    """README "Kernels": before 5.7 (no cgroup and uid helpers in connect)
+    capture is not compiled; socket-LB is unchanged."""
+    monkeypatch.setenv("MESHBPF_DISABLE_FEATURES", "capture")
+    start_agent(web_service(lab))
+    assert probe("client", "whoami", "10.96.0.10", 80, 5)["errors"] == {}
+    assert not (bpffs / "mbpf_cap_pod").exists()
+    lb = SockLB(bpffs=bpffs)
+    lb.compile()
+    with pytest.raises(loader.DatapathError, match="^sidecar capture is not available on this kernel"):
+        lb.attach_capture([lab.cgroup])
