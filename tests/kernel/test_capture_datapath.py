@@ -33,7 +33,7 @@ from .conftest import attached_programs, web_service
 pytestmark = pytest.mark.needs_feature("capture")
 
 PROXY = Path(__file__).with_name("capture_proxy.py")
-UID, OUT, IN = 1337, 15001, 15006
+UID, OUT, IN, DNS = 1337, 15001, 15006, 15053
 WEBS = {"web-1", "web-2", "web-3", "web-4"}
 SVC = {4: "10.96.0.10", 6: "fd00:96::10"}
 ALL = F_OUTBOUND | F_INBOUND | F_IN_ALL | F_OUT_ALL
@@ -68,17 +68,18 @@ class Mesh:
     maps: CaptureMaps
     proxies: dict[str, Proxy] = field(default_factory=dict)
 
-    def pod(self, name: str, flags: int = ALL) -> tuple[int, CapPod]:
+    def pod(self, name: str, flags: int = ALL, dns_port: int = 0) -> tuple[int, CapPod]:
         p = self.lab.pods[name]
         return cgroup_id(p.cgroup), CapPod(addr16(p.ipv4), addr16(p.ipv6), UID, POD_IDS[name],
-                                          OUT, IN, 0, flags)
+                                          OUT, IN, dns_port, flags)
 
-    def set(self, flags: dict[str, int] | None = None, cidrs=None, ports=None) -> None:
-        """Capture exactly this: mesh/a and mesh/b with these flags (default ALL)."""
+    def set(self, flags: dict[str, int] | None = None, cidrs=None, ports=None, dns_port: int = 0) -> None:
+        """Capture exactly this: mesh/a and mesh/b with these flags (default
+        ALL); mesh/a's DNS to dns_port if set."""
         flags = {"mesh/a": ALL, "mesh/b": ALL, **(flags or {})}
         want = CaptureState()
         for name, f in flags.items():
-            cg, value = self.pod(name, f)
+            cg, value = self.pod(name, f, dns_port if name == "mesh/a" else 0)
             want.pods[cg] = value
             want.addresses[value.ip4] = want.addresses[value.ip6] = cg
         want.cidrs = dict(cidrs or {})
@@ -93,9 +94,9 @@ class Mesh:
         self.maps.apply([CaptureStep(m, "delete", dict.fromkeys(getattr(have, m)))
                          for m in ("pods", "addresses", "ports", "cidrs")])
 
-    def get(self, pod: str, host: str, port: int) -> dict:
+    def get(self, pod: str, host: str, port: int, command: str = "get") -> dict:
         """What an app in pod sees for an HTTP GET to host:port (as root)."""
-        r = self.lab.run(pod, [sys.executable, str(PROXY), "get", host, str(port)], timeout=60)
+        r = self.lab.run(pod, [sys.executable, str(PROXY), command, host, str(port)], timeout=60)
         assert r.returncode == 0, r.stderr
         return json.loads(r.stdout)
 
@@ -120,11 +121,16 @@ def mesh(shared_lb):
     lb.compile()
     lb.attach_capture([lab.cgroup])
     the_mesh = Mesh(lab, CaptureMaps(shared_lb.bpffs))
+    dns = lab.popen("mesh/a", [sys.executable, "-u", str(PROXY), "dns", str(DNS), str(UID)],
+                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
+        assert json.loads(dns.stdout.readline())["ready"]
         for name in ("mesh/a", "mesh/b"):
             the_mesh.proxies[name] = Proxy(lab, name).start()
         yield the_mesh
     finally:
+        dns.kill()
+        dns.wait(timeout=30)
         for proxy in the_mesh.proxies.values():
             proxy.stop()
         the_mesh.clear()
@@ -274,6 +280,17 @@ def test_no_pod_meshed_captures_nothing(mesh):
     finally:
         mesh.clear()
         mesh.maps.apply([])
+
+
+@FAMILIES
+def test_dns_over_connected_udp_goes_to_the_dns_port_when_asked(meshed, family):
+    dns1 = ip(meshed.lab, "dns-1", family)
+    assert "dns_port" not in meshed.get("mesh/a", dns1, 53, "udp-get")  # dnsmasq's own answer
+    meshed.set(dns_port=DNS)
+    before = meshed.maps.counters()["captured_dns"]
+    assert meshed.get("mesh/a", dns1, 53, "udp-get") == {"dns_port": DNS, "uid": UID}
+    assert meshed.maps.counters()["captured_dns"] > before
+    assert "dns_port" not in meshed.get("plain/c", dns1, 53, "udp-get")
 
 
 @pytest.mark.userspace
