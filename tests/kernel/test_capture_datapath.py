@@ -9,6 +9,8 @@ connect to that destination went. plain/c and client are not meshed.
 
 from __future__ import annotations
 
+import ctypes as ct
+import ipaddress
 import json
 import subprocess
 import sys
@@ -17,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from meshbpf.datapath import loader
+from meshbpf.datapath import libbpf, loader
 from meshbpf.datapath.capture import CaptureError, CaptureMaps, cgroup_id
+from meshbpf.datapath.layout import CapCfgC
 from meshbpf.datapath.loader import SockLB
 from meshbpf.lab.netlab import Lab
 from meshbpf.lab.workloads import start_whoami, wait_listening
@@ -204,7 +207,7 @@ def test_excluded_range_goes_direct_and_the_rest_is_captured(meshed, family):
 @pytest.mark.bounds
 def test_include_list_captures_only_the_included_range(meshed):
     """includeOutboundIPRanges=10.96.0.0/16: no F_OUT_ALL, one INCLUDE prefix."""
-    svc_net = addr16(__import__("ipaddress").ip_address("10.96.0.0"))
+    svc_net = addr16(ipaddress.ip_address("10.96.0.0"))
     meshed.set(flags={"mesh/a": ALL & ~F_OUT_ALL},
                cidrs={CidrKey(POD_IDS["mesh/a"], svc_net, 96 + 16): INCLUDE})
     assert_captured(meshed.get("mesh/a", SVC[4], 80), OUT, [SVC[4], 80])
@@ -272,9 +275,6 @@ def test_no_pod_meshed_captures_nothing(mesh):
     try:
         mesh.maps.apply([])
         assert mesh.maps.pods_enabled() == 2
-        from meshbpf.datapath import libbpf
-        from meshbpf.datapath.layout import CapCfgC
-        import ctypes as ct
         libbpf.map_update(mesh.maps.fds["mbpf_cap_cfg"], ct.c_uint32(0), CapCfgC(pods=0))
         assert mesh.get("mesh/a", SVC[4], 80)["body"] in WEBS
     finally:
