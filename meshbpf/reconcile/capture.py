@@ -47,6 +47,7 @@ class CapturePlan:
     steps: list[CaptureStep] = field(default_factory=list)
     state: CaptureState = field(default_factory=CaptureState)
     problems: list[str] = field(default_factory=list)
+    left_out: dict[tuple[str, str], str] = field(default_factory=dict)  # pod key -> why
     pod_ids: dict[int, int] = field(default_factory=dict)   # cgroup id -> pod_id in force
 
     @property
@@ -102,7 +103,8 @@ def _rules_of(state: CaptureState, pod_id: int) -> tuple[dict, dict]:
 def plan_capture(current: CaptureState, pods: Iterable[MeshedPod]) -> CapturePlan:
     """Ordered writes taking the maps from `current` to exactly the pods given."""
     plan = CapturePlan()
-    wanted = _unique(pods, plan.problems)
+    wanted = _unique(pods, plan.left_out)
+    plan.problems = [f"pod {'/'.join(key)}: {why}" for key, why in plan.left_out.items()]
     # Ids in force, and any whose rules a failed write left behind: a fresh
     # id must start with no rules at all.
     used_ids = ({p.pod_id for p in current.pods.values()} | {k.pod_id for k in current.cidrs}
@@ -132,7 +134,7 @@ def plan_capture(current: CaptureState, pods: Iterable[MeshedPod]) -> CapturePla
     return plan
 
 
-def _unique(pods: Iterable[MeshedPod], problems: list[str]) -> dict[int, PodCapture]:
+def _unique(pods: Iterable[MeshedPod], left_out: dict) -> dict[int, PodCapture]:
     """One pod per cgroup and per address; a second claimant is left out."""
     by_cgroup: dict[int, PodCapture] = {}
     owner: dict[bytes, str] = {}
@@ -140,12 +142,12 @@ def _unique(pods: Iterable[MeshedPod], problems: list[str]) -> dict[int, PodCapt
         pod = mp.settings
         name = "/".join(pod.key)
         if mp.cgroup_id in by_cgroup:
-            problems.append(f"pod {name}: cgroup {mp.cgroup_id} already belongs to pod "
-                            f"{'/'.join(by_cgroup[mp.cgroup_id].key)}; not captured")
+            left_out[pod.key] = (f"cgroup {mp.cgroup_id} already belongs to pod "
+                                 f"{'/'.join(by_cgroup[mp.cgroup_id].key)}; not captured")
             continue
         clash = [owner[addr16(ip)] for ip in pod.ips if addr16(ip) in owner]
         if clash:
-            problems.append(f"pod {name}: its address is also pod {clash[0]}'s; not captured")
+            left_out[pod.key] = f"its address is also pod {clash[0]}'s; not captured"
             continue
         by_cgroup[mp.cgroup_id] = pod
         owner.update({addr16(ip): name for ip in pod.ips})

@@ -197,3 +197,15 @@ def test_malformed_values_are_refused(key, value, reason):
     with pytest.raises(AnnotationError, match=reason) as info:
         pod_capture(pod({**STATUS, "linkerd.io/proxy-version": "x", key: value}), settings)
     assert info.value.key == key
+
+
+def test_a_lab_pod_is_marked_meshed_with_an_annotation():
+    from meshbpf.lab.objects import lab_objects
+    from test_lab_objects import make_pod
+    pods = [make_pod("x/a", 2), make_pod("x/b", 3), make_pod("x/c", 4)]
+    doc = yaml.safe_load(yaml.safe_dump(lab_objects(pods, "node-7", meshed={
+        "x/a": {}, "x/b": {"traffic.sidecar.istio.io/excludeOutboundPorts": "5432"}})))
+    by_name = {p.name: p for p in read_policy_objects([SourceObject(doc, "lab.yaml")]).pods}
+    assert [n for n, p in sorted(by_name.items()) if is_meshed(p, ISTIO)] == ["a", "b"]
+    assert pod_capture(by_name["b"], ISTIO).exclude_out_ports == (5432,)
+    assert lab_objects(pods, "n", meshed=["x/c"])["items"][-1]["metadata"]["annotations"]
