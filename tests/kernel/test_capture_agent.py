@@ -53,7 +53,7 @@ def capture_states(agent) -> dict[str, str]:
 
 
 def test_a_meshed_pod_is_captured_through_the_agent_and_turning_capture_off_restores_it(
-        lab, start_agent, config):
+        lab, start_agent, config, bpffs):
     for name in ("mesh/a", "mesh/bad"):
         lab.add_pod(name)
     proxies = [start_proxy(lab, "mesh/a"), start_proxy(lab, "mesh/bad")]
@@ -94,6 +94,15 @@ def test_a_meshed_pod_is_captured_through_the_agent_and_turning_capture_off_rest
         row = next(line for line in lines if line.startswith("mesh/a "))
         assert row.split()[1:7] == ["captured", "istio", "1337", "15001", "15006", "-"], row
         assert any(line.startswith("mesh/bad ") and "not captured" in line for line in lines)
+
+        # The agent not answering: what the pinned maps alone say.
+        pinned = subprocess.run([sys.executable, "-m", "meshbpf", "capture", "list", "-o", "json",
+                                 "--agent", "127.0.0.1:1", "--bpffs", str(bpffs)],
+                                capture_output=True, text=True, timeout=60)
+        assert pinned.returncode == 0 and "agent not reachable" in pinned.stderr, pinned.stderr
+        (held,) = json.loads(pinned.stdout)["pods"]
+        assert held["addresses"] == [str(lab.pods["mesh/a"].ipv4), str(lab.pods["mesh/a"].ipv6)]
+        assert held["cgroup_id"] == lab.pods["mesh/a"].cgroup.stat().st_ino
 
         metrics = agent.get("/metrics")[1]
         assert metric(metrics, "meshbpf_capture_connections_total", 'direction="outbound"') >= 1
