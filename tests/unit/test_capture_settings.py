@@ -105,7 +105,8 @@ def test_sources_keep_only_the_capture_annotations():
 
 def test_a_malformed_annotation_is_one_problem_and_the_pod_and_others_stay():
     inputs = read_pods(
-        with_annotations("x/a", {**STATUS, "traffic.sidecar.istio.io/excludeOutboundIPRanges": "10.0.0.0/33"}),
+        with_annotations("x/a", {**STATUS,
+                                 "traffic.sidecar.istio.io/excludeOutboundIPRanges": "10.0.0.0/33"}),
         with_annotations("x/b", {**STATUS, "traffic.sidecar.istio.io/excludeInboundPorts": "80,http"}),
         with_annotations("x/c", STATUS))
     assert sorted(p.name for p in inputs.pods) == ["a", "b", "c"]   # policy still sees them
