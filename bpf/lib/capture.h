@@ -174,8 +174,9 @@ static __always_inline int cap_outbound(struct bpf_sock_addr *ctx, const struct 
 	__builtin_memcpy(self, addr_is_v4mapped(dst.addr) ? p->ip4 : p->ip6, MBPF_ADDR_LEN);
 	if (cap_addr_is_zero(self))
 		return 0;  /* the pod has no address of this family */
-	/* The proxy's own ports on its own pod: steering them again would loop. */
-	if (addr_equal(dst.addr, self) && (dport == out_port || dport == in_port))
+	/* The pod's own address goes over lo inside the pod: never captured, as
+	 * istio-iptables RETURNs it (and the proxy's ports there would loop). */
+	if (addr_equal(dst.addr, self))
 		return 0;
 	if (dns) {
 		to_port = dns_port;

@@ -66,8 +66,8 @@ def outbound(state: CaptureState, cgroup_id: int | None, uid: int, dst, port: in
     own = _own(pod, dst.version)
     if own == bytes(16):
         return LEFT_ALONE  # no own address of this family to send it to
-    if addr16(dst) == own and port in (pod.out_port, pod.in_port):
-        return LEFT_ALONE  # the proxy's own ports: no loop
+    if addr16(dst) == own:
+        return LEFT_ALONE  # the pod's own address: over lo, as istio-iptables leaves it
     target = str(ipaddress.ip_address(own) if dst.version == 6
                  else ipaddress.IPv6Address(own).ipv4_mapped)
     if dns:

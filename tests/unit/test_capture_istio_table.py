@@ -56,6 +56,8 @@ CASES: dict[str, Case] = {
         ("app", "10.96.0.10", 80, "TCP", NO), ("client", "10.0.1.1", 8080, "TCP", NO)]),
     "ipnets": Case({**NONE_IN, "includeOutboundIPRanges": "10.0.0.0/8"}, [
         ("app", "10.96.0.10", 80, "TCP", OUT),         # -d 10.0.0.0/8 -j ISTIO_REDIRECT
+        ("app", "10.0.1.1", 8080, "TCP", NO),          # its own pod address: -o lo ! --uid-owner 1337 -j RETURN
+        ("app", "fd00::1:1", 8080, "TCP", NO),
         ("app", "192.168.1.1", 80, "TCP", NO),          # no rule: the chain ends, RETURN
         ("app", "127.0.0.1", 80, "TCP", NO),            # -d 127.0.0.1/32 -j RETURN
         ("proxy", "10.96.0.10", 80, "TCP", NO),         # -m owner --uid-owner 1337 -j RETURN
@@ -160,10 +162,6 @@ DIFFERENCES = [
     # pod's own proxy is never captured into its own pod (no uid match
     # without a packet path through lo).
     ("proxy", "10.0.1.1", 8080, "TCP", NO, "istio: 15006"),
-    # istio: -o lo -m owner ! --uid-owner 1337 -j RETURN (the app calling its
-    # own pod address goes over lo, uncaptured); ours: captured outbound
-    # unless the port is the proxy's own (capture design, step 1).
-    ("app", "10.0.1.1", 8080, "TCP", OUT, "istio: left alone"),
     # istio: DNS to a loopback resolver (127.0.0.53) goes to 15053; ours:
     # loopback is never captured (pods' resolvers are the cluster DNS Service).
     ("app", "127.0.0.53", 53, "UDP", NO, "istio: 15053"),
