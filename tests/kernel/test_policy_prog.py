@@ -6,6 +6,7 @@ fragments."""
 from __future__ import annotations
 
 import ipaddress
+import socket
 
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
@@ -14,6 +15,7 @@ from scapy.layers.l2 import ARP, Ether
 
 from meshbpf.datapath import libbpf
 from meshbpf.datapath.policy import PolicyDatapath, PolicyMaps, addr_bytes
+from meshbpf.datapath.layout import CtC, CtKeyC
 from meshbpf.datapath.policy_events import PolicyEvents
 from meshbpf.reconcile.policy_keys import (DIR_IN, DIR_OUT, EP_ISOLATE_IN, EP_ISOLATE_OUT,
                                            PEER_ANY_PORT, EpVal, PeerKey, PeerVal, PolicyStep,
@@ -73,8 +75,8 @@ def allow_port(maps, proto, port, direction, peer_set=1, gen=0, bits=16, rule=12
     maps.apply([PolicyStep("ports", "update", {key: PortVal(rule)})])
 
 
-def run(dp, prog, pkt) -> int:
-    return libbpf.prog_test_run_skb(dp.prog_fd(prog), bytes(pkt), ifindex=LO)
+def run(dp, prog, pkt, ifindex=LO) -> int:
+    return libbpf.prog_test_run_skb(dp.prog_fd(prog), bytes(pkt), ifindex=ifindex)
 
 
 def from_pod(dp, pkt):
@@ -269,3 +271,55 @@ def test_flow_events_only_while_someone_listens(dp, maps):
     assert to_pod(dp, tcp4(PEER4, POD4, 40033, 81)) == DROP
     with PolicyEvents(dp.bpffs) as events:
         assert [e.src for e in events.poll(0)] == []
+
+
+def _other_ifindex() -> int:
+    """A second device of this netns for a second endpoint (BPF_PROG_TEST_RUN
+    needs the ifindex to exist)."""
+    import socket
+    others = [i for i, _ in socket.if_nameindex() if i != LO]
+    if not others:
+        pytest.skip("no device besides lo in this netns")
+    return others[0]
+
+
+def test_both_local_ends_share_one_conntrack_entry_and_keep_their_own_verdicts(dp, maps):
+    """A flow between two pods of this node is one conntrack entry (the
+    second end finds the first end's), yet each end knows only what it let
+    through itself."""
+    peer_if, peer_ep = _other_ifindex(), EP + 1
+    endpoint(maps)  # the client (POD4): open
+    maps.apply([PolicyStep("addresses", "update", {addr_bytes(PEER4): peer_ep}),
+                PolicyStep("endpoints", "update", {peer_if: EpVal(peer_ep, 0, EP_ISOLATE_IN)})])
+    key = PeerKey(peer_ep, 0, DIR_IN, addr_bytes(POD4), 128)
+    maps.apply([PolicyStep("peers", "update", {key: PeerVal(1, 0, 0)}),
+                PolicyStep("ports", "update", {PortKey(peer_ep, 0, DIR_IN, 6, 1, 80, 16): PortVal(5)})])
+    c2s, s2c = (POD4, PEER4, 40040, 80), (PEER4, POD4, 80, 40040)
+    assert from_pod(dp, tcp4(*c2s)) == PASS                          # client end: SYN out
+    assert run(dp, "mbpf_tc_to_pod", tcp4(*c2s), peer_if) == PASS    # server end: SYN in, allowed
+    assert run(dp, "mbpf_tc_from_pod", tcp4(*s2c, "SA"), peer_if) == PASS
+    assert to_pod(dp, tcp4(*s2c, "SA")) == PASS
+    assert run(dp, "mbpf_tc_to_pod", tcp4(*c2s, "A"), peer_if) == PASS
+    assert len(maps.conntrack()) == 1
+    # port 81: the client lets it out (an entry with the client's mark), the server
+    # denies it; the entry must not make the server's end take it for known
+    denied = (POD4, PEER4, 40041, 81)
+    assert from_pod(dp, tcp4(*denied)) == PASS
+    assert run(dp, "mbpf_tc_to_pod", tcp4(*denied), peer_if) == DROP
+    assert run(dp, "mbpf_tc_to_pod", tcp4(*denied, "A"), peer_if) == DROP
+    assert to_pod(dp, tcp4(PEER4, POD4, 81, 40041, "SA")) == PASS    # the client end's reply: known there
+
+
+def test_conntrack_entries_of_the_previous_build_still_carry_their_flows(dp, maps):
+    """An agent upgrade keeps established flows: 0.1.0 kept one entry per
+    endpoint and direction (the flow as first seen); the new programs honour
+    those until they are evicted."""
+    endpoint(maps, EP_ISOLATE_IN | EP_ISOLATE_OUT)  # nothing allowed either way
+    old = CtKeyC(sport=socket.htons(40050), dport=socket.htons(80), ep_id=EP, proto=6, dir=DIR_IN)
+    old.saddr[:] = addr_bytes(PEER4)
+    old.daddr[:] = addr_bytes(POD4)
+    libbpf.map_update(maps.fds["mbpf_ct"], old, CtC())
+    assert to_pod(dp, tcp4(PEER4, POD4, 40050, 80, "A")) == PASS        # the flow, as first seen
+    assert from_pod(dp, tcp4(POD4, PEER4, 80, 40050, "A")) == PASS      # its reply
+    assert to_pod(dp, tcp4(PEER4, POD4, 40051, 80, "A")) == DROP        # another flow: judged
+    assert from_pod(dp, tcp4(POD4, PEER4, 40050, 80, "A")) == DROP      # the same tuple the other way
