@@ -5,10 +5,17 @@
  * (address, port) first), so a packet and its reply, and the two ends of a
  * pod-to-pod flow on this node, all find the same entry in one lookup; the
  * second end's lookup finds it in cache. Its value says, per end, which
- * endpoint let the flow through. A packet passes as known if the endpoint
- * it is checked for is recorded at its own end (the pod's side: the source
- * of what the pod sends, the destination of what it receives). That is
- * exactly "a flow this endpoint let through, or a reply of one".
+ * endpoint (id and host-side interface) let the flow through. A packet
+ * passes as known if the endpoint it is checked for is recorded at its own
+ * end (the pod's side: the source of what the pod sends, the destination
+ * of what it receives). That is exactly "a flow this endpoint let through,
+ * or a reply of one".
+ *
+ * An end is recorded only with an address the pod owns (policy.c checks
+ * it first), so a hit at the pod's end also proves the source of what it
+ * sends: the anti-spoofing lookup is needed only on a miss. The interface
+ * in the mark keeps an entry of a departed pod from vouching for a new pod
+ * that got its endpoint id.
  *
  * Entries leave only by LRU eviction: no TCP state tracking, no timeouts
  * (see README, "NetworkPolicy datapath"). A TCP SYN is always judged afresh
@@ -107,42 +114,44 @@ static __always_inline int ct_legacy_known(const struct mbpf_flow *f, __u32 ep_i
 	return mbpf_ct.lookup(&key) != NULL;
 }
 
-/* The endpoint recorded at one end. Spelled out per end: an index computed
- * into the value pointer is pointer arithmetic the verifier refuses. */
-static __always_inline __u32 ct_end_ep(const struct mbpf_ct *ct, int end)
+/* Is the endpoint (id, interface) recorded at that end? Spelled out per
+ * end: an index computed into the value pointer is pointer arithmetic the
+ * verifier refuses. */
+static __always_inline int ct_marked(const struct mbpf_ct *ct, int end, __u32 ep_id, __u32 ifindex)
 {
-	return end == MBPF_CT_LOW ? ct->ep_id[MBPF_CT_LOW] : ct->ep_id[MBPF_CT_HIGH];
+	if (end == MBPF_CT_LOW)
+		return ct->ep_id[MBPF_CT_LOW] == ep_id && ct->ifindex[MBPF_CT_LOW] == ifindex;
+	return ct->ep_id[MBPF_CT_HIGH] == ep_id && ct->ifindex[MBPF_CT_HIGH] == ifindex;
 }
 
-static __always_inline void ct_mark(struct mbpf_ct *ct, int end, __u32 ep_id, __u32 rule)
+static __always_inline void ct_mark(struct mbpf_ct *ct, int end, __u32 ep_id, __u32 ifindex)
 {
 	if (end == MBPF_CT_LOW) {
 		ct->ep_id[MBPF_CT_LOW] = ep_id;
-		ct->rule[MBPF_CT_LOW] = rule;
+		ct->ifindex[MBPF_CT_LOW] = ifindex;
 	} else {
 		ct->ep_id[MBPF_CT_HIGH] = ep_id;
-		ct->rule[MBPF_CT_HIGH] = rule;
+		ct->ifindex[MBPF_CT_HIGH] = ifindex;
 	}
 }
 
-/* Is this packet part of a flow the endpoint already let through? */
-static __always_inline int ct_known(const struct mbpf_flow *f, __u32 ep_id, __u8 dir)
+/* Is this packet part of a flow the endpoint already let through (a shared
+ * entry marked at the pod's end)? */
+static __always_inline int ct_known(const struct mbpf_flow *f, __u32 ep_id, __u32 ifindex, __u8 dir)
 {
 	struct mbpf_ct_key key = {};
 	struct mbpf_ct *ct;
 	int end = ct_key_of(&key, f, dir);
 
 	ct = mbpf_ct.lookup(&key);
-	if (ct && ct_end_ep(ct, end) == ep_id)
-		return 1;
-	return ct_legacy_known(f, ep_id, dir);
+	return ct && ct_marked(ct, end, ep_id, ifindex);
 }
 
-/* Records that the endpoint let the flow through at its end. An entry the
- * other end made is written in place, never replaced, so that neither end
- * loses the other's mark. */
-static __always_inline void ct_create(const struct mbpf_flow *f, __u32 ep_id, __u8 dir,
-				      __u32 rule)
+/* Records that the endpoint let the flow through at its end, which must be
+ * an address of the pod (see the top). An entry the other end made is
+ * written in place, never replaced, so that neither end loses the other's
+ * mark. */
+static __always_inline void ct_create(const struct mbpf_flow *f, __u32 ep_id, __u32 ifindex, __u8 dir)
 {
 	struct mbpf_ct_key key = {};
 	struct mbpf_ct val = {};
@@ -151,14 +160,14 @@ static __always_inline void ct_create(const struct mbpf_flow *f, __u32 ep_id, __
 
 	ct = mbpf_ct.lookup(&key);
 	if (!ct) {
-		ct_mark(&val, end, ep_id, rule);
+		ct_mark(&val, end, ep_id, ifindex);
 		if (mbpf_ct.insert(&key, &val) == 0)  /* BPF_NOEXIST */
 			return;
 		ct = mbpf_ct.lookup(&key);  /* the other end (another CPU) made it meanwhile */
 		if (!ct)
 			return;
 	}
-	ct_mark(ct, end, ep_id, rule);  /* a SYN on an old flow's ports: this end's rule now */
+	ct_mark(ct, end, ep_id, ifindex);
 }
 
 #endif /* MBPF_CT_H */

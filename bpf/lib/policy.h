@@ -198,29 +198,30 @@ static __always_inline int is_nd(const struct mbpf_flow *f)
 	       f->icmp_type >= 133 && f->icmp_type <= 137;
 }
 
-/* fe80::/10 or ::, the sources an IPv6 stack uses before it has its own. */
-static __always_inline int v6_local_source(const struct mbpf_flow *f)
+/* fe80::/10 or ::, the addresses an IPv6 stack uses before it has its own. */
+static __always_inline int v6_local(const struct mbpf_flow *f, const __u8 *addr)
 {
 	__u64 hi, lo;
 
 	if (!f->v6)
 		return 0;
-	if (f->saddr[0] == 0xfe && (f->saddr[1] & 0xc0) == 0x80)
+	if (addr[0] == 0xfe && (addr[1] & 0xc0) == 0x80)
 		return 1;
-	__builtin_memcpy(&hi, f->saddr, 8);
-	__builtin_memcpy(&lo, &f->saddr[8], 8);
+	__builtin_memcpy(&hi, addr, 8);
+	__builtin_memcpy(&lo, &addr[8], 8);
 	return hi == 0 && lo == 0;
 }
 
-/* Does the pod own the source address it sends from? */
-static __always_inline int source_is_own(const struct mbpf_flow *f, __u32 ep_id)
+/* Is addr (the packet's source or destination) the pod's own? Link-local
+ * and :: count for ICMPv6 (neighbour discovery and its kin). */
+static __always_inline int address_is_own(const struct mbpf_flow *f, const __u8 *addr, __u32 ep_id)
 {
 	struct mbpf_ep_addr key;
 	__u32 *owner;
 
-	if (f->proto == MBPF_IPPROTO_ICMPV6 && v6_local_source(f))
+	if (f->proto == MBPF_IPPROTO_ICMPV6 && v6_local(f, addr))
 		return 1;
-	__builtin_memcpy(key.addr, f->saddr, MBPF_ADDR_LEN);
+	__builtin_memcpy(key.addr, addr, MBPF_ADDR_LEN);
 	owner = mbpf_pol_epaddr.lookup(&key);
 	return owner && *owner == ep_id;
 }

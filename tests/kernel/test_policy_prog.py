@@ -323,3 +323,23 @@ def test_conntrack_entries_of_the_previous_build_still_carry_their_flows(dp, map
     assert from_pod(dp, tcp4(POD4, PEER4, 80, 40050, "A")) == PASS      # its reply
     assert to_pod(dp, tcp4(PEER4, POD4, 40051, 80, "A")) == DROP        # another flow: judged
     assert from_pod(dp, tcp4(POD4, PEER4, 40050, 80, "A")) == DROP      # the same tuple the other way
+
+
+def test_a_flow_entry_never_vouches_for_a_source_the_pod_does_not_own(dp, maps):
+    """A known flow passes on its conntrack hit alone, which must never let
+    a pod send from an address that is not its own: a reply to traffic that
+    reached the pod for another address, or a flow of a departed pod whose
+    endpoint id a new pod got, is still a spoof."""
+    endpoint(maps)  # open both ways: everything it receives passes
+    before = maps.counters()
+    assert to_pod(dp, tcp4(PEER4, OTHER4, 80, 40060, "SA")) == PASS    # to an address not its own
+    assert from_pod(dp, tcp4(OTHER4, PEER4, 40060, 80, "A")) == DROP   # "replying" from it
+    assert from_pod(dp, tcp4(POD4, PEER4, 40061, 80)) == PASS          # its own flow, recorded
+    assert counted(maps, before) == {"ingress_allow": 1, "spoofed": 1, "egress_allow": 1}
+    # the pod goes; a new pod on another interface gets its endpoint id, not its address
+    new_if = _other_ifindex()
+    maps.apply([PolicyStep("endpoints", "delete", {LO: None}),
+                PolicyStep("addresses", "update", {addr_bytes(POD4): EP + 1}),
+                PolicyStep("endpoints", "update", {new_if: EpVal(EP, 0, 0)})])
+    assert run(dp, "mbpf_tc_from_pod", tcp4(POD4, PEER4, 40061, 80, "A"), new_if) == DROP
+    assert counted(maps, before)["spoofed"] == 2
