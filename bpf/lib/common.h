@@ -289,10 +289,10 @@ struct mbpf_ct_key {
 #define MBPF_CT_SHARED  2
 
 /* Conntrack map value, per end of the flow ([MBPF_CT_LOW]: saddr's): the
- * endpoint that let the flow through at that end (an address it owns). */
+ * pod that let the flow through at that end (an address it owns). */
 struct mbpf_ct {
-	__u32 ep_id[2];             /* host order; 0: none */
-	__u32 ifindex[2];           /* host order; that endpoint's host-side interface */
+	__u32 ep_id[2];             /* host order; its endpoint id, 0: none (for people) */
+	__u32 ifindex[2];           /* host order; its host-side interface: what the programs match */
 };
 #define MBPF_CT_LOW   0
 #define MBPF_CT_HIGH  1

@@ -5,17 +5,18 @@
  * (address, port) first), so a packet and its reply, and the two ends of a
  * pod-to-pod flow on this node, all find the same entry in one lookup; the
  * second end's lookup finds it in cache. Its value says, per end, which
- * endpoint (id and host-side interface) let the flow through. A packet
- * passes as known if the endpoint it is checked for is recorded at its own
- * end (the pod's side: the source of what the pod sends, the destination
- * of what it receives). That is exactly "a flow this endpoint let through,
- * or a reply of one".
+ * pod interface let the flow through (and its endpoint id, for people). A
+ * packet passes as known if the interface it is checked on is recorded at
+ * its own end (the pod's side: the source of what the pod sends, the
+ * destination of what it receives). That is exactly "a flow this endpoint
+ * let through, or a reply of one": an interface is one pod's for its whole
+ * life (the kernel does not reuse an ifindex soon), so this needs no
+ * endpoint lookup, and a departed pod's entries never vouch for a new pod
+ * that got its endpoint id.
  *
  * An end is recorded only with an address the pod owns (policy.c checks
  * it first), so a hit at the pod's end also proves the source of what it
- * sends: the anti-spoofing lookup is needed only on a miss. The interface
- * in the mark keeps an entry of a departed pod from vouching for a new pod
- * that got its endpoint id.
+ * sends: the anti-spoofing lookup is needed only on a miss.
  *
  * Entries leave only by LRU eviction: no TCP state tracking, no timeouts
  * (see README, "NetworkPolicy datapath"). A TCP SYN is always judged afresh
@@ -114,14 +115,14 @@ static __always_inline int ct_legacy_known(const struct mbpf_flow *f, __u32 ep_i
 	return mbpf_ct.lookup(&key) != NULL;
 }
 
-/* Is the endpoint (id, interface) recorded at that end? Spelled out per
- * end: an index computed into the value pointer is pointer arithmetic the
- * verifier refuses. */
-static __always_inline int ct_marked(const struct mbpf_ct *ct, int end, __u32 ep_id, __u32 ifindex)
+/* Is the interface recorded at that end? Spelled out per end: an index
+ * computed into the value pointer is pointer arithmetic the verifier
+ * refuses. */
+static __always_inline int ct_marked(const struct mbpf_ct *ct, int end, __u32 ifindex)
 {
 	if (end == MBPF_CT_LOW)
-		return ct->ep_id[MBPF_CT_LOW] == ep_id && ct->ifindex[MBPF_CT_LOW] == ifindex;
-	return ct->ep_id[MBPF_CT_HIGH] == ep_id && ct->ifindex[MBPF_CT_HIGH] == ifindex;
+		return ct->ifindex[MBPF_CT_LOW] == ifindex;
+	return ct->ifindex[MBPF_CT_HIGH] == ifindex;
 }
 
 static __always_inline void ct_mark(struct mbpf_ct *ct, int end, __u32 ep_id, __u32 ifindex)
@@ -135,16 +136,16 @@ static __always_inline void ct_mark(struct mbpf_ct *ct, int end, __u32 ep_id, __
 	}
 }
 
-/* Is this packet part of a flow the endpoint already let through (a shared
- * entry marked at the pod's end)? */
-static __always_inline int ct_known(const struct mbpf_flow *f, __u32 ep_id, __u32 ifindex, __u8 dir)
+/* Is this packet part of a flow the pod behind this interface already let
+ * through (a shared entry marked at the pod's end)? */
+static __always_inline int ct_known(const struct mbpf_flow *f, __u32 ifindex, __u8 dir)
 {
 	struct mbpf_ct_key key = {};
 	struct mbpf_ct *ct;
 	int end = ct_key_of(&key, f, dir);
 
 	ct = mbpf_ct.lookup(&key);
-	return ct && ct_marked(ct, end, ep_id, ifindex);
+	return ct && ct_marked(ct, end, ifindex);
 }
 
 /* Records that the endpoint let the flow through at its end, which must be
