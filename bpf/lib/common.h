@@ -271,26 +271,31 @@ struct mbpf_pol_port {
 	__u32 pad;                  /* zero */
 };
 
-/* Conntrack map key (LRU hash, mbpf_ct): a flow as endpoint ep first saw
- * it in direction dir. A reply is looked up with the addresses and ports
- * swapped and the other direction. */
+/* Conntrack map key (LRU hash, mbpf_ct): one entry per flow, shared by its
+ * two ends (bpf/lib/ct.h): dir MBPF_CT_SHARED, ep_id 0, and the flow's ends
+ * in a fixed order, the lower (address, port) as saddr/sport. Entries of
+ * 0.1.0 (dir MBPF_DIR_*, ep_id set: a flow as endpoint ep first saw it in
+ * direction dir) are still honoured until evicted. */
 struct mbpf_ct_key {
 	__u8  saddr[MBPF_ADDR_LEN]; /* network order; IPv4 as ::ffff:a.b.c.d */
 	__u8  daddr[MBPF_ADDR_LEN]; /* network order; IPv4 as ::ffff:a.b.c.d */
 	__u16 sport;                /* network order; 0 for protocols without ports */
 	__u16 dport;                /* network order; 0 for protocols without ports */
-	__u32 ep_id;                /* host order */
+	__u32 ep_id;                /* host order; 0 in shared entries */
 	__u8  proto;                /* IP protocol */
-	__u8  dir;                  /* MBPF_DIR_* */
+	__u8  dir;                  /* MBPF_CT_SHARED (0.1.0: MBPF_DIR_*) */
 	__u8  pad[2];               /* zero */
 };
+#define MBPF_CT_SHARED  2
 
-/* Conntrack map value. */
+/* Conntrack map value, per end of the flow ([MBPF_CT_LOW]: saddr's): the
+ * pod that let the flow through at that end (an address it owns). */
 struct mbpf_ct {
-	__u64 created_ns;           /* host order; bpf_ktime_get_ns() */
-	__u32 rule;                 /* host order; the rule that allowed; 0: not isolated */
-	__u32 pad;                  /* zero */
+	__u32 ep_id[2];             /* host order; its endpoint id, 0: none (for people) */
+	__u32 ifindex[2];           /* host order; its host-side interface: what the programs match */
 };
+#define MBPF_CT_LOW   0
+#define MBPF_CT_HIGH  1
 
 /* Policy counters (per-CPU array of __u64, mbpf_pol_stats). Verdicts count
  * new flows; packets of known flows are not counted. */

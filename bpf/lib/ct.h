@@ -1,11 +1,30 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
- * Conntrack for policy: a flow an endpoint allowed (or saw while it was not
- * isolated) is remembered per endpoint and direction; later packets of it,
- * and its replies (addresses and ports swapped, other direction), pass
- * without a policy lookup. Entries leave only by LRU eviction: no TCP state
- * tracking, no timeouts (see README, "NetworkPolicy datapath"). A TCP SYN
- * is always judged afresh (see enforce() in policy.c).
+ * Conntrack for policy: ONE entry per flow, shared by the endpoints at its
+ * two ends. Its key is the flow with its ends in a fixed order (the lower
+ * (address, port) first), so a packet and its reply, and the two ends of a
+ * pod-to-pod flow on this node, all find the same entry in one lookup; the
+ * second end's lookup finds it in cache. Its value says, per end, which
+ * pod interface let the flow through (and its endpoint id, for people). A
+ * packet passes as known if the interface it is checked on is recorded at
+ * its own end (the pod's side: the source of what the pod sends, the
+ * destination of what it receives). That is exactly "a flow this endpoint
+ * let through, or a reply of one": an interface is one pod's for its whole
+ * life (the kernel does not reuse an ifindex soon), so this needs no
+ * endpoint lookup, and a departed pod's entries never vouch for a new pod
+ * that got its endpoint id.
+ *
+ * An end is recorded only with an address the pod owns (policy.c checks
+ * it first), so a hit at the pod's end also proves the source of what it
+ * sends: the anti-spoofing lookup is needed only on a miss.
+ *
+ * Entries leave only by LRU eviction: no TCP state tracking, no timeouts
+ * (see README, "NetworkPolicy datapath"). A TCP SYN is always judged afresh
+ * (see enforce() in policy.c).
+ *
+ * Entries of 0.1.0 (one per endpoint and direction, dir 0 or 1, see
+ * ct_legacy_known) are still honoured on a miss, so that an upgrade keeps
+ * the established flows they carry; they leave by eviction.
  */
 #ifndef MBPF_CT_H
 #define MBPF_CT_H
@@ -24,8 +43,49 @@ struct mbpf_flow {
 	__u8  syn;                   /* 1: TCP SYN without ACK, a connection's first packet */
 };
 
-static __always_inline void ct_key_of(struct mbpf_ct_key *key, const struct mbpf_flow *f,
-				      __u32 ep_id, __u8 dir, int reply)
+/* Is (saddr, sport) the lower end of the flow? Any fixed total order will
+ * do, as long as both ends and both directions agree on it. */
+static __always_inline int ct_src_is_low(const struct mbpf_flow *f)
+{
+	__u64 s0, s1, d0, d1;
+
+	__builtin_memcpy(&s0, f->saddr, 8);
+	__builtin_memcpy(&s1, &f->saddr[8], 8);
+	__builtin_memcpy(&d0, f->daddr, 8);
+	__builtin_memcpy(&d1, &f->daddr[8], 8);
+	if (s1 != d1)  /* the low half first: it differs for IPv4 */
+		return s1 < d1;
+	if (s0 != d0)
+		return s0 < d0;
+	return f->sport <= f->dport;
+}
+
+/* The flow's shared key; returns the pod's end in it (MBPF_CT_LOW or
+ * MBPF_CT_HIGH): the source for dir OUT, the destination for dir IN. */
+static __always_inline int ct_key_of(struct mbpf_ct_key *key, const struct mbpf_flow *f, __u8 dir)
+{
+	int src_low = ct_src_is_low(f);
+
+	if (src_low) {
+		__builtin_memcpy(key->saddr, f->saddr, MBPF_ADDR_LEN);
+		__builtin_memcpy(key->daddr, f->daddr, MBPF_ADDR_LEN);
+		key->sport = f->sport;
+		key->dport = f->dport;
+	} else {
+		__builtin_memcpy(key->saddr, f->daddr, MBPF_ADDR_LEN);
+		__builtin_memcpy(key->daddr, f->saddr, MBPF_ADDR_LEN);
+		key->sport = f->dport;
+		key->dport = f->sport;
+	}
+	key->proto = f->proto;
+	key->dir = MBPF_CT_SHARED;
+	return (dir == MBPF_DIR_OUT) == src_low ? MBPF_CT_LOW : MBPF_CT_HIGH;
+}
+
+/* 0.1.0's entries: per endpoint and direction, the flow as first seen; a
+ * reply is the swapped flow in the other direction. */
+static __always_inline void ct_legacy_key_of(struct mbpf_ct_key *key, const struct mbpf_flow *f,
+					     __u32 ep_id, __u8 dir, int reply)
 {
 	if (reply) {
 		__builtin_memcpy(key->saddr, f->daddr, MBPF_ADDR_LEN);
@@ -44,31 +104,71 @@ static __always_inline void ct_key_of(struct mbpf_ct_key *key, const struct mbpf
 	key->proto = f->proto;
 }
 
-/* Is this packet part of a flow the endpoint already let through? */
-static __always_inline int ct_known(const struct mbpf_flow *f, __u32 ep_id, __u8 dir)
+static __always_inline int ct_legacy_known(const struct mbpf_flow *f, __u32 ep_id, __u8 dir)
 {
 	struct mbpf_ct_key key = {};
 
-	ct_key_of(&key, f, ep_id, dir, 0);
+	ct_legacy_key_of(&key, f, ep_id, dir, 0);
 	if (mbpf_ct.lookup(&key))
 		return 1;
-	ct_key_of(&key, f, ep_id, dir, 1);
+	ct_legacy_key_of(&key, f, ep_id, dir, 1);
 	return mbpf_ct.lookup(&key) != NULL;
 }
 
-static __always_inline void ct_create(const struct mbpf_flow *f, __u32 ep_id, __u8 dir,
-				      __u32 rule)
+/* Is the interface recorded at that end? Spelled out per end: an index
+ * computed into the value pointer is pointer arithmetic the verifier
+ * refuses. */
+static __always_inline int ct_marked(const struct mbpf_ct *ct, int end, __u32 ifindex)
+{
+	if (end == MBPF_CT_LOW)
+		return ct->ifindex[MBPF_CT_LOW] == ifindex;
+	return ct->ifindex[MBPF_CT_HIGH] == ifindex;
+}
+
+static __always_inline void ct_mark(struct mbpf_ct *ct, int end, __u32 ep_id, __u32 ifindex)
+{
+	if (end == MBPF_CT_LOW) {
+		ct->ep_id[MBPF_CT_LOW] = ep_id;
+		ct->ifindex[MBPF_CT_LOW] = ifindex;
+	} else {
+		ct->ep_id[MBPF_CT_HIGH] = ep_id;
+		ct->ifindex[MBPF_CT_HIGH] = ifindex;
+	}
+}
+
+/* Is this packet part of a flow the pod behind this interface already let
+ * through (a shared entry marked at the pod's end)? */
+static __always_inline int ct_known(const struct mbpf_flow *f, __u32 ifindex, __u8 dir)
+{
+	struct mbpf_ct_key key = {};
+	struct mbpf_ct *ct;
+	int end = ct_key_of(&key, f, dir);
+
+	ct = mbpf_ct.lookup(&key);
+	return ct && ct_marked(ct, end, ifindex);
+}
+
+/* Records that the endpoint let the flow through at its end, which must be
+ * an address of the pod (see the top). An entry the other end made is
+ * written in place, never replaced, so that neither end loses the other's
+ * mark. */
+static __always_inline void ct_create(const struct mbpf_flow *f, __u32 ep_id, __u32 ifindex, __u8 dir)
 {
 	struct mbpf_ct_key key = {};
 	struct mbpf_ct val = {};
+	struct mbpf_ct *ct;
+	int end = ct_key_of(&key, f, dir);
 
-	ct_key_of(&key, f, ep_id, dir, 0);
-	val.created_ns = bpf_ktime_get_ns();
-	val.rule = rule;
-	if (f->syn)
-		mbpf_ct.update(&key, &val);  /* a new connection on an old flow's ports: its rule now */
-	else
-		mbpf_ct.insert(&key, &val);  /* BPF_NOEXIST: a racing packet of the same flow keeps the first */
+	ct = mbpf_ct.lookup(&key);
+	if (!ct) {
+		ct_mark(&val, end, ep_id, ifindex);
+		if (mbpf_ct.insert(&key, &val) == 0)  /* BPF_NOEXIST */
+			return;
+		ct = mbpf_ct.lookup(&key);  /* the other end (another CPU) made it meanwhile */
+		if (!ct)
+			return;
+	}
+	ct_mark(ct, end, ep_id, ifindex);
 }
 
 #endif /* MBPF_CT_H */

@@ -3,8 +3,9 @@
  * NetworkPolicy packet logic shared by both tc programs: header parsing,
  * anti-spoofing, and the rule lookup (peer map, then port map).
  *
- * Headers are read with bpf_skb_load_bytes, not direct packet access: it
- * copes with non-linear skbs and keeps the verifier simple on 5.10.
+ * Headers are read straight from the skb's linear data when they are there
+ * (the usual case: no helper call per field), else with bpf_skb_load_bytes,
+ * which copes with non-linear skbs (see load()).
  */
 #ifndef MBPF_POLICY_H
 #define MBPF_POLICY_H
@@ -67,6 +68,21 @@ static __always_inline void pol_event(struct __sk_buff *skb, const struct mbpf_f
 #endif
 }
 
+#define MBPF_DIRECT_MAX_OFF 256  /* bounds the offset for the verifier; deeper: the helper */
+
+/* len bytes at off into to; 0 on success. len is a constant at every call. */
+static __always_inline int load(struct __sk_buff *skb, __u32 off, void *to, __u32 len)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+
+	if (off <= MBPF_DIRECT_MAX_OFF && data + off + len <= end) {
+		__builtin_memcpy(to, data + off, len);
+		return 0;
+	}
+	return bpf_skb_load_bytes(skb, off, to, len);
+}
+
 static __always_inline int has_ports(__u8 proto)
 {
 	return proto == IPPROTO_TCP || proto == IPPROTO_UDP || proto == IPPROTO_SCTP;
@@ -82,19 +98,19 @@ static __always_inline int parse_l4(struct __sk_buff *skb, __u32 off, int first_
 	if (!first_frag)
 		return MBPF_PARSE_OK;
 	if (has_ports(f->proto)) {
-		if (bpf_skb_load_bytes(skb, off, ports, sizeof(ports)) < 0)
+		if (load(skb, off, ports, sizeof(ports)) < 0)
 			return MBPF_PARSE_BAD;
 		f->sport = ports[0];
 		f->dport = ports[1];
 		if (f->proto == IPPROTO_TCP) {
 			__u8 flags;  /* byte 13 of the TCP header: CWR ECE URG ACK PSH RST SYN FIN */
 
-			if (bpf_skb_load_bytes(skb, off + 13, &flags, 1) < 0)
+			if (load(skb, off + 13, &flags, 1) < 0)
 				return MBPF_PARSE_BAD;
 			f->syn = (flags & 0x12) == 0x02;
 		}
 	} else if (f->proto == MBPF_IPPROTO_ICMPV6) {
-		if (bpf_skb_load_bytes(skb, off, &f->icmp_type, 1) < 0)
+		if (load(skb, off, &f->icmp_type, 1) < 0)
 			return MBPF_PARSE_BAD;
 	}
 	return MBPF_PARSE_OK;
@@ -105,7 +121,7 @@ static __always_inline int parse_v4(struct __sk_buff *skb, struct mbpf_flow *f)
 	struct iphdr ip;
 	__u32 hlen;
 
-	if (bpf_skb_load_bytes(skb, MBPF_ETH_HLEN, &ip, sizeof(ip)) < 0)
+	if (load(skb, MBPF_ETH_HLEN, &ip, sizeof(ip)) < 0)
 		return MBPF_PARSE_BAD;
 	hlen = ip.ihl * 4;
 	if (ip.version != 4 || hlen < sizeof(ip))
@@ -132,7 +148,7 @@ static __always_inline int parse_v6(struct __sk_buff *skb, struct mbpf_flow *f)
 	__u8 next;
 	int first_frag = 1;
 
-	if (bpf_skb_load_bytes(skb, MBPF_ETH_HLEN, &ip6, sizeof(ip6)) < 0)
+	if (load(skb, MBPF_ETH_HLEN, &ip6, sizeof(ip6)) < 0)
 		return MBPF_PARSE_BAD;
 	if (ip6.version != 6)
 		return MBPF_PARSE_BAD;
@@ -144,10 +160,10 @@ static __always_inline int parse_v6(struct __sk_buff *skb, struct mbpf_flow *f)
 		if (next != MBPF_NEXTHDR_HOP && next != MBPF_NEXTHDR_ROUTING &&
 		    next != MBPF_NEXTHDR_DEST && next != MBPF_NEXTHDR_FRAG)
 			break;
-		if (bpf_skb_load_bytes(skb, off, ext, sizeof(ext)) < 0)
+		if (load(skb, off, ext, sizeof(ext)) < 0)
 			return MBPF_PARSE_BAD;
 		if (next == MBPF_NEXTHDR_FRAG) {
-			if (bpf_skb_load_bytes(skb, off + 2, &frag_off, sizeof(frag_off)) < 0)
+			if (load(skb, off + 2, &frag_off, sizeof(frag_off)) < 0)
 				return MBPF_PARSE_BAD;
 			if (frag_off & bpf_htons(0xFFF8))
 				first_frag = 0;
@@ -182,29 +198,30 @@ static __always_inline int is_nd(const struct mbpf_flow *f)
 	       f->icmp_type >= 133 && f->icmp_type <= 137;
 }
 
-/* fe80::/10 or ::, the sources an IPv6 stack uses before it has its own. */
-static __always_inline int v6_local_source(const struct mbpf_flow *f)
+/* fe80::/10 or ::, the addresses an IPv6 stack uses before it has its own. */
+static __always_inline int v6_local(const struct mbpf_flow *f, const __u8 *addr)
 {
 	__u64 hi, lo;
 
 	if (!f->v6)
 		return 0;
-	if (f->saddr[0] == 0xfe && (f->saddr[1] & 0xc0) == 0x80)
+	if (addr[0] == 0xfe && (addr[1] & 0xc0) == 0x80)
 		return 1;
-	__builtin_memcpy(&hi, f->saddr, 8);
-	__builtin_memcpy(&lo, &f->saddr[8], 8);
+	__builtin_memcpy(&hi, addr, 8);
+	__builtin_memcpy(&lo, &addr[8], 8);
 	return hi == 0 && lo == 0;
 }
 
-/* Does the pod own the source address it sends from? */
-static __always_inline int source_is_own(const struct mbpf_flow *f, __u32 ep_id)
+/* Is addr (the packet's source or destination) the pod's own? Link-local
+ * and :: count for ICMPv6 (neighbour discovery and its kin). */
+static __always_inline int address_is_own(const struct mbpf_flow *f, const __u8 *addr, __u32 ep_id)
 {
 	struct mbpf_ep_addr key;
 	__u32 *owner;
 
-	if (f->proto == MBPF_IPPROTO_ICMPV6 && v6_local_source(f))
+	if (f->proto == MBPF_IPPROTO_ICMPV6 && v6_local(f, addr))
 		return 1;
-	__builtin_memcpy(key.addr, f->saddr, MBPF_ADDR_LEN);
+	__builtin_memcpy(key.addr, addr, MBPF_ADDR_LEN);
 	owner = mbpf_pol_epaddr.lookup(&key);
 	return owner && *owner == ep_id;
 }

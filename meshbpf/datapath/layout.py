@@ -119,7 +119,7 @@ class CtKeyC(ct.Structure):
 
 
 class CtC(ct.Structure):
-    _fields_ = [("created_ns", ct.c_uint64), ("rule", ct.c_uint32), ("pad", ct.c_uint32)]
+    _fields_ = [("ep_id", ct.c_uint32 * 2), ("ifindex", ct.c_uint32 * 2)]
 
 
 class PolCfgC(ct.Structure):

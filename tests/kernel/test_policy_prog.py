@@ -6,6 +6,7 @@ fragments."""
 from __future__ import annotations
 
 import ipaddress
+import socket
 
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
@@ -14,6 +15,7 @@ from scapy.layers.l2 import ARP, Ether
 
 from meshbpf.datapath import libbpf
 from meshbpf.datapath.policy import PolicyDatapath, PolicyMaps, addr_bytes
+from meshbpf.datapath.layout import CtC, CtKeyC
 from meshbpf.datapath.policy_events import PolicyEvents
 from meshbpf.reconcile.policy_keys import (DIR_IN, DIR_OUT, EP_ISOLATE_IN, EP_ISOLATE_OUT,
                                            PEER_ANY_PORT, EpVal, PeerKey, PeerVal, PolicyStep,
@@ -73,8 +75,8 @@ def allow_port(maps, proto, port, direction, peer_set=1, gen=0, bits=16, rule=12
     maps.apply([PolicyStep("ports", "update", {key: PortVal(rule)})])
 
 
-def run(dp, prog, pkt) -> int:
-    return libbpf.prog_test_run_skb(dp.prog_fd(prog), bytes(pkt), ifindex=LO)
+def run(dp, prog, pkt, ifindex=LO) -> int:
+    return libbpf.prog_test_run_skb(dp.prog_fd(prog), bytes(pkt), ifindex=ifindex)
 
 
 def from_pod(dp, pkt):
@@ -269,3 +271,105 @@ def test_flow_events_only_while_someone_listens(dp, maps):
     assert to_pod(dp, tcp4(PEER4, POD4, 40033, 81)) == DROP
     with PolicyEvents(dp.bpffs) as events:
         assert [e.src for e in events.poll(0)] == []
+
+
+@pytest.fixture
+def second_dev():
+    """A second device for a second endpoint: a veth in a netns of this
+    test's own (BPF_PROG_TEST_RUN needs the ifindex to exist in the caller's
+    netns; the VMs have only lo). Returns run(prog, pkt) for it."""
+    import threading
+
+    from pyroute2 import IPRoute, netns
+
+    from meshbpf.lab.netlab import NETNS_PREFIX, _setns
+
+    from .conftest import LAB_PREFIX
+    name = f"{NETNS_PREFIX}{LAB_PREFIX}{next(_names)}"
+    netns.create(name)
+    try:
+        with IPRoute(netns=name, flags=0) as ipr:
+            ipr.link("add", ifname="d0", kind="veth", peer={"ifname": "d1"})
+            ifindex = ipr.link_lookup(ifname="d0")[0]
+
+        def run_there(dp, prog, pkt) -> int:
+            out = {}
+
+            def body():  # setns changes this thread only
+                try:
+                    _setns(name)
+                    out["rc"] = run(dp, prog, pkt, ifindex)
+                except Exception as exc:  # re-raised below, in the test's thread
+                    out["exc"] = exc
+            t = threading.Thread(target=body)
+            t.start()
+            t.join()
+            if "exc" in out:
+                raise out["exc"]
+            return out["rc"]
+        run_there.ifindex = ifindex
+        yield run_there
+    finally:
+        netns.remove(name)
+
+
+def test_both_local_ends_share_one_conntrack_entry_and_keep_their_own_verdicts(dp, maps, second_dev):
+    """A flow between two pods of this node is one conntrack entry (the
+    second end finds the first end's), yet each end knows only what it let
+    through itself."""
+    peer_if, peer_ep = second_dev.ifindex, EP + 1
+    endpoint(maps)  # the client (POD4): open
+    maps.apply([PolicyStep("addresses", "update", {addr_bytes(PEER4): peer_ep}),
+                PolicyStep("endpoints", "update", {peer_if: EpVal(peer_ep, 0, EP_ISOLATE_IN)})])
+    key = PeerKey(peer_ep, 0, DIR_IN, addr_bytes(POD4), 128)
+    maps.apply([PolicyStep("peers", "update", {key: PeerVal(1, 0, 0)}),
+                PolicyStep("ports", "update", {PortKey(peer_ep, 0, DIR_IN, 6, 1, 80, 16): PortVal(5)})])
+    c2s, s2c = (POD4, PEER4, 40040, 80), (PEER4, POD4, 80, 40040)
+    assert from_pod(dp, tcp4(*c2s)) == PASS                          # client end: SYN out
+    assert second_dev(dp, "mbpf_tc_to_pod", tcp4(*c2s)) == PASS      # server end: SYN in, allowed
+    assert second_dev(dp, "mbpf_tc_from_pod", tcp4(*s2c, "SA")) == PASS
+    assert to_pod(dp, tcp4(*s2c, "SA")) == PASS
+    assert second_dev(dp, "mbpf_tc_to_pod", tcp4(*c2s, "A")) == PASS
+    assert len(maps.conntrack()) == 1
+    # port 81: the client lets it out (an entry with the client's mark), the server
+    # denies it; the entry must not make the server's end take it for known
+    denied = (POD4, PEER4, 40041, 81)
+    assert from_pod(dp, tcp4(*denied)) == PASS
+    assert second_dev(dp, "mbpf_tc_to_pod", tcp4(*denied)) == DROP
+    assert second_dev(dp, "mbpf_tc_to_pod", tcp4(*denied, "A")) == DROP
+    assert to_pod(dp, tcp4(PEER4, POD4, 81, 40041, "SA")) == PASS    # the client end's reply: known there
+
+
+def test_conntrack_entries_of_the_previous_build_still_carry_their_flows(dp, maps):
+    """An agent upgrade keeps established flows: 0.1.0 kept one entry per
+    endpoint and direction (the flow as first seen); the new programs honour
+    those until they are evicted."""
+    endpoint(maps, EP_ISOLATE_IN | EP_ISOLATE_OUT)  # nothing allowed either way
+    old = CtKeyC(sport=socket.htons(40050), dport=socket.htons(80), ep_id=EP, proto=6, dir=DIR_IN)
+    old.saddr[:] = addr_bytes(PEER4)
+    old.daddr[:] = addr_bytes(POD4)
+    libbpf.map_update(maps.fds["mbpf_ct"], old, CtC())
+    assert to_pod(dp, tcp4(PEER4, POD4, 40050, 80, "A")) == PASS        # the flow, as first seen
+    assert from_pod(dp, tcp4(POD4, PEER4, 80, 40050, "A")) == PASS      # its reply
+    assert to_pod(dp, tcp4(PEER4, POD4, 40051, 80, "A")) == DROP        # another flow: judged
+    assert from_pod(dp, tcp4(POD4, PEER4, 40050, 80, "A")) == DROP      # the same tuple the other way
+
+
+def test_a_flow_entry_never_vouches_for_a_source_the_pod_does_not_own(dp, maps, second_dev):
+    """A known flow passes on its conntrack hit alone, which must never let
+    a pod send from an address that is not its own: a reply to traffic that
+    reached the pod for another address, or a flow of a departed pod whose
+    endpoint id a new pod got, is still a spoof."""
+    endpoint(maps)  # open both ways: everything it receives passes
+    before = maps.counters()
+    assert to_pod(dp, tcp4(PEER4, OTHER4, 80, 40060, "SA")) == PASS    # to an address not its own
+    assert from_pod(dp, tcp4(OTHER4, PEER4, 40060, 80, "A")) == DROP   # "replying" from it
+    assert from_pod(dp, tcp4(POD4, PEER4, 40061, 80)) == PASS          # its own flow, recorded
+    assert counted(maps, before) == {"ingress_allow": 1, "spoofed": 1, "egress_allow": 1}
+    # the pod goes; a new pod on another interface gets its endpoint id, not its address
+    new_if = second_dev.ifindex
+    maps.apply([PolicyStep("endpoints", "delete", {LO: None}),
+                PolicyStep("addresses", "update", {addr_bytes(POD4): EP + 1}),
+                PolicyStep("endpoints", "update", {new_if: EpVal(EP, 0, 0)})])
+    assert second_dev(dp, "mbpf_tc_from_pod", tcp4(POD4, PEER4, 40061, 80, "A")) == DROP
+    assert counted(maps, before)["spoofed"] == 2
