@@ -329,7 +329,7 @@ class KubernetesSource:
                 result.notes.append(f"{kind}: not served by the API server ({r.refused}; "
                                     f"no Gateway API CRDs?): no weighted splitting by {kind}")
             route_objects += [SourceObject(obj, "API server") for obj in r.items()]
-        routes, problems, notes = read_routes(route_objects)
+        routes, problems, notes = read_routes(route_objects, self._last.routes if self._last else ())
         result.problems += problems
         result.notes += notes
         if routes:

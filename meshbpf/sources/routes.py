@@ -31,8 +31,13 @@ class _Bad(Exception):
         self.path, self.reason = path, reason
 
 
-def read_routes(objects: Iterable[SourceObject]) -> tuple[list[Route], list[Problem], list[str]]:
-    """(routes, problems, notes): one problem per bad route, which is left out."""
+def read_routes(objects: Iterable[SourceObject], previous: Iterable[Route] = ()
+                ) -> tuple[list[Route], list[Problem], list[str]]:
+    """(routes, problems, notes): one problem per bad route, which is left
+    out; a bad edit of a route in `previous` keeps that version instead, as
+    a bad Service edit does: a typo must not send the parent's traffic back
+    to its own endpoints."""
+    kept = {(r.kind, r.namespace, r.name): r for r in previous}
     routes: list[Route] = []
     problems: list[Problem] = []
     notes: list[str] = []
@@ -45,6 +50,10 @@ def read_routes(objects: Iterable[SourceObject]) -> tuple[list[Route], list[Prob
             route = _read_route(src)
         except _Bad as bad:
             problems.append(Problem(src.where, label, bad.path, bad.reason))
+            old = kept.get((obj.get("kind"), meta.get("namespace") or "default", meta.get("name")))
+            if old is not None and (old.kind, old.namespace, old.name) not in seen:
+                seen[(old.kind, old.namespace, old.name)] = src.where
+                routes.append(old)
             continue
         if route is None:
             notes.append(f"{src.where} ({label}): no Service parent; skipped")

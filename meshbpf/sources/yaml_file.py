@@ -151,7 +151,7 @@ def _read_config(path: Path, node_name: str | None, cache: dict,
     policy = read_policy_objects(policy_objects)
     state = replace(result.state, **policy_fields(policy, previous))
     # A bad route is left out alone, as a bad policy is: the rest applies.
-    routes, route_problems, route_notes = read_routes(route_objects)
+    routes, route_problems, route_notes = read_routes(route_objects, getattr(previous, "routes", ()))
     state, split_notes = apply_routes(state, routes) if routes else (state, [])
     return ConfigResult(state, [], result.notes + policy.notes + route_notes + split_notes,
                         skipped=policy.problems + route_problems)
