@@ -38,6 +38,7 @@ from .model import DesiredState, RedirectSettings
 from .retry import Backoff
 from .sources import Source
 from .sources.errors import ConfigError, Problem
+from .sources.route_status import routes_view
 from .sources.yaml_file import FileSource
 from .sync import one_line
 from .sync.lb import LBSync
@@ -117,9 +118,10 @@ class Agent:
         self.http = HealthServer(self.opts.listen, self.metrics.registry,
                                  alive=self.alive, ready=self.ready, details=self.health_details,
                                  views={"/v1/endpoints": self.policy.endpoints_view,
-                                        "/v1/policy": self.policy.policy_view})
+                                        "/v1/policy": self.policy.policy_view,
+                                        "/v1/routes": lambda: routes_view(self.desired)})
         self.http.start()
-        log.info("serving /healthz, /readyz, /metrics, /v1/endpoints and /v1/policy on http://%s",
+        log.info("serving /healthz, /readyz, /metrics, /v1/endpoints, /v1/policy and /v1/routes on http://%s",
                  self.http.address)
 
     def _start_policy(self) -> None:

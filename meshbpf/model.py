@@ -97,6 +97,9 @@ class BackendRef:
     name: str
     port: int
     weight: int = 1
+    # Why this reference cannot be used (a Gateway API ResolvedRefs reason:
+    # "InvalidKind", "RefNotPermitted"); its share is refused. "": usable.
+    invalid: str = ""
 
 
 @dataclass(frozen=True, slots=True)

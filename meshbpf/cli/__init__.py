@@ -13,7 +13,7 @@ from ..datapath.source import bpf_dir
 from .agent_cmd import agent
 from .common import one_line
 from .endpoint_cmd import endpoint
-from .inspect_cmd import bpf, service, uninstall
+from .inspect_cmd import bpf, route, service, uninstall
 from .lab_cmd import lab
 from .logs import setup_logging
 from .monitor_cmd import monitor
@@ -43,7 +43,7 @@ def version() -> None:
     click.echo(f"meshbpf {__version__}")
 
 
-for command in (agent, service, bpf, sockmap, endpoint, policy, monitor, status, uninstall, lab, version):
+for command in (agent, service, route, bpf, sockmap, endpoint, policy, monitor, status, uninstall, lab, version):
     cli.add_command(command)
 
 

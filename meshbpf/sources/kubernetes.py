@@ -48,6 +48,8 @@ from .kube_objects import PROXY_NAME_LABEL, BuildResult, SourceObject, build_sta
 from .kube_policy import NETWORK_POLICY, CachedReader, policy_fields
 from .kube_watch import Backoff, Reflector
 from .routes import API_VERSION as ROUTE_API_VERSION
+from .kube_route_status import RouteStatusWriter
+from .route_status import route_statuses
 from .routes import apply_routes, read_routes
 from .yaml_load import LoadError, load_one
 
@@ -234,6 +236,10 @@ class KubernetesSource:
         self.policy_off: str | None = None  # why the API server's refusal turned policy off
         self._notes: set[str] = set()
         self._good_settings = AgentSettings()  # of the last valid ConfigMap
+        self._route_status = RouteStatusWriter(
+            lambda plural, ns, name, body: custom.patch_namespaced_custom_object_status(
+                group, version, ns, plural, name, body),
+            lambda: [(plural, obj) for plural in ROUTE_REFLECTORS for obj in self.reflectors[plural].items()])
         for r in self.reflectors.values():
             r.start()
 
@@ -335,6 +341,9 @@ class KubernetesSource:
         if routes:
             result.state, split_notes = apply_routes(result.state, routes)
             result.notes += split_notes
+        if route_objects:
+            self._route_status.offer(route_statuses(result.state) if routes else [],
+                                     {p.obj for p in problems})
         return bool(routes)
 
     def _apply_events(self, services: dict, slices: dict) -> DesiredState | None:
@@ -423,6 +432,7 @@ class KubernetesSource:
             r.signal_stop()  # all at once, then wait for each
         for r in self.reflectors.values():
             r.stop()
+        self._route_status.stop()
         self._api.close()
 
     def __enter__(self) -> KubernetesSource:

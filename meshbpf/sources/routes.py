@@ -7,8 +7,10 @@ DesiredState: each parent frontend gets a `split` naming its backend
 Services' endpoints and weights. The planner turns that into slots
 (reconcile/split.py); nothing here knows about maps.
 
-Only routes in the parent's and backends' own namespace are read (no
-ReferenceGrant yet). Parents that are not Services (a Gateway) are skipped.
+A parent must be in the route's namespace; a backendRef in another one
+(ReferenceGrant is not read) or not to a Service is kept with its share
+refused, and the route's ResolvedRefs says why (route_status). Parents
+that are not Services (a Gateway) are skipped.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any, Iterable
 from ..model import BackendRef, DesiredState, ParentRef, Route, ServicePort, SplitShare
 from .errors import Problem
 from .kube_objects import SourceObject
+from .route_status import _INVALID_MESSAGE
 
 API_VERSION = "gateway.networking.k8s.io/v1alpha2"
 ROUTE_KINDS = ("TCPRoute", "UDPRoute")
@@ -106,18 +109,25 @@ def _parent(p: Any, path: str, namespace: str) -> ParentRef | None:
 
 
 def _backend(b: Any, path: str, namespace: str) -> BackendRef:
+    """A backendRef; one that is not a Service, or is in another namespace
+    (no ReferenceGrant is read), is kept as invalid: its share is refused
+    and the route's ResolvedRefs says why, as the Gateway API asks."""
     b = _mapping(b, path)
     _known(b, path, {"group", "kind", "name", "namespace", "port", "weight"})
-    if b.get("group", "") != "" or b.get("kind", "Service") != "Service":
-        raise _Bad(path, "only Service backendRefs (group \"\", kind Service) are supported")
-    _same_namespace(b, path, namespace)
-    if "port" not in b:
-        raise _Bad(f"{path}.port", "missing (a Service backendRef needs a port)")
+    name = _string(b.get("name"), f"{path}.name")
     weight = b.get("weight", 1)
     if type(weight) is not int or not 0 <= weight <= MAX_WEIGHT:
         raise _Bad(f"{path}.weight", f"must be an integer from 0 to {MAX_WEIGHT}, not {weight!r}")
-    return BackendRef(namespace, _string(b.get("name"), f"{path}.name"), _port(b["port"], f"{path}.port"),
-                      weight)
+    ref_namespace = _string(b.get("namespace", namespace), f"{path}.namespace")
+    if b.get("group", "") != "" or b.get("kind", "Service") != "Service":
+        port = b.get("port")
+        return BackendRef(ref_namespace, name, port if type(port) is int else 0, weight, invalid="InvalidKind")
+    if "port" not in b:
+        raise _Bad(f"{path}.port", "missing (a Service backendRef needs a port)")
+    port = _port(b["port"], f"{path}.port")
+    if ref_namespace != namespace:
+        return BackendRef(ref_namespace, name, port, weight, invalid="RefNotPermitted")
+    return BackendRef(namespace, name, port, weight)
 
 
 def _same_namespace(ref: dict, path: str, namespace: str) -> None:
@@ -191,6 +201,9 @@ def _share(route: Route, ref: BackendRef, parent: ServicePort,
     (a share that gets no slots) when the Service or port is missing."""
     label = f"{ref.namespace}/{ref.name}:{ref.port}"
     fe = parent.frontend
+    if ref.invalid:
+        notes.append(f"{route.where} ({route}): backendRef {label}: {_INVALID_MESSAGE[ref.invalid]}; its share is refused")
+        return SplitShare(label, ref.weight, ())
     for sp in by_service.get(f"{ref.namespace}/{ref.name}", []):
         if (sp.frontend.port == ref.port and sp.frontend.protocol == fe.protocol
                 and sp.frontend.address.version == fe.address.version):

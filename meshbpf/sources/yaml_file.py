@@ -26,6 +26,7 @@ from .errors import ConfigError, Problem, internal_error
 from .file_incremental import FileIndex
 from .kube_objects import BuildResult, SourceObject, _Collector, _flatten_lists, build_state
 from .kube_policy import POLICY_KINDS, policy_fields, read_policy_objects
+from .route_status import route_statuses
 from .routes import ROUTE_KINDS, apply_routes, read_routes
 from .yaml_load import LoadError, load_all
 
@@ -218,14 +219,21 @@ class FileSource:
         self._serving_policies = False       # ... and NetworkPolicies
         self._read_state: DesiredState | None = None  # the last state read
         self._skipped: list[str] = []        # policy objects left out of it, and why
+        self._status_of: DesiredState | None = None  # the state _status_problems describe
+        self._status_problems: list[str] = []  # its routes' False status conditions
 
     def health(self) -> dict:
         return {"ok": True}  # no thread to die: polling runs in the agent's loop
 
     @property
     def problems(self) -> list[str]:
-        """The policy objects left out of the last state read, and why."""
-        return list(self._skipped)
+        """The policy objects and routes left out of the last state read, and
+        why; and each route's False status conditions (route_status)."""
+        state = self._read_state
+        if state is not None and state.routes and self._status_of is not state:
+            self._status_of = state
+            self._status_problems = [line for ps in route_statuses(state) for line in ps.problems()]
+        return list(self._skipped) + (self._status_problems if state is not None and state.routes else [])
 
     def changed(self) -> bool:
         return _stamp(self.path) != self._last
