@@ -29,11 +29,12 @@ from .datapath.lock import BpffsLock
 from .datapath.loader import DEFAULT_BPFFS, SockLB
 from .datapath.redirect import apply_settings
 from .datapath.maps import LBMaps
+from .datapath.route_counters import RouteCounters
 from .datapath.policy import PolicyDatapath
 from .gcpause import gc_paused
 from .health import HealthServer
 from .metrics import (AgentMetrics, LBStatsCollector, MapPressureCollector, PolicyStatsCollector,
-                      RedirectCollector)
+                      RedirectCollector, RouteBackendCollector)
 from .model import DesiredState, RedirectSettings
 from .retry import Backoff
 from .sources import Source
@@ -79,6 +80,7 @@ class Agent:
                                  PolicyDatapath(opts.bpffs, dict(opts.map_sizes), opts.node_netns),
                                  opts.node_name or socket.gethostname())
         self.desired: DesiredState | None = None        # the latest state the source accepted
+        self.route_counters = RouteCounters(opts.bpffs)  # connections per route backend
         self.redirect_retry = Backoff()
         self.redirect_stale = False    # the redirection settings differ from self.desired
         self.redirect_tried = False    # the settings of the first desired state were tried
@@ -111,6 +113,7 @@ class Agent:
             self.opts.bpffs, lambda: {**self.lbsync.known_counts(), **self.policy.known_counts()}))
         self.metrics.registry.register(RedirectCollector(self.opts.bpffs))
         self.metrics.registry.register(LBStatsCollector(self.opts.bpffs))
+        self.metrics.registry.register(RouteBackendCollector(self.route_counters.read))
         self.metrics.registry.register(PolicyStatsCollector(self.opts.bpffs))
         self.policy.cgroup_root = target  # where kubelet's pod cgroups are
         if self.policy.pinned():  # a previous agent enforced policy: take over now
@@ -175,11 +178,20 @@ class Agent:
         if changed or resync or self.lbsync.retry.due(now):
             if self.lbsync.sync(self.desired, reread=resync) and changed:
                 self.metrics.sync_duration.observe(time.monotonic() - started)
+            self._sync_route_counters()
         if changed or resync or self.policy.due(now):
             self.policy.sync(self.desired)
         if changed or self.redirect_retry.due(now):
             self.sync_redirect(self.desired.settings.redirect)
             self.redirect_tried = True
+
+    def _sync_route_counters(self) -> None:
+        """Counter entries for the splits just programmed (metrics only: a
+        failure is logged and never holds up anything else)."""
+        try:
+            self.route_counters.sync(self.desired, self.lbsync.current)
+        except Exception as exc:
+            log.warning("route backend counters not updated: %s", one_line(exc))
 
     def _poll_source(self) -> bool:
         """Takes a new desired state from the source; True when there is one.
