@@ -185,3 +185,23 @@ def test_route_backend_counters_move_by_the_connections_made(lab, start_agent):
     assert straight["errors"] == {} and sum(straight["answers"].values()) == 20, straight
     after = route_backend_counts(agent)
     assert {b: after[b] - before[b] for b in made} == made
+
+
+@pytest.mark.userspace
+def test_route_list_shows_the_agents_route_status(lab, start_agent):
+    """`meshbpf route list` asks the running agent (the maps hold no route
+    names): each parent's Accepted and ResolvedRefs, and why one is False."""
+    import subprocess
+    groups = {"web": ("web-4",), "v1": ("web-1", "web-2")}
+    agent = start_agent(services(lab, groups) + [route({"v1": 70, "missing": 30})])
+    cli = Path(sys.executable).parent / "meshbpf"
+    out = subprocess.run([str(cli), "route", "list", "--agent", f"127.0.0.1:{agent.port}", "-o", "json"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    (status,) = json.loads(out.stdout)["routes"]
+    assert status["route"] == "TCPRoute default/web-split"
+    assert [(c["type"], c["status"], c["reason"]) for c in status["conditions"]] == [
+        ("Accepted", "True", "Accepted"), ("ResolvedRefs", "False", "BackendNotFound")]
+    table = subprocess.run([str(cli), "route", "list", "--agent", f"127.0.0.1:{agent.port}"],
+                           capture_output=True, text=True, timeout=60)
+    assert "default/web-split" in table.stdout and "BackendNotFound" in table.stdout, table
