@@ -103,6 +103,18 @@ class BackendRef:
 
 
 @dataclass(frozen=True, slots=True)
+class ReferenceGrant:
+    """A gateway.networking.k8s.io/v1beta1 ReferenceGrant: objects of the
+    `from` (group, kind, namespace) triples may refer to the `to` (group,
+    kind, name or None for any) objects of this grant's namespace."""
+
+    namespace: str
+    name: str
+    from_: tuple[tuple[str, str, str], ...]
+    to: tuple[tuple[str, str, str | None], ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     """A gateway.networking.k8s.io/v1alpha2 TCPRoute or UDPRoute whose
     parents are Services: traffic to the parent is split over backend_refs."""
@@ -187,6 +199,7 @@ class DesiredState:
     # TCPRoutes and UDPRoutes with Service parents, already resolved into
     # their parents' ServicePort.split; kept for views.
     routes: tuple[Route, ...] = ()
+    reference_grants: tuple[ReferenceGrant, ...] = ()  # read while routes exist
     # Not part of what the state is, only of how it came about:
     delta: Delta | None = field(default=None, compare=False, repr=False)
     # When the changes in it were made (EndpointSlices'

@@ -50,7 +50,7 @@ from .kube_watch import Backoff, Reflector
 from .routes import API_VERSION as ROUTE_API_VERSION
 from .kube_route_status import RouteStatusWriter
 from .route_status import route_statuses
-from .routes import apply_routes, read_routes
+from .routes import GRANT_KIND, apply_routes, read_grants, read_routes
 from .yaml_load import LoadError, load_one
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ ZONE_LABEL = "topology.kubernetes.io/zone"
 POLICY_REFLECTORS = ("pods", "namespaces", "networkpolicies")
 # Gateway API routes (weighted splitting): watched where the CRDs exist.
 ROUTE_REFLECTORS = {"tcproutes": "TCPRoute", "udproutes": "UDPRoute"}
+GRANT_VERSION = "v1beta1"  # ReferenceGrant's served version
 POLICY_FIELDS = ("pods", "namespaces", "network_policies")  # of DesiredState
 # The parts of a Pod that NetworkPolicy reads (kube_policy); the rest of
 # every pod of the cluster is not kept.
@@ -204,6 +205,11 @@ class KubernetesSource:
             self.reflectors[plural] = reflector(
                 plural, partial(custom.list_cluster_custom_object, group, version, plural), kind,
                 ROUTE_API_VERSION, transform=_without_managed_fields, optional=True)
+        # Cross-namespace backendRefs need a ReferenceGrant (optional as well).
+        self.reflectors["referencegrants"] = reflector(
+            "referencegrants", partial(custom.list_cluster_custom_object, group, GRANT_VERSION,
+                                       "referencegrants"),
+            GRANT_KIND, f"{group}/{GRANT_VERSION}", transform=_without_managed_fields, optional=True)
         if network_policy:
             # Peers live on every node: every pod, the parts policy reads.
             self.reflectors["pods"] = reflector(
@@ -336,10 +342,12 @@ class KubernetesSource:
                                     f"no Gateway API CRDs?): no weighted splitting by {kind}")
             route_objects += [SourceObject(obj, "API server") for obj in r.items()]
         routes, problems, notes = read_routes(route_objects, self._last.routes if self._last else ())
-        result.problems += problems
+        grants, grant_problems = read_grants(SourceObject(obj, "API server")
+                                             for obj in self.reflectors["referencegrants"].items())
+        result.problems += problems + grant_problems
         result.notes += notes
         if routes:
-            result.state, split_notes = apply_routes(result.state, routes)
+            result.state, split_notes = apply_routes(result.state, routes, grants)
             result.notes += split_notes
         if route_objects:
             self._route_status.offer(route_statuses(result.state) if routes else [],

@@ -9,23 +9,23 @@ serves all of it at /v1/routes for `meshbpf route list`.
 Reasons are the Gateway API's (v1 RouteConditionReason): Accepted,
 NoMatchingParent, Conflicted (GEP-1426: another route already splits that
 parent port), ResolvedRefs, BackendNotFound, InvalidKind, RefNotPermitted
-(a backendRef to another namespace: ReferenceGrant is not read, so such a
-reference is refused). NotAllowedByListeners has no meaning for a Service
+(a backendRef to another namespace that no ReferenceGrant there allows:
+refused). NotAllowedByListeners has no meaning for a Service
 parent (no listeners) and is never set.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 
-from ..model import DesiredState, ParentRef, Route, ServicePort
+from ..model import BackendRef, DesiredState, ParentRef, ReferenceGrant, Route, ServicePort
 
 CONTROLLER_NAME = "meshbpf.io/mesh"
 
 _INVALID_MESSAGE = {
     "InvalidKind": "is not a Service (group \"\", kind Service)",
-    "RefNotPermitted": "is in another namespace (ReferenceGrant is not supported)",
+    "RefNotPermitted": "is in another namespace, and no ReferenceGrant there allows it",
 }
 
 
@@ -70,6 +70,21 @@ class ParentStatus:
                                 "message": c.message} for c in self.conditions]}
 
 
+GATEWAY_GROUP = "gateway.networking.k8s.io"
+
+
+def ref_permitted(route: Route, ref: BackendRef, grants: Iterable[ReferenceGrant]) -> bool:
+    """Whether the route may use a backendRef: one in its own namespace, or
+    one a ReferenceGrant in the Service's namespace allows for this route
+    kind and namespace (to: group "", kind Service, that name or any)."""
+    if ref.namespace == route.namespace:
+        return True
+    return any(g.namespace == ref.namespace and (GATEWAY_GROUP, route.kind, route.namespace) in g.from_
+               and any(group == "" and kind == "Service" and name in (None, ref.name)
+                       for group, kind, name in g.to)
+               for g in grants)
+
+
 def route_statuses(state: DesiredState) -> list[ParentStatus]:
     """The status of every route of the state, per Service parent."""
     by_service: dict[str, list[ServicePort]] = {}
@@ -84,7 +99,7 @@ def route_statuses(state: DesiredState) -> list[ParentStatus]:
                        and (parent.port is None or sp.frontend.port == parent.port)]
             ours = [sp for sp in matched if sp.route == str(route)]
             out.append(ParentStatus(route, parent, _accepted(route, parent, by_service, matched, ours),
-                                    _resolved_refs(route, by_service, ours)))
+                                    _resolved_refs(route, by_service, ours, state.reference_grants)))
     return out
 
 
@@ -107,7 +122,7 @@ def _accepted(route: Route, parent: ParentRef, by_service: dict[str, list[Servic
 
 
 def _resolved_refs(route: Route, by_service: dict[str, list[ServicePort]],
-                   ours: list[ServicePort]) -> Condition:
+                   ours: list[ServicePort], grants: tuple[ReferenceGrant, ...]) -> Condition:
     """ResolvedRefs: the first failing backendRef's reason, every failure in
     the message. A Service must have the port, in the protocol, and (for
     each parent frontend split) in that frontend's address family."""
@@ -115,8 +130,9 @@ def _resolved_refs(route: Route, by_service: dict[str, list[ServicePort]],
     families = {sp.frontend.address.version for sp in ours} or {None}
     for i, ref in enumerate(route.backend_refs):
         name = f"backendRefs[{i}] {ref.namespace}/{ref.name}"
-        if ref.invalid:
-            failures.append((ref.invalid, f"{name} {_INVALID_MESSAGE.get(ref.invalid, ref.invalid)}"))
+        invalid = ref.invalid or ("" if ref_permitted(route, ref, grants) else "RefNotPermitted")
+        if invalid:
+            failures.append((invalid, f"{name} {_INVALID_MESSAGE.get(invalid, invalid)}"))
             continue
         ports = [sp for sp in by_service.get(f"{ref.namespace}/{ref.name}", [])
                  if sp.frontend.port == ref.port and sp.frontend.protocol == route.protocol]

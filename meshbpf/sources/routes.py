@@ -7,10 +7,11 @@ DesiredState: each parent frontend gets a `split` naming its backend
 Services' endpoints and weights. The planner turns that into slots
 (reconcile/split.py); nothing here knows about maps.
 
-A parent must be in the route's namespace; a backendRef in another one
-(ReferenceGrant is not read) or not to a Service is kept with its share
-refused, and the route's ResolvedRefs says why (route_status). Parents
-that are not Services (a Gateway) are skipped.
+A parent must be in the route's namespace. A backendRef in another one
+needs a ReferenceGrant there (`read_grants`); one without, or one not to
+a Service, is kept with its share refused, and the route's ResolvedRefs
+says why (route_status). Parents that are not Services (a Gateway) are
+skipped.
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, Iterable
 
-from ..model import BackendRef, DesiredState, ParentRef, Route, ServicePort, SplitShare
+from ..model import BackendRef, DesiredState, ParentRef, ReferenceGrant, Route, ServicePort, SplitShare
 from .errors import Problem
 from .kube_objects import SourceObject
-from .route_status import _INVALID_MESSAGE
+from .route_status import _INVALID_MESSAGE, ref_permitted
 
 API_VERSION = "gateway.networking.k8s.io/v1alpha2"
 ROUTE_KINDS = ("TCPRoute", "UDPRoute")
+GRANT_KIND = "ReferenceGrant"
+GRANT_API_VERSIONS = ("gateway.networking.k8s.io/v1beta1", "gateway.networking.k8s.io/v1alpha2")
 MAX_WEIGHT = 1_000_000  # the Gateway API's bound
 
 
@@ -124,10 +127,50 @@ def _backend(b: Any, path: str, namespace: str) -> BackendRef:
         return BackendRef(ref_namespace, name, port if type(port) is int else 0, weight, invalid="InvalidKind")
     if "port" not in b:
         raise _Bad(f"{path}.port", "missing (a Service backendRef needs a port)")
-    port = _port(b["port"], f"{path}.port")
-    if ref_namespace != namespace:
-        return BackendRef(ref_namespace, name, port, weight, invalid="RefNotPermitted")
-    return BackendRef(namespace, name, port, weight)
+    # Another namespace: allowed or not by the ReferenceGrants (apply_routes).
+    return BackendRef(ref_namespace, name, _port(b["port"], f"{path}.port"), weight)
+
+
+def read_grants(objects: Iterable[SourceObject]) -> tuple[list[ReferenceGrant], list[Problem]]:
+    """ReferenceGrants; a bad one is left out with one problem (the
+    references it would allow are then refused: nothing opens by mistake)."""
+    grants, problems = [], []
+    for src in objects:
+        meta = src.obj.get("metadata") if isinstance(src.obj.get("metadata"), dict) else {}
+        label = f"ReferenceGrant {meta.get('namespace') or 'default'}/{meta.get('name')}"
+        try:
+            grants.append(_read_grant(src.obj))
+        except _Bad as bad:
+            problems.append(Problem(src.where, label, bad.path, bad.reason))
+    return grants, problems
+
+
+def _read_grant(obj: dict) -> ReferenceGrant:
+    if obj.get("apiVersion") not in GRANT_API_VERSIONS:
+        raise _Bad("apiVersion", f"must be one of {', '.join(GRANT_API_VERSIONS)}, not {obj.get('apiVersion')!r}")
+    meta = _mapping(obj.get("metadata"), "metadata")
+    name = _string(meta.get("name"), "metadata.name")
+    namespace = _string(meta.get("namespace", "default"), "metadata.namespace")
+    spec = _mapping(obj.get("spec"), "spec")
+    _known(spec, "spec", {"from", "to"})
+    froms, tos = [], []
+    for i, f in enumerate(_list(spec.get("from"), "spec.from")):
+        f = _mapping(f, f"spec.from[{i}]")
+        _known(f, f"spec.from[{i}]", {"group", "kind", "namespace"})
+        froms.append((_group(f.get("group"), f"spec.from[{i}].group"), _string(f.get("kind"), f"spec.from[{i}].kind"),
+                      _string(f.get("namespace"), f"spec.from[{i}].namespace")))
+    for i, t in enumerate(_list(spec.get("to"), "spec.to")):
+        t = _mapping(t, f"spec.to[{i}]")
+        _known(t, f"spec.to[{i}]", {"group", "kind", "name"})
+        tos.append((_group(t.get("group"), f"spec.to[{i}].group"), _string(t.get("kind"), f"spec.to[{i}].kind"),
+                    None if t.get("name") is None else _string(t.get("name"), f"spec.to[{i}].name")))
+    return ReferenceGrant(namespace, name, tuple(froms), tuple(tos))
+
+
+def _group(v: Any, path: str) -> str:
+    if not isinstance(v, str):
+        raise _Bad(path, "missing" if v is None else f"must be a string (\"\" for the core group), not {v!r}")
+    return v
 
 
 def _same_namespace(ref: dict, path: str, namespace: str) -> None:
@@ -167,10 +210,13 @@ def _known(m: dict, path: str, fields: set[str]) -> None:
         raise _Bad(f"{path}.{unknown[0]}", "unknown field")
 
 
-def apply_routes(state: DesiredState, routes: list[Route]) -> tuple[DesiredState, list[str]]:
+def apply_routes(state: DesiredState, routes: list[Route],
+                 grants: Iterable[ReferenceGrant] = ()) -> tuple[DesiredState, list[str]]:
     """The state with each route's parent frontends split; notes name broken
     references and parents a route does not match. The first route (by
-    namespace/name) on a frontend wins; later ones are noted."""
+    namespace/name) on a frontend wins; later ones are noted. A backendRef
+    to another namespace needs a ReferenceGrant there, else it is refused."""
+    grants = tuple(sorted(grants, key=lambda g: (g.namespace, g.name)))
     by_service: dict[str, list[ServicePort]] = {}
     for sp in state.service_ports.values():
         by_service.setdefault(sp.service, []).append(sp)
@@ -190,19 +236,21 @@ def apply_routes(state: DesiredState, routes: list[Route]) -> tuple[DesiredState
                     notes.append(f"{route.where} ({route}): {sp.frontend} is already split by {owner[sp.frontend]}")
                     continue
                 owner[sp.frontend] = route
-                shares = tuple(_share(route, ref, sp, by_service, notes) for ref in route.backend_refs)
+                shares = tuple(_share(route, ref, sp, by_service, notes, grants) for ref in route.backend_refs)
                 ports[sp.frontend] = replace(sp, split=shares, route=str(route))
-    return replace(state, service_ports=ports, routes=tuple(routes), delta=None), notes
+    return replace(state, service_ports=ports, routes=tuple(routes), reference_grants=grants,
+                   delta=None), notes
 
 
-def _share(route: Route, ref: BackendRef, parent: ServicePort,
-           by_service: dict[str, list[ServicePort]], notes: list[str]) -> SplitShare:
+def _share(route: Route, ref: BackendRef, parent: ServicePort, by_service: dict[str, list[ServicePort]],
+           notes: list[str], grants: tuple[ReferenceGrant, ...]) -> SplitShare:
     """One backendRef against the parent's family and protocol; no endpoints
     (a share that gets no slots) when the Service or port is missing."""
     label = f"{ref.namespace}/{ref.name}:{ref.port}"
     fe = parent.frontend
-    if ref.invalid:
-        notes.append(f"{route.where} ({route}): backendRef {label}: {_INVALID_MESSAGE[ref.invalid]}; its share is refused")
+    invalid = ref.invalid or ("" if ref_permitted(route, ref, grants) else "RefNotPermitted")
+    if invalid:
+        notes.append(f"{route.where} ({route}): backendRef {label}: {_INVALID_MESSAGE[invalid]}; its share is refused")
         return SplitShare(label, ref.weight, ())
     for sp in by_service.get(f"{ref.namespace}/{ref.name}", []):
         if (sp.frontend.port == ref.port and sp.frontend.protocol == fe.protocol

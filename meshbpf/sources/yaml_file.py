@@ -27,7 +27,7 @@ from .file_incremental import FileIndex
 from .kube_objects import BuildResult, SourceObject, _Collector, _flatten_lists, build_state
 from .kube_policy import POLICY_KINDS, policy_fields, read_policy_objects
 from .route_status import route_statuses
-from .routes import ROUTE_KINDS, apply_routes, read_routes
+from .routes import GRANT_KIND, ROUTE_KINDS, apply_routes, read_grants, read_routes
 from .yaml_load import LoadError, load_all
 
 log = logging.getLogger(__name__)
@@ -145,7 +145,8 @@ def _read_config(path: Path, node_name: str | None, cache: dict,
     flat = list(_flatten_lists(objects, lists))
     policy_objects = [o for o in flat if o.obj.get("kind") in POLICY_KINDS]
     route_objects = [o for o in flat if o.obj.get("kind") in ROUTE_KINDS]
-    result = build_state((o for o in flat if o.obj.get("kind") not in POLICY_KINDS + ROUTE_KINDS),
+    grant_objects = [o for o in flat if o.obj.get("kind") == GRANT_KIND]
+    result = build_state((o for o in flat if o.obj.get("kind") not in POLICY_KINDS + ROUTE_KINDS + (GRANT_KIND,)),
                          node_name=node_name)
     if lists.problems or result.problems:
         raise ConfigError(lists.problems + result.problems)
@@ -153,9 +154,10 @@ def _read_config(path: Path, node_name: str | None, cache: dict,
     state = replace(result.state, **policy_fields(policy, previous))
     # A bad route is left out alone, as a bad policy is: the rest applies.
     routes, route_problems, route_notes = read_routes(route_objects, getattr(previous, "routes", ()))
-    state, split_notes = apply_routes(state, routes) if routes else (state, [])
+    grants, grant_problems = read_grants(grant_objects)
+    state, split_notes = apply_routes(state, routes, grants) if routes else (state, [])
     return ConfigResult(state, [], result.notes + policy.notes + route_notes + split_notes,
-                        skipped=policy.problems + route_problems)
+                        skipped=policy.problems + route_problems + grant_problems)
 
 
 @dataclass(frozen=True)
@@ -284,7 +286,7 @@ class FileSource:
         self._report_skipped([str(p) for p in result.skipped])
         # A route ties its parent to other Services: the incremental path
         # would miss a backend Service's change, so routes mean full reads.
-        if result.state.routes or any(p.obj.startswith(ROUTE_KINDS) for p in result.skipped):
+        if result.state.routes or any(p.obj.startswith(ROUTE_KINDS + (GRANT_KIND,)) for p in result.skipped):
             self._index = None
         else:
             with gc_paused():

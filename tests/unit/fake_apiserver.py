@@ -53,6 +53,7 @@ RESOURCES = {
     "NetworkPolicy": ("/apis/networking.k8s.io/v1", "networkpolicies", True),
     "TCPRoute": ("/apis/gateway.networking.k8s.io/v1alpha2", "tcproutes", True),
     "UDPRoute": ("/apis/gateway.networking.k8s.io/v1alpha2", "udproutes", True),
+    "ReferenceGrant": ("/apis/gateway.networking.k8s.io/v1beta1", "referencegrants", True),
 }
 _BY_PLURAL = {(prefix, plural): kind for kind, (prefix, plural, _) in RESOURCES.items()}
 _STATUS_PATH = re.compile(r"^(/apis/[^/]+/[^/]+)/namespaces/([^/]+)/([a-z]+)/([^/]+)/status$")

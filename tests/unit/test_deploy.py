@@ -431,6 +431,7 @@ def test_cluster_wide_rbac_is_list_watch_on_what_the_agent_watches(install, daem
                                   ("networking.k8s.io", "networkpolicies"),
                                   ("gateway.networking.k8s.io", "tcproutes"),
                                   ("gateway.networking.k8s.io", "udproutes"),
+                                  ("gateway.networking.k8s.io", "referencegrants"),
                                   ("gateway.networking.k8s.io", "tcproutes/status"),
                                   ("gateway.networking.k8s.io", "udproutes/status")}
     assert [o for o in install if o["kind"] == "ClusterRole"] == [role]

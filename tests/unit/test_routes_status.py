@@ -151,3 +151,74 @@ def test_a_refused_status_write_is_said_and_changes_nothing_else(api, make_sourc
     assert not api.status_patches
     assert {s.service for s in p.emitted[-1].service_ports[fe(V4["web"], 80)].split} == {
         "default/v1:80", "default/v2:80"}
+
+
+# --- ReferenceGrant --------------------------------------------------------------
+
+def other_namespace_backend() -> list[dict]:
+    """Service v9 in namespace "other", one endpoint 10.9.0.1."""
+    from k8s_builders import endpoint_slice, ep, service
+    return [service("v9", "10.96.9.99", namespace="other",
+                    ports=[{"name": "p", "port": 80, "protocol": "TCP", "targetPort": 8080}]),
+            endpoint_slice("v9-abc", "v9", [ep("10.9.0.1")], namespace="other",
+                           ports=[{"name": "p", "port": 8080, "protocol": "TCP"}])]
+
+
+def grant(*, from_kind: str = "TCPRoute", from_ns: str = "default", to_name: str | None = None,
+          namespace: str = "other") -> dict:
+    to = {"group": "", "kind": "Service", **({"name": to_name} if to_name else {})}
+    return {"apiVersion": "gateway.networking.k8s.io/v1beta1", "kind": "ReferenceGrant",
+            "metadata": {"name": "allow-routes", "namespace": namespace},
+            "spec": {"from": [{"group": "gateway.networking.k8s.io", "kind": from_kind, "namespace": from_ns}],
+                     "to": [to]}}
+
+
+def cross_route() -> dict:
+    r = route({"v1": 70, "v9": 30})
+    r["spec"]["rules"][0]["backendRefs"][1]["namespace"] = "other"
+    return r
+
+
+@pytest.mark.parametrize("grants,resolved", [
+    ([grant()], True),
+    ([grant(to_name="v9")], True),
+    ([grant(to_name="v8")], False),
+    ([grant(from_kind="UDPRoute")], False),
+    ([grant(from_ns="elsewhere")], False),
+    ([grant(namespace="default")], False),  # a grant counts only in the target's namespace
+    ([], False),
+])
+def test_a_reference_grant_allows_a_cross_namespace_backend(tmp_path, grants, resolved):
+    result = read(tmp_path, cluster({"v1": 1}) + other_namespace_backend() + [cross_route(), *grants])
+    assert not result.skipped
+    got = conditions(result)["TCPRoute default/split -> web"][1]
+    sp = result.state.service_ports[fe(V4["web"], 80)]
+    if resolved:
+        assert got == ("ResolvedRefs", "True", "ResolvedRefs")
+        assert [str(e.address) for e in sp.split[1].endpoints] == ["10.9.0.1"]
+    else:
+        assert got == ("ResolvedRefs", "False", "RefNotPermitted")
+        assert service_share(result) == {"v1": 700, "refused": 300}
+
+
+def test_a_bad_reference_grant_is_a_problem_and_allows_nothing(tmp_path):
+    bad = grant()
+    bad["spec"]["from"][0]["namespace"] = 7
+    result = read(tmp_path, cluster({"v1": 1}) + other_namespace_backend() + [cross_route(), bad])
+    (problem,) = [str(p) for p in result.skipped]
+    assert problem.endswith("(ReferenceGrant other/allow-routes): spec.from[0].namespace: "
+                            "must be a non-empty string, not 7")
+    assert conditions(result)["TCPRoute default/split -> web"][1] == ("ResolvedRefs", "False", "RefNotPermitted")
+
+
+def test_the_api_source_reads_reference_grants(api, make_source):
+    api.apply(*cluster({"v1": 1}), *other_namespace_backend(), cross_route())
+    p = make_source()
+    p.first()
+    p.wait(lambda: ("ResolvedRefs", "False", "RefNotPermitted") in reasons(api.get("TCPRoute", "default", "split")),
+           "RefNotPermitted written")
+    api.apply(grant())
+    p.wait(lambda: ("ResolvedRefs", "True", "ResolvedRefs") in reasons(api.get("TCPRoute", "default", "split")),
+           "ResolvedRefs written once the grant exists")
+    sp = p.emitted[-1].service_ports[fe(V4["web"], 80)]
+    assert [str(e.address) for e in sp.split[1].endpoints] == ["10.9.0.1"]
