@@ -342,8 +342,11 @@ class KubernetesSource:
                                     f"no Gateway API CRDs?): no weighted splitting by {kind}")
             route_objects += [SourceObject(obj, "API server") for obj in r.items()]
         routes, problems, notes = read_routes(route_objects, self._last.routes if self._last else ())
-        grants, grant_problems = read_grants(SourceObject(obj, "API server")
-                                             for obj in self.reflectors["referencegrants"].items())
+        grant_reflector = self.reflectors["referencegrants"]
+        grants, grant_problems = read_grants(SourceObject(obj, "API server") for obj in grant_reflector.items())
+        if grant_reflector.refused and route_objects:
+            result.notes.append(f"ReferenceGrant: not served by the API server ({grant_reflector.refused}): "
+                                f"backendRefs to other namespaces are refused")
         result.problems += problems + grant_problems
         result.notes += notes
         if routes:

@@ -222,3 +222,15 @@ def test_the_api_source_reads_reference_grants(api, make_source):
            "ResolvedRefs written once the grant exists")
     sp = p.emitted[-1].service_ports[fe(V4["web"], 80)]
     assert [str(e.address) for e in sp.split[1].endpoints] == ["10.9.0.1"]
+
+
+def test_reference_grants_refused_by_rbac_are_said_and_refuse_the_reference(api, make_source, caplog):
+    api.forbidden = {"ReferenceGrant"}
+    api.apply(*cluster({"v1": 1}), *other_namespace_backend(), cross_route(), grant())
+    caplog.set_level(logging.INFO)
+    p = make_source()
+    p.until(lambda v: True, "a state")  # not first(): the refused collection opens no watch
+    p.wait(lambda: any("ReferenceGrant: not served by the API server" in r.getMessage() for r in caplog.records),
+           "the note")
+    sp = p.emitted[-1].service_ports[fe(V4["web"], 80)]
+    assert not sp.split[1].endpoints  # refused, as without a grant
