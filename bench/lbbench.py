@@ -7,6 +7,10 @@ every pod runs the same server on 127.0.0.11-14:8080 (the four backends):
     direct        client -> backend, no BPF and no netfilter in that netns
     meshbpf       client (in the lab cgroup) -> last service's VIP, translated by
                   meshbpf's connect4 hook; no netfilter in that netns
+    split         client (in the lab cgroup) -> a Service split 50/50 by a TCPRoute
+                  over two backend Services (two backends each), on meshbpf's
+                  datapath, counted per route backend as the agent sets it up:
+                  the weighted-splitting case (issue 13)
     iptables      kube-proxy iptables-mode layout, iptables-legacy-restore
     iptables-nft  the same layout through iptables-nft-restore
     nftables      kube-proxy nftables-mode layout (service-ips verdict map), nft -f
@@ -44,17 +48,37 @@ from meshbpf.datapath.cgroup import cgroup2_mount
 from meshbpf.datapath.layout import LB_MAPS
 from meshbpf.datapath.loader import SockLB, uninstall
 from meshbpf.datapath.maps import LBMaps
+from meshbpf.datapath.route_counters import RouteCounters
 from meshbpf.lab.netlab import Lab
 from meshbpf.reconcile import check_capacity, plan, wanted_services
 from meshbpf.sources.yaml_file import read_config
 
 HERE = Path(__file__).resolve().parent
 LOADGEN = HERE / "bin" / "loadgen"
-CASES = ("direct", "meshbpf", "iptables", "iptables-nft", "nftables")
-POD = {"direct": "direct", "meshbpf": "bpf", "iptables": "ipt", "iptables-nft": "iptnft",
+CASES = ("direct", "meshbpf", "split", "iptables", "iptables-nft", "nftables")
+POD = {"direct": "direct", "meshbpf": "bpf", "split": "split", "iptables": "ipt", "iptables-nft": "iptnft",
        "nftables": "nft"}
+IN_CGROUP = ("meshbpf", "split")  # the cases meshbpf's programs translate
 RESTORE = {"iptables": "iptables-legacy-restore", "iptables-nft": "iptables-nft-restore"}
 BACKEND_TARGETS = [f"{ip}:{kr.EP_PORT}" for ip in kr.BACKENDS]
+
+
+def split_objects(n: int) -> tuple[list[kr.Svc], str]:
+    """The split case's Services (a parent and two backend Services holding
+    two real backends each, VIPs above any of the N services and the one
+    add_one adds) and the TCPRoute splitting the parent 50/50 over them."""
+    parent = kr.Svc("split-web", str(kr.VIP_BASE + n + 10), ())
+    backends = [kr.Svc("split-a", str(kr.VIP_BASE + n + 11), kr.BACKENDS[:2]),
+                kr.Svc("split-b", str(kr.VIP_BASE + n + 12), kr.BACKENDS[2:])]
+    refs = "".join(f"    - name: {b.name}\n      port: {kr.SVC_PORT}\n      weight: 50\n" for b in backends)
+    route = (f"apiVersion: gateway.networking.k8s.io/v1alpha2\nkind: TCPRoute\nmetadata:\n"
+             f"  name: split-web\n  namespace: {kr.NAMESPACE}\nspec:\n  parentRefs:\n"
+             f"  - group: \"\"\n    kind: Service\n    name: split-web\n  rules:\n  - backendRefs:\n{refs}")
+    return [parent, *backends], route
+
+
+def split_target(n: int) -> str:
+    return f"{split_objects(n)[0][0].vip}:{kr.SVC_PORT}"
 
 
 def log(msg: str) -> None:
@@ -74,6 +98,8 @@ class SizeRun:
         self.maps: LBMaps | None = None
         self.state = None          # what meshbpf's maps hold, as the agent tracks it
         self.svcs = kr.services(n)
+        self.split: tuple[list, str] | None = None  # the split case's Services and route, once programmed
+        self.counters: RouteCounters | None = None   # the split case's per-backend counters
 
     # --- set-up and tear-down --------------------------------------------------
     def __enter__(self) -> "SizeRun":
@@ -121,6 +147,9 @@ class SizeRun:
             return {}
         if case == "meshbpf":
             return self._program_meshbpf()
+        if case == "split":
+            self._program_split()
+            return {}
         if case == "nftables":
             path = self.write(f"nft-{self.n}.nft", kr.nft_ruleset(self.svcs))
             argv = ["nft", "-f", str(path)]
@@ -159,11 +188,35 @@ class SizeRun:
         return {"total_s": t3 - t0, "parse_s": t1 - t0, "plan_s": t2 - t1, "apply_s": t3 - t2,
                 "maps_s": t3 - t1, "writes": p.writes}
 
+    def _program_split(self) -> None:
+        """Adds the split case's Services and route to meshbpf's maps (after
+        the N services, untimed: the programming benchmark stays the same)."""
+        self.split = split_objects(self.n)
+        path = self.write(f"split-{self.n}.yaml", self._meshbpf_yaml(self.svcs))
+        desired = read_config(path).state
+        assert desired.routes, "the split case's route was not read"
+        p = plan(self.state, wanted_services(desired))
+        check_capacity(self.state, p, self.maps.capacity)
+        self.maps.apply(p)
+        self.state = p.apply_to(self.state)
+        # As the agent does: count the split's connections per backend, so
+        # the case pays for the counter it has in production.
+        self.counters = RouteCounters(self.bpffs)
+        self.counters.sync(desired, self.state)
+        assert len(self.counters.labels) == len(kr.BACKENDS), self.counters.labels
+
+    def _meshbpf_yaml(self, svcs: list) -> str:
+        """meshbpf's config: the services, and the split case's objects once programmed."""
+        if self.split is None:
+            return kr.kube_yaml(svcs)
+        extra, route = self.split
+        return kr.kube_yaml(svcs + extra) + "---\n" + route
+
     def add_one(self, case: str) -> dict:
         """Adds service N (one more) the way each system does an update."""
         new = kr.service(self.n)
         if case == "meshbpf":
-            path = self.write(f"services-{self.n + 1}.yaml", kr.kube_yaml(self.svcs + [new]))
+            path = self.write(f"services-{self.n + 1}.yaml", self._meshbpf_yaml(self.svcs + [new]))
             t0 = time.perf_counter()
             desired = read_config(path).state
             t1 = time.perf_counter()
@@ -193,9 +246,10 @@ class SizeRun:
 
     # --- connections -------------------------------------------------------------
     def client(self, case: str, seconds: float, warmup: float) -> dict:
-        targets = BACKEND_TARGETS if case == "direct" else [kr.target_vip(self.n)]
+        targets = (BACKEND_TARGETS if case == "direct" else [split_target(self.n)] if case == "split"
+                   else [kr.target_vip(self.n)])
         argv = [*self.pin, str(LOADGEN), "client", "-d", str(seconds), "-w", str(warmup), *targets]
-        res = self.lab.run(POD[case], argv, in_cgroup=(case == "meshbpf"),
+        res = self.lab.run(POD[case], argv, in_cgroup=(case in IN_CGROUP),
                            timeout=seconds + warmup + 60)
         if res.returncode != 0:
             raise RuntimeError(f"loadgen client in {case} failed: {res.stderr}")
@@ -209,7 +263,7 @@ def run_size(n: int, cases: list[str], args, work: Path) -> dict:
         for case in cases:
             log(f"N={n}: programming {case}")
             out["programming"][case] = run.program(case)
-            if case != "direct":
+            if out["programming"][case]:
                 log(f"N={n}: {case} programmed in {out['programming'][case]['total_s']:.3f} s")
         for case in cases:  # a broken path must fail here, not skew a ratio
             check = run.client(case, 0.3, 0.05)
@@ -223,12 +277,15 @@ def run_size(n: int, cases: list[str], args, work: Path) -> dict:
                 f"{c} {results[c]['rate']:.0f}/s" + (f" ({results[c]['errors']} errors)"
                                                      if results[c]["errors"] else "")
                 for c in cases))
+        if run.counters is not None:  # what the split sent where: about half each
+            out["split_route_backend_connections"] = {b: n for (_, b), n in run.counters.read().items()}
+            log(f"N={n}: split connections per backend Service: {out['split_route_backend_connections']}")
         if "meshbpf" in cases:
             rnat = next(m for m in LB_MAPS if m.name == "mbpf_rnat")
             out["meshbpf_rnat_entries"] = run.rnat_entries()
             out["meshbpf_rnat_capacity"] = run.lb.capacity(rnat)
         for case in cases:
-            if case != "direct":
+            if case not in ("direct", "split"):  # split: meshbpf's datapath, added to above
                 out["add_one"][case] = run.add_one(case)
                 log(f"N={n}: {case} added one service in {out['add_one'][case]['total_s']:.4f} s")
     out["summary"] = summarize(out["rounds"], cases)
@@ -239,6 +296,11 @@ def summarize(rounds: list[dict], cases: list[str]) -> dict:
     """Medians over rounds; ratios are taken within a round, then the median
     (with the quartiles, to show how much the machine moved under us)."""
     med = statistics.median
+    # A round whose direct run got nothing done (the client starved on a
+    # loaded machine) has no ratio to give.
+    rounds = [r for r in rounds if r["direct"]["rate"] > 0] or rounds[:0]
+    if not rounds:
+        raise RuntimeError("no round had a direct rate above 0: the machine is too busy to measure")
     summary = {}
     for case in cases:
         rs = [r[case] for r in rounds]
@@ -298,7 +360,9 @@ def main() -> None:
     cases = [c for c in args.cases.split(",") if c]
     if "direct" not in cases or any(c not in CASES for c in cases):
         ap.error(f"--cases: choose from {', '.join(CASES)}; direct is the baseline and required")
-    cases = ["direct"] + [c for c in cases if c != "direct"]
+    if "split" in cases and "meshbpf" not in cases:
+        ap.error("--cases: split runs on meshbpf's datapath; add meshbpf")
+    cases = [c for c in CASES if c in cases]  # direct first; split after meshbpf, whose datapath it uses
     sizes = [int(s) for s in args.sizes.split(",")]
     if not LOADGEN.exists():
         ap.error(f"{LOADGEN} is missing: run bench/run, which builds it")

@@ -7,6 +7,7 @@ from pathlib import Path
 LABEL = {
     "direct": "direct to the backend (baseline)",
     "meshbpf": "meshbpf (BPF connect4 translation)",
+    "split": "meshbpf, a Service split 50/50 by a TCPRoute",
     "iptables": "kube-proxy iptables layout (legacy)",
     "iptables-nft": "kube-proxy iptables layout (iptables-nft)",
     "nftables": "kube-proxy nftables layout (verdict map)",

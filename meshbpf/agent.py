@@ -29,15 +29,17 @@ from .datapath.lock import BpffsLock
 from .datapath.loader import DEFAULT_BPFFS, SockLB
 from .datapath.redirect import apply_settings
 from .datapath.maps import LBMaps
+from .datapath.route_counters import RouteCounters
 from .datapath.policy import PolicyDatapath
 from .gcpause import gc_paused
 from .health import HealthServer
 from .metrics import (AgentMetrics, CaptureCollector, LBStatsCollector, MapPressureCollector,
-                      PolicyStatsCollector, RedirectCollector)
+                      PolicyStatsCollector, RedirectCollector, RouteBackendCollector)
 from .model import DesiredState, RedirectSettings
 from .retry import Backoff
 from .sources import Source
 from .sources.errors import ConfigError, Problem
+from .sources.route_status import routes_view
 from .sources.yaml_file import FileSource
 from .sync import one_line
 from .sync.capture import CaptureSync, LoaderCapture
@@ -80,6 +82,7 @@ class Agent:
                                  opts.node_name or socket.gethostname())
         self.capture = CaptureSync(self.metrics, self._error, opts.node_name or socket.gethostname())
         self.desired: DesiredState | None = None        # the latest state the source accepted
+        self.route_counters = RouteCounters(opts.bpffs)  # connections per route backend
         self.redirect_retry = Backoff()
         self.redirect_stale = False    # the redirection settings differ from self.desired
         self.redirect_tried = False    # the settings of the first desired state were tried
@@ -112,6 +115,7 @@ class Agent:
             self.opts.bpffs, lambda: {**self.lbsync.known_counts(), **self.policy.known_counts()}))
         self.metrics.registry.register(RedirectCollector(self.opts.bpffs))
         self.metrics.registry.register(LBStatsCollector(self.opts.bpffs))
+        self.metrics.registry.register(RouteBackendCollector(self.route_counters.read))
         self.metrics.registry.register(PolicyStatsCollector(self.opts.bpffs))
         self.policy.cgroup_root = target  # where kubelet's pod cgroups are
         if self.policy.pinned():  # a previous agent enforced policy: take over now
@@ -123,10 +127,11 @@ class Agent:
                                  alive=self.alive, ready=self.ready, details=self.health_details,
                                  views={"/v1/endpoints": self.policy.endpoints_view,
                                         "/v1/policy": self.policy.policy_view,
-                                        "/v1/capture": self.capture.view})
+                                        "/v1/capture": self.capture.view,
+                                        "/v1/routes": lambda: routes_view(self.desired)})
         self.http.start()
-        log.info("serving /healthz, /readyz, /metrics, /v1/endpoints, /v1/policy and /v1/capture "
-                 "on http://%s", self.http.address)
+        log.info("serving /healthz, /readyz, /metrics, /v1/endpoints, /v1/policy, /v1/capture and "
+                 "/v1/routes on http://%s", self.http.address)
 
     def _start_capture(self, target: Path) -> None:
         """Sidecar capture's maps are pinned whenever the kernel can capture
@@ -192,6 +197,7 @@ class Agent:
         if changed or resync or self.lbsync.retry.due(now):
             if self.lbsync.sync(self.desired, reread=resync) and changed:
                 self.metrics.sync_duration.observe(time.monotonic() - started)
+            self._sync_route_counters()
         if changed or resync or self.policy.due(now):
             self.policy.sync(self.desired)
         if changed or resync or self.capture.due(now):
@@ -199,6 +205,14 @@ class Agent:
         if changed or self.redirect_retry.due(now):
             self.sync_redirect(self.desired.settings.redirect)
             self.redirect_tried = True
+
+    def _sync_route_counters(self) -> None:
+        """Counter entries for the splits just programmed (metrics only: a
+        failure is logged and never holds up anything else)."""
+        try:
+            self.route_counters.sync(self.desired, self.lbsync.current)
+        except Exception as exc:
+            log.warning("route backend counters not updated: %s", one_line(exc))
 
     def _poll_source(self) -> bool:
         """Takes a new desired state from the source; True when there is one.

@@ -203,6 +203,25 @@ class LBStatsCollector:
 
 
 
+class RouteBackendCollector:
+    """meshbpf_route_backend_connections_total{route,backend}: connections a
+    weighted split sent to each backend Service, from mbpf_route_cnt."""
+
+    HELP = ("Connections (and unconnected UDP datagrams) a route (TCPRoute/UDPRoute) sent to each "
+            "backend Service, counted from when the agent programmed the split")
+
+    def __init__(self, read: Callable[[], dict[tuple[str, str], int]]):
+        self.read = read
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+        metric = CounterMetricFamily("meshbpf_route_backend_connections", self.HELP,
+                                     labels=["route", "backend"])
+        for (route, backend), value in sorted(self.read().items()):
+            metric.add_metric([route, backend], value)
+        yield metric
+
+
 class PolicyStatsCollector:
     """meshbpf_policy_verdicts_total{direction,verdict} and
     meshbpf_drops_total{reason}, from the per-CPU mbpf_pol_stats, read at

@@ -97,6 +97,21 @@ class BackendRef:
     name: str
     port: int
     weight: int = 1
+    # Why this reference cannot be used (a Gateway API ResolvedRefs reason:
+    # "InvalidKind", "RefNotPermitted"); its share is refused. "": usable.
+    invalid: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ReferenceGrant:
+    """A gateway.networking.k8s.io/v1beta1 ReferenceGrant: objects of the
+    `from` (group, kind, namespace) triples may refer to the `to` (group,
+    kind, name or None for any) objects of this grant's namespace."""
+
+    namespace: str
+    name: str
+    from_: tuple[tuple[str, str, str], ...]
+    to: tuple[tuple[str, str, str | None], ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +214,7 @@ class DesiredState:
     # TCPRoutes and UDPRoutes with Service parents, already resolved into
     # their parents' ServicePort.split; kept for views.
     routes: tuple[Route, ...] = ()
+    reference_grants: tuple[ReferenceGrant, ...] = ()  # read while routes exist
     # Not part of what the state is, only of how it came about:
     delta: Delta | None = field(default=None, compare=False, repr=False)
     # When the changes in it were made (EndpointSlices'

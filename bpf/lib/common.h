@@ -52,6 +52,13 @@ struct mbpf_slot {
 	__u8  pad[3];               /* zero */
 };
 
+/* Route-backend counter key (mbpf_route_cnt): connections a split
+ * frontend sent to one backend. */
+struct mbpf_pick_key {
+	__u32 svc_id;               /* host order */
+	__u32 backend_id;           /* host order */
+};
+
 /* Backend map value; the key is a __u32 backend id in host order. */
 struct mbpf_backend {
 	__u8  addr[MBPF_ADDR_LEN];  /* network order; IPv4 as ::ffff:a.b.c.d */

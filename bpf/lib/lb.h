@@ -25,6 +25,17 @@ static __always_inline void lb_count(__u32 result, __u32 col)
 		*v += 1;
 }
 
+/* One more connection from a split frontend to a backend, if the agent
+ * asked for it (an entry exists: the backend is one of a route's). */
+static __always_inline void lb_count_pick(__u32 svc_id, __u32 backend_id)
+{
+	struct mbpf_pick_key key = { .svc_id = svc_id, .backend_id = backend_id };
+	__u64 *v = mbpf_route_cnt.lookup(&key);
+
+	if (v)
+		*v += 1;
+}
+
 static __always_inline struct mbpf_backend *
 lb_slot_backend(__u32 svc_id, __u32 slot, __u32 *backend_id, __u8 *state)
 {
@@ -41,11 +52,10 @@ lb_slot_backend(__u32 svc_id, __u32 slot, __u32 *backend_id, __u8 *state)
 /* The backend this client was given last, if affinity still holds. */
 static __always_inline struct mbpf_backend *
 lb_affinity_backend(const struct mbpf_svc *svc, struct mbpf_aff_key *akey,
-		    __u64 now)
+		    __u64 now, __u32 *backend_id)
 {
 	struct mbpf_aff *aff = mbpf_affinity.lookup(akey);
 	struct mbpf_backend *be;
-	__u32 backend_id = 0;
 	__u8 state = 0;
 
 	if (!aff)
@@ -56,8 +66,8 @@ lb_affinity_backend(const struct mbpf_svc *svc, struct mbpf_aff_key *akey,
 	/* Still a member? Only if the slot it held still holds it. */
 	if (aff->slot >= svc->count)
 		return NULL;
-	be = lb_slot_backend(svc->svc_id, aff->slot, &backend_id, &state);
-	if (!be || backend_id != aff->backend_id)
+	be = lb_slot_backend(svc->svc_id, aff->slot, backend_id, &state);
+	if (!be || *backend_id != aff->backend_id)
 		return NULL;
 	aff->last_used_ns = now;
 	return be;
@@ -82,9 +92,10 @@ lb_pick_backend(void *ctx, const struct mbpf_svc *svc, __u32 col)
 		akey.netns_cookie = bpf_get_netns_cookie(ctx);
 		akey.svc_id = svc->svc_id;
 		now = bpf_ktime_get_ns();
-		be = lb_affinity_backend(svc, &akey, now);
+		be = lb_affinity_backend(svc, &akey, now, &backend_id);
 		if (be) {
 			lb_count(MBPF_LB_AFFINITY, col);
+			lb_count_pick(svc->svc_id, backend_id);
 			return be;
 		}
 	}
@@ -105,6 +116,7 @@ lb_pick_backend(void *ctx, const struct mbpf_svc *svc, __u32 col)
 		return NULL;
 	if (state == MBPF_SLOT_TERMINATING)
 		lb_count(MBPF_LB_TERMINATING, col);
+	lb_count_pick(svc->svc_id, backend_id);
 
 #ifdef MBPF_HAVE_NETNS_COOKIE
 	if (svc->affinity_timeout) {

@@ -48,6 +48,16 @@ BPF_TABLE_PINNED("lru_hash", struct mbpf_aff_key, struct mbpf_aff, mbpf_affinity
 BPF_TABLE_PINNED("lru_hash", struct mbpf_rnat_key, struct mbpf_rnat, mbpf_rnat,
 		 MBPF_RNAT_MAX, MBPF_PIN(mbpf_rnat));
 
+#ifndef MBPF_ROUTE_CNT_MAX
+#define MBPF_ROUTE_CNT_MAX 16384
+#endif
+/* (split frontend's service id, backend id) -> connections, per CPU. The
+ * agent creates an entry for each backend of a weighted split (a route);
+ * the programs only count into entries that exist, so frontends without a
+ * route cost one failed lookup and leave nothing behind. */
+BPF_TABLE_PINNED("percpu_hash", struct mbpf_pick_key, __u64, mbpf_route_cnt,
+		 MBPF_ROUTE_CNT_MAX, MBPF_PIN(mbpf_route_cnt));
+
 /* MBPF_LB_* counters per CPU, summed by the metrics collector */
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, mbpf_lb_stats,
 		 MBPF_LB_STAT_MAX, MBPF_PIN(mbpf_lb_stats));

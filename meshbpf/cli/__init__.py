@@ -14,7 +14,7 @@ from .agent_cmd import agent
 from .capture_cmd import capture
 from .common import one_line
 from .endpoint_cmd import endpoint
-from .inspect_cmd import bpf, service, uninstall
+from .inspect_cmd import bpf, route, service, uninstall
 from .lab_cmd import lab
 from .logs import setup_logging
 from .monitor_cmd import monitor
@@ -44,8 +44,8 @@ def version() -> None:
     click.echo(f"meshbpf {__version__}")
 
 
-for command in (agent, service, bpf, sockmap, endpoint, policy, capture, monitor, status, uninstall, lab,
-                version):
+for command in (agent, service, route, bpf, sockmap, endpoint, policy, capture, monitor, status, uninstall,
+                lab, version):
     cli.add_command(command)
 
 

@@ -13,6 +13,7 @@ import click
 from ..datapath import loader
 from ..datapath.maps import read_pinned
 from ..reconcile import PROTO_NAME, SLOT_READY, SLOT_REFUSE, SLOT_TERMINATING, LBState
+from .agent_views import AgentUnreachable, agent_option, fetch
 from .common import bpffs_option, endpoint_text, friendly_errors, output_option, print_json, print_table
 
 SLOT_STATE = {SLOT_READY: "ready", SLOT_TERMINATING: "terminating",
@@ -95,6 +96,37 @@ def service_list(bpffs: Path, output: str) -> None:
         rows.append([svc["id"], svc["frontend"], svc["affinity"], names[0]])
         rows.extend(["", "", "", name] for name in names[1:])
     print_table(["ID", "FRONTEND", "AFFINITY", "BACKENDS"], rows)
+
+
+@click.group()
+def route() -> None:
+    """Gateway API routes (TCPRoute/UDPRoute) splitting Services."""
+
+
+@route.command("list")
+@agent_option
+@output_option
+@friendly_errors
+def route_list(agent_addr: str, output: str) -> None:
+    """Each route's status per Service parent (Accepted, ResolvedRefs), as
+    the agent computes it (the maps hold no route names: the agent is asked)."""
+    try:
+        view = fetch(agent_addr, "/v1/routes")
+    except AgentUnreachable as exc:
+        raise click.ClickException(f"route status comes from the agent, which does not answer: {exc}")
+    if output == "json":
+        print_json(view)
+        return
+    rows = []
+    for r in view["routes"]:
+        accepted, resolved = r["conditions"]
+        kind, name = r["route"].split(" ", 1)
+        parent = f"{r['parent']['namespace']}/{r['parent']['name']}" + (
+            f":{r['parent']['port']}" if "port" in r["parent"] else "")
+        failed = [c for c in r["conditions"] if c["status"] != "True"]
+        message = "; ".join(f"({c['reason']}) {c['message']}" for c in failed)
+        rows.append([kind, name, parent, accepted["status"], resolved["status"], message])
+    print_table(["ROUTE", "", "PARENT", "ACCEPTED", "RESOLVEDREFS", "MESSAGE"], rows)
 
 
 @click.group()

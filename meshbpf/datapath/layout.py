@@ -36,6 +36,10 @@ class SlotC(ct.Structure):
     _fields_ = [("backend_id", ct.c_uint32), ("state", ct.c_uint8), ("pad", ct.c_uint8 * 3)]
 
 
+class PickKeyC(ct.Structure):
+    _fields_ = [("svc_id", ct.c_uint32), ("backend_id", ct.c_uint32)]
+
+
 class BackendC(ct.Structure):
     _fields_ = [("addr", U8x16), ("port", ct.c_uint16), ("proto", ct.c_uint8), ("pad", ct.c_uint8)]
 
@@ -190,6 +194,8 @@ LB_MAPS = (
     # Socket storage: one value per socket, freed with it; max_entries is 0.
     MapSpec("mbpf_sk_rnat", "", ct.c_int, SkRnatC, "", 0, no_prealloc=True),
     MapSpec("mbpf_lb_stats", "", ct.c_uint32, ct.c_uint64, "", 24),
+    # Connections per route backend (per CPU); the agent makes the entries.
+    MapSpec("mbpf_route_cnt", "", PickKeyC, ct.c_uint64, "MBPF_ROUTE_CNT_MAX", 16384),
 )
 COUNTABLE = {"mbpf_svc", "mbpf_slots", "mbpf_backends", "mbpf_affinity", "mbpf_rnat",
              "mbpf_sockhash", "mbpf_sockstate"}  # maps whose keys can be walked

@@ -49,7 +49,9 @@ from ..capture.settings import kept_annotations
 from .kube_policy import NETWORK_POLICY, CachedReader, policy_fields
 from .kube_watch import Backoff, Reflector
 from .routes import API_VERSION as ROUTE_API_VERSION
-from .routes import apply_routes, read_routes
+from .kube_route_status import RouteStatusWriter
+from .route_status import route_statuses
+from .routes import GRANT_KIND, apply_routes, read_grants, read_routes
 from .yaml_load import LoadError, load_one
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,7 @@ ZONE_LABEL = "topology.kubernetes.io/zone"
 POLICY_REFLECTORS = ("pods", "namespaces", "networkpolicies")
 # Gateway API routes (weighted splitting): watched where the CRDs exist.
 ROUTE_REFLECTORS = {"tcproutes": "TCPRoute", "udproutes": "UDPRoute"}
+GRANT_VERSION = "v1beta1"  # ReferenceGrant's served version
 POLICY_FIELDS = ("pods", "namespaces", "network_policies")  # of DesiredState
 # The parts of a Pod that NetworkPolicy reads (kube_policy); the rest of
 # every pod of the cluster is not kept.
@@ -213,6 +216,11 @@ class KubernetesSource:
             self.reflectors[plural] = reflector(
                 plural, partial(custom.list_cluster_custom_object, group, version, plural), kind,
                 ROUTE_API_VERSION, transform=_without_managed_fields, optional=True)
+        # Cross-namespace backendRefs need a ReferenceGrant (optional as well).
+        self.reflectors["referencegrants"] = reflector(
+            "referencegrants", partial(custom.list_cluster_custom_object, group, GRANT_VERSION,
+                                       "referencegrants"),
+            GRANT_KIND, f"{group}/{GRANT_VERSION}", transform=_without_managed_fields, optional=True)
         if network_policy:
             # Peers live on every node: every pod, the parts policy reads.
             self.reflectors["pods"] = reflector(
@@ -245,6 +253,10 @@ class KubernetesSource:
         self.policy_off: str | None = None  # why the API server's refusal turned policy off
         self._notes: set[str] = set()
         self._good_settings = AgentSettings()  # of the last valid ConfigMap
+        self._route_status = RouteStatusWriter(
+            lambda plural, ns, name, body: custom.patch_namespaced_custom_object_status(
+                group, version, ns, plural, name, body),
+            lambda: [(plural, obj) for plural in ROUTE_REFLECTORS for obj in self.reflectors[plural].items()])
         for r in self.reflectors.values():
             r.start()
 
@@ -340,12 +352,20 @@ class KubernetesSource:
                 result.notes.append(f"{kind}: not served by the API server ({r.refused}; "
                                     f"no Gateway API CRDs?): no weighted splitting by {kind}")
             route_objects += [SourceObject(obj, "API server") for obj in r.items()]
-        routes, problems, notes = read_routes(route_objects)
-        result.problems += problems
+        routes, problems, notes = read_routes(route_objects, self._last.routes if self._last else ())
+        grant_reflector = self.reflectors["referencegrants"]
+        grants, grant_problems = read_grants(SourceObject(obj, "API server") for obj in grant_reflector.items())
+        if grant_reflector.refused and route_objects:
+            result.notes.append(f"ReferenceGrant: not served by the API server ({grant_reflector.refused}): "
+                                f"backendRefs to other namespaces are refused")
+        result.problems += problems + grant_problems
         result.notes += notes
         if routes:
-            result.state, split_notes = apply_routes(result.state, routes)
+            result.state, split_notes = apply_routes(result.state, routes, grants)
             result.notes += split_notes
+        if route_objects:
+            self._route_status.offer(route_statuses(result.state) if routes else [],
+                                     {p.obj for p in problems})
         return bool(routes)
 
     def _apply_events(self, services: dict, slices: dict) -> DesiredState | None:
@@ -434,6 +454,7 @@ class KubernetesSource:
             r.signal_stop()  # all at once, then wait for each
         for r in self.reflectors.values():
             r.stop()
+        self._route_status.stop()
         self._api.close()
 
     def __enter__(self) -> KubernetesSource:

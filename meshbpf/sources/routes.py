@@ -7,8 +7,11 @@ DesiredState: each parent frontend gets a `split` naming its backend
 Services' endpoints and weights. The planner turns that into slots
 (reconcile/split.py); nothing here knows about maps.
 
-Only routes in the parent's and backends' own namespace are read (no
-ReferenceGrant yet). Parents that are not Services (a Gateway) are skipped.
+A parent must be in the route's namespace. A backendRef in another one
+needs a ReferenceGrant there (`read_grants`); one without, or one not to
+a Service, is kept with its share refused, and the route's ResolvedRefs
+says why (route_status). Parents that are not Services (a Gateway) are
+skipped.
 """
 
 from __future__ import annotations
@@ -16,12 +19,15 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, Iterable
 
-from ..model import BackendRef, DesiredState, ParentRef, Route, ServicePort, SplitShare
+from ..model import BackendRef, DesiredState, ParentRef, ReferenceGrant, Route, ServicePort, SplitShare
 from .errors import Problem
 from .kube_objects import SourceObject
+from .route_status import _INVALID_MESSAGE, ref_permitted
 
 API_VERSION = "gateway.networking.k8s.io/v1alpha2"
 ROUTE_KINDS = ("TCPRoute", "UDPRoute")
+GRANT_KIND = "ReferenceGrant"
+GRANT_API_VERSIONS = ("gateway.networking.k8s.io/v1beta1", "gateway.networking.k8s.io/v1alpha2")
 MAX_WEIGHT = 1_000_000  # the Gateway API's bound
 
 
@@ -31,8 +37,13 @@ class _Bad(Exception):
         self.path, self.reason = path, reason
 
 
-def read_routes(objects: Iterable[SourceObject]) -> tuple[list[Route], list[Problem], list[str]]:
-    """(routes, problems, notes): one problem per bad route, which is left out."""
+def read_routes(objects: Iterable[SourceObject], previous: Iterable[Route] = ()
+                ) -> tuple[list[Route], list[Problem], list[str]]:
+    """(routes, problems, notes): one problem per bad route, which is left
+    out; a bad edit of a route in `previous` keeps that version instead, as
+    a bad Service edit does: a typo must not send the parent's traffic back
+    to its own endpoints."""
+    kept = {(r.kind, r.namespace, r.name): r for r in previous}
     routes: list[Route] = []
     problems: list[Problem] = []
     notes: list[str] = []
@@ -45,6 +56,10 @@ def read_routes(objects: Iterable[SourceObject]) -> tuple[list[Route], list[Prob
             route = _read_route(src)
         except _Bad as bad:
             problems.append(Problem(src.where, label, bad.path, bad.reason))
+            old = kept.get((obj.get("kind"), meta.get("namespace") or "default", meta.get("name")))
+            if old is not None and (old.kind, old.namespace, old.name) not in seen:
+                seen[(old.kind, old.namespace, old.name)] = src.where
+                routes.append(old)
             continue
         if route is None:
             notes.append(f"{src.where} ({label}): no Service parent; skipped")
@@ -97,18 +112,65 @@ def _parent(p: Any, path: str, namespace: str) -> ParentRef | None:
 
 
 def _backend(b: Any, path: str, namespace: str) -> BackendRef:
+    """A backendRef; one that is not a Service, or is in another namespace
+    (no ReferenceGrant is read), is kept as invalid: its share is refused
+    and the route's ResolvedRefs says why, as the Gateway API asks."""
     b = _mapping(b, path)
     _known(b, path, {"group", "kind", "name", "namespace", "port", "weight"})
-    if b.get("group", "") != "" or b.get("kind", "Service") != "Service":
-        raise _Bad(path, "only Service backendRefs (group \"\", kind Service) are supported")
-    _same_namespace(b, path, namespace)
-    if "port" not in b:
-        raise _Bad(f"{path}.port", "missing (a Service backendRef needs a port)")
+    name = _string(b.get("name"), f"{path}.name")
     weight = b.get("weight", 1)
     if type(weight) is not int or not 0 <= weight <= MAX_WEIGHT:
         raise _Bad(f"{path}.weight", f"must be an integer from 0 to {MAX_WEIGHT}, not {weight!r}")
-    return BackendRef(namespace, _string(b.get("name"), f"{path}.name"), _port(b["port"], f"{path}.port"),
-                      weight)
+    ref_namespace = _string(b.get("namespace", namespace), f"{path}.namespace")
+    if b.get("group", "") != "" or b.get("kind", "Service") != "Service":
+        port = b.get("port")
+        return BackendRef(ref_namespace, name, port if type(port) is int else 0, weight, invalid="InvalidKind")
+    if "port" not in b:
+        raise _Bad(f"{path}.port", "missing (a Service backendRef needs a port)")
+    # Another namespace: allowed or not by the ReferenceGrants (apply_routes).
+    return BackendRef(ref_namespace, name, _port(b["port"], f"{path}.port"), weight)
+
+
+def read_grants(objects: Iterable[SourceObject]) -> tuple[list[ReferenceGrant], list[Problem]]:
+    """ReferenceGrants; a bad one is left out with one problem (the
+    references it would allow are then refused: nothing opens by mistake)."""
+    grants, problems = [], []
+    for src in objects:
+        meta = src.obj.get("metadata") if isinstance(src.obj.get("metadata"), dict) else {}
+        label = f"ReferenceGrant {meta.get('namespace') or 'default'}/{meta.get('name')}"
+        try:
+            grants.append(_read_grant(src.obj))
+        except _Bad as bad:
+            problems.append(Problem(src.where, label, bad.path, bad.reason))
+    return grants, problems
+
+
+def _read_grant(obj: dict) -> ReferenceGrant:
+    if obj.get("apiVersion") not in GRANT_API_VERSIONS:
+        raise _Bad("apiVersion", f"must be one of {', '.join(GRANT_API_VERSIONS)}, not {obj.get('apiVersion')!r}")
+    meta = _mapping(obj.get("metadata"), "metadata")
+    name = _string(meta.get("name"), "metadata.name")
+    namespace = _string(meta.get("namespace", "default"), "metadata.namespace")
+    spec = _mapping(obj.get("spec"), "spec")
+    _known(spec, "spec", {"from", "to"})
+    froms, tos = [], []
+    for i, f in enumerate(_list(spec.get("from"), "spec.from")):
+        f = _mapping(f, f"spec.from[{i}]")
+        _known(f, f"spec.from[{i}]", {"group", "kind", "namespace"})
+        froms.append((_group(f.get("group"), f"spec.from[{i}].group"), _string(f.get("kind"), f"spec.from[{i}].kind"),
+                      _string(f.get("namespace"), f"spec.from[{i}].namespace")))
+    for i, t in enumerate(_list(spec.get("to"), "spec.to")):
+        t = _mapping(t, f"spec.to[{i}]")
+        _known(t, f"spec.to[{i}]", {"group", "kind", "name"})
+        tos.append((_group(t.get("group"), f"spec.to[{i}].group"), _string(t.get("kind"), f"spec.to[{i}].kind"),
+                    None if t.get("name") is None else _string(t.get("name"), f"spec.to[{i}].name")))
+    return ReferenceGrant(namespace, name, tuple(froms), tuple(tos))
+
+
+def _group(v: Any, path: str) -> str:
+    if not isinstance(v, str):
+        raise _Bad(path, "missing" if v is None else f"must be a string (\"\" for the core group), not {v!r}")
+    return v
 
 
 def _same_namespace(ref: dict, path: str, namespace: str) -> None:
@@ -148,10 +210,13 @@ def _known(m: dict, path: str, fields: set[str]) -> None:
         raise _Bad(f"{path}.{unknown[0]}", "unknown field")
 
 
-def apply_routes(state: DesiredState, routes: list[Route]) -> tuple[DesiredState, list[str]]:
+def apply_routes(state: DesiredState, routes: list[Route],
+                 grants: Iterable[ReferenceGrant] = ()) -> tuple[DesiredState, list[str]]:
     """The state with each route's parent frontends split; notes name broken
     references and parents a route does not match. The first route (by
-    namespace/name) on a frontend wins; later ones are noted."""
+    namespace/name) on a frontend wins; later ones are noted. A backendRef
+    to another namespace needs a ReferenceGrant there, else it is refused."""
+    grants = tuple(sorted(grants, key=lambda g: (g.namespace, g.name)))
     by_service: dict[str, list[ServicePort]] = {}
     for sp in state.service_ports.values():
         by_service.setdefault(sp.service, []).append(sp)
@@ -171,17 +236,22 @@ def apply_routes(state: DesiredState, routes: list[Route]) -> tuple[DesiredState
                     notes.append(f"{route.where} ({route}): {sp.frontend} is already split by {owner[sp.frontend]}")
                     continue
                 owner[sp.frontend] = route
-                shares = tuple(_share(route, ref, sp, by_service, notes) for ref in route.backend_refs)
+                shares = tuple(_share(route, ref, sp, by_service, notes, grants) for ref in route.backend_refs)
                 ports[sp.frontend] = replace(sp, split=shares, route=str(route))
-    return replace(state, service_ports=ports, routes=tuple(routes), delta=None), notes
+    return replace(state, service_ports=ports, routes=tuple(routes), reference_grants=grants,
+                   delta=None), notes
 
 
-def _share(route: Route, ref: BackendRef, parent: ServicePort,
-           by_service: dict[str, list[ServicePort]], notes: list[str]) -> SplitShare:
+def _share(route: Route, ref: BackendRef, parent: ServicePort, by_service: dict[str, list[ServicePort]],
+           notes: list[str], grants: tuple[ReferenceGrant, ...]) -> SplitShare:
     """One backendRef against the parent's family and protocol; no endpoints
     (a share that gets no slots) when the Service or port is missing."""
     label = f"{ref.namespace}/{ref.name}:{ref.port}"
     fe = parent.frontend
+    invalid = ref.invalid or ("" if ref_permitted(route, ref, grants) else "RefNotPermitted")
+    if invalid:
+        notes.append(f"{route.where} ({route}): backendRef {label}: {_INVALID_MESSAGE[invalid]}; its share is refused")
+        return SplitShare(label, ref.weight, ())
     for sp in by_service.get(f"{ref.namespace}/{ref.name}", []):
         if (sp.frontend.port == ref.port and sp.frontend.protocol == fe.protocol
                 and sp.frontend.address.version == fe.address.version):

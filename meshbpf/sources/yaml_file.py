@@ -26,7 +26,8 @@ from .errors import ConfigError, Problem, internal_error
 from .file_incremental import FileIndex
 from .kube_objects import BuildResult, SourceObject, _Collector, _flatten_lists, build_state
 from .kube_policy import POLICY_KINDS, policy_fields, read_policy_objects
-from .routes import ROUTE_KINDS, apply_routes, read_routes
+from .route_status import route_statuses
+from .routes import GRANT_KIND, ROUTE_KINDS, apply_routes, read_grants, read_routes
 from .yaml_load import LoadError, load_all
 
 log = logging.getLogger(__name__)
@@ -144,17 +145,19 @@ def _read_config(path: Path, node_name: str | None, cache: dict,
     flat = list(_flatten_lists(objects, lists))
     policy_objects = [o for o in flat if o.obj.get("kind") in POLICY_KINDS]
     route_objects = [o for o in flat if o.obj.get("kind") in ROUTE_KINDS]
-    result = build_state((o for o in flat if o.obj.get("kind") not in POLICY_KINDS + ROUTE_KINDS),
+    grant_objects = [o for o in flat if o.obj.get("kind") == GRANT_KIND]
+    result = build_state((o for o in flat if o.obj.get("kind") not in POLICY_KINDS + ROUTE_KINDS + (GRANT_KIND,)),
                          node_name=node_name)
     if lists.problems or result.problems:
         raise ConfigError(lists.problems + result.problems)
     policy = read_policy_objects(policy_objects)
     state = replace(result.state, **policy_fields(policy, previous))
     # A bad route is left out alone, as a bad policy is: the rest applies.
-    routes, route_problems, route_notes = read_routes(route_objects)
-    state, split_notes = apply_routes(state, routes) if routes else (state, [])
+    routes, route_problems, route_notes = read_routes(route_objects, getattr(previous, "routes", ()))
+    grants, grant_problems = read_grants(grant_objects)
+    state, split_notes = apply_routes(state, routes, grants) if routes else (state, [])
     return ConfigResult(state, [], result.notes + policy.notes + route_notes + split_notes,
-                        skipped=policy.problems + route_problems)
+                        skipped=policy.problems + route_problems + grant_problems)
 
 
 @dataclass(frozen=True)
@@ -218,14 +221,21 @@ class FileSource:
         self._serving_policies = False       # ... and NetworkPolicies
         self._read_state: DesiredState | None = None  # the last state read
         self._skipped: list[str] = []        # policy objects left out of it, and why
+        self._status_of: DesiredState | None = None  # the state _status_problems describe
+        self._status_problems: list[str] = []  # its routes' False status conditions
 
     def health(self) -> dict:
         return {"ok": True}  # no thread to die: polling runs in the agent's loop
 
     @property
     def problems(self) -> list[str]:
-        """The policy objects left out of the last state read, and why."""
-        return list(self._skipped)
+        """The policy objects and routes left out of the last state read, and
+        why; and each route's False status conditions (route_status)."""
+        state = self._read_state
+        if state is not None and state.routes and self._status_of is not state:
+            self._status_of = state
+            self._status_problems = [line for ps in route_statuses(state) for line in ps.problems()]
+        return list(self._skipped) + (self._status_problems if state is not None and state.routes else [])
 
     def changed(self) -> bool:
         return _stamp(self.path) != self._last
@@ -276,7 +286,7 @@ class FileSource:
         self._report_skipped([str(p) for p in result.skipped])
         # A route ties its parent to other Services: the incremental path
         # would miss a backend Service's change, so routes mean full reads.
-        if result.state.routes or any(p.obj.startswith(ROUTE_KINDS) for p in result.skipped):
+        if result.state.routes or any(p.obj.startswith(ROUTE_KINDS + (GRANT_KIND,)) for p in result.skipped):
             self._index = None
         else:
             with gc_paused():

@@ -158,3 +158,50 @@ def test_udp_70_30(lab, dns_pods, start_agent):
 def test_ipv6_70_30(lab, start_agent):
     start_agent(services(lab, SEVENTY_THIRTY, family=6) + [route({"v1": 70, "v2": 30})])
     assert_split(lab, SEVENTY_THIRTY, {"v1": 70, "v2": 30}, "tcp", PARENT[6], 80, TOTAL, PARALLEL)
+
+
+def route_backend_counts(agent, route_name: str = "TCPRoute default/web-split") -> dict[str, float]:
+    """meshbpf_route_backend_connections_total per backend Service of a route."""
+    from .helpers import metric
+    _, text = agent.get("/metrics")
+    return {b: metric(text, "meshbpf_route_backend_connections_total",
+                      f'backend="default/{b}:80",route="{route_name}"') for b in ("v1", "v2")}
+
+
+def test_route_backend_counters_move_by_the_connections_made(lab, start_agent):
+    """meshbpf_route_backend_connections_total counts each connection the
+    split sent to a backend Service, and only those: a connection made
+    straight to a backend Service's own cluster IP is not the route's."""
+    from meshbpf.lab.workloads import wait_for
+    agent = start_agent(services(lab, SEVENTY_THIRTY) + [route({"v1": 70, "v2": 30})])
+    wait_for(lambda: None not in route_backend_counts(agent).values(), 30, "the route backend series")
+    before = route_backend_counts(agent)
+    result = observe(lab, "tcp", PARENT[4], 80, 200, PARALLEL)
+    assert result["errors"] == {}, result
+    made = {"v1": sum(n for pod, n in result["answers"].items() if pod in SEVENTY_THIRTY["v1"]),
+            "v2": result["answers"].get("web-3", 0)}
+    assert sum(made.values()) == 200 and min(made.values()) > 0, result
+    straight = observe(lab, "tcp", "10.96.0.11", 80, 20, PARALLEL)  # v1's own cluster IP
+    assert straight["errors"] == {} and sum(straight["answers"].values()) == 20, straight
+    after = route_backend_counts(agent)
+    assert {b: after[b] - before[b] for b in made} == made
+
+
+@pytest.mark.userspace
+def test_route_list_shows_the_agents_route_status(lab, start_agent):
+    """`meshbpf route list` asks the running agent (the maps hold no route
+    names): each parent's Accepted and ResolvedRefs, and why one is False."""
+    import subprocess
+    groups = {"web": ("web-4",), "v1": ("web-1", "web-2")}
+    agent = start_agent(services(lab, groups) + [route({"v1": 70, "missing": 30})])
+    cli = Path(sys.executable).parent / "meshbpf"
+    out = subprocess.run([str(cli), "route", "list", "--agent", f"127.0.0.1:{agent.port}", "-o", "json"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    (status,) = json.loads(out.stdout)["routes"]
+    assert status["route"] == "TCPRoute default/web-split"
+    assert [(c["type"], c["status"], c["reason"]) for c in status["conditions"]] == [
+        ("Accepted", "True", "Accepted"), ("ResolvedRefs", "False", "BackendNotFound")]
+    table = subprocess.run([str(cli), "route", "list", "--agent", f"127.0.0.1:{agent.port}"],
+                           capture_output=True, text=True, timeout=60)
+    assert "default/web-split" in table.stdout and "BackendNotFound" in table.stdout, table

@@ -53,8 +53,10 @@ RESOURCES = {
     "NetworkPolicy": ("/apis/networking.k8s.io/v1", "networkpolicies", True),
     "TCPRoute": ("/apis/gateway.networking.k8s.io/v1alpha2", "tcproutes", True),
     "UDPRoute": ("/apis/gateway.networking.k8s.io/v1alpha2", "udproutes", True),
+    "ReferenceGrant": ("/apis/gateway.networking.k8s.io/v1beta1", "referencegrants", True),
 }
 _BY_PLURAL = {(prefix, plural): kind for kind, (prefix, plural, _) in RESOURCES.items()}
+_STATUS_PATH = re.compile(r"^(/apis/[^/]+/[^/]+)/namespaces/([^/]+)/([a-z]+)/([^/]+)/status$")
 _PATH = re.compile(r"^(/api/v1|/apis/[^/]+/[^/]+)(?:/namespaces/([^/]+))?/([a-z]+)$")
 
 
@@ -129,6 +131,8 @@ class FakeAPIServer:
         self.failing: set[str] = set()      # kinds whose requests answer 500
         self.forbidden: set[str] = set()    # kinds whose requests answer 403 (RBAC)
         self.requests: list[Request] = []
+        self.status_patches: list[StatusPatch] = []  # status subresource PATCHes that were applied
+        self.status_forbidden = False       # status PATCHes answer 403 (RBAC)
 
         self._cond = threading.Condition()
         self._rv = 1000
@@ -376,6 +380,28 @@ class FakeAPIServer:
             yield batch
 
 
+@dataclass
+class StatusPatch:
+    kind: str
+    namespace: str
+    name: str
+    content_type: str
+    body: dict
+
+
+def _merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch: mappings merge, null deletes, the rest replaces."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    out = dict(target) if isinstance(target, dict) else {}
+    for k, v in patch.items():
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = _merge_patch(out.get(k), v)
+    return out
+
+
 def _status(code: int, reason: str, message: str) -> dict:
     return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
             "message": message, "reason": reason, "code": code}
@@ -422,6 +448,36 @@ class _Handler(BaseHTTPRequestHandler):
         if not watch:
             return self._json(*self.api._list(kind, namespace, query))
         self._watch(kind, namespace, query)
+
+    def do_PATCH(self) -> None:
+        """A merge patch of a namespaced object's status subresource, with the
+        resourceVersion precondition the body's metadata may carry (409)."""
+        m = _STATUS_PATH.match(urlparse(self.path).path)
+        kind = _BY_PLURAL.get((m.group(1), m.group(3))) if m else None
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+        if kind is None:
+            return self._json(404, _status(404, "NotFound", f"no route for {self.path}"))
+        if self.api.status_forbidden:
+            return self._json(403, _status(403, "Forbidden", f"cannot patch resource {m.group(3)}/status"))
+        namespace, name = m.group(2), m.group(4)
+        api = self.api
+        with api._cond:
+            old = api._objects[kind].get((namespace, name))
+            if old is None:
+                return self._json(404, _status(404, "NotFound", f"{kind} {namespace}/{name} not found"))
+            want = (body.get("metadata") or {}).get("resourceVersion")
+            if want and want != old["metadata"]["resourceVersion"]:
+                return self._json(409, _status(409, "Conflict", "the object has been modified"))
+            obj = copy.deepcopy(old)
+            obj["status"] = _merge_patch(old.get("status"), body.get("status"))
+            api._rv += 1
+            obj["metadata"]["resourceVersion"] = str(api._rv)
+            api._objects[kind][(namespace, name)] = obj
+            api._events.append(_Event(api._rv, kind, "MODIFIED", obj, old))
+            api.status_patches.append(StatusPatch(kind, namespace, name,
+                                                  self.headers.get("Content-Type", ""), body))
+            api._cond.notify_all()
+        self._json(200, obj)
 
     def _json(self, code: int, body: dict) -> None:
         data = json.dumps(body).encode()

@@ -400,10 +400,13 @@ def test_agent_settings_configmap_holds_a_valid_agent_config(install):
 
 
 def granted(role: dict) -> dict[tuple[str, str], dict]:
-    """(apiGroup, resource) -> its rule; every rule read-only."""
+    """(apiGroup, resource) -> its rule; every rule read-only, but patch on
+    the routes' status subresource (the route status the agent writes)."""
     out = {}
     for rule in role["rules"]:
-        assert set(rule["verbs"]) <= {"list", "watch"}, rule
+        writes_route_status = (rule["apiGroups"] == ["gateway.networking.k8s.io"]
+                               and set(rule["resources"]) <= {"tcproutes/status", "udproutes/status"})
+        assert set(rule["verbs"]) <= ({"patch"} if writes_route_status else {"list", "watch"}), rule
         for group in rule["apiGroups"]:
             for res in rule["resources"]:
                 out[(group, res)] = rule
@@ -427,7 +430,10 @@ def test_cluster_wide_rbac_is_list_watch_on_what_the_agent_watches(install, daem
                                   ("", "pods"), ("", "nodes"), ("", "namespaces"),
                                   ("networking.k8s.io", "networkpolicies"),
                                   ("gateway.networking.k8s.io", "tcproutes"),
-                                  ("gateway.networking.k8s.io", "udproutes")}
+                                  ("gateway.networking.k8s.io", "udproutes"),
+                                  ("gateway.networking.k8s.io", "referencegrants"),
+                                  ("gateway.networking.k8s.io", "tcproutes/status"),
+                                  ("gateway.networking.k8s.io", "udproutes/status")}
     assert [o for o in install if o["kind"] == "ClusterRole"] == [role]
 
 

@@ -94,7 +94,7 @@ class Poller:
             kinds = {"services": "Service", "endpointslices": "EndpointSlice",
                      "configmap": "ConfigMap", "node": "Node", "pods": "Pod",
                      "namespaces": "Namespace", "networkpolicies": "NetworkPolicy",
-                     "tcproutes": "TCPRoute", "udproutes": "UDPRoute"}
+                     "tcproutes": "TCPRoute", "udproutes": "UDPRoute", "referencegrants": "ReferenceGrant"}
             wait_for(lambda: all(self.api.watching(kinds[k]) for k in self.source.reflectors),
                      "every watch to be open")
         return state

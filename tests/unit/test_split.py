@@ -272,3 +272,37 @@ def test_random_split_changes_plan_minimal_writes_and_incremental_equals_full(tm
         state = full.apply_to(state)
         check_realises(state, want)
         index = LBIndex(state)
+
+
+def test_a_bad_route_edit_keeps_the_previous_version(tmp_path):
+    """Like a bad Service edit: the route's last good version stays (the
+    parent keeps its split), the problem is reported; fixing it applies."""
+    import os
+    from meshbpf.sources.yaml_file import FileSource
+    folder = tmp_path / "cfg"
+    folder.mkdir()
+    (folder / "services.yaml").write_text(yaml.safe_dump_all(cluster({"v1": 1, "v2": 1})))
+    routes_file = folder / "routes.yaml"
+
+    def write_route(weights: dict, stamp: int) -> None:
+        routes_file.write_text(yaml.safe_dump(route(weights)))
+        os.utime(routes_file, ns=(stamp, stamp))  # settled at once, whatever the clock
+
+    def weights(state) -> dict:
+        return {s.service: s.weight for s in state.service_ports[fe(V4["web"], 80)].split}
+
+    write_route({"v1": 70, "v2": 30}, 1)
+    src = FileSource(folder, settle_s=0, hold_s=0)
+    assert weights(src.poll()) == {"default/v1:80": 70, "default/v2:80": 30}
+    write_route({"v1": 70, "v2": -5}, 2)
+    kept = src.poll()
+    assert kept is None or weights(kept) == {"default/v1:80": 70, "default/v2:80": 30}
+    assert weights(src._read_state) == {"default/v1:80": 70, "default/v2:80": 30}
+    (problem,) = src.problems
+    assert "(TCPRoute default/split): spec.rules[0].backendRefs[1].weight" in problem
+    write_route({"v1": 40, "v2": 60}, 3)
+    assert weights(src.poll()) == {"default/v1:80": 40, "default/v2:80": 60}
+    assert not src.problems
+    # A route that was never good is left out: nothing to keep.
+    first_bad = read(tmp_path, cluster({"v1": 1}) + [route({"v1": -1})])
+    assert not first_bad.state.routes and first_bad.skipped

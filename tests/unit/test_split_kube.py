@@ -55,3 +55,20 @@ def test_without_the_crds_routes_are_said_missing_once(api, make_source, monkeyp
     assert split_of(state) == {}
     said = [r.getMessage() for r in caplog.records if "TCPRoute: not served" in r.getMessage()]
     assert len(said) == 1 and "no Gateway API CRDs?" in said[0], said
+
+
+def test_a_bad_route_edit_keeps_the_previous_version(api, make_source):
+    api.apply(*cluster({"v1": 1, "v2": 1}), route({"v1": 70, "v2": 30}))
+    p = make_source()
+    p.first()
+    p.wait(lambda: p.emitted and split_of(p.emitted[-1]) == {"default/v1:80": 70, "default/v2:80": 30},
+           "the route's split")
+    bad = route({"v1": 70, "v2": 30})
+    bad["spec"]["rules"][0]["backendRefs"][1]["weight"] = "lots"
+    api.apply(bad)
+    p.wait(lambda: any("TCPRoute default/split" in t and "weight" in t for t in p.source.problems),
+           "the bad edit reported")
+    assert split_of(p.source._last) == {"default/v1:80": 70, "default/v2:80": 30}
+    api.apply(route({"v1": 20, "v2": 80}))
+    p.wait(lambda: split_of(p.emitted[-1]) == {"default/v1:80": 20, "default/v2:80": 80}, "the fixed route")
+    p.wait(lambda: not p.source.problems, "the problem resolved")

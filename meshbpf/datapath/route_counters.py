@@ -1,0 +1,109 @@
+"""Connections per route backend: the entries of mbpf_route_cnt, and their sums.
+
+The socket-LB programs count a pick into mbpf_route_cnt[(svc_id,
+backend_id)] only when that entry exists (bpf/lib/lb.h): the agent creates
+one per backend endpoint of each weighted split right after programming it,
+and deletes those of splits that are gone. Backend ids are shared between
+Services, so keying by the split frontend's svc_id too keeps a connection
+made straight to a backend Service out of the route's count.
+
+Counting starts when the entry is made, a moment after the split's slots
+are written; the few connections in between are not counted.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import errno
+import logging
+import os
+from pathlib import Path
+
+from ..model import DesiredState
+from ..reconcile import IPPROTO, BackendVal, LBState, SvcKey, addr16
+from . import libbpf
+from .layout import PickKeyC
+
+log = logging.getLogger(__name__)
+
+MAP_NAME = "mbpf_route_cnt"
+BPF_NOEXIST = 1
+
+Labels = tuple[str, str]  # (route, backend Service "namespace/name:port")
+
+
+def wanted_pairs(desired: DesiredState, lb: LBState) -> dict[tuple[int, int], Labels]:
+    """(svc_id, backend_id) -> (route, backend) for every programmed split."""
+    backend_ids = {val: bid for bid, val in lb.backends.items()}
+    out: dict[tuple[int, int], Labels] = {}
+    if not desired.routes:
+        return out
+    for sp in desired.service_ports.values():
+        if not sp.split:
+            continue
+        proto = IPPROTO[sp.frontend.protocol]
+        svc = lb.services.get(SvcKey(addr16(sp.frontend.address), sp.frontend.port, proto))
+        if svc is None:
+            continue  # not programmed (refused for room): nothing to count
+        for share in sp.split:
+            for ep in share.endpoints:
+                bid = backend_ids.get(BackendVal(addr16(ep.address), ep.port, proto))
+                if bid is not None:
+                    out[(svc.svc_id, bid)] = (sp.route, share.service)
+    return out
+
+
+class RouteCounters:
+    """Keeps mbpf_route_cnt's entries in step with the splits, and reads them."""
+
+    def __init__(self, bpffs: Path):
+        self.path = bpffs / MAP_NAME
+        self.labels: dict[tuple[int, int], Labels] = {}
+        self._full_said = False
+
+    def sync(self, desired: DesiredState, lb: LBState) -> None:
+        wanted = wanted_pairs(desired, lb)
+        if not wanted and not self.labels:
+            return
+        try:
+            fd = libbpf.obj_get(str(self.path))
+        except OSError:
+            return  # programs of an older build: no counter map
+        try:
+            zeros = (ct.c_uint64 * libbpf.possible_cpus())()
+            have = {(k.svc_id, k.backend_id) for k in libbpf.map_keys(fd, PickKeyC)}
+            for pair in have - wanted.keys():
+                libbpf.map_delete(fd, PickKeyC(*pair))
+            for pair in wanted.keys() - have:
+                try:
+                    libbpf.map_update(fd, PickKeyC(*pair), zeros, BPF_NOEXIST)
+                except OSError as exc:
+                    if exc.errno not in (errno.E2BIG, errno.ENOSPC, errno.ENOMEM):
+                        raise
+                    if not self._full_said:
+                        log.warning("%s is full: some route backends are not counted", MAP_NAME)
+                        self._full_said = True
+            self.labels = wanted
+        finally:
+            os.close(fd)
+
+    def read(self) -> dict[Labels, int]:
+        """(route, backend) -> connections, summed over CPUs and frontends."""
+        if not self.labels:
+            return {}
+        try:
+            fd = libbpf.obj_get(str(self.path))
+        except OSError:
+            return {}
+        out: dict[Labels, int] = {}
+        try:
+            values = (ct.c_uint64 * libbpf.possible_cpus())()
+            for pair, labels in list(self.labels.items()):
+                try:
+                    libbpf.map_lookup(fd, PickKeyC(*pair), values)
+                except OSError:
+                    continue
+                out[labels] = out.get(labels, 0) + sum(values)
+        finally:
+            os.close(fd)
+        return out
