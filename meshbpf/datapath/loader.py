@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import btf, cgroup, features as kernel_features, libbpf
+from .bpffs import DatapathError, check_bpffs, is_bpffs  # noqa: F401 (DatapathError: re-exported)
 from .layout import CAPTURE_MAPS, LB_MAPS, NO_PREALLOC, PINNED_MAPS, REDIR_MAPS, MapSpec
 from .source import program_text
 
@@ -57,20 +58,6 @@ CAPTURE_LINKS = ("mbpf_cap_sockops-", "mbpf_getsockopt-")
 
 # One file per hook family, compiled together.
 LB_SOURCES = ["sock_lb.c"]
-
-
-class DatapathError(Exception):
-    pass
-
-
-def check_bpffs(folder: Path) -> None:
-    """The folder must sit on a mounted bpffs."""
-    folder = folder.resolve()
-    with open("/proc/mounts") as f:
-        bpf_mounts = [Path(m[1]) for m in (line.split() for line in f) if len(m) > 2 and m[2] == "bpf"]
-    if not any(folder == m or m in folder.parents for m in bpf_mounts):
-        raise DatapathError(f"{folder} is not on a bpffs mount; mount one with "
-                            f"`mount -t bpf bpf /sys/fs/bpf`")
 
 
 def kernel_offsets() -> dict[str, int]:
@@ -353,24 +340,7 @@ class Installed:
         return bool(self.maps or self.links)
 
 
-BPF_FS_MAGIC = 0xCAFE4A11  # statfs f_type of a bpffs mount (linux/magic.h)
 _FD_KINDS = {"anon_inode:bpf-map": "map", "anon_inode:bpf-link": "link", "anon_inode:bpf-prog": "prog"}
-
-
-class _StatFs(ct.Structure):
-    # struct statfs begins with f_type (a long on 64-bit Linux); the rest is
-    # room for the fields we do not read.
-    _fields_ = [("f_type", ct.c_long), ("_rest", ct.c_uint8 * 256)]
-
-
-def is_bpffs(path: Path) -> bool:
-    """True if path is a folder on a bpffs mount (by filesystem magic, so a
-    plain folder with files named like our pins never counts)."""
-    libc = ct.CDLL(None, use_errno=True)
-    buf = _StatFs()
-    if libc.statfs(os.fsencode(path), ct.byref(buf)) != 0:
-        return False
-    return (buf.f_type & 0xFFFFFFFF) == BPF_FS_MAGIC
 
 
 def pin_kind(pin: Path) -> tuple[str, str] | None:

@@ -25,7 +25,7 @@ import os
 import time
 from pathlib import Path
 
-from .loader import check_bpffs
+from .bpffs import check_bpffs
 
 log = logging.getLogger(__name__)
 

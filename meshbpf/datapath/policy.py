@@ -30,6 +30,7 @@ from ..reconcile import addr16
 from ..reconcile.policy_keys import (DROP_COUNTERS, POLICY_COUNTERS, EpVal, PeerKey, PeerVal,
                                      PolicyState, PolicyStep, PortKey, PortVal)
 from . import libbpf
+from .bpffs import check_bpffs
 from .endpoints import find_endpoint  # noqa: F401 (part of this module's API)
 from .layout import (POLICY_MAPS, RINGBUF_MAPS, CtC, CtKeyC, EpAddrC, EpC, MapSpec, NO_PREALLOC,
                      PolCfgC, PolPeerC, PolPeerKeyC, PolPortC, PolPortKeyC)
@@ -83,7 +84,6 @@ class PolicyDatapath:
         """Compile and verify both programs, creating or reopening the pins."""
         from bcc import BPF  # the CLI must work without bcc
 
-        from .loader import check_bpffs
         check_bpffs(self.bpffs)
         self.bpffs.mkdir(parents=True, exist_ok=True)
         cflags = [f'-DMBPF_PIN_DIR="{self.bpffs}"']
