@@ -16,6 +16,9 @@
 #include "lib/lb_maps.h"
 #include "lib/sock_addr.h"
 #include "lib/lb.h"
+#ifdef MBPF_CAPTURE
+#include "lib/capture.h"
+#endif
 
 #define SYS_PROCEED 1
 #define SYS_REJECT  0
@@ -102,16 +105,39 @@ static __always_inline int xlate_reverse(struct bpf_sock_addr *ctx, int v6)
 	return SYS_PROCEED;
 }
 
+/* connect(): sidecar capture (bpf/lib/capture.h says the order), then
+ * socket-LB. */
+static __always_inline int xlate_connect(struct bpf_sock_addr *ctx, int v6)
+{
+#ifdef MBPF_CAPTURE
+	struct cap_caller caller = {};
+	int capture = cap_enabled();
+	int ret;
+
+	if (capture) {
+		cap_caller_init(&caller);
+		if (cap_outbound(ctx, &caller, v6))
+			return SYS_PROCEED;
+	}
+	ret = xlate_forward(ctx, v6, 1);
+	if (capture && ret == SYS_PROCEED)
+		cap_inbound(ctx, &caller, v6);
+	return ret;
+#else
+	return xlate_forward(ctx, v6, 1);
+#endif
+}
+
 /* attaches to cgroup/connect4 */
 int mbpf_connect4(struct bpf_sock_addr *ctx)
 {
-	return xlate_forward(ctx, 0, 1);
+	return xlate_connect(ctx, 0);
 }
 
 /* attaches to cgroup/connect6 */
 int mbpf_connect6(struct bpf_sock_addr *ctx)
 {
-	return xlate_forward(ctx, 1, 1);
+	return xlate_connect(ctx, 1);
 }
 
 /* attaches to cgroup/sendmsg4 (unconnected UDP) */

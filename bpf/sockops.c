@@ -2,12 +2,29 @@
 /*
  * Socket operations: fill the sockhash with established TCP sockets whose
  * peer is on this node, and take them out again once their pair has gone
- * back to the TCP stack and nothing spliced waits in their queue.
+ * back to the TCP stack and nothing spliced waits in their queue
+ * (mbpf_sockops, with redirection); file a captured connection under the
+ * tuple its proxy sees (mbpf_cap_sockops, with sidecar capture). Two
+ * programs, each attached only where its feature is on.
  */
 #include <uapi/linux/bpf.h>
 
 #include "lib/common.h"
 #include "lib/compat.h"
+
+#ifdef MBPF_CAPTURE
+#include "lib/capture.h"
+
+/* attaches to cgroup/sock_ops where sidecar capture is on */
+int mbpf_cap_sockops(struct bpf_sock_ops *skops)
+{
+	if (skops->op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
+		cap_file_pair(skops);
+	return 1;
+}
+#endif
+
+#ifdef MBPF_REDIRECT
 #include "lib/redir_maps.h"
 #include "lib/redir.h"
 
@@ -195,3 +212,4 @@ int mbpf_sockops(struct bpf_sock_ops *skops)
 	}
 	return 1;
 }
+#endif /* MBPF_REDIRECT */

@@ -32,14 +32,15 @@ from .datapath.maps import LBMaps
 from .datapath.policy import PolicyDatapath
 from .gcpause import gc_paused
 from .health import HealthServer
-from .metrics import (AgentMetrics, LBStatsCollector, MapPressureCollector, PolicyStatsCollector,
-                      RedirectCollector)
+from .metrics import (AgentMetrics, CaptureCollector, LBStatsCollector, MapPressureCollector,
+                      PolicyStatsCollector, RedirectCollector)
 from .model import DesiredState, RedirectSettings
 from .retry import Backoff
 from .sources import Source
 from .sources.errors import ConfigError, Problem
 from .sources.yaml_file import FileSource
 from .sync import one_line
+from .sync.capture import CaptureSync, LoaderCapture
 from .sync.lb import LBSync
 from .sync.policy import PolicySync
 
@@ -77,6 +78,7 @@ class Agent:
         self.policy = PolicySync(self.metrics, self._error,
                                  PolicyDatapath(opts.bpffs, dict(opts.map_sizes), opts.node_netns),
                                  opts.node_name or socket.gethostname())
+        self.capture = CaptureSync(self.metrics, self._error, opts.node_name or socket.gethostname())
         self.desired: DesiredState | None = None        # the latest state the source accepted
         self.redirect_retry = Backoff()
         self.redirect_stale = False    # the redirection settings differ from self.desired
@@ -114,13 +116,29 @@ class Agent:
         self.policy.cgroup_root = target  # where kubelet's pod cgroups are
         if self.policy.pinned():  # a previous agent enforced policy: take over now
             self._start_policy()
+        self._start_capture(target)
+        self.metrics.registry.register(CaptureCollector(
+            self.capture.counters, lambda: len(self.capture.current.pods)))
         self.http = HealthServer(self.opts.listen, self.metrics.registry,
                                  alive=self.alive, ready=self.ready, details=self.health_details,
                                  views={"/v1/endpoints": self.policy.endpoints_view,
-                                        "/v1/policy": self.policy.policy_view})
+                                        "/v1/policy": self.policy.policy_view,
+                                        "/v1/capture": self.capture.view})
         self.http.start()
-        log.info("serving /healthz, /readyz, /metrics, /v1/endpoints and /v1/policy on http://%s",
-                 self.http.address)
+        log.info("serving /healthz, /readyz, /metrics, /v1/endpoints, /v1/policy and /v1/capture "
+                 "on http://%s", self.http.address)
+
+    def _start_capture(self, target: Path) -> None:
+        """Sidecar capture's maps are pinned whenever the kernel can capture
+        (the hooks cost one lookup while no pod is meshed); without them the
+        sync only reports that AgentConfig's capture cannot apply."""
+        self.capture.cgroup_root = target
+        if not getattr(self.lb, "capture", False):
+            return
+        try:
+            self.capture.start(LoaderCapture(self.lb, self.opts.bpffs, target), target)
+        except Exception as exc:  # load balancing goes on; pods stay uncaptured
+            self._error("sidecar capture not started (load balancing goes on): %s", one_line(exc))
 
     def _start_policy(self) -> None:
         try:
@@ -153,7 +171,8 @@ class Agent:
         changed (the Kubernetes source) wakes the loop at once; others are
         polled every poll_interval. A pending retry keeps to the interval."""
         wait = getattr(self.source, "wait", None)
-        if wait is None or self.lbsync.stale or self.redirect_stale or self.policy.pending():
+        if (wait is None or self.lbsync.stale or self.redirect_stale or self.policy.pending()
+                or self.capture.pending()):
             self._stop.wait(self.opts.poll_interval)
         else:
             wait(self.opts.poll_interval)
@@ -175,6 +194,8 @@ class Agent:
                 self.metrics.sync_duration.observe(time.monotonic() - started)
         if changed or resync or self.policy.due(now):
             self.policy.sync(self.desired)
+        if changed or resync or self.capture.due(now):
+            self.capture.sync(self.desired, reread=resync)
         if changed or self.redirect_retry.due(now):
             self.sync_redirect(self.desired.settings.redirect)
             self.redirect_tried = True
@@ -264,6 +285,7 @@ class Agent:
             "datapath_stale": self.lbsync.stale,
             "redirect_stale": self.redirect_stale,
             "policy_stale": self.policy.stale,
+            "capture_stale": self.capture.stale,
             "services_refused": sorted(self.lbsync.refused),
             "last_error": self.last_error,
             "source": self._source_health(),

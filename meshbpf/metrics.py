@@ -43,7 +43,7 @@ class AgentMetrics:
         self.sync_errors = Counter(
             "meshbpf_sync_errors", "Syncs rejected or failed, by reason: config, source (a source "
             "failed unexpectedly), capacity (a Service newly left out), datapath (a map write), "
-            "redirect (redirection settings), internal (an unexpected error in a sync)",
+            "redirect (redirection settings), capture (sidecar capture maps or hooks), internal (an unexpected error in a sync)",
             ["reason"], registry=r)
         self.map_writes = Counter("meshbpf_map_writes", "Map entries written or deleted",
                                   ["map_name", "op"], registry=r)
@@ -73,7 +73,7 @@ class AgentMetrics:
             "meshbpf_resync_drift_entries",
             "Map entries a periodic resync found changed behind the agent's back (then repaired)",
             registry=r)
-        for reason in ("config", "source", "capacity", "datapath", "redirect", "internal"):
+        for reason in ("config", "source", "capacity", "datapath", "redirect", "capture", "internal"):
             self.sync_errors.labels(reason)
 
 
@@ -238,3 +238,51 @@ def policy_metrics(counts: dict[str, int], family):
     drops.add_metric(["malformed"], counts.get("malformed", 0))
     yield verdicts
     yield drops
+
+
+class CaptureCollector:
+    """Sidecar capture, from the per-CPU mbpf_cap_stats (read at scrape) and
+    the agent's record of its meshed pods; nothing while capture is not
+    available."""
+
+    def __init__(self, counters: Callable[[], dict[str, int]], meshed_pods: Callable[[], int]):
+        self.counters = counters
+        self.meshed_pods = meshed_pods
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+        try:
+            counts = self.counters()
+        except Exception as exc:  # a scrape never fails for it
+            log.debug("capture counters not read: %s", exc)
+            return
+        if not counts:
+            return
+        yield from capture_metrics(counts, self.meshed_pods(), CounterMetricFamily)
+
+
+def capture_metrics(counts: dict[str, int], meshed: int, family):
+    """The families from CaptureMaps.counters() (capture_keys.COUNTERS names)."""
+    captured = family("meshbpf_capture_connections",
+                      "Connects steered to a meshed pod's proxy, by direction (outbound: the app's "
+                      "own connects; inbound: same-node connects to the pod; dns: port 53)",
+                      labels=["direction"])
+    for direction in ("outbound", "inbound", "dns"):
+        captured.add_metric([direction], counts.get(f"captured_{direction}", 0))
+    skipped = family("meshbpf_capture_skipped",
+                     "Connects of or to a meshed pod left alone, by reason: proxy_uid (the proxy's "
+                     "own), port (an excluded port), cidr (a destination outside the captured ranges)",
+                     labels=["reason"])
+    for reason in ("proxy_uid", "port", "cidr"):
+        skipped.add_metric([reason], counts.get(f"skipped_{reason}", 0))
+    orig = family("meshbpf_capture_original_dst",
+                  "SO_ORIGINAL_DST asked of captured connections, by result (answered, missing: "
+                  "no record, the kernel's own answer stands)", labels=["result"])
+    orig.add_metric(["answered"], counts.get("original_dst_answered", 0))
+    orig.add_metric(["missing"], counts.get("original_dst_missing", 0))
+    pods = GaugeMetricFamily("meshbpf_capture_pods", "Meshed pods whose traffic this node captures")
+    pods.add_metric([], meshed)
+    yield captured
+    yield skipped
+    yield orig
+    yield pods

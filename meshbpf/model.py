@@ -147,11 +147,26 @@ class RedirectSettings:
     pod_cidrs: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
 
+MESHES = ("istio", "linkerd")
+
+
+@dataclass(frozen=True, slots=True)
+class CaptureSettings:
+    """Sidecar capture (AgentConfig spec.capture): which local pods have
+    their traffic steered to their proxy, and with which mesh's ports."""
+
+    enabled: bool = False
+    mesh: str = "istio"                 # one of MESHES: the proxy's uid and ports
+    opt_in_label: tuple[str, str | None] | None = None  # (key, value or None: any value)
+    dns: bool = False                   # port 53 to the proxy's DNS port (Istio only)
+
+
 @dataclass(frozen=True, slots=True)
 class AgentSettings:
     """What an AgentConfig object sets; the defaults stand without one."""
 
     redirect: RedirectSettings = RedirectSettings()
+    capture: CaptureSettings = CaptureSettings()
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import click
 from .. import __version__
 from ..datapath.source import bpf_dir
 from .agent_cmd import agent
+from .capture_cmd import capture
 from .common import one_line
 from .endpoint_cmd import endpoint
 from .inspect_cmd import bpf, service, uninstall
@@ -43,7 +44,8 @@ def version() -> None:
     click.echo(f"meshbpf {__version__}")
 
 
-for command in (agent, service, bpf, sockmap, endpoint, policy, monitor, status, uninstall, lab, version):
+for command in (agent, service, bpf, sockmap, endpoint, policy, capture, monitor, status, uninstall, lab,
+                version):
     cli.add_command(command)
 
 

@@ -24,6 +24,7 @@ HELPER = {
     "get_socket_cookie": 46, "get_netns_cookie": 122, "set_retval": 187,
     "sk_storage_get": 107, "sock_hash_update": 70, "msg_redirect_hash": 71,
     "probe_read_kernel": 113, "sock_ops_cb_flags_set": 59, "getsockopt": 57,
+    "get_current_uid_gid": 15, "get_current_ancestor_cgroup_id": 123,
 }
 
 _lib.libbpf_probe_bpf_prog_type.argtypes = [ct.c_int, ct.c_void_p]
@@ -93,7 +94,18 @@ def probe() -> list[Feature]:
         Feature("cgroup_sockopt", _prog("cgroup_sockopt"),
                 "redirection: seeing TCP_NODELAY set after connect",
                 "TCP_NODELAY set after connect is not seen; such sockets may switch to TCP"),
+        Feature("capture", _capture(sock_addr), "sidecar capture without iptables (5.7+)",
+                "sidecar capture is off"),
     ]
+
+
+def _capture(sock_addr: bool) -> bool:
+    """connect() finds the caller's pod and uid; sockops files the socket by
+    cookie; getsockopt answers SO_ORIGINAL_DST."""
+    return (sock_addr and _helper("cgroup_sock_addr", "get_current_ancestor_cgroup_id")
+            and _helper("cgroup_sock_addr", "get_current_uid_gid")
+            and _prog("sock_ops") and _helper("sock_ops", "get_socket_cookie")
+            and _prog("cgroup_sockopt"))
 
 
 def as_dict(features: list[Feature]) -> dict[str, bool]:

@@ -134,6 +134,39 @@ class PolEventC(ct.Structure):
                 ("pad2", ct.c_uint32)]
 
 
+class CapPodC(ct.Structure):
+    _fields_ = [("ip4", U8x16), ("ip6", U8x16), ("proxy_uid", ct.c_uint32), ("pod_id", ct.c_uint32),
+                ("out_port", ct.c_uint16), ("in_port", ct.c_uint16), ("dns_port", ct.c_uint16),
+                ("flags", ct.c_uint8), ("pad", ct.c_uint8)]
+
+
+class CapCidrKeyC(ct.Structure):
+    _fields_ = [("prefixlen", ct.c_uint32), ("pod_id", ct.c_uint32), ("addr", U8x16)]
+
+
+class CapVerdictC(ct.Structure):
+    _fields_ = [("verdict", ct.c_uint8), ("pad", ct.c_uint8 * 3)]
+
+
+class CapPortKeyC(ct.Structure):
+    _fields_ = [("pod_id", ct.c_uint32), ("port", ct.c_uint16), ("dir", ct.c_uint8),
+                ("pad", ct.c_uint8)]
+
+
+class CapOrigC(ct.Structure):
+    _fields_ = [("addr", U8x16), ("port", ct.c_uint16), ("dir", ct.c_uint8), ("pad", ct.c_uint8),
+                ("pad2", ct.c_uint32)]
+
+
+class CapPairKeyC(ct.Structure):
+    _fields_ = [("peer", U8x16), ("local", U8x16), ("peer_port", ct.c_uint16),
+                ("local_port", ct.c_uint16), ("pad", ct.c_uint32)]
+
+
+class CapCfgC(ct.Structure):
+    _fields_ = [("pods", ct.c_uint32), ("pad", ct.c_uint32)]
+
+
 @dataclass(frozen=True)
 class MapSpec:
     name: str           # map name in C, pin name, and kernel name (<= 15 chars)
@@ -170,7 +203,20 @@ REDIR_MAPS = (
     MapSpec("mbpf_redir_cfg", "", ct.c_uint32, RedirCfgC, "", 1),
     MapSpec("mbpf_redir_cnt", "", ct.c_uint32, ct.c_uint64, "", 8),
 )
-ALL_MAPS = LB_MAPS + REDIR_MAPS  # compiled by SockLB (the policy maps by PolicyDatapath)
+
+# Sidecar capture (bpf/lib/capture_maps.h); role: the CaptureState field it holds.
+CAPTURE_MAPS = (
+    MapSpec("mbpf_cap_pod", "pods", ct.c_uint64, CapPodC, "MBPF_CAP_POD_MAX", 4096),
+    MapSpec("mbpf_cap_addr", "addresses", EpAddrC, ct.c_uint64, "MBPF_CAP_ADDR_MAX", 8192),
+    MapSpec("mbpf_cap_cidr", "cidrs", CapCidrKeyC, CapVerdictC, "MBPF_CAP_CIDR_MAX", 65536,
+            no_prealloc=True),
+    MapSpec("mbpf_cap_port", "ports", CapPortKeyC, CapVerdictC, "MBPF_CAP_PORT_MAX", 65536),
+    MapSpec("mbpf_cap_orig", "", ct.c_uint64, CapOrigC, "MBPF_CAP_ORIG_MAX", 65536),
+    MapSpec("mbpf_cap_pair", "", CapPairKeyC, CapOrigC, "MBPF_CAP_PAIR_MAX", 65536),
+    MapSpec("mbpf_cap_cfg", "", ct.c_uint32, CapCfgC, "", 1),
+    MapSpec("mbpf_cap_stats", "", ct.c_uint32, ct.c_uint64, "", 8),  # MBPF_CAP_STAT_MAX
+)
+ALL_MAPS = LB_MAPS + REDIR_MAPS + CAPTURE_MAPS  # compiled by SockLB (the policy maps by PolicyDatapath)
 
 # Indexes of mbpf_redir_cnt (MBPF_CNT_* in bpf/lib/common.h).
 REDIR_COUNTERS = {

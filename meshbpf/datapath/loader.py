@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import btf, cgroup, features as kernel_features, libbpf
-from .layout import LB_MAPS, NO_PREALLOC, PINNED_MAPS, REDIR_MAPS, MapSpec
+from .layout import CAPTURE_MAPS, LB_MAPS, NO_PREALLOC, PINNED_MAPS, REDIR_MAPS, MapSpec
 from .source import program_text
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,7 @@ ATTACH = {
 ATTACH_SOCK_OPS = 3
 ATTACH_SK_MSG_VERDICT = 7
 ATTACH_SETSOCKOPT = 22
+ATTACH_GETSOCKOPT = 21
 PROG_TYPE_SOCK_OPS = 13
 PROG_TYPE_SK_MSG = 16
 PROG_TYPE_CGROUP_SOCKOPT = 25
@@ -50,6 +51,9 @@ SOCK_LB_HOOKS = (
     Hook("mbpf_recvmsg4", "recvmsg4"), Hook("mbpf_recvmsg6", "recvmsg6"),
     Hook("mbpf_getpeer4", "getpeername4"), Hook("mbpf_getpeer6", "getpeername6"),
 )
+
+# Per-cgroup link pins of sidecar capture (<name>-<cgroup id>).
+CAPTURE_LINKS = ("mbpf_cap_sockops-", "mbpf_getsockopt-")
 
 # One file per hook family, compiled together.
 LB_SOURCES = ["sock_lb.c"]
@@ -92,6 +96,7 @@ class SockLB:
     sizes: dict[str, int] = field(default_factory=dict)      # map name -> max_entries
     features: dict[str, bool] | None = None                  # None: probe the kernel
     redirect: bool = True                                    # compile redirection if the kernel can
+    capture: bool = True                                     # compile sidecar capture if the kernel can
     bpf: object = None
 
     def compile(self) -> None:
@@ -109,6 +114,9 @@ class SockLB:
             raise DatapathError("this kernel has no cgroup socket-address hooks (4.17+ with "
                                 "bpf_get_socket_cookie, 5.0+): meshbpf cannot run here")
         self.redirect = self.redirect and kernel_features.redirect_possible(self.features)
+        # Compiled in whenever the kernel can: with no pod meshed it costs
+        # connect() one array lookup, and turning it on needs no recompile.
+        self.capture = self.capture and bool(self.features.get("capture"))
         self.bpffs.mkdir(parents=True, exist_ok=True)
         cflags = [f'-DMBPF_PIN_DIR="{self.bpffs}"']
         for spec in self.maps():
@@ -120,11 +128,17 @@ class SockLB:
         files = list(LB_SOURCES)
         if self.redirect:
             cflags += [f"-D{k}={v}" for k, v in kernel_offsets().items()]
+            cflags.append("-DMBPF_REDIRECT")
             if self.features.get("redir_netns_cookie"):
                 cflags.append("-DMBPF_HAVE_REDIR_NETNS_COOKIE")
-            files += ["sockops.c", "sk_msg.c"]
-            if self.features["cgroup_sockopt"]:
-                files.append("sockopt.c")
+        if self.capture:
+            cflags.append("-DMBPF_CAPTURE")
+        if self.redirect or self.capture:
+            files.append("sockops.c")
+        if self.redirect:
+            files.append("sk_msg.c")
+        if self.capture or (self.redirect and self.features["cgroup_sockopt"]):
+            files.append("sockopt.c")
         try:
             self.bpf = BPF(text=program_text(files).encode(), cflags=cflags)
         except Exception as exc:
@@ -134,7 +148,7 @@ class SockLB:
     def maps(self) -> tuple[MapSpec, ...]:
         feats = self.features or {}
         lb = tuple(m for m in LB_MAPS if m.name != "mbpf_sk_rnat" or feats.get("sk_storage", True))
-        return lb + REDIR_MAPS if self.redirect else lb
+        return lb + (REDIR_MAPS if self.redirect else ()) + (CAPTURE_MAPS if self.capture else ())
 
     def capacity(self, spec: MapSpec) -> int:
         return self.sizes.get(spec.name, spec.default_size)
@@ -234,6 +248,37 @@ class SockLB:
                 os.close(cg_fd)
         self._remove_links(lambda name: name.startswith(("mbpf_sockops-", "mbpf_setsockopt-"))
                            and name not in wanted)
+
+    def attach_capture(self, cgroups: list[Path]) -> None:
+        """Sidecar capture's sockops (files captured connections) and
+        getsockopt (answers SO_ORIGINAL_DST) on each cgroup holding meshed
+        pods or their same-node clients; links to cgroups no longer listed
+        go. The connect hooks need nothing more: they capture as soon as
+        mbpf_cap_cfg.pods is set (meshbpf/datapath/capture.py)."""
+        if not self.capture:
+            raise DatapathError("sidecar capture is not available on this kernel (needs 5.7+: "
+                                "cgroup and uid helpers in connect(), sockops, getsockopt)")
+        hooks = [(self._load(b"mbpf_cap_sockops", PROG_TYPE_SOCK_OPS), ATTACH_SOCK_OPS,
+                  "mbpf_cap_sockops"),
+                 (self._load(b"mbpf_getsockopt", PROG_TYPE_CGROUP_SOCKOPT,
+                             attach_type=ATTACH_GETSOCKOPT), ATTACH_GETSOCKOPT, "mbpf_getsockopt")]
+        wanted: set[str] = set()
+        for path in cgroups:
+            cg_id = cgroup.cgroup_id(path)
+            cg_fd = cgroup.open_cgroup(path)
+            try:
+                for fn, attach_type, name in hooks:
+                    pin = self._links_dir() / f"{name}-{cg_id}"
+                    wanted.add(pin.name)
+                    _attach_or_swap(fn.fd, cg_fd, cg_id, attach_type, pin)
+            finally:
+                os.close(cg_fd)
+        self._remove_links(lambda name: name.startswith(CAPTURE_LINKS) and name not in wanted)
+
+    def detach_capture(self) -> None:
+        """No more SO_ORIGINAL_DST answers nor filing (clear mbpf_cap_pod
+        first, or captured connects reach a proxy that cannot route them)."""
+        self._remove_links(lambda name: name.startswith(CAPTURE_LINKS))
 
     def _load(self, name: bytes, prog_type: int, **kwargs):
         """load_func, with the verifier's refusal as one DatapathError line

@@ -164,6 +164,9 @@ class PodInfo:
     host_network: bool = False
     named_ports: Mapping[str, tuple[str, int]] = field(default_factory=dict, hash=False)
     ips: tuple[IPAddress, ...] = ()
+    # The sidecar-capture annotations only (Istio's, Linkerd's): see
+    # meshbpf/capture/settings.py. Empty for every other pod.
+    annotations: Mapping[str, str] = field(default_factory=dict, hash=False)
 
     @property
     def key(self) -> tuple[str, str]:

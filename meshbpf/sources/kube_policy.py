@@ -11,6 +11,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
+from ..capture.settings import annotation_problems, kept_annotations
 from ..model import DesiredState
 from ..policy.model import (LabelSelector, ModelError, NamespaceInfo, NetworkPolicy, Peer,
                             PodInfo, PolicyPort, Requirement, Rule, IPBlock)
@@ -188,7 +189,20 @@ def _read_pod(src: SourceObject, out: _Collector) -> PodInfo | None:
         return None
     meta = src.obj["metadata"]
     return PodInfo(namespace, name, meta.get("uid") or "", dict(meta.get("labels") or {}),
-                   spec.get("nodeName") or "", bool(spec.get("hostNetwork")), named, ips)
+                   spec.get("nodeName") or "", bool(spec.get("hostNetwork")), named, ips,
+                   _capture_annotations(src, label, meta, out))
+
+
+def _capture_annotations(src: SourceObject, label: str, meta: dict, out: _Collector) -> dict:
+    """The sidecar-capture annotations, checked. One that does not parse is
+    a problem of this pod alone: the pod stays (NetworkPolicy still needs
+    it); capture leaves it unmeshed (capture/settings.pod_capture refuses
+    the same value), and the other pods go on."""
+    kept = kept_annotations(meta.get("annotations"))
+    for exc in annotation_problems(kept):
+        out.add(src, label, f"metadata.annotations[{exc.key}]",
+                f"{exc.reason}; the pod is left unmeshed")
+    return kept
 
 
 def _field_problems(obj: Any, fields: dict, path: str) -> list[tuple[str, str]]:

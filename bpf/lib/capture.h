@@ -1,0 +1,296 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * Sidecar capture decisions (issue 11), for the connect hooks, sockops and
+ * getsockopt. A meshed pod's app connects are steered to its proxy's
+ * outbound port on the pod's own address (unique on the node, so the tuple
+ * the proxy sees is too); connects from this node to a meshed pod's ports
+ * are steered to its inbound port. The original destination is kept by
+ * socket cookie until the connection is established, then by the tuple the
+ * proxy's accepted socket sees, where getsockopt(SO_ORIGINAL_DST) finds it.
+ *
+ * Order in connect (bpf/sock_lb.c): outbound capture, else socket-LB, then
+ * inbound capture on the final destination. So the proxy's own connect to
+ * a Service goes to a backend, and the app's original destination stays
+ * the Service address, which the proxy needs to route by.
+ */
+#ifndef MBPF_CAPTURE_H
+#define MBPF_CAPTURE_H
+
+#include "common.h"
+#include "compat.h"
+#include "capture_maps.h"
+#include "sock_addr.h"
+
+#define MBPF_IPPROTO_TCP 6
+#define MBPF_IPPROTO_UDP 17
+#define MBPF_DNS_PORT 53
+
+/* Who calls connect(): its meshed pod (cgroup id, 0 if none) and uid. */
+struct cap_caller {
+	__u64 pod_cg;
+	__u32 uid;
+	__u32 pad;
+};
+
+static __always_inline void cap_count(__u32 idx)
+{
+	__u64 *v = mbpf_cap_stats.lookup(&idx);
+
+	if (v)
+		*v += 1;
+}
+
+/* 0 when no pod is meshed: the one lookup capture costs then. */
+static __always_inline int cap_enabled(void)
+{
+	__u32 zero = 0;
+	struct mbpf_cap_cfg *cfg = mbpf_cap_cfg.lookup(&zero);
+
+	return cfg && cfg->pods;
+}
+
+/* The caller's meshed pod: the first of its cgroup's ancestors (a
+ * container's cgroup is a child of the pod's) found in mbpf_cap_pod. */
+static __always_inline __u64 cap_caller_pod(void)
+{
+	__u64 id;
+	int level;
+
+#pragma unroll
+	for (level = 1; level <= MBPF_CAP_MAX_LEVEL; level++) {
+		id = bpf_get_current_ancestor_cgroup_id(level);
+		if (!id)
+			return 0;  /* deeper than the caller's own cgroup */
+		if (mbpf_cap_pod.lookup(&id))
+			return id;
+	}
+	return 0;
+}
+
+static __always_inline void cap_caller_init(struct cap_caller *c)
+{
+	c->pod_cg = cap_caller_pod();
+	c->uid = (__u32)bpf_get_current_uid_gid();
+}
+
+static __always_inline int cap_addr_is_loopback(const __u8 *a)
+{
+	const __u32 *w = (const __u32 *)a;
+
+	if (w[0] || w[1])
+		return 0;
+	if (w[2] == bpf_htonl(0x0000ffff))
+		return a[12] == 127;                       /* 127.0.0.0/8 */
+	return w[2] == 0 && w[3] == bpf_htonl(1);          /* ::1 */
+}
+
+static __always_inline int cap_addr_is_zero(const __u8 *a)
+{
+	const __u32 *w = (const __u32 *)a;
+
+	return !(w[0] | w[1] | w[2] | w[3]);
+}
+
+/* A port's verdict for a pod and direction, or -1 if it has none. */
+static __always_inline int cap_port_verdict(__u32 pod_id, __u16 port, __u8 dir)
+{
+	struct mbpf_cap_port_key key = {};
+	struct mbpf_cap_verdict *v;
+
+	key.pod_id = pod_id;
+	key.port = port;
+	key.dir = dir;
+	v = mbpf_cap_port.lookup(&key);
+	return v ? v->verdict : -1;
+}
+
+/* Longest matching prefix decides; no match: the pod's default. */
+static __always_inline int cap_cidr_verdict(__u32 pod_id, __u8 flags, const __u8 *addr)
+{
+	struct mbpf_cap_cidr_key key = {};
+	struct mbpf_cap_verdict *v;
+
+	key.prefixlen = 32 + 8 * MBPF_ADDR_LEN;
+	key.pod_id = bpf_htonl(pod_id);
+	__builtin_memcpy(key.addr, addr, MBPF_ADDR_LEN);
+	v = mbpf_cap_cidr.lookup(&key);
+	if (v)
+		return v->verdict;
+	return (flags & MBPF_CAP_F_OUT_ALL) ? MBPF_CAP_INCLUDE : MBPF_CAP_EXCLUDE;
+}
+
+static __always_inline void cap_remember(struct bpf_sock_addr *ctx,
+					 const struct mbpf_l4addr *dst, __u8 dir)
+{
+	struct mbpf_cap_orig orig = {};
+	__u64 cookie = mbpf_get_socket_cookie(ctx);
+
+	__builtin_memcpy(orig.addr, dst->addr, MBPF_ADDR_LEN);
+	orig.port = dst->port;
+	orig.dir = dir;
+	mbpf_cap_orig.update(&cookie, &orig);
+}
+
+/* Steers a meshed pod's app connect to its proxy; 1 if it did. */
+static __always_inline int cap_outbound(struct bpf_sock_addr *ctx, const struct cap_caller *c, int v6)
+{
+	struct mbpf_l4addr dst = {};
+	struct mbpf_cap_pod *p;
+	__u8 self[MBPF_ADDR_LEN];
+	__u32 proto = ctx->protocol;
+	__u16 dport, to_port, out_port, in_port, dns_port;
+	__u32 pod_id;
+	__u8 flags;
+	int dns;
+
+	if (!c->pod_cg)
+		return 0;
+	p = mbpf_cap_pod.lookup((__u64 *)&c->pod_cg);
+	if (!p)
+		return 0;
+	/* Read once: the agent may rewrite the entry meanwhile. */
+	flags = p->flags;
+	if (!(flags & MBPF_CAP_F_OUTBOUND))
+		return 0;
+	if (c->uid == p->proxy_uid) {
+		cap_count(MBPF_CAP_SKIP_UID);
+		return 0;
+	}
+	pod_id = p->pod_id;
+	out_port = p->out_port;
+	in_port = p->in_port;
+	dns_port = p->dns_port;
+	if (v6)
+		ctx_get_dst6(ctx, &dst);
+	else
+		ctx_get_dst4(ctx, &dst);
+	dport = bpf_ntohs(dst.port);
+	dns = dport == MBPF_DNS_PORT && dns_port;
+	/* TCP; UDP only for DNS (connected UDP: an unconnected send is not steered) */
+	if (proto != MBPF_IPPROTO_TCP && !(proto == MBPF_IPPROTO_UDP && dns))
+		return 0;
+	if (cap_addr_is_loopback(dst.addr))
+		return 0;
+	__builtin_memcpy(self, addr_is_v4mapped(dst.addr) ? p->ip4 : p->ip6, MBPF_ADDR_LEN);
+	if (cap_addr_is_zero(self))
+		return 0;  /* the pod has no address of this family */
+	/* The proxy's own ports on its own pod: steering them again would loop. */
+	if (addr_equal(dst.addr, self) && (dport == out_port || dport == in_port))
+		return 0;
+	if (dns) {
+		to_port = dns_port;
+	} else {
+		if (cap_port_verdict(pod_id, dport, MBPF_DIR_OUT) == MBPF_CAP_EXCLUDE) {
+			cap_count(MBPF_CAP_SKIP_PORT);
+			return 0;
+		}
+		if (cap_cidr_verdict(pod_id, flags, dst.addr) != MBPF_CAP_INCLUDE) {
+			cap_count(MBPF_CAP_SKIP_CIDR);
+			return 0;
+		}
+		to_port = out_port;
+		cap_remember(ctx, &dst, MBPF_DIR_OUT);
+	}
+	if (v6)
+		ctx_set_dst6(ctx, self, bpf_htons(to_port));
+	else if (ctx_set_dst4(ctx, self, bpf_htons(to_port)) < 0)
+		return 0;
+	cap_count(dns ? MBPF_CAP_DNS : MBPF_CAP_OUT);
+	return 1;
+}
+
+/* Steers a connect from this node to a meshed pod's port to that pod's
+ * inbound port, unless it is that pod's proxy itself calling. */
+static __always_inline void cap_inbound(struct bpf_sock_addr *ctx, const struct cap_caller *c, int v6)
+{
+	struct mbpf_l4addr dst = {};
+	struct mbpf_ep_addr key = {};
+	struct mbpf_cap_pod *p;
+	__u64 *cgp;
+	__u64 cg;
+	__u16 dport, in_port;
+	__u8 flags;
+	int verdict;
+
+	if (ctx->protocol != MBPF_IPPROTO_TCP)
+		return;
+	if (v6)
+		ctx_get_dst6(ctx, &dst);
+	else
+		ctx_get_dst4(ctx, &dst);
+	__builtin_memcpy(key.addr, dst.addr, MBPF_ADDR_LEN);
+	cgp = mbpf_cap_addr.lookup(&key);
+	if (!cgp)
+		return;
+	cg = *cgp;
+	p = mbpf_cap_pod.lookup(&cg);
+	if (!p)
+		return;
+	flags = p->flags;
+	in_port = p->in_port;
+	if (!(flags & MBPF_CAP_F_INBOUND))
+		return;
+	if (cg == c->pod_cg && c->uid == p->proxy_uid) {
+		cap_count(MBPF_CAP_SKIP_UID);
+		return;
+	}
+	dport = bpf_ntohs(dst.port);
+	if (dport == in_port || dport == p->out_port)
+		return;
+	verdict = cap_port_verdict(p->pod_id, dport, MBPF_DIR_IN);
+	if ((flags & MBPF_CAP_F_IN_ALL) ? verdict == MBPF_CAP_EXCLUDE : verdict != MBPF_CAP_INCLUDE) {
+		cap_count(MBPF_CAP_SKIP_PORT);
+		return;
+	}
+	cap_remember(ctx, &dst, MBPF_DIR_IN);
+	MBPF_CTX_WRITE32(ctx->user_port, (__u32)bpf_htons(in_port));
+	cap_count(MBPF_CAP_IN);
+}
+
+/* One 16-byte address from a family and a ctx's ip4 / ip6 words. */
+static __always_inline void cap_addr(__u8 *out, __u32 family, __u32 ip4,
+				     __u32 w0, __u32 w1, __u32 w2, __u32 w3)
+{
+	__u32 *w = (__u32 *)out;
+
+	if (family == 2 /* AF_INET */) {
+		w[0] = 0;
+		w[1] = 0;
+		w[2] = bpf_htonl(0x0000ffff);
+		w[3] = ip4;
+	} else {
+		w[0] = w0;
+		w[1] = w1;
+		w[2] = w2;
+		w[3] = w3;
+	}
+}
+
+/* sockops, ACTIVE_ESTABLISHED: a captured socket now has its tuple; file
+ * its original destination under that tuple as the proxy will see it. */
+static __always_inline void cap_file_pair(struct bpf_sock_ops *skops)
+{
+	struct mbpf_cap_pair_key key = {};
+	struct mbpf_cap_orig orig;
+	struct mbpf_cap_orig *o;
+	__u64 cookie = mbpf_get_socket_cookie(skops);
+	__u32 family = skops->family;
+
+	o = mbpf_cap_orig.lookup(&cookie);
+	if (!o)
+		return;
+	orig = *o;
+	cap_addr(key.peer, family, skops->local_ip4,
+		 MBPF_CTX_READ32(skops->local_ip6[0]), MBPF_CTX_READ32(skops->local_ip6[1]),
+		 MBPF_CTX_READ32(skops->local_ip6[2]), MBPF_CTX_READ32(skops->local_ip6[3]));
+	cap_addr(key.local, family, skops->remote_ip4,
+		 MBPF_CTX_READ32(skops->remote_ip6[0]), MBPF_CTX_READ32(skops->remote_ip6[1]),
+		 MBPF_CTX_READ32(skops->remote_ip6[2]), MBPF_CTX_READ32(skops->remote_ip6[3]));
+	/* local_port is host order; remote_port network order in the upper half */
+	key.peer_port = bpf_htons((__u16)skops->local_port);
+	key.local_port = bpf_htons((__u16)bpf_ntohl(skops->remote_port));
+	mbpf_cap_pair.update(&key, &orig);
+	mbpf_cap_orig.delete(&cookie);
+}
+
+#endif /* MBPF_CAPTURE_H */

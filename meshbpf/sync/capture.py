@@ -1,0 +1,280 @@
+"""Sidecar capture: the local meshed pods, their cgroups, the capture maps.
+
+Each sync takes AgentConfig's capture settings and the desired pods, keeps
+this node's meshed ones (capture/settings.py), finds each one's kubelet pod
+cgroup from its uid (datapath/endpoints.py's candidates; the cgroup's id
+is the mbpf_cap_pod key), plans the writes (reconcile/capture.py) and
+applies them. The capture hooks that file connections and answer
+SO_ORIGINAL_DST (sockops, getsockopt) are attached before the first pod is
+meshed and detached only after the last one's entries are gone. A pod
+whose annotation does not parse, that has no address yet or whose cgroup
+is not there is not captured, and says why in the view; the others go on.
+A failed write is retried with backoff from what the maps hold.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+from ..capture.settings import AnnotationError, PodCapture, is_meshed, pod_capture
+from ..datapath.endpoints import pod_cgroup_candidates
+from ..metrics import AgentMetrics
+from ..model import CaptureSettings, DesiredState
+from ..reconcile.capture import MeshedPod, describe_rules, plan_capture
+from ..reconcile.capture_keys import CaptureState
+from ..retry import Backoff
+from . import one_line
+
+log = logging.getLogger("meshbpf.agent")  # the agent's log, as users and tests filter it
+
+FIND_AGAIN = 2.0  # seconds between looks for meshed pods whose cgroup is not there yet
+
+
+class CaptureDatapath(Protocol):
+    """What the sync needs of the datapath (datapath/capture.py's CaptureMaps
+    and the loader's capture hooks); tests pass a fake."""
+
+    def read(self) -> CaptureState: ...
+    def apply(self, steps) -> None: ...
+    def counters(self) -> dict[str, int]: ...
+    def attach(self) -> None: ...
+    def detach(self) -> None: ...
+
+
+class LoaderCapture:
+    """The real CaptureDatapath: the pinned capture maps (datapath/capture.py)
+    and the loader's capture hooks on the agent's cgroup (which holds every
+    meshed pod's and every same-node client's cgroup)."""
+
+    def __init__(self, lb, bpffs: Path, cgroup: Path):
+        from ..datapath.capture import CaptureMaps
+        self.maps = CaptureMaps(bpffs)
+        self.lb = lb
+        self.cgroup = cgroup
+
+    def read(self) -> CaptureState:
+        return self.maps.read()
+
+    def apply(self, steps) -> None:
+        self.maps.apply(steps)
+
+    def counters(self) -> dict[str, int]:
+        return self.maps.counters()
+
+    def attach(self) -> None:
+        self.lb.attach_capture([self.cgroup])
+
+    def detach(self) -> None:
+        self.lb.detach_capture()
+
+
+@dataclass(frozen=True)
+class PodState:
+    """A local pod capture considered, for the views."""
+
+    namespace: str
+    name: str
+    state: str                        # "captured", or why not
+    cgroup_id: int | None = None
+    settings: PodCapture | None = None
+
+
+def pod_cgroup(cgroup_root: Path, uid: str) -> tuple[Path, int] | None:
+    """The pod's kubelet cgroup below cgroup_root and its id (inode)."""
+    for path in pod_cgroup_candidates(cgroup_root, uid):
+        try:
+            return path, os.stat(path).st_ino
+        except OSError:
+            continue
+    return None
+
+
+class CaptureSync:
+    def __init__(self, metrics: AgentMetrics, error: Callable[..., None], node_name: str,
+                 cgroup_root: Path | None = None):
+        self.metrics = metrics
+        self.error = error
+        self.node_name = node_name
+        self.cgroup_root = cgroup_root
+        self.dp: CaptureDatapath | None = None   # None: capture not available (kernel, build)
+        self.current = CaptureState()
+        self.attached = False
+        self.inputs: tuple | None = None
+        self.pods: dict[tuple[str, str], PodState] = {}
+        self.settings = CaptureSettings()
+        self.retry = Backoff()
+        self.stale = False
+        self.missing: set[tuple[str, str]] = set()
+        self.next_find = 0.0
+        self.warned_unavailable = False
+
+    # --- start-up ---------------------------------------------------------------
+    def start(self, dp: CaptureDatapath, cgroup_root: Path) -> None:
+        """Takes over what the pinned maps hold (a previous agent's pods keep
+        being captured until a sync says otherwise)."""
+        self.dp = dp
+        self.cgroup_root = cgroup_root
+        self.current = dp.read()
+        self.attached = bool(self.current.pods)
+        if self.current.pods:
+            dp.attach()  # this build's programs in place of the previous agent's
+            log.info("capture: %d meshed pod(s) held in the pinned maps", len(self.current.pods))
+
+    # --- the sync -------------------------------------------------------------------
+    def pending(self) -> bool:
+        return self.stale or bool(self.missing)
+
+    def due(self, now: float) -> bool:
+        return self.retry.due(now) or (bool(self.missing) and now >= self.next_find)
+
+    def sync(self, desired: DesiredState, reread: bool = False) -> bool:
+        """Brings the capture maps to desired; reread: plan against what the
+        maps hold now (the periodic resync repairs drift)."""
+        settings = desired.settings.capture
+        inputs = (settings, desired.pods)
+        now = time.monotonic()
+        if reread and self.dp is not None:
+            self._reread()
+        elif inputs == self.inputs and not self.stale and not (self.missing and now >= self.next_find):
+            return True
+        self.settings = settings
+        if self.dp is None:
+            self._unavailable(settings)
+            self.inputs = inputs
+            return True
+        try:
+            self._sync(desired, settings)
+        except Exception as exc:
+            self.stale = True
+            self._reread()
+            self.metrics.sync_errors.labels("capture").inc()
+            delay = self.retry.failed(time.monotonic())
+            self.error("sidecar capture not applied (load balancing goes on): %s; retrying in %gs",
+                       one_line(exc), delay)
+            return False
+        self.inputs = inputs
+        self.retry.reset()
+        if self.stale:
+            log.info("capture maps match the desired state again")
+        self.stale = False
+        return True
+
+    def _unavailable(self, settings: CaptureSettings) -> None:
+        if settings.enabled and not self.warned_unavailable:
+            log.warning("AgentConfig turns sidecar capture on, but this kernel or build cannot do "
+                        "it (see `meshbpf status`); pods stay uncaptured")
+            self.warned_unavailable = True
+        self.pods = {}
+
+    def _sync(self, desired: DesiredState, settings: CaptureSettings) -> None:
+        assert self.dp is not None
+        views, meshed = self._local_meshed(desired, settings)
+        plan = plan_capture(self.current, meshed)
+        for problem in plan.problems:
+            self.error("capture: %s", problem)
+        if plan.state.pods and not self.attached:
+            self.dp.attach()   # connections must be filed from the first capture on
+            self.attached = True
+        self.dp.apply(plan.steps)
+        self.current = plan.state
+        if not plan.state.pods and self.attached:
+            self.dp.detach()   # after the last pod's entries: nothing is captured any more
+            self.attached = False
+        for key, why in plan.left_out.items():
+            views[key] = PodState(*key, f"not captured: {why}")
+        self.pods = views  # replaced, not updated: the HTTP thread reads it
+        if plan.writes:
+            log.info("capture: %d meshed pod(s), %d map writes", len(plan.state.pods), plan.writes)
+
+    def _local_meshed(self, desired: DesiredState, settings: CaptureSettings
+                      ) -> tuple[dict[tuple[str, str], PodState], list[MeshedPod]]:
+        views: dict[tuple[str, str], PodState] = {}
+        meshed, missing = [], set()
+        for pod in desired.pods:
+            if pod.node_name != self.node_name or not is_meshed(pod, settings):
+                continue
+            key = (pod.namespace, pod.name)
+            try:
+                cap = pod_capture(pod, settings)
+            except AnnotationError as exc:
+                views[key] = PodState(*key, f"not captured: {exc}")
+                continue
+            found = pod_cgroup(self.cgroup_root, pod.uid) if pod.uid and self.cgroup_root else None
+            if not pod.ips:
+                views[key] = PodState(*key, "waiting: no pod address yet", settings=cap)
+            elif found is None:
+                missing.add(key)
+                views[key] = PodState(*key, "waiting: no pod cgroup (not running here yet?)",
+                                      settings=cap)
+            else:
+                views[key] = PodState(*key, "captured", found[1], cap)
+                meshed.append(MeshedPod(found[1], cap))
+        for key in sorted(missing - self.missing):
+            log.info("capture: pod %s/%s has no cgroup yet; looking again every %gs", *key, FIND_AGAIN)
+        self.missing = missing
+        self.next_find = time.monotonic() + FIND_AGAIN
+        return views, meshed
+
+    def _reread(self) -> None:
+        if self.dp is None:
+            return
+        try:
+            self.current = self.dp.read()
+        except Exception as exc:
+            log.error("could not read the capture maps back: %s", one_line(exc))
+
+    # --- views ----------------------------------------------------------------------
+    def counters(self) -> dict[str, int]:
+        return self.dp.counters() if self.dp is not None else {}
+
+    def known_counts(self) -> dict[str, int]:
+        c = self.current
+        return {"mbpf_cap_pod": len(c.pods), "mbpf_cap_addr": len(c.addresses),
+                "mbpf_cap_cidr": len(c.cidrs), "mbpf_cap_port": len(c.ports)}
+
+    def view(self) -> dict:
+        """/v1/capture: the settings, and each local meshed pod with its
+        effective settings as the maps hold them."""
+        s, current = self.settings, self.current
+        pods = []
+        for key, pv in sorted(self.pods.items()):
+            held = current.pods.get(pv.cgroup_id) if pv.cgroup_id is not None else None
+            pods.append(_pod_json(pv, held, describe_rules(current, held.pod_id) if held else None))
+        return {"available": self.dp is not None, "stale": self.stale,
+                "settings": {"enabled": s.enabled, "mesh": s.mesh, "dns": s.dns,
+                             "optInLabel": _label_text(s.opt_in_label)},
+                "pods": pods}
+
+
+def _label_text(label: tuple[str, str | None] | None) -> str | None:
+    if label is None:
+        return None
+    return label[0] if label[1] is None else f"{label[0]}={label[1]}"
+
+
+def _pod_json(pv: PodState, held, rules: dict | None) -> dict:
+    out: dict = {"namespace": pv.namespace, "name": pv.name, "state": pv.state,
+                 "cgroup_id": pv.cgroup_id}
+    c = pv.settings
+    if c is not None:
+        out.update({
+            "mesh": c.mesh, "ips": [str(ip) for ip in c.ips], "proxy_uid": c.proxy_uid,
+            "outbound_port": c.out_port, "inbound_port": c.in_port, "dns_port": c.dns_port,
+            "outbound": ("*" if c.include_out is None else [str(n) for n in c.include_out])
+            if c.outbound else "none",
+            "exclude_outbound_ranges": [str(n) for n in c.exclude_out],
+            "inbound_ports": ("*" if c.include_in_ports is None else list(c.include_in_ports))
+            if c.inbound else "none",
+            "exclude_inbound_ports": list(c.exclude_in_ports),
+            "exclude_outbound_ports": list(c.exclude_out_ports),
+            "default_container": c.default_container,
+        })
+    if held is not None:
+        out["pod_id"] = held.pod_id
+        out["rules"] = rules
+    return out

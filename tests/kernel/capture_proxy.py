@@ -1,0 +1,124 @@
+"""A tiny sidecar proxy and its client, for the sidecar capture tests.
+
+    capture_proxy.py proxy OUT_PORT IN_PORT UID [forward]
+        listens on OUT_PORT and IN_PORT (IPv4 and IPv6), then drops to UID,
+        as Istio's proxy runs as 1337. Each accepted connection gets one JSON
+        line: the port it came in on, the proxy's uid, and what
+        getsockopt(SO_ORIGINAL_DST) (IP6T_SO_ORIGINAL_DST on IPv6) answered.
+        With "forward" it first connects to that original destination itself
+        (an HTTP GET, as uid UID) and adds the answer: where the proxy's own
+        connect went.
+    capture_proxy.py get HOST PORT
+        what an app sees: one HTTP GET to HOST:PORT; prints the proxy's JSON
+        answer, a plain HTTP server's body, or the connect error.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import struct
+import sys
+import threading
+
+SO_ORIGINAL_DST = 80  # SOL_IP; IP6T_SO_ORIGINAL_DST on SOL_IPV6 has the same number
+
+
+def original_dst(conn: socket.socket) -> dict:
+    try:
+        if conn.family == socket.AF_INET:
+            raw = conn.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+            port, addr = struct.unpack("!2xH4s8x", raw)
+            return {"orig": [socket.inet_ntop(socket.AF_INET, addr), port]}
+        raw = conn.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)
+        port, addr = struct.unpack("!2xH4x16s4x", raw)
+        return {"orig": [socket.inet_ntop(socket.AF_INET6, addr), port]}
+    except OSError as exc:
+        return {"orig_error": errno.errorcode.get(exc.errno, str(exc))}
+
+
+def http_get(host: str, port: int, timeout: float = 10.0) -> str:
+    with socket.create_connection((host, port), timeout=timeout) as s:
+        s.sendall(f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := s.recv(4096):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return body.decode().strip() if head.startswith(b"HTTP/") else data.decode().strip()
+
+
+def _read_request(conn: socket.socket) -> None:
+    """Read the app's request before answering: closing with unread bytes
+    would send a reset instead of the answer."""
+    data = b""
+    conn.settimeout(10)
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(4096)
+        if not chunk:
+            return
+        data += chunk
+
+
+def handle(conn: socket.socket, port: int, forward: bool) -> None:
+    with conn:
+        try:
+            _read_request(conn)
+        except OSError:
+            return
+        answer = {"port": port, "uid": os.getuid(), "peer": list(conn.getpeername()[:2]),
+                  **original_dst(conn)}
+        if forward and "orig" in answer:
+            try:
+                answer["upstream"] = http_get(*answer["orig"])
+            except OSError as exc:
+                answer["upstream_error"] = errno.errorcode.get(exc.errno, str(exc))
+        body = (json.dumps(answer) + "\n").encode()
+        conn.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: %d\r\n\r\n"
+                     % len(body) + body)
+
+
+def listen(port: int) -> list[socket.socket]:
+    socks = []
+    for family, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+        s = socket.socket(family, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        s.bind((host, port))
+        s.listen(128)
+        socks.append(s)
+    return socks
+
+
+def serve(sock: socket.socket, forward: bool) -> None:
+    port = sock.getsockname()[1]
+    while True:
+        conn, _ = sock.accept()
+        threading.Thread(target=handle, args=(conn, port, forward), daemon=True).start()
+
+
+def proxy(out_port: str, in_port: str, uid: str, mode: str = "") -> None:
+    socks = listen(int(out_port)) + listen(int(in_port))
+    os.setgid(int(uid))
+    os.setuid(int(uid))  # after bind, as a proxy drops privileges
+    threads = [threading.Thread(target=serve, args=(s, mode == "forward"), daemon=True) for s in socks]
+    for t in threads:
+        t.start()
+    print(json.dumps({"ready": True}), flush=True)
+    for t in threads:
+        t.join()
+
+
+def get(host: str, port: str) -> None:
+    try:
+        body = http_get(host, int(port))
+    except OSError as exc:
+        print(json.dumps({"error": errno.errorcode.get(exc.errno, str(exc))}))
+        return
+    print(json.dumps(json.loads(body) if body.startswith("{") else {"body": body}))
+
+
+if __name__ == "__main__":
+    {"proxy": proxy, "get": get}[sys.argv[1]](*sys.argv[2:])

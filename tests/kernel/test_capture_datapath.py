@@ -1,0 +1,275 @@
+"""Sidecar capture datapath (issue 11) with real traffic and a proxy of our own.
+
+Pods mesh/a and mesh/b are meshed (kubelet-style cgroups, maps written
+directly through CaptureMaps: the agent's part is tested elsewhere); each
+runs tests/kernel/capture_proxy.py as uid 1337 on 15001/15006, which answers
+with what getsockopt(SO_ORIGINAL_DST) said and, forwarding, where its own
+connect to that destination went. plain/c and client are not meshed.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from meshbpf.datapath.capture import CaptureMaps, cgroup_id
+from meshbpf.datapath.loader import SockLB
+from meshbpf.lab.netlab import Lab
+from meshbpf.lab.workloads import start_whoami, wait_listening
+from meshbpf.reconcile import addr16
+from meshbpf.reconcile.capture_keys import (DIR_IN, DIR_OUT, EXCLUDE, F_IN_ALL, F_INBOUND,
+                                            F_OUT_ALL, F_OUTBOUND, INCLUDE, CapPod, CaptureState,
+                                            CaptureStep, CidrKey, PortKey)
+
+from . import k8s
+from .conftest import web_service
+
+pytestmark = pytest.mark.needs_feature("capture")
+
+PROXY = Path(__file__).with_name("capture_proxy.py")
+UID, OUT, IN = 1337, 15001, 15006
+WEBS = {"web-1", "web-2", "web-3", "web-4"}
+SVC = {4: "10.96.0.10", 6: "fd00:96::10"}
+ALL = F_OUTBOUND | F_INBOUND | F_IN_ALL | F_OUT_ALL
+POD_IDS = {"mesh/a": 1, "mesh/b": 2}
+
+
+def ip(lab: Lab, pod: str, family: int) -> str:
+    return str(lab.pods[pod].ipv4 if family == 4 else lab.pods[pod].ipv6)
+
+
+class Proxy:
+    def __init__(self, lab: Lab, pod: str):
+        self.lab, self.pod, self.proc = lab, pod, None
+
+    def start(self) -> "Proxy":
+        self.proc = self.lab.popen(self.pod, [sys.executable, "-u", str(PROXY), "proxy", str(OUT),
+                                              str(IN), str(UID), "forward"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        assert json.loads(self.proc.stdout.readline())["ready"], f"proxy in {self.pod} did not start"
+        wait_listening(self.lab, self.pod, IN)
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+
+@dataclass
+class Mesh:
+    lab: Lab
+    maps: CaptureMaps
+    proxies: dict[str, Proxy] = field(default_factory=dict)
+
+    def pod(self, name: str, flags: int = ALL) -> tuple[int, CapPod]:
+        p = self.lab.pods[name]
+        return cgroup_id(p.cgroup), CapPod(addr16(p.ipv4), addr16(p.ipv6), UID, POD_IDS[name],
+                                          OUT, IN, 0, flags)
+
+    def set(self, flags: dict[str, int] | None = None, cidrs=None, ports=None) -> None:
+        """Capture exactly this: mesh/a and mesh/b with these flags (default ALL)."""
+        flags = {"mesh/a": ALL, "mesh/b": ALL, **(flags or {})}
+        want = CaptureState()
+        for name, f in flags.items():
+            cg, value = self.pod(name, f)
+            want.pods[cg] = value
+            want.addresses[value.ip4] = want.addresses[value.ip6] = cg
+        want.cidrs = dict(cidrs or {})
+        want.ports = dict(ports or {})
+        self.clear()
+        self.maps.apply([CaptureStep(m, "update", getattr(want, m))
+                         for m in ("cidrs", "ports", "addresses", "pods")])
+        assert self.maps.read() == want
+
+    def clear(self) -> None:
+        have = self.maps.read()
+        self.maps.apply([CaptureStep(m, "delete", dict.fromkeys(getattr(have, m)))
+                         for m in ("pods", "addresses", "ports", "cidrs")])
+
+    def get(self, pod: str, host: str, port: int) -> dict:
+        """What an app in pod sees for an HTTP GET to host:port (as root)."""
+        r = self.lab.run(pod, [sys.executable, str(PROXY), "get", host, str(port)], timeout=60)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+
+def services(lab: Lab) -> list[dict]:
+    return web_service(lab) + [
+        k8s.service("web6", [SVC[6]], [k8s.port("http", 80, 8080)]),
+        k8s.endpoint_slice("web6-1", "web6", [k8s.endpoint(str(lab.pods[p].ipv6)) for p in sorted(WEBS)],
+                           [k8s.slice_port("http", 8080)], address_type="IPv6")]
+
+
+@pytest.fixture(scope="module")
+def mesh(shared_lb):
+    lab = shared_lb.lab
+    for name in ("mesh/a", "mesh/b", "plain/c"):
+        lab.add_pod(name)
+    start_whoami(lab, "mesh/b", 8080, "b-app")
+    start_whoami(lab, "mesh/b", 15021, "b-health")
+    start_whoami(lab, "mesh/a", 9090, "a-local")
+    shared_lb.serve(services(lab))
+    lb = SockLB(bpffs=shared_lb.bpffs)
+    lb.compile()
+    lb.attach_capture([lab.cgroup])
+    the_mesh = Mesh(lab, CaptureMaps(shared_lb.bpffs))
+    try:
+        for name in ("mesh/a", "mesh/b"):
+            the_mesh.proxies[name] = Proxy(lab, name).start()
+        yield the_mesh
+    finally:
+        for proxy in the_mesh.proxies.values():
+            proxy.stop()
+        the_mesh.clear()
+        the_mesh.maps.apply([])
+        the_mesh.maps.close()
+        lb.detach_capture()
+
+
+@pytest.fixture
+def meshed(mesh):
+    mesh.set()
+    yield mesh
+    mesh.clear()
+    mesh.maps.apply([])
+
+
+FAMILIES = pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
+
+
+def assert_captured(answer: dict, port: int, orig: list) -> None:
+    assert answer.get("port") == port, f"not at the proxy's port {port}: {answer}"
+    assert answer["uid"] == UID
+    assert answer.get("orig") == orig, answer
+
+
+@FAMILIES
+def test_app_to_service_reaches_the_proxy_which_sees_the_service(meshed, family):
+    """The original destination is the Service address, not a backend
+    (capture comes before socket-LB), and the proxy's own connect to it is
+    translated to a backend and not captured again."""
+    before = meshed.maps.counters()
+    answer = meshed.get("mesh/a", SVC[family], 80)
+    assert_captured(answer, OUT, [SVC[family], 80])
+    assert answer.get("upstream") in WEBS, answer
+    after = meshed.maps.counters()
+    assert after["captured_outbound"] > before["captured_outbound"]
+    assert after["skipped_proxy_uid"] > before["skipped_proxy_uid"]
+    assert after["original_dst_answered"] > before["original_dst_answered"]
+
+
+@FAMILIES
+def test_app_to_a_pod_address_reaches_the_proxy(meshed, family):
+    web1 = ip(meshed.lab, "web-1", family)
+    answer = meshed.get("mesh/a", web1, 8080)
+    assert_captured(answer, OUT, [web1, 8080])
+    assert answer["upstream"] == "web-1"
+
+
+@FAMILIES
+def test_loopback_is_not_captured(meshed, family):
+    host = "127.0.0.1" if family == 4 else "::1"
+    assert meshed.get("mesh/a", host, 9090) == {"body": "a-local"}
+
+
+def test_excluded_outbound_port_goes_direct(meshed):
+    meshed.set(ports={PortKey(POD_IDS["mesh/a"], 8080, DIR_OUT): EXCLUDE})
+    assert meshed.get("mesh/a", ip(meshed.lab, "web-1", 4), 8080) == {"body": "web-1"}
+    # other ports still are captured
+    assert_captured(meshed.get("mesh/a", SVC[4], 80), OUT, [SVC[4], 80])
+
+
+@FAMILIES
+def test_excluded_range_goes_direct_and_the_rest_is_captured(meshed, family):
+    pod_net = addr16(meshed.lab.pods["web-1"].ipv4) if family == 4 else addr16(meshed.lab.pods["web-1"].ipv6)
+    bits = 96 + 24 if family == 4 else 64
+    meshed.set(cidrs={CidrKey(POD_IDS["mesh/a"], pod_net[:bits // 8] + bytes(16 - bits // 8), bits): EXCLUDE})
+    assert meshed.get("mesh/a", ip(meshed.lab, "web-1", family), 8080) == {"body": "web-1"}
+    assert_captured(meshed.get("mesh/a", SVC[family], 80), OUT, [SVC[family], 80])
+
+
+@pytest.mark.bounds
+def test_include_list_captures_only_the_included_range(meshed):
+    """includeOutboundIPRanges=10.96.0.0/16: no F_OUT_ALL, one INCLUDE prefix."""
+    svc_net = addr16(__import__("ipaddress").ip_address("10.96.0.0"))
+    meshed.set(flags={"mesh/a": ALL & ~F_OUT_ALL},
+               cidrs={CidrKey(POD_IDS["mesh/a"], svc_net, 96 + 16): INCLUDE})
+    assert_captured(meshed.get("mesh/a", SVC[4], 80), OUT, [SVC[4], 80])
+    assert meshed.get("mesh/a", ip(meshed.lab, "web-1", 4), 8080) == {"body": "web-1"}
+    assert meshed.get("mesh/a", SVC[6], 80)["body"] in WEBS  # IPv6 Service: not included
+
+
+@pytest.mark.bounds
+def test_proxy_down_refuses_at_once_and_a_restarted_proxy_is_used_again(meshed):
+    proxy = meshed.proxies["mesh/a"]
+    proxy.stop()
+    try:
+        assert meshed.get("mesh/a", SVC[4], 80) == {"error": "ECONNREFUSED"}
+    finally:
+        proxy.start()
+    assert_captured(meshed.get("mesh/a", SVC[4], 80), OUT, [SVC[4], 80])
+
+
+@FAMILIES
+def test_inbound_from_a_same_node_client_lands_on_the_inbound_port(meshed, family):
+    """The original port is answered; the proxy's forward to its own app
+    port is not captured again (no loop): the app itself answers."""
+    b = ip(meshed.lab, "mesh/b", family)
+    answer = meshed.get("client", b, 8080)
+    assert_captured(answer, IN, [b, 8080])
+    assert answer["upstream"] == "b-app"
+
+
+def test_inbound_through_a_service_lands_on_the_inbound_port(meshed, shared_lb):
+    """socket-LB first, then inbound capture of the backend it chose."""
+    shared_lb.serve(services(meshed.lab)
+                    + web_service(meshed.lab, pods=("mesh/b",), name="b", ip="10.96.0.20"))
+    try:
+        b = ip(meshed.lab, "mesh/b", 4)
+        assert_captured(meshed.get("client", "10.96.0.20", 80), IN, [b, 8080])
+    finally:
+        shared_lb.serve(services(meshed.lab))
+
+
+def test_never_captured_inbound_port_reaches_the_app(meshed):
+    meshed.set(ports={PortKey(POD_IDS["mesh/b"], 15021, DIR_IN): EXCLUDE})
+    assert meshed.get("client", ip(meshed.lab, "mesh/b", 4), 15021) == {"body": "b-health"}
+    assert_captured(meshed.get("client", ip(meshed.lab, "mesh/b", 4), 8080), IN,
+                    [ip(meshed.lab, "mesh/b", 4), 8080])
+
+
+def test_inbound_include_list_captures_only_its_ports(meshed):
+    """includeInboundPorts=8080: no F_IN_ALL, one INCLUDE port."""
+    meshed.set(flags={"mesh/b": ALL & ~F_IN_ALL},
+               ports={PortKey(POD_IDS["mesh/b"], 8080, DIR_IN): INCLUDE})
+    b = ip(meshed.lab, "mesh/b", 4)
+    assert meshed.get("client", b, 15021) == {"body": "b-health"}
+    assert_captured(meshed.get("client", b, 8080), IN, [b, 8080])
+
+
+@FAMILIES
+def test_a_pod_that_is_not_meshed_is_unaffected(meshed, family):
+    assert meshed.get("plain/c", SVC[family], 80)["body"] in WEBS
+    assert meshed.get("plain/c", ip(meshed.lab, "web-1", family), 8080) == {"body": "web-1"}
+
+
+def test_no_pod_meshed_captures_nothing(mesh):
+    """mbpf_cap_cfg.pods == 0: the hooks skip capture even with entries left."""
+    mesh.set()
+    try:
+        mesh.maps.apply([])
+        assert mesh.maps.pods_enabled() == 2
+        from meshbpf.datapath import libbpf
+        from meshbpf.datapath.layout import CapCfgC
+        import ctypes as ct
+        libbpf.map_update(mesh.maps.fds["mbpf_cap_cfg"], ct.c_uint32(0), CapCfgC(pods=0))
+        assert mesh.get("mesh/a", SVC[4], 80)["body"] in WEBS
+    finally:
+        mesh.clear()
+        mesh.maps.apply([])
