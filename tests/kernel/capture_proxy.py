@@ -11,6 +11,11 @@
     capture_proxy.py get HOST PORT
         what an app sees: one HTTP GET to HOST:PORT; prints the proxy's JSON
         answer, a plain HTTP server's body, or the connect error.
+    capture_proxy.py dns PORT UID
+        the proxy's DNS port: answers every UDP datagram with its port and uid.
+    capture_proxy.py udp-get HOST PORT
+        one datagram over a connected UDP socket (as resolvers send), and
+        the answer.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import selectors
 import socket
 import struct
 import sys
@@ -120,5 +126,40 @@ def get(host: str, port: str) -> None:
     print(json.dumps(json.loads(body) if body.startswith("{") else {"body": body}))
 
 
+def dns(port: str, uid: str) -> None:
+    sel = selectors.DefaultSelector()
+    for family, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+        s = socket.socket(family, socket.SOCK_DGRAM)
+        if family == socket.AF_INET6:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        s.bind((host, int(port)))
+        sel.register(s, selectors.EVENT_READ)
+    os.setgid(int(uid))
+    os.setuid(int(uid))
+    print(json.dumps({"ready": True}), flush=True)
+    answer = json.dumps({"dns_port": int(port), "uid": os.getuid()}).encode()
+    while True:
+        for key, _ in sel.select():
+            _, peer = key.fileobj.recvfrom(512)
+            key.fileobj.sendto(answer, peer)
+
+
+def udp_get(host: str, port: str) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.settimeout(5)
+        try:
+            s.connect((host, int(port)))
+            s.send(b"\x12\x34 not a DNS query")
+            reply = s.recv(512)
+        except OSError as exc:  # socket.timeout is one
+            print(json.dumps({"error": errno.errorcode.get(exc.errno, str(exc))}))
+            return
+    try:
+        print(json.dumps(json.loads(reply)))
+    except ValueError:
+        print(json.dumps({"raw": reply.hex()}))
+
+
 if __name__ == "__main__":
-    {"proxy": proxy, "get": get}[sys.argv[1]](*sys.argv[2:])
+    {"proxy": proxy, "get": get, "dns": dns, "udp-get": udp_get}[sys.argv[1]](*sys.argv[2:])

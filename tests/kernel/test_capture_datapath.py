@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from meshbpf.datapath.capture import CaptureMaps, cgroup_id
+from meshbpf.datapath import loader
+from meshbpf.datapath.capture import CaptureError, CaptureMaps, cgroup_id
 from meshbpf.datapath.loader import SockLB
 from meshbpf.lab.netlab import Lab
 from meshbpf.lab.workloads import start_whoami, wait_listening
@@ -27,12 +28,12 @@ from meshbpf.reconcile.capture_keys import (DIR_IN, DIR_OUT, EXCLUDE, F_IN_ALL, 
                                             CaptureStep, CidrKey, PortKey)
 
 from . import k8s
-from .conftest import web_service
+from .conftest import attached_programs, web_service
 
 pytestmark = pytest.mark.needs_feature("capture")
 
 PROXY = Path(__file__).with_name("capture_proxy.py")
-UID, OUT, IN = 1337, 15001, 15006
+UID, OUT, IN, DNS = 1337, 15001, 15006, 15053
 WEBS = {"web-1", "web-2", "web-3", "web-4"}
 SVC = {4: "10.96.0.10", 6: "fd00:96::10"}
 ALL = F_OUTBOUND | F_INBOUND | F_IN_ALL | F_OUT_ALL
@@ -67,17 +68,18 @@ class Mesh:
     maps: CaptureMaps
     proxies: dict[str, Proxy] = field(default_factory=dict)
 
-    def pod(self, name: str, flags: int = ALL) -> tuple[int, CapPod]:
+    def pod(self, name: str, flags: int = ALL, dns_port: int = 0) -> tuple[int, CapPod]:
         p = self.lab.pods[name]
         return cgroup_id(p.cgroup), CapPod(addr16(p.ipv4), addr16(p.ipv6), UID, POD_IDS[name],
-                                          OUT, IN, 0, flags)
+                                          OUT, IN, dns_port, flags)
 
-    def set(self, flags: dict[str, int] | None = None, cidrs=None, ports=None) -> None:
-        """Capture exactly this: mesh/a and mesh/b with these flags (default ALL)."""
+    def set(self, flags: dict[str, int] | None = None, cidrs=None, ports=None, dns_port: int = 0) -> None:
+        """Capture exactly this: mesh/a and mesh/b with these flags (default
+        ALL); mesh/a's DNS to dns_port if set."""
         flags = {"mesh/a": ALL, "mesh/b": ALL, **(flags or {})}
         want = CaptureState()
         for name, f in flags.items():
-            cg, value = self.pod(name, f)
+            cg, value = self.pod(name, f, dns_port if name == "mesh/a" else 0)
             want.pods[cg] = value
             want.addresses[value.ip4] = want.addresses[value.ip6] = cg
         want.cidrs = dict(cidrs or {})
@@ -92,9 +94,9 @@ class Mesh:
         self.maps.apply([CaptureStep(m, "delete", dict.fromkeys(getattr(have, m)))
                          for m in ("pods", "addresses", "ports", "cidrs")])
 
-    def get(self, pod: str, host: str, port: int) -> dict:
+    def get(self, pod: str, host: str, port: int, command: str = "get") -> dict:
         """What an app in pod sees for an HTTP GET to host:port (as root)."""
-        r = self.lab.run(pod, [sys.executable, str(PROXY), "get", host, str(port)], timeout=60)
+        r = self.lab.run(pod, [sys.executable, str(PROXY), command, host, str(port)], timeout=60)
         assert r.returncode == 0, r.stderr
         return json.loads(r.stdout)
 
@@ -119,11 +121,16 @@ def mesh(shared_lb):
     lb.compile()
     lb.attach_capture([lab.cgroup])
     the_mesh = Mesh(lab, CaptureMaps(shared_lb.bpffs))
+    dns = lab.popen("mesh/a", [sys.executable, "-u", str(PROXY), "dns", str(DNS), str(UID)],
+                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
+        assert json.loads(dns.stdout.readline())["ready"]
         for name in ("mesh/a", "mesh/b"):
             the_mesh.proxies[name] = Proxy(lab, name).start()
         yield the_mesh
     finally:
+        dns.kill()
+        dns.wait(timeout=30)
         for proxy in the_mesh.proxies.values():
             proxy.stop()
         the_mesh.clear()
@@ -273,3 +280,61 @@ def test_no_pod_meshed_captures_nothing(mesh):
     finally:
         mesh.clear()
         mesh.maps.apply([])
+
+
+@FAMILIES
+def test_dns_over_connected_udp_goes_to_the_dns_port_when_asked(meshed, family):
+    dns1 = ip(meshed.lab, "dns-1", family)
+    assert "dns_port" not in meshed.get("mesh/a", dns1, 53, "udp-get")  # dnsmasq's own answer
+    meshed.set(dns_port=DNS)
+    before = meshed.maps.counters()["captured_dns"]
+    assert meshed.get("mesh/a", dns1, 53, "udp-get") == {"dns_port": DNS, "uid": UID}
+    assert meshed.maps.counters()["captured_dns"] > before
+    assert "dns_port" not in meshed.get("plain/c", dns1, 53, "udp-get")
+
+
+@pytest.mark.userspace
+def test_a_bad_capture_step_is_refused_in_one_line(mesh):
+    with pytest.raises(CaptureError, match=r"^capture step: unknown map 'pod' \(known: pods, "):
+        mesh.maps.apply([CaptureStep("pod", "update", {})])
+    with pytest.raises(CaptureError, match=r"^capture step on mbpf_cap_port: unknown op 'put'$"):
+        mesh.maps.apply([CaptureStep("ports", "put", {})])
+
+
+def test_capture_hooks_stay_pinned_and_uninstall_removes_them(lab, bpffs):
+    """Like the other hooks: the links outlive the process that made them, a
+    new one swaps its programs in behind them, uninstall takes them away."""
+    hooks = (loader.ATTACH_GETSOCKOPT, loader.ATTACH_SOCK_OPS)
+    first = SockLB(bpffs=bpffs)
+    first.compile()
+    first.attach_capture([lab.cgroup])
+    attached = attached_programs(lab.cgroup, hooks)
+    assert len(attached) == 2
+    links = {n: i.id for n, i in loader.inspect(bpffs).links.items()}
+    cg = cgroup_id(lab.cgroup)
+    assert set(links) == {f"mbpf_cap_sockops-{cg}", f"mbpf_getsockopt-{cg}"}
+    del first  # the agent is gone; the pinned links keep the programs attached
+    assert attached_programs(lab.cgroup, hooks) == attached
+    second = SockLB(bpffs=bpffs)
+    second.compile()
+    second.attach_capture([lab.cgroup])
+    assert {n: i.id for n, i in loader.inspect(bpffs).links.items()} == links  # swapped in place
+    assert attached_programs(lab.cgroup, hooks) != attached
+    removed = loader.uninstall(bpffs)
+    assert {f"link mbpf_getsockopt-{cg}", "map mbpf_cap_pod", "map mbpf_cap_pair"} <= set(removed)
+    assert attached_programs(lab.cgroup, hooks) == []
+
+
+@pytest.mark.fallback
+def test_without_the_capture_feature_socket_lb_runs_and_capture_is_refused_clearly(
+        lab, probe, bpffs, start_agent, monkeypatch):
+    """README "Kernels": before 5.7 (no cgroup and uid helpers in connect)
+    capture is not compiled; socket-LB is unchanged."""
+    monkeypatch.setenv("MESHBPF_DISABLE_FEATURES", "capture")
+    start_agent(web_service(lab))
+    assert probe("client", "whoami", "10.96.0.10", 80, 5)["errors"] == {}
+    assert not (bpffs / "mbpf_cap_pod").exists()
+    lb = SockLB(bpffs=bpffs)
+    lb.compile()
+    with pytest.raises(loader.DatapathError, match="^sidecar capture is not available on this kernel"):
+        lb.attach_capture([lab.cgroup])

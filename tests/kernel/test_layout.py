@@ -7,7 +7,7 @@ import ctypes as ct
 import pytest
 
 from meshbpf.datapath import libbpf
-from meshbpf.datapath.layout import ALL_MAPS, NO_PREALLOC
+from meshbpf.datapath.layout import ALL_MAPS, CAPTURE_MAPS, NO_PREALLOC
 from meshbpf.datapath.loader import SockLB
 
 
@@ -18,10 +18,11 @@ def _layout(t) -> list[tuple[str, int, int]]:
 
 
 # Every map is compiled only where the kernel has what each needs.
-@pytest.mark.needs_feature("sk_storage", "sockmap", "sockops_probe_read", "kernel_btf")
+@pytest.mark.needs_feature("sk_storage", "sockmap", "sockops_probe_read", "kernel_btf", "capture")
 def test_hand_mirror_matches_the_compiled_structs(bpffs):
     lb = SockLB(bpffs=bpffs)
     lb.compile()
+    assert set(CAPTURE_MAPS) <= set(ALL_MAPS)
     for spec in ALL_MAPS:
         key, leaf = lb.compiled_types(spec.name)
         assert ct.sizeof(spec.key) == ct.sizeof(key), spec.name
