@@ -45,6 +45,7 @@ from . import agent_config, schema
 from .errors import ConfigError, Problem, internal_error
 from .kube_incremental import ServiceIndex
 from .kube_objects import PROXY_NAME_LABEL, BuildResult, SourceObject, build_state
+from ..capture.settings import kept_annotations
 from .kube_policy import NETWORK_POLICY, CachedReader, policy_fields
 from .kube_watch import Backoff, Reflector
 from .routes import API_VERSION as ROUTE_API_VERSION
@@ -132,6 +133,16 @@ def _pruned(spec: Any) -> Callable[[dict], dict]:
     return transform
 
 
+def _pod_kept(obj: dict, _prune=_pruned(_POD_KEPT)) -> dict:
+    """_POD_KEPT, and the sidecar-capture annotations (Istio's, Linkerd's)
+    only: a pod's other annotations can be large and are never read."""
+    out = _prune(obj)
+    notes = kept_annotations((obj.get("metadata") or {}).get("annotations"))
+    if notes and isinstance(out.get("metadata"), dict):
+        out["metadata"]["annotations"] = notes
+    return out
+
+
 def _without_managed_fields(obj: dict) -> dict:
     (obj.get("metadata") or {}).pop("managedFields", None)
     return obj
@@ -205,7 +216,7 @@ class KubernetesSource:
         if network_policy:
             # Peers live on every node: every pod, the parts policy reads.
             self.reflectors["pods"] = reflector(
-                "pods", core.list_pod_for_all_namespaces, "Pod", transform=_pruned(_POD_KEPT),
+                "pods", core.list_pod_for_all_namespaces, "Pod", transform=_pod_kept,
                 optional=True)
             self.reflectors["namespaces"] = reflector(
                 "namespaces", core.list_namespace, "Namespace", transform=_without_managed_fields,

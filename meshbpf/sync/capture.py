@@ -138,7 +138,9 @@ class CaptureSync:
         settings = desired.settings.capture
         inputs = (settings, desired.pods)
         now = time.monotonic()
-        if reread and self.dp is not None:
+        # The resync's reread is skipped while capture is off and nothing is
+        # held: the default agent never walks the capture maps.
+        if reread and self.dp is not None and (settings.enabled or self.current.pods):
             self._reread()
         elif inputs == self.inputs and not self.stale and not (self.missing and now >= self.next_find):
             return True

@@ -105,7 +105,8 @@ def test_sources_keep_only_the_capture_annotations():
 
 def test_a_malformed_annotation_is_one_problem_and_the_pod_and_others_stay():
     inputs = read_pods(
-        with_annotations("x/a", {**STATUS, "traffic.sidecar.istio.io/excludeOutboundIPRanges": "10.0.0.0/33"}),
+        with_annotations("x/a", {**STATUS,
+                                 "traffic.sidecar.istio.io/excludeOutboundIPRanges": "10.0.0.0/33"}),
         with_annotations("x/b", {**STATUS, "traffic.sidecar.istio.io/excludeInboundPorts": "80,http"}),
         with_annotations("x/c", STATUS))
     assert sorted(p.name for p in inputs.pods) == ["a", "b", "c"]   # policy still sees them
@@ -209,3 +210,28 @@ def test_a_lab_pod_is_marked_meshed_with_an_annotation():
     assert [n for n, p in sorted(by_name.items()) if is_meshed(p, ISTIO)] == ["a", "b"]
     assert pod_capture(by_name["b"], ISTIO).exclude_out_ports == (5432,)
     assert lab_objects(pods, "n", meshed=["x/c"])["items"][-1]["metadata"]["annotations"]
+
+
+def test_the_kubernetes_source_keeps_the_annotations_and_reports_a_bad_one(tmp_path, cluster_list):
+    from test_kubernetes_source import FAST, KubernetesSource, Poller
+    from fake_apiserver import FakeAPIServer
+    api = FakeAPIServer().start()
+    source = None
+    try:
+        api.load(cluster_list)
+        good = with_annotations("x/a", {**STATUS, "traffic.sidecar.istio.io/excludeOutboundPorts": "22",
+                                        "unrelated.example.com/x": "y"})
+        bad = with_annotations("x/b", {**STATUS, "traffic.sidecar.istio.io/excludeInboundPorts": "x"})
+        api.apply(good, bad)
+        source = KubernetesSource(kubeconfig=str(api.kubeconfig(tmp_path / "kubeconfig")),
+                                  node_name="node-a", backoff=FAST)
+        state = Poller(source, api).first()
+        by_name = {p.name: p for p in state.pods}
+        assert by_name["a"].annotations == {**STATUS, "traffic.sidecar.istio.io/excludeOutboundPorts": "22"}
+        assert pod_capture(by_name["a"], ISTIO).exclude_out_ports == (22,)
+        assert any("(Pod x/b): metadata.annotations[traffic.sidecar.istio.io/excludeInboundPorts]"
+                   in text for text in source.problems)
+    finally:
+        if source is not None:
+            source.stop()
+        api.stop()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -17,7 +16,7 @@ from meshbpf.cli.capture_cmd import agent_rows, pinned_pods, settings_line
 from meshbpf.metrics import AgentMetrics, capture_metrics
 from meshbpf.model import AgentSettings, CaptureSettings, DesiredState
 from meshbpf.policy.model import PodInfo
-from meshbpf.reconcile.capture_keys import CaptureState
+from meshbpf.reconcile.capture_keys import CapPod, CaptureState
 from meshbpf.sync.capture import CaptureSync
 
 ip = ipaddress.ip_address
@@ -237,3 +236,11 @@ def test_capture_metrics_from_the_counters():
     assert by_label("meshbpf_capture_skipped")[("proxy_uid",)] == 7
     assert by_label("meshbpf_capture_original_dst")[("answered",)] == 5
     assert families["meshbpf_capture_pods"].samples[0].value == 2
+
+
+def test_with_capture_off_and_nothing_held_the_resync_leaves_the_maps_alone(world):
+    sync, dp, make_cgroup, _ = world
+    off = state(pod("a"), capture=CaptureSettings(enabled=False))
+    sync.sync(off)
+    dp.state.pods[5] = CapPod(bytes(16), bytes(16), 1337, 9, 15001, 15006, 0, 1)  # written by hand
+    assert sync.sync(off, reread=True) and 5 in dp.state.pods
