@@ -113,7 +113,7 @@ class HAProxySidecar:
                 found.append(Connection(**{**m.groupdict(), "bytes": int(m["bytes"])}))
         return found
 
-    def wait_connections(self, count: int, timeout: float = 30) -> list[Connection]:
+    def wait_connections(self, count: int, timeout: float = 60) -> list[Connection]:
         """The log once it holds at least `count` connections."""
         return wait_for(lambda: len(self.connections()) >= count and self.connections(), timeout,
                         f"{count} connection(s) in HAProxy's log {self.log_path}:\n{self.log()}")

@@ -119,6 +119,8 @@ def test_iptables_capture_behind_socket_lb_sees_a_backend(lab, app, haproxy, sta
 
 # --- meshbpf capture --------------------------------------------------------
 
+CAPTURE = pytest.mark.needs_feature("capture")
+
 FAMILIES = pytest.mark.parametrize("family", [
     4,
     pytest.param(6, marks=pytest.mark.xfail(
@@ -128,6 +130,7 @@ FAMILIES = pytest.mark.parametrize("family", [
 ], ids=["ipv4", "ipv6"])
 
 
+@CAPTURE
 @FAMILIES
 def test_meshbpf_capture_haproxy_names_the_service(lab, app, haproxy, start_agent, family):
     """No iptables in the pod: the app's connect is captured at connect()
@@ -145,6 +148,7 @@ def test_meshbpf_capture_haproxy_names_the_service(lab, app, haproxy, start_agen
     assert all(c.status == "--" for c in seen), seen
 
 
+@CAPTURE
 def test_meshbpf_inbound_from_a_same_node_client_goes_through_haproxy(lab, app, haproxy, start_agent):
     """A same-node client's connect to the meshed pod's port lands on
     HAProxy's inbound port, which forwards to the app's original port."""
@@ -156,6 +160,7 @@ def test_meshbpf_inbound_from_a_same_node_client_goes_through_haproxy(lab, app, 
     assert [(c.listener, c.orig) for c in seen] == [("inbound4", endpoint(pod_ip, 8080))], seen
 
 
+@CAPTURE
 def test_proxy_down_refuses_at_once_and_a_restarted_proxy_is_used_again(lab, app, haproxy, start_agent):
     agent = start_meshed(lab, start_agent, meshed_world(lab))
     haproxy.stop()
@@ -167,6 +172,7 @@ def test_proxy_down_refuses_at_once_and_a_restarted_proxy_is_used_again(lab, app
     assert agent.proc.poll() is None
 
 
+@CAPTURE
 def test_agent_kill9_with_a_meshed_pod_under_load_drops_no_connection(lab, app, haproxy, probe,
                                                                       start_agent):
     """Pinned maps and links keep capturing with no agent, and a new agent
