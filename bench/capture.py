@@ -19,7 +19,8 @@ connect to the backend in every path, so the paths differ only in capture:
     meshbpf+redirect  the same, plus same-node socket redirection (sockmap)
                       of the proxy hops
 
-Each round runs every path in turn (a fresh agent each), and every path's
+Each round runs every path in turn (a fresh agent each; the order rotates
+from round to round), and every path's
 result is checked: HAProxy logged the connections, naming the Service as
 their original destination. Ratios are to iptables, median over rounds.
 Targets: connection rate >= 1.2x iptables', p99 <= 0.8x.
@@ -144,15 +145,26 @@ def start_backends(lab: Lab, workdir: Path) -> list[subprocess.Popen]:
     return procs
 
 
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def measure(p: Setup, proxy: sidecar.HAProxySidecar, args) -> dict:
     logged = len(proxy.connections())
+    cpu = {"agent": cpu_seconds(p.agent.proc.pid), "haproxy": cpu_seconds(proxy.proc.pid)}
     crr = p.run([str(LOADGEN), "client", "-d", str(args.seconds), "-w", "0.2", "-T", str(args.threads),
                  "-q", str(SIZE), "-r", str(SIZE), f"{SVC}:80"], timeout=args.seconds + 120)
     rr = p.run([str(SOCKBENCH), "rr", "-d", str(args.seconds), "-w", "0.2", "-s", str(SIZE), "-N",
                 "-c", str(args.conns), f"{SVC}:90"], timeout=args.seconds + 120)
+    # CPU seconds the agent and HAProxy used while the load ran: the
+    # agent should be idle, whatever the path.
+    cpu = {k: round(cpu_seconds(pid) - cpu[k], 2)
+           for k, pid in (("agent", p.agent.proc.pid), ("haproxy", proxy.proc.pid))}
     check_proxied(p.path, proxy, logged, crr)
     result = {"crr": {k: crr[k] for k in ("rate", "p50_us", "p99_us", "count", "errors")},
-              "rr": {k: rr[k] for k in ("rate", "p50_us", "p99_us", "count")}}
+              "rr": {k: rr[k] for k in ("rate", "p50_us", "p99_us", "count")}, "cpu_seconds": cpu}
     if p.path == "meshbpf+redirect":
         result["redirect_counters"] = redirect.read_counters(p.bpffs)
     return result
@@ -240,7 +252,10 @@ def main() -> None:
             with sidecar.HAProxySidecar(lab, APP, workdir) as proxy:
                 for n in range(args.rounds):
                     one = {}
-                    for i, path in enumerate(PATHS):
+                    # Each round starts with another path: no path always
+                    # runs first (right after the backends' warm-up) or last.
+                    order = PATHS[n % len(PATHS):] + PATHS[:n % len(PATHS)]
+                    for i, path in enumerate(order):
                         with Setup(lab, path, workdir, n * len(PATHS) + i) as p:
                             one[path] = measure(p, proxy, args)
                         print(f"round {n + 1} {path}: {json.dumps(one[path])}", file=sys.stderr, flush=True)
