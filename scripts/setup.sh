@@ -27,6 +27,7 @@ packages=(
   ipset  # bench/policy.py: the iptables baselines' sets (and tests/kernel/test_bench_policy_baselines.py)
   vagrant shellcheck
   redis-server  # tests/kernel/test_redirect_apps.py: a real pipelining server and client
+  haproxy  # tests/kernel/test_capture_haproxy.py, bench/capture.py: a real sidecar proxy (option transparent)
 )
 missing=()
 for p in "${packages[@]}"; do
