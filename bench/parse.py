@@ -73,7 +73,8 @@ class Stages:
     wrapping them in place for one run (`wrap`), and when the last map
     write ended."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.clock = clock
         self.seconds: dict[str, float] = {}
         self.last_write_end = 0.0
         self._undo: list[tuple[object, str, object]] = []
@@ -84,11 +85,11 @@ class Stages:
             return  # not in this version of the code
 
         def timed(*args, **kwargs):
-            started = time.perf_counter()
+            started = self.clock()
             try:
                 return inner(*args, **kwargs)
             finally:
-                ended = time.perf_counter()
+                ended = self.clock()
                 self.seconds[label] = self.seconds.get(label, 0.0) + ended - started
                 if write:
                     self.last_write_end = ended
@@ -105,7 +106,8 @@ STAGES = ("parse", "build", "file index", "wanted", "plan", "capacity", "write",
           "LB index", "freeze")
 
 
-def agent_file_to_maps(path: Path, maps) -> dict[str, float]:
+def agent_file_to_maps(path: Path, maps, clock: Callable[[], float] = time.perf_counter
+                       ) -> dict[str, float]:
     """One config change as the agent's step takes it (agent.Agent.step):
     FileSource.poll (read_config and the incremental index) then
     LBSync.sync (plan, capacity, writes, then its own index and
@@ -117,7 +119,7 @@ def agent_file_to_maps(path: Path, maps) -> dict[str, float]:
     from meshbpf.sources.yaml_file import FileSource
     from meshbpf.sync import lb as lbsync
 
-    stages = Stages()
+    stages = Stages(clock)
     stages.wrap(yaml_file, "parse_documents", "parse")
     stages.wrap(yaml_file, "read_config", "read_config")
     stages.wrap(yaml_file, "FileIndex", "file index")
@@ -132,10 +134,10 @@ def agent_file_to_maps(path: Path, maps) -> dict[str, float]:
     gc.collect()
     try:
         with gcpause.gc_paused():
-            started = time.perf_counter()
+            started = clock()
             desired = source.poll()
             assert desired is not None and sync.sync(desired)
-            ended = time.perf_counter()
+            ended = clock()
     finally:
         stages.unwrap()
         gc.unfreeze()  # freeze_heap's: the next round starts from the same heap
@@ -146,7 +148,8 @@ def agent_file_to_maps(path: Path, maps) -> dict[str, float]:
     return out
 
 
-def file_to_maps(paths: dict[str, Path], rounds: int) -> dict[str, list[dict[str, float]]]:
+def file_to_maps(paths: dict[str, Path], rounds: int, clock: Callable[[], float] = time.perf_counter
+                 ) -> dict[str, list[dict[str, float]]]:
     """agent_file_to_maps into real maps, per form, each round from empty maps."""
     from meshbpf.datapath.loader import SockLB, uninstall
     from meshbpf.datapath.maps import LBMaps
@@ -159,7 +162,7 @@ def file_to_maps(paths: dict[str, Path], rounds: int) -> dict[str, list[dict[str
         maps = LBMaps.from_socklb(lb)
         for _ in range(rounds):
             for form, path in paths.items():
-                runs[form].append(agent_file_to_maps(path, maps))
+                runs[form].append(agent_file_to_maps(path, maps, clock))
                 maps.apply(plan(maps.read(), {}))  # empty again for the next one
     finally:
         uninstall(bpffs)
@@ -168,11 +171,12 @@ def file_to_maps(paths: dict[str, Path], rounds: int) -> dict[str, list[dict[str
     return runs
 
 
-def print_maps(runs: dict[str, list[dict[str, float]]]) -> None:
+def print_maps(runs: dict[str, list[dict[str, float]]], cpu: bool = False) -> None:
+    unit = " (CPU)" if cpu else ""
     for form, rows in runs.items():
         med = {k: statistics.median(r.get(k, 0.0) for r in rows) for k in rows[0]}
         parts = " + ".join(f"{k} {med.get(k, 0.0):.3f}" for k in STAGES if k in med)
-        print(f"  file -> maps, {form}: {med['to maps']:.2f} s to the last map write "
+        print(f"  file -> maps, {form}: {med['to maps']:.2f} s{unit} to the last map write "
               f"(step {med['step']:.2f} s; all runs " +
               " ".join(f"{r['to maps']:.2f}" for r in rows) + ")")
         print(f"    stages: {parts}")
@@ -184,7 +188,11 @@ def main() -> None:
     ap.add_argument("--maps", action="store_true", help="also file -> real maps (root, bcc)")
     ap.add_argument("--maps-only", action="store_true",
                     help="file -> real maps only (skips the parse and plan columns)")
+    ap.add_argument("--cpu", action="store_true",
+                    help="file -> maps in this process's CPU seconds (user + system), not wall "
+                         "clock: less swayed by other load, to compare code versions on a busy machine")
     args = ap.parse_args()
+    clock = time.process_time if args.cpu else time.perf_counter
     as_yaml = kubectl_yaml()
     if args.maps_only:
         docs = yaml_load.load_all(as_yaml)
@@ -194,7 +202,7 @@ def main() -> None:
             paths["JSON"].write_text(json.dumps(docs[0]))
             del docs
             print(f"{SERVICES} Services:")
-            print_maps(file_to_maps(paths, args.rounds))
+            print_maps(file_to_maps(paths, args.rounds, clock), args.cpu)
         print(f"  (median of {args.rounds}; load average {open('/proc/loadavg').read().split()[0]})")
         return
     docs = yaml_load.load_all_libyaml(as_yaml)
@@ -215,7 +223,7 @@ def main() -> None:
         j = median_seconds(lambda: file_to_plan(json_file), args.rounds)
         print(f"  file -> plan: YAML {y:.2f} s | JSON {j:.2f} s | YAML/JSON {y / j:.1f}x")
         if args.maps:
-            print_maps(file_to_maps({"YAML": yaml_file, "JSON": json_file}, args.rounds))
+            print_maps(file_to_maps({"YAML": yaml_file, "JSON": json_file}, args.rounds, clock), args.cpu)
     print(f"  (median of {args.rounds}; load average {open('/proc/loadavg').read().split()[0]}, "
           f"{len(open('/proc/cpuinfo').read().split('processor')) - 1} CPUs)")
 
