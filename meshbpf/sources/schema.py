@@ -108,8 +108,17 @@ _CACHE: dict[int, Any] = {}
 _EXACT_TYPE = {STR: str, INT: int, BOOL: bool}
 
 
+def _cache_key(schema: Any) -> Any:
+    # A list schema is often written in the call itself ([ANY],
+    # [CONTAINER_PORT]): keyed by what it holds, or each call would compile
+    # it anew and keep it in the cache for good.
+    if isinstance(schema, list):
+        return ("list", _cache_key(schema[0]))
+    return id(schema)
+
+
 def _compiled(schema: Any):
-    key = id(schema)
+    key = _cache_key(schema)
     if key not in _CACHE:
         # keep schema alive: ids are reused
         _CACHE[key] = (_compile(schema), _compile_valid(schema), schema)

@@ -127,3 +127,18 @@ def test_check_reports_every_problem_when_the_predicate_says_no():
     assert schema.check(svc, schema.SERVICE) == [
         ("spec.ports[0].bogus", "unknown field 'bogus'"),
         ("spec.ports[0].port", "expected an integer, got a string '80'")]
+
+
+def test_a_list_schema_written_in_the_call_is_compiled_once():
+    """kube_policy checks every Pod's containers with [ANY] and
+    [CONTAINER_PORT] written in the call: one compilation each, not one
+    per Pod kept forever."""
+    ports = [{"name": "http", "containerPort": 80}]
+    schema.check(ports, [kube_policy.CONTAINER_PORT])
+    schema.check([{}], [schema.ANY])
+    size = len(schema._CACHE)
+    for _ in range(50):
+        assert schema.check(ports, [kube_policy.CONTAINER_PORT]) == []
+        assert schema.check([{}], [schema.ANY]) == []
+        assert schema.check([None], [schema.ANY]) == [("[0]", "empty list item")]
+    assert len(schema._CACHE) == size
