@@ -5,7 +5,10 @@ from __future__ import annotations
 import ctypes as ct
 import logging
 import os
+import socket
+import struct
 from pathlib import Path
+from typing import Callable
 
 from ..reconcile import LBState, Plan
 from . import libbpf
@@ -47,23 +50,85 @@ class LBMaps:
         for step in plan.steps():
             table = self.tables[step.map]
             _, key_into, _, val_into = CODECS[step.map]
-            keys = (table.Key * len(step.entries))()
-            if issubclass(table.Key, ct.Structure):
-                for i, k in enumerate(step.entries):
-                    key_into(keys[i], k)
-            else:
-                keys[:] = [key_into(None, k) for k in step.entries]
+            keys = _array(table.Key, key_into, (step.map, "key"), list(step.entries))
             try:
                 if step.op == "update":
-                    values = (table.Leaf * len(step.entries))()
-                    for i, v in enumerate(step.entries.values()):
-                        val_into(values[i], v)
+                    values = _array(table.Leaf, val_into, (step.map, "value"), list(step.entries.values()))
                     _update(table, keys, values)
                 else:
                     _delete(table, keys)
             except OSError as exc:
                 raise MapWriteError(f"{step.op} of {len(step.entries)} {step.map} entries "
                                     f"failed: {exc}") from exc
+
+
+# Packing a step's entries with struct is about twice as fast as filling a
+# ctypes array field by field (90 000 entries at 10 000 Services). Each row
+# gives an entry's fields in its map struct's order, as layout.CODECS
+# writes them; the format comes from the compiled ctypes type, and the first
+# entry of every step is checked against the codec: on any difference the
+# codec fills the arrays, as it always did.
+_ROWS: dict[tuple[str, str], tuple[tuple[str, ...], Callable]] = {
+    ("services", "key"): (("addr", "port", "proto", "pad"),
+                          lambda k: (k.addr, socket.htons(k.port), k.proto, 0)),
+    ("services", "value"): (("svc_id", "count", "affinity_timeout", "flags"),
+                            lambda v: (v.svc_id, v.count, v.affinity_timeout, 0)),
+    ("slots", "key"): (("svc_id", "slot"), lambda k: (k.svc_id, k.slot)),
+    ("slots", "value"): (("backend_id", "state", "pad"), lambda v: (v.backend_id, v.state, b"\0\0\0")),
+    ("backends", "value"): (("addr", "port", "proto", "pad"),
+                            lambda v: (v.addr, socket.htons(v.port), v.proto, 0)),
+}
+_INT_CODES = {1: "B", 2: "H", 4: "I", 8: "Q"}
+_packers: dict[tuple[type, tuple[str, str]], tuple[struct.Struct, Callable] | None] = {}
+
+
+def _struct_format(ctype: type, names: tuple[str, ...]) -> str | None:
+    """A struct format for a ctypes Structure of unsigned integers and byte
+    arrays with exactly these field names; None for anything else."""
+    if not issubclass(ctype, ct.Structure) or tuple(f[0] for f in ctype._fields_) != names:
+        return None
+    fmt, at = "=", 0
+    for name, ftype, *_ in ctype._fields_:
+        field = getattr(ctype, name)
+        code = getattr(ftype, "_type_", None)
+        if isinstance(code, str) and code.isupper() and ct.sizeof(ftype) in _INT_CODES:
+            part = _INT_CODES[ct.sizeof(ftype)]
+        elif issubclass(ftype, ct.Array) and ct.sizeof(ftype._type_) == 1:
+            part = f"{ftype._length_}s"
+        else:
+            return None
+        fmt += "x" * (field.offset - at) + part
+        at = field.offset + field.size
+    fmt += "x" * (ct.sizeof(ctype) - at)
+    return fmt if struct.calcsize(fmt) == ct.sizeof(ctype) else None
+
+
+def _packer(ctype: type, which: tuple[str, str]) -> tuple[struct.Struct, Callable] | None:
+    key = (ctype, which)
+    if key not in _packers:
+        names, row = _ROWS.get(which, ((), None))
+        fmt = _struct_format(ctype, names) if row else None
+        _packers[key] = (struct.Struct(fmt), row) if fmt else None
+    return _packers[key]
+
+
+def _array(ctype: type, into: Callable, which: tuple[str, str], entries: list):
+    """A ctypes array of the entries, packed when the packer agrees with the codec."""
+    packer = _packer(ctype, which)
+    if packer is not None:
+        st, row = packer
+        packed = b"".join([st.pack(*row(e)) for e in entries])
+        if packed[: st.size] == bytes(into(ctype(), entries[0])):
+            return (ctype * len(entries)).from_buffer_copy(packed)
+        log.warning("packing %s %ss disagrees with the codec; filling them field by field", *which)
+        _packers[(ctype, which)] = None
+    array = (ctype * len(entries))()
+    if issubclass(ctype, ct.Structure):
+        for i, e in enumerate(entries):
+            into(array[i], e)
+    else:
+        array[:] = [into(None, e) for e in entries]
+    return array
 
 
 def _all_items(table):

@@ -37,11 +37,15 @@ SLOT_REFUSE = 3       # MBPF_SLOT_REFUSE: a split's share with no backend
 REFUSE_ADDR = b"\0" * 16
 
 
+_V4_MAPPED = 0xFFFF << 32
+
+
 def addr16(ip: IPAddress) -> bytes:
     """The maps' address form: 16 bytes, IPv4 mapped as ::ffff:a.b.c.d."""
+    # From the integer: what ip.packed does, without its two Python calls.
     if ip.version == 4:
-        return b"\0" * 10 + b"\xff\xff" + ip.packed
-    return ip.packed
+        return (_V4_MAPPED | int(ip)).to_bytes(16, "big")
+    return int(ip).to_bytes(16, "big")
 
 
 class SvcKey(NamedTuple):
@@ -186,16 +190,25 @@ def wanted_service(sp: ServicePort) -> tuple[SvcKey, WantedService]:
                 backends.append((BackendVal(addr16(ep.address), ep.port, proto),
                                  SLOT_TERMINATING if fallback else SLOT_READY))
     seen = set()
-    for usable in () if sp.split else usable_endpoints(sp.endpoints):
-        ep = usable.endpoint
+    for ep, state in () if sp.split else _usable(sp.endpoints):
         be = BackendVal(addr16(ep.address), ep.port, proto)
         if be in seen:
             continue
         seen.add(be)
-        backends.append((be, SLOT_TERMINATING if usable.terminating_fallback else SLOT_READY))
+        backends.append((be, state))
     port_label = f":{sp.port_name}" if sp.port_name else ""
     return SvcKey(addr16(fe.address), fe.port, proto), WantedService(
         f"{sp.service}{port_label}", tuple(backends), sp.affinity_timeout, sp.service)
+
+
+def _usable(endpoints: tuple) -> list[tuple]:
+    """usable_endpoints() as (endpoint, slot state); the ready endpoints (the
+    usual case) without building its objects."""
+    ready = [(e, SLOT_READY) for e in endpoints if e.ready]
+    if ready:
+        return ready  # what usable_endpoints() returns when any is ready
+    return [(u.endpoint, SLOT_TERMINATING if u.terminating_fallback else SLOT_READY)
+            for u in usable_endpoints(endpoints)]
 
 
 class _IdAllocator:
@@ -289,6 +302,8 @@ def _slot_layout(old_slots: dict[int, SlotVal], old_count: int,
     """New slot contents, keeping each surviving backend where it was. A
     backend may fill several slots (a weighted split): as many of its old
     positions as it still fills are kept."""
+    if not old_slots:
+        return members  # nothing to keep in place: what the loop below gives then
     n = len(members)
     state_of: dict[int, int] = {}
     left: dict[int, int] = {}  # backend ID -> slots it still has to fill

@@ -36,9 +36,14 @@ def file_objects(parsed: list[SourceObject]) -> dict[ObjKey, dict] | None:
     """A file's Services and EndpointSlices by key; None when it holds
     anything else but policy objects (or a problem), which only the full
     read handles."""
-    out: dict[ObjKey, dict] = {}
     collector = _Collector()
-    for src in _flatten_lists(parsed, collector):
+    flat = list(_flatten_lists(parsed, collector))
+    return None if collector.problems else _by_key(flat)
+
+
+def _by_key(flat: list[SourceObject]) -> dict[ObjKey, dict] | None:
+    out: dict[ObjKey, dict] = {}
+    for src in flat:
         obj = src.obj
         if obj.get("kind") in POLICY_KINDS:
             continue  # see policy_objects
@@ -50,22 +55,33 @@ def file_objects(parsed: list[SourceObject]) -> dict[ObjKey, dict] | None:
         if key in out:
             return None
         out[key] = obj
-    return None if collector.problems else out
+    return out
 
 
 def policy_objects(parsed: list[SourceObject]) -> list[SourceObject]:
     """A file's Pods, Namespaces and NetworkPolicies, in file order."""
-    return [src for src in _flatten_lists(parsed, _Collector()) if src.obj.get("kind") in POLICY_KINDS]
+    return _policy_only(_flatten_lists(parsed, _Collector()))
+
+
+def _policy_only(flat) -> list[SourceObject]:
+    return [src for src in flat if src.obj.get("kind") in POLICY_KINDS]
+
+
+def _split_file(parsed: list[SourceObject]) -> tuple[dict[ObjKey, dict] | None, list[SourceObject]]:
+    """file_objects and policy_objects of one file, flattened once."""
+    collector = _Collector()
+    flat = list(_flatten_lists(parsed, collector))
+    return None if collector.problems else _by_key(flat), _policy_only(flat)
 
 
 class FileIndex:
     def __init__(self, state: DesiredState, parsed: dict[Path, tuple], node_name: str | None):
         """From a full read that had no problems: `parsed` is the parse cache
         (file -> (stamp, documents))."""
-        self.files: dict[Path, dict[ObjKey, dict] | None] = {
-            f: file_objects(docs) for f, (_, docs) in parsed.items()}
-        self.policy: dict[Path, list[SourceObject]] = {
-            f: policy_objects(docs) for f, (_, docs) in parsed.items()}
+        self.files: dict[Path, dict[ObjKey, dict] | None] = {}
+        self.policy: dict[Path, list[SourceObject]] = {}
+        for f, (_, docs) in parsed.items():
+            self.files[f], self.policy[f] = _split_file(docs)
         self.skipped: list[Problem] = []  # policy objects left out; FileSource sets the full read's
         self.where: dict[ObjKey, Path] = {}
         services, slices = [], []

@@ -19,7 +19,7 @@ import ipaddress
 import logging
 import socket
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
 from ..model import (DEFAULT_AFFINITY_TIMEOUT, AgentSettings, DesiredState, Endpoint,
                      Frontend, IPAddress, ServicePort)
@@ -77,6 +77,19 @@ class _SlicePort:
     port: int | None
 
 
+class _SliceEndpoint(NamedTuple):
+    """An endpoint as a slice lists it; the port comes per service port."""
+
+    address: IPAddress
+    key: bytes             # the address packed: merges endpoints, cheaper to hash than address
+    ready: bool
+    serving: bool
+    terminating: bool
+    node_name: str | None
+    zone: str | None
+    zone_hints: frozenset[str]
+
+
 @dataclass
 class _Slice:
     src: SourceObject
@@ -84,9 +97,8 @@ class _Slice:
     name: str
     service: str
     family: int
-    endpoints: list[Endpoint]  # port is 0 here; set per service port
+    endpoints: list[_SliceEndpoint]
     ports: list[_SlicePort] | None  # None: the slice lists no ports
-    zone_hints: list[frozenset[str]] = field(default_factory=list)  # per endpoint
 
 
 class _Collector:
@@ -145,18 +157,17 @@ def build_state(objects: Iterable[SourceObject], *, node_name: str | None = None
         by_service.setdefault((sl.namespace, sl.service), []).append(sl)
 
     state = DesiredState(settings=state_settings)
-    owner: dict[Frontend, str] = {}
+    taken = state.service_ports  # a frontend's first Service keeps it
     for key, svc in services.items():
         ports = _service_ports(svc, by_service.get(key, []), node_name, node_zone, out)
-        clashes = [(sp, owner[sp.frontend]) for sp in ports if sp.frontend in owner]
+        clashes = [(sp, taken[sp.frontend]) for sp in ports if sp.frontend in taken]
         for sp, first in clashes:
             out.add(svc.src, f"Service {svc.namespace}/{svc.name}", "spec.clusterIP",
-                    f"{sp.frontend} is already used by Service {first}")
+                    f"{sp.frontend} is already used by Service {first.service}")
         if clashes:
             continue  # all of a Service or none of it
         for sp in ports:
-            owner[sp.frontend] = sp.service
-            state.service_ports[sp.frontend] = sp
+            taken[sp.frontend] = sp
     return BuildResult(state, out.problems, out.notes)
 
 
@@ -184,16 +195,27 @@ def _flatten_lists(objects: Iterable[SourceObject], out: _Collector) -> Iterable
         if not isinstance(kind, str) or not kind:
             out.add(src, "", "kind", "missing: every object needs apiVersion and kind")
             continue
-        if kind == "List" or kind.endswith("List") and "items" in obj:
+        if _is_list(kind, obj):
             problems = schema.check(obj, schema.LIST)
             for path, reason in problems:
                 out.add(src, kind, path, reason)
             if problems:
                 continue
             for i, item in enumerate(obj.get("items") or []):
-                yield from _flatten_lists([SourceObject(item, f"{src.where}: items[{i}]")], out)
+                item_src = SourceObject(item, f"{src.where}: items[{i}]")
+                # A plain object (nearly every item) is yielded here; anything
+                # else goes through the checks above, as a document would.
+                item_kind = item.get("kind") if isinstance(item, dict) else None
+                if isinstance(item_kind, str) and item_kind and not _is_list(item_kind, item):
+                    yield item_src
+                else:
+                    yield from _flatten_lists([item_src], out)
             continue
         yield src
+
+
+def _is_list(kind: str, obj: dict) -> bool:
+    return kind == "List" or kind.endswith("List") and "items" in obj
 
 
 def _ours(src: SourceObject, service_proxy_name: str | None, out: _Collector) -> bool:
@@ -241,14 +263,22 @@ def _check_schema(src: SourceObject, kind: str, api_versions: tuple[str, ...],
     return None if bad else ident
 
 
-@functools.lru_cache(maxsize=1 << 18)
 def _parse_address(text: str) -> IPAddress | None:
+    parsed = _parse_packed(text)
+    return parsed[0] if parsed is not None else None
+
+
+@functools.lru_cache(maxsize=1 << 18)
+def _parse_packed(text: str) -> tuple[IPAddress, bytes] | None:
+    """The address and its packed bytes (equal bytes: equal addresses)."""
     # inet_pton validates in C and is strict (no leading zeros, no zones);
     # building ipaddress objects from packed bytes skips their slow parser.
     try:
         if ":" in text:
-            return ipaddress.IPv6Address(socket.inet_pton(socket.AF_INET6, text))
-        return ipaddress.IPv4Address(socket.inet_pton(socket.AF_INET, text))
+            packed = socket.inet_pton(socket.AF_INET6, text)
+            return ipaddress.IPv6Address(packed), packed
+        packed = socket.inet_pton(socket.AF_INET, text)
+        return ipaddress.IPv4Address(packed), packed
     except OSError:
         return None
 
@@ -416,8 +446,7 @@ def _read_slice(src: SourceObject, out: _Collector) -> _Slice | None:
         return None
     family = 4 if address_type == "IPv4" else 6
 
-    endpoints: list[Endpoint] = []
-    zone_hints: list[frozenset[str]] = []
+    endpoints: list[_SliceEndpoint] = []
     for i, ep in enumerate(obj.get("endpoints") or []):
         addrs = ep.get("addresses") or []
         if not addrs:
@@ -428,10 +457,11 @@ def _read_slice(src: SourceObject, out: _Collector) -> _Slice | None:
         serving = cond.get("serving")
         terminating = cond.get("terminating")
         # Like kube-proxy, only the first address of an endpoint is used.
-        ip = _parse_ip(addrs[0])
-        if ip is None:
+        parsed = _parse_packed(addrs[0]) if isinstance(addrs[0], str) else None
+        if parsed is None:
             out.add(src, label, f"endpoints[{i}].addresses[0]", f"{addrs[0]!r} is not an IP address")
             continue
+        ip, packed = parsed
         if _ipv4_mapped(ip):
             out.add(src, label, f"endpoints[{i}].addresses[0]",
                     _MAPPED_REASON.format(ip=ip, v4=ip.ipv4_mapped))
@@ -440,16 +470,17 @@ def _read_slice(src: SourceObject, out: _Collector) -> _Slice | None:
             out.add(src, label, f"endpoints[{i}].addresses[0]",
                     f"{ip} is not an {address_type} address (addressType: {address_type})")
             continue
-        endpoints.append(Endpoint(
-            address=ip, port=0,
-            ready=True if ready is None else ready,
-            serving=True if serving is None else serving,
-            terminating=bool(terminating),
-            node_name=ep.get("nodeName"),
-            zone=ep.get("zone"),
+        hints = ep.get("hints")
+        zones = hints.get("forZones") if hints else None
+        endpoints.append(_SliceEndpoint(
+            ip, packed,
+            True if ready is None else ready,
+            True if serving is None else serving,
+            bool(terminating),
+            ep.get("nodeName"),
+            ep.get("zone"),
+            frozenset(h["name"] for h in zones if h and h.get("name")) if zones else _NO_ZONES,
         ))
-        hints = (ep.get("hints") or {}).get("forZones") or []
-        zone_hints.append(frozenset(h["name"] for h in hints if h and h.get("name")))
 
     ports: list[_SlicePort] | None = None
     if obj.get("ports") is not None:
@@ -464,7 +495,10 @@ def _read_slice(src: SourceObject, out: _Collector) -> _Slice | None:
 
     if len(out.problems) != before:
         return None
-    return _Slice(src, namespace, name, service, family, endpoints, ports, zone_hints)
+    return _Slice(src, namespace, name, service, family, endpoints, ports)
+
+
+_NO_ZONES: frozenset[str] = frozenset()
 
 
 def _service_ports(svc: _Service, slices: list[_Slice], node_name: str | None,
@@ -498,24 +532,24 @@ def _service_ports(svc: _Service, slices: list[_Slice], node_name: str | None,
     return result
 
 
-def _topology_filter(eps: tuple[Endpoint, ...], hints: dict[tuple[IPAddress, int], frozenset[str]],
+def _topology_filter(eps: tuple[Endpoint, ...], hints: list[frozenset[str]],
                      zone: str) -> tuple[Endpoint, ...]:
     """kube-proxy's pkg/proxy/topology.go (canUseTopology, availableForTopology):
     hints are used only when every ready endpoint has zone hints and at least
     one is hinted for this node's zone; then only the endpoints hinted for the
     zone are kept. Otherwise all endpoints are, so a half-rolled-out hint or a
     zone with nothing hinted to it never leaves a service without backends."""
-    ready = [hints.get((e.address, e.port), frozenset()) for e in eps if e.ready]
+    ready = [h for e, h in zip(eps, hints) if e.ready]
     if not ready or not all(ready) or not any(zone in h for h in ready):
         return eps
-    return tuple(e for e in eps if zone in hints.get((e.address, e.port), frozenset()))
+    return tuple(e for e, h in zip(eps, hints) if zone in h)
 
 
 def _endpoints_for(svc: _Service, port: _Port, slices: list[_Slice], label: str, out: _Collector
-                   ) -> tuple[tuple[Endpoint, ...], dict[tuple[IPAddress, int], frozenset[str]]]:
-    """The merged endpoints of one service port, and their zone hints."""
-    merged: dict[tuple[IPAddress, int], Endpoint] = {}
-    hints: dict[tuple[IPAddress, int], frozenset[str]] = {}
+                   ) -> tuple[tuple[Endpoint, ...], list[frozenset[str]]]:
+    """The merged endpoints of one service port, and their zone hints (in step)."""
+    # (address, port) -> (endpoint, its zone hints)
+    merged: dict[tuple[bytes, int], tuple[Endpoint, frozenset[str]]] = {}
     for sl in slices:
         if sl.ports is None:
             # A slice with no ports: the standalone shorthand, where the
@@ -533,11 +567,10 @@ def _endpoints_for(svc: _Service, port: _Port, slices: list[_Slice], label: str,
             if not match or match[0].port is None:
                 continue
             number = match[0].port
-        for ep, zones in zip(sl.endpoints, sl.zone_hints):
-            key = (ep.address, number)
+        for ep in sl.endpoints:
+            key = (ep.key, number)
             prev = merged.get(key)
-            if prev is None or (ep.ready and not prev.ready):
-                merged[key] = Endpoint(ep.address, number, ep.ready, ep.serving,
-                                       ep.terminating, ep.node_name, ep.zone)
-                hints[key] = zones
-    return tuple(merged.values()), hints
+            if prev is None or (ep.ready and not prev[0].ready):
+                merged[key] = (Endpoint(ep.address, number, ep.ready, ep.serving,
+                                        ep.terminating, ep.node_name, ep.zone), ep.zone_hints)
+    return tuple(e for e, _ in merged.values()), [h for _, h in merged.values()]

@@ -88,26 +88,41 @@ def _kind_name(value: Any) -> str:
 
 def check(value: Any, schema: Any, path: str = "") -> list[tuple[str, str]]:
     """Returns (field path, reason) for every violation below value."""
+    reporter, valid = _compiled(schema)
+    if value is None or reporter is None or valid(value):
+        return []
     out: list[tuple[str, str]] = []
-    validator = _compiled(schema)
-    if value is not None and validator is not None:
-        validator(value, path, out)
+    reporter(value, path, out)
     return out
 
 
-# The schemas are compiled once into nested closures: checking 20 000
-# objects is on the path of every config reload, and walking the schema
-# description anew for each value cost more than parsing the YAML.
+# The schemas are compiled once: checking 20 000 objects is on the path of
+# every config reload, and walking the schema description anew for each
+# value cost more than parsing the YAML. Each schema gets two checkers: a
+# predicate (`valid`), one generated function that only says whether a
+# value has no violation (almost every object of a config has none), and
+# the reporter, nested closures that name each violation and its path, run
+# only when the predicate says no.
 _CACHE: dict[int, Any] = {}
 
 _EXACT_TYPE = {STR: str, INT: int, BOOL: bool}
 
 
+def _cache_key(schema: Any) -> Any:
+    # A list schema is often written in the call itself ([ANY],
+    # [CONTAINER_PORT]): keyed by what it holds, or each call would compile
+    # it anew and keep it in the cache for good.
+    if isinstance(schema, list):
+        return ("list", _cache_key(schema[0]))
+    return id(schema)
+
+
 def _compiled(schema: Any):
-    key = id(schema)
+    key = _cache_key(schema)
     if key not in _CACHE:
-        _CACHE[key] = (_compile(schema), schema)  # keep schema alive: ids are reused
-    return _CACHE[key][0]
+        # keep schema alive: ids are reused
+        _CACHE[key] = (_compile(schema), _compile_valid(schema), schema)
+    return _CACHE[key][:2]
 
 
 def _compile(schema: Any):
@@ -177,6 +192,57 @@ def _compile_list(item_schema: Any):
             elif item is not None:
                 item(element, f"{path}[{i}]", out)
     return check_list
+
+
+def _compile_valid(schema: Any):
+    """The predicate: true exactly when the reporter would find nothing.
+
+    Generated as one function with the schema's nesting unrolled (a call per
+    nested node made it no faster than the reporter). Each test mirrors one
+    report of the reporter: not a map / unknown field / not a list / an
+    empty list item / a wrong scalar type; None (unset) fields pass."""
+    lines: list[str] = []
+    names: dict[str, Any] = {}
+
+    def const(value: Any) -> str:
+        name = f"_c{len(names)}"
+        names[name] = value
+        return name
+
+    def emit(var: str, node: Any, depth: int) -> None:
+        pad = "    " * depth
+        if isinstance(node, dict):
+            lines.append(f"{pad}if type({var}) is not dict or not {var}.keys() <= {const(frozenset(node))}:")
+            lines.append(f"{pad}    return False")
+            for i, (field, sub) in enumerate(node.items()):
+                if sub == ANY:
+                    continue
+                item = f"{var}_{i}"
+                lines.append(f"{pad}{item} = {var}.get({field!r})")
+                lines.append(f"{pad}if {item} is not None:")
+                emit(item, sub, depth + 1)
+        elif isinstance(node, list):
+            item = f"{var}_i"
+            lines.append(f"{pad}if type({var}) is not list:")
+            lines.append(f"{pad}    return False")
+            lines.append(f"{pad}for {item} in {var}:")
+            lines.append(f"{pad}    if {item} is None:")
+            lines.append(f"{pad}        return False")
+            if node[0] != ANY:
+                emit(item, node[0], depth + 1)
+        elif node == STR_MAP:
+            lines.append(f"{pad}if type({var}) is not dict or not all(type(s) is str for s in {var}.values()):")
+            lines.append(f"{pad}    return False")
+        else:
+            lines.append(f"{pad}if type({var}) is not {const(_EXACT_TYPE[node])}:")
+            lines.append(f"{pad}    return False")
+
+    if schema == ANY:
+        return None
+    emit("v", schema, 1)
+    namespace = dict(names)
+    exec("def valid(v):\n" + "\n".join(lines) + "\n    return True\n", namespace)
+    return namespace["valid"]
 
 
 def _scalar_problem(value: Any, schema: str, path: str) -> list[tuple[str, str]]:

@@ -215,6 +215,8 @@ class FileSource:
         self._notes: list[str] = []
         self._parsed: dict = {}  # file -> (stamp, parsed documents)
         self._index: FileIndex | None = None  # for incremental reads; None: read everything
+        # What the index of the last full read is built from, later: (state, skipped).
+        self._index_inputs: tuple[DesiredState, list[Problem]] | None = None
         self._pending: DesiredState | None = None  # read, not yet handed out (held)
         self._held_since: float | None = None
         self._serving_services = False       # the last state handed out had Services
@@ -246,7 +248,9 @@ class FileSource:
         every poll)."""
         stamp = _stamp(self.path)
         seen, self._seen = self._seen, stamp
-        if stamp != self._last:
+        if stamp == self._last:
+            self._build_index()  # a quiet poll: the state read last is in the maps by now
+        else:
             if not self._settled(stamp, seen):
                 return None  # still being written, perhaps: look again next poll
             self._last = stamp
@@ -270,13 +274,13 @@ class FileSource:
             state = self._read_changed_files()
             if state is not None:
                 return state
-            self._index = None
+            self._index, self._index_inputs = None, None
             result = read_config(self.path, self.node_name, self._parsed, self._read_state)
         except ConfigError:
-            self._index = None
+            self._index, self._index_inputs = None, None
             raise
         except Exception as exc:
-            self._index = None
+            self._index, self._index_inputs = None, None
             log.exception("reading %s failed", self.path)
             raise internal_error(str(self.path), exc) from None
         if result.notes != self._notes:
@@ -286,14 +290,21 @@ class FileSource:
         self._report_skipped([str(p) for p in result.skipped])
         # A route ties its parent to other Services: the incremental path
         # would miss a backend Service's change, so routes mean full reads.
-        if result.state.routes or any(p.obj.startswith(ROUTE_KINDS + (GRANT_KIND,)) for p in result.skipped):
-            self._index = None
-        else:
-            with gc_paused():
-                self._index = FileIndex(result.state, self._parsed, self.node_name)
-            self._index.skipped = result.skipped
+        if not (result.state.routes or any(p.obj.startswith(ROUTE_KINDS + (GRANT_KIND,)) for p in result.skipped)):
+            # Built on the next poll, not now: the new state goes to the maps first.
+            self._index_inputs = (result.state, result.skipped)
         self._read_state = result.state
         return result.state
+
+    def _build_index(self) -> None:
+        """The incremental index of the last full read, if it is still due."""
+        if self._index_inputs is None:
+            return
+        state, skipped = self._index_inputs
+        self._index_inputs = None
+        with gc_paused():
+            self._index = FileIndex(state, self._parsed, self.node_name)
+        self._index.skipped = skipped
 
     def _report_skipped(self, skipped: list[str]) -> None:
         """Logs each left-out object once, when it appears, and when it is fixed."""
@@ -308,6 +319,7 @@ class FileSource:
     def _read_changed_files(self) -> DesiredState | None:
         """Parses only the files that changed and applies their differences
         (file_incremental); None when a full read is needed."""
+        self._build_index()
         if self._index is None:
             return None
         with gc_paused():
