@@ -11,7 +11,6 @@ SockLB.attach_capture (loader.py).
 from __future__ import annotations
 
 import ctypes as ct
-import errno
 import os
 import socket
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Iterable
 
 from ..reconcile.capture_keys import COUNTERS, CapPod, CaptureState, CaptureStep, CidrKey, Orig, PortKey
 from . import libbpf
+from .pinned import PinnedMaps
 from .layout import (CAPTURE_MAPS, CapCfgC, CapCidrKeyC, CapOrigC, CapPairKeyC, CapPodC,
                      CapPortKeyC, CapVerdictC, EpAddrC)
 
@@ -100,81 +100,33 @@ CODECS = {
 }
 
 
-class CaptureMaps:
+class CaptureMaps(PinnedMaps):
     """The pinned capture maps of one bpffs folder."""
 
+    what = "capture"
+    roles = ROLE_MAP
+    codecs = CODECS
+    state_type = CaptureState
+    error = CaptureError
+    stats_map = "mbpf_cap_stats"
+    counter_index = COUNTERS
+
     def __init__(self, bpffs: Path):
-        self.bpffs = Path(bpffs)
-        self.fds: dict[str, int] = {}
         try:
-            for spec in CAPTURE_MAPS:
-                self.fds[spec.name] = libbpf.obj_get(str(self.bpffs / spec.name))
+            super().__init__(bpffs, CAPTURE_MAPS)
         except OSError as exc:
-            self.close()
-            raise CaptureError(f"{self.bpffs / spec.name}: cannot open the capture map "
+            raise CaptureError(f"{Path(bpffs)}: cannot open the capture maps "
                                f"({exc.strerror}); is the agent's datapath loaded there, "
                                f"on a kernel with sidecar capture?") from exc
-
-    def close(self) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
-        self.fds.clear()
-
-    def __enter__(self) -> "CaptureMaps":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def read(self) -> CaptureState:
-        state = CaptureState()
-        for role, spec in ROLE_MAP.items():
-            _, _, key_from, val_from = CODECS[role]
-            target = getattr(state, role)
-            for k, v in libbpf.map_items(self.fds[spec.name], spec.key, spec.value):
-                target[key_from(k)] = val_from(v)
-        return state
 
     def apply(self, steps: Iterable[CaptureStep]) -> None:
         """Each step's entries, steps in the order given (the planner's order
         keeps every intermediate state safe), then the meshed-pod count the
         connect hooks check first."""
-        for step in steps:
-            self._apply_step(step)
+        super().apply(steps)
         spec = SPECS["mbpf_cap_pod"]
         pods = libbpf.map_count(self.fds[spec.name], ct.sizeof(spec.key))
         libbpf.map_update(self.fds["mbpf_cap_cfg"], ct.c_uint32(0), CapCfgC(pods=pods, pad=0))
-
-    def _apply_step(self, step: CaptureStep) -> None:
-        if step.map not in ROLE_MAP:
-            raise CaptureError(f"capture step: unknown map {step.map!r} "
-                               f"(known: {', '.join(ROLE_MAP)})")
-        spec = ROLE_MAP[step.map]
-        if step.op not in ("update", "delete"):
-            raise CaptureError(f"capture step on {spec.name}: unknown op {step.op!r}")
-        key_into, val_into, _, _ = CODECS[step.map]
-        fd = self.fds[spec.name]
-        for key, value in step.entries.items():
-            try:
-                if step.op == "update":
-                    libbpf.map_update(fd, key_into(key), val_into(value))
-                else:
-                    libbpf.map_delete(fd, key_into(key))
-            except OSError as exc:
-                if step.op == "delete" and exc.errno == errno.ENOENT:
-                    continue  # already gone: the goal is reached
-                raise CaptureError(f"{step.op} of {spec.name} entry {key} failed: "
-                                   f"{exc.strerror}") from exc
-
-    def counters(self) -> dict[str, int]:
-        """mbpf_cap_stats summed over CPUs, by capture_keys.COUNTERS name."""
-        ncpu = libbpf.possible_cpus()
-        out = {}
-        for name, idx in COUNTERS.items():
-            values = (ct.c_uint64 * ncpu)()
-            libbpf.map_lookup(self.fds["mbpf_cap_stats"], ct.c_uint32(idx), values)
-            out[name] = sum(values)
-        return out
 
     def pairs(self) -> list[tuple[tuple[bytes, int], tuple[bytes, int], Orig]]:
         """Captured connections the proxy may ask about: ((peer address,

@@ -20,17 +20,16 @@ import ctypes as ct
 import errno
 import ipaddress
 import logging
-import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 from ..reconcile import addr16
 from ..reconcile.policy_keys import (DROP_COUNTERS, POLICY_COUNTERS, EpVal, PeerKey, PeerVal,
-                                     PolicyState, PolicyStep, PortKey, PortVal)
+                                     PolicyState, PortKey, PortVal)
 from . import libbpf
 from .bpffs import check_bpffs
+from .pinned import PinnedMaps
 from .endpoints import find_endpoint  # noqa: F401 (part of this module's API)
 from .layout import (POLICY_MAPS, RINGBUF_MAPS, CtC, CtKeyC, EpAddrC, EpC, MapSpec, NO_PREALLOC,
                      PolCfgC, PolPeerC, PolPeerKeyC, PolPortC, PolPortKeyC)
@@ -259,71 +258,21 @@ def pinned_policy_maps(ringbuf: bool) -> tuple[MapSpec, ...]:
     return tuple(s for s in POLICY_MAPS if ringbuf or s.name not in RINGBUF_MAPS)
 
 
-class PolicyMaps:
+class PolicyMaps(PinnedMaps):
     """The pinned policy maps of one bpffs folder, opened without bcc."""
 
+    what = "policy"
+    roles = ROLE_MAP
+    codecs = CODECS
+    state_type = PolicyState
+    error = PolicyError
+    stats_map = "mbpf_pol_stats"
+    counter_index = COUNTERS
+
     def __init__(self, bpffs: Path):
-        self.bpffs = bpffs
-        self.fds: dict[str, int] = {}
-        try:
-            for spec in POLICY_MAPS:
-                if spec.name in RINGBUF_MAPS and not (bpffs / spec.name).exists():
-                    continue  # a kernel without ring buffers
-                self.fds[spec.name] = libbpf.obj_get(str(bpffs / spec.name))
-        except OSError:
-            self.close()
-            raise
-
-    def close(self) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
-        self.fds.clear()
-
-    def __enter__(self) -> "PolicyMaps":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def read(self) -> PolicyState:
-        state = PolicyState()
-        for role, spec in ROLE_MAP.items():
-            _, _, key_from, val_from = CODECS[role]
-            target = getattr(state, role)
-            for k, v in libbpf.map_items(self.fds[spec.name], spec.key, spec.value):
-                target[key_from(k)] = val_from(v)
-        return state
-
-    def apply(self, steps: Iterable[PolicyStep]) -> None:
-        """Each step's entries, steps in the order given (the planner's order
-        is what makes a change atomic per pod)."""
-        for step in steps:
-            spec = ROLE_MAP[step.map]
-            key_into, val_into, _, _ = CODECS[step.map]
-            fd = self.fds[spec.name]
-            if step.op not in ("update", "delete"):
-                raise ValueError(f"policy step on {spec.name}: unknown op {step.op!r}")
-            for key, value in step.entries.items():
-                try:
-                    if step.op == "update":
-                        libbpf.map_update(fd, key_into(key), val_into(value))
-                    else:
-                        libbpf.map_delete(fd, key_into(key))
-                except OSError as exc:
-                    if step.op == "delete" and exc.errno == errno.ENOENT:
-                        continue  # already gone: the goal is reached
-                    raise PolicyError(f"{step.op} of {spec.name} entry {key} failed: "
-                                      f"{exc.strerror}") from exc
-
-    def counters(self) -> dict[str, int]:
-        """mbpf_pol_stats summed over CPUs, by name (COUNTERS)."""
-        ncpu = libbpf.possible_cpus()
-        out = {}
-        for name, idx in COUNTERS.items():
-            values = (ct.c_uint64 * ncpu)()
-            libbpf.map_lookup(self.fds["mbpf_pol_stats"], ct.c_uint32(idx), values)
-            out[name] = sum(values)
-        return out
+        # a kernel without ring buffers has no event map
+        super().__init__(bpffs, POLICY_MAPS, skip=lambda spec: (
+            spec.name in RINGBUF_MAPS and not (Path(bpffs) / spec.name).exists()))
 
     def set_events(self, on: bool) -> None:
         libbpf.map_update(self.fds["mbpf_pol_cfg"], ct.c_uint32(0), PolCfgC(events=int(on)))
