@@ -6,7 +6,9 @@
  * backend before the kernel routes anything, so there is no per-packet NAT and
  * no conntrack. recvmsg() and getpeername() rewrite the backend back to the
  * service address, so UDP replies come from the address the client asked and
- * applications see the service as their peer.
+ * applications see the service as their peer. With sidecar capture,
+ * getsockname() on a proxy's captured connection names the app's original
+ * destination, as it would behind iptables REDIRECT/TPROXY.
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/in.h>
@@ -175,3 +177,38 @@ int mbpf_getpeer6(struct bpf_sock_addr *ctx)
 {
 	return xlate_reverse(ctx, 1);
 }
+
+#ifdef MBPF_CAPTURE
+/* getsockname() on the proxy's accepted socket of a captured connection
+ * names the original destination (some proxies read it there instead of
+ * SO_ORIGINAL_DST: HAProxy for IPv6). Every other socket keeps its own. */
+static __always_inline int cap_getsockname(struct bpf_sock_addr *ctx, int v6)
+{
+	struct mbpf_cap_orig orig;
+	struct mbpf_cap_orig *o;
+
+	if (ctx->protocol != IPPROTO_TCP)
+		return SYS_PROCEED;
+	o = cap_pair_of_sk(ctx->sk);
+	if (!o)
+		return SYS_PROCEED;
+	orig = *o;  /* one copy: the entry may be reused meanwhile */
+	if (v6)
+		ctx_set_dst6(ctx, orig.addr, orig.port);
+	else
+		ctx_set_dst4(ctx, orig.addr, orig.port);  /* an IPv6 original stays unnamed */
+	return SYS_PROCEED;
+}
+
+/* attaches to cgroup/getsockname4 of cgroups with sidecar capture (5.8+) */
+int mbpf_getsockname4(struct bpf_sock_addr *ctx)
+{
+	return cap_getsockname(ctx, 0);
+}
+
+/* attaches to cgroup/getsockname6 of cgroups with sidecar capture (5.8+) */
+int mbpf_getsockname6(struct bpf_sock_addr *ctx)
+{
+	return cap_getsockname(ctx, 1);
+}
+#endif /* MBPF_CAPTURE */

@@ -6,7 +6,8 @@
  * the proxy sees is too); connects from this node to a meshed pod's ports
  * are steered to its inbound port. The original destination is kept by
  * socket cookie until the connection is established, then by the tuple the
- * proxy's accepted socket sees, where getsockopt(SO_ORIGINAL_DST) finds it.
+ * proxy's accepted socket sees, where getsockopt(SO_ORIGINAL_DST) and
+ * getsockname() find it.
  *
  * Order in connect (bpf/sock_lb.c): outbound capture, else socket-LB, then
  * inbound capture on the final destination. So the proxy's own connect to
@@ -265,6 +266,28 @@ static __always_inline void cap_addr(__u8 *out, __u32 family, __u32 ip4,
 		w[2] = w2;
 		w[3] = w3;
 	}
+}
+
+/* A socket's captured-connection record, or NULL: for the proxy's accepted
+ * socket the remote end is the app and the local end the proxy's port, the
+ * tuple cap_file_pair filed the original destination under. getsockopt
+ * (SO_ORIGINAL_DST) and getsockname ask this. */
+static __always_inline struct mbpf_cap_orig *cap_pair_of_sk(struct bpf_sock *sk)
+{
+	struct mbpf_cap_pair_key key = {};
+	__u32 family = sk->family;
+
+	if (family != 2 && family != 10)
+		return 0;
+	cap_addr(key.peer, family, sk->dst_ip4,
+		 MBPF_CTX_READ32(sk->dst_ip6[0]), MBPF_CTX_READ32(sk->dst_ip6[1]),
+		 MBPF_CTX_READ32(sk->dst_ip6[2]), MBPF_CTX_READ32(sk->dst_ip6[3]));
+	cap_addr(key.local, family, sk->src_ip4,
+		 MBPF_CTX_READ32(sk->src_ip6[0]), MBPF_CTX_READ32(sk->src_ip6[1]),
+		 MBPF_CTX_READ32(sk->src_ip6[2]), MBPF_CTX_READ32(sk->src_ip6[3]));
+	key.peer_port = (__u16)sk->dst_port;             /* network order */
+	key.local_port = bpf_htons((__u16)sk->src_port); /* host order in bpf_sock */
+	return mbpf_cap_pair.lookup(&key);
 }
 
 /* sockops, ACTIVE_ESTABLISHED: a captured socket now has its tuple; file

@@ -18,6 +18,7 @@ from . import btf
 from .libbpf import _lib
 
 # uapi/linux/bpf.h enum values
+ATTACH_INET4_GETSOCKNAME, ATTACH_INET6_GETSOCKNAME = 31, 32
 PROG = {"cgroup_sock_addr": 18, "sock_ops": 13, "sk_msg": 16, "cgroup_sockopt": 25}
 MAP = {"sockhash": 18, "sk_storage": 24, "lru_hash": 9, "lpm_trie": 11}
 HELPER = {
@@ -30,6 +31,29 @@ HELPER = {
 _lib.libbpf_probe_bpf_prog_type.argtypes = [ct.c_int, ct.c_void_p]
 _lib.libbpf_probe_bpf_map_type.argtypes = [ct.c_int, ct.c_void_p]
 _lib.libbpf_probe_bpf_helper.argtypes = [ct.c_int, ct.c_int, ct.c_void_p]
+
+
+class _ProgLoadOpts(ct.Structure):
+    """The head of struct bpf_prog_load_opts: libbpf reads the rest as zero."""
+    _fields_ = [("sz", ct.c_size_t), ("attempts", ct.c_int), ("expected_attach_type", ct.c_uint32)]
+
+
+_lib.bpf_prog_load.argtypes = [ct.c_int, ct.c_char_p, ct.c_char_p, ct.c_void_p, ct.c_size_t,
+                               ct.POINTER(_ProgLoadOpts)]
+_RETURN_1 = bytes([0xb7, 0, 0, 0, 1, 0, 0, 0,     # r0 = 1
+                   0x95, 0, 0, 0, 0, 0, 0, 0])    # exit
+
+
+def _attach_type(prog: str, attach_type: int) -> bool:
+    """Does the kernel load a program of this type for this attach point?
+    (libbpf's type probe sets none; a kernel that predates the attach
+    point refuses it.)"""
+    opts = _ProgLoadOpts(sz=ct.sizeof(_ProgLoadOpts), expected_attach_type=attach_type)
+    fd = _lib.bpf_prog_load(PROG[prog], None, b"GPL", _RETURN_1, 2, ct.byref(opts))
+    if fd < 0:
+        return False
+    os.close(fd)
+    return True
 
 
 def _prog(name: str) -> bool:
@@ -96,6 +120,11 @@ def probe() -> list[Feature]:
                 "TCP_NODELAY set after connect is not seen; such sockets may switch to TCP"),
         Feature("capture", _capture(sock_addr), "sidecar capture without iptables (5.7+)",
                 "sidecar capture is off"),
+        Feature("capture_getsockname", sock_addr
+                and _attach_type("cgroup_sock_addr", ATTACH_INET4_GETSOCKNAME)
+                and _attach_type("cgroup_sock_addr", ATTACH_INET6_GETSOCKNAME),
+                "sidecar capture: getsockname() names the original destination (5.8+)",
+                "capture works; a proxy that reads getsockname() (HAProxy for IPv6) sees its own port"),
     ]
 
 

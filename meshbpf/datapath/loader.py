@@ -35,6 +35,7 @@ ATTACH_SOCK_OPS = 3
 ATTACH_SK_MSG_VERDICT = 7
 ATTACH_SETSOCKOPT = 22
 ATTACH_GETSOCKOPT = 21
+ATTACH_GETSOCKNAME4, ATTACH_GETSOCKNAME6 = 31, 32
 PROG_TYPE_SOCK_OPS = 13
 PROG_TYPE_SK_MSG = 16
 PROG_TYPE_CGROUP_SOCKOPT = 25
@@ -54,7 +55,10 @@ SOCK_LB_HOOKS = (
 )
 
 # Per-cgroup link pins of sidecar capture (<name>-<cgroup id>).
-CAPTURE_LINKS = ("mbpf_cap_sockops-", "mbpf_getsockopt-")
+CAPTURE_LINKS = ("mbpf_cap_sockops-", "mbpf_getsockopt-", "mbpf_getsockname4-", "mbpf_getsockname6-")
+# getsockname() names a captured connection's original destination (5.8+).
+CAPTURE_SOCKNAME_HOOKS = (("mbpf_getsockname4", ATTACH_GETSOCKNAME4),
+                          ("mbpf_getsockname6", ATTACH_GETSOCKNAME6))
 
 # One file per hook family, compiled together.
 LB_SOURCES = ["sock_lb.c"]
@@ -237,11 +241,12 @@ class SockLB:
                            and name not in wanted)
 
     def attach_capture(self, cgroups: list[Path]) -> None:
-        """Sidecar capture's sockops (files captured connections) and
-        getsockopt (answers SO_ORIGINAL_DST) on each cgroup holding meshed
-        pods or their same-node clients; links to cgroups no longer listed
-        go. The connect hooks need nothing more: they capture as soon as
-        mbpf_cap_cfg.pods is set (meshbpf/datapath/capture.py)."""
+        """Sidecar capture's sockops (files captured connections),
+        getsockopt (answers SO_ORIGINAL_DST) and, where the kernel has them,
+        getsockname (names the original destination) on each cgroup holding
+        meshed pods or their same-node clients; links to cgroups no longer
+        listed go. The connect hooks need nothing more: they capture as soon
+        as mbpf_cap_cfg.pods is set (meshbpf/datapath/capture.py)."""
         if not self.capture:
             raise DatapathError("sidecar capture is not available on this kernel (needs 5.7+: "
                                 "cgroup and uid helpers in connect(), sockops, getsockopt)")
@@ -249,6 +254,11 @@ class SockLB:
                   "mbpf_cap_sockops"),
                  (self._load(b"mbpf_getsockopt", PROG_TYPE_CGROUP_SOCKOPT,
                              attach_type=ATTACH_GETSOCKOPT), ATTACH_GETSOCKOPT, "mbpf_getsockopt")]
+        if self.features.get("capture_getsockname"):
+            from bcc import BPF
+
+            hooks += [(self._load(func.encode(), BPF.CGROUP_SOCK_ADDR, attach_type=attach_type),
+                       attach_type, func) for func, attach_type in CAPTURE_SOCKNAME_HOOKS]
         wanted: set[str] = set()
         for path in cgroups:
             cg_id = cgroup.cgroup_id(path)
@@ -263,7 +273,7 @@ class SockLB:
         self._remove_links(lambda name: name.startswith(CAPTURE_LINKS) and name not in wanted)
 
     def detach_capture(self) -> None:
-        """No more SO_ORIGINAL_DST answers nor filing (clear mbpf_cap_pod
+        """No more SO_ORIGINAL_DST/getsockname answers nor filing (clear mbpf_cap_pod
         first, or captured connects reach a proxy that cannot route them)."""
         self._remove_links(lambda name: name.startswith(CAPTURE_LINKS))
 

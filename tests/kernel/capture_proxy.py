@@ -1,16 +1,21 @@
 """A tiny sidecar proxy and its client, for the sidecar capture tests.
 
-    capture_proxy.py proxy OUT_PORT IN_PORT UID [forward]
+    capture_proxy.py proxy OUT_PORT IN_PORT UID [forward|getsockname]
         listens on OUT_PORT and IN_PORT (IPv4 and IPv6), then drops to UID,
         as Istio's proxy runs as 1337. Each accepted connection gets one JSON
-        line: the port it came in on, the proxy's uid, and what
-        getsockopt(SO_ORIGINAL_DST) (IP6T_SO_ORIGINAL_DST on IPv6) answered.
-        With "forward" it first connects to that original destination itself
-        (an HTTP GET, as uid UID) and adds the answer: where the proxy's own
-        connect went.
+        line: the port it came in on, the proxy's uid, what
+        getsockopt(SO_ORIGINAL_DST) (IP6T_SO_ORIGINAL_DST on IPv6) answered,
+        and what getsockname() answered ("sockname"). With "forward" it
+        first connects to that original destination itself (an HTTP GET, as
+        uid UID) and adds the answer: where the proxy's own connect went.
+        "getsockname" forwards to what getsockname() named instead, as
+        HAProxy 2.6 does for IPv6.
     capture_proxy.py get HOST PORT
         what an app sees: one HTTP GET to HOST:PORT; prints the proxy's JSON
         answer, a plain HTTP server's body, or the connect error.
+    capture_proxy.py get-sockname HOST PORT
+        the same, plus what getsockname() said on the app's own socket
+        ("app_sockname").
     capture_proxy.py dns PORT UID
         the proxy's DNS port: answers every UDP datagram with its port and uid.
     capture_proxy.py udp-get HOST PORT
@@ -45,8 +50,11 @@ def original_dst(conn: socket.socket) -> dict:
         return {"orig_error": errno.errorcode.get(exc.errno, str(exc))}
 
 
-def http_get(host: str, port: int, timeout: float = 10.0) -> str:
+def http_get(host: str, port: int, timeout: float = 10.0, sockname: list | None = None) -> str:
+    """The answer's body; sockname, if given, gets the app socket's own address."""
     with socket.create_connection((host, port), timeout=timeout) as s:
+        if sockname is not None:
+            sockname[:] = s.getsockname()[:2]
         s.sendall(f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
         data = b""
         while chunk := s.recv(4096):
@@ -67,17 +75,18 @@ def _read_request(conn: socket.socket) -> None:
         data += chunk
 
 
-def handle(conn: socket.socket, port: int, forward: bool) -> None:
+def handle(conn: socket.socket, port: int, mode: str) -> None:
     with conn:
         try:
             _read_request(conn)
         except OSError:
             return
         answer = {"port": port, "uid": os.getuid(), "peer": list(conn.getpeername()[:2]),
-                  **original_dst(conn)}
-        if forward and "orig" in answer:
+                  "sockname": list(conn.getsockname()[:2]), **original_dst(conn)}
+        target = {"forward": answer.get("orig"), "getsockname": answer["sockname"]}.get(mode)
+        if target:
             try:
-                answer["upstream"] = http_get(*answer["orig"])
+                answer["upstream"] = http_get(*target)
             except OSError as exc:
                 answer["upstream_error"] = errno.errorcode.get(exc.errno, str(exc))
         body = (json.dumps(answer) + "\n").encode()
@@ -98,18 +107,18 @@ def listen(port: int) -> list[socket.socket]:
     return socks
 
 
-def serve(sock: socket.socket, forward: bool) -> None:
+def serve(sock: socket.socket, mode: str) -> None:
     port = sock.getsockname()[1]
     while True:
         conn, _ = sock.accept()
-        threading.Thread(target=handle, args=(conn, port, forward), daemon=True).start()
+        threading.Thread(target=handle, args=(conn, port, mode), daemon=True).start()
 
 
 def proxy(out_port: str, in_port: str, uid: str, mode: str = "") -> None:
     socks = listen(int(out_port)) + listen(int(in_port))
     os.setgid(int(uid))
     os.setuid(int(uid))  # after bind, as a proxy drops privileges
-    threads = [threading.Thread(target=serve, args=(s, mode == "forward"), daemon=True) for s in socks]
+    threads = [threading.Thread(target=serve, args=(s, mode), daemon=True) for s in socks]
     for t in threads:
         t.start()
     print(json.dumps({"ready": True}), flush=True)
@@ -117,13 +126,15 @@ def proxy(out_port: str, in_port: str, uid: str, mode: str = "") -> None:
         t.join()
 
 
-def get(host: str, port: str) -> None:
+def get(host: str, port: str, with_sockname: bool = False) -> None:
+    sockname: list = []
     try:
-        body = http_get(host, int(port))
+        body = http_get(host, int(port), sockname=sockname)
     except OSError as exc:
         print(json.dumps({"error": errno.errorcode.get(exc.errno, str(exc))}))
         return
-    print(json.dumps(json.loads(body) if body.startswith("{") else {"body": body}))
+    answer = json.loads(body) if body.startswith("{") else {"body": body}
+    print(json.dumps({**answer, "app_sockname": sockname} if with_sockname else answer))
 
 
 def dns(port: str, uid: str) -> None:
@@ -162,4 +173,5 @@ def udp_get(host: str, port: str) -> None:
 
 
 if __name__ == "__main__":
-    {"proxy": proxy, "get": get, "dns": dns, "udp-get": udp_get}[sys.argv[1]](*sys.argv[2:])
+    {"proxy": proxy, "get": get, "get-sockname": lambda host, port: get(host, port, True),
+     "dns": dns, "udp-get": udp_get}[sys.argv[1]](*sys.argv[2:])

@@ -3,8 +3,8 @@
 Pods mesh/a and mesh/b are meshed (kubelet-style cgroups, maps written
 directly through CaptureMaps: the agent's part is tested elsewhere); each
 runs tests/kernel/capture_proxy.py as uid 1337 on 15001/15006, which answers
-with what getsockopt(SO_ORIGINAL_DST) said and, forwarding, where its own
-connect to that destination went. plain/c and client are not meshed.
+with what getsockopt(SO_ORIGINAL_DST) and getsockname() said and, forwarding,
+where its own connect to that destination went. plain/c and client are not meshed.
 """
 
 from __future__ import annotations
@@ -51,9 +51,9 @@ class Proxy:
     def __init__(self, lab: Lab, pod: str):
         self.lab, self.pod, self.proc = lab, pod, None
 
-    def start(self) -> "Proxy":
+    def start(self, mode: str = "forward") -> "Proxy":
         self.proc = self.lab.popen(self.pod, [sys.executable, "-u", str(PROXY), "proxy", str(OUT),
-                                              str(IN), str(UID), "forward"],
+                                              str(IN), str(UID), mode],
                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         assert json.loads(self.proc.stdout.readline())["ready"], f"proxy in {self.pod} did not start"
         wait_listening(self.lab, self.pod, IN)
@@ -183,6 +183,48 @@ def test_app_to_a_pod_address_reaches_the_proxy(meshed, family):
 
 
 @FAMILIES
+@pytest.mark.needs_feature("capture_getsockname")
+def test_proxy_getsockname_names_the_original_destination(meshed, family):
+    """Where a proxy reads getsockname() instead of SO_ORIGINAL_DST (HAProxy
+    for IPv6), its accepted socket of a captured connection names the
+    Service; the app's own socket keeps its real address."""
+    a = ip(meshed.lab, "mesh/a", family)
+    answer = meshed.get("mesh/a", SVC[family], 80, "get-sockname")
+    assert_captured(answer, OUT, [SVC[family], 80])
+    assert answer["sockname"] == [SVC[family], 80], answer
+    assert answer["app_sockname"][0] == a and answer["app_sockname"][1] not in (80, OUT), answer
+    b = ip(meshed.lab, "mesh/b", family)  # inbound: the app's original port
+    assert meshed.get("client", b, 8080)["sockname"] == [b, 8080]
+
+
+@FAMILIES
+@pytest.mark.needs_feature("capture_getsockname")
+def test_proxy_getsockname_of_a_connection_not_captured_is_its_own(meshed, family):
+    """A client's connect straight to the proxy's port is not captured: no
+    original destination, and getsockname() names the proxy's port."""
+    a = ip(meshed.lab, "mesh/a", family)
+    answer = meshed.get("client", a, OUT)
+    assert answer.get("port") == OUT and "orig" not in answer, answer
+    assert answer["sockname"] == [a, OUT], answer
+
+
+@pytest.mark.needs_feature("capture_getsockname")
+def test_a_proxy_forwarding_to_its_getsockname_reaches_the_service(meshed):
+    """capture_proxy.py in "getsockname" mode routes by getsockname() alone,
+    as HAProxy does for IPv6: its own connect goes to a backend, not to
+    itself."""
+    proxy = meshed.proxies["mesh/a"]
+    proxy.stop()
+    try:
+        proxy.start("getsockname")
+        answer = meshed.get("mesh/a", SVC[6], 80)
+        assert answer.get("port") == OUT and answer.get("upstream") in WEBS, answer
+    finally:
+        proxy.stop()
+        proxy.start()
+
+
+@FAMILIES
 def test_loopback_is_not_captured(meshed, family):
     host = "127.0.0.1" if family == 4 else "::1"
     assert meshed.get("mesh/a", host, 9090) == {"body": "a-local"}
@@ -304,15 +346,18 @@ def test_a_bad_capture_step_is_refused_in_one_line(mesh):
 def test_capture_hooks_stay_pinned_and_uninstall_removes_them(lab, bpffs):
     """Like the other hooks: the links outlive the process that made them, a
     new one swaps its programs in behind them, uninstall takes them away."""
-    hooks = (loader.ATTACH_GETSOCKOPT, loader.ATTACH_SOCK_OPS)
     first = SockLB(bpffs=bpffs)
     first.compile()
+    sockname = bool(first.features["capture_getsockname"])
+    hooks = (loader.ATTACH_GETSOCKOPT, loader.ATTACH_SOCK_OPS) + (
+        (loader.ATTACH_GETSOCKNAME4, loader.ATTACH_GETSOCKNAME6) if sockname else ())
     first.attach_capture([lab.cgroup])
     attached = attached_programs(lab.cgroup, hooks)
-    assert len(attached) == 2
+    assert len(attached) == len(hooks)
     links = {n: i.id for n, i in loader.inspect(bpffs).links.items()}
     cg = cgroup_id(lab.cgroup)
-    assert set(links) == {f"mbpf_cap_sockops-{cg}", f"mbpf_getsockopt-{cg}"}
+    assert set(links) == {f"mbpf_cap_sockops-{cg}", f"mbpf_getsockopt-{cg}"} | (
+        {f"mbpf_getsockname4-{cg}", f"mbpf_getsockname6-{cg}"} if sockname else set())
     del first  # the agent is gone; the pinned links keep the programs attached
     assert attached_programs(lab.cgroup, hooks) == attached
     second = SockLB(bpffs=bpffs)
@@ -338,3 +383,26 @@ def test_without_the_capture_feature_socket_lb_runs_and_capture_is_refused_clear
     lb.compile()
     with pytest.raises(loader.DatapathError, match="^sidecar capture is not available on this kernel"):
         lb.attach_capture([lab.cgroup])
+
+
+@pytest.mark.fallback
+@pytest.mark.needs_feature("capture_getsockname")
+def test_without_getsockname_hooks_capture_keeps_its_other_hooks(lab, bpffs, monkeypatch):
+    """Before 5.8 (no getsockname hooks) capture attaches sockops and
+    getsockopt only; an agent that finds getsockname links it no longer
+    wants (as after a kernel downgrade) removes them."""
+    cg = cgroup_id(lab.cgroup)
+    sockname = (loader.ATTACH_GETSOCKNAME4, loader.ATTACH_GETSOCKNAME6)
+    full = SockLB(bpffs=bpffs)
+    full.compile()
+    full.attach_capture([lab.cgroup])
+    assert len(attached_programs(lab.cgroup, sockname)) == 2
+    monkeypatch.setenv("MESHBPF_DISABLE_FEATURES", "capture_getsockname")
+    without = SockLB(bpffs=bpffs)
+    without.compile()
+    without.attach_capture([lab.cgroup])
+    assert set(loader.inspect(bpffs).links) == {f"mbpf_cap_sockops-{cg}", f"mbpf_getsockopt-{cg}"}
+    assert attached_programs(lab.cgroup, sockname) == []
+    assert len(attached_programs(lab.cgroup, (loader.ATTACH_GETSOCKOPT, loader.ATTACH_SOCK_OPS))) == 2
+    loader.uninstall(bpffs)
+    assert attached_programs(lab.cgroup, (loader.ATTACH_GETSOCKOPT, loader.ATTACH_SOCK_OPS)) == []

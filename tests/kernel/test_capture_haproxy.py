@@ -121,12 +121,11 @@ def test_iptables_capture_behind_socket_lb_sees_a_backend(lab, app, haproxy, sta
 
 CAPTURE = pytest.mark.needs_feature("capture")
 
+# HAProxy 2.6 reads an IPv4 connection's original destination with
+# SO_ORIGINAL_DST and an IPv6 one's with getsockname() (sock_get_dst): the
+# IPv6 case needs the getsockname hooks (5.8+).
 FAMILIES = pytest.mark.parametrize("family", [
-    4,
-    pytest.param(6, marks=pytest.mark.xfail(
-        strict=True, reason="HAProxy 2.6 reads an IPv6 connection's original destination with "
-        "getsockname() (sock_get_dst), not IP6T_SO_ORIGINAL_DST; meshbpf answers getsockopt only, "
-        "so HAProxy connects to its own 15001 (iptables REDIRECT fails the same way)")),
+    4, pytest.param(6, marks=pytest.mark.needs_feature("capture_getsockname")),
 ], ids=["ipv4", "ipv6"])
 
 
