@@ -33,10 +33,10 @@ int mbpf_setsockopt(struct bpf_sockopt *ctx)
 	family = sk->family;
 	if (family != 2 && family != 10)
 		return 1;
-	redir_addr(key.local_ip, family, sk->src_ip4,
+	addr_fill(key.local_ip, family, sk->src_ip4,
 		   MBPF_CTX_READ32(sk->src_ip6[0]), MBPF_CTX_READ32(sk->src_ip6[1]),
 		   MBPF_CTX_READ32(sk->src_ip6[2]), MBPF_CTX_READ32(sk->src_ip6[3]));
-	redir_addr(key.remote_ip, family, sk->dst_ip4,
+	addr_fill(key.remote_ip, family, sk->dst_ip4,
 		   MBPF_CTX_READ32(sk->dst_ip6[0]), MBPF_CTX_READ32(sk->dst_ip6[1]),
 		   MBPF_CTX_READ32(sk->dst_ip6[2]), MBPF_CTX_READ32(sk->dst_ip6[3]));
 	key.local_port = (__u16)sk->src_port;
@@ -78,31 +78,18 @@ struct mbpf_sockaddr6 {
 int mbpf_getsockopt(struct bpf_sockopt *ctx)
 {
 	struct bpf_sock *sk = ctx->sk;
-	struct mbpf_cap_pair_key key = {};
 	struct mbpf_cap_orig orig;
 	struct mbpf_cap_orig *o;
 	__u8 *optval = ctx->optval;
 	__u8 *optval_end = ctx->optval_end;
 	__u32 level = MBPF_CTX_READ32(ctx->level);
-	__u32 family;
 
 	if (MBPF_CTX_READ32(ctx->optname) != MBPF_SO_ORIGINAL_DST || !sk ||
 	    (level != MBPF_SOL_IP && level != MBPF_SOL_IPV6))
 		return 1;
-	family = sk->family;
-	if (family != 2 && family != 10)
-		return 1;
 	/* The accepted socket's remote end is the app, its local end the
 	 * proxy's port: the key sockops filed the connection under. */
-	cap_addr(key.peer, family, sk->dst_ip4,
-		 MBPF_CTX_READ32(sk->dst_ip6[0]), MBPF_CTX_READ32(sk->dst_ip6[1]),
-		 MBPF_CTX_READ32(sk->dst_ip6[2]), MBPF_CTX_READ32(sk->dst_ip6[3]));
-	cap_addr(key.local, family, sk->src_ip4,
-		 MBPF_CTX_READ32(sk->src_ip6[0]), MBPF_CTX_READ32(sk->src_ip6[1]),
-		 MBPF_CTX_READ32(sk->src_ip6[2]), MBPF_CTX_READ32(sk->src_ip6[3]));
-	key.peer_port = (__u16)sk->dst_port;             /* network order */
-	key.local_port = bpf_htons((__u16)sk->src_port); /* host order in bpf_sock */
-	o = mbpf_cap_pair.lookup(&key);
+	o = cap_pair_of_sk(sk);
 	if (!o) {
 		cap_count(MBPF_CAP_ORIG_MISS);
 		return 1;

@@ -19,6 +19,7 @@
 
 #include "common.h"
 #include "compat.h"
+#include "addr.h"
 #include "capture_maps.h"
 #include "sock_addr.h"
 
@@ -72,17 +73,6 @@ static __always_inline void cap_caller_init(struct cap_caller *c)
 {
 	c->pod_cg = cap_caller_pod();
 	c->uid = (__u32)bpf_get_current_uid_gid();
-}
-
-static __always_inline int cap_addr_is_loopback(const __u8 *a)
-{
-	const __u32 *w = (const __u32 *)a;
-
-	if (w[0] || w[1])
-		return 0;
-	if (w[2] == bpf_htonl(0x0000ffff))
-		return a[12] == 127;                       /* 127.0.0.0/8 */
-	return w[2] == 0 && w[3] == bpf_htonl(1);          /* ::1 */
 }
 
 static __always_inline int cap_addr_is_zero(const __u8 *a)
@@ -170,7 +160,7 @@ static __always_inline int cap_outbound(struct bpf_sock_addr *ctx, const struct 
 	/* TCP; UDP only for DNS (connected UDP: an unconnected send is not steered) */
 	if (proto != MBPF_IPPROTO_TCP && !(proto == MBPF_IPPROTO_UDP && dns))
 		return 0;
-	if (cap_addr_is_loopback(dst.addr))
+	if (addr_is_loopback(dst.addr))
 		return 0;
 	__builtin_memcpy(self, addr_is_v4mapped(dst.addr) ? p->ip4 : p->ip6, MBPF_ADDR_LEN);
 	if (cap_addr_is_zero(self))
@@ -249,25 +239,6 @@ static __always_inline void cap_inbound(struct bpf_sock_addr *ctx, const struct 
 	cap_count(MBPF_CAP_IN);
 }
 
-/* One 16-byte address from a family and a ctx's ip4 / ip6 words. */
-static __always_inline void cap_addr(__u8 *out, __u32 family, __u32 ip4,
-				     __u32 w0, __u32 w1, __u32 w2, __u32 w3)
-{
-	__u32 *w = (__u32 *)out;
-
-	if (family == 2 /* AF_INET */) {
-		w[0] = 0;
-		w[1] = 0;
-		w[2] = bpf_htonl(0x0000ffff);
-		w[3] = ip4;
-	} else {
-		w[0] = w0;
-		w[1] = w1;
-		w[2] = w2;
-		w[3] = w3;
-	}
-}
-
 /* A socket's captured-connection record, or NULL: for the proxy's accepted
  * socket the remote end is the app and the local end the proxy's port, the
  * tuple cap_file_pair filed the original destination under. getsockopt
@@ -279,10 +250,10 @@ static __always_inline struct mbpf_cap_orig *cap_pair_of_sk(struct bpf_sock *sk)
 
 	if (family != 2 && family != 10)
 		return 0;
-	cap_addr(key.peer, family, sk->dst_ip4,
+	addr_fill(key.peer, family, sk->dst_ip4,
 		 MBPF_CTX_READ32(sk->dst_ip6[0]), MBPF_CTX_READ32(sk->dst_ip6[1]),
 		 MBPF_CTX_READ32(sk->dst_ip6[2]), MBPF_CTX_READ32(sk->dst_ip6[3]));
-	cap_addr(key.local, family, sk->src_ip4,
+	addr_fill(key.local, family, sk->src_ip4,
 		 MBPF_CTX_READ32(sk->src_ip6[0]), MBPF_CTX_READ32(sk->src_ip6[1]),
 		 MBPF_CTX_READ32(sk->src_ip6[2]), MBPF_CTX_READ32(sk->src_ip6[3]));
 	key.peer_port = (__u16)sk->dst_port;             /* network order */
@@ -304,10 +275,10 @@ static __always_inline void cap_file_pair(struct bpf_sock_ops *skops)
 	if (!o)
 		return;
 	orig = *o;
-	cap_addr(key.peer, family, skops->local_ip4,
+	addr_fill(key.peer, family, skops->local_ip4,
 		 MBPF_CTX_READ32(skops->local_ip6[0]), MBPF_CTX_READ32(skops->local_ip6[1]),
 		 MBPF_CTX_READ32(skops->local_ip6[2]), MBPF_CTX_READ32(skops->local_ip6[3]));
-	cap_addr(key.local, family, skops->remote_ip4,
+	addr_fill(key.local, family, skops->remote_ip4,
 		 MBPF_CTX_READ32(skops->remote_ip6[0]), MBPF_CTX_READ32(skops->remote_ip6[1]),
 		 MBPF_CTX_READ32(skops->remote_ip6[2]), MBPF_CTX_READ32(skops->remote_ip6[3]));
 	/* local_port is host order; remote_port network order in the upper half */

@@ -19,6 +19,7 @@
 
 #include "common.h"
 #include "compat.h"
+#include "addr.h"
 #include "redir_maps.h"
 
 static __always_inline void redir_count(__u32 idx, __u64 n)
@@ -36,36 +37,6 @@ static __always_inline struct mbpf_redir_cfg *redir_cfg(void)
 	return mbpf_redir_cfg.lookup(&zero);
 }
 
-/* Fills one 16-byte address from a family and the ctx's ip4 / ip6 words. */
-static __always_inline void redir_addr(__u8 *out, __u32 family, __u32 ip4,
-				       __u32 w0, __u32 w1, __u32 w2, __u32 w3)
-{
-	__u32 *w = (__u32 *)out;
-
-	if (family == 2 /* AF_INET */) {
-		w[0] = 0;
-		w[1] = 0;
-		w[2] = bpf_htonl(0x0000ffff);
-		w[3] = ip4;
-	} else {
-		w[0] = w0;
-		w[1] = w1;
-		w[2] = w2;
-		w[3] = w3;
-	}
-}
-
-static __always_inline int redir_addr_is_loopback(const __u8 *addr)
-{
-	const __u32 *w = (const __u32 *)addr;
-
-	if (w[0] || w[1])
-		return 0;
-	if (w[2] == bpf_htonl(0x0000ffff))
-		return addr[12] == 127;                    /* 127.0.0.0/8 */
-	return w[2] == 0 && w[3] == bpf_htonl(1);          /* ::1 */
-}
-
 /* Family and scope of a filled key; ctx is the program's context, for the
  * netns cookie of a loopback connection (both ends share the namespace). */
 #define redir_key_finish(ctx, key)							\
@@ -73,8 +44,8 @@ static __always_inline int redir_addr_is_loopback(const __u8 *addr)
 		const __u32 *__w = (const __u32 *)(key)->remote_ip;			\
 		(key)->family = (__w[0] == 0 && __w[1] == 0 &&				\
 				 __w[2] == bpf_htonl(0x0000ffff)) ? 4 : 6;		\
-		if (redir_addr_is_loopback((key)->local_ip) ||				\
-		    redir_addr_is_loopback((key)->remote_ip))				\
+		if (addr_is_loopback((key)->local_ip) ||				\
+		    addr_is_loopback((key)->remote_ip))				\
 			redir_key_scope(ctx, key);					\
 	} while (0)
 
@@ -98,10 +69,10 @@ static __always_inline int redir_addr_is_loopback(const __u8 *addr)
 #define redir_key_from_ctx(ctx, key)							\
 	do {										\
 		__u32 __family = (ctx)->family;						\
-		redir_addr((key)->local_ip, __family, (ctx)->local_ip4,			\
+		addr_fill((key)->local_ip, __family, (ctx)->local_ip4,			\
 			   MBPF_CTX_READ32((ctx)->local_ip6[0]), MBPF_CTX_READ32((ctx)->local_ip6[1]),	\
 			   MBPF_CTX_READ32((ctx)->local_ip6[2]), MBPF_CTX_READ32((ctx)->local_ip6[3]));	\
-		redir_addr((key)->remote_ip, __family, (ctx)->remote_ip4,			\
+		addr_fill((key)->remote_ip, __family, (ctx)->remote_ip4,			\
 			   MBPF_CTX_READ32((ctx)->remote_ip6[0]), MBPF_CTX_READ32((ctx)->remote_ip6[1]),	\
 			   MBPF_CTX_READ32((ctx)->remote_ip6[2]), MBPF_CTX_READ32((ctx)->remote_ip6[3]));	\
 		(key)->local_port = (__u16)(ctx)->local_port;				\

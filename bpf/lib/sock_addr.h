@@ -8,26 +8,13 @@
 
 #include "common.h"
 #include "compat.h"
+#include "addr.h"
 
 /* The address and port a socket hook sees, in map form. */
 struct mbpf_l4addr {
 	__u8  addr[MBPF_ADDR_LEN];  /* network order; IPv4 as ::ffff:a.b.c.d */
 	__u16 port;                 /* network order */
 };
-
-static __always_inline int addr_is_v4mapped(const __u8 *a)
-{
-	const __u32 *w = (const __u32 *)a;
-
-	return w[0] == 0 && w[1] == 0 && w[2] == bpf_htonl(0x0000ffff);
-}
-
-static __always_inline int addr_equal(const __u8 *a, const __u8 *b)
-{
-	const __u32 *x = (const __u32 *)a, *y = (const __u32 *)b;
-
-	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3];
-}
 
 static __always_inline void ctx_get_dst4(struct bpf_sock_addr *ctx,
 					 struct mbpf_l4addr *out)
