@@ -32,7 +32,9 @@ def wait_for(check, timeout: float, what: str, interval: float = 0.05):
         time.sleep(interval)
 
 
-def wait_listening(lab: Lab, pod: str, port: int, proto: str = "tcp", timeout: float = 10) -> None:
+def wait_listening(lab: Lab, pod: str, port: int, proto: str = "tcp", timeout: float = 30) -> None:
+    # 30 s: a Python server starting in an emulated VM (TCG) on a busy host
+    # has taken more than 10; a server that does start is seen at once.
     flag = "-ltnH" if proto == "tcp" else "-lunH"
     wait_for(lambda: f":{port} " in lab.run(pod, ["ss", flag], in_cgroup=False).stdout,
              timeout, f"{proto} port {port} in pod {pod}")
