@@ -226,19 +226,7 @@ class SockLB:
                           ATTACH_SETSOCKOPT, "mbpf_setsockopt"))
         # Loaded (verified) all first, attached after: a refusal changes nothing.
         BPF.attach_func(msg, self.map_fd("mbpf_sockhash"), ATTACH_SK_MSG_VERDICT)
-        wanted: set[str] = set()
-        for path in cgroups:
-            cg_id = cgroup.cgroup_id(path)
-            cg_fd = cgroup.open_cgroup(path)
-            try:
-                for fn, attach_type, name in hooks:
-                    pin = self._links_dir() / f"{name}-{cg_id}"  # bpffs refuses "." in names
-                    wanted.add(pin.name)
-                    _attach_or_swap(fn.fd, cg_fd, cg_id, attach_type, pin)
-            finally:
-                os.close(cg_fd)
-        self._remove_links(lambda name: name.startswith(("mbpf_sockops-", "mbpf_setsockopt-"))
-                           and name not in wanted)
+        self._attach_per_cgroup(hooks, cgroups, ("mbpf_sockops-", "mbpf_setsockopt-"))
 
     def attach_capture(self, cgroups: list[Path]) -> None:
         """Sidecar capture's sockops (files captured connections),
@@ -259,18 +247,24 @@ class SockLB:
 
             hooks += [(self._load(func.encode(), BPF.CGROUP_SOCK_ADDR, attach_type=attach_type),
                        attach_type, func) for func, attach_type in CAPTURE_SOCKNAME_HOOKS]
+        self._attach_per_cgroup(hooks, cgroups, CAPTURE_LINKS)
+
+    def _attach_per_cgroup(self, hooks: list, cgroups: list[Path], prefixes: tuple[str, ...]) -> None:
+        """Each (program, attach type, name) on each cgroup as a pinned link
+        <name>-<cgroup id>, swapped in place where one is pinned; links of
+        these prefixes to cgroups no longer listed go."""
         wanted: set[str] = set()
         for path in cgroups:
             cg_id = cgroup.cgroup_id(path)
             cg_fd = cgroup.open_cgroup(path)
             try:
                 for fn, attach_type, name in hooks:
-                    pin = self._links_dir() / f"{name}-{cg_id}"
+                    pin = self._links_dir() / f"{name}-{cg_id}"  # bpffs refuses "." in names
                     wanted.add(pin.name)
                     _attach_or_swap(fn.fd, cg_fd, cg_id, attach_type, pin)
             finally:
                 os.close(cg_fd)
-        self._remove_links(lambda name: name.startswith(CAPTURE_LINKS) and name not in wanted)
+        self._remove_links(lambda name: name.startswith(prefixes) and name not in wanted)
 
     def detach_capture(self) -> None:
         """No more SO_ORIGINAL_DST/getsockname answers nor filing (clear mbpf_cap_pod
