@@ -73,13 +73,17 @@ def read_routes(objects: Iterable[SourceObject], previous: Iterable[Route] = ()
     return routes, problems, notes
 
 
+def _name_and_namespace(obj: dict) -> tuple[str, str]:
+    meta = _mapping(obj.get("metadata"), "metadata")
+    return (_string(meta.get("name"), "metadata.name"),
+            _string(meta.get("namespace", "default"), "metadata.namespace"))
+
+
 def _read_route(src: SourceObject) -> Route | None:
     obj = src.obj
     if obj.get("apiVersion") != API_VERSION:
         raise _Bad("apiVersion", f"must be {API_VERSION!r}, not {obj.get('apiVersion')!r}")
-    meta = _mapping(obj.get("metadata"), "metadata")
-    name = _string(meta.get("name"), "metadata.name")
-    namespace = _string(meta.get("namespace", "default"), "metadata.namespace")
+    name, namespace = _name_and_namespace(obj)
     spec = _mapping(obj.get("spec"), "spec")
     _known(spec, "spec", {"parentRefs", "rules"})
     parents = [_parent(p, f"spec.parentRefs[{i}]", namespace)
@@ -148,9 +152,7 @@ def read_grants(objects: Iterable[SourceObject]) -> tuple[list[ReferenceGrant], 
 def _read_grant(obj: dict) -> ReferenceGrant:
     if obj.get("apiVersion") not in GRANT_API_VERSIONS:
         raise _Bad("apiVersion", f"must be one of {', '.join(GRANT_API_VERSIONS)}, not {obj.get('apiVersion')!r}")
-    meta = _mapping(obj.get("metadata"), "metadata")
-    name = _string(meta.get("name"), "metadata.name")
-    namespace = _string(meta.get("namespace", "default"), "metadata.namespace")
+    name, namespace = _name_and_namespace(obj)
     spec = _mapping(obj.get("spec"), "spec")
     _known(spec, "spec", {"from", "to"})
     froms, tos = [], []
