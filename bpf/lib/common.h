@@ -438,4 +438,82 @@ struct mbpf_cap_cfg {
 #define MBPF_CAP_ORIG_MISS    7  /* SO_ORIGINAL_DST asked, no record */
 #define MBPF_CAP_STAT_MAX     8
 
+/* ---- North-south load balancing (issue 12) ------------------------------
+ * tc (and XDP where the driver allows) programs on the node's external
+ * devices translate packets that arrive from outside the node: to a
+ * NodePort, an external IP, a LoadBalancer ingress IP, or a ClusterIP routed
+ * to the node. The agent's north-south planner
+ * (meshbpf/reconcile/northsouth.py) owns every map below except the
+ * connection tracking, which is the datapath's own; plain mirrors of these
+ * structs are in meshbpf/reconcile/northsouth_keys.py. */
+
+/* Maglev table size M: a prime, the same on every node (part of a table's
+ * definition, meshbpf/reconcile/maglev.py). The loader sets it. */
+#ifndef MBPF_MAGLEV_M
+#define MBPF_MAGLEV_M 16381
+#endif
+
+/* mbpf_ns_svc key: a packet's destination. A NodePort is keyed with the
+ * all-zero address: it answers on every node address in mbpf_ns_addr. */
+struct mbpf_ns_key {
+	__u8  addr[MBPF_ADDR_LEN];  /* network order; IPv4 as ::ffff:a.b.c.d; all zero: NodePort */
+	__u16 port;                 /* network order */
+	__u8  proto;                /* IPPROTO_TCP or IPPROTO_UDP */
+	__u8  pad;                  /* zero */
+};
+
+/* mbpf_ns_svc value. */
+struct mbpf_ns_svc {
+	__u32 table_id;             /* host order; its Maglev table: entries
+	                             * table_id * MBPF_MAGLEV_M .. + M - 1 of mbpf_maglev */
+	__u32 count;                /* host order; distinct backends in the table;
+	                             * 0: no usable endpoint (Cluster: reject with a
+	                             * TCP RST or ICMP unreachable; Local: drop) */
+	__u32 src_id;               /* host order; 0: any client; else only clients
+	                             * in mbpf_ns_src under this id (loadBalancerSourceRanges) */
+	__u32 flags;                /* host order; MBPF_NS_F_* */
+};
+
+#define MBPF_NS_F_LOCAL     1   /* externalTrafficPolicy: Local: the table holds
+                                 * only this node's endpoints; the client's
+                                 * address is kept (never SNAT) */
+#define MBPF_NS_F_NODEPORT  2   /* keyed by the wildcard address (a NodePort) */
+
+/* mbpf_ns_be value; the key is a __u32 backend id (host order). */
+struct mbpf_ns_backend {
+	__u8  addr[MBPF_ADDR_LEN];  /* network order; IPv4 as ::ffff:a.b.c.d */
+	__u16 port;                 /* network order */
+	__u8  flags;                /* MBPF_NS_BE_* */
+	__u8  pad;                  /* zero */
+};
+
+#define MBPF_NS_BE_LOCAL    1   /* on this node: reached without SNAT */
+
+/* mbpf_maglev: array of __u32 backend ids (keys of mbpf_ns_be), one row of
+ * MBPF_MAGLEV_M entries per table; a flow takes
+ * row[flow_hash % MBPF_MAGLEV_M]. The hash covers the client's address and
+ * port, the destination address and port and the protocol, never anything
+ * of the node: the same flow picks the same backend on every node. */
+
+/* mbpf_ns_src: LPM trie, loadBalancerSourceRanges -> __u32 (1: allowed). */
+struct mbpf_ns_src_key {
+	__u32 prefixlen;            /* host order; 32 + bits of addr that count
+	                             * (an IPv4 /24 is 32 + 96 + 24) */
+	__u32 src_id;               /* network order (compared as bytes) */
+	__u8  addr[MBPF_ADDR_LEN];  /* network order; IPv4 as ::ffff:a.b.c.d */
+};
+
+/* mbpf_ns_addr: hash, the node's own addresses -> __u32 (1), on which
+ * NodePorts answer. */
+
+/* mbpf_ns_cfg: array, one entry. */
+struct mbpf_ns_cfg {
+	__u8  snat4[MBPF_ADDR_LEN]; /* network order; ::ffff:a.b.c.d the node's IPv4
+	                             * source for SNAT; zero: none (IPv4 to remote
+	                             * backends is dropped) */
+	__u8  snat6[MBPF_ADDR_LEN]; /* network order; likewise for IPv6 */
+	__u32 enabled;              /* host order; 0: the programs pass everything */
+	__u32 pad;                  /* zero */
+};
+
 #endif /* MBPF_COMMON_H */
