@@ -13,6 +13,10 @@ about ten times slower than on a real machine:
   handling, agent lifecycle, CLI, packaging): runs on the host only; the
   kernel matrix skips it. Anything that sends traffic through a BPF program
   is not ``userspace``.
+- ``realtool``: a real third-party program (HAProxy as a sidecar) composed
+  with a datapath whose kernel side other kernel tests cover on every
+  kernel (test_capture_datapath for capture): runs on the host only, for
+  CI's time budget.
 - ``needs_feature(name, ...)``: needs these kernel features (names from
   `meshbpf status`); skipped, naming what is missing, on a kernel without
   them. The table is probed once per session, the same way the agent does.
@@ -25,7 +29,7 @@ about ten times slower than on a real machine:
 CI's host run has every tool and feature (scripts/setup.sh installs them), so
 there a skip (a missing command, a wrong probe) means a test did not run.
 
-``MESHBPF_SKIP_MARKS=heavy,timing,userspace`` skips tests with those markers (the VMs
+``MESHBPF_SKIP_MARKS=heavy,timing,userspace,realtool`` skips tests with those markers (the VMs
 set it); the summary names each skip and why. ``--shard I/N`` runs every
 N-th test from the I-th on (1-based), so that N VMs share one kernel's run.
 """
@@ -44,6 +48,8 @@ SKIPPABLE = {
                  "CLI, packaging): runs on the host only; the kernel matrix skips it",
     "fallback": "emulates a missing kernel feature (MESHBPF_DISABLE_FEATURES): the kernel matrix "
                 "runs it on its oldest kernel only, where the real fallbacks are",
+    "realtool": "a real third-party program (HAProxy as a sidecar) over a datapath whose kernel side "
+                "other kernel tests cover on every kernel: runs on the host only (CI's time budget)",
     "bounds": "long real-traffic test of a path whose kernel side the other tests cover: the kernel "
               "matrix runs it on its oldest kernel only; the host, newer than any VM kernel, runs it too (CI's "
               "time budget)",

@@ -26,7 +26,7 @@ from . import k8s
 from .conftest import Load
 from .sidecar import HAProxySidecar, IstioIptables, endpoint
 
-pytestmark = [pytest.mark.bounds,
+pytestmark = [pytest.mark.realtool,
               pytest.mark.skipif(not shutil.which("haproxy"),
                                  reason="needs haproxy (scripts/setup.sh installs it)")]
 
