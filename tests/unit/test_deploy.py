@@ -154,6 +154,8 @@ def mounts_by_path(c: dict) -> dict[str, dict]:
 def test_daemonset_runs_on_the_host_network_at_node_critical(daemonset):
     pod = daemonset["spec"]["template"]["spec"]
     assert pod["hostNetwork"] is True
+    # the pods' processes, whose /proc/<pid>/ns/net are their network namespaces
+    assert pod["hostPID"] is True
     assert pod["dnsPolicy"] == "ClusterFirstWithHostNet"
     assert pod["priorityClassName"] == "system-node-critical"
     assert {"operator": "Exists"} in pod["tolerations"]
@@ -161,7 +163,7 @@ def test_daemonset_runs_on_the_host_network_at_node_critical(daemonset):
 
 
 # What the agent is allowed, and why each one (deploy/README.md, "Security").
-AGENT_CAPABILITIES = {"BPF", "NET_ADMIN", "PERFMON", "SYSLOG", "SYS_RESOURCE", "SYS_ADMIN"}
+AGENT_CAPABILITIES = {"BPF", "NET_ADMIN", "PERFMON", "SYSLOG", "SYS_RESOURCE", "SYS_ADMIN", "SYS_PTRACE"}
 
 
 def locked_down(c: dict, caps: set[str]) -> None:
