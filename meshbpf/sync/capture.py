@@ -61,6 +61,7 @@ class LoaderCapture:
         sizes = [f"-D{s.size_macro}={lb.capacity(s)}" for s in CAPTURE_MAPS if s.size_macro]
         self.tc = InboundTC(bpffs, sizes)
         self.inbound_at: dict[int, tuple[str, int, int]] = {}  # cgroup id -> netns path, ifindex, inode
+        self.inbound_error = ""  # the last one logged: a failure that repeats is logged once
 
     def read(self) -> CaptureState:
         return self.maps.read()
@@ -87,12 +88,19 @@ class LoaderCapture:
         for cg_id, (path, ips) in places.items():
             if self._still_there(cg_id):
                 continue
-            where = pod_interface(path, ips)
+            try:
+                where = pod_interface(path, ips)
+                if where is not None:
+                    self.tc.attach(*where)  # replaces a previous agent's programs on our slots
+                    self.inbound_at[cg_id] = (*where, os.stat(where[0]).st_ino)
+            except Exception as exc:  # this pod waits; the others and the maps go on
+                where = None
+                if one_line(exc) != self.inbound_error:
+                    log.error("capture: inbound from other nodes not set up for pod cgroup %s: %s",
+                              path, one_line(exc))
+                self.inbound_error = one_line(exc)
             if where is None:
                 missing.add(cg_id)
-                continue
-            self.tc.attach(*where)  # replaces a previous agent's program on our slot
-            self.inbound_at[cg_id] = (*where, os.stat(where[0]).st_ino)
         for cg_id in set(self.inbound_at) - set(places):
             netns, ifindex, _ = self.inbound_at.pop(cg_id)
             detach_inbound(netns, ifindex)

@@ -49,15 +49,24 @@ def lab2():
         lab.up(["mesh/a", "near"], ["remote"])
         for port in (80, 8081):
             start_whoami(lab, "mesh/a", port)
-        proxy = lab.popen("mesh/a", [sys.executable, "-u", str(PROXY), "proxy", "15001", "15006",
-                                     "1337"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        lab.proxy = start_proxy(lab)
         try:
-            assert json.loads(proxy.stdout.readline())["ready"]
-            wait_listening(lab, "mesh/a", 15006)
             yield lab
         finally:
-            proxy.kill()
-            proxy.wait(timeout=30)
+            stop_proxy(lab)
+
+
+def start_proxy(lab: Lab) -> subprocess.Popen:
+    proxy = lab.popen("mesh/a", [sys.executable, "-u", str(PROXY), "proxy", "15001", "15006", "1337"],
+                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert json.loads(proxy.stdout.readline())["ready"]
+    wait_listening(lab, "mesh/a", 15006)
+    return proxy
+
+
+def stop_proxy(lab: Lab) -> None:
+    lab.proxy.kill()
+    lab.proxy.wait(timeout=30)
 
 
 @pytest.fixture
@@ -183,3 +192,17 @@ def test_agent_kill_and_restart_drop_no_inbound_connection_and_uninstall_removes
     assert not filters(lab2)
     assert get(lab2, "remote", host, 80) == {"body": "mesh/a"}
 
+
+
+@pytest.mark.bounds
+def test_proxy_down_refuses_a_remote_client_at_once_and_a_restarted_proxy_is_used_again(lab2, agent):
+    agent(True)
+    wait_for(lambda: our_filter(lab2), 60, "the capture filters on mesh/a's interface")
+    host = str(lab2.pods["mesh/a"].ipv4)
+    stop_proxy(lab2)
+    try:
+        # The reset from the inbound port leaves translated back to port 80.
+        assert get(lab2, "remote", host, 80) == {"error": "ECONNREFUSED"}
+    finally:
+        lab2.proxy = start_proxy(lab2)
+    assert_at_proxy(get(lab2, "remote", host, 80), host, 80)
