@@ -121,11 +121,8 @@ static __always_inline int cap_in_port_captured(struct mbpf_cap_pod *p, __u16 po
 	if (port == p->in_port || port == p->out_port)
 		return 0;  /* already at the proxy (steered at connect()), or its own port */
 	verdict = cap_port_verdict(p->pod_id, port, MBPF_DIR_IN);
-	if ((flags & MBPF_CAP_F_IN_ALL) ? verdict == MBPF_CAP_EXCLUDE : verdict != MBPF_CAP_INCLUDE) {
-		cap_count(MBPF_CAP_SKIP_PORT);
-		return 0;
-	}
-	return 1;
+	/* not counted as skipped: a same-node client's connect() already was */
+	return (flags & MBPF_CAP_F_IN_ALL) ? verdict != MBPF_CAP_EXCLUDE : verdict == MBPF_CAP_INCLUDE;
 }
 
 /* Rewrites the TCP port at offset `at` (0: source, 2: destination) and the

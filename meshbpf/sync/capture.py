@@ -307,7 +307,11 @@ class CaptureSync:
         pods = []
         for key, pv in sorted(self.pods.items()):
             held = current.pods.get(pv.cgroup_id) if pv.cgroup_id is not None else None
-            pods.append(_pod_json(pv, held, describe_rules(current, held.pod_id) if held else None))
+            entry = _pod_json(pv, held, describe_rules(current, held.pod_id) if held else None)
+            if held is not None and held.flags & F_INBOUND:
+                entry["inbound_from_other_nodes"] = ("waiting: no interface with its address yet"
+                                                     if key in self.waiting_inbound else "on")
+            pods.append(entry)
         return {"available": self.dp is not None, "stale": self.stale,
                 "settings": {"enabled": s.enabled, "mesh": s.mesh, "dns": s.dns,
                              "optInLabel": _label_text(s.opt_in_label)},

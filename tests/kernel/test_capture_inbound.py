@@ -130,9 +130,10 @@ def assert_at_proxy(answer: dict, host: str, port: int) -> None:
 
 
 def test_clients_on_other_nodes_reach_the_proxy_with_the_original_destination(lab2, agent):
-    start = agent
-    start(True)
-    wait_for(lambda: our_filter(lab2), 60, "mbpf_cap_tc_in on mesh/a's interface")
+    a = agent(True)
+    wait_for(lambda: our_filter(lab2), 60, "the capture filters on mesh/a's interface")
+    (view,) = json.loads(a.get("/v1/capture")[1])["pods"]
+    assert view["inbound_from_other_nodes"] == "on", view
     pod = lab2.pods["mesh/a"]
     remote = lab2.pods["remote"]
     for host in (str(pod.ipv4), str(pod.ipv6)):

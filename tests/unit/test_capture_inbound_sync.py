@@ -85,6 +85,9 @@ def test_meshed_pods_with_inbound_capture_get_the_tc_programs_after_their_entrie
     assert sync.sync(state(pod("a"), pod("b", no_inbound, ips=("10.0.1.2",))))
     assert set(dp.state.pods) == {cg_a, cg_out_only}
     assert dp.events == ["attach", "apply pods=2", f"inbound {[cg_a]}"]
+    views = {p["name"]: p for p in sync.view()["pods"]}
+    assert views["a"]["inbound_from_other_nodes"] == "on"
+    assert "inbound_from_other_nodes" not in views["b"]
     path, ips = dp.places[cg_a]
     assert path == root / "kubepods" / "besteffort" / "poduid-a"
     assert ips == (ipaddress.ip_address("10.0.1.1"),)
@@ -97,10 +100,13 @@ def test_a_pod_whose_interface_is_not_found_is_looked_for_again(world):
     assert sync.sync(state(pod("a")))
     assert set(dp.state.pods) == {cg}  # its connect-time capture goes ahead
     assert sync.pending() and not sync.due(0)
+    (entry,) = sync.view()["pods"]
+    assert entry["inbound_from_other_nodes"] == "waiting: no interface with its address yet"
     dp.not_found = set()
     sync.next_find = 0  # the look-again interval has passed
     assert sync.due(1e12) and sync.sync(state(pod("a")))
     assert dp.events[-1] == f"inbound {[cg]}" and not sync.pending()
+    assert sync.view()["pods"][0]["inbound_from_other_nodes"] == "on"
 
 
 def test_turning_capture_off_takes_the_tc_programs_off_before_the_hooks(world):
