@@ -158,8 +158,15 @@ int mbpf_cap_tc_in(struct __sk_buff *skb)
 	key.local_port = in_port;
 	if ((pkt.flags & (TCP_FLAG_SYN_ | TCP_FLAG_ACK_)) == TCP_FLAG_SYN_) {
 		/* A new connection: the proxy's if its port is captured. */
-		if (!cap_in_port_captured(p, bpf_ntohs(pkt.dport)))
+		if (!cap_in_port_captured(p, bpf_ntohs(pkt.dport))) {
+			/* One straight to the inbound port must not inherit a
+			 * translated connection's record left on its tuple: its
+			 * answers would leave from the wrong port. */
+			o = pkt.dport == in_port ? mbpf_cap_pair.lookup(&key) : 0;
+			if (o && o->dir == MBPF_CAP_DIR_IN_NAT)
+				mbpf_cap_pair.delete(&key);
 			return TC_ACT_OK;
+		}
 		__builtin_memcpy(orig.addr, pkt.dst, MBPF_ADDR_LEN);
 		orig.port = pkt.dport;
 		orig.dir = MBPF_CAP_DIR_IN_NAT;

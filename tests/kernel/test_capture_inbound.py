@@ -207,3 +207,39 @@ def test_proxy_down_refuses_a_remote_client_at_once_and_a_restarted_proxy_is_use
     finally:
         lab2.proxy = start_proxy(lab2)
     assert_at_proxy(get(lab2, "remote", host, 80), host, 80)
+
+
+FROM_PORT = """
+import socket, sys
+host, port, local = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # our TIME_WAIT on the first tuple
+s.bind(("0.0.0.0", local))
+s.settimeout(5)
+s.connect((host, port))
+s.sendall(b"GET / HTTP/1.1\\r\\nConnection: close\\r\\n\\r\\n")
+data = b""
+while chunk := s.recv(4096):
+    data += chunk
+print(data.partition(b"\\r\\n\\r\\n")[2].decode())
+"""
+
+
+def get_from_port(lab: Lab, host: str, port: int, local_port: int) -> dict:
+    """The proxy's answer to a client on node 2 bound to local_port."""
+    r = lab.run("remote", [sys.executable, "-c", FROM_PORT, host, str(port), str(local_port)],
+                timeout=30)
+    assert r.returncode == 0, f"from port {local_port} to {host}:{port}: {r.stderr}"
+    return json.loads(r.stdout)
+
+
+@pytest.mark.bounds
+def test_a_client_port_used_again_straight_to_the_inbound_port_is_not_translated(lab2, agent):
+    """A translated connection's record outlives it (LRU); a later connection
+    on the same tuple straight to the inbound port must not be translated."""
+    agent(True)
+    wait_for(lambda: our_filter(lab2), 60, "the capture filters on mesh/a's interface")
+    host = str(lab2.pods["mesh/a"].ipv4)
+    assert_at_proxy(get_from_port(lab2, host, 80, 41234), host, 80)
+    answer = get_from_port(lab2, host, 15006, 41234)
+    assert answer["port"] == 15006 and answer["sockname"] == [host, 15006], answer
