@@ -9,7 +9,10 @@ SO_ORIGINAL_DST (sockops, getsockopt) are attached before the first pod is
 meshed and detached only after the last one's entries are gone. A pod
 whose annotation does not parse, that has no address yet or whose cgroup
 is not there is not captured, and says why in the view; the others go on.
-A failed write is retried with backoff from what the maps hold.
+A failed write is retried with backoff from what the maps hold. After the
+writes, each meshed pod with inbound capture gets bpf/capture_in.c's tc
+programs on its own interface (clients on other nodes); a pod whose
+interface is not found yet is looked for again.
 """
 
 from __future__ import annotations
@@ -79,9 +82,11 @@ class LoaderCapture:
         self.lb.detach_capture()
 
     def inbound(self, places: dict[int, tuple[Path, tuple]]) -> set[int]:
-        """mbpf_cap_tc_in on the interface of each pod in places (cgroup id ->
-        its kubelet cgroup and addresses), inside its netns, for clients the
-        connect hooks do not see (other nodes); off pods no longer listed.
+        """bpf/capture_in.c's tc programs on the interface of each pod in
+        places (cgroup id -> its kubelet cgroup and addresses), inside its
+        netns, for clients the connect hooks do not see (other nodes); off
+        pods no longer listed (a previous agent's on pods unmeshed while no
+        agent ran stay, passing everything, until `meshbpf uninstall`).
         Returns the pods whose interface was not found (looked for again)."""
         from ..datapath.capture import detach_inbound, pod_interface
         missing = set()
@@ -103,7 +108,11 @@ class LoaderCapture:
                 missing.add(cg_id)
         for cg_id in set(self.inbound_at) - set(places):
             netns, ifindex, _ = self.inbound_at.pop(cg_id)
-            detach_inbound(netns, ifindex)
+            try:
+                detach_inbound(netns, ifindex)
+            except Exception as exc:  # its entries are gone: the programs pass everything
+                log.warning("capture: tc programs left on ifindex %d in %s: %s", ifindex, netns,
+                            one_line(exc))
         return missing
 
     def _still_there(self, cg_id: int) -> bool:
