@@ -406,10 +406,13 @@ struct mbpf_cap_port_key {
 struct mbpf_cap_orig {
 	__u8  addr[MBPF_ADDR_LEN];  /* network order; IPv4 as ::ffff:a.b.c.d */
 	__u16 port;                 /* network order */
-	__u8  dir;                  /* MBPF_DIR_OUT (to the outbound port) or MBPF_DIR_IN */
+	__u8  dir;                  /* MBPF_DIR_OUT (to the outbound port), MBPF_DIR_IN or MBPF_CAP_DIR_IN_NAT */
 	__u8  pad;                  /* zero */
 	__u32 pad2;                 /* zero */
 };
+/* mbpf_cap_orig.dir of an inbound connection from another node: its port is
+ * translated on the pod's own interface (bpf/capture_in.c), both ways. */
+#define MBPF_CAP_DIR_IN_NAT 2
 
 /* mbpf_cap_pair: LRU hash, the captured connection as the proxy's accepted
  * socket sees it -> struct mbpf_cap_orig. */

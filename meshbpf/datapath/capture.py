@@ -140,3 +140,179 @@ class CaptureMaps(PinnedMaps):
         cfg = CapCfgC()
         libbpf.map_lookup(self.fds["mbpf_cap_cfg"], ct.c_uint32(0), cfg)
         return cfg.pods
+
+
+# --- inbound from other nodes: mbpf_cap_tc_in on the pod's own interface --------
+
+TC_INGRESS = 0xFFFFFFF2   # clsact's ingress: what the pod receives
+TC_EGRESS = 0xFFFFFFF3    # clsact's egress: what it sends
+TC_HOOKS = {"mbpf_cap_tc_in": TC_INGRESS, "mbpf_cap_tc_out": TC_EGRESS}
+TC_PRIO = 1               # our fixed slot: `tc filter replace` there swaps the program in place
+TC_HANDLE = 0x4D43        # "MC" (the policy programs' is "MB", on the host side)
+ETH_P_ALL = 0x0003
+
+
+def pod_interface(pod_cgroup: Path, ips) -> tuple[str, int] | None:
+    """(netns path, ifindex) of the interface holding one of the pod's
+    addresses, found as the policy datapath finds pods (endpoints.py): a
+    process of the pod's kubelet cgroup (the pause container; the lab's
+    `sleep`) -> /proc/PID/ns/net. None: not running (yet)."""
+    import ipaddress
+
+    from pyroute2 import IPRoute
+
+    from .endpoints import _pids_below
+    wanted = {ipaddress.ip_address(str(ip)) for ip in ips}
+    own = os.stat("/proc/self/ns/net").st_ino
+    for pid in _pids_below(Path(pod_cgroup)):
+        path = f"/proc/{pid}/ns/net"
+        try:
+            if os.stat(path).st_ino == own:
+                continue  # a host-network process
+            with IPRoute(netns=path, flags=0) as ipr:
+                for a in ipr.get_addr():
+                    if ipaddress.ip_address(a.get_attr("IFA_ADDRESS")) in wanted:
+                        return path, a["index"]
+        except OSError:
+            continue  # exited meanwhile
+    return None
+
+
+class InboundTC:
+    """bpf/capture_in.c's programs, compiled once per agent over the pinned
+    capture maps, on the ingress (mbpf_cap_tc_in) and egress
+    (mbpf_cap_tc_out) of each meshed pod's interface inside the pod's netns.
+    Filters stay when the agent dies (the pod keeps its capture); a new
+    agent replaces the programs on the same slots."""
+
+    def __init__(self, bpffs: Path, sizes_cflags: list[str]):
+        self.bpffs = Path(bpffs)
+        self.cflags = [f'-DMBPF_PIN_DIR="{self.bpffs}"', *sizes_cflags]
+        self.fns: dict = {}
+
+    def compile(self) -> None:
+        from bcc import BPF
+
+        from .source import program_text
+        try:
+            bpf = BPF(text=program_text(["capture_in.c"]).encode(), cflags=self.cflags)
+            self.fns = {name: bpf.load_func(name.encode(), BPF.SCHED_CLS) for name in TC_HOOKS}
+        except Exception as exc:
+            lines = str(exc).strip().splitlines() or [repr(exc)]
+            raise CaptureError(f"inbound capture (bpf/capture_in.c) not loaded: {lines[-1]}") from exc
+        self._bpf = bpf  # keeps the programs loaded while filters are swapped
+
+    def attach(self, netns: str, ifindex: int) -> None:
+        import errno
+
+        from pyroute2 import IPRoute
+        if not self.fns:
+            self.compile()
+        with IPRoute(netns=netns, flags=0) as ipr:
+            try:
+                ipr.tc("add", "clsact", ifindex)
+            except Exception as exc:
+                if getattr(exc, "code", None) != errno.EEXIST:
+                    raise CaptureError(f"adding clsact to ifindex {ifindex} in {netns}: {exc}") from exc
+            # egress first: a translated SYN must find its answers translated
+            for name in ("mbpf_cap_tc_out", "mbpf_cap_tc_in"):
+                ipr.tc("replace-filter", "bpf", ifindex, TC_HANDLE, fd=self.fns[name].fd, name=name,
+                       parent=TC_HOOKS[name], prio=TC_PRIO, protocol=ETH_P_ALL, classid=1,
+                       direct_action=True)
+
+
+def _our_filters(ipr, ifindex: int) -> list[tuple[str, int]]:
+    """(program name, parent) of our filters on one interface."""
+    found = []
+    for parent in (TC_INGRESS, TC_EGRESS):
+        try:
+            msgs = ipr.get_filters(index=ifindex, parent=parent)
+        except Exception:
+            continue  # no clsact here
+        for msg in msgs:
+            opts = msg.get_attr("TCA_OPTIONS")
+            if (msg.get_attr("TCA_KIND") == "bpf" and opts is not None
+                    and opts.get_attr("TCA_BPF_NAME") in TC_HOOKS and (msg["info"] >> 16) == TC_PRIO):
+                found.append((opts.get_attr("TCA_BPF_NAME"), parent))
+    return found
+
+
+def detach_inbound(netns: str, ifindex: int) -> list[str]:
+    """Our filters off the pod's interface (the clsact qdisc stays: a CNI may
+    use it), ingress first; the names of those removed. A netns or interface
+    that is gone is not an error: the filters went with it."""
+    import errno
+
+    from pyroute2 import IPRoute
+    try:
+        with IPRoute(netns=netns, flags=0) as ipr:
+            found = sorted(_our_filters(ipr, ifindex), key=lambda f: f[1] != TC_INGRESS)
+            for _, parent in found:
+                ipr.tc("del-filter", "bpf", ifindex, TC_HANDLE, parent=parent, prio=TC_PRIO,
+                       protocol=ETH_P_ALL)
+            return [name for name, _ in found]
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENODEV, errno.EINVAL):
+            return []
+        raise
+    except Exception as exc:
+        if getattr(exc, "code", None) in (errno.ENOENT, errno.ENODEV):
+            return []
+        raise
+
+
+def _filter_prog_ids(netns: str, ifname: str) -> list[int]:
+    """Program ids behind our filters (pyroute2 0.9 does not decode TCA_BPF_ID)."""
+    import json
+    import subprocess
+    ids = []
+    for hook in ("ingress", "egress"):
+        out = subprocess.run(["nsenter", f"--net={netns}", "tc", "-j", "filter", "show", "dev",
+                              ifname, hook], capture_output=True, text=True).stdout
+        for f in json.loads(out or "[]"):
+            opts = f.get("options", {})
+            if f.get("pref") == TC_PRIO and opts.get("bpf_name") in TC_HOOKS:
+                ids.append(opts.get("prog", {}).get("id", 0))
+    return ids
+
+
+def _all_netns() -> dict[int, str]:
+    """Every network namespace a process is in, and every named one: inode -> a path."""
+    found: dict[int, str] = {}
+    paths = [f"/proc/{p}/ns/net" for p in os.listdir("/proc") if p.isdigit()]
+    paths += [str(p) for p in Path("/run/netns").glob("*")] if Path("/run/netns").is_dir() else []
+    for path in paths:
+        try:
+            found.setdefault(os.stat(path).st_ino, path)
+        except OSError:
+            continue
+    return found
+
+
+def remove_inbound_filters(bpffs: Path) -> list[str]:
+    """`meshbpf uninstall`: our tc filters whose program uses this folder's
+    mbpf_cap_pod, in any netns (pods' netns are not named on every node)."""
+    from pyroute2 import IPRoute
+    pin = Path(bpffs) / "mbpf_cap_pod"
+    try:
+        fd = libbpf.obj_get(str(pin))
+    except OSError:
+        return []
+    try:
+        map_id = libbpf.map_info(fd).id
+    finally:
+        os.close(fd)
+    removed = []
+    for path in _all_netns().values():
+        try:
+            with IPRoute(netns=path, flags=0) as ipr:
+                links = [(link["index"], link.get_attr("IFLA_IFNAME")) for link in ipr.get_links()
+                         if _our_filters(ipr, link["index"])]
+            for ifindex, ifname in links:
+                if any(map_id in libbpf.prog_map_ids(p) for p in _filter_prog_ids(path, ifname) if p):
+                    removed += [f"tc filter {name} on {ifname} in netns {path}"
+                                for name in detach_inbound(path, ifindex)]
+        except Exception as exc:  # a namespace going away meanwhile
+            import logging
+            logging.getLogger(__name__).debug("inbound filters in %s: %s", path, exc)
+    return removed

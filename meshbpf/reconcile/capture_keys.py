@@ -23,6 +23,7 @@ INCLUDE = 1            # MBPF_CAP_INCLUDE
 
 DIR_IN = 0             # MBPF_DIR_IN
 DIR_OUT = 1            # MBPF_DIR_OUT
+DIR_IN_NAT = 2         # MBPF_CAP_DIR_IN_NAT: inbound from another node, port translated in tc
 
 # Indexes of mbpf_cap_stats (MBPF_CAP_* in bpf/lib/common.h).
 COUNTERS = {
@@ -67,7 +68,7 @@ class Orig(NamedTuple):
 
     addr: bytes       # 16 bytes, IPv4 mapped
     port: int
-    dir: int
+    dir: int          # DIR_OUT, DIR_IN, or DIR_IN_NAT (port translated in tc)
 
 
 @dataclass

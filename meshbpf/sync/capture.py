@@ -9,7 +9,10 @@ SO_ORIGINAL_DST (sockops, getsockopt) are attached before the first pod is
 meshed and detached only after the last one's entries are gone. A pod
 whose annotation does not parse, that has no address yet or whose cgroup
 is not there is not captured, and says why in the view; the others go on.
-A failed write is retried with backoff from what the maps hold.
+A failed write is retried with backoff from what the maps hold. After the
+writes, each meshed pod with inbound capture gets bpf/capture_in.c's tc
+programs on its own interface (clients on other nodes); a pod whose
+interface is not found yet is looked for again.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from ..datapath.endpoints import pod_cgroup_candidates
 from ..metrics import AgentMetrics
 from ..model import CaptureSettings, DesiredState
 from ..reconcile.capture import MeshedPod, describe_rules, plan_capture
-from ..reconcile.capture_keys import CaptureState
+from ..reconcile.capture_keys import F_INBOUND, CaptureState
 from ..retry import Backoff
 from . import one_line
 
@@ -44,6 +47,7 @@ class CaptureDatapath(Protocol):
     def counters(self) -> dict[str, int]: ...
     def attach(self) -> None: ...
     def detach(self) -> None: ...
+    def inbound(self, places: dict[int, tuple[Path, tuple]]) -> set[int]: ...
 
 
 class LoaderCapture:
@@ -52,10 +56,15 @@ class LoaderCapture:
     meshed pod's and every same-node client's cgroup)."""
 
     def __init__(self, lb, bpffs: Path, cgroup: Path):
-        from ..datapath.capture import CaptureMaps
+        from ..datapath.capture import CaptureMaps, InboundTC
+        from ..datapath.layout import CAPTURE_MAPS
         self.maps = CaptureMaps(bpffs)
         self.lb = lb
         self.cgroup = cgroup
+        sizes = [f"-D{s.size_macro}={lb.capacity(s)}" for s in CAPTURE_MAPS if s.size_macro]
+        self.tc = InboundTC(bpffs, sizes)
+        self.inbound_at: dict[int, tuple[str, int, int]] = {}  # cgroup id -> netns path, ifindex, inode
+        self.inbound_error = ""  # the last one logged: a failure that repeats is logged once
 
     def read(self) -> CaptureState:
         return self.maps.read()
@@ -71,6 +80,49 @@ class LoaderCapture:
 
     def detach(self) -> None:
         self.lb.detach_capture()
+
+    def inbound(self, places: dict[int, tuple[Path, tuple]]) -> set[int]:
+        """bpf/capture_in.c's tc programs on the interface of each pod in
+        places (cgroup id -> its kubelet cgroup and addresses), inside its
+        netns, for clients the connect hooks do not see (other nodes); off
+        pods no longer listed (a previous agent's on pods unmeshed while no
+        agent ran stay, passing everything, until `meshbpf uninstall`).
+        Returns the pods whose interface was not found (looked for again)."""
+        from ..datapath.capture import detach_inbound, pod_interface
+        missing = set()
+        for cg_id, (path, ips) in places.items():
+            if self._still_there(cg_id):
+                continue
+            try:
+                where = pod_interface(path, ips)
+                if where is not None:
+                    self.tc.attach(*where)  # replaces a previous agent's programs on our slots
+                    self.inbound_at[cg_id] = (*where, os.stat(where[0]).st_ino)
+            except Exception as exc:  # this pod waits; the others and the maps go on
+                where = None
+                if one_line(exc) != self.inbound_error:
+                    log.error("capture: inbound from other nodes not set up for pod cgroup %s: %s",
+                              path, one_line(exc))
+                self.inbound_error = one_line(exc)
+            if where is None:
+                missing.add(cg_id)
+        for cg_id in set(self.inbound_at) - set(places):
+            netns, ifindex, _ = self.inbound_at.pop(cg_id)
+            try:
+                detach_inbound(netns, ifindex)
+            except Exception as exc:  # its entries are gone: the programs pass everything
+                log.warning("capture: tc programs left on ifindex %d in %s: %s", ifindex, netns,
+                            one_line(exc))
+        return missing
+
+    def _still_there(self, cg_id: int) -> bool:
+        """Attached by this agent, to a netns that still exists (a pod's
+        sandbox restarted in the same cgroup has a new one)."""
+        at = self.inbound_at.get(cg_id)
+        try:
+            return at is not None and os.stat(at[0]).st_ino == at[2]
+        except OSError:
+            return False
 
 
 @dataclass(frozen=True)
@@ -110,6 +162,7 @@ class CaptureSync:
         self.retry = Backoff()
         self.stale = False
         self.missing: set[tuple[str, str]] = set()
+        self.waiting_inbound: set[tuple[str, str]] = set()
         self.next_find = 0.0
         self.warned_unavailable = False
 
@@ -175,7 +228,7 @@ class CaptureSync:
 
     def _sync(self, desired: DesiredState, settings: CaptureSettings) -> None:
         assert self.dp is not None
-        views, meshed = self._local_meshed(desired, settings)
+        views, meshed, places = self._local_meshed(desired, settings)
         plan = plan_capture(self.current, meshed)
         for problem in plan.problems:
             self.error("capture: %s", problem)
@@ -184,6 +237,7 @@ class CaptureSync:
             self.attached = True
         self.dp.apply(plan.steps)
         self.current = plan.state
+        self._inbound(plan.state, places)
         if not plan.state.pods and self.attached:
             self.dp.detach()   # after the last pod's entries: nothing is captured any more
             self.attached = False
@@ -194,9 +248,10 @@ class CaptureSync:
             log.info("capture: %d meshed pod(s), %d map writes", len(plan.state.pods), plan.writes)
 
     def _local_meshed(self, desired: DesiredState, settings: CaptureSettings
-                      ) -> tuple[dict[tuple[str, str], PodState], list[MeshedPod]]:
+                      ) -> tuple[dict[tuple[str, str], PodState], list[MeshedPod], dict]:
         views: dict[tuple[str, str], PodState] = {}
         meshed, missing = [], set()
+        places: dict[int, tuple[tuple[str, str], Path, tuple]] = {}
         for pod in desired.pods:
             if pod.node_name != self.node_name or not is_meshed(pod, settings):
                 continue
@@ -216,11 +271,26 @@ class CaptureSync:
             else:
                 views[key] = PodState(*key, "captured", found[1], cap)
                 meshed.append(MeshedPod(found[1], cap))
+                places[found[1]] = (key, found[0], tuple(pod.ips))
         for key in sorted(missing - self.missing):
             log.info("capture: pod %s/%s has no cgroup yet; looking again every %gs", *key, FIND_AGAIN)
         self.missing = missing
         self.next_find = time.monotonic() + FIND_AGAIN
-        return views, meshed
+        return views, meshed, places
+
+    def _inbound(self, state: CaptureState, places: dict) -> None:
+        """Inbound capture from other nodes on the pods the maps now hold with
+        inbound capture on; a pod whose interface is not found yet is looked
+        for again (with the pods that have no cgroup yet)."""
+        assert self.dp is not None
+        inbound = {cg: place[1:] for cg, place in places.items()
+                   if cg in state.pods and state.pods[cg].flags & F_INBOUND}
+        waiting = {places[cg][0] for cg in self.dp.inbound(inbound)}
+        for key in sorted(waiting - self.waiting_inbound):
+            log.info("capture: pod %s/%s: no interface with its address yet (inbound from "
+                     "other nodes waits); looking again every %gs", *key, FIND_AGAIN)
+        self.waiting_inbound = waiting
+        self.missing |= waiting
 
     def _reread(self) -> None:
         if self.dp is None:
@@ -246,7 +316,11 @@ class CaptureSync:
         pods = []
         for key, pv in sorted(self.pods.items()):
             held = current.pods.get(pv.cgroup_id) if pv.cgroup_id is not None else None
-            pods.append(_pod_json(pv, held, describe_rules(current, held.pod_id) if held else None))
+            entry = _pod_json(pv, held, describe_rules(current, held.pod_id) if held else None)
+            if held is not None and held.flags & F_INBOUND:
+                entry["inbound_from_other_nodes"] = ("waiting: no interface with its address yet"
+                                                     if key in self.waiting_inbound else "on")
+            pods.append(entry)
         return {"available": self.dp is not None, "stale": self.stale,
                 "settings": {"enabled": s.enabled, "mesh": s.mesh, "dns": s.dns,
                              "optInLabel": _label_text(s.opt_in_label)},

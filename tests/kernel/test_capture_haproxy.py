@@ -193,3 +193,42 @@ def test_agent_kill9_with_a_meshed_pod_under_load_drops_no_connection(lab, app, 
     answered = sum(result["answers"].values())
     seen = haproxy.wait_connections(answered)
     assert {c.orig for c in seen} == {endpoint(SVC4, 80)}, "every connection went through HAProxy"
+
+
+@CAPTURE
+@FAMILIES
+def test_meshbpf_inbound_from_another_node_goes_through_haproxy(tmp_path, family):
+    """A client on node 2 (no connect hook sees it) connects to the meshed
+    pod on node 1: the tc programs on the pod's interface bring it to
+    HAProxy's inbound port (its listeners use SO_REUSEPORT, HAProxy's
+    default), which reads the original destination and forwards to the app."""
+    from meshbpf.lab.netlab import Lab
+    from meshbpf.lab.workloads import AgentProcess
+
+    from .conftest import AGENT_READY_TIMEOUT, BPFFS_ROOT, LAB_PREFIX, PIN_PREFIX, _names
+    with Lab(f"{LAB_PREFIX}{next(_names)}") as lab2:
+        lab2.up([APP], ["remote"])
+        start_whoami(lab2, APP, 8080, "app")
+        world = [lab_objects([lab2.pods[APP]], NODE, meshed=[APP]),
+                 {"apiVersion": "meshbpf.io/v1alpha1", "kind": "AgentConfig", "metadata": {"name": "meshbpf"},
+                  "spec": {"capture": {"enabled": True, "mesh": "istio"}}}]
+        agent = AgentProcess(k8s.write(tmp_path / "world.yaml", world), lab2.node(1).cgroup,
+                             BPFFS_ROOT / f"{PIN_PREFIX}{next(_names)}",
+                             ["--node-name", NODE, "--node-netns", lab2.node(1).netns])
+        try:
+            with HAProxySidecar(lab2, APP, tmp_path) as haproxy:
+                agent.start(timeout=AGENT_READY_TIMEOUT)
+                pod_ip = getattr(lab2.pods[APP], f"ipv{family}")
+                remote = getattr(lab2.pods["remote"], f"ipv{family}")
+                # Captured in the view: the tc programs went on in that same sync.
+                wait_for(lambda: json.loads(agent.get("/v1/capture")[1])["pods"][0]["state"]
+                         == "captured", 60, f"{APP} to be captured")
+                answers = [curl(lab2, "remote", str(pod_ip), 8080) for _ in range(2)]
+                seen = haproxy.wait_connections(2)
+        finally:
+            print(f"--- agent log ---\n{agent.log()}")
+            agent.cleanup()
+    assert answers == ["app", "app"]
+    assert {(c.listener, c.orig, c.client.rsplit(":", 1)[0]) for c in seen} == {
+        (f"inbound{family}", endpoint(pod_ip, 8080), str(remote))}, seen
+    assert all(c.status == "--" for c in seen), seen

@@ -65,6 +65,9 @@ class FakeDatapath:
         self.attached = False
         self.events.append("detach")
 
+    def inbound(self, places):
+        return set()
+
 
 def pod(name: str, annotations=None, node="node-a", labels=None, ips=("10.0.1.1",)) -> PodInfo:
     return PodInfo("x", name, f"uid-{name}", labels or {}, node, False, {},
