@@ -54,9 +54,10 @@ def read_routes(objects: Iterable[SourceObject], previous: Iterable[Route] = ()
         label = f"{obj.get('kind')} {meta.get('namespace') or 'default'}/{meta.get('name')}"
         try:
             route = _read_route(src)
-        except _Bad as bad:
+        except Exception as exc:  # _Bad; or a bug, which must not take the other routes down
+            bad = exc if isinstance(exc, _Bad) else _internal(exc)
             problems.append(Problem(src.where, label, bad.path, bad.reason))
-            old = kept.get((obj.get("kind"), meta.get("namespace") or "default", meta.get("name")))
+            old = kept.get(_route_key(obj, meta))
             if old is not None and (old.kind, old.namespace, old.name) not in seen:
                 seen[(old.kind, old.namespace, old.name)] = src.where
                 routes.append(old)
@@ -71,6 +72,18 @@ def read_routes(objects: Iterable[SourceObject], previous: Iterable[Route] = ()
         seen[key] = src.where
         routes.append(route)
     return routes, problems, notes
+
+
+def _route_key(obj: dict, meta: dict) -> tuple[str, str, str] | None:
+    """(kind, namespace, name) of a route that failed to read, to find its
+    previous version; None when a part is not even a string (any value may
+    sit there: a list as the name must not raise while reporting it)."""
+    key = (obj.get("kind"), meta.get("namespace") or "default", meta.get("name"))
+    return key if all(isinstance(part, str) for part in key) else None
+
+
+def _internal(exc: Exception) -> _Bad:
+    return _Bad("", f"internal error while reading it ({type(exc).__name__}: {exc}); please report this")
 
 
 def _name_and_namespace(obj: dict) -> tuple[str, str]:
@@ -144,7 +157,8 @@ def read_grants(objects: Iterable[SourceObject]) -> tuple[list[ReferenceGrant], 
         label = f"ReferenceGrant {meta.get('namespace') or 'default'}/{meta.get('name')}"
         try:
             grants.append(_read_grant(src.obj))
-        except _Bad as bad:
+        except Exception as exc:  # _Bad; or a bug, which must not take the other grants down
+            bad = exc if isinstance(exc, _Bad) else _internal(exc)
             problems.append(Problem(src.where, label, bad.path, bad.reason))
     return grants, problems
 
