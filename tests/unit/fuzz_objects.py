@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 import random
-from typing import Any
+from typing import Any, Callable
 
 from k8s_builders import endpoint_slice, ep, service
 from wrong_types import paths
@@ -89,12 +89,14 @@ BAD_VALUES: list[Any] = [
 ]
 
 
-def mutate(obj: dict, rng: random.Random, times: int = 1) -> tuple[dict, list[str]]:
-    """obj with `times` random mutations, and a description of each."""
+def mutate(obj: dict, rng: random.Random, times: int = 1,
+           allowed: Callable[[tuple], bool] = lambda path: True) -> tuple[dict, list[str]]:
+    """obj with `times` random mutations at paths `allowed` says yes to, and
+    a description of each."""
     out = copy.deepcopy(obj)
     what = []
     for _ in range(times):
-        all_paths = list(paths(out))
+        all_paths = [p for p in paths(out) if allowed(p)]
         if not all_paths:
             break
         path = rng.choice(all_paths)
