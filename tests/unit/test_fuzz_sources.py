@@ -49,6 +49,7 @@ class Read:
     routes: set[str]
     grants: set[str]
     problems: list[Problem]
+    status_lines: list[str]  # the routes' False conditions, as the file source reports them
 
 
 def read_as_the_api_source(objects: list[dict], where: str = "fuzz.yaml") -> Read:
@@ -61,10 +62,10 @@ def read_as_the_api_source(objects: list[dict], where: str = "fuzz.yaml") -> Rea
     routes, route_problems, _ = read_routes(of(ROUTE_KINDS))
     grants, grant_problems = read_grants(of(("ReferenceGrant",)))
     state, _ = apply_routes(result.state, routes, grants)
-    route_statuses(state)  # what the source writes back as route status
+    status_lines = [line for ps in route_statuses(state) for line in ps.problems()]
     return Read(state, {p.name for p in policy.pods}, {n.name for n in policy.namespaces},
                 {p.name for p in policy.policies}, {r.name for r in routes}, {g.name for g in grants},
-                result.problems + policy.problems + route_problems + grant_problems)
+                result.problems + policy.problems + route_problems + grant_problems, status_lines)
 
 
 def assert_one_line_and_placed(problems: list[Problem], where: str, what: list[str]) -> None:
@@ -103,6 +104,8 @@ def test_a_bad_object_is_a_one_line_problem_and_the_others_still_apply(kind):
         except Exception as exc:
             pytest.fail(f"{kind} {what}: {type(exc).__name__}: {exc}")
         assert_one_line_and_placed(read.problems, "fuzz.yaml: document", what)
+        assert all(len(line.splitlines()) == 1 and line.startswith("fuzz.yaml: document")
+                   for line in read.status_lines), (what, read.status_lines)
         assert not any("internal error" in str(p) for p in read.problems), (what, read.problems)
         assert_set_2_applied(read, what)
 
