@@ -20,7 +20,7 @@ from dataclasses import replace
 from typing import Any, Iterable
 
 from ..model import BackendRef, DesiredState, ParentRef, ReferenceGrant, Route, ServicePort, SplitShare
-from .errors import Problem
+from .errors import MAX_PART, Problem, one_line
 from .kube_objects import SourceObject
 from .route_status import _INVALID_MESSAGE, ref_permitted
 
@@ -71,7 +71,12 @@ def read_routes(objects: Iterable[SourceObject], previous: Iterable[Route] = ()
             continue
         seen[key] = src.where
         routes.append(route)
-    return routes, problems, notes
+    return routes, problems, _one_line_each(notes)
+
+
+def _one_line_each(notes: list[str]) -> list[str]:
+    """Notes are logged as they are: names with line breaks shown escaped."""
+    return [one_line(note, 2 * MAX_PART) for note in notes]
 
 
 def _route_key(obj: dict, meta: dict) -> tuple[str, str, str] | None:
@@ -255,7 +260,7 @@ def apply_routes(state: DesiredState, routes: list[Route],
                 shares = tuple(_share(route, ref, sp, by_service, notes, grants) for ref in route.backend_refs)
                 ports[sp.frontend] = replace(sp, split=shares, route=str(route))
     return replace(state, service_ports=ports, routes=tuple(routes), reference_grants=grants,
-                   delta=None), notes
+                   delta=None), _one_line_each(notes)
 
 
 def _share(route: Route, ref: BackendRef, parent: ServicePort, by_service: dict[str, list[ServicePort]],

@@ -49,7 +49,7 @@ class Read:
     routes: set[str]
     grants: set[str]
     problems: list[Problem]
-    status_lines: list[str]  # the routes' False conditions, as the file source reports them
+    status_lines: list[str]  # the routes' False conditions and notes, as the sources log them
 
 
 def read_as_the_api_source(objects: list[dict], where: str = "fuzz.yaml") -> Read:
@@ -59,10 +59,11 @@ def read_as_the_api_source(objects: list[dict], where: str = "fuzz.yaml") -> Rea
     of = lambda kinds: [s for s in srcs if s.obj.get("kind") in kinds]  # noqa: E731
     result = build_state(of(LB_KINDS))
     policy = read_policy_objects(of(POLICY_KINDS))
-    routes, route_problems, _ = read_routes(of(ROUTE_KINDS))
+    routes, route_problems, route_notes = read_routes(of(ROUTE_KINDS))
     grants, grant_problems = read_grants(of(("ReferenceGrant",)))
-    state, _ = apply_routes(result.state, routes, grants)
+    state, split_notes = apply_routes(result.state, routes, grants)
     status_lines = [line for ps in route_statuses(state) for line in ps.problems()]
+    status_lines += route_notes + split_notes  # logged as they are
     return Read(state, {p.name for p in policy.pods}, {n.name for n in policy.namespaces},
                 {p.name for p in policy.policies}, {r.name for r in routes}, {g.name for g in grants},
                 result.problems + policy.problems + route_problems + grant_problems, status_lines)
