@@ -98,6 +98,29 @@ def test_api_faults_keep_the_agent_alive_ready_and_on_its_last_state(agent_on_ap
     assert get(server, "/readyz")[0] == 200
 
 
+def test_500s_before_the_first_list_are_alive_not_ready_then_ready(api, make_source, cluster_list):  # noqa: F811
+    api.load(cluster_list)
+    api.failing.add("Service")                   # from the first request on
+    source = make_source().source
+    agent = Agent(AgentOptions(source="kubernetes", listen="127.0.0.1:0"), source=source, lb=FakeLB())
+    agent.lbsync.maps = FakeMaps()
+    agent.target = Path("/sys/fs/cgroup/fake")
+    server = HealthServer(agent.opts.listen, agent.metrics.registry, alive=agent.alive,
+                          ready=agent.ready, details=agent.health_details)
+    server.start()
+    try:
+        services = source.reflectors["services"]
+        wait_for(lambda: services._failures >= 2, "two failed Service lists")
+        agent.step()
+        assert get(server, "/healthz")[0] == 200  # the loop runs: nothing to restart
+        assert get(server, "/readyz")[0] == 503   # nothing programmed from the cluster yet
+        api.failing.clear()
+        step_until(agent, agent.ready, "the first state once the lists succeed")
+        assert get(server, "/readyz")[0] == 200 and maps_match(agent)
+    finally:
+        server.stop()
+
+
 class _Response:
     """Just enough of a urllib3 response for a Reflector."""
 
