@@ -17,6 +17,7 @@ line breaks, deep nesting. Properties:
 
 from __future__ import annotations
 
+import copy
 import os
 import random
 from dataclasses import dataclass
@@ -172,3 +173,63 @@ def test_a_name_kubernetes_would_refuse_is_a_problem(field, value):
     svc["metadata"][field] = value
     problems = read_as_the_api_source([svc]).problems
     assert any(p.path == f"metadata.{field}" for p in problems), [str(p) for p in problems]
+
+
+INCREMENTAL_BUG = ("file_incremental.py: a changed EndpointSlice the incremental path cannot tie to "
+                   "a Service of the files (labels that are not a map, another namespace) is not "
+                   "checked: a bad one is taken silently (its Service loses its endpoints) where a "
+                   "full read rejects the edit")
+
+
+@pytest.mark.parametrize("kind", ["Service", pytest.param("EndpointSlice", marks=pytest.mark.xfail(
+    strict=True, reason=INCREMENTAL_BUG))])
+def test_the_file_sources_incremental_reads_of_bad_edits_equal_full_reads(kind, tmp_path):
+    """Edits of one file take the incremental path (file_incremental); with
+    a bad object in them it must answer as a full read of the folder does:
+    the same state, or a rejection."""
+    from meshbpf.sources.yaml_file import FileSource
+
+    rng = random.Random(f"{SEED}-incremental-{kind}")
+    first, second = good_objects(), good_objects("2")
+    (tmp_path / "good.yaml").write_text(dump_all([second["Service"], second["EndpointSlice"]]))
+    edit = tmp_path / "edit.yaml"
+    edit.write_text(dump_all([first["Service"], first["EndpointSlice"]]))
+    source = FileSource(tmp_path, settle_s=0, hold_s=0)
+    source.poll()
+    for round in range(40):
+        bad, what = mutate(first[kind], rng, rng.choice((1, 2)))
+        objects = [bad if k == kind else first[k] for k in ("Service", "EndpointSlice")]
+        edit.write_text(dump_all(objects) + "#" * round)  # a new size: always a change
+        try:
+            full = read_config(tmp_path, cache={}).state
+        except ConfigError:
+            full = None
+        try:
+            state = source.poll()
+        except ConfigError:
+            assert full is None, what
+            continue
+        except Exception as exc:
+            pytest.fail(f"{kind} {what}: {type(exc).__name__}: {exc}")
+        assert full is not None, what
+        if state is not None:  # None: nothing the source hands out changed
+            assert state.service_ports == full.service_ports, what
+        source.poll()                            # quiet: the incremental index is built again
+
+
+@pytest.mark.xfail(strict=True, reason=INCREMENTAL_BUG)
+def test_a_slice_with_labels_that_are_not_a_map_is_rejected_on_the_incremental_path_too(tmp_path):
+    from meshbpf.sources.yaml_file import FileSource
+
+    first = good_objects()
+    (tmp_path / "edit.yaml").write_text(dump_all([first["Service"], first["EndpointSlice"]]))
+    source = FileSource(tmp_path, settle_s=0, hold_s=0)
+    assert all(sp.endpoints for sp in source.poll().service_ports.values())
+    source.poll()                                # quiet: the incremental index is built
+    bad = copy.deepcopy(first["EndpointSlice"])
+    bad["metadata"]["labels"] = "kubernetes.io/service-name=web"
+    (tmp_path / "edit.yaml").write_text(dump_all([first["Service"], bad]))
+    with pytest.raises(ConfigError):             # as a full read: rejected, web keeps its endpoints
+        read_config(tmp_path, cache={})
+    with pytest.raises(ConfigError):
+        source.poll()
