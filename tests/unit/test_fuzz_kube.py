@@ -78,3 +78,31 @@ def test_bad_objects_from_the_api_are_left_out_alone(api, make_source):
         for text in p.source.problems:
             assert text.startswith("API") and len(text.splitlines()) == 1 and len(text) < 3000, text
             assert "internal error" not in text, text
+
+
+def test_the_incremental_path_leaves_out_what_a_full_build_leaves_out(api, make_source):
+    """Service and EndpointSlice events alone take the incremental path
+    (kube_incremental); with bad objects among them it must give the state
+    a full build of the same objects gives."""
+    from meshbpf.sources.kube_objects import SourceObject, build_state
+
+    first, second = good_objects(), good_objects("2")
+    api.apply(second["Service"], second["EndpointSlice"], first["Service"], first["EndpointSlice"])
+    p = make_source()
+    p.first()
+    incremental = []
+    real_apply_events = p.source._apply_events
+    p.source._apply_events = lambda *a: incremental.append(1) or real_apply_events(*a)
+    rng = random.Random(f"{SEED}-kube-incremental")
+    for _ in range(25):
+        versions = {}
+        for kind in rng.sample(["Service", "EndpointSlice"], rng.randint(1, 2)):
+            bad, _ = mutate(first[kind], rng, rng.choice((1, 2)), servable)
+            versions[kind] = api.apply(bad)
+        wait_for(lambda: in_step(p, versions), "the round's events")
+        p.poll()
+        items = [SourceObject(o, "API server") for r in ("services", "endpointslices")
+                 for o in p.source.reflectors[r].items()]
+        full = build_state(items, node_name="node-a").state
+        assert p.emitted[-1].service_ports == full.service_ports
+    assert len(incremental) >= 20  # the rounds took the incremental path
