@@ -157,14 +157,24 @@ def read_grants(objects: Iterable[SourceObject]) -> tuple[list[ReferenceGrant], 
     """ReferenceGrants; a bad one is left out with one problem (the
     references it would allow are then refused: nothing opens by mistake)."""
     grants, problems = [], []
+    seen: dict[tuple[str, str], str] = {}
     for src in objects:
         meta = src.obj.get("metadata") if isinstance(src.obj.get("metadata"), dict) else {}
         label = f"ReferenceGrant {meta.get('namespace') or 'default'}/{meta.get('name')}"
         try:
-            grants.append(_read_grant(src.obj))
+            grant = _read_grant(src.obj)
         except Exception as exc:  # _Bad; or a bug, which must not take the other grants down
             bad = exc if isinstance(exc, _Bad) else _internal(exc)
             problems.append(Problem(src.where, label, bad.path, bad.reason))
+            continue
+        # A second copy is left out, as a second route is: keeping both would
+        # let the copy an edit replaced go on allowing what the edit removed.
+        key = (grant.namespace, grant.name)
+        if key in seen:
+            problems.append(Problem(src.where, label, "metadata.name", f"defined twice (first at {seen[key]})"))
+            continue
+        seen[key] = src.where
+        grants.append(grant)
     return grants, problems
 
 

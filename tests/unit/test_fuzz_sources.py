@@ -233,3 +233,19 @@ def test_a_slice_with_labels_that_are_not_a_map_is_rejected_on_the_incremental_p
         read_config(tmp_path, cache={})
     with pytest.raises(ConfigError):
         source.poll()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_object_defined_twice_is_one_line_naming_both_places(kind):
+    """The same kind, namespace and name twice in the input: one is used and
+    the other is a problem naming the first place (a ReferenceGrant kept
+    both, so a grant edited by a later copy still allowed what it removed)."""
+    objects = list(good_objects().values())
+    twin = copy.deepcopy(good_objects()[kind])
+    read = read_as_the_api_source(objects + [twin])
+    if kind == "AgentConfig":  # at most one may exist, whatever its name
+        assert any("AgentConfig" in str(p) for p in read.problems), [str(p) for p in read.problems]
+        return
+    twice = [str(p) for p in read.problems if "defined twice" in p.reason]
+    assert len(twice) == 1, [str(p) for p in read.problems]
+    assert twice[0].startswith(f"fuzz.yaml: document {len(objects) + 1} ") and "(first at fuzz.yaml: document" in twice[0]
