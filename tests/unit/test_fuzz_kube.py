@@ -15,11 +15,10 @@ from __future__ import annotations
 import os
 import random
 
-import pytest
 
 from fuzz_objects import good_objects, mutate
 from meshbpf.sources.yaml_load import dump_all
-from test_kubernetes_source import DEADLINE, Poller, api, make_source, no_leaked_threads, wait_for  # noqa: F401
+from test_kubernetes_source import Poller, api, make_source, no_leaked_threads, wait_for  # noqa: F401
 
 SEED = int(os.environ.get("MESHBPF_FUZZ_SEED", "20261201"))
 REFLECTOR = {"Service": "services", "EndpointSlice": "endpointslices", "Pod": "pods",
