@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import random
 
-
 from fuzz_objects import good_objects, mutate
 from meshbpf.sources.yaml_load import dump_all
 from test_kubernetes_source import Poller, api, make_source, no_leaked_threads, wait_for  # noqa: F401
