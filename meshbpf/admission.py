@@ -99,14 +99,16 @@ def _footprint(current: LBState, slots_by_svc: dict[int, set[int]], known: set[B
     need = dict.fromkeys(ROLES, 0)
     fresh: set[BackendVal] = set()
     for key, want in group.items():
-        backends = list(dict.fromkeys(be for be, _ in want.backends))
+        # One slot per entry: a weighted split repeats a backend over many.
+        slots = len(want.backends)
+        backends = dict.fromkeys(be for be, _ in want.backends)
         old = current.services.get(key)
         if old is None:
             need["services"] += 1
-            need["slots"] += len(backends)
+            need["slots"] += slots
         else:
             have = slots_by_svc.get(old.svc_id, set())
-            need["slots"] += sum(1 for i in range(len(backends)) if i not in have)
+            need["slots"] += sum(1 for i in range(slots) if i not in have)
         fresh.update(be for be in backends if be not in known)
     need["backends"] = len(fresh)
     return need, fresh

@@ -49,6 +49,11 @@ WILDCARD_KEYS = (INCLUDE_OUT_RANGES, INCLUDE_IN_PORTS)   # "*" means every desti
 KEPT_PREFIXES = ("sidecar.istio.io/", "traffic.sidecar.istio.io/", "linkerd.io/",
                  "config.linkerd.io/", DEFAULT_CONTAINER)
 MAX_PORTS = 1024   # ports one annotation may name (ranges expanded): one map entry each
+# CIDRs one annotation may name: one mbpf_cap_cidr entry each, and include
+# ranges are checked against every exclude one. Kubelet's 110 pods at two
+# range annotations of 256 fit the map's 65536 entries; one pod's 100 000
+# would fill it (failing every pod's capture) and take minutes to plan.
+MAX_RANGES = 256
 
 
 @dataclass(frozen=True)
@@ -145,6 +150,8 @@ def _parse(key: str, text: str):
     if key in WILDCARD_KEYS and items == ["*"]:
         return None
     if key in RANGE_KEYS:
+        if len(items) > MAX_RANGES:
+            raise AnnotationError(key, f"names {len(items)} ranges, more than {MAX_RANGES}")
         return tuple(_network(key, item) for item in items)
     ports: set[int] = set()
     for item in items:

@@ -247,18 +247,23 @@ def _selected_networks(world: _World, peer: Peer, namespace: str) -> frozenset[I
 
 
 def _block_networks(peer: Peer) -> list[IPNetwork]:
-    """The CIDR with every except range carved out, as disjoint networks."""
+    """The CIDR with every except range carved out, as disjoint networks:
+    the ranges between the sorted, merged holes, each summarized into the
+    fewest CIDRs. One sweep: carving the holes one by one out of the pieces
+    left by the ones before cost holes x pieces (2000 /32 holes in a /8
+    took 40 s, in which the agent's loop did nothing else)."""
     block = peer.ip_block
-    remaining = [block.cidr]
-    for hole in block.except_:
-        nxt = []
-        for net in remaining:
-            if hole.subnet_of(net):
-                nxt.extend(net.address_exclude(hole))
-            elif not net.subnet_of(hole):
-                nxt.append(net)
-        remaining = nxt
-    return remaining
+    cidr = block.cidr
+    out: list[IPNetwork] = []
+    start = cidr.network_address  # first address not yet covered or carved
+    for hole in ipaddress.collapse_addresses(block.except_):  # every hole is inside cidr (IPBlock)
+        if hole.network_address > start:
+            out.extend(ipaddress.summarize_address_range(start, hole.network_address - 1))
+        if hole.broadcast_address == cidr.broadcast_address:
+            return out  # carved to the end (and start + 1 could leave the address space)
+        start = hole.broadcast_address + 1
+    out.extend(ipaddress.summarize_address_range(start, cidr.broadcast_address))
+    return out
 
 
 @functools.lru_cache(maxsize=1 << 16)

@@ -4,6 +4,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Characters that would break a problem's line (log lines, `meshbpf status`):
+# control characters and the Unicode line separators, shown escaped instead.
+_ESCAPES = {c: repr(chr(c))[1:-1] for c in [*range(0x20), *range(0x7f, 0xa0), 0x2028, 0x2029]}
+# Characters of one part shown: a value quoted in a reason can be megabytes.
+MAX_PART = 400
+
+
+def one_line(text: str, limit: int = MAX_PART) -> str:
+    """text on one line (control characters escaped), cut to about limit characters."""
+    text = text.translate(_ESCAPES)
+    if len(text) > limit:
+        text = f"{text[:limit]}... ({len(text)} characters)"
+    return text
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -13,12 +27,14 @@ class Problem:
     reason: str
 
     def __str__(self) -> str:
-        parts = [self.where]
+        """One line, whatever the input held: a name or value with a line
+        break or a megabyte of text in it is shown escaped and cut."""
+        parts = [one_line(self.where)]
         if self.obj:
-            parts[0] += f" ({self.obj})"
+            parts[0] += f" ({one_line(self.obj)})"
         if self.path:
-            parts.append(self.path)
-        parts.append(self.reason)
+            parts.append(one_line(self.path))
+        parts.append(one_line(self.reason))
         return ": ".join(parts)
 
 

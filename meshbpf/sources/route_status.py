@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from ..model import BackendRef, DesiredState, ParentRef, ReferenceGrant, Route, ServicePort
+from .errors import MAX_PART, one_line
 
 CONTROLLER_NAME = "meshbpf.io/mesh"
 
@@ -59,9 +60,10 @@ class ParentStatus:
         return ref
 
     def problems(self) -> list[str]:
-        """One line per False condition, naming where the route came from."""
-        return [f"{self.route.where} ({self.route}): parent Service {self.parent.namespace}/"
-                f"{self.parent.name}: {c.type} False ({c.reason}): {c.message}"
+        """One line per False condition, naming where the route came from
+        (names are shown escaped and cut as Problems show them)."""
+        return [one_line(f"{self.route.where} ({self.route}): parent Service {self.parent.namespace}/"
+                         f"{self.parent.name}: {c.type} False ({c.reason}): {c.message}", 2 * MAX_PART)
                 for c in self.conditions if not c.status]
 
     def view(self) -> dict[str, Any]:

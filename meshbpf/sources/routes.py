@@ -20,7 +20,7 @@ from dataclasses import replace
 from typing import Any, Iterable
 
 from ..model import BackendRef, DesiredState, ParentRef, ReferenceGrant, Route, ServicePort, SplitShare
-from .errors import Problem
+from .errors import MAX_PART, Problem, one_line
 from .kube_objects import SourceObject
 from .route_status import _INVALID_MESSAGE, ref_permitted
 
@@ -54,9 +54,10 @@ def read_routes(objects: Iterable[SourceObject], previous: Iterable[Route] = ()
         label = f"{obj.get('kind')} {meta.get('namespace') or 'default'}/{meta.get('name')}"
         try:
             route = _read_route(src)
-        except _Bad as bad:
+        except Exception as exc:  # _Bad; or a bug, which must not take the other routes down
+            bad = exc if isinstance(exc, _Bad) else _internal(exc)
             problems.append(Problem(src.where, label, bad.path, bad.reason))
-            old = kept.get((obj.get("kind"), meta.get("namespace") or "default", meta.get("name")))
+            old = kept.get(_route_key(obj, meta))
             if old is not None and (old.kind, old.namespace, old.name) not in seen:
                 seen[(old.kind, old.namespace, old.name)] = src.where
                 routes.append(old)
@@ -70,7 +71,24 @@ def read_routes(objects: Iterable[SourceObject], previous: Iterable[Route] = ()
             continue
         seen[key] = src.where
         routes.append(route)
-    return routes, problems, notes
+    return routes, problems, _one_line_each(notes)
+
+
+def _one_line_each(notes: list[str]) -> list[str]:
+    """Notes are logged as they are: names with line breaks shown escaped."""
+    return [one_line(note, 2 * MAX_PART) for note in notes]
+
+
+def _route_key(obj: dict, meta: dict) -> tuple[str, str, str] | None:
+    """(kind, namespace, name) of a route that failed to read, to find its
+    previous version; None when a part is not even a string (any value may
+    sit there: a list as the name must not raise while reporting it)."""
+    key = (obj.get("kind"), meta.get("namespace") or "default", meta.get("name"))
+    return key if all(isinstance(part, str) for part in key) else None
+
+
+def _internal(exc: Exception) -> _Bad:
+    return _Bad("", f"internal error while reading it ({type(exc).__name__}: {exc}); please report this")
 
 
 def _name_and_namespace(obj: dict) -> tuple[str, str]:
@@ -139,13 +157,24 @@ def read_grants(objects: Iterable[SourceObject]) -> tuple[list[ReferenceGrant], 
     """ReferenceGrants; a bad one is left out with one problem (the
     references it would allow are then refused: nothing opens by mistake)."""
     grants, problems = [], []
+    seen: dict[tuple[str, str], str] = {}
     for src in objects:
         meta = src.obj.get("metadata") if isinstance(src.obj.get("metadata"), dict) else {}
         label = f"ReferenceGrant {meta.get('namespace') or 'default'}/{meta.get('name')}"
         try:
-            grants.append(_read_grant(src.obj))
-        except _Bad as bad:
+            grant = _read_grant(src.obj)
+        except Exception as exc:  # _Bad; or a bug, which must not take the other grants down
+            bad = exc if isinstance(exc, _Bad) else _internal(exc)
             problems.append(Problem(src.where, label, bad.path, bad.reason))
+            continue
+        # A second copy is left out, as a second route is: keeping both would
+        # let the copy an edit replaced go on allowing what the edit removed.
+        key = (grant.namespace, grant.name)
+        if key in seen:
+            problems.append(Problem(src.where, label, "metadata.name", f"defined twice (first at {seen[key]})"))
+            continue
+        seen[key] = src.where
+        grants.append(grant)
     return grants, problems
 
 
@@ -241,7 +270,7 @@ def apply_routes(state: DesiredState, routes: list[Route],
                 shares = tuple(_share(route, ref, sp, by_service, notes, grants) for ref in route.backend_refs)
                 ports[sp.frontend] = replace(sp, split=shares, route=str(route))
     return replace(state, service_ports=ports, routes=tuple(routes), reference_grants=grants,
-                   delta=None), notes
+                   delta=None), _one_line_each(notes)
 
 
 def _share(route: Route, ref: BackendRef, parent: ServicePort, by_service: dict[str, list[ServicePort]],
