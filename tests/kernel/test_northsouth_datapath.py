@@ -217,3 +217,21 @@ def test_both_nodes_pick_the_same_backend_for_a_flow(ns):
         ns.lab.run(None, ["ip", "route", "del", f"{EXT4}/32"], node=ROUTER)
     assert seen[1] == seen[2]
     assert set(seen[1]) == {"web-1", "web-2"}   # 12 flows on one pod by chance: 2 in 2^12
+
+
+def test_a_flow_keeps_its_backend_across_a_reload(ns):
+    """A new agent loads the programs again over the same pins: the filters
+    are replaced in place and the conntrack kept, so a flow keeps its
+    backend although the table now names another."""
+    key = NsKey(WILDCARD, NODE_PORT, 17)
+    ns.program({key: (0, [WEB2])})
+    node1 = node_addr(ns, 1, 4)
+    assert ns.ask(node1, NODE_PORT, "udp", 43000).startswith("web-2 ")
+    ns.program({key: (0, [WEB1])})
+    old = ns.dps[0]
+    ns.dps[0] = NorthSouthDatapath.load(old.bpffs, [NODE_UPLINK], netns=old.netns, table_size=M,
+                                        mode="tc", map_sizes={"mbpf_maglev": 4, "mbpf_ns_ct": 4096})
+    old.maps.close()
+    assert attached(old.netns, NODE_UPLINK) == 2
+    assert ns.ask(node1, NODE_PORT, "udp", 43000).startswith("web-2 ")   # the same flow
+    assert ns.ask(node1, NODE_PORT, "udp", 43001).startswith("web-1 ")   # a new one
