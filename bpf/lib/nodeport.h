@@ -18,6 +18,7 @@
 #include "common.h"
 #include "ns_pkt.h"
 #include "ns_reject.h"
+#include "ns_icmp.h"
 
 #define NS_SNAT_PORT_TRIES 4
 #define NS_SNAT_PORT_MIN   32768
@@ -256,6 +257,60 @@ static __always_inline int ns_reply(struct __sk_buff *skb, struct ns_pkt *p, int
 	return ns_forward(skb, p);
 }
 
+/* An ICMP error about a translated flow, translated back like its reply
+ * (ns_icmp.h). */
+static __always_inline int ns_icmp_reply(struct __sk_buff *skb, struct ns_pkt *p, int ingress)
+{
+	struct ns_quoted q = {};
+	struct mbpf_ns_ct_key key = {};
+	struct mbpf_ns_ct *entry;
+	struct mbpf_ns_ct rev;
+	__u32 icsum = p->l4_off + 2;
+	/* v4: the IPv4 headers' checksums; v6: ICMPv6's (pseudo-header for outer addresses) */
+	__u32 outer_l3 = p->v6 ? 0 : NS_ETH_HLEN + 10, quoted_l3;
+	__u32 addr_l4 = p->v6 ? icsum : 0;
+	int snat, v6 = p->v6;
+
+	if (!ns_is_icmp_error(skb, p) || ns_parse_quoted(skb, p, &q) < 0)
+		return NS_TC_PASS;
+	quoted_l3 = v6 ? 0 : q.ip_off + 10;
+	__builtin_memcpy(key.saddr, q.daddr, MBPF_ADDR_LEN);
+	__builtin_memcpy(key.daddr, q.saddr, MBPF_ADDR_LEN);
+	key.sport = q.dport;
+	key.dport = q.sport;
+	key.proto = q.proto;
+	key.dir = MBPF_NS_CT_REV;
+	entry = mbpf_ns_ct.lookup(&key);
+	if (!entry)
+		return NS_TC_PASS;
+	rev = *entry;
+	snat = !!(rev.flags & MBPF_NS_CT_F_SNAT);
+	if (snat != ingress)
+		return NS_TC_PASS;
+	ns_count(MBPF_NS_ICMP_ERROR);
+	/* quoted destination: the backend becomes the frontend */
+	if (ns_set_addr(skb, v6, ns_addr_off(v6, q.ip_off, 0), q.daddr, rev.src, quoted_l3, addr_l4, 0) < 0 ||
+	    ns_set_port(skb, q.l4_off + 2, q.dport, rev.sport, icsum) < 0)
+		return NS_TC_DROP;
+	if (snat) {
+		/* quoted source and the error's destination: the SNAT address becomes the client */
+		if (ns_set_addr(skb, v6, ns_addr_off(v6, q.ip_off, 1), q.saddr, rev.dst, quoted_l3, addr_l4, 0) < 0 ||
+		    ns_set_port(skb, q.l4_off, q.sport, rev.dport, icsum) < 0 ||
+		    ns_set_addr(skb, v6, ns_addr_off(v6, NS_ETH_HLEN, 0), p->daddr, rev.dst, outer_l3, addr_l4,
+				BPF_F_PSEUDO_HDR) < 0)
+			return NS_TC_DROP;
+		__builtin_memcpy(p->daddr, rev.dst, MBPF_ADDR_LEN);
+	}
+	/* sent by the backend itself: from the frontend */
+	if (ns_addr_equal(p->saddr, q.daddr)) {
+		if (ns_set_addr(skb, v6, ns_addr_off(v6, NS_ETH_HLEN, 1), p->saddr, rev.src, outer_l3, addr_l4,
+				BPF_F_PSEUDO_HDR) < 0)
+			return NS_TC_DROP;
+		__builtin_memcpy(p->saddr, rev.src, MBPF_ADDR_LEN);
+	}
+	return snat ? ns_forward(skb, p) : NS_TC_PASS;
+}
+
 static __always_inline int ns_handle(struct __sk_buff *skb, int ingress)
 {
 	struct ns_pkt p = {};
@@ -267,6 +322,8 @@ static __always_inline int ns_handle(struct __sk_buff *skb, int ingress)
 	if (!cfg || !cfg->enabled)
 		return NS_TC_PASS;
 	res = ns_parse(skb, &p);
+	if (res == NS_PARSE_SKIP && p.proto)
+		return ns_icmp_reply(skb, &p, ingress);
 	if (res != NS_PARSE_OK)
 		return NS_TC_PASS;  /* not ours to judge (cut headers included) */
 	res = ns_reply(skb, &p, ingress);

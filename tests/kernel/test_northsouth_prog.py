@@ -11,7 +11,7 @@ from array import array
 
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror, UDPerror
-from scapy.layers.inet6 import ICMPv6DestUnreach, IPv6
+from scapy.layers.inet6 import ICMPv6DestUnreach, ICMPv6PacketTooBig, IPerror6, IPv6
 from scapy.layers.l2 import Ether
 
 from meshbpf.datapath import libbpf
@@ -343,6 +343,76 @@ def test_maps_read_back_what_apply_wrote(dp, maps):
     assert state.cfg == NsCfg(a16(f["node"]), a16(FAMILIES[6]["node"]), 1)
     assert a16(f["node"]) in state.node_addrs
     assert maps.table_size == M
+
+
+def icmp_error(fam: int, src: str, dst: str, quoted, too_big: bool = False):
+    """An ICMP error from src to dst quoting the packet `quoted` (IP up)."""
+    if fam == 4:
+        head = IP(src=src, dst=dst) / ICMP(type=3, code=4 if too_big else 3, nexthopmtu=1400 if too_big else 0)
+        inner = IPerror(bytes(quoted))
+    else:
+        head = IPv6(src=src, dst=dst) / (ICMPv6PacketTooBig(mtu=1280) if too_big else ICMPv6DestUnreach(code=4))
+        inner = IPerror6(bytes(quoted))
+    return Ether(src=CLIENT_MAC, dst=NODE_MAC) / head / inner
+
+
+def quoted_of(out: Ether):
+    q = out[IPerror] if IPerror in out else out[IPerror6]
+    return q.src, q.dst, q.payload.sport, q.payload.dport
+
+
+def assert_icmp_checksums_valid(out: Ether) -> None:
+    again = out.copy()
+    icmp = ICMP if ICMP in out else (ICMPv6PacketTooBig if ICMPv6PacketTooBig in out else ICMPv6DestUnreach)
+    field = "chksum" if icmp is ICMP else "cksum"
+    setattr(again[icmp], field, None)
+    if IP in again:
+        again[IP].chksum = None
+    if IPerror in again:
+        again[IPerror].chksum = None
+    rebuilt = Ether(bytes(again))
+    assert getattr(rebuilt[icmp], field) == getattr(out[icmp], field)
+    if IP in out:
+        assert rebuilt[IP].chksum == out[IP].chksum
+    if IPerror in out:
+        assert rebuilt[IPerror].chksum == out[IPerror].chksum
+
+
+@FAMS
+@pytest.mark.parametrize("too_big", [False, True])
+def test_icmp_errors_about_a_snated_flow_are_translated_back(dp, maps, fam, too_big):
+    """The backend's port unreachable, or a router's fragmentation needed /
+    packet too big, about what we sent: the client gets it about what it sent."""
+    f = FAMILIES[fam]
+    frontend(maps, NsKey(a16(f["ext"]), SVC_PORT, UDP_), [be_id(fam, REMOTE_BE)])
+    _, sent = ingress(dp, pkt(fam, f["client"], f["ext"], 40020, SVC_PORT, UDP_, payload=b"z" * 8))
+    sender = f["far"] if too_big else f["remote"]   # a router on the way, or the backend itself
+    before = maps.counters()
+    rc, out = ingress(dp, icmp_error(fam, sender, f["node"], l3(sent), too_big))
+    assert rc in (PASS, REDIRECT)
+    assert l3(out).dst == f["client"]
+    assert l3(out).src == (f["far"] if too_big else f["ext"])
+    assert quoted_of(out) == (f["client"], f["ext"], 40020, SVC_PORT)
+    assert_icmp_checksums_valid(out)
+    assert counted(maps, before) == {"icmp_error": 1}
+
+
+@FAMS
+def test_a_local_backends_icmp_error_leaves_from_the_frontend(dp, maps, fam):
+    f = FAMILIES[fam]
+    frontend(maps, NsKey(a16(f["ext"]), SVC_PORT, UDP_), [be_id(fam, LOCAL_BE)])
+    _, sent = ingress(dp, pkt(fam, f["client"], f["ext"], 40021, SVC_PORT, UDP_, payload=b"z" * 8))
+    rc, out = egress(dp, icmp_error(fam, f["local"], f["client"], l3(sent)))
+    assert rc == PASS
+    assert (l3(out).src, l3(out).dst) == (f["ext"], f["client"])
+    assert quoted_of(out) == (f["client"], f["ext"], 40021, SVC_PORT)
+    assert_icmp_checksums_valid(out)
+
+
+def test_icmp_errors_about_unknown_flows_pass_untouched(dp, maps):
+    f = FAMILIES[4]
+    packet = icmp_error(4, f["remote"], f["node"], IP(src=f["node"], dst=f["remote"]) / UDP(sport=1, dport=2))
+    assert ingress(dp, packet) == (PASS, Ether(bytes(packet)))
 
 
 def test_the_hand_mirrors_match_the_compiled_north_south_maps(dp):
