@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes as ct
 import errno
 import logging
+import os
 import socket
 from array import array
 from dataclasses import dataclass, field
@@ -177,9 +178,9 @@ class NorthSouthMaps(PinnedMaps):
         rows = libbpf.map_info(self.fds[spec.name]).max_entries // m
         if not 0 <= table_id < rows:
             raise NorthSouthError(f"table {table_id} is outside mbpf_maglev (tables 0..{rows - 1})")
-        values = (ct.c_uint32 * m)(*(row if row is not None else [0] * m))
         if row is not None and len(row) != m:
             raise NorthSouthError(f"table {table_id}: {len(row)} entries, the table size is {m}")
+        values = (ct.c_uint32 * m)(*(row if row is not None else [0] * m))
         keys = (ct.c_uint32 * m)(*range(table_id * m, table_id * m + m))
         try:
             libbpf.map_update_batch(self.fds[spec.name], keys, values, m)
@@ -365,6 +366,49 @@ def detach_filters(netns: str | None, dev: str) -> int:
                 if getattr(exc, "code", None) not in (errno.ENOENT, errno.ENODEV):
                     raise
     return removed
+
+
+def remove_filters(bpffs: Path) -> list[str]:
+    """Our filters whose programs use this folder's maps, on every device in
+    this netns and in every named one (the lab's nodes): uninstall removes
+    them, or they would keep translating with the maps unpinned."""
+    from pyroute2 import netns as named_netns
+
+    pin = Path(bpffs) / "mbpf_ns_svc"
+    try:
+        fd = libbpf.obj_get(str(pin))
+    except OSError:
+        return []
+    try:
+        map_id = libbpf.map_info(fd).id
+    finally:
+        os.close(fd)
+    removed = []
+    for ns in [None, *named_netns.listnetns()]:
+        try:
+            for dev in _devices_using(ns, map_id):
+                if detach_filters(ns, dev):
+                    removed.append(f"tc filters mbpf_ns_* on {dev}" + (f" in netns {ns}" if ns else ""))
+        except Exception as exc:  # a namespace going away meanwhile
+            log.debug("north-south filters in netns %s: %s", ns, exc)
+    return removed
+
+
+def _devices_using(netns: str | None, map_id: int) -> list[str]:
+    import json
+    import subprocess
+    found = []
+    with _ipr(netns) as ipr:
+        names = [link.get_attr("IFLA_IFNAME") for link in ipr.get_links()
+                 if _our_filters(ipr, link["index"])]
+    for dev in names:
+        argv = ["tc", *(["-n", netns] if netns else []), "-j", "filter", "show", "dev", dev, "ingress"]
+        out = subprocess.run(argv, capture_output=True, text=True).stdout
+        ids = [f.get("options", {}).get("prog", {}).get("id", 0) for f in json.loads(out or "[]")
+               if f.get("options", {}).get("bpf_name") in PROGRAMS]
+        if any(map_id in libbpf.prog_map_ids(pid) for pid in ids):
+            found.append(dev)
+    return found
 
 
 def attached(netns: str | None, dev: str) -> int:

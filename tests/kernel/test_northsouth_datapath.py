@@ -235,3 +235,14 @@ def test_a_flow_keeps_its_backend_across_a_reload(ns):
     assert attached(old.netns, NODE_UPLINK) == 2
     assert ns.ask(node1, NODE_PORT, "udp", 43000).startswith("web-2 ")   # the same flow
     assert ns.ask(node1, NODE_PORT, "udp", 43001).startswith("web-1 ")   # a new one
+
+
+def test_uninstall_removes_the_filters_with_the_pins(ns):
+    """(Last in the module: node1's datapath is gone afterwards.)"""
+    node1 = ns.lab.nodes[0]
+    assert attached(node1.netns, NODE_UPLINK) == 2
+    removed = uninstall(ns.pins[0])
+    assert f"tc filters mbpf_ns_* on {NODE_UPLINK} in netns {node1.netns}" in removed
+    assert attached(node1.netns, NODE_UPLINK) == 0
+    assert attached(ns.lab.nodes[1].netns, NODE_UPLINK) == 2   # the other node's are not ours to take
+    assert not ns.pins[0].exists()

@@ -436,3 +436,29 @@ def test_pins_of_another_table_size_are_refused(dp):
     with pytest.raises(Exception, match="do not match this build"):
         NorthSouthDatapath.load(dp.bpffs, [], table_size=17, mode="tc",
                                 map_sizes={"mbpf_maglev": 8, "mbpf_ns_ct": 1024})
+
+
+def test_bad_table_writes_are_refused_with_one_clear_line(dp, maps):
+    from meshbpf.datapath.northsouth import NorthSouthError
+    with pytest.raises(NorthSouthError, match=r"^table 8 is outside mbpf_maglev \(tables 0..7\)$"):
+        maps.apply([NsStep("tables", "update", {8: array("I", [1] * M)})])
+    with pytest.raises(NorthSouthError, match=r"^table 2: 5 entries, the table size is 13$"):
+        maps.apply([NsStep("tables", "update", {2: array("I", [1] * 5)})])
+    with pytest.raises(NorthSouthError, match=r"^table 2: 20 entries, the table size is 13$"):
+        maps.apply([NsStep("tables", "update", {2: array("I", [1] * 20)})])
+    with pytest.raises(NorthSouthError, match=r"^north-south step: unknown map 'slots'"):
+        maps.apply([NsStep("slots", "update", {})])
+
+
+@pytest.mark.userspace
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(mode="fast"), "north-south mode 'fast': expected one of tc, xdp, auto"),
+    (dict(mode="xdp"), "north-south mode 'xdp': the XDP program is not built yet"),
+    (dict(table_size=16), "Maglev table size 16: must be an odd prime"),
+    (dict(map_sizes={"mbpf_maglev": 6}), "mbpf_maglev tables 6: must be a power of two"),
+])
+def test_bad_load_arguments_are_refused_before_anything_is_made(kwargs, message):
+    bpffs = BPFFS_ROOT / f"{PIN_PREFIX}{next(_names)}"
+    with pytest.raises(Exception, match=message.replace("(", r"\(")):
+        NorthSouthDatapath.load(bpffs, ["ext0"], **kwargs)
+    assert not bpffs.exists()
