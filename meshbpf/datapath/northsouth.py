@@ -224,6 +224,10 @@ class NorthSouthDatapath:
     def load(cls, bpffs: str | Path, devices: list[str], *, netns: str | None = None,
              table_size: int = DEFAULT_TABLE_SIZE, mode: str = "auto",
              map_sizes: dict[str, int] | None = None) -> "NorthSouthDatapath":
+        """Compile (-DMBPF_MAGLEV_M=table_size), pin or reuse the maps, attach
+        to each device in netns. map_sizes: map name -> max_entries, except
+        "mbpf_maglev": its number of tables (a power of two). mode "auto"
+        is tc today; "xdp" is refused (no XDP program yet)."""
         if mode not in MODES:
             raise NorthSouthError(f"north-south mode {mode!r}: expected one of {', '.join(MODES)}")
         if mode == "xdp":
