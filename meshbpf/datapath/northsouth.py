@@ -38,6 +38,8 @@ from .source import program_text
 log = logging.getLogger(__name__)
 
 PROGRAMS = ("mbpf_ns_ingress", "mbpf_ns_egress")
+XDP_PROGRAM = "mbpf_ns_xdp"
+XDP_FLAGS_DRV_MODE = 4   # native XDP in the driver (veth has it); never the generic one
 TC_INGRESS = 0xFFFFFFF2
 TC_EGRESS = 0xFFFFFFF3
 HOOKS = {"mbpf_ns_ingress": TC_INGRESS, "mbpf_ns_egress": TC_EGRESS}
@@ -226,19 +228,20 @@ class NorthSouthDatapath:
              map_sizes: dict[str, int] | None = None) -> "NorthSouthDatapath":
         """Compile (-DMBPF_MAGLEV_M=table_size), pin or reuse the maps, attach
         to each device in netns. map_sizes: map name -> max_entries, except
-        "mbpf_maglev": its number of tables (a power of two). mode "auto"
-        is tc today; "xdp" is refused (no XDP program yet)."""
+        "mbpf_maglev": its number of tables (a power of two). mode "tc": tc
+        alone; "xdp": also mbpf_ns_xdp in native mode in front (an error
+        where the driver has none); "auto": XDP where it can, else tc alone.
+        self.mode says which it got."""
         if mode not in MODES:
             raise NorthSouthError(f"north-south mode {mode!r}: expected one of {', '.join(MODES)}")
-        if mode == "xdp":
-            raise NorthSouthError("north-south mode 'xdp': the XDP program is not built yet "
-                                  "(use 'tc' or 'auto')")
         dp = cls(Path(bpffs), list(devices), netns, table_size, dict(map_sizes or {}))
         dp.compile()
         dp.maps = NorthSouthMaps(dp.bpffs)
         try:
             for dev in dp.devices:
                 dp.attach(dev)
+            if mode != "tc":
+                dp.mode = dp.attach_xdp(required=mode == "xdp")
         except Exception:
             dp.maps.close()
             raise
@@ -273,15 +276,42 @@ class NorthSouthDatapath:
         except Exception as exc:
             raise NorthSouthError(f"compiling nodeport.c failed: {exc}") from exc
         self._check_pinned_layouts()
-        for name in PROGRAMS:
+        for name, kind in ((n, BPF.SCHED_CLS) for n in PROGRAMS):
             try:
-                self._fns[name] = self.bpf.load_func(name.encode(), BPF.SCHED_CLS)
+                self._fns[name] = self.bpf.load_func(name.encode(), kind)
             except Exception as exc:
                 lines = str(exc).strip().splitlines() or [repr(exc)]
                 raise NorthSouthError(f"the kernel refused {name}: {lines[-1]}") from exc
 
     def prog_fd(self, name: str) -> int:
+        if name not in self._fns:  # the XDP program: loaded when asked for
+            from bcc import BPF
+            try:
+                self._fns[name] = self.bpf.load_func(name.encode(), BPF.XDP)
+            except Exception as exc:
+                lines = str(exc).strip().splitlines() or [repr(exc)]
+                raise NorthSouthError(f"the kernel refused {name}: {lines[-1]}") from exc
         return self._fns[name].fd
+
+    def attach_xdp(self, required: bool) -> str:
+        """mbpf_ns_xdp (native mode) in front of tc on every device, or
+        swapped in place: "xdp". A device or kernel without native XDP:
+        "tc" (tc alone does everything), or an error if required."""
+        try:
+            fd = self.prog_fd(XDP_PROGRAM)
+            with _ipr(self.netns) as ipr:
+                for dev in self.devices:
+                    ipr.link("set", index=self._ifindex(ipr, dev),
+                             xdp={"attrs": [["IFLA_XDP_FD", fd], ["IFLA_XDP_FLAGS", XDP_FLAGS_DRV_MODE]]})
+        except Exception as exc:
+            for dev in self.devices:
+                detach_xdp(self.netns, dev)
+            if required:
+                raise NorthSouthError(f"north-south mode 'xdp': attaching {XDP_PROGRAM} failed: "
+                                      f"{exc}") from exc
+            log.info("north-south: no native XDP (%s); tc alone", exc)
+            return "tc"
+        return "xdp"
 
     def _check_pinned_layouts(self) -> None:
         """bcc reopens a pinned map without comparing layouts: refuse here,
@@ -328,6 +358,7 @@ class NorthSouthDatapath:
         use it). A device that is gone is not an error."""
         for dev in self.devices:
             detach_filters(self.netns, dev)
+            detach_xdp(self.netns, dev)
         if self.maps:
             self.maps.close()
 
@@ -372,6 +403,38 @@ def detach_filters(netns: str | None, dev: str) -> int:
     return removed
 
 
+def xdp_program(netns: str | None, dev: str) -> str:
+    """Name of the XDP program on dev ("" if none)."""
+    with _ipr(netns) as ipr:
+        found = ipr.link_lookup(ifname=dev)
+        if not found:
+            return ""
+        xdp = ipr.get_links(found[0])[0].get_attr("IFLA_XDP")
+    prog_id = (xdp.get_attr("IFLA_XDP_PROG_ID") if xdp is not None else 0) or 0
+    if not prog_id:
+        return ""
+    try:
+        fd = libbpf.prog_fd_by_id(prog_id)
+    except OSError:
+        return ""
+    try:
+        return libbpf.prog_info(fd).name
+    finally:
+        os.close(fd)
+
+
+def detach_xdp(netns: str | None, dev: str) -> bool:
+    """Our XDP program off dev (another one is left alone)."""
+    if xdp_program(netns, dev) != XDP_PROGRAM:
+        return False
+    with _ipr(netns) as ipr:
+        found = ipr.link_lookup(ifname=dev)
+        if found:
+            ipr.link("set", index=found[0],
+                     xdp={"attrs": [["IFLA_XDP_FD", -1], ["IFLA_XDP_FLAGS", XDP_FLAGS_DRV_MODE]]})
+    return True
+
+
 def remove_filters(bpffs: Path) -> list[str]:
     """Our filters whose programs use this folder's maps, on every device in
     this netns and in every named one (the lab's nodes): uninstall removes
@@ -393,6 +456,8 @@ def remove_filters(bpffs: Path) -> list[str]:
             for dev in _devices_using(ns, map_id):
                 if detach_filters(ns, dev):
                     removed.append(f"tc filters mbpf_ns_* on {dev}" + (f" in netns {ns}" if ns else ""))
+                if detach_xdp(ns, dev):
+                    removed.append(f"XDP {XDP_PROGRAM} on {dev}" + (f" in netns {ns}" if ns else ""))
         except Exception as exc:  # a namespace going away meanwhile
             log.debug("north-south filters in netns %s: %s", ns, exc)
     return removed
