@@ -16,8 +16,10 @@ from array import array
 import pytest
 
 from meshbpf.datapath.loader import uninstall
-from meshbpf.datapath.northsouth import NorthSouthDatapath, attached
+from meshbpf.datapath.northsouth import (XDP_FLAGS_DRV_MODE, NorthSouthDatapath, attached, detach_xdp,
+                                         xdp_program)
 from meshbpf.lab.netlab import NODE_UPLINK, ROUTER, Lab
+from meshbpf.datapath.policy import _ipr
 from meshbpf.lab.workloads import wait_listening
 from meshbpf.reconcile.northsouth_keys import (BE_LOCAL, F_NODEPORT, WILDCARD, NsBackend, NsCfg, NsKey,
                                                NsStep, NsSvc)
@@ -235,6 +237,85 @@ def test_a_flow_keeps_its_backend_across_a_reload(ns):
     assert attached(old.netns, NODE_UPLINK) == 2
     assert ns.ask(node1, NODE_PORT, "udp", 43000).startswith("web-2 ")   # the same flow
     assert ns.ask(node1, NODE_PORT, "udp", 43001).startswith("web-1 ")   # a new one
+
+
+def _set_xdp(netns: str, dev: str, fd: int) -> None:
+    with _ipr(netns) as ipr:
+        ipr.link("set", index=ipr.link_lookup(ifname=dev)[0],
+                 xdp={"attrs": [["IFLA_XDP_FD", fd], ["IFLA_XDP_FLAGS", XDP_FLAGS_DRV_MODE]]})
+
+
+# Turns a device's TX checksum offload on or off (ETHTOOL_STXCSUM; no
+# ethtool binary needed).
+TX_CSUM = r"""
+import ctypes, fcntl, socket, struct, sys
+value = ctypes.create_string_buffer(struct.pack("II", 0x17, int(sys.argv[2])))
+ifreq = struct.pack("16sP", sys.argv[1].encode(), ctypes.addressof(value)) + bytes(16)
+fcntl.ioctl(socket.socket(socket.AF_INET, socket.SOCK_DGRAM), 0x8946, ifreq)
+"""
+
+
+def _checksum_offload(ns, on: bool) -> None:
+    """Checksums left to the "hardware" (CHECKSUM_PARTIAL), as veth does by
+    default, are never finished for a frame XDP sends on: so what reaches
+    an XDP device must carry full checksums (real NICs receive nothing
+    else). Senders in the lab: the router (through its ports) and the
+    nodes' uplinks."""
+    for node, dev in ([(ROUTER, d) for d in ("nd1", "nd2")]
+                      + [(n.index, NODE_UPLINK) for n in ns.lab.nodes]):
+        ns.lab.run(None, [sys.executable, "-c", TX_CSUM, dev, str(int(on))], node=node, check=True)
+
+
+@pytest.fixture
+def xdp_mode(ns):
+    """Both nodes loaded again with mode "xdp" (replacing in place); the
+    router's ends of their links get an XDP_PASS program: a veth hands
+    XDP_TX frames only to a peer that runs XDP (before 5.13: nothing else)."""
+    from bcc import BPF
+    peer = BPF(text=b"int mbpf_peer_pass(struct xdp_md *ctx) { return XDP_PASS; }")
+    fd = peer.load_func(b"mbpf_peer_pass", BPF.XDP).fd
+    ports = [f"nd{node.index}" for node in ns.lab.nodes]
+    try:
+        for port in ports:
+            _set_xdp(ns.lab.router_ns, port, fd)
+        _checksum_offload(ns, False)
+        for i, old in enumerate(list(ns.dps)):
+            ns.dps[i] = NorthSouthDatapath.load(old.bpffs, [NODE_UPLINK], netns=old.netns, table_size=M,
+                                                mode="xdp", map_sizes={"mbpf_maglev": 4, "mbpf_ns_ct": 4096})
+            old.maps.close()
+        yield
+    finally:
+        for node in ns.lab.nodes:
+            detach_xdp(node.netns, NODE_UPLINK)
+        for port in ports:
+            _set_xdp(ns.lab.router_ns, port, -1)
+        _checksum_offload(ns, True)
+
+
+@pytest.mark.parametrize("fam", [4, 6])
+def test_xdp_mode_serves_the_same_traffic_forwarding_on_its_own(ns, xdp_mode, fam):
+    node1 = ns.lab.nodes[0]
+    assert [dp.mode for dp in ns.dps] == ["xdp", "xdp"]
+    assert xdp_program(node1.netns, NODE_UPLINK) == "mbpf_ns_xdp"
+    assert attached(node1.netns, NODE_UPLINK) == 2   # tc stays: egress, and what XDP passes
+    ns.program({NsKey(WILDCARD, NODE_PORT, 6): (0, [WEB2]), NsKey(WILDCARD, NODE_PORT, 17): (1, [WEB1])}, fam)
+    before = ns.dps[0].maps.counters()
+    addr = node_addr(ns, 1, fam)
+    for _ in range(3):
+        assert ns.ask(addr, NODE_PORT, "tcp") == f"web-2 {addr}"
+    assert ns.ask(addr, NODE_PORT, "udp") == f"web-1 {ROUTER6 if fam == 6 else ROUTER4}"
+    after = ns.dps[0].maps.counters()
+    assert after["xdp_forwarded"] > before["xdp_forwarded"]   # XDP_TX'd by node1 itself
+
+
+def test_auto_mode_keeps_veth_devices_on_tc(ns):
+    old = ns.dps[0]
+    ns.dps[0] = NorthSouthDatapath.load(old.bpffs, [NODE_UPLINK], netns=old.netns, table_size=M,
+                                        mode="auto", map_sizes={"mbpf_maglev": 4, "mbpf_ns_ct": 4096})
+    old.maps.close()
+    assert ns.dps[0].mode == "tc"
+    assert xdp_program(old.netns, NODE_UPLINK) == ""
+    assert attached(old.netns, NODE_UPLINK) == 2
 
 
 def test_uninstall_removes_the_filters_with_the_pins(ns):
