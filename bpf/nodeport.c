@@ -90,6 +90,8 @@ int mbpf_ns_xdp(struct xdp_md *ctx)
 		}
 		x.p.sport = x.ports[0];
 		x.p.dport = x.ports[1];
+		if (ns_xdp_ttl_dec(&x) < 0)
+			return XDP_DROP;
 		ns_xdp_rewrite(&x, t.src, t.sport, t.dst, t.dport);
 		if (counter)
 			ns_count(counter);  /* (a new flow was counted when tracked) */

@@ -142,6 +142,15 @@ def l3(p: Ether):
     return p[IPv6] if IPv6 in p else p[IP]
 
 
+def hops(p: Ether) -> int:
+    return p[IPv6].hlim if IPv6 in p else p[IP].ttl
+
+
+def assert_one_hop_less_if_sent_on(rc: int, p: Ether) -> None:
+    """Forwarded by the program itself (the stack skipped): it takes the hop."""
+    assert hops(p) == (63 if rc == REDIRECT else 64), (rc, hops(p))
+
+
 def l4(p: Ether):
     return p[TCP] if TCP in p else p[UDP]
 
@@ -199,6 +208,7 @@ def test_a_remote_backend_is_snated_to_the_node_keeping_the_client_port(dp, maps
     assert rc in (PASS, REDIRECT)   # forwarded by the node's routes (the host's, here)
     assert (l3(out).src, l3(out).dst) == (f["node"], f["remote"])
     assert (l4(out).sport, l4(out).dport) == (40001, BE_PORT)
+    assert_one_hop_less_if_sent_on(rc, out)
     assert_checksums_valid(out)
     # (XDP without the route or neighbour at hand passes the flow to tc:
     # tracked as new there, translated as established here)
@@ -263,6 +273,7 @@ def test_replies_are_translated_back_on_ingress_and_egress(dp, maps, fam):
     assert rc in (PASS, REDIRECT)
     assert (l3(out).src, l3(out).dst, l4(out).sport, l4(out).dport) == \
         (f["node"], f["client"], NODE_PORT, 40006)
+    assert_one_hop_less_if_sent_on(rc, out)
     assert_checksums_valid(out)
     # the local backend's reply leaves through the device (egress)
     rc, out = egress(dp, pkt(fam, f["local"], f["client"], BE_PORT, 40007, flags="SA"))
