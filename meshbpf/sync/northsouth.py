@@ -19,6 +19,7 @@ import time
 from typing import Callable, Protocol
 
 from prometheus_client import Gauge
+from prometheus_client.core import CounterMetricFamily
 
 from ..metrics import AgentMetrics
 from ..model import DesiredState
@@ -211,3 +212,29 @@ def node_context(name: str, devices: list[str], netns: str | None = None) -> Nod
     snat4 = next((a for a in addresses if a.version == 4), None)
     snat6 = next((a for a in addresses if a.version == 6), None)
     return NodeContext(name, tuple(addresses), snat4, snat6)
+
+
+# --- counters -------------------------------------------------------------------------
+
+class NsCountersCollector:
+    """meshbpf_northsouth_packets_total{result}: the datapath's per-result
+    counters (mbpf_ns_stats), when its maps offer counters()."""
+
+    def __init__(self, counters: Callable[[], dict[str, int]]):
+        self.counters = counters
+
+    def collect(self):
+        family = CounterMetricFamily("meshbpf_northsouth_packets", "Packets the north-south "
+                                     "programs handled, by result", labels=["result"])
+        try:
+            for result, value in sorted(self.counters().items()):
+                family.add_metric([result], value)
+        except Exception as exc:  # a scrape never fails for it
+            log.debug("north-south counters not read: %s", one_line(exc))
+        yield family
+
+
+def register_ns_counters(registry, maps) -> None:
+    counters = getattr(maps, "counters", None)
+    if callable(counters):
+        registry.register(NsCountersCollector(counters))
