@@ -22,7 +22,7 @@ from prometheus_client import Gauge
 from prometheus_client.core import CounterMetricFamily
 
 from ..metrics import AgentMetrics
-from ..model import DesiredState
+from ..model import DesiredState, Frontend
 from ..northsouth_health import HealthCheck, HealthCheckServers
 from ..reconcile.northsouth import NodeContext, RowCache, disable, plan
 from ..reconcile.northsouth_keys import DEFAULT_TABLE_SIZE, NorthSouthState, NsStep
@@ -54,6 +54,8 @@ class NorthSouthSync:
         self.current = NorthSouthState()
         self.rows: RowCache = {}
         self.inputs: tuple | None = None
+        self.synced: DesiredState | None = None       # the state the maps were last brought to
+        self.exposed: frozenset[Frontend] = frozenset()  # its ServicePorts with exposure
         self.problems: list[str] = []
         self.retry = Backoff()
         self.stale = False
@@ -81,7 +83,9 @@ class NorthSouthSync:
         if reread:
             self._reread()
         inputs = (desired.service_ports, self.node)
-        if not reread and not self.stale and self.inputs is not None and _same(inputs, self.inputs):
+        if not reread and not self.stale and self.inputs is not None and (
+                self._untouched(desired) or _same(inputs, self.inputs)):
+            self.synced, self.inputs = desired, inputs
             return True
         try:
             self._sync(desired)
@@ -93,12 +97,26 @@ class NorthSouthSync:
             self.error("north-south maps not updated (load balancing goes on): %s; retrying in %gs",
                        one_line(exc), delay)
             return False
-        self.inputs = inputs
+        self.inputs, self.synced = inputs, desired
+        self.exposed = frozenset(f for f, sp in desired.service_ports.items() if sp.exposure is not None)
         self.retry.reset()
         if self.stale:
             log.info("north-south maps match the desired state again")
         self.stale = False
         self._health(desired)
+        return True
+
+    def _untouched(self, desired: DesiredState) -> bool:
+        """The source says (DesiredState.delta) what changed since the state
+        last synced, and none of it is exposed, before or now: an
+        EndpointSlice event of a ClusterIP-only Service costs no replan."""
+        delta = desired.delta
+        if delta is None or delta.base() is not self.synced:
+            return False
+        for f in delta.frontends:
+            sp = desired.service_ports.get(f)
+            if f in self.exposed or (sp is not None and sp.exposure is not None):
+                return False
         return True
 
     def _sync(self, desired: DesiredState) -> None:

@@ -160,3 +160,31 @@ def test_health_checks_count_this_nodes_ready_endpoints():
     sync.start(FakeMaps())
     sync.sync(state)
     assert health.ports() == [31000, 31001]
+
+
+def test_a_delta_of_cluster_ip_only_services_is_not_replanned(monkeypatch):
+    import dataclasses
+    import weakref
+
+    import meshbpf.sync.northsouth as sync_mod
+    from meshbpf.model import Delta
+    calls = []
+    real_plan = sync_mod.plan
+    monkeypatch.setattr(sync_mod, "plan", lambda *a, **k: calls.append(1) or real_plan(*a, **k))
+    maps = FakeMaps()
+    sync, _ = make_sync()
+    sync.start(maps)
+    base = desired(lb("web", "10.96.0.10", 30080), endpoint_slice("w", "web", [ep("10.244.0.5")]),
+                   service("plain", "10.96.0.20"), endpoint_slice("p", "plain", [ep("10.244.0.7")]))
+    sync.sync(base)
+    changed = desired(lb("web", "10.96.0.10", 30080), endpoint_slice("w", "web", [ep("10.244.0.5")]),
+                      service("plain", "10.96.0.20"), endpoint_slice("p", "plain", [ep("10.244.0.8")]))
+    plain = next(f for f, sp in changed.service_ports.items() if sp.name == "plain")
+    web = next(f for f, sp in changed.service_ports.items() if sp.name == "web")
+    step = dataclasses.replace(changed, delta=Delta(weakref.ref(base), frozenset({plain})))
+    assert sync.sync(step) and len(calls) == 1          # only the first sync planned
+    changed_web = desired(lb("web", "10.96.0.10", 30080), endpoint_slice("w", "web", [ep("10.244.0.6")]),
+                          service("plain", "10.96.0.20"), endpoint_slice("p", "plain", [ep("10.244.0.8")]))
+    step2 = dataclasses.replace(changed_web, delta=Delta(weakref.ref(step), frozenset({web})))
+    assert sync.sync(step2) and len(calls) == 2
+    assert {be.addr[-1] for be in maps.state.backends.values()} == {6}
