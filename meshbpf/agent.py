@@ -174,7 +174,7 @@ class Agent:
             dp = NorthSouthDatapath.load(str(self.opts.bpffs), self.ns_devices, netns=self.opts.node_netns,
                                          table_size=self.opts.maglev_table_size,
                                          map_sizes=dict(self.opts.map_sizes))
-            self.northsouth.max_tables = getattr(dp, "max_tables", None)
+            self._fit_tables(dp.maps)
             self.northsouth.start(dp.maps)
             register_ns_counters(self.metrics.registry, dp.maps)
             log.info("north-south load balancing on %s (%s)", ", ".join(self.ns_devices),
@@ -182,6 +182,19 @@ class Agent:
         except Exception as exc:
             self._error("north-south load balancing not started (load balancing goes on): %s",
                         one_line(exc))
+
+    def _fit_tables(self, maps) -> None:
+        """The planner writes rows of the size the pinned mbpf_maglev has
+        (a previous agent's, when it was there) and no more tables than it holds."""
+        size = getattr(maps, "table_size", None) or self.opts.maglev_table_size
+        if size != self.opts.maglev_table_size:
+            log.warning("north-south: the pinned mbpf_maglev holds tables of %d, not "
+                        "--maglev-table-size %d; using %d", size, self.opts.maglev_table_size, size)
+        self.northsouth.table_size = size
+        fd = getattr(maps, "fds", {}).get("mbpf_maglev")
+        if fd is not None:
+            from .datapath import libbpf
+            self.northsouth.max_tables = libbpf.map_info(fd).max_entries // size
 
     def _north_south_devices(self) -> list[str]:
         opts = self.opts

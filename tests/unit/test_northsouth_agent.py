@@ -96,3 +96,13 @@ def test_a_datapath_that_fails_to_load_is_one_line_and_load_balancing_goes_on(ma
     lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(lines) == 1 and "north-south load balancing not started" in lines[0]
     assert agent.ready()
+
+
+def test_rows_follow_the_table_size_of_the_pinned_maps(make_agent, fake_dp, monkeypatch):
+    """A previous agent pinned mbpf_maglev with another M: rows of its size."""
+    monkeypatch.setattr(FakeMaps, "table_size", 509, raising=False)
+    agent = make_agent(FakeSource(lb_state()), devices=["ext9"], maglev_table_size=251)
+    agent._start_north_south()
+    agent.step()
+    (dp,) = [d for _, _, _, d in fake_dp.loads]
+    assert {len(row) for row in dp.maps.state.tables.values()} == {509}
