@@ -38,7 +38,7 @@ from .metrics import (AgentMetrics, CaptureCollector, LBStatsCollector, MapPress
 from .model import DesiredState, RedirectSettings
 from .northsouth_health import HealthCheckServers
 from .reconcile.northsouth import NodeContext
-from .reconcile.northsouth_keys import DEFAULT_TABLE_SIZE
+from .reconcile.northsouth_keys import DEFAULT_TABLE_SIZE, NorthSouthState
 from .retry import Backoff
 from .sources import Source
 from .sources.errors import ConfigError, Problem
@@ -169,6 +169,8 @@ class Agent:
             if not self.ns_devices:
                 log.info("north-south load balancing is off (%s)", "--no-north-south"
                          if self.opts.north_south is False else "no --devices given or found")
+                if self.opts.north_south is False:
+                    self._turn_off_pinned_north_south()
                 return
             from .datapath.northsouth import NorthSouthDatapath
             dp = NorthSouthDatapath.load(str(self.opts.bpffs), self.ns_devices, netns=self.opts.node_netns,
@@ -182,6 +184,23 @@ class Agent:
         except Exception as exc:
             self._error("north-south load balancing not started (load balancing goes on): %s",
                         one_line(exc))
+
+    def _turn_off_pinned_north_south(self) -> None:
+        """A previous agent's north-south programs may still be attached:
+        --no-north-south makes them pass everything (their maps stay)."""
+        if not (Path(self.opts.bpffs) / "mbpf_ns_cfg").exists():
+            return
+        from .datapath.northsouth import NorthSouthMaps
+        maps = NorthSouthMaps(self.opts.bpffs)
+        try:
+            self.northsouth.maps = maps
+            self.northsouth.current = maps.read()
+            self.northsouth.turn_off()
+            log.info("north-south: the pinned programs now pass everything (--no-north-south)")
+        finally:
+            self.northsouth.maps = None
+            self.northsouth.current = NorthSouthState()
+            maps.close()
 
     def _fit_tables(self, maps) -> None:
         """The planner writes rows of the size the pinned mbpf_maglev has

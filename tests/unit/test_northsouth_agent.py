@@ -106,3 +106,21 @@ def test_rows_follow_the_table_size_of_the_pinned_maps(make_agent, fake_dp, monk
     agent.step()
     (dp,) = [d for _, _, _, d in fake_dp.loads]
     assert {len(row) for row in dp.maps.state.tables.values()} == {509}
+
+
+def test_no_north_south_turns_a_previous_agents_programs_off(make_agent, fake_dp, tmp_path):
+    """The pinned maps a north-south agent left: --no-north-south sets
+    enabled 0 (the programs pass everything) and keeps every entry."""
+    agent = make_agent(FakeSource(lb_state()), devices=["ext9"], bpffs=tmp_path)
+    agent._start_north_south()
+    agent.step()
+    (_, _, _, dp) = fake_dp.loads[0]
+    held = dp.maps.state
+    (tmp_path / "mbpf_ns_cfg").touch()
+    module = sys.modules["meshbpf.datapath.northsouth"]
+    module.NorthSouthMaps = lambda bpffs: types.SimpleNamespace(
+        read=dp.maps.read, apply=dp.maps.apply, close=lambda: None)
+    later = make_agent(FakeSource(lb_state()), devices=["ext9"], north_south=False, bpffs=tmp_path)
+    later._start_north_south()
+    assert len(fake_dp.loads) == 1
+    assert held.cfg.enabled == 0 and len(held.frontends) == 2
