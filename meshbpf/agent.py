@@ -77,6 +77,7 @@ class AgentOptions:
     north_south: bool | None = None
     devices: list[str] = field(default_factory=list)   # external devices; []: the default-route ones
     maglev_table_size: int = DEFAULT_TABLE_SIZE
+    north_south_cluster_ips: str = "exposed"   # or "all": every Service's ClusterIP from outside
 
 
 class Agent:
@@ -93,7 +94,8 @@ class Agent:
         self.capture = CaptureSync(self.metrics, self._error, opts.node_name or socket.gethostname())
         self.northsouth = NorthSouthSync(self.metrics, self._error, self._node_context,
                                          table_size=opts.maglev_table_size,
-                                         health=HealthCheckServers(opts.node_netns))
+                                         health=HealthCheckServers(opts.node_netns),
+                                         all_cluster_ips=opts.north_south_cluster_ips == "all")
         self.ns_devices: list[str] = []
         self.desired: DesiredState | None = None        # the latest state the source accepted
         self.route_counters = RouteCounters(opts.bpffs)  # connections per route backend

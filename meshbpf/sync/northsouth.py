@@ -42,13 +42,14 @@ class NorthSouthMapsLike(Protocol):
 class NorthSouthSync:
     def __init__(self, metrics: AgentMetrics, error: Callable[..., None], node: Callable[[], NodeContext],
                  *, table_size: int = DEFAULT_TABLE_SIZE, max_tables: int | None = None,
-                 health: HealthCheckServers | None = None):
+                 health: HealthCheckServers | None = None, all_cluster_ips: bool = False):
         self.metrics = metrics
         self.error = error
         self.node_reader = node           # re-read at start and on every resync
         self.table_size = table_size
         self.max_tables = max_tables
         self.health = health
+        self.all_cluster_ips = all_cluster_ips   # see reconcile.northsouth.plan
         self.maps: NorthSouthMapsLike | None = None
         self.node: NodeContext | None = None
         self.current = NorthSouthState()
@@ -115,13 +116,14 @@ class NorthSouthSync:
             return False
         for f in delta.frontends:
             sp = desired.service_ports.get(f)
-            if f in self.exposed or (sp is not None and sp.exposure is not None):
+            if self.all_cluster_ips or f in self.exposed or (sp is not None and sp.exposure is not None):
                 return False
         return True
 
     def _sync(self, desired: DesiredState) -> None:
         result = plan(desired, self.node, self.current, self.table_size,
-                      max_tables=self.max_tables, row_cache=self.rows)
+                      max_tables=self.max_tables, row_cache=self.rows,
+                      all_cluster_ips=self.all_cluster_ips)
         for problem in result.problems:
             if problem not in self.problems:
                 self.error("north-south: %s", problem)

@@ -124,3 +124,15 @@ def test_no_north_south_turns_a_previous_agents_programs_off(make_agent, fake_dp
     later._start_north_south()
     assert len(fake_dp.loads) == 1
     assert held.cfg.enabled == 0 and len(held.frontends) == 2
+
+
+def test_every_cluster_ip_when_asked(make_agent, fake_dp):
+    state = lb_state()
+    plain = build(service("plain", "10.96.0.12"), endpoint_slice("p", "plain", [ep("10.244.0.7")]),
+                  node_name="node-a").state
+    state.service_ports.update(plain.service_ports)
+    agent = make_agent(FakeSource(state), devices=["ext9"], north_south_cluster_ips="all")
+    agent._start_north_south()
+    agent.step()
+    (_, _, _, dp) = fake_dp.loads[0]
+    assert len(dp.maps.state.frontends) == 3

@@ -218,3 +218,13 @@ def test_rows_name_only_backends_of_their_table(size):
     state = plan(desired(lb(), slice_of("web", *TWO)), NODE, NorthSouthState(), size).state
     (row,) = state.tables.values()
     assert len(row) == size and set(row) == set(state.backends)
+
+
+def test_every_cluster_ip_when_asked():
+    objects = (lb(), slice_of("web", *TWO), service("plain", "10.96.0.12"), slice_of("plain", *TWO))
+    assert key("10.96.0.12", 80) not in planned(*objects).state.frontends
+    result = plan(desired(*objects), NODE, NorthSouthState(), M, all_cluster_ips=True)
+    assert result.problems == []
+    plain = result.state.frontends[key("10.96.0.12", 80)]
+    assert plain.count == 2 and plain.flags == 0 and plain.src_id == 0
+    assert plain.table_id != result.state.frontends[key("10.96.0.10", 80)].table_id
