@@ -118,7 +118,10 @@ def diff(current: NorthSouthState, new: NorthSouthState) -> list[NsStep]:
         if changed:
             steps.append(NsStep(role, "update", changed))
     for role in reversed(updates):
-        gone = {k: None for k in _as_dict(current, role).keys() - _as_dict(new, role).keys()}
+        gone = {k: None for k in _as_dict(current, role).keys() - _as_dict(new, role).keys()
+                # a row of zeroes is a deleted table (maps read back name
+                # tables of count-0 frontends too): nothing to delete again
+                if role != "tables" or any(current.tables[k])}
         if gone:
             steps.append(NsStep(role, "delete", gone))
     return steps

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from array import array
 
 import pytest
 
@@ -169,6 +170,19 @@ def test_ids_survive_an_agent_restart():
     first = planned(*objects)
     read_back = first.state.copy()
     read_back.tables = {i: type(row)(row.typecode, row) for i, row in read_back.tables.items()}
+    assert planned(*objects, current=read_back).steps == []
+
+
+def test_a_deleted_table_read_back_as_zeroes_is_not_deleted_again():
+    """NorthSouthMaps.read() also reads the row a count-0 frontend names
+    (table 0); once deleted (zeroed) it is not written again."""
+    objects = [lb("web"), slice_of("web", *TWO)]
+    first = planned(*objects)
+    objects[1] = slice_of("web")                    # no endpoints left
+    second = planned(*objects, current=first.state)
+    assert ("tables", "delete") in [(s.map, s.op) for s in second.steps]
+    read_back = second.state.copy()
+    read_back.tables[0] = array("I", bytes(4 * M))
     assert planned(*objects, current=read_back).steps == []
 
 
