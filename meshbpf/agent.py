@@ -38,7 +38,7 @@ from .metrics import (AgentMetrics, CaptureCollector, LBStatsCollector, MapPress
 from .model import DesiredState, RedirectSettings
 from .northsouth_health import HealthCheckServers
 from .reconcile.northsouth import NodeContext
-from .reconcile.northsouth_keys import DEFAULT_TABLE_SIZE, NorthSouthState
+from .reconcile.northsouth_keys import DEFAULT_TABLE_SIZE
 from .retry import Backoff
 from .sources import Source
 from .sources.errors import ConfigError, Problem
@@ -47,7 +47,7 @@ from .sources.yaml_file import FileSource
 from .sync import one_line
 from .sync.capture import CaptureSync, LoaderCapture
 from .sync.lb import LBSync
-from .sync.northsouth import NorthSouthSync, default_route_devices, node_context, register_ns_counters
+from .sync.northsouth import NorthSouthSync, node_context, north_south_devices, register_ns_counters
 from .sync.policy import PolicySync
 
 log = logging.getLogger(__name__)
@@ -166,69 +166,22 @@ class Agent:
     def _start_north_south(self) -> None:
         """tc (and XDP) on the external devices, over the pinned north-south
         maps; any failure leaves it off and load balancing going on."""
+        opts = self.opts
         try:
-            self.ns_devices = self._north_south_devices()
+            self.ns_devices = north_south_devices(opts.north_south, opts.devices, opts.node_netns)
             if not self.ns_devices:
                 log.info("north-south load balancing is off (%s)", "--no-north-south"
-                         if self.opts.north_south is False else "no --devices given or found")
-                if self.opts.north_south is False:
-                    self._turn_off_pinned_north_south()
+                         if opts.north_south is False else "no --devices given or found")
+                if opts.north_south is False:
+                    self.northsouth.turn_off_pinned(opts.bpffs)
                 return
-            from .datapath.northsouth import NorthSouthDatapath
-            dp = NorthSouthDatapath.load(str(self.opts.bpffs), self.ns_devices, netns=self.opts.node_netns,
-                                         table_size=self.opts.maglev_table_size,
-                                         map_sizes=dict(self.opts.map_sizes))
-            self._fit_tables(dp.maps)
-            self.northsouth.start(dp.maps)
+            dp = self.northsouth.load(opts.bpffs, self.ns_devices, opts.node_netns, opts.map_sizes)
             register_ns_counters(self.metrics.registry, dp.maps)
             log.info("north-south load balancing on %s (%s)", ", ".join(self.ns_devices),
                      getattr(dp, "mode", "tc"))
         except Exception as exc:
             self._error("north-south load balancing not started (load balancing goes on): %s",
                         one_line(exc))
-
-    def _turn_off_pinned_north_south(self) -> None:
-        """A previous agent's north-south programs may still be attached:
-        --no-north-south makes them pass everything (their maps stay)."""
-        if not (Path(self.opts.bpffs) / "mbpf_ns_cfg").exists():
-            return
-        from .datapath.northsouth import NorthSouthMaps
-        maps = NorthSouthMaps(self.opts.bpffs)
-        try:
-            self.northsouth.maps = maps
-            self.northsouth.current = maps.read()
-            self.northsouth.turn_off()
-            log.info("north-south: the pinned programs now pass everything (--no-north-south)")
-        finally:
-            self.northsouth.maps = None
-            self.northsouth.current = NorthSouthState()
-            maps.close()
-
-    def _fit_tables(self, maps) -> None:
-        """The planner writes rows of the size the pinned mbpf_maglev has
-        (a previous agent's, when it was there) and no more tables than it holds."""
-        size = getattr(maps, "table_size", None) or self.opts.maglev_table_size
-        if size != self.opts.maglev_table_size:
-            log.warning("north-south: the pinned mbpf_maglev holds tables of %d, not "
-                        "--maglev-table-size %d; using %d", size, self.opts.maglev_table_size, size)
-        self.northsouth.table_size = size
-        fd = getattr(maps, "fds", {}).get("mbpf_maglev")
-        if fd is not None:
-            from .datapath import libbpf
-            self.northsouth.max_tables = libbpf.map_info(fd).max_entries // size
-
-    def _north_south_devices(self) -> list[str]:
-        opts = self.opts
-        if opts.north_south is False:
-            return []
-        if opts.devices:
-            return list(opts.devices)
-        if opts.north_south is None and opts.node_netns is None:
-            return []   # never the host's own devices unless asked (--north-south)
-        found = default_route_devices(opts.node_netns)
-        if not found and opts.north_south:
-            raise ValueError("--north-south: no device carries a default route; give --devices")
-        return found
 
     def _node_context(self) -> NodeContext:
         return node_context(self.opts.node_name or socket.gethostname(), self.ns_devices,

@@ -12,6 +12,7 @@ import types
 import pytest
 
 import meshbpf.agent as agent_mod
+import meshbpf.sync.northsouth as sync_mod
 from k8s_builders import build, endpoint_slice, ep, service
 from meshbpf.reconcile.northsouth import NodeContext
 from test_agent_loop import FakeSource, make_agent  # noqa: F401 (fixture)
@@ -52,7 +53,7 @@ def fake_dp(monkeypatch):
     module.NorthSouthDatapath = NorthSouthDatapath
     monkeypatch.setitem(sys.modules, "meshbpf.datapath.northsouth", module)
     monkeypatch.setattr(agent_mod, "node_context", lambda name, devices, netns: NODE)
-    monkeypatch.setattr(agent_mod, "default_route_devices", lambda netns: ["ext0"] if netns else ["eth0"])
+    monkeypatch.setattr(sync_mod, "default_route_devices", lambda netns: ["ext0"] if netns else ["eth0"])
     NorthSouthDatapath.loads = loads
     return NorthSouthDatapath
 
