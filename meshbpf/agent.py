@@ -148,8 +148,8 @@ class Agent:
                                         "/v1/northsouth": self.northsouth.view,
                                         "/v1/routes": lambda: routes_view(self.desired)})
         self.http.start()
-        log.info("serving /healthz, /readyz, /metrics, /v1/endpoints, /v1/policy, /v1/capture and "
-                 "/v1/routes on http://%s", self.http.address)
+        log.info("serving /healthz, /readyz, /metrics, /v1/endpoints, /v1/policy, /v1/capture, "
+                 "/v1/northsouth and /v1/routes on http://%s", self.http.address)
 
     def _start_capture(self, target: Path) -> None:
         """Sidecar capture's maps are pinned whenever the kernel can capture
