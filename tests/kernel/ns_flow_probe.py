@@ -22,7 +22,8 @@ import urllib.error
 import urllib.request
 
 WAIT = 3.0
-REJECTED = {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN}
+# ECONNRESET: a RST after the handshake (a listener closing as the test reaches it)
+REJECTED = {errno.ECONNREFUSED, errno.ECONNRESET, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN}
 
 
 def _family(host: str) -> int:
