@@ -2,6 +2,7 @@
 namespace (the router, a pod):
 
     python ns_flow_probe.py tcp HOST PORT COUNT [BIND]   -> {"answers": {"a1 10.243.0.1 80": 3}, "errors": {...}}
+                                                           (BIND: an address, or ADDRESS,PORT for one fixed flow)
     python ns_flow_probe.py udp HOST PORT COUNT [BIND]   -> {"answers": {"a1": 2}, "errors": {...}}
     python ns_flow_probe.py http HOST PORT               -> {"status": 200, "body": "..."} or {"error": ...}
 
@@ -38,11 +39,17 @@ def _verdict(exc: OSError) -> str:
     return errno.errorcode.get(exc.errno or 0, str(exc))
 
 
+def _bind(s: socket.socket, bind: str | None) -> None:
+    if bind:
+        addr, _, port = bind.partition(",")
+        s.bind((addr, int(port or 0)))
+
+
 def _tcp_once(host: str, port: int, bind: str | None) -> str:
     with socket.socket(_family(host), socket.SOCK_STREAM) as s:
         s.settimeout(WAIT)
-        if bind:
-            s.bind((bind, 0))
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # the same flow again, from another node
+        _bind(s, bind)
         s.connect((host, port))
         s.sendall(f"GET /client HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
         data = b""
@@ -59,8 +66,7 @@ def _dns_query() -> bytes:
 def _udp_once(host: str, port: int, bind: str | None) -> str:
     with socket.socket(_family(host), socket.SOCK_DGRAM) as s:
         s.settimeout(WAIT)
-        if bind:
-            s.bind((bind, 0))
+        _bind(s, bind)
         s.connect((host, port))   # connected: an ICMP unreachable comes back as ECONNREFUSED
         s.send(_dns_query())
         reply = s.recv(4096)

@@ -248,3 +248,32 @@ def test_kube_proxy_flows(flows_lab, setup):
 @pytest.mark.parametrize("setup", [s for s in SETUPS if s.name.split("/")[0] not in REPRESENTATIVE], ids=_ids)
 def test_kube_proxy_flows_whole_table(flows_lab, setup):
     run_setup(flows_lab, setup)
+
+
+@pytest.mark.skipif(not NS_AVAILABLE, reason=NEEDS_NS)
+def test_a_flow_keeps_its_backend_whichever_node_receives_it(flows_lab):
+    """Maglev: every node builds the same table, so the same flow (client
+    address and port) gets the same backend through node1 and through node2:
+    an ECMP change that moves a flow to another node keeps its backend."""
+    setup = next(s for s in SETUPS if s.name == "TestExternalTrafficPolicyCluster")
+    flows_lab.apply(setup)
+    lb = table.LB1
+
+    def backends_via(node: str) -> dict[int, str]:
+        flows_lab.lab.run(None, ["ip", "route", "replace", lb, "via", table.NODES[node][0]],
+                          node=ROUTER, check=True)
+        got = {}
+        for sport in range(41000, 41012):
+            r = flows_lab.lab.run(None, [sys.executable, str(PROBE), "tcp", lb, "80", "1",
+                                         f"{table.ROUTER4},{sport}"], node=ROUTER, timeout=60)
+            out = json.loads(r.stdout.strip().splitlines()[-1])
+            assert not out["errors"], (node, sport, out)
+            got[sport] = next(iter(out["answers"])).split()[0]
+        return got
+
+    try:
+        via1, via2 = backends_via("node1"), backends_via("node2")
+    finally:
+        flows_lab.lab.run(None, ["ip", "route", "del", lb], node=ROUTER)
+    assert via1 == via2
+    assert set(via1.values()) == {"a1", "b1"}, via1   # 12 flows on one backend by chance: 1 in 2048
