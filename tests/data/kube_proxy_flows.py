@@ -66,17 +66,20 @@ HOST = ("host-network client (the node itself): meshbpf serves host processes wi
         "packets that arrive on the node's devices")
 POD_TO_EXTERNAL = ("pod client to a NodePort/LB/external IP: kube-proxy short-circuits it inside the "
                    "node; meshbpf's socket-LB does not hold north-south frontends yet, so the "
-                   "packet hairpins through the router and a backend on the client's own node "
-                   "replies past the translation")
+                   "packet goes out through the router and back to a node, and a backend on the "
+                   "client's own node replies past the translation (tried: some connections time "
+                   "out; the client's own node's NodePort is refused)")
 ALT_NODE_IP = "the lab's nodes have one address per family on ext0 (no --nodeport-addresses choice)"
 LOCALHOST = "127.0.0.1 NodePorts (iptables --localhost-nodeports) are host-local: no tc path"
 SCTP = "meshbpf skips SCTP ports"
 LOCAL_NO_ENDPOINTS = ("externalTrafficPolicy Local with no usable endpoint on any node: meshbpf drops "
                       "(the datapath's Local rule, count 0 -> drop), kube-proxy rejects, and issue 12 "
                       "wants a RST or ICMP unreachable when there are no endpoints at all")
-NO_ROUTE = ("meshbpf passes a packet that matches no frontend untouched; a ClusterIP port that no "
-            "Service has gets no REJECT: from a pod the socket-LB leaves the address, and the lab "
-            "has no route for the service range but the router's, so it dies by TTL: a timeout")
+NO_ROUTE = ("meshbpf passes a packet that matches no frontend untouched: no REJECT for a ClusterIP "
+            "port that no Service has, no DROP for an unallocated ClusterIP. From a pod the socket-LB "
+            "leaves the address; the packet loops between the lab's router and nodes until its TTL "
+            "runs out: a TCP client gets ICMP time exceeded (EHOSTUNREACH, so REJECT here, not "
+            "meshbpf's), a UDP client no answer")
 
 
 @dataclass(frozen=True)
@@ -212,8 +215,9 @@ def _cluster_ip_general() -> None:
         Flow("TCP-only port does not match UDP traffic", "client1", "10.96.0.42", 80, "REJECT",
              protocol="UDP", ours="DROP", why=NO_ROUTE),
         Flow("svc1 does not accept svc2's ports", "client1", "10.96.0.41", 443, "REJECT",
-             ours="DROP", why=NO_ROUTE),
-        Flow("packet to unallocated cluster ip", "client1", "10.96.0.50", 80, "DROP"),  # nftables only
+             ours="REJECT", why=NO_ROUTE),
+        Flow("packet to unallocated cluster ip", "client1", "10.96.0.50", 80, "DROP",  # nftables only
+             ours="REJECT", why=NO_ROUTE),
     ]))
 
 

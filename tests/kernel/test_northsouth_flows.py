@@ -16,8 +16,9 @@ it (the router for external clients, a pod for pod clients) and checked:
   REJECT    a TCP RST / ICMP unreachable (connection refused), every attempt
   ACCEPT    the health-check port answers HTTP
 
-An external client's DROP or REJECT must also be the north-south programs'
-own (their counters, meshbpf_northsouth_packets_total, rise on a node):
+A DROP or REJECT of an external client, or of any client to an LB or
+external IP, must also be the north-south programs' own (their counters,
+meshbpf_northsouth_packets_total, rise on a node):
 without them, the node's stack or the lab's routing would answer the same.
 
 A few setups run everywhere; the whole table is `bounds` (the VMs run it on
@@ -118,6 +119,10 @@ def flows_lab(tmp_path_factory):
     with Lab(name) as lab:
         lab.up(table.NODE1_PODS, table.NODE2_PODS)
         lab.run(None, ["ip", "addr", "add", f"{table.BLOCKED4}/24", "dev", ROUTER_BRIDGE], node=ROUTER, check=True)
+        # A router forwards: a pod's packet to an LB or external IP goes out of its
+        # node and comes back to one (the lab's router only reaches the nodes).
+        lab.run(None, ["sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"],
+                node=ROUTER, check=True)
         for pod in table.BACKENDS:
             ports = [a for p in BACKEND_PORTS for a in ("--port", str(p))]
             lab.popen(pod, [sys.executable, "-m", "meshbpf.lab.whoami", "--name", pod, *ports],
@@ -181,7 +186,8 @@ def judge(flow: Flow, setup: Setup, lab: FlowLab, out: dict) -> str | None:
         if answers or set(errors) != {want}:
             return f"wanted {want}, got {out}"
         rose = {n for n, v in out.get("counted", {}).items() if v > 0}
-        if flow.client in EXTERNAL and flow.ours is None and not rose & VERDICT_COUNTERS[want]:
+        through_tc = flow.client in EXTERNAL or flow.dest.startswith("10.240.0.")  # LB/external IPs
+        if through_tc and flow.ours is None and not rose & VERDICT_COUNTERS[want]:
             return f"{want} as wanted, but not by the north-south programs (counters rose: {sorted(rose)})"
         return None
     if errors:
