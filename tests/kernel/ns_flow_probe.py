@@ -23,8 +23,10 @@ import urllib.error
 import urllib.request
 
 WAIT = 3.0
-# ECONNRESET: a RST after the handshake (a listener closing as the test reaches it)
-REJECTED = {errno.ECONNREFUSED, errno.ECONNRESET, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN}
+# ECONNRESET: a RST after the handshake (a listener closing as the test reaches it);
+# EPERM: the socket-LB's refusal on kernels without bpf_set_retval (before 5.18).
+REJECTED = {errno.ECONNREFUSED, errno.ECONNRESET, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN,
+            errno.EPERM}
 
 
 def _family(host: str) -> int:
