@@ -47,7 +47,7 @@ from .sources.yaml_file import FileSource
 from .sync import one_line
 from .sync.capture import CaptureSync, LoaderCapture
 from .sync.lb import LBSync
-from .sync.northsouth import NorthSouthSync, default_route_devices, node_context, register_ns_counters
+from .sync.northsouth import NorthSouthSync, node_context, north_south_devices, register_ns_counters
 from .sync.policy import PolicySync
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,7 @@ class AgentOptions:
     north_south: bool | None = None
     devices: list[str] = field(default_factory=list)   # external devices; []: the default-route ones
     maglev_table_size: int = DEFAULT_TABLE_SIZE
+    north_south_cluster_ips: str = "exposed"   # or "all": every Service's ClusterIP from outside
 
 
 class Agent:
@@ -93,7 +94,8 @@ class Agent:
         self.capture = CaptureSync(self.metrics, self._error, opts.node_name or socket.gethostname())
         self.northsouth = NorthSouthSync(self.metrics, self._error, self._node_context,
                                          table_size=opts.maglev_table_size,
-                                         health=HealthCheckServers(opts.node_netns))
+                                         health=HealthCheckServers(opts.node_netns),
+                                         all_cluster_ips=opts.north_south_cluster_ips == "all")
         self.ns_devices: list[str] = []
         self.desired: DesiredState | None = None        # the latest state the source accepted
         self.route_counters = RouteCounters(opts.bpffs)  # connections per route backend
@@ -146,8 +148,8 @@ class Agent:
                                         "/v1/northsouth": self.northsouth.view,
                                         "/v1/routes": lambda: routes_view(self.desired)})
         self.http.start()
-        log.info("serving /healthz, /readyz, /metrics, /v1/endpoints, /v1/policy, /v1/capture and "
-                 "/v1/routes on http://%s", self.http.address)
+        log.info("serving /healthz, /readyz, /metrics, /v1/endpoints, /v1/policy, /v1/capture, "
+                 "/v1/northsouth and /v1/routes on http://%s", self.http.address)
 
     def _start_capture(self, target: Path) -> None:
         """Sidecar capture's maps are pinned whenever the kernel can capture
@@ -164,37 +166,22 @@ class Agent:
     def _start_north_south(self) -> None:
         """tc (and XDP) on the external devices, over the pinned north-south
         maps; any failure leaves it off and load balancing going on."""
+        opts = self.opts
         try:
-            self.ns_devices = self._north_south_devices()
+            self.ns_devices = north_south_devices(opts.north_south, opts.devices, opts.node_netns)
             if not self.ns_devices:
                 log.info("north-south load balancing is off (%s)", "--no-north-south"
-                         if self.opts.north_south is False else "no --devices given or found")
+                         if opts.north_south is False else "no --devices given or found")
+                if opts.north_south is False:
+                    self.northsouth.turn_off_pinned(opts.bpffs)
                 return
-            from .datapath.northsouth import NorthSouthDatapath
-            dp = NorthSouthDatapath.load(str(self.opts.bpffs), self.ns_devices, netns=self.opts.node_netns,
-                                         table_size=self.opts.maglev_table_size,
-                                         map_sizes=dict(self.opts.map_sizes))
-            self.northsouth.max_tables = getattr(dp, "max_tables", None)
-            self.northsouth.start(dp.maps)
+            dp = self.northsouth.load(opts.bpffs, self.ns_devices, opts.node_netns, opts.map_sizes)
             register_ns_counters(self.metrics.registry, dp.maps)
             log.info("north-south load balancing on %s (%s)", ", ".join(self.ns_devices),
                      getattr(dp, "mode", "tc"))
         except Exception as exc:
             self._error("north-south load balancing not started (load balancing goes on): %s",
                         one_line(exc))
-
-    def _north_south_devices(self) -> list[str]:
-        opts = self.opts
-        if opts.north_south is False:
-            return []
-        if opts.devices:
-            return list(opts.devices)
-        if opts.north_south is None and opts.node_netns is None:
-            return []   # never the host's own devices unless asked (--north-south)
-        found = default_route_devices(opts.node_netns)
-        if not found and opts.north_south:
-            raise ValueError("--north-south: no device carries a default route; give --devices")
-        return found
 
     def _node_context(self) -> NodeContext:
         return node_context(self.opts.node_name or socket.gethostname(), self.ns_devices,

@@ -567,6 +567,8 @@ struct mbpf_ns_ct {
 #define MBPF_NS_DROP_SRC    6   /* client not in loadBalancerSourceRanges: dropped */
 #define MBPF_NS_DROP_NOSNAT 7   /* remote backend, no SNAT address or port: dropped */
 #define MBPF_NS_DROP_OTHER  8   /* no backend entry, unforwardable, cut headers: dropped */
+#define MBPF_NS_ICMP_ERROR  9   /* ICMP error about a translated flow, translated back */
+#define MBPF_NS_XDP_FWD     10  /* of the translated: sent on by XDP itself (XDP_TX / redirect) */
 #define MBPF_NS_STAT_MAX    12
 
 #endif /* MBPF_COMMON_H */

@@ -18,6 +18,7 @@
 #include "common.h"
 #include "ns_pkt.h"
 #include "ns_reject.h"
+#include "ns_icmp.h"
 
 #define NS_SNAT_PORT_TRIES 4
 #define NS_SNAT_PORT_MIN   32768
@@ -122,79 +123,99 @@ static __always_inline __u16 ns_claim_rev(const struct ns_pkt *p, struct mbpf_ns
 	return 0;
 }
 
-/* Translate a new flow to a frontend; the verdict. */
-static __always_inline int ns_new_flow(struct __sk_buff *skb, struct ns_pkt *p,
-				       const struct mbpf_ns_cfg *cfg, int ingress)
+/* ns_track_new() results other than 0 (tracked: *fwd says where to) */
+#define NS_NEW_MISS     1   /* no frontend: not ours */
+#define NS_NEW_DROP     2   /* dropped (counted) */
+#define NS_NEW_REJECT   3   /* no endpoint, Cluster: answer with RST / ICMP */
+
+/* A new flow to a frontend: its backend chosen and both conntrack entries
+ * written; *fwd is its FWD entry (the translation to make). */
+static __always_inline int ns_track_new(const struct ns_pkt *p, const struct mbpf_ns_cfg *cfg,
+					struct mbpf_ns_ct *fwd)
 {
 	struct mbpf_ns_svc svc;
 	struct mbpf_ns_backend be;
 	struct mbpf_ns_ct_key key = {};
-	struct mbpf_ns_ct fwd = {}, rev = {};
-	__u32 be_id, hash;
+	__u32 be_id;
 	__u16 snat_port;
 	int snat;
 
-	if (!ingress || !ns_frontend(p, &svc))
-		return NS_TC_PASS;
+	if (!ns_frontend(p, &svc))
+		return NS_NEW_MISS;
 	if (!ns_source_allowed(p, svc.src_id)) {
 		ns_count(MBPF_NS_DROP_SRC);
-		return NS_TC_DROP;
+		return NS_NEW_DROP;
 	}
 	if (svc.count == 0) {
 		if (svc.flags & MBPF_NS_F_LOCAL) {
 			ns_count(MBPF_NS_DROP_LOCAL);
-			return NS_TC_DROP;
+			return NS_NEW_DROP;
 		}
 		ns_count(MBPF_NS_REJECT);
-		return ns_reject(skb, p);
+		return NS_NEW_REJECT;
 	}
 	be_id = ns_pick(p, &svc, &be);
 	if (!be_id) {
 		ns_count(MBPF_NS_DROP_OTHER);
-		return NS_TC_DROP;
+		return NS_NEW_DROP;
 	}
 	snat = !(be.flags & MBPF_NS_BE_LOCAL) && !(svc.flags & MBPF_NS_F_LOCAL);
-	/* REV: the reply as it will come, backend -> client (or -> SNAT address) */
+	/* REV: the reply as it will come, backend -> client (or -> SNAT address);
+	 * *fwd holds it meanwhile (one struct less on the stack) */
 	__builtin_memcpy(key.saddr, be.addr, MBPF_ADDR_LEN);
 	__builtin_memcpy(key.daddr, snat ? (p->v6 ? cfg->snat6 : cfg->snat4) : p->saddr, MBPF_ADDR_LEN);
 	if (snat && ns_addr_zero(key.daddr)) {
 		ns_count(MBPF_NS_DROP_NOSNAT);
-		return NS_TC_DROP;
+		return NS_NEW_DROP;
 	}
 	key.sport = be.port;
 	key.proto = p->proto;
 	key.dir = MBPF_NS_CT_REV;
-	__builtin_memcpy(rev.dst, p->saddr, MBPF_ADDR_LEN);
-	__builtin_memcpy(rev.src, p->daddr, MBPF_ADDR_LEN);
-	rev.dport = p->sport;
-	rev.sport = p->dport;
-	rev.backend_id = be_id;
-	rev.last_ns = bpf_ktime_get_ns();
-	rev.flags = snat ? MBPF_NS_CT_F_SNAT : MBPF_NS_CT_F_LOCAL;
-	hash = ns_flow_hash(p);
-	snat_port = ns_claim_rev(p, &key, &rev, snat, hash);
+	__builtin_memcpy(fwd->dst, p->saddr, MBPF_ADDR_LEN);
+	__builtin_memcpy(fwd->src, p->daddr, MBPF_ADDR_LEN);
+	fwd->dport = p->sport;
+	fwd->sport = p->dport;
+	fwd->backend_id = be_id;
+	fwd->last_ns = bpf_ktime_get_ns();
+	fwd->flags = snat ? MBPF_NS_CT_F_SNAT : MBPF_NS_CT_F_LOCAL;
+	snat_port = ns_claim_rev(p, &key, fwd, snat, ns_flow_hash(p));
 	if (!snat_port) {
 		ns_count(MBPF_NS_DROP_NOSNAT);
-		return NS_TC_DROP;
+		return NS_NEW_DROP;
 	}
 	/* FWD: later packets of this flow */
-	__builtin_memcpy(fwd.dst, be.addr, MBPF_ADDR_LEN);
-	fwd.dport = be.port;
-	if (snat) {
-		__builtin_memcpy(fwd.src, key.daddr, MBPF_ADDR_LEN);
-		fwd.sport = snat_port;
+	__builtin_memcpy(fwd->src, key.daddr, MBPF_ADDR_LEN);
+	fwd->sport = snat_port;
+	if (!snat) {
+		__builtin_memset(fwd->src, 0, MBPF_ADDR_LEN);
+		fwd->sport = 0;
 	}
-	fwd.backend_id = be_id;
-	fwd.last_ns = rev.last_ns;
-	fwd.flags = rev.flags;
+	__builtin_memcpy(fwd->dst, be.addr, MBPF_ADDR_LEN);
+	fwd->dport = be.port;
 	ns_ct_key(&key, p, MBPF_NS_CT_FWD);
-	mbpf_ns_ct.update(&key, &fwd);
+	mbpf_ns_ct.update(&key, fwd);
 	ns_count(MBPF_NS_NEW);
 	if (snat)
 		ns_count(MBPF_NS_SNAT);
+	return 0;
+}
+
+/* Translate a new flow to a frontend; the verdict. */
+static __always_inline int ns_new_flow(struct __sk_buff *skb, struct ns_pkt *p,
+				       const struct mbpf_ns_cfg *cfg)
+{
+	struct mbpf_ns_ct fwd = {};
+	int res = ns_track_new(p, cfg, &fwd);
+
+	if (res == NS_NEW_MISS)
+		return NS_TC_PASS;
+	if (res == NS_NEW_REJECT)
+		return ns_reject(skb, p);
+	if (res)
+		return NS_TC_DROP;
 	if (ns_rewrite(skb, p, 0, fwd.dst, fwd.dport) < 0)
 		return NS_TC_DROP;
-	if (!snat)
+	if (!(fwd.flags & MBPF_NS_CT_F_SNAT))
 		return NS_TC_PASS;  /* a pod of this node: the stack routes it */
 	if (ns_rewrite(skb, p, 1, fwd.src, fwd.sport) < 0)
 		return NS_TC_DROP;
@@ -256,6 +277,60 @@ static __always_inline int ns_reply(struct __sk_buff *skb, struct ns_pkt *p, int
 	return ns_forward(skb, p);
 }
 
+/* An ICMP error about a translated flow, translated back like its reply
+ * (ns_icmp.h). */
+static __always_inline int ns_icmp_reply(struct __sk_buff *skb, struct ns_pkt *p, int ingress)
+{
+	struct ns_quoted q = {};
+	struct mbpf_ns_ct_key key = {};
+	struct mbpf_ns_ct *entry;
+	struct mbpf_ns_ct rev;
+	__u32 icsum = p->l4_off + 2;
+	/* v4: the IPv4 headers' checksums; v6: ICMPv6's (pseudo-header for outer addresses) */
+	__u32 outer_l3 = p->v6 ? 0 : NS_ETH_HLEN + 10, quoted_l3;
+	__u32 addr_l4 = p->v6 ? icsum : 0;
+	int snat, v6 = p->v6;
+
+	if (!ns_is_icmp_error(skb, p) || ns_parse_quoted(skb, p, &q) < 0)
+		return NS_TC_PASS;
+	quoted_l3 = v6 ? 0 : q.ip_off + 10;
+	__builtin_memcpy(key.saddr, q.daddr, MBPF_ADDR_LEN);
+	__builtin_memcpy(key.daddr, q.saddr, MBPF_ADDR_LEN);
+	key.sport = q.dport;
+	key.dport = q.sport;
+	key.proto = q.proto;
+	key.dir = MBPF_NS_CT_REV;
+	entry = mbpf_ns_ct.lookup(&key);
+	if (!entry)
+		return NS_TC_PASS;
+	rev = *entry;
+	snat = !!(rev.flags & MBPF_NS_CT_F_SNAT);
+	if (snat != ingress)
+		return NS_TC_PASS;
+	ns_count(MBPF_NS_ICMP_ERROR);
+	/* quoted destination: the backend becomes the frontend */
+	if (ns_set_addr(skb, v6, ns_addr_off(v6, q.ip_off, 0), q.daddr, rev.src, quoted_l3, addr_l4, 0) < 0 ||
+	    ns_set_port(skb, q.l4_off + 2, q.dport, rev.sport, icsum) < 0)
+		return NS_TC_DROP;
+	if (snat) {
+		/* quoted source and the error's destination: the SNAT address becomes the client */
+		if (ns_set_addr(skb, v6, ns_addr_off(v6, q.ip_off, 1), q.saddr, rev.dst, quoted_l3, addr_l4, 0) < 0 ||
+		    ns_set_port(skb, q.l4_off, q.sport, rev.dport, icsum) < 0 ||
+		    ns_set_addr(skb, v6, ns_addr_off(v6, NS_ETH_HLEN, 0), p->daddr, rev.dst, outer_l3, addr_l4,
+				BPF_F_PSEUDO_HDR) < 0)
+			return NS_TC_DROP;
+		__builtin_memcpy(p->daddr, rev.dst, MBPF_ADDR_LEN);
+	}
+	/* sent by the backend itself: from the frontend */
+	if (ns_addr_equal(p->saddr, q.daddr)) {
+		if (ns_set_addr(skb, v6, ns_addr_off(v6, NS_ETH_HLEN, 1), p->saddr, rev.src, outer_l3, addr_l4,
+				BPF_F_PSEUDO_HDR) < 0)
+			return NS_TC_DROP;
+		__builtin_memcpy(p->saddr, rev.src, MBPF_ADDR_LEN);
+	}
+	return snat ? ns_forward(skb, p) : NS_TC_PASS;
+}
+
 static __always_inline int ns_handle(struct __sk_buff *skb, int ingress)
 {
 	struct ns_pkt p = {};
@@ -267,6 +342,8 @@ static __always_inline int ns_handle(struct __sk_buff *skb, int ingress)
 	if (!cfg || !cfg->enabled)
 		return NS_TC_PASS;
 	res = ns_parse(skb, &p);
+	if (res == NS_PARSE_SKIP && p.proto)
+		return ns_icmp_reply(skb, &p, ingress);
 	if (res != NS_PARSE_OK)
 		return NS_TC_PASS;  /* not ours to judge (cut headers included) */
 	res = ns_reply(skb, &p, ingress);
@@ -277,7 +354,7 @@ static __always_inline int ns_handle(struct __sk_buff *skb, int ingress)
 	res = ns_established(skb, &p);
 	if (res != -2)
 		return res;
-	return ns_new_flow(skb, &p, cfg, ingress);
+	return ns_new_flow(skb, &p, cfg);
 }
 
 #endif /* MBPF_NODEPORT_H */

@@ -66,6 +66,17 @@ static __always_inline int ns_addr_zero(const __u8 *a)
 	return hi == 0 && lo == 0;
 }
 
+static __always_inline int ns_addr_equal(const __u8 *a, const __u8 *b)
+{
+	__u64 a0, a1, b0, b1;
+
+	__builtin_memcpy(&a0, a, 8);
+	__builtin_memcpy(&a1, &a[8], 8);
+	__builtin_memcpy(&b0, b, 8);
+	__builtin_memcpy(&b1, &b[8], 8);
+	return a0 == b0 && a1 == b1;
+}
+
 static __always_inline int ns_parse_l4(struct __sk_buff *skb, struct ns_pkt *p)
 {
 	__u16 ports[2];

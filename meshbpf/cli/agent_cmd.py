@@ -84,11 +84,16 @@ def _map_sizes(values: tuple[str, ...]) -> dict[str, int]:
 @click.option("--maglev-table-size", type=int, default=DEFAULT_TABLE_SIZE, callback=_table_size,
               show_default=True, help="North-south: Maglev table size, a prime (65537 moves under "
                                       "1% of flows when one of 100 backends goes); the same on every node.")
+@click.option("--north-south-cluster-ips", type=click.Choice(["exposed", "all"]), default="exposed",
+              show_default=True, help="North-south: translate packets from outside to the ClusterIPs "
+                                      "of exposed Services (NodePort, LoadBalancer, externalIPs) only, "
+                                      "or of every Service (a Maglev table each).")
 @friendly_errors
 def agent(source: str, config: Path | None, kubeconfig: str | None, service_proxy_name: str | None,
           config_map: str, cgroup_path: str | None, bpffs: Path, listen: str, node_name: str,
           node_netns: str | None, map_size: tuple[str, ...], resync_interval: float, lock_timeout: float,
-          north_south: bool | None, devices: list[str], maglev_table_size: int) -> None:
+          north_south: bool | None, devices: list[str], maglev_table_size: int,
+          north_south_cluster_ips: str) -> None:
     """Compile, attach, sync the maps to the desired state, and keep them in sync."""
     if source == "file" and config is None:
         raise click.UsageError("--config is required with --source file")
@@ -106,4 +111,5 @@ def agent(source: str, config: Path | None, kubeconfig: str | None, service_prox
                            node_name=node_name, node_netns=node_netns, map_sizes=sizes,
                            resync_interval=resync_interval, lock_timeout=lock_timeout,
                            north_south=north_south, devices=devices,
-                           maglev_table_size=maglev_table_size))
+                           maglev_table_size=maglev_table_size,
+                           north_south_cluster_ips=north_south_cluster_ips))

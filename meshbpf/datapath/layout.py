@@ -385,6 +385,6 @@ NS_MAPS = (
 # Indexes of mbpf_ns_stats (MBPF_NS_* in bpf/lib/common.h).
 NS_COUNTERS = {
     "new": 0, "snat": 1, "established": 2, "reply": 3, "reject": 4, "drop_no_local": 5,
-    "drop_source_range": 6, "drop_no_snat": 7, "drop_other": 8,
+    "drop_source_range": 6, "drop_no_snat": 7, "drop_other": 8, "icmp_error": 9, "xdp_forwarded": 10,
 }
 PINNED_MAPS = PINNED_MAPS + NS_MAPS  # uninstall and inspect find the north-south pins too

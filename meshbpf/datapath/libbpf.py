@@ -293,6 +293,18 @@ def prog_test_run_skb_out(prog_fd: int, packet: bytes, ifindex: int = 0) -> tupl
     return ct.c_int32(opts.retval).value, data_out.raw[:opts.data_size_out]
 
 
+def prog_test_run_xdp_out(prog_fd: int, packet: bytes) -> tuple[int, bytes]:
+    """Runs an XDP program once on packet (Ethernet frame), as if received
+    on loopback; its verdict (XDP_PASS is 2) and the packet it left."""
+    data_in = ct.create_string_buffer(packet, len(packet))
+    data_out = ct.create_string_buffer(len(packet) + 256)
+    opts = _TestRunOpts(sz=ct.sizeof(_TestRunOpts), data_in=ct.addressof(data_in),
+                        data_out=ct.addressof(data_out), data_size_in=len(packet),
+                        data_size_out=len(data_out), repeat=1)
+    _check(_lib.bpf_prog_test_run_opts(prog_fd, ct.byref(opts)), "BPF_PROG_TEST_RUN")
+    return ct.c_int32(opts.retval).value, data_out.raw[:opts.data_size_out]
+
+
 BPF_MAP_TYPE_RINGBUF = 27
 _lib.libbpf_probe_bpf_map_type.argtypes = [ct.c_int, ct.c_void_p]
 RINGBUF_CALLBACK = ct.CFUNCTYPE(ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_size_t)

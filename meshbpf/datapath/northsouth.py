@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes as ct
 import errno
 import logging
+import os
 import socket
 from array import array
 from dataclasses import dataclass, field
@@ -37,6 +38,8 @@ from .source import program_text
 log = logging.getLogger(__name__)
 
 PROGRAMS = ("mbpf_ns_ingress", "mbpf_ns_egress")
+XDP_PROGRAM = "mbpf_ns_xdp"
+XDP_FLAGS_DRV_MODE = 4   # native XDP in the driver (veth has it); never the generic one
 TC_INGRESS = 0xFFFFFFF2
 TC_EGRESS = 0xFFFFFFF3
 HOOKS = {"mbpf_ns_ingress": TC_INGRESS, "mbpf_ns_egress": TC_EGRESS}
@@ -177,9 +180,9 @@ class NorthSouthMaps(PinnedMaps):
         rows = libbpf.map_info(self.fds[spec.name]).max_entries // m
         if not 0 <= table_id < rows:
             raise NorthSouthError(f"table {table_id} is outside mbpf_maglev (tables 0..{rows - 1})")
-        values = (ct.c_uint32 * m)(*(row if row is not None else [0] * m))
         if row is not None and len(row) != m:
             raise NorthSouthError(f"table {table_id}: {len(row)} entries, the table size is {m}")
+        values = (ct.c_uint32 * m)(*(row if row is not None else [0] * m))
         keys = (ct.c_uint32 * m)(*range(table_id * m, table_id * m + m))
         try:
             libbpf.map_update_batch(self.fds[spec.name], keys, values, m)
@@ -223,17 +226,24 @@ class NorthSouthDatapath:
     def load(cls, bpffs: str | Path, devices: list[str], *, netns: str | None = None,
              table_size: int = DEFAULT_TABLE_SIZE, mode: str = "auto",
              map_sizes: dict[str, int] | None = None) -> "NorthSouthDatapath":
+        """Compile (-DMBPF_MAGLEV_M=table_size), pin or reuse the maps, attach
+        to each device in netns. map_sizes: map name -> max_entries, except
+        "mbpf_maglev": its number of tables (a power of two). mode "tc": tc
+        alone; "xdp": also mbpf_ns_xdp in native mode in front (an error
+        where the driver has none); "auto": XDP where it can, else tc alone
+        (tc alone on veth: frames from a local sender there may carry
+        unfinished checksums, which XDP cannot finish).
+        self.mode says which it got."""
         if mode not in MODES:
             raise NorthSouthError(f"north-south mode {mode!r}: expected one of {', '.join(MODES)}")
-        if mode == "xdp":
-            raise NorthSouthError("north-south mode 'xdp': the XDP program is not built yet "
-                                  "(use 'tc' or 'auto')")
         dp = cls(Path(bpffs), list(devices), netns, table_size, dict(map_sizes or {}))
         dp.compile()
         dp.maps = NorthSouthMaps(dp.bpffs)
         try:
             for dev in dp.devices:
                 dp.attach(dev)
+            if mode != "tc":
+                dp.mode = dp.attach_xdp(required=mode == "xdp")
         except Exception:
             dp.maps.close()
             raise
@@ -268,15 +278,55 @@ class NorthSouthDatapath:
         except Exception as exc:
             raise NorthSouthError(f"compiling nodeport.c failed: {exc}") from exc
         self._check_pinned_layouts()
-        for name in PROGRAMS:
+        for name, kind in ((n, BPF.SCHED_CLS) for n in PROGRAMS):
             try:
-                self._fns[name] = self.bpf.load_func(name.encode(), BPF.SCHED_CLS)
+                self._fns[name] = self.bpf.load_func(name.encode(), kind)
             except Exception as exc:
                 lines = str(exc).strip().splitlines() or [repr(exc)]
                 raise NorthSouthError(f"the kernel refused {name}: {lines[-1]}") from exc
 
     def prog_fd(self, name: str) -> int:
+        if name not in self._fns:  # the XDP program: loaded when asked for
+            from bcc import BPF
+            try:
+                self._fns[name] = self.bpf.load_func(name.encode(), BPF.XDP)
+            except Exception as exc:
+                lines = str(exc).strip().splitlines() or [repr(exc)]
+                raise NorthSouthError(f"the kernel refused {name}: {lines[-1]}") from exc
         return self._fns[name].fd
+
+    def _any_veth(self) -> bool:
+        with _ipr(self.netns) as ipr:
+            for dev in self.devices:
+                info = ipr.get_links(self._ifindex(ipr, dev))[0].get_attr("IFLA_LINKINFO")
+                if info is not None and info.get_attr("IFLA_INFO_KIND") == "veth":
+                    return True
+        return False
+
+    def attach_xdp(self, required: bool) -> str:
+        """mbpf_ns_xdp (native mode) in front of tc on every device, or
+        swapped in place: "xdp". A device or kernel without native XDP:
+        "tc" (tc alone does everything), or an error if required."""
+        if not required and self._any_veth():
+            # A veth carries checksums a local sender left unfinished
+            # (CHECKSUM_PARTIAL); a frame XDP sends on is never finished.
+            log.info("north-south: tc alone on veth devices (mode auto); mode xdp forces XDP")
+            return "tc"
+        try:
+            fd = self.prog_fd(XDP_PROGRAM)
+            with _ipr(self.netns) as ipr:
+                for dev in self.devices:
+                    ipr.link("set", index=self._ifindex(ipr, dev),
+                             xdp={"attrs": [["IFLA_XDP_FD", fd], ["IFLA_XDP_FLAGS", XDP_FLAGS_DRV_MODE]]})
+        except Exception as exc:
+            for dev in self.devices:
+                detach_xdp(self.netns, dev)
+            if required:
+                raise NorthSouthError(f"north-south mode 'xdp': attaching {XDP_PROGRAM} failed: "
+                                      f"{exc}") from exc
+            log.info("north-south: no native XDP (%s); tc alone", exc)
+            return "tc"
+        return "xdp"
 
     def _check_pinned_layouts(self) -> None:
         """bcc reopens a pinned map without comparing layouts: refuse here,
@@ -323,6 +373,7 @@ class NorthSouthDatapath:
         use it). A device that is gone is not an error."""
         for dev in self.devices:
             detach_filters(self.netns, dev)
+            detach_xdp(self.netns, dev)
         if self.maps:
             self.maps.close()
 
@@ -365,6 +416,83 @@ def detach_filters(netns: str | None, dev: str) -> int:
                 if getattr(exc, "code", None) not in (errno.ENOENT, errno.ENODEV):
                     raise
     return removed
+
+
+def xdp_program(netns: str | None, dev: str) -> str:
+    """Name of the XDP program on dev ("" if none)."""
+    with _ipr(netns) as ipr:
+        found = ipr.link_lookup(ifname=dev)
+        if not found:
+            return ""
+        xdp = ipr.get_links(found[0])[0].get_attr("IFLA_XDP")
+    prog_id = (xdp.get_attr("IFLA_XDP_PROG_ID") if xdp is not None else 0) or 0
+    if not prog_id:
+        return ""
+    try:
+        fd = libbpf.prog_fd_by_id(prog_id)
+    except OSError:
+        return ""
+    try:
+        return libbpf.prog_info(fd).name
+    finally:
+        os.close(fd)
+
+
+def detach_xdp(netns: str | None, dev: str) -> bool:
+    """Our XDP program off dev (another one is left alone)."""
+    if xdp_program(netns, dev) != XDP_PROGRAM:
+        return False
+    with _ipr(netns) as ipr:
+        found = ipr.link_lookup(ifname=dev)
+        if found:
+            ipr.link("set", index=found[0],
+                     xdp={"attrs": [["IFLA_XDP_FD", -1], ["IFLA_XDP_FLAGS", XDP_FLAGS_DRV_MODE]]})
+    return True
+
+
+def remove_filters(bpffs: Path) -> list[str]:
+    """Our filters whose programs use this folder's maps, on every device in
+    this netns and in every named one (the lab's nodes): uninstall removes
+    them, or they would keep translating with the maps unpinned."""
+    from pyroute2 import netns as named_netns
+
+    pin = Path(bpffs) / "mbpf_ns_svc"
+    try:
+        fd = libbpf.obj_get(str(pin))
+    except OSError:
+        return []
+    try:
+        map_id = libbpf.map_info(fd).id
+    finally:
+        os.close(fd)
+    removed = []
+    for ns in [None, *named_netns.listnetns()]:
+        try:
+            for dev in _devices_using(ns, map_id):
+                if detach_filters(ns, dev):
+                    removed.append(f"tc filters mbpf_ns_* on {dev}" + (f" in netns {ns}" if ns else ""))
+                if detach_xdp(ns, dev):
+                    removed.append(f"XDP {XDP_PROGRAM} on {dev}" + (f" in netns {ns}" if ns else ""))
+        except Exception as exc:  # a namespace going away meanwhile
+            log.debug("north-south filters in netns %s: %s", ns, exc)
+    return removed
+
+
+def _devices_using(netns: str | None, map_id: int) -> list[str]:
+    import json
+    import subprocess
+    found = []
+    with _ipr(netns) as ipr:
+        names = [link.get_attr("IFLA_IFNAME") for link in ipr.get_links()
+                 if _our_filters(ipr, link["index"])]
+    for dev in names:
+        argv = ["tc", *(["-n", netns] if netns else []), "-j", "filter", "show", "dev", dev, "ingress"]
+        out = subprocess.run(argv, capture_output=True, text=True).stdout
+        ids = [f.get("options", {}).get("prog", {}).get("id", 0) for f in json.loads(out or "[]")
+               if f.get("options", {}).get("bpf_name") in PROGRAMS]
+        if any(map_id in libbpf.prog_map_ids(pid) for pid in ids):
+            found.append(dev)
+    return found
 
 
 def attached(netns: str | None, dev: str) -> int:

@@ -74,10 +74,14 @@ RowCache = dict[int, tuple[array, frozenset]]
 
 def plan(desired: DesiredState, node: NodeContext, current: NorthSouthState,
          table_size: int = DEFAULT_TABLE_SIZE, *, max_tables: int | None = None,
-         row_cache: RowCache | None = None) -> NsPlan:
-    """The state the maps should hold and the ordered writes from `current`."""
+         row_cache: RowCache | None = None, all_cluster_ips: bool = False) -> NsPlan:
+    """The state the maps should hold and the ordered writes from `current`.
+
+    all_cluster_ips: also the ClusterIP of every Service that is not exposed
+    (kube-proxy translates those from outside too), each with a table of its
+    own: mind mbpf_maglev's room (MBPF_NS_TABLE_MAX tables of table_size)."""
     problems: list[str] = []
-    owners = _frontends_by_owner(desired, node, problems)
+    owners = _frontends_by_owner(desired, all_cluster_ips, problems)
     new = NorthSouthState(cfg=NsCfg(_snat(node.snat4), _snat(node.snat6), 1),
                           node_addrs={addr16(a) for a in node.addresses})
     backend_ids = _BackendIds(current)
@@ -114,7 +118,10 @@ def diff(current: NorthSouthState, new: NorthSouthState) -> list[NsStep]:
         if changed:
             steps.append(NsStep(role, "update", changed))
     for role in reversed(updates):
-        gone = {k: None for k in _as_dict(current, role).keys() - _as_dict(new, role).keys()}
+        gone = {k: None for k in _as_dict(current, role).keys() - _as_dict(new, role).keys()
+                # a row of zeroes is a deleted table (maps read back name
+                # tables of count-0 frontends too): nothing to delete again
+                if role != "tables" or any(current.tables[k])}
         if gone:
             steps.append(NsStep(role, "delete", gone))
     return steps
@@ -129,17 +136,18 @@ def disable(current: NorthSouthState) -> list[NsStep]:
 
 # --- frontends -------------------------------------------------------------------
 
-def _frontends_by_owner(desired: DesiredState, node: NodeContext, problems: list[str]
+def _frontends_by_owner(desired: DesiredState, all_cluster_ips: bool, problems: list[str]
                         ) -> dict[_Owner, tuple[ServicePort, list[tuple[NsKey, bool]]]]:
     """Each table's frontend keys (with: is it a LoadBalancer IP), first
     claim wins in namespace/name/port/family order."""
     claimed: dict[NsKey, ServicePort] = {}
     owners: dict[_Owner, tuple[ServicePort, list[tuple[NsKey, bool]]]] = {}
-    exposed = sorted((sp for sp in desired.service_ports.values() if sp.exposure is not None),
+    exposed = sorted((sp for sp in desired.service_ports.values()
+                      if all_cluster_ips or sp.exposure is not None),
                      key=lambda sp: (sp.namespace, sp.name, sp.port_name,
                                      sp.frontend.address.version, sp.frontend.protocol))
     for sp in exposed:
-        local = sp.exposure.local
+        local = sp.exposure is not None and sp.exposure.local
         for key, is_lb, external in _keys(sp):
             holder = claimed.get(key)
             if holder is not None:
@@ -157,6 +165,8 @@ def _keys(sp: ServicePort) -> Iterable[tuple[NsKey, bool, bool]]:
     fe, exp = sp.frontend, sp.exposure
     proto = PROTO[fe.protocol]
     yield NsKey(addr16(fe.address), fe.port, proto), False, False
+    if exp is None:
+        return
     if sp.node_port and exp.type in ("NodePort", "LoadBalancer"):
         yield NsKey(WILDCARD, sp.node_port, proto), False, True
     for ip in exp.external_ips:
@@ -257,6 +267,8 @@ def _sources(sp: ServicePort, keys, current: NorthSouthState, src_ids: _Ids,
     """The src_id of the owner's LoadBalancer IPs, its rows written to `out`;
     0 when no range of the port's family is given (any client, as kube-proxy
     filters the ranges by family)."""
+    if sp.exposure is None:
+        return 0
     version = sp.frontend.address.version
     ranges = [n for n in sp.exposure.source_ranges if n.version == version]
     if not ranges or not any(is_lb for _, is_lb in keys):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import time
+from pathlib import Path
 from typing import Callable, Protocol
 
 from prometheus_client import Gauge
@@ -42,13 +43,14 @@ class NorthSouthMapsLike(Protocol):
 class NorthSouthSync:
     def __init__(self, metrics: AgentMetrics, error: Callable[..., None], node: Callable[[], NodeContext],
                  *, table_size: int = DEFAULT_TABLE_SIZE, max_tables: int | None = None,
-                 health: HealthCheckServers | None = None):
+                 health: HealthCheckServers | None = None, all_cluster_ips: bool = False):
         self.metrics = metrics
         self.error = error
         self.node_reader = node           # re-read at start and on every resync
         self.table_size = table_size
         self.max_tables = max_tables
         self.health = health
+        self.all_cluster_ips = all_cluster_ips   # see reconcile.northsouth.plan
         self.maps: NorthSouthMapsLike | None = None
         self.node: NodeContext | None = None
         self.current = NorthSouthState()
@@ -71,6 +73,42 @@ class NorthSouthSync:
         log.info("north-south: node addresses %s; the pinned maps hold %d frontends, %d tables",
                  ", ".join(map(str, self.node.addresses)) or "none",
                  len(self.current.frontends), len(self.current.tables))
+
+    def load(self, bpffs: Path, devices: list[str], netns: str | None, map_sizes: dict[str, int]):
+        """Compiles and attaches the datapath (datapath/northsouth.py) and
+        takes over its maps; returns the NorthSouthDatapath."""
+        from ..datapath.northsouth import NorthSouthDatapath
+        dp = NorthSouthDatapath.load(str(bpffs), devices, netns=netns, table_size=self.table_size,
+                                     map_sizes=dict(map_sizes))
+        self._fit_tables(dp.maps)
+        self.start(dp.maps)
+        return dp
+
+    def _fit_tables(self, maps) -> None:
+        """Rows of the size the pinned mbpf_maglev has (a previous agent's,
+        when it was there), and no more tables than it holds."""
+        size = getattr(maps, "table_size", None) or self.table_size
+        if size != self.table_size:
+            log.warning("north-south: the pinned mbpf_maglev holds tables of %d, not "
+                        "--maglev-table-size %d; using %d", size, self.table_size, size)
+        self.table_size = size
+        fd = getattr(maps, "fds", {}).get("mbpf_maglev")
+        if fd is not None:
+            from ..datapath import libbpf
+            self.max_tables = libbpf.map_info(fd).max_entries // size
+
+    def turn_off_pinned(self, bpffs: Path) -> None:
+        """A previous agent's north-south programs may still be attached:
+        --no-north-south makes them pass everything (their maps stay)."""
+        if not (Path(bpffs) / "mbpf_ns_cfg").exists():
+            return
+        from ..datapath.northsouth import NorthSouthMaps
+        maps = NorthSouthMaps(bpffs)
+        try:
+            maps.apply(disable(maps.read()))
+            log.info("north-south: the pinned programs now pass everything (--no-north-south)")
+        finally:
+            maps.close()
 
     def due(self, now: float) -> bool:
         return self.retry.due(now)
@@ -115,13 +153,14 @@ class NorthSouthSync:
             return False
         for f in delta.frontends:
             sp = desired.service_ports.get(f)
-            if f in self.exposed or (sp is not None and sp.exposure is not None):
+            if self.all_cluster_ips or f in self.exposed or (sp is not None and sp.exposure is not None):
                 return False
         return True
 
     def _sync(self, desired: DesiredState) -> None:
         result = plan(desired, self.node, self.current, self.table_size,
-                      max_tables=self.max_tables, row_cache=self.rows)
+                      max_tables=self.max_tables, row_cache=self.rows,
+                      all_cluster_ips=self.all_cluster_ips)
         for problem in result.problems:
             if problem not in self.problems:
                 self.error("north-south: %s", problem)
@@ -133,11 +172,6 @@ class NorthSouthSync:
             log.info("north-south: %d frontends, %d tables, %d backends (%d map writes)",
                      len(result.state.frontends), len(result.state.tables), len(result.state.backends),
                      sum(len(s.entries) for s in result.steps))
-
-    def turn_off(self) -> None:
-        """The programs pass everything (the maps keep their entries)."""
-        if self.maps is not None:
-            self.maps.apply(disable(self.current))
 
     def _reread(self) -> None:
         try:
@@ -190,6 +224,22 @@ def health_checks(desired: DesiredState, node_name: str) -> dict[int, HealthChec
 
 
 # --- this node ------------------------------------------------------------------------
+
+def north_south_devices(north_south: bool | None, devices: list[str], netns: str | None) -> list[str]:
+    """The devices to attach to: --devices; else, when asked (True) or in
+    a node netns (None: the default), those of the default routes there;
+    never the agent's own netns's devices unless asked."""
+    if north_south is False:
+        return []
+    if devices:
+        return list(devices)
+    if north_south is None and netns is None:
+        return []
+    found = default_route_devices(netns)
+    if not found and north_south:
+        raise ValueError("--north-south: no device carries a default route; give --devices")
+    return found
+
 
 def default_route_devices(netns: str | None = None) -> list[str]:
     """The devices of the default routes (IPv4 and IPv6) in that netns."""

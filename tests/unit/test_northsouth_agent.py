@@ -12,6 +12,7 @@ import types
 import pytest
 
 import meshbpf.agent as agent_mod
+import meshbpf.sync.northsouth as sync_mod
 from k8s_builders import build, endpoint_slice, ep, service
 from meshbpf.reconcile.northsouth import NodeContext
 from test_agent_loop import FakeSource, make_agent  # noqa: F401 (fixture)
@@ -52,7 +53,7 @@ def fake_dp(monkeypatch):
     module.NorthSouthDatapath = NorthSouthDatapath
     monkeypatch.setitem(sys.modules, "meshbpf.datapath.northsouth", module)
     monkeypatch.setattr(agent_mod, "node_context", lambda name, devices, netns: NODE)
-    monkeypatch.setattr(agent_mod, "default_route_devices", lambda netns: ["ext0"] if netns else ["eth0"])
+    monkeypatch.setattr(sync_mod, "default_route_devices", lambda netns: ["ext0"] if netns else ["eth0"])
     NorthSouthDatapath.loads = loads
     return NorthSouthDatapath
 
@@ -96,3 +97,43 @@ def test_a_datapath_that_fails_to_load_is_one_line_and_load_balancing_goes_on(ma
     lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(lines) == 1 and "north-south load balancing not started" in lines[0]
     assert agent.ready()
+
+
+def test_rows_follow_the_table_size_of_the_pinned_maps(make_agent, fake_dp, monkeypatch):
+    """A previous agent pinned mbpf_maglev with another M: rows of its size."""
+    monkeypatch.setattr(FakeMaps, "table_size", 509, raising=False)
+    agent = make_agent(FakeSource(lb_state()), devices=["ext9"], maglev_table_size=251)
+    agent._start_north_south()
+    agent.step()
+    (dp,) = [d for _, _, _, d in fake_dp.loads]
+    assert {len(row) for row in dp.maps.state.tables.values()} == {509}
+
+
+def test_no_north_south_turns_a_previous_agents_programs_off(make_agent, fake_dp, tmp_path):
+    """The pinned maps a north-south agent left: --no-north-south sets
+    enabled 0 (the programs pass everything) and keeps every entry."""
+    agent = make_agent(FakeSource(lb_state()), devices=["ext9"], bpffs=tmp_path)
+    agent._start_north_south()
+    agent.step()
+    (_, _, _, dp) = fake_dp.loads[0]
+    held = dp.maps.state
+    (tmp_path / "mbpf_ns_cfg").touch()
+    module = sys.modules["meshbpf.datapath.northsouth"]
+    module.NorthSouthMaps = lambda bpffs: types.SimpleNamespace(
+        read=dp.maps.read, apply=dp.maps.apply, close=lambda: None)
+    later = make_agent(FakeSource(lb_state()), devices=["ext9"], north_south=False, bpffs=tmp_path)
+    later._start_north_south()
+    assert len(fake_dp.loads) == 1
+    assert held.cfg.enabled == 0 and len(held.frontends) == 2
+
+
+def test_every_cluster_ip_when_asked(make_agent, fake_dp):
+    state = lb_state()
+    plain = build(service("plain", "10.96.0.12"), endpoint_slice("p", "plain", [ep("10.244.0.7")]),
+                  node_name="node-a").state
+    state.service_ports.update(plain.service_ports)
+    agent = make_agent(FakeSource(state), devices=["ext9"], north_south_cluster_ips="all")
+    agent._start_north_south()
+    agent.step()
+    (_, _, _, dp) = fake_dp.loads[0]
+    assert len(dp.maps.state.frontends) == 3

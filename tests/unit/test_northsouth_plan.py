@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from array import array
 
 import pytest
 
@@ -172,6 +173,19 @@ def test_ids_survive_an_agent_restart():
     assert planned(*objects, current=read_back).steps == []
 
 
+def test_a_deleted_table_read_back_as_zeroes_is_not_deleted_again():
+    """NorthSouthMaps.read() also reads the row a count-0 frontend names
+    (table 0); once deleted (zeroed) it is not written again."""
+    objects = [lb("web"), slice_of("web", *TWO)]
+    first = planned(*objects)
+    objects[1] = slice_of("web")                    # no endpoints left
+    second = planned(*objects, current=first.state)
+    assert ("tables", "delete") in [(s.map, s.op) for s in second.steps]
+    read_back = second.state.copy()
+    read_back.tables[0] = array("I", bytes(4 * M))
+    assert planned(*objects, current=read_back).steps == []
+
+
 def test_dual_stack():
     svc = lb("web", ["10.96.0.10", "fd00:96::10"], ingress=("10.240.0.7", "fd00:240::7"))
     state = planned(svc, slice_of("web", *TWO),
@@ -218,3 +232,13 @@ def test_rows_name_only_backends_of_their_table(size):
     state = plan(desired(lb(), slice_of("web", *TWO)), NODE, NorthSouthState(), size).state
     (row,) = state.tables.values()
     assert len(row) == size and set(row) == set(state.backends)
+
+
+def test_every_cluster_ip_when_asked():
+    objects = (lb(), slice_of("web", *TWO), service("plain", "10.96.0.12"), slice_of("plain", *TWO))
+    assert key("10.96.0.12", 80) not in planned(*objects).state.frontends
+    result = plan(desired(*objects), NODE, NorthSouthState(), M, all_cluster_ips=True)
+    assert result.problems == []
+    plain = result.state.frontends[key("10.96.0.12", 80)]
+    assert plain.count == 2 and plain.flags == 0 and plain.src_id == 0
+    assert plain.table_id != result.state.frontends[key("10.96.0.10", 80)].table_id
