@@ -63,7 +63,7 @@ LB1, LB2, LB3 = "10.240.0.104", "10.240.0.108", "10.240.0.112"
 # Why whole groups of upstream cases do not apply.
 HOST = ("host-network client (the node itself): meshbpf serves host processes with the socket-LB on "
         "the cgroup, which holds ClusterIPs only; NodePort/LB/external frontends are tc's, for "
-        "packets that arrive on the node's devices")
+        "packets that arrive on the node's devices (tried: the node's own NodePort is refused)")
 POD_TO_EXTERNAL = ("pod client to a NodePort/LB/external IP: kube-proxy short-circuits it inside the "
                    "node; meshbpf's socket-LB does not hold north-south frontends yet, so the "
                    "packet goes out through the router and back to a node, and a backend on the "
