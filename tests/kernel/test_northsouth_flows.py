@@ -256,7 +256,9 @@ def test_kube_proxy_flows_whole_table(flows_lab, setup):
     run_setup(flows_lab, setup)
 
 
-@pytest.mark.bounds   # the planners agreeing is Python; the datapath side runs on every kernel in test_northsouth_datapath.py
+# bounds: the planners agreeing is Python; the datapath side runs on every kernel
+# (test_northsouth_datapath.py, the same table programmed on both nodes)
+@pytest.mark.bounds
 @pytest.mark.skipif(not NS_AVAILABLE, reason=NEEDS_NS)
 def test_a_flow_keeps_its_backend_whichever_node_receives_it(flows_lab):
     """Maglev: every node builds the same table, so the same flow (client
