@@ -49,6 +49,7 @@ int mbpf_ns_xdp(struct xdp_md *ctx)
 	entry = mbpf_ns_ct.lookup(&key);
 	if (entry && (entry->flags & MBPF_NS_CT_F_SNAT)) {
 		t = *entry;   /* a reply from another node: from the frontend, to the client */
+		ns_ct_touch(entry);
 		counter = MBPF_NS_REPLY;
 	} else {
 		key.dir = MBPF_NS_CT_FWD;
@@ -57,6 +58,7 @@ int mbpf_ns_xdp(struct xdp_md *ctx)
 			t = *entry;
 			if (!mbpf_ns_be.lookup(&t.backend_id))
 				return XDP_PASS;  /* its backend is gone: tc balances it again */
+			ns_ct_touch(entry);
 			counter = MBPF_NS_ESTABLISHED;
 		} else {
 			struct mbpf_ns_svc svc;
@@ -90,6 +92,8 @@ int mbpf_ns_xdp(struct xdp_md *ctx)
 		}
 		x.p.sport = x.ports[0];
 		x.p.dport = x.ports[1];
+		if (ns_xdp_ttl_dec(&x) < 0)
+			return XDP_DROP;
 		ns_xdp_rewrite(&x, t.src, t.sport, t.dst, t.dport);
 		if (counter)
 			ns_count(counter);  /* (a new flow was counted when tracked) */

@@ -549,7 +549,7 @@ struct mbpf_ns_ct {
 	__u16 dport;                /* network order; FWD: backend port; REV: client port */
 	__u16 sport;                /* network order; FWD: SNAT port; REV: frontend port */
 	__u32 backend_id;           /* host order; the mbpf_ns_be key chosen */
-	__u64 last_ns;              /* host order; bpf_ktime_get_ns() of the flow's creation */
+	__u64 last_ns;              /* host order; bpf_ktime_get_ns() of this direction's last packet */
 	__u8  flags;                /* MBPF_NS_CT_F_* */
 	__u8  pad[7];               /* zero */
 };

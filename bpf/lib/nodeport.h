@@ -32,6 +32,14 @@ static __always_inline void ns_count(__u32 idx)
 		*n += 1;  /* per-CPU slot: no atomics needed */
 }
 
+/* A packet of the flow went by: the agent's garbage collection removes
+ * flows idle too long (NorthSouthMaps.collect_garbage); LRU eviction is
+ * the backstop. A plain store: a lost race only ages the entry less. */
+static __always_inline void ns_ct_touch(struct mbpf_ns_ct *entry)
+{
+	entry->last_ns = bpf_ktime_get_ns();
+}
+
 static __always_inline void ns_ct_key(struct mbpf_ns_ct_key *k, const struct ns_pkt *p, __u8 dir)
 {
 	__builtin_memcpy(k->saddr, p->saddr, MBPF_ADDR_LEN);
@@ -239,6 +247,7 @@ static __always_inline int ns_established(struct __sk_buff *skb, struct ns_pkt *
 		mbpf_ns_ct.delete(&key);
 		return -2;
 	}
+	ns_ct_touch(entry);
 	ns_count(MBPF_NS_ESTABLISHED);
 	if (ns_rewrite(skb, p, 0, fwd.dst, fwd.dport) < 0)
 		return NS_TC_DROP;
@@ -267,6 +276,7 @@ static __always_inline int ns_reply(struct __sk_buff *skb, struct ns_pkt *p, int
 	snat = !!(rev.flags & MBPF_NS_CT_F_SNAT);
 	if (snat != ingress)
 		return -2;
+	ns_ct_touch(entry);
 	ns_count(MBPF_NS_REPLY);
 	if (ns_rewrite(skb, p, 1, rev.src, rev.sport) < 0)
 		return NS_TC_DROP;

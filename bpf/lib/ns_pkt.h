@@ -181,6 +181,27 @@ static __always_inline int ns_rewrite(struct __sk_buff *skb, struct ns_pkt *p, i
 	return 0;
 }
 
+/* A router's duty on the path that skips the stack: one hop less; -1 if
+ * none is left (the packet is dropped). */
+static __always_inline int ns_ttl_dec(struct __sk_buff *skb, const struct ns_pkt *p)
+{
+	__u8 ttl;
+
+	if (p->v6) {
+		if (bpf_skb_load_bytes(skb, NS_ETH_HLEN + 7, &ttl, 1) < 0 || ttl <= 1)
+			return -1;
+		ttl--;
+		return bpf_skb_store_bytes(skb, NS_ETH_HLEN + 7, &ttl, 1, 0);
+	}
+	if (bpf_skb_load_bytes(skb, NS_ETH_HLEN + 8, &ttl, 1) < 0 || ttl <= 1)
+		return -1;
+	/* the 16-bit word of TTL and protocol, TTL in its high byte */
+	if (bpf_l3_csum_replace(skb, NS_ETH_HLEN + 10, bpf_htons(ttl << 8), bpf_htons((ttl - 1) << 8), 2) < 0)
+		return -1;
+	ttl--;
+	return bpf_skb_store_bytes(skb, NS_ETH_HLEN + 8, &ttl, 1, 0);
+}
+
 /* Send the (rewritten) packet on towards its destination as the node's
  * routing table says, from tc ingress, skipping the input checks. With no
  * route (or forwarding off), the stack decides (and likely drops). */
@@ -202,6 +223,10 @@ static __always_inline int ns_forward(struct __sk_buff *skb, const struct ns_pkt
 		__builtin_memcpy(&fib.ipv4_dst, &p->daddr[12], 4);
 	}
 	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
+		return NS_TC_PASS;
+	if (ns_ttl_dec(skb, p) < 0)
+		return NS_TC_DROP;
 	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
 		__u8 macs[12];
 

@@ -135,6 +135,33 @@ static __always_inline void ns_xdp_rewrite(struct ns_xdp_pkt *x, const __u8 *sad
 	x->p.dport = dport;
 }
 
+/* One hop less on the path that skips the stack; -1: none left. */
+static __always_inline int ns_xdp_ttl_dec(struct ns_xdp_pkt *x)
+{
+	if (x->ip6) {
+		if (x->ip6->hop_limit <= 1)
+			return -1;
+		x->ip6->hop_limit--;
+		return 0;
+	}
+	if (!x->ip4 || x->ip4->ttl <= 1)
+		return -1;
+	{
+		/* the 16-bit word of TTL and protocol, as stored (one's
+		 * complement sums do not care for byte order) */
+		__u16 *word = (__u16 *)&x->ip4->ttl;
+		__u16 old = *word;
+		__u32 sum;
+
+		x->ip4->ttl--;
+		sum = (__u16)~x->ip4->check + (__u16)~old + *word;
+		sum = (sum & 0xffff) + (sum >> 16);
+		sum = (sum & 0xffff) + (sum >> 16);
+		x->ip4->check = (__u16)~sum;
+	}
+	return 0;
+}
+
 /* Route and neighbour of a forwarded packet's new addresses (and p's
  * ports and protocol), known now? */
 static __always_inline int ns_xdp_fib_tuple(struct xdp_md *ctx, const struct ns_pkt *p,

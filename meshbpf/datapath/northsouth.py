@@ -22,6 +22,7 @@ import errno
 import logging
 import os
 import socket
+import time
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,8 @@ from .source import program_text
 log = logging.getLogger(__name__)
 
 PROGRAMS = ("mbpf_ns_ingress", "mbpf_ns_egress")
+CT_FWD, CT_REV = 1, 2    # MBPF_NS_CT_FWD / _REV
+CT_F_SNAT = 1            # MBPF_NS_CT_F_SNAT
 XDP_PROGRAM = "mbpf_ns_xdp"
 XDP_FLAGS_DRV_MODE = 4   # native XDP in the driver (veth has it); never the generic one
 TC_INGRESS = 0xFFFFFFF2
@@ -197,12 +200,50 @@ class NorthSouthMaps(PinnedMaps):
     def conntrack(self) -> list[tuple[NsCtKeyC, NsCtC]]:
         return list(libbpf.map_items(self.fds["mbpf_ns_ct"], NsCtKeyC, NsCtC))
 
+    def collect_garbage(self, idle_ns: int, now_ns: int | None = None) -> int:
+        """Removes the flows whose two directions have both seen no packet
+        for idle_ns (the programs stamp each direction's entry), and entries
+        whose other half is gone and that are idle too. LRU eviction only
+        acts once the table is full; this keeps it from filling with the
+        dead. Returns the entries removed."""
+        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC) if now_ns is None else now_ns
+        entries = {bytes(k): (k, v) for k, v in self.conntrack()}
+        removed = 0
+        for raw, (key, val) in entries.items():
+            if now - val.last_ns < idle_ns:
+                continue
+            partner = entries.get(bytes(_ct_partner(key, val)))
+            if partner and now - partner[1].last_ns < idle_ns:
+                continue
+            try:
+                libbpf.map_delete(self.fds["mbpf_ns_ct"], key)
+                removed += 1
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
+        return removed
+
     def clear_conntrack(self) -> None:
         for key, _ in self.conntrack():
             try:
                 libbpf.map_delete(self.fds["mbpf_ns_ct"], key)
             except OSError:
                 pass
+
+
+def _ct_partner(key: NsCtKeyC, val: NsCtC) -> NsCtKeyC:
+    """The other direction's key of a conntrack entry."""
+    snat = bool(val.flags & CT_F_SNAT)
+    other = NsCtKeyC(proto=key.proto)
+    if key.dir == CT_FWD:   # reply: backend -> client (or the SNAT address)
+        other.saddr[:] = bytes(val.dst)
+        other.daddr[:] = bytes(val.src) if snat else bytes(key.saddr)
+        other.sport, other.dport, other.dir = val.dport, val.sport if snat else key.sport, CT_REV
+    else:                   # request: client -> frontend
+        other.saddr[:] = bytes(val.dst)
+        other.daddr[:] = bytes(val.src)
+        other.sport, other.dport, other.dir = val.dport, val.sport, CT_FWD
+    return other
 
 
 # --- programs ------------------------------------------------------------------

@@ -45,9 +45,13 @@ def sock(kind):
     return s
 def udp():
     s = sock(socket.SOCK_DGRAM)
+    s.setsockopt(socket.IPPROTO_IP, 12, 1)     # IP_RECVTTL
+    s.setsockopt(socket.IPPROTO_IPV6, 51, 1)   # IPV6_RECVHOPLIMIT
     while True:
-        _, a = s.recvfrom(100)
-        s.sendto(f"{name} {peer(a)}".encode(), a)
+        data, anc, _, a = s.recvmsg(100, 256)
+        hops = [int.from_bytes(d[:4], sys.byteorder) for _, kind, d in anc if kind in (2, 52)]
+        extra = f" {hops[0]}" if data == b"ttl" and hops else ""   # IP_TTL, IPV6_HOPLIMIT
+        s.sendto(f"{name} {peer(a)}{extra}".encode(), a)
 threading.Thread(target=udp, daemon=True).start()
 t = sock(socket.SOCK_STREAM)
 t.listen(64)
@@ -62,6 +66,7 @@ while True:
 CLIENT = r"""
 import socket, sys
 host, port, proto, sport = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+payload = sys.argv[5].encode() if len(sys.argv) > 5 else b"hi"
 fam = socket.AF_INET6 if ":" in host else socket.AF_INET
 for attempt in range(3 if proto == "udp" else 1):
     s = socket.socket(fam, socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM)
@@ -72,7 +77,7 @@ for attempt in range(3 if proto == "udp" else 1):
     try:
         s.connect((host, port))
         if proto == "udp":
-            s.send(b"hi")
+            s.send(payload)
         print(s.recv(200).decode())
         break
     except ConnectionRefusedError:
@@ -137,8 +142,8 @@ class NsLab:
                 NsStep("cfg", "update", {0: NsCfg(a16(node.ext_ipv4), a16(node.ext_ipv6), 1)}),
             ])
 
-    def ask(self, host: str, port: int, proto: str = "tcp", sport: int = 0) -> str:
-        out = self.lab.run(None, [sys.executable, "-c", CLIENT, host, str(port), proto, str(sport)],
+    def ask(self, host: str, port: int, proto: str = "tcp", sport: int = 0, payload: str = "hi") -> str:
+        out = self.lab.run(None, [sys.executable, "-c", CLIENT, host, str(port), proto, str(sport), payload],
                            node=ROUTER, timeout=60)
         assert out.returncode == 0, out.stderr
         return out.stdout.strip()
@@ -190,6 +195,15 @@ def test_a_nodeport_answered_by_a_local_pod_sees_the_client(ns, fam, proto):
     ns.program({NsKey(WILDCARD, NODE_PORT, p): (0, [WEB1])}, fam)
     client = ROUTER6 if fam == 6 else ROUTER4
     assert ns.ask(node_addr(ns, 1, fam), NODE_PORT, proto) == f"web-1 {client}"
+
+
+@pytest.mark.parametrize("fam", [4, 6])
+def test_the_path_that_skips_the_stack_takes_its_hop(ns, fam):
+    """The router sends with 64 hops: node1 forwards (the program, on the
+    path around its stack), node2 forwards: the pod sees 62."""
+    ns.program({NsKey(WILDCARD, NODE_PORT, 17): (0, [WEB2])}, fam)
+    addr = node_addr(ns, 1, fam)
+    assert ns.ask(addr, NODE_PORT, "udp", payload="ttl") == f"web-2 {addr} 62"
 
 
 @pytest.mark.parametrize("fam", [4, 6])
@@ -304,6 +318,8 @@ def test_xdp_mode_serves_the_same_traffic_forwarding_on_its_own(ns, xdp_mode, fa
     for _ in range(3):
         assert ns.ask(addr, NODE_PORT, "tcp") == f"web-2 {addr}"
     assert ns.ask(addr, NODE_PORT, "udp") == f"web-1 {ROUTER6 if fam == 6 else ROUTER4}"
+    ns.program({NsKey(WILDCARD, NODE_PORT, 17): (1, [WEB2])}, fam)
+    assert ns.ask(addr, NODE_PORT, "udp", sport=44000 + fam, payload="ttl") == f"web-2 {addr} 62"
     after = ns.dps[0].maps.counters()
     assert after["xdp_forwarded"] > before["xdp_forwarded"]   # XDP_TX'd by node1 itself
 

@@ -7,6 +7,7 @@ source ranges, misses, IPv4 and IPv6, checksums."""
 from __future__ import annotations
 
 import ipaddress
+import socket
 from array import array
 
 import pytest
@@ -142,6 +143,15 @@ def l3(p: Ether):
     return p[IPv6] if IPv6 in p else p[IP]
 
 
+def hops(p: Ether) -> int:
+    return p[IPv6].hlim if IPv6 in p else p[IP].ttl
+
+
+def assert_one_hop_less_if_sent_on(rc: int, p: Ether) -> None:
+    """Forwarded by the program itself (the stack skipped): it takes the hop."""
+    assert hops(p) == (63 if rc == REDIRECT else 64), (rc, hops(p))
+
+
 def l4(p: Ether):
     return p[TCP] if TCP in p else p[UDP]
 
@@ -199,6 +209,7 @@ def test_a_remote_backend_is_snated_to_the_node_keeping_the_client_port(dp, maps
     assert rc in (PASS, REDIRECT)   # forwarded by the node's routes (the host's, here)
     assert (l3(out).src, l3(out).dst) == (f["node"], f["remote"])
     assert (l4(out).sport, l4(out).dport) == (40001, BE_PORT)
+    assert_one_hop_less_if_sent_on(rc, out)
     assert_checksums_valid(out)
     # (XDP without the route or neighbour at hand passes the flow to tc:
     # tracked as new there, translated as established here)
@@ -263,6 +274,7 @@ def test_replies_are_translated_back_on_ingress_and_egress(dp, maps, fam):
     assert rc in (PASS, REDIRECT)
     assert (l3(out).src, l3(out).dst, l4(out).sport, l4(out).dport) == \
         (f["node"], f["client"], NODE_PORT, 40006)
+    assert_one_hop_less_if_sent_on(rc, out)
     assert_checksums_valid(out)
     # the local backend's reply leaves through the device (egress)
     rc, out = egress(dp, pkt(fam, f["local"], f["client"], BE_PORT, 40007, flags="SA"))
@@ -436,6 +448,31 @@ def test_icmp_errors_about_unknown_flows_pass_untouched(dp, maps):
     f = FAMILIES[4]
     packet = icmp_error(4, f["remote"], f["node"], IP(src=f["node"], dst=f["remote"]) / UDP(sport=1, dport=2))
     assert ingress(dp, packet) == (PASS, Ether(bytes(packet)))
+
+
+@pytest.mark.parametrize("snat", [False, True])
+def test_garbage_collection_removes_flows_idle_both_ways(dp, maps, snat, path):
+    if path == "xdp":
+        pytest.skip("no packets here")
+    import time
+    f = FAMILIES[4]
+    frontend(maps, nodeport(4), [REMOTE_BE if snat else LOCAL_BE], flags=F_NODEPORT)
+    ingress(dp, pkt(4, f["client"], f["node"], 40040, NODE_PORT))
+    ingress(dp, pkt(4, f["client"], f["node"], 40041, NODE_PORT))
+    assert len(maps.conntrack()) == 4
+    time.sleep(0.05)
+    mark = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    # flow 40040 answers (its reply direction is fresh), flow 40041 is silent
+    if snat:
+        ingress(dp, pkt(4, f["remote"], f["node"], BE_PORT, 40040, flags="SA"))
+    else:
+        egress(dp, pkt(4, f["local"], f["client"], BE_PORT, 40040, flags="SA"))
+    idle = time.clock_gettime_ns(time.CLOCK_MONOTONIC) - mark + 1
+    assert maps.collect_garbage(10**12) == 0
+    assert maps.collect_garbage(idle) == 2   # the silent flow, both entries
+    left = maps.conntrack()
+    assert len(left) == 2 and all(40040 in (socket.ntohs(k.sport), socket.ntohs(k.dport)) for k, _ in left)
+    assert maps.collect_garbage(0, now_ns=mark + 10**12) == 2
 
 
 def xdp(dp, packet) -> tuple[int, Ether]:
