@@ -5,7 +5,10 @@ agent on the bundled example config attached to the lab's cgroup, sends real
 traffic (curl over IPv4 and IPv6, dig over UDP), shows which backends
 answered and the service table; then NetworkPolicy: a default deny on the
 web pods (curl fails), an allow for the client (curl answers again), with
-`meshbpf endpoint list` and `meshbpf policy list`; then tears everything down.
+`meshbpf endpoint list` and `meshbpf policy list`; then, when this build has
+north-south load balancing (issue 12), curl from outside to a NodePort,
+answered by a pod on the other node (demo_northsouth.py); then tears
+everything down.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import click
 
 import yaml
 
+from . import demo_northsouth
 from .netlab import Lab, LabError
 from .objects import lab_objects
 from .workloads import AgentProcess, copy_config, start_dnsmasq, start_whoami, wait_for
@@ -100,6 +104,7 @@ def run_demo(config: Path | None = None, requests: int = 30, name: str = "demo")
             raise
         finally:
             agent.cleanup()
+    demo_northsouth.run_step(name, max(3, requests // 3), _tally)
     click.echo("lab torn down: namespaces, cgroup, programs and pins removed")
 
 

@@ -1,9 +1,12 @@
 """A tiny HTTP server for lab pods: answers every GET with its name.
 
-    python -m meshbpf.lab.whoami --name web-1 --port 8080
+    python -m meshbpf.lab.whoami --name web-1 --port 8080 [--port 80 ...]
 
-The body is "<name>\\n", so a client can count which backend answered.
-It listens on both IPv4 and IPv6 (a dual-stack socket on ::).
+The body is "<name>\\n", so a client can count which backend answered;
+GET /client answers "<name> <client address> <port>\\n": the source address
+the server saw (so a client can tell whether it was masqueraded) and the
+port it was reached on. It listens on
+both IPv4 and IPv6 (a dual-stack socket on ::), on every --port given.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import argparse
 import socket
 import socketserver
+import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -40,11 +44,15 @@ def make_server(name: str, port: int) -> DualStackServer:
         timeout = 60
 
         def do_GET(self):  # noqa: N802
+            answer = body
+            if self.path == "/client":
+                peer = self.client_address[0].removeprefix("::ffff:")  # IPv4 on the dual-stack socket
+                answer = f"{name} {peer} {self.server.server_address[1]}\n".encode()
             self.send_response(200)
             self.send_header("Content-Type", "text/plain")
-            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Content-Length", str(len(answer)))
             self.end_headers()
-            self.wfile.write(body)
+            self.wfile.write(answer)
 
         def log_message(self, *args):
             pass
@@ -52,16 +60,20 @@ def make_server(name: str, port: int) -> DualStackServer:
     return DualStackServer(("::", port), Handler)
 
 
-def serve(name: str, port: int) -> None:
-    make_server(name, port).serve_forever()
+def serve(name: str, *ports: int) -> None:
+    servers = [make_server(name, port) for port in ports]
+    for server in servers[1:]:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    servers[0].serve_forever()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--name", required=True)
-    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--port", type=int, action="append",
+                        help="a port to listen on (again for more; default 8080)")
     args = parser.parse_args()
-    serve(args.name, args.port)
+    serve(args.name, *(args.port or [8080]))
 
 
 if __name__ == "__main__":

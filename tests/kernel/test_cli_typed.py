@@ -146,5 +146,11 @@ def test_demo_script(tmp_path):
     assert "shop/allow-client/ingress/0" in allowed and "TCP/8080" in allowed  # policy list
     assert "from shop/client: 3 requests\n  shop/web       3" in allowed
     assert "from client: 3 requests\n  no answer (timed out)   3" in allowed
+    from meshbpf.lab import demo_northsouth
+    if demo_northsouth.available():  # issue 12: curl from outside to a NodePort, answered on the other node
+        assert "(node1's NodePort: forwarded to node2, masqueraded): 3 requests\n  web-2, saw 10.243.0.11 " in out.stdout
+        assert "(node2's NodePort: a local endpoint): 3 requests\n  web-2, saw 10.243.0.1 " in out.stdout
+    else:
+        assert "north-south (issue 12): not in this build; no NodePort step" in out.stdout
     assert out.stdout.rstrip().endswith("lab torn down: namespaces, cgroup, programs and pins removed")
-    assert name not in list_labs()
+    assert name not in list_labs() and f"{name}-ns" not in list_labs()
