@@ -12,6 +12,7 @@
 
 #include "common.h"
 #include "ct.h"
+#include "policy_events.h"
 
 #define MBPF_ETH_HLEN     14
 #define MBPF_ETH_P_IP     0x0800
@@ -47,11 +48,9 @@ static __always_inline void pol_event(struct __sk_buff *skb, const struct mbpf_f
 				      __u32 ep_id, __u8 dir, __u8 verdict, __u32 rule)
 {
 #ifdef MBPF_HAVE_RINGBUF
-	__u32 zero = 0;
-	struct mbpf_pol_cfg *cfg = mbpf_pol_cfg.lookup(&zero);
 	struct mbpf_pol_event ev = {};
 
-	if (!cfg || !cfg->events)
+	if (!events_wanted())
 		return;
 	ev.ts_ns = bpf_ktime_get_ns();
 	__builtin_memcpy(ev.saddr, f->saddr, MBPF_ADDR_LEN);
@@ -64,6 +63,7 @@ static __always_inline void pol_event(struct __sk_buff *skb, const struct mbpf_f
 	ev.proto = f->proto;
 	ev.dir = dir;
 	ev.verdict = verdict;
+	ev.kind = MBPF_EV_KIND_POLICY;
 	mbpf_events.ringbuf_output(&ev, sizeof(ev), 0);  /* full: the event is lost, the packet not */
 #endif
 }
