@@ -295,10 +295,16 @@ struct mbpf_ct_key {
 };
 #define MBPF_CT_SHARED  2
 
-/* Conntrack map value, per end of the flow ([MBPF_CT_LOW]: saddr's): the
- * pod that let the flow through at that end (an address it owns). */
+/* Conntrack map value: when the flow was last seen, and per end of the flow
+ * ([MBPF_CT_LOW]: saddr's) the pod that let it through at that end (an
+ * address it owns). Same size as before: the pinned map is kept across an
+ * upgrade (the earlier build kept endpoint ids, for people, where seen_s
+ * and pad are: its UDP entries read as long idle and are judged afresh). */
 struct mbpf_ct {
-	__u32 ep_id[2];             /* host order; its endpoint id, 0: none (for people) */
+	__u32 seen_s;               /* host order; bpf_ktime_get_ns() in seconds at the flow's
+	                             * last packet; a non-TCP flow idle longer than
+	                             * MBPF_CT_IDLE_S is a new flow (bpf/lib/ct.h) */
+	__u32 pad;                  /* zero */
 	__u32 ifindex[2];           /* host order; its host-side interface: what the programs match */
 };
 #define MBPF_CT_LOW   0

@@ -123,7 +123,7 @@ class CtKeyC(ct.Structure):
 
 
 class CtC(ct.Structure):
-    _fields_ = [("ep_id", ct.c_uint32 * 2), ("ifindex", ct.c_uint32 * 2)]
+    _fields_ = [("seen_s", ct.c_uint32), ("pad", ct.c_uint32), ("ifindex", ct.c_uint32 * 2)]
 
 
 class PolCfgC(ct.Structure):

@@ -355,6 +355,30 @@ def test_conntrack_entries_of_the_previous_build_still_carry_their_flows(dp, map
     assert from_pod(dp, tcp4(POD4, PEER4, 40050, 80, "A")) == DROP      # the same tuple the other way
 
 
+def test_entries_of_the_build_before_idle_timeouts_keep_tcp_and_rejudge_udp(dp, maps):
+    """The build before UDP idle timeouts kept endpoint ids where seen_s is
+    now (same value size: the pinned map is kept). After an upgrade its TCP
+    flows go on (TCP never times out here); its UDP flows read as long idle,
+    so their next datagram is judged afresh: denied if policy now denies."""
+    endpoint(maps)  # open: both flows recorded
+    udp = lambda: eth(IP(src=POD4, dst=PEER4) / UDP(sport=40071, dport=53))  # noqa: E731
+    assert from_pod(dp, tcp4(POD4, PEER4, 40070, 80)) == PASS
+    assert from_pod(dp, udp()) == PASS
+    fd = maps.fds["mbpf_ct"]
+    for key in maps.conntrack():
+        val = CtC()
+        libbpf.map_lookup(fd, key, val)
+        val.seen_s, val.pad = EP, 0  # ep_id[low], ep_id[high], as the build before wrote them
+        libbpf.map_update(fd, key, val)
+    endpoint(maps, EP_ISOLATE_OUT)  # nothing may leave now
+    assert from_pod(dp, tcp4(POD4, PEER4, 40070, 80, "A")) == PASS
+    assert from_pod(dp, udp()) == DROP
+    endpoint(maps)  # open again: judged afresh and allowed, then known
+    assert from_pod(dp, udp()) == PASS
+    endpoint(maps, EP_ISOLATE_OUT)
+    assert from_pod(dp, udp()) == PASS, "active again: the flow is known, not judged"
+
+
 def test_a_flow_entry_never_vouches_for_a_source_the_pod_does_not_own(dp, maps, second_dev):
     """A known flow passes on its conntrack hit alone, which must never let
     a pod send from an address that is not its own: a reply to traffic that

@@ -14,7 +14,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 from meshbpf.lab.objects import lab_objects
 from meshbpf.lab.workloads import wait_for
@@ -82,3 +85,52 @@ def test_udp_replies_pass_and_an_established_flow_outlives_a_new_deny(lab, start
     assert not new_flow_answered(lab, "x/a", b)
     assert all(flow.answered() for _ in range(3)), "the flow allowed before the deny goes on"
     flow.close()
+
+
+@pytest.mark.bounds
+def test_an_idle_udp_flow_is_judged_afresh(lab, bpffs):
+    """A UDP 5-tuple allowed once passes a later deny only while it stays
+    active: idle past the conntrack timeout, its next datagram is a new
+    flow. With x/a's egress open (it re-records the flow at its end), x/b's
+    ingress must still judge it: the old mark at x/b's end no longer counts.
+    An allowed flow idle as long goes on (judged afresh, allowed)."""
+    from meshbpf.datapath.endpoints import find_endpoint
+    from meshbpf.datapath.loader import uninstall
+    from meshbpf.datapath.policy import PolicyDatapath, PolicyMaps, addr_bytes
+    from meshbpf.reconcile.policy_keys import (DIR_IN, EP_ISOLATE_IN, EpVal, PeerKey, PeerVal,
+                                               PolicyStep, PortKey, PortVal)
+    idle = 2
+    for p in ("x/a", "x/b"):
+        lab.add_pod(p)
+    start_echo(lab, "x/b")
+    a, b = lab.pods["x/a"], lab.pods["x/b"]
+    dp = PolicyDatapath(bpffs, netns=lab.node_ns, ct_idle_s=idle)
+    try:
+        dp.compile()
+        ifindex = {p: find_endpoint(lab.pods[p].uid, [lab.pods[p].ipv4], lab.cgroup) for p in ("x/a", "x/b")}
+        for i in ifindex.values():
+            dp.attach(i)
+        with PolicyMaps(bpffs) as maps:
+            maps.apply([
+                PolicyStep("peers", "update", {PeerKey(2, 0, DIR_IN, addr_bytes(a.ipv4), 128): PeerVal(1, 0, 0)}),
+                PolicyStep("ports", "update", {PortKey(2, 0, DIR_IN, 17, 1, PORT, 16): PortVal(9)}),
+                PolicyStep("addresses", "update", {addr_bytes(a.ipv4): 1, addr_bytes(b.ipv4): 2}),
+                PolicyStep("endpoints", "update", {ifindex["x/a"]: EpVal(1, 0, 0),
+                                                   ifindex["x/b"]: EpVal(2, 0, EP_ISOLATE_IN)})])
+            flow = UdpFlow(lab, "x/a", str(b.ipv4))
+            try:
+                assert flow.answered()
+                time.sleep(idle + 1.5)  # the timeout itself is what is tested
+                assert flow.answered(), "idle past the timeout, still allowed: judged afresh, passes"
+                # generation 1 holds no rules: deny all, flipped in one update
+                maps.apply([PolicyStep("endpoints", "update", {ifindex["x/b"]: EpVal(2, 1, EP_ISOLATE_IN)})])
+                assert not new_flow_answered(lab, "x/a", str(b.ipv4))
+                assert flow.answered(), "active: the established flow goes on"
+                time.sleep(idle + 1.5)
+                assert not flow.answered(), "idle past the timeout: a new flow, denied"
+            finally:
+                flow.close()
+    finally:
+        dp.bpf = None
+        if bpffs.exists():
+            uninstall(bpffs)
