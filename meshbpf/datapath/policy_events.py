@@ -3,7 +3,7 @@
 Two kinds share it (common.h, "Flow event"): the policy programs emit one
 per new flow decided and per drop, the socket-LB programs one per
 translated or refused connect() / UDP send to a Service. Both emit only
-while mbpf_pol_cfg.events is on; FlowEvents turns it on while it reads.
+while mbpf_pol_cfg.events is on; PolicyEvents turns it on while it reads.
 The maps are opened alone, so the events of an agent that only load-balances
 (no policy maps pinned) can be read too.
 """

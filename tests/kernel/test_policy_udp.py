@@ -64,6 +64,7 @@ def new_flow_answered(lab, pod: str, host: str) -> bool:
         flow.close()
 
 
+@pytest.mark.bounds  # the same programs as TCP's established-flow test, which every VM runs
 def test_udp_replies_pass_and_an_established_flow_outlives_a_new_deny(lab, start_agent, config):
     for p in ("x/a", "x/b"):
         lab.add_pod(p)
