@@ -1,5 +1,5 @@
 """Socket-LB translations in `meshbpf monitor` (issue 10), with real
-connects through a real agent: the client pod (named from its kubelet
+connects and UDP sends through a real agent: the client pod (named from its kubelet
 cgroup), the Service and the backend pod; refusals; the --type, --verdict
 and --pod filters; and no event at all while nobody listens."""
 
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 
 import pytest
 
@@ -39,13 +40,22 @@ def _unread_records(bpffs) -> int:
     return len(seen)
 
 
+def send_udp(lab, pod: str, host: str, port: int) -> None:
+    """One datagram from an unconnected socket: the sendmsg hook translates it."""
+    code = f"import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'q', ({host!r}, {port}))"
+    lab.run(pod, [sys.executable, "-c", code], check=True)
+
+
 def test_monitor_shows_translations_with_client_service_and_backend(lab, start_agent, bpffs):
     for p in ("x/a", "x/b"):
         lab.add_pod(p)
     start_whoami(lab, "x/b", 8080)
     objects = [lab_objects([lab.pods["x/a"], lab.pods["x/b"]], NODE)]
     objects += web_service(lab, pods=("x/b",))
-    objects += [k8s.service("empty", ["10.96.0.11"], [k8s.port("http", 80, 8080)])]
+    objects += [k8s.service("empty", ["10.96.0.11"], [k8s.port("http", 80, 8080)]),
+                k8s.service("dns", ["10.96.0.12"], [k8s.port("dns", 53, 5353, "UDP")]),
+                k8s.endpoint_slice("dns-1", "dns", [k8s.endpoint(str(lab.pods["x/b"].ipv4))],
+                                   [k8s.slice_port("dns", 5353, "UDP")])]
     agent = start_agent(objects, "--node-name", NODE, "--node-netns", lab.node_ns)
     svc = "http://10.96.0.10/"
     assert curl(lab, "x/a", svc)
@@ -56,7 +66,8 @@ def test_monitor_shows_translations_with_client_service_and_backend(lab, start_a
 
     mon = _monitor(bpffs, agent, "-o", "json", "--type", "lb")
     assert curl(lab, "x/a", svc) and not curl(lab, "x/a", "http://10.96.0.11/")
-    seen = _wait_output(mon, lambda text: '"refused"' in text and '"translated"' in text)
+    send_udp(lab, "x/a", "10.96.0.12", 53)
+    seen = _wait_output(mon, lambda text: all(w in text for w in ('"refused"', '"connect"', '"sendmsg"')))
     out, _ = _stop(mon, seen)
     assert _events_on(bpffs) == 0, "events are off once the monitor is gone"
     events = [json.loads(line) for line in out.splitlines()]
@@ -65,6 +76,10 @@ def test_monitor_shows_translations_with_client_service_and_backend(lab, start_a
     assert (ok["client_pod"], ok["service_name"], ok["backend_pod"], ok["hook"], ok["protocol"]) == (
         "x/a", "default/web:http", "x/b", "connect", "TCP"), ok
     assert ok["service"] == "10.96.0.10:80" and ok["backend"] == f"{lab.pods['x/b'].ipv4}:8080"
+    udp = next(e for e in events if e["hook"] == "sendmsg")
+    assert (udp["client_pod"], udp["service_name"], udp["backend_pod"], udp["protocol"]) == (
+        "x/a", "default/dns:dns", "x/b", "UDP"), udp
+    assert udp["backend"] == f"{lab.pods['x/b'].ipv4}:5353"
     refused = next(e for e in events if e["verdict"] == "refused")
     assert refused["service_name"] == "default/empty:http" and refused["backend"] is None
     assert refused["client_pod"] == "x/a"
