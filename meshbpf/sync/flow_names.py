@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from ..model import DesiredState
 
-_cache: tuple[int, dict] = (0, {})
+# the state the names were made from (held, so that its id cannot be reused), and them
+_cache: tuple[DesiredState | None, dict] = (None, {})
 
 
 def flow_names(desired: DesiredState | None) -> dict:
@@ -16,11 +17,11 @@ def flow_names(desired: DesiredState | None) -> dict:
     global _cache
     if desired is None:
         return {"services": {}, "pod_uids": {}}
-    if _cache[0] == id(desired):
+    if _cache[0] is desired:
         return _cache[1]
     services = {str(fe): f"{sp.namespace}/{sp.name}" + (f":{sp.port_name}" if sp.port_name else "")
                 for fe, sp in desired.service_ports.items()}
     uids = {pod.uid: f"{pod.namespace}/{pod.name}" for pod in desired.pods if pod.uid}
     names = {"services": services, "pod_uids": uids}
-    _cache = (id(desired), names)
+    _cache = (desired, names)
     return names
