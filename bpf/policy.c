@@ -46,6 +46,8 @@ static __always_inline int enforce(struct __sk_buff *skb, __u8 dir)
 			return MBPF_TC_PASS;
 		if (!f.syn && ct_known(&f, ifindex, dir))
 			return MBPF_TC_PASS;
+		if (is_icmp_error(&f) && icmp_error_known(skb, &f, ifindex, dir))
+			return MBPF_TC_PASS;
 	}
 
 	epp = mbpf_pol_ep.lookup(&ifindex);

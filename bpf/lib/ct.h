@@ -48,8 +48,9 @@ struct mbpf_flow {
 	__u16 dport;
 	__u8  proto;
 	__u8  v6;
-	__u8  icmp_type;             /* ICMPv6 only */
+	__u8  icmp_type;             /* ICMP and ICMPv6 */
 	__u8  syn;                   /* 1: TCP SYN without ACK, a connection's first packet */
+	__u16 l4_off;                /* where the L4 header starts (ICMP errors quote a packet there) */
 };
 
 /* Is (saddr, sport) the lower end of the flow? Any fixed total order will

@@ -4,6 +4,9 @@ client socket, one 5-tuple) when a policy starts denying.
 
 - Replies of an allowed flow pass, even from a pod whose egress allows
   nothing (the flow's conntrack entry, made by its first datagram).
+- An ICMP error about an allowed flow (port unreachable) passes like a
+  reply, out of the server and into the client, both isolated: the client
+  gets ECONNREFUSED at once instead of a timeout.
 - A flow that was allowed before the deny keeps passing in both directions
   (as with iptables' or Cilium's conntrack: only new flows are checked);
   a new flow (another source port) is dropped.
@@ -27,6 +30,7 @@ from .test_policy_agent import NODE, netpol
 
 PROBE = Path(__file__).with_name("udp_flow_probe.py")
 PORT = 5353
+CLOSED = 5354  # nobody listens: x/b's stack answers with an ICMP port unreachable
 
 
 class UdpFlow:
@@ -73,15 +77,18 @@ def test_udp_replies_pass_and_an_established_flow_outlives_a_new_deny(lab, start
     world = [lab_objects([lab.pods["x/a"], lab.pods["x/b"]], NODE)]
     allow_a = netpol("b-in", "x", {"pod": "b"}, ingress=[{
         "from": [{"podSelector": {"matchLabels": {"pod": "a"}}}],
-        "ports": [{"protocol": "UDP", "port": PORT}]}])
+        "ports": [{"protocol": "UDP", "port": PORT}, {"protocol": "UDP", "port": CLOSED}]}])
     no_egress = netpol("b-out", "x", {"pod": "b"}, egress=[], types=["Egress"])
-    start_agent(world + [allow_a, no_egress], "--node-name", NODE, "--node-netns", lab.node_ns)
+    a_closed = netpol("a-in", "x", {"pod": "a"}, ingress=[])
+    start_agent(world + [allow_a, no_egress, a_closed], "--node-name", NODE, "--node-netns", lab.node_ns)
 
     flow = UdpFlow(lab, "x/a", b)
     wait_for(flow.answered, 20, "x/a's datagrams to be answered (policy in force)")
     assert flow.answered(), "a reply passes x/b's egress, which allows nothing: it is a reply"
+    refused = lab.run("x/a", [sys.executable, str(PROBE), "ask", b, str(CLOSED)], check=True)
+    assert json.loads(refused.stdout) == {"error": "ConnectionRefusedError"}, "the port unreachable came through"
 
-    k8s.write(config, world + [netpol("b-in", "x", {"pod": "b"}, ingress=[]), no_egress])
+    k8s.write(config, world + [netpol("b-in", "x", {"pod": "b"}, ingress=[]), no_egress, a_closed])
     wait_for(lambda: not new_flow_answered(lab, "x/a", b), 20, "a new UDP flow to be denied")
     assert not new_flow_answered(lab, "x/a", b)
     assert all(flow.answered() for _ in range(3)), "the flow allowed before the deny goes on"

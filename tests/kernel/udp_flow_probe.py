@@ -7,6 +7,9 @@
         one UDP socket (one source port: one flow) kept for its whole life;
         prints {"port": its source port}, then for each line on stdin sends
         the line and prints {"reply": the answer or null after TIMEOUT s}
+    python udp_flow_probe.py ask HOST PORT
+        one datagram from a connected socket; prints {"error": the error it
+        got back (ConnectionRefusedError: an ICMP port unreachable) or null}
 """
 
 from __future__ import annotations
@@ -39,6 +42,20 @@ def client(host: str, port: str) -> None:
             payload = line.strip()
             s.send(payload.encode())
             print(json.dumps({"reply": _answer(s, "echo:" + payload)}), flush=True)
+
+
+def ask(host: str, port: str) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    error = None
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.connect((host, int(port)))
+        s.send(b"anyone?")
+        if select.select([s], [], [], TIMEOUT)[0]:
+            try:
+                s.recv(2048)
+            except OSError as exc:
+                error = type(exc).__name__
+    print(json.dumps({"error": error}), flush=True)
 
 
 def _answer(s: socket.socket, expected: str) -> str | None:
