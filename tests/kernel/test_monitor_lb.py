@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import sys
 
 import pytest
@@ -40,13 +41,34 @@ def _unread_records(bpffs) -> int:
     return len(seen)
 
 
+@pytest.fixture
+def monitors():
+    """Starts monitors like _monitor; one a failed test left running is
+    stopped as a user would (Ctrl-C), so it turns events off and removes
+    its lock file."""
+    procs = []
+
+    def start(*args):
+        procs.append(_monitor(*args))
+        return procs[-1]
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.communicate(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
 def send_udp(lab, pod: str, host: str, port: int) -> None:
     """One datagram from an unconnected socket: the sendmsg hook translates it."""
     code = f"import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'q', ({host!r}, {port}))"
     lab.run(pod, [sys.executable, "-c", code], check=True)
 
 
-def test_monitor_shows_translations_with_client_service_and_backend(lab, start_agent, bpffs):
+def test_monitor_shows_translations_with_client_service_and_backend(lab, start_agent, bpffs, monitors):
     for p in ("x/a", "x/b"):
         lab.add_pod(p)
     start_whoami(lab, "x/b", 8080)
@@ -64,7 +86,7 @@ def test_monitor_shows_translations_with_client_service_and_backend(lab, start_a
     assert curl(lab, "x/a", svc) and not curl(lab, "x/a", "http://10.96.0.11/")
     assert _events_on(bpffs) == 0 and _unread_records(bpffs) == 0, "nobody listens: no event"
 
-    mon = _monitor(bpffs, agent, "-o", "json", "--type", "lb")
+    mon = monitors(bpffs, agent, "-o", "json", "--type", "lb")
     assert curl(lab, "x/a", svc) and not curl(lab, "x/a", "http://10.96.0.11/")
     send_udp(lab, "x/a", "10.96.0.12", 53)
     seen = _wait_output(mon, lambda text: all(w in text for w in ('"refused"', '"connect"', '"sendmsg"')))
@@ -84,7 +106,7 @@ def test_monitor_shows_translations_with_client_service_and_backend(lab, start_a
     assert refused["service_name"] == "default/empty:http" and refused["backend"] is None
     assert refused["client_pod"] == "x/a"
 
-    table = _monitor(bpffs, agent, "--verdict", "translated", "--pod", "x/b")
+    table = monitors(bpffs, agent, "--verdict", "translated", "--pod", "x/b")
     assert curl(lab, "x/a", svc) and not curl(lab, "x/a", "http://10.96.0.11/")
     out, _ = _stop(table, _wait_output(table, lambda text: "TRANSLATED" in text), signal.SIGTERM)
     rows = out.splitlines()[1:]
