@@ -46,6 +46,8 @@ static __always_inline int enforce(struct __sk_buff *skb, __u8 dir)
 			return MBPF_TC_PASS;
 		if (!f.syn && ct_known(&f, ifindex, dir))
 			return MBPF_TC_PASS;
+		if (is_icmp_error(&f) && icmp_error_known(skb, &f, ifindex, dir))
+			return MBPF_TC_PASS;
 	}
 
 	epp = mbpf_pol_ep.lookup(&ifindex);
@@ -75,7 +77,7 @@ static __always_inline int enforce(struct __sk_buff *skb, __u8 dir)
 	/* what the pod sends was checked above; what it receives is recorded only
 	 * if sent to one of its addresses (else it passes, unrecorded) */
 	if (dir == MBPF_DIR_OUT || address_is_own(&f, f.daddr, ep.ep_id))
-		ct_create(&f, ep.ep_id, ifindex, dir);
+		ct_create(&f, ifindex, dir);
 	pol_count(dir == MBPF_DIR_IN ? MBPF_POL_IN_ALLOW : MBPF_POL_OUT_ALLOW);
 	pol_event(skb, &f, ep.ep_id, dir, MBPF_EV_ALLOW, rule);
 	return MBPF_TC_PASS;

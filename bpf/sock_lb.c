@@ -21,9 +21,44 @@
 #ifdef MBPF_CAPTURE
 #include "lib/capture.h"
 #endif
+#ifdef MBPF_LB_EVENTS
+#include "lib/policy_events.h"
+#endif
 
 #define SYS_PROCEED 1
 #define SYS_REJECT  0
+
+/* One event for `meshbpf monitor` per translated or refused connect() or
+ * send, only while a reader listens (policy_events.h): nobody listening
+ * costs one array lookup per Service connection, none for other sockets.
+ * be is NULL when refused. */
+static __always_inline void lb_event(struct bpf_sock_addr *ctx, const struct mbpf_svc_key *key,
+				     __u32 svc_id, const struct mbpf_backend *be, int connect)
+{
+#ifdef MBPF_LB_EVENTS
+	struct mbpf_lb_event ev = {};
+
+	if (!events_wanted())
+		return;
+	ev.ts_ns = bpf_ktime_get_ns();
+	__builtin_memcpy(ev.svc_addr, key->addr, MBPF_ADDR_LEN);
+	ev.svc_port = key->port;
+	ev.svc_id = svc_id;
+	ev.proto = key->proto;
+	ev.hook = connect ? MBPF_LB_EV_CONNECT : MBPF_LB_EV_SENDMSG;
+	ev.verdict = be ? MBPF_LB_EV_TRANSLATED : MBPF_LB_EV_REFUSED;
+	ev.kind = MBPF_EV_KIND_LB;
+	if (be) {
+		__builtin_memcpy(ev.backend_addr, be->addr, MBPF_ADDR_LEN);
+		ev.backend_port = be->port;
+	}
+	ev.cgroup_id = bpf_get_current_cgroup_id();
+#ifdef MBPF_HAVE_NETNS_COOKIE
+	ev.netns_cookie = bpf_get_netns_cookie(ctx);
+#endif
+	mbpf_events.ringbuf_output(&ev, sizeof(ev), 0);  /* full: the event is lost, not the connect */
+#endif
+}
 
 static __always_inline int refuse(struct bpf_sock_addr *ctx, __u32 col)
 {
@@ -66,8 +101,10 @@ static __always_inline int xlate_forward(struct bpf_sock_addr *ctx, int v6, int 
 	svc = *svcp;
 
 	be = lb_pick_backend(ctx, &svc, col);
-	if (!be)
+	if (!be) {
+		lb_event(ctx, &key, svc.svc_id, NULL, connect);
 		return refuse(ctx, col);
+	}
 	/* One copy, read once: a hash element can be reused for another key
 	 * while a program still holds it (preallocated maps, and since 6.1
 	 * the BPF allocator, reuse freed elements at once), so two reads of
@@ -78,6 +115,7 @@ static __always_inline int xlate_forward(struct bpf_sock_addr *ctx, int v6, int 
 	if (v6) {
 		ctx_set_dst6(ctx, backend.addr, backend.port);
 	} else if (ctx_set_dst4(ctx, backend.addr, backend.port) < 0) {
+		lb_event(ctx, &key, svc.svc_id, NULL, connect);
 		return refuse(ctx, col);
 	}
 	if (connect)
@@ -85,6 +123,7 @@ static __always_inline int xlate_forward(struct bpf_sock_addr *ctx, int v6, int 
 	else
 		rnat_remember(ctx, &backend, &key, svc.svc_id);
 	lb_count(MBPF_LB_TRANSLATED, col);
+	lb_event(ctx, &key, svc.svc_id, &backend, connect);
 	return SYS_PROCEED;
 }
 

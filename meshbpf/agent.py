@@ -46,6 +46,7 @@ from .sources.route_status import routes_view
 from .sources.yaml_file import FileSource
 from .sync import one_line
 from .sync.capture import CaptureSync, LoaderCapture
+from .sync.flow_names import flow_names
 from .sync.lb import LBSync
 from .sync.northsouth import NorthSouthSync, node_context, north_south_devices, register_ns_counters
 from .sync.policy import PolicySync
@@ -142,7 +143,8 @@ class Agent:
         self._start_north_south()
         self.http = HealthServer(self.opts.listen, self.metrics.registry,
                                  alive=self.alive, ready=self.ready, details=self.health_details,
-                                 views={"/v1/endpoints": self.policy.endpoints_view,
+                                 views={"/v1/endpoints": lambda: {**self.policy.endpoints_view(),
+                                                                          **flow_names(self.desired)},
                                         "/v1/policy": self.policy.policy_view,
                                         "/v1/capture": self.capture.view,
                                         "/v1/northsouth": self.northsouth.view,

@@ -295,10 +295,16 @@ struct mbpf_ct_key {
 };
 #define MBPF_CT_SHARED  2
 
-/* Conntrack map value, per end of the flow ([MBPF_CT_LOW]: saddr's): the
- * pod that let the flow through at that end (an address it owns). */
+/* Conntrack map value: when the flow was last seen, and per end of the flow
+ * ([MBPF_CT_LOW]: saddr's) the pod that let it through at that end (an
+ * address it owns). Same size as before: the pinned map is kept across an
+ * upgrade (the earlier build kept endpoint ids, for people, where seen_s
+ * and pad are: its UDP entries read as long idle and are judged afresh). */
 struct mbpf_ct {
-	__u32 ep_id[2];             /* host order; its endpoint id, 0: none (for people) */
+	__u32 seen_s;               /* host order; bpf_ktime_get_ns() in seconds at the flow's
+	                             * last packet; a non-TCP flow idle longer than
+	                             * MBPF_CT_IDLE_S is a new flow (bpf/lib/ct.h) */
+	__u32 pad;                  /* zero */
 	__u32 ifindex[2];           /* host order; its host-side interface: what the programs match */
 };
 #define MBPF_CT_LOW   0
@@ -334,13 +340,45 @@ struct mbpf_pol_event {
 	__u8  proto;                /* IP protocol */
 	__u8  dir;                  /* MBPF_DIR_* */
 	__u8  verdict;              /* MBPF_EV_* */
-	__u8  pad;                  /* zero */
+	__u8  kind;                 /* MBPF_EV_KIND_POLICY (0.1.0 wrote a zero pad here) */
 	__u32 pad2;                 /* zero */
 };
 #define MBPF_EV_ALLOW      0  /* new flow allowed (by a rule, or not isolated) */
 #define MBPF_EV_DENY       1  /* new flow dropped by policy */
 #define MBPF_EV_SPOOFED    2  /* dropped: source address not the pod's */
 #define MBPF_EV_MALFORMED  3  /* dropped: headers could not be read */
+
+/* Every record in mbpf_events has its kind at byte MBPF_EV_KIND_OFF, so a
+ * reader tells the two layouts apart before reading the rest. */
+#define MBPF_EV_KIND_OFF     59
+#define MBPF_EV_KIND_POLICY  0  /* struct mbpf_pol_event */
+#define MBPF_EV_KIND_LB      1  /* struct mbpf_lb_event */
+
+/* Socket-LB event (ring buffer mbpf_events, bpf/sock_lb.c): one per connect()
+ * or unconnected UDP send to a Service address, translated or refused, only
+ * while mbpf_pol_cfg.events is set. The client is the calling task's cgroup
+ * (a pod's processes live below its kubelet pod cgroup): connect() runs
+ * before the socket has a source address. */
+struct mbpf_lb_event {
+	__u64 ts_ns;                /* host order; bpf_ktime_get_ns() */
+	__u8  svc_addr[MBPF_ADDR_LEN];     /* network order; IPv4 as ::ffff:a.b.c.d */
+	__u8  backend_addr[MBPF_ADDR_LEN]; /* network order; zero when refused */
+	__u16 svc_port;             /* network order */
+	__u16 backend_port;         /* network order; zero when refused */
+	__u32 svc_id;               /* host order */
+	__u32 pad[2];               /* zero; keeps kind at MBPF_EV_KIND_OFF */
+	__u8  proto;                /* IPPROTO_TCP or IPPROTO_UDP */
+	__u8  hook;                 /* MBPF_LB_EV_CONNECT or MBPF_LB_EV_SENDMSG */
+	__u8  verdict;              /* MBPF_LB_EV_TRANSLATED or MBPF_LB_EV_REFUSED */
+	__u8  kind;                 /* MBPF_EV_KIND_LB (at MBPF_EV_KIND_OFF) */
+	__u32 pad2;                 /* zero */
+	__u64 cgroup_id;            /* host order; the caller's cgroup v2 id */
+	__u64 netns_cookie;         /* host order; the caller's netns, 0 if unknown */
+};
+#define MBPF_LB_EV_CONNECT     0  /* connect() (TCP, connected UDP) */
+#define MBPF_LB_EV_SENDMSG     1  /* sendmsg() of unconnected UDP */
+#define MBPF_LB_EV_TRANSLATED  0  /* sent to a backend */
+#define MBPF_LB_EV_REFUSED     1  /* no usable backend: refused */
 
 /* ---- Sidecar capture (issue 11) ------------------------------------------
  * A meshed pod's app traffic is steered to its proxy at connect(); the proxy

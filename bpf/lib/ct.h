@@ -5,7 +5,7 @@
  * (address, port) first), so a packet and its reply, and the two ends of a
  * pod-to-pod flow on this node, all find the same entry in one lookup; the
  * second end's lookup finds it in cache. Its value says, per end, which
- * pod interface let the flow through (and its endpoint id, for people). A
+ * pod interface let the flow through, and when it was last seen. A
  * packet passes as known if the interface it is checked on is recorded at
  * its own end (the pod's side: the source of what the pod sends, the
  * destination of what it receives). That is exactly "a flow this endpoint
@@ -18,9 +18,14 @@
  * it first), so a hit at the pod's end also proves the source of what it
  * sends: the anti-spoofing lookup is needed only on a miss.
  *
- * Entries leave only by LRU eviction: no TCP state tracking, no timeouts
- * (see README, "NetworkPolicy datapath"). A TCP SYN is always judged afresh
- * (see enforce() in policy.c).
+ * Entries leave only by LRU eviction: no TCP state tracking (see README,
+ * "NetworkPolicy datapath"). A TCP SYN is always judged afresh (see
+ * enforce() in policy.c). Flows without a handshake that says "new" (UDP,
+ * ICMP, ...) expire instead: one idle for more than MBPF_CT_IDLE_S seconds
+ * is judged afresh at its next packet, as conntrack times UDP out
+ * (nf_conntrack_udp_timeout_stream: 120 s), so a 5-tuple allowed once does
+ * not pass a later deny for ever. Its entry then starts over with only the
+ * judging end marked: the other end's old mark must not vouch for it.
  *
  * Entries of 0.1.0 (one per endpoint and direction, dir 0 or 1, see
  * ct_legacy_known) are still honoured on a miss, so that an upgrade keeps
@@ -31,6 +36,10 @@
 
 #include "common.h"
 
+#ifndef MBPF_CT_IDLE_S
+#define MBPF_CT_IDLE_S 120  /* seconds a non-TCP flow may stay idle */
+#endif
+
 /* A packet's flow, as the programs parse it. */
 struct mbpf_flow {
 	__u8  saddr[MBPF_ADDR_LEN];  /* network order; IPv4 mapped */
@@ -39,8 +48,9 @@ struct mbpf_flow {
 	__u16 dport;
 	__u8  proto;
 	__u8  v6;
-	__u8  icmp_type;             /* ICMPv6 only */
+	__u8  icmp_type;             /* ICMP and ICMPv6 */
 	__u8  syn;                   /* 1: TCP SYN without ACK, a connection's first packet */
+	__u16 l4_off;                /* where the L4 header starts (ICMP errors quote a packet there) */
 };
 
 /* Is (saddr, sport) the lower end of the flow? Any fixed total order will
@@ -125,50 +135,79 @@ static __always_inline int ct_marked(const struct mbpf_ct *ct, int end, __u32 if
 	return ct->ifindex[MBPF_CT_HIGH] == ifindex;
 }
 
-static __always_inline void ct_mark(struct mbpf_ct *ct, int end, __u32 ep_id, __u32 ifindex)
+static __always_inline void ct_mark(struct mbpf_ct *ct, int end, __u32 ifindex)
 {
-	if (end == MBPF_CT_LOW) {
-		ct->ep_id[MBPF_CT_LOW] = ep_id;
+	if (end == MBPF_CT_LOW)
 		ct->ifindex[MBPF_CT_LOW] = ifindex;
-	} else {
-		ct->ep_id[MBPF_CT_HIGH] = ep_id;
+	else
 		ct->ifindex[MBPF_CT_HIGH] = ifindex;
-	}
+}
+
+static __always_inline __u32 ct_now_s(void)
+{
+	return bpf_ktime_get_ns() / 1000000000ULL;
+}
+
+/* TCP flows never expire here (a SYN is judged afresh instead); others do. */
+static __always_inline int ct_idle_expired(const struct mbpf_flow *f, __u32 seen_s, __u32 now_s)
+{
+	return f->proto != IPPROTO_TCP && now_s - seen_s > MBPF_CT_IDLE_S;
 }
 
 /* Is this packet part of a flow the pod behind this interface already let
- * through (a shared entry marked at the pod's end)? */
+ * through (a shared entry marked at the pod's end), and not idle too long?
+ * A non-TCP hit notes the time, at most once a second per flow. */
 static __always_inline int ct_known(const struct mbpf_flow *f, __u32 ifindex, __u8 dir)
 {
 	struct mbpf_ct_key key = {};
 	struct mbpf_ct *ct;
 	int end = ct_key_of(&key, f, dir);
+	__u32 now_s, seen_s;
 
 	ct = mbpf_ct.lookup(&key);
-	return ct && ct_marked(ct, end, ifindex);
+	if (!ct || !ct_marked(ct, end, ifindex))
+		return 0;
+	if (f->proto == IPPROTO_TCP)
+		return 1;
+	now_s = ct_now_s();
+	seen_s = ct->seen_s;  /* read once: the other end may write it */
+	if (ct_idle_expired(f, seen_s, now_s))
+		return 0;
+	if (seen_s != now_s)
+		ct->seen_s = now_s;
+	return 1;
 }
 
 /* Records that the endpoint let the flow through at its end, which must be
  * an address of the pod (see the top). An entry the other end made is
  * written in place, never replaced, so that neither end loses the other's
  * mark. */
-static __always_inline void ct_create(const struct mbpf_flow *f, __u32 ep_id, __u32 ifindex, __u8 dir)
+static __always_inline void ct_create(const struct mbpf_flow *f, __u32 ifindex, __u8 dir)
 {
 	struct mbpf_ct_key key = {};
 	struct mbpf_ct val = {};
 	struct mbpf_ct *ct;
 	int end = ct_key_of(&key, f, dir);
+	__u32 now_s = ct_now_s();
 
+	val.seen_s = now_s;
+	ct_mark(&val, end, ifindex);
 	ct = mbpf_ct.lookup(&key);
+	if (ct && ct_idle_expired(f, ct->seen_s, now_s)) {
+		/* a new flow on an expired entry: the other end judges afresh too
+		 * (losing a mark it made meanwhile only costs it a second check) */
+		mbpf_ct.update(&key, &val);
+		return;
+	}
 	if (!ct) {
-		ct_mark(&val, end, ep_id, ifindex);
 		if (mbpf_ct.insert(&key, &val) == 0)  /* BPF_NOEXIST */
 			return;
 		ct = mbpf_ct.lookup(&key);  /* the other end (another CPU) made it meanwhile */
 		if (!ct)
 			return;
 	}
-	ct_mark(ct, end, ep_id, ifindex);
+	ct_mark(ct, end, ifindex);
+	ct->seen_s = now_s;
 }
 
 #endif /* MBPF_CT_H */

@@ -12,10 +12,12 @@
 
 #include "common.h"
 #include "ct.h"
+#include "policy_events.h"
 
 #define MBPF_ETH_HLEN     14
 #define MBPF_ETH_P_IP     0x0800
 #define MBPF_ETH_P_IPV6   0x86DD
+#define MBPF_IPPROTO_ICMP   1
 #define MBPF_IPPROTO_ICMPV6 58
 #define MBPF_NEXTHDR_HOP    0
 #define MBPF_NEXTHDR_ROUTING 43
@@ -47,11 +49,9 @@ static __always_inline void pol_event(struct __sk_buff *skb, const struct mbpf_f
 				      __u32 ep_id, __u8 dir, __u8 verdict, __u32 rule)
 {
 #ifdef MBPF_HAVE_RINGBUF
-	__u32 zero = 0;
-	struct mbpf_pol_cfg *cfg = mbpf_pol_cfg.lookup(&zero);
 	struct mbpf_pol_event ev = {};
 
-	if (!cfg || !cfg->events)
+	if (!events_wanted())
 		return;
 	ev.ts_ns = bpf_ktime_get_ns();
 	__builtin_memcpy(ev.saddr, f->saddr, MBPF_ADDR_LEN);
@@ -64,6 +64,7 @@ static __always_inline void pol_event(struct __sk_buff *skb, const struct mbpf_f
 	ev.proto = f->proto;
 	ev.dir = dir;
 	ev.verdict = verdict;
+	ev.kind = MBPF_EV_KIND_POLICY;
 	mbpf_events.ringbuf_output(&ev, sizeof(ev), 0);  /* full: the event is lost, the packet not */
 #endif
 }
@@ -97,6 +98,7 @@ static __always_inline int parse_l4(struct __sk_buff *skb, __u32 off, int first_
 
 	if (!first_frag)
 		return MBPF_PARSE_OK;
+	f->l4_off = off;
 	if (has_ports(f->proto)) {
 		if (load(skb, off, ports, sizeof(ports)) < 0)
 			return MBPF_PARSE_BAD;
@@ -109,7 +111,7 @@ static __always_inline int parse_l4(struct __sk_buff *skb, __u32 off, int first_
 				return MBPF_PARSE_BAD;
 			f->syn = (flags & 0x12) == 0x02;
 		}
-	} else if (f->proto == MBPF_IPPROTO_ICMPV6) {
+	} else if (f->proto == MBPF_IPPROTO_ICMPV6 || f->proto == MBPF_IPPROTO_ICMP) {
 		if (load(skb, off, &f->icmp_type, 1) < 0)
 			return MBPF_PARSE_BAD;
 	}
@@ -196,6 +198,88 @@ static __always_inline int is_nd(const struct mbpf_flow *f)
 {
 	return f->v6 && f->proto == MBPF_IPPROTO_ICMPV6 &&
 	       f->icmp_type >= 133 && f->icmp_type <= 137;
+}
+
+/* An ICMP error (destination unreachable, fragmentation needed / packet
+ * too big, time exceeded, parameter problem): it quotes the packet it is
+ * about, 8 bytes after its ICMP header starts. */
+static __always_inline int is_icmp_error(const struct mbpf_flow *f)
+{
+	if (f->proto == MBPF_IPPROTO_ICMP && !f->v6)
+		return f->icmp_type == 3 || f->icmp_type == 11 || f->icmp_type == 12;
+	if (f->proto == MBPF_IPPROTO_ICMPV6 && f->v6)
+		return f->icmp_type >= 1 && f->icmp_type <= 4;
+	return 0;
+}
+
+/* The flow of the packet an ICMP error quotes (its IP header and ports;
+ * IPv6 extension headers are not walked). 0 on success. */
+static __always_inline int parse_quoted(struct __sk_buff *skb, const struct mbpf_flow *f,
+					struct mbpf_flow *q)
+{
+	__u32 off = f->l4_off + 8;
+	__u16 ports[2];
+
+	if (f->v6) {
+		struct ipv6hdr ip6;
+
+		if (load(skb, off, &ip6, sizeof(ip6)) < 0 || ip6.version != 6)
+			return -1;
+		__builtin_memcpy(q->saddr, &ip6.saddr, MBPF_ADDR_LEN);
+		__builtin_memcpy(q->daddr, &ip6.daddr, MBPF_ADDR_LEN);
+		q->proto = ip6.nexthdr;
+		q->v6 = 1;
+		off += sizeof(ip6);
+	} else {
+		struct iphdr ip;
+
+		if (load(skb, off, &ip, sizeof(ip)) < 0 || ip.version != 4 || ip.ihl < 5)
+			return -1;
+		__builtin_memset(q->saddr, 0, 10);
+		q->saddr[10] = 0xff;
+		q->saddr[11] = 0xff;
+		__builtin_memcpy(&q->saddr[12], &ip.saddr, 4);
+		__builtin_memset(q->daddr, 0, 10);
+		q->daddr[10] = 0xff;
+		q->daddr[11] = 0xff;
+		__builtin_memcpy(&q->daddr[12], &ip.daddr, 4);
+		q->proto = ip.protocol;
+		off += ip.ihl * 4;
+	}
+	if (!has_ports(q->proto) || load(skb, off, ports, sizeof(ports)) < 0)
+		return -1;
+	q->sport = ports[0];
+	q->dport = ports[1];
+	return 0;
+}
+
+static __always_inline int addr16_equal(const __u8 *a, const __u8 *b)
+{
+	__u64 a0, a1, b0, b1;
+
+	__builtin_memcpy(&a0, a, 8);
+	__builtin_memcpy(&a1, &a[8], 8);
+	__builtin_memcpy(&b0, b, 8);
+	__builtin_memcpy(&b1, &b[8], 8);
+	return a0 == b0 && a1 == b1;
+}
+
+/* Is this ICMP error about a flow the pod let through (conntrack's
+ * RELATED)? A UDP port unreachable, or a TCP flow's fragmentation needed,
+ * passes where the pod is isolated. The quoted packet went the other way,
+ * so the pod's end of that flow is the other side of it; and what the pod
+ * sends must come from its own end of the quoted flow (no spoofing through
+ * an error: that end was recorded with an address it owns). */
+static __always_inline int icmp_error_known(struct __sk_buff *skb, const struct mbpf_flow *f,
+					    __u32 ifindex, __u8 dir)
+{
+	struct mbpf_flow q = {};
+
+	if (parse_quoted(skb, f, &q) < 0)
+		return 0;
+	if (dir == MBPF_DIR_OUT && !addr16_equal(f->saddr, q.daddr))
+		return 0;
+	return ct_known(&q, ifindex, dir == MBPF_DIR_OUT ? MBPF_DIR_IN : MBPF_DIR_OUT);
 }
 
 /* fe80::/10 or ::, the addresses an IPv6 stack uses before it has its own. */

@@ -51,28 +51,7 @@ BPF_TABLE_PINNED("lru_hash", struct mbpf_ct_key, struct mbpf_ct, mbpf_ct,
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, mbpf_pol_stats,
 		 MBPF_POL_STAT_MAX, MBPF_PIN(mbpf_pol_stats));
 
-/* key 0: policy settings (whether to emit events) */
-BPF_TABLE_PINNED("array", __u32, struct mbpf_pol_cfg, mbpf_pol_cfg,
-		 1, MBPF_PIN(mbpf_pol_cfg));
-
-#ifdef MBPF_HAVE_RINGBUF
-#ifndef MBPF_EVENTS_BYTES
-#define MBPF_EVENTS_BYTES (256 * 1024)
-#endif
-/* flow events for `meshbpf monitor`. Spelled out because bcc's
- * BPF_RINGBUF_OUTPUT has no pinned form. */
-struct mbpf_events_table_t {
-	int key;
-	u32 leaf;
-	int (*ringbuf_output)(void *, u64, u64);
-	void *(*ringbuf_reserve)(u64);
-	void (*ringbuf_discard)(void *, u64);
-	void (*ringbuf_submit)(void *, u64);
-	u32 max_entries;
-};
-__attribute__((section("maps/ringbuf:" MBPF_PIN(mbpf_events))))
-struct mbpf_events_table_t mbpf_events = { .max_entries = MBPF_EVENTS_BYTES };
-BPF_ANNOTATE_KV_PAIR(mbpf_events, int, u32);
-#endif
+/* mbpf_pol_cfg (the events switch) and mbpf_events: shared with sock_lb.c */
+#include "policy_events.h"
 
 #endif /* MBPF_POLICY_MAPS_H */

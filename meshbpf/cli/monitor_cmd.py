@@ -11,11 +11,18 @@ refuses with one line naming the first one's pid. Ctrl-C and SIGTERM turn
 events off on the way out; a monitor killed with SIGKILL leaves them on (a
 cost per new flow, not per packet) until the next monitor exits.
 
+Two kinds of events share the stream: policy verdicts and drops (tc, per
+new flow) and socket-LB translations (connect() or an unconnected UDP send
+to a Service: the client, the Service, the backend it got, or "refused").
+--type picks one.
+
 Names come from the agent's /v1/endpoints view (addresses -> pods, rule
-ids -> rule names), asked again at most every NAMES_MAX_AGE seconds when an
-event names something unknown; without the agent, events are shown raw.
-Socket-LB translations are not in the stream (they happen at connect(),
-with no packet, and would need a second event source in sock_lb.c).
+ids -> rule names, Service frontends -> Services, pod uids -> pods), asked
+again at most every NAMES_MAX_AGE seconds when an event names something
+unknown; without the agent, events are shown raw. A socket-LB event names
+its client by cgroup (connect() runs before the socket has an address):
+the cgroup's path names the kubelet pod cgroup, pod<uid> (cgroupfs) or
+...-pod<uid_>.slice (systemd), and so the pod.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import signal
 import time
 from dataclasses import asdict
@@ -32,14 +40,17 @@ from pathlib import Path
 
 import click
 
-from ..datapath.policy_events import EVENT_VERDICTS, PolicyEvent, PolicyEvents
+from ..datapath import cgroup
+from ..datapath.policy_events import EVENT_VERDICTS, LB_VERDICTS, LbEvent, PolicyEvent, PolicyEvents
 from .agent_views import AgentUnreachable, agent_option, complete_pods, fetch
 from .common import bpffs_option, friendly_errors
 
 LOCK_DIR = Path("/run/meshbpf")
 NAMES_MAX_AGE = 2.0
 PROTOS = {6: "TCP", 17: "UDP", 132: "SCTP", 1: "ICMP", 58: "ICMPv6"}
-COLUMNS = "{time:<15} {verdict:<9} {direction:<8} {proto:<5} {src:<34} {dst:<34} {rule}"
+COLUMNS = "{time:<15} {verdict:<10} {direction:<8} {proto:<5} {src:<34} {dst:<34} {rule}"
+# kubelet's pod cgroup: cgroupfs "pod<uid>", systemd "kubepods-<qos>-pod<uid_>.slice"
+POD_CGROUP = re.compile(r"(?:^|-)pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12})(?:\.slice)?$")
 
 
 class EventLease:
@@ -106,6 +117,9 @@ class Names:
         self.pods: dict[str, str] = {}
         self.rules: dict[int, str] = {}
         self.by_ifindex: dict[int, str] = {}
+        self.services: dict[str, str] = {}
+        self.pod_uids: dict[str, str] = {}
+        self.cgroups = CgroupNames()
         self.fetched = float("-inf")
         self.reachable = False
         self.noted = False  # the "not reachable" note was shown
@@ -129,12 +143,16 @@ class Names:
         self.rules = {int(k): v for k, v in view.get("rules", {}).items()}
         self.by_ifindex = {e["ifindex"]: f"{e['namespace']}/{e['name']}"
                            for e in view.get("endpoints", []) if e.get("ifindex") is not None}
+        self.services = view.get("services", {})
+        self.pod_uids = view.get("pod_uids", {})
 
     def pod(self, endpoint: str) -> str | None:
         addr = endpoint.rsplit(":", 1)[0].strip("[]")
         return self.pods.get(addr)
 
-    def describe(self, ev: PolicyEvent) -> dict:
+    def describe(self, ev: PolicyEvent | LbEvent) -> dict:
+        if isinstance(ev, LbEvent):
+            return self._describe_lb(ev)
         known = (self.pod(ev.src), self.pod(ev.dst), self.by_ifindex.get(ev.ifindex),
                  self.rules.get(ev.rule) if ev.rule else "")
         if None in known:
@@ -145,19 +163,94 @@ class Names:
         return {**asdict(ev), "protocol": PROTOS.get(ev.proto, str(ev.proto)),
                 "src_pod": src_pod, "dst_pod": dst_pod, "pod": endpoint, "rule_name": rule}
 
+    def _lb_known(self, ev: LbEvent, frontend: str) -> tuple:
+        uid, path = self.cgroups.pod_uid(ev.cgroup_id)
+        return (self.services.get(frontend), self.pod(ev.backend) if ev.backend else "",
+                self.pod_uids.get(uid) if uid else "", path)
 
-def matches(event: dict, pods: tuple[str, ...], verdicts: tuple[str, ...]) -> bool:
+    def _describe_lb(self, ev: LbEvent) -> dict:
+        protocol = PROTOS.get(ev.proto, str(ev.proto))
+        frontend = f"{ev.service}/{protocol}"
+        known = self._lb_known(ev, frontend)
+        if None in known:
+            self.refresh()
+            known = self._lb_known(ev, frontend)
+        service, backend_pod, client_pod, path = known
+        return {**asdict(ev), "protocol": protocol, "service_name": service,
+                "backend_pod": backend_pod or None, "client_pod": client_pod or None,
+                "client_cgroup": path}
+
+
+class CgroupNames:
+    """cgroup id -> its path (relative to the cgroup2 mount) and the pod uid
+    in it, if it is a kubelet pod's cgroup or below one. The tree is walked
+    for an id not seen yet, at most every NAMES_MAX_AGE seconds."""
+
+    def __init__(self):
+        self.paths: dict[int, str] = {}
+        self.walked = float("-inf")
+
+    def path(self, cg_id: int) -> str | None:
+        if cg_id not in self.paths and time.monotonic() - self.walked >= NAMES_MAX_AGE:
+            self.walked = time.monotonic()
+            try:
+                root = cgroup.cgroup2_mount()
+                found = cgroup.find_by_id(cg_id)
+            except cgroup.CgroupError:
+                return None
+            if found is not None:
+                self.paths[cg_id] = "/" + str(found.relative_to(root)).lstrip(".")
+        return self.paths.get(cg_id)
+
+    def pod_uid(self, cg_id: int) -> tuple[str | None, str | None]:
+        path = self.path(cg_id)
+        if path is None:
+            return None, None
+        for part in reversed(path.split("/")):
+            m = POD_CGROUP.search(part)
+            if m:
+                return m.group(1).replace("_", "-"), path
+        return "", path  # not a pod's cgroup (a host process, a bare lab pod)
+
+
+def matches(event: dict, pods: tuple[str, ...], verdicts: tuple[str, ...],
+            types: tuple[str, ...] = ()) -> bool:
+    if types and event.get("type", "policy") not in types:
+        return False
     if verdicts and event["verdict"] not in verdicts:
         return False
     if not pods:
         return True
-    names = {event["src_pod"], event["dst_pod"], event["pod"]} - {None}
+    if event.get("type") == "lb":
+        names = {event["client_pod"], event["backend_pod"]} - {None}
+    else:
+        names = {event["src_pod"], event["dst_pod"], event["pod"]} - {None}
     return any(p in names or any(n.split("/", 1)[1] == p for n in names) for p in pods)
 
 
+def _side(addr: str, pod: str | None) -> str:
+    return f"{addr} ({pod})" if pod else addr
+
+
+def lb_table_line(event: dict) -> str:
+    """CLIENT -> SERVICE, then the backend it got: a translation shows no
+    addresses on the client side (connect() runs before it has one)."""
+    client = event["client_pod"] or (f"cgroup {event['client_cgroup']}" if event["client_cgroup"]
+                                     else f"cgroup id {event['cgroup_id']}")
+    if event["backend"] is None:
+        backend = "(no usable backend)"
+    else:
+        backend = "-> " + _side(event["backend"], event["backend_pod"])
+    return COLUMNS.format(time=datetime.now().strftime("%H:%M:%S.%f")[:-3],
+                          verdict=event["verdict"].upper(), direction=event["hook"],
+                          proto=event["protocol"], src=client,
+                          dst=_side(event["service"], event["service_name"]), rule=backend)
+
+
 def table_line(event: dict) -> str:
-    def side(addr: str, pod: str | None) -> str:
-        return f"{addr} ({pod})" if pod else addr
+    if event.get("type") == "lb":
+        return lb_table_line(event)
+    side = _side
     if event["verdict"] == "allow" and event["rule"]:
         rule = event["rule_name"] or f"rule {event['rule']}"
     elif event["verdict"] == "allow":
@@ -191,28 +284,33 @@ def _stop_on_sigterm():
               help="json: one JSON object per event and line.")
 @click.option("--pod", "pods", multiple=True, metavar="[NS/]NAME", shell_complete=complete_pods,
               help="Only events from or to this pod (repeatable).")
-@click.option("--verdict", "verdicts", multiple=True, type=click.Choice(sorted(EVENT_VERDICTS.values())),
-              help="Only events with this verdict (repeatable).")
+@click.option("--verdict", "verdicts", multiple=True,
+              type=click.Choice(sorted({*EVENT_VERDICTS.values(), *LB_VERDICTS.values()})),
+              help="Only events with this verdict (repeatable; translated and refused are socket-LB's).")
+@click.option("--type", "types", multiple=True, type=click.Choice(["policy", "lb"]),
+              help="Only policy verdicts and drops, or only socket-LB translations (repeatable).")
 @click.option("--count", type=click.IntRange(min=1), default=None, help="Stop after this many events.")
 @click.option("--no-names", is_flag=True, help="Do not ask the agent for names.")
 @friendly_errors
 def monitor(bpffs: Path, agent_addr: str, output: str, pods: tuple[str, ...], verdicts: tuple[str, ...],
-            count: int | None, no_names: bool) -> None:
-    """Live NetworkPolicy flow events: verdicts with the rule that decided, and drops."""
+            types: tuple[str, ...], count: int | None, no_names: bool) -> None:
+    """Live flow events: socket-LB translations, NetworkPolicy verdicts with
+    the rule that decided, and drops."""
     if not (bpffs / "mbpf_pol_cfg").exists():
-        raise click.ClickException(f"NetworkPolicy is not installed: no pinned mbpf_pol_cfg under {bpffs}")
+        raise click.ClickException(f"no flow events here: no pinned mbpf_pol_cfg under {bpffs} "
+                                   "(no agent ran on this folder, or the kernel predates 5.8)")
     shown = 0
     with _stop_on_sigterm(), contextlib.suppress(KeyboardInterrupt, BrokenPipeError), \
             SharedEvents(bpffs) as events:
         names = Names(None if no_names else agent_addr)
-        click.echo(f"listening for policy events on {bpffs} (Ctrl-C stops)", err=True)
+        click.echo(f"listening for flow events on {bpffs} (Ctrl-C stops)", err=True)
         if output == "table":
             click.echo(COLUMNS.format(time="TIME", verdict="VERDICT", direction="DIR", proto="PROTO",
                                       src="SOURCE", dst="DESTINATION", rule="RULE"))
         while count is None or shown < count:
             for ev in events.poll(200):
                 event = names.describe(ev)
-                if not matches(event, pods, verdicts):
+                if not matches(event, pods, verdicts, types):
                     continue
                 click.echo(json.dumps(event) if output == "json" else table_line(event))
                 shown += 1

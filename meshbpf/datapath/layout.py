@@ -123,7 +123,7 @@ class CtKeyC(ct.Structure):
 
 
 class CtC(ct.Structure):
-    _fields_ = [("ep_id", ct.c_uint32 * 2), ("ifindex", ct.c_uint32 * 2)]
+    _fields_ = [("seen_s", ct.c_uint32), ("pad", ct.c_uint32), ("ifindex", ct.c_uint32 * 2)]
 
 
 class PolCfgC(ct.Structure):
@@ -134,8 +134,21 @@ class PolEventC(ct.Structure):
     _fields_ = [("ts_ns", ct.c_uint64), ("saddr", U8x16), ("daddr", U8x16),
                 ("sport", ct.c_uint16), ("dport", ct.c_uint16), ("ep_id", ct.c_uint32),
                 ("rule", ct.c_uint32), ("ifindex", ct.c_uint32), ("proto", ct.c_uint8),
-                ("dir", ct.c_uint8), ("verdict", ct.c_uint8), ("pad", ct.c_uint8),
+                ("dir", ct.c_uint8), ("verdict", ct.c_uint8), ("kind", ct.c_uint8),
                 ("pad2", ct.c_uint32)]
+
+
+class LbEventC(ct.Structure):
+    """struct mbpf_lb_event: a socket-LB translation in mbpf_events."""
+    _fields_ = [("ts_ns", ct.c_uint64), ("svc_addr", U8x16), ("backend_addr", U8x16),
+                ("svc_port", ct.c_uint16), ("backend_port", ct.c_uint16), ("svc_id", ct.c_uint32),
+                ("pad", ct.c_uint32 * 2), ("proto", ct.c_uint8), ("hook", ct.c_uint8),
+                ("verdict", ct.c_uint8), ("kind", ct.c_uint8), ("pad2", ct.c_uint32),
+                ("cgroup_id", ct.c_uint64), ("netns_cookie", ct.c_uint64)]
+
+
+EV_KIND_OFF = 59  # MBPF_EV_KIND_OFF: every event's kind byte
+EV_KIND_POLICY, EV_KIND_LB = 0, 1
 
 
 class CapPodC(ct.Structure):

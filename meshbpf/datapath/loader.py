@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import btf, cgroup, features as kernel_features, libbpf
 from .bpffs import DatapathError, check_bpffs, is_bpffs  # noqa: F401 (DatapathError: re-exported)
-from .layout import CAPTURE_MAPS, LB_MAPS, NO_PREALLOC, PINNED_MAPS, REDIR_MAPS, MapSpec
+from .layout import CAPTURE_MAPS, LB_MAPS, NO_PREALLOC, PINNED_MAPS, POLICY_MAPS, REDIR_MAPS, MapSpec
 from .source import program_text
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,16 @@ def kernel_offsets() -> dict[str, int]:
     }
 
 
+def lb_event_cflags(sizes: dict[str, int]) -> list[str]:
+    """Socket-LB translations go to the monitor's ring buffer (kernel 5.8+),
+    the one the policy programs use: same pins, same size."""
+    if not libbpf.ringbuf_supported():
+        return []
+    events = next(s for s in POLICY_MAPS if s.name == "mbpf_events")
+    return ["-DMBPF_LB_EVENTS", "-DMBPF_HAVE_RINGBUF",
+            f"-D{events.size_macro}={sizes.get(events.name, events.default_size)}"]
+
+
 @dataclass
 class SockLB:
     """meshbpf's programs and pinned maps for one bpffs folder.
@@ -124,6 +134,7 @@ class SockLB:
                 cflags.append("-DMBPF_HAVE_REDIR_NETNS_COOKIE")
         if self.capture:
             cflags.append("-DMBPF_CAPTURE")
+        cflags += lb_event_cflags(self.sizes)
         if self.redirect or self.capture:
             files.append("sockops.c")
         if self.redirect:

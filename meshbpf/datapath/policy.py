@@ -48,6 +48,9 @@ HOOKS = {"mbpf_tc_from_pod": TC_INGRESS, "mbpf_tc_to_pod": TC_EGRESS}
 TC_PRIO = 1
 TC_HANDLE = 0x4D42
 ETH_P_ALL = 0x0003
+# Seconds a UDP (any non-TCP) flow may stay idle before its next packet is
+# judged afresh: conntrack's nf_conntrack_udp_timeout_stream (bpf/lib/ct.h).
+CT_IDLE_S = 120
 
 
 class PolicyError(Exception):
@@ -69,6 +72,7 @@ class PolicyDatapath:
     bpffs: Path
     sizes: dict[str, int] = field(default_factory=dict)
     netns: str | None = None
+    ct_idle_s: int = CT_IDLE_S  # a non-TCP flow idle this long is judged afresh
     bpf: object = None
     _fns: dict = field(default_factory=dict)
 
@@ -87,6 +91,7 @@ class PolicyDatapath:
         self.bpffs.mkdir(parents=True, exist_ok=True)
         cflags = [f'-DMBPF_PIN_DIR="{self.bpffs}"']
         cflags += [f"-D{s.size_macro}={self.capacity(s)}" for s in self.maps() if s.size_macro]
+        cflags.append(f"-DMBPF_CT_IDLE_S={int(self.ct_idle_s)}")
         if libbpf.ringbuf_supported():
             cflags.append("-DMBPF_HAVE_RINGBUF")
         try:

@@ -1,20 +1,25 @@
-"""Policy flow events: the ring buffer mbpf_events, read through libbpf.
+"""Flow events: the ring buffer mbpf_events, read through libbpf.
 
-The tc programs emit an event per new flow decided and per drop, only
+Two kinds share it (common.h, "Flow event"): the policy programs emit one
+per new flow decided and per drop, the socket-LB programs one per
+translated or refused connect() / UDP send to a Service. Both emit only
 while mbpf_pol_cfg.events is on; PolicyEvents turns it on while it reads.
+The maps are opened alone, so the events of an agent that only load-balances
+(no policy maps pinned) can be read too.
 """
 
 from __future__ import annotations
 
 import ctypes as ct
 import ipaddress
+import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import libbpf
-from .layout import PolEventC
-from .policy import PolicyError, PolicyMaps
+from .layout import EV_KIND_LB, EV_KIND_OFF, LbEventC, PolCfgC, PolEventC
+from .policy import PolicyError
 
 
 @dataclass(frozen=True)
@@ -28,9 +33,26 @@ class PolicyEvent:
     direction: str   # "ingress" (to the pod) or "egress"
     verdict: str     # EVENT_VERDICTS
     rule: int
+    type: str = "policy"
+
+
+@dataclass(frozen=True)
+class LbEvent:
+    ts_ns: int
+    service: str           # the Service address "addr:port" the client asked for
+    backend: str | None    # "addr:port" it was sent to; None: refused
+    proto: int
+    svc_id: int
+    hook: str              # "connect" or "sendmsg" (unconnected UDP)
+    verdict: str           # LB_VERDICTS
+    cgroup_id: int         # the calling task's cgroup v2 id (its inode)
+    netns_cookie: int      # 0 where the kernel cannot tell
+    type: str = "lb"
 
 
 EVENT_VERDICTS = {0: "allow", 1: "deny", 2: "spoofed", 3: "malformed"}
+LB_VERDICTS = {0: "translated", 1: "refused"}
+LB_HOOKS = {0: "connect", 1: "sendmsg"}
 
 
 def _endpoint_text(raw: bytes, port_net: int) -> str:
@@ -40,12 +62,29 @@ def _endpoint_text(raw: bytes, port_net: int) -> str:
     return f"[{text}]:{port}" if ":" in text else f"{text}:{port}"
 
 
-def parse_event(record: bytes) -> PolicyEvent:
+def _parse_policy(record: bytes) -> PolicyEvent:
     c = PolEventC.from_buffer_copy(record[:ct.sizeof(PolEventC)])
     return PolicyEvent(c.ts_ns, _endpoint_text(bytes(c.saddr), c.sport),
                        _endpoint_text(bytes(c.daddr), c.dport), c.proto, c.ep_id, c.ifindex,
                        "ingress" if c.dir == 0 else "egress", EVENT_VERDICTS.get(c.verdict, "?"),
                        c.rule)
+
+
+def _parse_lb(record: bytes) -> LbEvent:
+    c = LbEventC.from_buffer_copy(record[:ct.sizeof(LbEventC)])
+    refused = c.verdict == 1
+    return LbEvent(c.ts_ns, _endpoint_text(bytes(c.svc_addr), c.svc_port),
+                   None if refused else _endpoint_text(bytes(c.backend_addr), c.backend_port),
+                   c.proto, c.svc_id, LB_HOOKS.get(c.hook, "?"), LB_VERDICTS.get(c.verdict, "?"),
+                   c.cgroup_id, c.netns_cookie)
+
+
+def parse_event(record: bytes) -> PolicyEvent | LbEvent:
+    """A record of either kind, told apart by its kind byte (0.1.0's
+    policy records have a zero there)."""
+    if len(record) >= ct.sizeof(LbEventC) and record[EV_KIND_OFF] == EV_KIND_LB:
+        return _parse_lb(record)
+    return _parse_policy(record)
 
 
 class PolicyEvents:
@@ -54,24 +93,31 @@ class PolicyEvents:
     turns it off), so nobody listening costs one array lookup per event."""
 
     def __init__(self, bpffs: Path):
-        self.maps = PolicyMaps(bpffs)
-        if "mbpf_events" not in self.maps.fds:
-            self.maps.close()
-            raise PolicyError("no event ring buffer here (kernel 5.8+ needed)")
-        self._pending: list[PolicyEvent] = []
-        self._rb = libbpf.RingBuffer(self.maps.fds["mbpf_events"],
+        bpffs = Path(bpffs)
+        if not (bpffs / "mbpf_events").exists():
+            raise PolicyError(f"no event ring buffer under {bpffs} (kernel 5.8+ needed)")
+        self.fds = {name: libbpf.obj_get(str(bpffs / name)) for name in ("mbpf_pol_cfg", "mbpf_events")}
+        self._pending: list[PolicyEvent | LbEvent] = []
+        self._rb = libbpf.RingBuffer(self.fds["mbpf_events"],
                                      lambda rec: self._pending.append(parse_event(rec)))
-        self.maps.set_events(True)
+        self._switch(True)
 
-    def poll(self, timeout_ms: int = 100) -> list[PolicyEvent]:
+    def _switch(self, on: bool) -> None:
+        libbpf.map_update(self.fds["mbpf_pol_cfg"], ct.c_uint32(0), PolCfgC(events=int(on)))
+
+    def poll(self, timeout_ms: int = 100) -> list[PolicyEvent | LbEvent]:
         self._rb.poll(timeout_ms)
         out, self._pending = self._pending, []
         return out
 
     def close(self) -> None:
-        self.maps.set_events(False)
-        self._rb.close()
-        self.maps.close()
+        try:
+            self._switch(False)
+            self._rb.close()
+        finally:
+            for fd in self.fds.values():
+                os.close(fd)
+            self.fds.clear()
 
     def __enter__(self) -> "PolicyEvents":
         return self

@@ -114,7 +114,7 @@ def _monitor(bpffs, agent, *args) -> subprocess.Popen:
                              "--agent", f"127.0.0.1:{agent.port}", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     proc.notes = []  # stderr lines before it listens
-    while "listening for policy events" not in (line := proc.stderr.readline()):
+    while "listening for flow events" not in (line := proc.stderr.readline()):
         assert line, f"monitor exited: {proc.notes}"
         proc.notes.append(line)
     return proc

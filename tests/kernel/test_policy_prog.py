@@ -10,7 +10,7 @@ import socket
 
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
-from scapy.layers.inet6 import ICMPv6EchoRequest, ICMPv6ND_NS, IPv6
+from scapy.layers.inet6 import ICMPv6EchoRequest, ICMPv6ND_NS, ICMPv6PacketTooBig, IPv6
 from scapy.layers.l2 import ARP, Ether
 
 from meshbpf.datapath import libbpf
@@ -353,6 +353,66 @@ def test_conntrack_entries_of_the_previous_build_still_carry_their_flows(dp, map
     assert from_pod(dp, tcp4(POD4, PEER4, 80, 40050, "A")) == PASS      # its reply
     assert to_pod(dp, tcp4(PEER4, POD4, 40051, 80, "A")) == DROP        # another flow: judged
     assert from_pod(dp, tcp4(POD4, PEER4, 40050, 80, "A")) == DROP      # the same tuple the other way
+
+
+def test_entries_of_the_build_before_idle_timeouts_keep_tcp_and_rejudge_udp(dp, maps):
+    """The build before UDP idle timeouts kept endpoint ids where seen_s is
+    now (same value size: the pinned map is kept). After an upgrade its TCP
+    flows go on (TCP never times out here); its UDP flows read as long idle,
+    so their next datagram is judged afresh: denied if policy now denies."""
+    endpoint(maps)  # open: both flows recorded
+    udp = lambda: eth(IP(src=POD4, dst=PEER4) / UDP(sport=40071, dport=53))  # noqa: E731
+    assert from_pod(dp, tcp4(POD4, PEER4, 40070, 80)) == PASS
+    assert from_pod(dp, udp()) == PASS
+    fd = maps.fds["mbpf_ct"]
+    for key in maps.conntrack():
+        val = CtC()
+        libbpf.map_lookup(fd, key, val)
+        val.seen_s, val.pad = EP, 0  # ep_id[low], ep_id[high], as the build before wrote them
+        libbpf.map_update(fd, key, val)
+    endpoint(maps, EP_ISOLATE_OUT)  # nothing may leave now
+    assert from_pod(dp, tcp4(POD4, PEER4, 40070, 80, "A")) == PASS
+    assert from_pod(dp, udp()) == DROP
+    endpoint(maps)  # open again: judged afresh and allowed, then known
+    assert from_pod(dp, udp()) == PASS
+    endpoint(maps, EP_ISOLATE_OUT)
+    assert from_pod(dp, udp()) == PASS, "active again: the flow is known, not judged"
+
+
+def test_icmp_errors_about_a_flow_the_pod_sent_pass_its_isolated_ingress(dp, maps):
+    """conntrack's RELATED: a UDP port unreachable (or a TCP flow's packet
+    too big) about a flow the pod let out reaches it, from the peer or a
+    router on the way, though nothing may come in; an error about another
+    flow, or an ICMP message that is no error, is judged as any packet."""
+    endpoint(maps, EP_ISOLATE_IN | EP_ISOLATE_OUT)
+    allow_peer(maps, PEER4 + "/32", DIR_OUT, any_port=True)
+    allow_peer(maps, PEER6 + "/128", DIR_OUT, any_port=True)
+    sent = IP(src=POD4, dst=PEER4) / UDP(sport=40080, dport=53)
+    assert from_pod(dp, eth(sent)) == PASS
+
+    def unreachable(quoted, src=PEER4):
+        return eth(IP(src=src, dst=POD4) / ICMP(type=3, code=3) / quoted)
+    assert to_pod(dp, unreachable(sent)) == PASS
+    assert to_pod(dp, unreachable(sent, src="10.9.9.9")) == PASS  # a router's
+    assert to_pod(dp, unreachable(IP(src=POD4, dst=PEER4) / UDP(sport=40081, dport=53))) == DROP
+    assert to_pod(dp, eth(IP(src=PEER4, dst=POD4) / ICMP(type=8))) == DROP  # an echo request: judged
+    syn6 = IPv6(src=POD6, dst=PEER6) / TCP(sport=40082, dport=443, flags="S")
+    assert from_pod(dp, eth(syn6)) == PASS
+    assert to_pod(dp, eth(IPv6(src=PEER6, dst=POD6) / ICMPv6PacketTooBig(mtu=1280) / syn6)) == PASS
+
+
+def test_icmp_errors_the_pod_sends_about_a_flow_it_got_pass_from_its_own_address(dp, maps):
+    endpoint(maps, EP_ISOLATE_IN | EP_ISOLATE_OUT)
+    allow_peer(maps, PEER4 + "/32", DIR_IN, any_port=True)
+    got = IP(src=PEER4, dst=POD4) / UDP(sport=5000, dport=9999)
+    assert to_pod(dp, eth(got)) == PASS
+
+    def unreachable(src):
+        return eth(IP(src=src, dst=PEER4) / ICMP(type=3, code=3) / got)
+    before = maps.counters()
+    assert from_pod(dp, unreachable(POD4)) == PASS  # egress allows nothing: it is about a known flow
+    assert from_pod(dp, unreachable(OTHER4)) == DROP
+    assert counted(maps, before) == {"spoofed": 1}
 
 
 def test_a_flow_entry_never_vouches_for_a_source_the_pod_does_not_own(dp, maps, second_dev):
