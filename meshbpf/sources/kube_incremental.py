@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from ..model import Delta, DesiredState, Frontend, ServicePort
+from ..overlay import OverlayEditor, OverlayMap
 from .errors import Problem
 from .kube_objects import SERVICE_NAME_LABEL, BuildResult, SourceObject, build_state
 
@@ -138,8 +139,10 @@ class ServiceIndex:
             if t is not None:
                 triggers.append(t)
 
-        ports = dict(self.state.service_ports)
-        changed: set[Frontend] = set()
+        # The next version of the frontend map: costs the change, not a copy of all.
+        ports = OverlayMap.of(self.state.service_ports).editor()
+        # Ordered as the new state iterates them (see Delta): a dict as an ordered set.
+        changed: dict[Frontend, None] = {}
         update = Update(None)
         for key in touched:
             self._release(key, ports, changed)
@@ -151,19 +154,20 @@ class ServiceIndex:
             return update
         # replace(): what this index does not build (settings, policy inputs) carries over.
         update.state = dataclasses.replace(
-            self.state, service_ports=ports, delta=Delta(weakref.ref(self.state), frozenset(changed)),
+            self.state, service_ports=ports.done(), delta=Delta(weakref.ref(self.state), tuple(changed)),
             trigger_times=tuple(triggers))
         self.state = update.state
         return update
 
-    def _release(self, key: Key, ports: dict, changed: set[Frontend]) -> None:
+    def _release(self, key: Key, ports: OverlayEditor, changed: dict[Frontend, None]) -> None:
         for sp in self.ports_of.pop(key, []):
             if self.owner.get(sp.frontend) == key:
                 del self.owner[sp.frontend]
                 del ports[sp.frontend]
-                changed.add(sp.frontend)
+                changed[sp.frontend] = None
 
-    def _rebuild(self, key: Key, ports: dict, changed: set[Frontend], update: Update) -> None:
+    def _rebuild(self, key: Key, ports: OverlayEditor, changed: dict[Frontend, None],
+                 update: Update) -> None:
         self.blocked.discard(key)
         for p in self.problems_of.pop(key, []):
             update.resolved.add(str(p))
@@ -185,11 +189,11 @@ class ServiceIndex:
             mine = []
         for i, sp in enumerate(mine):
             base = self.state.service_ports.get(sp.frontend)
+            changed.pop(sp.frontend, None)  # set again below: to the end, as in `ports`
             if base == sp:  # released and rebuilt the same: keep the old object
                 mine[i] = sp = base
-                changed.discard(sp.frontend)
             else:
-                changed.add(sp.frontend)
+                changed[sp.frontend] = None
             ports[sp.frontend] = sp
             self.owner[sp.frontend] = key
         if mine:

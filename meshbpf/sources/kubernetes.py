@@ -288,11 +288,14 @@ class KubernetesSource:
         slices = self.reflectors["endpointslices"].take_changes()
         incremental = (self._index is not None and services is not None and slices is not None
                        and previous is not None and previous[2:] == generations[2:])
+        differs = False  # known to differ from the last state, without comparing all of it
         try:
             if generations == previous:
                 state = None  # only NetworkPolicy's inputs changed
             elif incremental:
                 state = self._apply_events(services, slices)
+                # Built from the last state, with the frontends that changed value.
+                differs = state is not None
             else:
                 state = self.build().state
             if state is None:
@@ -305,10 +308,11 @@ class KubernetesSource:
             self._index = None  # the next poll builds everything again
             log.exception("building the state from the API objects failed")
             raise internal_error("API server objects", exc) from None
+        same = not differs and state == self._last
         if self._index is not None:
             # Deltas then name the state handed out, and carry its policy inputs.
-            self._index.state = self._last if state == self._last else state
-        if state == self._last:
+            self._index.state = self._last if same else state
+        if same:
             return None
         self._last = state
         return state
