@@ -27,6 +27,7 @@ rebuilds the whole state: a route ties its parent to other Services.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -43,7 +44,7 @@ from kubernetes import client, config
 from ..model import AgentSettings, Delta, DesiredState
 from . import agent_config, schema
 from .errors import ConfigError, Problem, internal_error
-from .kube_incremental import ServiceIndex
+from .kube_incremental import ServiceIndex, loaded
 from .kube_objects import PROXY_NAME_LABEL, BuildResult, SourceObject, build_state
 from ..capture.settings import kept_annotations
 from .kube_policy import NETWORK_POLICY, CachedReader, policy_fields
@@ -129,6 +130,15 @@ def _pruned(spec: Any) -> Callable[[dict], dict]:
         (out.get("metadata") or {}).pop("managedFields", None)
         return out
     return transform
+
+
+def compact(transform: Callable[[dict], dict]) -> Callable[[dict], str]:
+    """`transform`, then the object as compact JSON text: what the source
+    holds of every Service and EndpointSlice (a fifth of the dicts' memory;
+    read back per Service when an event touches it, all at a full build)."""
+    def to_text(obj: dict) -> str:
+        return json.dumps(transform(obj), separators=(",", ":"))
+    return to_text
 
 
 def _compiled_pruner(node: Any) -> Callable[[Any], Any] | None:
@@ -235,13 +245,13 @@ class KubernetesSource:
         self.reflectors: dict[str, Reflector] = {
             "services": reflector(
                 "services", core.list_service_for_all_namespaces, "Service",
-                selectors={"label_selector": proxy_selector}, transform=_pruned(SERVICE_KEPT)),
+                selectors={"label_selector": proxy_selector}, transform=compact(_pruned(SERVICE_KEPT))),
             # Slices are not filtered by label: hand-made ones may lack the
             # labels the controller copies from their Service. build_state
             # ignores the slices of Services it does not handle.
             "endpointslices": reflector(
                 "endpointslices", discovery.list_endpoint_slice_for_all_namespaces, "EndpointSlice",
-                "discovery.k8s.io/v1", transform=_pruned(ENDPOINT_SLICE_KEPT)),
+                "discovery.k8s.io/v1", transform=compact(_pruned(ENDPOINT_SLICE_KEPT))),
             "configmap": reflector(
                 f"configmap {config_map}", core.list_namespaced_config_map, "ConfigMap",
                 selectors={"namespace": namespace, "field_selector": f"metadata.name={name}"},
@@ -364,8 +374,9 @@ class KubernetesSource:
     def build(self) -> BuildResult:
         # Messages about these name the object themselves: "API server
         # (Service default/web): spec.ports[0]...".
-        services = self.reflectors["services"].items()
-        slices = self.reflectors["endpointslices"].items()
+        raw_services = self.reflectors["services"].items()
+        raw_slices = self.reflectors["endpointslices"].items()
+        services, slices = [loaded(o) for o in raw_services], [loaded(o) for o in raw_slices]
         objects = [SourceObject(obj, "API server") for obj in services + slices]
         settings_problems: list[Problem] = []
         settings = self._settings(settings_problems)
@@ -374,6 +385,7 @@ class KubernetesSource:
                              service_proxy_name=self.service_proxy_name, node_zone=zone)
         result.state.settings = settings
         self._index = ServiceIndex(result.state, services, slices, result.problems,
+                                   raw=(raw_services, raw_slices),
                                    node_name=self.node_name,
                                    service_proxy_name=self.service_proxy_name, node_zone=zone)
         if self._add_routes(result):

@@ -5,6 +5,7 @@ then the Kubernetes source against the fake API server."""
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from pathlib import Path
@@ -75,16 +76,25 @@ def full_build(services: dict, slices: dict):
     return build_state(objects, node_name="node-a")
 
 
+def as_text(events: dict) -> dict:
+    """Events as the API source holds objects: compact JSON text."""
+    return {k: None if o is None else json.dumps(o, separators=(",", ":")) for k, o in events.items()}
+
+
+@pytest.mark.parametrize("text", [False, True], ids=["dicts", "json-text"])
 @pytest.mark.parametrize("seed", range(60))
-def test_events_applied_per_service_equal_a_full_build(seed):
+def test_events_applied_per_service_equal_a_full_build(seed, text):
     rng = random.Random(seed)
     services = {key(o): o for o in (random_service(rng, n) for n in NAMES) if rng.random() < 0.7}
     slices = {key(o): o for o in (random_slice(rng, n) for n in range(8))}
     start = full_build(services, slices)
-    index = ServiceIndex(start.state, services.values(), slices.values(), start.problems,
+    raw = (list(as_text(services).values()), list(as_text(slices).values())) if text else None
+    index = ServiceIndex(start.state, services.values(), slices.values(), start.problems, raw=raw,
                          node_name="node-a")
     for _ in range(15):
         svc_events, slice_events = random_events(rng, services, slices)
+        if text:
+            svc_events, slice_events = as_text(svc_events), as_text(slice_events)
         before = index.state
         update = index.apply(svc_events, slice_events)
         after = index.state

@@ -5,10 +5,11 @@ the cluster), and the objects as kept build the state the whole ones build."""
 from __future__ import annotations
 
 import copy
+import json
 
 from k8s_builders import endpoint_slice, ep, service
 from meshbpf.sources.kube_objects import SourceObject, build_state
-from meshbpf.sources.kubernetes import ENDPOINT_SLICE_KEPT, SERVICE_KEPT, _pruned
+from meshbpf.sources.kubernetes import ENDPOINT_SLICE_KEPT, SERVICE_KEPT, _pruned, compact
 
 OWNER = [{"apiVersion": "v1", "kind": "Service", "name": "web", "uid": "u-1", "controller": True}]
 
@@ -53,3 +54,10 @@ def test_kept_objects_build_the_state_the_whole_ones_build():
                        node_zone="z1")
     assert kept.state == whole.state and not kept.problems and not whole.problems
     assert len(kept.state.service_ports) == 1
+
+
+def test_the_source_holds_each_object_as_compact_json_text_of_what_it_keeps():
+    _, sl = full_objects()
+    text = compact(_pruned(ENDPOINT_SLICE_KEPT))(copy.deepcopy(sl))
+    assert isinstance(text, str) and ": " not in text and ", " not in text
+    assert json.loads(text) == _pruned(ENDPOINT_SLICE_KEPT)(copy.deepcopy(sl))
