@@ -23,7 +23,7 @@ def gc_paused():
             gc.enable()
 
 
-def freeze_heap() -> None:
+def freeze_heap(collect: bool = True) -> None:
     """Moves every object alive now out of the cyclic collector's sight
     (gc.freeze). After a full sync the heap holds the whole desired state
     and the maps' mirror, hundreds of thousands of long-lived objects; left
@@ -34,6 +34,10 @@ def freeze_heap() -> None:
     of the paused step, which would otherwise be frozen for good. It walks
     the young generations only: everything allocated while the collector
     was paused is in them, while a full collection would also walk every
-    older object (seconds at 100 000 Services)."""
-    gc.collect(1)
+    older object (seconds at 100 000 Services). collect=False skips it, for
+    the first full sync: the whole new state is young then, a walk of
+    seconds at 100 000 Services to free a few dozen cyclic objects (they
+    stay frozen instead, once)."""
+    if collect:
+        gc.collect(1)
     gc.freeze()
