@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import weakref
 from dataclasses import dataclass, field
-from typing import Union
+from typing import Collection, Mapping, Union
 
 from .policy.model import NamespaceInfo, NetworkPolicy, PodInfo
 
@@ -225,19 +225,27 @@ class Delta:
     frontends. A consumer that synced exactly `base` needs to look at
     nothing else; any other consumer compares the states itself. It speaks
     of Services only: the policy inputs (pods, namespaces,
-    network_policies) are compared by whoever plans policy."""
+    network_policies) are compared by whoever plans policy.
+
+    `frontends` is best given in the order the new state iterates them (a
+    tuple): new IDs are handed out in that order, as the full plan does, so
+    an incremental plan then writes exactly the full plan's IDs."""
 
     base: "weakref.ref[DesiredState]"
-    frontends: frozenset[Frontend]
+    frontends: Collection[Frontend]
 
 
 @dataclass
 class DesiredState:
     """Everything the node should program: services keyed by frontend, the
     agent's own settings, and NetworkPolicy's inputs. Sources never change a
-    state once handed out; a new one shares the unchanged ServicePort objects."""
+    state once handed out; a new one shares the unchanged ServicePort objects.
 
-    service_ports: dict[Frontend, ServicePort] = field(default_factory=dict)
+    service_ports is a dict, or an overlay.OverlayMap when a source derives
+    each state from the last one (so a state costs its change, not a copy of
+    every frontend): read it as a Mapping, never write it."""
+
+    service_ports: Mapping[Frontend, ServicePort] = field(default_factory=dict)
     settings: AgentSettings = AgentSettings()
     # Every Pod, Namespace and NetworkPolicy of the cluster (not only this
     # node's: peers live anywhere), sorted by namespace and name; empty when

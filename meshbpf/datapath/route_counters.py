@@ -34,10 +34,10 @@ Labels = tuple[str, str]  # (route, backend Service "namespace/name:port")
 
 def wanted_pairs(desired: DesiredState, lb: LBState) -> dict[tuple[int, int], Labels]:
     """(svc_id, backend_id) -> (route, backend) for every programmed split."""
-    backend_ids = {val: bid for bid, val in lb.backends.items()}
     out: dict[tuple[int, int], Labels] = {}
     if not desired.routes:
-        return out
+        return out  # before the index below: it costs every backend, on every change
+    backend_ids = {val: bid for bid, val in lb.backends.items()}
     for sp in desired.service_ports.values():
         if not sp.split:
             continue

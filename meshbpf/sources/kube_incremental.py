@@ -15,6 +15,7 @@ keeps the first listed), and problems are reported per touched Service.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import weakref
 from datetime import datetime
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from ..model import Delta, DesiredState, Frontend, ServicePort
+from ..overlay import OverlayEditor, OverlayMap
 from .errors import Problem
 from .kube_objects import SERVICE_NAME_LABEL, BuildResult, SourceObject, build_state
 
@@ -67,17 +69,30 @@ def trigger_time(obj: dict | None) -> float | None:
     return when.timestamp()
 
 
+def loaded(raw: Any) -> Any:
+    """An object as held: a dict, or its compact JSON text (see
+    kubernetes.compact), read back."""
+    return json.loads(raw) if isinstance(raw, str) else raw
+
+
 class ServiceIndex:
+    """Objects are held as given: dicts, or compact JSON text (`raw`: the
+    same objects in the form to hold, in the same order), which a rebuild
+    reads back; at 100 000 Services the text is a fifth of the dicts' size."""
+
     def __init__(self, state: DesiredState, services: Iterable[dict], slices: Iterable[dict],
-                 problems: list[Problem], **build_args: Any):
+                 problems: list[Problem], raw: tuple[Iterable, Iterable] | None = None,
+                 **build_args: Any):
         self.state = state
         self.build_args = build_args      # node_name, service_proxy_name, node_zone
-        self.services: dict[Key, dict] = {_key(o): o for o in services}
-        self.slices: dict[Key, dict] = {}
+        services, slices = list(services), list(slices)
+        raw_services, raw_slices = raw if raw is not None else (services, slices)
+        self.services: dict[Key, Any] = {_key(o): r for o, r in zip(services, raw_services)}
+        self.slices: dict[Key, Any] = {}
         self.slice_owner: dict[Key, Key | None] = {}
         self.slices_of: dict[Key, set[Key]] = {}
-        for obj in slices:
-            self._put_slice(_key(obj), obj)
+        for obj, r in zip(slices, raw_slices):
+            self._put_slice(_key(obj), obj, r)
         self.ports_of: dict[Key, list[ServicePort]] = {}
         self.owner: dict[Frontend, Key] = {}
         for fe, sp in state.service_ports.items():
@@ -95,14 +110,14 @@ class ServiceIndex:
             elif kind == "EndpointSlice" and self.slice_owner.get((ns, n)):
                 self.problems_of.setdefault(self.slice_owner[(ns, n)], []).append(p)
 
-    def _put_slice(self, key: Key, obj: dict | None) -> None:
+    def _put_slice(self, key: Key, obj: dict | None, raw: Any) -> None:
         old_owner = self.slice_owner.pop(key, None)
         if old_owner is not None:
             self.slices_of.get(old_owner, set()).discard(key)
         self.slices.pop(key, None)
         if obj is None:
             return
-        self.slices[key] = obj
+        self.slices[key] = raw
         owner = self.slice_owner[key] = _slice_service(obj)
         if owner is not None:
             self.slices_of.setdefault(owner, set()).add(key)
@@ -118,19 +133,20 @@ class ServiceIndex:
         and returns the next state, built from the last one."""
         touched: dict[Key, None] = {}
         triggers: list[float] = []
-        for obj_key, obj in services.items():
+        for obj_key, raw in services.items():
             key = (obj_key[0] or "default", obj_key[1])
             touched[key] = None
-            if obj is None:
+            if raw is None:
                 self.services.pop(key, None)
             else:
-                self.services[key] = obj
-        for obj_key, obj in slices.items():
+                self.services[key] = raw
+        for obj_key, raw in slices.items():
             key = (obj_key[0] or "default", obj_key[1])
             before = self.slice_owner.get(key)
             if before is not None:
                 touched[before] = None
-            self._put_slice(key, obj)
+            obj = loaded(raw)
+            self._put_slice(key, obj, raw)
             after = self.slice_owner.get(key)
             if after is not None:
                 touched[after] = None
@@ -138,8 +154,10 @@ class ServiceIndex:
             if t is not None:
                 triggers.append(t)
 
-        ports = dict(self.state.service_ports)
-        changed: set[Frontend] = set()
+        # The next version of the frontend map: costs the change, not a copy of all.
+        ports = OverlayMap.of(self.state.service_ports).editor()
+        # Ordered as the new state iterates them (see Delta): a dict as an ordered set.
+        changed: dict[Frontend, None] = {}
         update = Update(None)
         for key in touched:
             self._release(key, ports, changed)
@@ -151,27 +169,29 @@ class ServiceIndex:
             return update
         # replace(): what this index does not build (settings, policy inputs) carries over.
         update.state = dataclasses.replace(
-            self.state, service_ports=ports, delta=Delta(weakref.ref(self.state), frozenset(changed)),
+            self.state, service_ports=ports.done(), delta=Delta(weakref.ref(self.state), tuple(changed)),
             trigger_times=tuple(triggers))
         self.state = update.state
         return update
 
-    def _release(self, key: Key, ports: dict, changed: set[Frontend]) -> None:
+    def _release(self, key: Key, ports: OverlayEditor, changed: dict[Frontend, None]) -> None:
         for sp in self.ports_of.pop(key, []):
             if self.owner.get(sp.frontend) == key:
                 del self.owner[sp.frontend]
                 del ports[sp.frontend]
-                changed.add(sp.frontend)
+                changed[sp.frontend] = None
 
-    def _rebuild(self, key: Key, ports: dict, changed: set[Frontend], update: Update) -> None:
+    def _rebuild(self, key: Key, ports: OverlayEditor, changed: dict[Frontend, None],
+                 update: Update) -> None:
         self.blocked.discard(key)
         for p in self.problems_of.pop(key, []):
             update.resolved.add(str(p))
         svc = self.services.get(key)
         if svc is None:
             return
-        objects = [SourceObject(svc, "API server")] + [
-            SourceObject(self.slices[k], "API server") for k in sorted(self.slices_of.get(key, ()))]  # build_state's order
+        objects = [SourceObject(loaded(svc), "API server")] + [
+            SourceObject(loaded(self.slices[k]), "API server")
+            for k in sorted(self.slices_of.get(key, ()))]  # build_state's order
         result: BuildResult = build_state(objects, **self.build_args)
         problems = list(result.problems)
         mine = list(result.state.service_ports.values())
@@ -185,11 +205,11 @@ class ServiceIndex:
             mine = []
         for i, sp in enumerate(mine):
             base = self.state.service_ports.get(sp.frontend)
+            changed.pop(sp.frontend, None)  # set again below: to the end, as in `ports`
             if base == sp:  # released and rebuilt the same: keep the old object
                 mine[i] = sp = base
-                changed.discard(sp.frontend)
             else:
-                changed.add(sp.frontend)
+                changed[sp.frontend] = None
             ports[sp.frontend] = sp
             self.owner[sp.frontend] = key
         if mine:

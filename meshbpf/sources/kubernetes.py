@@ -27,6 +27,7 @@ rebuilds the whole state: a route ties its parent to other Services.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -43,7 +44,7 @@ from kubernetes import client, config
 from ..model import AgentSettings, Delta, DesiredState
 from . import agent_config, schema
 from .errors import ConfigError, Problem, internal_error
-from .kube_incremental import ServiceIndex
+from .kube_incremental import ServiceIndex, loaded
 from .kube_objects import PROXY_NAME_LABEL, BuildResult, SourceObject, build_state
 from ..capture.settings import kept_annotations
 from .kube_policy import NETWORK_POLICY, CachedReader, policy_fields
@@ -122,18 +123,71 @@ def _pruned(spec: Any) -> Callable[[dict], dict]:
     object, so a field the schema lacks comes from a newer Kubernetes, not a
     typo: dropping it keeps the object usable (the file source reports such
     fields instead). managedFields is dropped to save memory."""
-    def prune(value: Any, node: Any) -> Any:
-        if isinstance(node, dict) and isinstance(value, dict):
-            return {k: prune(v, node[k]) for k, v in value.items() if k in node}
-        if isinstance(node, list) and isinstance(value, list):
-            return [prune(v, node[0]) for v in value]
-        return value
+    prune = _compiled_pruner(spec) or (lambda obj: obj)
 
     def transform(obj: dict) -> dict:
-        out = prune(obj, spec)
+        out = prune(obj)
         (out.get("metadata") or {}).pop("managedFields", None)
         return out
     return transform
+
+
+def compact(transform: Callable[[dict], dict]) -> Callable[[dict], str]:
+    """`transform`, then the object as compact JSON text: what the source
+    holds of every Service and EndpointSlice (a fifth of the dicts' memory;
+    read back per Service when an event touches it, all at a full build)."""
+    def to_text(obj: dict) -> str:
+        return json.dumps(transform(obj), separators=(",", ":"))
+    return to_text
+
+
+def _compiled_pruner(node: Any) -> Callable[[Any], Any] | None:
+    """A function keeping what `node` (a schema node) names; None for a leaf,
+    which is kept whole. Compiled once per schema: a watched object then
+    costs one call per map or list the schema descends into, not one per
+    field (200 000 objects are pruned at a cold start)."""
+    if isinstance(node, list):
+        item = _compiled_pruner(node[0])
+        if item is None:
+            return None
+        return lambda value: [item(v) for v in value] if isinstance(value, list) else value
+    if not isinstance(node, dict):
+        return None
+    leaves = frozenset(k for k, sub in node.items() if _compiled_pruner(sub) is None)
+    branches = {k: f for k, sub in node.items() if (f := _compiled_pruner(sub)) is not None}
+
+    def prune(value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        return {k: v if k in leaves else branches[k](v) for k, v in value.items()
+                if k in leaves or k in branches}
+    return prune
+
+
+def _without(spec: dict, *paths: str) -> dict:
+    """`spec` without the fields at these dotted paths ("a.b": field b of a;
+    a list's items are passed through)."""
+    out = dict(spec)
+    for path in paths:
+        head, _, rest = path.partition(".")
+        if not rest:
+            out.pop(head, None)
+            continue
+        sub = out[head]
+        out[head] = [_without(sub[0], rest)] if isinstance(sub, list) else _without(sub, rest)
+    return out
+
+
+# What the source keeps of each object: what kube_objects reads, not all its
+# schema knows. Kept for every Service and slice of the cluster, and the
+# biggest part of the agent's memory at 100 000 Services; a dropped field
+# is one the agent never reads (targetRef, ownership, the pod selector).
+_UNREAD_META = tuple(f"metadata.{k}" for k in (
+    "uid", "generateName", "generation", "creationTimestamp", "deletionTimestamp",
+    "deletionGracePeriodSeconds", "ownerReferences", "finalizers", "managedFields", "selfLink"))
+SERVICE_KEPT = _without(schema.SERVICE, *_UNREAD_META, "spec.selector")
+ENDPOINT_SLICE_KEPT = _without(schema.ENDPOINT_SLICE, *_UNREAD_META, "endpoints.targetRef",
+                               "endpoints.hostname", "endpoints.deprecatedTopology")
 
 
 def _pod_kept(obj: dict, _prune=_pruned(_POD_KEPT)) -> dict:
@@ -191,13 +245,13 @@ class KubernetesSource:
         self.reflectors: dict[str, Reflector] = {
             "services": reflector(
                 "services", core.list_service_for_all_namespaces, "Service",
-                selectors={"label_selector": proxy_selector}, transform=_pruned(schema.SERVICE)),
+                selectors={"label_selector": proxy_selector}, transform=compact(_pruned(SERVICE_KEPT))),
             # Slices are not filtered by label: hand-made ones may lack the
             # labels the controller copies from their Service. build_state
             # ignores the slices of Services it does not handle.
             "endpointslices": reflector(
                 "endpointslices", discovery.list_endpoint_slice_for_all_namespaces, "EndpointSlice",
-                "discovery.k8s.io/v1", transform=_pruned(schema.ENDPOINT_SLICE)),
+                "discovery.k8s.io/v1", transform=compact(_pruned(ENDPOINT_SLICE_KEPT))),
             "configmap": reflector(
                 f"configmap {config_map}", core.list_namespaced_config_map, "ConfigMap",
                 selectors={"namespace": namespace, "field_selector": f"metadata.name={name}"},
@@ -288,11 +342,14 @@ class KubernetesSource:
         slices = self.reflectors["endpointslices"].take_changes()
         incremental = (self._index is not None and services is not None and slices is not None
                        and previous is not None and previous[2:] == generations[2:])
+        differs = False  # known to differ from the last state, without comparing all of it
         try:
             if generations == previous:
                 state = None  # only NetworkPolicy's inputs changed
             elif incremental:
                 state = self._apply_events(services, slices)
+                # Built from the last state, with the frontends that changed value.
+                differs = state is not None
             else:
                 state = self.build().state
             if state is None:
@@ -305,10 +362,11 @@ class KubernetesSource:
             self._index = None  # the next poll builds everything again
             log.exception("building the state from the API objects failed")
             raise internal_error("API server objects", exc) from None
+        same = not differs and state == self._last
         if self._index is not None:
             # Deltas then name the state handed out, and carry its policy inputs.
-            self._index.state = self._last if state == self._last else state
-        if state == self._last:
+            self._index.state = self._last if same else state
+        if same:
             return None
         self._last = state
         return state
@@ -316,8 +374,9 @@ class KubernetesSource:
     def build(self) -> BuildResult:
         # Messages about these name the object themselves: "API server
         # (Service default/web): spec.ports[0]...".
-        services = self.reflectors["services"].items()
-        slices = self.reflectors["endpointslices"].items()
+        raw_services = self.reflectors["services"].items()
+        raw_slices = self.reflectors["endpointslices"].items()
+        services, slices = [loaded(o) for o in raw_services], [loaded(o) for o in raw_slices]
         objects = [SourceObject(obj, "API server") for obj in services + slices]
         settings_problems: list[Problem] = []
         settings = self._settings(settings_problems)
@@ -326,6 +385,7 @@ class KubernetesSource:
                              service_proxy_name=self.service_proxy_name, node_zone=zone)
         result.state.settings = settings
         self._index = ServiceIndex(result.state, services, slices, result.problems,
+                                   raw=(raw_services, raw_slices),
                                    node_name=self.node_name,
                                    service_proxy_name=self.service_proxy_name, node_zone=zone)
         if self._add_routes(result):

@@ -78,6 +78,7 @@ class LBSync:
         assert self.maps is not None
         try:
             started = time.monotonic()
+            first = self.programmed is None
             if reread:
                 self._resync_read()
             writes = None if reread else self._sync_incremental(desired)
@@ -88,7 +89,7 @@ class LBSync:
                 self.synced = None if self.refused else desired
                 if self.synced is not None:  # built now, so the next change does not wait for it
                     self.index = LBIndex(self.current)
-                freeze_heap()
+                freeze_heap(collect=not first)  # the first: seconds of walking for a few objects
         except CapacityError as exc:  # admission should have prevented it
             return self._failed("capacity", f"update rejected, still running the previous state: {exc}")
         except MapWriteError as exc:

@@ -138,6 +138,10 @@ class FakeAPIServer:
         self._rv = 1000
         self._compacted = 0             # watches from an older resourceVersion get 410
         self._objects: dict[str, dict[tuple[str, str], dict]] = {k: {} for k in RESOURCES}
+        # Each object as a list item (no kind, no apiVersion), serialised once
+        # when written: a page is then a join of bytes, so listing 200 000
+        # objects costs the client, not this server.
+        self._items: dict[str, dict[tuple[str, str], bytes]] = {k: {} for k in RESOURCES}
         self._events: list[_Event] = []
         self._watchers: list[_Watcher] = []
         self._continues: dict[str, list[dict]] = {}
@@ -214,12 +218,11 @@ class FakeAPIServer:
                 if obj.get("kind") == "List":
                     self.apply(*obj["items"])
                     continue
-                obj = copy.deepcopy(obj)
+                obj = json.loads(json.dumps(obj))  # a deep copy, in C
                 self._rv += 1
                 obj["metadata"]["resourceVersion"] = str(self._rv)
-                store = self._objects[obj["kind"]]
-                old = store.get(_key(obj))
-                store[_key(obj)] = obj
+                old = self._objects[obj["kind"]].get(_key(obj))
+                self._store(obj["kind"], _key(obj), obj)
                 self._events.append(_Event(self._rv, obj["kind"], "MODIFIED" if old else "ADDED",
                                            obj, old))
             self._cond.notify_all()
@@ -233,12 +236,19 @@ class FakeAPIServer:
 
     def delete(self, kind: str, namespace: str, name: str) -> None:
         with self._cond:
-            old = self._objects[kind].pop((namespace if RESOURCES[kind][2] else "", name))
+            key = (namespace if RESOURCES[kind][2] else "", name)
+            old = self._objects[kind].pop(key)
+            del self._items[kind][key]
             self._rv += 1
             gone = copy.deepcopy(old)
             gone["metadata"]["resourceVersion"] = str(self._rv)
             self._events.append(_Event(self._rv, kind, "DELETED", gone, old))
             self._cond.notify_all()
+
+    def _store(self, kind: str, key: tuple[str, str], obj: dict) -> None:
+        self._objects[kind][key] = obj
+        self._items[kind][key] = json.dumps(
+            {k: v for k, v in obj.items() if k not in ("kind", "apiVersion")}).encode()
 
     def get(self, kind: str, namespace: str, name: str) -> dict:
         return copy.deepcopy(self._objects[kind][(namespace if RESOURCES[kind][2] else "", name)])
@@ -295,6 +305,12 @@ class FakeAPIServer:
                 and _selector_matches(query.get("fieldSelector", ""), _fields(obj)))
 
     def _list(self, kind: str, namespace: str | None, query: dict[str, str]) -> tuple[int, dict]:
+        code, body = self._list_json(kind, namespace, query)
+        return code, json.loads(body) if code == 200 else body
+
+    def _list_json(self, kind: str, namespace: str | None,
+                   query: dict[str, str]) -> tuple[int, dict | bytes]:
+        """One page of a list: 200 and the serialised <Kind>List, or an error Status."""
         prefix = RESOURCES[kind][0]
         with self._cond:
             token = query.get("continue")
@@ -304,25 +320,24 @@ class FakeAPIServer:
                     return 410, _status(410, "Expired", "The provided continue parameter is too old")
                 rv, rest = json.loads(base64.b64decode(token))["rv"], self._continues.pop(token)
             else:
-                rv = self._rv
-                rest = sorted((o for o in self._objects[kind].values()
-                               if self._visible(o, namespace, query)), key=_key)
+                # The snapshot: every later page serves these bytes, whatever is written since.
+                rv, items = self._rv, self._items[kind]
+                everything = namespace is None and not query.get("labelSelector") \
+                    and not query.get("fieldSelector")
+                rest = [(key, items[key]) for key, o in sorted(self._objects[kind].items())
+                        if everything or self._visible(o, namespace, query)]
         limit = int(query.get("limit") or 0) or len(rest)
         page, rest = rest[:limit], rest[limit:]
         meta: dict[str, Any] = {"resourceVersion": str(rv)}
         if rest:
-            token = base64.b64encode(json.dumps({"rv": rv, "start": _key(rest[0])}).encode()).decode()
+            token = base64.b64encode(json.dumps({"rv": rv, "start": rest[0][0]}).encode()).decode()
             with self._cond:
                 self._continues[token] = rest
             meta["continue"] = token
             meta["remainingItemCount"] = len(rest)
-        items = []
-        for obj in page:
-            item = copy.deepcopy(obj)
-            del item["kind"], item["apiVersion"]  # lists leave these out, unlike kubectl
-            items.append(item)
-        return 200, {"apiVersion": prefix.removeprefix("/apis/").removeprefix("/api/"),
-                     "kind": f"{kind}List", "metadata": meta, "items": items}
+        head = json.dumps({"apiVersion": prefix.removeprefix("/apis/").removeprefix("/api/"),
+                           "kind": f"{kind}List", "metadata": meta})
+        return 200, b"%s, \"items\": [%s]}" % (head[:-1].encode(), b",".join(item for _, item in page))
 
     def _watch_events(self, kind: str, namespace: str | None, query: dict[str, str],
                       since: int, watcher: _Watcher, deadline: float) -> Iterator[list[dict] | str | bytes]:
@@ -446,7 +461,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._json(403, _status(403, "Forbidden", f"cannot list resource {m.group(3)!r}"))
         namespace = m.group(2)
         if not watch:
-            return self._json(*self.api._list(kind, namespace, query))
+            return self._json(*self.api._list_json(kind, namespace, query))
         self._watch(kind, namespace, query)
 
     def do_PATCH(self) -> None:
@@ -472,15 +487,15 @@ class _Handler(BaseHTTPRequestHandler):
             obj["status"] = _merge_patch(old.get("status"), body.get("status"))
             api._rv += 1
             obj["metadata"]["resourceVersion"] = str(api._rv)
-            api._objects[kind][(namespace, name)] = obj
+            api._store(kind, (namespace, name), obj)
             api._events.append(_Event(api._rv, kind, "MODIFIED", obj, old))
             api.status_patches.append(StatusPatch(kind, namespace, name,
                                                   self.headers.get("Content-Type", ""), body))
             api._cond.notify_all()
         self._json(200, obj)
 
-    def _json(self, code: int, body: dict) -> None:
-        data = json.dumps(body).encode()
+    def _json(self, code: int, body: dict | bytes) -> None:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
         self.send_response(code)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))

@@ -170,3 +170,19 @@ def test_a_delta_whose_base_was_not_synced_is_not_trusted(agent_for):
     agent.step()
     agent.step()
     assert matches(agent, moved)
+
+
+def test_the_first_full_sync_freezes_the_heap_unwalked_and_later_full_syncs_collect_first(
+        agent_for, monkeypatch):
+    """The first full sync's state is all young: collecting would walk every
+    object of it (seconds at 100 000 Services) for a few cyclic ones. Later
+    full syncs (resyncs) collect the young generations, then freeze."""
+    import gc
+    calls = []
+    monkeypatch.setattr(gc, "collect", lambda *args: calls.append(("collect",) + args) or 0)
+    monkeypatch.setattr(gc, "freeze", lambda: calls.append(("freeze",)))
+    agent = agent_for(state(10), resync_interval=0.01)
+    agent.step()
+    assert calls == [("freeze",)]
+    step_until(agent, lambda: len(calls) > 1)
+    assert calls[1:] == [("collect", 1), ("freeze",)]

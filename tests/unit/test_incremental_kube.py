@@ -5,6 +5,7 @@ then the Kubernetes source against the fake API server."""
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from pathlib import Path
@@ -12,8 +13,13 @@ from pathlib import Path
 import pytest
 
 from k8s_builders import endpoint_slice, ep, service
+from meshbpf import overlay
+from meshbpf.reconcile import LBState, plan, wanted_services
+from meshbpf.reconcile.incremental import LBIndex, plan_services
 from meshbpf.sources.kube_incremental import TRIGGER_TIME, ServiceIndex, trigger_time
 from meshbpf.sources.kube_objects import SourceObject, build_state
+from meshbpf.sync.lb import frontend_changes
+from test_incremental_plan import as_sets
 from test_kubernetes_source import DEADLINE, FAST, api, no_leaked_threads, wait_for  # noqa: F401
 
 NAMES = [f"svc{i}" for i in range(6)]
@@ -44,35 +50,51 @@ def random_slice(rng: random.Random, n: int) -> dict:
     return endpoint_slice(f"slice{n}", owner, eps, ports=ports)
 
 
+def random_events(rng: random.Random, services: dict, slices: dict) -> tuple[dict, dict]:
+    """One to three Service or EndpointSlice events (applied to `services`
+    and `slices`), as a reflector's take_changes() gives them."""
+    svc_events, slice_events = {}, {}
+    for _ in range(rng.randint(1, 3)):
+        if rng.random() < 0.4:
+            name = rng.choice(NAMES)
+            obj = random_service(rng, name) if rng.random() < 0.7 else None
+            k = ("default", name)
+            svc_events[k] = obj
+            services.pop(k, None) if obj is None else services.__setitem__(k, obj)
+        else:
+            obj = random_slice(rng, rng.randint(0, 9))
+            k = key(obj)
+            if rng.random() < 0.2:
+                obj = None
+            slice_events[k] = obj
+            slices.pop(k, None) if obj is None else slices.__setitem__(k, obj)
+    return svc_events, slice_events
+
+
 def full_build(services: dict, slices: dict):
     objects = [SourceObject(o, "API server") for o in list(services.values()) + list(slices.values())]
     return build_state(objects, node_name="node-a")
 
 
+def as_text(events: dict) -> dict:
+    """Events as the API source holds objects: compact JSON text."""
+    return {k: None if o is None else json.dumps(o, separators=(",", ":")) for k, o in events.items()}
+
+
+@pytest.mark.parametrize("text", [False, True], ids=["dicts", "json-text"])
 @pytest.mark.parametrize("seed", range(60))
-def test_events_applied_per_service_equal_a_full_build(seed):
+def test_events_applied_per_service_equal_a_full_build(seed, text):
     rng = random.Random(seed)
     services = {key(o): o for o in (random_service(rng, n) for n in NAMES) if rng.random() < 0.7}
     slices = {key(o): o for o in (random_slice(rng, n) for n in range(8))}
     start = full_build(services, slices)
-    index = ServiceIndex(start.state, services.values(), slices.values(), start.problems,
+    raw = (list(as_text(services).values()), list(as_text(slices).values())) if text else None
+    index = ServiceIndex(start.state, services.values(), slices.values(), start.problems, raw=raw,
                          node_name="node-a")
     for _ in range(15):
-        svc_events, slice_events = {}, {}
-        for _ in range(rng.randint(1, 3)):
-            if rng.random() < 0.4:
-                name = rng.choice(NAMES)
-                obj = random_service(rng, name) if rng.random() < 0.7 else None
-                k = ("default", name)
-                svc_events[k] = obj
-                services.pop(k, None) if obj is None else services.__setitem__(k, obj)
-            else:
-                obj = random_slice(rng, rng.randint(0, 9))
-                k = key(obj)
-                if rng.random() < 0.2:
-                    obj = None
-                slice_events[k] = obj
-                slices.pop(k, None) if obj is None else slices.__setitem__(k, obj)
+        svc_events, slice_events = random_events(rng, services, slices)
+        if text:
+            svc_events, slice_events = as_text(svc_events), as_text(slice_events)
         before = index.state
         update = index.apply(svc_events, slice_events)
         after = index.state
@@ -84,7 +106,7 @@ def test_events_applied_per_service_equal_a_full_build(seed):
             assert not changed and after is before
         else:
             assert update.state.delta.base() is before
-            assert update.state.delta.frontends == changed
+            assert set(update.state.delta.frontends) == changed
             # Untouched frontends keep their objects: the agent's check stops at identity.
             for fe, sp in after.service_ports.items():
                 if fe not in changed:
@@ -145,3 +167,35 @@ def test_the_api_source_hands_out_deltas_of_the_touched_frontends(api, tmp_path)
                 for e in sp.endpoints] == ["10.244.9.9"]
     finally:
         source.stop()
+
+
+@pytest.mark.parametrize("seed", range(80))
+def test_random_events_planned_incrementally_leave_the_maps_a_full_plan_leaves(seed, monkeypatch):
+    """The agent's path for an event (the source's Delta, frontend_changes,
+    plan_services over the kept index) writes exactly what the full plan of
+    the same state writes from the same maps: same IDs, same slots, same
+    deletes, after every event. The frontend map's overlay is folded often
+    here, so versions on a new base are covered too."""
+    monkeypatch.setattr(overlay, "MIN_FOLD", 1)
+    monkeypatch.setattr(overlay, "FOLD_SHARE", 1)
+    rng = random.Random(5000 + seed)
+    services = {key(o): o for o in (random_service(rng, n) for n in NAMES) if rng.random() < 0.5}
+    slices = {key(o): o for o in (random_slice(rng, n) for n in range(8))}
+    start = full_build(services, slices)
+    index = ServiceIndex(start.state, services.values(), slices.values(), start.problems,
+                         node_name="node-a")
+    maps = plan(LBState(), wanted_services(start.state)).apply_to(LBState())
+    lb_index = LBIndex(maps)
+    for _ in range(30):
+        before = index.state
+        update = index.apply(*random_events(rng, services, slices))
+        if update.state is None:
+            continue
+        after = update.state
+        changes = frontend_changes(before.service_ports, after.service_ports, after.delta.frontends)
+        incremental = plan_services(maps, lb_index, changes)
+        full = plan(maps, wanted_services(after))
+        assert as_sets(incremental) == as_sets(full)
+        lb_index.apply(incremental, maps)
+        # The maps hold what a fresh full build of the same objects asks for.
+        assert plan(maps, wanted_services(full_build(services, slices).state)).writes == 0
