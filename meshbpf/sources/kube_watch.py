@@ -91,6 +91,18 @@ def object_key(obj: dict) -> Key:
     return meta.get("namespace") or "", meta.get("name") or ""
 
 
+def well_formed(obj: Any) -> bool:
+    """An object the reflector can hold: a map whose metadata is a map with a
+    string name (and a string namespace, if any). Anything else is skipped
+    with a warning, never allowed to stop its whole collection."""
+    if not isinstance(obj, dict):
+        return False
+    meta = obj.get("metadata")
+    if not isinstance(meta, dict) or not isinstance(meta.get("name"), str):
+        return False
+    return meta.get("namespace") is None or isinstance(meta.get("namespace"), str)
+
+
 def _resource_version(obj: dict) -> str | None:
     return (obj.get("metadata") or {}).get("resourceVersion")
 
@@ -288,6 +300,10 @@ class Reflector:
             if not isinstance(body, dict):
                 raise BadEvent(f"a list answer that is not an object: {str(body)[:80]!r}")
             for obj in body.get("items") or []:
+                if not well_formed(obj):
+                    log.warning("%s: skipped a list item that is not a named object: %.80r",
+                                self.name, obj)
+                    continue
                 # List items come without kind and apiVersion; watch events
                 # and kubectl's output have them, and kube_objects needs them.
                 obj.setdefault("kind", self._kind)
@@ -379,6 +395,10 @@ class Reflector:
             return
         if kind not in ("ADDED", "MODIFIED", "DELETED"):
             log.debug("%s: ignoring watch event of type %r", self.name, kind)
+            return
+        if not well_formed(obj):
+            log.warning("%s: skipped a %s event for something that is not a named object: %.80r",
+                        self.name, kind, obj)
             return
         key = object_key(obj)
         with self._lock:

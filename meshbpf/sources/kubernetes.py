@@ -498,8 +498,9 @@ class KubernetesSource:
     def node_zone(self) -> str | None:
         """This node's topology.kubernetes.io/zone label, as kube-proxy reads it."""
         nodes = self.reflectors["node"].items() if "node" in self.reflectors else []
-        labels = ((nodes[0].get("metadata") or {}).get("labels") or {}) if nodes else {}
-        return labels.get(ZONE_LABEL) or None
+        labels = (nodes[0].get("metadata") or {}).get("labels") if nodes else None
+        zone = labels.get(ZONE_LABEL) if isinstance(labels, dict) else None
+        return zone if isinstance(zone, str) and zone else None
 
     def pods(self) -> list[dict]:
         """The pods on this node, as the API server sent them (with

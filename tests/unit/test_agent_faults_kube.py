@@ -138,9 +138,6 @@ class _Response:
         pass
 
 
-@pytest.mark.xfail(strict=True, reason="kube_watch bug: a list item that is not an object, or whose "
-                   "metadata is not a map, raises in Reflector._relist (obj.setdefault / object_key), "
-                   "so the whole collection is relisted forever and never synced")
 def test_one_garbage_item_in_a_list_does_not_block_its_collection():
     web = service("web", "10.96.12.34")
     body = {"kind": "ServiceList", "metadata": {"resourceVersion": "10"},
@@ -171,9 +168,6 @@ def node(labels) -> dict:
     return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-a", "labels": labels}}
 
 
-@pytest.mark.xfail(strict=True, reason="kubernetes.py bug: node_zone() calls .get on the Node's "
-                   "labels whatever they are; labels that are not a map raise inside build(), so "
-                   "every poll is an internal error and no Service update lands while it lasts")
 def test_a_node_with_labels_that_are_not_a_map_blocks_nothing(api, make_source, cluster_list):  # noqa: F811
     api.load(cluster_list)
     api.apply(node({"topology.kubernetes.io/zone": "a"}))
