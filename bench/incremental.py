@@ -268,8 +268,7 @@ def bench_file(n: int, tmp: Path, fmt: str) -> dict:
     # The safety net: a full resync (read back + full plan), timed apart.
     t = time.monotonic()
     with gc_paused():
-        agent._resync_read()
-        agent._admit_and_apply(wanted_services(agent.desired))
+        assert agent.lbsync.sync(agent.desired, reread=True)
     out["full_resync_s"] = round(time.monotonic() - t, 2)
     assert plan(maps.state, wanted_services(agent.desired)).writes == 0
     return out
