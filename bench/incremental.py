@@ -305,6 +305,8 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=200)
     ap.add_argument("--churn-seconds", type=float, default=20.0)
     ap.add_argument("--only", choices=("kubernetes", "file"), default=None)
+    ap.add_argument("--formats", default="json,yaml",
+                    help="file source formats (YAML at 10 000 at most); one per process for clean RSS")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "incremental.json")
     args = ap.parse_args()
     import tempfile
@@ -312,7 +314,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         for n in map(int, args.sizes.split(",")):
             if args.only in (None, "file"):
-                for fmt in ("json", "yaml") if n <= 10_000 else ("json",):
+                for fmt in [f for f in args.formats.split(",") if f == "json" or n <= 10_000]:
                     r = bench_file(n, Path(d), fmt)
                     print(json.dumps({"file": r}), flush=True)
                     results["runs"].append({"file": r})

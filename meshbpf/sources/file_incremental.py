@@ -37,7 +37,7 @@ from ..model import Delta, DesiredState
 from .errors import Problem
 from .file_pieces import Split
 from .kube_incremental import ServiceIndex
-from .kube_objects import SourceObject, _Collector, _flatten_lists
+from .kube_objects import SourceObject, _Collector, _flatten_lists, _is_list
 from .kube_policy import POLICY_KINDS, policy_fields, read_policy_objects
 
 ObjKey = tuple[str, str, str]   # (kind, namespace, name)
@@ -58,16 +58,24 @@ class Unit:
 class FileRecord:
     units: list[Unit]
     wheres: dict[int, str]      # the place of each unit that holds policy objects
+    by_digest: dict[bytes, Unit] = dataclasses.field(init=False)
+    ok: bool = dataclasses.field(init=False)      # every unit is
+    unique: bool = dataclasses.field(init=False)  # no key defined twice in the file
 
-    @property
-    def ok(self) -> bool:
-        return all(u.ok for u in self.units)
+    def __post_init__(self) -> None:
+        self.by_digest = {u.digest: u for u in self.units}
+        self.ok = all(u.ok for u in self.units)
+        keys = [key for u in self.units for key in u.keys]
+        self.unique = len(set(keys)) == len(keys)
 
-    def digests(self) -> frozenset[bytes]:
-        return frozenset(u.digest for u in self.units)
+    def digests(self) -> dict[bytes, Unit]:
+        return self.by_digest
 
     def keys(self) -> Iterable[ObjKey]:
         return (key for u in self.units for key in u.keys)
+
+    def policy_order(self) -> list[bytes]:
+        return [u.digest for u in self.units if u.policy]
 
     def policy_objects(self) -> list[SourceObject]:
         """Its Pods, Namespaces and NetworkPolicies, in file order."""
@@ -75,19 +83,22 @@ class FileRecord:
                 for i, u in enumerate(self.units) if u.policy for suffix, obj in u.policy]
 
 
-def _unit(digest: bytes, where: str, value: Any, known: dict[bytes, Unit]) -> tuple[Unit, list[SourceObject]]:
-    """A piece's unit (the known one if its digest is), and the objects
-    parsed now (none for a known piece)."""
-    if digest in known:
-        return known[digest], []
-    collector = _Collector()
-    flat = list(_flatten_lists([SourceObject(value, where)], collector))
-    keys, policy, ok = [], [], not collector.problems
-    for src in flat:
+def _unit(digest: bytes, value: Any) -> tuple[Unit, list[dict]]:
+    """A piece's unit and its objects (a List's items flattened)."""
+    kind = value.get("kind") if type(value) is dict else None
+    if type(kind) is str and kind and not _is_list(kind, value):
+        flat = [SourceObject(value, "")]  # a plain object: what _flatten_lists gives
+        ok = True
+    else:
+        collector = _Collector()
+        flat = list(_flatten_lists([SourceObject(value, "")], collector))
+        ok = not collector.problems
+    keys, policy = [], []
+    for src in flat:  # src.where: the place within the piece (": items[2]"), or ""
         obj = src.obj
         kind = obj.get("kind")
         if kind in POLICY_KINDS:
-            policy.append((src.where[len(where):], obj))
+            policy.append((src.where, obj))
             continue
         meta = obj.get("metadata")
         name = meta.get("name") if isinstance(meta, dict) else None
@@ -95,36 +106,39 @@ def _unit(digest: bytes, where: str, value: Any, known: dict[bytes, Unit]) -> tu
             ok = False
             continue
         keys.append((kind, meta.get("namespace") or "default", name))
-    return Unit(digest, tuple(keys), tuple(policy), ok), flat
+    return Unit(digest, tuple(keys), tuple(policy), ok), [src.obj for src in flat]
 
 
-def record_pieces(split: Split, previous: FileRecord | None) -> tuple[FileRecord, list[SourceObject]]:
-    """A cut file's record, and the objects of the pieces parsed now."""
-    known = {u.digest: u for u in previous.units} if previous else {}
-    units, wheres, fresh = [], {}, []
-    for i, (digest, where) in enumerate(zip(split.digests, split.wheres)):
-        unit, objects = _unit(digest, where, split.values.get(i), known)
-        units.append(unit)
+def record_pieces(split: Split, previous: FileRecord | None) -> tuple[FileRecord, list[dict]]:
+    """A cut file's record, and the objects of the pieces parsed now (the
+    pieces whose digest `previous` does not know)."""
+    known = previous.by_digest if previous else {}
+    units = [known.get(d) for d in split.digests]
+    fresh: list[dict] = []
+    for i, value in split.values.items():
+        units[i], objects = _unit(split.digests[i], value)
         fresh.extend(objects)
-        if unit.policy:
-            wheres[i] = where
+    wheres = {i: split.place(i) for i, unit in enumerate(units) if unit.policy}
     return FileRecord(units, wheres), fresh
 
 
 def record_documents(docs: list[SourceObject], previous: FileRecord | None
-                     ) -> tuple[FileRecord, list[SourceObject]]:
+                     ) -> tuple[FileRecord, list[dict]]:
     """The record of a file parsed whole: one unit per object, by the digest
-    of its value; and the objects whose digest is new."""
-    known = {u.digest: u for u in previous.units} if previous else {}
+    of its value; and the objects whose digest `previous` does not know."""
+    known = previous.by_digest if previous else {}
     collector = _Collector()
     units, wheres, fresh = [], {}, []
     for src in _flatten_lists(docs, collector):
-        unit, objects = _unit(_value_digest(src.obj), src.where, src.obj, known)
-        if unit.policy:  # its own place, not the known one's (one object, so no suffix)
-            unit = dataclasses.replace(unit, policy=(("", src.obj),))
+        digest = _value_digest(src.obj)
+        if digest in known:
+            unit = known[digest]
+        else:
+            unit, objects = _unit(digest, src.obj)
+            fresh.extend(objects)
+        if unit.policy:
             wheres[len(units)] = src.where
         units.append(unit)
-        fresh.extend(objects)
     if collector.problems:
         units.append(Unit(b"", (), (), False))
     return FileRecord(units, wheres), fresh
@@ -149,13 +163,13 @@ class FileIndex:
         """From a full read that had no problems: `parsed` is the read's
         cache, file -> (stamp, FileRecord, documents)."""
         self.records: dict[Path, FileRecord] = {}
-        self.where: dict[ObjKey, Path] = {}
+        self.where: dict[ObjKey, str] = {}  # the file defining each key
         self.skipped: list[Problem] = []  # policy objects left out; FileSource sets the full read's
         services, slices = [], []
         for f, (_, record, docs) in parsed.items():
             self.records[f] = record
             for key in record.keys():
-                self.where[key] = f
+                self.where[key] = str(f)
             for src in objects_of(docs):
                 kind = src.obj.get("kind")
                 if kind == "Service":
@@ -168,34 +182,41 @@ class FileIndex:
     def state(self) -> DesiredState:
         return self.services.state
 
-    def apply(self, changed: dict[Path, tuple[FileRecord, list[SourceObject]] | None]) -> DesiredState | None:
+    def apply(self, changed: dict[Path, tuple[FileRecord, list[dict]] | None]) -> DesiredState | None:
         """The next state after these files changed (None: removed): each
         as its new record and the objects of its new pieces. None when only
-        a full read can say (the index is then no longer valid)."""
-        new_keys: dict[Path, set[ObjKey]] = {}
-        claimed: set[ObjKey] = set()  # by the changed files
+        a full read can say (the index is then no longer valid).
+
+        Pieces are compared by digest: a piece in both records is unchanged
+        and costs nothing; the keys of pieces gone are deletions, unless a
+        new piece defines them again."""
+        removed: dict[str, set[ObjKey]] = {}  # by file: keys of its pieces gone
+        added: dict[str, set[ObjKey]] = {}    # by file: keys of its new pieces
         for f, new in changed.items():
             old = self.records.get(f)
-            if (old is not None and not old.ok) or (new is not None and not new[0].ok):
-                return None  # it holds (or held) other kinds
-            keys: set[ObjKey] = set()
-            for key in (new[0].keys() if new else ()):
-                if key in claimed or self.where.get(key, f) not in changed:
+            if (old is not None and not old.ok) or (new is not None and not (new[0].ok and new[0].unique)):
+                return None  # it holds (or held) other kinds, or defines a key twice
+            old_units = old.by_digest if old else {}
+            new_units = new[0].by_digest if new else {}
+            removed[str(f)] = {k for d, u in old_units.items() if d not in new_units for k in u.keys}
+            added[str(f)] = {k for d, u in new_units.items() if d not in old_units for k in u.keys}
+        claimed: set[ObjKey] = set()
+        for f, keys in added.items():
+            for key in keys:
+                home = self.where.get(key)
+                if key in claimed or (home is not None and key not in removed.get(home, ())):
                     return None  # defined twice: the full read names both places
-                keys.add(key)
                 claimed.add(key)
-            new_keys[f] = keys
         events: dict[str, dict] = {"Service": {}, "EndpointSlice": {}}
-        for f, keys in new_keys.items():
-            old = self.records.get(f)
-            for key in set(old.keys() if old else ()) - keys:
-                events[key[0]].setdefault(key[1:], None)
-        for f, new in changed.items():
-            for src in (new[1] if new else ()):
-                kind = src.obj.get("kind")
+        for keys in removed.values():
+            for key in keys - claimed:
+                events[key[0]][key[1:]] = None
+        for new in changed.values():
+            for obj in (new[1] if new else ()):
+                kind = obj.get("kind")
                 if kind in INCREMENTAL_KINDS:
-                    meta = src.obj["metadata"]
-                    events[kind][(meta.get("namespace") or "default", meta["name"])] = src.obj
+                    meta = obj["metadata"]
+                    events[kind][(meta.get("namespace") or "default", meta["name"])] = obj
         base = self.services.state
         update = self.services.apply(events["Service"], events["EndpointSlice"])
         if update.problems:
@@ -204,25 +225,25 @@ class FileIndex:
             update.state = dataclasses.replace(
                 base, delta=Delta(weakref.ref(base), frozenset()), trigger_times=())
         update.state = self.services.state = self._with_policy(update.state, base, changed)
-        for f, keys in new_keys.items():
-            old = self.records.pop(f, None)
-            for key in (old.keys() if old else ()):
-                if self.where.get(key) == f:
+        for f, new in changed.items():
+            for key in removed[str(f)]:
+                if self.where.get(key) == str(f):
                     del self.where[key]
-            if changed[f] is not None:
-                self.records[f] = changed[f][0]
-            for key in keys:
-                self.where[key] = f
+            for key in added[str(f)]:
+                self.where[key] = str(f)
+            if new is None:
+                self.records.pop(f, None)
+            else:
+                self.records[f] = new[0]
         return update.state
 
     def _with_policy(self, state: DesiredState, base: DesiredState, changed: dict) -> DesiredState:
         """state with the policy objects read again if a changed file's differ."""
-        def objects(record: FileRecord | None) -> list[dict]:
-            return [obj for u in (record.units if record else ()) for _, obj in u.policy]
+        def order(record: FileRecord | None) -> list[bytes]:
+            return record.policy_order() if record else []
 
-        if all(objects(new[0] if new else None) == objects(self.records.get(f))
-               for f, new in changed.items()):
-            return state
+        if all(order(new[0] if new else None) == order(self.records.get(f)) for f, new in changed.items()):
+            return state  # the same policy pieces in the same order: the same objects
         records = dict(self.records)
         for f, new in changed.items():
             if new is None:

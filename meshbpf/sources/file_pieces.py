@@ -48,11 +48,18 @@ _NO_VALUE = object()
 
 @dataclass
 class Split:
+    path: Path
     layout: str                                   # "stream" or "list"
-    wheres: list[str] = field(default_factory=list)    # per piece, its place in messages
     digests: list[bytes] = field(default_factory=list)
     values: dict[int, Any] = field(default_factory=dict)  # piece index -> value, for pieces parsed now
     envelope: dict | None = None                  # "list": the List object without its items
+    lines: list[int] = field(default_factory=list)  # "stream": each document's first line
+
+    def place(self, i: int) -> str:
+        """Piece i's place in messages, as parse_documents and _flatten_lists name it."""
+        if self.layout == "stream":
+            return f"{self.path}: document {i + 1} (line {self.lines[i]})"
+        return f"{self.path}: document 1 (line 1): items[{i}]"
 
     def documents(self) -> list[Any]:
         """The file's documents, when every piece was parsed now."""
@@ -68,8 +75,10 @@ class _Failed(Exception):
     """The text does not cut cleanly: parse the file as a whole."""
 
 
-def digest(kind: str, text: str) -> bytes:
-    return hashlib.blake2b(text.encode(), digest_size=16, person=kind.encode()).digest()
+def digest(kind: bytes, text: str) -> bytes:
+    """128 bits of BLAKE2b: equal digests are equal texts, for any input
+    (kind keeps a piece from matching a piece of another layout)."""
+    return hashlib.blake2b(kind + text.encode(), digest_size=16).digest()
 
 
 def split(path: Path, text: str, known: frozenset[bytes] | set[bytes] = frozenset()) -> Split | None:
@@ -99,9 +108,8 @@ class _YAML:
             return load_all_libyaml(text)
 
 
-def _piece(out: Split, kind: str, text: str, where: str, known, parse: Callable[[str], Any]) -> None:
+def _piece(out: Split, kind: bytes, text: str, known, parse: Callable[[str], Any]) -> None:
     d = digest(kind, text)
-    out.wheres.append(where)
     out.digests.append(d)
     if d not in known:
         out.values[len(out.digests) - 1] = parse(text)
@@ -110,7 +118,7 @@ def _piece(out: Split, kind: str, text: str, where: str, known, parse: Callable[
 # --- a YAML stream ---------------------------------------------------------------
 
 def _stream(path: Path, text: str, known) -> Split:
-    out, yaml = Split("stream"), _YAML()
+    out, yaml = Split(path, "stream"), _YAML()
 
     def one(piece: str) -> Any:
         docs = yaml.load(piece)
@@ -126,7 +134,8 @@ def _stream(path: Path, text: str, known) -> Split:
     for i, start in enumerate(starts):
         line += text.count("\n", starts[i - 1] if i else 0, start)
         end = starts[i + 1] if i + 1 < len(starts) else len(text)
-        _piece(out, "doc", text[start:end], f"{path}: document {i + 1} (line {line})", known, one)
+        out.lines.append(line)
+        _piece(out, b"doc:", text[start:end], known, one)
     return out
 
 
@@ -171,7 +180,7 @@ def _yaml_list(path: Path, text: str, known) -> Split:
     skeleton = yaml.load(text[:at] + "items: []\n" + tail)
     if len(skeleton) != 1 or not isinstance(skeleton[0], dict) or skeleton[0].get("items") != []:
         raise _Failed
-    out = Split("list", envelope=skeleton[0])
+    out = Split(path, "list", envelope=skeleton[0])
 
     def item(piece: str) -> Any:
         docs = yaml.load(piece)
@@ -181,8 +190,7 @@ def _yaml_list(path: Path, text: str, known) -> Split:
 
     bounds.append(tail_at)
     for i in range(len(bounds) - 1):
-        _piece(out, "yitem", text[bounds[i]:bounds[i + 1]], f"{path}: document 1 (line 1): items[{i}]",
-               known, item)
+        _piece(out, b"yitem:", text[bounds[i]:bounds[i + 1]], known, item)
     return out
 
 
@@ -233,18 +241,18 @@ def _json_list(path: Path, text: str, known) -> Split:
     # "}" + the comma and whitespace after the first + "{".
     _, first_end = _DECODER.raw_decode(text, pos)
     sep = "}" + text[first_end:_ws(text, _expect(text, first_end, ","))] + "{"
-    out = Split("list")
-
-    def where(i: int) -> str:
-        return f"{path}: document 1 (line 1): items[{i}]"
-
+    out = Split(path, "list")
     while True:
         cut = text.find(sep, pos)
+        braces, counted = 0, pos  # braces opened minus closed in the candidate so far
         while cut >= 0:
-            piece = text[pos:cut + 1]
-            # Balanced brackets: a cheap filter for the candidates worth a digest and a parse.
-            if piece.count("{") == piece.count("}") and piece.count("[") == piece.count("]"):
-                d = digest("jitem", piece)
+            # Balanced braces: a cheap filter for the candidates worth a digest and a parse.
+            segment = text[counted:cut + 1]
+            braces += segment.count("{") - segment.count("}")
+            counted = cut + 1
+            if braces == 0:
+                piece = text[pos:cut + 1]
+                d = digest(b"jitem:", piece)
                 if d in known:
                     break
                 try:
@@ -255,13 +263,12 @@ def _json_list(path: Path, text: str, known) -> Split:
             cut = text.find(sep, cut + 1)  # the separator was inside the item: grow it
         if cut < 0:
             break
-        out.wheres.append(where(len(out.digests)))
         out.digests.append(d)
         if d not in known:
             out.values[len(out.digests) - 1] = value
         pos = cut + len(sep) - 1  # the next item's "{"
     value, end = _DECODER.raw_decode(text, pos)  # the last item, and where the tail starts
-    _piece(out, "jitem", text[pos:end], where(len(out.digests)), known, lambda _: value)
+    _piece(out, b"jitem:", text[pos:end], known, lambda _: value)
     tail = text[_expect(text, end, "]"):]
     envelope = json.loads(text[:items_at] + "]" + tail, object_pairs_hook=_no_duplicates)
     if not isinstance(envelope, dict) or envelope.get("items") != []:

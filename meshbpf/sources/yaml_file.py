@@ -108,7 +108,7 @@ def parse_documents(path: Path, text: str) -> list[SourceObject]:
 
 
 def parse_file(path: Path, text: str, previous: FileRecord | None = None
-               ) -> tuple[FileRecord, list[SourceObject], list[SourceObject] | None]:
+               ) -> tuple[FileRecord, list[dict], list[SourceObject] | None]:
     """A file's record, the objects of its pieces parsed now (those not in
     `previous`, the record of its last read), and, without `previous`, its
     documents. Raises ConfigError, located as parse_documents locates it."""
@@ -121,7 +121,7 @@ def parse_file(path: Path, text: str, previous: FileRecord | None = None
     if previous:
         return record, fresh, None
     if split.layout == "stream":
-        docs = [SourceObject(doc, where) for doc, where in zip(split.documents(), split.wheres)]
+        docs = [SourceObject(doc, split.place(i)) for i, doc in enumerate(split.documents())]
     else:
         docs = [SourceObject(split.documents()[0], f"{path}: document 1 (line 1)")]
     return record, fresh, docs
