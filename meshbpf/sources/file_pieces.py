@@ -197,6 +197,7 @@ def _yaml_list(path: Path, text: str, known) -> Split:
 # --- one JSON List --------------------------------------------------------------
 
 _DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates)
+_SCAN = _DECODER.scan_once  # raw_decode without its Python frame
 _WS = re.compile(r"[ \t\n\r]*")
 
 
@@ -224,12 +225,21 @@ def _items_start(text: str) -> int:
         pos = _expect(text, pos, ",")
 
 
-def _complete(piece: str) -> Any:
-    """The JSON value that is all of piece (ValueError otherwise)."""
-    value, end = _DECODER.raw_decode(piece)
-    if end != len(piece):
-        raise ValueError("not one value")
-    return value
+def _known_item(text: str, pos: int, sep: str, known) -> tuple[int, bytes]:
+    """The end and digest of the item at pos if its text is a known piece,
+    else (-1, b""), without parsing: a known text is one complete JSON value (it was parsed
+    before), and a complete value where an item starts is that item."""
+    cut, braces, counted = text.find(sep, pos), 0, pos
+    while cut >= 0:
+        # Balanced braces: a cheap filter for the candidates worth a digest.
+        segment = text[counted:cut + 1]
+        braces += segment.count("{") - segment.count("}")
+        counted = cut + 1
+        if braces == 0:
+            d = digest(b"jitem:", text[pos:cut + 1])
+            return (cut + 1, d) if d in known else (-1, b"")
+        cut = text.find(sep, cut + 1)  # the separator was inside the item: grow it
+    return -1, b""  # the last item (or a separator in a string): parse it
 
 
 def _json_list(path: Path, text: str, known) -> Split:
@@ -237,38 +247,24 @@ def _json_list(path: Path, text: str, known) -> Split:
     pos = _ws(text, items_at)
     if text[pos:pos + 1] != "{":
         raise _Failed  # no items (or not objects): nothing to gain
-    # The separator between two items, as between the first and the second:
-    # "}" + the comma and whitespace after the first + "{".
-    _, first_end = _DECODER.raw_decode(text, pos)
-    sep = "}" + text[first_end:_ws(text, _expect(text, first_end, ","))] + "{"
     out = Split(path, "list")
+    sep = ""  # between two items: "}" + the comma and whitespace after the first + "{"
     while True:
-        cut = text.find(sep, pos)
-        braces, counted = 0, pos  # braces opened minus closed in the candidate so far
-        while cut >= 0:
-            # Balanced braces: a cheap filter for the candidates worth a digest and a parse.
-            segment = text[counted:cut + 1]
-            braces += segment.count("{") - segment.count("}")
-            counted = cut + 1
-            if braces == 0:
-                piece = text[pos:cut + 1]
-                d = digest(b"jitem:", piece)
-                if d in known:
-                    break
-                try:
-                    value = _complete(piece)
-                    break
-                except ValueError:
-                    pass
-            cut = text.find(sep, cut + 1)  # the separator was inside the item: grow it
-        if cut < 0:
+        end, d = _known_item(text, pos, sep, known) if sep and known else (-1, b"")
+        if end >= 0:
+            out.digests.append(d)
+        else:  # parsed where it starts, as json reads an array: its end is the item's
+            try:
+                value, end = _SCAN(text, pos)
+            except StopIteration:
+                raise _Failed from None
+            _piece(out, b"jitem:", text[pos:end], known, lambda _: value)
+        after = _ws(text, end)
+        if text[after:after + 1] != ",":
             break
-        out.digests.append(d)
-        if d not in known:
-            out.values[len(out.digests) - 1] = value
-        pos = cut + len(sep) - 1  # the next item's "{"
-    value, end = _DECODER.raw_decode(text, pos)  # the last item, and where the tail starts
-    _piece(out, b"jitem:", text[pos:end], known, lambda _: value)
+        nxt = _ws(text, after + 1)
+        sep = sep or "}" + text[end:nxt] + "{"
+        pos = nxt
     tail = text[_expect(text, end, "]"):]
     envelope = json.loads(text[:items_at] + "]" + tail, object_pairs_hook=_no_duplicates)
     if not isinstance(envelope, dict) or envelope.get("items") != []:

@@ -328,6 +328,8 @@ class FileSource:
             return
         state, skipped = self._index_inputs
         self._index_inputs = None
+        if any(docs is None for _, _, docs in self._parsed.values()):
+            return  # not all read by that full read (cannot happen): stay on full reads
         with gc_paused():
             self._index = FileIndex(state, self._parsed, self.node_name)
         self._index.skipped = skipped
