@@ -106,6 +106,7 @@ def _unit(digest: bytes, value: Any) -> tuple[Unit, list[dict]]:
             ok = False
             continue
         keys.append((kind, meta.get("namespace") or "default", name))
+        _slim(obj)
     return Unit(digest, tuple(keys), tuple(policy), ok), [src.obj for src in flat]
 
 
@@ -156,6 +157,29 @@ def _value_digest(value: Any) -> bytes:
 
 def objects_of(docs: list[SourceObject]) -> list[SourceObject]:
     return list(_flatten_lists(docs, _Collector()))
+
+
+# Fields of Services and EndpointSlices that the schema leaves unchecked
+# (ANY) and build_state never reads: dropped as soon as a piece is parsed,
+# so neither the read's peak nor the objects the ServiceIndex keeps for
+# rebuilds hold them (about a third of an EndpointSlice as kubectl prints
+# it). tests/unit/test_file_pieces.py compares the states with a build of
+# the objects as parsed, fields and all, so a reader of one would be caught.
+_UNREAD_META = ("managedFields", "ownerReferences", "creationTimestamp")
+
+
+def _slim(obj: dict) -> dict:
+    """obj without the unread fields (in place: the caller's parse is its only holder)."""
+    meta = obj.get("metadata")
+    if type(meta) is dict:
+        for name in _UNREAD_META:
+            meta.pop(name, None)
+    endpoints = obj.get("endpoints") if obj.get("kind") == "EndpointSlice" else None
+    if type(endpoints) is list:
+        for endpoint in endpoints:
+            if type(endpoint) is dict:
+                endpoint.pop("targetRef", None)
+    return obj
 
 
 class FileIndex:

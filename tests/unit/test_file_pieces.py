@@ -20,6 +20,7 @@ import meshbpf.sources.yaml_fast as yaml_fast
 from k8s_builders import endpoint_slice, ep, service
 from meshbpf.sources.errors import ConfigError
 from meshbpf.sources.kube_incremental import ServiceIndex
+from meshbpf.sources.kube_objects import SourceObject, build_state
 from meshbpf.sources.yaml_file import FileSource, read_config
 from meshbpf.sources.yaml_load import dump_all, load_all
 from policy_world import netpol, ns_obj
@@ -88,6 +89,13 @@ def random_edit(rng: random.Random, objects: list[dict], serial: list[int]) -> s
     return what
 
 
+def unslimmed_build(objects: list[dict]) -> dict:
+    """The Services as build_state reads the objects with every field (the
+    file source drops fields nothing reads: file_incremental._slim)."""
+    copies = json.loads(json.dumps(objects))
+    return build_state([SourceObject(o, "t") for o in copies], node_name="node-a").state.service_ports
+
+
 @pytest.fixture
 def pieces_parsed(monkeypatch):
     """How many pieces each cut parsed (the rest were known by digest)."""
@@ -126,6 +134,7 @@ def test_random_edits_of_one_big_file_give_the_full_read_and_parse_only_changed_
         new = src.poll()
         state = new if new is not None else state
         assert state == read_config(tmp_path, "node-a").state, what
+        assert state.service_ports == unslimmed_build(objects), what
         assert src._index is not None, what  # stayed on the incremental path
         after = [json.dumps(o, sort_keys=True) for o in objects]
         new_pieces = len(set(after) - set(before))
