@@ -31,7 +31,7 @@ import os
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from ..model import Delta, DesiredState
 from .errors import Problem
@@ -106,7 +106,7 @@ def _unit(digest: bytes, value: Any) -> tuple[Unit, list[dict]]:
             ok = False
             continue
         keys.append((kind, meta.get("namespace") or "default", name))
-        _slim(obj)
+        slim(obj)
     return Unit(digest, tuple(keys), tuple(policy), ok), [src.obj for src in flat]
 
 
@@ -168,8 +168,11 @@ def objects_of(docs: list[SourceObject]) -> list[SourceObject]:
 _UNREAD_META = ("managedFields", "ownerReferences", "creationTimestamp")
 
 
-def _slim(obj: dict) -> dict:
-    """obj without the unread fields (in place: the caller's parse is its only holder)."""
+def slim(obj: Any) -> Any:
+    """A Service or EndpointSlice without the unread fields (in place: the
+    caller's parse is its only holder); any other value as it is."""
+    if type(obj) is not dict or obj.get("kind") not in INCREMENTAL_KINDS:
+        return obj
     meta = obj.get("metadata")
     if type(meta) is dict:
         for name in _UNREAD_META:
@@ -182,15 +185,25 @@ def _slim(obj: dict) -> dict:
     return obj
 
 
+class PendingRecord:
+    """A full read's FileRecord, built with the index (after the read's
+    state is in the maps), not during the read."""
+
+    def __init__(self, build: Callable[[], FileRecord]):
+        self.build = build
+
+
 class FileIndex:
     def __init__(self, state: DesiredState, parsed: dict[Path, tuple], node_name: str | None):
         """From a full read that had no problems: `parsed` is the read's
-        cache, file -> (stamp, FileRecord, documents)."""
+        cache, file -> (stamp, FileRecord or PendingRecord, documents)."""
         self.records: dict[Path, FileRecord] = {}
         self.where: dict[ObjKey, str] = {}  # the file defining each key
         self.skipped: list[Problem] = []  # policy objects left out; FileSource sets the full read's
         services, slices = [], []
         for f, (_, record, docs) in parsed.items():
+            if isinstance(record, PendingRecord):
+                record = record.build()
             self.records[f] = record
             for key in record.keys():
                 self.where[key] = str(f)

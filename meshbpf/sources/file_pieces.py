@@ -19,15 +19,18 @@ alone:
   item is indented or blank, a piece must read as a list of one item, and
   the List without its items (head and tail) is parsed too;
 - one JSON List (`kubectl get -o json`, `jq -c`): the head up to
-  `"items": [` is walked with the json module; an item ends where the
-  next one's separator starts, and a candidate item must be one complete
-  JSON value (else it grows to the next separator): a complete value
-  starting where an item starts is that item, as JSON is read left to
-  right; the last item and the tail are parsed.
+  `"items": [` is walked with the json module, and the List without its
+  items is parsed; a new item is parsed where it starts, as json reads an
+  array, which gives its end. A known item is found without parsing: its
+  candidate end is the next separator between items (`}, {` as between
+  the first two) where the braces balance, and its text must have a
+  known digest, so it is one complete JSON value (it was parsed before),
+  and a complete value where an item starts is that item.
 
-Anchors (aliases may cross documents, and their expansion budget is the
-file's), directives and `...` markers, or any piece that fails, give None:
-the caller parses the file as a whole, which also locates any error.
+In YAML, anchors (aliases may cross documents, and their expansion budget
+is the file's), directives and `...` markers are not cut. Those, or any
+piece that fails, give None: the caller parses the file as a whole, which
+also locates any error.
 """
 
 from __future__ import annotations
@@ -43,9 +46,6 @@ from typing import Any, Callable
 from . import yaml_fast
 from .yaml_load import _no_duplicates, load_all_libyaml
 from .yaml_scalars import LoadError
-
-_NO_VALUE = object()
-
 
 @dataclass
 class Split:
@@ -84,11 +84,11 @@ def digest(kind: bytes, text: str) -> bytes:
 
 def split(path: Path, text: str, known: frozenset[bytes] | set[bytes] = frozenset()) -> Split | None:
     """The pieces of text; None when it does not cut cleanly (see above)."""
-    if "&" in text or text.startswith(("%", "...")) or "\n%" in text or "\n..." in text:
-        return None
     try:
         if text.lstrip().startswith("{"):
             return _json_list(path, text, known)
+        if "&" in text or text.startswith(("%", "...")) or "\n%" in text or "\n..." in text:
+            return None
         if text.startswith("---") or "\n---" in text:
             return _stream(path, text, known)
         return _yaml_list(path, text, known)

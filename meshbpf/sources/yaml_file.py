@@ -27,7 +27,7 @@ from ..gcpause import gc_paused
 from ..model import DesiredState
 from .errors import ConfigError, Problem, internal_error
 from . import file_pieces
-from .file_incremental import FileIndex, FileRecord, record_documents, record_pieces
+from .file_incremental import FileIndex, FileRecord, PendingRecord, record_documents, record_pieces, slim
 from .kube_objects import BuildResult, SourceObject, _Collector, _flatten_lists, build_state
 from .kube_policy import POLICY_KINDS, policy_fields, read_policy_objects
 from .route_status import route_statuses
@@ -108,23 +108,27 @@ def parse_documents(path: Path, text: str) -> list[SourceObject]:
 
 
 def parse_file(path: Path, text: str, previous: FileRecord | None = None
-               ) -> tuple[FileRecord, list[dict], list[SourceObject] | None]:
+               ) -> tuple[FileRecord | PendingRecord, list[dict], list[SourceObject] | None]:
     """A file's record, the objects of its pieces parsed now (those not in
     `previous`, the record of its last read), and, without `previous`, its
-    documents. Raises ConfigError, located as parse_documents locates it."""
+    documents and a PendingRecord (the index builds it later: a full read
+    needs only the documents). Raises ConfigError, located as
+    parse_documents locates it."""
     split = file_pieces.split(path, text, previous.digests() if previous else frozenset())
+    if previous is not None:
+        if split is None:
+            return (*record_documents(parse_documents(path, text), previous), None)
+        return (*record_pieces(split, previous), None)
     if split is None:
         docs = parse_documents(path, text)
-        record, fresh = record_documents(docs, previous)
-        return record, fresh, None if previous else docs
-    record, fresh = record_pieces(split, previous)
-    if previous:
-        return record, fresh, None
+        return PendingRecord(lambda: record_documents(docs, None)[0]), [], docs
+    for value in split.values.values():  # the documents, or the List's items
+        slim(value)
     if split.layout == "stream":
         docs = [SourceObject(doc, split.place(i)) for i, doc in enumerate(split.documents())]
     else:
         docs = [SourceObject(split.documents()[0], f"{path}: document 1 (line 1)")]
-    return record, fresh, docs
+    return PendingRecord(lambda: record_pieces(split, None)[0]), [], docs
 
 
 def read_config(path: Path, node_name: str | None = None, cache: dict | None = None,
@@ -335,7 +339,7 @@ class FileSource:
         self._index.skipped = skipped
         # The index holds the Services and EndpointSlices; the records are
         # all the next change needs. (A full read parses the files again.)
-        self._parsed = {f: (stamp, record, None) for f, (stamp, record, _) in self._parsed.items()}
+        self._parsed = {f: (stamp, self._index.records[f], None) for f, (stamp, _, _) in self._parsed.items()}
 
     def _report_skipped(self, skipped: list[str]) -> None:
         """Logs each left-out object once, when it appears, and when it is fixed."""
