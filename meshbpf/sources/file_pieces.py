@@ -79,7 +79,12 @@ class _Failed(Exception):
 def digest(kind: bytes, text: str) -> bytes:
     """128 bits of BLAKE2b: equal digests are equal texts, for any input
     (kind keeps a piece from matching a piece of another layout)."""
-    return hashlib.blake2b(kind + text.encode(), digest_size=16).digest()
+    h = _BLAKE2B(kind, digest_size=16)
+    h.update(text.encode())
+    return h.digest()
+
+
+_BLAKE2B = hashlib.blake2b
 
 
 def split(path: Path, text: str, known: frozenset[bytes] | set[bytes] = frozenset()) -> Split | None:
@@ -258,23 +263,32 @@ def _json_list(path: Path, text: str, known) -> Split:
     if text[pos:pos + 1] != "{":
         raise _Failed  # no items (or not objects): nothing to gain
     out = Split(path, "list")
+    digests, values = out.digests, out.values
     sep = ""  # between two items: "}" + the comma and whitespace after the first + "{"
+    between = ""  # the comma and whitespace between the first two items
     while True:
         end, d = _known_item(text, pos, sep, known) if sep and known else (-1, b"")
         if end >= 0:
-            out.digests.append(d)
+            digests.append(d)
         else:  # parsed where it starts, as json reads an array: its end is the item's
             try:
                 value, end = _SCAN(text, pos)
             except StopIteration:
                 raise _Failed from None
-            _piece(out, b"jitem:", text[pos:end], known, lambda _: value)
+            d = digest(b"jitem:", text[pos:end])
+            if d not in known:
+                values[len(digests)] = value
+            digests.append(d)
+        if between and text.startswith(between, end) and text.startswith("{", end + len(between)):
+            pos = end + len(between)  # the common case: as between the first two
+            continue
         after = _ws(text, end)
         if text[after:after + 1] != ",":
             break
-        nxt = _ws(text, after + 1)
-        sep = sep or "}" + text[end:nxt] + "{"
-        pos = nxt
+        pos = _ws(text, after + 1)
+        if not sep:
+            between = text[end:pos]
+            sep = "}" + between + "{"
     tail = text[_expect(text, end, "]"):]
     envelope = json.loads(text[:items_at] + "]" + tail, object_pairs_hook=_no_duplicates)
     if not isinstance(envelope, dict) or envelope.get("items") != []:
