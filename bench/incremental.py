@@ -313,8 +313,7 @@ def bench_file(n: int, tmp: Path, fmt: str) -> dict:
     # The safety net: a full resync (read back + full plan), timed apart.
     t = time.monotonic()
     with gc_paused():
-        agent._resync_read()
-        agent._admit_and_apply(wanted_services(agent.desired))
+        assert agent.lbsync.sync(agent.desired, reread=True)
     out["full_resync_s"] = round(time.monotonic() - t, 2)
     assert plan(maps.state, wanted_services(agent.desired)).writes == 0
     return out
@@ -351,6 +350,8 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=200)
     ap.add_argument("--churn-seconds", type=float, default=20.0)
     ap.add_argument("--only", choices=("kubernetes", "file"), default=None)
+    ap.add_argument("--formats", default="json,yaml",
+                    help="file source formats (YAML at 10 000 at most); one per process for clean RSS")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "incremental.json")
     args = ap.parse_args()
     import tempfile
@@ -358,7 +359,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         for n in map(int, args.sizes.split(",")):
             if args.only in (None, "file"):
-                for fmt in ("json", "yaml") if n <= 10_000 else ("json",):
+                for fmt in [f for f in args.formats.split(",") if f == "json" or n <= 10_000]:
                     r = bench_file(n, Path(d), fmt)
                     print(json.dumps({"file": r}), flush=True)
                     results["runs"].append({"file": r})

@@ -1,126 +1,259 @@
-"""The file source's incremental path: a changed file costs its own size.
+"""The file source's incremental path: an edit costs what it changed.
 
-After a full read, `FileIndex` remembers each file's Services and
-EndpointSlices. When some files change, only those are parsed again; their
-objects are compared with what the same files held before, and the
-differences go to a ServiceIndex (kube_incremental) as events, exactly as
-watch events from the API server do. The rest of the folder is not looked
-at beyond one stat per file (which the change detection does anyway).
-Pods, Namespaces and NetworkPolicies are kept per file too; when a changed
-file's differ, all of them are read again (kube_policy, which is cheap next
-to Services), so a policy edit never rebuilds the Services.
+A file is kept as a `FileRecord`: per piece (a document, or an item of the
+file's one List; file_pieces), the digest of its text and the keys of the
+Services and EndpointSlices it defines -- not the objects, which the
+ServiceIndex (kube_incremental) holds once. When a file changes, its text
+is cut again and only the pieces with a new digest are parsed; keys that
+no longer appear are deletions, objects of new pieces are changes, and both
+go to the ServiceIndex as events, exactly as watch events from the API
+server do. A file that does not cut cleanly is parsed whole, and then each
+object's digest (of its marshalled value) stands for a piece, so the
+Services rebuilt are still only the changed ones.
+
+Pods, Namespaces and NetworkPolicies are kept per piece (they are few);
+when a changed file's differ, all of them are read again (kube_policy,
+which is cheap next to Services), so a policy edit never rebuilds the
+Services.
 
 Anything unusual goes back to the full read, which gives the complete,
 well-placed error messages: a changed file holding another kind (an
 AgentConfig, a List of them, a kind meshbpf skips), an object defined in
-two files, or any problem in the rebuilt Services.
+two places, or any problem in the rebuilt Services.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import marshal
+import os
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, Iterable
 
 from ..model import Delta, DesiredState
 from .errors import Problem
+from .file_pieces import Split
 from .kube_incremental import ServiceIndex
-from .kube_objects import SourceObject, _Collector, _flatten_lists
+from .kube_objects import SourceObject, _Collector, _flatten_lists, _is_list
 from .kube_policy import POLICY_KINDS, policy_fields, read_policy_objects
 
 ObjKey = tuple[str, str, str]   # (kind, namespace, name)
 INCREMENTAL_KINDS = ("Service", "EndpointSlice")
 
 
-def file_objects(parsed: list[SourceObject]) -> dict[ObjKey, dict] | None:
-    """A file's Services and EndpointSlices by key; None when it holds
-    anything else but policy objects (or a problem), which only the full
-    read handles."""
-    collector = _Collector()
-    flat = list(_flatten_lists(parsed, collector))
-    return None if collector.problems else _by_key(flat)
+@dataclass(frozen=True, slots=True)
+class Unit:
+    """What the index keeps of one piece of a file."""
+
+    digest: bytes
+    keys: tuple[ObjKey, ...]                    # its Services and EndpointSlices
+    policy: tuple[tuple[str, dict], ...]        # its policy objects: (where after the piece's, object)
+    ok: bool                                    # nothing but those kinds, and no problem
 
 
-def _by_key(flat: list[SourceObject]) -> dict[ObjKey, dict] | None:
-    out: dict[ObjKey, dict] = {}
-    for src in flat:
+@dataclass(slots=True)
+class FileRecord:
+    units: list[Unit]
+    wheres: dict[int, str]      # the place of each unit that holds policy objects
+    by_digest: dict[bytes, Unit] = dataclasses.field(init=False)
+    ok: bool = dataclasses.field(init=False)      # every unit is
+    unique: bool = dataclasses.field(init=False)  # no key defined twice in the file
+
+    def __post_init__(self) -> None:
+        self.by_digest = {u.digest: u for u in self.units}
+        self.ok = all(u.ok for u in self.units)
+        keys = [key for u in self.units for key in u.keys]
+        self.unique = len(set(keys)) == len(keys)
+
+    def digests(self) -> dict[bytes, Unit]:
+        return self.by_digest
+
+    def keys(self) -> Iterable[ObjKey]:
+        return (key for u in self.units for key in u.keys)
+
+    def policy_order(self) -> list[bytes]:
+        return [u.digest for u in self.units if u.policy]
+
+    def policy_objects(self) -> list[SourceObject]:
+        """Its Pods, Namespaces and NetworkPolicies, in file order."""
+        return [SourceObject(obj, self.wheres[i] + suffix)
+                for i, u in enumerate(self.units) if u.policy for suffix, obj in u.policy]
+
+
+def _unit(digest: bytes, value: Any) -> tuple[Unit, list[dict]]:
+    """A piece's unit and its objects (a List's items flattened)."""
+    kind = value.get("kind") if type(value) is dict else None
+    if type(kind) is str and kind and not _is_list(kind, value):
+        flat = [SourceObject(value, "")]  # a plain object: what _flatten_lists gives
+        ok = True
+    else:
+        collector = _Collector()
+        flat = list(_flatten_lists([SourceObject(value, "")], collector))
+        ok = not collector.problems
+    keys, policy = [], []
+    for src in flat:  # src.where: the place within the piece (": items[2]"), or ""
         obj = src.obj
-        if obj.get("kind") in POLICY_KINDS:
-            continue  # see policy_objects
+        kind = obj.get("kind")
+        if kind in POLICY_KINDS:
+            policy.append((src.where, obj))
+            continue
         meta = obj.get("metadata")
         name = meta.get("name") if isinstance(meta, dict) else None
-        if obj.get("kind") not in INCREMENTAL_KINDS or not isinstance(name, str):
-            return None
-        key = (obj["kind"], meta.get("namespace") or "default", name)
-        if key in out:
-            return None
-        out[key] = obj
-    return out
+        if kind not in INCREMENTAL_KINDS or not isinstance(name, str):
+            ok = False
+            continue
+        keys.append((kind, meta.get("namespace") or "default", name))
+        slim(obj)
+    return Unit(digest, tuple(keys), tuple(policy), ok), [src.obj for src in flat]
 
 
-def policy_objects(parsed: list[SourceObject]) -> list[SourceObject]:
-    """A file's Pods, Namespaces and NetworkPolicies, in file order."""
-    return _policy_only(_flatten_lists(parsed, _Collector()))
+def record_pieces(split: Split, previous: FileRecord | None) -> tuple[FileRecord, list[dict]]:
+    """A cut file's record, and the objects of the pieces parsed now (the
+    pieces whose digest `previous` does not know)."""
+    known = previous.by_digest if previous else {}
+    units = [known.get(d) for d in split.digests]
+    fresh: list[dict] = []
+    for i, value in split.values.items():
+        units[i], objects = _unit(split.digests[i], value)
+        fresh.extend(objects)
+    wheres = {i: split.place(i) for i, unit in enumerate(units) if unit.policy}
+    return FileRecord(units, wheres), fresh
 
 
-def _policy_only(flat) -> list[SourceObject]:
-    return [src for src in flat if src.obj.get("kind") in POLICY_KINDS]
-
-
-def _split_file(parsed: list[SourceObject]) -> tuple[dict[ObjKey, dict] | None, list[SourceObject]]:
-    """file_objects and policy_objects of one file, flattened once."""
+def record_documents(docs: list[SourceObject], previous: FileRecord | None
+                     ) -> tuple[FileRecord, list[dict]]:
+    """The record of a file parsed whole: one unit per object, by the digest
+    of its value; and the objects whose digest `previous` does not know."""
+    known = previous.by_digest if previous else {}
     collector = _Collector()
-    flat = list(_flatten_lists(parsed, collector))
-    return None if collector.problems else _by_key(flat), _policy_only(flat)
+    units, wheres, fresh = [], {}, []
+    for src in _flatten_lists(docs, collector):
+        digest = _value_digest(src.obj)
+        if digest in known:
+            unit = known[digest]
+        else:
+            unit, objects = _unit(digest, src.obj)
+            fresh.extend(objects)
+        if unit.policy:
+            wheres[len(units)] = src.where
+        units.append(unit)
+    if collector.problems:
+        units.append(Unit(b"", (), (), False))
+    return FileRecord(units, wheres), fresh
+
+
+def _value_digest(value: Any) -> bytes:
+    """Equal digests mean equal values (marshal writes the value whole);
+    equal values may differ in digest (key order), which only costs a rebuild."""
+    try:
+        data = marshal.dumps(value)
+    except ValueError:  # not marshallable (cannot happen for parsed YAML or JSON): always new
+        return os.urandom(16)
+    return hashlib.blake2b(data, digest_size=16, person=b"value").digest()
+
+
+def objects_of(docs: list[SourceObject]) -> list[SourceObject]:
+    return list(_flatten_lists(docs, _Collector()))
+
+
+# Fields of Services and EndpointSlices that the schema leaves unchecked
+# (ANY) and build_state never reads: dropped as soon as a piece is parsed,
+# so neither the read's peak nor the objects the ServiceIndex keeps for
+# rebuilds hold them (about a third of an EndpointSlice as kubectl prints
+# it). tests/unit/test_file_pieces.py compares the states with a build of
+# the objects as parsed, fields and all, so a reader of one would be caught.
+_UNREAD_META = ("managedFields", "ownerReferences", "creationTimestamp")
+
+
+def slim(obj: Any) -> Any:
+    """A Service or EndpointSlice without the unread fields (in place: the
+    caller's parse is its only holder); any other value as it is."""
+    if type(obj) is not dict or obj.get("kind") not in INCREMENTAL_KINDS:
+        return obj
+    meta = obj.get("metadata")
+    if type(meta) is dict:
+        for name in _UNREAD_META:
+            meta.pop(name, None)
+    endpoints = obj.get("endpoints") if obj.get("kind") == "EndpointSlice" else None
+    if type(endpoints) is list:
+        for endpoint in endpoints:
+            if type(endpoint) is dict:
+                endpoint.pop("targetRef", None)
+    return obj
+
+
+class PendingRecord:
+    """A full read's FileRecord, built with the index (after the read's
+    state is in the maps), not during the read."""
+
+    def __init__(self, build: Callable[[], FileRecord]):
+        self.build = build
 
 
 class FileIndex:
     def __init__(self, state: DesiredState, parsed: dict[Path, tuple], node_name: str | None):
-        """From a full read that had no problems: `parsed` is the parse cache
-        (file -> (stamp, documents))."""
-        self.files: dict[Path, dict[ObjKey, dict] | None] = {}
-        self.policy: dict[Path, list[SourceObject]] = {}
-        for f, (_, docs) in parsed.items():
-            self.files[f], self.policy[f] = _split_file(docs)
+        """From a full read that had no problems: `parsed` is the read's
+        cache, file -> (stamp, FileRecord or PendingRecord, documents)."""
+        self.records: dict[Path, FileRecord] = {}
+        self.where: dict[ObjKey, str] = {}  # the file defining each key
         self.skipped: list[Problem] = []  # policy objects left out; FileSource sets the full read's
-        self.where: dict[ObjKey, Path] = {}
         services, slices = [], []
-        for f, objects in self.files.items():
-            for key, obj in (objects or {}).items():
-                self.where[key] = f
-                (services if key[0] == "Service" else slices).append(obj)
+        for f, (_, record, docs) in parsed.items():
+            if isinstance(record, PendingRecord):
+                record = record.build()
+            self.records[f] = record
+            for key in record.keys():
+                self.where[key] = str(f)
+            for src in objects_of(docs):
+                kind = src.obj.get("kind")
+                if kind == "Service":
+                    services.append(src.obj)
+                elif kind == "EndpointSlice":
+                    slices.append(src.obj)
         self.services = ServiceIndex(state, services, slices, [], node_name=node_name)
 
     @property
     def state(self) -> DesiredState:
         return self.services.state
 
-    def apply(self, changed: dict[Path, list[SourceObject] | None]) -> DesiredState | None:
-        """The next state after these files changed (None: removed); None
-        when only a full read can say (the index is then no longer valid)."""
-        new_objects: dict[Path, dict[ObjKey, dict]] = {}
-        for f, docs in changed.items():
-            if self.files.get(f, {}) is None:
-                return None  # it held other kinds before
-            objects = {} if docs is None else file_objects(docs)
-            if objects is None:
-                return None
-            for key in objects:
-                if self.where.get(key, f) != f and self.where[key] not in changed:
+    def apply(self, changed: dict[Path, tuple[FileRecord, list[dict]] | None]) -> DesiredState | None:
+        """The next state after these files changed (None: removed): each
+        as its new record and the objects of its new pieces. None when only
+        a full read can say (the index is then no longer valid).
+
+        Pieces are compared by digest: a piece in both records is unchanged
+        and costs nothing; the keys of pieces gone are deletions, unless a
+        new piece defines them again."""
+        removed: dict[str, set[ObjKey]] = {}  # by file: keys of its pieces gone
+        added: dict[str, set[ObjKey]] = {}    # by file: keys of its new pieces
+        for f, new in changed.items():
+            old = self.records.get(f)
+            if (old is not None and not old.ok) or (new is not None and not (new[0].ok and new[0].unique)):
+                return None  # it holds (or held) other kinds, or defines a key twice
+            old_units = old.by_digest if old else {}
+            new_units = new[0].by_digest if new else {}
+            removed[str(f)] = {k for d, u in old_units.items() if d not in new_units for k in u.keys}
+            added[str(f)] = {k for d, u in new_units.items() if d not in old_units for k in u.keys}
+        claimed: set[ObjKey] = set()
+        for f, keys in added.items():
+            for key in keys:
+                home = self.where.get(key)
+                if key in claimed or (home is not None and key not in removed.get(home, ())):
                     return None  # defined twice: the full read names both places
-            new_objects[f] = objects
+                claimed.add(key)
         events: dict[str, dict] = {"Service": {}, "EndpointSlice": {}}
-        for f, objects in new_objects.items():
-            old = self.files.get(f) or {}
-            for key in old.keys() - objects.keys():
-                events[key[0]].setdefault(key[1:], None)
-            for key, obj in objects.items():
-                if old.get(key) != obj:
-                    events[key[0]][key[1:]] = obj
-                else:
-                    # Equal: hold the new parse's object, so the old parse
-                    # tree is freed, not kept alive beside the new one.
-                    self.services.hold_equal(key[0], key[1:], obj)
+        for keys in removed.values():
+            for key in keys - claimed:
+                events[key[0]][key[1:]] = None
+        for new in changed.values():
+            for obj in (new[1] if new else ()):
+                kind = obj.get("kind")
+                if kind in INCREMENTAL_KINDS:
+                    meta = obj["metadata"]
+                    events[kind][(meta.get("namespace") or "default", meta["name"])] = obj
         base = self.services.state
         update = self.services.apply(events["Service"], events["EndpointSlice"])
         if update.problems:
@@ -129,32 +262,32 @@ class FileIndex:
             update.state = dataclasses.replace(
                 base, delta=Delta(weakref.ref(base), frozenset()), trigger_times=())
         update.state = self.services.state = self._with_policy(update.state, base, changed)
-        for f, objects in new_objects.items():
-            for key in self.files.get(f) or {}:
-                if self.where.get(key) == f:
+        for f, new in changed.items():
+            for key in removed[str(f)]:
+                if self.where.get(key) == str(f):
                     del self.where[key]
-            if changed[f] is None:
-                self.files.pop(f, None)
+            for key in added[str(f)]:
+                self.where[key] = str(f)
+            if new is None:
+                self.records.pop(f, None)
             else:
-                self.files[f] = objects
-            for key in objects:
-                self.where[key] = f
+                self.records[f] = new[0]
         return update.state
 
-    def _with_policy(self, state: DesiredState, base: DesiredState,
-                     changed: dict[Path, list[SourceObject] | None]) -> DesiredState:
+    def _with_policy(self, state: DesiredState, base: DesiredState, changed: dict) -> DesiredState:
         """state with the policy objects read again if a changed file's differ."""
-        new = {f: policy_objects(docs) if docs is not None else [] for f, docs in changed.items()}
-        same = all([o.obj for o in new[f]] == [o.obj for o in self.policy.get(f, [])] for f in new)
-        for f, objects in new.items():
-            if changed[f] is None:
-                self.policy.pop(f, None)
+        def order(record: FileRecord | None) -> list[bytes]:
+            return record.policy_order() if record else []
+
+        if all(order(new[0] if new else None) == order(self.records.get(f)) for f, new in changed.items()):
+            return state  # the same policy pieces in the same order: the same objects
+        records = dict(self.records)
+        for f, new in changed.items():
+            if new is None:
+                records.pop(f, None)
             else:
-                self.policy[f] = objects  # equal objects may have moved: keep their new places
-        if same:
-            return state
+                records[f] = new[0]
         # In file order, as the full read meets them (which of two copies is first).
-        inputs = read_policy_objects(o for f in sorted(self.policy) for o in self.policy[f])
+        inputs = read_policy_objects(o for f in sorted(records) for o in records[f].policy_objects())
         self.skipped = inputs.problems
         return dataclasses.replace(state, **policy_fields(inputs, base))
-

@@ -232,15 +232,17 @@ def _new_container(kind: int) -> Any:
     return {} if kind == EMPTY_MAP else []
 
 
-def load_all(text: str) -> list[Any]:
-    """The documents of text, or NotInSubset."""
-    return _documents(text.split("\n"), text.endswith("\n"))
+def load_all(text: str, tokens: dict[str, tuple] | None = None) -> list[Any]:
+    """The documents of text, or NotInSubset. tokens: a cache of read lines
+    to share between calls over pieces of one file (file_pieces), which
+    repeat each other's lines; a fresh one per call by default."""
+    return _documents(text.split("\n"), text.endswith("\n"), {} if tokens is None else tokens)
 
 
 _NOT_PENDING = 1 << 62  # pending_column when no key is pending: no line is that deep
 
 
-def _documents(lines: list[str], terminated: bool) -> list[Any]:
+def _documents(lines: list[str], terminated: bool, tokens: dict[str, tuple]) -> list[Any]:
     """Lines -> documents; terminated: the last line ends with a line break.
 
     One loop over a million lines: the state is in local variables and the
@@ -248,7 +250,6 @@ def _documents(lines: list[str], terminated: bool) -> list[Any]:
     line would double the time. Every shortcut does what the general case
     at the end would do with that line."""
     docs: list[Any] = []
-    tokens: dict[str, tuple] = {}
     get = tokens.get
     # The innermost container, its column and whether it is a sequence; the
     # outer ones are on the stack, as (column, container, is a sequence).

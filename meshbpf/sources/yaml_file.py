@@ -7,7 +7,10 @@ bad Pod, Namespace or NetworkPolicy is left out instead (its previous
 version stays), reported in `FileSource.problems`; the others apply.
 
 Parsing is yaml_load's: libyaml, read as Kubernetes reads YAML (1.1), with a
-JSON fast path for `kubectl get -o json` files.
+JSON fast path for `kubectl get -o json` files. A file is cut into its
+documents or List items first (file_pieces), so that an edit re-parses only
+the pieces it changed (file_incremental); a file that does not cut cleanly
+is parsed whole.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from typing import Callable
 from ..gcpause import gc_paused
 from ..model import DesiredState
 from .errors import ConfigError, Problem, internal_error
-from .file_incremental import FileIndex
+from . import file_pieces
+from .file_incremental import FileIndex, FileRecord, PendingRecord, record_documents, record_pieces, slim
 from .kube_objects import BuildResult, SourceObject, _Collector, _flatten_lists, build_state
 from .kube_policy import POLICY_KINDS, policy_fields, read_policy_objects
 from .route_status import route_statuses
@@ -103,13 +107,38 @@ def parse_documents(path: Path, text: str) -> list[SourceObject]:
             for i, doc in enumerate(docs)]
 
 
+def parse_file(path: Path, text: str, previous: FileRecord | None = None
+               ) -> tuple[FileRecord | PendingRecord, list[dict], list[SourceObject] | None]:
+    """A file's record, the objects of its pieces parsed now (those not in
+    `previous`, the record of its last read), and, without `previous`, its
+    documents and a PendingRecord (the index builds it later: a full read
+    needs only the documents). Raises ConfigError, located as
+    parse_documents locates it."""
+    split = file_pieces.split(path, text, previous.digests() if previous else frozenset())
+    if previous is not None:
+        if split is None:
+            return (*record_documents(parse_documents(path, text), previous), None)
+        return (*record_pieces(split, previous), None)
+    if split is None:
+        docs = parse_documents(path, text)
+        return PendingRecord(lambda: record_documents(docs, None)[0]), [], docs
+    for value in split.values.values():  # the documents, or the List's items
+        slim(value)
+    if split.layout == "stream":
+        docs = [SourceObject(doc, split.place(i)) for i, doc in enumerate(split.documents())]
+    else:
+        docs = [SourceObject(split.documents()[0], f"{path}: document 1 (line 1)")]
+    return PendingRecord(lambda: record_pieces(split, None)[0]), [], docs
+
+
 def read_config(path: Path, node_name: str | None = None, cache: dict | None = None,
                 previous: DesiredState | None = None) -> ConfigResult:
     """Reads and validates everything under path; raises ConfigError.
 
-    With a cache (kept by the caller between reads), files whose inode, size
-    and mtime are unchanged are not parsed again. A policy object left out
-    for a problem keeps its version in `previous`."""
+    With a cache (kept by the caller between reads: file -> (stamp, record,
+    documents)), files whose inode, size and mtime are unchanged are not
+    parsed again, unless the caller dropped their documents. A policy object
+    left out for a problem keeps its version in `previous`."""
     with gc_paused():
         return _read_config(path, node_name, cache if cache is not None else {}, previous)
 
@@ -125,19 +154,20 @@ def _read_config(path: Path, node_name: str | None, cache: dict,
         try:
             st = os.stat(file)
             stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
-            if file in cache and cache[file][0] == stamp:
-                objects.extend(cache[file][1])
+            if file in cache and cache[file][0] == stamp and cache[file][2] is not None:
+                objects.extend(cache[file][2])
                 continue
             text = file.read_text(encoding="utf-8-sig")  # tolerate a byte order mark
         except (OSError, UnicodeDecodeError) as exc:
             problems.append(Problem(str(file), "", "", f"cannot read: {exc}"))
             continue
         try:
-            parsed = parse_documents(file, text)
+            record, _, parsed = parse_file(file, text)
         except ConfigError as exc:
             problems.extend(exc.problems)
             continue
-        cache[file] = (stamp, parsed)
+        del text  # the documents are all that is needed now: free the text at once
+        cache[file] = (stamp, record, parsed)
         objects.extend(parsed)
     if problems:
         raise ConfigError(problems)
@@ -213,7 +243,7 @@ class FileSource:
         self._last: _Stamp | None = None     # the stamp last read
         self._seen: _Stamp | None = None     # the stamp of the previous poll
         self._notes: list[str] = []
-        self._parsed: dict = {}  # file -> (stamp, parsed documents)
+        self._parsed: dict = {}  # file -> (stamp, FileRecord, documents until the index holds them)
         self._index: FileIndex | None = None  # for incremental reads; None: read everything
         # What the index of the last full read is built from, later: (state, skipped).
         self._index_inputs: tuple[DesiredState, list[Problem]] | None = None
@@ -302,9 +332,14 @@ class FileSource:
             return
         state, skipped = self._index_inputs
         self._index_inputs = None
+        if any(docs is None for _, _, docs in self._parsed.values()):
+            return  # not all read by that full read (cannot happen): stay on full reads
         with gc_paused():
             self._index = FileIndex(state, self._parsed, self.node_name)
         self._index.skipped = skipped
+        # The index holds the Services and EndpointSlices; the records are
+        # all the next change needs. (A full read parses the files again.)
+        self._parsed = {f: (stamp, self._index.records[f], None) for f, (stamp, _, _) in self._parsed.items()}
 
     def _report_skipped(self, skipped: list[str]) -> None:
         """Logs each left-out object once, when it appears, and when it is fixed."""
@@ -324,7 +359,8 @@ class FileSource:
             return None
         with gc_paused():
             files = config_files(self.path)
-            changed: dict[Path, list | None] = dict.fromkeys(self._parsed.keys() - set(files))
+            changed: dict[Path, tuple | None] = dict.fromkeys(self._parsed.keys() - set(files))
+            stamps = {}
             for file in files:
                 try:
                     st = os.stat(file)
@@ -334,12 +370,16 @@ class FileSource:
                     text = file.read_text(encoding="utf-8-sig")
                 except (OSError, UnicodeDecodeError):
                     return None  # the full read says what is wrong, with every other problem
-                docs = parse_documents(file, text)  # ConfigError: reported as the full read would
-                self._parsed[file] = (stamp, docs)
-                changed[file] = docs
-            for gone in [f for f, docs in changed.items() if docs is None]:
-                self._parsed.pop(gone, None)
+                previous = self._parsed[file][1] if file in self._parsed else None
+                # ConfigError: reported as the full read would
+                record, fresh, _ = parse_file(file, text, previous or FileRecord([], {}))
+                changed[file], stamps[file] = (record, fresh), stamp
             state = self._index.apply(changed)
+            for file, new in changed.items():  # the records of this read, kept or not
+                if new is None:
+                    self._parsed.pop(file, None)
+                else:
+                    self._parsed[file] = (stamps[file], new[0], None)
         if state is None:
             self._index = None
         else:

@@ -26,12 +26,12 @@ def write(path, objects) -> None:
 @pytest.fixture
 def parses(monkeypatch):
     seen = []
-    real = yaml_file.parse_documents
+    real = yaml_file.parse_file
 
-    def spy(path, text):
+    def spy(path, text, previous=None):
         seen.append(path.name)
-        return real(path, text)
-    monkeypatch.setattr(yaml_file, "parse_documents", spy)
+        return real(path, text, previous)
+    monkeypatch.setattr(yaml_file, "parse_file", spy)
     return seen
 
 
