@@ -53,8 +53,10 @@ def config_files(path: Path) -> list[Path]:
     if path.is_dir():
         return sorted(p for p in path.iterdir()
                       if p.is_file() and p.suffix in _SUFFIXES and not p.name.startswith("."))
-    if path.exists():
+    if path.is_file():
         return [path]
+    if path.exists():  # a FIFO would block the loop on its read; a device, worse
+        raise ConfigError([Problem(str(path), "", "", "not a regular file or a folder")])
     raise ConfigError([Problem(str(path), "", "", "no such file or folder")])
 
 

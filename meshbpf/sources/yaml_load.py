@@ -183,9 +183,21 @@ def _load_json(text: str) -> list[Any] | None:
     if not text.lstrip().startswith("{"):
         return None
     try:
-        return [json.loads(text, object_pairs_hook=_no_duplicates)]
+        docs = [json.loads(text, object_pairs_hook=_no_duplicates)]
     except (ValueError, RecursionError):
         return None
+    if ("\\ud" in text or "\\uD" in text) and not _utf8_clean(docs):
+        return None  # a lone surrogate escape: the YAML path refuses it, with its place
+    return docs
+
+
+def _utf8_clean(docs: list[Any]) -> bool:
+    """True if every string can be written as UTF-8 (metric labels, logs)."""
+    try:
+        json.dumps(docs, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def load_all(text: str) -> list[Any]:

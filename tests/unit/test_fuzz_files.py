@@ -122,9 +122,6 @@ def test_a_file_removed_during_an_incremental_read_gives_the_folder_as_it_is(fol
                                            for sp in state.service_ports.values())
 
 
-@pytest.mark.xfail(strict=True, reason="yaml_file.py: a --config path that is a FIFO (or another "
-                   "non-regular file) is opened and read, so the agent's loop blocks until a writer "
-                   "comes; a FIFO inside a folder is skipped, as it should be")
 def test_a_config_path_that_is_a_fifo_is_refused_not_read(tmp_path, monkeypatch):
     fifo = tmp_path / "services.yaml"
     os.mkfifo(fifo)
@@ -144,10 +141,6 @@ def test_a_config_path_that_is_a_fifo_is_refused_not_read(tmp_path, monkeypatch)
     assert str(rejected.value.problems[0]).startswith(f"{fifo}: ")
 
 
-@pytest.mark.xfail(strict=True, reason="yaml_load.py: the JSON fast path keeps a lone surrogate "
-                   "escape (\\ud800) as is, where the YAML path refuses it and Go's decoder (kubectl, "
-                   "the API server) replaces it; such a name cannot be encoded as UTF-8, and a route "
-                   "named so breaks every /metrics scrape (its route label)")
 def test_a_lone_surrogate_in_a_json_file_is_refused_or_replaced(tmp_path):
     route = good_objects()["TCPRoute"]
     route["metadata"]["name"] = "tr\ud800"
