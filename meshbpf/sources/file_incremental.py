@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterable
 from ..model import Delta, DesiredState
 from .errors import Problem
 from .file_pieces import Split
-from .kube_incremental import ServiceIndex
+from .kube_incremental import ServiceIndex, _slice_service
 from .kube_objects import SourceObject, _Collector, _flatten_lists, _is_list
 from .kube_policy import POLICY_KINDS, policy_fields, read_policy_objects
 
@@ -244,6 +244,8 @@ class FileIndex:
                 if key in claimed or (home is not None and key not in removed.get(home, ())):
                     return None  # defined twice: the full read names both places
                 claimed.add(key)
+        if not self._slices_tied(changed, claimed, removed):
+            return None  # the full read rejects such a slice, naming it
         events: dict[str, dict] = {"Service": {}, "EndpointSlice": {}}
         for keys in removed.values():
             for key in keys - claimed:
@@ -273,6 +275,21 @@ class FileIndex:
             else:
                 self.records[f] = new[0]
         return update.state
+
+    def _slices_tied(self, changed: dict, claimed: set[ObjKey], removed: dict[str, set[ObjKey]]) -> bool:
+        """Every changed EndpointSlice names a Service of its namespace that
+        the files still define: the events below could not tell a stray
+        slice, which a full read refuses, from a good one."""
+        gone = set().union(*removed.values()) - claimed
+        for new in changed.values():
+            for obj in (new[1] if new else ()):
+                if obj.get("kind") != "EndpointSlice":
+                    continue
+                service = _slice_service(obj)
+                key = ("Service", *service) if service else None
+                if key is None or key in gone or (key not in self.where and key not in claimed):
+                    return False
+        return True
 
     def _with_policy(self, state: DesiredState, base: DesiredState, changed: dict) -> DesiredState:
         """state with the policy objects read again if a changed file's differ."""

@@ -175,14 +175,9 @@ def test_a_name_kubernetes_would_refuse_is_a_problem(field, value):
     assert any(p.path == f"metadata.{field}" for p in problems), [str(p) for p in problems]
 
 
-INCREMENTAL_BUG = ("file_incremental.py: a changed EndpointSlice the incremental path cannot tie to "
-                   "a Service of the files (labels that are not a map, another namespace) is not "
-                   "checked: a bad one is taken silently (its Service loses its endpoints) where a "
-                   "full read rejects the edit")
 
 
-@pytest.mark.parametrize("kind", ["Service", pytest.param("EndpointSlice", marks=pytest.mark.xfail(
-    strict=True, reason=INCREMENTAL_BUG))])
+@pytest.mark.parametrize("kind", ["Service", "EndpointSlice"])
 def test_the_file_sources_incremental_reads_of_bad_edits_equal_full_reads(kind, tmp_path):
     """Edits of one file take the incremental path (file_incremental); with
     a bad object in them it must answer as a full read of the folder does:
@@ -217,7 +212,6 @@ def test_the_file_sources_incremental_reads_of_bad_edits_equal_full_reads(kind, 
         source.poll()                            # quiet: the incremental index is built again
 
 
-@pytest.mark.xfail(strict=True, reason=INCREMENTAL_BUG)
 def test_a_slice_with_labels_that_are_not_a_map_is_rejected_on_the_incremental_path_too(tmp_path):
     from meshbpf.sources.yaml_file import FileSource
 
