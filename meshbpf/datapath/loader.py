@@ -421,6 +421,8 @@ def uninstall(bpffs: Path, drain_timeout: float = 2.0) -> list[str]:
     removed += _remove_policy_filters(bpffs)
     from .capture import remove_inbound_filters  # inbound capture's, in the pods' netns
     removed += remove_inbound_filters(bpffs)
+    from .northsouth import remove_filters
+    removed += remove_filters(bpffs)
     for spec in PINNED_MAPS:
         pin = bpffs / spec.name
         if not pin.exists() and not pin.is_symlink():
