@@ -36,6 +36,9 @@ from .health import HealthServer
 from .metrics import (AgentMetrics, CaptureCollector, LBStatsCollector, MapPressureCollector,
                       PolicyStatsCollector, RedirectCollector, RouteBackendCollector)
 from .model import DesiredState, RedirectSettings
+from .northsouth_health import HealthCheckServers
+from .reconcile.northsouth import NodeContext
+from .reconcile.northsouth_keys import DEFAULT_TABLE_SIZE
 from .retry import Backoff
 from .sources import Source
 from .sources.errors import ConfigError, Problem
@@ -44,6 +47,7 @@ from .sources.yaml_file import FileSource
 from .sync import one_line
 from .sync.capture import CaptureSync, LoaderCapture
 from .sync.lb import LBSync
+from .sync.northsouth import NorthSouthSync, node_context, north_south_devices, register_ns_counters
 from .sync.policy import PolicySync
 
 log = logging.getLogger(__name__)
@@ -67,6 +71,13 @@ class AgentOptions:
     resync_interval: float = 300.0      # re-read the pinned maps and repair drift; 0: never
     lock_timeout: float = 10.0          # wait this long for a previous agent on the bpffs to exit
     node_netns: str | None = None       # netns of the pods' host-side interfaces; None: the agent's
+    # North-south (issue 12): None: on when `devices` are given, or found
+    # (default routes) in node_netns; never the agent's own netns's devices
+    # unless asked with True.
+    north_south: bool | None = None
+    devices: list[str] = field(default_factory=list)   # external devices; []: the default-route ones
+    maglev_table_size: int = DEFAULT_TABLE_SIZE
+    north_south_cluster_ips: str = "exposed"   # or "all": every Service's ClusterIP from outside
 
 
 class Agent:
@@ -81,6 +92,11 @@ class Agent:
                                  PolicyDatapath(opts.bpffs, dict(opts.map_sizes), opts.node_netns),
                                  opts.node_name or socket.gethostname())
         self.capture = CaptureSync(self.metrics, self._error, opts.node_name or socket.gethostname())
+        self.northsouth = NorthSouthSync(self.metrics, self._error, self._node_context,
+                                         table_size=opts.maglev_table_size,
+                                         health=HealthCheckServers(opts.node_netns),
+                                         all_cluster_ips=opts.north_south_cluster_ips == "all")
+        self.ns_devices: list[str] = []
         self.desired: DesiredState | None = None        # the latest state the source accepted
         self.route_counters = RouteCounters(opts.bpffs)  # connections per route backend
         self.redirect_retry = Backoff()
@@ -123,15 +139,17 @@ class Agent:
         self._start_capture(target)
         self.metrics.registry.register(CaptureCollector(
             self.capture.counters, lambda: len(self.capture.current.pods)))
+        self._start_north_south()
         self.http = HealthServer(self.opts.listen, self.metrics.registry,
                                  alive=self.alive, ready=self.ready, details=self.health_details,
                                  views={"/v1/endpoints": self.policy.endpoints_view,
                                         "/v1/policy": self.policy.policy_view,
                                         "/v1/capture": self.capture.view,
+                                        "/v1/northsouth": self.northsouth.view,
                                         "/v1/routes": lambda: routes_view(self.desired)})
         self.http.start()
-        log.info("serving /healthz, /readyz, /metrics, /v1/endpoints, /v1/policy, /v1/capture and "
-                 "/v1/routes on http://%s", self.http.address)
+        log.info("serving /healthz, /readyz, /metrics, /v1/endpoints, /v1/policy, /v1/capture, "
+                 "/v1/northsouth and /v1/routes on http://%s", self.http.address)
 
     def _start_capture(self, target: Path) -> None:
         """Sidecar capture's maps are pinned whenever the kernel can capture
@@ -144,6 +162,30 @@ class Agent:
             self.capture.start(LoaderCapture(self.lb, self.opts.bpffs, target), target)
         except Exception as exc:  # load balancing goes on; pods stay uncaptured
             self._error("sidecar capture not started (load balancing goes on): %s", one_line(exc))
+
+    def _start_north_south(self) -> None:
+        """tc (and XDP) on the external devices, over the pinned north-south
+        maps; any failure leaves it off and load balancing going on."""
+        opts = self.opts
+        try:
+            self.ns_devices = north_south_devices(opts.north_south, opts.devices, opts.node_netns)
+            if not self.ns_devices:
+                log.info("north-south load balancing is off (%s)", "--no-north-south"
+                         if opts.north_south is False else "no --devices given or found")
+                if opts.north_south is False:
+                    self.northsouth.turn_off_pinned(opts.bpffs)
+                return
+            dp = self.northsouth.load(opts.bpffs, self.ns_devices, opts.node_netns, opts.map_sizes)
+            register_ns_counters(self.metrics.registry, dp.maps)
+            log.info("north-south load balancing on %s (%s)", ", ".join(self.ns_devices),
+                     getattr(dp, "mode", "tc"))
+        except Exception as exc:
+            self._error("north-south load balancing not started (load balancing goes on): %s",
+                        one_line(exc))
+
+    def _node_context(self) -> NodeContext:
+        return node_context(self.opts.node_name or socket.gethostname(), self.ns_devices,
+                            self.opts.node_netns)
 
     def _start_policy(self) -> None:
         try:
@@ -165,6 +207,7 @@ class Agent:
                 self._error("agent loop failed, still running the previous state: %s", one_line(exc))
             self._pause()
         log.info("stopping; the datapath stays attached and keeps serving")
+        self.northsouth.stop()
         if hasattr(self.source, "stop"):
             self.source.stop()
         if self.http:
@@ -177,7 +220,7 @@ class Agent:
         polled every poll_interval. A pending retry keeps to the interval."""
         wait = getattr(self.source, "wait", None)
         if (wait is None or self.lbsync.stale or self.redirect_stale or self.policy.pending()
-                or self.capture.pending()):
+                or self.capture.pending() or self.northsouth.stale):
             self._stop.wait(self.opts.poll_interval)
         else:
             wait(self.opts.poll_interval)
@@ -202,6 +245,8 @@ class Agent:
             self.policy.sync(self.desired)
         if changed or resync or self.capture.due(now):
             self.capture.sync(self.desired, reread=resync)
+        if changed or resync or self.northsouth.due(now):
+            self.northsouth.sync(self.desired, reread=resync)
         if changed or self.redirect_retry.due(now):
             self.sync_redirect(self.desired.settings.redirect)
             self.redirect_tried = True
@@ -238,6 +283,7 @@ class Agent:
         self.lbsync.pending_triggers.extend(desired.trigger_times)
         self.lbsync.retry.reset()        # a new change is tried at once
         self.redirect_retry.reset()
+        self.northsouth.retry.reset()
         return True
 
     # --- redirection -----------------------------------------------------------
@@ -300,6 +346,7 @@ class Agent:
             "redirect_stale": self.redirect_stale,
             "policy_stale": self.policy.stale,
             "capture_stale": self.capture.stale,
+            "northsouth_stale": self.northsouth.stale,
             "services_refused": sorted(self.lbsync.refused),
             "last_error": self.last_error,
             "source": self._source_health(),

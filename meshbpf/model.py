@@ -51,6 +51,27 @@ class Frontend:
         return f"{host}:{self.port}/{self.protocol}"
 
 
+SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer")
+
+IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+
+@dataclass(frozen=True, slots=True)
+class Exposure:
+    """How a Service is reached from outside the node (issue 12): one object
+    per Service, shared by its ServicePorts; None on a ServicePort of a
+    plain ClusterIP Service without external IPs (the common case costs one
+    pointer). Addresses of both families: each ServicePort uses those of
+    its own family."""
+
+    type: str = "ClusterIP"                      # one of SERVICE_TYPES
+    external_ips: tuple[IPAddress, ...] = ()     # spec.externalIPs
+    lb_ips: tuple[IPAddress, ...] = ()           # status.loadBalancer.ingress[].ip (LoadBalancer only)
+    local: bool = False                          # externalTrafficPolicy: Local
+    health_check_node_port: int = 0              # 0: none
+    source_ranges: tuple[IPNetwork, ...] = ()    # loadBalancerSourceRanges; (): any client
+
+
 @dataclass(frozen=True, slots=True)
 class ServicePort:
     """One port of one Service on one of its cluster IPs."""
@@ -66,10 +87,23 @@ class ServicePort:
     # weight, not to `endpoints` (kept for display). Empty: no split.
     split: tuple["SplitShare", ...] = ()
     route: str = ""  # "TCPRoute namespace/name" that set `split`
+    # North-south (issue 12): spec.ports[].nodePort (0: none), the Service's
+    # exposure, and, only when internalTrafficPolicy or topology hints
+    # narrowed `endpoints` for traffic from inside, every endpoint (traffic
+    # from outside follows externalTrafficPolicy; None: `endpoints`).
+    node_port: int = 0
+    exposure: Exposure | None = None
+    external_endpoints: tuple[Endpoint, ...] | None = None
 
     @property
     def service(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+    @property
+    def all_endpoints(self) -> tuple[Endpoint, ...]:
+        """Every endpoint of the port, unfiltered by internalTrafficPolicy
+        or topology: what traffic from outside the node may reach."""
+        return self.endpoints if self.external_endpoints is None else self.external_endpoints
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,9 +12,24 @@ from .. import __version__
 from ..agent import AgentOptions, run_agent
 from ..datapath.layout import LB_MAPS
 from ..health import parse_listen
+from ..reconcile.maglev import TABLE_SIZES
+from ..reconcile.northsouth_keys import DEFAULT_TABLE_SIZE
 from .common import bpffs_option, friendly_errors
 
 log = logging.getLogger("meshbpf.agent")
+
+
+def _devices(ctx, param, value: str | None) -> list[str]:
+    names = [d.strip() for d in (value or "").split(",") if d.strip()]
+    if value is not None and not names:
+        raise click.BadParameter("give one or more device names, comma separated")
+    return names
+
+
+def _table_size(ctx, param, value: int) -> int:
+    if value not in TABLE_SIZES:
+        raise click.BadParameter(f"{value} is not one of {', '.join(map(str, TABLE_SIZES))}")
+    return value
 
 
 def _map_sizes(values: tuple[str, ...]) -> dict[str, int]:
@@ -59,10 +74,26 @@ def _map_sizes(values: tuple[str, ...]) -> dict[str, int]:
               help="Seconds between re-reading the pinned maps to repair drift (0: never).")
 @click.option("--lock-timeout", type=click.FloatRange(min=0), default=10, show_default=True,
               help="Seconds to wait for another agent on the same --bpffs to exit.")
+@click.option("--north-south/--no-north-south", "north_south", default=None,
+              help="Translate packets from outside the node to NodePorts, external and "
+                   "LoadBalancer IPs and ClusterIPs with tc/XDP on the --devices [default: on "
+                   "when --devices are given, or when --node-netns has default-route devices].")
+@click.option("--devices", default=None, callback=_devices, metavar="DEV[,DEV...]",
+              help="North-south: the node's external devices [default: those of the default "
+                   "routes, in --node-netns].")
+@click.option("--maglev-table-size", type=int, default=DEFAULT_TABLE_SIZE, callback=_table_size,
+              show_default=True, help="North-south: Maglev table size, a prime (65537 moves under "
+                                      "1% of flows when one of 100 backends goes); the same on every node.")
+@click.option("--north-south-cluster-ips", type=click.Choice(["exposed", "all"]), default="exposed",
+              show_default=True, help="North-south: translate packets from outside to the ClusterIPs "
+                                      "of exposed Services (NodePort, LoadBalancer, externalIPs) only, "
+                                      "or of every Service (a Maglev table each).")
 @friendly_errors
 def agent(source: str, config: Path | None, kubeconfig: str | None, service_proxy_name: str | None,
           config_map: str, cgroup_path: str | None, bpffs: Path, listen: str, node_name: str,
-          node_netns: str | None, map_size: tuple[str, ...], resync_interval: float, lock_timeout: float) -> None:
+          node_netns: str | None, map_size: tuple[str, ...], resync_interval: float, lock_timeout: float,
+          north_south: bool | None, devices: list[str], maglev_table_size: int,
+          north_south_cluster_ips: str) -> None:
     """Compile, attach, sync the maps to the desired state, and keep them in sync."""
     if source == "file" and config is None:
         raise click.UsageError("--config is required with --source file")
@@ -78,4 +109,7 @@ def agent(source: str, config: Path | None, kubeconfig: str | None, service_prox
                            service_proxy_name=service_proxy_name, config_map=config_map,
                            cgroup=cgroup_path, bpffs=bpffs, listen=listen,
                            node_name=node_name, node_netns=node_netns, map_sizes=sizes,
-                           resync_interval=resync_interval, lock_timeout=lock_timeout))
+                           resync_interval=resync_interval, lock_timeout=lock_timeout,
+                           north_south=north_south, devices=devices,
+                           maglev_table_size=maglev_table_size,
+                           north_south_cluster_ips=north_south_cluster_ips))

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, NamedTuple
 
 from ..model import (DEFAULT_AFFINITY_TIMEOUT, AgentSettings, DesiredState, Endpoint,
-                     Frontend, IPAddress, ServicePort)
+                     Exposure, Frontend, IPAddress, ServicePort)
 from . import agent_config, schema
 from .errors import Problem
 
@@ -56,6 +56,7 @@ class _Port:
     protocol: str
     port: int
     target: int | str
+    node_port: int = 0
 
 
 @dataclass
@@ -67,6 +68,7 @@ class _Service:
     ports: list[_Port]
     affinity_timeout: int
     local_only: bool
+    exposure: Exposure | None = None
 
 
 @dataclass
@@ -382,10 +384,84 @@ def _read_service(src: SourceObject, out: _Collector) -> _Service | None:
     itp = spec.get("internalTrafficPolicy") or "Cluster"
     if itp not in ("Cluster", "Local"):
         out.add(src, label, "spec.internalTrafficPolicy", f"{itp!r} is not Cluster or Local")
+    exposure = _read_exposure(src, label, spec, svc_type, ports, out)
 
     if len(out.problems) != before:
         return None
-    return _Service(src, namespace, name, ips, ports, timeout, itp == "Local")
+    return _Service(src, namespace, name, ips, ports, timeout, itp == "Local", exposure)
+
+
+def _read_exposure(src: SourceObject, label: str, spec: dict, svc_type: str,
+                   ports: list[_Port], out: _Collector) -> Exposure | None:
+    """The north-south fields (issue 12); None for a Service reached from
+    inside the cluster only. Problems go to `out` (the Service is skipped)."""
+    if svc_type == "ClusterIP":
+        for p in ports:
+            p.node_port = 0   # kubectl never prints one; Kubernetes allocates none
+    elif svc_type == "NodePort":
+        for p in ports:
+            if not p.node_port:
+                out.add(src, label, f"spec.ports[{p.index}].nodePort",
+                        "missing: meshbpf does not allocate node ports, give the port")
+    external_ips = _read_ips(src, label, spec.get("externalIPs") or (), "spec.externalIPs", out)
+    lb_ips = _lb_ingress_ips(src, label, svc_type, out)
+    if svc_type == "ClusterIP" and not external_ips:
+        return None
+    etp = spec.get("externalTrafficPolicy") or "Cluster"
+    if etp not in ("Cluster", "Local"):
+        out.add(src, label, "spec.externalTrafficPolicy", f"{etp!r} is not Cluster or Local")
+    health_port = spec.get("healthCheckNodePort") or 0
+    if health_port and not 1 <= health_port <= 65535:
+        out.add(src, label, "spec.healthCheckNodePort", f"{health_port} is not a port number (1-65535)")
+    ranges = []
+    for i, text in enumerate(spec.get("loadBalancerSourceRanges") or ()):
+        try:  # kube-proxy trims spaces and accepts host bits (ParseCIDRSloppy)
+            ranges.append(ipaddress.ip_network(text.strip(), strict=False))
+        except ValueError:
+            out.add(src, label, f"spec.loadBalancerSourceRanges[{i}]", f"{text!r} is not a CIDR")
+    return Exposure(svc_type, external_ips, lb_ips, etp == "Local",
+                    health_port if etp == "Local" else 0, tuple(ranges))
+
+
+def _read_ips(src: SourceObject, label: str, texts, where: str, out: _Collector) -> tuple[IPAddress, ...]:
+    ips = []
+    for i, text in enumerate(texts):
+        ip = _parse_ip(text)
+        if ip is None:
+            out.add(src, label, f"{where}[{i}]", f"{text!r} is not an IP address")
+        elif _ipv4_mapped(ip):
+            out.add(src, label, f"{where}[{i}]", _MAPPED_REASON.format(ip=ip, v4=ip.ipv4_mapped))
+        else:
+            ips.append(ip)
+    return tuple(ips)
+
+
+def _lb_ingress_ips(src: SourceObject, label: str, svc_type: str,
+                    out: _Collector) -> tuple[IPAddress, ...]:
+    """status.loadBalancer.ingress[].ip of a LoadBalancer (status is not
+    schema-checked: its shape is checked here); hostname-only entries have
+    no address to answer on and are left out."""
+    if svc_type != "LoadBalancer":
+        return ()
+    status = src.obj.get("status") or {}
+    lb = status.get("loadBalancer") if isinstance(status, dict) else None
+    ingress = lb.get("ingress") if isinstance(lb, dict) else None
+    if not ingress:
+        return ()
+    if not isinstance(ingress, list):
+        out.add(src, label, "status.loadBalancer.ingress", "expected a list")
+        return ()
+    ips = []
+    for i, entry in enumerate(ingress):
+        text = entry.get("ip") if isinstance(entry, dict) else entry
+        if text is None:
+            continue
+        ip = _parse_ip(text)
+        if ip is None or _ipv4_mapped(ip):
+            out.add(src, label, f"status.loadBalancer.ingress[{i}].ip", f"{text!r} is not an IP address")
+        else:
+            ips.append(ip)
+    return tuple(ips)
 
 
 def _read_service_port(src: SourceObject, label: str, i: int, p: Any, count: int,
@@ -422,7 +498,11 @@ def _read_service_port(src: SourceObject, label: str, i: int, p: Any, count: int
         return None
     if isinstance(target, str) and not target:
         target = number
-    return _Port(i, name, protocol, number, target)
+    node_port = p.get("nodePort") or 0
+    if node_port and not 1 <= node_port <= 65535:
+        out.add(src, label, f"{where}.nodePort", f"{node_port} is not a port number (1-65535)")
+        return None
+    return _Port(i, name, protocol, number, target, node_port)
 
 
 def _read_slice(src: SourceObject, out: _Collector) -> _Slice | None:
@@ -516,6 +596,7 @@ def _service_ports(svc: _Service, slices: list[_Slice], node_name: str | None,
         family_slices = [sl for sl in slices if sl.family == ip.version]
         for port in svc.ports:
             eps, hints = _endpoints_for(svc, port, family_slices, label, out)
+            every = eps
             if svc.local_only:
                 # kube-proxy: Local traffic uses this node's endpoints only, and
                 # topology plays no part. usable_endpoints() then picks the
@@ -528,6 +609,9 @@ def _service_ports(svc: _Service, slices: list[_Slice], node_name: str | None,
                 namespace=svc.namespace, name=svc.name, port_name=port.name,
                 frontend=Frontend(ip, port.port, port.protocol),
                 endpoints=eps, affinity_timeout=svc.affinity_timeout,
+                node_port=port.node_port, exposure=svc.exposure,
+                # kept only where it differs and traffic from outside comes in
+                external_endpoints=every if svc.exposure is not None and every is not eps else None,
             ))
     return result
 
