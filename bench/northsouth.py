@@ -374,7 +374,8 @@ def markdown(results: dict) -> str:
             lines.append(f"N = {n}: no XDP mode ({size['xdp_unavailable']})")
         for v in VARIANTS:
             lines += [f"**N = {n}, {what[v]}** ({len(size['rounds'])} rounds)", "",
-                      "| mode | rate | p99 µs | ÷ direct | ÷ iptables | ÷ nftables |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+                      "| mode | rate | p99 µs | ÷ direct | ÷ iptables | ÷ nftables |",
+                      "| --- | ---: | ---: | ---: | ---: | ---: |"]
             for m in modes:
                 row = size["summary"][v][m]
 
