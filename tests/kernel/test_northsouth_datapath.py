@@ -235,6 +235,7 @@ def test_both_nodes_pick_the_same_backend_for_a_flow(ns):
     assert set(seen[1]) == {"web-1", "web-2"}   # 12 flows on one pod by chance: 2 in 2^12
 
 
+@pytest.mark.bounds   # a lifecycle test (one more compile): 5.10 and the host
 def test_a_flow_keeps_its_backend_across_a_reload(ns):
     """A new agent loads the programs again over the same pins: the filters
     are replaced in place and the conntrack kept, so a flow keeps its
@@ -324,6 +325,7 @@ def test_xdp_mode_serves_the_same_traffic_forwarding_on_its_own(ns, xdp_mode, fa
     assert after["xdp_forwarded"] > before["xdp_forwarded"]   # XDP_TX'd by node1 itself
 
 
+@pytest.mark.bounds   # one more compile for a choice made in Python
 def test_auto_mode_keeps_veth_devices_on_tc(ns):
     old = ns.dps[0]
     ns.dps[0] = NorthSouthDatapath.load(old.bpffs, [NODE_UPLINK], netns=old.netns, table_size=M,
