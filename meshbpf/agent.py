@@ -247,6 +247,7 @@ class Agent:
             self.capture.sync(self.desired, reread=resync)
         if changed or resync or self.northsouth.due(now):
             self.northsouth.sync(self.desired, reread=resync)
+        self.northsouth.collect_garbage(now)
         if changed or self.redirect_retry.due(now):
             self.sync_redirect(self.desired.settings.redirect)
             self.redirect_tried = True

@@ -32,6 +32,13 @@ from . import one_line
 
 log = logging.getLogger("meshbpf.agent")  # the agent's log, as users and tests filter it
 
+# Conntrack garbage collection: flows idle both ways this long are removed
+# (LRU eviction acts only once the map is full). There is no TCP state
+# tracking, so this is the one timeout; a flow idle longer comes back
+# through its table: the same backend while the table is unchanged.
+CT_GC_INTERVAL = 60.0
+CT_IDLE_NS = 600 * 10**9
+
 
 class NorthSouthMapsLike(Protocol):
     """What the sync needs of datapath/northsouth.py's NorthSouthMaps; tests pass a fake."""
@@ -61,6 +68,7 @@ class NorthSouthSync:
         self.problems: list[str] = []
         self.retry = Backoff()
         self.stale = False
+        self.next_gc = time.monotonic() + CT_GC_INTERVAL
         self.frontends = Gauge("meshbpf_northsouth_frontends",
                                "North-south frontends programmed (NodePorts, external, "
                                "LoadBalancer and ClusterIP addresses)", registry=metrics.registry)
@@ -109,6 +117,21 @@ class NorthSouthSync:
             log.info("north-south: the pinned programs now pass everything (--no-north-south)")
         finally:
             maps.close()
+
+    def collect_garbage(self, now: float) -> None:
+        """Every CT_GC_INTERVAL: the datapath's idle flows (when its maps
+        can: NorthSouthMaps.collect_garbage). Never holds up anything."""
+        gc = getattr(self.maps, "collect_garbage", None)
+        if gc is None or now < self.next_gc:
+            return
+        self.next_gc = now + CT_GC_INTERVAL
+        try:
+            removed = gc(CT_IDLE_NS)
+        except Exception as exc:
+            log.error("north-south conntrack garbage collection failed: %s", one_line(exc))
+            return
+        if removed:
+            log.debug("north-south: %d idle conntrack entries removed", removed)
 
     def due(self, now: float) -> bool:
         return self.retry.due(now)

@@ -188,3 +188,26 @@ def test_a_delta_of_cluster_ip_only_services_is_not_replanned(monkeypatch):
     step2 = dataclasses.replace(changed_web, delta=Delta(weakref.ref(step), frozenset({web})))
     assert sync.sync(step2) and len(calls) == 2
     assert {be.addr[-1] for be in maps.state.backends.values()} == {6}
+
+
+def test_conntrack_garbage_is_collected_every_interval_and_a_failure_is_one_line(caplog):
+    import meshbpf.sync.northsouth as sync_mod
+    calls = []
+    maps = FakeMaps()
+    maps.collect_garbage = lambda idle_ns: calls.append(idle_ns) or 3
+    sync, _ = make_sync()
+    sync.start(maps)
+    now = sync.next_gc
+    sync.collect_garbage(now - 1)
+    assert calls == []
+    sync.collect_garbage(now)
+    sync.collect_garbage(now + 1)                      # not due again yet
+    assert calls == [sync_mod.CT_IDLE_NS]
+
+    def broken(idle_ns):
+        raise OSError(9, "Bad file descriptor")
+    maps.collect_garbage = broken
+    with caplog.at_level(logging.ERROR, "meshbpf.agent"):
+        sync.collect_garbage(now + sync_mod.CT_GC_INTERVAL)
+    (line,) = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert "conntrack garbage collection failed" in line and "\n" not in line
