@@ -256,3 +256,228 @@ def nft_ruleset(svcs: list[Svc]) -> str:
 def nft_add_one(new: Svc) -> str:
     """kube-proxy's incremental sync adding one service: a small transaction."""
     return "\n".join(_nft_service(new)) + "\n"
+
+
+# --- NodePorts (issue 12: bench/northsouth.py) ------------------------------------
+#
+# NodePort Services as kube-proxy lays them out for traffic from outside the
+# node (externalTrafficPolicy Cluster): iptables KUBE-SERVICES -> (last rule,
+# addrtype LOCAL) KUBE-NODEPORTS -> KUBE-EXT-<hash> (mark for masquerade) ->
+# KUBE-SVC-<hash> -> KUBE-SEP-<hash> (DNAT); nftables' service-nodeports
+# verdict map (proto . port -> goto external-<hash>) behind `fib daddr type
+# local`. Every Service also has its ClusterIP rules, as on a node.
+
+NODE_PORT_BASE = 20000   # 10 000 NodePorts do not fit kube-proxy's default 30000-32767
+
+
+@dataclass(frozen=True)
+class NpSvc:
+    """A NodePort Service with one port."""
+
+    name: str
+    vip: str
+    proto: str                   # "tcp" or "udp"
+    port: int
+    node_port: int
+    target_port: int
+    endpoints: tuple[str, ...]
+    pname: str = "p"
+
+    @property
+    def port_name(self) -> str:  # kube-proxy's ServicePortName string
+        return f"{NAMESPACE}/{self.name}:{self.pname}"
+
+
+def nodeport_services(n: int, targets: list[tuple[str, str, tuple[str, ...], int]]) -> list[NpSvc]:
+    """n NodePort Services: decoys with made-up 10.200.x.y endpoints, then the
+    targets (name, proto, endpoints, target port) as the last ones (the end
+    of every iptables chain walk). Service i has ClusterIP 10.96.0.0 + 1 + i
+    and NodePort NODE_PORT_BASE + i."""
+    if not 0 < len(targets) <= n:
+        raise ValueError(f"{len(targets)} targets for {n} services")
+    out = []
+    for i in range(n):
+        vip, node_port = str(VIP_BASE + 1 + i), NODE_PORT_BASE + i
+        k = i - (n - len(targets))
+        if k < 0:
+            eps = tuple(str(EP_BASE + 4 * i + j + 1) for j in range(4))
+            out.append(NpSvc(f"np-{i:05d}", vip, "tcp", SVC_PORT, node_port, EP_PORT, eps))
+        else:
+            name, proto, eps, target_port = targets[k]
+            out.append(NpSvc(name, vip, proto, SVC_PORT, node_port, target_port, tuple(eps)))
+    return out
+
+
+def nodeport_yaml(svcs: list[NpSvc], node_of: dict[str, str]) -> str:
+    """type: NodePort Services and their EndpointSlices (with nodeName: the
+    endpoint's node from node_of, else a node of its own)."""
+    docs = []
+    for s in svcs:
+        eps = "".join(f"- addresses:\n  - {ip}\n  conditions:\n    ready: true\n"
+                      f"  nodeName: {node_of.get(ip, 'node-' + ip.replace('.', '-'))}\n"
+                      for ip in s.endpoints)
+        proto = s.proto.upper()
+        docs.append(
+            f"apiVersion: v1\nkind: Service\nmetadata:\n  name: {s.name}\n  namespace: {NAMESPACE}\n"
+            f"spec:\n  clusterIP: {s.vip}\n  clusterIPs:\n  - {s.vip}\n  externalTrafficPolicy: Cluster\n"
+            f"  ports:\n  - name: {s.pname}\n    port: {s.port}\n    nodePort: {s.node_port}\n"
+            f"    protocol: {proto}\n    targetPort: {s.target_port}\n  type: NodePort\n"
+            f"---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n"
+            f"metadata:\n  name: {s.name}-abcde\n  namespace: {NAMESPACE}\n  labels:\n"
+            f"    kubernetes.io/service-name: {s.name}\naddressType: IPv4\nendpoints:\n{eps}"
+            f"ports:\n- name: {s.pname}\n  port: {s.target_port}\n  protocol: {proto}\n")
+    return "---\n".join(docs)
+
+
+def _np_hash(s: NpSvc) -> str:
+    return _hash(s.port_name + s.proto)  # kube-proxy: servicePortName + protocol
+
+
+def _np_sep_chain(s: NpSvc, ep: str) -> str:
+    return "KUBE-SEP-" + _hash(s.port_name + s.proto + f"{ep}:{s.target_port}")
+
+
+def _np_ipt_service_rule(s: NpSvc) -> str:
+    return (f'-A KUBE-SERVICES -m comment --comment "{s.port_name} cluster IP" -m {s.proto} -p {s.proto} '
+            f'-d {s.vip}/32 --dport {s.port} -j KUBE-SVC-{_np_hash(s)}')
+
+
+def _np_ipt_chains(s: NpSvc, large: bool) -> tuple[list[str], list[str], list[str]]:
+    """(chain declarations, its KUBE-NODEPORTS rule, its chains' rules)."""
+    h, p = _np_hash(s), s.proto
+    svc, ext = f"KUBE-SVC-{h}", f"KUBE-EXT-{h}"
+    comment = "" if large else f'-m comment --comment "{s.port_name}" '
+    decl = [f":{svc} - [0:0]", f":{ext} - [0:0]"]
+    nodeport = [f'-A KUBE-NODEPORTS -m comment --comment "{s.port_name}" -m {p} -p {p} '
+                f'--dport {s.node_port} -j {ext}']
+    rules = [f'-A {ext} -m comment --comment "masquerade traffic for {s.port_name} external destinations" '
+             f'-j KUBE-MARK-MASQ',
+             f"-A {ext} -j {svc}",
+             f'-A {svc} ! -s {CLUSTER_CIDR} -d {s.vip}/32 -p {p} -m comment --comment '
+             f'"{s.port_name} cluster IP" -m {p} --dport {s.port} -j KUBE-MARK-MASQ']
+    n = len(s.endpoints)
+    for i, ep in enumerate(s.endpoints):
+        sep = _np_sep_chain(s, ep)
+        decl.append(f":{sep} - [0:0]")
+        prob = "" if i == n - 1 else f"-m statistic --mode random --probability {1 / (n - i):.10f} "
+        to_ep = "" if large else f'-m comment --comment "{s.port_name} -> {ep}:{s.target_port}" '
+        rules.append(f"-A {svc} {to_ep}{prob}-j {sep}")
+        rules += [f"-A {sep} -s {ep}/32 {comment}-j KUBE-MARK-MASQ",
+                  f"-A {sep} -p {p} {comment}-m {p} -j DNAT --to-destination {ep}:{s.target_port}"]
+    return decl, nodeport, rules
+
+
+def iptables_nodeport_restore(svcs: list[NpSvc]) -> str:
+    """A full iptables-restore input (filter and nat) for NodePort Services,
+    as kube-proxy's iptables mode writes it."""
+    filt = [
+        "*filter", ":INPUT ACCEPT [0:0]", ":FORWARD ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]",
+        ":KUBE-EXTERNAL-SERVICES - [0:0]", ":KUBE-FORWARD - [0:0]", ":KUBE-NODEPORTS - [0:0]",
+        ":KUBE-PROXY-FIREWALL - [0:0]", ":KUBE-SERVICES - [0:0]",
+        '-A INPUT -m conntrack --ctstate NEW -m comment --comment "kubernetes load balancer firewall" -j KUBE-PROXY-FIREWALL',
+        '-A INPUT -m comment --comment "kubernetes health check service ports" -j KUBE-NODEPORTS',
+        '-A INPUT -m conntrack --ctstate NEW -m comment --comment "kubernetes externally-visible service portals" -j KUBE-EXTERNAL-SERVICES',
+        '-A FORWARD -m conntrack --ctstate NEW -m comment --comment "kubernetes load balancer firewall" -j KUBE-PROXY-FIREWALL',
+        '-A FORWARD -m comment --comment "kubernetes forwarding rules" -j KUBE-FORWARD',
+        '-A FORWARD -m conntrack --ctstate NEW -m comment --comment "kubernetes service portals" -j KUBE-SERVICES',
+        '-A FORWARD -m conntrack --ctstate NEW -m comment --comment "kubernetes externally-visible service portals" -j KUBE-EXTERNAL-SERVICES',
+        '-A OUTPUT -m conntrack --ctstate NEW -m comment --comment "kubernetes load balancer firewall" -j KUBE-PROXY-FIREWALL',
+        '-A OUTPUT -m conntrack --ctstate NEW -m comment --comment "kubernetes service portals" -j KUBE-SERVICES',
+        "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP",
+        '-A KUBE-FORWARD -m comment --comment "kubernetes forwarding rules" -m mark --mark 0x4000/0x4000 -j ACCEPT',
+        '-A KUBE-FORWARD -m comment --comment "kubernetes forwarding conntrack rule" -m conntrack '
+        '--ctstate RELATED,ESTABLISHED -j ACCEPT',
+        "COMMIT",
+    ]
+    decl = [":PREROUTING ACCEPT [0:0]", ":INPUT ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]",
+            ":POSTROUTING ACCEPT [0:0]", ":KUBE-MARK-MASQ - [0:0]", ":KUBE-NODEPORTS - [0:0]",
+            ":KUBE-POSTROUTING - [0:0]", ":KUBE-SERVICES - [0:0]"]
+    rules = [
+        '-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES',
+        '-A OUTPUT -m comment --comment "kubernetes service portals" -j KUBE-SERVICES',
+        '-A POSTROUTING -m comment --comment "kubernetes postrouting rules" -j KUBE-POSTROUTING',
+        "-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000",
+        "-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN",
+        "-A KUBE-POSTROUTING -j MARK --xor-mark 0x4000",
+        '-A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" '
+        '-j MASQUERADE --random-fully',
+    ]
+    rules += [_np_ipt_service_rule(s) for s in svcs] + [_NODEPORTS_RULE]
+    large = sum(len(s.endpoints) for s in svcs) > 1000
+    chains, nodeports = [], []
+    for s in svcs:
+        d, np, r = _np_ipt_chains(s, large)
+        decl += d
+        nodeports += np
+        chains += r
+    return "\n".join(filt + ["*nat"] + decl + rules + nodeports + chains + ["COMMIT"]) + "\n"
+
+
+def iptables_flush() -> str:
+    """iptables-restore input that empties kube-proxy's tables again
+    (restore without --noflush replaces each table it names)."""
+    return "*filter\nCOMMIT\n*nat\nCOMMIT\n"
+
+
+def _np_nft_names(s: NpSvc) -> tuple[str, str]:
+    tail = f"{NAMESPACE}/{s.name}/{s.proto}/{s.pname}"
+    h = _np_hash(s)[:8]
+    return f"service-{h}-{tail}", f"external-{h}-{tail}"
+
+
+def _np_nft_ep_chain(s: NpSvc, ep: str) -> str:
+    tail = f"{NAMESPACE}/{s.name}/{s.proto}/{s.pname}"
+    return f"endpoint-{_hash(s.port_name + s.proto + ep)[:8]}-{tail}__{ep}/{s.target_port}"
+
+
+def _np_nft_service(s: NpSvc) -> list[str]:
+    """One NodePort Service: endpoint chains, service chain, external chain,
+    then its elements (a goto must name a chain that exists)."""
+    svc, ext = _np_nft_names(s)
+    eps = [_np_nft_ep_chain(s, ep) for ep in s.endpoints]
+    out = []
+    for ep, chain in zip(s.endpoints, eps):
+        out += [f"add chain {T} {chain}",
+                f"add rule {T} {chain} ip saddr {ep} jump mark-for-masquerade",
+                f"add rule {T} {chain} meta l4proto {s.proto} dnat to {ep}:{s.target_port}"]
+    out += [f"add chain {T} {svc}",
+            f"add rule {T} {svc} ip daddr {s.vip} {s.proto} dport {s.port} ip saddr != {CLUSTER_CIDR} "
+            f"jump mark-for-masquerade",
+            f"add rule {T} {svc} numgen random mod {len(eps)} vmap {{ "
+            + " , ".join(f"{i} : goto {c}" for i, c in enumerate(eps)) + " }",
+            f"add chain {T} {ext}",
+            f'add rule {T} {ext} jump mark-for-masquerade comment "masquerade traffic from outside the cluster"',
+            f"add rule {T} {ext} goto {svc}",
+            f"add element {T} cluster-ips {{ {s.vip} }}",
+            f"add element {T} service-ips {{ {s.vip} . {s.proto} . {s.port} : goto {svc} }}",
+            f"add element {T} service-nodeports {{ {s.proto} . {s.node_port} : goto {ext} }}"]
+    return out
+
+
+NFT_NODEPORT_BASE = [
+    f'add map {T} service-nodeports {{ type inet_proto . inet_service : verdict ; comment "NodePort traffic" ; }}',
+    f"add map {T} no-endpoint-nodeports {{ type inet_proto . inet_service : verdict ; }}",
+    f"add rule {T} services fib daddr type local ip daddr != 127.0.0.0/8 "
+    f"meta l4proto . th dport vmap @service-nodeports",
+    f"add chain {T} nodeport-endpoints-check",
+    f"add rule {T} nodeport-endpoints-check fib daddr type local ip daddr != 127.0.0.0/8 "
+    f"meta l4proto . th dport vmap @no-endpoint-nodeports",
+    f"add rule {T} filter-input ct state new jump nodeport-endpoints-check",
+    f"add chain {T} filter-prerouting {{ type filter hook prerouting priority -110 ; }}",
+    f"add rule {T} filter-prerouting ct state new jump firewall-check",
+    f"add chain {T} filter-forward {{ type filter hook forward priority -110 ; }}",
+    f"add rule {T} filter-forward ct state new jump service-endpoints-check",
+    f"add rule {T} filter-forward ct state new jump cluster-ips-check",
+]
+
+
+def nft_nodeport_ruleset(svcs: list[NpSvc]) -> str:
+    """kube-proxy's nftables mode, first full sync, for NodePort Services."""
+    lines = nft_ruleset([]).splitlines() + NFT_NODEPORT_BASE
+    for s in svcs:
+        lines += _np_nft_service(s)
+    return "\n".join(lines) + "\n"
+
+
+def nft_delete() -> str:
+    return f"delete table {T}\n"
