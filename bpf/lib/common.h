@@ -516,4 +516,59 @@ struct mbpf_ns_cfg {
 	__u32 pad;                  /* zero */
 };
 
+/* ---- North-south: the datapath's own (bpf/nodeport.c) --------------------- */
+
+/* Tables in mbpf_maglev; a power of two, so that M (an odd prime) is
+ * max_entries with its factors of two taken out (the loader sets it). */
+#ifndef MBPF_NS_TABLE_MAX
+#define MBPF_NS_TABLE_MAX 256
+#endif
+
+/* mbpf_ns_ct key (LRU hash): a packet's tuple as it is on the wire, before
+ * translation. Each translated flow has two entries: MBPF_NS_CT_FWD under
+ * the client's tuple (client -> frontend), MBPF_NS_CT_REV under the reply's
+ * (backend -> client, or -> the SNAT address and port). */
+struct mbpf_ns_ct_key {
+	__u8  saddr[MBPF_ADDR_LEN]; /* network order; IPv4 as ::ffff:a.b.c.d */
+	__u8  daddr[MBPF_ADDR_LEN]; /* network order */
+	__u16 sport;                /* network order */
+	__u16 dport;                /* network order */
+	__u8  proto;                /* IPPROTO_TCP or IPPROTO_UDP */
+	__u8  dir;                  /* MBPF_NS_CT_FWD or MBPF_NS_CT_REV */
+	__u8  pad[2];               /* zero */
+};
+#define MBPF_NS_CT_FWD  1
+#define MBPF_NS_CT_REV  2
+
+/* mbpf_ns_ct value. FWD: the new destination (backend) and, with
+ * MBPF_NS_CT_F_SNAT, the new source. REV: the reply's new source (the
+ * frontend) and new destination (the client). */
+struct mbpf_ns_ct {
+	__u8  dst[MBPF_ADDR_LEN];   /* network order; FWD: backend; REV: client */
+	__u8  src[MBPF_ADDR_LEN];   /* network order; FWD: SNAT address (zero: none); REV: frontend */
+	__u16 dport;                /* network order; FWD: backend port; REV: client port */
+	__u16 sport;                /* network order; FWD: SNAT port; REV: frontend port */
+	__u32 backend_id;           /* host order; the mbpf_ns_be key chosen */
+	__u64 last_ns;              /* host order; bpf_ktime_get_ns() of this direction's last packet */
+	__u8  flags;                /* MBPF_NS_CT_F_* */
+	__u8  pad[7];               /* zero */
+};
+#define MBPF_NS_CT_F_SNAT   1   /* the source was translated too (a remote backend) */
+#define MBPF_NS_CT_F_LOCAL  2   /* the backend is on this node: replies leave
+                                 * through the external device (tc egress) */
+
+/* mbpf_ns_stats: per-CPU array of __u64 counters. */
+#define MBPF_NS_NEW         0   /* new flow translated (DNAT, maybe SNAT) */
+#define MBPF_NS_SNAT        1   /* of which also SNATed (remote backend) */
+#define MBPF_NS_ESTABLISHED 2   /* packet of a known flow translated */
+#define MBPF_NS_REPLY       3   /* reply reverse-translated */
+#define MBPF_NS_REJECT      4   /* no endpoint (Cluster): TCP RST / ICMP unreachable sent */
+#define MBPF_NS_DROP_LOCAL  5   /* no local endpoint (Local): dropped */
+#define MBPF_NS_DROP_SRC    6   /* client not in loadBalancerSourceRanges: dropped */
+#define MBPF_NS_DROP_NOSNAT 7   /* remote backend, no SNAT address or port: dropped */
+#define MBPF_NS_DROP_OTHER  8   /* no backend entry, unforwardable, cut headers: dropped */
+#define MBPF_NS_ICMP_ERROR  9   /* ICMP error about a translated flow, translated back */
+#define MBPF_NS_XDP_FWD     10  /* of the translated: sent on by XDP itself (XDP_TX / redirect) */
+#define MBPF_NS_STAT_MAX    12
+
 #endif /* MBPF_COMMON_H */

@@ -332,3 +332,59 @@ POLICY_MAPS = (
 )
 RINGBUF_MAPS = {"mbpf_events"}
 PINNED_MAPS = ALL_MAPS + POLICY_MAPS  # everything uninstall and inspect look for
+
+
+# --- North-south (bpf/lib/ns_maps.h, common.h "North-south") ------------------
+
+class NsKeyC(ct.Structure):
+    _fields_ = [("addr", U8x16), ("port", ct.c_uint16), ("proto", ct.c_uint8), ("pad", ct.c_uint8)]
+
+
+class NsSvcC(ct.Structure):
+    _fields_ = [("table_id", ct.c_uint32), ("count", ct.c_uint32), ("src_id", ct.c_uint32),
+                ("flags", ct.c_uint32)]
+
+
+class NsBackendC(ct.Structure):
+    _fields_ = [("addr", U8x16), ("port", ct.c_uint16), ("flags", ct.c_uint8), ("pad", ct.c_uint8)]
+
+
+class NsSrcKeyC(ct.Structure):
+    _fields_ = [("prefixlen", ct.c_uint32), ("src_id", ct.c_uint32), ("addr", U8x16)]
+
+
+class NsCfgC(ct.Structure):
+    _fields_ = [("snat4", U8x16), ("snat6", U8x16), ("enabled", ct.c_uint32), ("pad", ct.c_uint32)]
+
+
+class NsCtKeyC(ct.Structure):
+    _fields_ = [("saddr", U8x16), ("daddr", U8x16), ("sport", ct.c_uint16), ("dport", ct.c_uint16),
+                ("proto", ct.c_uint8), ("dir", ct.c_uint8), ("pad", ct.c_uint8 * 2)]
+
+
+class NsCtC(ct.Structure):
+    _fields_ = [("dst", U8x16), ("src", U8x16), ("dport", ct.c_uint16), ("sport", ct.c_uint16),
+                ("backend_id", ct.c_uint32), ("last_ns", ct.c_uint64), ("flags", ct.c_uint8),
+                ("pad", ct.c_uint8 * 7)]
+
+
+# role: the NorthSouthState field the map holds. mbpf_maglev's size macro
+# counts tables (MBPF_NS_TABLE_MAX, a power of two); its max_entries is that
+# times the table size M.
+NS_MAPS = (
+    MapSpec("mbpf_ns_svc", "frontends", NsKeyC, NsSvcC, "MBPF_NS_SVC_MAX", 65536),
+    MapSpec("mbpf_ns_be", "backends", ct.c_uint32, NsBackendC, "MBPF_NS_BE_MAX", 65536),
+    MapSpec("mbpf_maglev", "tables", ct.c_uint32, ct.c_uint32, "MBPF_NS_TABLE_MAX", 256),
+    MapSpec("mbpf_ns_src", "sources", NsSrcKeyC, ct.c_uint32, "MBPF_NS_SRC_MAX", 16384,
+            no_prealloc=True),
+    MapSpec("mbpf_ns_addr", "node_addrs", EpAddrC, ct.c_uint32, "MBPF_NS_ADDR_MAX", 256),
+    MapSpec("mbpf_ns_cfg", "cfg", ct.c_uint32, NsCfgC, "", 1),
+    MapSpec("mbpf_ns_ct", "", NsCtKeyC, NsCtC, "MBPF_NS_CT_MAX", 131072),
+    MapSpec("mbpf_ns_stats", "", ct.c_uint32, ct.c_uint64, "", 12),  # MBPF_NS_STAT_MAX
+)
+# Indexes of mbpf_ns_stats (MBPF_NS_* in bpf/lib/common.h).
+NS_COUNTERS = {
+    "new": 0, "snat": 1, "established": 2, "reply": 3, "reject": 4, "drop_no_local": 5,
+    "drop_source_range": 6, "drop_no_snat": 7, "drop_other": 8, "icmp_error": 9, "xdp_forwarded": 10,
+}
+PINNED_MAPS = PINNED_MAPS + NS_MAPS  # uninstall and inspect find the north-south pins too

@@ -219,6 +219,18 @@ def map_lookup(fd: int, key, value) -> None:
     _check(_lib.bpf_map_lookup_elem(fd, ct.byref(key), ct.byref(value)), "map lookup")
 
 
+_lib.bpf_map_update_batch.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p, ct.POINTER(ct.c_uint32),
+                                      ct.c_void_p]
+
+
+def map_update_batch(fd: int, keys, values, count: int) -> None:
+    """count entries in one BPF_MAP_UPDATE_BATCH (5.6+): keys and values
+    are ctypes arrays."""
+    n = ct.c_uint32(count)
+    _check(_lib.bpf_map_update_batch(fd, ct.byref(keys), ct.byref(values), ct.byref(n), None),
+           "map batch update")
+
+
 def map_keys(fd: int, key_type: type):
     """Every key of a map (works for sockhash, whose values are sockets)."""
     key, next_key = key_type(), key_type()
@@ -264,6 +276,11 @@ SKB_IFINDEX_OFFSET = 40
 def prog_test_run_skb(prog_fd: int, packet: bytes, ifindex: int = 0) -> int:
     """Runs a tc program once on packet (Ethernet frame) with BPF_PROG_TEST_RUN;
     returns its return value as a signed int (TC_ACT_UNSPEC is -1)."""
+    return prog_test_run_skb_out(prog_fd, packet, ifindex)[0]
+
+
+def prog_test_run_skb_out(prog_fd: int, packet: bytes, ifindex: int = 0) -> tuple[int, bytes]:
+    """prog_test_run_skb, also returning the packet as the program left it."""
     data_in = ct.create_string_buffer(packet, len(packet))
     data_out = ct.create_string_buffer(len(packet) + 256)
     ctx = ct.create_string_buffer(SKB_CTX_SIZE)
@@ -273,7 +290,19 @@ def prog_test_run_skb(prog_fd: int, packet: bytes, ifindex: int = 0) -> int:
                         data_size_out=len(data_out), ctx_in=ct.addressof(ctx),
                         ctx_size_in=SKB_CTX_SIZE, repeat=1)
     _check(_lib.bpf_prog_test_run_opts(prog_fd, ct.byref(opts)), "BPF_PROG_TEST_RUN")
-    return ct.c_int32(opts.retval).value
+    return ct.c_int32(opts.retval).value, data_out.raw[:opts.data_size_out]
+
+
+def prog_test_run_xdp_out(prog_fd: int, packet: bytes) -> tuple[int, bytes]:
+    """Runs an XDP program once on packet (Ethernet frame), as if received
+    on loopback; its verdict (XDP_PASS is 2) and the packet it left."""
+    data_in = ct.create_string_buffer(packet, len(packet))
+    data_out = ct.create_string_buffer(len(packet) + 256)
+    opts = _TestRunOpts(sz=ct.sizeof(_TestRunOpts), data_in=ct.addressof(data_in),
+                        data_out=ct.addressof(data_out), data_size_in=len(packet),
+                        data_size_out=len(data_out), repeat=1)
+    _check(_lib.bpf_prog_test_run_opts(prog_fd, ct.byref(opts)), "BPF_PROG_TEST_RUN")
+    return ct.c_int32(opts.retval).value, data_out.raw[:opts.data_size_out]
 
 
 BPF_MAP_TYPE_RINGBUF = 27

@@ -419,6 +419,8 @@ def uninstall(bpffs: Path, drain_timeout: float = 2.0) -> list[str]:
             removed.append(f"link {pin.name}")
         _rmdir_if_empty(links_dir)
     removed += _remove_policy_filters(bpffs)
+    from .northsouth import remove_filters
+    removed += remove_filters(bpffs)
     for spec in PINNED_MAPS:
         pin = bpffs / spec.name
         if not pin.exists() and not pin.is_symlink():

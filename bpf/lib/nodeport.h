@@ -1,0 +1,370 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * North-south translation: connection tracking first, the frontend's Maglev
+ * table second.
+ *
+ * A new flow (client -> frontend) gets its backend from the table, a DNAT
+ * to it and, for a backend on another node of a Cluster service, an SNAT to
+ * the node's address, so the reply comes back through this node. Two
+ * conntrack entries remember the flow: FWD under the client's tuple (later
+ * packets keep their backend even when the table changes) and REV under the
+ * reply's tuple (the reply is translated back). The REV entry is written
+ * first and, with SNAT, only if its tuple is free (BPF_NOEXIST): that is how
+ * an SNAT port is claimed (the client's own port if free, else a few others).
+ */
+#ifndef MBPF_NODEPORT_H
+#define MBPF_NODEPORT_H
+
+#include "common.h"
+#include "ns_pkt.h"
+#include "ns_reject.h"
+#include "ns_icmp.h"
+
+#define NS_SNAT_PORT_TRIES 4
+#define NS_SNAT_PORT_MIN   32768
+#define NS_SNAT_PORT_SPAN  28232   /* 32768..60999, Linux's default ephemeral range */
+
+static __always_inline void ns_count(__u32 idx)
+{
+	__u64 *n = mbpf_ns_stats.lookup(&idx);
+
+	if (n)
+		*n += 1;  /* per-CPU slot: no atomics needed */
+}
+
+/* A packet of the flow went by: the agent's garbage collection removes
+ * flows idle too long (NorthSouthMaps.collect_garbage); LRU eviction is
+ * the backstop. A plain store: a lost race only ages the entry less. */
+static __always_inline void ns_ct_touch(struct mbpf_ns_ct *entry)
+{
+	entry->last_ns = bpf_ktime_get_ns();
+}
+
+static __always_inline void ns_ct_key(struct mbpf_ns_ct_key *k, const struct ns_pkt *p, __u8 dir)
+{
+	__builtin_memcpy(k->saddr, p->saddr, MBPF_ADDR_LEN);
+	__builtin_memcpy(k->daddr, p->daddr, MBPF_ADDR_LEN);
+	k->sport = p->sport;
+	k->dport = p->dport;
+	k->proto = p->proto;
+	k->dir = dir;
+}
+
+/* The frontend a packet is for: its exact address, else a NodePort if the
+ * destination is one of the node's addresses. A copy (the element may be
+ * reused under us). */
+static __always_inline int ns_frontend(const struct ns_pkt *p, struct mbpf_ns_svc *out)
+{
+	struct mbpf_ns_key key = {};
+	struct mbpf_ep_addr node = {};
+	struct mbpf_ns_svc *svc;
+
+	__builtin_memcpy(key.addr, p->daddr, MBPF_ADDR_LEN);
+	key.port = p->dport;
+	key.proto = p->proto;
+	svc = mbpf_ns_svc.lookup(&key);
+	if (!svc) {
+		__builtin_memcpy(node.addr, p->daddr, MBPF_ADDR_LEN);
+		if (!mbpf_ns_addr.lookup(&node))
+			return 0;
+		__builtin_memset(key.addr, 0, MBPF_ADDR_LEN);
+		svc = mbpf_ns_svc.lookup(&key);
+		if (!svc)
+			return 0;
+	}
+	*out = *svc;
+	return 1;
+}
+
+static __always_inline int ns_source_allowed(const struct ns_pkt *p, __u32 src_id)
+{
+	struct mbpf_ns_src_key key = {};
+
+	if (!src_id)
+		return 1;
+	key.prefixlen = 32 + 128;
+	key.src_id = bpf_htonl(src_id);
+	__builtin_memcpy(key.addr, p->saddr, MBPF_ADDR_LEN);
+	return mbpf_ns_src.lookup(&key) != NULL;
+}
+
+/* The backend of a new flow from its frontend's table; 0 if none. */
+static __always_inline __u32 ns_pick(const struct ns_pkt *p, const struct mbpf_ns_svc *svc,
+				     struct mbpf_ns_backend *be)
+{
+	struct mbpf_ns_backend *found;
+	__u32 idx, *id, be_id;
+
+	if (svc->table_id >= MBPF_NS_TABLE_MAX)
+		return 0;
+	idx = svc->table_id * MBPF_MAGLEV_M + ns_flow_hash(p) % MBPF_MAGLEV_M;
+	id = mbpf_maglev.lookup(&idx);
+	if (!id || !*id)
+		return 0;
+	be_id = *id;
+	found = mbpf_ns_be.lookup(&be_id);
+	if (!found)
+		return 0;
+	*be = *found;
+	return be_id;
+}
+
+/* Claim the reply tuple of a new flow: REV written only if free. With
+ * SNAT, the client's port first, then a few others from the flow's hash. */
+static __always_inline __u16 ns_claim_rev(const struct ns_pkt *p, struct mbpf_ns_ct_key *rk,
+					  struct mbpf_ns_ct *rv, int snat, __u32 hash)
+{
+	__u16 port = p->sport;
+
+	if (!snat) {
+		rk->dport = port;
+		mbpf_ns_ct.update(rk, rv);  /* the client's own tuple: ours alone */
+		return port;
+	}
+#pragma unroll
+	for (int i = 0; i < NS_SNAT_PORT_TRIES; i++) {
+		rk->dport = port;
+		if (mbpf_ns_ct.insert(rk, rv) == 0)
+			return port;
+		port = bpf_htons(NS_SNAT_PORT_MIN + (hash + i * 7919) % NS_SNAT_PORT_SPAN);
+	}
+	return 0;
+}
+
+/* ns_track_new() results other than 0 (tracked: *fwd says where to) */
+#define NS_NEW_MISS     1   /* no frontend: not ours */
+#define NS_NEW_DROP     2   /* dropped (counted) */
+#define NS_NEW_REJECT   3   /* no endpoint, Cluster: answer with RST / ICMP */
+
+/* A new flow to a frontend: its backend chosen and both conntrack entries
+ * written; *fwd is its FWD entry (the translation to make). */
+static __always_inline int ns_track_new(const struct ns_pkt *p, const struct mbpf_ns_cfg *cfg,
+					struct mbpf_ns_ct *fwd)
+{
+	struct mbpf_ns_svc svc;
+	struct mbpf_ns_backend be;
+	struct mbpf_ns_ct_key key = {};
+	__u32 be_id;
+	__u16 snat_port;
+	int snat;
+
+	if (!ns_frontend(p, &svc))
+		return NS_NEW_MISS;
+	if (!ns_source_allowed(p, svc.src_id)) {
+		ns_count(MBPF_NS_DROP_SRC);
+		return NS_NEW_DROP;
+	}
+	if (svc.count == 0) {
+		if (svc.flags & MBPF_NS_F_LOCAL) {
+			ns_count(MBPF_NS_DROP_LOCAL);
+			return NS_NEW_DROP;
+		}
+		ns_count(MBPF_NS_REJECT);
+		return NS_NEW_REJECT;
+	}
+	be_id = ns_pick(p, &svc, &be);
+	if (!be_id) {
+		ns_count(MBPF_NS_DROP_OTHER);
+		return NS_NEW_DROP;
+	}
+	snat = !(be.flags & MBPF_NS_BE_LOCAL) && !(svc.flags & MBPF_NS_F_LOCAL);
+	/* REV: the reply as it will come, backend -> client (or -> SNAT address);
+	 * *fwd holds it meanwhile (one struct less on the stack) */
+	__builtin_memcpy(key.saddr, be.addr, MBPF_ADDR_LEN);
+	__builtin_memcpy(key.daddr, snat ? (p->v6 ? cfg->snat6 : cfg->snat4) : p->saddr, MBPF_ADDR_LEN);
+	if (snat && ns_addr_zero(key.daddr)) {
+		ns_count(MBPF_NS_DROP_NOSNAT);
+		return NS_NEW_DROP;
+	}
+	key.sport = be.port;
+	key.proto = p->proto;
+	key.dir = MBPF_NS_CT_REV;
+	__builtin_memcpy(fwd->dst, p->saddr, MBPF_ADDR_LEN);
+	__builtin_memcpy(fwd->src, p->daddr, MBPF_ADDR_LEN);
+	fwd->dport = p->sport;
+	fwd->sport = p->dport;
+	fwd->backend_id = be_id;
+	fwd->last_ns = bpf_ktime_get_ns();
+	fwd->flags = snat ? MBPF_NS_CT_F_SNAT : MBPF_NS_CT_F_LOCAL;
+	snat_port = ns_claim_rev(p, &key, fwd, snat, ns_flow_hash(p));
+	if (!snat_port) {
+		ns_count(MBPF_NS_DROP_NOSNAT);
+		return NS_NEW_DROP;
+	}
+	/* FWD: later packets of this flow */
+	__builtin_memcpy(fwd->src, key.daddr, MBPF_ADDR_LEN);
+	fwd->sport = snat_port;
+	if (!snat) {
+		__builtin_memset(fwd->src, 0, MBPF_ADDR_LEN);
+		fwd->sport = 0;
+	}
+	__builtin_memcpy(fwd->dst, be.addr, MBPF_ADDR_LEN);
+	fwd->dport = be.port;
+	ns_ct_key(&key, p, MBPF_NS_CT_FWD);
+	mbpf_ns_ct.update(&key, fwd);
+	ns_count(MBPF_NS_NEW);
+	if (snat)
+		ns_count(MBPF_NS_SNAT);
+	return 0;
+}
+
+/* Translate a new flow to a frontend; the verdict. */
+static __always_inline int ns_new_flow(struct __sk_buff *skb, struct ns_pkt *p,
+				       const struct mbpf_ns_cfg *cfg)
+{
+	struct mbpf_ns_ct fwd = {};
+	int res = ns_track_new(p, cfg, &fwd);
+
+	if (res == NS_NEW_MISS)
+		return NS_TC_PASS;
+	if (res == NS_NEW_REJECT)
+		return ns_reject(skb, p);
+	if (res)
+		return NS_TC_DROP;
+	if (ns_rewrite(skb, p, 0, fwd.dst, fwd.dport) < 0)
+		return NS_TC_DROP;
+	if (!(fwd.flags & MBPF_NS_CT_F_SNAT))
+		return NS_TC_PASS;  /* a pod of this node: the stack routes it */
+	if (ns_rewrite(skb, p, 1, fwd.src, fwd.sport) < 0)
+		return NS_TC_DROP;
+	return ns_forward(skb, p);
+}
+
+/* A packet of a known flow (FWD entry): same backend while it exists.
+ * -2: not known (or its backend is gone: a new flow then). */
+static __always_inline int ns_established(struct __sk_buff *skb, struct ns_pkt *p)
+{
+	struct mbpf_ns_ct_key key = {};
+	struct mbpf_ns_ct *entry;
+	struct mbpf_ns_ct fwd;
+
+	ns_ct_key(&key, p, MBPF_NS_CT_FWD);
+	entry = mbpf_ns_ct.lookup(&key);
+	if (!entry)
+		return -2;
+	fwd = *entry;
+	if (!mbpf_ns_be.lookup(&fwd.backend_id)) {
+		mbpf_ns_ct.delete(&key);
+		return -2;
+	}
+	ns_ct_touch(entry);
+	ns_count(MBPF_NS_ESTABLISHED);
+	if (ns_rewrite(skb, p, 0, fwd.dst, fwd.dport) < 0)
+		return NS_TC_DROP;
+	if (!(fwd.flags & MBPF_NS_CT_F_SNAT))
+		return NS_TC_PASS;
+	if (ns_rewrite(skb, p, 1, fwd.src, fwd.sport) < 0)
+		return NS_TC_DROP;
+	return ns_forward(skb, p);
+}
+
+/* A reply (REV entry): from the frontend again, to the client. Replies of
+ * SNATed flows arrive on ingress, those of local backends leave on egress.
+ * -2: not a reply we know here. */
+static __always_inline int ns_reply(struct __sk_buff *skb, struct ns_pkt *p, int ingress)
+{
+	struct mbpf_ns_ct_key key = {};
+	struct mbpf_ns_ct *entry;
+	struct mbpf_ns_ct rev;
+	int snat;
+
+	ns_ct_key(&key, p, MBPF_NS_CT_REV);
+	entry = mbpf_ns_ct.lookup(&key);
+	if (!entry)
+		return -2;
+	rev = *entry;
+	snat = !!(rev.flags & MBPF_NS_CT_F_SNAT);
+	if (snat != ingress)
+		return -2;
+	ns_ct_touch(entry);
+	ns_count(MBPF_NS_REPLY);
+	if (ns_rewrite(skb, p, 1, rev.src, rev.sport) < 0)
+		return NS_TC_DROP;
+	if (!snat)
+		return NS_TC_PASS;
+	if (ns_rewrite(skb, p, 0, rev.dst, rev.dport) < 0)
+		return NS_TC_DROP;
+	return ns_forward(skb, p);
+}
+
+/* An ICMP error about a translated flow, translated back like its reply
+ * (ns_icmp.h). */
+static __always_inline int ns_icmp_reply(struct __sk_buff *skb, struct ns_pkt *p, int ingress)
+{
+	struct ns_quoted q = {};
+	struct mbpf_ns_ct_key key = {};
+	struct mbpf_ns_ct *entry;
+	struct mbpf_ns_ct rev;
+	__u32 icsum = p->l4_off + 2;
+	/* v4: the IPv4 headers' checksums; v6: ICMPv6's (pseudo-header for outer addresses) */
+	__u32 outer_l3 = p->v6 ? 0 : NS_ETH_HLEN + 10, quoted_l3;
+	__u32 addr_l4 = p->v6 ? icsum : 0;
+	int snat, v6 = p->v6;
+
+	if (!ns_is_icmp_error(skb, p) || ns_parse_quoted(skb, p, &q) < 0)
+		return NS_TC_PASS;
+	quoted_l3 = v6 ? 0 : q.ip_off + 10;
+	__builtin_memcpy(key.saddr, q.daddr, MBPF_ADDR_LEN);
+	__builtin_memcpy(key.daddr, q.saddr, MBPF_ADDR_LEN);
+	key.sport = q.dport;
+	key.dport = q.sport;
+	key.proto = q.proto;
+	key.dir = MBPF_NS_CT_REV;
+	entry = mbpf_ns_ct.lookup(&key);
+	if (!entry)
+		return NS_TC_PASS;
+	rev = *entry;
+	snat = !!(rev.flags & MBPF_NS_CT_F_SNAT);
+	if (snat != ingress)
+		return NS_TC_PASS;
+	ns_count(MBPF_NS_ICMP_ERROR);
+	/* quoted destination: the backend becomes the frontend */
+	if (ns_set_addr(skb, v6, ns_addr_off(v6, q.ip_off, 0), q.daddr, rev.src, quoted_l3, addr_l4, 0) < 0 ||
+	    ns_set_port(skb, q.l4_off + 2, q.dport, rev.sport, icsum) < 0)
+		return NS_TC_DROP;
+	if (snat) {
+		/* quoted source and the error's destination: the SNAT address becomes the client */
+		if (ns_set_addr(skb, v6, ns_addr_off(v6, q.ip_off, 1), q.saddr, rev.dst, quoted_l3, addr_l4, 0) < 0 ||
+		    ns_set_port(skb, q.l4_off, q.sport, rev.dport, icsum) < 0 ||
+		    ns_set_addr(skb, v6, ns_addr_off(v6, NS_ETH_HLEN, 0), p->daddr, rev.dst, outer_l3, addr_l4,
+				BPF_F_PSEUDO_HDR) < 0)
+			return NS_TC_DROP;
+		__builtin_memcpy(p->daddr, rev.dst, MBPF_ADDR_LEN);
+	}
+	/* sent by the backend itself: from the frontend */
+	if (ns_addr_equal(p->saddr, q.daddr)) {
+		if (ns_set_addr(skb, v6, ns_addr_off(v6, NS_ETH_HLEN, 1), p->saddr, rev.src, outer_l3, addr_l4,
+				BPF_F_PSEUDO_HDR) < 0)
+			return NS_TC_DROP;
+		__builtin_memcpy(p->saddr, rev.src, MBPF_ADDR_LEN);
+	}
+	return snat ? ns_forward(skb, p) : NS_TC_PASS;
+}
+
+static __always_inline int ns_handle(struct __sk_buff *skb, int ingress)
+{
+	struct ns_pkt p = {};
+	struct mbpf_ns_cfg *cfg;
+	__u32 zero = 0;
+	int res;
+
+	cfg = mbpf_ns_cfg.lookup(&zero);
+	if (!cfg || !cfg->enabled)
+		return NS_TC_PASS;
+	res = ns_parse(skb, &p);
+	if (res == NS_PARSE_SKIP && p.proto)
+		return ns_icmp_reply(skb, &p, ingress);
+	if (res != NS_PARSE_OK)
+		return NS_TC_PASS;  /* not ours to judge (cut headers included) */
+	res = ns_reply(skb, &p, ingress);
+	if (res != -2)
+		return res;
+	if (!ingress)
+		return NS_TC_PASS;
+	res = ns_established(skb, &p);
+	if (res != -2)
+		return res;
+	return ns_new_flow(skb, &p, cfg);
+}
+
+#endif /* MBPF_NODEPORT_H */
