@@ -494,10 +494,11 @@ struct mbpf_cap_cfg {
 #define MBPF_MAGLEV_M 16381
 #endif
 
-/* mbpf_ns_svc key: a packet's destination. A NodePort is keyed with the
- * all-zero address: it answers on every node address in mbpf_ns_addr. */
+/* mbpf_ns_svc key: a packet's destination. A NodePort is keyed with its
+ * family's unspecified address (IPv4 ::ffff:0.0.0.0, IPv6 ::): it answers
+ * on every node address of that family in mbpf_ns_addr. */
 struct mbpf_ns_key {
-	__u8  addr[MBPF_ADDR_LEN];  /* network order; IPv4 as ::ffff:a.b.c.d; all zero: NodePort */
+	__u8  addr[MBPF_ADDR_LEN];  /* network order; IPv4 as ::ffff:a.b.c.d; unspecified: NodePort */
 	__u16 port;                 /* network order */
 	__u8  proto;                /* IPPROTO_TCP or IPPROTO_UDP */
 	__u8  pad;                  /* zero */
@@ -518,7 +519,7 @@ struct mbpf_ns_svc {
 #define MBPF_NS_F_LOCAL     1   /* externalTrafficPolicy: Local: the table holds
                                  * only this node's endpoints; the client's
                                  * address is kept (never SNAT) */
-#define MBPF_NS_F_NODEPORT  2   /* keyed by the wildcard address (a NodePort) */
+#define MBPF_NS_F_NODEPORT  2   /* keyed by a family's unspecified address (a NodePort) */
 
 /* mbpf_ns_be value; the key is a __u32 backend id (host order). */
 struct mbpf_ns_backend {

@@ -67,7 +67,12 @@ static __always_inline int ns_frontend(const struct ns_pkt *p, struct mbpf_ns_sv
 		__builtin_memcpy(node.addr, p->daddr, MBPF_ADDR_LEN);
 		if (!mbpf_ns_addr.lookup(&node))
 			return 0;
+		/* the NodePort of the packet's family: ::ffff:0.0.0.0 or :: */
 		__builtin_memset(key.addr, 0, MBPF_ADDR_LEN);
+		if (!p->v6) {
+			key.addr[10] = 0xff;
+			key.addr[11] = 0xff;
+		}
 		svc = mbpf_ns_svc.lookup(&key);
 		if (!svc)
 			return 0;

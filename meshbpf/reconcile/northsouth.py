@@ -4,7 +4,7 @@ A pure function of the desired state, this node (its name, addresses and
 SNAT sources) and what the maps hold: no root, no kernel. It decides
 
 - the frontends of every exposed ServicePort (model.Exposure): the NodePort
-  (keyed by WILDCARD), each external IP and LoadBalancer ingress IP of the
+  (keyed by its family's wildcard), each external IP and LoadBalancer ingress IP of the
   port's family (at the Service port), and the ClusterIP itself;
 - one Maglev table per ServicePort and traffic policy: Cluster over every
   usable endpoint, Local over this node's (a Local Service's ClusterIP
@@ -22,9 +22,8 @@ mid-change never meets another service's backend under an old id.
 
 A frontend two Services claim (the same external IP and port, the same
 node port) goes to the first in namespace/name order; the other is told
-in `problems`. A dual-stack Service's NodePort is served for its IPv4
-endpoints only: the fixed ABI keys every NodePort by the one all-zero
-address, whatever the family.
+in `problems`. A NodePort is keyed per family (::ffff:0.0.0.0, ::), so a
+dual-stack Service's NodePort serves each family from its own endpoints.
 """
 
 from __future__ import annotations
@@ -37,7 +36,7 @@ from typing import Iterable, NamedTuple
 
 from ..model import DesiredState, Frontend, IPAddress, ServicePort, usable_endpoints
 from . import addr16, maglev
-from .northsouth_keys import (BE_LOCAL, DEFAULT_TABLE_SIZE, F_LOCAL, F_NODEPORT, WILDCARD,
+from .northsouth_keys import (BE_LOCAL, DEFAULT_TABLE_SIZE, F_LOCAL, F_NODEPORT, WILDCARDS, wildcard,
                               NorthSouthState, NsBackend, NsCfg, NsKey, NsSrcKey, NsStep, NsSvc)
 
 PROTO = {"TCP": socket.IPPROTO_TCP, "UDP": socket.IPPROTO_UDP}
@@ -101,9 +100,13 @@ def plan(desired: DesiredState, node: NodeContext, current: NorthSouthState,
             new.tables[table_id] = _row(table_id, eps, ids, current, table_size, cache)
         src_id = _sources(sp, keys, current, src_ids, new.sources)
         flags = F_LOCAL if owner.local else 0
+        if owner.local and not ids and not _usable(sp, False, node.name):
+            # no usable endpoint on any node: reject (count 0 without F_LOCAL),
+            # as kube-proxy does; Local drops only while other nodes have one
+            flags = 0
         for key, is_lb in keys:
             new.frontends[key] = NsSvc(table_id, len(set(ids)), src_id if is_lb else 0,
-                                       flags | (F_NODEPORT if key.addr == WILDCARD else 0))
+                                       flags | (F_NODEPORT if key.addr in WILDCARDS else 0))
     return NsPlan(new, diff(current, new), problems)
 
 
@@ -168,7 +171,7 @@ def _keys(sp: ServicePort) -> Iterable[tuple[NsKey, bool, bool]]:
     if exp is None:
         return
     if sp.node_port and exp.type in ("NodePort", "LoadBalancer"):
-        yield NsKey(WILDCARD, sp.node_port, proto), False, True
+        yield NsKey(wildcard(fe.address.version), sp.node_port, proto), False, True
     for ip in exp.external_ips:
         if ip.version == fe.address.version:
             yield NsKey(addr16(ip), fe.port, proto), False, True
@@ -179,8 +182,9 @@ def _keys(sp: ServicePort) -> Iterable[tuple[NsKey, bool, bool]]:
 
 def _show(key: NsKey) -> str:
     proto = "TCP" if key.proto == socket.IPPROTO_TCP else "UDP"
-    if key.addr == WILDCARD:
-        return f"node port {key.port}/{proto}"
+    if key.addr in WILDCARDS:
+        family = "IPv4" if key.addr == WILDCARDS[0] else "IPv6"
+        return f"node port {key.port}/{proto} ({family})"
     ip = ipaddress.IPv6Address(key.addr)
     shown = ip.ipv4_mapped or ip
     return f"{shown}:{key.port}/{proto}" if shown.version == 4 else f"[{shown}]:{key.port}/{proto}"

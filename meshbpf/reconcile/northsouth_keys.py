@@ -13,10 +13,20 @@ from array import array
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-WILDCARD = bytes(16)   # mbpf_ns_key.addr of a NodePort: any address in mbpf_ns_addr
+# mbpf_ns_key.addr of a NodePort: the family's unspecified address, which
+# stands for every node address of that family in mbpf_ns_addr (one key per
+# family, so a packet never meets a backend of the other family).
+WILDCARD4 = bytes(10) + b"\xff\xff" + bytes(4)   # ::ffff:0.0.0.0
+WILDCARD6 = bytes(16)                             # ::
+WILDCARDS = (WILDCARD4, WILDCARD6)
+
+
+def wildcard(version: int) -> bytes:
+    """The NodePort key address of IP version 4 or 6."""
+    return WILDCARD4 if version == 4 else WILDCARD6
 
 F_LOCAL = 1            # MBPF_NS_F_LOCAL: externalTrafficPolicy Local
-F_NODEPORT = 2         # MBPF_NS_F_NODEPORT: keyed by WILDCARD
+F_NODEPORT = 2         # MBPF_NS_F_NODEPORT: keyed by wildcard(version)
 
 BE_LOCAL = 1           # MBPF_NS_BE_LOCAL: a backend on this node (no SNAT)
 
@@ -26,7 +36,7 @@ DEFAULT_TABLE_SIZE = 16381   # MBPF_MAGLEV_M's default; a prime from maglev.TABL
 class NsKey(NamedTuple):
     """mbpf_ns_svc key: where a packet from outside is sent."""
 
-    addr: bytes       # 16 bytes, IPv4 mapped; WILDCARD for a NodePort
+    addr: bytes       # 16 bytes, IPv4 mapped; wildcard(version) for a NodePort
     port: int
     proto: int        # socket.IPPROTO_TCP / IPPROTO_UDP
 

@@ -72,9 +72,6 @@ POD_TO_EXTERNAL = ("pod client to a NodePort/LB/external IP: kube-proxy short-ci
 ALT_NODE_IP = "the lab's nodes have one address per family on ext0 (no --nodeport-addresses choice)"
 LOCALHOST = "127.0.0.1 NodePorts (iptables --localhost-nodeports) are host-local: no tc path"
 SCTP = "meshbpf skips SCTP ports"
-LOCAL_NO_ENDPOINTS = ("externalTrafficPolicy Local with no usable endpoint on any node: meshbpf drops "
-                      "(the datapath's Local rule, count 0 -> drop), kube-proxy rejects, and issue 12 "
-                      "wants a RST or ICMP unreachable when there are no endpoints at all")
 NO_ROUTE = ("meshbpf passes a packet that matches no frontend untouched: no REJECT for a ClusterIP "
             "port that no Service has, no DROP for an unallocated ClusterIP. From a pod the socket-LB "
             "leaves the address; the packet loops between the lab's router and nodes until its TTL "
@@ -350,7 +347,7 @@ def _terminating(policy: str) -> None:
             ("no usable endpoints on any node", [e(A1, NS), e(B1, NS)], "REJECT", "REJECT"),
         ]
     pinned = (LB1,) if local else ()
-    gap = LOCAL_NO_ENDPOINTS if local else ""
+    gap = ""   # Local with no usable endpoint anywhere rejects, as kube-proxy does
     for sub, eps, to_cip, to_lb in cases:
         SETUPS.append(Setup(f"TestTerminatingEndpointsTrafficPolicy{policy}/{sub}", ("nftables", "iptables"),
                             [svc, slice_("svc1", eps, [("", 80, "TCP")])], [

@@ -21,8 +21,8 @@ from meshbpf.datapath.northsouth import (XDP_FLAGS_DRV_MODE, NorthSouthDatapath,
 from meshbpf.lab.netlab import NODE_UPLINK, ROUTER, Lab
 from meshbpf.datapath.policy import _ipr
 from meshbpf.lab.workloads import wait_listening
-from meshbpf.reconcile.northsouth_keys import (BE_LOCAL, F_NODEPORT, WILDCARD, NsBackend, NsCfg, NsKey,
-                                               NsStep, NsSvc)
+from meshbpf.reconcile.northsouth_keys import (BE_LOCAL, F_NODEPORT, NsBackend, NsCfg, NsKey,
+                                               NsStep, NsSvc, wildcard)
 
 from .conftest import BPFFS_ROOT, LAB_PREFIX, PIN_PREFIX, _names
 
@@ -90,6 +90,13 @@ for attempt in range(3 if proto == "udp" else 1):
         s.close()
 """
 
+# A NodePort in these tests' frontends: program() keys it by the family's wildcard.
+NODEPORT = b"nodeport"
+
+
+def _of_family(key: NsKey, fam: int) -> NsKey:
+    return key._replace(addr=wildcard(fam)) if key.addr == NODEPORT else key
+
 
 def a16(ip) -> bytes:
     addr = ipaddress.ip_address(str(ip))
@@ -132,7 +139,7 @@ class NsLab:
                         for bid, p in pods.items()}
             tables = {t: array("I", [ids[i % len(ids)] for i in range(M)] if ids else [0] * M)
                       for t, ids in frontends.values()}
-            svcs = {k: NsSvc(t, len(set(ids)), 0, F_NODEPORT if k.addr == WILDCARD else 0)
+            svcs = {_of_family(k, fam): NsSvc(t, len(set(ids)), 0, F_NODEPORT if k.addr == NODEPORT else 0)
                     for k, (t, ids) in frontends.items()}
             dp.maps.apply([
                 NsStep("backends", "update", backends),
@@ -184,7 +191,7 @@ ROUTER4, ROUTER6 = "10.243.0.1", "fd00:243::1"
 @pytest.mark.parametrize("proto", ["tcp", "udp"])
 def test_a_nodeport_answered_by_a_pod_on_the_other_node_sees_the_node(ns, fam, proto):
     p = 6 if proto == "tcp" else 17
-    ns.program({NsKey(WILDCARD, NODE_PORT, p): (0, [WEB2])}, fam)
+    ns.program({NsKey(NODEPORT, NODE_PORT, p): (0, [WEB2])}, fam)
     assert ns.ask(node_addr(ns, 1, fam), NODE_PORT, proto) == f"web-2 {node_addr(ns, 1, fam)}"
 
 
@@ -192,7 +199,7 @@ def test_a_nodeport_answered_by_a_pod_on_the_other_node_sees_the_node(ns, fam, p
 @pytest.mark.parametrize("proto", ["tcp", "udp"])
 def test_a_nodeport_answered_by_a_local_pod_sees_the_client(ns, fam, proto):
     p = 6 if proto == "tcp" else 17
-    ns.program({NsKey(WILDCARD, NODE_PORT, p): (0, [WEB1])}, fam)
+    ns.program({NsKey(NODEPORT, NODE_PORT, p): (0, [WEB1])}, fam)
     client = ROUTER6 if fam == 6 else ROUTER4
     assert ns.ask(node_addr(ns, 1, fam), NODE_PORT, proto) == f"web-1 {client}"
 
@@ -201,7 +208,7 @@ def test_a_nodeport_answered_by_a_local_pod_sees_the_client(ns, fam, proto):
 def test_the_path_that_skips_the_stack_takes_its_hop(ns, fam):
     """The router sends with 64 hops: node1 forwards (the program, on the
     path around its stack), node2 forwards: the pod sees 62."""
-    ns.program({NsKey(WILDCARD, NODE_PORT, 17): (0, [WEB2])}, fam)
+    ns.program({NsKey(NODEPORT, NODE_PORT, 17): (0, [WEB2])}, fam)
     addr = node_addr(ns, 1, fam)
     assert ns.ask(addr, NODE_PORT, "udp", payload="ttl") == f"web-2 {addr} 62"
 
@@ -240,7 +247,7 @@ def test_a_flow_keeps_its_backend_across_a_reload(ns):
     """A new agent loads the programs again over the same pins: the filters
     are replaced in place and the conntrack kept, so a flow keeps its
     backend although the table now names another."""
-    key = NsKey(WILDCARD, NODE_PORT, 17)
+    key = NsKey(NODEPORT, NODE_PORT, 17)
     ns.program({key: (0, [WEB2])})
     node1 = node_addr(ns, 1, 4)
     assert ns.ask(node1, NODE_PORT, "udp", 43000).startswith("web-2 ")
@@ -313,13 +320,13 @@ def test_xdp_mode_serves_the_same_traffic_forwarding_on_its_own(ns, xdp_mode, fa
     assert [dp.mode for dp in ns.dps] == ["xdp", "xdp"]
     assert xdp_program(node1.netns, NODE_UPLINK) == "mbpf_ns_xdp"
     assert attached(node1.netns, NODE_UPLINK) == 2   # tc stays: egress, and what XDP passes
-    ns.program({NsKey(WILDCARD, NODE_PORT, 6): (0, [WEB2]), NsKey(WILDCARD, NODE_PORT, 17): (1, [WEB1])}, fam)
+    ns.program({NsKey(NODEPORT, NODE_PORT, 6): (0, [WEB2]), NsKey(NODEPORT, NODE_PORT, 17): (1, [WEB1])}, fam)
     before = ns.dps[0].maps.counters()
     addr = node_addr(ns, 1, fam)
     for _ in range(3):
         assert ns.ask(addr, NODE_PORT, "tcp") == f"web-2 {addr}"
     assert ns.ask(addr, NODE_PORT, "udp") == f"web-1 {ROUTER6 if fam == 6 else ROUTER4}"
-    ns.program({NsKey(WILDCARD, NODE_PORT, 17): (1, [WEB2])}, fam)
+    ns.program({NsKey(NODEPORT, NODE_PORT, 17): (1, [WEB2])}, fam)
     assert ns.ask(addr, NODE_PORT, "udp", sport=44000 + fam, payload="ttl") == f"web-2 {addr} 62"
     after = ns.dps[0].maps.counters()
     assert after["xdp_forwarded"] > before["xdp_forwarded"]   # XDP_TX'd by node1 itself

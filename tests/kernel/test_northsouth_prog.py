@@ -17,7 +17,7 @@ from scapy.layers.l2 import Ether
 
 from meshbpf.datapath import libbpf
 from meshbpf.datapath.northsouth import NorthSouthDatapath
-from meshbpf.reconcile.northsouth_keys import (BE_LOCAL, F_LOCAL, F_NODEPORT, WILDCARD, NorthSouthState,
+from meshbpf.reconcile.northsouth_keys import (BE_LOCAL, F_LOCAL, F_NODEPORT, wildcard, NorthSouthState,
                                                NsBackend, NsCfg, NsKey, NsSrcKey, NsStep, NsSvc)
 
 from .conftest import BPFFS_ROOT, PIN_PREFIX, _names
@@ -96,7 +96,7 @@ def frontend(maps, key: NsKey, backends: list[int], table: int = 0, flags: int =
 
 
 def nodeport(fam: int, proto: int = TCP_) -> NsKey:
-    return NsKey(WILDCARD, NODE_PORT, proto)
+    return NsKey(wildcard(fam), NODE_PORT, proto)
 
 
 def pkt(fam: int, src: str, dst: str, sport: int, dport: int, proto: int = TCP_, flags: str = "S",
@@ -184,7 +184,7 @@ FAMS = pytest.mark.parametrize("fam", [4, 6])
 def test_each_frontend_kind_is_translated_to_a_local_backend(dp, maps, fam, kind, proto):
     f = FAMILIES[fam]
     dst, port, key = {
-        "nodeport": (f["node"], NODE_PORT, NsKey(WILDCARD, NODE_PORT, proto)),
+        "nodeport": (f["node"], NODE_PORT, NsKey(wildcard(fam), NODE_PORT, proto)),
         "external": (f["ext"], SVC_PORT, NsKey(a16(f["ext"]), SVC_PORT, proto)),
         "clusterip": (f["cip"], SVC_PORT, NsKey(a16(f["cip"]), SVC_PORT, proto)),
     }[kind]
@@ -450,10 +450,9 @@ def test_icmp_errors_about_unknown_flows_pass_untouched(dp, maps):
     assert ingress(dp, packet) == (PASS, Ether(bytes(packet)))
 
 
+@pytest.mark.parametrize("path", ["tc"], indirect=True)   # one path: it is about the maps / XDP itself
 @pytest.mark.parametrize("snat", [False, True])
 def test_garbage_collection_removes_flows_idle_both_ways(dp, maps, snat, path):
-    if path == "xdp":
-        pytest.skip("no packets here")
     import time
     f = FAMILIES[4]
     frontend(maps, nodeport(4), [REMOTE_BE if snat else LOCAL_BE], flags=F_NODEPORT)
@@ -480,11 +479,10 @@ def xdp(dp, packet) -> tuple[int, Ether]:
     return rc, Ether(out)
 
 
+@pytest.mark.parametrize("path", ["tc"], indirect=True)   # one path: it is about the maps / XDP itself
 @FAMS
 @pytest.mark.parametrize("proto", [TCP_, UDP_])
 def test_xdp_itself_translates_flows_to_a_local_backend(dp, maps, fam, proto, path):
-    if path == "xdp":
-        pytest.skip("XDP alone here")
     f = FAMILIES[fam]
     frontend(maps, NsKey(a16(f["ext"]), SVC_PORT, proto), [be_id(fam, LOCAL_BE)])
     before = maps.counters()
@@ -497,9 +495,8 @@ def test_xdp_itself_translates_flows_to_a_local_backend(dp, maps, fam, proto, pa
     assert counted(maps, before) == {"new": 1, "established": 1}
 
 
+@pytest.mark.parametrize("path", ["tc"], indirect=True)   # one path: it is about the maps / XDP itself
 def test_xdp_drops_what_tc_would_drop_and_leaves_rejects_to_tc(dp, maps, path):
-    if path == "xdp":
-        pytest.skip("XDP alone here")
     f = FAMILIES[4]
     frontend(maps, NsKey(a16(f["ext"]), SVC_PORT, TCP_), [LOCAL_BE], src_id=9)
     frontend(maps, nodeport(4), [], table=1, flags=F_NODEPORT)

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 import kube_rules as kr  # noqa: E402
 
 from meshbpf.reconcile import northsouth as planner  # noqa: E402
-from meshbpf.reconcile.northsouth_keys import F_NODEPORT, NorthSouthState, NsKey, WILDCARD  # noqa: E402
+from meshbpf.reconcile.northsouth_keys import F_NODEPORT, NorthSouthState, NsKey, WILDCARD4, WILDCARDS  # noqa: E402
 from meshbpf.sources.yaml_file import read_config  # noqa: E402
 
 TARGETS = [("web-tcp", "tcp", ("10.244.1.2",), 8080), ("web-udp", "udp", ("10.244.1.2",), 9090)]
@@ -178,8 +178,8 @@ def test_yaml_gives_each_service_a_nodeport_frontend(tmp_path):
     node = planner.NodeContext("node1")
     p = planner.plan(desired, node, NorthSouthState(), 251)
     assert not p.problems
-    nodeports = {k: v for k, v in p.state.frontends.items() if k.addr == WILDCARD}
-    assert set(nodeports) == {NsKey(WILDCARD, x.node_port, 6 if x.proto == "tcp" else 17) for x in s}
+    nodeports = {k: v for k, v in p.state.frontends.items() if k.addr in WILDCARDS}
+    assert set(nodeports) == {NsKey(WILDCARD4, x.node_port, 6 if x.proto == "tcp" else 17) for x in s}
     assert all(v.flags & F_NODEPORT and v.count == len(x.endpoints)
                for x in s for k, v in nodeports.items() if k.port == x.node_port)
     web = next(sp for sp in desired.service_ports.values() if sp.service.startswith("bench/web-tcp"))

@@ -11,7 +11,7 @@ import pytest
 from k8s_builders import build, endpoint_slice, ep, service
 from meshbpf.reconcile import addr16
 from meshbpf.reconcile.northsouth import NodeContext, diff, plan
-from meshbpf.reconcile.northsouth_keys import (BE_LOCAL, F_LOCAL, F_NODEPORT, WILDCARD,
+from meshbpf.reconcile.northsouth_keys import (BE_LOCAL, F_LOCAL, F_NODEPORT, WILDCARD4, WILDCARD6,
                                                NorthSouthState, NsKey, NsSrcKey)
 
 TCP, UDP = socket.IPPROTO_TCP, socket.IPPROTO_UDP
@@ -61,14 +61,14 @@ TWO = (ep("10.244.0.5", node="node-a"), ep("10.244.1.5", node="node-b"))
 
 def test_each_frontend_kind_of_a_load_balancer():
     state = planned(lb(externalIPs=["10.240.0.5"]), slice_of("web", *TWO)).state
-    assert set(state.frontends) == {key("10.96.0.10", 80), key(WILDCARD, 30080),
+    assert set(state.frontends) == {key("10.96.0.10", 80), key(WILDCARD4, 30080),
                                     key("10.240.0.5", 80), key("10.240.0.7", 80)}
     svcs = set(state.frontends.values())
     assert len({s.table_id for s in svcs}) == 1          # Cluster: one table for them all
     assert {s.count for s in svcs} == {2}
-    assert state.frontends[key(WILDCARD, 30080)].flags == F_NODEPORT
+    assert state.frontends[key(WILDCARD4, 30080)].flags == F_NODEPORT
     assert state.frontends[key("10.240.0.7", 80)].flags == 0
-    assert backends_of(state, key(WILDCARD, 30080)) == {(a16("10.244.0.5"), 8080), (a16("10.244.1.5"), 8080)}
+    assert backends_of(state, key(WILDCARD4, 30080)) == {(a16("10.244.0.5"), 8080), (a16("10.244.1.5"), 8080)}
     assert len(state.tables[state.frontends[key("10.96.0.10", 80)].table_id]) == M
     local = {be.addr: be.flags for be in state.backends.values()}
     assert local == {a16("10.244.0.5"): BE_LOCAL, a16("10.244.1.5"): 0}
@@ -79,7 +79,7 @@ def test_each_frontend_kind_of_a_load_balancer():
 def test_node_port_service_and_plain_cluster_ip_service():
     state = planned(service("np", "10.96.0.11", type="NodePort", ports=[PORT]), slice_of("np", *TWO),
                     service("plain", "10.96.0.12"), slice_of("plain", *TWO)).state
-    assert set(state.frontends) == {key("10.96.0.11", 80), key(WILDCARD, 30080)}
+    assert set(state.frontends) == {key("10.96.0.11", 80), key(WILDCARD4, 30080)}
 
 
 def test_udp_frontends_use_the_udp_protocol_number():
@@ -87,23 +87,36 @@ def test_udp_frontends_use_the_udp_protocol_number():
     sl = endpoint_slice("dns-1", "dns", [ep("10.244.0.5")],
                         ports=[{"name": "http", "port": 8080, "protocol": "UDP"}])
     state = planned(service("dns", "10.96.0.13", type="NodePort", ports=[port]), sl).state
-    assert set(state.frontends) == {key("10.96.0.13", 80, UDP), key(WILDCARD, 30080, UDP)}
+    assert set(state.frontends) == {key("10.96.0.13", 80, UDP), key(WILDCARD4, 30080, UDP)}
 
 
 def test_local_policy_uses_this_nodes_endpoints_outside_and_every_endpoint_on_the_cluster_ip():
     state = planned(lb(externalTrafficPolicy="Local", healthCheckNodePort=31000), slice_of("web", *TWO)).state
-    np, cip = state.frontends[key(WILDCARD, 30080)], state.frontends[key("10.96.0.10", 80)]
+    np, cip = state.frontends[key(WILDCARD4, 30080)], state.frontends[key("10.96.0.10", 80)]
     assert np.flags == F_LOCAL | F_NODEPORT and state.frontends[key("10.240.0.7", 80)].flags == F_LOCAL
     assert cip.flags == 0 and np.table_id != cip.table_id
-    assert backends_of(state, key(WILDCARD, 30080)) == {(a16("10.244.0.5"), 8080)}
+    assert backends_of(state, key(WILDCARD4, 30080)) == {(a16("10.244.0.5"), 8080)}
     assert len(backends_of(state, key("10.96.0.10", 80))) == 2
 
 
 def test_local_policy_without_a_local_endpoint_has_count_zero():
     state = planned(lb(externalTrafficPolicy="Local"), slice_of("web", TWO[1])).state
-    assert state.frontends[key(WILDCARD, 30080)].count == 0
-    assert state.frontends[key(WILDCARD, 30080)].flags == F_LOCAL | F_NODEPORT
+    assert state.frontends[key(WILDCARD4, 30080)].count == 0
+    assert state.frontends[key(WILDCARD4, 30080)].flags == F_LOCAL | F_NODEPORT
     assert state.frontends[key("10.96.0.10", 80)].count == 1
+
+
+def test_local_policy_with_no_endpoint_anywhere_rejects_like_cluster():
+    """kube-proxy drops at a Local Service's node without a local endpoint
+    (the load balancer's health check steers away), but rejects when the
+    Service has no usable endpoint at all: count 0 without F_LOCAL."""
+    not_ready = [{**e, "conditions": {"ready": False, "serving": False}} for e in
+                 slice_of("web", *TWO)["endpoints"]]
+    state = planned(lb(externalTrafficPolicy="Local"), {**slice_of("web", *TWO), "endpoints": not_ready}).state
+    assert state.frontends[key(WILDCARD4, 30080)].count == 0
+    assert state.frontends[key(WILDCARD4, 30080)].flags == F_NODEPORT
+    state = planned(lb(externalTrafficPolicy="Local")).state
+    assert state.frontends[key(WILDCARD4, 30080)].flags == F_NODEPORT
 
 
 def test_no_endpoints_count_zero_and_no_table():
@@ -116,7 +129,7 @@ def test_source_ranges_apply_to_load_balancer_ips_only():
     state = planned(lb(loadBalancerSourceRanges=["192.0.2.0/24", "fd00:1::/64"]), slice_of("web", *TWO)).state
     lb_svc = state.frontends[key("10.240.0.7", 80)]
     assert lb_svc.src_id != 0
-    assert state.frontends[key(WILDCARD, 30080)].src_id == 0
+    assert state.frontends[key(WILDCARD4, 30080)].src_id == 0
     assert state.frontends[key("10.96.0.10", 80)].src_id == 0
     # only this family's range, as a prefix over the 16-byte address
     assert state.sources == {NsSrcKey(lb_svc.src_id, a16("192.0.2.0"), 96 + 24): 1}
@@ -193,8 +206,9 @@ def test_dual_stack():
                                    address_type="IPv6")).state
     assert key("fd00:240::7", 80) in state.frontends and key("fd00:96::10", 80) in state.frontends
     assert backends_of(state, key("fd00:240::7", 80)) == {(a16("fd00:244::5"), 8080)}
-    # the one wildcard NodePort key: the IPv4 endpoints (see the module docstring)
-    assert backends_of(state, key(WILDCARD, 30080)) == {(a16("10.244.0.5"), 8080), (a16("10.244.1.5"), 8080)}
+    # a NodePort key per family, each with that family's endpoints
+    assert backends_of(state, key(WILDCARD4, 30080)) == {(a16("10.244.0.5"), 8080), (a16("10.244.1.5"), 8080)}
+    assert backends_of(state, key(WILDCARD6, 30080)) == {(a16("fd00:244::5"), 8080)}
     assert state.cfg.snat6 == a16("fd00:243::11")
 
 
