@@ -567,6 +567,8 @@ def _read_slice(src: SourceObject, out: _Collector) -> _Slice | None:
         ports = []
         for i, p in enumerate(obj["ports"]):
             protocol = p.get("protocol") or "TCP"
+            if protocol == "SCTP":
+                continue  # the Service's SCTP port is skipped (a note), so is its slice port
             number = p.get("port")
             if number is not None and not 1 <= number <= 65535:
                 out.add(src, label, f"ports[{i}].port", f"{number} is not a port number (1-65535)")

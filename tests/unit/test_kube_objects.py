@@ -309,6 +309,20 @@ def test_sctp_port_is_skipped_with_a_note_and_the_other_ports_kept():
     assert any("SCTP" in n for n in result.notes)
 
 
+def test_a_slice_port_for_the_skipped_sctp_port_is_skipped_too():
+    """kube-controller-manager lists the SCTP port in the slice as well:
+    it must not turn the skipped port into a problem of the whole slice."""
+    svc = service("sig", ports=[
+        {"name": "sctp", "port": 3868, "protocol": "SCTP", "targetPort": 3868},
+        {"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080},
+    ])
+    slice_ports = [{"name": "sctp", "port": 3868, "protocol": "SCTP"},
+                   {"name": "http", "port": 8080, "protocol": "TCP"}]
+    result = build(svc, endpoint_slice("sig-a", "sig", [ep("10.244.1.1")], ports=slice_ports))
+    assert result.problems == []
+    assert eps_of(result, fe("10.96.0.10", 80)) == [("10.244.1.1", 8080, True, True, False)]
+
+
 # --- Dual stack --------------------------------------------------------------------
 
 def test_dual_stack_service_gets_a_frontend_per_family_with_that_familys_endpoints():
