@@ -13,6 +13,7 @@ is one line naming its object, and the good set stays in the state.
 from __future__ import annotations
 
 import os
+import json
 import random
 
 from fuzz_objects import good_objects, mutate
@@ -99,7 +100,8 @@ def test_the_incremental_path_leaves_out_what_a_full_build_leaves_out(api, make_
             versions[kind] = api.apply(bad)
         wait_for(lambda: in_step(p, versions), "the round's events")
         p.poll()
-        items = [SourceObject(o, "API server") for r in ("services", "endpointslices")
+        items = [SourceObject(json.loads(o) if isinstance(o, str) else o, "API server")
+                 for r in ("services", "endpointslices")      # kept as compact JSON text
                  for o in p.source.reflectors[r].items()]
         full = build_state(items, node_name="node-a").state
         assert p.emitted[-1].service_ports == full.service_ports
