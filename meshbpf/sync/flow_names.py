@@ -5,10 +5,17 @@ names only its cgroup (kubelet's pod cgroups carry the pod uid)."""
 
 from __future__ import annotations
 
-from ..model import DesiredState
+from ..model import DesiredState, ServicePort
 
 # the state the names were made from (held, so that its id cannot be reused), and them
 _cache: tuple[DesiredState | None, dict] = (None, {})
+
+
+def _service_name(sp: ServicePort) -> str:
+    """"ns/name:port", and the route that splits it: a split connection's
+    backend belongs to another Service, so the route is what explains it."""
+    name = f"{sp.namespace}/{sp.name}" + (f":{sp.port_name}" if sp.port_name else "")
+    return f"{name} via {sp.route}" if sp.split and sp.route else name
 
 
 def flow_names(desired: DesiredState | None) -> dict:
@@ -19,8 +26,7 @@ def flow_names(desired: DesiredState | None) -> dict:
         return {"services": {}, "pod_uids": {}}
     if _cache[0] is desired:
         return _cache[1]
-    services = {str(fe): f"{sp.namespace}/{sp.name}" + (f":{sp.port_name}" if sp.port_name else "")
-                for fe, sp in desired.service_ports.items()}
+    services = {str(fe): _service_name(sp) for fe, sp in desired.service_ports.items()}
     uids = {pod.uid: f"{pod.namespace}/{pod.name}" for pod in desired.pods if pod.uid}
     names = {"services": services, "pod_uids": uids}
     _cache = (desired, names)

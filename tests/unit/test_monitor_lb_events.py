@@ -94,3 +94,14 @@ def test_the_agent_view_names_frontends_and_pod_uids():
     assert names == {"services": {"[fd00::10]:53/UDP": "kube-system/dns"}, "pod_uids": {UID: "x/a"}}
     assert flow_names(None) == {"services": {}, "pod_uids": {}}
     assert ct.sizeof(LbEventC) == 80
+
+
+def test_a_split_frontend_is_named_with_its_route():
+    """Issue 13: the flow monitor names the route that split a connection."""
+    from meshbpf.model import Endpoint, Frontend, ServicePort, SplitShare
+    fe = Frontend(ipaddress.ip_address("10.96.0.20"), 80, "TCP")
+    ep = Endpoint(ipaddress.ip_address("10.244.0.9"), 8080)
+    sp = ServicePort("shop", "web", "http", fe, (ep,), split=(SplitShare("shop/web-v2:80", 1, (ep,)),),
+                     route="TCPRoute shop/canary")
+    names = flow_names(DesiredState(service_ports={fe: sp}))
+    assert names["services"] == {"10.96.0.20:80/TCP": "shop/web:http via TCPRoute shop/canary"}
