@@ -77,9 +77,20 @@ static __always_inline int load(struct __sk_buff *skb, __u32 off, void *to, __u3
 	void *data = (void *)(long)skb->data;
 	void *end = (void *)(long)skb->data_end;
 
-	if (off <= MBPF_DIRECT_MAX_OFF && data + off + len <= end) {
-		__builtin_memcpy(to, data + off, len);
-		return 0;
+	if (off <= MBPF_DIRECT_MAX_OFF) {
+		__u32 o = off;
+
+		/* The mask is a no-op at run time. It is here for older
+		 * verifiers (5.10, 6.1): clang may add len to a copy of off
+		 * made before the test above, and those verifiers do not carry
+		 * the test's bound to the copy, so the packet range check
+		 * below would not count. The asm keeps clang from dropping the
+		 * mask and bounds the very register the check uses. */
+		asm volatile("%0 &= 511" : "+r"(o));
+		if (data + o + len <= end) {
+			__builtin_memcpy(to, data + o, len);
+			return 0;
+		}
 	}
 	return bpf_skb_load_bytes(skb, off, to, len);
 }
