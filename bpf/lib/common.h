@@ -301,8 +301,8 @@ struct mbpf_ct_key {
  * upgrade (the earlier build kept endpoint ids, for people, where seen_s
  * and pad are: its UDP entries read as long idle and are judged afresh). */
 struct mbpf_ct {
-	__u32 seen_s;               /* host order; bpf_ktime_get_ns() in seconds at the flow's
-	                             * last packet; a non-TCP flow idle longer than
+	__u32 seen_s;               /* host order; ct_now_s() (seconds since boot + 2^24) at the
+	                             * flow's last packet; a non-TCP flow idle longer than
 	                             * MBPF_CT_IDLE_S is a new flow (bpf/lib/ct.h) */
 	__u32 pad;                  /* zero */
 	__u32 ifindex[2];           /* host order; its host-side interface: what the programs match */

@@ -143,9 +143,14 @@ static __always_inline void ct_mark(struct mbpf_ct *ct, int end, __u32 ifindex)
 		ct->ifindex[MBPF_CT_HIGH] = ifindex;
 }
 
+/* Seconds since boot, plus 2^24 (194 days): the build before idle timeouts
+ * kept small endpoint ids where seen_s is, and those must read as long idle
+ * even on a node that booted a minute ago. Wraps after 136 years. */
+#define MBPF_CT_EPOCH_S (1U << 24)
+
 static __always_inline __u32 ct_now_s(void)
 {
-	return bpf_ktime_get_ns() / 1000000000ULL;
+	return bpf_ktime_get_ns() / 1000000000ULL + MBPF_CT_EPOCH_S;
 }
 
 /* TCP flows never expire here (a SYN is judged afresh instead); others do. */

@@ -88,8 +88,8 @@ class Load:
     something (probe.py load). Started means answers are already flowing;
     stop() returns the result with the time of every answer."""
 
-    def __init__(self, probe: Probe, pod: str, host: str, port: int):
-        self.proc = probe.popen(pod, "load", host, port)
+    def __init__(self, probe: Probe, pod: str, host: str, port: int, gap: float = 0.0):
+        self.proc = probe.popen(pod, "load", host, port, "20", str(gap))
         line = self.proc.stdout.readline()
         assert line, f"load loop in {pod} ended before it started"
         self.started = json.loads(line)["started"]

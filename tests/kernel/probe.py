@@ -116,15 +116,16 @@ def loop(host: str, port: str, seconds: str) -> dict:
     return result
 
 
-def load(host: str, port: str, settle: str = "20") -> dict:
+def load(host: str, port: str, settle: str = "20", gap: str = "0") -> dict:
     """New connections back to back until told to stop, for tests that must
     show an event happened while traffic flowed. Prints {"started": ...}
     after `settle` answers; after a line on stdin it makes `settle` more
     answers (or gives up after 60 s) and returns the CLOCK_MONOTONIC time of
     every answer (the clock the test reads too), so the test can count the
-    connections made before, during and after its event."""
+    connections made before, during and after its event. `gap` seconds
+    between connections leave CPU to the rest (a one-vCPU emulated VM)."""
     import threading
-    settle_n, stop_at = int(settle), []
+    settle_n, stop_at, pause = int(settle), [], float(gap)
     seen: collections.Counter = collections.Counter()
     errors: collections.Counter = collections.Counter()
     times: list[float] = []
@@ -140,6 +141,8 @@ def load(host: str, port: str, settle: str = "20") -> dict:
             times.append(round(time.monotonic(), 4))
         except OSError as exc:
             errors[errno.errorcode.get(exc.errno, str(exc))] += 1
+        if pause:
+            time.sleep(pause)
         if not started and len(times) >= settle_n:
             print(json.dumps({"started": times[0]}), flush=True)
             started = True
