@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -287,3 +288,25 @@ def test_uninstall_drains_a_live_spliced_connection_without_losing_bytes(lab, bp
         for p in (server, client):
             if p is not None and p.poll() is None:
                 p.kill()
+
+
+WAKEUP_PROBE = Path(__file__).with_name("sockmap_wakeup_probe.py")
+
+
+def wakeup_probe(*args: str) -> dict:
+    out = subprocess.run([sys.executable, str(WAKEUP_PROBE), *args], capture_output=True,
+                         text=True, timeout=120, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_the_kernel_still_wakes_a_blocked_sockhash_reader_with_eagain():
+    """The kernel fact the rule above rests on, checked on every kernel of
+    the matrix: a blocking recv() on a socket in a sockhash, woken by a
+    signal with no data, returns EAGAIN (plain TCP: EINTR, retried). If a
+    kernel fixes tcp_bpf_recvmsg, this fails there: blocking sockets could
+    then be spliced on it, behind a probe like this one."""
+    plain = wakeup_probe()
+    assert plain["eagain"] == 0 and plain["got"] == "x", plain
+    spliced = wakeup_probe("insert")
+    assert spliced["inserted"] and spliced["got"] == "x", spliced
+    assert spliced["eagain"] >= 1, f"{spliced['kernel']} no longer returns EAGAIN: {spliced}"

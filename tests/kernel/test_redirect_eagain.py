@@ -150,24 +150,3 @@ def test_pair_spliced_by_0_1_0_lives_on_after_the_upgrade(lab, bpffs, start_agen
                 proc.kill()
                 proc.wait()
 
-
-WAKEUP_PROBE = Path(__file__).with_name("sockmap_wakeup_probe.py")
-
-
-def wakeup_probe(*args: str) -> dict:
-    out = subprocess.run([sys.executable, str(WAKEUP_PROBE), *args], capture_output=True,
-                         text=True, timeout=120, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
-
-
-def test_the_kernel_still_wakes_a_blocked_sockhash_reader_with_eagain():
-    """The kernel fact the rule above rests on, checked on every kernel of
-    the matrix: a blocking recv() on a socket in a sockhash, woken by a
-    signal with no data, returns EAGAIN (plain TCP: EINTR, retried). If a
-    kernel fixes tcp_bpf_recvmsg, this fails there: blocking sockets could
-    then be spliced on it, behind a probe like this one."""
-    plain = wakeup_probe()
-    assert plain["eagain"] == 0 and plain["got"] == "x", plain
-    spliced = wakeup_probe("insert")
-    assert spliced["inserted"] and spliced["got"] == "x", spliced
-    assert spliced["eagain"] >= 1, f"{spliced['kernel']} no longer returns EAGAIN: {spliced}"
