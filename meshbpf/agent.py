@@ -55,6 +55,21 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_MAX_AGE = 10.0
 
+# Problems of a rejected change logged one per line; a file of 100 000 bad
+# Services must not flood the log (the count says how many were left unsaid).
+MAX_LOGGED_PROBLEMS = 20
+
+
+def _log_rejected(exc: ConfigError) -> None:
+    """A summary line, then one line per problem naming file, object, field
+    and reason: each line greps and reads on its own."""
+    problems = exc.problems
+    log.error("config rejected, still running the previous state: %d problem(s)", len(problems))
+    for problem in problems[:MAX_LOGGED_PROBLEMS]:
+        log.error("config problem: %s", problem)
+    if len(problems) > MAX_LOGGED_PROBLEMS:
+        log.error("config problem: ... and %d more not logged", len(problems) - MAX_LOGGED_PROBLEMS)
+
 
 @dataclass
 class AgentOptions:
@@ -270,7 +285,7 @@ class Agent:
         except ConfigError as exc:
             self.metrics.sync_errors.labels("config").inc()
             self.metrics.config_ok.set(0)
-            log.error("config rejected, still running the previous state:\n%s", exc)
+            _log_rejected(exc)
             return False
         except Exception as exc:
             self.metrics.sync_errors.labels("source").inc()

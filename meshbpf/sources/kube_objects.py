@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import logging
+import re
 import socket
 from dataclasses import dataclass, field
 from typing import Any, Iterable, NamedTuple
@@ -24,7 +25,7 @@ from typing import Any, Iterable, NamedTuple
 from ..model import (DEFAULT_AFFINITY_TIMEOUT, AgentSettings, DesiredState, Endpoint,
                      Exposure, Frontend, IPAddress, ServicePort)
 from . import agent_config, schema
-from .errors import Problem
+from .errors import Problem, one_line
 
 log = logging.getLogger(__name__)
 
@@ -231,6 +232,7 @@ def _ours(src: SourceObject, service_proxy_name: str | None, out: _Collector) ->
     if service_proxy_name is not None and labels.get(PROXY_NAME_LABEL) == service_proxy_name:
         return True
     name = f"{meta.get('namespace') or 'default'}/{meta.get('name')}" if isinstance(meta, dict) else "?"
+    name = one_line(name)  # not checked yet (another proxy's): a note is one log line
     if PROXY_NAME_LABEL in labels:
         why = f"labelled {PROXY_NAME_LABEL}={labels[PROXY_NAME_LABEL]!r}, for another proxy"
     else:
@@ -240,13 +242,62 @@ def _ours(src: SourceObject, service_proxy_name: str | None, out: _Collector) ->
 
 
 def _meta(src: SourceObject, kind: str, out: _Collector) -> tuple[str, str, str] | None:
+    """(namespace, name, label); None without a name. A name or namespace
+    Kubernetes would refuse is a problem added to `out`, and the ident is
+    still returned so the reader can name the object's other problems too:
+    the readers leave out an object with any problem."""
     meta = src.obj.get("metadata")
     name = meta.get("name") if isinstance(meta, dict) else None
     if not isinstance(name, str) or not name:
         out.add(src, kind, "metadata.name", "missing")
         return None
     namespace = meta.get("namespace") or "default"
-    return namespace, name, f"{kind} {namespace}/{name}"
+    label = f"{kind} {namespace}/{name}"
+    reason = name_problem(kind, name)
+    if reason:
+        out.add(src, label, "metadata.name", reason)
+    if kind != "Namespace" and isinstance(namespace, str):  # not a string: the schema says so
+        reason = _namespace_problem(namespace)
+        if reason:
+            out.add(src, label, "metadata.namespace", reason)
+    return namespace, name, label
+
+
+# Kubernetes' rules for names (apimachinery's validation.go, by kind as the
+# API server applies them). The server refuses anything else, so such a name
+# comes from a file or a server that skipped validation; let through, it
+# would reach log lines, notes and metric labels as it is.
+_LABEL = "[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+_DNS1035 = ("DNS-1035 label", 63, re.compile("[a-z]([-a-z0-9]*[a-z0-9])?"),
+            "lowercase letters, digits and '-', starting with a letter and ending with a letter or digit")
+_DNS1123_LABEL = ("DNS-1123 label", 63, re.compile(_LABEL),
+                  "lowercase letters, digits and '-', starting and ending with a letter or digit")
+_DNS1123_SUBDOMAIN = ("DNS-1123 subdomain", 253, re.compile(rf"{_LABEL}(\.{_LABEL})*"),
+                      "labels of lowercase letters, digits and '-' joined by '.', each starting "
+                      "and ending with a letter or digit")
+_NAME_RULES = {"Service": _DNS1035, "Namespace": _DNS1123_LABEL, "EndpointSlice": _DNS1123_SUBDOMAIN,
+               "Pod": _DNS1123_SUBDOMAIN, "NetworkPolicy": _DNS1123_SUBDOMAIN}
+
+
+def name_problem(kind: str, name: str) -> str | None:
+    """Why Kubernetes would refuse `name` for an object of `kind` (None: it
+    would not, or meshbpf knows no rule for the kind)."""
+    rule = _NAME_RULES.get(kind)
+    return _rule_problem(f"{kind} names", rule, name) if rule else None
+
+
+@functools.lru_cache(maxsize=4096)  # a cluster has few namespaces
+def _namespace_problem(namespace: str) -> str | None:
+    return _rule_problem("namespaces", _DNS1123_LABEL, namespace)
+
+
+def _rule_problem(what: str, rule: tuple, value: str) -> str | None:
+    rule_name, limit, pattern, spelled = rule
+    if len(value) > limit:  # checked first: the value is not quoted, however long
+        return f"{len(value)} characters; Kubernetes requires of {what} a {rule_name} of at most {limit}"
+    if pattern.fullmatch(value) is None:  # fullmatch: "$" would let a final line break through
+        return f"{value!r} is not a {rule_name} ({spelled}), which Kubernetes requires of {what}"
+    return None
 
 
 def _check_schema(src: SourceObject, kind: str, api_versions: tuple[str, ...],
@@ -302,12 +353,12 @@ def _parse_ip(text: Any) -> IPAddress | None:
 
 
 def _read_service(src: SourceObject, out: _Collector) -> _Service | None:
+    before = len(out.problems)  # from here: a bad name leaves the Service out too
     ident = _check_schema(src, "Service", ("v1",), schema.SERVICE, out)
     if ident is None:
         return None
     namespace, name, label = ident
     spec = src.obj.get("spec") or {}
-    before = len(out.problems)
 
     svc_type = spec.get("type") or "ClusterIP"
     if svc_type not in ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName"):
@@ -506,12 +557,12 @@ def _read_service_port(src: SourceObject, label: str, i: int, p: Any, count: int
 
 
 def _read_slice(src: SourceObject, out: _Collector) -> _Slice | None:
+    before = len(out.problems)  # from here: a bad name leaves the slice out too
     ident = _check_schema(src, "EndpointSlice", ("discovery.k8s.io/v1",), schema.ENDPOINT_SLICE, out)
     if ident is None:
         return None
     namespace, name, label = ident
     obj = src.obj
-    before = len(out.problems)
 
     service = ((obj.get("metadata") or {}).get("labels") or {}).get(SERVICE_NAME_LABEL)
     if not service:

@@ -154,16 +154,18 @@ def _label(value: Any) -> str:
 
 
 def _read_namespace(src: SourceObject, out: _Collector) -> NamespaceInfo | None:
+    before = len(out.problems)
     ident = _check_schema(src, "Namespace", ("v1",), NAMESPACE, out)
-    if ident is None:
+    if ident is None or len(out.problems) != before:  # a name Kubernetes would refuse
         return None
     meta = src.obj["metadata"]
     return NamespaceInfo(meta["name"], dict(meta.get("labels") or {}))
 
 
 def _read_pod(src: SourceObject, out: _Collector) -> PodInfo | None:
+    before = len(out.problems)
     ident = _check_schema(src, "Pod", ("v1",), POD, out)
-    if ident is None:
+    if ident is None or len(out.problems) != before:  # a name Kubernetes would refuse
         return None
     namespace, name, label = ident
     spec, status = src.obj.get("spec") or {}, src.obj.get("status") or {}
@@ -247,8 +249,9 @@ def _pod_ips(src: SourceObject, label: str, status: dict, out: _Collector) -> tu
 
 
 def _read_policy(src: SourceObject, out: _Collector) -> NetworkPolicy | None:
+    before = len(out.problems)
     ident = _check_schema(src, "NetworkPolicy", ("networking.k8s.io/v1",), NETWORK_POLICY, out)
-    if ident is None:
+    if ident is None or len(out.problems) != before:  # a name Kubernetes would refuse
         return None
     namespace, name, label = ident
     spec = src.obj.get("spec") or {}

@@ -134,6 +134,52 @@ def test_a_bad_edit_is_rejected_with_its_file_and_a_fix_is_read(tmp_path):
     assert {str(fe) for fe in src.poll().service_ports} == {"10.96.0.9:80/TCP", "10.96.0.2:80/TCP"}
 
 
+@pytest.mark.parametrize("kind, field, value", [
+    ("Service", "name", "Web_1"), ("Service", "namespace", "a" * 100_000),
+    ("EndpointSlice", "name", "web\n1"), ("EndpointSlice", "namespace", "Default")])
+def test_a_name_kubernetes_would_refuse_is_rejected_by_an_edit_as_by_a_full_read(
+        tmp_path, kind, field, value):
+    a = tmp_path / "a.yaml"
+    web = [service("web", "10.96.0.1"), endpoint_slice("web-1", "web", [ep("10.244.0.1")])]
+    write(a, web)
+    write(tmp_path / "b.yaml", [service("db", "10.96.0.2")])
+    src = source(tmp_path)
+    first = src.poll()
+    bad = [dict(o, metadata=dict(o["metadata"])) for o in web]
+    bad[0 if kind == "Service" else 1]["metadata"][field] = value
+    write(a, bad)
+    with pytest.raises(ConfigError) as incremental:
+        src.poll()
+    with pytest.raises(ConfigError) as full:
+        read_config(tmp_path, "node-a")
+    assert [str(p) for p in incremental.value.problems] == [str(p) for p in full.value.problems]
+    assert any(p.path == f"metadata.{field}" and p.obj.startswith(kind) for p in full.value.problems)
+    write(a, web)
+    assert src.poll() == first
+
+
+def test_a_pod_named_as_kubernetes_would_refuse_is_left_out_by_an_edit_as_by_a_full_read(tmp_path):
+    def pod(name: str, ip: str) -> dict:
+        obj = pod_obj("x/a")
+        obj["metadata"].update(namespace="n1", name=name)
+        obj["status"].update(podIP=ip, podIPs=[{"ip": ip}])
+        return obj
+
+    a = tmp_path / "a.yaml"
+    write(a, [service("web", "10.96.0.1"), ns_obj("n1"), pod("p1", "10.250.0.1")])
+    src = source(tmp_path)
+    src.poll()
+    write(a, [service("web", "10.96.0.1"), ns_obj("n1"), pod("p1", "10.250.0.1"), pod("P_2", "10.250.0.2"),
+              netpol("Deny all", "n1")])
+    state = src.poll()
+    assert src._index is not None  # the edit took the incremental path
+    assert state == read_config(tmp_path, "node-a").state
+    assert {p.name for p in state.pods} == {"p1"} and not state.network_policies
+    problems = src.problems
+    assert len(problems) == 2 and all("): metadata.name: " in p for p in problems), problems
+    assert "(Pod n1/P_2)" in problems[0] and "(NetworkPolicy n1/Deny all)" in problems[1], problems
+
+
 def test_an_agent_config_in_the_changed_file_takes_the_full_read(tmp_path):
     a = tmp_path / "a.yaml"
     write(a, [service("web", "10.96.0.1")])

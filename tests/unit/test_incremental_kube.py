@@ -133,6 +133,33 @@ def test_a_clash_keeps_the_incumbent_and_the_other_gets_in_once_it_is_free():
     del b
 
 
+@pytest.mark.parametrize("field, value", [("name", "Web_1"), ("name", "web\nother"), ("namespace", "N" * 64)])
+def test_a_name_kubernetes_would_refuse_is_left_out_as_a_full_build_leaves_it_out(field, value):
+    """A Service (or its slice) with such a name, by an event: the index
+    leaves it out with the full build's problem, and the others stay."""
+    good, good_slice = service("db", "10.96.0.2"), endpoint_slice("db-1", "db", [ep("10.244.0.2")])
+    start = full_build({key(good): good}, {key(good_slice): good_slice})
+    index = ServiceIndex(start.state, [good], [good_slice], start.problems, node_name="node-a")
+    bad = service("web", "10.96.0.1")
+    bad["metadata"][field] = value
+    bad_slice = endpoint_slice("web-1", "web", [ep("10.244.0.1")])
+    bad_slice["metadata"]["namespace"] = bad["metadata"]["namespace"]
+    svc_events, slice_events = {key(bad): bad}, {key(bad_slice): bad_slice}
+    update = index.apply(svc_events, slice_events)
+    expected = full_build({key(good): good, key(bad): bad}, {key(good_slice): good_slice,
+                                                              key(bad_slice): bad_slice})
+    assert index.state.service_ports == expected.state.service_ports
+    assert {sp.name for sp in index.state.service_ports.values()} == {"db"}
+    assert f"metadata.{field}" in {p.path for p in update.problems}
+    assert {str(p) for p in update.problems} <= {str(p) for p in expected.problems}
+    # A slice of a good Service, named as Kubernetes would refuse: left out alone.
+    odd_slice = endpoint_slice("DB_2", "db", [ep("10.244.0.3")])
+    update = index.apply({}, {key(odd_slice): odd_slice})
+    assert [(p.obj, p.path) for p in update.problems] == [("EndpointSlice default/DB_2", "metadata.name")]
+    endpoints = [str(e.address) for sp in index.state.service_ports.values() for e in sp.endpoints]
+    assert endpoints == ["10.244.0.2"]
+
+
 def test_trigger_times_are_read_as_kube_proxy_writes_them():
     sl = endpoint_slice("x", "web", [])
     sl["metadata"]["annotations"][TRIGGER_TIME] = "2024-04-05T12:30:11.250000123Z"
@@ -165,6 +192,36 @@ def test_the_api_source_hands_out_deltas_of_the_touched_frontends(api, tmp_path)
         assert second.trigger_times == (float(int(now)),)
         assert [str(e.address) for sp in second.service_ports.values() if sp.name == "s3"
                 for e in sp.endpoints] == ["10.244.9.9"]
+    finally:
+        source.stop()
+
+
+def test_the_api_source_leaves_out_a_service_named_as_kubernetes_would_refuse(api, tmp_path):
+    """Through list and watch: the bad Service is a problem naming its
+    field, the state is the full build's, the good Service stays."""
+    from meshbpf.sources.kubernetes import KubernetesSource
+    api.apply(service("db", "10.96.1.2"), endpoint_slice("db-x", "db", [ep("10.244.1.2")]))
+    source = KubernetesSource(kubeconfig=str(api.kubeconfig(tmp_path / "kubeconfig")),
+                              node_name="node-a", backoff=FAST)
+    try:
+        states = []
+
+        def poll() -> None:
+            state = source.poll()
+            if state is not None:
+                states.append(state)
+
+        wait_for(lambda: poll() or states and len(states[-1].service_ports) == 1, "the first state")
+        api.apply(service("Web_1", "10.96.1.1"), endpoint_slice("web-x", "Web_1", [ep("10.244.1.1")]))
+        wait_for(lambda: poll() or len(source.reflectors["endpointslices"].items()) == 2
+                 and any("Web_1" in p for p in source.problems), "the bad Service's events")
+        poll()
+        assert [p for p in source.problems if "): metadata.name: 'Web_1' is not a DNS-1035 label" in p]
+        items = [SourceObject(json.loads(o) if isinstance(o, str) else o, "API server")
+                 for r in ("services", "endpointslices") for o in source.reflectors[r].items()]
+        full = build_state(items, node_name="node-a").state
+        assert states[-1].service_ports == full.service_ports
+        assert {sp.name for sp in full.service_ports.values()} == {"db"}
     finally:
         source.stop()
 
