@@ -216,7 +216,6 @@ class Agent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stop.set())
         while not self._stop.is_set():
-            self._beat = time.monotonic()
             try:
                 self.step()
             except Exception as exc:  # a bug must not end the loop: the maps keep serving
@@ -243,6 +242,7 @@ class Agent:
             wait(self.opts.poll_interval)
 
     def step(self) -> None:
+        self._beat = time.monotonic()  # the loop's heartbeat: one per step, whoever drives it
         with gc_paused():
             self._step()
 
