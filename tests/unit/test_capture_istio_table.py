@@ -7,7 +7,7 @@ encode are: which connect (by whom, to which address, port and protocol)
 is steered to the outbound port 15001, the inbound port 15006 or the DNS
 port 15053, and which is left alone. Here each case's flags become a meshed
 pod's annotations (plus AgentConfig's dns), the planner writes the maps,
-and the decision reference (meshbpf/capture/decide.py) answers each fact
+and the decision reference (meshbpf/reconcile/capture_decide.py) answers each fact
 over them. Facts read from the golden rules, in the order iptables applies
 them; a fact that needs a rule from another case says so.
 
@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import pytest
 
-from meshbpf.capture.decide import decide
+from meshbpf.reconcile.capture_decide import decide
 from meshbpf.capture.settings import pod_capture
 from meshbpf.model import CaptureSettings
 from meshbpf.policy.model import PodInfo

@@ -1,7 +1,7 @@
 """The capture planner (meshbpf/reconcile/capture.py): what it writes, in
 which order, and that every connect() decided between two writes of a plan
 is the old decision or the new one (make-before-break), checked with the
-decision reference (meshbpf/capture/decide.py) over the maps' content."""
+decision reference (meshbpf/reconcile/capture_decide.py) over the maps' content."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import random
 
 import pytest
 
-from meshbpf.capture.decide import decide, lpm
+from meshbpf.reconcile.capture_decide import decide, lpm
 from meshbpf.capture.settings import pod_capture
 from meshbpf.model import CaptureSettings
 from meshbpf.policy.model import PodInfo

@@ -13,9 +13,9 @@ from __future__ import annotations
 import ipaddress
 from typing import NamedTuple
 
-from ..reconcile import addr16
-from ..reconcile.capture_keys import (DIR_IN, DIR_OUT, EXCLUDE, F_IN_ALL, F_INBOUND, F_OUT_ALL,
-                                      F_OUTBOUND, INCLUDE, CaptureState, CapPod, PortKey)
+from . import addr16
+from .capture_keys import (DIR_IN, DIR_OUT, EXCLUDE, F_IN_ALL, F_INBOUND, F_OUT_ALL,
+                           F_OUTBOUND, INCLUDE, CaptureState, CapPod, PortKey)
 
 DNS_PORT = 53
 
