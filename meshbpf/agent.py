@@ -200,6 +200,16 @@ class Agent:
             self._error("north-south load balancing not started (load balancing goes on): %s",
                         one_line(exc))
 
+    def _lb_node_addresses(self):
+        """The node's addresses for the socket-LB's external frontends
+        (NodePorts at them, LB and external IPs: reconcile.external_services)
+        while north-south runs; None otherwise. Read by the north-south
+        sync (at start and on each resync), not here."""
+        ns = self.northsouth
+        if ns.maps is None or ns.node is None:
+            return None
+        return ns.node.addresses
+
     def _node_context(self) -> NodeContext:
         return node_context(self.opts.node_name or socket.gethostname(), self.ns_devices,
                             self.opts.node_netns)
@@ -255,7 +265,8 @@ class Agent:
         if resync:
             self.next_resync = now + self.opts.resync_interval
         if changed or resync or self.lbsync.retry.due(now):
-            if self.lbsync.sync(self.desired, reread=resync) and changed:
+            if self.lbsync.sync(self.desired, reread=resync, node_addresses=self._lb_node_addresses()) \
+                    and changed:
                 self.metrics.sync_duration.observe(time.monotonic() - started)
             self._sync_route_counters()
         if changed or resync or self.policy.due(now):
@@ -264,6 +275,9 @@ class Agent:
             self.capture.sync(self.desired, reread=resync)
         if changed or resync or self.northsouth.due(now):
             self.northsouth.sync(self.desired, reread=resync)
+        addresses = self._lb_node_addresses()
+        if addresses != self.lbsync.node_addresses:  # the north-south sync read new ones
+            self.lbsync.sync(self.desired, node_addresses=addresses)
         self.northsouth.collect_garbage(now)
         if changed or self.redirect_retry.due(now):
             self.sync_redirect(self.desired.settings.redirect)

@@ -21,9 +21,9 @@ Services a change touches, with the same IDs and slots (see that module).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator, NamedTuple
+from typing import Iterable, Iterator, Mapping, NamedTuple
 
-from ..model import DesiredState, IPAddress, ServicePort, usable_endpoints
+from ..model import DesiredState, Frontend, IPAddress, ServicePort, usable_endpoints
 from .split import split_members
 
 IPPROTO = {"TCP": 6, "UDP": 17}
@@ -171,13 +171,23 @@ class CapacityError(Exception):
     """A map would overflow; nothing was written."""
 
 
-def wanted_services(desired: DesiredState) -> dict[SvcKey, WantedService]:
-    """Desired state in map terms: usable endpoints only, in a stable order."""
-    return dict(wanted_service(sp) for sp in desired.service_ports.values())
+def wanted_services(desired: DesiredState,
+                    node_addresses: tuple[IPAddress, ...] | None = None) -> dict[SvcKey, WantedService]:
+    """Desired state in map terms: usable endpoints only, in a stable order.
+
+    node_addresses: this node's addresses when north-south is on (they are
+    an input: the sync layer reads them), for the external frontends of
+    external_services(); None (north-south off): ClusterIPs only."""
+    wanted = dict(wanted_service(sp) for sp in desired.service_ports.values())
+    if node_addresses is not None:
+        wanted.update(external_services(desired.service_ports, node_addresses))
+    return wanted
 
 
-def wanted_service(sp: ServicePort) -> tuple[SvcKey, WantedService]:
-    """One frontend in map terms (the key and what the maps should hold)."""
+def wanted_service(sp: ServicePort, external: bool = False) -> tuple[SvcKey, WantedService]:
+    """One frontend in map terms (the key and what the maps should hold).
+    external: the backends of the Service's external frontends, every
+    usable endpoint of the cluster (not narrowed by internalTrafficPolicy)."""
     fe = sp.frontend
     proto = IPPROTO[fe.protocol]
     backends = []
@@ -190,7 +200,8 @@ def wanted_service(sp: ServicePort) -> tuple[SvcKey, WantedService]:
                 backends.append((BackendVal(addr16(ep.address), ep.port, proto),
                                  SLOT_TERMINATING if fallback else SLOT_READY))
     seen = set()
-    for ep, state in () if sp.split else _usable(sp.endpoints):
+    endpoints = sp.all_endpoints if external else sp.endpoints
+    for ep, state in () if sp.split else _usable(endpoints):
         be = BackendVal(addr16(ep.address), ep.port, proto)
         if be in seen:
             continue
@@ -199,6 +210,69 @@ def wanted_service(sp: ServicePort) -> tuple[SvcKey, WantedService]:
     port_label = f":{sp.port_name}" if sp.port_name else ""
     return SvcKey(addr16(fe.address), fe.port, proto), WantedService(
         f"{sp.service}{port_label}", tuple(backends), sp.affinity_timeout, sp.service)
+
+
+def external_services(service_ports: Mapping[Frontend, ServicePort], node_addresses: tuple[IPAddress, ...],
+                      exposed: Iterable[Frontend] | None = None) -> dict[SvcKey, WantedService]:
+    """The socket-LB's frontends for a pod (or the node's cgroup) that
+    connects to a Service from the outside's side (issue 12): each node
+    address at each NodePort, each external IP and LoadBalancer IP at the
+    Service port, with the Service's cluster-wide endpoints. kube-proxy
+    short-circuits the same inside the node (KUBE-EXT -> KUBE-SVC for local
+    sources); without it the connection leaves the node and comes back
+    through tc, where a backend on the client's own node answers past the
+    translation.
+
+    A route's split (issue 13) applies as at the ClusterIP. A ClusterIP
+    frontend keeps its key; otherwise the first claim wins in
+    namespace/name/port/family order, as in the north-south planner.
+    exposed: the ServicePorts (by frontend) with an exposure, when the
+    caller keeps them (None: all of service_ports are looked at)."""
+    return external_claims(service_ports, node_addresses, exposed)[0]
+
+
+def external_claims(service_ports: Mapping[Frontend, ServicePort], node_addresses: tuple[IPAddress, ...],
+                    exposed: Iterable[Frontend] | None = None
+                    ) -> tuple[dict[SvcKey, WantedService], set[SvcKey]]:
+    """external_services(), and every key an exposed ServicePort asks for,
+    won or not: a change at one of them may hand it to another claimant."""
+    if exposed is None:
+        ports = [sp for sp in service_ports.values() if sp.exposure is not None]
+    else:
+        ports = [sp for sp in (service_ports.get(f) for f in exposed)
+                 if sp is not None and sp.exposure is not None]
+    ports.sort(key=lambda sp: (sp.namespace, sp.name, sp.port_name,
+                               sp.frontend.address.version, sp.frontend.protocol))
+    out: dict[SvcKey, WantedService] = {}
+    claimed: set[SvcKey] = set()
+    for sp in ports:
+        want = None
+        for front in external_frontends(sp, node_addresses):
+            key = SvcKey(addr16(front.address), front.port, IPPROTO[front.protocol])
+            claimed.add(key)
+            if front in service_ports or key in out:
+                continue
+            if want is None:
+                want = wanted_service(sp, external=True)[1]
+            out[key] = want
+    return out, claimed
+
+
+def external_frontends(sp: ServicePort, node_addresses: tuple[IPAddress, ...]) -> list[Frontend]:
+    """Where a ServicePort answers from the outside's side, in its own family."""
+    exp, fe = sp.exposure, sp.frontend
+    if exp is None:
+        return []
+    family = fe.address.version
+    out = []
+    if sp.node_port and exp.type in ("NodePort", "LoadBalancer"):
+        out += [Frontend(a, sp.node_port, fe.protocol) for a in node_addresses if a.version == family]
+    out += [Frontend(ip, fe.port, fe.protocol) for ip in exp.external_ips if ip.version == family]
+    # loadBalancerSourceRanges hold for pod clients too (kube-proxy's
+    # firewall chain drops them): such LB IPs stay tc's, which checks them.
+    if not exp.source_ranges:
+        out += [Frontend(ip, fe.port, fe.protocol) for ip in exp.lb_ips if ip.version == family]
+    return out
 
 
 def _usable(endpoints: tuple) -> list[tuple]:

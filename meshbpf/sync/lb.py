@@ -17,9 +17,9 @@ from ..datapath.layout import BY_ROLE
 from ..datapath.maps import MapWriteError
 from ..gcpause import freeze_heap
 from ..metrics import AgentMetrics
-from ..model import DesiredState
-from ..reconcile import (CapacityError, LBState, Plan, SvcKey, WantedService, check_capacity, plan,
-                         wanted_service, wanted_services)
+from ..model import DesiredState, Frontend, IPAddress
+from ..reconcile import (IPPROTO, CapacityError, LBState, Plan, SvcKey, WantedService, addr16,
+                         check_capacity, external_claims, plan, wanted_service, wanted_services)
 from ..reconcile.incremental import LBIndex, plan_services
 from ..retry import Backoff
 from . import one_line
@@ -46,6 +46,15 @@ class LBSync:
         self.synced: DesiredState | None = None
         self.pending_triggers: list[float] = []  # change times of states not yet in the maps
         self.index: LBIndex | None = None
+        # North-south on: this node's addresses (for the external frontends,
+        # reconcile.external_services), as the agent last passed them; what
+        # those frontends were when the maps last got the whole desired
+        # state, and the ServicePorts with an exposure then.
+        self.node_addresses: tuple[IPAddress, ...] | None = None
+        self.synced_addresses: tuple[IPAddress, ...] | None = None
+        self.external: dict[SvcKey, WantedService] = {}
+        self.claimed: set[SvcKey] = set()   # every key they ask for, shadowed ones too
+        self.exposed: set[Frontend] = set()
         self.refused: dict[str, Refusal] = {}
         self.retry = Backoff()
         self.stale = False              # the maps differ from the desired state
@@ -66,9 +75,12 @@ class LBSync:
         self.metrics.services.set(len(self.current.services))
         self.metrics.backends.set(len(self.current.backends))
 
-    def sync(self, desired: DesiredState, reread: bool = False) -> bool:
+    def sync(self, desired: DesiredState, reread: bool = False,
+             node_addresses: tuple[IPAddress, ...] | None = None) -> bool:
         """Brings the load-balancing maps to `desired`, Service by Service as
-        they fit. On a failure the maps get back to what they held and a
+        they fit. node_addresses: this node's, when north-south is on (see
+        reconcile.wanted_services); a change of them replans the frontends
+        they make. On a failure the maps get back to what they held and a
         retry is scheduled. Returns True on success.
 
         A change is planned over the frontends it touches only, when the last
@@ -76,6 +88,7 @@ class LBSync:
         else (the first sync, a resync, a retry, Services left out, a plan
         that does not fit) plans everything, as the safety net."""
         assert self.maps is not None
+        self.node_addresses = node_addresses
         try:
             started = time.monotonic()
             first = self.programmed is None
@@ -85,7 +98,7 @@ class LBSync:
             how = "changed frontends only"
             if writes is None:
                 how = "full plan"
-                writes = self._admit_and_apply(wanted_services(desired))
+                writes = self._admit_and_apply(self._wanted_in_full(desired, node_addresses))
                 self.synced = None if self.refused else desired
                 if self.synced is not None:  # built now, so the next change does not wait for it
                     self.index = LBIndex(self.current)
@@ -121,6 +134,17 @@ class LBSync:
             self.metrics.network_programming.observe(max(now - t, 0.0))
         self.pending_triggers.clear()
 
+    def _wanted_in_full(self, desired: DesiredState, node_addresses) -> dict[SvcKey, WantedService]:
+        """wanted_services(), keeping its external frontends and the exposed
+        ServicePorts for the incremental path."""
+        wanted = wanted_services(desired)
+        self.exposed = {f for f, sp in desired.service_ports.items() if sp.exposure is not None}
+        self.external, self.claimed = ({}, set()) if node_addresses is None else \
+            external_claims(desired.service_ports, node_addresses, self.exposed)
+        self.synced_addresses = node_addresses
+        wanted.update(self.external)
+        return wanted
+
     def _sync_incremental(self, desired: DesiredState) -> int | None:
         """Plans and writes only the frontends that differ from the last
         synced state; None when a full sync is needed instead."""
@@ -132,10 +156,18 @@ class LBSync:
         if delta is not None and delta.base() is before:
             # The source names what changed since the state synced last: the
             # work is the change's, not the whole state's.
-            changes = frontend_changes(before.service_ports, desired.service_ports, delta.frontends)
+            touched = delta.frontends
         else:
-            changes = frontend_changes(before.service_ports, desired.service_ports)
+            touched = [f for f in before.service_ports.keys() | desired.service_ports.keys()
+                       if before.service_ports.get(f) != desired.service_ports.get(f)]
+        changes = frontend_changes(before.service_ports, desired.service_ports, touched)
+        external, exposed, claimed = self._external_changes(desired, touched)
+        for key, want in external.items():
+            if want is None and key in changes:
+                continue  # the key is (now) a ClusterIP's: its change says what it holds
+            changes[key] = want
         if not changes:
+            self._external_synced(exposed, claimed, external)
             return 0
         if self.index is None:
             self.index = LBIndex(self.current)
@@ -154,8 +186,45 @@ class LBSync:
                 self.programmed.pop(key, None)
             else:
                 self.programmed[key] = want
+        self._external_synced(exposed, claimed, external)
         self.synced = desired
         return p.writes
+
+    def _external_changes(self, desired: DesiredState, touched) -> tuple[dict, set[Frontend], set[SvcKey]]:
+        """How the external frontends differ from those last synced (None:
+        gone), and the exposed ServicePorts now. They are recomputed, over
+        the exposed ServicePorts only, when the node's addresses changed or
+        a touched frontend is exposed or is a key one of them asks for."""
+        addresses = self.node_addresses
+        exposed = self.exposed
+        relevant = addresses != self.synced_addresses
+        for f in touched:
+            sp = desired.service_ports.get(f)
+            now = sp is not None and sp.exposure is not None
+            if now or f in exposed or _key_of(f) in self.claimed:
+                relevant = True
+                if now != (f in exposed):
+                    exposed = set(exposed) if exposed is self.exposed else exposed
+                    (exposed.add if now else exposed.discard)(f)
+        if not relevant:
+            return {}, exposed, self.claimed
+        new, claimed = ({}, set()) if addresses is None else \
+            external_claims(desired.service_ports, addresses, exposed)
+        changes: dict[SvcKey, WantedService | None] = {
+            key: want for key, want in new.items() if self.external.get(key) != want}
+        changes.update((key, None) for key in self.external if key not in new)
+        return changes, exposed, claimed
+
+    def _external_synced(self, exposed: set[Frontend], claimed: set[SvcKey], changes: dict) -> None:
+        """Takes in what _external_changes() found, once the maps hold it."""
+        self.exposed, self.claimed, self.synced_addresses = exposed, claimed, self.node_addresses
+        if changes:
+            self.external = dict(self.external)
+            for key, want in changes.items():
+                if want is None:
+                    self.external.pop(key, None)
+                else:
+                    self.external[key] = want
 
     def _admit_and_apply(self, wanted: dict[SvcKey, WantedService]) -> int:
         assert self.maps is not None
@@ -268,6 +337,10 @@ def frontend_changes(before: dict, after: dict, where: Iterable | None = None
             key, want = wanted_service(new)
             changes[key] = want
     return changes
+
+
+def _key_of(fe: Frontend) -> SvcKey:
+    return SvcKey(addr16(fe.address), fe.port, IPPROTO[fe.protocol])
 
 
 def _differing_entries(expected: LBState, actual: LBState) -> int:

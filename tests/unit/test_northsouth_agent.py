@@ -137,3 +137,30 @@ def test_every_cluster_ip_when_asked(make_agent, fake_dp):
     agent.step()
     (_, _, _, dp) = fake_dp.loads[0]
     assert len(dp.maps.state.frontends) == 3
+
+
+def test_the_socket_lb_holds_the_node_port_at_the_node_addresses_and_follows_them(make_agent, fake_dp,
+                                                                                  monkeypatch):
+    """Issue 12, hairpin: a pod's connect() to <node address>:<nodePort> is the
+    socket-LB's; a new node address (read on the resync) replans it."""
+    from meshbpf.reconcile import SvcKey, addr16
+    from test_agent_loop import step_until
+
+    def node_port_at(address: str) -> SvcKey:
+        return SvcKey(addr16(ipaddress.ip_address(address)), 30080, 6)
+
+    agent = make_agent(FakeSource(lb_state()), devices=["ext9"], resync_interval=0.05)
+    agent._start_north_south()
+    agent.step()
+    assert node_port_at("10.243.0.11") in agent.lbsync.maps.state.services
+    moved = NodeContext("node-a", (ipaddress.ip_address("10.243.0.21"),), ipaddress.ip_address("10.243.0.21"))
+    monkeypatch.setattr(agent_mod, "node_context", lambda name, devices, netns: moved)
+    step_until(agent, lambda: node_port_at("10.243.0.21") in agent.lbsync.maps.state.services)
+    assert node_port_at("10.243.0.11") not in agent.lbsync.maps.state.services
+
+
+def test_without_north_south_the_socket_lb_holds_the_cluster_ip_only(make_agent, fake_dp):
+    agent = make_agent(FakeSource(lb_state()))
+    agent._start_north_south()
+    agent.step()
+    assert len(agent.lbsync.maps.state.services) == 1
