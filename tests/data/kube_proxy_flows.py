@@ -61,14 +61,15 @@ NODE1 = NODES["node1"][0]
 LB1, LB2, LB3 = "10.240.0.104", "10.240.0.108", "10.240.0.112"
 
 # Why whole groups of upstream cases do not apply.
-HOST = ("host-network client (the node itself): meshbpf serves host processes with the socket-LB on "
-        "the cgroup, which holds ClusterIPs only; NodePort/LB/external frontends are tc's, for "
-        "packets that arrive on the node's devices (tried: the node's own NodePort is refused)")
-POD_TO_EXTERNAL = ("pod client to a NodePort/LB/external IP: kube-proxy short-circuits it inside the "
-                   "node; meshbpf's socket-LB does not hold north-south frontends yet, so the "
-                   "packet goes out through the router and back to a node, and a backend on the "
-                   "client's own node replies past the translation (tried: some connections time "
-                   "out; the client's own node's NodePort is refused)")
+HOST = ("host-network client (the node itself): not run; the checks here know pod and router "
+        "clients only. meshbpf serves host processes with the socket-LB on the cgroup, which now "
+        "also holds the NodePort at each node address and the LB/external IPs (no source range), "
+        "as for a pod client; untested for the node's own processes in this lab")
+NO_MASQ = ("the socket-LB short-circuits a pod's connect() to a NodePort/LB/external IP in the "
+           "node, as kube-proxy does, by rewriting the connect() itself: no NAT on the wire, the "
+           "backend sees the pod's own address")
+SOCKET_REFUSES = ("the socket-LB refuses the pod's connect() at once (ECONNREFUSED), as for a "
+                  "ClusterIP with no endpoints: the packet never reaches the north-south programs")
 ALT_NODE_IP = "the lab's nodes have one address per family on ext0 (no --nodeport-addresses choice)"
 LOCALHOST = "127.0.0.1 NodePorts (iptables --localhost-nodeports) are host-local: no tc path"
 SCTP = "meshbpf skips SCTP ports"
@@ -176,9 +177,10 @@ def _no_endpoints_reject() -> None:
     SETUPS.append(Setup("TestNoEndpointsReject", ("nftables", "iptables"), [svc], [
         Flow("pod to cluster IP with no endpoints", "client1", "10.96.0.41", 80, "REJECT"),
         Flow("external to external IP with no endpoints", "router", "10.240.0.11", 80, "REJECT"),
-        Flow("pod to NodePort with no endpoints", "client1", NODE1, 30001, "REJECT", skip=POD_TO_EXTERNAL),
+        Flow("pod to NodePort with no endpoints", "client1", NODE1, 30001, "REJECT"),
         Flow("external to NodePort with no endpoints", "router", NODE1, 30001, "REJECT"),
-        Flow("pod to LoadBalancer IP with no endpoints", "client1", LB1, 80, "REJECT", skip=POD_TO_EXTERNAL),
+        Flow("pod to LoadBalancer IP with no endpoints", "client1", LB1, 80, "REJECT", ours="REJECT",
+             why=SOCKET_REFUSES),
         Flow("external to LoadBalancer IP with no endpoints", "router", LB1, 80, "REJECT"),
     ]))
 
@@ -232,8 +234,9 @@ def _load_balancer() -> None:
         Flow("accepted external to LB2", "router", LB2, 80, ok, masq=True),
         Flow("blocked external to LB1", "blocked", LB1, 80, "DROP"),
         Flow("blocked external to LB2", "blocked", LB2, 80, "DROP"),
-        # The pod's packet leaves through the router and comes back (no short-circuit):
-        # its source, a pod address, is outside the ranges either way.
+        # The pod's packet leaves through the router and comes back (no short-circuit: the
+        # socket-LB leaves LB IPs with source ranges to tc, which checks them): its source,
+        # a pod address, is outside the ranges either way.
         Flow("pod to LB1 (blocked by LoadBalancerSourceRanges)", "client1", LB1, 80, "DROP"),
         Flow("pod to LB2 (blocked by LoadBalancerSourceRanges)", "client1", LB2, 80, "DROP"),
         Flow("node to LB1 (allowed by LoadBalancerSourceRanges)", "node1", LB1, 80, ok, masq=True, skip=HOST),
@@ -274,17 +277,18 @@ def _etp(policy: str) -> None:
     masq = not local
     m = "unmasqueraded" if local else "masqueraded"
     hits = "hits only local endpoint, unmasqueraded" if local else "hits both endpoints, masqueraded"
+    pod_ext = {} if local else {"ours": all_, "why": NO_MASQ}
     SETUPS.append(Setup(f"TestExternalTrafficPolicy{policy}", ("nftables", "iptables"),
                         [svc, slice_("svc1", [ep(B1), ep(A1)], P80)], [
         Flow("pod to cluster IP hits both endpoints, unmasqueraded", "client1", "10.96.0.41", 80, all_),
         Flow(f"pod to external IP hits both endpoints, {m}", "client1", "10.240.0.11", 80, all_,
-             masq=masq, skip=POD_TO_EXTERNAL),
+             masq=masq, **pod_ext),
         Flow(f"external to external IP {hits}", "router", "10.240.0.11", 80, ext, masq=masq),
         Flow(f"pod to LB IP hits {'only ' if local else ''}both endpoints, {m}", "client1", LB1, 80, all_,
-             masq=masq, skip=POD_TO_EXTERNAL),
+             masq=masq, **pod_ext),
         Flow(f"external to LB IP {hits}", "router", LB1, 80, ext, masq=masq),
         Flow(f"pod to NodePort hits both endpoints, {m}", "client1", NODE1, 30001, all_, masq=masq,
-             skip=POD_TO_EXTERNAL),
+             **pod_ext),
         Flow(f"external to NodePort {hits}", "router", NODE1, 30001, ext, masq=masq),
     ], pinned=("10.240.0.11", LB1) if local else ()))
 
@@ -385,10 +389,13 @@ def _internal_external_masquerade() -> None:
                                  (3, "10.96.0.43", 30003, LB3, s3)):
         tag = {1: "", 2: " with eTP:Local", 3: " with iTP:Local"}[n]
         pod_cip = both(A3) if n == 3 else out
+
+        def pod_ext(out: str) -> dict:  # every endpoint, also under iTP:Local (KUBE-EXT -> KUBE-SVC)
+            return {} if n == 2 else {"ours": out, "why": NO_MASQ}
         flows += [
             Flow(f"pod to ClusterIP{tag}", "client1", cip, 80, pod_cip),
-            Flow(f"pod to NodePort{tag}", "client1", NODE1, np_, out, masq=n != 2, skip=POD_TO_EXTERNAL),
-            Flow(f"pod to LB{tag}", "client1", lb, 80, out, masq=n != 2, skip=POD_TO_EXTERNAL),
+            Flow(f"pod to NodePort{tag}", "client1", NODE1, np_, out, masq=n != 2, **pod_ext(out)),
+            Flow(f"pod to LB{tag}", "client1", lb, 80, out, masq=n != 2, **pod_ext(out)),
             Flow(f"node to ClusterIP{tag}", "node1", cip, 80, pod_cip, masq=True, skip=HOST),
             # upstream sends "node to NodePort with eTP:Local" to 3001 (svc1's port) and expects svc1's endpoints
             Flow(f"node to NodePort{tag}", "node1", NODE1, 30001 if n == 2 else np_,

@@ -131,3 +131,35 @@ def test_the_checker_catches_a_wrong_backend_and_a_missing_frontend():
     assert "not an endpoint" in problems(setup, replace(good, output=table.both(table.A3)))[0]
     assert "no frontend" in problems(setup, replace(good, port=30009))[0]
     assert "without `why`" in problems(setup, replace(good, ours="DROP"))[0]
+
+
+def _socket_lb_flows():
+    """Every runnable pod-client flow: the socket-LB's path."""
+    return [pytest.param(setup, flow, id=f"{setup.name}/{flow.case}") for setup in SETUPS
+            for flow in setup.flows if not flow.skip and flow.client not in ("router", "blocked", "node1")]
+
+
+@pytest.mark.parametrize("setup, flow", _socket_lb_flows())
+def test_pod_clients_get_the_expected_backends_from_the_socket_lb_plan(setup, flow, tmp_path):
+    """What node1's socket-LB maps would hold for the flow's destination, with
+    north-south on and node1's addresses (the kernel test sends the packets):
+    the expected backends, none for REJECT, no frontend where the packet is
+    meant to leave the node untranslated."""
+    from meshbpf.reconcile import SvcKey, addr16, wanted_services
+    path = tmp_path / "flows.yaml"
+    path.write_text(dump_all(setup.objects))
+    state = read_config(path, node_name="node1").state
+    node1 = tuple(ipaddress.ip_address(a) for a in table.NODES["node1"])
+    proto = {"TCP": 6, "UDP": 17}[flow.protocol]
+    want = wanted_services(state, node1).get(SvcKey(addr16(ipaddress.ip_address(flow.dest)), flow.port, proto))
+    expected = flow.expected
+    if want is None:
+        # untranslated: the destination answers, or tc (source ranges) or the lab's routing decides
+        assert expected in ("", "DROP", "REJECT"), f"no socket-LB frontend for {flow.dest}:{flow.port}"
+        return
+    got = {f"[{ipaddress.ip_address(be.addr)}]:{be.port}" if ipaddress.IPv6Address(be.addr).ipv4_mapped is None
+           else f"{ipaddress.IPv6Address(be.addr).ipv4_mapped}:{be.port}" for be, _ in want.backends}
+    if expected in ("DROP", "REJECT"):   # the socket-LB refuses a frontend with no backend
+        assert got == set(), got
+    else:
+        assert got == set(expected.split(", ")), (got, expected)
