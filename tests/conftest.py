@@ -29,7 +29,7 @@ about ten times slower than on a real machine:
 CI's host run has every tool and feature (scripts/setup.sh installs them), so
 there a skip (a missing command, a wrong probe) means a test did not run.
 
-``MESHBPF_SKIP_MARKS=heavy,timing,userspace,realtool`` skips tests with those markers (the VMs
+``MESHBPF_SKIP_MARKS=heavy,timing,userspace,realtool,bounds,twonode`` skips tests with those markers (the VMs
 set it); the summary names each skip and why. ``--shard I/N`` runs every
 N-th test from the I-th on (1-based), so that N VMs share one kernel's run.
 """
@@ -50,9 +50,12 @@ SKIPPABLE = {
                 "runs it on its oldest kernel only, where the real fallbacks are",
     "realtool": "a real third-party program (HAProxy as a sidecar) over a datapath whose kernel side "
                 "other kernel tests cover on every kernel: runs on the host only (CI's time budget)",
-    "bounds": "long real-traffic test of a path whose kernel side the other tests cover: the kernel "
-              "matrix runs it on its oldest kernel only; the host, newer than any VM kernel, runs it too (CI's "
-              "time budget)",
+    "bounds": "long real-traffic test of a path whose kernel side the other tests cover (agent "
+              "lifecycle under load, whole tables): runs on the host only; the kernel matrix skips it "
+              "(CI's time budget)",
+    "twonode": "a test in the two-node lab (a router, an agent per node: minutes of compiling under "
+               "TCG) whose programs the prog and datapath tests drive on every kernel: runs on the host "
+               "only; the kernel matrix skips it (CI's time budget)",
 }
 
 

@@ -29,7 +29,7 @@ from meshbpf.lab.workloads import AgentProcess, start_whoami, wait_for, wait_lis
 from . import k8s
 from .conftest import AGENT_READY_TIMEOUT, BPFFS_ROOT, LAB_PREFIX, PIN_PREFIX, Load, Probe, _names
 
-pytestmark = pytest.mark.needs_feature("capture")
+pytestmark = [pytest.mark.twonode, pytest.mark.needs_feature("capture")]
 
 NODE = "lab-node1"
 PROXY = Path(__file__).with_name("capture_proxy.py")

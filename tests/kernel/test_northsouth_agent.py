@@ -19,6 +19,8 @@ from . import k8s
 from .conftest import AGENT_READY_TIMEOUT, LAB_PREFIX, _names
 from .helpers import metric
 
+pytestmark = pytest.mark.twonode  # host only in CI (tests/conftest.py)
+
 NODE_PORT, HEALTH_PORT = 30080, 31000
 
 

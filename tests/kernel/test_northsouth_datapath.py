@@ -242,7 +242,7 @@ def test_both_nodes_pick_the_same_backend_for_a_flow(ns):
     assert set(seen[1]) == {"web-1", "web-2"}   # 12 flows on one pod by chance: 2 in 2^12
 
 
-@pytest.mark.bounds   # a lifecycle test (one more compile): 5.10 and the host
+@pytest.mark.bounds   # a lifecycle test (one more compile): the host only in CI
 def test_a_flow_keeps_its_backend_across_a_reload(ns):
     """A new agent loads the programs again over the same pins: the filters
     are replaced in place and the conntrack kept, so a flow keeps its

@@ -21,8 +21,9 @@ external IP, must also be the north-south programs' own (their counters,
 meshbpf_northsouth_packets_total, rise on a node):
 without them, the node's stack or the lab's routing would answer the same.
 
-Three setups run everywhere; the rest of the table is `bounds` (the VMs run it on
-5.10 only). Per-case results are printed (pytest -s) as `pass`, `FAIL`, `n/a`.
+The whole file is `twonode`: CI runs it on the host only (the VMs drive the
+same programs in test_northsouth_datapath.py). Three setups are the quick
+run; the rest of the table is `bounds`. Per-case results are printed (pytest -s) as `pass`, `FAIL`, `n/a`.
 """
 
 from __future__ import annotations
@@ -45,13 +46,15 @@ from . import k8s
 from .conftest import AGENT_READY_TIMEOUT, BPFFS_ROOT, LAB_PREFIX, PIN_PREFIX, _names, _snapshot
 from .helpers import metric
 
+pytestmark = pytest.mark.twonode  # host only in CI (tests/conftest.py)
+
 NS_AVAILABLE = importlib.util.find_spec("meshbpf.datapath.northsouth") is not None
 NEEDS_NS = "needs north-south load balancing (meshbpf.datapath.northsouth: issue 12's ns-dp and ns-plan)"
 PROBE = Path(__file__).with_name("ns_flow_probe.py")
 BACKEND_PORTS = (80, 8443, 5353)
 NS_FLAGS: list[str] = []   # north-south needs no flag: --devices defaults to the default-route device
 EXTERNAL = ("router", "blocked")
-# Every kernel runs these (SNAT or not, Local, REJECT); the rest is `bounds`.
+# The quick run (SNAT or not, Local, REJECT); the rest is `bounds`.
 REPRESENTATIVE = ("TestExternalTrafficPolicyCluster", "TestExternalTrafficPolicyLocal", "TestNoEndpointsReject")
 VERDICT_COUNTERS = {"REJECT": {"reject"}, "DROP": {"drop_no_local", "drop_source_range"}}
 NODE_OF = {**{p: "node1" for p in table.NODE1_PODS}, **{p: "node2" for p in table.NODE2_PODS}}

@@ -14,7 +14,7 @@ from . import k8s
 from .conftest import web_service
 from .netpol_lab import pw  # tests/unit/policy_world.py: the e2e suite's builders
 
-pytestmark = pytest.mark.bounds  # in the VMs on 5.10 only; the host (6.18) runs it too (tests/vm/matrix)
+pytestmark = pytest.mark.bounds  # the host only in CI (tests/conftest.py)
 
 NODE = "lab-node"
 

@@ -28,7 +28,8 @@ from meshbpf.reconcile.policy_keys import (DIR_IN, EP_ISOLATE_IN, EP_ISOLATE_OUT
 
 from .conftest import BPFFS_ROOT, LAB_PREFIX, PIN_PREFIX, Probe, _names
 
-pytestmark = pytest.mark.bounds  # in the VMs on 5.10 only; the host (6.18) runs it too (tests/vm/matrix)
+# Real traffic through the policy programs: every VM kernel but the newest
+# (tests/vm/matrix: CI's time budget) and the host.
 
 POLICY_PROBE = Path(__file__).with_name("policy_probe.py")
 REPO = Path(__file__).resolve().parents[2]

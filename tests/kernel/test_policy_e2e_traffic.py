@@ -44,7 +44,7 @@ from .helpers import wait_log
 from .netpol_lab import (PODS, PolicyLab, assert_holds, assert_reaches, expected, start_servers, write_json,
                          upstream)
 
-pytestmark = pytest.mark.bounds  # in the VMs on 5.10 only; the host (6.18) runs it too (tests/vm/matrix)
+pytestmark = pytest.mark.bounds  # the host only in CI (tests/conftest.py)
 
 MATRIX_PROBE = Path(__file__).with_name("matrix_probe.py")
 POLICY_PROBE = Path(__file__).with_name("policy_probe.py")

@@ -18,7 +18,7 @@ from .conftest import Load, web_service
 from .netpol_lab import pw
 from .test_policy_agent import NODE, curl
 
-pytestmark = pytest.mark.bounds  # in the VMs on 5.10 only; the host (6.18) runs it too (tests/vm/matrix)
+pytestmark = pytest.mark.bounds  # the host only in CI (tests/conftest.py)
 
 
 def from_pod(name: str, selected: str) -> dict:

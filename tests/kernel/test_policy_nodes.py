@@ -21,6 +21,8 @@ from .helpers import metric
 from .test_policy_agent import netpol
 from .test_policy_udp import PORT, UdpFlow, new_flow_answered, start_echo
 
+pytestmark = pytest.mark.twonode  # host only in CI (tests/conftest.py)
+
 NODES = {1: ["x/a", "x/c"], 2: ["x/b"]}
 
 
