@@ -300,8 +300,8 @@ def wakeup_probe(*args: str) -> dict:
 
 
 def test_the_kernel_still_wakes_a_blocked_sockhash_reader_with_eagain():
-    """The kernel fact the rule above rests on, checked on every kernel of
-    the matrix: a blocking recv() on a socket in a sockhash, woken by a
+    """The kernel fact the rule above rests on, checked on every kernel
+    that runs this file: a blocking recv() on a socket in a sockhash, woken by a
     signal with no data, returns EAGAIN (plain TCP: EINTR, retried). If a
     kernel fixes tcp_bpf_recvmsg, this fails there: blocking sockets could
     then be spliced on it, behind a probe like this one."""
