@@ -19,6 +19,7 @@ from typing import Iterable
 from ..reconcile.capture_keys import COUNTERS, CapPod, CaptureState, CaptureStep, CidrKey, Orig, PortKey
 from . import libbpf
 from .pinned import PinnedMaps
+from .tcfilters import TC_EGRESS, TC_INGRESS, our_filters, pinned_map_id
 from .layout import (CAPTURE_MAPS, CapCfgC, CapCidrKeyC, CapOrigC, CapPairKeyC, CapPodC,
                      CapPortKeyC, CapVerdictC, EpAddrC)
 
@@ -144,8 +145,7 @@ class CaptureMaps(PinnedMaps):
 
 # --- inbound from other nodes: mbpf_cap_tc_in on the pod's own interface --------
 
-TC_INGRESS = 0xFFFFFFF2   # clsact's ingress: what the pod receives
-TC_EGRESS = 0xFFFFFFF3    # clsact's egress: what it sends
+# clsact's ingress (TC_INGRESS) is what the pod receives, egress what it sends.
 TC_HOOKS = {"mbpf_cap_tc_in": TC_INGRESS, "mbpf_cap_tc_out": TC_EGRESS}
 TC_PRIO = 1               # our fixed slot: `tc filter replace` there swaps the program in place
 TC_HANDLE = 0x4D43        # "MC" (the policy programs' is "MB", on the host side)
@@ -223,18 +223,7 @@ class InboundTC:
 
 def _our_filters(ipr, ifindex: int) -> list[tuple[str, int]]:
     """(program name, parent) of our filters on one interface."""
-    found = []
-    for parent in (TC_INGRESS, TC_EGRESS):
-        try:
-            msgs = ipr.get_filters(index=ifindex, parent=parent)
-        except Exception:
-            continue  # no clsact here
-        for msg in msgs:
-            opts = msg.get_attr("TCA_OPTIONS")
-            if (msg.get_attr("TCA_KIND") == "bpf" and opts is not None
-                    and opts.get_attr("TCA_BPF_NAME") in TC_HOOKS and (msg["info"] >> 16) == TC_PRIO):
-                found.append((opts.get_attr("TCA_BPF_NAME"), parent))
-    return found
+    return [(name, parent) for parent, name in our_filters(ipr, ifindex, TC_HOOKS, TC_PRIO)]
 
 
 def detach_inbound(netns: str, ifindex: int) -> list[str]:
@@ -293,15 +282,9 @@ def remove_inbound_filters(bpffs: Path) -> list[str]:
     """`meshbpf uninstall`: our tc filters whose program uses this folder's
     mbpf_cap_pod, in any netns (pods' netns are not named on every node)."""
     from pyroute2 import IPRoute
-    pin = Path(bpffs) / "mbpf_cap_pod"
-    try:
-        fd = libbpf.obj_get(str(pin))
-    except OSError:
+    map_id = pinned_map_id(str(Path(bpffs) / "mbpf_cap_pod"))
+    if map_id is None:
         return []
-    try:
-        map_id = libbpf.map_info(fd).id
-    finally:
-        os.close(fd)
     removed = []
     for path in _all_netns().values():
         try:

@@ -34,6 +34,7 @@ from .bpffs import check_bpffs
 from .layout import (EpAddrC, NO_PREALLOC, NS_COUNTERS, NS_MAPS, MapSpec, NsBackendC, NsCfgC,
                      NsCtC, NsCtKeyC, NsKeyC, NsSrcKeyC, NsSvcC)
 from .pinned import PinnedMaps
+from .tcfilters import TC_EGRESS, TC_INGRESS, our_filters, pinned_map_id
 from .source import program_text
 
 log = logging.getLogger(__name__)
@@ -43,8 +44,6 @@ CT_FWD, CT_REV = 1, 2    # MBPF_NS_CT_FWD / _REV
 CT_F_SNAT = 1            # MBPF_NS_CT_F_SNAT
 XDP_PROGRAM = "mbpf_ns_xdp"
 XDP_FLAGS_DRV_MODE = 4   # native XDP in the driver (veth has it); never the generic one
-TC_INGRESS = 0xFFFFFFF2
-TC_EGRESS = 0xFFFFFFF3
 HOOKS = {"mbpf_ns_ingress": TC_INGRESS, "mbpf_ns_egress": TC_EGRESS}
 # Our slot on each hook of an external device: priority 1 (before a CNI's
 # later filters; ours pass with TC_ACT_UNSPEC, so those still run), handle "NS".
@@ -421,20 +420,7 @@ class NorthSouthDatapath:
 
 def _our_filters(ipr, ifindex: int) -> list[int]:
     """Parents (ingress/egress) carrying one of our filters on ifindex."""
-    found = []
-    for parent in (TC_INGRESS, TC_EGRESS):
-        try:
-            msgs = ipr.get_filters(index=ifindex, parent=parent)
-        except Exception:
-            continue  # no clsact here
-        for msg in msgs:
-            opts = msg.get_attr("TCA_OPTIONS")
-            if msg.get_attr("TCA_KIND") != "bpf" or opts is None:
-                continue
-            if (opts.get_attr("TCA_BPF_NAME") or "") in PROGRAMS and (msg["info"] >> 16) == TC_PRIO:
-                found.append(parent)
-                break
-    return found
+    return list(dict.fromkeys(parent for parent, _ in our_filters(ipr, ifindex, PROGRAMS, TC_PRIO)))
 
 
 def detach_filters(netns: str | None, dev: str) -> int:
@@ -497,15 +483,9 @@ def remove_filters(bpffs: Path) -> list[str]:
     them, or they would keep translating with the maps unpinned."""
     from pyroute2 import netns as named_netns
 
-    pin = Path(bpffs) / "mbpf_ns_svc"
-    try:
-        fd = libbpf.obj_get(str(pin))
-    except OSError:
+    map_id = pinned_map_id(str(Path(bpffs) / "mbpf_ns_svc"))
+    if map_id is None:
         return []
-    try:
-        map_id = libbpf.map_info(fd).id
-    finally:
-        os.close(fd)
     removed = []
     for ns in [None, *named_netns.listnetns()]:
         try:

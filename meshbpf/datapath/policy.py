@@ -30,6 +30,7 @@ from ..reconcile.policy_keys import (DROP_COUNTERS, POLICY_COUNTERS, EpVal, Peer
 from . import libbpf
 from .bpffs import check_bpffs
 from .pinned import PinnedMaps
+from .tcfilters import TC_EGRESS, TC_INGRESS, our_filters
 from .endpoints import find_endpoint  # noqa: F401 (part of this module's API)
 from .layout import (POLICY_MAPS, RINGBUF_MAPS, CtC, CtKeyC, EpAddrC, EpC, MapSpec, NO_PREALLOC,
                      PolCfgC, PolPeerC, PolPeerKeyC, PolPortC, PolPortKeyC)
@@ -39,8 +40,6 @@ log = logging.getLogger(__name__)
 
 PROGRAMS = ("mbpf_tc_from_pod", "mbpf_tc_to_pod")
 # clsact's parents: ingress of the host-side interface is what the pod sends.
-TC_INGRESS = 0xFFFFFFF2
-TC_EGRESS = 0xFFFFFFF3
 HOOKS = {"mbpf_tc_from_pod": TC_INGRESS, "mbpf_tc_to_pod": TC_EGRESS}
 # Our fixed slot on each hook. Priority 1 runs before filters a CNI adds
 # later at a higher number; the programs pass with TC_ACT_UNSPEC, so the
@@ -152,20 +151,7 @@ class PolicyDatapath:
 
 def _our_filters(ipr, ifindex: int) -> list[tuple[int, str]]:
     """(parent, TCA_BPF_NAME) of our filters on one interface."""
-    found = []
-    for parent in (TC_INGRESS, TC_EGRESS):
-        try:
-            msgs = ipr.get_filters(index=ifindex, parent=parent)
-        except Exception:
-            continue  # no clsact here
-        for msg in msgs:
-            opts = msg.get_attr("TCA_OPTIONS")
-            if msg.get_attr("TCA_KIND") != "bpf" or opts is None:
-                continue
-            name = opts.get_attr("TCA_BPF_NAME") or ""
-            if name in PROGRAMS and (msg["info"] >> 16) == TC_PRIO:
-                found.append((parent, name))
-    return found
+    return our_filters(ipr, ifindex, PROGRAMS, TC_PRIO)
 
 
 def _prog_ids(netns: str | None, ifname: str) -> dict[str, int]:
