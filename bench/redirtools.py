@@ -12,8 +12,10 @@ way as bench/redirbench.py's own cells:
     sockperf pp -> sockperf sr        64 B ping-pong, non-blocking sockets
                                       (round trips/s)
 
-All of them use non-blocking sockets (event loops), the only ones meshbpf
-splices; sockperf is told so (--nonblocked).
+redis, nginx, wrk and sockperf (told so: --nonblocked) use non-blocking
+sockets (event loops), the only ones meshbpf splices. iperf3's sockets block,
+so meshbpf leaves its streams to TCP: those cells compare TCP with TCP and
+check that the blocking-socket exclusion costs nothing.
 """
 
 from __future__ import annotations
@@ -99,7 +101,7 @@ class Apps:
              "--protected-mode", "no", "--daemonize", "no", "--dir", str(d)],
             ["nginx", "-c", str(d / "nginx.conf"), "-p", str(d)],
             ["iperf3", "-s", "-B", ip, "-p", str(IPERF_PORT)],
-            ["sockperf", "sr", "--tcp", "-i", ip, "-p", str(SOCKPERF_PORT)],
+            ["sockperf", "sr", "--tcp", "--nonblocked", "-i", ip, "-p", str(SOCKPERF_PORT)],
         ]
         try:
             for argv in servers:
@@ -128,8 +130,8 @@ class Apps:
         ip = str(self.bench.lab.pods["srv"].ipv4)
         secs = max(1, round(duration))
         if cell.tool == "redis":
-            # -n sized to run for a second or two; the rate is what counts
-            n = 5000 if cell.size > 1024 else 20000 * (5 if cell.pipeline > 1 else 1)
+            # -n sized to run for about `duration` seconds or more; the rate is what counts
+            n = (5000 if cell.size > 1024 else 20000 * (5 if cell.pipeline > 1 else 1)) * secs
             return ["redis-benchmark", "-h", ip, "-p", str(REDIS_PORT), "-c", str(cell.conns),
                     "-P", str(cell.pipeline), "-d", str(cell.size), "-n", str(n), "-t", "get,set", "--csv"]
         if cell.tool == "wrk":
@@ -138,7 +140,7 @@ class Apps:
         if cell.tool == "iperf3":
             return ["iperf3", "-c", ip, "-p", str(IPERF_PORT), "-t", str(secs), "-O", "1",
                     "-P", str(cell.conns), "-l", str(cell.size), "-J"]
-        return ["sockperf", "pp", "--tcp", "-i", ip, "-p", str(SOCKPERF_PORT),
+        return ["sockperf", "pp", "--tcp", "--nonblocked", "-i", ip, "-p", str(SOCKPERF_PORT),
                 "-m", str(cell.size), "-t", f"{duration + 0.45:.2f}", "--mps=max"]
 
     def run(self, cell: AppCell, case: str, duration: float) -> dict:
