@@ -41,19 +41,19 @@ def node_port_service(lab: Lab, **spec) -> list[dict]:
     return [svc, k8s.endpoint_slice("web-1", "web", endpoints, [k8s.slice_port("http", 8080)])]
 
 
-def curl(lab: Lab, url: str, local_port: int) -> tuple[int, str]:
+def curl(lab: Lab, url: str, local_port: int, node: int | str = ROUTER) -> tuple[int, str]:
     out = lab.run(None, ["curl", "-sS", "--max-time", "5", "--local-port", str(local_port),
-                         "-w", "\n%{http_code}", url], node=ROUTER)
+                         "-w", "\n%{http_code}", url], node=node)
     if out.returncode != 0:
         return 0, out.stderr.strip()
     body, code = out.stdout.rstrip("\n").rsplit("\n", 1)
     return int(code), body.strip()
 
 
-def answers(lab: Lab, host: str, first_port: int) -> set[str]:
+def answers(lab: Lab, host: str, first_port: int, node: int | str = ROUTER) -> set[str]:
     """Who answers 16 connections from new source ports (a port used before
     is a flow the datapath's conntrack may still hold to its old backend)."""
-    return {curl(lab, f"http://{host}:{NODE_PORT}/", first_port + i)[1] for i in range(16)}
+    return {curl(lab, f"http://{host}:{NODE_PORT}/", first_port + i, node)[1] for i in range(16)}
 
 
 def test_an_agent_in_a_node_netns_serves_node_ports_from_outside(lab2, bpffs, tmp_path):
@@ -69,6 +69,10 @@ def test_an_agent_in_a_node_netns_serves_node_ports_from_outside(lab2, bpffs, tm
         ports = iter(range(42000, 60000, 16))
         wait_for(lambda: answers(lab2, host, next(ports)) == {"web-1", "web-2"}, 60,
                  "answers from both nodes' pods through node 1")
+        # A host process on node 1 (the kubelet, a hostNetwork pod) to its
+        # own node's NodePort: the packet never meets ext0's tc program (it
+        # goes over lo), so socket-LB must translate it at connect().
+        assert answers(lab2, host, next(ports), node=1) == {"web-1", "web-2"}
         metrics = agent.get("/metrics")[1]
         assert metric(metrics, "meshbpf_northsouth_frontends") == 2
         assert metric(metrics, "meshbpf_northsouth_packets_total", 'result="new"') > 0
