@@ -29,6 +29,7 @@ from typing import Any
 from ..model import MESHES, AgentSettings, CaptureSettings, RedirectSettings
 from . import schema
 from .errors import Problem
+from .names import name_problem
 
 API_VERSION = "meshbpf.io/v1alpha1"
 KIND = "AgentConfig"
@@ -58,12 +59,17 @@ def read_agent_config(obj: Any, where: str) -> tuple[AgentSettings | None, list[
     meta = obj.get("metadata")
     name = meta.get("name") if isinstance(meta, dict) else None
     label = f"AgentConfig {name if isinstance(name, str) and name else '?'}"
-    problems = [Problem(where, label, path, reason) for path, reason in schema.check(obj, AGENT_CONFIG)]
-    if not any(p.path == "apiVersion" for p in problems) and obj.get("apiVersion") != API_VERSION:
-        problems.append(Problem(where, label, "apiVersion",
-                                f"{obj.get('apiVersion')!r} is not supported; use {API_VERSION}"))
-    if problems:
-        return None, problems
+    # The name is optional here, but one given must be a name Kubernetes takes
+    # (it is quoted in every problem about the settings); named beside the
+    # others, so that one edit fixes them all.
+    bad_name = name_problem(KIND, name) if isinstance(name, str) and name else None
+    problems = [Problem(where, label, "metadata.name", bad_name)] if bad_name else []
+    malformed = [Problem(where, label, path, reason) for path, reason in schema.check(obj, AGENT_CONFIG)]
+    if not any(p.path == "apiVersion" for p in malformed) and obj.get("apiVersion") != API_VERSION:
+        malformed.append(Problem(where, label, "apiVersion",
+                                 f"{obj.get('apiVersion')!r} is not supported; use {API_VERSION}"))
+    if malformed:
+        return None, problems + malformed
 
     spec = obj.get("spec") or {}
     redirect = spec.get("socketRedirect") or {}

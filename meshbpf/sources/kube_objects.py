@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import ipaddress
 import logging
-import re
 import socket
 from dataclasses import dataclass, field
 from typing import Any, Iterable, NamedTuple
@@ -26,6 +25,7 @@ from ..model import (DEFAULT_AFFINITY_TIMEOUT, AgentSettings, DesiredState, Endp
                      Exposure, Frontend, IPAddress, ServicePort)
 from . import agent_config, schema
 from .errors import Problem, one_line
+from .names import name_problem, namespace_problem
 
 log = logging.getLogger(__name__)
 
@@ -257,47 +257,10 @@ def _meta(src: SourceObject, kind: str, out: _Collector) -> tuple[str, str, str]
     if reason:
         out.add(src, label, "metadata.name", reason)
     if kind != "Namespace" and isinstance(namespace, str):  # not a string: the schema says so
-        reason = _namespace_problem(namespace)
+        reason = namespace_problem(namespace)
         if reason:
             out.add(src, label, "metadata.namespace", reason)
     return namespace, name, label
-
-
-# Kubernetes' rules for names (apimachinery's validation.go, by kind as the
-# API server applies them). The server refuses anything else, so such a name
-# comes from a file or a server that skipped validation; let through, it
-# would reach log lines, notes and metric labels as it is.
-_LABEL = "[a-z0-9]([-a-z0-9]*[a-z0-9])?"
-_DNS1035 = ("DNS-1035 label", 63, re.compile("[a-z]([-a-z0-9]*[a-z0-9])?"),
-            "lowercase letters, digits and '-', starting with a letter and ending with a letter or digit")
-_DNS1123_LABEL = ("DNS-1123 label", 63, re.compile(_LABEL),
-                  "lowercase letters, digits and '-', starting and ending with a letter or digit")
-_DNS1123_SUBDOMAIN = ("DNS-1123 subdomain", 253, re.compile(rf"{_LABEL}(\.{_LABEL})*"),
-                      "labels of lowercase letters, digits and '-' joined by '.', each starting "
-                      "and ending with a letter or digit")
-_NAME_RULES = {"Service": _DNS1035, "Namespace": _DNS1123_LABEL, "EndpointSlice": _DNS1123_SUBDOMAIN,
-               "Pod": _DNS1123_SUBDOMAIN, "NetworkPolicy": _DNS1123_SUBDOMAIN}
-
-
-def name_problem(kind: str, name: str) -> str | None:
-    """Why Kubernetes would refuse `name` for an object of `kind` (None: it
-    would not, or meshbpf knows no rule for the kind)."""
-    rule = _NAME_RULES.get(kind)
-    return _rule_problem(f"{kind} names", rule, name) if rule else None
-
-
-@functools.lru_cache(maxsize=4096)  # a cluster has few namespaces
-def _namespace_problem(namespace: str) -> str | None:
-    return _rule_problem("namespaces", _DNS1123_LABEL, namespace)
-
-
-def _rule_problem(what: str, rule: tuple, value: str) -> str | None:
-    rule_name, limit, pattern, spelled = rule
-    if len(value) > limit:  # checked first: the value is not quoted, however long
-        return f"{len(value)} characters; Kubernetes requires of {what} a {rule_name} of at most {limit}"
-    if pattern.fullmatch(value) is None:  # fullmatch: "$" would let a final line break through
-        return f"{value!r} is not a {rule_name} ({spelled}), which Kubernetes requires of {what}"
-    return None
 
 
 def _check_schema(src: SourceObject, kind: str, api_versions: tuple[str, ...],

@@ -22,6 +22,7 @@ from typing import Any, Iterable
 from ..model import BackendRef, DesiredState, ParentRef, ReferenceGrant, Route, ServicePort, SplitShare
 from .errors import MAX_PART, Problem, one_line
 from .kube_objects import SourceObject
+from .names import name_problem, namespace_problem
 from .route_status import _INVALID_MESSAGE, ref_permitted
 
 API_VERSION = "gateway.networking.k8s.io/v1alpha2"
@@ -29,6 +30,7 @@ ROUTE_KINDS = ("TCPRoute", "UDPRoute")
 GRANT_KIND = "ReferenceGrant"
 GRANT_API_VERSIONS = ("gateway.networking.k8s.io/v1beta1", "gateway.networking.k8s.io/v1alpha2")
 MAX_WEIGHT = 1_000_000  # the Gateway API's bound
+MAX_OBJECT_NAME = 253  # the Gateway API's ObjectName: any name of 1 to 253 characters
 
 
 class _Bad(Exception):
@@ -91,17 +93,44 @@ def _internal(exc: Exception) -> _Bad:
     return _Bad("", f"internal error while reading it ({type(exc).__name__}: {exc}); please report this")
 
 
-def _name_and_namespace(obj: dict) -> tuple[str, str]:
+def _name_and_namespace(obj: dict, kind: str) -> tuple[str, str]:
+    """As the API server checks them: the name of a custom resource, the
+    namespace a DNS-1123 label."""
     meta = _mapping(obj.get("metadata"), "metadata")
-    return (_string(meta.get("name"), "metadata.name"),
-            _string(meta.get("namespace", "default"), "metadata.namespace"))
+    name = _string(meta.get("name"), "metadata.name")
+    namespace = _string(meta.get("namespace", "default"), "metadata.namespace")
+    _check(name_problem(kind, name), "metadata.name")
+    return name, _namespace(namespace, "metadata.namespace")
+
+
+def _check(reason: str | None, path: str) -> None:
+    if reason:
+        raise _Bad(path, reason)
+
+
+def _namespace(v: Any, path: str) -> str:
+    namespace = _string(v, path)
+    _check(namespace_problem(namespace), path)
+    return namespace
+
+
+def _ref_name(v: Any, path: str, service: bool) -> str:
+    """A reference's name: the CRD takes any of up to 253 characters, but a
+    Service's can only be a DNS-1035 label (another names no Service, and
+    would reach notes and route status as it is)."""
+    name = _string(v, path)
+    if service:
+        _check(name_problem("Service", name), path)
+    elif len(name) > MAX_OBJECT_NAME:
+        raise _Bad(path, f"{len(name)} characters; the Gateway API takes names of at most {MAX_OBJECT_NAME}")
+    return name
 
 
 def _read_route(src: SourceObject) -> Route | None:
     obj = src.obj
     if obj.get("apiVersion") != API_VERSION:
         raise _Bad("apiVersion", f"must be {API_VERSION!r}, not {obj.get('apiVersion')!r}")
-    name, namespace = _name_and_namespace(obj)
+    name, namespace = _name_and_namespace(obj, obj["kind"])
     spec = _mapping(obj.get("spec"), "spec")
     _known(spec, "spec", {"parentRefs", "rules"})
     parents = [_parent(p, f"spec.parentRefs[{i}]", namespace)
@@ -129,7 +158,7 @@ def _parent(p: Any, path: str, namespace: str) -> ParentRef | None:
         return None
     _same_namespace(p, path, namespace)
     port = p.get("port")
-    return ParentRef(namespace, _string(p.get("name"), f"{path}.name"),
+    return ParentRef(namespace, _ref_name(p.get("name"), f"{path}.name", service=True),
                      None if port is None else _port(port, f"{path}.port"))
 
 
@@ -139,12 +168,13 @@ def _backend(b: Any, path: str, namespace: str) -> BackendRef:
     and the route's ResolvedRefs says why, as the Gateway API asks."""
     b = _mapping(b, path)
     _known(b, path, {"group", "kind", "name", "namespace", "port", "weight"})
-    name = _string(b.get("name"), f"{path}.name")
+    service = b.get("group", "") == "" and b.get("kind", "Service") == "Service"
+    name = _ref_name(b.get("name"), f"{path}.name", service)
     weight = b.get("weight", 1)
     if type(weight) is not int or not 0 <= weight <= MAX_WEIGHT:
         raise _Bad(f"{path}.weight", f"must be an integer from 0 to {MAX_WEIGHT}, not {weight!r}")
-    ref_namespace = _string(b.get("namespace", namespace), f"{path}.namespace")
-    if b.get("group", "") != "" or b.get("kind", "Service") != "Service":
+    ref_namespace = _namespace(b.get("namespace", namespace), f"{path}.namespace")
+    if not service:
         port = b.get("port")
         return BackendRef(ref_namespace, name, port if type(port) is int else 0, weight, invalid="InvalidKind")
     if "port" not in b:
@@ -181,7 +211,7 @@ def read_grants(objects: Iterable[SourceObject]) -> tuple[list[ReferenceGrant], 
 def _read_grant(obj: dict) -> ReferenceGrant:
     if obj.get("apiVersion") not in GRANT_API_VERSIONS:
         raise _Bad("apiVersion", f"must be one of {', '.join(GRANT_API_VERSIONS)}, not {obj.get('apiVersion')!r}")
-    name, namespace = _name_and_namespace(obj)
+    name, namespace = _name_and_namespace(obj, GRANT_KIND)
     spec = _mapping(obj.get("spec"), "spec")
     _known(spec, "spec", {"from", "to"})
     froms, tos = [], []
@@ -189,12 +219,14 @@ def _read_grant(obj: dict) -> ReferenceGrant:
         f = _mapping(f, f"spec.from[{i}]")
         _known(f, f"spec.from[{i}]", {"group", "kind", "namespace"})
         froms.append((_group(f.get("group"), f"spec.from[{i}].group"), _string(f.get("kind"), f"spec.from[{i}].kind"),
-                      _string(f.get("namespace"), f"spec.from[{i}].namespace")))
+                      _namespace(f.get("namespace"), f"spec.from[{i}].namespace")))
     for i, t in enumerate(_list(spec.get("to"), "spec.to")):
         t = _mapping(t, f"spec.to[{i}]")
         _known(t, f"spec.to[{i}]", {"group", "kind", "name"})
-        tos.append((_group(t.get("group"), f"spec.to[{i}].group"), _string(t.get("kind"), f"spec.to[{i}].kind"),
-                    None if t.get("name") is None else _string(t.get("name"), f"spec.to[{i}].name")))
+        group, kind = _group(t.get("group"), f"spec.to[{i}].group"), _string(t.get("kind"), f"spec.to[{i}].kind")
+        to_name = t.get("name")
+        tos.append((group, kind, None if to_name is None else
+                    _ref_name(to_name, f"spec.to[{i}].name", service=(group, kind) == ("", "Service"))))
     return ReferenceGrant(namespace, name, tuple(froms), tuple(tos))
 
 

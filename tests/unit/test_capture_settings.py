@@ -13,6 +13,7 @@ from meshbpf.capture.settings import (AnnotationError, is_meshed, kept_annotatio
 from meshbpf.model import AgentSettings, CaptureSettings
 from meshbpf.policy.model import PodInfo
 from meshbpf.sources.agent_config import read_agent_config
+from meshbpf.sources.errors import ConfigError
 from meshbpf.sources.kube_policy import read_policy_objects
 from meshbpf.sources.kube_objects import SourceObject
 from meshbpf.sources.yaml_file import FileSource
@@ -78,6 +79,43 @@ def test_a_bad_capture_edit_keeps_the_last_good_settings(tmp_path):
     os.replace(tmp, path)
     with pytest.raises(Exception, match=r"spec.capture.mesh: 'kuma' is not one of"):
         src.poll()
+
+
+@pytest.mark.parametrize("name", ["Mesh_BPF", "mesh\nbpf", "m" * 254, "-meshbpf"])
+def test_an_agent_config_name_kubernetes_would_refuse_is_a_problem_with_the_others(name):
+    """A DNS-1123 subdomain, as for any custom resource; named beside the
+    other problems, so one edit fixes them all."""
+    obj = agent_config({"mesh": "kuma"})
+    obj["metadata"]["name"] = name
+    settings, problems = read_agent_config(obj, "agent.yaml")
+    assert settings is None
+    assert [p.path for p in problems] == ["metadata.name", "spec.capture.mesh"], [str(p) for p in problems]
+    assert "DNS-1123 subdomain" in problems[0].reason and "\n" not in str(problems[0])
+
+
+@pytest.mark.parametrize("metadata", [{}, {"name": "meshbpf.node-a"}, {"name": "a" * 253}])
+def test_an_agent_config_without_a_name_or_with_a_good_one_is_read(metadata):
+    obj = agent_config({"enabled": True})
+    obj["metadata"] = metadata
+    settings, problems = read_agent_config(obj, "agent.yaml")
+    assert not problems and settings.capture.enabled
+
+
+def test_the_file_source_rejects_an_agent_config_name_kubernetes_would_refuse(tmp_path):
+    path = tmp_path / "agent.yaml"
+    path.write_text(yaml.safe_dump(agent_config({"enabled": True})))
+    src = FileSource(tmp_path, "node-a", settle_s=0, hold_s=0)
+    assert src.poll().settings.capture.enabled
+    bad = agent_config({"enabled": False})
+    bad["metadata"]["name"] = "Mesh_BPF"
+    tmp = tmp_path / ".agent.tmp"
+    tmp.write_text(yaml.safe_dump(bad))
+    os.replace(tmp, path)
+    with pytest.raises(ConfigError) as rejected:
+        src.poll()
+    (problem,) = [str(p) for p in rejected.value.problems]
+    assert problem.startswith(f"{path}: document 1 (line 1) (AgentConfig Mesh_BPF): metadata.name: "
+                              "'Mesh_BPF' is not a DNS-1123 subdomain"), problem
 
 
 # --- Pod annotations in the sources ---------------------------------------------------

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import pytest
 
 from fuzz_objects import good_objects, mutate
+from wrong_types import paths, replaced
 from meshbpf.sources.errors import ConfigError, Problem
 from meshbpf.sources.kube_objects import SourceObject, build_state
 from meshbpf.sources.kube_policy import read_policy_objects
@@ -175,6 +176,43 @@ def test_a_name_kubernetes_would_refuse_is_a_problem(field, value):
     assert any(p.path == f"metadata.{field}" for p in problems), [str(p) for p in problems]
 
 
+
+
+# Names Kubernetes refuses under every rule (DNS-1035, DNS-1123 label and
+# subdomain, the Gateway API's ObjectName for a non-Service reference).
+REFUSED_NAMES = ["Web_1", "line\nbreak", "a" * 100_000, "\u00e9\u4e2d", "*"]
+
+
+def name_paths(obj: dict) -> list[tuple]:
+    """The paths of the object's own name and namespace and of the names and
+    namespaces it refers to (not port or container names)."""
+    refs = ("parentRefs", "backendRefs", "from", "to")
+    return [p for p in paths(obj) if p[-1] in ("name", "namespace")
+            and (p[:-1] == ("metadata",) or any(r in p for r in refs))]
+
+
+def dotted(path: tuple) -> str:
+    return "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in path).lstrip(".")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_name_kubernetes_would_refuse_is_a_problem_at_its_field(kind):
+    """Each name or namespace of each kind, set to what the API server would
+    refuse: a one-line problem at that very field, and the other set of
+    objects still applies (the Kubernetes source's reading)."""
+    second = good_objects("2")
+    del second["AgentConfig"]
+    where = name_paths(good_objects()[kind])
+    assert where, kind
+    for path in where:
+        for value in REFUSED_NAMES:
+            what = [f"{dotted(path)}={value[:20]!r}"]
+            objects = [replaced(obj, path, value) if k == kind else obj
+                       for k, obj in good_objects().items()] + list(second.values())
+            read = read_as_the_api_source(objects)
+            assert dotted(path) in {p.path for p in read.problems}, (what, [str(p) for p in read.problems])
+            assert_one_line_and_placed(read.problems, "fuzz.yaml: document", what)
+            assert_set_2_applied(read, what)
 
 
 @pytest.mark.parametrize("kind", ["Service", "EndpointSlice"])

@@ -540,7 +540,8 @@ def test_agent_settings_come_from_the_config_map(api, make_source, cluster_list,
     "apiVersion: meshbpf.io/v1alpha1\nkind: AgentConfig\nspec: {socketRedirect: {enabled: 3}}\n",
     "spec: [unclosed\n",
     "- just\n- a list\n",
-], ids=["metadata-string", "wrong-type", "bad-yaml", "not-an-object"])
+    "apiVersion: meshbpf.io/v1alpha1\nkind: AgentConfig\nmetadata: {name: Mesh_BPF}\n",
+], ids=["metadata-string", "wrong-type", "bad-yaml", "not-an-object", "name-kubernetes-refuses"])
 def test_an_invalid_config_map_keeps_the_last_good_settings(api, make_source, cluster_list, caplog,
                                                            bad):
     """Through the ConfigMap a bad edit reaches every node at once: it must

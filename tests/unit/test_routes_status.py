@@ -211,6 +211,23 @@ def test_a_bad_reference_grant_is_a_problem_and_allows_nothing(tmp_path):
     assert conditions(result)["TCPRoute default/split -> web"][1] == ("ResolvedRefs", "False", "RefNotPermitted")
 
 
+@pytest.mark.parametrize("field, value, reason", [
+    (("metadata", "name"), "Allow_Routes", "'Allow_Routes' is not a DNS-1123 subdomain"),
+    (("metadata", "namespace"), "Other", "'Other' is not a DNS-1123 label"),
+    (("spec", "from", 0, "namespace"), "default.svc", "'default.svc' is not a DNS-1123 label"),
+    (("spec", "to", 0, "name"), "9v", "'9v' is not a DNS-1035 label"),  # a Service's name
+])
+def test_a_reference_grant_with_a_name_kubernetes_would_refuse_allows_nothing(tmp_path, field, value, reason):
+    from wrong_types import replaced
+    bad = replaced(grant(to_name="v9"), field, value)
+    result = read(tmp_path, cluster({"v1": 1}) + other_namespace_backend() + [cross_route(), bad])
+    path = "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in field).lstrip(".")
+    (problem,) = [str(p) for p in result.skipped]
+    assert f"(ReferenceGrant {bad['metadata']['namespace']}/{bad['metadata']['name']}): {path}: {reason}" \
+        in problem, problem
+    assert conditions(result)["TCPRoute default/split -> web"][1] == ("ResolvedRefs", "False", "RefNotPermitted")
+
+
 def test_the_api_source_reads_reference_grants(api, make_source):
     api.apply(*cluster({"v1": 1}), *other_namespace_backend(), cross_route())
     p = make_source()

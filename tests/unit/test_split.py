@@ -150,6 +150,48 @@ def test_bad_route_is_left_out_alone(tmp_path):
     assert service_share(result) == {"v1": 500, "v2": 500}
 
 
+def backend_of_another_kind(r: dict, name: str) -> dict:
+    r["spec"]["rules"][0]["backendRefs"].append({"group": "example.com", "kind": "Bucket", "name": name,
+                                                 "port": 80, "weight": 1})
+    return r
+
+
+@pytest.mark.parametrize("field, value, reason", [
+    (("metadata", "name"), "Split_1", "'Split_1' is not a DNS-1123 subdomain"),
+    (("metadata", "namespace"), "Default", "'Default' is not a DNS-1123 label"),
+    (("metadata", "namespace"), "n" * 64, "64 characters; Kubernetes requires of namespaces a DNS-1123 label"),
+    # A Service's name is a DNS-1035 label: it starts with a letter.
+    (("spec", "parentRefs", 0, "name"), "1web", "'1web' is not a DNS-1035 label"),
+    (("spec", "rules", 0, "backendRefs", 0, "name"), "v1\nx", "'v1\\nx' is not a DNS-1035 label"),
+    (("spec", "rules", 0, "backendRefs", 0, "namespace"), "Other", "'Other' is not a DNS-1123 label"),
+    # Not a Service: the Gateway API's ObjectName, of at most 253 characters.
+    (("spec", "rules", 0, "backendRefs", 1, "name"), "b" * 254,
+     "254 characters; the Gateway API takes names of at most 253"),
+])
+def test_a_name_kubernetes_would_refuse_leaves_the_route_out_alone(tmp_path, field, value, reason):
+    """As the CRD and the API server check them: the route is left out with
+    one problem naming file, document and field; the other route applies."""
+    from wrong_types import replaced
+    bad = replaced(backend_of_another_kind(route({"v1": 1}, name="bad"), "bucket"), field, value)
+    result = read(tmp_path, cluster({"v1": 1, "v2": 1}) + [bad, route({"v1": 1, "v2": 1}, name="good")])
+    path = "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in field).lstrip(".")
+    (problem,) = [str(p) for p in result.skipped]
+    assert problem.startswith(f"{tmp_path / 'c.yaml'}: document 7 (line "), problem
+    assert f"): {path}: {reason}" in problem and len(problem.splitlines()) == 1, problem
+    assert [r.name for r in result.state.routes] == ["good"]
+    assert service_share(result) == {"v1": 500, "v2": 500}
+
+
+def test_names_the_api_server_takes_are_read(tmp_path):
+    """A subdomain as the route's name; a name a Service cannot have is
+    still an ObjectName for a backend of another kind (refused as InvalidKind)."""
+    r = backend_of_another_kind(route({"v1": 1}, name="split.v2"), "Bucket_1.x")
+    result = read(tmp_path, cluster({"v1": 1}) + [r])
+    assert not result.skipped
+    (read_route,) = result.state.routes
+    assert read_route.name == "split.v2" and read_route.backend_refs[1].invalid == "InvalidKind"
+
+
 def test_unknown_field_is_named(tmp_path):
     bad = route({"v1": 1})
     bad["spec"]["rules"][0]["backendRefs"][0]["wieght"] = 3

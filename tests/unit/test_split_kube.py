@@ -45,6 +45,25 @@ def test_a_bad_route_is_left_out_alone(api, make_source):
     assert any("UDPRoute default/bad" in text and "weight" in text for text in p.source.problems)
 
 
+def test_a_route_named_as_kubernetes_would_refuse_is_left_out_alone(api, make_source):
+    """From a server that skipped validation: one problem naming the route
+    and the field; the good route still splits the parent."""
+    bad = route({"v1": 1}, name="Bad_1")
+    odd = route({"v1": 1}, name="odd")
+    odd["spec"]["rules"][0]["backendRefs"][0]["namespace"] = "Other\nns"
+    api.apply(*cluster({"v1": 1, "v2": 1}), bad, odd, route({"v1": 1, "v2": 1}))
+    p = make_source()
+    p.first()
+    p.wait(lambda: p.emitted and split_of(p.emitted[-1]) == {"default/v1:80": 1, "default/v2:80": 1},
+           "the good route's split")
+    p.wait(lambda: len(p.source.problems) == 2, "both bad routes reported")
+    assert {t.split("): ")[1].split(":")[0] for t in p.source.problems} == {
+        "metadata.name", "spec.rules[0].backendRefs[0].namespace"}, p.source.problems
+    assert any("(TCPRoute default/Bad_1): metadata.name: 'Bad_1' is not a DNS-1123 subdomain" in t
+               for t in p.source.problems), p.source.problems
+    assert [r.name for r in p.source._last.routes] == ["split"]
+
+
 def test_without_the_crds_routes_are_said_missing_once(api, make_source, monkeypatch, caplog):
     for plural in ("tcproutes", "udproutes"):
         monkeypatch.delitem(fake_apiserver._BY_PLURAL, ("/apis/gateway.networking.k8s.io/v1alpha2", plural))

@@ -1,0 +1,49 @@
+"""Kubernetes' rules for object names and namespaces, by kind, for every
+reader (kube_objects, kube_policy, routes, agent_config): a name the API
+server would refuse is a problem at the field holding it."""
+
+from __future__ import annotations
+
+import functools
+import re
+
+# Kubernetes' rules for names (apimachinery's validation.go, by kind as the
+# API server applies them). The server refuses anything else, so such a name
+# comes from a file or a server that skipped validation; let through, it
+# would reach log lines, notes and metric labels as it is.
+_LABEL = "[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+_DNS1035 = ("DNS-1035 label", 63, re.compile("[a-z]([-a-z0-9]*[a-z0-9])?"),
+            "lowercase letters, digits and '-', starting with a letter and ending with a letter or digit")
+_DNS1123_LABEL = ("DNS-1123 label", 63, re.compile(_LABEL),
+                  "lowercase letters, digits and '-', starting and ending with a letter or digit")
+_DNS1123_SUBDOMAIN = ("DNS-1123 subdomain", 253, re.compile(rf"{_LABEL}(\.{_LABEL})*"),
+                      "labels of lowercase letters, digits and '-' joined by '.', each starting "
+                      "and ending with a letter or digit")
+# Custom resources (the Gateway API's, and AgentConfig as it would be one)
+# are held to a DNS-1123 subdomain: apiextensions' validator for any CRD.
+_NAME_RULES = {"Service": _DNS1035, "Namespace": _DNS1123_LABEL, "EndpointSlice": _DNS1123_SUBDOMAIN,
+               "Pod": _DNS1123_SUBDOMAIN, "NetworkPolicy": _DNS1123_SUBDOMAIN,
+               "TCPRoute": _DNS1123_SUBDOMAIN, "UDPRoute": _DNS1123_SUBDOMAIN,
+               "ReferenceGrant": _DNS1123_SUBDOMAIN, "AgentConfig": _DNS1123_SUBDOMAIN}
+
+
+def name_problem(kind: str, name: str) -> str | None:
+    """Why Kubernetes would refuse `name` for an object of `kind` (None: it
+    would not, or meshbpf knows no rule for the kind)."""
+    rule = _NAME_RULES.get(kind)
+    return _rule_problem(f"{kind} names", rule, name) if rule else None
+
+
+@functools.lru_cache(maxsize=4096)  # a cluster has few namespaces
+def namespace_problem(namespace: str) -> str | None:
+    """Why Kubernetes would refuse `namespace` (None: it would not)."""
+    return _rule_problem("namespaces", _DNS1123_LABEL, namespace)
+
+
+def _rule_problem(what: str, rule: tuple, value: str) -> str | None:
+    rule_name, limit, pattern, spelled = rule
+    if len(value) > limit:  # checked first: the value is not quoted, however long
+        return f"{len(value)} characters; Kubernetes requires of {what} a {rule_name} of at most {limit}"
+    if pattern.fullmatch(value) is None:  # fullmatch: "$" would let a final line break through
+        return f"{value!r} is not a {rule_name} ({spelled}), which Kubernetes requires of {what}"
+    return None
