@@ -114,14 +114,13 @@ def _namespace(v: Any, path: str) -> str:
     return namespace
 
 
-def _ref_name(v: Any, path: str, service: bool) -> str:
-    """A reference's name: the CRD takes any of up to 253 characters, but a
-    Service's can only be a DNS-1035 label (another names no Service, and
-    would reach notes and route status as it is)."""
+def _ref_name(v: Any, path: str) -> str:
+    """A reference's name: the CRD takes any of 1 to 253 characters (its
+    ObjectName has no pattern). A Service name that no Service can have is
+    not a bad route: it names no Service, so it resolves to BackendNotFound
+    and its share is refused, as the Gateway API asks of a missing backend."""
     name = _string(v, path)
-    if service:
-        _check(name_problem("Service", name), path)
-    elif len(name) > MAX_OBJECT_NAME:
+    if len(name) > MAX_OBJECT_NAME:
         raise _Bad(path, f"{len(name)} characters; the Gateway API takes names of at most {MAX_OBJECT_NAME}")
     return name
 
@@ -158,7 +157,7 @@ def _parent(p: Any, path: str, namespace: str) -> ParentRef | None:
         return None
     _same_namespace(p, path, namespace)
     port = p.get("port")
-    return ParentRef(namespace, _ref_name(p.get("name"), f"{path}.name", service=True),
+    return ParentRef(namespace, _ref_name(p.get("name"), f"{path}.name"),
                      None if port is None else _port(port, f"{path}.port"))
 
 
@@ -169,7 +168,7 @@ def _backend(b: Any, path: str, namespace: str) -> BackendRef:
     b = _mapping(b, path)
     _known(b, path, {"group", "kind", "name", "namespace", "port", "weight"})
     service = b.get("group", "") == "" and b.get("kind", "Service") == "Service"
-    name = _ref_name(b.get("name"), f"{path}.name", service)
+    name = _ref_name(b.get("name"), f"{path}.name")
     weight = b.get("weight", 1)
     if type(weight) is not int or not 0 <= weight <= MAX_WEIGHT:
         raise _Bad(f"{path}.weight", f"must be an integer from 0 to {MAX_WEIGHT}, not {weight!r}")
@@ -226,7 +225,7 @@ def _read_grant(obj: dict) -> ReferenceGrant:
         group, kind = _group(t.get("group"), f"spec.to[{i}].group"), _string(t.get("kind"), f"spec.to[{i}].kind")
         to_name = t.get("name")
         tos.append((group, kind, None if to_name is None else
-                    _ref_name(to_name, f"spec.to[{i}].name", service=(group, kind) == ("", "Service"))))
+                    _ref_name(to_name, f"spec.to[{i}].name")))
     return ReferenceGrant(namespace, name, tuple(froms), tuple(tos))
 
 

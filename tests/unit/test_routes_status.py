@@ -215,7 +215,7 @@ def test_a_bad_reference_grant_is_a_problem_and_allows_nothing(tmp_path):
     (("metadata", "name"), "Allow_Routes", "'Allow_Routes' is not a DNS-1123 subdomain"),
     (("metadata", "namespace"), "Other", "'Other' is not a DNS-1123 label"),
     (("spec", "from", 0, "namespace"), "default.svc", "'default.svc' is not a DNS-1123 label"),
-    (("spec", "to", 0, "name"), "9v", "'9v' is not a DNS-1035 label"),  # a Service's name
+    (("spec", "to", 0, "name"), "v" * 254, "254 characters; the Gateway API takes names of at most 253"),
 ])
 def test_a_reference_grant_with_a_name_kubernetes_would_refuse_allows_nothing(tmp_path, field, value, reason):
     from wrong_types import replaced

@@ -160,9 +160,7 @@ def backend_of_another_kind(r: dict, name: str) -> dict:
     (("metadata", "name"), "Split_1", "'Split_1' is not a DNS-1123 subdomain"),
     (("metadata", "namespace"), "Default", "'Default' is not a DNS-1123 label"),
     (("metadata", "namespace"), "n" * 64, "64 characters; Kubernetes requires of namespaces a DNS-1123 label"),
-    # A Service's name is a DNS-1035 label: it starts with a letter.
-    (("spec", "parentRefs", 0, "name"), "1web", "'1web' is not a DNS-1035 label"),
-    (("spec", "rules", 0, "backendRefs", 0, "name"), "v1\nx", "'v1\\nx' is not a DNS-1035 label"),
+    (("spec", "parentRefs", 0, "name"), "w" * 254, "254 characters; the Gateway API takes names of at most 253"),
     (("spec", "rules", 0, "backendRefs", 0, "namespace"), "Other", "'Other' is not a DNS-1123 label"),
     # Not a Service: the Gateway API's ObjectName, of at most 253 characters.
     (("spec", "rules", 0, "backendRefs", 1, "name"), "b" * 254,
@@ -180,6 +178,18 @@ def test_a_name_kubernetes_would_refuse_leaves_the_route_out_alone(tmp_path, fie
     assert f"): {path}: {reason}" in problem and len(problem.splitlines()) == 1, problem
     assert [r.name for r in result.state.routes] == ["good"]
     assert service_share(result) == {"v1": 500, "v2": 500}
+
+
+@pytest.mark.parametrize("name", ["1web", "v1\nx", "V1"])
+def test_a_backend_name_no_service_can_have_is_a_missing_backend(tmp_path, name):
+    """The CRD takes any ObjectName there; such a name names no Service, so
+    its share is refused (BackendNotFound), as for any missing backend, and
+    the note about it stays one line."""
+    result = read(tmp_path, cluster({"v1": 1, "v2": 1}) + [route({"v1": 1, name: 1})])
+    assert not result.skipped
+    assert service_share(result) == {"v1": 500, "refused": 500}
+    (note,) = [n for n in result.notes if "does not exist" in n]
+    assert len(note.splitlines()) == 1
 
 
 def test_names_the_api_server_takes_are_read(tmp_path):
