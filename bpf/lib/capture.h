@@ -12,7 +12,9 @@
  * Order in connect (bpf/sock_lb.c): outbound capture, else socket-LB, then
  * inbound capture on the final destination. So the proxy's own connect to
  * a Service goes to a backend, and the app's original destination stays
- * the Service address, which the proxy needs to route by.
+ * the Service address, which the proxy needs to route by. An unconnected
+ * UDP send (sendmsg) is captured only for DNS, by the same decision, before
+ * socket-LB; sock_lb.c keeps its original server for the reply.
  */
 #ifndef MBPF_CAPTURE_H
 #define MBPF_CAPTURE_H
@@ -122,10 +124,11 @@ static __always_inline void cap_remember(struct bpf_sock_addr *ctx,
 	mbpf_cap_orig.update(&cookie, &orig);
 }
 
-/* Steers a meshed pod's app connect to its proxy; 1 if it did. */
-static __always_inline int cap_outbound(struct bpf_sock_addr *ctx, const struct cap_caller *c, int v6)
+/* Steers a meshed pod's app connect, or its unconnected UDP send (then only
+ * DNS), to its proxy; 1 if it did, with *dst the original destination. */
+static __always_inline int cap_outbound(struct bpf_sock_addr *ctx, const struct cap_caller *c, int v6,
+					struct mbpf_l4addr *dst)
 {
-	struct mbpf_l4addr dst = {};
 	struct mbpf_cap_pod *p;
 	__u8 self[MBPF_ADDR_LEN];
 	__u32 proto = ctx->protocol;
@@ -151,23 +154,20 @@ static __always_inline int cap_outbound(struct bpf_sock_addr *ctx, const struct 
 	out_port = p->out_port;
 	in_port = p->in_port;
 	dns_port = p->dns_port;
-	if (v6)
-		ctx_get_dst6(ctx, &dst);
-	else
-		ctx_get_dst4(ctx, &dst);
-	dport = bpf_ntohs(dst.port);
+	ctx_get_dst(ctx, dst, v6);
+	dport = bpf_ntohs(dst->port);
 	dns = dport == MBPF_DNS_PORT && dns_port;
-	/* TCP; UDP only for DNS (connected UDP: an unconnected send is not steered) */
+	/* TCP; UDP (connected, or an unconnected send) only for DNS */
 	if (proto != MBPF_IPPROTO_TCP && !(proto == MBPF_IPPROTO_UDP && dns))
 		return 0;
-	if (addr_is_loopback(dst.addr))
+	if (addr_is_loopback(dst->addr))
 		return 0;
-	__builtin_memcpy(self, addr_is_v4mapped(dst.addr) ? p->ip4 : p->ip6, MBPF_ADDR_LEN);
+	__builtin_memcpy(self, addr_is_v4mapped(dst->addr) ? p->ip4 : p->ip6, MBPF_ADDR_LEN);
 	if (cap_addr_is_zero(self))
 		return 0;  /* the pod has no address of this family */
 	/* The pod's own address goes over lo inside the pod: never captured, as
 	 * istio-iptables RETURNs it (and the proxy's ports there would loop). */
-	if (addr_equal(dst.addr, self))
+	if (addr_equal(dst->addr, self))
 		return 0;
 	if (dns) {
 		to_port = dns_port;
@@ -176,12 +176,12 @@ static __always_inline int cap_outbound(struct bpf_sock_addr *ctx, const struct 
 			cap_count(MBPF_CAP_SKIP_PORT);
 			return 0;
 		}
-		if (cap_cidr_verdict(pod_id, flags, dst.addr) != MBPF_CAP_INCLUDE) {
+		if (cap_cidr_verdict(pod_id, flags, dst->addr) != MBPF_CAP_INCLUDE) {
 			cap_count(MBPF_CAP_SKIP_CIDR);
 			return 0;
 		}
 		to_port = out_port;
-		cap_remember(ctx, &dst, MBPF_DIR_OUT);
+		cap_remember(ctx, dst, MBPF_DIR_OUT);
 	}
 	if (v6)
 		ctx_set_dst6(ctx, self, bpf_htons(to_port));
@@ -206,10 +206,7 @@ static __always_inline void cap_inbound(struct bpf_sock_addr *ctx, const struct 
 
 	if (ctx->protocol != MBPF_IPPROTO_TCP)
 		return;
-	if (v6)
-		ctx_get_dst6(ctx, &dst);
-	else
-		ctx_get_dst4(ctx, &dst);
+	ctx_get_dst(ctx, &dst, v6);
 	__builtin_memcpy(key.addr, dst.addr, MBPF_ADDR_LEN);
 	cgp = mbpf_cap_addr.lookup(&key);
 	if (!cgp)

@@ -48,15 +48,20 @@ def start_whoami(lab: Lab, pod: str, port: int = 8080, name: str | None = None) 
     return proc
 
 
-def start_dnsmasq(lab: Lab, pod: str, workdir: Path, txt: str | None = None) -> subprocess.Popen:
-    """A real DNS server in `pod`: TXT whoami.lab answers with the pod name."""
+def start_dnsmasq(lab: Lab, pod: str, workdir: Path, txt: str | None = None, port: int = 53,
+                  forward_to: str | None = None) -> subprocess.Popen:
+    """A real DNS server in `pod` on `port`: TXT whoami.lab answers with txt
+    (the pod name); or, with forward_to, a forwarder without a cache that
+    sends every query to that server (sendto() on unconnected sockets)."""
     # Never --pid-file=/dev/null: dnsmasq replaces that file.
-    pid_file = workdir / f"dnsmasq-{pod}.pid"
+    pid_file = workdir / f"dnsmasq-{pod.replace('/', '-')}-{port}.pid"
+    answer = ([f"--server={forward_to}", "--cache-size=0"] if forward_to
+              else [f"--txt-record=whoami.lab,{txt or pod}"])
     proc = lab.popen(pod, ["dnsmasq", "--keep-in-foreground", "--conf-file", "--no-resolv",
-                           "--no-hosts", "--port=53", "--user=root", f"--pid-file={pid_file}",
-                           f"--txt-record=whoami.lab,{txt or pod}", "--log-facility=-"],
+                           "--no-hosts", f"--port={port}", "--user=root", f"--pid-file={pid_file}",
+                           *answer, "--log-facility=-"],
                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_listening(lab, pod, 53, "udp")
+    wait_listening(lab, pod, port, "udp")
     return proc
 
 

@@ -2,7 +2,9 @@
 
 `decide()` answers what the connect hooks do with one connect(), following
 the order bpf/lib/common.h and the capture design give (outbound for the
-caller's pod first, then inbound for the destination's), with the LPM and
+caller's pod first, then inbound for the destination's), and what the
+sendmsg hooks do with one unconnected UDP datagram (the same outbound step,
+so DNS only; no inbound step), with the LPM and
 hash lookups done on a CaptureState. It is written from the map ABI, not
 from the planner, so tests check the planner against the datapath's rules
 and against Istio's own facts (tests/unit/test_capture_istio_table.py).
@@ -100,10 +102,17 @@ def inbound(state: CaptureState, caller_cgroup: int | None, uid: int, dst, port:
 
 
 def decide(state: CaptureState, caller_cgroup: int | None, uid: int, dst: str, port: int,
-           proto: str = "TCP") -> Decision:
-    """What a connect(dst, port) by uid in caller_cgroup becomes. Socket-LB
+           proto: str = "TCP", hook: str = "connect") -> Decision:
+    """What a connect(dst, port) by uid in caller_cgroup becomes, or with
+    hook "sendmsg" an unconnected UDP sendto(dst, port). Socket-LB
     translation (between the two steps in the kernel) is left out: dst is
     taken as the final destination for the inbound step."""
+    if hook not in ("connect", "sendmsg"):
+        raise ValueError(f"capture decision: unknown hook {hook!r} (known: connect, sendmsg)")
+    if hook == "sendmsg" and proto != "UDP":
+        return LEFT_ALONE  # the kernel runs the sendmsg hooks for UDP only
     ip = ipaddress.ip_address(dst)
     out = outbound(state, caller_cgroup, uid, ip, port, proto)
-    return out if out.captured else inbound(state, caller_cgroup, uid, ip, port, proto)
+    if out.captured or hook == "sendmsg":
+        return out
+    return inbound(state, caller_cgroup, uid, ip, port, proto)

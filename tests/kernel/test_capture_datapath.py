@@ -24,7 +24,7 @@ from meshbpf.datapath.capture import CaptureError, CaptureMaps, cgroup_id
 from meshbpf.datapath.layout import CapCfgC
 from meshbpf.datapath.loader import SockLB
 from meshbpf.lab.netlab import Lab
-from meshbpf.lab.workloads import start_whoami, wait_listening
+from meshbpf.lab.workloads import start_dnsmasq, start_whoami, wait_listening
 from meshbpf.reconcile import addr16
 from meshbpf.reconcile.capture_keys import (DIR_IN, DIR_OUT, EXCLUDE, F_IN_ALL, F_INBOUND,
                                             F_OUT_ALL, F_OUTBOUND, INCLUDE, CapPod, CaptureState,
@@ -37,6 +37,7 @@ pytestmark = pytest.mark.needs_feature("capture")
 
 PROXY = Path(__file__).with_name("capture_proxy.py")
 UID, OUT, IN, DNS = 1337, 15001, 15006, 15053
+DNSMASQ_PROXY, FORWARDER = 15054, 5300  # dnsmasq as the DNS proxy; an app's dnsmasq forwarder
 WEBS = {"web-1", "web-2", "web-3", "web-4"}
 SVC = {4: "10.96.0.10", 6: "fd00:96::10"}
 ALL = F_OUTBOUND | F_INBOUND | F_IN_ALL | F_OUT_ALL
@@ -97,9 +98,11 @@ class Mesh:
         self.maps.apply([CaptureStep(m, "delete", dict.fromkeys(getattr(have, m)))
                          for m in ("pods", "addresses", "ports", "cidrs")])
 
-    def get(self, pod: str, host: str, port: int, command: str = "get") -> dict:
-        """What an app in pod sees for an HTTP GET to host:port (as root)."""
-        r = self.lab.run(pod, [sys.executable, str(PROXY), command, host, str(port)], timeout=60)
+    def get(self, pod: str, host: str, port: int, command: str = "get", *extra: str) -> dict:
+        """What an app in pod sees for an HTTP GET to host:port (as root), or
+        another capture_proxy.py client command."""
+        r = self.lab.run(pod, [sys.executable, str(PROXY), command, host, str(port), *extra],
+                         timeout=60)
         assert r.returncode == 0, r.stderr
         return json.loads(r.stdout)
 
@@ -326,13 +329,59 @@ def test_no_pod_meshed_captures_nothing(mesh):
 
 @FAMILIES
 def test_dns_over_connected_udp_goes_to_the_dns_port_when_asked(meshed, family):
+    """The answer's source (recvfrom) and the peer (getpeername) are the
+    server's, as behind REDIRECT."""
     dns1 = ip(meshed.lab, "dns-1", family)
-    assert "dns_port" not in meshed.get("mesh/a", dns1, 53, "udp-get")  # dnsmasq's own answer
+    server = {"from": [dns1, 53], "peer": [dns1, 53]}
+    assert meshed.get("mesh/a", dns1, 53, "udp-get") == {"txt": "dns-1", **server}
     meshed.set(dns_port=DNS)
     before = meshed.maps.counters()["captured_dns"]
-    assert meshed.get("mesh/a", dns1, 53, "udp-get") == {"dns_port": DNS, "uid": UID}
+    assert meshed.get("mesh/a", dns1, 53, "udp-get") == {"dns_port": DNS, "uid": UID, **server}
     assert meshed.maps.counters()["captured_dns"] > before
-    assert "dns_port" not in meshed.get("plain/c", dns1, 53, "udp-get")
+    assert meshed.get("plain/c", dns1, 53, "udp-get") == {"txt": "dns-1", **server}
+
+
+@FAMILIES
+def test_dns_over_unconnected_udp_goes_to_the_dns_port_and_answers_as_the_server(meshed, family):
+    """sendto() without connect() (musl, Go, dnsmasq): the sendmsg hooks
+    steer it, and recvfrom() names the server asked, which resolvers check.
+    The proxy's own sendto() and unmeshed pods go to the server."""
+    dns1 = ip(meshed.lab, "dns-1", family)
+    server = [dns1, 53]
+    assert meshed.get("mesh/a", dns1, 53, "udp-sendto") == {"txt": "dns-1", "from": server}
+    meshed.set(dns_port=DNS)
+    before = meshed.maps.counters()
+    assert meshed.get("mesh/a", dns1, 53, "udp-sendto") == {"dns_port": DNS, "uid": UID, "from": server}
+    assert meshed.maps.counters()["captured_dns"] == before["captured_dns"] + 1
+    assert meshed.get("mesh/a", dns1, 53, "udp-sendto", str(UID)) == {"txt": "dns-1", "from": server}
+    assert meshed.maps.counters()["skipped_proxy_uid"] > before["skipped_proxy_uid"]
+    assert meshed.get("plain/c", dns1, 53, "udp-sendto") == {"txt": "dns-1", "from": server}
+
+
+@FAMILIES
+def test_real_resolvers_reach_dnsmasq_as_the_dns_proxy(meshed, family, tmp_path):
+    """dig connects its UDP socket (BIND 9.18: strace shows connect(), then
+    sendmmsg() without an address); a dnsmasq forwarder sends with sendto()
+    and drops answers whose source is not the server it asked."""
+    lab, dns1 = meshed.lab, ip(meshed.lab, "dns-1", family)
+    procs = [start_dnsmasq(lab, "mesh/a", tmp_path, "mesh-a-proxy", port=DNSMASQ_PROXY),
+             start_dnsmasq(lab, "mesh/a", tmp_path, port=FORWARDER, forward_to=dns1)]
+    try:
+        assert dig(lab, dns1, 53) == dig(lab, "127.0.0.1", FORWARDER) == '"dns-1"'
+        meshed.set(dns_port=DNSMASQ_PROXY)
+        assert dig(lab, dns1, 53) == '"mesh-a-proxy"'
+        assert dig(lab, "127.0.0.1", FORWARDER) == '"mesh-a-proxy"'
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
+def dig(lab: Lab, server: str, port: int) -> str:
+    """dig's TXT whoami.lab from mesh/a, one try (a lost answer fails fast)."""
+    r = lab.run("mesh/a", ["dig", "+short", "+tries=1", "+time=5", "-p", str(port), f"@{server}",
+                           "whoami.lab", "TXT"], timeout=30)
+    return r.stdout.strip() or r.stderr.strip() or f"dig exited {r.returncode}"
 
 
 @pytest.mark.userspace

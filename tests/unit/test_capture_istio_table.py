@@ -214,3 +214,30 @@ def test_known_differences_from_istio_iptables(who, dst, port, proto, ours, isti
     cgroup, uid = WHO[who]
     got = decide(maps_for(Case({}, [], dns=True)), cgroup, uid, dst, port, proto)
     assert got.port == ours, f"{got} (istio-iptables: {istio})"
+
+
+UDP_FACTS = [(name, who, dst, port, expected) for name, case in CASES.items()
+             for who, dst, port, proto, expected in case.facts if proto == "UDP"]
+
+
+@pytest.mark.parametrize("name, who, dst, port, expected", UDP_FACTS)
+def test_istio_udp_fact_holds_for_unconnected_sends(name, who, dst, port, expected):
+    """-p udp --dport 53 matches every datagram, connected or not: a
+    sendto() without connect() (dig's, musl's, Go's) is decided alike."""
+    cgroup, uid = WHO[who]
+    got = decide(maps_for(CASES[name]), cgroup, uid, dst, port, "UDP", hook="sendmsg")
+    assert got.port == expected, got
+
+
+@pytest.mark.parametrize("dns, expected", [(False, NO), (True, DNS)], ids=["dns-off", "dns-on"])
+def test_unconnected_dns_is_captured_only_when_asked(dns, expected):
+    state = maps_for(Case({"includeOutboundIPRanges": "*"}, [], dns=dns))
+    cgroup, uid = WHO["app"]
+    for dst in ("10.96.0.10", "fd00:96::a"):
+        assert decide(state, cgroup, uid, dst, 53, "UDP", hook="sendmsg").port == expected
+        assert decide(state, cgroup, uid, dst, 5353, "UDP", hook="sendmsg").port == NO
+
+
+def test_an_unknown_hook_is_refused_in_one_line():
+    with pytest.raises(ValueError, match=r"^capture decision: unknown hook 'bind' \(known: "):
+        decide(maps_for(Case({}, [])), *WHO["app"], "10.96.0.10", 53, "UDP", hook="bind")
