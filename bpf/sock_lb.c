@@ -144,8 +144,9 @@ static __always_inline int xlate_reverse(struct bpf_sock_addr *ctx, int v6)
 /* A captured DNS query's answer must seem to come from the server the app
  * asked: resolvers drop answers from another address (glibc, dig, Go).
  * iptables' REDIRECT gets this from conntrack; here socket-LB's reverse NAT
- * shows the proxy's DNS port as that server, with no service to check
- * (svc_id 0). One unconnected socket asking two servers at once sees both
+ * shows the proxy's DNS port (127.0.0.1 or ::1, keyed with the socket, so
+ * every pod's loopback is told apart) as that server, with no service to
+ * check (svc_id 0). One unconnected socket asking two servers at once sees both
  * answers come from the one it asked last. */
 static __always_inline void cap_dns_remember(struct bpf_sock_addr *ctx, const struct mbpf_l4addr *orig,
 					     int v6, int connect)

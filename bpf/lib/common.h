@@ -404,7 +404,8 @@ struct mbpf_cap_pod {
 	__u8  flags;                /* MBPF_CAP_F_* */
 	__u8  pad;                  /* zero */
 };
-#define MBPF_CAP_F_OUTBOUND   1  /* capture the app's outbound connects */
+#define MBPF_CAP_F_OUTBOUND   1  /* capture the app's outbound connects
+                                   * (DNS: by dns_port alone) */
 #define MBPF_CAP_F_INBOUND    2  /* capture connects to the pod's ports */
 #define MBPF_CAP_F_IN_ALL     4  /* inbound: every port not EXCLUDEd in mbpf_cap_port
                                   * (includeInboundPorts "*"); else only INCLUDEd ports */

@@ -16,8 +16,10 @@
     capture_proxy.py get-sockname HOST PORT
         the same, plus what getsockname() said on the app's own socket
         ("app_sockname").
-    capture_proxy.py dns PORT UID
-        the proxy's DNS port: answers every UDP datagram with its port and uid.
+    capture_proxy.py dns PORT UID HOST...
+        the proxy's DNS port on each HOST (127.0.0.1 and ::1, where the
+        Istio agent listens): answers every UDP datagram with its port, uid
+        and the address it came to ("to").
     capture_proxy.py udp-get HOST PORT [UID]
         a DNS query (TXT whoami.lab) over a connected UDP socket (as glibc
         and dig send), as UID if given; prints the answer (the DNS port's
@@ -142,22 +144,23 @@ def get(host: str, port: str, with_sockname: bool = False) -> None:
     print(json.dumps({**answer, "app_sockname": sockname} if with_sockname else answer))
 
 
-def dns(port: str, uid: str) -> None:
+def dns(port: str, uid: str, *hosts: str) -> None:
     sel = selectors.DefaultSelector()
-    for family, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+    for host in hosts:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
         s = socket.socket(family, socket.SOCK_DGRAM)
         if family == socket.AF_INET6:
             s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         s.bind((host, int(port)))
-        sel.register(s, selectors.EVENT_READ)
+        sel.register(s, selectors.EVENT_READ, host)
     os.setgid(int(uid))
     os.setuid(int(uid))
     print(json.dumps({"ready": True}), flush=True)
-    answer = json.dumps({"dns_port": int(port), "uid": os.getuid()}).encode()
     while True:
         for key, _ in sel.select():
             _, peer = key.fileobj.recvfrom(512)
-            key.fileobj.sendto(answer, peer)
+            answer = {"dns_port": int(port), "uid": os.getuid(), "to": key.data}
+            key.fileobj.sendto(json.dumps(answer).encode(), peer)
 
 
 def dns_query(name: str = "whoami.lab") -> bytes:
