@@ -86,10 +86,7 @@ static __always_inline int xlate_forward(struct bpf_sock_addr *ctx, int v6, int 
 
 	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
 		return SYS_PROCEED;
-	if (v6)
-		ctx_get_dst6(ctx, &dst);
-	else
-		ctx_get_dst4(ctx, &dst);
+	ctx_get_dst(ctx, &dst, v6);
 
 	__builtin_memcpy(key.addr, dst.addr, MBPF_ADDR_LEN);
 	key.port = dst.port;
@@ -133,10 +130,7 @@ static __always_inline int xlate_reverse(struct bpf_sock_addr *ctx, int v6)
 	struct mbpf_l4addr peer = {};
 	__u32 col = MBPF_LB_STAT(0, v6, ctx->protocol == IPPROTO_UDP);
 
-	if (v6)
-		ctx_get_dst6(ctx, &peer);
-	else
-		ctx_get_dst4(ctx, &peer);
+	ctx_get_dst(ctx, &peer, v6);
 	if (!rnat_restore(ctx, &peer, col))
 		return SYS_PROCEED;
 	if (v6)
@@ -146,51 +140,83 @@ static __always_inline int xlate_reverse(struct bpf_sock_addr *ctx, int v6)
 	return SYS_PROCEED;
 }
 
-/* connect(): sidecar capture (bpf/lib/capture.h says the order), then
- * socket-LB. */
-static __always_inline int xlate_connect(struct bpf_sock_addr *ctx, int v6)
+#ifdef MBPF_CAPTURE
+/* A captured DNS query's answer must seem to come from the server the app
+ * asked: resolvers drop answers from another address (glibc, dig, Go).
+ * iptables' REDIRECT gets this from conntrack; here socket-LB's reverse NAT
+ * shows the proxy's DNS port (127.0.0.1 or ::1, keyed with the socket, so
+ * every pod's loopback is told apart) as that server, with no service to
+ * check (svc_id 0). One unconnected socket asking two servers at once sees both
+ * answers come from the one it asked last. */
+static __always_inline void cap_dns_remember(struct bpf_sock_addr *ctx, const struct mbpf_l4addr *orig,
+					     int v6, int connect)
+{
+	struct mbpf_l4addr now = {};
+	struct mbpf_backend to = {};
+	struct mbpf_svc_key from = {};
+
+	if (ctx->protocol != IPPROTO_UDP)
+		return;  /* DNS over TCP: the proxy answers on the connection */
+	ctx_get_dst(ctx, &now, v6);
+	__builtin_memcpy(to.addr, now.addr, MBPF_ADDR_LEN);
+	to.port = now.port;
+	__builtin_memcpy(from.addr, orig->addr, MBPF_ADDR_LEN);
+	from.port = orig->port;
+	if (connect)
+		rnat_remember_sk(ctx, &to, &from, 0);
+	else
+		rnat_remember(ctx, &to, &from, 0);
+}
+#endif
+
+/* connect() or an unconnected UDP send: sidecar capture (bpf/lib/capture.h
+ * says the order), then socket-LB. */
+static __always_inline int xlate_send(struct bpf_sock_addr *ctx, int v6, int connect)
 {
 #ifdef MBPF_CAPTURE
 	struct cap_caller caller = {};
+	struct mbpf_l4addr orig = {};
 	int capture = cap_enabled();
 	int ret;
 
 	if (capture) {
 		cap_caller_init(&caller);
-		if (cap_outbound(ctx, &caller, v6))
+		if (cap_outbound(ctx, &caller, v6, &orig)) {
+			cap_dns_remember(ctx, &orig, v6, connect);
 			return SYS_PROCEED;
+		}
 	}
-	ret = xlate_forward(ctx, v6, 1);
-	if (capture && ret == SYS_PROCEED)
+	ret = xlate_forward(ctx, v6, connect);
+	if (capture && connect && ret == SYS_PROCEED)
 		cap_inbound(ctx, &caller, v6);
 	return ret;
 #else
-	return xlate_forward(ctx, v6, 1);
+	return xlate_forward(ctx, v6, connect);
 #endif
 }
 
 /* attaches to cgroup/connect4 */
 int mbpf_connect4(struct bpf_sock_addr *ctx)
 {
-	return xlate_connect(ctx, 0);
+	return xlate_send(ctx, 0, 1);
 }
 
 /* attaches to cgroup/connect6 */
 int mbpf_connect6(struct bpf_sock_addr *ctx)
 {
-	return xlate_connect(ctx, 1);
+	return xlate_send(ctx, 1, 1);
 }
 
 /* attaches to cgroup/sendmsg4 (unconnected UDP) */
 int mbpf_sendmsg4(struct bpf_sock_addr *ctx)
 {
-	return xlate_forward(ctx, 0, 0);
+	return xlate_send(ctx, 0, 0);
 }
 
 /* attaches to cgroup/sendmsg6 (unconnected UDP) */
 int mbpf_sendmsg6(struct bpf_sock_addr *ctx)
 {
-	return xlate_forward(ctx, 1, 0);
+	return xlate_send(ctx, 1, 0);
 }
 
 /* attaches to cgroup/recvmsg4 (UDP) */

@@ -53,4 +53,15 @@ static __always_inline int addr_is_loopback(const __u8 *a)
 	return w[2] == 0 && w[3] == bpf_htonl(1);          /* ::1 */
 }
 
+/* 127.0.0.1 in map form (::ffff:127.0.0.1) when v4, else ::1. */
+static __always_inline void addr_set_loopback(__u8 *a, int v4)
+{
+	__u32 *w = (__u32 *)a;
+
+	w[0] = 0;
+	w[1] = 0;
+	w[2] = v4 ? bpf_htonl(0x0000ffff) : 0;
+	w[3] = v4 ? bpf_htonl(0x7f000001) : bpf_htonl(1);
+}
+
 #endif /* MBPF_ADDR_H */

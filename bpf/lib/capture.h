@@ -3,7 +3,8 @@
  * Sidecar capture decisions (issue 11), for the connect hooks, sockops and
  * getsockopt. A meshed pod's app connects are steered to its proxy's
  * outbound port on the pod's own address (unique on the node, so the tuple
- * the proxy sees is too); connects from this node to a meshed pod's ports
+ * the proxy sees is too), DNS to its DNS port on loopback (where the Istio
+ * agent listens); connects from this node to a meshed pod's ports
  * are steered to its inbound port. The original destination is kept by
  * socket cookie until the connection is established, then by the tuple the
  * proxy's accepted socket sees, where getsockopt(SO_ORIGINAL_DST) and
@@ -12,7 +13,9 @@
  * Order in connect (bpf/sock_lb.c): outbound capture, else socket-LB, then
  * inbound capture on the final destination. So the proxy's own connect to
  * a Service goes to a backend, and the app's original destination stays
- * the Service address, which the proxy needs to route by.
+ * the Service address, which the proxy needs to route by. An unconnected
+ * UDP send (sendmsg) is captured only for DNS, by the same decision, before
+ * socket-LB; sock_lb.c keeps its original server for the reply.
  */
 #ifndef MBPF_CAPTURE_H
 #define MBPF_CAPTURE_H
@@ -122,17 +125,20 @@ static __always_inline void cap_remember(struct bpf_sock_addr *ctx,
 	mbpf_cap_orig.update(&cookie, &orig);
 }
 
-/* Steers a meshed pod's app connect to its proxy; 1 if it did. */
-static __always_inline int cap_outbound(struct bpf_sock_addr *ctx, const struct cap_caller *c, int v6)
+/* Steers a meshed pod's app connect, or its unconnected UDP send (then only
+ * DNS), to its proxy: the pod's own address on the outbound port, or DNS
+ * to loopback on the DNS port. 1 if it did, with *dst the original
+ * destination. */
+static __always_inline int cap_outbound(struct bpf_sock_addr *ctx, const struct cap_caller *c, int v6,
+					struct mbpf_l4addr *dst)
 {
-	struct mbpf_l4addr dst = {};
 	struct mbpf_cap_pod *p;
-	__u8 self[MBPF_ADDR_LEN];
+	__u8 to[MBPF_ADDR_LEN];  /* the pod's own address, or loopback for DNS */
 	__u32 proto = ctx->protocol;
 	__u16 dport, to_port, out_port, in_port, dns_port;
 	__u32 pod_id;
 	__u8 flags;
-	int dns;
+	int dns, v4;
 
 	if (!c->pod_cg)
 		return 0;
@@ -141,7 +147,8 @@ static __always_inline int cap_outbound(struct bpf_sock_addr *ctx, const struct 
 		return 0;
 	/* Read once: the agent may rewrite the entry meanwhile. */
 	flags = p->flags;
-	if (!(flags & MBPF_CAP_F_OUTBOUND))
+	dns_port = p->dns_port;
+	if (!(flags & MBPF_CAP_F_OUTBOUND) && !dns_port)
 		return 0;
 	if (c->uid == p->proxy_uid) {
 		cap_count(MBPF_CAP_SKIP_UID);
@@ -150,42 +157,47 @@ static __always_inline int cap_outbound(struct bpf_sock_addr *ctx, const struct 
 	pod_id = p->pod_id;
 	out_port = p->out_port;
 	in_port = p->in_port;
-	dns_port = p->dns_port;
-	if (v6)
-		ctx_get_dst6(ctx, &dst);
-	else
-		ctx_get_dst4(ctx, &dst);
-	dport = bpf_ntohs(dst.port);
+	ctx_get_dst(ctx, dst, v6);
+	dport = bpf_ntohs(dst->port);
 	dns = dport == MBPF_DNS_PORT && dns_port;
-	/* TCP; UDP only for DNS (connected UDP: an unconnected send is not steered) */
-	if (proto != MBPF_IPPROTO_TCP && !(proto == MBPF_IPPROTO_UDP && dns))
+	/* DNS: TCP, or UDP connected or not, whatever the outbound ranges (Istio's
+	 * DNS rules come before them); otherwise TCP when outbound is captured. */
+	if (dns ? proto != MBPF_IPPROTO_TCP && proto != MBPF_IPPROTO_UDP
+		: proto != MBPF_IPPROTO_TCP || !(flags & MBPF_CAP_F_OUTBOUND))
 		return 0;
-	if (addr_is_loopback(dst.addr))
+	if (addr_is_loopback(dst->addr))
 		return 0;
-	__builtin_memcpy(self, addr_is_v4mapped(dst.addr) ? p->ip4 : p->ip6, MBPF_ADDR_LEN);
-	if (cap_addr_is_zero(self))
+	v4 = addr_is_v4mapped(dst->addr);  /* also an IPv4-mapped one on an IPv6 socket */
+	__builtin_memcpy(to, v4 ? p->ip4 : p->ip6, MBPF_ADDR_LEN);
+	if (cap_addr_is_zero(to))
 		return 0;  /* the pod has no address of this family */
 	/* The pod's own address goes over lo inside the pod: never captured, as
 	 * istio-iptables RETURNs it (and the proxy's ports there would loop). */
-	if (addr_equal(dst.addr, self))
+	if (addr_equal(dst->addr, to))
 		return 0;
 	if (dns) {
+		/* Loopback, where REDIRECT sends a local packet and the Istio agent
+		 * listens (127.0.0.1:15053 only). Unlike the outbound port, no
+		 * original destination is filed by tuple for it, so the tuple
+		 * need not be unique on the node; the answer's reverse NAT is
+		 * keyed by socket. */
 		to_port = dns_port;
+		addr_set_loopback(to, v4);
 	} else {
 		if (cap_port_verdict(pod_id, dport, MBPF_DIR_OUT) == MBPF_CAP_EXCLUDE) {
 			cap_count(MBPF_CAP_SKIP_PORT);
 			return 0;
 		}
-		if (cap_cidr_verdict(pod_id, flags, dst.addr) != MBPF_CAP_INCLUDE) {
+		if (cap_cidr_verdict(pod_id, flags, dst->addr) != MBPF_CAP_INCLUDE) {
 			cap_count(MBPF_CAP_SKIP_CIDR);
 			return 0;
 		}
 		to_port = out_port;
-		cap_remember(ctx, &dst, MBPF_DIR_OUT);
+		cap_remember(ctx, dst, MBPF_DIR_OUT);
 	}
 	if (v6)
-		ctx_set_dst6(ctx, self, bpf_htons(to_port));
-	else if (ctx_set_dst4(ctx, self, bpf_htons(to_port)) < 0)
+		ctx_set_dst6(ctx, to, bpf_htons(to_port));
+	else if (ctx_set_dst4(ctx, to, bpf_htons(to_port)) < 0)
 		return 0;
 	cap_count(dns ? MBPF_CAP_DNS : MBPF_CAP_OUT);
 	return 1;
@@ -206,10 +218,7 @@ static __always_inline void cap_inbound(struct bpf_sock_addr *ctx, const struct 
 
 	if (ctx->protocol != MBPF_IPPROTO_TCP)
 		return;
-	if (v6)
-		ctx_get_dst6(ctx, &dst);
-	else
-		ctx_get_dst4(ctx, &dst);
+	ctx_get_dst(ctx, &dst, v6);
 	__builtin_memcpy(key.addr, dst.addr, MBPF_ADDR_LEN);
 	cgp = mbpf_cap_addr.lookup(&key);
 	if (!cgp)

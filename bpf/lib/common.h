@@ -98,7 +98,8 @@ struct mbpf_rnat {
 	__u16 port;                 /* network order; service port */
 	__u16 pad;                  /* zero */
 	__u32 svc_id;               /* host order; the service it was translated
-	                             * for; 0 in entries written by 0.1.0 */
+	                             * for; 0: none to check (DNS capture's
+	                             * entries, and those written by 0.1.0) */
 };
 
 /* Per-socket reverse NAT (socket storage) of a connected socket: freed with
@@ -109,7 +110,8 @@ struct mbpf_sk_rnat {
 	__u16 backend_port;                 /* network order */
 	__u16 svc_port;                     /* network order */
 	__u32 svc_id;                       /* host order; the service translated
-	                                     * for; 0 in entries written by 0.1.0 */
+	                                     * for; 0: none to check (DNS capture's
+	                                     * entries, and those written by 0.1.0) */
 };
 
 /* Same-node socket redirection: the sockhash and socket-state key, one per
@@ -402,7 +404,8 @@ struct mbpf_cap_pod {
 	__u8  flags;                /* MBPF_CAP_F_* */
 	__u8  pad;                  /* zero */
 };
-#define MBPF_CAP_F_OUTBOUND   1  /* capture the app's outbound connects */
+#define MBPF_CAP_F_OUTBOUND   1  /* capture the app's outbound connects
+                                   * (DNS: by dns_port alone) */
 #define MBPF_CAP_F_INBOUND    2  /* capture connects to the pod's ports */
 #define MBPF_CAP_F_IN_ALL     4  /* inbound: every port not EXCLUDEd in mbpf_cap_port
                                   * (includeInboundPorts "*"); else only INCLUDEd ports */

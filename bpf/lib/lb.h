@@ -200,7 +200,7 @@ static __always_inline int rnat_service_live(const __u8 *addr, __u16 port,
 	struct mbpf_svc *svc;
 
 	if (svc_id == 0)
-		return 1;  /* written by 0.1.0, which kept no id: trusted, as it was */
+		return 1;  /* DNS capture's (no service), or 0.1.0's (kept no id): trusted */
 	__builtin_memcpy(key.addr, addr, MBPF_ADDR_LEN);
 	key.port = port;
 	key.proto = proto;

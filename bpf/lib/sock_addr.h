@@ -41,6 +41,15 @@ static __always_inline void ctx_get_dst6(struct bpf_sock_addr *ctx,
 	out->port = (__u16)MBPF_CTX_READ32(ctx->user_port);
 }
 
+static __always_inline void ctx_get_dst(struct bpf_sock_addr *ctx,
+					struct mbpf_l4addr *out, int v6)
+{
+	if (v6)
+		ctx_get_dst6(ctx, out);
+	else
+		ctx_get_dst4(ctx, out);
+}
+
 /* Returns 0, or -1 when an IPv6 address cannot go into an IPv4 socket. */
 static __always_inline int ctx_set_dst4(struct bpf_sock_addr *ctx,
 					const __u8 *addr, __u16 port)

@@ -129,8 +129,10 @@ def probe() -> list[Feature]:
 
 
 def _capture(sock_addr: bool) -> bool:
-    """connect() finds the caller's pod and uid; sockops files the socket by
-    cookie; getsockopt answers SO_ORIGINAL_DST."""
+    """connect() and an unconnected UDP send (DNS) find the caller's pod and
+    uid (helpers of the program type: the sendmsg hooks have them wherever
+    connect has); sockops files the socket by cookie; getsockopt answers
+    SO_ORIGINAL_DST."""
     return (sock_addr and _helper("cgroup_sock_addr", "get_current_ancestor_cgroup_id")
             and _helper("cgroup_sock_addr", "get_current_uid_gid")
             and _prog("sock_ops") and _helper("sock_ops", "get_socket_cookie")

@@ -32,12 +32,15 @@ def wait_for(check, timeout: float, what: str, interval: float = 0.05):
         time.sleep(interval)
 
 
-def wait_listening(lab: Lab, pod: str, port: int, proto: str = "tcp", timeout: float = 30) -> None:
+def wait_listening(lab: Lab, pod: str, port: int, proto: str = "tcp", timeout: float = 30,
+                   host: str = "") -> None:
+    """Until something in pod listens on port (on host, if given)."""
     # 30 s: a Python server starting in an emulated VM (TCG) on a busy host
     # has taken more than 10; a server that does start is seen at once.
     flag = "-ltnH" if proto == "tcp" else "-lunH"
-    wait_for(lambda: f":{port} " in lab.run(pod, ["ss", flag], in_cgroup=False).stdout,
-             timeout, f"{proto} port {port} in pod {pod}")
+    where = f"[{host}]" if ":" in host else host  # as ss prints an address
+    wait_for(lambda: f"{where}:{port} " in lab.run(pod, ["ss", flag], in_cgroup=False).stdout,
+             timeout, f"{proto} port {port} in pod {pod}" + (f" on {host}" if host else ""))
 
 
 def start_whoami(lab: Lab, pod: str, port: int = 8080, name: str | None = None) -> subprocess.Popen:
@@ -48,15 +51,24 @@ def start_whoami(lab: Lab, pod: str, port: int = 8080, name: str | None = None) 
     return proc
 
 
-def start_dnsmasq(lab: Lab, pod: str, workdir: Path, txt: str | None = None) -> subprocess.Popen:
-    """A real DNS server in `pod`: TXT whoami.lab answers with the pod name."""
+def start_dnsmasq(lab: Lab, pod: str, workdir: Path, txt: str | None = None, port: int = 53,
+                  forward_to: str | None = None, listen: tuple[str, ...] = ()) -> subprocess.Popen:
+    """A real DNS server in `pod` on `port`: TXT whoami.lab answers with txt
+    (the pod name); or, with forward_to, a forwarder without a cache that
+    sends every query to that server (sendto() on unconnected sockets).
+    With listen, bound to those addresses only (else every address)."""
     # Never --pid-file=/dev/null: dnsmasq replaces that file.
-    pid_file = workdir / f"dnsmasq-{pod}.pid"
+    name = "-".join([pod, str(port), *listen]).replace("/", "-").replace(":", "_")
+    pid_file = workdir / f"dnsmasq-{name}.pid"
+    answer = ([f"--server={forward_to}", "--cache-size=0"] if forward_to
+              else [f"--txt-record=whoami.lab,{txt or pod}"])
+    where = ["--bind-interfaces", *(f"--listen-address={a}" for a in listen)] if listen else []
     proc = lab.popen(pod, ["dnsmasq", "--keep-in-foreground", "--conf-file", "--no-resolv",
-                           "--no-hosts", "--port=53", "--user=root", f"--pid-file={pid_file}",
-                           f"--txt-record=whoami.lab,{txt or pod}", "--log-facility=-"],
+                           "--no-hosts", f"--port={port}", "--user=root", f"--pid-file={pid_file}",
+                           *answer, *where, "--log-facility=-"],
                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_listening(lab, pod, 53, "udp")
+    for host in listen or ("",):
+        wait_listening(lab, pod, port, "udp", host=host)
     return proc
 
 

@@ -16,11 +16,18 @@
     capture_proxy.py get-sockname HOST PORT
         the same, plus what getsockname() said on the app's own socket
         ("app_sockname").
-    capture_proxy.py dns PORT UID
-        the proxy's DNS port: answers every UDP datagram with its port and uid.
-    capture_proxy.py udp-get HOST PORT
-        one datagram over a connected UDP socket (as resolvers send), and
-        the answer.
+    capture_proxy.py dns PORT UID HOST...
+        the proxy's DNS port on each HOST (127.0.0.1 and ::1, where the
+        Istio agent listens): answers every UDP datagram with its port, uid
+        and the address it came to ("to").
+    capture_proxy.py udp-get HOST PORT [UID]
+        a DNS query (TXT whoami.lab) over a connected UDP socket (as glibc
+        and dig send), as UID if given; prints the answer (the DNS port's
+        JSON, or a real server's TXT as "txt"), where recvfrom() said it
+        came from ("from") and what getpeername() said ("peer").
+    capture_proxy.py udp-sendto HOST PORT [UID]
+        the same with sendto()/recvfrom() on an unconnected socket (as
+        musl, Go's and dnsmasq-style resolvers send).
 """
 
 from __future__ import annotations
@@ -137,41 +144,64 @@ def get(host: str, port: str, with_sockname: bool = False) -> None:
     print(json.dumps({**answer, "app_sockname": sockname} if with_sockname else answer))
 
 
-def dns(port: str, uid: str) -> None:
+def dns(port: str, uid: str, *hosts: str) -> None:
     sel = selectors.DefaultSelector()
-    for family, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+    for host in hosts:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
         s = socket.socket(family, socket.SOCK_DGRAM)
         if family == socket.AF_INET6:
             s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         s.bind((host, int(port)))
-        sel.register(s, selectors.EVENT_READ)
+        sel.register(s, selectors.EVENT_READ, host)
     os.setgid(int(uid))
     os.setuid(int(uid))
     print(json.dumps({"ready": True}), flush=True)
-    answer = json.dumps({"dns_port": int(port), "uid": os.getuid()}).encode()
     while True:
         for key, _ in sel.select():
             _, peer = key.fileobj.recvfrom(512)
-            key.fileobj.sendto(answer, peer)
+            answer = {"dns_port": int(port), "uid": os.getuid(), "to": key.data}
+            key.fileobj.sendto(json.dumps(answer).encode(), peer)
 
 
-def udp_get(host: str, port: str) -> None:
+def dns_query(name: str = "whoami.lab") -> bytes:
+    """A TXT query: id 0x1234, recursion desired, one question."""
+    qname = b"".join(bytes([len(label)]) + label.encode() for label in name.split(".")) + b"\0"
+    return struct.pack("!6H", 0x1234, 0x0100, 1, 0, 0, 0) + qname + struct.pack("!2H", 16, 1)
+
+
+def dns_answer(reply: bytes) -> dict:
+    """The DNS port's JSON answer, or the first TXT string of a real one."""
+    if reply.startswith(b"{"):
+        return json.loads(reply)
+    end = 12 + reply[12:].index(b"\0") + 5      # header, question name, type and class
+    rdlen = struct.unpack("!H", reply[end + 10:end + 12])[0]  # a compressed name (2), type,
+    rdata = reply[end + 12:end + 12 + rdlen]                   # class, ttl, rdlength
+    return {"txt": rdata[1:1 + rdata[0]].decode()} if rdata else {"raw": reply.hex()}
+
+
+def udp_ask(host: str, port: str, connected: bool, uid: str = "") -> None:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    if uid:
+        os.setgid(int(uid))
+        os.setuid(int(uid))
     with socket.socket(family, socket.SOCK_DGRAM) as s:
         s.settimeout(5)
         try:
-            s.connect((host, int(port)))
-            s.send(b"\x12\x34 not a DNS query")
-            reply = s.recv(512)
+            peer = {}
+            if connected:
+                s.connect((host, int(port)))
+                peer = {"peer": list(s.getpeername()[:2])}
+                s.send(dns_query())
+            else:
+                s.sendto(dns_query(), (host, int(port)))
+            reply, source = s.recvfrom(512)
         except OSError as exc:  # socket.timeout is one
             print(json.dumps({"error": errno.errorcode.get(exc.errno, str(exc))}))
             return
-    try:
-        print(json.dumps(json.loads(reply)))
-    except ValueError:
-        print(json.dumps({"raw": reply.hex()}))
+    print(json.dumps({**dns_answer(reply), "from": list(source[:2]), **peer}))
 
 
 if __name__ == "__main__":
     {"proxy": proxy, "get": get, "get-sockname": lambda host, port: get(host, port, True),
-     "dns": dns, "udp-get": udp_get}[sys.argv[1]](*sys.argv[2:])
+     "dns": dns, "udp-get": lambda *args: udp_ask(*args[:2], True, *args[2:]),
+     "udp-sendto": lambda *args: udp_ask(*args[:2], False, *args[2:])}[sys.argv[1]](*sys.argv[2:])

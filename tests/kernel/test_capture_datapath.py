@@ -5,6 +5,9 @@ directly through CaptureMaps: the agent's part is tested elsewhere); each
 runs tests/kernel/capture_proxy.py as uid 1337 on 15001/15006, which answers
 with what getsockopt(SO_ORIGINAL_DST) and getsockname() said and, forwarding,
 where its own connect to that destination went. plain/c and client are not meshed.
+mesh/a's DNS port 15053 listens on 127.0.0.1 and ::1 only, as Istio's agent
+does; a decoy on the pod's own addresses answers on that port too, so DNS
+sent anywhere but loopback shows up as the decoy's answer.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from meshbpf.datapath.capture import CaptureError, CaptureMaps, cgroup_id
 from meshbpf.datapath.layout import CapCfgC
 from meshbpf.datapath.loader import SockLB
 from meshbpf.lab.netlab import Lab
-from meshbpf.lab.workloads import start_whoami, wait_listening
+from meshbpf.lab.workloads import start_dnsmasq, start_whoami, wait_listening
 from meshbpf.reconcile import addr16
 from meshbpf.reconcile.capture_keys import (DIR_IN, DIR_OUT, EXCLUDE, F_IN_ALL, F_INBOUND,
                                             F_OUT_ALL, F_OUTBOUND, INCLUDE, CapPod, CaptureState,
@@ -37,10 +40,12 @@ pytestmark = pytest.mark.needs_feature("capture")
 
 PROXY = Path(__file__).with_name("capture_proxy.py")
 UID, OUT, IN, DNS = 1337, 15001, 15006, 15053
+DNSMASQ_PROXY, FORWARDER = 15054, 5300  # dnsmasq as the DNS proxy; an app's dnsmasq forwarder
 WEBS = {"web-1", "web-2", "web-3", "web-4"}
 SVC = {4: "10.96.0.10", 6: "fd00:96::10"}
 ALL = F_OUTBOUND | F_INBOUND | F_IN_ALL | F_OUT_ALL
 POD_IDS = {"mesh/a": 1, "mesh/b": 2}
+LOOPBACK = {4: "127.0.0.1", 6: "::1"}
 
 
 def ip(lab: Lab, pod: str, family: int) -> str:
@@ -97,9 +102,11 @@ class Mesh:
         self.maps.apply([CaptureStep(m, "delete", dict.fromkeys(getattr(have, m)))
                          for m in ("pods", "addresses", "ports", "cidrs")])
 
-    def get(self, pod: str, host: str, port: int, command: str = "get") -> dict:
-        """What an app in pod sees for an HTTP GET to host:port (as root)."""
-        r = self.lab.run(pod, [sys.executable, str(PROXY), command, host, str(port)], timeout=60)
+    def get(self, pod: str, host: str, port: int, command: str = "get", *extra: str) -> dict:
+        """What an app in pod sees for an HTTP GET to host:port (as root), or
+        another capture_proxy.py client command."""
+        r = self.lab.run(pod, [sys.executable, str(PROXY), command, host, str(port), *extra],
+                         timeout=60)
         assert r.returncode == 0, r.stderr
         return json.loads(r.stdout)
 
@@ -124,16 +131,19 @@ def mesh(shared_lb):
     lb.compile()
     lb.attach_capture([lab.cgroup])
     the_mesh = Mesh(lab, CaptureMaps(shared_lb.bpffs))
-    dns = lab.popen("mesh/a", [sys.executable, "-u", str(PROXY), "dns", str(DNS), str(UID)],
-                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    dns = [lab.popen("mesh/a", [sys.executable, "-u", str(PROXY), "dns", str(DNS), str(UID), *hosts],
+                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+           for hosts in (LOOPBACK.values(), (ip(lab, "mesh/a", 4), ip(lab, "mesh/a", 6)))]
     try:
-        assert json.loads(dns.stdout.readline())["ready"]
+        for proc in dns:
+            assert json.loads(proc.stdout.readline())["ready"]
         for name in ("mesh/a", "mesh/b"):
             the_mesh.proxies[name] = Proxy(lab, name).start()
         yield the_mesh
     finally:
-        dns.kill()
-        dns.wait(timeout=30)
+        for proc in dns:
+            proc.kill()
+            proc.wait(timeout=30)
         for proxy in the_mesh.proxies.values():
             proxy.stop()
         the_mesh.clear()
@@ -324,15 +334,96 @@ def test_no_pod_meshed_captures_nothing(mesh):
         mesh.maps.apply([])
 
 
+def dns_port_answer(family: int) -> dict:
+    """Our DNS port's answer on loopback, where istio-iptables' REDIRECT
+    sends a local packet and the Istio agent listens (127.0.0.1:15053)."""
+    return {"dns_port": DNS, "uid": UID, "to": LOOPBACK[family]}
+
+
 @FAMILIES
 def test_dns_over_connected_udp_goes_to_the_dns_port_when_asked(meshed, family):
+    """The answer's source (recvfrom) and the peer (getpeername) are the
+    server's, as behind REDIRECT."""
     dns1 = ip(meshed.lab, "dns-1", family)
-    assert "dns_port" not in meshed.get("mesh/a", dns1, 53, "udp-get")  # dnsmasq's own answer
+    server = {"from": [dns1, 53], "peer": [dns1, 53]}
+    assert meshed.get("mesh/a", dns1, 53, "udp-get") == {"txt": "dns-1", **server}
     meshed.set(dns_port=DNS)
     before = meshed.maps.counters()["captured_dns"]
-    assert meshed.get("mesh/a", dns1, 53, "udp-get") == {"dns_port": DNS, "uid": UID}
+    assert meshed.get("mesh/a", dns1, 53, "udp-get") == {**dns_port_answer(family), **server}
     assert meshed.maps.counters()["captured_dns"] > before
-    assert "dns_port" not in meshed.get("plain/c", dns1, 53, "udp-get")
+    assert meshed.get("plain/c", dns1, 53, "udp-get") == {"txt": "dns-1", **server}
+
+
+@FAMILIES
+def test_dns_over_unconnected_udp_goes_to_the_dns_port_and_answers_as_the_server(meshed, family):
+    """sendto() without connect() (musl, Go, dnsmasq): the sendmsg hooks
+    steer it, and recvfrom() names the server asked, which resolvers check.
+    The proxy's own sendto() and unmeshed pods go to the server."""
+    dns1 = ip(meshed.lab, "dns-1", family)
+    server = [dns1, 53]
+    assert meshed.get("mesh/a", dns1, 53, "udp-sendto") == {"txt": "dns-1", "from": server}
+    meshed.set(dns_port=DNS)
+    before = meshed.maps.counters()
+    assert meshed.get("mesh/a", dns1, 53, "udp-sendto") == {**dns_port_answer(family), "from": server}
+    assert meshed.maps.counters()["captured_dns"] == before["captured_dns"] + 1
+    assert meshed.get("mesh/a", dns1, 53, "udp-sendto", str(UID)) == {"txt": "dns-1", "from": server}
+    assert meshed.maps.counters()["skipped_proxy_uid"] > before["skipped_proxy_uid"]
+    assert meshed.get("plain/c", dns1, 53, "udp-sendto") == {"txt": "dns-1", "from": server}
+
+
+@pytest.mark.parametrize("command", ["udp-get", "udp-sendto"])
+def test_dns_to_an_ipv4_mapped_server_goes_to_ipv4_loopback(meshed, command):
+    """An IPv6 socket asking ::ffff:a.b.c.d sends IPv4: to 127.0.0.1 (as
+    iptables' REDIRECT would), and the answer names ::ffff:a.b.c.d."""
+    server = "::ffff:" + ip(meshed.lab, "dns-1", 4)
+    meshed.set(dns_port=DNS)
+    answer = meshed.get("mesh/a", server, 53, command)
+    assert answer == {**dns_port_answer(4), "from": [server, 53],
+                      **({"peer": [server, 53]} if command == "udp-get" else {})}
+
+
+def test_dns_is_captured_with_outbound_capture_off(meshed):
+    """includeOutboundIPRanges="" turns outbound TCP capture off, not DNS:
+    istio-iptables' DNS rules do not depend on the outbound ranges."""
+    dns1 = ip(meshed.lab, "dns-1", 4)
+    meshed.set(flags={"mesh/a": F_INBOUND | F_IN_ALL}, dns_port=DNS)
+    assert meshed.get("mesh/a", dns1, 53, "udp-sendto") == {**dns_port_answer(4), "from": [dns1, 53]}
+    assert meshed.get("mesh/a", SVC[4], 80)["body"] in WEBS  # TCP is not captured
+    meshed.set(flags={"mesh/a": F_INBOUND | F_IN_ALL})
+    assert meshed.get("mesh/a", dns1, 53, "udp-sendto") == {"txt": "dns-1", "from": [dns1, 53]}
+
+
+@FAMILIES
+def test_real_resolvers_reach_dnsmasq_as_the_dns_proxy(meshed, family, tmp_path):
+    """dig connects its UDP socket (BIND 9.18: strace shows connect(), then
+    sendmmsg() without an address), or uses TCP with +tcp; a dnsmasq
+    forwarder sends with sendto() and drops answers whose source is not the
+    server it asked. The proxy listens on loopback only (the Istio agent's
+    127.0.0.1:15053); a decoy on the pod's addresses would answer wrongly."""
+    lab, dns1 = meshed.lab, ip(meshed.lab, "dns-1", family)
+    own = (ip(lab, "mesh/a", 4), ip(lab, "mesh/a", 6))
+    procs = [start_dnsmasq(lab, "mesh/a", tmp_path, "mesh-a-proxy", port=DNSMASQ_PROXY,
+                           listen=tuple(LOOPBACK.values())),
+             start_dnsmasq(lab, "mesh/a", tmp_path, "mesh-a-decoy", port=DNSMASQ_PROXY, listen=own),
+             start_dnsmasq(lab, "mesh/a", tmp_path, port=FORWARDER, forward_to=dns1)]
+    try:
+        assert dig(lab, dns1, 53) == dig(lab, "127.0.0.1", FORWARDER) == '"dns-1"'
+        # (TCP to port 53 is the outbound port's until DNS is captured)
+        meshed.set(dns_port=DNSMASQ_PROXY)
+        assert dig(lab, dns1, 53) == '"mesh-a-proxy"'
+        assert dig(lab, dns1, 53, "+tcp") == '"mesh-a-proxy"'
+        assert dig(lab, "127.0.0.1", FORWARDER) == '"mesh-a-proxy"'
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
+def dig(lab: Lab, server: str, port: int, *options: str) -> str:
+    """dig's TXT whoami.lab from mesh/a, one try (a lost answer fails fast)."""
+    r = lab.run("mesh/a", ["dig", "+short", "+tries=1", "+time=5", *options, "-p", str(port),
+                           f"@{server}", "whoami.lab", "TXT"], timeout=30)
+    return r.stdout.strip() or r.stderr.strip() or f"dig exited {r.returncode}"
 
 
 @pytest.mark.userspace

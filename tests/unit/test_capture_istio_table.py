@@ -2,7 +2,9 @@
 
 Istio's own table test, tools/istio-iptables/pkg/capture/run_test.go, runs
 istio-iptables with a flag set per case and compares the iptables rules to
-testdata/<case>.golden. The rules are not ours to copy; the facts they
+testdata/<case>.golden (and the Istio CNI plugin's DNS case: its
+plugin_dryrun_test.go and cni/pkg/plugin/testdata/dns.txt.golden, where
+all DNS is captured). The rules are not ours to copy; the facts they
 encode are: which connect (by whom, to which address, port and protocol)
 is steered to the outbound port 15001, the inbound port 15006 or the DNS
 port 15053, and which is left alone. Here each case's flags become a meshed
@@ -63,12 +65,14 @@ CASES: dict[str, Case] = {
         ("proxy", "10.96.0.10", 80, "TCP", NO),         # -m owner --uid-owner 1337 -j RETURN
         ("app", "10.96.0.10", 80, "UDP", NO),           # ISTIO_REDIRECT is -p tcp
         ("client", "10.0.1.1", 8080, "TCP", NO)]),      # no ISTIO_INBOUND port rule
+    # With REDIRECT_DNS to nameserver 127.0.0.53 (loopback: see DIFFERENCES).
     "ip-range": Case({**NONE_IN, "excludeOutboundIPRanges": "1.1.0.0/16",
                       "includeOutboundIPRanges": "9.9.0.0/16"}, [
         ("app", "9.9.1.1", 443, "TCP", OUT),
         ("app", "1.1.1.1", 443, "TCP", NO),             # RETURN before the REDIRECT
         ("app", "8.8.8.8", 443, "TCP", NO),
-        ("proxy", "9.9.1.1", 443, "TCP", NO)]),
+        ("proxy", "9.9.1.1", 443, "TCP", NO),
+        ("proxy", "9.9.1.1", 53, "UDP", NO)], dns=True),  # --uid-owner 3 -j RETURN
     "ipv6-ipnets": Case({"includeInboundPorts": "4000,5000", "excludeInboundPorts": "6000,7000,",
                          "excludeOutboundIPRanges": "2001:db8::/32",
                          "includeOutboundIPRanges": "2001:db8::/32"}, [
@@ -117,18 +121,38 @@ CASES: dict[str, Case] = {
     # -o lo ... ! --uid-owner 1337 -j RETURN comes before the include rule:
     # an app's loopback traffic is never captured, even when included.
     "loopback-outbound-iprange": Case({**NONE_IN, "includeOutboundIPRanges": "127.1.2.3/32"}, [
-        ("app", "127.1.2.3", 80, "TCP", NO)]),
+        ("app", "127.1.2.3", 80, "TCP", NO)], dns=True),  # and REDIRECT_DNS to 127.0.0.53
     "host-ipv4-loopback-cidr": Case({"includeOutboundIPRanges": "*"}, [
         ("app", "127.0.0.5", 80, "TCP", NO), ("app", "127.255.0.1", 80, "TCP", NO)]),
-    # DNS: the proxy's own lookups are never captured (-p udp --dport 53
-    # -m owner --uid-owner ... -j RETURN); the app's go to 15053. istio-
-    # iptables sends those to the pod's nameservers (resolv.conf: the
-    # cluster DNS Service), we send every non-loopback port 53.
-    "dns-uid-gid": Case({}, [
+    # DNS (REDIRECT_DNS, our AgentConfig dns). istio-iptables redirects port
+    # 53 to 15053 only towards the pod's nameservers (read from
+    # /etc/resolv.conf; this golden sets 127.0.0.53 and ::127.0.0.53),
+    # in ISTIO_OUTPUT_DNS, after the proxy's uid/gid RETURN. We send every
+    # port 53 from the app (as CAPTURE_ALL_DNS does, "cni/dns" below), so
+    # the nameserver's facts hold; another server's, and the IPv4 loopback
+    # nameserver's, are in DIFFERENCES.
+    "dns-uid-gid": Case({**NONE_IN, **NONE_OUT}, [
+        ("app", "::127.0.0.53", 53, "UDP", DNS),     # -p udp --dport 53 -d ::127.0.0.53/128 -j REDIRECT
+        ("app", "::127.0.0.53", 53, "TCP", DNS),     # -p tcp --dport 53 -d ::127.0.0.53/128 -j REDIRECT
+        ("proxy", "::127.0.0.53", 53, "UDP", NO),    # -m owner --uid-owner 3 -j RETURN comes first
+        ("proxy", "::127.0.0.53", 53, "TCP", NO),
+        ("app", "::127.0.0.53", 5353, "UDP", NO),
+        ("app", "10.96.0.10", 80, "TCP", NO)], dns=True),  # no -i: no ISTIO_REDIRECT
+    # REDIRECT_DNS with no nameserver and no CAPTURE_ALL_DNS: istio-iptables
+    # turns DNS capture off (run.go warns so); the golden has no port 53
+    # REDIRECT. Our counterpart is dns off.
+    "ipv6-dns-uid-gid": Case({**NONE_IN, **NONE_OUT}, [
+        ("app", "fd00:96::a", 53, "UDP", NO), ("app", "fd00:96::a", 53, "TCP", NO),
+        ("app", "10.96.0.10", 53, "UDP", NO), ("proxy", "fd00:96::a", 53, "UDP", NO)]),
+    # Istio CNI's DNS golden (cni/pkg/plugin/testdata/dns.txt.golden: a pod
+    # with ISTIO_META_DNS_CAPTURE=true; the plugin sets CAPTURE_ALL_DNS):
+    # -p udp/tcp --dport 53 -j REDIRECT with no -d, after the uid/gid 1337
+    # RETURN; then -j ISTIO_REDIRECT for all the rest.
+    "cni/dns": Case({}, [
         ("app", "10.96.0.10", 53, "UDP", DNS), ("app", "10.96.0.10", 53, "TCP", DNS),
-        ("proxy", "10.96.0.10", 53, "UDP", NO), ("app", "10.96.0.10", 5353, "UDP", NO)], dns=True),
-    "ipv6-dns-uid-gid": Case({}, [
-        ("app", "fd00:96::a", 53, "UDP", DNS), ("proxy", "fd00:96::a", 53, "UDP", NO)], dns=True),
+        ("app", "8.8.8.8", 53, "UDP", DNS),
+        ("proxy", "10.96.0.10", 53, "UDP", NO), ("proxy", "10.96.0.10", 53, "TCP", NO),
+        ("app", "10.96.0.10", 5353, "UDP", NO), ("app", "10.96.0.10", 80, "TCP", OUT)], dns=True),
 }
 
 # Golden cases with no counterpart, and why.
@@ -162,9 +186,21 @@ DIFFERENCES = [
     # pod's own proxy is never captured into its own pod (no uid match
     # without a packet path through lo).
     ("proxy", "10.0.1.1", 8080, "TCP", NO, "istio: 15006"),
-    # istio: DNS to a loopback resolver (127.0.0.53) goes to 15053; ours:
-    # loopback is never captured (pods' resolvers are the cluster DNS Service).
+    # istio: DNS to a loopback nameserver (127.0.0.53, the goldens') goes
+    # to 15053, and with CAPTURE_ALL_DNS any loopback port 53 does; ours:
+    # loopback is never captured (pods' nameservers are the cluster DNS
+    # Service).
     ("app", "127.0.0.53", 53, "UDP", NO, "istio: 15053"),
+    ("app", "127.0.0.53", 53, "TCP", NO, "istio: 15053"),
+    # istio-iptables by default: port 53 to a server that is not one of the
+    # pod's nameservers is left alone (UDP) or goes the TCP way (15001 when
+    # in range); ours: every port 53 from the app, as CAPTURE_ALL_DNS.
+    ("app", "10.96.0.10", 53, "UDP", DNS, "istio-iptables: left alone unless a nameserver"),
+    ("app", "10.96.0.10", 53, "TCP", DNS, "istio-iptables: 15001 unless a nameserver"),
+    # istio with CAPTURE_ALL_DNS: UDP to the pod's own address:53 goes to
+    # 15053 (lo's RETURN is TCP only then); ours: the pod's own address is
+    # never captured.
+    ("app", "10.0.1.1", 53, "UDP", NO, "istio CNI: 15053"),
 ]
 
 GOLDEN = {
@@ -192,9 +228,25 @@ def maps_for(case: Case) -> CaptureState:
     return plan_capture(CaptureState(), [MeshedPod(POD_CG, settings)]).state
 
 
+# Istio CNI plugin goldens checked here (cni/pkg/plugin/testdata), beside
+# istio-iptables' own: the one with DNS capture, which differs from them.
+CNI_GOLDEN = {"cni/dns"}
+
+
 def test_every_golden_case_is_accounted_for():
-    assert set(CASES) | set(NO_COUNTERPART) == GOLDEN
+    assert set(CASES) | set(NO_COUNTERPART) == GOLDEN | CNI_GOLDEN
     assert not set(CASES) & set(NO_COUNTERPART)
+
+
+def loopback_or_own(dst: str, expected: int):
+    """Where a captured connect goes: the proxy's DNS listener on loopback
+    (REDIRECT's target for a local packet; the Istio agent listens on
+    127.0.0.1:15053 only), the outbound port on the pod's own address of
+    the destination's family."""
+    v4 = ipaddress.ip_address(dst).version == 4
+    if expected == DNS:
+        return ipaddress.ip_address("127.0.0.1" if v4 else "::1")
+    return ipaddress.ip_address(POD_IPS[0 if v4 else 1])
 
 
 @pytest.mark.parametrize("name, who, dst, port, proto, expected", [
@@ -203,8 +255,8 @@ def test_istio_fact(name, who, dst, port, proto, expected):
     cgroup, uid = WHO[who]
     got = decide(maps_for(CASES[name]), cgroup, uid, dst, port, proto)
     assert got.port == expected, got
-    if expected in (OUT, DNS):   # to the proxy on the pod's own address of that family
-        assert got.address == POD_IPS[0 if ipaddress.ip_address(dst).version == 4 else 1]
+    if expected in (OUT, DNS):
+        assert ipaddress.ip_address(got.address) == loopback_or_own(dst, expected), got
     if expected == IN:           # the address stays, only the port changes
         assert got.address == dst
 
@@ -214,3 +266,45 @@ def test_known_differences_from_istio_iptables(who, dst, port, proto, ours, isti
     cgroup, uid = WHO[who]
     got = decide(maps_for(Case({}, [], dns=True)), cgroup, uid, dst, port, proto)
     assert got.port == ours, f"{got} (istio-iptables: {istio})"
+
+
+UDP_FACTS = [(name, who, dst, port, expected) for name, case in CASES.items()
+             for who, dst, port, proto, expected in case.facts if proto == "UDP"]
+
+
+@pytest.mark.parametrize("name, who, dst, port, expected", UDP_FACTS)
+def test_istio_udp_fact_holds_for_unconnected_sends(name, who, dst, port, expected):
+    """-p udp --dport 53 matches every datagram, connected or not: a
+    sendto() without connect() (dig's, musl's, Go's) is decided alike."""
+    cgroup, uid = WHO[who]
+    got = decide(maps_for(CASES[name]), cgroup, uid, dst, port, "UDP", hook="sendmsg")
+    assert got.port == expected, got
+    if expected == DNS:
+        assert ipaddress.ip_address(got.address) == loopback_or_own(dst, expected), got
+
+
+@pytest.mark.parametrize("hook", ["connect", "sendmsg"])
+def test_an_ipv4_mapped_destination_goes_to_ipv4_loopback_or_the_pods_ipv4(hook):
+    """An IPv6 socket's ::ffff:a.b.c.d is IPv4 on the wire: DNS goes to
+    ::ffff:127.0.0.1 (REDIRECT in iptables, not ip6tables), TCP to the
+    pod's IPv4 address in the same form."""
+    state = maps_for(Case({"includeOutboundIPRanges": "*"}, [], dns=True))
+    got = decide(state, *WHO["app"], "::ffff:10.96.0.10", 53, "UDP", hook=hook)
+    assert (got.port, ipaddress.ip_address(got.address)) == (DNS, ipaddress.ip_address("::ffff:127.0.0.1"))
+    got = decide(state, *WHO["app"], "::ffff:10.96.0.10", 80)
+    assert (got.port, ipaddress.ip_address(got.address)) == (OUT, ipaddress.ip_address("::ffff:10.0.1.1"))
+    assert decide(state, *WHO["app"], "::ffff:10.0.1.1", 53, "UDP", hook=hook).port == NO  # its own
+
+
+@pytest.mark.parametrize("dns, expected", [(False, NO), (True, DNS)], ids=["dns-off", "dns-on"])
+def test_unconnected_dns_is_captured_only_when_asked(dns, expected):
+    state = maps_for(Case({"includeOutboundIPRanges": "*"}, [], dns=dns))
+    cgroup, uid = WHO["app"]
+    for dst in ("10.96.0.10", "fd00:96::a"):
+        assert decide(state, cgroup, uid, dst, 53, "UDP", hook="sendmsg").port == expected
+        assert decide(state, cgroup, uid, dst, 5353, "UDP", hook="sendmsg").port == NO
+
+
+def test_an_unknown_hook_is_refused_in_one_line():
+    with pytest.raises(ValueError, match=r"^capture decision: unknown hook 'bind' \(known: "):
+        decide(maps_for(Case({}, [])), *WHO["app"], "10.96.0.10", 53, "UDP", hook="bind")
