@@ -7,7 +7,7 @@ never a valid answer, so each one is counted, retried, and reported.
 
   python eagain_probe.py server PORT THINK_MS MODE [LISTEN_MODE]
   python eagain_probe.py client HOST PORT RUNS ROUNDS MODE
-  python eagain_probe.py reader PORT SIGNAL_MS MODE
+  python eagain_probe.py reader PORT SIGNAL_MS MODE [LISTEN_MODE]
   python eagain_probe.py trickle HOST PORT SECONDS GAP_MS
 
 MODE "blocking": plain blocking sockets. MODE "timeout": sockets with a
@@ -124,15 +124,16 @@ def server(port: str, think_ms: str = "0", mode: str = "blocking", listen_mode: 
                 serve_one(conn, stats, float(think_ms) / 1000)
 
 
-def reader(port: str, signal_ms: str, mode: str = "blocking") -> dict:
-    """Reads one connection to EOF under a stream of signals."""
+def reader(port: str, signal_ms: str, mode: str = "blocking", listen_mode: str = "") -> dict:
+    """Reads one connection to EOF under a stream of signals; the listener
+    is in `mode` too unless `listen_mode` says otherwise."""
     stats = {"eagain": 0, "errors": 0, "signals": 0, "bytes": 0}
     h = hashlib.sha256()
 
     def count(_sig, _frame):
         stats["signals"] += 1
 
-    with _listener(port, mode) as ls:
+    with _listener(port, listen_mode or mode) as ls:
         conn, _ = ls.accept()
         _set_mode(conn, mode)
         signal.signal(signal.SIGALRM, count)
