@@ -30,10 +30,10 @@
  *       the client's CPU pinning, it is the ceiling that wake-ups alone put
  *       on a request/response rate.
  *
- * Sockets are non-blocking (O_NONBLOCK before connect(), accept4 with
- * SOCK_NONBLOCK), waited on with poll(), as event loops do: meshbpf splices
- * only non-blocking sockets (see README, "Blocking sockets are not
- * spliced"). -P (server and client, experiments): reads spin instead of
+ * Sockets are non-blocking (O_NONBLOCK before connect(), the listener's
+ * too, accept4 with SOCK_NONBLOCK), waited on with poll(), as event loops
+ * do: meshbpf splices only non-blocking sockets, and judges an accepted one
+ * by its listener (see README, "Blocking sockets are not spliced"). -P (server and client, experiments): reads spin instead of
  * polling, which takes wake-ups out of the measurement.
  *
  * "eagain" and "eagain_eof" count reads that found nothing after poll()
@@ -348,7 +348,9 @@ static int server(int argc, char **argv)
 			fprintf(stderr, "bad address %s\n", argv[0]);
 			return -1;
 		}
-		int fd = socket(sa.ss_family, SOCK_STREAM, 0);
+		/* non-blocking like the accepted sockets: meshbpf judges a
+		 * socket by its listener until the socket sends */
+		int fd = socket(sa.ss_family, SOCK_STREAM | SOCK_NONBLOCK, 0);
 
 		if (fd < 0)
 			die("socket");

@@ -57,7 +57,10 @@ int mbpf_sk_msg(struct sk_msg_md *msg)
 	 * syscall, so its mode is current: the accepting side gets its file
 	 * late, and fcntl() can make a socket blocking at any time. The peer is
 	 * not checked here: a server that accept()s and then sets O_NONBLOCK
-	 * would look blocking to a client that writes first. */
+	 * would look blocking to a client that writes first, and it would not
+	 * help a peer already blocked in recvmsg (it holds its psock, so it
+	 * cannot leave the sockhash while it waits). sockops keeps accepted
+	 * sockets out by their listener's mode instead (listener_blocks). */
 	if (sock_reads_block(st->sk_addr)) {
 		redir_pass_pair(st, peer_st);
 		return pass(size);

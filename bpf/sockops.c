@@ -35,6 +35,7 @@ int mbpf_cap_sockops(struct bpf_sock_ops *skops)
 #define MBPF_TCP_FIN_WAIT1 4
 #define MBPF_TCP_CLOSE 7
 #define MBPF_TCP_CLOSE_WAIT 8
+#define MBPF_TCP_LISTEN 10
 
 /* Callbacks a socket in the sockhash asks for: state changes (to forget
  * it), and every ACK (RTT) and incoming header, which is where eviction
@@ -81,7 +82,72 @@ static __always_inline int psock_idle(struct bpf_sock_ops *skops)
 	return next == head && refcnt == 1;
 }
 
-static __always_inline void on_established(struct bpf_sock_ops *skops, int active)
+/* The listener map's key for a listener or a socket it accepted. */
+static __always_inline int listen_key(struct bpf_sock_ops *skops, __u64 sk_addr,
+				      struct mbpf_listen_key *key)
+{
+	key->netns = sock_netns(sk_addr);
+	key->port = (__u16)skops->local_port;
+	return key->netns != 0;
+}
+
+/* listen(): remember the listener, to judge the sockets it will accept
+ * (listener_blocks), and hear when it closes. Its children inherit the
+ * state callback; those that do not join drop it (drop_listener_flag). */
+static __always_inline void on_listen(struct bpf_sock_ops *skops)
+{
+	struct mbpf_listen_key key = {};
+	__u64 sk_addr = sock_addr(skops);
+
+	if (!listen_key(skops, sk_addr, &key))
+		return;
+	if (mbpf_listeners.update(&key, &sk_addr))
+		return;
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+}
+
+/* A listener closed. Another listener on the same port (SO_REUSEPORT) may
+ * have taken the entry since: only our own is deleted. */
+static __always_inline void on_listener_close(struct bpf_sock_ops *skops)
+{
+	struct mbpf_listen_key key = {};
+	__u64 sk_addr = sock_addr(skops);
+	__u64 *listener;
+
+	if (!listen_key(skops, sk_addr, &key))
+		return;
+	listener = mbpf_listeners.lookup(&key);
+	if (listener && *listener == sk_addr)
+		mbpf_listeners.delete(&key);
+}
+
+/* 1 if an accepted socket will read in blocking mode, as far as can be told
+ * when it is established: it has no file before accept(), so its
+ * listener's mode stands for it. A blocking listener is a blocking server
+ * (a thread per connection: socketserver, classic C servers, ServerSocket);
+ * event loops listen non-blocking (nginx, redis, Go, libuv, asyncio). Wrong
+ * both ways now and then (see README): a blocking acceptor that hands its
+ * sockets to an event loop costs the pair its splicing; a non-blocking
+ * listener whose sockets block is not caught here (sk_msg catches them
+ * when they send). A listener opened before the sockops program was
+ * attached is unknown: its sockets join, as before. */
+static __always_inline int listener_blocks(struct bpf_sock_ops *skops, __u64 sk_addr)
+{
+	struct mbpf_listen_key key = {};
+	__u64 *listener;
+	__u64 listener_addr;
+
+	if (!listen_key(skops, sk_addr, &key))
+		return 0;
+	listener = mbpf_listeners.lookup(&key);
+	if (!listener)
+		return 0;
+	listener_addr = *listener;
+	return sock_reads_block(listener_addr);
+}
+
+/* Returns 1 if the socket joined the sockhash. */
+static __always_inline int on_established(struct bpf_sock_ops *skops, int active)
 {
 	struct mbpf_redir_cfg *cfg = redir_cfg();
 	struct mbpf_sockstate st = {};
@@ -92,41 +158,55 @@ static __always_inline void on_established(struct bpf_sock_ops *skops, int activ
 	int err;
 
 	if (!cfg || !cfg->enabled)
-		return;
+		return 0;
 	if (skops->family != 2 && skops->family != 10)
-		return;
+		return 0;
 	redir_key_from_ctx(skops, &key);
 	if (key.scope == MBPF_SCOPE_AMBIGUOUS)
-		return;
+		return 0;
 	if (cfg->require_cidr && (!redir_in_cidrs(key.local_ip) || !redir_in_cidrs(key.remote_ip)))
-		return;
+		return 0;
 	/* A connect() in blocking mode: its reads would block too (see
-	 * sock_reads_block). The accepting side has no file yet; sk_msg checks
-	 * it once it has one. */
+	 * sock_reads_block). The accepting side has no file yet: its
+	 * listener's mode stands for it, and sk_msg checks it when it sends. */
 	sk_addr = sock_addr(skops);
 	if (active && sock_reads_block(sk_addr))
-		return;
+		return 0;
 	/* The passive side joins only if the active side did: the peer is
-	 * then a socket on this node, in a workload that takes part. */
+	 * then a socket on this node, in a workload that takes part. Without
+	 * it, the peer's first send finds no peer and takes TCP. */
 	if (!active) {
 		redir_peer_key(&key, &peer);
 		if (!mbpf_sockstate.lookup(&peer))
-			return;
+			return 0;
+		if (listener_blocks(skops, sk_addr))
+			return 0;
 	}
 	if (bpf_getsockopt(skops, MBPF_SOL_TCP, MBPF_TCP_NODELAY, &nodelay, sizeof(nodelay)) == 0 && nodelay)
 		st.nodelay = 1;
 	st.wide_mss = skops->mss_cache >= cfg->nagle_mss_min;
 	st.sk_addr = sk_addr;
 	if (mbpf_sockstate.update(&key, &st))
-		return;
+		return 0;
 	/* (a statement of its own: bcc's rewrite of this call breaks inside an if) */
 	err = mbpf_sockhash.sock_hash_update(skops, &key, BPF_NOEXIST);
 	if (err) {
 		mbpf_sockstate.delete(&key);
-		return;
+		return 0;
 	}
 	redir_count(MBPF_CNT_INSERTED, 1);
 	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | MBPF_SOCKOPS_FLAGS);
+	return 1;
+}
+
+/* An accepted socket inherits its listener's callback flags (on_listen);
+ * one that stays out of the sockhash needs no state callbacks. */
+static __always_inline void drop_listener_flag(struct bpf_sock_ops *skops)
+{
+	__u32 flags = skops->bpf_sock_ops_cb_flags;
+
+	if (flags & BPF_SOCK_OPS_STATE_CB_FLAG)
+		bpf_sock_ops_cb_flags_set(skops, flags & ~BPF_SOCK_OPS_STATE_CB_FLAG);
 }
 
 /* Leaves the sockhash once the pair passes to TCP and our queue is empty. */
@@ -192,16 +272,23 @@ int mbpf_sockops(struct bpf_sock_ops *skops)
 		on_established(skops, 1);
 		break;
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
-		on_established(skops, 0);
+		if (!on_established(skops, 0))
+			drop_listener_flag(skops);
+		break;
+	case BPF_SOCK_OPS_TCP_LISTEN_CB:
+		on_listen(skops);
 		break;
 	case BPF_SOCK_OPS_RTT_CB:
 	case BPF_SOCK_OPS_PARSE_HDR_OPT_CB:
 		try_evict(skops);
 		break;
 	case BPF_SOCK_OPS_STATE_CB:
-		/* args[1] is the new state; the sockhash drops closed sockets
-		 * by itself, the state map is ours to clean. */
-		if (skops->args[1] == MBPF_TCP_CLOSE) {
+		/* args[0] is the old state, args[1] the new one; the sockhash
+		 * drops closed sockets by itself, the state maps are ours to
+		 * clean. A listener only ever leaves LISTEN for CLOSE. */
+		if (skops->args[0] == MBPF_TCP_LISTEN) {
+			on_listener_close(skops);
+		} else if (skops->args[1] == MBPF_TCP_CLOSE) {
 			redir_key_from_ctx(skops, &key);
 			mbpf_sockstate.delete(&key);
 		} else if (skops->args[1] == MBPF_TCP_FIN_WAIT1 ||

@@ -152,6 +152,17 @@ struct mbpf_sockstate {
 	__u8  wide_mss;         /* 1 if the path MSS >= cfg nagle_mss_min (loopback-sized) */
 };
 
+/* Listener map key (mbpf_listeners): what a listening TCP socket shares with
+ * every socket it accepts, its network namespace and local port. The value
+ * is the listener's kernel address (__u64, host order): whether it blocks
+ * tells, before accept(), whether its accepted sockets will. */
+struct mbpf_listen_key {
+	__u64 netns;            /* host order; the kernel address of the socket's struct net
+				 * (sk->__sk_common.skc_net), stable while the listener lives */
+	__u16 port;             /* host order; the local port */
+	__u8  pad[6];           /* zero */
+};
+
 /* mbpf_sockstate.mode: 0 -> REDIRECT -> PASS, or 0 -> PASS; never back,
  * because bytes passed to TCP and bytes redirected later would reorder. */
 #define MBPF_MODE_UNDECIDED 0

@@ -112,7 +112,9 @@ static __always_inline void redir_pass_pair(struct mbpf_sockstate *self,
  * of the reader's own FIN (a "write, shutdown(SHUT_WR), read to EOF"
  * client facing a server that answers after 40 ms), a signal, write space
  * for another thread. A non-blocking reader takes EAGAIN as "poll again";
- * a blocking one takes it as an error. So blocking sockets stay out. */
+ * a blocking one takes it as an error. So blocking sockets stay out; an
+ * accepted socket, which has no file when it is established, is judged by
+ * its listener's (mbpf_sockops, listener_blocks). */
 static __always_inline int sock_reads_block(__u64 sk_addr)
 {
 	__u64 sock = 0, file = 0;
@@ -124,6 +126,18 @@ static __always_inline int sock_reads_block(__u64 sk_addr)
 	    bpf_probe_read_kernel(&flags, sizeof(flags), (void *)(file + MBPF_OFF_FILE_FLAGS)))
 		return 0;
 	return !(flags & 04000 /* O_NONBLOCK */);
+}
+
+/* The network namespace of the socket at this kernel address: the address
+ * of its struct net (0 if unreadable). Read through BTF offsets because
+ * bpf_get_netns_cookie() reaches sockops only in 5.15. */
+static __always_inline __u64 sock_netns(__u64 sk_addr)
+{
+	__u64 net = 0;
+
+	if (sk_addr)
+		bpf_probe_read_kernel(&net, sizeof(net), (void *)(sk_addr + MBPF_OFF_SK_NET));
+	return net;
 }
 
 static __always_inline int redir_in_cidrs(const __u8 *addr)

@@ -15,6 +15,9 @@
 #ifndef MBPF_SOCKSTATE_MAX
 #define MBPF_SOCKSTATE_MAX 131072
 #endif
+#ifndef MBPF_LISTENERS_MAX
+#define MBPF_LISTENERS_MAX 16384
+#endif
 #ifndef MBPF_CIDR_MAX
 #define MBPF_CIDR_MAX 1024
 #endif
@@ -38,6 +41,11 @@ BPF_ANNOTATE_KV_PAIR(mbpf_sockhash, struct mbpf_sock_key, int);
 /* socket tuple -> redirection state of that socket */
 BPF_TABLE_PINNED("lru_hash", struct mbpf_sock_key, struct mbpf_sockstate, mbpf_sockstate,
 		 MBPF_SOCKSTATE_MAX, MBPF_PIN(mbpf_sockstate));
+/* (netns, port) -> kernel address of the socket listening there; filled on
+ * listen(), emptied when it closes (LRU: a listener closed while the sockops
+ * program was detached leaves its entry behind) */
+BPF_TABLE_PINNED("lru_hash", struct mbpf_listen_key, __u64, mbpf_listeners,
+		 MBPF_LISTENERS_MAX, MBPF_PIN(mbpf_listeners));
 /* pod CIDRs: with require_cidr, both ends must match one */
 BPF_TABLE_PINNED("lpm_trie", struct mbpf_cidr_key, __u8, mbpf_redir_cidr,
 		 MBPF_CIDR_MAX, MBPF_PIN(mbpf_redir_cidr), MBPF_F_NO_PREALLOC);

@@ -77,6 +77,10 @@ class SockStateC(ct.Structure):
                 ("nodelay", ct.c_uint8), ("evicted", ct.c_uint8), ("wide_mss", ct.c_uint8)]
 
 
+class ListenKeyC(ct.Structure):
+    _fields_ = [("netns", ct.c_uint64), ("port", ct.c_uint16), ("pad", ct.c_uint8 * 6)]
+
+
 class RedirCfgC(ct.Structure):
     _fields_ = [("enabled", ct.c_uint32), ("require_cidr", ct.c_uint32), ("small_write", ct.c_uint32),
                 ("small_run_max", ct.c_uint32), ("nodelay_small_min", ct.c_uint32),
@@ -218,6 +222,8 @@ BY_ROLE = {m.role: m for m in LB_MAPS if m.role}
 REDIR_MAPS = (
     MapSpec("mbpf_sockhash", "", SockKeyC, ct.c_uint32, "MBPF_SOCKHASH_MAX", 65536),
     MapSpec("mbpf_sockstate", "", SockKeyC, SockStateC, "MBPF_SOCKSTATE_MAX", 131072),
+    # listener -> its kernel address: whether its accepted sockets will block
+    MapSpec("mbpf_listeners", "", ListenKeyC, ct.c_uint64, "MBPF_LISTENERS_MAX", 16384),
     MapSpec("mbpf_redir_cidr", "", CidrKeyC, ct.c_uint8, "MBPF_CIDR_MAX", 1024, no_prealloc=True),
     MapSpec("mbpf_redir_cfg", "", ct.c_uint32, RedirCfgC, "", 1),
     MapSpec("mbpf_redir_cnt", "", ct.c_uint32, ct.c_uint64, "", 8),

@@ -65,7 +65,8 @@ LB_SOURCES = ["sock_lb.c"]
 
 
 def kernel_offsets() -> dict[str, int]:
-    """Offsets inside kernel structs that sockops reads (see psock_ingress_empty)."""
+    """Offsets inside kernel structs that sockops and sk_msg read (psock_idle,
+    sock_reads_block, sock_netns)."""
     return {
         "MBPF_OFF_SK_USER_DATA": btf.member_offset("sock", "sk_user_data"),
         "MBPF_OFF_PSOCK_INGRESS_MSG": btf.member_offset("sk_psock", "ingress_msg"),
@@ -74,6 +75,9 @@ def kernel_offsets() -> dict[str, int]:
         "MBPF_OFF_SK_SOCKET": btf.member_offset("sock", "sk_socket"),
         "MBPF_OFF_SOCKET_FILE": btf.member_offset("socket", "file"),
         "MBPF_OFF_FILE_FLAGS": btf.member_offset("file", "f_flags"),
+        # sk->__sk_common.skc_net.net: a listener's namespace (mbpf_listeners);
+        # net is possible_net_t's only member (CONFIG_NET_NS, which pods need)
+        "MBPF_OFF_SK_NET": btf.member_offset("sock", "__sk_common") + btf.member_offset("sock_common", "skc_net"),
     }
 
 

@@ -18,7 +18,8 @@ from pathlib import Path
 from ..model import RedirectSettings
 from ..reconcile import addr16
 from . import cgroup, libbpf
-from .layout import REDIR_MAPS, MODE_NAMES, REDIR_COUNTERS, SCOPE_NETNS, CidrKeyC, RedirCfgC, SockKeyC, SockStateC
+from .layout import (REDIR_MAPS, MODE_NAMES, REDIR_COUNTERS, SCOPE_NETNS, CidrKeyC, ListenKeyC, RedirCfgC,
+                     SockKeyC, SockStateC)
 
 # Tuning, measured with bench/run-redirect (see README): a send below
 # SMALL_WRITE bytes counts as small, except with TCP_NODELAY below
@@ -138,14 +139,24 @@ def read_sockets(bpffs: Path) -> list[SockEntry]:
                 os.close(fd)
 
 
-def sockhash_count(bpffs: Path) -> int | None:
-    fd = _open(bpffs, "mbpf_sockhash")
+def _count(bpffs: Path, name: str, key: type) -> int | None:
+    fd = _open(bpffs, name)
     if fd is None:
         return None
     try:
-        return libbpf.map_count(fd, ct.sizeof(SockKeyC))
+        return libbpf.map_count(fd, ct.sizeof(key))
     finally:
         os.close(fd)
+
+
+def sockhash_count(bpffs: Path) -> int | None:
+    return _count(bpffs, "mbpf_sockhash", SockKeyC)
+
+
+def listener_count(bpffs: Path) -> int | None:
+    """Listening sockets sockops knows (mbpf_listeners): each judges the
+    sockets it accepts."""
+    return _count(bpffs, "mbpf_listeners", ListenKeyC)
 
 
 def read_counters(bpffs: Path) -> dict[str, int] | None:

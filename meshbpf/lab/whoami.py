@@ -33,6 +33,13 @@ class DualStackServer(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         self.server_name, self.server_port = host, port
 
+    def server_activate(self) -> None:
+        # A non-blocking listener, as event loops have (serve_forever polls
+        # it; an accept() that finds nothing is skipped): same-node
+        # redirection judges accepted sockets by their listener's mode.
+        super().server_activate()
+        self.socket.setblocking(False)
+
 
 def make_server(name: str, port: int) -> DualStackServer:
     body = f"{name}\n".encode()

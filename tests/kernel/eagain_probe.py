@@ -5,12 +5,16 @@ as HTTP/1.0-style clients and many RPC tools do it. Every read here is a
 plain blocking recv() (no timeout, no poll): on a blocking socket EAGAIN is
 never a valid answer, so each one is counted, retried, and reported.
 
-  python eagain_probe.py server PORT THINK_MS MODE
+  python eagain_probe.py server PORT THINK_MS MODE [LISTEN_MODE]
   python eagain_probe.py client HOST PORT RUNS ROUNDS MODE
+  python eagain_probe.py reader PORT SIGNAL_MS MODE [LISTEN_MODE]
+  python eagain_probe.py trickle HOST PORT SECONDS GAP_MS
 
 MODE "blocking": plain blocking sockets. MODE "timeout": sockets with a
 timeout, which Python runs in non-blocking mode with poll() (as event
-loops do); there an EAGAIN is "poll again", never an error.
+loops do); there an EAGAIN is "poll again", never an error. A server's
+listener is in its MODE unless LISTEN_MODE says otherwise: meshbpf judges
+an accepted socket by its listener until it sends.
 
 Each client run opens a connection, makes ROUNDS request/response
 exchanges, then writes a last request, shuts down its sending side and
@@ -19,12 +23,21 @@ and, at EOF, sends a closing message (after THINK_MS, as a server that
 works out its answer; past the 40 ms delayed-ACK timeout the client's FIN
 is ACKed alone, a wake-up without data) and closes. Both sides check every
 byte (a sha256 over what each sent and received).
+
+"reader" is the server that only reads: it accepts one connection and
+reads it to EOF in a blocked recv() loop while SIGALRM interrupts it every
+SIGNAL_MS (the handler only counts; Python retries EINTR, not EAGAIN).
+"trickle" is its client, non-blocking (a timeout): small chunks every
+GAP_MS for SECONDS, then close. The server's listener is in MODE too, as
+thread-per-connection servers (blocking) and event loops (non-blocking)
+open theirs.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import signal
 import socket
 import sys
 import time
@@ -82,15 +95,23 @@ def _set_mode(sock: socket.socket, mode: str) -> None:
     sock.settimeout(None if mode == "blocking" else 60)
 
 
-def server(port: str, think_ms: str = "0", mode: str = "blocking") -> dict:
-    """Serves connections one after another until a client sends 'quit'."""
+def _listener(port: str, mode: str) -> socket.socket:
+    """A dual-stack listener in `mode`; says so on stdout."""
+    ls = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    ls.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    ls.bind(("::", int(port)))
+    ls.listen(64)
+    _set_mode(ls, mode)
+    print(json.dumps({"listening": True}), flush=True)
+    return ls
+
+
+def server(port: str, think_ms: str = "0", mode: str = "blocking", listen_mode: str = "") -> dict:
+    """Serves connections one after another until a client sends 'quit'.
+    The listener is in `mode` too unless `listen_mode` says otherwise."""
     stats = {"eagain": 0, "errors": 0, "connections": 0}
-    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as ls:
-        ls.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        ls.bind(("::", int(port)))
-        ls.listen(64)
-        print(json.dumps({"listening": True}), flush=True)
+    with _listener(port, listen_mode or mode) as ls:
         while True:
             conn, _ = ls.accept()
             _set_mode(conn, mode)
@@ -101,6 +122,46 @@ def server(port: str, think_ms: str = "0", mode: str = "blocking") -> dict:
                 stats["connections"] += 1
                 conn.sendall(b"ok!!")
                 serve_one(conn, stats, float(think_ms) / 1000)
+
+
+def reader(port: str, signal_ms: str, mode: str = "blocking", listen_mode: str = "") -> dict:
+    """Reads one connection to EOF under a stream of signals; the listener
+    is in `mode` too unless `listen_mode` says otherwise."""
+    stats = {"eagain": 0, "errors": 0, "signals": 0, "bytes": 0}
+    h = hashlib.sha256()
+
+    def count(_sig, _frame):
+        stats["signals"] += 1
+
+    with _listener(port, listen_mode or mode) as ls:
+        conn, _ = ls.accept()
+        _set_mode(conn, mode)
+        signal.signal(signal.SIGALRM, count)
+        period = float(signal_ms) / 1000
+        signal.setitimer(signal.ITIMER_REAL, period, period)
+        with conn:
+            while got := _recv(conn, 65536, stats):
+                h.update(got)
+                stats["bytes"] += len(got)
+        signal.setitimer(signal.ITIMER_REAL, 0)
+    stats["sha"] = h.hexdigest()
+    return stats
+
+
+def trickle(host: str, port: str, seconds: str, gap_ms: str) -> dict:
+    """Small numbered chunks every gap_ms for `seconds`, then close."""
+    h, sent, i = hashlib.sha256(), 0, 0
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as c:
+        _set_mode(c, "timeout")
+        c.connect((host, int(port)))
+        end = time.monotonic() + float(seconds)
+        while time.monotonic() < end:
+            chunk = f"chunk {i:08d}|".encode().ljust(100, b".")
+            c.sendall(chunk)
+            h.update(chunk)
+            sent, i = sent + len(chunk), i + 1
+            time.sleep(float(gap_ms) / 1000)
+    return {"bytes": sent, "chunks": i, "sha": h.hexdigest()}
 
 
 def client_run(host: str, port: int, run: int, rounds: int, stats: dict, mode: str) -> None:
@@ -140,5 +201,5 @@ def client(host: str, port: str, runs: str, rounds: str, mode: str = "blocking")
 
 
 if __name__ == "__main__":
-    cmd = {"server": server, "client": client}[sys.argv[1]]
+    cmd = {"server": server, "client": client, "reader": reader, "trickle": trickle}[sys.argv[1]]
     print(json.dumps(cmd(*sys.argv[2:])), flush=True)

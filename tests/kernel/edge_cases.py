@@ -18,6 +18,7 @@ import threading
 PORT = 7100
 TIMEOUT = 60  # every socket has one: Python then runs it non-blocking, with
               # poll(), as event loops do; redirection splices only those
+LISTEN_TIMEOUT = 3600  # the listener's: non-blocking too, or its sockets never join
 
 
 def connect(host: str) -> socket.socket:
@@ -35,6 +36,7 @@ def listener() -> socket.socket:
     ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     ls.bind(("0.0.0.0", PORT))
     ls.listen(4096)
+    ls.settimeout(LISTEN_TIMEOUT)
     print(json.dumps({"listening": True}), flush=True)
     return ls
 

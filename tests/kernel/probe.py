@@ -272,6 +272,7 @@ def xfer_server(port: str, size: str, total: str, nodelay: str, mode: str = "dup
         ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         ls.bind(("::", int(port)))
         ls.listen(1)
+        ls.settimeout(600)  # a non-blocking listener, as event loops have: its sockets may join
         print(json.dumps({"listening": True}), flush=True)
         conn, _ = ls.accept()
         conn.settimeout(600)  # non-blocking with poll(), like xfer_client: redirection splices only those
@@ -312,6 +313,7 @@ def burst_server(port: str, size: str, burst: str, rounds: str) -> dict:
     one byte (TCP_NODELAY); returns the sha256 of what it read."""
     import hashlib
     with socket.create_server(("::", int(port)), family=socket.AF_INET6, dualstack_ipv6=True) as ls:
+        ls.settimeout(600)  # a non-blocking listener, as event loops have: its sockets may join
         print(json.dumps({"listening": True}), flush=True)
         conn, _ = ls.accept()
         conn.settimeout(600)  # non-blocking with poll(): redirection splices only those
@@ -348,6 +350,7 @@ def echo_server(port: str) -> dict:
     """Echoes one connection back until EOF, reading with poll."""
     import select
     with socket.create_server(("::", int(port)), family=socket.AF_INET6, dualstack_ipv6=True) as ls:
+        ls.settimeout(600)  # a non-blocking listener, as event loops have: its sockets may join
         print(json.dumps({"listening": True}), flush=True)
         conn, _ = ls.accept()
         conn.setblocking(False)  # as event loops do: redirection splices only non-blocking sockets

@@ -162,6 +162,7 @@ ls = socket.socket()
 ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 ls.bind(("127.0.0.1", 7100))
 ls.listen(1)
+ls.settimeout(60)  # a non-blocking listener: meshbpf judges an accepted socket by it
 c = socket.socket()
 c.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 c.bind(("127.0.0.1", 47100))

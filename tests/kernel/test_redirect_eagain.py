@@ -38,11 +38,13 @@ def redirect_agent(lab, start_agent):
 
 
 def shutdown_then_read(lab, runs: int, rounds: int, pinned: bool, port: int, think_ms: int = 0,
-                       client_mode: str = "blocking", server_mode: str = "blocking") -> tuple[dict, dict]:
-    """Client in `client`, server in `web-1`; returns both sides' counts."""
+                       client_mode: str = "blocking", server_mode: str = "blocking",
+                       listen_mode: str = "") -> tuple[dict, dict]:
+    """Client in `client`, server in `web-1` (its listener in `listen_mode`,
+    default `server_mode`); returns both sides' counts."""
     prefix = PINNED if pinned else []
     server = lab.popen("web-1", prefix + [sys.executable, "-u", str(SCRIPT), "server", str(port),
-                                          str(think_ms), server_mode],
+                                          str(think_ms), server_mode, listen_mode],
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert json.loads(server.stdout.readline())["listening"]
@@ -87,13 +89,17 @@ def test_slow_answer_after_eof_never_sees_eagain(lab, bpffs, redirect_agent, pin
 
 
 def test_blocking_server_behind_non_blocking_client_moves_to_tcp(lab, bpffs, redirect_agent):
-    """The client's socket is non-blocking, so the pair forms; the accepted
-    socket is blocking, so its first send moves the pair to TCP, with every
-    byte in order."""
-    delta = run_and_count(lab, bpffs, 200, False, 7103, think_ms=0, client_mode="timeout")
-    assert delta["inserted_sockets"] >= 2 * 200
-    assert delta["switched_pairs"] >= 200
-    assert redirect.sockhash_count(bpffs) == 0
+    """The client's socket is non-blocking, so it joins; the accepted socket
+    is blocking. Behind a blocking listener it never joins, and the client's
+    first send finds no peer; behind a non-blocking one (which the listener
+    check cannot see through) it joins, and its own first send moves the
+    pair to TCP. Either way every byte arrives in order."""
+    for port, listen_mode, joined in ((7103, "blocking", 1), (7108, "timeout", 2)):
+        delta = run_and_count(lab, bpffs, 200, False, port, think_ms=0, client_mode="timeout",
+                              listen_mode=listen_mode)
+        assert delta["inserted_sockets"] == joined * 200, listen_mode
+        assert delta["switched_pairs"] >= 200, listen_mode
+        assert redirect.sockhash_count(bpffs) == 0
 
 
 @PINNING
@@ -104,6 +110,54 @@ def test_non_blocking_applications_stay_spliced(lab, bpffs, redirect_agent, pinn
     delta = run_and_count(lab, bpffs, runs, pinned, 7104, client_mode="timeout", server_mode="timeout")
     assert delta["redirected_msgs"] >= runs * (2 + 2 * rounds + 1)
     assert redirect.sockhash_count(bpffs) == 0
+
+
+def signalled_reader(lab, port: int, mode: str) -> tuple[dict, dict]:
+    """A reader in `web-1` (listener and socket in `mode`), SIGALRM every
+    15 ms, fed by a non-blocking client in `client` for 1 s; returns both
+    sides' reports, checked byte for byte."""
+    server = lab.popen("web-1", [sys.executable, "-u", str(SCRIPT), "reader", str(port), "15", mode],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert json.loads(server.stdout.readline())["listening"]
+        r = lab.run("client", [sys.executable, str(SCRIPT), "trickle", str(lab.pods["web-1"].ipv4),
+                               str(port), "1", "4"], timeout=60)
+        assert r.returncode == 0, r.stderr
+        out, err = server.communicate(timeout=60)
+        assert server.returncode == 0, err
+        client, reader = json.loads(r.stdout.strip().splitlines()[-1]), json.loads(out.strip().splitlines()[-1])
+    finally:
+        if server.poll() is None:
+            server.kill()
+    assert (reader["bytes"], reader["sha"]) == (client["bytes"], client["sha"])  # every byte, in order
+    assert reader["signals"] >= 20, reader  # the blocked reads were interrupted: this can fail
+    return client, reader
+
+
+def test_blocking_reader_behind_non_blocking_client_never_sees_eagain(lab, bpffs, redirect_agent):
+    """The uncovered case of issue 15 until the listener check: a blocking
+    server that only reads, accepted from a blocking listener, behind a
+    non-blocking client. Its socket has no file at PASSIVE_ESTABLISHED and
+    it never sends, so only its listener tells that it blocks. Before the
+    check the pair was spliced and 62-66 of 66 signals gave EAGAIN, pinned
+    to one CPU or not (unpinned only here: CI's time is short). Beside it,
+    the same reader listening non-blocking joins and stays spliced."""
+    before, listeners = redirect.read_counters(bpffs), redirect.listener_count(bpffs)
+    _, reader = signalled_reader(lab, 7106, "blocking")
+    after = redirect.read_counters(bpffs)
+    assert reader["eagain"] == 0, f"{reader['eagain']} spurious EAGAIN in {reader['signals']} signals"
+    assert after["inserted_sockets"] - before["inserted_sockets"] == 1  # the client only
+    assert after["redirected_msgs"] == before["redirected_msgs"]
+    assert redirect.listener_count(bpffs) == listeners  # the reader's listener closed: forgotten
+
+    # The same reader with a non-blocking listener and socket (an event
+    # loop) joins and is spliced; signals are no error to it.
+    before = redirect.read_counters(bpffs)
+    client, reader = signalled_reader(lab, 7107, "timeout")
+    after = redirect.read_counters(bpffs)
+    assert reader["eagain"] == 0
+    assert after["inserted_sockets"] - before["inserted_sockets"] == 2
+    assert after["redirected_msgs"] - before["redirected_msgs"] >= client["chunks"]  # every send
 
 
 @pytest.mark.heavy
