@@ -183,8 +183,9 @@ def _compiled_pruner(node: Any) -> Callable[[Any], Any] | None:
     def prune(value: Any) -> Any:
         if not isinstance(value, dict):
             return value
-        for k in value.keys() - known:
-            del value[k]
+        if not value.keys() <= known:  # tested first: no set made for a map with nothing to drop
+            for k in value.keys() - known:
+                del value[k]
         for k, f in branches:
             sub = value.get(k)
             if sub is not None:
