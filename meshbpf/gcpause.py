@@ -10,17 +10,31 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import threading
+
+# Pauses are counted: the collector is process-wide, and a thread ending its
+# pause must not turn it back on under another still paused (the Kubernetes
+# source lists Services and EndpointSlices at once, in two threads).
+_lock = threading.Lock()
+_paused = 0
+_was_enabled = False
 
 
 @contextlib.contextmanager
 def gc_paused():
-    enabled = gc.isenabled()
-    gc.disable()
+    global _paused, _was_enabled
+    with _lock:
+        if not _paused:
+            _was_enabled = gc.isenabled()
+            gc.disable()
+        _paused += 1
     try:
         yield
     finally:
-        if enabled:
-            gc.enable()
+        with _lock:
+            _paused -= 1
+            if not _paused and _was_enabled:
+                gc.enable()
 
 
 def freeze_heap(collect: bool = True) -> None:

@@ -298,6 +298,11 @@ class _IdAllocator:
         self.limit = limit
 
     def take(self) -> int:
+        candidate = self.next  # the usual case, tested first: a full plan takes one per backend
+        if candidate <= self.limit and candidate not in self.used and candidate not in self.taken:
+            self.next = candidate + 1
+            self.taken.add(candidate)
+            return candidate
         for _ in range(2):
             while self.next <= self.limit:
                 candidate = self.next
@@ -425,4 +430,5 @@ def check_capacity(current: LBState, p: Plan, capacity: dict[str, int],
 
 
 def _peak(held: dict, updates: dict) -> int:
-    return len(held) + sum(1 for key in updates if key not in held)
+    # The keys in both, counted in C over the smaller (a full plan's updates are every key).
+    return len(held) + len(updates) - len(updates.keys() & held.keys())

@@ -113,12 +113,16 @@ class Reflector:
     list_func is a generated client method such as
     CoreV1Api.list_service_for_all_namespaces; `selectors` are passed to it
     on every call (label_selector, field_selector). `transform` may trim each
-    object before it is stored (client-go's TransformFunc).
+    object before it is stored (client-go's TransformFunc); `hold`, if given,
+    turns it into the form stored (say compact text): the first list's
+    objects are then also kept as `transform` left them, until read once by
+    read_items(), so the cold start's build does not decode all of them again.
     """
 
     def __init__(self, name: str, list_func: Callable[..., Any], *, kind: str, api_version: str,
                  selectors: dict[str, str] | None = None,
                  transform: Callable[[dict], dict] = lambda obj: obj,
+                 hold: Callable[[dict], Any] | None = None,
                  backoff: Backoff = Backoff(), page_size: int = 500,
                  watch_timeout: tuple[int, int] = (300, 600), connect_timeout: float = 10.0,
                  bookmark_interval: float = 60.0, on_change: Callable[[], None] = lambda: None,
@@ -130,6 +134,7 @@ class Reflector:
         self._kind, self._api_version = kind, api_version
         self._selectors = dict(selectors or {})
         self._transform = transform
+        self._hold = hold
         self._backoff = backoff
         self._page_size = page_size
         self._watch_timeout = watch_timeout
@@ -139,6 +144,9 @@ class Reflector:
 
         self._lock = threading.Lock()
         self._items: dict[Key, dict] = {}
+        # The first list's objects before `hold`: key -> (the object held, it
+        # as a dict), dropped at the first read_items().
+        self._listed: dict[Key, tuple[Any, dict]] = {}
         self.generation = 0             # bumped whenever _items changes
         self._touched: set[Key] | None = set()  # keys changed since take_changes(); None: a relist
         self.synced = threading.Event()  # set once the first list is in
@@ -156,6 +164,21 @@ class Reflector:
     def items(self) -> list[dict]:
         with self._lock:
             return list(self._items.values())
+
+    def read_items(self, read: Callable[[Any], dict]) -> tuple[list, list[dict]]:
+        """The objects as held and as dicts, in step: a dict is the first
+        list's own while the object is still the one listed, else read(held).
+        The first list's dicts are dropped here: only a cold start uses them."""
+        with self._lock:
+            listed, self._listed = self._listed, {}
+            keys, held = list(self._items), list(self._items.values())
+        if not listed:
+            return held, [read(h) for h in held]
+        objs = []
+        for key, h in zip(keys, held):
+            kept = listed.get(key)
+            objs.append(kept[1] if kept is not None and kept[0] is h else read(h))
+        return held, objs
 
     def take_changes(self) -> dict[Key, dict | None] | None:
         """The objects changed since the last call, by key (None: deleted),
@@ -270,10 +293,13 @@ class Reflector:
         heap again and again (about half the time of a big list). The
         objects listed form no cycles: once in, they are frozen out of the
         collector's sight (gc.freeze) instead of being walked by every
-        full collection from then on; reference counting still frees them."""
+        full collection from then on; reference counting still frees them.
+        Frozen before the collector is back: else the first allocation after
+        the pause collects the young generation, every object just listed
+        (most of a second at 100 000 EndpointSlices)."""
         with gc_paused():
             self._list_all()
-        gc.freeze()
+            gc.freeze()
 
     def _list_all(self) -> None:
         """A full, paged list; the copy is swapped only once every page is in.
@@ -283,6 +309,8 @@ class Reflector:
         the cache itself may be what lagged, so that relist reads etcd (no
         resourceVersion) and cannot go back in time."""
         items: dict[Key, dict] = {}
+        # Dicts kept beside their held form: on the first list only, for one build.
+        listed: dict[Key, tuple[Any, dict]] | None = {} if self._hold and not self.lists else None
         cont: str | None = None
         first_page = {} if self._consistent_list else {"resource_version": "0"}
         while True:
@@ -295,6 +323,7 @@ class Reflector:
                     # The continue token expired: pages would mix snapshots.
                     log.info("%s: list continuation expired; listing from the start", self.name)
                     items, cont = {}, None
+                    listed = {} if listed is not None else None
                     continue
                 raise
             if not isinstance(body, dict):
@@ -308,15 +337,23 @@ class Reflector:
                 # and kubectl's output have them, and kube_objects needs them.
                 obj.setdefault("kind", self._kind)
                 obj.setdefault("apiVersion", self._api_version)
-                items[object_key(obj)] = self._transform(obj)
+                key, obj = object_key(obj), self._transform(obj)
+                if self._hold is None:
+                    items[key] = obj
+                    continue
+                held = items[key] = self._hold(obj)
+                if listed is not None:
+                    listed[key] = held, obj
             meta = body.get("metadata") or {}
             cont = meta.get("continue")
             if not cont:
                 break
-        self._replace(items, meta.get("resourceVersion"))
+        self._replace(items, meta.get("resourceVersion"), listed or {})
 
-    def _replace(self, items: dict[Key, dict], resource_version: str | None) -> None:
+    def _replace(self, items: dict[Key, dict], resource_version: str | None,
+                 listed: dict[Key, tuple[Any, dict]]) -> None:
         with self._lock:
+            self._listed = listed
             old = self._items
             added = items.keys() - old.keys()
             deleted = old.keys() - items.keys()
@@ -400,19 +437,20 @@ class Reflector:
             log.warning("%s: skipped a %s event for something that is not a named object: %.80r",
                         self.name, kind, obj)
             return
-        key = object_key(obj)
+        key, version = object_key(obj), _resource_version(obj)  # before transform trims obj
         with self._lock:
             if kind == "DELETED":
                 self._items.pop(key, None)
             else:
                 obj.setdefault("kind", self._kind)
                 obj.setdefault("apiVersion", self._api_version)
-                self._items[key] = self._transform(obj)
+                held = self._transform(obj)
+                self._items[key] = held if self._hold is None else self._hold(held)
             self.generation += 1
             if self._touched is not None:
                 self._touched.add(key)
         self._on_change()
-        self.resource_version = _resource_version(obj) or self.resource_version
+        self.resource_version = version or self.resource_version
 
 
 def _event(line: bytes) -> dict:
