@@ -152,11 +152,6 @@ def as_text(obj: dict) -> str:
     return "".join(_encode(obj, 0)) if _encode else _COMPACT.encode(obj)
 
 
-def compact(transform: Callable[[dict], dict]) -> Callable[[dict], str]:
-    """`transform`, then the object as compact JSON text (as_text)."""
-    return lambda obj: as_text(transform(obj))
-
-
 def _compiled_pruner(node: Any) -> Callable[[Any], Any] | None:
     """A function keeping what `node` (a schema node) names; None for a leaf,
     which is kept whole. Compiled once per schema: a watched object then

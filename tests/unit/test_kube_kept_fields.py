@@ -9,7 +9,7 @@ import json
 
 from k8s_builders import endpoint_slice, ep, service
 from meshbpf.sources.kube_objects import SourceObject, build_state
-from meshbpf.sources.kubernetes import ENDPOINT_SLICE_KEPT, SERVICE_KEPT, _pruned, compact
+from meshbpf.sources.kubernetes import ENDPOINT_SLICE_KEPT, SERVICE_KEPT, _pruned, as_text
 
 OWNER = [{"apiVersion": "v1", "kind": "Service", "name": "web", "uid": "u-1", "controller": True}]
 
@@ -58,6 +58,6 @@ def test_kept_objects_build_the_state_the_whole_ones_build():
 
 def test_the_source_holds_each_object_as_compact_json_text_of_what_it_keeps():
     _, sl = full_objects()
-    text = compact(_pruned(ENDPOINT_SLICE_KEPT))(copy.deepcopy(sl))
+    text = as_text(_pruned(ENDPOINT_SLICE_KEPT)(copy.deepcopy(sl)))
     assert isinstance(text, str) and ": " not in text and ", " not in text
     assert json.loads(text) == _pruned(ENDPOINT_SLICE_KEPT)(copy.deepcopy(sl))
