@@ -29,7 +29,7 @@ from typing import Any
 from ..model import MESHES, AgentSettings, CaptureSettings, RedirectSettings
 from . import schema
 from .errors import Problem
-from .names import name_problem
+from .names import name_problem, namespace_problem
 
 API_VERSION = "meshbpf.io/v1alpha1"
 KIND = "AgentConfig"
@@ -64,6 +64,12 @@ def read_agent_config(obj: Any, where: str) -> tuple[AgentSettings | None, list[
     # others, so that one edit fixes them all.
     bad_name = name_problem(KIND, name) if isinstance(name, str) and name else None
     problems = [Problem(where, label, "metadata.name", bad_name)] if bad_name else []
+    # A namespace is as optional (a file's object has none), and held to the
+    # API server's rule when given: it too is quoted where the settings are.
+    namespace = meta.get("namespace") if isinstance(meta, dict) else None
+    bad_namespace = namespace_problem(namespace) if isinstance(namespace, str) and namespace else None
+    if bad_namespace:
+        problems.append(Problem(where, label, "metadata.namespace", bad_namespace))
     malformed = [Problem(where, label, path, reason) for path, reason in schema.check(obj, AGENT_CONFIG)]
     if not any(p.path == "apiVersion" for p in malformed) and obj.get("apiVersion") != API_VERSION:
         malformed.append(Problem(where, label, "apiVersion",

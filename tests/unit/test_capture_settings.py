@@ -93,7 +93,20 @@ def test_an_agent_config_name_kubernetes_would_refuse_is_a_problem_with_the_othe
     assert "DNS-1123 subdomain" in problems[0].reason and "\n" not in str(problems[0])
 
 
-@pytest.mark.parametrize("metadata", [{}, {"name": "meshbpf.node-a"}, {"name": "a" * 253}])
+@pytest.mark.parametrize("namespace", ["Kube_System", "kube.system", "n" * 64, "kube-system\n"])
+def test_an_agent_config_namespace_kubernetes_would_refuse_is_a_problem_with_the_others(namespace):
+    """A namespace is a DNS-1123 label; named beside the other problems."""
+    obj = agent_config({"mesh": "kuma"})
+    obj["metadata"]["namespace"] = namespace
+    settings, problems = read_agent_config(obj, "agent.yaml")
+    assert settings is None
+    assert [p.path for p in problems] == ["metadata.namespace", "spec.capture.mesh"], [str(p) for p in problems]
+    assert "DNS-1123 label" in problems[0].reason and "\n" not in str(problems[0])
+
+
+@pytest.mark.parametrize("metadata", [{}, {"name": "meshbpf.node-a"}, {"name": "a" * 253},
+                                      {"name": "meshbpf", "namespace": "kube-system"},
+                                      {"namespace": "n" * 63}])
 def test_an_agent_config_without_a_name_or_with_a_good_one_is_read(metadata):
     obj = agent_config({"enabled": True})
     obj["metadata"] = metadata
