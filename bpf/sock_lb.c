@@ -28,6 +28,21 @@
 #define SYS_PROCEED 1
 #define SYS_REJECT  0
 
+#ifdef MBPF_LB_EVENTS
+/* Sends a socket event (mbpf_lb_event, mbpf_cap_event) after filling the
+ * caller's fields both end with. A full ring loses the event, not the
+ * connect. */
+static __always_inline void event_send(struct bpf_sock_addr *ctx, void *ev, __u64 size,
+				       __u64 *cgroup_id, __u64 *netns_cookie)
+{
+	*cgroup_id = bpf_get_current_cgroup_id();
+#ifdef MBPF_HAVE_NETNS_COOKIE
+	*netns_cookie = bpf_get_netns_cookie(ctx);
+#endif
+	mbpf_events.ringbuf_output(ev, size, 0);
+}
+#endif
+
 /* One event for `meshbpf monitor` per translated or refused connect() or
  * send, only while a reader listens (policy_events.h): nobody listening
  * costs one array lookup per Service connection, none for other sockets.
@@ -52,11 +67,7 @@ static __always_inline void lb_event(struct bpf_sock_addr *ctx, const struct mbp
 		__builtin_memcpy(ev.backend_addr, be->addr, MBPF_ADDR_LEN);
 		ev.backend_port = be->port;
 	}
-	ev.cgroup_id = bpf_get_current_cgroup_id();
-#ifdef MBPF_HAVE_NETNS_COOKIE
-	ev.netns_cookie = bpf_get_netns_cookie(ctx);
-#endif
-	mbpf_events.ringbuf_output(&ev, sizeof(ev), 0);  /* full: the event is lost, not the connect */
+	event_send(ctx, &ev, sizeof(ev), &ev.cgroup_id, &ev.netns_cookie);
 #endif
 }
 
@@ -141,25 +152,48 @@ static __always_inline int xlate_reverse(struct bpf_sock_addr *ctx, int v6)
 }
 
 #ifdef MBPF_CAPTURE
+/* One event for `meshbpf monitor` per connect() or send that capture
+ * steered (decision MBPF_CAP_EV_*), only while a reader listens: nobody
+ * listening costs a captured connection one array lookup, others nothing.
+ * now is where it goes (the ctx's destination after capture). */
+static __always_inline void cap_event(struct bpf_sock_addr *ctx, const struct mbpf_l4addr *orig,
+				      const struct mbpf_l4addr *now, __u64 pod_cg, int decision, int connect)
+{
+#ifdef MBPF_LB_EVENTS
+	struct mbpf_cap_event ev = {};
+
+	if (!events_wanted())
+		return;
+	ev.ts_ns = bpf_ktime_get_ns();
+	__builtin_memcpy(ev.orig_addr, orig->addr, MBPF_ADDR_LEN);
+	__builtin_memcpy(ev.to_addr, now->addr, MBPF_ADDR_LEN);
+	ev.orig_port = orig->port;
+	ev.to_port = now->port;
+	ev.pod_cg = pod_cg;
+	ev.proto = ctx->protocol;
+	ev.hook = connect ? MBPF_LB_EV_CONNECT : MBPF_LB_EV_SENDMSG;
+	ev.decision = decision;
+	ev.kind = MBPF_EV_KIND_CAP;
+	event_send(ctx, &ev, sizeof(ev), &ev.cgroup_id, &ev.netns_cookie);
+#endif
+}
+
 /* A captured DNS query's answer must seem to come from the server the app
  * asked: resolvers drop answers from another address (glibc, dig, Go).
  * iptables' REDIRECT gets this from conntrack; here socket-LB's reverse NAT
  * shows the proxy's DNS port (127.0.0.1 or ::1, keyed with the socket, so
  * every pod's loopback is told apart) as that server, with no service to
- * check (svc_id 0). One unconnected socket asking two servers at once sees both
- * answers come from the one it asked last. */
+ * check (svc_id 0): for UDP recvmsg()'s source and, on a connected socket
+ * (TCP too), getpeername(). One unconnected socket asking two servers at
+ * once sees both answers come from the one it asked last. */
 static __always_inline void cap_dns_remember(struct bpf_sock_addr *ctx, const struct mbpf_l4addr *orig,
-					     int v6, int connect)
+					     const struct mbpf_l4addr *now, int connect)
 {
-	struct mbpf_l4addr now = {};
 	struct mbpf_backend to = {};
 	struct mbpf_svc_key from = {};
 
-	if (ctx->protocol != IPPROTO_UDP)
-		return;  /* DNS over TCP: the proxy answers on the connection */
-	ctx_get_dst(ctx, &now, v6);
-	__builtin_memcpy(to.addr, now.addr, MBPF_ADDR_LEN);
-	to.port = now.port;
+	__builtin_memcpy(to.addr, now->addr, MBPF_ADDR_LEN);
+	to.port = now->port;
 	__builtin_memcpy(from.addr, orig->addr, MBPF_ADDR_LEN);
 	from.port = orig->port;
 	if (connect)
@@ -176,19 +210,30 @@ static __always_inline int xlate_send(struct bpf_sock_addr *ctx, int v6, int con
 #ifdef MBPF_CAPTURE
 	struct cap_caller caller = {};
 	struct mbpf_l4addr orig = {};
+	struct mbpf_l4addr now = {};
 	int capture = cap_enabled();
-	int ret;
+	int decision, ret;
+	__u64 pod_cg;
 
 	if (capture) {
 		cap_caller_init(&caller);
-		if (cap_outbound(ctx, &caller, v6, &orig)) {
-			cap_dns_remember(ctx, &orig, v6, connect);
+		decision = cap_outbound(ctx, &caller, v6, &orig);
+		if (decision) {
+			ctx_get_dst(ctx, &now, v6);
+			if (decision == MBPF_CAP_EV_DNS)
+				cap_dns_remember(ctx, &orig, &now, connect);
+			cap_event(ctx, &orig, &now, caller.pod_cg, decision, connect);
 			return SYS_PROCEED;
 		}
 	}
 	ret = xlate_forward(ctx, v6, connect);
-	if (capture && connect && ret == SYS_PROCEED)
-		cap_inbound(ctx, &caller, v6);
+	if (capture && connect && ret == SYS_PROCEED) {
+		pod_cg = cap_inbound(ctx, &caller, v6, &orig);
+		if (pod_cg) {
+			ctx_get_dst(ctx, &now, v6);
+			cap_event(ctx, &orig, &now, pod_cg, MBPF_CAP_EV_INBOUND, connect);
+		}
+	}
 	return ret;
 #else
 	return xlate_forward(ctx, v6, connect);

@@ -127,8 +127,8 @@ static __always_inline void cap_remember(struct bpf_sock_addr *ctx,
 
 /* Steers a meshed pod's app connect, or its unconnected UDP send (then only
  * DNS), to its proxy: the pod's own address on the outbound port, or DNS
- * to loopback on the DNS port. 1 if it did, with *dst the original
- * destination. */
+ * to loopback on the DNS port. MBPF_CAP_EV_OUTBOUND or MBPF_CAP_EV_DNS if
+ * it did, with *dst the original destination; else 0. */
 static __always_inline int cap_outbound(struct bpf_sock_addr *ctx, const struct cap_caller *c, int v6,
 					struct mbpf_l4addr *dst)
 {
@@ -165,7 +165,10 @@ static __always_inline int cap_outbound(struct bpf_sock_addr *ctx, const struct 
 	if (dns ? proto != MBPF_IPPROTO_TCP && proto != MBPF_IPPROTO_UDP
 		: proto != MBPF_IPPROTO_TCP || !(flags & MBPF_CAP_F_OUTBOUND))
 		return 0;
-	if (addr_is_loopback(dst->addr))
+	/* Loopback stays, but for DNS: a loopback nameserver (127.0.0.53,
+	 * systemd-resolved's stub) is captured, as istio-iptables' DNS rules
+	 * come before its loopback RETURN (and its lo RETURN spares port 53). */
+	if (!dns && addr_is_loopback(dst->addr))
 		return 0;
 	v4 = addr_is_v4mapped(dst->addr);  /* also an IPv4-mapped one on an IPv6 socket */
 	__builtin_memcpy(to, v4 ? p->ip4 : p->ip6, MBPF_ADDR_LEN);
@@ -200,14 +203,15 @@ static __always_inline int cap_outbound(struct bpf_sock_addr *ctx, const struct 
 	else if (ctx_set_dst4(ctx, to, bpf_htons(to_port)) < 0)
 		return 0;
 	cap_count(dns ? MBPF_CAP_DNS : MBPF_CAP_OUT);
-	return 1;
+	return dns ? MBPF_CAP_EV_DNS : MBPF_CAP_EV_OUTBOUND;
 }
 
 /* Steers a connect from this node to a meshed pod's port to that pod's
- * inbound port, unless it is that pod's proxy itself calling. */
-static __always_inline void cap_inbound(struct bpf_sock_addr *ctx, const struct cap_caller *c, int v6)
+ * inbound port, unless it is that pod's proxy itself calling. The pod's
+ * cgroup id if it did, with *dst the original destination; else 0. */
+static __always_inline __u64 cap_inbound(struct bpf_sock_addr *ctx, const struct cap_caller *c, int v6,
+					 struct mbpf_l4addr *dst)
 {
-	struct mbpf_l4addr dst = {};
 	struct mbpf_ep_addr key = {};
 	struct mbpf_cap_pod *p;
 	__u64 *cgp;
@@ -217,35 +221,36 @@ static __always_inline void cap_inbound(struct bpf_sock_addr *ctx, const struct 
 	int verdict;
 
 	if (ctx->protocol != MBPF_IPPROTO_TCP)
-		return;
-	ctx_get_dst(ctx, &dst, v6);
-	__builtin_memcpy(key.addr, dst.addr, MBPF_ADDR_LEN);
+		return 0;
+	ctx_get_dst(ctx, dst, v6);
+	__builtin_memcpy(key.addr, dst->addr, MBPF_ADDR_LEN);
 	cgp = mbpf_cap_addr.lookup(&key);
 	if (!cgp)
-		return;
+		return 0;
 	cg = *cgp;
 	p = mbpf_cap_pod.lookup(&cg);
 	if (!p)
-		return;
+		return 0;
 	flags = p->flags;
 	in_port = p->in_port;
 	if (!(flags & MBPF_CAP_F_INBOUND))
-		return;
+		return 0;
 	if (cg == c->pod_cg && c->uid == p->proxy_uid) {
 		cap_count(MBPF_CAP_SKIP_UID);
-		return;
+		return 0;
 	}
-	dport = bpf_ntohs(dst.port);
+	dport = bpf_ntohs(dst->port);
 	if (dport == in_port || dport == p->out_port)
-		return;
+		return 0;
 	verdict = cap_port_verdict(p->pod_id, dport, MBPF_DIR_IN);
 	if ((flags & MBPF_CAP_F_IN_ALL) ? verdict == MBPF_CAP_EXCLUDE : verdict != MBPF_CAP_INCLUDE) {
 		cap_count(MBPF_CAP_SKIP_PORT);
-		return;
+		return 0;
 	}
-	cap_remember(ctx, &dst, MBPF_DIR_IN);
+	cap_remember(ctx, dst, MBPF_DIR_IN);
 	MBPF_CTX_WRITE32(ctx->user_port, (__u32)bpf_htons(in_port));
 	cap_count(MBPF_CAP_IN);
+	return cg;
 }
 
 /* A socket's captured-connection record, or NULL: for the proxy's accepted

@@ -366,6 +366,7 @@ struct mbpf_pol_event {
 #define MBPF_EV_KIND_OFF     59
 #define MBPF_EV_KIND_POLICY  0  /* struct mbpf_pol_event */
 #define MBPF_EV_KIND_LB      1  /* struct mbpf_lb_event */
+#define MBPF_EV_KIND_CAP     2  /* struct mbpf_cap_event */
 
 /* Socket-LB event (ring buffer mbpf_events, bpf/sock_lb.c): one per connect()
  * or unconnected UDP send to a Service address, translated or refused, only
@@ -392,6 +393,31 @@ struct mbpf_lb_event {
 #define MBPF_LB_EV_SENDMSG     1  /* sendmsg() of unconnected UDP */
 #define MBPF_LB_EV_TRANSLATED  0  /* sent to a backend */
 #define MBPF_LB_EV_REFUSED     1  /* no usable backend: refused */
+
+/* Sidecar capture event (ring buffer mbpf_events, bpf/sock_lb.c): one per
+ * connect() or unconnected UDP send that capture steered to a proxy, only
+ * while mbpf_pol_cfg.events is set. Same size as mbpf_lb_event, kind at
+ * MBPF_EV_KIND_OFF. The pod is the meshed pod whose proxy gets it: the
+ * caller's (outbound, DNS) or the destination's (inbound). */
+struct mbpf_cap_event {
+	__u64 ts_ns;                /* host order; bpf_ktime_get_ns() */
+	__u8  orig_addr[MBPF_ADDR_LEN];  /* network order; the destination asked, IPv4 as ::ffff:a.b.c.d */
+	__u8  to_addr[MBPF_ADDR_LEN];    /* network order; where it goes: the proxy's address */
+	__u16 orig_port;            /* network order */
+	__u16 to_port;              /* network order; the proxy's outbound, inbound or DNS port */
+	__u32 pad;                  /* zero */
+	__u64 pod_cg;               /* host order; the meshed pod's cgroup id (mbpf_cap_pod key) */
+	__u8  proto;                /* IPPROTO_TCP or IPPROTO_UDP */
+	__u8  hook;                 /* MBPF_LB_EV_CONNECT or MBPF_LB_EV_SENDMSG */
+	__u8  decision;             /* MBPF_CAP_EV_* */
+	__u8  kind;                 /* MBPF_EV_KIND_CAP (at MBPF_EV_KIND_OFF) */
+	__u32 pad2;                 /* zero */
+	__u64 cgroup_id;            /* host order; the caller's cgroup v2 id */
+	__u64 netns_cookie;         /* host order; the caller's netns, 0 if unknown */
+};
+#define MBPF_CAP_EV_OUTBOUND  1  /* an app's connect to its proxy's outbound port */
+#define MBPF_CAP_EV_INBOUND   2  /* a connect to a meshed pod, to its proxy's inbound port */
+#define MBPF_CAP_EV_DNS       3  /* an app's DNS to its proxy's DNS port */
 
 /* ---- Sidecar capture (issue 11) ------------------------------------------
  * A meshed pod's app traffic is steered to its proxy at connect(); the proxy

@@ -11,18 +11,21 @@ refuses with one line naming the first one's pid. Ctrl-C and SIGTERM turn
 events off on the way out; a monitor killed with SIGKILL leaves them on (a
 cost per new flow, not per packet) until the next monitor exits.
 
-Two kinds of events share the stream: policy verdicts and drops (tc, per
-new flow) and socket-LB translations (connect() or an unconnected UDP send
-to a Service: the client, the Service, the backend it got, or "refused").
---type picks one.
+Three kinds of events share the stream: policy verdicts and drops (tc, per
+new flow), socket-LB translations (connect() or an unconnected UDP send
+to a Service: the client, the Service, the backend it got, or "refused"),
+and sidecar capture decisions (connect() or a DNS send steered to a meshed
+pod's proxy: "outbound", "inbound" or "dns", the original destination, the
+proxy's address and port, and the pod). --type picks some.
 
 Names come from the agent's /v1/endpoints view (addresses -> pods, rule
 ids -> rule names, Service frontends -> Services, pod uids -> pods), asked
 again at most every NAMES_MAX_AGE seconds when an event names something
-unknown; without the agent, events are shown raw. A socket-LB event names
-its client by cgroup (connect() runs before the socket has an address):
-the cgroup's path names the kubelet pod cgroup, pod<uid> (cgroupfs) or
-...-pod<uid_>.slice (systemd), and so the pod.
+unknown; without the agent, events are shown raw. Socket-LB and capture
+events name their client (and a capture event its meshed pod) by cgroup
+(connect() runs before the socket has an address): the cgroup's path names
+the kubelet pod cgroup, pod<uid> (cgroupfs) or ...-pod<uid_>.slice
+(systemd), and so the pod.
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ from pathlib import Path
 import click
 
 from ..datapath import cgroup
-from ..datapath.policy_events import EVENT_VERDICTS, LB_VERDICTS, LbEvent, PolicyEvent, PolicyEvents
+from ..datapath.policy_events import (CAP_DECISIONS, EVENT_VERDICTS, LB_VERDICTS, CapEvent, Event,
+                                      LbEvent, PolicyEvent, PolicyEvents)
 from .agent_views import AgentUnreachable, agent_option, complete_pods, fetch
 from .common import bpffs_option, friendly_errors
 
@@ -150,9 +154,11 @@ class Names:
         addr = endpoint.rsplit(":", 1)[0].strip("[]")
         return self.pods.get(addr)
 
-    def describe(self, ev: PolicyEvent | LbEvent) -> dict:
+    def describe(self, ev: Event) -> dict:
         if isinstance(ev, LbEvent):
             return self._describe_lb(ev)
+        if isinstance(ev, CapEvent):
+            return self._describe_cap(ev)
         known = (self.pod(ev.src), self.pod(ev.dst), self.by_ifindex.get(ev.ifindex),
                  self.rules.get(ev.rule) if ev.rule else "")
         if None in known:
@@ -163,10 +169,27 @@ class Names:
         return {**asdict(ev), "protocol": PROTOS.get(ev.proto, str(ev.proto)),
                 "src_pod": src_pod, "dst_pod": dst_pod, "pod": endpoint, "rule_name": rule}
 
+    def _cgroup_pod(self, cg_id: int) -> tuple[str | None, str | None]:
+        """The pod a cgroup is (or is below), "" if none, None if unknown
+        yet; and the cgroup's path."""
+        uid, path = self.cgroups.pod_uid(cg_id)
+        return (self.pod_uids.get(uid) if uid else "", path)
+
     def _lb_known(self, ev: LbEvent, frontend: str) -> tuple:
-        uid, path = self.cgroups.pod_uid(ev.cgroup_id)
         return (self.services.get(frontend), self.pod(ev.backend) if ev.backend else "",
-                self.pod_uids.get(uid) if uid else "", path)
+                *self._cgroup_pod(ev.cgroup_id))
+
+    def _cap_known(self, ev: CapEvent) -> tuple:
+        return (*self._cgroup_pod(ev.pod_cgroup_id), *self._cgroup_pod(ev.cgroup_id))
+
+    def _describe_cap(self, ev: CapEvent) -> dict:
+        known = self._cap_known(ev)
+        if None in known:
+            self.refresh()
+            known = self._cap_known(ev)
+        pod, pod_path, client_pod, client_path = known
+        return {**asdict(ev), "protocol": PROTOS.get(ev.proto, str(ev.proto)), "pod": pod or None,
+                "pod_cgroup": pod_path, "client_pod": client_pod or None, "client_cgroup": client_path}
 
     def _describe_lb(self, ev: LbEvent) -> dict:
         protocol = PROTOS.get(ev.proto, str(ev.proto))
@@ -183,8 +206,10 @@ class Names:
 
 class CgroupNames:
     """cgroup id -> its path (relative to the cgroup2 mount) and the pod uid
-    in it, if it is a kubelet pod's cgroup or below one. The tree is walked
-    for an id not seen yet, at most every NAMES_MAX_AGE seconds."""
+    in it, if it is a kubelet pod's cgroup or below one. The whole tree is
+    walked for an id not seen yet, at most every NAMES_MAX_AGE seconds: one
+    walk names every cgroup there is then (an event often names two: a
+    capture event its client and its pod)."""
 
     def __init__(self):
         self.paths: dict[int, str] = {}
@@ -195,11 +220,10 @@ class CgroupNames:
             self.walked = time.monotonic()
             try:
                 root = cgroup.cgroup2_mount()
-                found = cgroup.find_by_id(cg_id)
+                found = cgroup.paths_by_id()
             except cgroup.CgroupError:
                 return None
-            if found is not None:
-                self.paths[cg_id] = "/" + str(found.relative_to(root)).lstrip(".")
+            self.paths.update((i, "/" + str(p.relative_to(root)).lstrip(".")) for i, p in found.items())
         return self.paths.get(cg_id)
 
     def pod_uid(self, cg_id: int) -> tuple[str | None, str | None]:
@@ -223,6 +247,8 @@ def matches(event: dict, pods: tuple[str, ...], verdicts: tuple[str, ...],
         return True
     if event.get("type") == "lb":
         names = {event["client_pod"], event["backend_pod"]} - {None}
+    elif event.get("type") == "capture":
+        names = {event["client_pod"], event["pod"]} - {None}
     else:
         names = {event["src_pod"], event["dst_pod"], event["pod"]} - {None}
     return any(p in names or any(n.split("/", 1)[1] == p for n in names) for p in pods)
@@ -232,11 +258,14 @@ def _side(addr: str, pod: str | None) -> str:
     return f"{addr} ({pod})" if pod else addr
 
 
+def _cgroup_side(pod: str | None, path: str | None, cg_id: int) -> str:
+    return pod or (f"cgroup {path}" if path else f"cgroup id {cg_id}")
+
+
 def lb_table_line(event: dict) -> str:
     """CLIENT -> SERVICE, then the backend it got: a translation shows no
     addresses on the client side (connect() runs before it has one)."""
-    client = event["client_pod"] or (f"cgroup {event['client_cgroup']}" if event["client_cgroup"]
-                                     else f"cgroup id {event['cgroup_id']}")
+    client = _cgroup_side(event["client_pod"], event["client_cgroup"], event["cgroup_id"])
     if event["backend"] is None:
         backend = "(no usable backend)"
     else:
@@ -247,9 +276,22 @@ def lb_table_line(event: dict) -> str:
                           dst=_side(event["service"], event["service_name"]), rule=backend)
 
 
+def cap_table_line(event: dict) -> str:
+    """CLIENT -> the destination it asked, then the proxy it went to and
+    whose: the pod's (for inbound, the destination pod's)."""
+    client = _cgroup_side(event["client_pod"], event["client_cgroup"], event["cgroup_id"])
+    pod = _cgroup_side(event["pod"], event["pod_cgroup"], event["pod_cgroup_id"])
+    return COLUMNS.format(time=datetime.now().strftime("%H:%M:%S.%f")[:-3],
+                          verdict=event["verdict"].upper(), direction=event["hook"],
+                          proto=event["protocol"], src=client, dst=event["original"],
+                          rule=f"-> {event['to']} (proxy of {pod})")
+
+
 def table_line(event: dict) -> str:
     if event.get("type") == "lb":
         return lb_table_line(event)
+    if event.get("type") == "capture":
+        return cap_table_line(event)
     side = _side
     if event["verdict"] == "allow" and event["rule"]:
         rule = event["rule_name"] or f"rule {event['rule']}"
@@ -285,17 +327,20 @@ def _stop_on_sigterm():
 @click.option("--pod", "pods", multiple=True, metavar="[NS/]NAME", shell_complete=complete_pods,
               help="Only events from or to this pod (repeatable).")
 @click.option("--verdict", "verdicts", multiple=True,
-              type=click.Choice(sorted({*EVENT_VERDICTS.values(), *LB_VERDICTS.values()})),
-              help="Only events with this verdict (repeatable; translated and refused are socket-LB's).")
-@click.option("--type", "types", multiple=True, type=click.Choice(["policy", "lb"]),
-              help="Only policy verdicts and drops, or only socket-LB translations (repeatable).")
+              type=click.Choice(sorted({*EVENT_VERDICTS.values(), *LB_VERDICTS.values(),
+                                        *CAP_DECISIONS.values()})),
+              help="Only events with this verdict (repeatable; translated and refused are socket-LB's, "
+                   "outbound, inbound and dns sidecar capture's).")
+@click.option("--type", "types", multiple=True, type=click.Choice(["policy", "lb", "capture"]),
+              help="Only policy verdicts and drops, socket-LB translations or sidecar capture "
+                   "decisions (repeatable).")
 @click.option("--count", type=click.IntRange(min=1), default=None, help="Stop after this many events.")
 @click.option("--no-names", is_flag=True, help="Do not ask the agent for names.")
 @friendly_errors
 def monitor(bpffs: Path, agent_addr: str, output: str, pods: tuple[str, ...], verdicts: tuple[str, ...],
             types: tuple[str, ...], count: int | None, no_names: bool) -> None:
-    """Live flow events: socket-LB translations, NetworkPolicy verdicts with
-    the rule that decided, and drops."""
+    """Live flow events: socket-LB translations, sidecar capture decisions,
+    NetworkPolicy verdicts with the rule that decided, and drops."""
     if not (bpffs / "mbpf_pol_cfg").exists():
         raise click.ClickException(f"no flow events here: no pinned mbpf_pol_cfg under {bpffs} "
                                    "(no agent ran on this folder, or the kernel predates 5.8)")

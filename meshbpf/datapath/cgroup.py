@@ -41,13 +41,12 @@ def open_cgroup(path: Path) -> int:
     return os.open(path, os.O_RDONLY | os.O_DIRECTORY)
 
 
-def find_by_id(cg_id: int) -> Path | None:
-    """The cgroup folder with this id, if it still exists."""
-    root = cgroup2_mount()
-    for dirpath, _dirs, _files in os.walk(root):
+def paths_by_id() -> dict[int, Path]:
+    """Every cgroup folder by its id, from one walk of the tree."""
+    found = {}
+    for dirpath, _dirs, _files in os.walk(cgroup2_mount()):
         try:
-            if os.stat(dirpath).st_ino == cg_id:
-                return Path(dirpath)
+            found[os.stat(dirpath).st_ino] = Path(dirpath)
         except OSError:
-            continue
-    return None
+            continue  # removed meanwhile
+    return found

@@ -151,8 +151,17 @@ class LbEventC(ct.Structure):
                 ("cgroup_id", ct.c_uint64), ("netns_cookie", ct.c_uint64)]
 
 
+class CapEventC(ct.Structure):
+    """struct mbpf_cap_event: a sidecar capture decision in mbpf_events."""
+    _fields_ = [("ts_ns", ct.c_uint64), ("orig_addr", U8x16), ("to_addr", U8x16),
+                ("orig_port", ct.c_uint16), ("to_port", ct.c_uint16), ("pad", ct.c_uint32),
+                ("pod_cg", ct.c_uint64), ("proto", ct.c_uint8), ("hook", ct.c_uint8),
+                ("decision", ct.c_uint8), ("kind", ct.c_uint8), ("pad2", ct.c_uint32),
+                ("cgroup_id", ct.c_uint64), ("netns_cookie", ct.c_uint64)]
+
+
 EV_KIND_OFF = 59  # MBPF_EV_KIND_OFF: every event's kind byte
-EV_KIND_POLICY, EV_KIND_LB = 0, 1
+EV_KIND_POLICY, EV_KIND_LB, EV_KIND_CAP = 0, 1, 2
 
 
 class CapPodC(ct.Structure):

@@ -1,8 +1,9 @@
 """Flow events: the ring buffer mbpf_events, read through libbpf.
 
-Two kinds share it (common.h, "Flow event"): the policy programs emit one
+Three kinds share it (common.h, "Flow event"): the policy programs emit one
 per new flow decided and per drop, the socket-LB programs one per
-translated or refused connect() / UDP send to a Service. Both emit only
+translated or refused connect() / UDP send to a Service, and one per
+connect() / UDP send that sidecar capture steered to a proxy. All emit only
 while mbpf_pol_cfg.events is on; PolicyEvents turns it on while it reads.
 The maps are opened alone, so the events of an agent that only load-balances
 (no policy maps pinned) can be read too.
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import libbpf
-from .layout import EV_KIND_LB, EV_KIND_OFF, LbEventC, PolCfgC, PolEventC
+from .layout import EV_KIND_CAP, EV_KIND_LB, EV_KIND_OFF, CapEventC, LbEventC, PolCfgC, PolEventC
 from .policy import PolicyError
 
 
@@ -50,9 +51,24 @@ class LbEvent:
     type: str = "lb"
 
 
+@dataclass(frozen=True)
+class CapEvent:
+    ts_ns: int
+    original: str          # "addr:port" the caller asked for
+    to: str                # "addr:port" of the proxy it was steered to
+    proto: int
+    hook: str              # "connect" or "sendmsg" (unconnected UDP: DNS)
+    verdict: str           # CAP_DECISIONS: outbound, inbound or dns
+    pod_cgroup_id: int     # the meshed pod's cgroup (the caller's, or for inbound the destination's)
+    cgroup_id: int         # the calling task's cgroup v2 id
+    netns_cookie: int      # 0 where the kernel cannot tell
+    type: str = "capture"
+
+
 EVENT_VERDICTS = {0: "allow", 1: "deny", 2: "spoofed", 3: "malformed"}
 LB_VERDICTS = {0: "translated", 1: "refused"}
 LB_HOOKS = {0: "connect", 1: "sendmsg"}
+CAP_DECISIONS = {1: "outbound", 2: "inbound", 3: "dns"}  # MBPF_CAP_EV_*
 
 
 def _endpoint_text(raw: bytes, port_net: int) -> str:
@@ -79,11 +95,23 @@ def _parse_lb(record: bytes) -> LbEvent:
                    c.cgroup_id, c.netns_cookie)
 
 
-def parse_event(record: bytes) -> PolicyEvent | LbEvent:
-    """A record of either kind, told apart by its kind byte (0.1.0's
+def _parse_cap(record: bytes) -> CapEvent:
+    c = CapEventC.from_buffer_copy(record[:ct.sizeof(CapEventC)])
+    return CapEvent(c.ts_ns, _endpoint_text(bytes(c.orig_addr), c.orig_port),
+                    _endpoint_text(bytes(c.to_addr), c.to_port), c.proto, LB_HOOKS.get(c.hook, "?"),
+                    CAP_DECISIONS.get(c.decision, "?"), c.pod_cg, c.cgroup_id, c.netns_cookie)
+
+
+Event = PolicyEvent | LbEvent | CapEvent
+
+
+def parse_event(record: bytes) -> Event:
+    """A record of any kind, told apart by its kind byte (0.1.0's
     policy records have a zero there)."""
     if len(record) >= ct.sizeof(LbEventC) and record[EV_KIND_OFF] == EV_KIND_LB:
         return _parse_lb(record)
+    if len(record) >= ct.sizeof(CapEventC) and record[EV_KIND_OFF] == EV_KIND_CAP:
+        return _parse_cap(record)
     return _parse_policy(record)
 
 
@@ -97,7 +125,7 @@ class PolicyEvents:
         if not (bpffs / "mbpf_events").exists():
             raise PolicyError(f"no event ring buffer under {bpffs} (kernel 5.8+ needed)")
         self.fds = {name: libbpf.obj_get(str(bpffs / name)) for name in ("mbpf_pol_cfg", "mbpf_events")}
-        self._pending: list[PolicyEvent | LbEvent] = []
+        self._pending: list[Event] = []
         self._rb = libbpf.RingBuffer(self.fds["mbpf_events"],
                                      lambda rec: self._pending.append(parse_event(rec)))
         self._switch(True)
@@ -105,7 +133,7 @@ class PolicyEvents:
     def _switch(self, on: bool) -> None:
         libbpf.map_update(self.fds["mbpf_pol_cfg"], ct.c_uint32(0), PolCfgC(events=int(on)))
 
-    def poll(self, timeout_ms: int = 100) -> list[PolicyEvent | LbEvent]:
+    def poll(self, timeout_ms: int = 100) -> list[Event]:
         self._rb.poll(timeout_ms)
         out, self._pending = self._pending, []
         return out

@@ -81,9 +81,10 @@ def outbound(state: CaptureState, cgroup_id: int | None, uid: int, dst, port: in
         return LEFT_ALONE
     dns = port == DNS_PORT and pod.dns_port != 0
     # DNS over TCP or UDP whatever the outbound ranges (Istio's DNS rules come
-    # first); otherwise TCP when outbound is captured; never loopback.
+    # first), to a loopback nameserver too (they come before its loopback
+    # RETURN); otherwise TCP when outbound is captured, never to loopback.
     carried = proto in ("TCP", "UDP") if dns else (proto == "TCP" and pod.flags & F_OUTBOUND)
-    if not carried or _is_loopback(dst):
+    if not carried or (_is_loopback(dst) and not dns):
         return LEFT_ALONE
     own = _own(pod, _is_v4(dst))
     if own == bytes(16):

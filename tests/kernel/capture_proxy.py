@@ -18,8 +18,9 @@
         ("app_sockname").
     capture_proxy.py dns PORT UID HOST...
         the proxy's DNS port on each HOST (127.0.0.1 and ::1, where the
-        Istio agent listens): answers every UDP datagram with its port, uid
-        and the address it came to ("to").
+        Istio agent listens): answers every UDP datagram, and every query
+        on a TCP connection, with its port, uid and the address it came to
+        ("to").
     capture_proxy.py udp-get HOST PORT [UID]
         a DNS query (TXT whoami.lab) over a connected UDP socket (as glibc
         and dig send), as UID if given; prints the answer (the DNS port's
@@ -28,6 +29,9 @@
     capture_proxy.py udp-sendto HOST PORT [UID]
         the same with sendto()/recvfrom() on an unconnected socket (as
         musl, Go's and dnsmasq-style resolvers send).
+    capture_proxy.py tcp-get HOST PORT
+        the same query over TCP (as dig +tcp and resolvers after a truncated
+        answer send); prints the answer and what getpeername() said ("peer").
 """
 
 from __future__ import annotations
@@ -153,14 +157,31 @@ def dns(port: str, uid: str, *hosts: str) -> None:
             s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         s.bind((host, int(port)))
         sel.register(s, selectors.EVENT_READ, host)
+        t = socket.socket(family, socket.SOCK_STREAM)
+        t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            t.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        t.bind((host, int(port)))
+        t.listen(16)
+        sel.register(t, selectors.EVENT_READ, host)
     os.setgid(int(uid))
     os.setuid(int(uid))
     print(json.dumps({"ready": True}), flush=True)
     while True:
         for key, _ in sel.select():
-            _, peer = key.fileobj.recvfrom(512)
-            answer = {"dns_port": int(port), "uid": os.getuid(), "to": key.data}
-            key.fileobj.sendto(json.dumps(answer).encode(), peer)
+            answer = json.dumps({"dns_port": int(port), "uid": os.getuid(), "to": key.data}).encode()
+            if key.fileobj.type == socket.SOCK_DGRAM:
+                _, peer = key.fileobj.recvfrom(512)
+                key.fileobj.sendto(answer, peer)
+                continue
+            conn, _ = key.fileobj.accept()
+            with conn:
+                try:
+                    conn.settimeout(5)
+                    tcp_read(conn)
+                    conn.sendall(struct.pack("!H", len(answer)) + answer)
+                except OSError:
+                    pass
 
 
 def dns_query(name: str = "whoami.lab") -> bytes:
@@ -177,6 +198,30 @@ def dns_answer(reply: bytes) -> dict:
     rdlen = struct.unpack("!H", reply[end + 10:end + 12])[0]  # a compressed name (2), type,
     rdata = reply[end + 12:end + 12 + rdlen]                   # class, ttl, rdlength
     return {"txt": rdata[1:1 + rdata[0]].decode()} if rdata else {"raw": reply.hex()}
+
+
+def tcp_read(conn: socket.socket) -> bytes:
+    """One DNS message over TCP: a two-byte length, then the message."""
+    data = b""
+    while len(data) < 2 or len(data) < 2 + struct.unpack("!H", data[:2])[0]:
+        chunk = conn.recv(4096)
+        if not chunk:
+            raise ConnectionResetError(errno.ECONNRESET, "closed mid-message")
+        data += chunk
+    return data[2:]
+
+
+def tcp_ask(host: str, port: str) -> None:
+    try:
+        with socket.create_connection((host, int(port)), timeout=5) as s:
+            peer = list(s.getpeername()[:2])
+            query = dns_query()
+            s.sendall(struct.pack("!H", len(query)) + query)
+            reply = tcp_read(s)
+    except OSError as exc:  # socket.timeout is one
+        print(json.dumps({"error": errno.errorcode.get(exc.errno, str(exc))}))
+        return
+    print(json.dumps({**dns_answer(reply), "peer": peer}))
 
 
 def udp_ask(host: str, port: str, connected: bool, uid: str = "") -> None:
@@ -204,4 +249,5 @@ def udp_ask(host: str, port: str, connected: bool, uid: str = "") -> None:
 if __name__ == "__main__":
     {"proxy": proxy, "get": get, "get-sockname": lambda host, port: get(host, port, True),
      "dns": dns, "udp-get": lambda *args: udp_ask(*args[:2], True, *args[2:]),
-     "udp-sendto": lambda *args: udp_ask(*args[:2], False, *args[2:])}[sys.argv[1]](*sys.argv[2:])
+     "udp-sendto": lambda *args: udp_ask(*args[:2], False, *args[2:]),
+     "tcp-get": tcp_ask}[sys.argv[1]](*sys.argv[2:])

@@ -27,6 +27,7 @@ from meshbpf.datapath.capture import CaptureError, CaptureMaps, cgroup_id
 from meshbpf.datapath.layout import CapCfgC
 from meshbpf.datapath.loader import SockLB
 from meshbpf.lab.netlab import Lab
+from meshbpf.lab.objects import lab_objects
 from meshbpf.lab.workloads import start_dnsmasq, start_whoami, wait_listening
 from meshbpf.reconcile import addr16
 from meshbpf.reconcile.capture_keys import (DIR_IN, DIR_OUT, EXCLUDE, F_IN_ALL, F_INBOUND,
@@ -35,6 +36,8 @@ from meshbpf.reconcile.capture_keys import (DIR_IN, DIR_OUT, EXCLUDE, F_IN_ALL, 
 
 from . import k8s
 from .conftest import attached_programs, web_service
+from .test_monitor_lb import monitors  # noqa: F401 (a fixture)
+from .test_policy_cli import _stop, _wait_output
 
 pytestmark = pytest.mark.needs_feature("capture")
 
@@ -391,6 +394,75 @@ def test_dns_is_captured_with_outbound_capture_off(meshed):
     assert meshed.get("mesh/a", SVC[4], 80)["body"] in WEBS  # TCP is not captured
     meshed.set(flags={"mesh/a": F_INBOUND | F_IN_ALL})
     assert meshed.get("mesh/a", dns1, 53, "udp-sendto") == {"txt": "dns-1", "from": [dns1, 53]}
+
+
+@FAMILIES
+def test_dns_over_tcp_reaches_the_dns_port_and_getpeername_names_the_server(meshed, family):
+    """dig +tcp, or a resolver retrying after a truncated answer: the
+    connection goes to the DNS port on loopback, and getpeername() names
+    the server asked (as behind REDIRECT), not the proxy's loopback port."""
+    dns1 = ip(meshed.lab, "dns-1", family)
+    assert meshed.get("plain/c", dns1, 53, "tcp-get") == {"txt": "dns-1", "peer": [dns1, 53]}
+    meshed.set(dns_port=DNS)
+    assert meshed.get("mesh/a", dns1, 53, "tcp-get") == {**dns_port_answer(family), "peer": [dns1, 53]}
+
+
+SERVER_SEEN = {"udp-get": ("from", "peer"), "udp-sendto": ("from",), "tcp-get": ("peer",)}
+
+
+@pytest.mark.parametrize("server", ["127.0.0.53", "::1"])
+@pytest.mark.parametrize("command", sorted(SERVER_SEEN))
+def test_a_loopback_nameserver_is_captured(meshed, server, command):
+    """systemd-resolved's stub (127.0.0.53) as the pod's nameserver:
+    istio-iptables captures it (its DNS rules come before its loopback
+    RETURN, which spares port 53), and so does capture-all. Nothing
+    listens there in mesh/a: the answer can only be the DNS port's."""
+    assert meshed.get("mesh/a", server, 53, "tcp-get") == {"error": "ECONNREFUSED"}
+    meshed.set(dns_port=DNS)
+    family = 6 if ":" in server else 4
+    answer = meshed.get("mesh/a", server, 53, command)
+    assert answer == {**dns_port_answer(family), **dict.fromkeys(SERVER_SEEN[command], [server, 53])}
+
+
+@pytest.mark.skipif(not libbpf.ringbuf_supported(), reason="flow events need a ring buffer (5.8+)")
+def test_monitor_shows_capture_decisions_with_the_pod(meshed, shared_lb, monitors):
+    """`meshbpf monitor` as a user types it: an app's connect steered to
+    its proxy's outbound port with the Service it asked, a client's steered
+    to a pod's inbound port, DNS steered to the DNS port; each with the
+    meshed pod (named by the agent, from its kubelet cgroup)."""
+    lab = meshed.lab
+    pods = [lab.pods[name] for name in ("mesh/a", "mesh/b")]
+    agent = shared_lb.serve(services(lab) + [lab_objects(pods, "another-node")])
+    meshed.set(dns_port=DNS)
+    a4, b4, dns1 = ip(lab, "mesh/a", 4), ip(lab, "mesh/b", 4), ip(lab, "dns-1", 4)
+    try:
+        mon = monitors(shared_lb.bpffs, agent, "-o", "json", "--type", "capture")
+        assert_captured(meshed.get("mesh/a", SVC[4], 80), OUT, [SVC[4], 80])
+        assert_captured(meshed.get("client", b4, 8080), IN, [b4, 8080])
+        assert meshed.get("mesh/a", dns1, 53, "udp-sendto")["dns_port"] == DNS
+        seen = _wait_output(mon, lambda text: all(f'"{d}"' in text for d in ("outbound", "inbound", "dns")))
+        out, _ = _stop(mon, seen)
+        events = [json.loads(line) for line in out.splitlines()]
+        assert events and all(e["type"] == "capture" for e in events), "--type capture only"
+        got = {e["verdict"]: e for e in events}
+        assert {k: got["outbound"][k] for k in ("pod", "client_pod", "original", "to", "hook", "protocol")} == {
+            "pod": "mesh/a", "client_pod": "mesh/a", "original": f"{SVC[4]}:80", "to": f"{a4}:{OUT}",
+            "hook": "connect", "protocol": "TCP"}, got["outbound"]
+        assert (got["inbound"]["pod"], got["inbound"]["original"], got["inbound"]["to"]) == (
+            "mesh/b", f"{b4}:8080", f"{b4}:{IN}"), got["inbound"]
+        assert got["inbound"]["client_cgroup"].endswith(lab.cgroup.name), got["inbound"]
+        assert {k: got["dns"][k] for k in ("pod", "original", "to", "hook", "protocol")} == {
+            "pod": "mesh/a", "original": f"{dns1}:53", "to": f"127.0.0.1:{DNS}", "hook": "sendmsg",
+            "protocol": "UDP"}, got["dns"]
+
+        table = monitors(shared_lb.bpffs, agent, "--verdict", "inbound", "--pod", "mesh/b")
+        assert_captured(meshed.get("client", b4, 8080), IN, [b4, 8080])
+        out, _ = _stop(table, _wait_output(table, lambda text: "INBOUND" in text))
+        rows = out.splitlines()[1:]
+        assert rows and all("INBOUND" in r for r in rows), out
+        assert f" {b4}:8080 " in rows[0] and rows[0].rstrip().endswith(f"-> {b4}:{IN} (proxy of mesh/b)")
+    finally:
+        shared_lb.serve(services(lab))
 
 
 @FAMILIES

@@ -65,14 +65,15 @@ CASES: dict[str, Case] = {
         ("proxy", "10.96.0.10", 80, "TCP", NO),         # -m owner --uid-owner 1337 -j RETURN
         ("app", "10.96.0.10", 80, "UDP", NO),           # ISTIO_REDIRECT is -p tcp
         ("client", "10.0.1.1", 8080, "TCP", NO)]),      # no ISTIO_INBOUND port rule
-    # With REDIRECT_DNS to nameserver 127.0.0.53 (loopback: see DIFFERENCES).
+    # With REDIRECT_DNS to nameserver 127.0.0.53.
     "ip-range": Case({**NONE_IN, "excludeOutboundIPRanges": "1.1.0.0/16",
                       "includeOutboundIPRanges": "9.9.0.0/16"}, [
         ("app", "9.9.1.1", 443, "TCP", OUT),
         ("app", "1.1.1.1", 443, "TCP", NO),             # RETURN before the REDIRECT
         ("app", "8.8.8.8", 443, "TCP", NO),
         ("proxy", "9.9.1.1", 443, "TCP", NO),
-        ("proxy", "9.9.1.1", 53, "UDP", NO)], dns=True),  # --uid-owner 3 -j RETURN
+        ("proxy", "9.9.1.1", 53, "UDP", NO),            # --uid-owner 3 -j RETURN
+        ("app", "127.0.0.53", 53, "UDP", DNS)], dns=True),
     "ipv6-ipnets": Case({"includeInboundPorts": "4000,5000", "excludeInboundPorts": "6000,7000,",
                          "excludeOutboundIPRanges": "2001:db8::/32",
                          "includeOutboundIPRanges": "2001:db8::/32"}, [
@@ -121,17 +122,26 @@ CASES: dict[str, Case] = {
     # -o lo ... ! --uid-owner 1337 -j RETURN comes before the include rule:
     # an app's loopback traffic is never captured, even when included.
     "loopback-outbound-iprange": Case({**NONE_IN, "includeOutboundIPRanges": "127.1.2.3/32"}, [
-        ("app", "127.1.2.3", 80, "TCP", NO)], dns=True),  # and REDIRECT_DNS to 127.0.0.53
+        ("app", "127.1.2.3", 80, "TCP", NO),
+        # and REDIRECT_DNS to 127.0.0.53: ISTIO_OUTPUT's "-o lo -p tcp ! --dport 53
+        # ... -j RETURN" spares port 53, ISTIO_OUTPUT_DNS comes before
+        # "-d 127.0.0.1/32 -j RETURN"
+        ("app", "127.0.0.53", 53, "TCP", DNS), ("app", "127.0.0.53", 53, "UDP", DNS),
+        ("proxy", "127.0.0.53", 53, "TCP", NO)], dns=True),
     "host-ipv4-loopback-cidr": Case({"includeOutboundIPRanges": "*"}, [
         ("app", "127.0.0.5", 80, "TCP", NO), ("app", "127.255.0.1", 80, "TCP", NO)]),
     # DNS (REDIRECT_DNS, our AgentConfig dns). istio-iptables redirects port
     # 53 to 15053 only towards the pod's nameservers (read from
     # /etc/resolv.conf; this golden sets 127.0.0.53 and ::127.0.0.53),
-    # in ISTIO_OUTPUT_DNS, after the proxy's uid/gid RETURN. We send every
-    # port 53 from the app (as CAPTURE_ALL_DNS does, "cni/dns" below), so
-    # the nameserver's facts hold; another server's, and the IPv4 loopback
-    # nameserver's, are in DIFFERENCES.
+    # in ISTIO_OUTPUT_DNS, after the proxy's uid/gid RETURN and before the
+    # loopback RETURN. We send every port 53 from the app (as
+    # CAPTURE_ALL_DNS does, "cni/dns" below), so the nameservers' facts
+    # hold; another server's are in DIFFERENCES.
     "dns-uid-gid": Case({**NONE_IN, **NONE_OUT}, [
+        ("app", "127.0.0.53", 53, "UDP", DNS),       # -p udp --dport 53 -d 127.0.0.53/32 -j REDIRECT
+        ("app", "127.0.0.53", 53, "TCP", DNS),       # -p tcp --dport 53 -d 127.0.0.53/32 -j REDIRECT
+        ("proxy", "127.0.0.53", 53, "UDP", NO),      # -m owner --uid-owner 3 -j RETURN comes first
+        ("app", "127.0.0.53", 5353, "UDP", NO),
         ("app", "::127.0.0.53", 53, "UDP", DNS),     # -p udp --dport 53 -d ::127.0.0.53/128 -j REDIRECT
         ("app", "::127.0.0.53", 53, "TCP", DNS),     # -p tcp --dport 53 -d ::127.0.0.53/128 -j REDIRECT
         ("proxy", "::127.0.0.53", 53, "UDP", NO),    # -m owner --uid-owner 3 -j RETURN comes first
@@ -186,17 +196,13 @@ DIFFERENCES = [
     # pod's own proxy is never captured into its own pod (no uid match
     # without a packet path through lo).
     ("proxy", "10.0.1.1", 8080, "TCP", NO, "istio: 15006"),
-    # istio: DNS to a loopback nameserver (127.0.0.53, the goldens') goes
-    # to 15053, and with CAPTURE_ALL_DNS any loopback port 53 does; ours:
-    # loopback is never captured (pods' nameservers are the cluster DNS
-    # Service).
-    ("app", "127.0.0.53", 53, "UDP", NO, "istio: 15053"),
-    ("app", "127.0.0.53", 53, "TCP", NO, "istio: 15053"),
     # istio-iptables by default: port 53 to a server that is not one of the
     # pod's nameservers is left alone (UDP) or goes the TCP way (15001 when
-    # in range); ours: every port 53 from the app, as CAPTURE_ALL_DNS.
+    # in range); ours: every port 53 from the app, as CAPTURE_ALL_DNS
+    # (which takes any loopback port 53 too, as we do).
     ("app", "10.96.0.10", 53, "UDP", DNS, "istio-iptables: left alone unless a nameserver"),
     ("app", "10.96.0.10", 53, "TCP", DNS, "istio-iptables: 15001 unless a nameserver"),
+    ("app", "127.0.0.1", 53, "UDP", DNS, "istio-iptables: left alone unless a nameserver"),
     # istio with CAPTURE_ALL_DNS: UDP to the pod's own address:53 goes to
     # 15053 (lo's RETURN is TCP only then); ours: the pod's own address is
     # never captured.
