@@ -30,8 +30,9 @@ CI's host run has every tool and feature (scripts/setup.sh installs them), so
 there a skip (a missing command, a wrong probe) means a test did not run.
 
 ``MESHBPF_SKIP_MARKS=heavy,timing,userspace,realtool,bounds,twonode`` skips tests with those markers (the VMs
-set it); the summary names each skip and why. ``--shard I/N`` runs every
-N-th test from the I-th on (1-based), so that N VMs share one kernel's run.
+set it); the summary names each skip and why. ``--shard I/N`` runs the I-th
+of N shares of the test files (1-based; tests/sharding.py, balanced by
+``--shard-weights``), so that N VMs share one kernel's run.
 """
 
 import json
@@ -40,6 +41,8 @@ import subprocess
 import sys
 
 import pytest
+
+from tests import sharding
 
 SKIPPABLE = {
     "heavy": "throughput or scale test",
@@ -61,7 +64,9 @@ SKIPPABLE = {
 
 def pytest_addoption(parser):
     parser.addoption("--shard", default=None, metavar="I/N",
-                     help="run only the I-th of N interleaved shares of the tests (1-based)")
+                     help="run only the I-th of N shares of the test files (1-based; tests/sharding.py)")
+    parser.addoption("--shard-weights", default=None, metavar="RESULT_JSON",
+                     help="a kernel matrix result.json whose file_seconds the shares are balanced by")
 
 
 def _shard(config) -> tuple[int, int] | None:
@@ -110,14 +115,15 @@ def pytest_collection_modifyitems(config, items):
                         reason=f"this kernel lacks {', '.join(missing)} (meshbpf status)"))
     shard = _shard(config)
     if shard:
-        # Tests that run and tests that are skipped are dealt out separately,
-        # so each share gets as many of the slow ones.
         i, n = shard
-        keep, drop, dealt = [], [], {True: 0, False: 0}
+        running: dict[str, int] = {}
         for item in items:
-            skipped = item.get_closest_marker("skip") is not None
-            (keep if dealt[skipped] % n == i - 1 else drop).append(item)
-            dealt[skipped] += 1
+            file = item.nodeid.split("::")[0]
+            running[file] = running.get(file, 0) + (item.get_closest_marker("skip") is None)
+        mine = sharding.deal(running, sharding.file_weights(config.getoption("--shard-weights")), n)[i - 1]
+        keep, drop = [], []
+        for item in items:
+            (keep if item.nodeid.split("::")[0] in mine else drop).append(item)
         items[:] = keep
         config.hook.pytest_deselected(items=drop)
 
