@@ -61,17 +61,17 @@ NODE1 = NODES["node1"][0]
 LB1, LB2, LB3 = "10.240.0.104", "10.240.0.108", "10.240.0.112"
 
 # Why whole groups of upstream cases do not apply.
-HOST = ("host-network client (the node itself): not run; the checks here know pod and router "
-        "clients only. meshbpf serves host processes with the socket-LB on the cgroup, which now "
-        "also holds the NodePort at each node address and the LB/external IPs (no source range), "
-        "as for a pod client; untested for the node's own processes in this lab")
+SNAT_TO_LB = ("a packet from the node whose source is the LB IP itself (something on the node SNATed "
+              "it so): the lab's nodes do not hold the LB IPs, and no process of theirs sends from one")
 NO_MASQ = ("the socket-LB short-circuits a pod's connect() to a NodePort/LB/external IP in the "
            "node, as kube-proxy does, by rewriting the connect() itself: no NAT on the wire, the "
            "backend sees the pod's own address")
 SOCKET_REFUSES = ("the socket-LB refuses the pod's connect() at once (ECONNREFUSED), as for a "
                   "ClusterIP with no endpoints: the packet never reaches the north-south programs")
 ALT_NODE_IP = "the lab's nodes have one address per family on ext0 (no --nodeport-addresses choice)"
-LOCALHOST = "127.0.0.1 NodePorts (iptables --localhost-nodeports) are host-local: no tc path"
+LOCALHOST = ("meshbpf serves no NodePort on 127.0.0.1 or ::1, as kube-proxy's nftables mode (its iptables "
+             "mode serves 127.0.0.1 only, with route_localnet): the socket-LB holds the node's device "
+             "addresses, not loopback, and nothing listens there, so the node's stack refuses (RST)")
 SCTP = "meshbpf skips SCTP ports"
 NO_ROUTE = ("meshbpf passes a packet that matches no frontend untouched: no REJECT for a ClusterIP "
             "port that no Service has, no DROP for an unallocated ClusterIP. From a pod the socket-LB "
@@ -240,17 +240,17 @@ def _load_balancer() -> None:
         # a pod address, is outside the ranges either way.
         Flow("pod to LB1 (blocked by LoadBalancerSourceRanges)", "client1", LB1, 80, "DROP"),
         Flow("pod to LB2 (blocked by LoadBalancerSourceRanges)", "client1", LB2, 80, "DROP"),
-        Flow("node to LB1 (allowed by LoadBalancerSourceRanges)", "node1", LB1, 80, ok, masq=True, skip=HOST),
-        Flow("node to LB2 (allowed by LoadBalancerSourceRanges)", "node1", LB2, 80, ok, masq=True, skip=HOST),
+        Flow("node to LB1 (allowed by LoadBalancerSourceRanges)", "node1", LB1, 80, ok, masq=True),
+        Flow("node to LB2 (allowed by LoadBalancerSourceRanges)", "node1", LB2, 80, ok, masq=True),
         Flow("same node to LB1, SNATted to LB1 (implicitly allowed)", "node1", LB1, 80, ok, masq=True,
-             skip="a source address equal to the LB IP needs the LB IP on the node; " + HOST),
+             skip=SNAT_TO_LB),
         Flow("same node to LB2, SNATted to LB2 (implicitly allowed)", "node1", LB2, 80, ok, masq=True,
-             skip="a source address equal to the LB IP needs the LB IP on the node; " + HOST),
+             skip=SNAT_TO_LB),
     ]))
 
 
 def _node_ports() -> None:
-    # TestNodePorts (nftables "ipv4"/"ipv6"; iptables' localhost-nodeports cases as skips).
+    # TestNodePorts (nftables "ipv4"/"ipv6"; iptables' localhost-nodeports cases with meshbpf's answer).
     for family, cip, eps, node, client in (("ipv4", "10.96.0.41", (B1, A1), NODE1, "router"),
                                            ("ipv6", "fd00:96::41", (B1_6, A1_6), NODES["node1"][1], "router")):
         fam = "IPv4" if family == "ipv4" else "IPv6"
@@ -260,11 +260,12 @@ def _node_ports() -> None:
                             [svc, slice_("svc1", [ep(e) for e in eps], P80, fam)], [
             Flow("pod to cluster IP", "client1", cip, 80, out),
             Flow("external to nodePort", client, node, 30001, out, masq=True),
-            Flow("node to nodePort", "node1", node, 30001, out, masq=True, skip=HOST),
+            Flow("node to nodePort", "node1", node, 30001, out, masq=True),
             Flow("external to nodePort on secondary IP", client, node, 30001, out, masq=True, skip=ALT_NODE_IP),
+            # iptables only (--iptables-localhost-nodeports, route_localnet); nftables has no such rule
             Flow("localhost to nodePort gets masqueraded", "node1", "127.0.0.1", 30001, out, masq=True,
-                 skip=LOCALHOST) if family == "ipv4" else
-            Flow("localhost to nodePort is ignored", "node1", "::1", 30001, "", skip=LOCALHOST),
+                 ours="REJECT", why=LOCALHOST) if family == "ipv4" else
+            Flow("localhost to nodePort is ignored", "node1", "::1", 30001, "", ours="REJECT", why=LOCALHOST),
         ]))
 
 
@@ -397,11 +398,11 @@ def _internal_external_masquerade() -> None:
             Flow(f"pod to ClusterIP{tag}", "client1", cip, 80, pod_cip),
             Flow(f"pod to NodePort{tag}", "client1", NODE1, np_, out, masq=n != 2, **pod_ext(out)),
             Flow(f"pod to LB{tag}", "client1", lb, 80, out, masq=n != 2, **pod_ext(out)),
-            Flow(f"node to ClusterIP{tag}", "node1", cip, 80, pod_cip, masq=True, skip=HOST),
+            Flow(f"node to ClusterIP{tag}", "node1", cip, 80, pod_cip, masq=True),
             # upstream sends "node to NodePort with eTP:Local" to 3001 (svc1's port) and expects svc1's endpoints
             Flow(f"node to NodePort{tag}", "node1", NODE1, 30001 if n == 2 else np_,
-                 s1 if n == 2 else out, masq=True, skip=HOST),
-            Flow(f"node to LB{tag}", "node1", lb, 80, out, masq=True, skip=HOST),
+                 s1 if n == 2 else out, masq=True),
+            Flow(f"node to LB{tag}", "node1", lb, 80, out, masq=True),
         ]
         ext_cip = Flow(f"external to ClusterIP{tag}", "router", cip, 80, pod_cip, masq=True)
         if n == 3:
@@ -442,7 +443,7 @@ def _overall_rules() -> None:
         Flow("no match", "client1", A2, 80, ""),   # a pod address: no rule, the pod answers itself
         Flow("single endpoint", "client1", "10.96.0.41", 80, both(B1)),
         Flow("multiple endpoints", "client1", "10.96.0.44", 80, both(B4, A1)),
-        Flow("LOCAL, KUBE-MARK-MASQ", "node1", "10.240.0.22", 80, both(B2), masq=True, skip=HOST),
+        Flow("LOCAL, KUBE-MARK-MASQ", "node1", "10.240.0.22", 80, both(B2), masq=True),
         Flow("DROP", "router", "10.240.0.22", 80, "DROP"),
         Flow("ACCEPT (NodePortHealthCheck)", "router", NODE1, 32000, "ACCEPT"),
         Flow("REJECT", "client1", "10.96.0.46", 80, "REJECT"),
@@ -467,6 +468,103 @@ for _build in (_no_endpoints_reject, _cluster_ip_general, _load_balancer, _node_
                lambda: _terminating("Local"), lambda: _terminating("Cluster"),
                _internal_external_masquerade, _overall_rules, _health_check_node_port):
     _build()
+
+# --- host processes: meshbpf's own cases, from kube-proxy's facts ---------------------
+# Upstream's tables send from the node itself (`node1` above) to a NodePort, ClusterIPs
+# and LB IPs, over TCP and IPv4. These send what they leave out -- external IPs, UDP,
+# IPv6, source ranges that leave the node out, no endpoints -- and expect what kube-proxy's
+# rules for the output path give (pkg/proxy/nftables/README.md: a host process's packet is
+# DNATed in `output` as a pod's is in `prerouting`, with the same service map; the
+# LoadBalancerSourceRanges firewall runs in `output` too; the no-endpoint rejects are
+# checked in `output`; the eTP:Local short-circuit takes local sources, the node
+# included, to every endpoint: "node to LB with eTP:Local" in TestInternalExternalMasquerade,
+# "LOCAL, KUBE-MARK-MASQ" in TestRunPacketFlowTests). Not in SETUPS: no upstream test names them.
+HOST_SETUPS: list[Setup] = []
+SELF_HAIRPIN = ("no answer: the socket-LB leaves an LB IP with source ranges to tc, "
+                "so the node's packet leaves through ext0 and the router brings it back to node1, whose "
+                "tc DNATs it to its own pod a1 without SNAT; a1's reply to the node's own address is "
+                "delivered on node1 and never passes ext0, so mbpf_ns_egress never translates it back "
+                "and the client's socket drops it (a datapath gap: bpf/nodeport.c, bpf/sock_lb.c)")
+DNS = [("p80", 80, "TCP"), ("dns", 53, "UDP")]
+HOST_CASE = "meshbpf: host processes"
+
+
+def _dns_ports(tcp_node_port: int, udp_node_port: int) -> list[dict]:
+    return [_port("p80", 80, node_port=tcp_node_port), _port("dns", 53, protocol="UDP", node_port=udp_node_port)]
+
+
+def _host_ipv4() -> None:
+    LB_IN = "10.240.0.116"
+    ext, ext_local, ext_none = "10.240.0.11", "10.240.0.12", "10.240.0.14"
+    objs = [
+        service("svc1", "10.96.0.41", _dns_ports(30001, 30051), type_="LoadBalancer",
+                external_ips=[ext], lb_ips=[LB1]),
+        service("svc2", "10.96.0.42", _dns_ports(30002, 30052), type_="LoadBalancer", etp="Local",
+                external_ips=[ext_local], lb_ips=[LB2], hc_port=32002),
+        # the router's .1 only: the nodes' .11 and .12 are outside
+        service("svc3", "10.96.0.43", _dns_ports(30003, 30053), type_="LoadBalancer",
+                lb_ips=[LB3], source_ranges=["10.243.0.0/29"]),
+        service("svc4", "10.96.0.44", _dns_ports(30004, 30054), type_="LoadBalancer", external_ips=[ext_none]),
+        # the nodes' .11 and .12 inside; its one endpoint on node1
+        service("svc5", "10.96.0.45", _dns_ports(30005, 30055), type_="LoadBalancer",
+                lb_ips=[LB_IN], source_ranges=["10.243.0.8/29"]),
+        slice_("svc1", [ep(A1), ep(B1)], DNS),
+        slice_("svc2", [ep(B2)], DNS),     # no endpoint on node1
+        slice_("svc3", [ep(B3)], DNS),
+        slice_("svc5", [ep(A1)], DNS),
+    ]
+    both_dns = both(A1, B1, port=53)
+    HOST_SETUPS.append(Setup(f"{HOST_CASE}/ipv4", (), objs, [
+        Flow("node to external IP", "node1", ext, 80, both(A1, B1), masq=True),
+        Flow("node to external IP (UDP)", "node1", ext, 53, both_dns, masq=True, protocol="UDP"),
+        Flow("node to LB", "node1", LB1, 80, both(A1, B1), masq=True),
+        Flow("node to LB (UDP)", "node1", LB1, 53, both_dns, masq=True, protocol="UDP"),
+        Flow("node to NodePort (UDP)", "node1", NODE1, 30051, both_dns, masq=True, protocol="UDP"),
+        Flow("node to external IP with eTP:Local, no local endpoint", "node1", ext_local, 80, both(B2),
+             masq=True),
+        Flow("node to LB with eTP:Local, no local endpoint (UDP)", "node1", LB2, 53, both(B2, port=53),
+             masq=True, protocol="UDP"),
+        Flow("node to LB outside LoadBalancerSourceRanges", "node1", LB3, 80, "DROP"),
+        Flow("node to LB outside LoadBalancerSourceRanges (UDP)", "node1", LB3, 53, "DROP", protocol="UDP"),
+        Flow("node to LB inside LoadBalancerSourceRanges, endpoint on the node", "node1", LB_IN, 80, both(A1),
+             masq=True, gap=SELF_HAIRPIN),
+        Flow("node to NodePort of a Service with LoadBalancerSourceRanges", "node1", NODE1, 30003, both(B3),
+             masq=True),
+        Flow("node to external IP with no endpoints", "node1", ext_none, 80, "REJECT", ours="REJECT",
+             why=SOCKET_REFUSES),
+        Flow("node to external IP with no endpoints (UDP)", "node1", ext_none, 53, "REJECT", protocol="UDP",
+             ours="REJECT", why=SOCKET_REFUSES),
+    ], pinned=(ext_local, LB2, LB_IN)))
+
+
+def _host_ipv6() -> None:
+    ext, lb_in, lb_out, lb = "fd00:240::11", "fd00:240::108", "fd00:240::112", "fd00:240::104"
+    v6 = {"family": "IPv6", "type_": "LoadBalancer"}
+    objs = [
+        service("svc6", "fd00:96::46", _dns_ports(30006, 30056), external_ips=[ext], lb_ips=[lb], **v6),
+        # fd00:243::10/124 holds the nodes' ::11 and ::12, not the router's ::1; ::/124 the reverse
+        service("svc7", "fd00:96::47", _dns_ports(30007, 30057), lb_ips=[lb_in],
+                source_ranges=["fd00:243::10/124"], **v6),
+        service("svc8", "fd00:96::48", _dns_ports(30008, 30058), lb_ips=[lb_out],
+                source_ranges=["fd00:243::/124"], **v6),
+        slice_("svc6", [ep(A1_6), ep(B1_6)], DNS, "IPv6"),
+        slice_("svc7", [ep(B1_6)], DNS, "IPv6"),
+        slice_("svc8", [ep(B1_6)], DNS, "IPv6"),
+    ]
+    both_dns = both(A1_6, B1_6, port=53)
+    HOST_SETUPS.append(Setup(f"{HOST_CASE}/ipv6", (), objs, [
+        Flow("node to external IP", "node1", ext, 80, both(A1_6, B1_6), masq=True),
+        Flow("node to external IP (UDP)", "node1", ext, 53, both_dns, masq=True, protocol="UDP"),
+        Flow("node to LB", "node1", lb, 80, both(A1_6, B1_6), masq=True),
+        Flow("node to LB (UDP)", "node1", lb, 53, both_dns, masq=True, protocol="UDP"),
+        Flow("node to NodePort (UDP)", "node1", NODES["node1"][1], 30056, both_dns, masq=True, protocol="UDP"),
+        Flow("node to LB inside LoadBalancerSourceRanges", "node1", lb_in, 80, both(B1_6), masq=True),
+        Flow("node to LB outside LoadBalancerSourceRanges", "node1", lb_out, 80, "DROP"),
+    ]))
+
+
+_host_ipv4()
+_host_ipv6()
 
 # Upstream tests with no packet flows (rule dumps, maps, metrics) are not ported:
 # TestOverallNFTablesRules/TestOverallIPTablesRules (rule text; their Services are in

@@ -14,7 +14,7 @@ from meshbpf.lab.netlab import pod_subnet4
 from meshbpf.sources.yaml_file import read_config
 from meshbpf.sources.yaml_load import dump_all
 from tests.data import kube_proxy_flows as table
-from tests.data.kube_proxy_flows import SETUPS, Flow, Setup
+from tests.data.kube_proxy_flows import HOST_SETUPS, SETUPS, Flow, Setup
 
 VERDICTS = {"DROP", "REJECT", "", "ACCEPT"}
 
@@ -79,13 +79,13 @@ def problems(setup: Setup, flow: Flow) -> list[str]:
     return bad
 
 
-@pytest.mark.parametrize("setup", SETUPS, ids=lambda s: s.name)
+@pytest.mark.parametrize("setup", SETUPS + HOST_SETUPS, ids=lambda s: s.name)
 def test_every_flow_is_consistent_with_its_setup(setup):
     assert setup.flows, setup.name
     assert [p for f in setup.flows for p in problems(setup, f)] == []
 
 
-@pytest.mark.parametrize("setup", SETUPS, ids=lambda s: s.name)
+@pytest.mark.parametrize("setup", SETUPS + HOST_SETUPS, ids=lambda s: s.name)
 def test_every_setup_reads_as_the_agent_reads_it(setup, tmp_path):
     path = tmp_path / "flows.yaml"
     path.write_text(dump_all(setup.objects))
@@ -100,7 +100,7 @@ def test_every_setup_reads_as_the_agent_reads_it(setup, tmp_path):
 
 
 def test_pinned_addresses_are_external_frontends():
-    for setup in SETUPS:
+    for setup in SETUPS + HOST_SETUPS:
         spec_addrs = {k[0] for k in frontends(setup)}
         assert set(setup.pinned) <= spec_addrs, setup.name
         assert not any(a.startswith(("10.96.", "10.243.")) for a in setup.pinned), setup.name
@@ -122,6 +122,9 @@ def test_cases_are_named_once_and_skips_say_why():
             seen.add((setup.name, flow.case))
             assert flow.skip == "" or len(flow.skip) > 20
     assert len(seen) > 100
+    for setup in HOST_SETUPS:   # meshbpf's own: no upstream name, node clients only
+        assert not setup.name.startswith("Test") and not setup.files, setup.name
+        assert {f.client for f in setup.flows} == {"node1"} and not any(f.skip for f in setup.flows)
 
 
 def test_the_checker_catches_a_wrong_backend_and_a_missing_frontend():
@@ -134,15 +137,23 @@ def test_the_checker_catches_a_wrong_backend_and_a_missing_frontend():
 
 
 def _socket_lb_flows():
-    """Every runnable pod-client flow: the socket-LB's path."""
-    return [pytest.param(setup, flow, id=f"{setup.name}/{flow.case}") for setup in SETUPS
-            for flow in setup.flows if not flow.skip and flow.client not in ("router", "blocked", "node1")]
+    """Every runnable flow of a pod or of the node itself: the socket-LB's path
+    (node1's processes are in the cgroup its programs are attached to)."""
+    return [pytest.param(setup, flow, id=f"{setup.name}/{flow.case}") for setup in SETUPS + HOST_SETUPS
+            for flow in setup.flows if not flow.skip and flow.client not in ("router", "blocked")]
+
+
+def _ranged_lb_ips(setup: Setup) -> set[str]:
+    """LB IPs of Services with loadBalancerSourceRanges: tc's, not the socket-LB's."""
+    return {i["ip"] for o in setup.objects if o["kind"] == "Service" and o["spec"].get("loadBalancerSourceRanges")
+            for i in o.get("status", {}).get("loadBalancer", {}).get("ingress", [])}
 
 
 @pytest.mark.parametrize("setup, flow", _socket_lb_flows())
-def test_pod_clients_get_the_expected_backends_from_the_socket_lb_plan(setup, flow, tmp_path):
+def test_pod_and_node_clients_get_the_expected_backends_from_the_socket_lb_plan(setup, flow, tmp_path):
     """What node1's socket-LB maps would hold for the flow's destination, with
-    north-south on and node1's addresses (the kernel test sends the packets):
+    north-south on and node1's addresses (the kernel test sends the packets;
+    127.0.0.1 and ::1 NodePorts get no frontend: REJECT):
     the expected backends, none for REJECT, no frontend where the packet is
     meant to leave the node untranslated."""
     from meshbpf.reconcile import SvcKey, addr16, wanted_services
@@ -155,8 +166,10 @@ def test_pod_clients_get_the_expected_backends_from_the_socket_lb_plan(setup, fl
     expected = flow.expected
     if want is None:
         # untranslated: the destination answers, or tc (source ranges) or the lab's routing decides
-        assert expected in ("", "DROP", "REJECT"), f"no socket-LB frontend for {flow.dest}:{flow.port}"
+        assert expected in ("", "DROP", "REJECT") or flow.dest in _ranged_lb_ips(setup), \
+            f"no socket-LB frontend for {flow.dest}:{flow.port}"
         return
+    assert flow.dest not in _ranged_lb_ips(setup), "an LB IP with source ranges in the socket-LB"
     got = {f"[{ipaddress.ip_address(be.addr)}]:{be.port}" if ipaddress.IPv6Address(be.addr).ipv4_mapped is None
            else f"{ipaddress.IPv6Address(be.addr).ipv4_mapped}:{be.port}" for be, _ in want.backends}
     if expected in ("DROP", "REJECT"):   # the socket-LB refuses a frontend with no backend
