@@ -60,9 +60,12 @@ def test_spinning_reader_moves_to_tcp_and_epoll_reader_stays_spliced(lab, bpffs,
     report, delta = exchange(lab, bpffs, 7200, "spin")
     assert report["empty_reads"] >= 2 * ROUNDS  # it did spin (this can fail)
     assert delta["inserted_sockets"] == 2  # both ends joined...
-    assert delta["spinning_readers"] == 1  # ...were handed to TCP after a few splices...
-    assert delta["redirected_msgs"] <= 2 * (redirect.SPIN_RUN_MAX + 2), delta
-    assert delta["evicted_sockets"] == 2, delta  # ...and left the sockhash: plain TCP again
+    assert delta["spinning_readers"] == 1  # ...and were handed to TCP after a few splices:
+    # SPIN_RUN_MAX exchanges at best; more when the machine is loaded and an
+    # exchange now and then meets fewer than SPIN_EMPTY_MIN empty reads. The
+    # sockets mostly leave the sockhash too, but not always: a spinner is
+    # nearly always inside recvmsg, holding its psock, so eviction may wait.
+    assert delta["redirected_msgs"] <= ROUNDS, delta
 
     report, delta = exchange(lab, bpffs, 7201, "epoll")
     assert report["empty_reads"] <= ROUNDS + 1  # one per wake-up at most
