@@ -562,7 +562,9 @@ def main() -> None:
         bench.start_server([probe], "none", args)
         on = bench.run(probe, "redirect", "none", args)
         off = bench.run(probe, "tcp", "none", args)
-        if on["counters"].get("redirected_msgs", 0) < 100 or off["counters"].get("redirected_msgs"):
+        # (With --spin the pair is spliced, then handed to TCP as a spinner.)
+        took_part = on["counters"].get("redirected_msgs", 0) >= 100 or on["counters"].get("spinning_readers")
+        if not took_part or off["counters"].get("redirected_msgs"):
             raise RuntimeError(f"pre-flight: redirection does not switch: on {on['counters']}, "
                                f"off {off['counters']}")
         log(f"pre-flight: rr 64 B nodelay, tcp {off['value']:.0f}/s, redirect {on['value']:.0f}/s")

@@ -85,6 +85,14 @@ int mbpf_sk_msg(struct sk_msg_md *msg)
 	}
 	peer_st->small_run = 0;  /* the peer got a reply */
 
+	/* A reader spinning on recv() holds its socket's lock most of the
+	 * time; a splice must take it, so the sender sleeps: TCP is faster. */
+	if (spin_reader(peer_st->sk_addr)) {
+		redir_pass_pair(st, peer_st);
+		redir_count(MBPF_CNT_SPINNERS, 1);
+		return pass(size);
+	}
+
 	verdict = mbpf_sockhash.msg_redirect_hash(msg, &peer, BPF_F_INGRESS);
 	if (verdict != SK_PASS) {
 		/* The peer left the sockhash; without a target the helper

@@ -195,6 +195,7 @@ static __always_inline int on_established(struct bpf_sock_ops *skops, int active
 		return 0;
 	}
 	redir_count(MBPF_CNT_INSERTED, 1);
+	spin_track(sk_addr);
 	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | MBPF_SOCKOPS_FLAGS);
 	return 1;
 }
@@ -236,6 +237,7 @@ static __always_inline void try_evict(struct bpf_sock_ops *skops)
 	if (mbpf_sockhash.delete(&key) == 0) {
 		st->evicted = 1;
 		redir_count(MBPF_CNT_EVICTED, 1);
+		spin_forget(sock_addr(skops));
 	}
 	bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
 }
@@ -291,6 +293,7 @@ int mbpf_sockops(struct bpf_sock_ops *skops)
 		} else if (skops->args[1] == MBPF_TCP_CLOSE) {
 			redir_key_from_ctx(skops, &key);
 			mbpf_sockstate.delete(&key);
+			spin_forget(sock_addr(skops));
 		} else if (skops->args[1] == MBPF_TCP_FIN_WAIT1 ||
 			   skops->args[1] == MBPF_TCP_CLOSE_WAIT) {
 			on_fin(skops);

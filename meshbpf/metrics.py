@@ -156,6 +156,8 @@ class RedirectCollector:
         "evicted_sockets": ("meshbpf_redirect_evicted_sockets_total",
                             "Sockets taken out of the sockhash after switching"),
         "inserted_sockets": ("meshbpf_redirect_inserted_sockets_total", "Sockets put into the sockhash"),
+        "spinning_readers": ("meshbpf_redirect_spinning_readers_total",
+                             "Socket pairs switched to TCP because a reader spins on recv()"),
     }
 
     def __init__(self, bpffs: Path, cache: CachedCounts | None = None):

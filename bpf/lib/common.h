@@ -152,6 +152,17 @@ struct mbpf_sockstate {
 	__u8  wide_mss;         /* 1 if the path MSS >= cfg nagle_mss_min (loopback-sized) */
 };
 
+/* Value of mbpf_spin, keyed by a spliced socket's kernel address (__u64,
+ * host order): how its reader polls. A reader spinning on non-blocking
+ * recv() holds the socket's lock most of the time, and every splice into
+ * the socket must take that lock, so the sender sleeps on it. */
+struct mbpf_spin {
+	__u32 empty_reads;      /* host order; recv() calls that found nothing (EAGAIN) since
+				 * the peer's last splice into this socket */
+	__u32 spin_run;         /* host order; splices in a row that each met at least
+				 * MBPF_SPIN_EMPTY_MIN empty reads */
+};
+
 /* Listener map key (mbpf_listeners): what a listening TCP socket shares with
  * every socket it accepts, its network namespace and local port. The value
  * is the listener's kernel address (__u64, host order): whether it blocks
@@ -194,6 +205,7 @@ struct mbpf_cidr_key {
 #define MBPF_CNT_SWITCHED       4  /* pairs switched to the TCP stack (small writes, no peer) */
 #define MBPF_CNT_EVICTED        5  /* sockets taken out of the sockhash */
 #define MBPF_CNT_INSERTED       6  /* sockets put into the sockhash */
+#define MBPF_CNT_SPINNERS       7  /* pairs switched to TCP for a reader spinning on recv() */
 #define MBPF_CNT_MAX            8
 
 /* Socket-LB counters (per-CPU array of __u64, mbpf_lb_stats): one row of

@@ -140,6 +140,57 @@ static __always_inline __u64 sock_netns(__u64 sk_addr)
 	return net;
 }
 
+#ifdef MBPF_SPIN
+#if !defined(MBPF_SPIN_EMPTY_MIN) || !defined(MBPF_SPIN_RUN_MAX)
+#error "the loader sets the spin thresholds (meshbpf/datapath/redirect.py)"
+#endif
+/* A socket joins the sockhash: its empty reads are counted from now on
+ * (bpf/recv_trace.c counts only sockets listed here). */
+static __always_inline void spin_track(__u64 sk_addr)
+{
+	struct mbpf_spin fresh = {};
+
+	if (sk_addr)
+		mbpf_spin.update(&sk_addr, &fresh);
+}
+
+static __always_inline void spin_forget(__u64 sk_addr)
+{
+	if (sk_addr)
+		mbpf_spin.delete(&sk_addr);
+}
+
+/* 1 if the reader of the socket at this address spins on non-blocking
+ * recv(), judged just before a splice into it. An epoll or poll reader
+ * makes at most one empty read per wake-up and a blocking one none; a
+ * spinner makes many between two splices. Only several such splices in a
+ * row count, so one slow answer (many empty reads while the peer thought)
+ * is not mistaken for spinning. The count is read and zeroed without an
+ * atomic exchange (5.12+): a read counted in between is lost, which only
+ * delays the verdict. */
+static __always_inline int spin_reader(__u64 sk_addr)
+{
+	struct mbpf_spin *v = mbpf_spin.lookup(&sk_addr);
+	__u32 empty;
+
+	if (!v)
+		return 0;
+	empty = v->empty_reads;
+	v->empty_reads = 0;
+	if (empty < MBPF_SPIN_EMPTY_MIN) {
+		v->spin_run = 0;
+		return 0;
+	}
+	v->spin_run += 1;
+	return v->spin_run >= MBPF_SPIN_RUN_MAX;
+}
+#else
+/* Without the recv tracepoint (before 6.3) spinning readers are not seen. */
+static __always_inline void spin_track(__u64 sk_addr) {}
+static __always_inline void spin_forget(__u64 sk_addr) {}
+static __always_inline int spin_reader(__u64 sk_addr) { return 0; }
+#endif
+
 static __always_inline int redir_in_cidrs(const __u8 *addr)
 {
 	struct mbpf_cidr_key k = { .prefixlen = 128 };

@@ -18,6 +18,9 @@
 #ifndef MBPF_LISTENERS_MAX
 #define MBPF_LISTENERS_MAX 16384
 #endif
+#ifndef MBPF_SPIN_MAX
+#define MBPF_SPIN_MAX 65536
+#endif
 #ifndef MBPF_CIDR_MAX
 #define MBPF_CIDR_MAX 1024
 #endif
@@ -46,6 +49,12 @@ BPF_TABLE_PINNED("lru_hash", struct mbpf_sock_key, struct mbpf_sockstate, mbpf_s
  * program was detached leaves its entry behind) */
 BPF_TABLE_PINNED("lru_hash", struct mbpf_listen_key, __u64, mbpf_listeners,
 		 MBPF_LISTENERS_MAX, MBPF_PIN(mbpf_listeners));
+/* kernel address of a spliced socket -> how its reader polls (struct
+ * mbpf_spin): sockops adds the socket when it joins the sockhash and drops
+ * it when it leaves or closes, the recv tracepoint counts its empty reads,
+ * sk_msg reads them before each splice into it. Only kept with MBPF_SPIN. */
+BPF_TABLE_PINNED("lru_hash", __u64, struct mbpf_spin, mbpf_spin,
+		 MBPF_SPIN_MAX, MBPF_PIN(mbpf_spin));
 /* pod CIDRs: with require_cidr, both ends must match one */
 BPF_TABLE_PINNED("lpm_trie", struct mbpf_cidr_key, __u8, mbpf_redir_cidr,
 		 MBPF_CIDR_MAX, MBPF_PIN(mbpf_redir_cidr), MBPF_F_NO_PREALLOC);

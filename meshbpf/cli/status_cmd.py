@@ -41,4 +41,5 @@ def status(bpffs: Path, output: str) -> None:
     click.echo(f"installed in {bpffs}: {len(links)} link(s), maps: "
                + ", ".join(f"{name} {n}" for name, n in counts.items()))
     for name, info in links.items():
-        click.echo(f"  {name}: cgroup id {info['cgroup_id']}, program id {info['prog_id']}")
+        where = f"cgroup id {info['cgroup_id']}" if info["cgroup_id"] else "tracepoint"
+        click.echo(f"  {name}: {where}, program id {info['prog_id']}")

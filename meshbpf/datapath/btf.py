@@ -16,7 +16,7 @@ from pathlib import Path
 VMLINUX = Path("/sys/kernel/btf/vmlinux")
 
 BTF_MAGIC = 0xEB9F
-KIND_STRUCT, KIND_UNION = 4, 5
+KIND_STRUCT, KIND_UNION, KIND_TYPEDEF = 4, 5, 8
 # Bytes that follow each btf_type header, by kind (per vlen where noted).
 _FIXED_EXTRA = {1: 4, 3: 12, 14: 4, 17: 4}
 _PER_VLEN = {4: 12, 5: 12, 6: 8, 13: 8, 15: 12, 19: 12}
@@ -26,9 +26,20 @@ class BTFError(Exception):
     pass
 
 
-@lru_cache(maxsize=4)
 def _structs(path: Path = VMLINUX) -> dict[str, dict[str, int]]:
     """struct/union name -> {member name -> byte offset} (first definition wins)."""
+    return _parse(path)[0]
+
+
+def has_typedef(name: str, path: Path = VMLINUX) -> bool:
+    """Is there a typedef of this name? (btf_trace_<event> names a tracepoint
+    the kernel has.)"""
+    return name in _parse(path)[1]
+
+
+@lru_cache(maxsize=4)
+def _parse(path: Path) -> tuple[dict[str, dict[str, int]], frozenset[str]]:
+    """The structs and unions (as _structs), and the typedef names."""
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -43,6 +54,7 @@ def _structs(path: Path = VMLINUX) -> dict[str, dict[str, int]]:
         return strings[off: strings.index(b"\0", off)].decode()
 
     out: dict[str, dict[str, int]] = {}
+    typedefs = set()
     pos = 0
     while pos < len(types):
         name_off, info, _size = struct.unpack_from("<III", types, pos)
@@ -57,8 +69,10 @@ def _structs(path: Path = VMLINUX) -> dict[str, dict[str, int]]:
                     members[name(m_name)] = bits // 8
             if name_off:
                 out.setdefault(name(name_off), members)
+        elif kind == KIND_TYPEDEF and name_off:
+            typedefs.add(name(name_off))
         pos += _FIXED_EXTRA.get(kind, 0) + _PER_VLEN.get(kind, 0) * vlen
-    return out
+    return out, frozenset(typedefs)
 
 
 def member_offset(struct_name: str, member: str, path: Path = VMLINUX) -> int:

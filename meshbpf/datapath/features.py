@@ -19,7 +19,11 @@ from .libbpf import _lib
 
 # uapi/linux/bpf.h enum values
 ATTACH_INET4_GETSOCKNAME, ATTACH_INET6_GETSOCKNAME = 31, 32
-PROG = {"cgroup_sock_addr": 18, "sock_ops": 13, "sk_msg": 16, "cgroup_sockopt": 25}
+# The tracepoint every recvmsg() passes once the protocol's recvmsg returns
+# (6.3+): redirection counts empty reads there (bpf/recv_trace.c).
+RECV_TRACEPOINT = "sock_recv_length"
+PROG = {"cgroup_sock_addr": 18, "sock_ops": 13, "sk_msg": 16, "cgroup_sockopt": 25,
+        "raw_tracepoint": 17}
 MAP = {"sockhash": 18, "sk_storage": 24, "lru_hash": 9, "lpm_trie": 11}
 HELPER = {
     "get_socket_cookie": 46, "get_netns_cookie": 122, "set_retval": 187,
@@ -115,6 +119,9 @@ def probe() -> list[Feature]:
         Feature("redir_netns_cookie", sockops and _redir_netns_cookie(),
                 "redirection: loopback connections, keyed per pod (5.15+)",
                 "loopback connections are not spliced (two pods' would share keys)"),
+        Feature("recv_tracepoint", _prog("raw_tracepoint") and _has_tracepoint(RECV_TRACEPOINT),
+                "redirection: seeing readers that spin on recv() (6.3+)",
+                "pairs whose reader spins on non-blocking recv() stay spliced, slower than TCP"),
         Feature("cgroup_sockopt", _prog("cgroup_sockopt"),
                 "redirection: seeing TCP_NODELAY set after connect",
                 "TCP_NODELAY set after connect is not seen; such sockets may switch to TCP"),
@@ -126,6 +133,14 @@ def probe() -> list[Feature]:
                 "sidecar capture: getsockname() names the original destination (5.8+)",
                 "capture works; a proxy that reads getsockname() (HAProxy for IPv6) sees its own port"),
     ]
+
+
+def _has_tracepoint(name: str) -> bool:
+    """The kernel has this tracepoint (BTF names each as btf_trace_<name>)."""
+    try:
+        return btf.has_typedef(f"btf_trace_{name}")
+    except btf.BTFError:
+        return False
 
 
 def _capture(sock_addr: bool) -> bool:

@@ -77,6 +77,10 @@ class SockStateC(ct.Structure):
                 ("nodelay", ct.c_uint8), ("evicted", ct.c_uint8), ("wide_mss", ct.c_uint8)]
 
 
+class SpinC(ct.Structure):
+    _fields_ = [("empty_reads", ct.c_uint32), ("spin_run", ct.c_uint32)]
+
+
 class ListenKeyC(ct.Structure):
     _fields_ = [("netns", ct.c_uint64), ("port", ct.c_uint16), ("pad", ct.c_uint8 * 6)]
 
@@ -234,6 +238,8 @@ REDIR_MAPS = (
     # listener -> its kernel address: whether its accepted sockets will block
     MapSpec("mbpf_listeners", "", ListenKeyC, ct.c_uint64, "MBPF_LISTENERS_MAX", 16384),
     MapSpec("mbpf_redir_cidr", "", CidrKeyC, ct.c_uint8, "MBPF_CIDR_MAX", 1024, no_prealloc=True),
+    # spliced socket's kernel address -> its empty reads (readers spinning on recv())
+    MapSpec("mbpf_spin", "", ct.c_uint64, SpinC, "MBPF_SPIN_MAX", 65536),
     MapSpec("mbpf_redir_cfg", "", ct.c_uint32, RedirCfgC, "", 1),
     MapSpec("mbpf_redir_cnt", "", ct.c_uint32, ct.c_uint64, "", 8),
 )
@@ -255,7 +261,7 @@ ALL_MAPS = LB_MAPS + REDIR_MAPS + CAPTURE_MAPS  # compiled by SockLB (the policy
 # Indexes of mbpf_redir_cnt (MBPF_CNT_* in bpf/lib/common.h).
 REDIR_COUNTERS = {
     "redirected_msgs": 0, "redirected_bytes": 1, "passed_msgs": 2, "passed_bytes": 3,
-    "switched_pairs": 4, "evicted_sockets": 5, "inserted_sockets": 6,
+    "switched_pairs": 4, "evicted_sockets": 5, "inserted_sockets": 6, "spinning_readers": 7,
 }
 # Rows of mbpf_lb_stats (MBPF_LB_* in bpf/lib/common.h); each row has four
 # columns, MBPF_LB_STAT(result, v6, udp) = row * 4 + 2 * v6 + udp.

@@ -62,6 +62,7 @@ _lib.bpf_obj_pin.argtypes = [ct.c_int, ct.c_char_p]
 _lib.bpf_link_create.argtypes = [ct.c_int, ct.c_int, ct.c_int, ct.c_void_p]
 _lib.bpf_link_update.argtypes = [ct.c_int, ct.c_int, ct.c_void_p]
 _lib.bpf_link_detach.argtypes = [ct.c_int]
+_lib.bpf_raw_tracepoint_open.argtypes = [ct.c_char_p, ct.c_int]
 _lib.bpf_prog_query.argtypes = [ct.c_int, ct.c_int, ct.c_uint32, ct.POINTER(ct.c_uint32),
                                 ct.POINTER(ct.c_uint32), ct.POINTER(ct.c_uint32)]
 _lib.bpf_prog_get_fd_by_id.argtypes = [ct.c_uint32]
@@ -89,6 +90,13 @@ def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
 def link_update(link_fd: int, new_prog_fd: int) -> None:
     """Swap the program behind a link atomically: no moment without one."""
     _check(_lib.bpf_link_update(link_fd, new_prog_fd, None), "replace program in link")
+
+
+def raw_tracepoint_open(name: str, prog_fd: int) -> int:
+    """A BPF link attaching a raw tracepoint program to the tracepoint `name`
+    (attached while pinned or open; the kernel cannot detach it otherwise)."""
+    return _check(_lib.bpf_raw_tracepoint_open(name.encode(), prog_fd),
+                  f"attach to tracepoint {name}")
 
 
 def link_detach(link_fd: int) -> None:
@@ -122,8 +130,12 @@ class ProgInfo:
 class LinkInfo:
     id: int
     prog_id: int
-    cgroup_id: int
+    cgroup_id: int   # 0 unless type is LINK_TYPE_CGROUP
     attach_type: int
+    type: int = 0    # BPF_LINK_TYPE_*
+
+
+LINK_TYPE_RAW_TRACEPOINT, LINK_TYPE_CGROUP = 1, 3
 
 
 @dataclass(frozen=True)
@@ -164,7 +176,9 @@ def link_info(fd: int) -> LinkInfo:
     info = _LinkInfo()
     size = ct.c_uint32(ct.sizeof(info))
     _check(_lib.bpf_obj_get_info_by_fd(fd, ct.byref(info), ct.byref(size)), "link info")
-    return LinkInfo(info.id, info.prog_id, info.cgroup_id, info.attach_type)
+    cgroup = info.type == LINK_TYPE_CGROUP
+    return LinkInfo(info.id, info.prog_id, info.cgroup_id if cgroup else 0,
+                    info.attach_type if cgroup else 0, info.type)
 
 
 def map_info(fd: int) -> MapInfo:

@@ -39,6 +39,9 @@ ATTACH_GETSOCKNAME4, ATTACH_GETSOCKNAME6 = 31, 32
 PROG_TYPE_SOCK_OPS = 13
 PROG_TYPE_SK_MSG = 16
 PROG_TYPE_CGROUP_SOCKOPT = 25
+PROG_TYPE_RAW_TRACEPOINT = 17
+# Pin of the recv tracepoint's link (bpf/recv_trace.c), beside the per-cgroup ones.
+RECV_LINK = "mbpf_recv_len"
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,7 @@ class SockLB:
     features: dict[str, bool] | None = None                  # None: probe the kernel
     redirect: bool = True                                    # compile redirection if the kernel can
     capture: bool = True                                     # compile sidecar capture if the kernel can
+    spin: bool = False                                       # compiled: readers spinning on recv() are seen
     bpf: object = None
 
     def compile(self) -> None:
@@ -136,6 +140,10 @@ class SockLB:
             cflags.append("-DMBPF_REDIRECT")
             if self.features.get("redir_netns_cookie"):
                 cflags.append("-DMBPF_HAVE_REDIR_NETNS_COOKIE")
+        self.spin = self.redirect and bool(self.features.get("recv_tracepoint"))
+        if self.spin:
+            from .redirect import spin_cflags
+            cflags += spin_cflags()
         if self.capture:
             cflags.append("-DMBPF_CAPTURE")
         cflags += lb_event_cflags(self.sizes)
@@ -143,6 +151,8 @@ class SockLB:
             files.append("sockops.c")
         if self.redirect:
             files.append("sk_msg.c")
+        if self.spin:
+            files.append("recv_trace.c")
         if self.capture or (self.redirect and self.features["cgroup_sockopt"]):
             files.append("sockopt.c")
         try:
@@ -239,9 +249,26 @@ class SockLB:
             hooks.append((self._load(b"mbpf_setsockopt", PROG_TYPE_CGROUP_SOCKOPT,
                                      attach_type=ATTACH_SETSOCKOPT),
                           ATTACH_SETSOCKOPT, "mbpf_setsockopt"))
+        recv = self._load(RECV_LINK.encode(), PROG_TYPE_RAW_TRACEPOINT) if self.spin else None
         # Loaded (verified) all first, attached after: a refusal changes nothing.
         BPF.attach_func(msg, self.map_fd("mbpf_sockhash"), ATTACH_SK_MSG_VERDICT)
+        if recv is not None:
+            self._attach_recv_tracepoint(recv.fd)
         self._attach_per_cgroup(hooks, cgroups, ("mbpf_sockops-", "mbpf_setsockopt-"))
+
+    def _attach_recv_tracepoint(self, prog_fd: int) -> None:
+        """The empty-read counter on the recv tracepoint, pinned as a link.
+        Such a link cannot swap its program: the new one is attached before
+        the old one goes, so for a moment both count (harmless: only more
+        reads look empty, for microseconds)."""
+        pin = self._links_dir() / RECV_LINK
+        fd = libbpf.raw_tracepoint_open(kernel_features.RECV_TRACEPOINT, prog_fd)
+        try:
+            if pin.exists():
+                _detach_pin(pin)
+            libbpf.obj_pin(fd, str(pin))
+        finally:
+            os.close(fd)
 
     def attach_capture(self, cgroups: list[Path]) -> None:
         """Sidecar capture's sockops (files captured connections),
@@ -298,7 +325,8 @@ class SockLB:
     def detach_redirect(self) -> None:
         """Stop adding sockets (sockops and setsockopt links go); the sk_msg
         program stays on the sockhash so pairs already spliced drain."""
-        self._remove_links(lambda name: name.startswith(("mbpf_sockops-", "mbpf_setsockopt-")))
+        self._remove_links(lambda name: name.startswith(("mbpf_sockops-", "mbpf_setsockopt-"))
+                           or name == RECV_LINK)
 
     def _remove_links(self, which) -> None:
         links = self.bpffs / "links"
@@ -339,7 +367,9 @@ def _detach_pin(pin: Path) -> None:
     try:
         libbpf.link_detach(fd)
     except libbpf.BPFError as exc:
-        if exc.errno not in (errno.ENOLINK, errno.EINVAL):
+        # A tracepoint's link has no detach (EOPNOTSUPP): it goes with its
+        # pin, once no one holds it open.
+        if exc.errno not in (errno.ENOLINK, errno.EINVAL, errno.EOPNOTSUPP):
             raise
     finally:
         os.close(fd)

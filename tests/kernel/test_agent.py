@@ -96,6 +96,8 @@ def test_uninstall_removes_everything_meshbpf_made_and_nothing_else(lab, probe, 
         assert "link mbpf_sockops-" in out.stdout
     if redirecting and kernel_features["cgroup_sockopt"]:
         assert "link mbpf_setsockopt-" in out.stdout
+    if redirecting and kernel_features["recv_tracepoint"]:
+        assert f"link {loader.RECV_LINK}" in out.stdout  # the empty-read counter's tracepoint
     assert sorted(p.name for p in bpffs.iterdir()) == ["someone-elses-map"]
     # New connections are no longer translated (the VIP has no route).
     assert probe("client", "connect-error", "10.96.0.10", 80)["errno"] != "0"
