@@ -32,6 +32,9 @@
 #include "lib/addr.h"
 #include "lib/capture_maps.h"
 #include "lib/capture.h"
+#ifdef MBPF_LB_EVENTS
+#include "lib/policy_events.h"
+#endif
 
 #define ETH_HLEN_ 14
 #define ETH_P_IPV4_ 0x0800
@@ -93,8 +96,9 @@ static __always_inline int read_tcp(struct __sk_buff *skb, struct cap_pkt *p)
 	return 1;
 }
 
-/* The meshed pod at addr with inbound capture on, or NULL. */
-static __always_inline struct mbpf_cap_pod *cap_pod_at(const __u8 *addr)
+/* The meshed pod at addr with inbound capture on, or NULL; *cg_out gets
+ * its cgroup id (the mbpf_cap_pod key). */
+static __always_inline struct mbpf_cap_pod *cap_pod_at(const __u8 *addr, __u64 *cg_out)
 {
 	struct mbpf_ep_addr key = {};
 	struct mbpf_cap_pod *p;
@@ -109,6 +113,7 @@ static __always_inline struct mbpf_cap_pod *cap_pod_at(const __u8 *addr)
 	p = mbpf_cap_pod.lookup(&cg);
 	if (!p || !(p->flags & MBPF_CAP_F_INBOUND))
 		return 0;
+	*cg_out = cg;
 	return p;
 }
 
@@ -135,6 +140,33 @@ static __always_inline int set_port(struct __sk_buff *skb, __u32 l4_off, __u32 a
 	return bpf_skb_store_bytes(skb, l4_off + at, &to, sizeof(to), 0);
 }
 
+/* One event for `meshbpf monitor` per SYN turned to the proxy, only while
+ * a reader listens (policy_events.h): nobody listening costs a captured
+ * connection one array lookup, others nothing. The client is the packet's
+ * source: no task runs this. */
+static __always_inline void cap_tc_event(const struct cap_pkt *pkt, __u16 to_port, __u64 pod_cg)
+{
+#ifdef MBPF_LB_EVENTS
+	struct mbpf_cap_event ev = {};
+
+	if (!events_wanted())
+		return;
+	ev.ts_ns = bpf_ktime_get_ns();
+	__builtin_memcpy(ev.orig_addr, pkt->dst, MBPF_ADDR_LEN);
+	__builtin_memcpy(ev.to_addr, pkt->dst, MBPF_ADDR_LEN);  /* addresses stay */
+	__builtin_memcpy(ev.peer_addr, pkt->src, MBPF_ADDR_LEN);
+	ev.orig_port = pkt->dport;
+	ev.to_port = to_port;
+	ev.peer_port = pkt->sport;
+	ev.pod_cg = pod_cg;
+	ev.proto = MBPF_IPPROTO_TCP;
+	ev.hook = MBPF_CAP_EV_TC;
+	ev.decision = MBPF_CAP_EV_INBOUND;
+	ev.kind = MBPF_EV_KIND_CAP;
+	mbpf_events.ringbuf_output(&ev, sizeof(ev), 0);  /* full: the event is lost, the packet not */
+#endif
+}
+
 /* attaches to the clsact ingress of a meshed pod's interface, in its netns:
  * what the pod receives */
 int mbpf_cap_tc_in(struct __sk_buff *skb)
@@ -145,10 +177,11 @@ int mbpf_cap_tc_in(struct __sk_buff *skb)
 	struct mbpf_cap_pod *p;
 	struct cap_pkt pkt = {};
 	__u16 in_port;
+	__u64 pod_cg = 0;
 
 	if (!cap_enabled() || !read_tcp(skb, &pkt))
 		return TC_ACT_OK;
-	p = cap_pod_at(pkt.dst);
+	p = cap_pod_at(pkt.dst, &pod_cg);
 	if (!p)
 		return TC_ACT_OK;
 	in_port = bpf_htons(p->in_port);
@@ -172,6 +205,7 @@ int mbpf_cap_tc_in(struct __sk_buff *skb)
 		orig.dir = MBPF_CAP_DIR_IN_NAT;
 		mbpf_cap_pair.update(&key, &orig);
 		cap_count(MBPF_CAP_IN);
+		cap_tc_event(&pkt, in_port, pod_cg);
 	} else {
 		/* Later packets: only those of a connection translated at its SYN. */
 		o = mbpf_cap_pair.lookup(&key);
@@ -193,10 +227,11 @@ int mbpf_cap_tc_out(struct __sk_buff *skb)
 	struct mbpf_cap_pod *p;
 	struct cap_pkt pkt = {};
 	__u16 to;
+	__u64 pod_cg;
 
 	if (!cap_enabled() || !read_tcp(skb, &pkt))
 		return TC_ACT_OK;
-	p = cap_pod_at(pkt.src);
+	p = cap_pod_at(pkt.src, &pod_cg);
 	if (!p || pkt.sport != bpf_htons(p->in_port))
 		return TC_ACT_OK;
 	__builtin_memcpy(key.peer, pkt.dst, MBPF_ADDR_LEN);

@@ -406,11 +406,14 @@ struct mbpf_lb_event {
 #define MBPF_LB_EV_TRANSLATED  0  /* sent to a backend */
 #define MBPF_LB_EV_REFUSED     1  /* no usable backend: refused */
 
-/* Sidecar capture event (ring buffer mbpf_events, bpf/sock_lb.c): one per
- * connect() or unconnected UDP send that capture steered to a proxy, only
- * while mbpf_pol_cfg.events is set. Same size as mbpf_lb_event, kind at
- * MBPF_EV_KIND_OFF. The pod is the meshed pod whose proxy gets it: the
- * caller's (outbound, DNS) or the destination's (inbound). */
+/* Sidecar capture event (ring buffer mbpf_events): one per connect() or
+ * unconnected UDP send that capture steered to a proxy (bpf/sock_lb.c), and
+ * one per SYN from a client outside every connect hook that tc turned to a
+ * pod's inbound port (bpf/capture_in.c, hook MBPF_CAP_EV_TC), only while
+ * mbpf_pol_cfg.events is set. Kind at MBPF_EV_KIND_OFF. The pod is the
+ * meshed pod whose proxy gets it: the caller's (outbound, DNS) or the
+ * destination's (inbound). A tc event has no calling task: its client is
+ * the packet's source (peer_*), its cgroup_id and netns_cookie are 0. */
 struct mbpf_cap_event {
 	__u64 ts_ns;                /* host order; bpf_ktime_get_ns() */
 	__u8  orig_addr[MBPF_ADDR_LEN];  /* network order; the destination asked, IPv4 as ::ffff:a.b.c.d */
@@ -420,13 +423,18 @@ struct mbpf_cap_event {
 	__u32 pad;                  /* zero */
 	__u64 pod_cg;               /* host order; the meshed pod's cgroup id (mbpf_cap_pod key) */
 	__u8  proto;                /* IPPROTO_TCP or IPPROTO_UDP */
-	__u8  hook;                 /* MBPF_LB_EV_CONNECT or MBPF_LB_EV_SENDMSG */
+	__u8  hook;                 /* MBPF_LB_EV_CONNECT, MBPF_LB_EV_SENDMSG or MBPF_CAP_EV_TC */
 	__u8  decision;             /* MBPF_CAP_EV_* */
 	__u8  kind;                 /* MBPF_EV_KIND_CAP (at MBPF_EV_KIND_OFF) */
 	__u32 pad2;                 /* zero */
 	__u64 cgroup_id;            /* host order; the caller's cgroup v2 id */
 	__u64 netns_cookie;         /* host order; the caller's netns, 0 if unknown */
+	__u8  peer_addr[MBPF_ADDR_LEN];  /* network order; tc: the client's address, else zero */
+	__u16 peer_port;            /* network order; tc: the client's port, else zero */
+	__u16 pad3;                 /* zero */
+	__u32 pad4;                 /* zero */
 };
+#define MBPF_CAP_EV_TC        2  /* hook: tc on the pod's interface (mbpf_cap_tc_in) */
 #define MBPF_CAP_EV_OUTBOUND  1  /* an app's connect to its proxy's outbound port */
 #define MBPF_CAP_EV_INBOUND   2  /* a connect to a meshed pod, to its proxy's inbound port */
 #define MBPF_CAP_EV_DNS       3  /* an app's DNS to its proxy's DNS port */

@@ -180,6 +180,8 @@ class Names:
                 *self._cgroup_pod(ev.cgroup_id))
 
     def _cap_known(self, ev: CapEvent) -> tuple:
+        if ev.peer:  # from tc: no task, the client is the packet's source ("": not a pod we know)
+            return (*self._cgroup_pod(ev.pod_cgroup_id), self.pod(ev.peer) or "", None)
         return (*self._cgroup_pod(ev.pod_cgroup_id), *self._cgroup_pod(ev.cgroup_id))
 
     def _describe_cap(self, ev: CapEvent) -> dict:
@@ -279,7 +281,10 @@ def lb_table_line(event: dict) -> str:
 def cap_table_line(event: dict) -> str:
     """CLIENT -> the destination it asked, then the proxy it went to and
     whose: the pod's (for inbound, the destination pod's)."""
-    client = _cgroup_side(event["client_pod"], event["client_cgroup"], event["cgroup_id"])
+    if event.get("peer"):  # from tc: a client outside every connect hook, by its address
+        client = _side(event["peer"], event["client_pod"])
+    else:
+        client = _cgroup_side(event["client_pod"], event["client_cgroup"], event["cgroup_id"])
     pod = _cgroup_side(event["pod"], event["pod_cgroup"], event["pod_cgroup_id"])
     return COLUMNS.format(time=datetime.now().strftime("%H:%M:%S.%f")[:-3],
                           verdict=event["verdict"].upper(), direction=event["hook"],

@@ -161,7 +161,9 @@ class CapEventC(ct.Structure):
                 ("orig_port", ct.c_uint16), ("to_port", ct.c_uint16), ("pad", ct.c_uint32),
                 ("pod_cg", ct.c_uint64), ("proto", ct.c_uint8), ("hook", ct.c_uint8),
                 ("decision", ct.c_uint8), ("kind", ct.c_uint8), ("pad2", ct.c_uint32),
-                ("cgroup_id", ct.c_uint64), ("netns_cookie", ct.c_uint64)]
+                ("cgroup_id", ct.c_uint64), ("netns_cookie", ct.c_uint64),
+                ("peer_addr", U8x16), ("peer_port", ct.c_uint16), ("pad3", ct.c_uint16),
+                ("pad4", ct.c_uint32)]
 
 
 EV_KIND_OFF = 59  # MBPF_EV_KIND_OFF: every event's kind byte

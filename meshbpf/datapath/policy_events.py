@@ -57,11 +57,12 @@ class CapEvent:
     original: str          # "addr:port" the caller asked for
     to: str                # "addr:port" of the proxy it was steered to
     proto: int
-    hook: str              # "connect" or "sendmsg" (unconnected UDP: DNS)
+    hook: str              # "connect", "sendmsg" (unconnected UDP: DNS) or "tc" (a client on another node)
     verdict: str           # CAP_DECISIONS: outbound, inbound or dns
     pod_cgroup_id: int     # the meshed pod's cgroup (the caller's, or for inbound the destination's)
     cgroup_id: int         # the calling task's cgroup v2 id
     netns_cookie: int      # 0 where the kernel cannot tell
+    peer: str | None = None  # tc: "addr:port" of the client (no task, so no cgroup)
     type: str = "capture"
 
 
@@ -69,6 +70,7 @@ EVENT_VERDICTS = {0: "allow", 1: "deny", 2: "spoofed", 3: "malformed"}
 LB_VERDICTS = {0: "translated", 1: "refused"}
 LB_HOOKS = {0: "connect", 1: "sendmsg"}
 CAP_DECISIONS = {1: "outbound", 2: "inbound", 3: "dns"}  # MBPF_CAP_EV_*
+CAP_HOOKS = {**LB_HOOKS, 2: "tc"}  # MBPF_LB_EV_CONNECT, _SENDMSG, MBPF_CAP_EV_TC
 
 
 def _endpoint_text(raw: bytes, port_net: int) -> str:
@@ -97,9 +99,11 @@ def _parse_lb(record: bytes) -> LbEvent:
 
 def _parse_cap(record: bytes) -> CapEvent:
     c = CapEventC.from_buffer_copy(record[:ct.sizeof(CapEventC)])
+    hook = CAP_HOOKS.get(c.hook, "?")
     return CapEvent(c.ts_ns, _endpoint_text(bytes(c.orig_addr), c.orig_port),
-                    _endpoint_text(bytes(c.to_addr), c.to_port), c.proto, LB_HOOKS.get(c.hook, "?"),
-                    CAP_DECISIONS.get(c.decision, "?"), c.pod_cg, c.cgroup_id, c.netns_cookie)
+                    _endpoint_text(bytes(c.to_addr), c.to_port), c.proto, hook,
+                    CAP_DECISIONS.get(c.decision, "?"), c.pod_cg, c.cgroup_id, c.netns_cookie,
+                    _endpoint_text(bytes(c.peer_addr), c.peer_port) if hook == "tc" else None)
 
 
 Event = PolicyEvent | LbEvent | CapEvent

@@ -58,11 +58,13 @@ class LoaderCapture:
     def __init__(self, lb, bpffs: Path, cgroup: Path):
         from ..datapath.capture import CaptureMaps, InboundTC
         from ..datapath.layout import CAPTURE_MAPS
+        from ..datapath.loader import lb_event_cflags
         self.maps = CaptureMaps(bpffs)
         self.lb = lb
         self.cgroup = cgroup
         sizes = [f"-D{s.size_macro}={lb.capacity(s)}" for s in CAPTURE_MAPS if s.size_macro]
-        self.tc = InboundTC(bpffs, sizes)
+        # the monitor's ring buffer, as the connect hooks have it: same pin, same size
+        self.tc = InboundTC(bpffs, sizes + lb_event_cflags(lb.sizes))
         self.inbound_at: dict[int, tuple[str, int, int]] = {}  # cgroup id -> netns path, ifindex, inode
         self.inbound_error = ""  # the last one logged: a failure that repeats is logged once
 

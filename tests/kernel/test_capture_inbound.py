@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from meshbpf.datapath import libbpf
 from meshbpf.datapath.capture import TC_HOOKS
 from meshbpf.lab.netlab import ROUTER, Lab
 from meshbpf.lab.objects import lab_objects
@@ -28,6 +29,8 @@ from meshbpf.lab.workloads import AgentProcess, start_whoami, wait_for, wait_lis
 
 from . import k8s
 from .conftest import AGENT_READY_TIMEOUT, BPFFS_ROOT, LAB_PREFIX, PIN_PREFIX, Load, Probe, _names
+from .test_monitor_lb import monitors  # noqa: F401 (a fixture)
+from .test_policy_cli import _stop, _wait_output
 
 pytestmark = [pytest.mark.twonode, pytest.mark.needs_feature("capture")]
 
@@ -150,6 +153,36 @@ def test_clients_on_other_nodes_reach_the_proxy_with_the_original_destination(la
 
 
 @pytest.mark.bounds
+@pytest.mark.skipif(not libbpf.ringbuf_supported(), reason="flow events need a ring buffer (5.8+)")
+def test_monitor_shows_a_remote_clients_connection_turned_to_the_proxy(lab2, agent, monitors):
+    """`meshbpf monitor` as a user types it: a connection from another node,
+    turned to the inbound port in tc, is an inbound capture decision with
+    the client's address and port (no task runs there: no cgroup), the
+    port it asked for and the proxy of mesh/a."""
+    a = agent(True)
+    wait_for(lambda: our_filter(lab2), 60, "the capture filters on mesh/a's interface")
+    pod, remote = lab2.pods["mesh/a"], lab2.pods["remote"]
+    mon = monitors(agent.bpffs, a, "-o", "json", "--type", "capture", "--pod", "mesh/a")
+    for host in (str(pod.ipv4), str(pod.ipv6)):
+        assert_at_proxy(get(lab2, "remote", host, 80), host, 80)
+    seen = _wait_output(mon, lambda text: text.count('"tc"') >= 2)
+    out, _ = _stop(mon, seen)
+    events = [json.loads(line) for line in out.splitlines()]
+    tc = [e for e in events if e["hook"] == "tc"]
+    assert {(e["verdict"], e["pod"], e["protocol"], e["original"].rsplit(":", 1)[1], e["to"].rsplit(":", 1)[1])
+            for e in tc} == {("inbound", "mesh/a", "TCP", "80", "15006")}, events
+    clients = {e["peer"].rsplit(":", 1)[0].strip("[]") for e in tc}
+    assert clients == {str(remote.ipv4), str(remote.ipv6)}, tc
+    assert all(e["cgroup_id"] == 0 and e["client_cgroup"] is None for e in tc), tc
+
+    table = monitors(agent.bpffs, a, "--verdict", "inbound")
+    assert_at_proxy(get(lab2, None, str(pod.ipv4), 80), str(pod.ipv4), 80)  # the router
+    out, _ = _stop(table, _wait_output(table, lambda text: "INBOUND" in text))
+    row = next(r for r in out.splitlines()[1:] if "INBOUND" in r)
+    assert row.split()[1:4] == ["INBOUND", "tc", "TCP"], row
+    assert f" {pod.ipv4}:80 " in row and row.rstrip().endswith(f"-> {pod.ipv4}:15006 (proxy of mesh/a)"), row
+
+
 def test_capture_off_restores_direct_delivery(lab2, agent):
     start = agent
     a = start(True)

@@ -19,12 +19,16 @@ OUTBOUND, INBOUND, DNS = 1, 2, 3  # MBPF_CAP_EV_*
 
 
 def _record(decision: int, orig: str, orig_port: int, to: str, to_port: int,
-            pod_cg: int = 10, cgroup_id: int = 11, proto: int = 6, hook: int = 0) -> bytes:
+            pod_cg: int = 10, cgroup_id: int = 11, proto: int = 6, hook: int = 0,
+            peer: tuple[str, int] | None = None) -> bytes:
     c = CapEventC(ts_ns=5, orig_port=socket.htons(orig_port), to_port=socket.htons(to_port),
                   pod_cg=pod_cg, proto=proto, hook=hook, decision=decision, kind=EV_KIND_CAP,
                   cgroup_id=cgroup_id)
     c.orig_addr[:] = addr16(ipaddress.ip_address(orig))
     c.to_addr[:] = addr16(ipaddress.ip_address(to))
+    if peer:
+        c.peer_addr[:] = addr16(ipaddress.ip_address(peer[0]))
+        c.peer_port = socket.htons(peer[1])
     return bytes(c)
 
 
@@ -38,9 +42,9 @@ def _names() -> Names:
     return names
 
 
-def test_the_record_has_the_shared_size_and_kind_offset():
-    assert ct.sizeof(CapEventC) == ct.sizeof(LbEventC) == 80
-    assert CapEventC.kind.offset == EV_KIND_OFF
+def test_the_record_has_the_kind_at_the_shared_offset():
+    assert (ct.sizeof(CapEventC), ct.sizeof(LbEventC)) == (104, 80)
+    assert CapEventC.kind.offset == LbEventC.kind.offset == EV_KIND_OFF
     ev = parse_event(_record(OUTBOUND, "10.96.0.10", 80, "10.244.0.5", 15001))
     assert ev == CapEvent(5, "10.96.0.10:80", "10.244.0.5:15001", 6, "connect", "outbound", 10, 11, 0)
 
@@ -79,3 +83,28 @@ def test_filters_by_type_decision_and_pod():
     assert matches(inbound, (), ("inbound",)) and not matches(inbound, (), ("dns",))
     assert matches(inbound, ("mesh/a",), ()) and matches(inbound, ("c",), ())
     assert not matches(inbound, ("x/b",), ())
+
+
+def test_inbound_from_tc_names_the_client_by_its_address():
+    """A connection from another node, turned to the proxy in tc: no task,
+    so no cgroup; the client is the packet's source, named if it is a pod
+    the agent knows."""
+    TC = 2  # MBPF_CAP_EV_TC
+    record = _record(INBOUND, "10.244.0.5", 80, "10.244.0.5", 15006, cgroup_id=0, hook=TC,
+                     peer=("10.244.1.7", 40000))
+    ev = parse_event(record)
+    assert (ev.hook, ev.peer, ev.verdict) == ("tc", "10.244.1.7:40000", "inbound")
+    names = _names()
+    event = names.describe(ev)
+    assert (event["pod"], event["client_pod"], event["client_cgroup"]) == ("mesh/a", None, None)
+    line = table_line(event)
+    assert line.split()[1:6] == ["INBOUND", "tc", "TCP", "10.244.1.7:40000", "10.244.0.5:80"], line
+    assert line.rstrip().endswith("-> 10.244.0.5:15006 (proxy of mesh/a)")
+    names.pods = {"10.244.1.7": "other/client"}
+    event = names.describe(ev)
+    assert event["client_pod"] == "other/client" and matches(event, ("client",), ())
+    assert "10.244.1.7:40000 (other/client)" in table_line(event)
+
+
+def test_a_connect_event_has_no_peer():
+    assert parse_event(_record(INBOUND, "10.244.0.5", 8080, "10.244.0.5", 15006)).peer is None
