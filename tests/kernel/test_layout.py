@@ -32,3 +32,25 @@ def test_hand_mirror_matches_the_compiled_structs(bpffs):
         # The loader's take-over of older pins goes by this flag.
         flags = libbpf.map_info(lb.map_fd(spec.name)).map_flags
         assert bool(flags & NO_PREALLOC) == spec.no_prealloc, spec.name
+
+
+# The flow-event records are no map's key or value: bcc describes them here
+# through an array of each, compiled from the same header.
+EVENT_RECORDS = {"mbpf_pol_event": "PolEventC", "mbpf_lb_event": "LbEventC", "mbpf_cap_event": "CapEventC"}
+
+
+def test_event_record_mirrors_match_the_compiled_structs():
+    from bcc import BPF
+
+    from meshbpf.datapath import layout
+    from meshbpf.datapath.source import bpf_dir
+    arrays = "".join(f"BPF_ARRAY(ev_{i}, struct {name}, 1);\n" for i, name in enumerate(EVENT_RECORDS))
+    text = f'#include <uapi/linux/bpf.h>\n#include "lib/common.h"\n{arrays}'
+    bpf = BPF(text=text.encode(), cflags=[f"-I{bpf_dir()}"])
+    try:
+        for i, (name, mirror) in enumerate(EVENT_RECORDS.items()):
+            compiled = bpf[f"ev_{i}".encode()].Leaf
+            assert _layout(getattr(layout, mirror)) == _layout(compiled), name
+            assert getattr(layout, mirror).kind.offset == layout.EV_KIND_OFF, name
+    finally:
+        bpf.cleanup()
