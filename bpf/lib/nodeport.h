@@ -162,6 +162,11 @@ static __always_inline int ns_node_socket(void *ctx, const struct mbpf_ns_ct_key
 	return 1;
 }
 
+/* bench/snat_cost.py compiles a copy without the socket check, to price it */
+#ifdef MBPF_NS_BENCH_NO_SOCKET_CHECK
+#define ns_node_socket(ctx, rk, v6) 0
+#endif
+
 /* Claim the reply tuple of a new flow: REV written only if free. With
  * SNAT, a port of the SNAT range whose reply tuple is neither a live
  * flow's (BPF_NOEXIST) nor a node socket's: up to NS_SNAT_PORT_TRIES from
