@@ -663,7 +663,8 @@ struct mbpf_ns_ct {
                                  * through the external device (tc egress) */
 #define MBPF_NS_CT_F_FIN    4   /* TCP: a FIN went by in this direction (the agent's
                                  * garbage collection frees the flow sooner) */
-#define MBPF_NS_CT_F_RST    8   /* TCP: a RST went by in this direction */
+#define MBPF_NS_CT_F_RST    8   /* TCP: a RST went by in this direction (a SYN
+                                 * clears both: the tuple's next connection) */
 
 /* mbpf_ns_stats: per-CPU array of __u64 counters. */
 #define MBPF_NS_NEW         0   /* new flow translated (DNAT, maybe SNAT) */

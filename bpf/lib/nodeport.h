@@ -45,11 +45,19 @@ static __always_inline void ns_count(__u32 idx)
  * the backstop. A plain store: a lost race only ages the entry less. */
 static __always_inline void ns_ct_touch(struct mbpf_ns_ct *entry, const struct ns_pkt *p)
 {
-	entry->last_ns = bpf_ktime_get_ns();
-	/* a closing TCP flow: the garbage collection frees its port sooner */
-	if (p->proto == IPPROTO_TCP && (p->tcp_flags & (NS_TCP_FIN | NS_TCP_RST))) {
-		__u8 closed = (p->tcp_flags & NS_TCP_RST) ? MBPF_NS_CT_F_RST : MBPF_NS_CT_F_FIN;
+	__u8 closed = MBPF_NS_CT_F_FIN | MBPF_NS_CT_F_RST;
 
+	entry->last_ns = bpf_ktime_get_ns();
+	if (p->proto != IPPROTO_TCP)
+		return;
+	if (p->tcp_flags & NS_TCP_SYN) {
+		/* a new connection on the tuple (the client reused its port):
+		 * open again, each direction by its own SYN */
+		if (entry->flags & closed)
+			entry->flags &= ~closed;
+	} else if (p->tcp_flags & (NS_TCP_FIN | NS_TCP_RST)) {
+		/* closing: the garbage collection frees its port sooner */
+		closed = (p->tcp_flags & NS_TCP_RST) ? MBPF_NS_CT_F_RST : MBPF_NS_CT_F_FIN;
 		if (!(entry->flags & closed))
 			entry->flags |= closed;
 	}

@@ -43,9 +43,10 @@ PROGRAMS = ("mbpf_ns_ingress", "mbpf_ns_egress")
 CT_FWD, CT_REV = 1, 2    # MBPF_NS_CT_FWD / _REV
 CT_F_SNAT = 1            # MBPF_NS_CT_F_SNAT
 CT_F_FIN, CT_F_RST = 4, 8   # MBPF_NS_CT_F_FIN / _RST: a FIN / RST went by (TCP)
-# Idle limits shorter than the caller's: a TCP flow that saw a RST is freed
-# by the next collection, one that saw a FIN after this long idle, UDP too
-# (so that its SNAT port serves again: the range is small).
+# Idle limits shorter than the caller's: a TCP flow that saw a RST, one
+# that saw a FIN, UDP (so that its SNAT port serves again: the range is
+# small). Linux's conntrack keeps a closed TCP flow 10 s (tcp_timeout_close).
+CT_RST_IDLE_NS = 10 * 10**9
 CT_FIN_IDLE_NS = 60 * 10**9
 CT_UDP_IDLE_NS = 120 * 10**9
 XDP_PROGRAM = "mbpf_ns_xdp"
@@ -207,12 +208,14 @@ class NorthSouthMaps(PinnedMaps):
         return list(libbpf.map_items(self.fds["mbpf_ns_ct"], NsCtKeyC, NsCtC))
 
     def collect_garbage(self, idle_ns: int, now_ns: int | None = None, *,
-                        fin_idle_ns: int = CT_FIN_IDLE_NS, udp_idle_ns: int = CT_UDP_IDLE_NS) -> int:
+                        rst_idle_ns: int = CT_RST_IDLE_NS, fin_idle_ns: int = CT_FIN_IDLE_NS,
+                        udp_idle_ns: int = CT_UDP_IDLE_NS) -> int:
         """Removes the flows whose two directions have both seen no packet
         for idle_ns (the programs stamp each direction's entry), and entries
         whose other half is gone and that are idle too. Shorter for some
-        (each at most idle_ns): a TCP flow that saw a RST either way at
-        once, one that saw a FIN after fin_idle_ns, UDP after udp_idle_ns.
+        (each at most idle_ns): a TCP flow that saw a RST either way after
+        rst_idle_ns, one that saw a FIN after fin_idle_ns (a SYN on the
+        tuple since clears both), UDP after udp_idle_ns.
         LRU eviction only acts once the table is full; this keeps it from
         filling with the dead (and frees SNAT ports). Returns the entries
         removed."""
@@ -226,7 +229,7 @@ class NorthSouthMaps(PinnedMaps):
             if key.proto == socket.IPPROTO_UDP:
                 limit = min(limit, udp_idle_ns)
             elif flags & CT_F_RST:
-                limit = 0
+                limit = min(limit, rst_idle_ns)
             elif flags & CT_F_FIN:
                 limit = min(limit, fin_idle_ns)
             if now - val.last_ns < limit:

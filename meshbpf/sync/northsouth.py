@@ -34,8 +34,8 @@ log = logging.getLogger("meshbpf.agent")  # the agent's log, as users and tests 
 
 # Conntrack garbage collection: flows idle both ways this long are removed
 # (LRU eviction acts only once the map is full); sooner a TCP flow that saw
-# a RST (the next collection), one that saw a FIN (60 s idle) and UDP (120 s
-# idle): datapath/northsouth.py's CT_*_IDLE_NS. That frees their SNAT ports.
+# a RST (10 s idle), one that saw a FIN (60 s idle) and UDP (120 s idle):
+# datapath/northsouth.py's CT_*_IDLE_NS. That frees their SNAT ports.
 # A flow idle longer comes back through its table: the same backend while
 # the table is unchanged.
 CT_GC_INTERVAL = 30.0

@@ -645,28 +645,34 @@ def test_bad_load_arguments_are_refused_before_anything_is_made(kwargs, message)
 
 @pytest.mark.parametrize("path", ["tc", "xdp"], indirect=True)
 def test_closed_and_udp_flows_are_collected_sooner(dp, maps, path):
-    """Their SNAT ports serve again: a TCP flow that saw a RST at the next
-    collection, one that saw a FIN after 60 s idle, UDP after 120 s; other
-    TCP flows after the caller's idle time (the programs mark FIN and RST
-    in the conntrack entry of the direction they saw them in)."""
+    """Their SNAT ports serve again: a TCP flow that saw a RST after 10 s
+    idle, one that saw a FIN after 60 s, UDP after 120 s; other TCP flows
+    after the caller's idle time (the programs mark FIN and RST in the
+    conntrack entry of the direction they saw them in). A new connection on
+    a closed flow's tuple (its SYN and SYN-ACK) opens it again."""
     f = FAMILIES[4]
     frontend(maps, nodeport(4), [REMOTE_BE], flags=F_NODEPORT)
     frontend(maps, nodeport(4, UDP_), [REMOTE_BE], table=1, flags=F_NODEPORT)
     sent = {}
-    for sport in (40050, 40051, 40052):
+    for sport in (40050, 40051, 40052, 40054):
         _, sent[sport] = ingress(dp, pkt(4, f["client"], f["node"], sport, NODE_PORT))
     ingress(dp, pkt(4, f["client"], f["node"], 40053, NODE_PORT, UDP_))
     ingress(dp, pkt(4, f["client"], f["node"], 40050, NODE_PORT, flags="FA"))          # the client's FIN
-    ingress(dp, pkt(4, f["remote"], f["node"], BE_PORT, l4(sent[40051]).sport, flags="R"))  # the backend's RST
-    assert len(maps.conntrack()) == 8
+    for sport in (40051, 40054):                                                        # the backend's RST
+        ingress(dp, pkt(4, f["remote"], f["node"], BE_PORT, l4(sent[sport]).sport, flags="R"))
+    # 40054: the client's next connection on the same tuple, answered
+    ingress(dp, pkt(4, f["client"], f["node"], 40054, NODE_PORT))
+    ingress(dp, pkt(4, f["remote"], f["node"], BE_PORT, l4(sent[40054]).sport, flags="SA"))
+    assert len(maps.conntrack()) == 10
     mark = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-    hour = 3600 * 10**9
+    hour, s = 3600 * 10**9, 10**9
 
     def client_ports() -> set[int]:
         return {socket.ntohs(k.sport) for k, _ in maps.conntrack() if k.dir == 1}
-    assert maps.collect_garbage(hour, now_ns=mark) == 2                    # the RST flow, both halves
-    assert client_ports() == {40050, 40052, 40053}
-    assert maps.collect_garbage(hour, now_ns=mark + 59 * 10**9) == 0
-    assert maps.collect_garbage(hour, now_ns=mark + 61 * 10**9) == 2       # the FIN flow
-    assert maps.collect_garbage(hour, now_ns=mark + 121 * 10**9) == 2      # the UDP flow
-    assert client_ports() == {40052}
+    assert maps.collect_garbage(hour, now_ns=mark + 9 * s) == 0
+    assert maps.collect_garbage(hour, now_ns=mark + 11 * s) == 2       # the RST flow, both halves
+    assert client_ports() == {40050, 40052, 40053, 40054}
+    assert maps.collect_garbage(hour, now_ns=mark + 59 * s) == 0
+    assert maps.collect_garbage(hour, now_ns=mark + 61 * s) == 2       # the FIN flow
+    assert maps.collect_garbage(hour, now_ns=mark + 121 * s) == 2      # the UDP flow
+    assert client_ports() == {40052, 40054}
