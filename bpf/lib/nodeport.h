@@ -32,6 +32,16 @@
 #define NS_SNAT_PORT_MIN     61000
 #define NS_SNAT_PORT_MAX     65535
 
+/* A flow whose reply tuple a new flow tries is over, and its SNAT port
+ * free again, once idle both ways this long: a TCP flow whose last packet
+ * was a RST at once, after a FIN 60 s, UDP 120 s, any other 600 s (the
+ * agent's garbage collection, datapath/northsouth.py, removes such flows
+ * too; this keeps ports coming back while no agent runs). */
+#define NS_SEC               1000000000ULL
+#define NS_CT_FIN_IDLE       (60 * NS_SEC)
+#define NS_CT_UDP_IDLE       (120 * NS_SEC)
+#define NS_CT_IDLE           (600 * NS_SEC)
+
 static __always_inline void ns_count(__u32 idx)
 {
 	__u64 *n = mbpf_ns_stats.lookup(&idx);
@@ -143,30 +153,85 @@ static __always_inline __u32 ns_pick(const struct ns_pkt *p, const struct mbpf_n
  * included), or a bound UDP one, in the device's netns. */
 static __always_inline int ns_node_socket(void *ctx, const struct mbpf_ns_ct_key *rk, int v6)
 {
-	struct bpf_sock_tuple t = {};
+	struct ns_claim_scratch *s;
+	struct bpf_sock_tuple *t;
 	struct bpf_sock *sk;
-	__u32 size;
+	__u32 size, zero = 0;
 
+	s = mbpf_ns_claim.lookup(&zero);
+	if (!s)
+		return 0;
+	t = &s->t;
 	if (v6) {
-		__builtin_memcpy(t.ipv6.saddr, rk->saddr, 16);
-		__builtin_memcpy(t.ipv6.daddr, rk->daddr, 16);
-		t.ipv6.sport = rk->sport;
-		t.ipv6.dport = rk->dport;
-		size = sizeof(t.ipv6);
+		__builtin_memcpy(t->ipv6.saddr, rk->saddr, 16);
+		__builtin_memcpy(t->ipv6.daddr, rk->daddr, 16);
+		t->ipv6.sport = rk->sport;
+		t->ipv6.dport = rk->dport;
+		size = sizeof(t->ipv6);
 	} else {
-		__builtin_memcpy(&t.ipv4.saddr, &rk->saddr[12], 4);
-		__builtin_memcpy(&t.ipv4.daddr, &rk->daddr[12], 4);
-		t.ipv4.sport = rk->sport;
-		t.ipv4.dport = rk->dport;
-		size = sizeof(t.ipv4);
+		__builtin_memcpy(&t->ipv4.saddr, &rk->saddr[12], 4);
+		__builtin_memcpy(&t->ipv4.daddr, &rk->daddr[12], 4);
+		t->ipv4.sport = rk->sport;
+		t->ipv4.dport = rk->dport;
+		size = sizeof(t->ipv4);
 	}
 	if (rk->proto == IPPROTO_TCP)
-		sk = (struct bpf_sock *)bpf_skc_lookup_tcp(ctx, &t, size, BPF_F_CURRENT_NETNS, 0);
+		sk = (struct bpf_sock *)bpf_skc_lookup_tcp(ctx, t, size, BPF_F_CURRENT_NETNS, 0);
 	else
-		sk = (struct bpf_sock *)bpf_sk_lookup_udp(ctx, &t, size, BPF_F_CURRENT_NETNS, 0);
+		sk = (struct bpf_sock *)bpf_sk_lookup_udp(ctx, t, size, BPF_F_CURRENT_NETNS, 0);
 	if (!sk)
 		return 0;
 	bpf_sk_release(sk);
+	return 1;
+}
+
+/* The flow holding reply tuple rk (a REV entry) is over (see NS_CT_*):
+ * its FWD entry is deleted (its client's next packet is a new flow) and 1
+ * returned: the tuple may be claimed. A RST counts when it is the flow's
+ * last packet (a SYN since, the client reusing its port, opens it again). */
+static __always_inline int ns_take_over(const struct mbpf_ns_ct_key *rk, __u64 now)
+{
+	struct ns_claim_scratch *s;
+	struct mbpf_ns_ct_key *fk;
+	struct mbpf_ns_ct *rev, *fwd;
+	__u64 last, fwd_last = 0, limit = NS_CT_IDLE;
+	__u8 rev_flags, fwd_flags = 0;
+	__u32 zero = 0;
+
+	s = mbpf_ns_claim.lookup(&zero);
+	rev = mbpf_ns_ct.lookup((struct mbpf_ns_ct_key *)rk);
+	if (!s || !rev)
+		return 0;  /* gone meanwhile: the next try */
+	fk = &s->fk;
+	__builtin_memcpy(fk->saddr, rev->dst, MBPF_ADDR_LEN);
+	__builtin_memcpy(fk->daddr, rev->src, MBPF_ADDR_LEN);
+	fk->sport = rev->dport;
+	fk->dport = rev->sport;
+	fk->proto = rk->proto;
+	fk->dir = MBPF_NS_CT_FWD;
+	fk->pad[0] = 0;
+	fk->pad[1] = 0;
+	last = rev->last_ns;
+	rev_flags = rev->flags;
+	fwd = mbpf_ns_ct.lookup(fk);
+	if (fwd) {
+		fwd_last = fwd->last_ns;
+		fwd_flags = fwd->flags;
+	}
+	if (rk->proto == IPPROTO_UDP) {
+		limit = NS_CT_UDP_IDLE;
+	} else if (((rev_flags & MBPF_NS_CT_F_RST) && last >= fwd_last) ||
+		   ((fwd_flags & MBPF_NS_CT_F_RST) && fwd_last >= last)) {
+		limit = 0;
+	} else if ((rev_flags | fwd_flags) & MBPF_NS_CT_F_FIN) {
+		limit = NS_CT_FIN_IDLE;
+	}
+	if (fwd_last > last)
+		last = fwd_last;
+	if (last > now || now - last < limit)
+		return 0;
+	if (fwd)
+		mbpf_ns_ct.delete(fk);
 	return 1;
 }
 
@@ -177,8 +242,8 @@ static __always_inline int ns_node_socket(void *ctx, const struct mbpf_ns_ct_key
 
 /* Claim the reply tuple of a new flow: REV written only if free. With
  * SNAT, a port of the SNAT range whose reply tuple is neither a live
- * flow's (BPF_NOEXIST) nor a node socket's: up to NS_SNAT_PORT_TRIES from
- * the flow's hash. 0: none free. */
+ * flow's (BPF_NOEXIST, else ns_take_over) nor a node socket's: up to
+ * NS_SNAT_PORT_TRIES from the flow's hash. 0: none free. */
 static __always_inline __u16 ns_claim_rev(void *ctx, const struct ns_pkt *p, const struct mbpf_ns_cfg *cfg,
 					  struct mbpf_ns_ct_key *rk, struct mbpf_ns_ct *rv, int snat,
 					  __u32 hash)
@@ -198,7 +263,9 @@ static __always_inline __u16 ns_claim_rev(void *ctx, const struct ns_pkt *p, con
 	port = hash % span;
 	for (int i = 0; i < NS_SNAT_PORT_TRIES; i++) {
 		rk->dport = bpf_htons(min + port);
-		if (!ns_node_socket(ctx, rk, p->v6) && mbpf_ns_ct.insert(rk, rv) == 0)
+		if (!ns_node_socket(ctx, rk, p->v6) &&
+		    (mbpf_ns_ct.insert(rk, rv) == 0 ||
+		     (ns_take_over(rk, rv->last_ns) && mbpf_ns_ct.update(rk, rv) == 0)))
 			return rk->dport;
 		ns_count(MBPF_NS_SNAT_RETRY);
 		port = (port + NS_SNAT_PORT_STRIDE) % span;

@@ -676,3 +676,40 @@ def test_closed_and_udp_flows_are_collected_sooner(dp, maps, path):
     assert maps.collect_garbage(hour, now_ns=mark + 61 * s) == 2       # the FIN flow
     assert maps.collect_garbage(hour, now_ns=mark + 121 * s) == 2      # the UDP flow
     assert client_ports() == {40052, 40054}
+
+
+@pytest.mark.parametrize("closed", ["rst", "fin", "reopened"])
+def test_a_closed_flows_snat_port_is_taken_over_after_a_rst(dp, maps, closed):
+    """A new flow whose try is a port held by a flow that is over takes it
+    at once after a RST (the old flow's FWD entry goes: its client's next
+    packet is a new flow); after a FIN not before 60 s idle (it takes its
+    next try); nor when the client opened the tuple again since (its SYN
+    after the RST)."""
+    f = FAMILIES[4]
+    frontend(maps, nodeport(4), [REMOTE_BE], flags=F_NODEPORT)
+    _, first = ingress(dp, pkt(4, f["client"], f["node"], 40070, NODE_PORT))
+    port = l4(first).sport
+    if closed == "rst":
+        ingress(dp, pkt(4, f["client"], f["node"], 40070, NODE_PORT, flags="R"))
+    elif closed == "reopened":
+        ingress(dp, pkt(4, f["remote"], f["node"], BE_PORT, port, flags="R"))       # the backend's RST
+    else:
+        ingress(dp, pkt(4, f["client"], f["node"], 40070, NODE_PORT, flags="FA"))
+        ingress(dp, pkt(4, f["remote"], f["node"], BE_PORT, port, flags="FA"))
+    if closed == "reopened":
+        ingress(dp, pkt(4, f["client"], f["node"], 40070, NODE_PORT))    # the same tuple again: its SYN
+    other = _client_port_colliding(f, port, 4)
+    before = maps.counters()
+    _, second = ingress(dp, pkt(4, f["far"], f["node"], other, NODE_PORT))
+    tries = snat_tries(f["far"], f["node"], other, NODE_PORT)
+    fwd_ports = {socket.ntohs(k.sport) for k, _ in maps.conntrack() if k.dir == 1}
+    if closed == "rst":
+        assert l4(second).sport == port and "snat_port_retry" not in counted(maps, before)
+        assert fwd_ports == {other}                        # the old flow is gone
+        _, again = ingress(dp, pkt(4, f["client"], f["node"], 40070, NODE_PORT))
+        assert l4(again).sport != port                     # a new flow for the old client
+        _, back = ingress(dp, pkt(4, f["remote"], f["node"], BE_PORT, port, flags="SA"))
+        assert (l3(back).dst, l4(back).dport) == (f["far"], other)
+    else:
+        assert l4(second).sport == tries[1] and counted(maps, before)["snat_port_retry"] == 1
+        assert fwd_ports == {40070, other}
