@@ -48,6 +48,35 @@ class ConfigResult(BuildResult):
     skipped: list[Problem] = field(default_factory=list)
 
 
+# The largest config file read: a bigger one is refused from its size alone,
+# before a byte of it is read (its text and documents would take several
+# times that in memory, on every node at once).
+MAX_FILE_BYTES = 1 << 30
+READ_TRIES = 3  # a file that changes under three reads in a row waits for the next poll
+
+
+def read_text(file: Path) -> tuple[str, tuple[int, int, int]]:
+    """A file's text and the (inode, size, mtime) it was read at. A file that
+    changed while it was read (size or mtime moved, or fewer bytes than its
+    size) is read again: half a rewrite is never parsed. OSError when it is
+    too big, or kept changing."""
+    for _ in range(READ_TRIES):
+        with open(file, "rb") as f:
+            st = os.fstat(f.fileno())
+            _check_size(st.st_size)
+            data = f.read(MAX_FILE_BYTES + 1)  # bounded: it may grow after the stat
+            after = os.fstat(f.fileno())
+        _check_size(len(data))
+        if len(data) == st.st_size and (after.st_size, after.st_mtime_ns) == (st.st_size, st.st_mtime_ns):
+            return data.decode("utf-8-sig"), (st.st_ino, st.st_size, st.st_mtime_ns)  # -sig: a BOM
+    raise OSError(f"changed while being read, {READ_TRIES} times in a row; read again at its next change")
+
+
+def _check_size(size: int) -> None:
+    if size > MAX_FILE_BYTES:
+        raise OSError(f"{size} bytes, over the {MAX_FILE_BYTES >> 30} GiB a config file may have")
+
+
 def config_files(path: Path) -> list[Path]:
     """The files a config path stands for, in a stable order."""
     if path.is_dir():
@@ -159,7 +188,7 @@ def _read_config(path: Path, node_name: str | None, cache: dict,
             if file in cache and cache[file][0] == stamp and cache[file][2] is not None:
                 objects.extend(cache[file][2])
                 continue
-            text = file.read_text(encoding="utf-8-sig")  # tolerate a byte order mark
+            text, stamp = read_text(file)
         except (OSError, UnicodeDecodeError) as exc:
             problems.append(Problem(str(file), "", "", f"cannot read: {exc}"))
             continue
@@ -369,7 +398,7 @@ class FileSource:
                     stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
                     if file in self._parsed and self._parsed[file][0] == stamp:
                         continue
-                    text = file.read_text(encoding="utf-8-sig")
+                    text, stamp = read_text(file)
                 except (OSError, UnicodeDecodeError):
                     return None  # the full read says what is wrong, with every other problem
                 previous = self._parsed[file][1] if file in self._parsed else None
