@@ -25,7 +25,7 @@ import os
 import time
 from pathlib import Path
 
-from .bpffs import check_bpffs
+from .bpffs import check_bpffs, make_pin_folder
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class BpffsLock:
         """Takes the lock, waiting up to `timeout` seconds for another agent
         to let go; raises LockError naming the holder when it does not."""
         check_bpffs(self.folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        make_pin_folder(self.folder)
         fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         deadline = time.monotonic() + timeout
         waited = False
