@@ -32,7 +32,7 @@ from .datapath.maps import LBMaps
 from .datapath.route_counters import RouteCounters
 from .datapath.policy import PolicyDatapath
 from .gcpause import gc_paused
-from .health import HealthServer
+from .health import HealthServer, ListenError
 from .metrics import (AgentMetrics, CaptureCollector, LBStatsCollector, MapPressureCollector,
                       PolicyStatsCollector, RedirectCollector, RouteBackendCollector)
 from .model import DesiredState, RedirectSettings
@@ -128,6 +128,38 @@ class Agent:
 
     # --- start-up ------------------------------------------------------------
     def start(self) -> None:
+        # Bound first: an address in use fails the agent at once, in one
+        # line, not after the compile (seconds) with the datapath attached.
+        try:
+            self.http = self._health_server()
+        except ListenError:
+            if not self.lock.held_elsewhere():
+                raise
+            # The previous agent is still exiting (an upgrade): its port
+            # goes with it, so wait for it as for its lock.
+            self.lock.acquire(self.opts.lock_timeout)
+            self.http = self._health_server()
+        try:
+            self._start_datapath()
+        except BaseException:
+            self.http.stop()
+            self.http = None
+            raise
+        self.http.start()
+        log.info("serving /healthz, /readyz, /metrics, /v1/endpoints, /v1/policy, /v1/capture, "
+                 "/v1/northsouth and /v1/routes on http://%s", self.http.address)
+
+    def _health_server(self) -> HealthServer:
+        return HealthServer(self.opts.listen, self.metrics.registry,
+                            alive=self.alive, ready=self.ready, details=self.health_details,
+                            views={"/v1/endpoints": lambda: {**self.policy.endpoints_view(),
+                                                             **flow_names(self.desired)},
+                                   "/v1/policy": self.policy.policy_view,
+                                   "/v1/capture": self.capture.view,
+                                   "/v1/northsouth": self.northsouth.view,
+                                   "/v1/routes": lambda: routes_view(self.desired)})
+
+    def _start_datapath(self) -> None:
         # Before anything is compiled or attached: a second agent on this
         # folder would hand out the same service IDs.
         self.lock.acquire(self.opts.lock_timeout)
@@ -156,17 +188,6 @@ class Agent:
         self.metrics.registry.register(CaptureCollector(
             self.capture.counters, lambda: len(self.capture.current.pods)))
         self._start_north_south()
-        self.http = HealthServer(self.opts.listen, self.metrics.registry,
-                                 alive=self.alive, ready=self.ready, details=self.health_details,
-                                 views={"/v1/endpoints": lambda: {**self.policy.endpoints_view(),
-                                                                          **flow_names(self.desired)},
-                                        "/v1/policy": self.policy.policy_view,
-                                        "/v1/capture": self.capture.view,
-                                        "/v1/northsouth": self.northsouth.view,
-                                        "/v1/routes": lambda: routes_view(self.desired)})
-        self.http.start()
-        log.info("serving /healthz, /readyz, /metrics, /v1/endpoints, /v1/policy, /v1/capture, "
-                 "/v1/northsouth and /v1/routes on http://%s", self.http.address)
 
     def _start_capture(self, target: Path) -> None:
         """Sidecar capture's maps are pinned whenever the kernel can capture
