@@ -124,6 +124,7 @@ class Agent:
         self.last_error = ""
         self._beat = time.monotonic()
         self._stop = threading.Event()
+        self._resync_asked = False  # set by SIGHUP: a plain flag, safe in a signal handler
         self.http: HealthServer | None = None
 
     # --- start-up ------------------------------------------------------------
@@ -243,9 +244,18 @@ class Agent:
             self._error("policy datapath not started (load balancing goes on): %s", one_line(exc))
 
     # --- the loop ------------------------------------------------------------
-    def run(self) -> None:
+    def install_signal_handlers(self) -> None:
+        """SIGTERM and SIGINT stop the loop; SIGHUP asks for a full resync
+        at its next step, as other daemons re-read their configuration."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stop.set())
+        signal.signal(signal.SIGHUP, lambda *_: self.request_resync())
+
+    def request_resync(self) -> None:
+        self._resync_asked = True
+
+    def run(self) -> None:
+        self.install_signal_handlers()
         while not self._stop.is_set():
             try:
                 self.step()
@@ -279,10 +289,11 @@ class Agent:
 
     def _step(self) -> None:
         started = now = time.monotonic()
+        asked = self._take_resync_request()
         changed = self._poll_source()
         if self.desired is None:
             return
-        resync = self.opts.resync_interval > 0 and now >= self.next_resync
+        resync = asked or self.opts.resync_interval > 0 and now >= self.next_resync
         if resync:
             self.next_resync = now + self.opts.resync_interval
         if changed or resync or self.lbsync.retry.due(now):
@@ -300,9 +311,22 @@ class Agent:
         if addresses != self.lbsync.node_addresses:  # the north-south sync read new ones
             self.lbsync.sync(self.desired, node_addresses=addresses)
         self.northsouth.collect_garbage(now)
-        if changed or self.redirect_retry.due(now):
+        if changed or asked or self.redirect_retry.due(now):
             self.sync_redirect(self.desired.settings.redirect)
             self.redirect_tried = True
+
+    def _take_resync_request(self) -> bool:
+        """SIGHUP's full resync: the source forgets what it read, so this
+        step's poll reads everything again, and the step re-reads the pinned
+        maps and rewrites what differs, as the periodic resync does."""
+        if not self._resync_asked:
+            return False
+        self._resync_asked = False
+        log.info("SIGHUP: full resync: reading the sources again, re-planning, rewriting the maps")
+        forget = getattr(self.source, "forget", None)
+        if forget is not None:
+            forget()
+        return True
 
     def _sync_route_counters(self) -> None:
         """Counter entries for the splits just programmed (metrics only: a

@@ -303,6 +303,12 @@ class FileSource:
     def changed(self) -> bool:
         return _stamp(self.path) != self._last
 
+    def forget(self) -> None:
+        """The next poll reads and parses every file again, changed or not,
+        and hands out the state even if it is the same (SIGHUP)."""
+        self._last, self._parsed = None, {}
+        self._index, self._index_inputs = None, None
+
     def poll(self) -> DesiredState | None:
         """None when nothing changed (or a change is settling or held);
         raises ConfigError on a bad change (reported once per change, not on
