@@ -176,17 +176,17 @@ class Agent:
         held = self.lbsync.current
         log.info("attached to cgroup %s; pinned maps at %s hold %d services, %d backends",
                  target, self.opts.bpffs, len(held.services), len(held.backends))
-        self.metrics.registry.register(MapPressureCollector(
+        self.metrics.collectors.register(MapPressureCollector(
             self.opts.bpffs, lambda: {**self.lbsync.known_counts(), **self.policy.known_counts()}))
-        self.metrics.registry.register(RedirectCollector(self.opts.bpffs))
-        self.metrics.registry.register(LBStatsCollector(self.opts.bpffs))
-        self.metrics.registry.register(RouteBackendCollector(self.route_counters.read))
-        self.metrics.registry.register(PolicyStatsCollector(self.opts.bpffs))
+        self.metrics.collectors.register(RedirectCollector(self.opts.bpffs))
+        self.metrics.collectors.register(LBStatsCollector(self.opts.bpffs))
+        self.metrics.collectors.register(RouteBackendCollector(self.route_counters.read))
+        self.metrics.collectors.register(PolicyStatsCollector(self.opts.bpffs))
         self.policy.cgroup_root = target  # where kubelet's pod cgroups are
         if self.policy.pinned():  # a previous agent enforced policy: take over now
             self._start_policy()
         self._start_capture(target)
-        self.metrics.registry.register(CaptureCollector(
+        self.metrics.collectors.register(CaptureCollector(
             self.capture.counters, lambda: len(self.capture.current.pods)))
         self._start_north_south()
 
@@ -215,7 +215,7 @@ class Agent:
                     self.northsouth.turn_off_pinned(opts.bpffs)
                 return
             dp = self.northsouth.load(opts.bpffs, self.ns_devices, opts.node_netns, opts.map_sizes)
-            register_ns_counters(self.metrics.registry, dp.maps)
+            register_ns_counters(self.metrics.collectors, dp.maps)
             log.info("north-south load balancing on %s (%s)", ", ".join(self.ns_devices),
                      getattr(dp, "mode", "tc"))
         except Exception as exc:
