@@ -80,13 +80,26 @@ def _check_size(size: int) -> None:
 def config_files(path: Path) -> list[Path]:
     """The files a config path stands for, in a stable order."""
     if path.is_dir():
+        # A dangling symlink is listed too: reading it is a problem that names
+        # it, where skipping it would drop its Services without a word.
         return sorted(p for p in path.iterdir()
-                      if p.is_file() and p.suffix in _SUFFIXES and not p.name.startswith("."))
+                      if (p.is_file() or _dangling(p)) and p.suffix in _SUFFIXES
+                      and not p.name.startswith("."))
     if path.is_file():
         return [path]
     if path.exists():  # a FIFO would block the loop on its read; a device, worse
         raise ConfigError([Problem(str(path), "", "", "not a regular file or a folder")])
     raise ConfigError([Problem(str(path), "", "", "no such file or folder")])
+
+
+def _dangling(path: Path) -> bool:
+    return path.is_symlink() and not path.exists()
+
+
+def _unreadable(file: Path, exc: Exception) -> Problem:
+    if _dangling(file):
+        return Problem(str(file), "", "", f"a symlink to {os.readlink(file)}, which does not exist")
+    return Problem(str(file), "", "", f"cannot read: {exc}")
 
 
 def document_starts(text: str) -> list[int]:
@@ -190,7 +203,7 @@ def _read_config(path: Path, node_name: str | None, cache: dict,
                 continue
             text, stamp = read_text(file)
         except (OSError, UnicodeDecodeError) as exc:
-            problems.append(Problem(str(file), "", "", f"cannot read: {exc}"))
+            problems.append(_unreadable(file, exc))
             continue
         try:
             record, _, parsed = parse_file(file, text)
@@ -235,9 +248,9 @@ def _stamp(path: Path) -> _Stamp:
             with os.scandir(path) as it:
                 found = sorted((e.path, e) for e in it
                                if e.name.endswith(_SUFFIXES) and not e.name.startswith(".")
-                               and e.is_file())
+                               and (e.is_file() or _dangling(Path(e.path))))
             for name, entry in found:
-                st = entry.stat()
+                st = entry.stat(follow_symlinks=entry.is_file())  # a dangling link: its own
                 entries.append((name, st.st_ino, st.st_size, st.st_mtime_ns))
         else:
             st = os.stat(path)

@@ -133,3 +133,21 @@ def test_a_file_that_never_stops_changing_is_refused_and_read_at_its_next_change
         read_config(path)
     assert [str(p) for p in exc.value.problems] == [
         f"{path}: cannot read: changed while being read, 3 times in a row; read again at its next change"]
+
+
+def test_a_dangling_symlink_in_the_folder_is_a_problem_naming_it(folder):
+    agent = make_agent(folder)
+    agent.step()
+    assert services(agent) == {"default/web"}
+    link = folder / "more.yaml"
+    link.symlink_to(folder / "gone.txt")
+    with pytest.raises(ConfigError) as exc:
+        read_config(folder)
+    assert [str(p) for p in exc.value.problems] == [f"{link}: a symlink to {folder / 'gone.txt'}, which does not exist"]
+    agent.step()                                  # the poll sees it: refused, the state stays
+    assert services(agent) == {"default/web"} and agent.ready()
+    link.unlink()                                 # and sees it go
+    (folder / "gone.txt").write_text(dump_all([good_objects("2")["Service"]]))
+    link.symlink_to(folder / "gone.txt")
+    agent.step()
+    assert services(agent) == {"default/web", "default/web2"}
