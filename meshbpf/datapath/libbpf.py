@@ -15,6 +15,7 @@ from dataclasses import dataclass
 _lib = ct.CDLL(ctypes.util.find_library("bpf") or "libbpf.so.1", use_errno=True)
 
 BPF_MAP_TYPE_NAMES = {1: "hash", 2: "array", 9: "lru_hash", 18: "sockhash", 15: "sockmap"}
+BPF_MAP_TYPE_RINGBUF = 27
 
 
 class BPFError(OSError):
@@ -212,6 +213,8 @@ def check_layout(fd: int, key_size: int, value_size: int | None = None) -> MapIn
     """Raises LayoutError unless the map's key (and value, if given) sizes
     are ours: one line naming the map, its pinned path, expected and found."""
     info = map_info(fd)
+    if info.type == BPF_MAP_TYPE_RINGBUF:
+        return info  # records, not entries: no key or value to read through a struct
     values = {info.value_size}
     if info.type in PERCPU_MAP_TYPES:  # a spec's one value, or a lookup's one per CPU
         values.add((info.value_size + 7) // 8 * 8 * possible_cpus())
@@ -369,7 +372,6 @@ def prog_test_run_xdp_out(prog_fd: int, packet: bytes) -> tuple[int, bytes]:
     return ct.c_int32(opts.retval).value, data_out.raw[:opts.data_size_out]
 
 
-BPF_MAP_TYPE_RINGBUF = 27
 _lib.libbpf_probe_bpf_map_type.argtypes = [ct.c_int, ct.c_void_p]
 RINGBUF_CALLBACK = ct.CFUNCTYPE(ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_size_t)
 _lib.ring_buffer__new.argtypes = [ct.c_int, RINGBUF_CALLBACK, ct.c_void_p, ct.c_void_p]

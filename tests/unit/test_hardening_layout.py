@@ -86,3 +86,9 @@ def test_monitor_refuses_an_old_event_switch_in_one_line(old_pins):
     assert len(out.stderr.splitlines()) == 1, out.stderr
     assert out.stderr.startswith(f"meshbpf: error: map mbpf_pol_cfg (pinned at {old_pins}/mbpf_pol_cfg) "
                                  "has value size 4, this build expects 8")
+
+
+def test_a_ring_buffer_has_no_layout_to_refuse(old_pins):
+    """Its records are read whole (the monitor): key and value sizes are 0."""
+    fd = libbpf.open_pinned(str(old_pins / "mbpf_events"), ct.c_uint32, ct.c_uint8)
+    os.close(fd)
