@@ -88,8 +88,10 @@ def log(msg: str) -> None:
 class SizeRun:
     """One size N: the lab, the servers, the meshbpf datapath, the rulesets."""
 
-    def __init__(self, n: int, cases: list[str], work: Path, cpu: int | None = None):
+    def __init__(self, n: int, cases: list[str], work: Path, cpu: int | None = None,
+                 map_sizes: dict[str, int] | None = None):
         self.n, self.cases, self.work = n, cases, work
+        self.map_sizes = map_sizes or {}  # the agent's --map-size: 100 000 Services need larger maps
         self.pin = [] if cpu is None else ["taskset", "-c", str(cpu)]
         self.lab = Lab(f"bench{os.getpid()}n{n}")
         self.bpffs = Path(f"/sys/fs/bpf/meshbpf-bench-{os.getpid()}")
@@ -169,7 +171,7 @@ class SizeRun:
         cg = self.lab.cgroup
         if cg == cgroup2_mount() or cg.parent != cgroup2_mount():
             raise RuntimeError(f"refusing to attach to {cg}: not a child of the cgroup2 root")
-        self.lb = SockLB(bpffs=self.bpffs)
+        self.lb = SockLB(bpffs=self.bpffs, sizes=self.map_sizes)
         self.lb.compile()
         self.lb.attach(cg)
         self.maps = LBMaps.from_socklb(self.lb)
@@ -258,7 +260,7 @@ class SizeRun:
 
 def run_size(n: int, cases: list[str], args, work: Path) -> dict:
     out: dict = {"programming": {}, "add_one": {}, "rounds": []}
-    with SizeRun(n, cases, work, args.cpu) as run:
+    with SizeRun(n, cases, work, args.cpu, args.map_size) as run:
         run.start_servers()
         for case in cases:
             log(f"N={n}: programming {case}")
@@ -344,6 +346,8 @@ def main() -> None:
                     help="seconds not counted at the start of each client run (default %(default)s)")
     ap.add_argument("--cpu", default=str(os.cpu_count() - 1),
                     help="CPU that client and server share, or 'none' (default %(default)s)")
+    ap.add_argument("--map-size", action="append", default=[], metavar="NAME=ENTRIES",
+                    help="as the agent's flag (repeatable); 100 000 Services need README's sizes")
     ap.add_argument("--out", type=Path, default=HERE / "results", help="default bench/results")
     ap.add_argument("--report-only", type=Path, metavar="JSON",
                     help="only redo the tables and plot from a results file")
@@ -357,6 +361,10 @@ def main() -> None:
     args.rounds = args.rounds or (8 if args.quick else 30)
     args.duration = args.duration or (0.2 if args.quick else 0.3)
     args.cpu = None if args.cpu == "none" else int(args.cpu)
+    try:
+        args.map_size = {name: int(n) for name, n in (m.split("=", 1) for m in args.map_size)}
+    except ValueError:
+        ap.error("--map-size: give NAME=ENTRIES, e.g. mbpf_svc=131072")
     cases = [c for c in args.cases.split(",") if c]
     if "direct" not in cases or any(c not in CASES for c in cases):
         ap.error(f"--cases: choose from {', '.join(CASES)}; direct is the baseline and required")
@@ -378,7 +386,8 @@ def main() -> None:
     results = {"command": f"bench/run {argv}".strip(), "machine": machine(),
                "config": {"sizes": sizes, "cases": cases, "rounds": args.rounds,
                           "duration_s": args.duration, "warmup_s": args.warmup,
-                          "quick": args.quick, "backends": len(kr.BACKENDS), "cpu": args.cpu},
+                          "quick": args.quick, "backends": len(kr.BACKENDS), "cpu": args.cpu,
+                          "map_sizes": args.map_size},
                "sizes": {}}
     started = time.monotonic()
     # Generated YAML and rule files go to bench/out (gitignored) and are

@@ -33,7 +33,7 @@ from .datapath.maps import LBMaps
 from .datapath.route_counters import RouteCounters
 from .datapath.policy import PolicyDatapath
 from .gcpause import gc_paused
-from .health import HealthServer
+from .health import HealthServer, ListenError
 from .metrics import (AgentMetrics, CaptureCollector, LBStatsCollector, MapPressureCollector,
                       PolicyStatsCollector, RedirectCollector, RouteBackendCollector)
 from .model import DesiredState, RedirectSettings
@@ -127,10 +127,43 @@ class Agent:
         self.last_error = ""
         self._beat = time.monotonic()
         self._stop = threading.Event()
+        self._resync_asked = False  # set by SIGHUP: a plain flag, safe in a signal handler
         self.http: HealthServer | None = None
 
     # --- start-up ------------------------------------------------------------
     def start(self) -> None:
+        # Bound first: an address in use fails the agent at once, in one
+        # line, not after the compile (seconds) with the datapath attached.
+        try:
+            self.http = self._health_server()
+        except ListenError:
+            if not self.lock.held_elsewhere():
+                raise
+            # The previous agent is still exiting (an upgrade): its port
+            # goes with it, so wait for it as for its lock.
+            self.lock.acquire(self.opts.lock_timeout)
+            self.http = self._health_server()
+        try:
+            self._start_datapath()
+        except BaseException:
+            self.http.stop()
+            self.http = None
+            raise
+        self.http.start()
+        log.info("serving /healthz, /readyz, /metrics, /v1/endpoints, /v1/policy, /v1/capture, "
+                 "/v1/northsouth and /v1/routes on http://%s", self.http.address)
+
+    def _health_server(self) -> HealthServer:
+        return HealthServer(self.opts.listen, self.metrics.registry,
+                            alive=self.alive, ready=self.ready, details=self.health_details,
+                            views={"/v1/endpoints": lambda: {**self.policy.endpoints_view(),
+                                                             **flow_names(self.desired)},
+                                   "/v1/policy": self.policy.policy_view,
+                                   "/v1/capture": self.capture.view,
+                                   "/v1/northsouth": self.northsouth.view,
+                                   "/v1/routes": lambda: routes_view(self.desired)})
+
+    def _start_datapath(self) -> None:
         # Before anything is compiled or attached: a second agent on this
         # folder would hand out the same service IDs.
         self.lock.acquire(self.opts.lock_timeout)
@@ -146,30 +179,19 @@ class Agent:
         held = self.lbsync.current
         log.info("attached to cgroup %s; pinned maps at %s hold %d services, %d backends",
                  target, self.opts.bpffs, len(held.services), len(held.backends))
-        self.metrics.registry.register(MapPressureCollector(
+        self.metrics.collectors.register(MapPressureCollector(
             self.opts.bpffs, lambda: {**self.lbsync.known_counts(), **self.policy.known_counts()}))
-        self.metrics.registry.register(RedirectCollector(self.opts.bpffs))
-        self.metrics.registry.register(LBStatsCollector(self.opts.bpffs))
-        self.metrics.registry.register(RouteBackendCollector(self.route_counters.read))
-        self.metrics.registry.register(PolicyStatsCollector(self.opts.bpffs))
+        self.metrics.collectors.register(RedirectCollector(self.opts.bpffs))
+        self.metrics.collectors.register(LBStatsCollector(self.opts.bpffs))
+        self.metrics.collectors.register(RouteBackendCollector(self.route_counters.read))
+        self.metrics.collectors.register(PolicyStatsCollector(self.opts.bpffs))
         self.policy.cgroup_root = target  # where kubelet's pod cgroups are
         if self.policy.pinned():  # a previous agent enforced policy: take over now
             self._start_policy()
         self._start_capture(target)
-        self.metrics.registry.register(CaptureCollector(
+        self.metrics.collectors.register(CaptureCollector(
             self.capture.counters, lambda: len(self.capture.current.pods)))
         self._start_north_south()
-        self.http = HealthServer(self.opts.listen, self.metrics.registry,
-                                 alive=self.alive, ready=self.ready, details=self.health_details,
-                                 views={"/v1/endpoints": lambda: {**self.policy.endpoints_view(),
-                                                                          **flow_names(self.desired)},
-                                        "/v1/policy": self.policy.policy_view,
-                                        "/v1/capture": self.capture.view,
-                                        "/v1/northsouth": self.northsouth.view,
-                                        "/v1/routes": lambda: routes_view(self.desired)})
-        self.http.start()
-        log.info("serving /healthz, /readyz, /metrics, /v1/endpoints, /v1/policy, /v1/capture, "
-                 "/v1/northsouth and /v1/routes on http://%s", self.http.address)
 
     def _start_capture(self, target: Path) -> None:
         """Sidecar capture's maps are pinned whenever the kernel can capture
@@ -197,7 +219,7 @@ class Agent:
                 return
             dp = self.northsouth.load(opts.bpffs, self.ns_devices, opts.node_netns, opts.map_sizes,
                                       opts.snat_ports if opts.reserve_snat_ports else None)
-            register_ns_counters(self.metrics.registry, dp.maps)
+            register_ns_counters(self.metrics.collectors, dp.maps)
             lo, hi = opts.snat_ports
             log.info("north-south load balancing on %s (%s); SNAT ports %d-%d, %s", ", ".join(self.ns_devices),
                      getattr(dp, "mode", "tc"), lo, hi,
@@ -231,9 +253,18 @@ class Agent:
             self._error("policy datapath not started (load balancing goes on): %s", one_line(exc))
 
     # --- the loop ------------------------------------------------------------
-    def run(self) -> None:
+    def install_signal_handlers(self) -> None:
+        """SIGTERM and SIGINT stop the loop; SIGHUP asks for a full resync
+        at its next step, as other daemons re-read their configuration."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stop.set())
+        signal.signal(signal.SIGHUP, lambda *_: self.request_resync())
+
+    def request_resync(self) -> None:
+        self._resync_asked = True
+
+    def run(self) -> None:
+        self.install_signal_handlers()
         while not self._stop.is_set():
             try:
                 self.step()
@@ -267,10 +298,11 @@ class Agent:
 
     def _step(self) -> None:
         started = now = time.monotonic()
+        asked = self._take_resync_request()
         changed = self._poll_source()
         if self.desired is None:
             return
-        resync = self.opts.resync_interval > 0 and now >= self.next_resync
+        resync = asked or self.opts.resync_interval > 0 and now >= self.next_resync
         if resync:
             self.next_resync = now + self.opts.resync_interval
         if changed or resync or self.lbsync.retry.due(now):
@@ -288,9 +320,22 @@ class Agent:
         if addresses != self.lbsync.node_addresses:  # the north-south sync read new ones
             self.lbsync.sync(self.desired, node_addresses=addresses)
         self.northsouth.collect_garbage(now)
-        if changed or self.redirect_retry.due(now):
+        if changed or asked or self.redirect_retry.due(now):
             self.sync_redirect(self.desired.settings.redirect)
             self.redirect_tried = True
+
+    def _take_resync_request(self) -> bool:
+        """SIGHUP's full resync: the source forgets what it read, so this
+        step's poll reads everything again, and the step re-reads the pinned
+        maps and rewrites what differs, as the periodic resync does."""
+        if not self._resync_asked:
+            return False
+        self._resync_asked = False
+        log.info("SIGHUP: full resync: reading the sources again, re-planning, rewriting the maps")
+        forget = getattr(self.source, "forget", None)
+        if forget is not None:
+            forget()
+        return True
 
     def _sync_route_counters(self) -> None:
         """Counter entries for the splits just programmed (metrics only: a

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
@@ -62,6 +63,10 @@ def register_process_metrics(registry: CollectorRegistry) -> None:
     build.labels(__version__).set(1)
 
 
+class ListenError(Exception):
+    """The metrics address cannot be bound (one line: the CLI prints it)."""
+
+
 class HealthServer:
     """Serves /healthz (the loop is alive; JSON details if `details` is
     given), /readyz (maps match a config) and /metrics."""
@@ -80,8 +85,14 @@ class HealthServer:
         self._pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="http-worker")
         self._loop = asyncio.new_event_loop()
         # Bound here, so a bad address fails the agent's start, not a thread.
-        self._server = self._loop.run_until_complete(asyncio.start_server(
-            self._serve, host, port, reuse_address=True, limit=MAX_HEAD))
+        try:
+            self._server = self._loop.run_until_complete(asyncio.start_server(
+                self._serve, host, port, reuse_address=True, limit=MAX_HEAD))
+        except OSError as exc:  # in use, or not an address of this host
+            self._loop.close()
+            self._pool.shutdown(wait=False)
+            why = os.strerror(exc.errno) if exc.errno else str(exc)  # asyncio's text repeats the address
+            raise ListenError(f"--listen {listen}: cannot listen there: {why}") from None
         bound_host, bound_port = self._server.sockets[0].getsockname()[:2]
         self.address = f"[{bound_host}]:{bound_port}" if ":" in bound_host else f"{bound_host}:{bound_port}"
         self.thread = threading.Thread(target=self._loop.run_forever, name="http", daemon=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ from prometheus_client.core import GaugeMetricFamily
 from .datapath import libbpf, redirect
 from .datapath.layout import ALL_MAPS, COUNTABLE, POLICY_MAPS
 from .datapath.maps import read_lb_stats
+from .sync import one_line
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,47 @@ class AgentMetrics:
             registry=r)
         for reason in ("config", "source", "capacity", "datapath", "redirect", "capture", "internal"):
             self.sync_errors.labels(reason)
+        self.scrape_errors = Counter(
+            "meshbpf_scrape_errors", "Scrapes in which a collector failed (a map read, say) and "
+            "its metrics were left out; the others were served", ["collector"], registry=r)
+        self.collectors = GuardedRegistry(r, self.scrape_errors)
+
+
+class GuardedRegistry:
+    """Registers collectors so that one that raises leaves out its own
+    metrics only: /metrics still serves the rest (prometheus-client fails
+    the whole scrape otherwise)."""
+
+    def __init__(self, registry: CollectorRegistry, errors: Counter):
+        self.registry, self.errors = registry, errors
+
+    def register(self, collector) -> None:
+        # LBStatsCollector -> lb_stats, MapPressureCollector -> map_pressure
+        name = re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_",
+                      type(collector).__name__.removesuffix("Collector")).lower()
+        self.errors.labels(name)
+        self.registry.register(_Guarded(name, collector, self.errors))
+
+
+class _Guarded:
+    def __init__(self, name: str, inner, errors: Counter):
+        self.name, self.inner, self.errors = name, inner, errors
+        self._failing = False  # logged once per run of failures, not per scrape
+
+    def collect(self):
+        try:
+            families = list(self.inner.collect())  # whole or nothing: no half family
+        except Exception as exc:
+            self.errors.labels(self.name).inc()
+            if not self._failing:
+                log.warning("metrics collector %s failed, its metrics are left out of scrapes "
+                            "until it recovers: %s", self.name, one_line(exc))
+                self._failing = True
+            return []
+        if self._failing:
+            log.info("metrics collector %s recovered", self.name)
+            self._failing = False
+        return families
 
 
 # The policy maps whose fill is exported (the conntrack map is walked).

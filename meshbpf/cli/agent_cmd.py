@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import socket
 from pathlib import Path
 
@@ -32,6 +33,9 @@ def _table_size(ctx, param, value: int) -> int:
     return value
 
 
+U32_MAX = 2**32 - 1  # max_entries is a u32 in the kernel
+
+
 def _snat_ports(ctx, param, value: str) -> tuple[int, int]:
     try:
         lo, hi = parse_port_range(value)
@@ -47,11 +51,30 @@ def _map_sizes(values: tuple[str, ...]) -> dict[str, int]:
     sizes = {}
     for item in values:
         name, _, number = item.partition("=")
-        if name not in known or not number.isdigit() or int(number) < 1:
+        # isascii: str.isdigit() also takes digits such as "²" that int() refuses
+        if name not in known or not (number.isascii() and number.isdigit()):
             raise click.BadParameter(f"{item!r}: use NAME=ENTRIES with NAME one of {', '.join(known)}",
                                      param_hint="--map-size")
+        if not 1 <= int(number) <= U32_MAX:
+            raise click.BadParameter(f"{item!r}: ENTRIES must be 1 to {U32_MAX}", param_hint="--map-size")
         sizes[name] = int(number)
     return sizes
+
+
+class Seconds(click.ParamType):
+    """A finite, non-negative number of seconds: FloatRange(min=0) lets nan
+    and inf through, which would stall or spin the agent's timers."""
+
+    name = "seconds"
+
+    def convert(self, value, param, ctx):
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        if not math.isfinite(seconds) or seconds < 0:
+            self.fail(f"{value!r}: give a finite number of seconds, 0 or more", param, ctx)
+        return seconds
 
 
 @click.command()
@@ -80,9 +103,9 @@ def _map_sizes(values: tuple[str, ...]) -> dict[str, int]:
                    "[default: the agent's own, as on a node]; the lab's is meshbpf-lab-LAB-node.")
 @click.option("--map-size", multiple=True, metavar="NAME=ENTRIES",
               help="max_entries of a map, e.g. mbpf_svc=131072 (repeatable).")
-@click.option("--resync-interval", type=click.FloatRange(min=0), default=300, show_default=True,
+@click.option("--resync-interval", type=Seconds(), default=300, show_default=True,
               help="Seconds between re-reading the pinned maps to repair drift (0: never).")
-@click.option("--lock-timeout", type=click.FloatRange(min=0), default=10, show_default=True,
+@click.option("--lock-timeout", type=Seconds(), default=10, show_default=True,
               help="Seconds to wait for another agent on the same --bpffs to exit.")
 @click.option("--north-south/--no-north-south", "north_south", default=None,
               help="Translate packets from outside the node to NodePorts, external and "

@@ -25,6 +25,20 @@ def check_bpffs(folder: Path) -> None:
                             f"`mount -t bpf bpf /sys/fs/bpf`")
 
 
+def make_pin_folder(folder: Path) -> None:
+    """Creates the folder the agent pins to, or says in one line why it
+    cannot: a read-only mount would otherwise fail later, in bcc's pinning
+    of a map after the compile, with a traceback."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if os.statvfs(existing).f_flag & os.ST_RDONLY:
+        raise DatapathError(f"{folder}: the bpffs mount is read-only; the agent pins its maps and "
+                            f"links there (remount it read-write, e.g. `mount -o remount,rw {existing}`)")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DatapathError(f"{folder}: cannot create the pin folder: {exc.strerror}") from None
+
+
 class _StatFs(ct.Structure):
     # struct statfs begins with f_type (a long on 64-bit Linux); the rest is
     # room for the fields we do not read.

@@ -15,10 +15,17 @@ from dataclasses import dataclass
 _lib = ct.CDLL(ctypes.util.find_library("bpf") or "libbpf.so.1", use_errno=True)
 
 BPF_MAP_TYPE_NAMES = {1: "hash", 2: "array", 9: "lru_hash", 18: "sockhash", 15: "sockmap"}
+BPF_MAP_TYPE_RINGBUF = 27
 
 
 class BPFError(OSError):
     pass
+
+
+class LayoutError(ValueError):
+    """A pinned map whose key or value size is not this build's (pinned by
+    an older or newer meshbpf): reading it through our structs would have
+    the kernel write past them."""
 
 
 def _check(res: int, what: str) -> int:
@@ -71,8 +78,18 @@ _lib.bpf_map_lookup_elem.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
 _lib.bpf_map_get_next_key.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
 
 
+# fd -> (pinned path, map id) of what obj_get opened, so a layout error can
+# name the path; the id tells a reused fd number from the one we opened.
+_pins: dict[int, tuple[str, int]] = {}
+
+
 def obj_get(path: str) -> int:
-    return _check(_lib.bpf_obj_get(path.encode()), f"open pinned {path}")
+    fd = _check(_lib.bpf_obj_get(path.encode()), f"open pinned {path}")
+    try:
+        _pins[fd] = (path, map_info(fd).id)
+    except OSError:  # a pinned program or link: no map info, nothing to check
+        _pins.pop(fd, None)
+    return fd
 
 
 def obj_pin(fd: int, path: str) -> None:
@@ -189,8 +206,42 @@ def map_info(fd: int) -> MapInfo:
                    info.name.decode(), info.map_flags)
 
 
+PERCPU_MAP_TYPES = {5, 6, 10, 21}  # percpu hash, array, lru hash, cgroup storage
+
+
+def check_layout(fd: int, key_size: int, value_size: int | None = None) -> MapInfo:
+    """Raises LayoutError unless the map's key (and value, if given) sizes
+    are ours: one line naming the map, its pinned path, expected and found."""
+    info = map_info(fd)
+    if info.type == BPF_MAP_TYPE_RINGBUF:
+        return info  # records, not entries: no key or value to read through a struct
+    values = {info.value_size}
+    if info.type in PERCPU_MAP_TYPES:  # a spec's one value, or a lookup's one per CPU
+        values.add((info.value_size + 7) // 8 * 8 * possible_cpus())
+    for what, want, have in (("key", key_size, {info.key_size}), ("value", value_size, values)):
+        if want is not None and want not in have:
+            path, map_id = _pins.get(fd, ("", 0))
+            where = f"pinned at {path}" if path and map_id == info.id else f"map id {info.id}"
+            raise LayoutError(f"map {info.name or '?'} ({where}) has {what} size {min(have)}, this "
+                              f"build expects {want}: pinned by another meshbpf version "
+                              "(`meshbpf uninstall` removes it)")
+    return info
+
+
+def open_pinned(path: str, key_type: type, value_type: type | None = None) -> int:
+    """obj_get of a pinned map, refused with LayoutError if its sizes are not ours."""
+    fd = obj_get(path)
+    try:
+        check_layout(fd, ct.sizeof(key_type), None if value_type is None else ct.sizeof(value_type))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def map_items(fd: int, key_type: type, value_type: type):
     """Every (key, value) of a map, read with get_next_key + lookup."""
+    check_layout(fd, ct.sizeof(key_type), ct.sizeof(value_type))
     key, next_key, value = key_type(), key_type(), value_type()
     res = _lib.bpf_map_get_next_key(fd, None, ct.byref(next_key))
     while res == 0:
@@ -206,6 +257,7 @@ def map_items(fd: int, key_type: type, value_type: type):
 
 def map_count(fd: int, key_size: int) -> int:
     """Number of entries, by walking the keys (no value copies)."""
+    check_layout(fd, key_size)
     key = ct.create_string_buffer(key_size)
     next_key = ct.create_string_buffer(key_size)
     count = 0
@@ -247,6 +299,7 @@ def map_update_batch(fd: int, keys, values, count: int) -> None:
 
 def map_keys(fd: int, key_type: type):
     """Every key of a map (works for sockhash, whose values are sockets)."""
+    check_layout(fd, ct.sizeof(key_type))
     key, next_key = key_type(), key_type()
     res = _lib.bpf_map_get_next_key(fd, None, ct.byref(next_key))
     while res == 0:
@@ -319,7 +372,6 @@ def prog_test_run_xdp_out(prog_fd: int, packet: bytes) -> tuple[int, bytes]:
     return ct.c_int32(opts.retval).value, data_out.raw[:opts.data_size_out]
 
 
-BPF_MAP_TYPE_RINGBUF = 27
 _lib.libbpf_probe_bpf_map_type.argtypes = [ct.c_int, ct.c_void_p]
 RINGBUF_CALLBACK = ct.CFUNCTYPE(ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_size_t)
 _lib.ring_buffer__new.argtypes = [ct.c_int, RINGBUF_CALLBACK, ct.c_void_p, ct.c_void_p]

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import btf, cgroup, features as kernel_features, libbpf
-from .bpffs import DatapathError, check_bpffs, is_bpffs  # noqa: F401 (DatapathError: re-exported)
+from .bpffs import DatapathError, check_bpffs, is_bpffs, make_pin_folder  # noqa: F401 (DatapathError: re-exported)
 from .layout import CAPTURE_MAPS, LB_MAPS, NO_PREALLOC, PINNED_MAPS, POLICY_MAPS, REDIR_MAPS, MapSpec
 from .source import program_text
 
@@ -126,7 +126,7 @@ class SockLB:
         # Compiled in whenever the kernel can: with no pod meshed it costs
         # connect() one array lookup, and turning it on needs no recompile.
         self.capture = self.capture and bool(self.features.get("capture"))
-        self.bpffs.mkdir(parents=True, exist_ok=True)
+        make_pin_folder(self.bpffs)
         cflags = [f'-DMBPF_PIN_DIR="{self.bpffs}"']
         for spec in self.maps():
             if spec.size_macro:

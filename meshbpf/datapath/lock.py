@@ -25,7 +25,7 @@ import os
 import time
 from pathlib import Path
 
-from .bpffs import check_bpffs
+from .bpffs import check_bpffs, make_pin_folder
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +42,10 @@ class BpffsLock:
     def acquire(self, timeout: float, poll: float = 0.1) -> None:
         """Takes the lock, waiting up to `timeout` seconds for another agent
         to let go; raises LockError naming the holder when it does not."""
+        if self.fd is not None:
+            return  # taken already (the agent's start may take it early)
         check_bpffs(self.folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        make_pin_folder(self.folder)
         fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         deadline = time.monotonic() + timeout
         waited = False
@@ -64,6 +66,21 @@ class BpffsLock:
                     waited = True
                 time.sleep(poll)
         self.fd = fd
+
+    def held_elsewhere(self) -> bool:
+        """Whether another process holds the lock now (an agent still running
+        or exiting), without waiting or keeping it."""
+        try:
+            fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # drops the probe's lock with it
 
     def release(self) -> None:
         if self.fd is not None:

@@ -177,7 +177,7 @@ def read_pinned(bpffs: Path) -> tuple[LBState, dict[str, int]]:
         path = bpffs / spec.name
         if not path.exists() or spec.name not in COUNTABLE:
             continue
-        fd = libbpf.obj_get(str(path))
+        fd = libbpf.open_pinned(str(path), spec.key, spec.value)
         try:
             if spec.role:
                 key_from, _, val_from, _ = CODECS[spec.role]
@@ -197,7 +197,7 @@ def read_lb_stats(bpffs: Path) -> dict[tuple[str, str, str], int] | None:
     """(result, family, protocol) -> count from mbpf_lb_stats, summed over
     CPUs; None when the map is not pinned (no agent of this build ran)."""
     try:
-        fd = libbpf.obj_get(str(bpffs / "mbpf_lb_stats"))
+        fd = libbpf.open_pinned(str(bpffs / "mbpf_lb_stats"), ct.c_uint32, ct.c_uint64)
     except OSError:
         return None
     try:

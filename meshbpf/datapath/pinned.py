@@ -36,8 +36,9 @@ class PinnedMaps:
         try:
             for spec in specs:
                 if not skip(spec):
-                    self.fds[spec.name] = libbpf.obj_get(str(self.bpffs / spec.name))
-        except OSError:
+                    self.fds[spec.name] = libbpf.open_pinned(str(self.bpffs / spec.name),
+                                                             spec.key, spec.value)
+        except (OSError, libbpf.LayoutError):
             self.close()
             raise
 

@@ -128,7 +128,8 @@ class PolicyEvents:
         bpffs = Path(bpffs)
         if not (bpffs / "mbpf_events").exists():
             raise PolicyError(f"no event ring buffer under {bpffs} (kernel 5.8+ needed)")
-        self.fds = {name: libbpf.obj_get(str(bpffs / name)) for name in ("mbpf_pol_cfg", "mbpf_events")}
+        self.fds = {"mbpf_pol_cfg": libbpf.open_pinned(str(bpffs / "mbpf_pol_cfg"), ct.c_uint32, PolCfgC)}
+        self.fds["mbpf_events"] = libbpf.obj_get(str(bpffs / "mbpf_events"))
         self._pending: list[Event] = []
         self._rb = libbpf.RingBuffer(self.fds["mbpf_events"],
                                      lambda rec: self._pending.append(parse_event(rec)))

@@ -196,7 +196,7 @@ def _flatten_lists(objects: Iterable[SourceObject], out: _Collector) -> Iterable
             continue
         kind = obj.get("kind")
         if not isinstance(kind, str) or not kind:
-            out.add(src, "", "kind", "missing: every object needs apiVersion and kind")
+            out.add(src, "", "kind", _missing_or_wrong(kind, "kind", "every object needs apiVersion and kind"))
             continue
         if _is_list(kind, obj):
             problems = schema.check(obj, schema.LIST)
@@ -249,7 +249,7 @@ def _meta(src: SourceObject, kind: str, out: _Collector) -> tuple[str, str, str]
     meta = src.obj.get("metadata")
     name = meta.get("name") if isinstance(meta, dict) else None
     if not isinstance(name, str) or not name:
-        out.add(src, kind, "metadata.name", "missing")
+        out.add(src, kind, "metadata.name", _missing_or_wrong(name, "metadata.name"))
         return None
     namespace = meta.get("namespace") or "default"
     label = f"{kind} {namespace}/{name}"
@@ -261,6 +261,15 @@ def _meta(src: SourceObject, kind: str, out: _Collector) -> tuple[str, str, str]
         if reason:
             out.add(src, label, "metadata.namespace", reason)
     return namespace, name, label
+
+
+def _missing_or_wrong(value: Any, path: str, hint: str = "") -> str:
+    """"missing" only when it is: a list, number or map where a string
+    belongs is named as such, or the reader is sent looking for a field
+    that is there."""
+    if value is None or value == "":
+        return f"missing: {hint}" if hint else "missing"
+    return schema._scalar_problem(value, schema.STR, path)[0][1]
 
 
 def _check_schema(src: SourceObject, kind: str, api_versions: tuple[str, ...],

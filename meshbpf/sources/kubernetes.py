@@ -498,6 +498,13 @@ class KubernetesSource:
         self._policy_problems = problems
         return policy_fields(inputs, self._last)
 
+    def forget(self) -> None:
+        """The next poll builds everything again from the watched copies and
+        hands out the state even if it is the same (SIGHUP). The copies are
+        kept: the watches keep them current."""
+        self._built, self._policy_built, self._index, self._last = None, None, None, None
+        self._policy_reader = CachedReader()  # policy objects parsed again too
+
     def wait(self, timeout: float) -> None:
         """Returns when an object changed, or after timeout: the agent's
         loop sleeps here, so an event is programmed in milliseconds, not at

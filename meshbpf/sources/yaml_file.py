@@ -48,16 +48,58 @@ class ConfigResult(BuildResult):
     skipped: list[Problem] = field(default_factory=list)
 
 
+# The largest config file read: a bigger one is refused from its size alone,
+# before a byte of it is read (its text and documents would take several
+# times that in memory, on every node at once).
+MAX_FILE_BYTES = 1 << 30
+READ_TRIES = 3  # a file that changes under three reads in a row waits for the next poll
+
+
+def read_text(file: Path) -> tuple[str, tuple[int, int, int]]:
+    """A file's text and the (inode, size, mtime) it was read at. A file that
+    changed while it was read (size or mtime moved, or fewer bytes than its
+    size) is read again: half a rewrite is never parsed. OSError when it is
+    too big, or kept changing."""
+    for _ in range(READ_TRIES):
+        with open(file, "rb") as f:
+            st = os.fstat(f.fileno())
+            _check_size(st.st_size)
+            data = f.read(MAX_FILE_BYTES + 1)  # bounded: it may grow after the stat
+            after = os.fstat(f.fileno())
+        _check_size(len(data))
+        if len(data) == st.st_size and (after.st_size, after.st_mtime_ns) == (st.st_size, st.st_mtime_ns):
+            return data.decode("utf-8-sig"), (st.st_ino, st.st_size, st.st_mtime_ns)  # -sig: a BOM
+    raise OSError(f"changed while being read, {READ_TRIES} times in a row; read again at its next change")
+
+
+def _check_size(size: int) -> None:
+    if size > MAX_FILE_BYTES:
+        raise OSError(f"{size} bytes, over the {MAX_FILE_BYTES >> 30} GiB a config file may have")
+
+
 def config_files(path: Path) -> list[Path]:
     """The files a config path stands for, in a stable order."""
     if path.is_dir():
+        # A dangling symlink is listed too: reading it is a problem that names
+        # it, where skipping it would drop its Services without a word.
         return sorted(p for p in path.iterdir()
-                      if p.is_file() and p.suffix in _SUFFIXES and not p.name.startswith("."))
+                      if (p.is_file() or _dangling(p)) and p.suffix in _SUFFIXES
+                      and not p.name.startswith("."))
     if path.is_file():
         return [path]
     if path.exists():  # a FIFO would block the loop on its read; a device, worse
         raise ConfigError([Problem(str(path), "", "", "not a regular file or a folder")])
     raise ConfigError([Problem(str(path), "", "", "no such file or folder")])
+
+
+def _dangling(path: Path) -> bool:
+    return path.is_symlink() and not path.exists()
+
+
+def _unreadable(file: Path, exc: Exception) -> Problem:
+    if _dangling(file):
+        return Problem(str(file), "", "", f"a symlink to {os.readlink(file)}, which does not exist")
+    return Problem(str(file), "", "", f"cannot read: {exc}")
 
 
 def document_starts(text: str) -> list[int]:
@@ -159,9 +201,9 @@ def _read_config(path: Path, node_name: str | None, cache: dict,
             if file in cache and cache[file][0] == stamp and cache[file][2] is not None:
                 objects.extend(cache[file][2])
                 continue
-            text = file.read_text(encoding="utf-8-sig")  # tolerate a byte order mark
+            text, stamp = read_text(file)
         except (OSError, UnicodeDecodeError) as exc:
-            problems.append(Problem(str(file), "", "", f"cannot read: {exc}"))
+            problems.append(_unreadable(file, exc))
             continue
         try:
             record, _, parsed = parse_file(file, text)
@@ -206,9 +248,9 @@ def _stamp(path: Path) -> _Stamp:
             with os.scandir(path) as it:
                 found = sorted((e.path, e) for e in it
                                if e.name.endswith(_SUFFIXES) and not e.name.startswith(".")
-                               and e.is_file())
+                               and (e.is_file() or _dangling(Path(e.path))))
             for name, entry in found:
-                st = entry.stat()
+                st = entry.stat(follow_symlinks=entry.is_file())  # a dangling link: its own
                 entries.append((name, st.st_ino, st.st_size, st.st_mtime_ns))
         else:
             st = os.stat(path)
@@ -273,6 +315,12 @@ class FileSource:
 
     def changed(self) -> bool:
         return _stamp(self.path) != self._last
+
+    def forget(self) -> None:
+        """The next poll reads and parses every file again, changed or not,
+        and hands out the state even if it is the same (SIGHUP)."""
+        self._last, self._parsed = None, {}
+        self._index, self._index_inputs = None, None
 
     def poll(self) -> DesiredState | None:
         """None when nothing changed (or a change is settling or held);
@@ -369,7 +417,7 @@ class FileSource:
                     stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
                     if file in self._parsed and self._parsed[file][0] == stamp:
                         continue
-                    text = file.read_text(encoding="utf-8-sig")
+                    text, stamp = read_text(file)
                 except (OSError, UnicodeDecodeError):
                     return None  # the full read says what is wrong, with every other problem
                 previous = self._parsed[file][1] if file in self._parsed else None

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 from pathlib import Path
 
 import pytest
 
 from fuzz_objects import good_objects
+from meshbpf.sources import yaml_file
 from meshbpf.sources.errors import ConfigError
 from meshbpf.sources.yaml_file import FileSource, read_config
 from meshbpf.sources.yaml_load import dump_all
@@ -87,15 +87,15 @@ def test_what_is_not_a_file_never_blocks_or_breaks_the_read(folder, make):
 
 
 def removed_when_read(monkeypatch, name: str) -> None:
-    """Path.read_text removes the file `name` first: gone between the listing and the read."""
-    real_read_text = pathlib.Path.read_text
+    """yaml_file.read_text removes the file `name` first: gone between the listing and the read."""
+    real_read_text = yaml_file.read_text
 
-    def read_text_after_removal(self, *args, **kwargs):
-        if self.name == name:
-            self.unlink()
-        return real_read_text(self, *args, **kwargs)
+    def read_text_after_removal(path):
+        if path.name == name:
+            path.unlink()
+        return real_read_text(path)
 
-    monkeypatch.setattr(pathlib.Path, "read_text", read_text_after_removal)
+    monkeypatch.setattr(yaml_file, "read_text", read_text_after_removal)
 
 
 def test_a_file_removed_during_the_first_read_is_a_problem_then_recovers(folder, monkeypatch):
@@ -129,13 +129,13 @@ def test_a_config_path_that_is_a_fifo_is_refused_not_read(tmp_path, monkeypatch)
     class Blocked(Exception):
         """Stands for the read that would block forever."""
 
-    def read_text(self, *args, **kwargs):
-        if self == fifo:
+    def read_text(path):
+        if path == fifo:
             raise Blocked()
-        return real_read_text(self, *args, **kwargs)
+        return real_read_text(path)
 
-    real_read_text = pathlib.Path.read_text
-    monkeypatch.setattr(pathlib.Path, "read_text", read_text)
+    real_read_text = yaml_file.read_text
+    monkeypatch.setattr(yaml_file, "read_text", read_text)
     with pytest.raises(ConfigError) as rejected:
         read_config(fifo)
     assert str(rejected.value.problems[0]).startswith(f"{fifo}: ")
