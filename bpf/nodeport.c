@@ -49,7 +49,7 @@ int mbpf_ns_xdp(struct xdp_md *ctx)
 	entry = mbpf_ns_ct.lookup(&key);
 	if (entry && (entry->flags & MBPF_NS_CT_F_SNAT)) {
 		t = *entry;   /* a reply from another node: from the frontend, to the client */
-		ns_ct_touch(entry);
+		ns_ct_touch(entry, &x.p);
 		counter = MBPF_NS_REPLY;
 	} else {
 		key.dir = MBPF_NS_CT_FWD;
@@ -58,7 +58,7 @@ int mbpf_ns_xdp(struct xdp_md *ctx)
 			t = *entry;
 			if (!mbpf_ns_be.lookup(&t.backend_id))
 				return XDP_PASS;  /* its backend is gone: tc balances it again */
-			ns_ct_touch(entry);
+			ns_ct_touch(entry, &x.p);
 			counter = MBPF_NS_ESTABLISHED;
 		} else {
 			struct mbpf_ns_svc svc;
@@ -67,7 +67,7 @@ int mbpf_ns_xdp(struct xdp_md *ctx)
 				return XDP_PASS;
 			if (svc.count == 0 && !(svc.flags & MBPF_NS_F_LOCAL))
 				return XDP_PASS;  /* tc answers with a RST or an ICMP error */
-			if (ns_track_new(&x.p, cfg, &t))
+			if (ns_track_new(ctx, &x.p, cfg, &t))
 				return XDP_DROP;  /* what tc would do (counted there) */
 		}
 		if (!(t.flags & MBPF_NS_CT_F_SNAT)) {

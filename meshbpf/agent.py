@@ -14,6 +14,7 @@ problem with them never holds up Service updates.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import socket
@@ -38,7 +39,7 @@ from .metrics import (AgentMetrics, CaptureCollector, LBStatsCollector, MapPress
 from .model import DesiredState, RedirectSettings
 from .northsouth_health import HealthCheckServers
 from .reconcile.northsouth import NodeContext
-from .reconcile.northsouth_keys import DEFAULT_TABLE_SIZE
+from .reconcile.northsouth_keys import DEFAULT_SNAT_PORTS, DEFAULT_TABLE_SIZE
 from .retry import Backoff
 from .sources import Source
 from .sources.errors import ConfigError, Problem
@@ -94,6 +95,8 @@ class AgentOptions:
     devices: list[str] = field(default_factory=list)   # external devices; []: the default-route ones
     maglev_table_size: int = DEFAULT_TABLE_SIZE
     north_south_cluster_ips: str = "exposed"   # or "all": every Service's ClusterIP from outside
+    snat_ports: tuple[int, int] = DEFAULT_SNAT_PORTS   # north-south SNAT takes its ports here
+    reserve_snat_ports: bool = True     # ... reserved in the devices' netns (ip_local_reserved_ports)
 
 
 class Agent:
@@ -214,10 +217,15 @@ class Agent:
                 if opts.north_south is False:
                     self.northsouth.turn_off_pinned(opts.bpffs)
                 return
-            dp = self.northsouth.load(opts.bpffs, self.ns_devices, opts.node_netns, opts.map_sizes)
+            dp = self.northsouth.load(opts.bpffs, self.ns_devices, opts.node_netns, opts.map_sizes,
+                                      opts.snat_ports if opts.reserve_snat_ports else None)
             register_ns_counters(self.metrics.collectors, dp.maps)
-            log.info("north-south load balancing on %s (%s)", ", ".join(self.ns_devices),
-                     getattr(dp, "mode", "tc"))
+            lo, hi = opts.snat_ports
+            log.info("north-south load balancing on %s (%s); SNAT ports %d-%d, %s", ", ".join(self.ns_devices),
+                     getattr(dp, "mode", "tc"), lo, hi,
+                     "not reserved (--no-reserve-snat-ports)" if not opts.reserve_snat_ports else
+                     "added to net.ipv4.ip_local_reserved_ports" if getattr(dp, "reserved", None) is not None
+                     else "reserved already (net.ipv4.ip_local_reserved_ports)")
         except Exception as exc:
             self._error("north-south load balancing not started (load balancing goes on): %s",
                         one_line(exc))
@@ -233,8 +241,9 @@ class Agent:
         return ns.node.addresses
 
     def _node_context(self) -> NodeContext:
-        return node_context(self.opts.node_name or socket.gethostname(), self.ns_devices,
+        node = node_context(self.opts.node_name or socket.gethostname(), self.ns_devices,
                             self.opts.node_netns)
+        return dataclasses.replace(node, snat_ports=tuple(self.opts.snat_ports))
 
     def _start_policy(self) -> None:
         try:

@@ -615,7 +615,10 @@ struct mbpf_ns_cfg {
 	                             * backends is dropped) */
 	__u8  snat6[MBPF_ADDR_LEN]; /* network order; likewise for IPv6 */
 	__u32 enabled;              /* host order; 0: the programs pass everything */
-	__u32 pad;                  /* zero */
+	__u16 snat_port_min;        /* host order; SNAT ports are snat_port_min..snat_port_max
+	                             * (the agent's --snat-ports, reserved on the node:
+	                             * net.ipv4.ip_local_reserved_ports); 0: 61000..65535 */
+	__u16 snat_port_max;        /* host order; inclusive */
 };
 
 /* ---- North-south: the datapath's own (bpf/nodeport.c) --------------------- */
@@ -658,6 +661,10 @@ struct mbpf_ns_ct {
 #define MBPF_NS_CT_F_SNAT   1   /* the source was translated too (a remote backend) */
 #define MBPF_NS_CT_F_LOCAL  2   /* the backend is on this node: replies leave
                                  * through the external device (tc egress) */
+#define MBPF_NS_CT_F_FIN    4   /* TCP: a FIN went by in this direction (the agent's
+                                 * garbage collection frees the flow sooner) */
+#define MBPF_NS_CT_F_RST    8   /* TCP: a RST went by in this direction (a SYN
+                                 * clears both: the tuple's next connection) */
 
 /* mbpf_ns_stats: per-CPU array of __u64 counters. */
 #define MBPF_NS_NEW         0   /* new flow translated (DNAT, maybe SNAT) */
@@ -667,10 +674,13 @@ struct mbpf_ns_ct {
 #define MBPF_NS_REJECT      4   /* no endpoint (Cluster): TCP RST / ICMP unreachable sent */
 #define MBPF_NS_DROP_LOCAL  5   /* no local endpoint (Local): dropped */
 #define MBPF_NS_DROP_SRC    6   /* client not in loadBalancerSourceRanges: dropped */
-#define MBPF_NS_DROP_NOSNAT 7   /* remote backend, no SNAT address or port: dropped */
+#define MBPF_NS_DROP_NOSNAT 7   /* remote backend, no SNAT address or port: dropped
+                                 * (every try of MBPF_NS_SNAT_PORT_TRIES taken) */
 #define MBPF_NS_DROP_OTHER  8   /* no backend entry, unforwardable, cut headers: dropped */
 #define MBPF_NS_ICMP_ERROR  9   /* ICMP error about a translated flow, translated back */
 #define MBPF_NS_XDP_FWD     10  /* of the translated: sent on by XDP itself (XDP_TX / redirect) */
+#define MBPF_NS_SNAT_RETRY  11  /* an SNAT port tried and skipped: its reply tuple is a live
+                                 * conntrack entry's or a node socket's */
 #define MBPF_NS_STAT_MAX    12
 
 #endif /* MBPF_COMMON_H */

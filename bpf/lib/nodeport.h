@@ -9,8 +9,9 @@
  * conntrack entries remember the flow: FWD under the client's tuple (later
  * packets keep their backend even when the table changes) and REV under the
  * reply's tuple (the reply is translated back). The REV entry is written
- * first and, with SNAT, only if its tuple is free (BPF_NOEXIST): that is how
- * an SNAT port is claimed (the client's own port if free, else a few others).
+ * first and, with SNAT, only if its tuple is free (BPF_NOEXIST) and no
+ * socket of the node owns it: that is how an SNAT port is claimed, from the
+ * SNAT range (cfg), a few tries from the flow's hash.
  */
 #ifndef MBPF_NODEPORT_H
 #define MBPF_NODEPORT_H
@@ -20,9 +21,26 @@
 #include "ns_reject.h"
 #include "ns_icmp.h"
 
-#define NS_SNAT_PORT_TRIES 4
-#define NS_SNAT_PORT_MIN   32768
-#define NS_SNAT_PORT_SPAN  28232   /* 32768..60999, Linux's default ephemeral range */
+/* SNAT ports: cfg->snat_port_min..max, reserved on the node for this
+ * (net.ipv4.ip_local_reserved_ports: the node's own connections take none
+ * of them), or this default. A new flow tries up to NS_SNAT_PORT_TRIES of
+ * them, the first at its hash, then NS_SNAT_PORT_STRIDE on (a prime: the
+ * tries differ for any span up to 65535 that it does not divide). Mirrored
+ * by meshbpf/reconcile/northsouth_keys.py (snat_port_tries). */
+#define NS_SNAT_PORT_TRIES   8
+#define NS_SNAT_PORT_STRIDE  7919
+#define NS_SNAT_PORT_MIN     61000
+#define NS_SNAT_PORT_MAX     65535
+
+/* A flow whose reply tuple a new flow tries is over, and its SNAT port
+ * free again, once idle both ways this long: a TCP flow whose last packet
+ * was a RST at once, after a FIN 60 s, UDP 120 s, any other 600 s (the
+ * agent's garbage collection, datapath/northsouth.py, removes such flows
+ * too; this keeps ports coming back while no agent runs). */
+#define NS_SEC               1000000000ULL
+#define NS_CT_FIN_IDLE       (60 * NS_SEC)
+#define NS_CT_UDP_IDLE       (120 * NS_SEC)
+#define NS_CT_IDLE           (600 * NS_SEC)
 
 static __always_inline void ns_count(__u32 idx)
 {
@@ -35,9 +53,24 @@ static __always_inline void ns_count(__u32 idx)
 /* A packet of the flow went by: the agent's garbage collection removes
  * flows idle too long (NorthSouthMaps.collect_garbage); LRU eviction is
  * the backstop. A plain store: a lost race only ages the entry less. */
-static __always_inline void ns_ct_touch(struct mbpf_ns_ct *entry)
+static __always_inline void ns_ct_touch(struct mbpf_ns_ct *entry, const struct ns_pkt *p)
 {
+	__u8 closed = MBPF_NS_CT_F_FIN | MBPF_NS_CT_F_RST;
+
 	entry->last_ns = bpf_ktime_get_ns();
+	if (p->proto != IPPROTO_TCP)
+		return;
+	if (p->tcp_flags & NS_TCP_SYN) {
+		/* a new connection on the tuple (the client reused its port):
+		 * open again, each direction by its own SYN */
+		if (entry->flags & closed)
+			entry->flags &= ~closed;
+	} else if (p->tcp_flags & (NS_TCP_FIN | NS_TCP_RST)) {
+		/* closing: the garbage collection frees its port sooner */
+		closed = (p->tcp_flags & NS_TCP_RST) ? MBPF_NS_CT_F_RST : MBPF_NS_CT_F_FIN;
+		if (!(entry->flags & closed))
+			entry->flags |= closed;
+	}
 }
 
 static __always_inline void ns_ct_key(struct mbpf_ns_ct_key *k, const struct ns_pkt *p, __u8 dir)
@@ -114,24 +147,128 @@ static __always_inline __u32 ns_pick(const struct ns_pkt *p, const struct mbpf_n
 	return be_id;
 }
 
-/* Claim the reply tuple of a new flow: REV written only if free. With
- * SNAT, the client's port first, then a few others from the flow's hash. */
-static __always_inline __u16 ns_claim_rev(const struct ns_pkt *p, struct mbpf_ns_ct_key *rk,
-					  struct mbpf_ns_ct *rv, int snat, __u32 hash)
+/* Does a socket of the node own this reply tuple (rk: backend -> SNAT
+ * address and port)? Its packets are the socket's, not a flow's to take:
+ * an established or listening TCP socket (request and TIME_WAIT ones
+ * included), or a bound UDP one, in the device's netns. */
+static __always_inline int ns_node_socket(void *ctx, const struct mbpf_ns_ct_key *rk, int v6)
 {
-	__u16 port = p->sport;
+	struct ns_claim_scratch *s;
+	struct bpf_sock_tuple *t;
+	struct bpf_sock *sk;
+	__u32 size, zero = 0;
+
+	s = mbpf_ns_claim.lookup(&zero);
+	if (!s)
+		return 0;
+	t = &s->t;
+	if (v6) {
+		__builtin_memcpy(t->ipv6.saddr, rk->saddr, 16);
+		__builtin_memcpy(t->ipv6.daddr, rk->daddr, 16);
+		t->ipv6.sport = rk->sport;
+		t->ipv6.dport = rk->dport;
+		size = sizeof(t->ipv6);
+	} else {
+		__builtin_memcpy(&t->ipv4.saddr, &rk->saddr[12], 4);
+		__builtin_memcpy(&t->ipv4.daddr, &rk->daddr[12], 4);
+		t->ipv4.sport = rk->sport;
+		t->ipv4.dport = rk->dport;
+		size = sizeof(t->ipv4);
+	}
+	if (rk->proto == IPPROTO_TCP)
+		sk = (struct bpf_sock *)bpf_skc_lookup_tcp(ctx, t, size, BPF_F_CURRENT_NETNS, 0);
+	else
+		sk = (struct bpf_sock *)bpf_sk_lookup_udp(ctx, t, size, BPF_F_CURRENT_NETNS, 0);
+	if (!sk)
+		return 0;
+	bpf_sk_release(sk);
+	return 1;
+}
+
+/* The flow holding reply tuple rk (a REV entry) is over (see NS_CT_*):
+ * its FWD entry is deleted (its client's next packet is a new flow) and 1
+ * returned: the tuple may be claimed. A RST counts when it is the flow's
+ * last packet (a SYN since, the client reusing its port, opens it again). */
+static __always_inline int ns_take_over(const struct mbpf_ns_ct_key *rk, __u64 now)
+{
+	struct ns_claim_scratch *s;
+	struct mbpf_ns_ct_key *fk;
+	struct mbpf_ns_ct *rev, *fwd;
+	__u64 last, fwd_last = 0, limit = NS_CT_IDLE;
+	__u8 rev_flags, fwd_flags = 0;
+	__u32 zero = 0;
+
+	s = mbpf_ns_claim.lookup(&zero);
+	rev = mbpf_ns_ct.lookup((struct mbpf_ns_ct_key *)rk);
+	if (!s || !rev)
+		return 0;  /* gone meanwhile: the next try */
+	fk = &s->fk;
+	__builtin_memcpy(fk->saddr, rev->dst, MBPF_ADDR_LEN);
+	__builtin_memcpy(fk->daddr, rev->src, MBPF_ADDR_LEN);
+	fk->sport = rev->dport;
+	fk->dport = rev->sport;
+	fk->proto = rk->proto;
+	fk->dir = MBPF_NS_CT_FWD;
+	fk->pad[0] = 0;
+	fk->pad[1] = 0;
+	last = rev->last_ns;
+	rev_flags = rev->flags;
+	fwd = mbpf_ns_ct.lookup(fk);
+	if (fwd) {
+		fwd_last = fwd->last_ns;
+		fwd_flags = fwd->flags;
+	}
+	if (rk->proto == IPPROTO_UDP) {
+		limit = NS_CT_UDP_IDLE;
+	} else if (((rev_flags & MBPF_NS_CT_F_RST) && last >= fwd_last) ||
+		   ((fwd_flags & MBPF_NS_CT_F_RST) && fwd_last >= last)) {
+		limit = 0;
+	} else if ((rev_flags | fwd_flags) & MBPF_NS_CT_F_FIN) {
+		limit = NS_CT_FIN_IDLE;
+	}
+	if (fwd_last > last)
+		last = fwd_last;
+	if (last > now || now - last < limit)
+		return 0;
+	if (fwd)
+		mbpf_ns_ct.delete(fk);
+	return 1;
+}
+
+/* bench/snat_cost.py compiles a copy without the socket check, to price it */
+#ifdef MBPF_NS_BENCH_NO_SOCKET_CHECK
+#define ns_node_socket(ctx, rk, v6) 0
+#endif
+
+/* Claim the reply tuple of a new flow: REV written only if free. With
+ * SNAT, a port of the SNAT range whose reply tuple is neither a live
+ * flow's (BPF_NOEXIST, else ns_take_over) nor a node socket's: up to
+ * NS_SNAT_PORT_TRIES from the flow's hash. 0: none free. */
+static __always_inline __u16 ns_claim_rev(void *ctx, const struct ns_pkt *p, const struct mbpf_ns_cfg *cfg,
+					  struct mbpf_ns_ct_key *rk, struct mbpf_ns_ct *rv, int snat,
+					  __u32 hash)
+{
+	__u32 min = cfg->snat_port_min, max = cfg->snat_port_max, span, port;
 
 	if (!snat) {
-		rk->dport = port;
+		rk->dport = p->sport;
 		mbpf_ns_ct.update(rk, rv);  /* the client's own tuple: ours alone */
-		return port;
+		return p->sport;
 	}
-#pragma unroll
+	if (!min || max < min) {
+		min = NS_SNAT_PORT_MIN;
+		max = NS_SNAT_PORT_MAX;
+	}
+	span = max - min + 1;
+	port = hash % span;
 	for (int i = 0; i < NS_SNAT_PORT_TRIES; i++) {
-		rk->dport = port;
-		if (mbpf_ns_ct.insert(rk, rv) == 0)
-			return port;
-		port = bpf_htons(NS_SNAT_PORT_MIN + (hash + i * 7919) % NS_SNAT_PORT_SPAN);
+		rk->dport = bpf_htons(min + port);
+		if (!ns_node_socket(ctx, rk, p->v6) &&
+		    (mbpf_ns_ct.insert(rk, rv) == 0 ||
+		     (ns_take_over(rk, rv->last_ns) && mbpf_ns_ct.update(rk, rv) == 0)))
+			return rk->dport;
+		ns_count(MBPF_NS_SNAT_RETRY);
+		port = (port + NS_SNAT_PORT_STRIDE) % span;
 	}
 	return 0;
 }
@@ -143,7 +280,7 @@ static __always_inline __u16 ns_claim_rev(const struct ns_pkt *p, struct mbpf_ns
 
 /* A new flow to a frontend: its backend chosen and both conntrack entries
  * written; *fwd is its FWD entry (the translation to make). */
-static __always_inline int ns_track_new(const struct ns_pkt *p, const struct mbpf_ns_cfg *cfg,
+static __always_inline int ns_track_new(void *ctx, const struct ns_pkt *p, const struct mbpf_ns_cfg *cfg,
 					struct mbpf_ns_ct *fwd)
 {
 	struct mbpf_ns_svc svc;
@@ -191,7 +328,7 @@ static __always_inline int ns_track_new(const struct ns_pkt *p, const struct mbp
 	fwd->backend_id = be_id;
 	fwd->last_ns = bpf_ktime_get_ns();
 	fwd->flags = snat ? MBPF_NS_CT_F_SNAT : MBPF_NS_CT_F_LOCAL;
-	snat_port = ns_claim_rev(p, &key, fwd, snat, ns_flow_hash(p));
+	snat_port = ns_claim_rev(ctx, p, cfg, &key, fwd, snat, ns_flow_hash(p));
 	if (!snat_port) {
 		ns_count(MBPF_NS_DROP_NOSNAT);
 		return NS_NEW_DROP;
@@ -218,7 +355,7 @@ static __always_inline int ns_new_flow(struct __sk_buff *skb, struct ns_pkt *p,
 				       const struct mbpf_ns_cfg *cfg)
 {
 	struct mbpf_ns_ct fwd = {};
-	int res = ns_track_new(p, cfg, &fwd);
+	int res = ns_track_new(skb, p, cfg, &fwd);
 
 	if (res == NS_NEW_MISS)
 		return NS_TC_PASS;
@@ -252,7 +389,7 @@ static __always_inline int ns_established(struct __sk_buff *skb, struct ns_pkt *
 		mbpf_ns_ct.delete(&key);
 		return -2;
 	}
-	ns_ct_touch(entry);
+	ns_ct_touch(entry, p);
 	ns_count(MBPF_NS_ESTABLISHED);
 	if (ns_rewrite(skb, p, 0, fwd.dst, fwd.dport) < 0)
 		return NS_TC_DROP;
@@ -281,7 +418,7 @@ static __always_inline int ns_reply(struct __sk_buff *skb, struct ns_pkt *p, int
 	snat = !!(rev.flags & MBPF_NS_CT_F_SNAT);
 	if (snat != ingress)
 		return -2;
-	ns_ct_touch(entry);
+	ns_ct_touch(entry, p);
 	ns_count(MBPF_NS_REPLY);
 	if (ns_rewrite(skb, p, 1, rev.src, rev.sport) < 0)
 		return NS_TC_DROP;

@@ -53,6 +53,12 @@ BPF_TABLE_PINNED("array", __u32, struct mbpf_ns_cfg, mbpf_ns_cfg,
 /* both directions of every translated flow; LRU eviction is the garbage collection */
 BPF_TABLE_PINNED("lru_hash", struct mbpf_ns_ct_key, struct mbpf_ns_ct, mbpf_ns_ct,
 		 MBPF_NS_CT_MAX, MBPF_PIN(mbpf_ns_ct));
+/* ns_claim_rev()'s scratch (the XDP program's stack is full); not pinned */
+struct ns_claim_scratch {
+	struct mbpf_ns_ct_key fk;     /* ns_take_over(): the other flow's FWD key */
+	struct bpf_sock_tuple t;      /* ns_node_socket(): the reply tuple */
+};
+BPF_PERCPU_ARRAY(mbpf_ns_claim, struct ns_claim_scratch, 1);
 /* MBPF_NS_* counters, per CPU */
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, mbpf_ns_stats,
 		 MBPF_NS_STAT_MAX, MBPF_PIN(mbpf_ns_stats));

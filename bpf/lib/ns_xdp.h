@@ -63,6 +63,7 @@ static __always_inline int ns_xdp_parse(struct xdp_md *ctx, struct ns_xdp_pkt *x
 		if (l4 + 20 > end)
 			return -1;
 		x->l4_csum = l4 + 16;
+		x->p.tcp_flags = *(__u8 *)(l4 + 13);
 	} else if (x->p.proto == IPPROTO_UDP) {
 		if (l4 + 8 > end)
 			return -1;

@@ -14,7 +14,7 @@ from ..agent import AgentOptions, run_agent
 from ..datapath.layout import LB_MAPS
 from ..health import parse_listen
 from ..reconcile.maglev import TABLE_SIZES
-from ..reconcile.northsouth_keys import DEFAULT_TABLE_SIZE
+from ..reconcile.northsouth_keys import DEFAULT_SNAT_PORTS, DEFAULT_TABLE_SIZE, parse_port_range
 from .common import bpffs_option, friendly_errors
 
 log = logging.getLogger("meshbpf.agent")
@@ -34,6 +34,16 @@ def _table_size(ctx, param, value: int) -> int:
 
 
 U32_MAX = 2**32 - 1  # max_entries is a u32 in the kernel
+
+
+def _snat_ports(ctx, param, value: str) -> tuple[int, int]:
+    try:
+        lo, hi = parse_port_range(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    if hi - lo + 1 < 8:
+        raise click.BadParameter(f"{value!r}: give at least 8 ports (a new flow tries up to 8)")
+    return lo, hi
 
 
 def _map_sizes(values: tuple[str, ...]) -> dict[str, int]:
@@ -111,12 +121,21 @@ class Seconds(click.ParamType):
               show_default=True, help="North-south: translate packets from outside to the ClusterIPs "
                                       "of exposed Services (NodePort, LoadBalancer, externalIPs) only, "
                                       "or of every Service (a Maglev table each).")
+@click.option("--snat-ports", default="%d-%d" % DEFAULT_SNAT_PORTS, callback=_snat_ports,
+              metavar="LO-HI", show_default=True,
+              help="North-south: the source ports SNAT to a backend on another node takes "
+                   "(a port whose reply tuple a node socket owns is skipped).")
+@click.option("--reserve-snat-ports/--no-reserve-snat-ports", default=True, show_default=True,
+              help="North-south: add --snat-ports to net.ipv4.ip_local_reserved_ports in the "
+                   "devices' network namespace (--node-netns, else the agent's), so the node's "
+                   "own connections take none of them; it stays after the agent stops, as the "
+                   "programs do.")
 @friendly_errors
 def agent(source: str, config: Path | None, kubeconfig: str | None, service_proxy_name: str | None,
           config_map: str, cgroup_path: str | None, bpffs: Path, listen: str, node_name: str,
           node_netns: str | None, map_size: tuple[str, ...], resync_interval: float, lock_timeout: float,
           north_south: bool | None, devices: list[str], maglev_table_size: int,
-          north_south_cluster_ips: str) -> None:
+          north_south_cluster_ips: str, snat_ports: tuple[int, int], reserve_snat_ports: bool) -> None:
     """Compile, attach, sync the maps to the desired state, and keep them in sync."""
     if source == "file" and config is None:
         raise click.UsageError("--config is required with --source file")
@@ -135,4 +154,5 @@ def agent(source: str, config: Path | None, kubeconfig: str | None, service_prox
                            resync_interval=resync_interval, lock_timeout=lock_timeout,
                            north_south=north_south, devices=devices,
                            maglev_table_size=maglev_table_size,
-                           north_south_cluster_ips=north_south_cluster_ips))
+                           north_south_cluster_ips=north_south_cluster_ips,
+                           snat_ports=snat_ports, reserve_snat_ports=reserve_snat_ports))

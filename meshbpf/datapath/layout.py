@@ -390,7 +390,8 @@ class NsSrcKeyC(ct.Structure):
 
 
 class NsCfgC(ct.Structure):
-    _fields_ = [("snat4", U8x16), ("snat6", U8x16), ("enabled", ct.c_uint32), ("pad", ct.c_uint32)]
+    _fields_ = [("snat4", U8x16), ("snat6", U8x16), ("enabled", ct.c_uint32),
+                ("snat_port_min", ct.c_uint16), ("snat_port_max", ct.c_uint16)]
 
 
 class NsCtKeyC(ct.Structure):
@@ -422,5 +423,6 @@ NS_MAPS = (
 NS_COUNTERS = {
     "new": 0, "snat": 1, "established": 2, "reply": 3, "reject": 4, "drop_no_local": 5,
     "drop_source_range": 6, "drop_no_snat": 7, "drop_other": 8, "icmp_error": 9, "xdp_forwarded": 10,
+    "snat_port_retry": 11,
 }
 PINNED_MAPS = PINNED_MAPS + NS_MAPS  # uninstall and inspect find the north-south pins too

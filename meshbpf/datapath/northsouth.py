@@ -42,6 +42,13 @@ log = logging.getLogger(__name__)
 PROGRAMS = ("mbpf_ns_ingress", "mbpf_ns_egress")
 CT_FWD, CT_REV = 1, 2    # MBPF_NS_CT_FWD / _REV
 CT_F_SNAT = 1            # MBPF_NS_CT_F_SNAT
+CT_F_FIN, CT_F_RST = 4, 8   # MBPF_NS_CT_F_FIN / _RST: a FIN / RST went by (TCP)
+# Idle limits shorter than the caller's: a TCP flow that saw a RST, one
+# that saw a FIN, UDP (so that its SNAT port serves again: the range is
+# small). Linux's conntrack keeps a closed TCP flow 10 s (tcp_timeout_close).
+CT_RST_IDLE_NS = 10 * 10**9
+CT_FIN_IDLE_NS = 60 * 10**9
+CT_UDP_IDLE_NS = 120 * 10**9
 XDP_PROGRAM = "mbpf_ns_xdp"
 XDP_FLAGS_DRV_MODE = 4   # native XDP in the driver (veth has it); never the generic one
 HOOKS = {"mbpf_ns_ingress": TC_INGRESS, "mbpf_ns_egress": TC_EGRESS}
@@ -102,7 +109,7 @@ def _addr_key(addr: bytes) -> EpAddrC:
 
 
 def _cfg(v: NsCfg) -> NsCfgC:
-    c = NsCfgC(enabled=v.enabled)
+    c = NsCfgC(enabled=v.enabled, snat_port_min=v.snat_port_min, snat_port_max=v.snat_port_max)
     c.snat4[:] = v.snat4
     c.snat6[:] = v.snat6
     return c
@@ -119,7 +126,8 @@ CODECS = {
                 lambda c: NsSrcKey(socket.ntohl(c.src_id), bytes(c.addr), c.prefixlen - 32), _u32),
     "node_addrs": (_addr_key, ct.c_uint32, lambda c: bytes(c.addr), _u32),
     "cfg": (ct.c_uint32, _cfg, _u32,
-            lambda c: NsCfg(bytes(c.snat4), bytes(c.snat6), c.enabled)),
+            lambda c: NsCfg(bytes(c.snat4), bytes(c.snat6), c.enabled, c.snat_port_min,
+                            c.snat_port_max)),
 }
 ROLE_MAP = {spec.role: spec for spec in NS_MAPS if spec.role}
 SPEC = {spec.name: spec for spec in NS_MAPS}
@@ -199,20 +207,34 @@ class NorthSouthMaps(PinnedMaps):
     def conntrack(self) -> list[tuple[NsCtKeyC, NsCtC]]:
         return list(libbpf.map_items(self.fds["mbpf_ns_ct"], NsCtKeyC, NsCtC))
 
-    def collect_garbage(self, idle_ns: int, now_ns: int | None = None) -> int:
+    def collect_garbage(self, idle_ns: int, now_ns: int | None = None, *,
+                        rst_idle_ns: int = CT_RST_IDLE_NS, fin_idle_ns: int = CT_FIN_IDLE_NS,
+                        udp_idle_ns: int = CT_UDP_IDLE_NS) -> int:
         """Removes the flows whose two directions have both seen no packet
         for idle_ns (the programs stamp each direction's entry), and entries
-        whose other half is gone and that are idle too. LRU eviction only
-        acts once the table is full; this keeps it from filling with the
-        dead. Returns the entries removed."""
+        whose other half is gone and that are idle too. Shorter for some
+        (each at most idle_ns): a TCP flow that saw a RST either way after
+        rst_idle_ns, one that saw a FIN after fin_idle_ns (a SYN on the
+        tuple since clears both), UDP after udp_idle_ns.
+        LRU eviction only acts once the table is full; this keeps it from
+        filling with the dead (and frees SNAT ports). Returns the entries
+        removed."""
         now = time.clock_gettime_ns(time.CLOCK_MONOTONIC) if now_ns is None else now_ns
         entries = {bytes(k): (k, v) for k, v in self.conntrack()}
         removed = 0
         for raw, (key, val) in entries.items():
-            if now - val.last_ns < idle_ns:
-                continue
             partner = entries.get(bytes(_ct_partner(key, val)))
-            if partner and now - partner[1].last_ns < idle_ns:
+            flags = val.flags | (partner[1].flags if partner else 0)
+            limit = idle_ns
+            if key.proto == socket.IPPROTO_UDP:
+                limit = min(limit, udp_idle_ns)
+            elif flags & CT_F_RST:
+                limit = min(limit, rst_idle_ns)
+            elif flags & CT_F_FIN:
+                limit = min(limit, fin_idle_ns)
+            if now - val.last_ns < limit:
+                continue
+            if partner and now - partner[1].last_ns < limit:
                 continue
             try:
                 libbpf.map_delete(self.fds["mbpf_ns_ct"], key)
@@ -262,10 +284,13 @@ class NorthSouthDatapath:
     maps: NorthSouthMaps | None = None
     _fns: dict = field(default_factory=dict)
 
+    reserved: str | None = None   # ip_local_reserved_ports before reserve_snat_ports changed it
+
     @classmethod
     def load(cls, bpffs: str | Path, devices: list[str], *, netns: str | None = None,
              table_size: int = DEFAULT_TABLE_SIZE, mode: str = "auto",
-             map_sizes: dict[str, int] | None = None) -> "NorthSouthDatapath":
+             map_sizes: dict[str, int] | None = None,
+             reserve_snat_ports: tuple[int, int] | None = None) -> "NorthSouthDatapath":
         """Compile (-DMBPF_MAGLEV_M=table_size), pin or reuse the maps, attach
         to each device in netns. map_sizes: map name -> max_entries, except
         "mbpf_maglev": its number of tables (a power of two). mode "tc": tc
@@ -273,10 +298,22 @@ class NorthSouthDatapath:
         where the driver has none); "auto": XDP where it can, else tc alone
         (tc alone on veth: frames from a local sender there may carry
         unfinished checksums, which XDP cannot finish).
-        self.mode says which it got."""
+        self.mode says which it got. reserve_snat_ports (lo, hi): first
+        added to net.ipv4.ip_local_reserved_ports in netns (the devices'
+        netns: the node's), so that the node's own connections take none
+        of the SNAT ports (datapath/reserved_ports.py); None: left as is."""
         if mode not in MODES:
             raise NorthSouthError(f"north-south mode {mode!r}: expected one of {', '.join(MODES)}")
         dp = cls(Path(bpffs), list(devices), netns, table_size, dict(map_sizes or {}))
+        if reserve_snat_ports is not None:
+            from . import reserved_ports
+            try:
+                dp.reserved = reserved_ports.reserve(tuple(reserve_snat_ports), netns)
+            except OSError as exc:
+                raise NorthSouthError(f"reserving SNAT ports {reserve_snat_ports[0]}-"
+                                      f"{reserve_snat_ports[1]} in net.ipv4.ip_local_reserved_ports"
+                                      f"{' of netns ' + netns if netns else ''} failed: {exc} "
+                                      f"(--no-reserve-snat-ports skips it)") from exc
         dp.compile()
         dp.maps = NorthSouthMaps(dp.bpffs)
         try:

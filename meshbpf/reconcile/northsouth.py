@@ -36,8 +36,8 @@ from typing import Iterable, NamedTuple
 
 from ..model import DesiredState, Frontend, IPAddress, ServicePort, usable_endpoints
 from . import addr16, maglev
-from .northsouth_keys import (BE_LOCAL, DEFAULT_TABLE_SIZE, F_LOCAL, F_NODEPORT, WILDCARDS, wildcard,
-                              NorthSouthState, NsBackend, NsCfg, NsKey, NsSrcKey, NsStep, NsSvc)
+from .northsouth_keys import (BE_LOCAL, DEFAULT_SNAT_PORTS, DEFAULT_TABLE_SIZE, F_LOCAL, F_NODEPORT,
+                              WILDCARDS, wildcard, NorthSouthState, NsBackend, NsCfg, NsKey, NsSrcKey, NsStep, NsSvc)
 
 PROTO = {"TCP": socket.IPPROTO_TCP, "UDP": socket.IPPROTO_UDP}
 ZERO = bytes(16)
@@ -51,6 +51,7 @@ class NodeContext:
     addresses: tuple[IPAddress, ...] = ()   # where NodePorts answer (mbpf_ns_addr)
     snat4: IPAddress | None = None          # source for SNAT to remote backends
     snat6: IPAddress | None = None
+    snat_ports: tuple[int, int] = DEFAULT_SNAT_PORTS  # the range SNAT takes ports from
 
 
 class NsPlan(NamedTuple):
@@ -81,7 +82,7 @@ def plan(desired: DesiredState, node: NodeContext, current: NorthSouthState,
     own: mind mbpf_maglev's room (MBPF_NS_TABLE_MAX tables of table_size)."""
     problems: list[str] = []
     owners = _frontends_by_owner(desired, all_cluster_ips, problems)
-    new = NorthSouthState(cfg=NsCfg(_snat(node.snat4), _snat(node.snat6), 1),
+    new = NorthSouthState(cfg=NsCfg(_snat(node.snat4), _snat(node.snat6), 1, *node.snat_ports),
                           node_addrs={addr16(a) for a in node.addresses})
     backend_ids = _BackendIds(current)
     table_ids = _Ids(current.tables, start=0)

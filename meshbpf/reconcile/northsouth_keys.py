@@ -73,9 +73,66 @@ class NsCfg(NamedTuple):
     snat4: bytes      # 16 bytes, IPv4 mapped; zero: no IPv4 SNAT address
     snat6: bytes      # 16 bytes; zero: none
     enabled: int      # 0: the programs pass everything
+    snat_port_min: int = 0   # SNAT ports snat_port_min..snat_port_max (inclusive);
+    snat_port_max: int = 0   # 0, 0: the datapath's default, DEFAULT_SNAT_PORTS
 
 
 DISABLED = NsCfg(bytes(16), bytes(16), 0)
+
+# SNAT ports (the agent's --snat-ports): above Linux's default ephemeral
+# range (32768..60999), reserved on the node (ip_local_reserved_ports) so
+# that the node's own connections take none of them.
+DEFAULT_SNAT_PORTS = (61000, 65535)
+SNAT_PORT_TRIES = 8      # NS_SNAT_PORT_TRIES in bpf/lib/nodeport.h
+SNAT_PORT_STRIDE = 7919  # NS_SNAT_PORT_STRIDE
+
+
+def parse_port_range(text: str) -> tuple[int, int]:
+    """"LO-HI" (or one port) -> (lo, hi), 1 <= lo <= hi <= 65535."""
+    lo, sep, hi = text.strip().partition("-")
+    try:
+        first, last = int(lo), int(hi if sep else lo)
+    except ValueError:
+        raise ValueError(f"{text!r}: expected a port range LO-HI, e.g. 61000-65535") from None
+    if not 1 <= first <= last <= 65535:
+        raise ValueError(f"{text!r}: expected 1 <= LO <= HI <= 65535")
+    return first, last
+
+
+def _mix(h: int, k: int) -> int:
+    k = (k * 0xcc9e2d51) & 0xFFFFFFFF
+    k = ((k << 15) | (k >> 17)) & 0xFFFFFFFF
+    k = (k * 0x1b873593) & 0xFFFFFFFF
+    h ^= k
+    h = ((h << 13) | (h >> 19)) & 0xFFFFFFFF
+    return (h * 5 + 0xe6546b64) & 0xFFFFFFFF
+
+
+def flow_hash(saddr: bytes, daddr: bytes, sport: int, dport: int, proto: int) -> int:
+    """ns_flow_hash (bpf/lib/ns_pkt.h) of a client -> frontend tuple
+    (16-byte addresses, IPv4 mapped; ports in host order), as a
+    little-endian machine computes it (the ports' network-order bytes
+    read as numbers)."""
+    h = 0x6d627066
+    for addr in (saddr, daddr):
+        for i in range(0, 16, 4):
+            h = _mix(h, int.from_bytes(addr[i:i + 4], "little"))
+    swap = lambda port: int.from_bytes(port.to_bytes(2, "big"), "little")  # noqa: E731
+    h = _mix(h, (swap(sport) << 16) | swap(dport))
+    h = _mix(h, proto)
+    h ^= h >> 16
+    h = (h * 0x85ebca6b) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * 0xc2b2ae35) & 0xFFFFFFFF
+    h ^= h >> 16
+    return h
+
+
+def snat_port_tries(hash_: int, ports: tuple[int, int] = DEFAULT_SNAT_PORTS) -> list[int]:
+    """The SNAT ports a new flow of that hash tries, in order (ns_claim_rev)."""
+    lo, hi = ports
+    span = hi - lo + 1
+    return [lo + (hash_ + i * SNAT_PORT_STRIDE) % span for i in range(SNAT_PORT_TRIES)]
 
 
 @dataclass

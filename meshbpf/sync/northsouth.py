@@ -33,10 +33,12 @@ from . import one_line
 log = logging.getLogger("meshbpf.agent")  # the agent's log, as users and tests filter it
 
 # Conntrack garbage collection: flows idle both ways this long are removed
-# (LRU eviction acts only once the map is full). There is no TCP state
-# tracking, so this is the one timeout; a flow idle longer comes back
-# through its table: the same backend while the table is unchanged.
-CT_GC_INTERVAL = 60.0
+# (LRU eviction acts only once the map is full); sooner a TCP flow that saw
+# a RST (10 s idle), one that saw a FIN (60 s idle) and UDP (120 s idle):
+# datapath/northsouth.py's CT_*_IDLE_NS. That frees their SNAT ports.
+# A flow idle longer comes back through its table: the same backend while
+# the table is unchanged.
+CT_GC_INTERVAL = 30.0
 CT_IDLE_NS = 600 * 10**9
 
 
@@ -82,12 +84,15 @@ class NorthSouthSync:
                  ", ".join(map(str, self.node.addresses)) or "none",
                  len(self.current.frontends), len(self.current.tables))
 
-    def load(self, bpffs: Path, devices: list[str], netns: str | None, map_sizes: dict[str, int]):
+    def load(self, bpffs: Path, devices: list[str], netns: str | None, map_sizes: dict[str, int],
+             reserve_snat_ports: tuple[int, int] | None = None):
         """Compiles and attaches the datapath (datapath/northsouth.py) and
-        takes over its maps; returns the NorthSouthDatapath."""
+        takes over its maps; returns the NorthSouthDatapath.
+        reserve_snat_ports: the SNAT range, reserved in netns first."""
         from ..datapath.northsouth import NorthSouthDatapath
+        kwargs = {"reserve_snat_ports": reserve_snat_ports} if reserve_snat_ports else {}
         dp = NorthSouthDatapath.load(str(bpffs), devices, netns=netns, table_size=self.table_size,
-                                     map_sizes=dict(map_sizes))
+                                     map_sizes=dict(map_sizes), **kwargs)
         self._fit_tables(dp.maps)
         self.start(dp.maps)
         return dp

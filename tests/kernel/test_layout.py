@@ -54,3 +54,29 @@ def test_event_record_mirrors_match_the_compiled_structs():
             assert getattr(layout, mirror).kind.offset == layout.EV_KIND_OFF, name
     finally:
         bpf.cleanup()
+
+
+def test_the_north_south_cfg_keeps_its_size_and_counters_their_indexes():
+    """mbpf_ns_cfg took the SNAT port range into its former padding: the
+    mirror matches what bcc compiles, and the value is still 40 bytes, so
+    an agent upgrade reuses the pinned map (the old padding, zero, reads as
+    the datapath's default range). The counters' names index the
+    MBPF_NS_* defines."""
+    import re
+
+    from bcc import BPF
+
+    from meshbpf.datapath.layout import NS_COUNTERS, NsCfgC
+    from meshbpf.datapath.source import bpf_dir
+    text = '#include <uapi/linux/bpf.h>\n#include "lib/common.h"\nBPF_ARRAY(cfg, struct mbpf_ns_cfg, 1);\n'
+    bpf = BPF(text=text.encode(), cflags=[f"-I{bpf_dir()}"])
+    try:
+        assert _layout(NsCfgC) == _layout(bpf[b"cfg"].Leaf)
+    finally:
+        bpf.cleanup()
+    assert ct.sizeof(NsCfgC) == 40
+    header = (bpf_dir() / "lib" / "common.h").read_text()
+    defines = {m[0]: int(m[1]) for m in re.findall(r"#define (MBPF_NS_[A-Z_]+)\s+(\d+)", header)}
+    assert defines["MBPF_NS_SNAT_RETRY"] == NS_COUNTERS["snat_port_retry"]
+    assert defines["MBPF_NS_DROP_NOSNAT"] == NS_COUNTERS["drop_no_snat"]
+    assert max(NS_COUNTERS.values()) < defines["MBPF_NS_STAT_MAX"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 
 import pytest
 
@@ -65,6 +66,7 @@ def test_an_agent_in_a_node_netns_serves_node_ports_from_outside(lab2, bpffs, tm
         agent.start(timeout=AGENT_READY_TIMEOUT)
         wait_for(lambda: json.loads(agent.get("/v1/northsouth")[1])["frontends"] == 2, 60,
                  "the NodePort and ClusterIP frontends")
+        assert reserved_ports(lab2, 1) == "61000-65535"   # the SNAT range, in node 1's netns
         host = str(node.ext_ipv4)
         ports = iter(range(42000, 60000, 16))
         wait_for(lambda: answers(lab2, host, next(ports)) == {"web-1", "web-2"}, 60,
@@ -93,7 +95,47 @@ def test_an_agent_in_a_node_netns_serves_node_ports_from_outside(lab2, bpffs, tm
         restarted = agent.log().split("starting:")[-1]
         assert "the pinned maps hold 2 frontends, 2 tables" in restarted
         assert "map writes)" not in restarted   # "north-south: ... (N map writes)"
+        assert "SNAT ports 61000-65535, reserved already" in restarted
+        assert reserved_ports(lab2, 1) == "61000-65535"
     finally:
         agent.stop()
         print(agent.log())
+        agent.cleanup()
+
+
+def reserved_ports(lab: Lab, node: int | str) -> str:
+    return lab.run(None, ["sysctl", "-n", "net.ipv4.ip_local_reserved_ports"], node=node,
+                   check=True).stdout.strip()
+
+
+def test_snat_ports_come_from_the_flag_and_need_no_reservation(lab2, bpffs, tmp_path):
+    """--snat-ports 50000-50999 --no-reserve-snat-ports: the flows to node
+    2's pod leave node 1 from ports of that range, and node 1's
+    ip_local_reserved_ports is left as it was."""
+    from meshbpf.datapath.northsouth import CT_F_SNAT, NorthSouthMaps
+
+    node = lab2.node(1)
+    config = k8s.write(tmp_path / "services.yaml", node_port_service(lab2))
+    before = reserved_ports(lab2, 1)
+    agent = AgentProcess(config, node.cgroup, bpffs, ["--node-netns", node.netns, "--node-name", "node1",
+                                                     "--maglev-table-size", "251",
+                                                     "--snat-ports", "50000-50999", "--no-reserve-snat-ports"])
+    try:
+        agent.start(timeout=AGENT_READY_TIMEOUT)
+        wait_for(lambda: json.loads(agent.get("/v1/northsouth")[1])["frontends"] == 2, 60,
+                 "the NodePort and ClusterIP frontends")
+        ports = iter(range(42000, 60000, 16))
+        wait_for(lambda: answers(lab2, str(node.ext_ipv4), next(ports)) == {"web-1", "web-2"}, 60,
+                 "answers from both nodes' pods through node 1")
+        maps = NorthSouthMaps(bpffs)
+        try:
+            snat = [socket.ntohs(v.sport) for k, v in maps.conntrack()
+                    if k.dir == 1 and v.flags & CT_F_SNAT]
+        finally:
+            maps.close()
+        assert snat and all(50000 <= p <= 50999 for p in snat), snat
+        assert reserved_ports(lab2, 1) == before
+        assert "SNAT ports 50000-50999, not reserved (--no-reserve-snat-ports)" in agent.log()
+    finally:
+        agent.stop()
         agent.cleanup()

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -131,12 +132,13 @@ def flows_lab(tmp_path_factory):
         # node and comes back to one (the lab's router only reaches the nodes).
         lab.run(None, ["sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"],
                 node=ROUTER, check=True)
-        # The router's and node1's ephemeral ports apart: a node1 connection whose
-        # tuple is the reply tuple of a live SNAT entry gets no answer (a known gap,
-        # test_a_host_connection_on_a_snat_port_gets_its_answers), and the router's
-        # ports are node1's SNAT ports.
-        for node, ports in ((ROUTER, "32768 46999"), (1, "47000 60999")):
-            lab.run(None, ["sysctl", "-qw", f"net.ipv4.ip_local_port_range={ports}"], node=node, check=True)
+        # The nodes' ephemeral ports as a tuned node has them, over the SNAT range
+        # (61000-65535): the agents reserve that range (ip_local_reserved_ports in
+        # the node's netns), so the nodes' own connections never take a port whose
+        # reply tuple a live SNAT entry holds
+        # (test_a_host_connection_on_a_snat_port_gets_its_answers).
+        for node in (1, 2):
+            lab.run(None, ["sysctl", "-qw", "net.ipv4.ip_local_port_range=32768 65535"], node=node, check=True)
         for pod in table.BACKENDS:
             ports = [a for p in BACKEND_PORTS for a in ("--port", str(p))]
             lab.popen(pod, [sys.executable, "-m", "meshbpf.lab.whoami", "--name", pod, *ports],
@@ -287,26 +289,95 @@ def test_host_processes(flows_lab, setup):
     run_setup(flows_lab, setup)
 
 
-@pytest.mark.skipif(not NS_AVAILABLE, reason=NEEDS_NS)
-@pytest.mark.xfail(strict=True, reason="a known gap: SNAT ports are not checked against the node's own "
-                   "sockets, so a node connection on the tuple of a live SNAT entry's reply loses its replies")
-def test_a_host_connection_on_a_snat_port_gets_its_answers(flows_lab):
-    """node1 SNATs an external client's flow to a backend on node2 to
-    node1's address and the client's port; node1's own connection from that
-    port to that backend (the socket-LB's path, or a direct one) has the
-    same reply tuple: node1's tc takes its replies for the SNAT entry's and
-    sends them to the router. Seen as a rare DROP in the host cases before
-    the fixture parted the router's and node1's ephemeral ports."""
-    setup = next(s for s in SETUPS if s.name == "TestNodePorts/ipv4")   # b1 and a1 behind node1:30001
-    flows_lab.apply(setup)
+HOLD = """
+import socket, sys
+family = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
+s = socket.socket(family, socket.SOCK_STREAM)
+s.settimeout(10)
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.connect((sys.argv[3], 80))
+print("connected", flush=True)
+sys.stdin.readline()
+s.sendall(b"GET /client HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n")
+data = b""
+try:
+    while chunk := s.recv(4096):
+        data += chunk
+except OSError as exc:
+    print("error", exc, flush=True)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\\1\\0\\0\\0\\0\\0\\0\\0")
+s.close()
+print("answer", data.split(b"\\r\\n\\r\\n", 1)[-1].decode().strip(), flush=True)
+"""
 
-    def probe(node: int | str, *args) -> dict:
-        r = flows_lab.lab.run(None, [sys.executable, str(PROBE), *map(str, args)], node=node, timeout=60)
+
+def _reserved_ports(lab: Lab, node: int | str | None) -> str:
+    argv = ["sysctl", "-n", "net.ipv4.ip_local_reserved_ports"]
+    if node is None:   # the host's own netns: read, never written
+        return subprocess.run(argv, capture_output=True, text=True, check=True).stdout.strip()
+    return lab.run(None, argv, node=node, check=True).stdout.strip()
+
+
+@pytest.mark.skipif(not NS_AVAILABLE, reason=NEEDS_NS)
+def test_the_snat_ports_are_reserved_in_the_nodes_netns_only(flows_lab):
+    from meshbpf.datapath.reserved_ports import covered, parse
+    for node in (1, 2):
+        assert covered(parse(_reserved_ports(flows_lab.lab, node)), (61000, 65535)), node
+    assert not covered(parse(_reserved_ports(flows_lab.lab, ROUTER)), (61000, 65535))
+
+
+@pytest.mark.skipif(not NS_AVAILABLE, reason=NEEDS_NS)
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+def test_a_host_connection_on_a_snat_port_gets_its_answers(flows_lab, family):
+    """node1 SNATs an external client's flow to a backend on node2 to
+    node1's address and a port of the SNAT range. A node1 connection that
+    holds the port the flow would try first (an explicit bind() into the
+    reserved range: the one way a node socket gets there), to the same
+    backend, has that reply tuple: the flow takes another port (the
+    datapath looks the tuple up among the node's sockets), and the node's
+    connection still gets its answers. Before: SNAT kept the client's port,
+    checked against the conntrack map only, and node1's tc took the node
+    connection's replies for the flow."""
+    from meshbpf.datapath.northsouth import NorthSouthMaps
+    from meshbpf.reconcile import addr16
+    from meshbpf.reconcile.northsouth_keys import flow_hash, snat_port_tries
+    import ipaddress
+
+    v6 = family == "ipv6"
+    setup = next(s for s in SETUPS if s.name == f"TestNodePorts/{family}")   # b1 and a1 behind node1:30001
+    flows_lab.apply(setup)
+    node, router = table.NODES["node1"][v6], (table.ROUTER6 if v6 else table.ROUTER4)
+    b1 = table.B1_6 if v6 else table.B1
+    a16 = lambda a: addr16(ipaddress.ip_address(a))  # noqa: E731
+
+    def probe(where: int | str, *args) -> dict:
+        r = flows_lab.lab.run(None, [sys.executable, str(PROBE), *map(str, args)], node=where, timeout=60)
         return json.loads(r.stdout.strip().splitlines()[-1])
-    snat = next(port for port in range(45000, 45012)   # a port node1 sent on to b1, SNATed
-                if any(a.startswith(f"b1 {table.NODE1} ") for a in
-                       probe(ROUTER, "tcp", table.NODE1, 30001, 1, f"{table.ROUTER4},{port}")["answers"]))
-    assert probe(1, "tcp", table.B1, 80, 1, f"{table.NODE1},{snat}")["answers"]
+
+    maps = NorthSouthMaps(flows_lab.agents[0].bpffs)
+    try:
+        for cport in range(45100, 45140):
+            first = snat_port_tries(flow_hash(a16(router), a16(node), cport, 30001, 6))[0]
+            held = flows_lab.lab.popen(None, [sys.executable, "-c", HOLD, node, str(first), b1], node=1,
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            try:
+                assert held.stdout.readline().strip() == "connected"
+                answers = probe(ROUTER, "tcp", node, 30001, 1, f"{router},{cport}")["answers"]
+                if not any(a.startswith(f"b1 {node} ") for a in answers):
+                    continue   # a1 on node1 took it: no SNAT
+                snat = [socket.ntohs(v.sport) for k, v in maps.conntrack()
+                        if k.dir == 1 and bytes(k.saddr) == a16(router) and socket.ntohs(k.sport) == cport]
+                out, _ = held.communicate("go\n", timeout=30)
+                assert f"answer b1 {node} 80" in out, out   # the node's connection has its answer
+                assert snat and snat[0] != first and 61000 <= snat[0] <= 65535, (first, snat)
+                return
+            finally:
+                if held.poll() is None:
+                    held.kill()
+                    held.wait()
+        pytest.fail("no client port of 45100..45139 reached b1")
+    finally:
+        maps.close()
 
 
 # bounds: the planners agreeing is Python; the datapath side runs on every kernel

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import struct
+import time
 from array import array
 
 import pytest
@@ -17,8 +19,9 @@ from scapy.layers.l2 import Ether
 
 from meshbpf.datapath import libbpf
 from meshbpf.datapath.northsouth import NorthSouthDatapath
-from meshbpf.reconcile.northsouth_keys import (BE_LOCAL, F_LOCAL, F_NODEPORT, wildcard, NorthSouthState,
-                                               NsBackend, NsCfg, NsKey, NsSrcKey, NsStep, NsSvc)
+from meshbpf.reconcile.northsouth_keys import (BE_LOCAL, DEFAULT_SNAT_PORTS, F_LOCAL, F_NODEPORT, wildcard,
+                                               NorthSouthState, NsBackend, NsCfg, NsKey, NsSrcKey, NsStep,
+                                               NsSvc, flow_hash, snat_port_tries)
 
 from .conftest import BPFFS_ROOT, PIN_PREFIX, _names
 
@@ -93,6 +96,12 @@ def frontend(maps, key: NsKey, backends: list[int], table: int = 0, flags: int =
     row = array("I", [backends[i % len(backends)] for i in range(M)] if backends else [0] * M)
     maps.apply([NsStep("tables", "update", {table: row}),
                 NsStep("frontends", "update", {key: NsSvc(table, len(set(backends)), src_id, flags)})])
+
+
+def snat_tries(client: str, dst: str, sport: int, dport: int, proto: int = TCP_,
+               ports: tuple[int, int] = DEFAULT_SNAT_PORTS) -> list[int]:
+    """The SNAT ports a new flow tries, in order (the datapath's choice, mirrored)."""
+    return snat_port_tries(flow_hash(a16(client), a16(dst), sport, dport, proto), ports)
 
 
 def nodeport(fam: int, proto: int = TCP_) -> NsKey:
@@ -201,14 +210,17 @@ def test_each_frontend_kind_is_translated_to_a_local_backend(dp, maps, fam, kind
 
 
 @FAMS
-def test_a_remote_backend_is_snated_to_the_node_keeping_the_client_port(dp, maps, fam):
+def test_a_remote_backend_is_snated_to_the_node_on_a_port_of_the_snat_range(dp, maps, fam):
     f = FAMILIES[fam]
     frontend(maps, nodeport(fam, UDP_), [be_id(fam, REMOTE_BE)], flags=F_NODEPORT)
     before = maps.counters()
     rc, out = ingress(dp, pkt(fam, f["client"], f["node"], 40001, NODE_PORT, UDP_, payload=b"x" * 3))
     assert rc in (PASS, REDIRECT)   # forwarded by the node's routes (the host's, here)
     assert (l3(out).src, l3(out).dst) == (f["node"], f["remote"])
-    assert (l4(out).sport, l4(out).dport) == (40001, BE_PORT)
+    # never the client's port: the first of its tries in 61000..65535 (cfg 0..0: the default)
+    port = snat_tries(f["client"], f["node"], 40001, NODE_PORT, UDP_)[0]
+    assert 61000 <= port <= 65535
+    assert (l4(out).sport, l4(out).dport) == (port, BE_PORT)
     assert_one_hop_less_if_sent_on(rc, out)
     assert_checksums_valid(out)
     # (XDP without the route or neighbour at hand passes the flow to tc:
@@ -218,20 +230,92 @@ def test_a_remote_backend_is_snated_to_the_node_keeping_the_client_port(dp, maps
 
 
 @FAMS
+def test_snat_ports_come_from_the_configured_range(dp, maps, fam):
+    f = FAMILIES[fam]
+    maps.apply([NsStep("cfg", "update", {0: NsCfg(a16(FAMILIES[4]["node"]), a16(FAMILIES[6]["node"]), 1,
+                                                  40100, 40107)})])
+    frontend(maps, nodeport(fam), [be_id(fam, REMOTE_BE)], flags=F_NODEPORT)
+    for sport in range(50000, 50006):
+        _, out = ingress(dp, pkt(fam, f["client"], f["node"], sport, NODE_PORT))
+        tries = snat_tries(f["client"], f["node"], sport, NODE_PORT, ports=(40100, 40107))
+        assert 40100 <= l4(out).sport <= 40107 and l4(out).sport in tries
+
+
+def _client_port_colliding(f: dict, first: int, fam: int) -> int:
+    """A port of the far client whose first SNAT try is `first`."""
+    for sport in range(20000, 60000):
+        if snat_tries(f["far"], f["node"], sport, NODE_PORT)[0] == first:
+            return sport
+    raise AssertionError("no colliding client port")
+
+
+@FAMS
 def test_a_taken_snat_port_is_not_reused(dp, maps, fam):
-    """Two clients, same port, same backend: the second gets another SNAT
-    port, or the replies could not be told apart."""
+    """Two flows whose first try is the same port, same backend: the
+    second takes its second try, or the replies could not be told apart."""
     f = FAMILIES[fam]
     frontend(maps, nodeport(fam), [be_id(fam, REMOTE_BE)], flags=F_NODEPORT)
     _, first = ingress(dp, pkt(fam, f["client"], f["node"], 40002, NODE_PORT))
-    _, second = ingress(dp, pkt(fam, f["far"], f["node"], 40002, NODE_PORT))
-    assert l4(first).sport == 40002
-    assert l4(second).sport != 40002 and l3(second).src == f["node"]
+    tries = snat_tries(f["client"], f["node"], 40002, NODE_PORT)
+    assert l4(first).sport == tries[0]
+    other = _client_port_colliding(f, tries[0], fam)
+    before = maps.counters()
+    _, second = ingress(dp, pkt(fam, f["far"], f["node"], other, NODE_PORT))
+    assert l4(second).sport == snat_tries(f["far"], f["node"], other, NODE_PORT)[1]
+    assert l3(second).src == f["node"]
+    assert counted(maps, before).get("snat_port_retry") == 1
     # each reply goes back to its own client
-    for out, client in ((first, f["client"]), (second, f["far"])):
+    for out, client, port in ((first, f["client"], 40002), (second, f["far"], other)):
         _, back = ingress(dp, pkt(fam, f["remote"], f["node"], BE_PORT, l4(out).sport, flags="SA"))
         assert (l3(back).src, l3(back).dst, l4(back).sport, l4(back).dport) == \
-            (f["node"], client, NODE_PORT, 40002)
+            (f["node"], client, NODE_PORT, port)
+
+
+LOOPBACK = {4: "127.0.0.1", 6: "::1"}
+
+
+@FAMS
+@pytest.mark.parametrize("proto", [TCP_, UDP_])
+def test_a_snat_port_a_node_socket_owns_is_skipped(dp, maps, fam, proto):
+    """The reply tuple of the first try is a node socket's (a connected TCP
+    socket, a bound UDP one: here on loopback, the SNAT address and the
+    backend both loopback): the flow takes its second try, the socket keeps
+    its packets (bpf_skc_lookup_tcp / bpf_sk_lookup_udp)."""
+    f, lo = FAMILIES[fam], LOOPBACK[fam]
+    family = socket.AF_INET6 if fam == 6 else socket.AF_INET
+    kind = socket.SOCK_STREAM if proto == TCP_ else socket.SOCK_DGRAM
+    server = socket.socket(family, kind)
+    held = socket.socket(family, kind)
+    try:
+        server.bind((lo, 0))
+        be_port = server.getsockname()[1]
+        if proto == TCP_:
+            server.listen()
+        snat = {4: a16(lo) if fam == 4 else a16(f["node"]), 6: a16(lo) if fam == 6 else a16(FAMILIES[6]["node"])}
+        maps.apply([NsStep("cfg", "update", {0: NsCfg(snat[4], snat[6], 1)}),
+                    NsStep("backends", "update", {99: NsBackend(a16(lo), be_port, 0)})])
+        frontend(maps, nodeport(fam, proto), [99], flags=F_NODEPORT)
+        for sport in range(41000, 41100):   # a client port whose first try is free here
+            tries = snat_tries(f["client"], f["node"], sport, NODE_PORT, proto)
+            try:
+                held.bind((lo, tries[0]))
+                break
+            except OSError:
+                continue
+        else:
+            pytest.skip("no free loopback port among the first tries")
+        if proto == TCP_:
+            held.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST, no TIME_WAIT
+            held.connect((lo, be_port))
+        before = maps.counters()
+        rc, out = ingress(dp, pkt(fam, f["client"], f["node"], sport, NODE_PORT, proto))
+        assert (l3(out).src, l3(out).dst) == (lo, lo)
+        assert l4(out).sport == tries[1]
+        counts = counted(maps, before)
+        assert counts["snat_port_retry"] == 1 and counts["new"] == 1, counts
+    finally:
+        held.close()
+        server.close()
 
 
 @FAMS
@@ -266,11 +350,11 @@ def test_replies_are_translated_back_on_ingress_and_egress(dp, maps, fam):
     f = FAMILIES[fam]
     frontend(maps, nodeport(fam), [be_id(fam, REMOTE_BE)], flags=F_NODEPORT)
     frontend(maps, NsKey(a16(f["ext"]), SVC_PORT, TCP_), [be_id(fam, LOCAL_BE)], table=1)
-    ingress(dp, pkt(fam, f["client"], f["node"], 40006, NODE_PORT))
+    _, sent = ingress(dp, pkt(fam, f["client"], f["node"], 40006, NODE_PORT))
     ingress(dp, pkt(fam, f["client"], f["ext"], 40007, SVC_PORT))
     before = maps.counters()
-    # the remote backend's reply comes back to the node (SNAT address) on ingress
-    rc, out = ingress(dp, pkt(fam, f["remote"], f["node"], BE_PORT, 40006, flags="SA"))
+    # the remote backend's reply comes back to the node (SNAT address and port) on ingress
+    rc, out = ingress(dp, pkt(fam, f["remote"], f["node"], BE_PORT, l4(sent).sport, flags="SA"))
     assert rc in (PASS, REDIRECT)
     assert (l3(out).src, l3(out).dst, l4(out).sport, l4(out).dport) == \
         (f["node"], f["client"], NODE_PORT, 40006)
@@ -456,21 +540,22 @@ def test_garbage_collection_removes_flows_idle_both_ways(dp, maps, snat, path):
     import time
     f = FAMILIES[4]
     frontend(maps, nodeport(4), [REMOTE_BE if snat else LOCAL_BE], flags=F_NODEPORT)
-    ingress(dp, pkt(4, f["client"], f["node"], 40040, NODE_PORT))
+    _, sent = ingress(dp, pkt(4, f["client"], f["node"], 40040, NODE_PORT))
     ingress(dp, pkt(4, f["client"], f["node"], 40041, NODE_PORT))
     assert len(maps.conntrack()) == 4
     time.sleep(0.05)
     mark = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
     # flow 40040 answers (its reply direction is fresh), flow 40041 is silent
     if snat:
-        ingress(dp, pkt(4, f["remote"], f["node"], BE_PORT, 40040, flags="SA"))
+        ingress(dp, pkt(4, f["remote"], f["node"], BE_PORT, l4(sent).sport, flags="SA"))
     else:
         egress(dp, pkt(4, f["local"], f["client"], BE_PORT, 40040, flags="SA"))
     idle = time.clock_gettime_ns(time.CLOCK_MONOTONIC) - mark + 1
     assert maps.collect_garbage(10**12) == 0
     assert maps.collect_garbage(idle) == 2   # the silent flow, both entries
     left = maps.conntrack()
-    assert len(left) == 2 and all(40040 in (socket.ntohs(k.sport), socket.ntohs(k.dport)) for k, _ in left)
+    ports = {40040, l4(sent).sport}
+    assert len(left) == 2 and all(ports & {socket.ntohs(k.sport), socket.ntohs(k.dport)} for k, _ in left)
     assert maps.collect_garbage(0, now_ns=mark + 10**12) == 2
 
 
@@ -556,3 +641,75 @@ def test_bad_load_arguments_are_refused_before_anything_is_made(kwargs, message)
     with pytest.raises(Exception, match=message.replace("(", r"\(")):
         NorthSouthDatapath.load(bpffs, ["ext0"], **kwargs)
     assert not bpffs.exists()
+
+
+@pytest.mark.parametrize("path", ["tc", "xdp"], indirect=True)
+def test_closed_and_udp_flows_are_collected_sooner(dp, maps, path):
+    """Their SNAT ports serve again: a TCP flow that saw a RST after 10 s
+    idle, one that saw a FIN after 60 s, UDP after 120 s; other TCP flows
+    after the caller's idle time (the programs mark FIN and RST in the
+    conntrack entry of the direction they saw them in). A new connection on
+    a closed flow's tuple (its SYN and SYN-ACK) opens it again."""
+    f = FAMILIES[4]
+    frontend(maps, nodeport(4), [REMOTE_BE], flags=F_NODEPORT)
+    frontend(maps, nodeport(4, UDP_), [REMOTE_BE], table=1, flags=F_NODEPORT)
+    sent = {}
+    for sport in (40050, 40051, 40052, 40054):
+        _, sent[sport] = ingress(dp, pkt(4, f["client"], f["node"], sport, NODE_PORT))
+    ingress(dp, pkt(4, f["client"], f["node"], 40053, NODE_PORT, UDP_))
+    ingress(dp, pkt(4, f["client"], f["node"], 40050, NODE_PORT, flags="FA"))          # the client's FIN
+    for sport in (40051, 40054):                                                        # the backend's RST
+        ingress(dp, pkt(4, f["remote"], f["node"], BE_PORT, l4(sent[sport]).sport, flags="R"))
+    # 40054: the client's next connection on the same tuple, answered
+    ingress(dp, pkt(4, f["client"], f["node"], 40054, NODE_PORT))
+    ingress(dp, pkt(4, f["remote"], f["node"], BE_PORT, l4(sent[40054]).sport, flags="SA"))
+    assert len(maps.conntrack()) == 10
+    mark = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    hour, s = 3600 * 10**9, 10**9
+
+    def client_ports() -> set[int]:
+        return {socket.ntohs(k.sport) for k, _ in maps.conntrack() if k.dir == 1}
+    assert maps.collect_garbage(hour, now_ns=mark + 9 * s) == 0
+    assert maps.collect_garbage(hour, now_ns=mark + 11 * s) == 2       # the RST flow, both halves
+    assert client_ports() == {40050, 40052, 40053, 40054}
+    assert maps.collect_garbage(hour, now_ns=mark + 59 * s) == 0
+    assert maps.collect_garbage(hour, now_ns=mark + 61 * s) == 2       # the FIN flow
+    assert maps.collect_garbage(hour, now_ns=mark + 121 * s) == 2      # the UDP flow
+    assert client_ports() == {40052, 40054}
+
+
+@pytest.mark.parametrize("closed", ["rst", "fin", "reopened"])
+def test_a_closed_flows_snat_port_is_taken_over_after_a_rst(dp, maps, closed):
+    """A new flow whose try is a port held by a flow that is over takes it
+    at once after a RST (the old flow's FWD entry goes: its client's next
+    packet is a new flow); after a FIN not before 60 s idle (it takes its
+    next try); nor when the client opened the tuple again since (its SYN
+    after the RST)."""
+    f = FAMILIES[4]
+    frontend(maps, nodeport(4), [REMOTE_BE], flags=F_NODEPORT)
+    _, first = ingress(dp, pkt(4, f["client"], f["node"], 40070, NODE_PORT))
+    port = l4(first).sport
+    if closed == "rst":
+        ingress(dp, pkt(4, f["client"], f["node"], 40070, NODE_PORT, flags="R"))
+    elif closed == "reopened":
+        ingress(dp, pkt(4, f["remote"], f["node"], BE_PORT, port, flags="R"))       # the backend's RST
+    else:
+        ingress(dp, pkt(4, f["client"], f["node"], 40070, NODE_PORT, flags="FA"))
+        ingress(dp, pkt(4, f["remote"], f["node"], BE_PORT, port, flags="FA"))
+    if closed == "reopened":
+        ingress(dp, pkt(4, f["client"], f["node"], 40070, NODE_PORT))    # the same tuple again: its SYN
+    other = _client_port_colliding(f, port, 4)
+    before = maps.counters()
+    _, second = ingress(dp, pkt(4, f["far"], f["node"], other, NODE_PORT))
+    tries = snat_tries(f["far"], f["node"], other, NODE_PORT)
+    fwd_ports = {socket.ntohs(k.sport) for k, _ in maps.conntrack() if k.dir == 1}
+    if closed == "rst":
+        assert l4(second).sport == port and "snat_port_retry" not in counted(maps, before)
+        assert fwd_ports == {other}                        # the old flow is gone
+        _, again = ingress(dp, pkt(4, f["client"], f["node"], 40070, NODE_PORT))
+        assert l4(again).sport != port                     # a new flow for the old client
+        _, back = ingress(dp, pkt(4, f["remote"], f["node"], BE_PORT, port, flags="SA"))
+        assert (l3(back).dst, l4(back).dport) == (f["far"], other)
+    else:
+        assert l4(second).sport == tries[1] and counted(maps, before)["snat_port_retry"] == 1
+        assert fwd_ports == {40070, other}

@@ -42,11 +42,13 @@ def fake_dp(monkeypatch):
             self.mode = "tc"
 
         @classmethod
-        def load(cls, bpffs, devices, *, netns=None, table_size=16381, mode="auto", map_sizes=None):
+        def load(cls, bpffs, devices, *, netns=None, table_size=16381, mode="auto", map_sizes=None,
+                 reserve_snat_ports=None):
             if cls.fail is not None:
                 raise cls.fail
             dp = cls()
             loads.append((devices, netns, table_size, dp))
+            cls.reserved.append(reserve_snat_ports)
             return dp
 
     module = types.ModuleType("meshbpf.datapath.northsouth")
@@ -55,6 +57,7 @@ def fake_dp(monkeypatch):
     monkeypatch.setattr(agent_mod, "node_context", lambda name, devices, netns: NODE)
     monkeypatch.setattr(sync_mod, "default_route_devices", lambda netns: ["ext0"] if netns else ["eth0"])
     NorthSouthDatapath.loads = loads
+    NorthSouthDatapath.reserved = []
     return NorthSouthDatapath
 
 
@@ -67,6 +70,28 @@ def test_devices_given_start_it_and_the_loop_programs_the_maps(make_agent, fake_
     assert len(dp.maps.state.frontends) == 2 and dp.maps.state.cfg.enabled == 1
     assert agent.metrics.registry.get_sample_value("meshbpf_northsouth_frontends") == 2
     assert agent.health_details()["northsouth_stale"] is False
+
+
+def test_snat_ports_are_reserved_and_reach_the_maps(make_agent, fake_dp):
+    """The SNAT range goes to the datapath to reserve (in the devices'
+    netns) and, through the node's context, into mbpf_ns_cfg."""
+    agent = make_agent(FakeSource(lb_state()), devices=["ext9"], node_netns="mbl-x-node",
+                       snat_ports=(62000, 62999))
+    agent._start_north_south()
+    agent.step()
+    assert fake_dp.reserved == [(62000, 62999)]
+    (dp,) = [d for _, _, _, d in fake_dp.loads]
+    cfg = dp.maps.state.cfg
+    assert (cfg.snat_port_min, cfg.snat_port_max) == (62000, 62999)
+
+
+def test_no_reserve_snat_ports_leaves_the_sysctl_alone(make_agent, fake_dp):
+    agent = make_agent(FakeSource(lb_state()), devices=["ext9"], reserve_snat_ports=False)
+    agent._start_north_south()
+    agent.step()
+    assert fake_dp.reserved == [None]
+    (dp,) = [d for _, _, _, d in fake_dp.loads]
+    assert (dp.maps.state.cfg.snat_port_min, dp.maps.state.cfg.snat_port_max) == (61000, 65535)
 
 
 def test_default_is_off_outside_a_node_netns_and_never_touches_the_hosts_devices(make_agent, fake_dp):
