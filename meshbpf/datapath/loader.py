@@ -69,7 +69,7 @@ LB_SOURCES = ["sock_lb.c"]
 
 def kernel_offsets() -> dict[str, int]:
     """Offsets inside kernel structs that sockops and sk_msg read (psock_idle,
-    sock_reads_block, sock_netns)."""
+    sock_has_waiter, sock_reads_block, sock_netns)."""
     return {
         "MBPF_OFF_SK_USER_DATA": btf.member_offset("sock", "sk_user_data"),
         "MBPF_OFF_PSOCK_INGRESS_MSG": btf.member_offset("sk_psock", "ingress_msg"),
@@ -78,6 +78,9 @@ def kernel_offsets() -> dict[str, int]:
         "MBPF_OFF_SK_SOCKET": btf.member_offset("sock", "sk_socket"),
         "MBPF_OFF_SOCKET_FILE": btf.member_offset("socket", "file"),
         "MBPF_OFF_FILE_FLAGS": btf.member_offset("file", "f_flags"),
+        # &sk->sk_socket->wq.wait.head: does a reader sleep on the socket (psock_idle)
+        "MBPF_OFF_SOCKET_WAIT_HEAD": (btf.member_offset("socket", "wq") + btf.member_offset("socket_wq", "wait")
+                                      + btf.member_offset("wait_queue_head", "head")),
         # sk->__sk_common.skc_net.net: a listener's namespace (mbpf_listeners);
         # net is possible_net_t's only member (CONFIG_NET_NS, which pods need)
         "MBPF_OFF_SK_NET": btf.member_offset("sock", "__sk_common") + btf.member_offset("sock_common", "skc_net"),
