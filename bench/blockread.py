@@ -95,6 +95,7 @@ def last_json(text: str) -> dict:
 
 def reader_runs(lab: Lab, runs: int, pin: list[str], port: int) -> dict:
     eagain = signals = 0
+    at: list[int] = []
     for i in range(runs):
         server = lab.popen("web-1", pin + [sys.executable, "-u", str(PROBE), "reader", str(port + i), "15",
                                            "blocking", "timeout"],
@@ -113,7 +114,8 @@ def reader_runs(lab: Lab, runs: int, pin: list[str], port: int) -> dict:
         client, got = last_json(r.stdout), last_json(out)
         assert (got["bytes"], got["sha"]) == (client["bytes"], client["sha"]), "bytes lost or reordered"
         eagain, signals = eagain + got["eagain"], signals + got["signals"]
-    return {"eagain": eagain, "of": signals, "unit": "signals"}
+        at += got.get("eagain_at", [])
+    return {"eagain": eagain, "of": signals, "unit": "signals", "eagain_at_bytes": at}
 
 
 def eof_runs(lab: Lab, runs: int, pin: list[str], port: int, think_ms: int, client_mode: str,
@@ -197,7 +199,9 @@ def main() -> int:
                             results.setdefault(name, {}).setdefault(pinning, {})[build] = res
                             print(f"{build:6} {pinning:8} {name:8} EAGAIN {res['eagain']} of {res['of']} "
                                   f"{res['unit']} (sockets inserted {res['inserted']}, spliced sends "
-                                  f"{res['spliced_msgs']}, {res['seconds']} s)", flush=True)
+                                  f"{res['spliced_msgs']}, {res['seconds']} s)"
+                                  + (f"; EAGAIN after byte {res['eagain_at_bytes']}" if res.get("eagain_at_bytes") else ""),
+                                  flush=True)
                 finally:
                     agent.stop()
                     uninstall(bpffs)

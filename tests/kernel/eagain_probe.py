@@ -57,6 +57,8 @@ def _recv(sock: socket.socket, n: int, stats: dict) -> bytes:
             return sock.recv(n)
         except BlockingIOError:
             stats["eagain"] += 1
+            if "bytes" in stats and len(stats.setdefault("eagain_at", [])) < 10:
+                stats["eagain_at"].append(stats["bytes"])  # where in the stream (the reader)
 
 
 def _recv_exact(sock: socket.socket, n: int, stats: dict) -> bytes:

@@ -166,27 +166,34 @@ def test_blocking_reader_behind_non_blocking_client_never_sees_eagain(lab, bpffs
 
 @pytest.mark.needs_feature("recv_tracepoint")
 @PINNING
-def test_blocking_reader_from_non_blocking_listener_never_sees_eagain(lab, bpffs, redirect_agent, pinned):
+def test_blocking_reader_from_non_blocking_listener_goes_to_tcp(lab, bpffs, redirect_agent, pinned):
     """The case the listener check misses: a blocking socket accepted from
     a non-blocking listener (Python with a timeout on the listener, gunicorn
     sync workers, Java NIO before configureBlocking(false)) that only
     reads, under SIGALRM every 15 ms. It joins, and its blocked reads were
-    spliced: 64-66 of 66 signals gave EAGAIN. Now its first blocking read
+    spliced: 63-66 of 66 signals gave EAGAIN. Now its first blocking read
     that returns marks it (bpf/recv_trace.c, reads_block), the client's next
     send takes TCP and the reader's socket leaves the sockhash, even while
     it sleeps in recvmsg (psock_idle); what it reads from then on is TCP's.
-    Run three times, pinned and unpinned: 0 EAGAIN in ~200 signals."""
+    Not quite 0: until the eviction grace (10 ms) after the last splice has
+    passed, the reader still sleeps in the sockhash, and a signal then gives
+    EAGAIN (bench/run-blockread: 0-3 in 660 signals, in 10 connections).
+    Three connections, pinned and unpinned: at most 3 EAGAIN in ~200
+    signals (against ~195 before), to stay clear of flakes on a loaded VM."""
     prefix = PINNED if pinned else []
+    eagain = []
     for i in range(3):
         before = redirect.read_counters(bpffs)
         client, reader = signalled_reader(lab, 7110 + i, "blocking", listen_mode="timeout", prefix=prefix)
         after = redirect.read_counters(bpffs)
-        assert reader["eagain"] == 0, f"{reader['eagain']} spurious EAGAIN in {reader['signals']} signals"
+        eagain.append((reader["eagain"], reader["signals"], reader.get("eagain_at")))
+        assert reader["eagain"] <= 2, f"spurious EAGAIN (count, signals, after byte): {eagain}"
         assert after["inserted_sockets"] - before["inserted_sockets"] == 2  # both joined
         assert after["switched_pairs"] > before["switched_pairs"]  # ... and went to TCP
         # at most a few sends spliced before the reader's first read returned
         assert after["redirected_msgs"] - before["redirected_msgs"] < client["chunks"] // 4
         assert redirect.sockhash_count(bpffs) == 0
+    assert sum(n for n, *_ in eagain) <= 3, f"spurious EAGAIN (count, signals, after byte): {eagain}"
 
 
 @pytest.mark.heavy
