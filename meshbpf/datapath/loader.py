@@ -70,7 +70,7 @@ LB_SOURCES = ["sock_lb.c"]
 def kernel_offsets() -> dict[str, int]:
     """Offsets inside kernel structs that sockops and sk_msg read (psock_idle,
     sock_has_waiter, sock_reads_block, sock_netns)."""
-    return {
+    offsets = {
         "MBPF_OFF_SK_USER_DATA": btf.member_offset("sock", "sk_user_data"),
         "MBPF_OFF_PSOCK_INGRESS_MSG": btf.member_offset("sk_psock", "ingress_msg"),
         "MBPF_OFF_PSOCK_REFCNT": btf.member_offset("sk_psock", "refcnt"),
@@ -78,13 +78,20 @@ def kernel_offsets() -> dict[str, int]:
         "MBPF_OFF_SK_SOCKET": btf.member_offset("sock", "sk_socket"),
         "MBPF_OFF_SOCKET_FILE": btf.member_offset("socket", "file"),
         "MBPF_OFF_FILE_FLAGS": btf.member_offset("file", "f_flags"),
-        # &sk->sk_socket->wq.wait.head: does a reader sleep on the socket (psock_idle)
-        "MBPF_OFF_SOCKET_WAIT_HEAD": (btf.member_offset("socket", "wq") + btf.member_offset("socket_wq", "wait")
-                                      + btf.member_offset("wait_queue_head", "head")),
         # sk->__sk_common.skc_net.net: a listener's namespace (mbpf_listeners);
         # net is possible_net_t's only member (CONFIG_NET_NS, which pods need)
         "MBPF_OFF_SK_NET": btf.member_offset("sock", "__sk_common") + btf.member_offset("sock_common", "skc_net"),
     }
+    # &sk->sk_socket->wq.wait.head: does a reader sleep on the socket
+    # (psock_idle). Optional: without it a sleeping reader keeps its socket
+    # in the sockhash until it wakes, as before.
+    try:
+        offsets["MBPF_OFF_SOCKET_WAIT_HEAD"] = (btf.member_offset("socket", "wq")
+                                                + btf.member_offset("socket_wq", "wait")
+                                                + btf.member_offset("wait_queue_head", "head"))
+    except btf.BTFError:
+        pass
+    return offsets
 
 
 def lb_event_cflags(sizes: dict[str, int]) -> list[str]:
