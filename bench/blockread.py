@@ -135,6 +135,7 @@ def eof_runs(lab: Lab, runs: int, pin: list[str], port: int, think_ms: int, clie
             server.kill()
             server.wait()
     client, srv = last_json(r.stdout), last_json(out)
+    assert client["runs"] == runs and srv["connections"] == runs, (client, srv)
     assert client["errors"] == 0 and srv["errors"] == 0, (client, srv)
     return {"eagain": client["eagain"] + srv["eagain"], "of": runs, "unit": "runs"}
 
@@ -200,7 +201,7 @@ def main() -> int:
                             print(f"{build:6} {pinning:8} {name:8} EAGAIN {res['eagain']} of {res['of']} "
                                   f"{res['unit']} (sockets inserted {res['inserted']}, spliced sends "
                                   f"{res['spliced_msgs']}, {res['seconds']} s)"
-                                  + (f"; EAGAIN after byte {res['eagain_at_bytes']}" if res.get("eagain_at_bytes") else ""),
+                                  + (f"; EAGAIN after byte {res['eagain_at_bytes'][:10]}" if res.get("eagain_at_bytes") else ""),
                                   flush=True)
                 finally:
                     agent.stop()
