@@ -137,7 +137,8 @@ def eof_runs(lab: Lab, runs: int, pin: list[str], port: int, think_ms: int, clie
     client, srv = last_json(r.stdout), last_json(out)
     assert client["runs"] == runs and srv["connections"] == runs, (client, srv)
     assert client["errors"] == 0 and srv["errors"] == 0, (client, srv)
-    return {"eagain": client["eagain"] + srv["eagain"], "of": runs, "unit": "runs"}
+    return {"eagain": client["eagain"] + srv["eagain"], "of": runs, "unit": "runs",
+            "eagain_at_bytes": client.get("eagain_at", [])}
 
 
 def export(ref: str, into: Path) -> Path:
@@ -197,9 +198,10 @@ def main() -> int:
                             res["seconds"] = round(time.monotonic() - t0, 1)
                             res["spliced_msgs"] = after.get("redirected_msgs", 0) - before.get("redirected_msgs", 0)
                             res["inserted"] = after.get("inserted_sockets", 0) - before.get("inserted_sockets", 0)
+                            res["evicted"] = after.get("evicted_sockets", 0) - before.get("evicted_sockets", 0)
                             results.setdefault(name, {}).setdefault(pinning, {})[build] = res
                             print(f"{build:6} {pinning:8} {name:8} EAGAIN {res['eagain']} of {res['of']} "
-                                  f"{res['unit']} (sockets inserted {res['inserted']}, spliced sends "
+                                  f"{res['unit']} (sockets inserted {res['inserted']}, evicted {res['evicted']}, spliced sends "
                                   f"{res['spliced_msgs']}, {res['seconds']} s)"
                                   + (f"; EAGAIN after byte {res['eagain_at_bytes'][:10]}" if res.get("eagain_at_bytes") else ""),
                                   flush=True)

@@ -84,6 +84,33 @@ static __always_inline int sock_has_waiter(__u64 sk_addr)
 static __always_inline int sock_has_waiter(__u64 sk_addr) { return 0; }
 #endif
 
+#if defined(MBPF_SPIN) && defined(MBPF_OFF_SOCKET_WAIT_HEAD)
+/* 1 if no splice from the (not evicted) peer socket at this address can be
+ * on its way: its psock has no reference but the sockhash's. A splice is
+ * decided and carried out inside one tcp_bpf_sendmsg() of the peer, which
+ * holds the peer's psock from start to end; a sendmsg that starts later
+ * finds the pair passed and splices nothing. Without this, eviction waits
+ * the grace time after the peer's last splice: a blocking reader that
+ * sleeps in recvmsg meanwhile can be woken without data (EAGAIN). Where
+ * blocking readers are seen only (MBPF_SPIN), as sock_has_waiter. */
+static __always_inline int peer_quiet(__u64 peer_addr)
+{
+	__u64 psock = 0;
+	__u32 refcnt = 0;
+
+	if (!peer_addr ||
+	    bpf_probe_read_kernel(&psock, sizeof(psock), (void *)(peer_addr + MBPF_OFF_SK_USER_DATA)))
+		return 0;
+	psock &= ~7ULL;
+	if (!psock ||
+	    bpf_probe_read_kernel(&refcnt, sizeof(refcnt), (void *)(psock + MBPF_OFF_PSOCK_REFCNT)))
+		return 0;
+	return refcnt == 1;
+}
+#else
+static __always_inline int peer_quiet(__u64 peer_addr) { return 0; }
+#endif
+
 /* True when this socket's psock is idle: nothing spliced by the peer waits
  * in its ingress queue, and no one but the sockhash holds it. A splice on
  * its way holds a reference while it queues; whatever is queued when the
@@ -265,8 +292,10 @@ static __always_inline void try_evict(struct bpf_sock_ops *skops)
 		/* The peer may still splice into us unless it passes too... */
 		if (peer_st->mode != MBPF_MODE_PASS)
 			return;
-		/* ...and a splice it decided just before may still be on its way. */
-		if (bpf_ktime_get_ns() - peer_st->last_redirect_ns < cfg->evict_grace_ns)
+		/* ...and a splice it decided just before may still be on its
+		 * way, unless the peer is in no sendmsg at all (peer_quiet). */
+		if (bpf_ktime_get_ns() - peer_st->last_redirect_ns < cfg->evict_grace_ns &&
+		    !peer_quiet(peer_st->sk_addr))
 			return;
 	}
 	if (!psock_idle(skops))

@@ -193,7 +193,10 @@ def client_run(host: str, port: int, run: int, rounds: int, stats: dict, mode: s
             _set_mode(c, "blocking")
         tail = b""
         while True:
+            seen = stats["eagain"]
             got = _recv(c, 65536, stats)
+            if stats["eagain"] != seen and len(stats.setdefault("eagain_at", [])) < 10:
+                stats["eagain_at"].append(len(tail))  # after which byte of the answer
             if not got:
                 break
             tail += got
