@@ -152,8 +152,8 @@ def export(ref: str, into: Path) -> Path:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--before", default=DEFAULT_BEFORE, help="git ref of the 'before' build (%(default)s)")
-    ap.add_argument("--runs", type=int, default=300, help="eof runs per cell (%(default)s)")
-    ap.add_argument("--slow-runs", type=int, default=60, help="eof-slow runs per cell (%(default)s)")
+    ap.add_argument("--runs", type=int, default=1000, help="eof runs per cell (%(default)s)")
+    ap.add_argument("--slow-runs", type=int, default=100, help="eof-slow and eof-late runs per cell (%(default)s)")
     ap.add_argument("--readers", type=int, default=3, help="signalled readers per cell, ~66 signals each "
                                                            "(%(default)s)")
     ap.add_argument("--pinning", choices=("both", "pinned", "unpinned"), default="both")
@@ -162,6 +162,7 @@ def main() -> int:
     if os.geteuid() != 0:
         print("run as root: it loads BPF programs and makes network namespaces", file=sys.stderr)
         return 2
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up on SIGTERM too
     pinnings = ["unpinned", "pinned"] if args.pinning == "both" else [args.pinning]
     lab = Lab(f"brd{os.getpid() % 100000}")
     bpffs = Path(f"/sys/fs/bpf/meshbpf-bench-blockread{os.getpid()}")
