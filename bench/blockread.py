@@ -162,7 +162,14 @@ def main() -> int:
     if os.geteuid() != 0:
         print("run as root: it loads BPF programs and makes network namespaces", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up on SIGTERM too
+    main_pid = os.getpid()
+
+    def on_term(*_):
+        if os.getpid() != main_pid:  # a child forked by pyroute2 inherits the handler: die as by default
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+        sys.exit(143)  # the finally blocks below clean up
+    signal.signal(signal.SIGTERM, on_term)
     pinnings = ["unpinned", "pinned"] if args.pinning == "both" else [args.pinning]
     lab = Lab(f"brd{os.getpid() % 100000}")
     bpffs = Path(f"/sys/fs/bpf/meshbpf-bench-blockread{os.getpid()}")
