@@ -119,9 +119,11 @@ static __always_inline int peer_quiet(__u64 peer_addr) { return 0; }
  * blocking readers are seen, MBPF_SPIN): a blocking reader sleeps in
  * tcp_bpf_recvmsg holding it, often whenever a segment arrives, and would
  * keep its socket in the sockhash for good. Its reference is dropped when
- * it wakes, and that drops the psock; a splice queued in between (only
- * past try_evict's grace time after the peer's last one) wakes it and is
- * read first. The psock is reached through sk->sk_user_data (low bits are
+ * it wakes, and that drops the psock. The extra reference is no splice
+ * of the peer's: try_evict gets here only past the grace time after the
+ * peer's last splice, or with the peer in no sendmsg (peer_quiet), and a
+ * splice queued after all would wake the reader, which reads it first.
+ * The psock is reached through sk->sk_user_data (low bits are
  * flags). The offsets come from the running kernel's BTF, not from the
  * headers bcc compiles with. */
 static __always_inline int psock_idle(struct bpf_sock_ops *skops)
