@@ -25,7 +25,7 @@ int mbpf_sk_msg(struct sk_msg_md *msg)
 	struct mbpf_sock_key key = {};
 	struct mbpf_sock_key peer = {};
 	__u32 size = msg->size;
-	int verdict;
+	int verdict, unfit;
 
 	redir_key_from_ctx(msg, &key);
 	st = mbpf_sockstate.lookup(&key);
@@ -86,10 +86,15 @@ int mbpf_sk_msg(struct sk_msg_md *msg)
 	peer_st->small_run = 0;  /* the peer got a reply */
 
 	/* A reader spinning on recv() holds its socket's lock most of the
-	 * time; a splice must take it, so the sender sleeps: TCP is faster. */
-	if (spin_reader(peer_st->sk_addr)) {
+	 * time; a splice must take it, so the sender sleeps: TCP is faster.
+	 * A reader blocking in recv() would get EAGAIN from a wake-up without
+	 * data: its pair goes to TCP, and its socket leaves the sockhash
+	 * (try_evict) so that its later reads are TCP's. */
+	unfit = reader_unfit(peer_st->sk_addr);
+	if (unfit) {
 		redir_pass_pair(st, peer_st);
-		redir_count(MBPF_CNT_SPINNERS, 1);
+		if (unfit == MBPF_UNFIT_SPINNING)
+			redir_count(MBPF_CNT_SPINNERS, 1);
 		return pass(size);
 	}
 

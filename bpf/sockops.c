@@ -40,8 +40,18 @@ int mbpf_cap_sockops(struct bpf_sock_ops *skops)
 /* Callbacks a socket in the sockhash asks for: state changes (to forget
  * it), and every ACK (RTT) and incoming header, which is where eviction
  * is tried once the pair has switched to the TCP stack. */
+#ifdef MBPF_SPIN
+/* ...and, where blocking readers are seen (MBPF_SPIN), every header it
+ * sends: a blocking reader that took TCP's data reads it in tcp_recvmsg,
+ * without holding its psock, and the ACK it sends from there is the moment
+ * its socket can leave the sockhash before its next read sleeps (the
+ * HDR_OPT_LEN callback; nothing is written into the header). */
+#define MBPF_SOCKOPS_FLAGS (BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTT_CB_FLAG | \
+			    BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG)
+#else
 #define MBPF_SOCKOPS_FLAGS (BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTT_CB_FLAG | \
 			    BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG)
+#endif
 
 /* The kernel address of the ctx's socket (a pointer the verifier types as
  * a socket; read as a number, probe reads can follow it). */
@@ -55,13 +65,67 @@ static __always_inline __u64 sock_addr(struct bpf_sock_ops *skops)
 	return addr;
 }
 
+#if defined(MBPF_SPIN) && defined(MBPF_OFF_SOCKET_WAIT_HEAD)
+/* 1 if a task waits on this socket (sk->sk_socket->wq.wait is not empty):
+ * a reader asleep in recvmsg, which holds a psock reference while it waits
+ * (tcp_bpf_recvmsg). */
+static __always_inline int sock_has_waiter(__u64 sk_addr)
+{
+	__u64 sock = 0, next = 0, head;
+
+	if (bpf_probe_read_kernel(&sock, sizeof(sock), (void *)(sk_addr + MBPF_OFF_SK_SOCKET)) || !sock)
+		return 0;
+	head = sock + MBPF_OFF_SOCKET_WAIT_HEAD;
+	if (bpf_probe_read_kernel(&next, sizeof(next), (void *)head))
+		return 0;
+	return next != head;
+}
+#else
+static __always_inline int sock_has_waiter(__u64 sk_addr) { return 0; }
+#endif
+
+#if defined(MBPF_SPIN) && defined(MBPF_OFF_SOCKET_WAIT_HEAD)
+/* 1 if no splice from the (not evicted) peer socket at this address can be
+ * on its way: its psock has no reference but the sockhash's. A splice is
+ * decided and carried out inside one tcp_bpf_sendmsg() of the peer, which
+ * holds the peer's psock from start to end; a sendmsg that starts later
+ * finds the pair passed and splices nothing. Without this, eviction waits
+ * the grace time after the peer's last splice: a blocking reader that
+ * sleeps in recvmsg meanwhile can be woken without data (EAGAIN). Where
+ * blocking readers are seen only (MBPF_SPIN), as sock_has_waiter. */
+static __always_inline int peer_quiet(__u64 peer_addr)
+{
+	__u64 psock = 0;
+	__u32 refcnt = 0;
+
+	if (!peer_addr ||
+	    bpf_probe_read_kernel(&psock, sizeof(psock), (void *)(peer_addr + MBPF_OFF_SK_USER_DATA)))
+		return 0;
+	psock &= ~7ULL;
+	if (!psock ||
+	    bpf_probe_read_kernel(&refcnt, sizeof(refcnt), (void *)(psock + MBPF_OFF_PSOCK_REFCNT)))
+		return 0;
+	return refcnt == 1;
+}
+#else
+static __always_inline int peer_quiet(__u64 peer_addr) { return 0; }
+#endif
+
 /* True when this socket's psock is idle: nothing spliced by the peer waits
  * in its ingress queue, and no one but the sockhash holds it. A splice on
  * its way holds a reference while it queues; whatever is queued when the
  * psock is finally dropped is freed, so eviction must find refcnt == 1.
- * The psock is reached through sk->sk_user_data (low bits are flags). The
- * offsets come from the running kernel's BTF, not from the headers bcc
- * compiles with. */
+ * One more reference is allowed when a reader waits on the socket (where
+ * blocking readers are seen, MBPF_SPIN): a blocking reader sleeps in
+ * tcp_bpf_recvmsg holding it, often whenever a segment arrives, and would
+ * keep its socket in the sockhash for good. Its reference is dropped when
+ * it wakes, and that drops the psock. The extra reference is no splice
+ * of the peer's: try_evict gets here only past the grace time after the
+ * peer's last splice, or with the peer in no sendmsg (peer_quiet), and a
+ * splice queued after all would wake the reader, which reads it first.
+ * The psock is reached through sk->sk_user_data (low bits are
+ * flags). The offsets come from the running kernel's BTF, not from the
+ * headers bcc compiles with. */
 static __always_inline int psock_idle(struct bpf_sock_ops *skops)
 {
 	__u64 sk_addr = sock_addr(skops), psock = 0, next = 0, head;
@@ -79,7 +143,9 @@ static __always_inline int psock_idle(struct bpf_sock_ops *skops)
 		return 0;
 	if (bpf_probe_read_kernel(&refcnt, sizeof(refcnt), (void *)(psock + MBPF_OFF_PSOCK_REFCNT)))
 		return 0;
-	return next == head && refcnt == 1;
+	if (next != head)
+		return 0;
+	return refcnt == 1 || (refcnt == 2 && sock_has_waiter(sk_addr));
 }
 
 /* The listener map's key for a listener or a socket it accepted. */
@@ -228,8 +294,10 @@ static __always_inline void try_evict(struct bpf_sock_ops *skops)
 		/* The peer may still splice into us unless it passes too... */
 		if (peer_st->mode != MBPF_MODE_PASS)
 			return;
-		/* ...and a splice it decided just before may still be on its way. */
-		if (bpf_ktime_get_ns() - peer_st->last_redirect_ns < cfg->evict_grace_ns)
+		/* ...and a splice it decided just before may still be on its
+		 * way, unless the peer is in no sendmsg at all (peer_quiet). */
+		if (bpf_ktime_get_ns() - peer_st->last_redirect_ns < cfg->evict_grace_ns &&
+		    !peer_quiet(peer_st->sk_addr))
 			return;
 	}
 	if (!psock_idle(skops))
@@ -282,6 +350,7 @@ int mbpf_sockops(struct bpf_sock_ops *skops)
 		break;
 	case BPF_SOCK_OPS_RTT_CB:
 	case BPF_SOCK_OPS_PARSE_HDR_OPT_CB:
+	case BPF_SOCK_OPS_HDR_OPT_LEN_CB:
 		try_evict(skops);
 		break;
 	case BPF_SOCK_OPS_STATE_CB:

@@ -155,12 +155,18 @@ struct mbpf_sockstate {
 /* Value of mbpf_spin, keyed by a spliced socket's kernel address (__u64,
  * host order): how its reader polls. A reader spinning on non-blocking
  * recv() holds the socket's lock most of the time, and every splice into
- * the socket must take that lock, so the sender sleeps on it. */
+ * the socket must take that lock, so the sender sleeps on it. A reader that
+ * blocks in recv() can get a spurious EAGAIN from tcp_bpf_recvmsg. */
 struct mbpf_spin {
 	__u32 empty_reads;      /* host order; recv() calls that found nothing (EAGAIN) since
 				 * the peer's last splice into this socket */
-	__u32 spin_run;         /* host order; splices in a row that each met at least
-				 * MBPF_SPIN_EMPTY_MIN empty reads */
+	__u16 spin_run;         /* host order; splices in a row that each met at least
+				 * MBPF_SPIN_EMPTY_MIN empty reads (a __u32 before; its upper
+				 * half, now the next two fields, never left 0: the pair passes
+				 * at MBPF_SPIN_RUN_MAX) */
+	__u8  reads_block;      /* 1 once a recv() returned that was allowed to block (no
+				 * MSG_DONTWAIT, no O_NONBLOCK): the pair goes to TCP */
+	__u8  pad;              /* zero */
 };
 
 /* Listener map key (mbpf_listeners): what a listening TCP socket shares with

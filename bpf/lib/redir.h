@@ -140,6 +140,10 @@ static __always_inline __u64 sock_netns(__u64 sk_addr)
 	return net;
 }
 
+/* reader_unfit's answers */
+#define MBPF_UNFIT_SPINNING 1
+#define MBPF_UNFIT_BLOCKING 2
+
 #ifdef MBPF_SPIN
 #if !defined(MBPF_SPIN_EMPTY_MIN) || !defined(MBPF_SPIN_RUN_MAX)
 #error "the loader sets the spin thresholds (meshbpf/datapath/redirect.py)"
@@ -160,7 +164,7 @@ static __always_inline void spin_forget(__u64 sk_addr)
 		mbpf_spin.delete(&sk_addr);
 }
 
-/* 1 if the reader of the socket at this address spins on non-blocking
+/* 1 if the reader of the socket with this mbpf_spin entry spins on non-blocking
  * recv(), judged just before a splice into it. An epoll or poll reader
  * makes at most one empty read per wake-up and a blocking one none; a
  * spinner makes many between two splices. Only several such splices in a
@@ -168,13 +172,10 @@ static __always_inline void spin_forget(__u64 sk_addr)
  * is not mistaken for spinning. The count is read and zeroed without an
  * atomic exchange (5.12+): a read counted in between is lost, which only
  * delays the verdict. */
-static __always_inline int spin_reader(__u64 sk_addr)
+static __always_inline int spin_reader(struct mbpf_spin *v)
 {
-	struct mbpf_spin *v = mbpf_spin.lookup(&sk_addr);
 	__u32 empty;
 
-	if (!v)
-		return 0;
 	empty = v->empty_reads;
 	v->empty_reads = 0;
 	if (empty < MBPF_SPIN_EMPTY_MIN) {
@@ -184,11 +185,33 @@ static __always_inline int spin_reader(__u64 sk_addr)
 	v->spin_run += 1;
 	return v->spin_run >= MBPF_SPIN_RUN_MAX;
 }
+
+/* Why the reader of the socket at this address is unfit for splicing,
+ * judged just before a splice into it: MBPF_UNFIT_BLOCKING if one of its
+ * recv() calls was allowed to block (bpf/recv_trace.c notes it as the call
+ * returns): its next wake-up without data would give it EAGAIN
+ * (sock_reads_block), so the pair goes to TCP and the socket leaves the
+ * sockhash (sockops, try_evict). This catches what the listener check
+ * cannot see: a blocking socket accepted from a non-blocking listener that
+ * only reads. Its first blocking read, before the first splice, is not
+ * seen in time. MBPF_UNFIT_SPINNING if it spins on non-blocking recv()
+ * (spin_reader); 0 if fit. */
+static __always_inline int reader_unfit(__u64 sk_addr)
+{
+	struct mbpf_spin *v = mbpf_spin.lookup(&sk_addr);
+
+	if (!v)
+		return 0;
+	if (v->reads_block)
+		return MBPF_UNFIT_BLOCKING;
+	return spin_reader(v) ? MBPF_UNFIT_SPINNING : 0;
+}
 #else
-/* Without the recv tracepoint (before 6.3) spinning readers are not seen. */
+/* Without the recv tracepoint (before 6.3) spinning and blocking readers
+ * are not seen. */
 static __always_inline void spin_track(__u64 sk_addr) {}
 static __always_inline void spin_forget(__u64 sk_addr) {}
-static __always_inline int spin_reader(__u64 sk_addr) { return 0; }
+static __always_inline int reader_unfit(__u64 sk_addr) { return 0; }
 #endif
 
 static __always_inline int redir_in_cidrs(const __u8 *addr)

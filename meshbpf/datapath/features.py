@@ -120,8 +120,9 @@ def probe() -> list[Feature]:
                 "redirection: loopback connections, keyed per pod (5.15+)",
                 "loopback connections are not spliced (two pods' would share keys)"),
         Feature("recv_tracepoint", _prog("raw_tracepoint") and _has_tracepoint(RECV_TRACEPOINT),
-                "redirection: seeing readers that spin on recv() (6.3+)",
-                "pairs whose reader spins on non-blocking recv() stay spliced, slower than TCP"),
+                "redirection: seeing readers that spin on recv() or block in it (6.3+)",
+                "pairs whose reader spins on non-blocking recv() stay spliced, slower than TCP; "
+                "a blocking socket accepted from a non-blocking listener that only reads can see EAGAIN"),
         Feature("cgroup_sockopt", _prog("cgroup_sockopt"),
                 "redirection: seeing TCP_NODELAY set after connect",
                 "TCP_NODELAY set after connect is not seen; such sockets may switch to TCP"),

@@ -78,7 +78,8 @@ class SockStateC(ct.Structure):
 
 
 class SpinC(ct.Structure):
-    _fields_ = [("empty_reads", ct.c_uint32), ("spin_run", ct.c_uint32)]
+    _fields_ = [("empty_reads", ct.c_uint32), ("spin_run", ct.c_uint16), ("reads_block", ct.c_uint8),
+                ("pad", ct.c_uint8)]
 
 
 class ListenKeyC(ct.Structure):
@@ -240,7 +241,7 @@ REDIR_MAPS = (
     # listener -> its kernel address: whether its accepted sockets will block
     MapSpec("mbpf_listeners", "", ListenKeyC, ct.c_uint64, "MBPF_LISTENERS_MAX", 16384),
     MapSpec("mbpf_redir_cidr", "", CidrKeyC, ct.c_uint8, "MBPF_CIDR_MAX", 1024, no_prealloc=True),
-    # spliced socket's kernel address -> its empty reads (readers spinning on recv())
+    # spliced socket's kernel address -> its empty reads (readers spinning on recv()), blocking reads
     MapSpec("mbpf_spin", "", ct.c_uint64, SpinC, "MBPF_SPIN_MAX", 65536),
     MapSpec("mbpf_redir_cfg", "", ct.c_uint32, RedirCfgC, "", 1),
     MapSpec("mbpf_redir_cnt", "", ct.c_uint32, ct.c_uint64, "", 8),

@@ -69,8 +69,8 @@ LB_SOURCES = ["sock_lb.c"]
 
 def kernel_offsets() -> dict[str, int]:
     """Offsets inside kernel structs that sockops and sk_msg read (psock_idle,
-    sock_reads_block, sock_netns)."""
-    return {
+    sock_has_waiter, sock_reads_block, sock_netns)."""
+    offsets = {
         "MBPF_OFF_SK_USER_DATA": btf.member_offset("sock", "sk_user_data"),
         "MBPF_OFF_PSOCK_INGRESS_MSG": btf.member_offset("sk_psock", "ingress_msg"),
         "MBPF_OFF_PSOCK_REFCNT": btf.member_offset("sk_psock", "refcnt"),
@@ -82,6 +82,16 @@ def kernel_offsets() -> dict[str, int]:
         # net is possible_net_t's only member (CONFIG_NET_NS, which pods need)
         "MBPF_OFF_SK_NET": btf.member_offset("sock", "__sk_common") + btf.member_offset("sock_common", "skc_net"),
     }
+    # &sk->sk_socket->wq.wait.head: does a reader sleep on the socket
+    # (psock_idle). Optional: without it a sleeping reader keeps its socket
+    # in the sockhash until it wakes, as before.
+    try:
+        offsets["MBPF_OFF_SOCKET_WAIT_HEAD"] = (btf.member_offset("socket", "wq")
+                                                + btf.member_offset("socket_wq", "wait")
+                                                + btf.member_offset("wait_queue_head", "head"))
+    except btf.BTFError:
+        pass
+    return offsets
 
 
 def lb_event_cflags(sizes: dict[str, int]) -> list[str]:

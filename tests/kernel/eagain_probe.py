@@ -12,7 +12,11 @@ never a valid answer, so each one is counted, retried, and reported.
 
 MODE "blocking": plain blocking sockets. MODE "timeout": sockets with a
 timeout, which Python runs in non-blocking mode with poll() (as event
-loops do); there an EAGAIN is "poll again", never an error. A server's
+loops do); there an EAGAIN is "poll again", never an error. MODE
+"connect-timeout" (clients only): a connect() with a timeout, then
+blocking I/O, as Java's Socket.connect(address, timeout) does; MODE
+"late-blocking" (clients only): a timeout until shutdown(SHUT_WR), then
+blocking reads to EOF. A server's
 listener is in its MODE unless LISTEN_MODE says otherwise: meshbpf judges
 an accepted socket by its listener until it sends.
 
@@ -53,6 +57,8 @@ def _recv(sock: socket.socket, n: int, stats: dict) -> bytes:
             return sock.recv(n)
         except BlockingIOError:
             stats["eagain"] += 1
+            if "bytes" in stats and len(stats.setdefault("eagain_at", [])) < 10:
+                stats["eagain_at"].append(stats["bytes"])  # where in the stream (the reader)
 
 
 def _recv_exact(sock: socket.socket, n: int, stats: dict) -> bytes:
@@ -165,10 +171,13 @@ def trickle(host: str, port: str, seconds: str, gap_ms: str) -> dict:
 
 
 def client_run(host: str, port: int, run: int, rounds: int, stats: dict, mode: str) -> None:
-    # The mode is set before connect(), as applications do.
+    # The mode is set before connect(), as applications do (connect-timeout:
+    # blocking once connected).
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as c:
-        _set_mode(c, mode)
+        _set_mode(c, "timeout" if mode in ("connect-timeout", "late-blocking") else mode)
         c.connect((host, port))
+        if mode == "connect-timeout":
+            _set_mode(c, "blocking")
         c.sendall(b"conn")
         if _recv_exact(c, 4, stats) != b"ok!!":
             raise AssertionError("bad greeting")
@@ -180,9 +189,14 @@ def client_run(host: str, port: int, run: int, rounds: int, stats: dict, mode: s
         last = _request(run, rounds)
         c.sendall(last)
         c.shutdown(socket.SHUT_WR)
+        if mode == "late-blocking":
+            _set_mode(c, "blocking")
         tail = b""
         while True:
+            seen = stats["eagain"]
             got = _recv(c, 65536, stats)
+            if stats["eagain"] != seen and len(stats.setdefault("eagain_at", [])) < 10:
+                stats["eagain_at"].append(len(tail))  # after which byte of the answer
             if not got:
                 break
             tail += got
