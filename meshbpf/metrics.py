@@ -23,7 +23,6 @@ from prometheus_client.core import GaugeMetricFamily
 from .datapath import libbpf, redirect
 from .datapath.layout import ALL_MAPS, COUNTABLE, POLICY_MAPS
 from .datapath.maps import read_lb_stats
-from .sync import one_line
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +110,8 @@ class _Guarded:
             self.errors.labels(self.name).inc()
             if not self._failing:
                 log.warning("metrics collector %s failed, its metrics are left out of scrapes "
-                            "until it recovers: %s", self.name, one_line(exc))
+                            "until it recovers: %s: %s", self.name, type(exc).__name__,
+                            " ".join(str(exc).split()))  # one line: sync's one_line sits above us
                 self._failing = True
             return []
         if self._failing:
