@@ -252,7 +252,8 @@ def _meta(src: SourceObject, kind: str, out: _Collector) -> tuple[str, str, str]
         out.add(src, kind, "metadata.name", _missing_or_wrong(name, "metadata.name"))
         return None
     namespace = meta.get("namespace") or "default"
-    label = f"{kind} {namespace}/{name}"
+    # A Namespace is in none: "Namespace default/prod" would send the reader to another object.
+    label = f"{kind} {name}" if kind == "Namespace" else f"{kind} {namespace}/{name}"
     reason = name_problem(kind, name)
     if reason:
         out.add(src, label, "metadata.name", reason)
