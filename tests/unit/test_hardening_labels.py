@@ -14,6 +14,7 @@ from meshbpf.sources.kube_objects import SourceObject
 from meshbpf.sources.kube_policy import read_policy_objects
 from meshbpf.sources.yaml_file import read_config
 from policy_world import expr, labels, netpol, ns_obj, pod_obj
+from test_kubernetes_source import FAST, api, no_leaked_threads, wait_for  # noqa: F401
 
 NAME_RULE = ("(letters, digits, '-', '_' and '.', starting and ending with a letter or digit), "
              "which Kubernetes requires of")
@@ -160,3 +161,35 @@ def test_labels_and_selectors_kubernetes_accepts_are_read():
     svc = service("web")
     svc["metadata"]["labels"] = dict(GOOD)
     assert build(svc).problems == []
+
+
+@pytest.mark.parametrize("value, reason", [
+    (1, "expected a string, got an integer 1 (quote it)"),
+    ("v 2", f"'v 2' is not a label value {NAME_RULE} label values")])
+def test_the_api_source_leaves_out_a_service_with_a_bad_label_alone(api, tmp_path, value, reason):
+    """A server that skipped validation (the real one refuses such labels):
+    through list and watch, that Service is one problem naming its field,
+    the other stays."""
+    from meshbpf.sources.kubernetes import KubernetesSource
+    api.apply(service("db", "10.96.1.2"), endpoint_slice("db-x", "db", [ep("10.244.1.2")]))
+    bad = service("web", "10.96.1.1")
+    bad["metadata"]["labels"]["version"] = value
+    source = KubernetesSource(kubeconfig=str(api.kubeconfig(tmp_path / "kubeconfig")),
+                              node_name="node-a", backoff=FAST)
+    try:
+        states = []
+
+        def poll() -> None:
+            state = source.poll()
+            if state is not None:
+                states.append(state)
+
+        wait_for(lambda: poll() or states and len(states[-1].service_ports) == 1, "the first state")
+        api.apply(bad, endpoint_slice("web-x", "web", [ep("10.244.1.1")]))
+        wait_for(lambda: poll() or any("web" in p for p in source.problems), "the bad Service's events")
+        poll()
+        said = f"(Service default/web): metadata.labels.version: {reason}"
+        assert [p for p in source.problems if p.endswith(said)]
+        assert {sp.name for sp in states[-1].service_ports.values()} == {"db"}
+    finally:
+        source.stop()
