@@ -521,23 +521,41 @@ def _remove_policy_filters(bpffs: Path) -> list[str]:
     return removed
 
 
+def _redirection_off(cfg_pin: Path, hash_pin: Path, removed: list[str]) -> bool:
+    """mbpf_redir_cfg.enabled = 0: sk_msg then switches every pair it sees
+    to TCP. Both maps' layouts are checked first (a RedirCfgC of the wrong
+    size would have the kernel write past it); pinned by another version,
+    nothing is changed and False returned with a warning: uninstall, the
+    way out of an old layout, goes on."""
+    from .layout import RedirCfgC, SockKeyC
+    try:
+        os.close(libbpf.open_pinned(str(hash_pin), SockKeyC))
+        fd = libbpf.open_pinned(str(cfg_pin), ct.c_uint32, RedirCfgC)
+    except libbpf.LayoutError as exc:
+        removed.append(f"warning: spliced sockets were not switched to TCP first, bytes they had "
+                       f"not read yet may be lost: {exc}")
+        return False
+    try:
+        cfg = RedirCfgC()
+        libbpf.map_lookup(fd, ct.c_uint32(0), cfg)
+        cfg.enabled = 0
+        libbpf.map_update(fd, ct.c_uint32(0), cfg)
+    finally:
+        os.close(fd)
+    return True
+
+
 def _drain_sockhash(bpffs: Path, timeout: float, removed: list[str]) -> int:
     """Turns redirection off, waits for the sockhash to empty, then detaches
     sockops (noting it in `removed`). Returns the sockets still in it."""
     import time
 
-    from .layout import RedirCfgC, SockKeyC
+    from .layout import SockKeyC
     cfg_pin, hash_pin = bpffs / "mbpf_redir_cfg", bpffs / "mbpf_sockhash"
     if not _ours(cfg_pin, "map", cfg_pin.name) or not _ours(hash_pin, "map", hash_pin.name):
         return 0
-    fd = libbpf.obj_get(str(cfg_pin))
-    try:
-        cfg = RedirCfgC()
-        libbpf.map_lookup(fd, ct.c_uint32(0), cfg)
-        cfg.enabled = 0  # sk_msg now switches every pair it sees to TCP
-        libbpf.map_update(fd, ct.c_uint32(0), cfg)
-    finally:
-        os.close(fd)
+    if not _redirection_off(cfg_pin, hash_pin, removed):
+        return 0
     fd = libbpf.obj_get(str(hash_pin))
     try:
         deadline = time.monotonic() + timeout

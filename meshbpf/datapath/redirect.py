@@ -127,16 +127,24 @@ def _endpoint(addr, port: int, scope: int = 0) -> str:
     return f"[{text}]:{port}" if ":" in text else f"{text}:{port}"
 
 
-def _open(bpffs: Path, name: str) -> int | None:
+def _open(bpffs: Path, name: str, key: type, value: type | None = None) -> int | None:
+    """The pinned map, None when it is not there; a map of another layout is
+    a LayoutError (one line), not a read through structs of the wrong size."""
     try:
-        return libbpf.obj_get(str(bpffs / name))
+        return libbpf.open_pinned(str(bpffs / name), key, value)
     except OSError:
         return None
 
 
 def read_sockets(bpffs: Path) -> list[SockEntry]:
     """Every socket meshbpf tracks, and whether it is in the sockhash."""
-    hash_fd, state_fd = _open(bpffs, "mbpf_sockhash"), _open(bpffs, "mbpf_sockstate")
+    hash_fd = _open(bpffs, "mbpf_sockhash", SockKeyC)
+    try:
+        state_fd = _open(bpffs, "mbpf_sockstate", SockKeyC, SockStateC)
+    except BaseException:
+        if hash_fd is not None:
+            os.close(hash_fd)
+        raise
     try:
         in_hash = set()
         if hash_fd is not None:
@@ -154,7 +162,7 @@ def read_sockets(bpffs: Path) -> list[SockEntry]:
 
 
 def _count(bpffs: Path, name: str, key: type) -> int | None:
-    fd = _open(bpffs, name)
+    fd = _open(bpffs, name, key)
     if fd is None:
         return None
     try:
@@ -175,7 +183,9 @@ def listener_count(bpffs: Path) -> int | None:
 
 def read_counters(bpffs: Path) -> dict[str, int] | None:
     """MBPF_CNT_* summed over CPUs."""
-    fd = _open(bpffs, "mbpf_redir_cnt")
+    # Per CPU: a lookup fills ncpu values of the map's value size, so a
+    # value size that is not ours would have the kernel write past them.
+    fd = _open(bpffs, "mbpf_redir_cnt", ct.c_uint32, ct.c_uint64)
     if fd is None:
         return None
     try:

@@ -66,7 +66,7 @@ class RouteCounters:
         if not wanted and not self.labels:
             return
         try:
-            fd = libbpf.obj_get(str(self.path))
+            fd = self._open()
         except OSError:
             return  # programs of an older build: no counter map
         try:
@@ -87,12 +87,18 @@ class RouteCounters:
         finally:
             os.close(fd)
 
+    def _open(self) -> int:
+        """The counter map, checked: its values are per CPU, so one of
+        another size would have the kernel read or write past our buffers
+        (a LayoutError instead: one line, which the callers log)."""
+        return libbpf.open_pinned(str(self.path), PickKeyC, ct.c_uint64)
+
     def read(self) -> dict[Labels, int]:
         """(route, backend) -> connections, summed over CPUs and frontends."""
         if not self.labels:
             return {}
         try:
-            fd = libbpf.obj_get(str(self.path))
+            fd = self._open()
         except OSError:
             return {}
         out: dict[Labels, int] = {}

@@ -25,7 +25,7 @@ from ..model import (DEFAULT_AFFINITY_TIMEOUT, AgentSettings, DesiredState, Endp
                      Exposure, Frontend, IPAddress, ServicePort)
 from . import agent_config, schema
 from .errors import Problem, one_line
-from .names import name_problem, namespace_problem
+from .names import label_problems, name_problem, namespace_problem
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +252,8 @@ def _meta(src: SourceObject, kind: str, out: _Collector) -> tuple[str, str, str]
         out.add(src, kind, "metadata.name", _missing_or_wrong(name, "metadata.name"))
         return None
     namespace = meta.get("namespace") or "default"
-    label = f"{kind} {namespace}/{name}"
+    # A Namespace is in none: "Namespace default/prod" would send the reader to another object.
+    label = f"{kind} {name}" if kind == "Namespace" else f"{kind} {namespace}/{name}"
     reason = name_problem(kind, name)
     if reason:
         out.add(src, label, "metadata.name", reason)
@@ -282,10 +283,17 @@ def _check_schema(src: SourceObject, kind: str, api_versions: tuple[str, ...],
         out.add(src, ident[2], "apiVersion",
                 f"{src.obj.get('apiVersion')!r} is not supported; use {' or '.join(api_versions)}")
         bad = True
-    for path, reason in schema.check(src.obj, spec):
+    for path, reason in schema.check(src.obj, spec) + _label_problems(src.obj):
         out.add(src, ident[2], path, reason)
         bad = True
     return None if bad else ident
+
+
+def _label_problems(obj: dict) -> list[tuple[str, str]]:
+    """metadata.labels Kubernetes would refuse, for every kind read: a
+    selector would silently never match them (or match the wrong thing)."""
+    labels = obj["metadata"].get("labels")  # metadata is a map: _meta found a name in it
+    return label_problems(labels, "metadata.labels") if type(labels) is dict else []
 
 
 def _parse_address(text: str) -> IPAddress | None:

@@ -17,6 +17,7 @@ from ..policy.model import (LabelSelector, ModelError, NamespaceInfo, NetworkPol
                             PodInfo, PolicyPort, Requirement, Rule, IPBlock)
 from . import schema
 from .errors import Problem
+from .names import label_key_problem, label_problems, label_value_problem
 from .kube_objects import SourceObject, _check_schema, _Collector, _flatten_lists, _parse_ip
 from .schema import ANY, BOOL, INT, OBJECT_META, STR, STR_MAP
 
@@ -283,7 +284,24 @@ def _selector(obj: dict, path: str) -> LabelSelector:
     for i, e in enumerate(exprs):
         if not e.key:
             raise ModelError(f"{path}.matchExpressions[{i}].key", "missing")
-    return LabelSelector.of(obj.get("matchLabels") or {}, *exprs)
+        _check_requirement(e, f"{path}.matchExpressions[{i}]")
+    labels = obj.get("matchLabels") or {}
+    problems = label_problems(labels, f"{path}.matchLabels")
+    if problems:
+        raise ModelError(*problems[0])
+    return LabelSelector.of(labels, *exprs)
+
+
+def _check_requirement(req: Requirement, path: str) -> None:
+    """A key or value no label can have (the API server refuses it too):
+    the selector would silently never match, or match everything (NotIn)."""
+    why = label_key_problem(req.key)
+    if why:
+        raise ModelError(f"{path}.key", why)
+    for i, value in enumerate(req.values):
+        why = label_value_problem(value)
+        if why:
+            raise ModelError(f"{path}.values[{i}]", why)
 
 
 def _rule(obj: dict, peers_field: str, path: str) -> Rule:

@@ -47,3 +47,42 @@ def _rule_problem(what: str, rule: tuple, value: str) -> str | None:
     if pattern.fullmatch(value) is None:  # fullmatch: "$" would let a final line break through
         return f"{value!r} is not a {rule_name} ({spelled}), which Kubernetes requires of {what}"
     return None
+
+
+# Labels (apimachinery's IsQualifiedName and IsValidLabelValue): the API
+# server refuses others, so a selector could never match them in a cluster;
+# read from a file they would match nothing, or the wrong thing, silently.
+_LABEL_NAME = ("label name", 63, re.compile("([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]"),
+               "letters, digits, '-', '_' and '.', starting and ending with a letter or digit")
+_LABEL_VALUE = ("label value", *_LABEL_NAME[1:])
+
+
+@functools.lru_cache(maxsize=4096)  # a cluster uses few distinct label keys
+def label_key_problem(key: str) -> str | None:
+    """Why Kubernetes would refuse `key` as a label key: [prefix/]name."""
+    prefix, slash, name = key.partition("/")
+    if not slash:
+        return _rule_problem("label keys", _LABEL_NAME, key)
+    if "/" in name:
+        return f"{key!r} has more than one '/'; a label key is [prefix/]name"
+    why = _rule_problem("label key prefixes", _DNS1123_SUBDOMAIN, prefix)
+    return why or _rule_problem("label keys (after the prefix)", _LABEL_NAME, name)
+
+
+@functools.lru_cache(maxsize=4096)
+def label_value_problem(value: str) -> str | None:
+    """Why Kubernetes would refuse `value` as a label value ("" is allowed)."""
+    return _rule_problem("label values", _LABEL_VALUE, value) if value else None
+
+
+def label_problems(labels: dict, path: str) -> list[tuple[str, str]]:
+    """(path, reason) for each key and value of `labels` that Kubernetes
+    would refuse; wrong types are left to the schema check, which names them."""
+    out = []
+    for key, value in labels.items():
+        if type(key) is not str or type(value) is not str:
+            continue
+        why = label_key_problem(key) or label_value_problem(value)
+        if why:
+            out.append((f"{path}.{key}", why))
+    return out

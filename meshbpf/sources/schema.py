@@ -135,11 +135,14 @@ def _compile(schema: Any):
     if schema == STR_MAP:
         def check_str_map(value, path, out):
             if type(value) is not dict:
-                out.append((path, f"expected a map of strings, got {_kind_name(value)}"))
+                shown = "" if isinstance(value, (list, tuple)) else f" {value!r}"  # `labels: app=web`
+                out.append((path, f"expected a map of strings, got {_kind_name(value)}{shown}"))
                 return
             for k, v in value.items():
-                if type(v) is not str:
-                    out.append((_join(path, str(k)), f"expected a string, got {_kind_name(v)}"))
+                if type(k) is not str:  # YAML reads `1:` or `yes:` as a number or boolean
+                    out.append((_join(path, str(k)), _str_problem(k, "a string key")))
+                elif type(v) is not str:
+                    out.append((_join(path, k), _str_problem(v, "a string")))
         return check_str_map
     wanted = _EXACT_TYPE[schema]
 
@@ -231,7 +234,8 @@ def _compile_valid(schema: Any):
             if node[0] != ANY:
                 emit(item, node[0], depth + 1)
         elif node == STR_MAP:
-            lines.append(f"{pad}if type({var}) is not dict or not all(type(s) is str for s in {var}.values()):")
+            lines.append(f"{pad}if type({var}) is not dict or not all(type(k) is str and type(s) is str "
+                         f"for k, s in {var}.items()):")
             lines.append(f"{pad}    return False")
         else:
             lines.append(f"{pad}if type({var}) is not {const(_EXACT_TYPE[node])}:")
@@ -248,6 +252,17 @@ def _compile_valid(schema: Any):
 def _scalar_problem(value: Any, schema: str, path: str) -> list[tuple[str, str]]:
     article = "an" if schema == INT else "a"
     return [(path, f"expected {article} {schema}, got {_kind_name(value)} {value!r}")]
+
+
+def _str_problem(value: Any, wanted: str) -> str:
+    """A map of strings' key or value that is not one, shown with its value:
+    `version: 1` reads as a number, and "got an integer" alone sends the
+    reader looking for which."""
+    if value is None:  # `version:` with nothing after it
+        return f"expected {wanted}, got nothing (write '' for an empty one)"
+    if isinstance(value, (int, float)):  # a YAML number or boolean: quoted, it is a string
+        return f"expected {wanted}, got {_kind_name(value)} {value!r} (quote it)"
+    return f"expected {wanted}, got {_kind_name(value)} {value!r}"
 
 
 def _join(path: str, name: str) -> str:

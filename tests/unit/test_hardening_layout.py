@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from meshbpf.datapath import libbpf
-from meshbpf.datapath.layout import SvcC, SvcKeyC
+from meshbpf.datapath.layout import PickKeyC, SvcC, SvcKeyC
 
 SCRIPT = Path(sys.executable).parent / "meshbpf"
 
@@ -92,3 +92,120 @@ def test_a_ring_buffer_has_no_layout_to_refuse(old_pins):
     """Its records are read whole (the monitor): key and value sizes are 0."""
     fd = libbpf.open_pinned(str(old_pins / "mbpf_events"), ct.c_uint32, ct.c_uint8)
     os.close(fd)
+
+
+# --- opens that skipped the check: each refuses an old layout before any read or write ---
+
+class FakePins:
+    """obj_get over fake pins (real fds of /dev/null, so closing works),
+    map_info by fd, and every lookup and update recorded: none may happen
+    through a struct of the wrong size."""
+
+    def __init__(self, monkeypatch, folder: Path, maps: dict[str, libbpf.MapInfo]):
+        self.folder, self.maps, self.by_fd, self.calls, self.opened = folder, maps, {}, [], []
+        monkeypatch.setattr(libbpf, "obj_get", self.obj_get)
+        monkeypatch.setattr(libbpf, "map_info", lambda fd: self.by_fd[fd])
+        for name in ("map_lookup", "map_update", "map_delete"):
+            monkeypatch.setattr(libbpf, name, lambda *a, name=name: self.calls.append(name))
+        monkeypatch.setattr(libbpf, "map_keys", lambda fd, key: iter(()))
+        monkeypatch.setattr(libbpf, "map_count", lambda fd, size: 0)
+
+    def obj_get(self, path: str) -> int:
+        info = self.maps.get(Path(path).name)
+        if info is None:
+            raise FileNotFoundError(2, "No such file or directory")
+        fd = os.open(os.devnull, os.O_RDONLY)
+        self.by_fd[fd] = info
+        libbpf._pins[fd] = (path, info.id)
+        self.opened.append(fd)
+        return fd
+
+    def all_closed(self) -> bool:
+        return all(_closed(fd) for fd in self.opened)
+
+
+def _closed(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return True
+    return False
+
+
+PERCPU_ARRAY, PERCPU_HASH, ARRAY, SOCKHASH = 6, 5, 2, 18
+
+
+def test_the_redirect_counters_of_an_old_layout_are_one_line_not_a_read(monkeypatch, tmp_path):
+    from meshbpf.datapath import redirect
+    pins = FakePins(monkeypatch, tmp_path,
+                    {"mbpf_redir_cnt": libbpf.MapInfo(3, PERCPU_ARRAY, 4, 16, 8, "mbpf_redir_cnt")})
+    with pytest.raises(libbpf.LayoutError) as exc:
+        redirect.read_counters(tmp_path)
+    assert str(exc.value).startswith(f"map mbpf_redir_cnt (pinned at {tmp_path}/mbpf_redir_cnt) has "
+                                     "value size 16, this build expects 8")
+    assert pins.calls == [] and pins.all_closed()
+
+
+def test_the_redirect_counters_of_this_layout_are_read(monkeypatch, tmp_path):
+    from meshbpf.datapath import redirect
+    pins = FakePins(monkeypatch, tmp_path,
+                    {"mbpf_redir_cnt": libbpf.MapInfo(3, PERCPU_ARRAY, 4, 8, 8, "mbpf_redir_cnt")})
+    assert redirect.read_counters(tmp_path) is not None
+    assert pins.calls and pins.all_closed()
+
+
+def _route_counters(monkeypatch, tmp_path, value_size):
+    from meshbpf.datapath.route_counters import RouteCounters
+    pins = FakePins(monkeypatch, tmp_path, {"mbpf_route_cnt": libbpf.MapInfo(
+        4, PERCPU_HASH, ct.sizeof(PickKeyC), value_size, 16, "mbpf_route_cnt")})
+    counters = RouteCounters(tmp_path)
+    counters.labels = {(1, 2): ("default/route", "default/web")}  # a split programmed before
+    return pins, counters
+
+
+def test_route_counters_of_an_old_layout_are_one_line_not_a_read(monkeypatch, tmp_path):
+    from meshbpf.model import DesiredState
+    from meshbpf.reconcile import LBState
+    pins, counters = _route_counters(monkeypatch, tmp_path, 16)
+    with pytest.raises(libbpf.LayoutError, match=r"^map mbpf_route_cnt \(pinned at .*\) has value size 16"):
+        counters.read()
+    with pytest.raises(libbpf.LayoutError, match=r"^map mbpf_route_cnt .* has value size 16"):
+        counters.sync(DesiredState(), LBState())
+    assert pins.calls == [] and pins.all_closed()
+
+
+def test_route_counters_of_this_layout_are_read(monkeypatch, tmp_path):
+    pins, counters = _route_counters(monkeypatch, tmp_path, 8)
+    assert counters.read() == {("default/route", "default/web"): 0}
+    assert pins.calls == ["map_lookup"] and pins.all_closed()
+
+
+@pytest.mark.parametrize("old", ["mbpf_redir_cfg", "mbpf_sockhash"])
+def test_uninstall_over_an_old_redirect_layout_changes_nothing_through_it_and_says_so(monkeypatch, tmp_path, old):
+    from meshbpf.datapath import loader
+    from meshbpf.datapath.layout import RedirCfgC, SockKeyC
+    maps = {"mbpf_redir_cfg": libbpf.MapInfo(5, ARRAY, 4, ct.sizeof(RedirCfgC), 1, "mbpf_redir_cfg"),
+            "mbpf_sockhash": libbpf.MapInfo(6, SOCKHASH, ct.sizeof(SockKeyC), 4, 16, "mbpf_sockhash")}
+    info = maps[old]
+    maps[old] = libbpf.MapInfo(info.id, info.type, info.key_size + 4, info.value_size, 16, old)
+    pins = FakePins(monkeypatch, tmp_path, maps)
+    monkeypatch.setattr(loader, "_ours", lambda pin, kind, name="": True)
+    removed = []
+    assert loader._drain_sockhash(tmp_path, 0.0, removed) == 0
+    (warning,) = removed
+    assert warning.startswith("warning: spliced sockets were not switched to TCP first, bytes they had not "
+                              f"read yet may be lost: map {old} (pinned at {tmp_path}/{old}) has key size")
+    assert "\n" not in warning
+    assert pins.calls == [] and pins.all_closed()
+
+
+def test_uninstall_over_this_redirect_layout_switches_redirection_off(monkeypatch, tmp_path):
+    from meshbpf.datapath import loader
+    from meshbpf.datapath.layout import RedirCfgC, SockKeyC
+    pins = FakePins(monkeypatch, tmp_path, {
+        "mbpf_redir_cfg": libbpf.MapInfo(5, ARRAY, 4, ct.sizeof(RedirCfgC), 1, "mbpf_redir_cfg"),
+        "mbpf_sockhash": libbpf.MapInfo(6, SOCKHASH, ct.sizeof(SockKeyC), 4, 16, "mbpf_sockhash")})
+    monkeypatch.setattr(loader, "_ours", lambda pin, kind, name="": kind == "map")
+    removed = []
+    assert loader._drain_sockhash(tmp_path, 0.0, removed) == 0
+    assert removed == [] and pins.calls == ["map_lookup", "map_update"] and pins.all_closed()
