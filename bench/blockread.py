@@ -93,25 +93,32 @@ def last_json(text: str) -> dict:
     return json.loads(text.strip().splitlines()[-1])
 
 
+def exchange(lab: Lab, pin: list[str], server_args: list[str], client_args: list[str],
+             timeout: int) -> tuple[dict, dict]:
+    """Start the probe's server side in web-1, run its client side in the
+    client pod (both under pin), and return both sides' last JSON lines."""
+    server = lab.popen("web-1", pin + [sys.executable, "-u", str(PROBE), *server_args],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert json.loads(server.stdout.readline())["listening"]
+        r = lab.run("client", pin + [sys.executable, str(PROBE), *client_args], timeout=timeout)
+        assert r.returncode == 0, r.stderr
+        out, err = server.communicate(timeout=60)
+        assert server.returncode == 0, err
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    return last_json(r.stdout), last_json(out)
+
+
 def reader_runs(lab: Lab, runs: int, pin: list[str], port: int) -> dict:
     eagain = signals = 0
     at: list[int] = []
+    web = str(lab.pods["web-1"].ipv4)
     for i in range(runs):
-        server = lab.popen("web-1", pin + [sys.executable, "-u", str(PROBE), "reader", str(port + i), "15",
-                                           "blocking", "timeout"],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            assert json.loads(server.stdout.readline())["listening"]
-            r = lab.run("client", pin + [sys.executable, str(PROBE), "trickle", str(lab.pods["web-1"].ipv4),
-                                         str(port + i), "1", "4"], timeout=60)
-            assert r.returncode == 0, r.stderr
-            out, err = server.communicate(timeout=60)
-            assert server.returncode == 0, err
-        finally:
-            if server.poll() is None:
-                server.kill()
-                server.wait()
-        client, got = last_json(r.stdout), last_json(out)
+        client, got = exchange(lab, pin, ["reader", str(port + i), "15", "blocking", "timeout"],
+                               ["trickle", web, str(port + i), "1", "4"], timeout=60)
         assert (got["bytes"], got["sha"]) == (client["bytes"], client["sha"]), "bytes lost or reordered"
         eagain, signals = eagain + got["eagain"], signals + got["signals"]
         at += got.get("eagain_at", [])
@@ -120,21 +127,9 @@ def reader_runs(lab: Lab, runs: int, pin: list[str], port: int) -> dict:
 
 def eof_runs(lab: Lab, runs: int, pin: list[str], port: int, think_ms: int, client_mode: str,
              server_mode: str) -> dict:
-    server = lab.popen("web-1", pin + [sys.executable, "-u", str(PROBE), "server", str(port), str(think_ms),
-                                       server_mode],
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert json.loads(server.stdout.readline())["listening"]
-        r = lab.run("client", pin + [sys.executable, str(PROBE), "client", str(lab.pods["web-1"].ipv4), str(port),
-                                     str(runs), "3", client_mode], timeout=3600)
-        assert r.returncode == 0, r.stderr
-        out, err = server.communicate(timeout=60)
-        assert server.returncode == 0, err
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
-    client, srv = last_json(r.stdout), last_json(out)
+    client, srv = exchange(lab, pin, ["server", str(port), str(think_ms), server_mode],
+                           ["client", str(lab.pods["web-1"].ipv4), str(port), str(runs), "3", client_mode],
+                           timeout=3600)
     assert client["runs"] == runs and srv["connections"] == runs, (client, srv)
     assert client["errors"] == 0 and srv["errors"] == 0, (client, srv)
     return {"eagain": client["eagain"] + srv["eagain"], "of": runs, "unit": "runs",
