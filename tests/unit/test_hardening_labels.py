@@ -14,7 +14,7 @@ from meshbpf.sources.kube_objects import SourceObject
 from meshbpf.sources.kube_policy import read_policy_objects
 from meshbpf.sources.yaml_file import read_config
 from policy_world import expr, labels, netpol, ns_obj, pod_obj
-from test_kubernetes_source import FAST, api, no_leaked_threads, wait_for  # noqa: F401
+from test_kubernetes_source import FAST, Poller, api, no_leaked_threads  # noqa: F401
 
 NAME_RULE = ("(letters, digits, '-', '_' and '.', starting and ending with a letter or digit), "
              "which Kubernetes requires of")
@@ -177,19 +177,13 @@ def test_the_api_source_leaves_out_a_service_with_a_bad_label_alone(api, tmp_pat
     source = KubernetesSource(kubeconfig=str(api.kubeconfig(tmp_path / "kubeconfig")),
                               node_name="node-a", backoff=FAST)
     try:
-        states = []
-
-        def poll() -> None:
-            state = source.poll()
-            if state is not None:
-                states.append(state)
-
-        wait_for(lambda: poll() or states and len(states[-1].service_ports) == 1, "the first state")
+        poller = Poller(source)
+        poller.until(lambda v: len(v) == 1, "the first state")
         api.apply(bad, endpoint_slice("web-x", "web", [ep("10.244.1.1")]))
-        wait_for(lambda: poll() or any("web" in p for p in source.problems), "the bad Service's events")
-        poll()
+        poller.wait(lambda: any("web" in p for p in source.problems), "the bad Service's events")
+        poller.poll()
         said = f"(Service default/web): metadata.labels.version: {reason}"
         assert [p for p in source.problems if p.endswith(said)]
-        assert {sp.name for sp in states[-1].service_ports.values()} == {"db"}
+        assert {sp.name for sp in poller.emitted[-1].service_ports.values()} == {"db"}
     finally:
         source.stop()

@@ -20,7 +20,7 @@ from meshbpf.sources.kube_incremental import TRIGGER_TIME, ServiceIndex, trigger
 from meshbpf.sources.kube_objects import SourceObject, build_state
 from meshbpf.sync.lb import frontend_changes
 from test_incremental_plan import as_sets
-from test_kubernetes_source import DEADLINE, FAST, api, no_leaked_threads, wait_for  # noqa: F401
+from test_kubernetes_source import DEADLINE, FAST, Poller, api, no_leaked_threads, wait_for  # noqa: F401
 
 NAMES = [f"svc{i}" for i in range(6)]
 
@@ -204,18 +204,13 @@ def test_the_api_source_leaves_out_a_service_named_as_kubernetes_would_refuse(ap
     source = KubernetesSource(kubeconfig=str(api.kubeconfig(tmp_path / "kubeconfig")),
                               node_name="node-a", backoff=FAST)
     try:
-        states = []
-
-        def poll() -> None:
-            state = source.poll()
-            if state is not None:
-                states.append(state)
-
-        wait_for(lambda: poll() or states and len(states[-1].service_ports) == 1, "the first state")
+        poller = Poller(source)
+        poller.until(lambda v: len(v) == 1, "the first state")
         api.apply(service("Web_1", "10.96.1.1"), endpoint_slice("web-x", "Web_1", [ep("10.244.1.1")]))
-        wait_for(lambda: poll() or len(source.reflectors["endpointslices"].items()) == 2
-                 and any("Web_1" in p for p in source.problems), "the bad Service's events")
-        poll()
+        poller.wait(lambda: len(source.reflectors["endpointslices"].items()) == 2
+                    and any("Web_1" in p for p in source.problems), "the bad Service's events")
+        poller.poll()
+        states = poller.emitted
         assert [p for p in source.problems if "): metadata.name: 'Web_1' is not a DNS-1035 label" in p]
         items = [SourceObject(json.loads(o) if isinstance(o, str) else o, "API server")
                  for r in ("services", "endpointslices") for o in source.reflectors[r].items()]
