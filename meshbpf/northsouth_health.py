@@ -19,9 +19,10 @@ import json
 import logging
 import socket
 import threading
-from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
+
+from .datapath.netns import run_in_netns
 
 log = logging.getLogger("meshbpf.agent")
 
@@ -122,15 +123,17 @@ class HealthCheckServers:
         server.server_close()
 
     def _listen(self, port: int) -> socket.socket:
-        with _in_netns(self.netns):
-            if self.host and ":" not in self.host:
-                return _bound(socket.AF_INET, self.host, port)
-            try:
-                return _bound(socket.AF_INET6, self.host or "::", port, dual=not self.host)
-            except OSError as exc:
-                if self.host or exc.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):  # no IPv6
-                    raise
-                return _bound(socket.AF_INET, "0.0.0.0", port)
+        return run_in_netns(self.netns, lambda: self._bound_here(port))  # the socket stays there
+
+    def _bound_here(self, port: int) -> socket.socket:
+        if self.host and ":" not in self.host:
+            return _bound(socket.AF_INET, self.host, port)
+        try:
+            return _bound(socket.AF_INET6, self.host or "::", port, dual=not self.host)
+        except OSError as exc:
+            if self.host or exc.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):  # no IPv6
+                raise
+            return _bound(socket.AF_INET, "0.0.0.0", port)
 
 
 def _bound(family: int, host: str, port: int, dual: bool = False) -> socket.socket:
@@ -145,17 +148,3 @@ def _bound(family: int, host: str, port: int, dual: bool = False) -> socket.sock
         sock.close()
         raise
     return sock
-
-
-@contextmanager
-def _in_netns(name: str | None) -> Iterator[None]:
-    """This thread in netns `name` for the block (sockets made there stay there)."""
-    if name is None:
-        yield
-        return
-    from pyroute2 import netns
-    netns.pushns(name)
-    try:
-        yield
-    finally:
-        netns.popns()

@@ -46,12 +46,6 @@ def test_reserving_a_reserved_range_changes_nothing(before):
     assert rp.with_range(before, (61000, 65535)) is None
 
 
-def test_releasing_takes_out_only_the_range():
-    assert rp.without_range("8080,61000-65535", (61000, 65535)) == "8080"
-    assert rp.without_range("60000-65535", (61000, 65535)) == "60000-60999"
-    assert rp.without_range("8080", (61000, 65535)) is None
-
-
 def test_the_planner_writes_the_nodes_snat_ports_into_the_cfg():
     node = NodeContext("n", (ipaddress.ip_address("10.0.0.1"),), ipaddress.ip_address("10.0.0.1"),
                        snat_ports=(62000, 62999))
