@@ -1,0 +1,119 @@
+"""tests/vm/matrix's bookkeeping, with stub VMs (no qemu, no root).
+
+The matrix script is copied into a scratch tree beside stubs of `run`,
+`build-image` and `render`; the stub `run` exits with the status the test
+names for its kernel series. What is checked: a VM's exit status reaches the
+verdict (a failing share fails its kernel, and only its kernel), a VM that
+ends without a status fails, and stopping the matrix stops the VMs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+STUB_RUN = """#!/bin/bash
+# Stub VM: the series is the first argument that names one; its status
+# comes from $FAIL_<series with dots as underscores>, default 0.
+for a in "$@"; do case $a in 5.10|6.1|6.12) s=$a;; esac; done
+var=FAIL_${s//./_}
+echo "stub vm $s: $*"
+echo $$ >>"$STUB_PIDS"
+sleep "${STUB_SLEEP:-0.2}"
+exit "${!var:-0}"
+"""
+
+
+def _tree(tmp_path: Path) -> Path:
+    vm = tmp_path / "tests" / "vm"
+    vm.mkdir(parents=True)
+    shutil.copy(REPO / "tests" / "vm" / "matrix", vm / "matrix")
+    shutil.copy(REPO / "tests" / "vm" / "kernels", vm / "kernels")
+    (vm / "run").write_text(STUB_RUN)
+    for name in ("build-image", "render"):
+        (vm / name).write_text("#!/bin/sh\nexit 0\n")
+    for f in vm.iterdir():
+        f.chmod(0o755)
+    return tmp_path
+
+
+def _matrix(root: Path, tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+    environ = dict(os.environ, STUB_PIDS=str(tmp_path / "pids"), **env)
+    return subprocess.run(
+        ["tests/vm/matrix", "--out", str(tmp_path / "out")],
+        cwd=root, env=environ, capture_output=True, text=True, timeout=120,
+    )
+
+
+def test_every_vm_passing_passes(tmp_path):
+    done = _matrix(_tree(tmp_path), tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "matrix: passed on 5.10 6.1 6.12" in done.stdout
+    # Two shares of each of the three kernels ran.
+    assert len((tmp_path / "pids").read_text().split()) == 6
+
+
+def test_a_failing_share_fails_its_kernel_only(tmp_path):
+    done = _matrix(_tree(tmp_path), tmp_path, FAIL_6_1="3")
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == "matrix: FAILED on 6.1"
+    statuses = sorted(p.read_text().strip() for p in (tmp_path / "out").glob("*.status"))
+    assert statuses == ["0", "0", "0", "0", "3", "3"]
+
+
+def test_a_vm_without_a_status_fails(tmp_path):
+    root = _tree(tmp_path)
+    # The stub VM of 5.10 is killed from outside (as an OOM kill would):
+    # the matrix must not read that as a pass.
+    run = root / "tests" / "vm" / "run"
+    run.write_text(run.read_text().replace(
+        'exit "${!var:-0}"', '[ "$s" = 5.10 ] && kill -9 $$\nexit "${!var:-0}"'))
+    done = _matrix(root, tmp_path)
+    assert done.returncode == 1
+    assert "matrix: FAILED on 5.10" in done.stderr
+
+
+def test_stopping_the_matrix_stops_its_vms(tmp_path):
+    root = _tree(tmp_path)
+    environ = dict(os.environ, STUB_PIDS=str(tmp_path / "pids"), STUB_SLEEP="60")
+    matrix = subprocess.Popen(
+        ["tests/vm/matrix", "--out", str(tmp_path / "out")], cwd=root, env=environ,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pids_file = tmp_path / "pids"
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if pids_file.exists() and len(pids_file.read_text().split()) == 2:
+                break
+            time.sleep(0.1)
+        vms = [int(p) for p in pids_file.read_text().split()]
+        assert len(vms) == 2
+        matrix.send_signal(signal.SIGTERM)
+        assert matrix.wait(timeout=30) == 130
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_alive(p) for p in vms):
+            time.sleep(0.1)
+        assert not any(_alive(p) for p in vms)
+    finally:
+        if matrix.poll() is None:
+            matrix.kill()
+        subprocess.run(["pkill", "-f", str(root / "tests" / "vm" / "run")], check=False)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead for this purpose.
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
