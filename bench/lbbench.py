@@ -353,7 +353,7 @@ def main() -> None:
                     help="only redo the tables and plot from a results file")
     args = ap.parse_args()
     if args.report_only:
-        report.write_all(json.loads(args.report_only.read_text()), args.out)
+        report.write_all(json.loads(args.report_only.read_text()), args.out, args.report_only)
         return
     # Many short rounds rather than a few long ones: other work on a shared
     # machine comes and goes in bursts, and a ratio is only fair when both
@@ -401,9 +401,9 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     results["elapsed_s"] = round(time.monotonic() - started, 1)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (args.out / report.RESULTS_NAME).write_text(json.dumps(results, indent=1) + "\n")
     report.write_all(results, args.out)
-    print(report.markdown(results))
+    print(report.markdown(results, args.out))
     log(f"done in {results['elapsed_s']:.0f} s; results in {args.out}")
 
 

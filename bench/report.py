@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
+RESULTS_NAME = "results.json"  # what lbbench.py writes in its --out folder
+PLOT_NAME = "bench.png"
+
 LABEL = {
     "direct": "direct to the backend (baseline)",
     "meshbpf": "meshbpf (BPF connect4 translation)",
@@ -73,7 +77,18 @@ def _rnat_note(res: dict) -> list[str]:
             "most meshbpf rounds ran with every connect() evicting an entry.", ""]
 
 
-def markdown(res: dict) -> str:
+def _shown(path: Path) -> str:
+    """A path as the snippet names it: from the repository's root when it is
+    inside it (README.md links resolve from there), else in full."""
+    path = path.resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
+def markdown(res: dict, out_dir: Path, results_file: Path | None = None) -> str:
+    """The README snippet; out_dir is the folder the plot is written to and
+    results_file the raw numbers (default: RESULTS_NAME in out_dir), named
+    as they are, so a run with --out DIR points at its own files."""
+    results_file = results_file or out_dir / RESULTS_NAME
     cfg, sizes = res["config"], list(res["sizes"])
     cases = cfg["cases"]
     big = sizes[-1]
@@ -132,16 +147,16 @@ def markdown(res: dict) -> str:
             "",
         ]
     out += [
-        "![connection rate and programming time](bench/results/bench.png)",
+        f"![connection rate and programming time]({_shown(out_dir / PLOT_NAME)})",
         "",
-        "Reproduce (root, Debian 12; does its own setup, writes bench/results/):",
+        f"Reproduce (root, Debian 12; does its own setup, writes {_shown(out_dir)}/):",
         "",
         "```sh",
         res["command"],
         "```",
         "",
         f"The whole run took {res.get('elapsed_s', 0) / 60:.0f} minutes. Raw numbers: "
-        "bench/results/results.json; method: bench/README.md.",
+        f"{_shown(results_file)}; method: bench/README.md.",
     ]
     return "\n".join(out) + "\n"
 
@@ -185,7 +200,7 @@ def plot(res: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_all(res: dict, out: Path) -> None:
+def write_all(res: dict, out: Path, results_file: Path | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    plot(res, out / "bench.png")
-    (out / "README-snippet.md").write_text(markdown(res))
+    plot(res, out / PLOT_NAME)
+    (out / "README-snippet.md").write_text(markdown(res, out, results_file))

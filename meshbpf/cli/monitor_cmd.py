@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import json
 import os
 import re
@@ -51,6 +52,10 @@ from .common import bpffs_option, friendly_errors
 
 LOCK_DIR = Path("/run/meshbpf")
 NAMES_MAX_AGE = 2.0
+# cgroup ids the monitor keeps names for: far more than a node's live
+# cgroups (110 pods of a few cgroups each, and the system's), so only
+# removed cgroups' names are ever dropped.
+MAX_CGROUP_NAMES = 8192
 PROTOS = {6: "TCP", 17: "UDP", 132: "SCTP", 1: "ICMP", 58: "ICMPv6"}
 COLUMNS = "{time:<15} {verdict:<10} {direction:<8} {proto:<5} {src:<34} {dst:<34} {rule}"
 # kubelet's pod cgroup: cgroupfs "pod<uid>", systemd "kubepods-<qos>-pod<uid_>.slice"
@@ -211,22 +216,43 @@ class CgroupNames:
     in it, if it is a kubelet pod's cgroup or below one. The whole tree is
     walked for an id not seen yet, at most every NAMES_MAX_AGE seconds: one
     walk names every cgroup there is then (an event often names two: a
-    capture event its client and its pod)."""
+    capture event its client and its pod).
+
+    At most MAX_CGROUP_NAMES ids are kept, the least recently used going
+    first: cgroup ids are never reused, so on a node where pods come and go
+    a monitor left running would otherwise keep every cgroup it ever saw.
+    A removed cgroup's name is not dropped at once: its last events may
+    still be in the ring buffer."""
 
     def __init__(self):
-        self.paths: dict[int, str] = {}
+        self.paths: dict[int, str] = {}  # in order of use, the oldest first
         self.walked = float("-inf")
 
     def path(self, cg_id: int) -> str | None:
-        if cg_id not in self.paths and time.monotonic() - self.walked >= NAMES_MAX_AGE:
-            self.walked = time.monotonic()
-            try:
-                root = cgroup.cgroup2_mount()
-                found = cgroup.paths_by_id()
-            except cgroup.CgroupError:
-                return None
-            self.paths.update((i, "/" + str(p.relative_to(root)).lstrip(".")) for i, p in found.items())
-        return self.paths.get(cg_id)
+        path = self.paths.pop(cg_id, None)
+        if path is not None:
+            self.paths[cg_id] = path  # now the most recently used
+            return path
+        if time.monotonic() - self.walked < NAMES_MAX_AGE:
+            return None
+        self.walked = time.monotonic()
+        try:
+            root = cgroup.cgroup2_mount()
+            found = cgroup.paths_by_id()
+        except cgroup.CgroupError:
+            return None
+        walked = {i: "/" + str(p.relative_to(root)).lstrip(".") for i, p in found.items()}
+        self._remember(walked)
+        return walked.get(cg_id)  # named even on a tree too big to keep whole
+
+    def _remember(self, walked: dict[int, str]) -> None:
+        """A walk's cgroups, as the most recently used (they exist now);
+        then the least recently used beyond MAX_CGROUP_NAMES are dropped."""
+        for cg_id, path in walked.items():
+            self.paths.pop(cg_id, None)
+            self.paths[cg_id] = path
+        for cg_id in list(itertools.islice(self.paths, max(0, len(self.paths) - MAX_CGROUP_NAMES))):
+            del self.paths[cg_id]
 
     def pod_uid(self, cg_id: int) -> tuple[str | None, str | None]:
         path = self.path(cg_id)

@@ -283,17 +283,24 @@ def _check_schema(src: SourceObject, kind: str, api_versions: tuple[str, ...],
         out.add(src, ident[2], "apiVersion",
                 f"{src.obj.get('apiVersion')!r} is not supported; use {' or '.join(api_versions)}")
         bad = True
-    for path, reason in schema.check(src.obj, spec) + _label_problems(src.obj):
+    for path, reason in schema.check(src.obj, spec) + _label_problems(src.obj, kind):
         out.add(src, ident[2], path, reason)
         bad = True
     return None if bad else ident
 
 
-def _label_problems(obj: dict) -> list[tuple[str, str]]:
+def _label_problems(obj: dict, kind: str) -> list[tuple[str, str]]:
     """metadata.labels Kubernetes would refuse, for every kind read: a
-    selector would silently never match them (or match the wrong thing)."""
+    selector would silently never match them (or match the wrong thing).
+    And a Service's spec.selector, which Kubernetes validates as labels: a
+    key or value no pod can carry means a selector that matches nothing."""
     labels = obj["metadata"].get("labels")  # metadata is a map: _meta found a name in it
-    return label_problems(labels, "metadata.labels") if type(labels) is dict else []
+    found = label_problems(labels, "metadata.labels") if type(labels) is dict else []
+    spec = obj.get("spec") if kind == "Service" else None
+    selector = spec.get("selector") if type(spec) is dict else None
+    if type(selector) is dict:  # not a map: the schema check says so
+        found += label_problems(selector, "spec.selector")
+    return found
 
 
 def _parse_address(text: str) -> IPAddress | None:

@@ -49,6 +49,7 @@ from .kube_objects import PROXY_NAME_LABEL, BuildResult, SourceObject, build_sta
 from ..capture.settings import kept_annotations
 from .kube_policy import NETWORK_POLICY, CachedReader, policy_fields
 from .kube_watch import Backoff, Reflector
+from .names import label_problems
 from .routes import API_VERSION as ROUTE_API_VERSION
 from .kube_route_status import RouteStatusWriter
 from .route_status import route_statuses
@@ -206,13 +207,27 @@ def _without(spec: dict, *paths: str) -> dict:
 # What the source keeps of each object: what kube_objects reads, not all its
 # schema knows. Kept for every Service and slice of the cluster, and the
 # biggest part of the agent's memory at 100 000 Services; a dropped field
-# is one the agent never reads (targetRef, ownership, the pod selector).
+# is one the agent never reads (targetRef, ownership, a valid pod selector).
 _UNREAD_META = tuple(f"metadata.{k}" for k in (
     "uid", "generateName", "generation", "creationTimestamp", "deletionTimestamp",
     "deletionGracePeriodSeconds", "ownerReferences", "finalizers", "managedFields", "selfLink"))
 SERVICE_KEPT = _without(schema.SERVICE, *_UNREAD_META, "spec.selector")
 ENDPOINT_SLICE_KEPT = _without(schema.ENDPOINT_SLICE, *_UNREAD_META, "endpoints.targetRef",
                                "endpoints.hostname", "endpoints.deprecatedTopology")
+
+
+def _service_kept(obj: dict, _prune=_pruned(SERVICE_KEPT)) -> dict:
+    """SERVICE_KEPT, and spec.selector only when Kubernetes would refuse it
+    (from a server that skipped validation): build_state then names the
+    problem and leaves the Service out, as it does for a file. A valid
+    selector is never read, and held for every Service it would cost memory."""
+    spec = obj.get("spec")
+    selector = spec.get("selector") if type(spec) is dict else None  # before the prune drops it
+    out = _prune(obj)
+    if selector is not None and (schema.check(selector, schema.STR_MAP)
+                                 or label_problems(selector, "spec.selector")):
+        out["spec"]["selector"] = selector
+    return out
 
 
 def _pod_kept(obj: dict, _prune=_pruned(_POD_KEPT)) -> dict:
@@ -270,7 +285,7 @@ class KubernetesSource:
         self.reflectors: dict[str, Reflector] = {
             "services": reflector(
                 "services", core.list_service_for_all_namespaces, "Service",
-                selectors={"label_selector": proxy_selector}, transform=_pruned(SERVICE_KEPT),
+                selectors={"label_selector": proxy_selector}, transform=_service_kept,
                 hold=as_text),
             # Slices are not filtered by label: hand-made ones may lack the
             # labels the controller copies from their Service. build_state

@@ -14,6 +14,7 @@ from meshbpf.sources.kube_objects import SourceObject
 from meshbpf.sources.kube_policy import read_policy_objects
 from meshbpf.sources.yaml_file import read_config
 from policy_world import expr, labels, netpol, ns_obj, pod_obj
+from test_incremental_files import write
 from test_kubernetes_source import FAST, Poller, api, no_leaked_threads  # noqa: F401
 
 NAME_RULE = ("(letters, digits, '-', '_' and '.', starting and ending with a letter or digit), "
@@ -160,6 +161,7 @@ def test_labels_and_selectors_kubernetes_accepts_are_read():
     assert len(result.policies) == 1
     svc = service("web")
     svc["metadata"]["labels"] = dict(GOOD)
+    svc["spec"]["selector"] = dict(GOOD)
     assert build(svc).problems == []
 
 
@@ -183,6 +185,66 @@ def test_the_api_source_leaves_out_a_service_with_a_bad_label_alone(api, tmp_pat
         poller.wait(lambda: any("web" in p for p in source.problems), "the bad Service's events")
         poller.poll()
         said = f"(Service default/web): metadata.labels.version: {reason}"
+        assert [p for p in source.problems if p.endswith(said)]
+        assert {sp.name for sp in poller.emitted[-1].service_ports.values()} == {"db"}
+    finally:
+        source.stop()
+
+
+# A Service's spec.selector is validated as labels by Kubernetes: a key or
+# value no pod can carry is a selector that silently matches nothing.
+@pytest.mark.parametrize("bad, key, reason", BAD_LABELS)
+def test_a_bad_service_selector_is_named_and_only_that_service_is_left_out(bad, key, reason):
+    svc = service("web", "10.96.0.10")
+    svc["spec"]["selector"] = bad
+    result = build(svc, service("api", "10.96.0.11"))
+    assert [str(p) for p in result.problems] == [
+        f"test.yaml: document 1 (line 1) (Service default/web): spec.selector.{key}: {reason}"]
+    assert [sp.service for sp in result.state.service_ports.values()] == ["default/api"]
+
+
+def test_a_bad_selector_in_an_edited_file_is_refused_in_one_line_and_the_state_stays(tmp_path):
+    """The file source, full read and edit alike: as any bad Service, the
+    change is refused and what was read before stays."""
+    from meshbpf.sources.yaml_file import FileSource
+    path = tmp_path / "a.yaml"
+    good = [service("web", "10.96.0.10"), service("api", "10.96.0.11")]
+    write(path, good)
+    src = FileSource(tmp_path, "node-a", settle_s=0, hold_s=0)
+    first = src.poll()
+    bad = service("web", "10.96.0.10")
+    bad["spec"]["selector"] = {"app": "web app"}
+    write(path, [bad, good[1]])
+    said = [f"{path}: document 1 (line 1) (Service default/web): spec.selector.app: "
+            f"'web app' is not a label value {NAME_RULE} label values"]
+    for read in (src.poll, lambda: read_config(tmp_path, "node-a")):
+        with pytest.raises(ConfigError) as exc:
+            read()
+        assert [str(p) for p in exc.value.problems] == said
+    write(path, good)
+    assert src.poll() == first
+
+
+@pytest.mark.parametrize("selector, key, reason", [
+    ({"bad key": "web"}, "bad key", f"'bad key' is not a label name {NAME_RULE} label keys"),
+    ({"app": "web app"}, "app", f"'web app' is not a label value {NAME_RULE} label values")])
+def test_the_api_source_leaves_out_a_service_with_a_bad_selector_alone(api, tmp_path, selector, key,
+                                                                       reason):
+    """A server that skipped validation: the source drops a valid selector
+    (never read) but keeps a bad one, so it is named as in a file."""
+    from meshbpf.sources.kubernetes import KubernetesSource
+    api.apply(service("db", "10.96.1.2"), endpoint_slice("db-x", "db", [ep("10.244.1.2")]))
+    bad = service("web", "10.96.1.1")
+    bad["spec"]["selector"] = selector
+    source = KubernetesSource(kubeconfig=str(api.kubeconfig(tmp_path / "kubeconfig")),
+                              node_name="node-a", backoff=FAST)
+    try:
+        poller = Poller(source)
+        poller.until(lambda v: len(v) == 1, "the first state")
+        api.apply(bad, endpoint_slice("web-x", "web", [ep("10.244.1.1")]))
+        poller.wait(lambda: any("web" in p for p in source.problems), "the bad Service's events")
+        poller.poll()
+        said = f"(Service default/web): spec.selector.{key}: {reason}"
         assert [p for p in source.problems if p.endswith(said)]
         assert {sp.name for sp in poller.emitted[-1].service_ports.values()} == {"db"}
     finally:

@@ -9,7 +9,7 @@ import json
 
 from k8s_builders import endpoint_slice, ep, service
 from meshbpf.sources.kube_objects import SourceObject, build_state
-from meshbpf.sources.kubernetes import ENDPOINT_SLICE_KEPT, SERVICE_KEPT, _pruned, as_text
+from meshbpf.sources.kubernetes import ENDPOINT_SLICE_KEPT, _pruned, _service_kept, as_text
 
 OWNER = [{"apiVersion": "v1", "kind": "Service", "name": "web", "uid": "u-1", "controller": True}]
 
@@ -33,7 +33,7 @@ def full_objects() -> tuple[dict, dict]:
 
 def test_kept_objects_drop_what_is_never_read_and_keep_what_is():
     svc, sl = full_objects()
-    kept_svc = _pruned(SERVICE_KEPT)(copy.deepcopy(svc))
+    kept_svc = _service_kept(copy.deepcopy(svc))
     kept_sl = _pruned(ENDPOINT_SLICE_KEPT)(copy.deepcopy(sl))
     for kept in (kept_svc, kept_sl):
         assert set(kept["metadata"]) <= {"name", "namespace", "labels", "annotations", "resourceVersion"}
@@ -49,7 +49,7 @@ def test_kept_objects_build_the_state_the_whole_ones_build():
     for obj in (svc, sl):
         del obj["metadata"]["newerField"]  # the file source reports it; the API source drops it
     whole = build_state([SourceObject(svc, "x"), SourceObject(sl, "x")], node_zone="z1")
-    kept = build_state([SourceObject(_pruned(SERVICE_KEPT)(copy.deepcopy(svc)), "x"),
+    kept = build_state([SourceObject(_service_kept(copy.deepcopy(svc)), "x"),
                         SourceObject(_pruned(ENDPOINT_SLICE_KEPT)(copy.deepcopy(sl)), "x")],
                        node_zone="z1")
     assert kept.state == whole.state and not kept.problems and not whole.problems
@@ -61,3 +61,14 @@ def test_the_source_holds_each_object_as_compact_json_text_of_what_it_keeps():
     text = as_text(_pruned(ENDPOINT_SLICE_KEPT)(copy.deepcopy(sl)))
     assert isinstance(text, str) and ": " not in text and ", " not in text
     assert json.loads(text) == _pruned(ENDPOINT_SLICE_KEPT)(copy.deepcopy(sl))
+
+
+def test_a_selector_kubernetes_would_refuse_is_kept_to_be_named():
+    """Only a bad selector is held (a server that skipped validation): the
+    state build then names it; a valid one is never read."""
+    svc, _ = full_objects()
+    svc["spec"]["selector"] = {"app": "web app"}
+    kept = _service_kept(copy.deepcopy(svc))
+    assert kept["spec"]["selector"] == {"app": "web app"}
+    (problem,) = build_state([SourceObject(kept, "x")]).problems
+    assert problem.path == "spec.selector.app"

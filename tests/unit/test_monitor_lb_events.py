@@ -9,7 +9,9 @@ import ctypes as ct
 import ipaddress
 import socket
 
-from meshbpf.cli.monitor_cmd import POD_CGROUP, CgroupNames, Names, matches, table_line
+from meshbpf.cli import monitor_cmd
+from meshbpf.cli.monitor_cmd import (MAX_CGROUP_NAMES, POD_CGROUP, CgroupNames, Names, matches,
+                                      table_line)
 from meshbpf.datapath.layout import EV_KIND_LB, LbEventC, PolEventC
 from meshbpf.datapath.policy_events import LbEvent, PolicyEvent, parse_event
 from meshbpf.model import DesiredState
@@ -51,6 +53,29 @@ def test_kubelet_pod_cgroups_of_both_drivers_name_the_uid():
     names.walked = float("inf")  # never walk the real tree here
     assert names.pod_uid(1)[0] == UID and names.pod_uid(3)[0] == UID
     assert names.pod_uid(2) == ("", "/meshbpf-lab-x") and names.pod_uid(99) == (None, None)
+
+
+def test_the_cgroup_names_stay_bounded_as_pods_come_and_go(monkeypatch, tmp_path):
+    """Pod churn: every walk finds new cgroup ids (ids are never reused) and
+    the old ones gone. The names kept never pass MAX_CGROUP_NAMES, the ones
+    in use stay, and a cgroup just asked about is named."""
+    live = 500  # cgroups of the node at any time
+    tree = {"next": 1}
+
+    def walk() -> dict:
+        first = tree["next"]
+        tree["next"] += live // 5  # a fifth replaced between walks
+        return {i: tmp_path / f"pod{i}" for i in range(first, first + live)}
+    monkeypatch.setattr(monitor_cmd.cgroup, "cgroup2_mount", lambda: tmp_path)
+    monkeypatch.setattr(monitor_cmd.cgroup, "paths_by_id", walk)
+    names = CgroupNames()
+    for _ in range(4 * MAX_CGROUP_NAMES // (live // 5)):
+        names.walked = float("-inf")  # the walk is due
+        newest = tree["next"] + live - 1  # in the next walk, not known yet
+        assert names.path(newest) == f"/pod{newest}"
+        assert names.path(1) == "/pod1"  # first seen long ago, gone, but asked about all along
+        assert len(names.paths) <= MAX_CGROUP_NAMES
+    assert tree["next"] > 3 * MAX_CGROUP_NAMES and len(names.paths) == MAX_CGROUP_NAMES
 
 
 def _names() -> Names:
