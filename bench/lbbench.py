@@ -11,6 +11,12 @@ every pod runs the same server on 127.0.0.11-14:8080 (the four backends):
                   over two backend Services (two backends each), on meshbpf's
                   datapath, counted per route backend as the agent sets it up:
                   the weighted-splitting case (issue 13)
+    meshbpf-skstorage
+                  as meshbpf, built as on a kernel without the conn_rnat feature:
+                  a connected socket's reverse NAT in socket storage, not in
+                  mbpf_conn_rnat; a second lab and cgroup of its own, so that
+                  the two designs meet the same rounds (the rate is divided by
+                  the same direct runs)
     iptables      kube-proxy iptables-mode layout, iptables-legacy-restore
     iptables-nft  the same layout through iptables-nft-restore
     nftables      kube-proxy nftables-mode layout (service-ips verdict map), nft -f
@@ -43,7 +49,7 @@ from pathlib import Path
 
 import kube_rules as kr
 import report
-from meshbpf.datapath import libbpf
+from meshbpf.datapath import features as kernel_features, libbpf
 from meshbpf.datapath.cgroup import cgroup2_mount
 from meshbpf.datapath.layout import LB_MAPS
 from meshbpf.datapath.loader import SockLB, uninstall
@@ -55,10 +61,11 @@ from meshbpf.sources.yaml_file import read_config
 
 HERE = Path(__file__).resolve().parent
 LOADGEN = HERE / "bin" / "loadgen"
-CASES = ("direct", "meshbpf", "split", "iptables", "iptables-nft", "nftables")
-POD = {"direct": "direct", "meshbpf": "bpf", "split": "split", "iptables": "ipt", "iptables-nft": "iptnft",
-       "nftables": "nft"}
-IN_CGROUP = ("meshbpf", "split")  # the cases meshbpf's programs translate
+SK_STORAGE = "meshbpf-skstorage"
+CASES = ("direct", "meshbpf", "split", SK_STORAGE, "iptables", "iptables-nft", "nftables")
+POD = {"direct": "direct", "meshbpf": "bpf", "split": "split", SK_STORAGE: "bpfsk", "iptables": "ipt",
+       "iptables-nft": "iptnft", "nftables": "nft"}
+IN_CGROUP = ("meshbpf", "split", SK_STORAGE)  # the cases meshbpf's programs translate
 RESTORE = {"iptables": "iptables-legacy-restore", "iptables-nft": "iptables-nft-restore"}
 BACKEND_TARGETS = [f"{ip}:{kr.EP_PORT}" for ip in kr.BACKENDS]
 
@@ -95,6 +102,10 @@ class SizeRun:
         self.pin = [] if cpu is None else ["taskset", "-c", str(cpu)]
         self.lab = Lab(f"bench{os.getpid()}n{n}")
         self.bpffs = Path(f"/sys/fs/bpf/meshbpf-bench-{os.getpid()}")
+        # The SK_STORAGE case's own lab, cgroup and pins (a second datapath).
+        self.sk_lab = Lab(f"bench{os.getpid()}n{n}s")
+        self.sk_bpffs = Path(f"/sys/fs/bpf/meshbpf-bench-{os.getpid()}-sk")
+        self.sk_lb: SockLB | None = None
         self.servers: list[subprocess.Popen] = []
         self.lb: SockLB | None = None
         self.maps: LBMaps | None = None
@@ -105,8 +116,13 @@ class SizeRun:
 
     # --- set-up and tear-down --------------------------------------------------
     def __enter__(self) -> "SizeRun":
-        self.lab.up([POD[c] for c in self.cases])
+        self.lab.up([POD[c] for c in self.cases if c != SK_STORAGE])
+        if SK_STORAGE in self.cases:
+            self.sk_lab.up([POD[SK_STORAGE]])
         return self
+
+    def lab_of(self, case: str) -> Lab:
+        return self.sk_lab if case == SK_STORAGE else self.lab
 
     def __exit__(self, *exc) -> None:
         try:
@@ -115,15 +131,20 @@ class SizeRun:
                 p.wait()
         finally:
             try:
-                uninstall(self.bpffs)
-                if self.lb is not None and self.lb.bpf is not None:
-                    self.lb.bpf.cleanup()
+                for bpffs, lb in ((self.bpffs, self.lb), (self.sk_bpffs, self.sk_lb)):
+                    uninstall(bpffs)
+                    if lb is not None and lb.bpf is not None:
+                        lb.bpf.cleanup()
             finally:
-                self.lab.down()
+                try:
+                    self.lab.down()
+                finally:
+                    if SK_STORAGE in self.cases:
+                        self.sk_lab.down()
 
     def start_servers(self) -> None:
         for case in self.cases:
-            p = self.lab.popen(POD[case], [*self.pin, str(LOADGEN), "server", *BACKEND_TARGETS],
+            p = self.lab_of(case).popen(POD[case], [*self.pin, str(LOADGEN), "server", *BACKEND_TARGETS],
                                in_cgroup=False, stdout=subprocess.PIPE, text=True)
             self.servers.append(p)
             if p.stdout.readline().strip() != "ready":
@@ -131,7 +152,7 @@ class SizeRun:
 
     def run_in(self, case: str, argv: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
         """Runs argv in the case's netns, outside the lab cgroup, and checks it."""
-        res = self.lab.run(POD[case], argv, in_cgroup=False, timeout=timeout)
+        res = self.lab_of(case).run(POD[case], argv, in_cgroup=False, timeout=timeout)
         if res.returncode != 0:
             raise RuntimeError(f"{case}: {' '.join(argv)} failed:\n{res.stderr[-2000:]}")
         return res
@@ -152,6 +173,9 @@ class SizeRun:
         if case == "split":
             self._program_split()
             return {}
+        if case == SK_STORAGE:
+            self._program_sk_storage()
+            return {}
         if case == "nftables":
             path = self.write(f"nft-{self.n}.nft", kr.nft_ruleset(self.svcs))
             argv = ["nft", "-f", str(path)]
@@ -167,13 +191,26 @@ class SizeRun:
         self.run_in(case, ["sysctl", "-qw", "net.netfilter.nf_conntrack_tcp_timeout_close=1"])
         return {"total_s": total}
 
-    def _program_meshbpf(self) -> dict:
-        cg = self.lab.cgroup
+    def _datapath(self, lab: Lab, bpffs: Path, features: dict | None = None) -> SockLB:
+        cg = lab.cgroup
         if cg == cgroup2_mount() or cg.parent != cgroup2_mount():
             raise RuntimeError(f"refusing to attach to {cg}: not a child of the cgroup2 root")
-        self.lb = SockLB(bpffs=self.bpffs, sizes=self.map_sizes)
-        self.lb.compile()
-        self.lb.attach(cg)
+        lb = SockLB(bpffs=bpffs, sizes=self.map_sizes, features=features)
+        lb.compile()
+        lb.attach(cg)
+        return lb
+
+    def _program_sk_storage(self) -> None:
+        """The N services on a second datapath built without conn_rnat
+        (untimed: the programming benchmark is meshbpf's)."""
+        features = dict(kernel_features.as_dict(kernel_features.probe()), conn_rnat=False)
+        self.sk_lb = self._datapath(self.sk_lab, self.sk_bpffs, features)
+        maps = LBMaps.from_socklb(self.sk_lb)
+        desired = read_config(self.write(f"services-{self.n}.yaml", kr.kube_yaml(self.svcs))).state
+        maps.apply(plan(maps.read(), wanted_services(desired)))
+
+    def _program_meshbpf(self) -> dict:
+        self.lb = self._datapath(self.lab, self.bpffs)
         self.maps = LBMaps.from_socklb(self.lb)
         path = self.write(f"services-{self.n}.yaml", kr.kube_yaml(self.svcs))
         # What the agent does on a config change: parse, plan against the maps, write.
@@ -251,7 +288,7 @@ class SizeRun:
         targets = (BACKEND_TARGETS if case == "direct" else [split_target(self.n)] if case == "split"
                    else [kr.target_vip(self.n)])
         argv = [*self.pin, str(LOADGEN), "client", "-d", str(seconds), "-w", str(warmup), *targets]
-        res = self.lab.run(POD[case], argv, in_cgroup=(case in IN_CGROUP),
+        res = self.lab_of(case).run(POD[case], argv, in_cgroup=(case in IN_CGROUP),
                            timeout=seconds + warmup + 60)
         if res.returncode != 0:
             raise RuntimeError(f"loadgen client in {case} failed: {res.stderr}")
@@ -282,12 +319,15 @@ def run_size(n: int, cases: list[str], args, work: Path) -> dict:
         if run.counters is not None:  # what the split sent where: about half each
             out["split_route_backend_connections"] = {b: n for (_, b), n in run.counters.read().items()}
             log(f"N={n}: split connections per backend Service: {out['split_route_backend_connections']}")
+        # Where each meshbpf datapath keeps a connected socket's reverse NAT.
+        out["conn_rnat"] = {case: bool(lb.features.get("conn_rnat"))
+                            for case, lb in (("meshbpf", run.lb), (SK_STORAGE, run.sk_lb)) if lb}
         if "meshbpf" in cases:
             rnat = next(m for m in LB_MAPS if m.name == "mbpf_rnat")
             out["meshbpf_rnat_entries"] = run.rnat_entries()
             out["meshbpf_rnat_capacity"] = run.lb.capacity(rnat)
         for case in cases:
-            if case not in ("direct", "split"):  # split: meshbpf's datapath, added to above
+            if case not in ("direct", "split", SK_STORAGE):  # meshbpf's datapath, added to above
                 out["add_one"][case] = run.add_one(case)
                 log(f"N={n}: {case} added one service in {out['add_one'][case]['total_s']:.4f} s")
     out["summary"] = summarize(out["rounds"], cases)

@@ -12,6 +12,7 @@ LABEL = {
     "direct": "direct to the backend (baseline)",
     "meshbpf": "meshbpf (BPF connect4 translation)",
     "split": "meshbpf, a Service split 50/50 by a TCPRoute",
+    "meshbpf-skstorage": "meshbpf, reverse NAT in socket storage (no conn_rnat)",
     "iptables": "kube-proxy iptables layout (legacy)",
     "iptables-nft": "kube-proxy iptables layout (iptables-nft)",
     "nftables": "kube-proxy nftables layout (verdict map)",

@@ -288,6 +288,19 @@ int mbpf_getpeer6(struct bpf_sock_addr *ctx)
 	return xlate_reverse(ctx, 1);
 }
 
+#ifdef MBPF_HAVE_CONN_RNAT
+/* attaches to cgroup/sock_release: a socket's connection-table entry goes
+ * with it (the loader attaches this before the connect hooks, so no entry
+ * outlives its socket) */
+int mbpf_sock_release(struct bpf_sock *ctx)
+{
+	__u64 cookie = mbpf_get_socket_cookie(ctx);
+
+	mbpf_conn_rnat.delete(&cookie);
+	return 1;
+}
+#endif
+
 #ifdef MBPF_CAPTURE
 /* getsockname() on the proxy's accepted socket of a captured connection
  * names the original destination (some proxies read it there instead of

@@ -138,13 +138,32 @@ static __always_inline void rnat_remember(void *ctx,
 					  const struct mbpf_svc_key *svc_key,
 					  __u32 svc_id);
 
-/* A connected socket keeps its translation in socket storage (or, on
- * kernels without it, in the LRU map like unconnected UDP). */
+static __always_inline void sk_rnat_fill(struct mbpf_sk_rnat *r, const struct mbpf_backend *be,
+					 const struct mbpf_svc_key *svc_key, __u32 svc_id)
+{
+	__builtin_memcpy(r->backend_addr, be->addr, MBPF_ADDR_LEN);
+	__builtin_memcpy(r->svc_addr, svc_key->addr, MBPF_ADDR_LEN);
+	r->backend_port = be->port;
+	r->svc_port = svc_key->port;
+	r->svc_id = svc_id;
+}
+
+/* A connected socket keeps its translation in the connection table while
+ * it has room, else in socket storage (or, on kernels with neither, in the
+ * LRU map like unconnected UDP). */
 static __always_inline void rnat_remember_sk(struct bpf_sock_addr *ctx,
 					     const struct mbpf_backend *be,
 					     const struct mbpf_svc_key *svc_key,
 					     __u32 svc_id)
 {
+#ifdef MBPF_HAVE_CONN_RNAT
+	struct mbpf_sk_rnat conn = {};
+	__u64 cookie = mbpf_get_socket_cookie(ctx);
+
+	sk_rnat_fill(&conn, be, svc_key, svc_id);
+	if (mbpf_conn_rnat.update(&cookie, &conn) == 0)
+		return;
+#endif
 #ifndef MBPF_HAVE_SK_STORAGE
 	rnat_remember(ctx, be, svc_key, svc_id);
 #else
@@ -154,13 +173,8 @@ static __always_inline void rnat_remember_sk(struct bpf_sock_addr *ctx,
 	if (!sk)
 		return;
 	r = mbpf_sk_rnat.sk_storage_get(sk, NULL, BPF_SK_STORAGE_GET_F_CREATE);
-	if (!r)
-		return;
-	__builtin_memcpy(r->backend_addr, be->addr, MBPF_ADDR_LEN);
-	__builtin_memcpy(r->svc_addr, svc_key->addr, MBPF_ADDR_LEN);
-	r->backend_port = be->port;
-	r->svc_port = svc_key->port;
-	r->svc_id = svc_id;
+	if (r)
+		sk_rnat_fill(r, be, svc_key, svc_id);
 #endif
 }
 
@@ -208,6 +222,22 @@ static __always_inline int rnat_service_live(const __u8 *addr, __u16 port,
 	return svc && svc->svc_id == svc_id;
 }
 
+/* A connected socket's record applied to its peer address: 1 rewritten to
+ * the service, 0 stale (counted, left alone), -1 no record for this peer. */
+static __always_inline int sk_rnat_apply(const struct mbpf_sk_rnat *r, struct mbpf_l4addr *peer,
+					 __u32 proto, __u32 col)
+{
+	if (!r || r->backend_port != peer->port || !addr_equal(r->backend_addr, peer->addr))
+		return -1;
+	if (!rnat_service_live(r->svc_addr, r->svc_port, proto, r->svc_id)) {
+		lb_count(MBPF_LB_RNAT_STALE, col);
+		return 0;
+	}
+	__builtin_memcpy(peer->addr, r->svc_addr, MBPF_ADDR_LEN);
+	peer->port = r->svc_port;
+	return 1;
+}
+
 /* Rewrites a peer address (backend) back to the service it stands for.
  * Returns 1 when it did; a stale entry is left alone and counted. */
 static __always_inline int rnat_restore(struct bpf_sock_addr *ctx, struct mbpf_l4addr *peer,
@@ -216,25 +246,23 @@ static __always_inline int rnat_restore(struct bpf_sock_addr *ctx, struct mbpf_l
 	struct mbpf_rnat_key key = {};
 	struct mbpf_rnat *val;
 	__u32 proto = ctx->protocol;
-#ifdef MBPF_HAVE_SK_STORAGE
-	struct bpf_sock *sk = ctx->sk;
-	struct mbpf_sk_rnat *r;
+	__u64 cookie = mbpf_get_socket_cookie(ctx);
+	int done;
 
-	if (sk) {
-		r = mbpf_sk_rnat.sk_storage_get(sk, NULL, 0);
-		if (r && r->backend_port == peer->port && addr_equal(r->backend_addr, peer->addr)) {
-			if (!rnat_service_live(r->svc_addr, r->svc_port, proto, r->svc_id)) {
-				lb_count(MBPF_LB_RNAT_STALE, col);
-				return 0;
-			}
-			__builtin_memcpy(peer->addr, r->svc_addr, MBPF_ADDR_LEN);
-			peer->port = r->svc_port;
-			return 1;
-		}
+#ifdef MBPF_HAVE_CONN_RNAT
+	done = sk_rnat_apply(mbpf_conn_rnat.lookup(&cookie), peer, proto, col);
+	if (done >= 0)
+		return done;
+#endif
+#ifdef MBPF_HAVE_SK_STORAGE
+	if (ctx->sk) {
+		done = sk_rnat_apply(mbpf_sk_rnat.sk_storage_get(ctx->sk, NULL, 0), peer, proto, col);
+		if (done >= 0)
+			return done;
 	}
 #endif
 
-	key.cookie = mbpf_get_socket_cookie(ctx);
+	key.cookie = cookie;
 	__builtin_memcpy(key.addr, peer->addr, MBPF_ADDR_LEN);
 	key.port = peer->port;
 	val = mbpf_rnat.lookup(&key);

@@ -29,6 +29,9 @@
 #ifndef MBPF_RNAT_MAX
 #define MBPF_RNAT_MAX 131072
 #endif
+#ifndef MBPF_CONN_RNAT_MAX
+#define MBPF_CONN_RNAT_MAX 65536
+#endif
 
 /* (service address, port, protocol) -> service id and usable backend count.
  * Programs copy what they read from this map and mbpf_backends once: an
@@ -61,6 +64,16 @@ BPF_TABLE_PINNED("percpu_hash", struct mbpf_pick_key, __u64, mbpf_route_cnt,
 /* MBPF_LB_* counters per CPU, summed by the metrics collector */
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, mbpf_lb_stats,
 		 MBPF_LB_STAT_MAX, MBPF_PIN(mbpf_lb_stats));
+
+#ifdef MBPF_HAVE_CONN_RNAT
+/* connected socket's cookie -> the service its connect() was translated
+ * from; mbpf_sock_release deletes the entry with the socket. A preallocated
+ * hash entry costs connect() about a quarter of what socket storage does
+ * (two allocations on connect, a free at close: bench/README.md, "Where the
+ * socket-LB's cost goes"); when it is full, socket storage takes over. */
+BPF_TABLE_PINNED("hash", __u64, struct mbpf_sk_rnat, mbpf_conn_rnat,
+		 MBPF_CONN_RNAT_MAX, MBPF_PIN(mbpf_conn_rnat));
+#endif
 
 #ifdef MBPF_HAVE_SK_STORAGE
 /* socket -> the service its connect() was translated from; freed with the

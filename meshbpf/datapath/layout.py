@@ -226,11 +226,14 @@ LB_MAPS = (
     MapSpec("mbpf_rnat", "", RnatKeyC, RnatC, "MBPF_RNAT_MAX", 131072),
     # Socket storage: one value per socket, freed with it; max_entries is 0.
     MapSpec("mbpf_sk_rnat", "", ct.c_int, SkRnatC, "", 0, no_prealloc=True),
+    # Connected socket's cookie -> the same record, while there is room;
+    # emptied by the sock_release hook.
+    MapSpec("mbpf_conn_rnat", "", ct.c_uint64, SkRnatC, "MBPF_CONN_RNAT_MAX", 65536),
     MapSpec("mbpf_lb_stats", "", ct.c_uint32, ct.c_uint64, "", 24),
     # Connections per route backend (per CPU); the agent makes the entries.
     MapSpec("mbpf_route_cnt", "", PickKeyC, ct.c_uint64, "MBPF_ROUTE_CNT_MAX", 16384),
 )
-COUNTABLE = {"mbpf_svc", "mbpf_slots", "mbpf_backends", "mbpf_affinity", "mbpf_rnat",
+COUNTABLE = {"mbpf_svc", "mbpf_slots", "mbpf_backends", "mbpf_affinity", "mbpf_rnat", "mbpf_conn_rnat",
              "mbpf_sockhash", "mbpf_sockstate"}  # maps whose keys can be walked
 BY_ROLE = {m.role: m for m in LB_MAPS if m.role}
 

@@ -36,6 +36,10 @@ ATTACH_SK_MSG_VERDICT = 7
 ATTACH_SETSOCKOPT = 22
 ATTACH_GETSOCKOPT = 21
 ATTACH_GETSOCKNAME4, ATTACH_GETSOCKNAME6 = 31, 32
+ATTACH_SOCK_RELEASE = kernel_features.ATTACH_INET_SOCK_RELEASE
+PROG_TYPE_CGROUP_SOCK = 9
+# Empties the connection reverse-NAT table (mbpf_conn_rnat) as sockets go.
+RELEASE_HOOK = "mbpf_sock_release"
 PROG_TYPE_SOCK_OPS = 13
 PROG_TYPE_SK_MSG = 16
 PROG_TYPE_CGROUP_SOCKOPT = 25
@@ -141,8 +145,8 @@ class SockLB:
         for spec in self.maps():
             if spec.size_macro:
                 cflags.append(f"-D{spec.size_macro}={self.capacity(spec)}")
-        for feature in ("set_retval", "sk_storage", "netns_cookie"):
-            if self.features[feature]:
+        for feature in ("set_retval", "sk_storage", "netns_cookie", "conn_rnat"):
+            if self.features.get(feature):
                 cflags.append(f"-DMBPF_HAVE_{feature.upper()}")
         files = list(LB_SOURCES)
         if self.redirect:
@@ -173,7 +177,8 @@ class SockLB:
 
     def maps(self) -> tuple[MapSpec, ...]:
         feats = self.features or {}
-        lb = tuple(m for m in LB_MAPS if m.name != "mbpf_sk_rnat" or feats.get("sk_storage", True))
+        optional = {"mbpf_sk_rnat": "sk_storage", "mbpf_conn_rnat": "conn_rnat"}  # map -> feature
+        lb = tuple(m for m in LB_MAPS if feats.get(optional.get(m.name, ""), True))
         return lb + (REDIR_MAPS if self.redirect else ()) + (CAPTURE_MAPS if self.capture else ())
 
     def capacity(self, spec: MapSpec) -> int:
@@ -235,6 +240,13 @@ class SockLB:
         target_id = cgroup.cgroup_id(cgroup_path)
         cg_fd = cgroup.open_cgroup(cgroup_path)
         try:
+            if self.features.get("conn_rnat"):
+                # Before the connect hooks: an entry they write must find
+                # its socket's release hook already in place, or it stays.
+                fn = self._load(RELEASE_HOOK.encode(), PROG_TYPE_CGROUP_SOCK,
+                                attach_type=ATTACH_SOCK_RELEASE)
+                _attach_or_swap(fn.fd, cg_fd, target_id, ATTACH_SOCK_RELEASE,
+                                self._links_dir() / RELEASE_HOOK)
             for hook in SOCK_LB_HOOKS:
                 fn = self.bpf.load_func(hook.func.encode(), BPF.CGROUP_SOCK_ADDR,
                                         attach_type=ATTACH[hook.attach])
@@ -242,6 +254,9 @@ class SockLB:
                                 self._links_dir() / hook.func)
         finally:
             os.close(cg_fd)
+        if not self.features.get("conn_rnat"):
+            # An earlier build's, now that no connect hook writes the table.
+            self._remove_links(lambda name: name == RELEASE_HOOK)
 
     def attach_redirect(self, cgroups: list[Path]) -> None:
         """sk_msg on the sockhash; sockops and setsockopt on each cgroup whose

@@ -40,3 +40,20 @@ def test_a_malformed_map_size_is_a_usage_error(tmp_path):
     proc = bench(tmp_path, "--map-size", "mbpf_svc")
     assert proc.returncode == 2
     assert "--map-size: give NAME=ENTRIES" in proc.stderr
+
+
+@pytest.mark.needs_feature("conn_rnat")
+def test_the_socket_storage_case_runs_beside_meshbpf(tmp_path):
+    """bench/README's side-by-side of the two reverse-NAT designs: the
+    meshbpf-skstorage case is a second datapath built without conn_rnat,
+    serving in the same rounds, and its lab and pins go with the run."""
+    proc = subprocess.run([str(REPO / "bench" / "run"), "--quick", "--sizes", "100", "--rounds", "2",
+                           "--cases", "direct,meshbpf,meshbpf-skstorage", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    size = json.loads((tmp_path / "results.json").read_text())["sizes"]["100"]
+    assert size["conn_rnat"] == {"meshbpf": True, "meshbpf-skstorage": False}
+    for r in size["rounds"]:
+        assert r["meshbpf-skstorage"]["count"] > 0 and not r["meshbpf-skstorage"]["errors"], r
+    assert "reverse NAT in socket storage" in (tmp_path / "README-snippet.md").read_text()
+    assert not list(Path("/sys/fs/bpf").glob("meshbpf-bench-*")), "bench pins left behind"

@@ -5,7 +5,13 @@ claims are in test_socket_lb.py."""
 
 from __future__ import annotations
 
+import ctypes as ct
+import json
+import os
+
 import pytest
+
+from meshbpf.datapath import libbpf
 
 from .conftest import Load, web_service
 
@@ -60,3 +66,42 @@ def test_no_iptables_rules_and_no_conntrack_entries(lab, probe, start_agent):
     assert all("dport=8080" in e and "10.96.0.10" not in e for e in entries), tracked.stdout
     nat = lab.run("client", ["conntrack", "-L", "--dst-nat"], in_cgroup=False)
     assert "dport=" not in nat.stdout, nat.stdout
+
+
+def _conn_rnat_entries(bpffs) -> int:
+    fd = libbpf.obj_get(str(bpffs / "mbpf_conn_rnat"))
+    try:
+        return libbpf.map_count(fd, ct.sizeof(ct.c_uint64))
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.needs_feature("conn_rnat")
+def test_connection_table_entries_go_with_their_sockets(lab, probe, bpffs, start_agent):
+    """A connected socket's reverse NAT sits in mbpf_conn_rnat, keyed by its
+    cookie; the sock_release hook deletes it when the socket goes, so the
+    table holds the open connections only (else it would fill, and every
+    connect() after would pay for socket storage)."""
+    start_agent(web_service(lab))
+    assert _conn_rnat_entries(bpffs) == 0
+    held = [probe.popen("client", "hold", "10.96.0.10", 80, "stdin") for _ in range(3)]
+    try:
+        for h in held:
+            assert json.loads(h.stdout.readline())["first"].startswith("web-")
+        assert probe("client", "peername", "10.96.0.10", 80)["peer"] == ["10.96.0.10", 80]
+        assert _conn_rnat_entries(bpffs) == 3  # the held ones; the peername probe's is gone
+    finally:
+        for h in held:
+            h.communicate("\n", timeout=10)
+    assert _conn_rnat_entries(bpffs) == 0
+
+
+@pytest.mark.needs_feature("conn_rnat")
+@pytest.mark.needs_feature("sk_storage")
+def test_getpeername_when_the_connection_table_is_full(lab, probe, bpffs, start_agent):
+    """With room for 4 connections in mbpf_conn_rnat, ten held ones and 200
+    newer ones still all show the service: socket storage takes the rest."""
+    start_agent(web_service(lab), "--map-size", "mbpf_conn_rnat=4")
+    result = probe("client", "peername-after-churn", "10.96.0.10", 80, 10, 200)
+    assert result["peers"] == ["10.96.0.10:80"]
+    assert _conn_rnat_entries(bpffs) == 0

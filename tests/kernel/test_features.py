@@ -31,9 +31,17 @@ def test_without_set_retval_a_service_without_endpoints_refuses_with_eperm(lab, 
 
 
 def test_without_socket_storage_getpeername_uses_the_lru_map(lab, probe, start_agent, monkeypatch):
-    monkeypatch.setenv("MESHBPF_DISABLE_FEATURES", "sk_storage")
+    monkeypatch.setenv("MESHBPF_DISABLE_FEATURES", "sk_storage,conn_rnat")
     start_agent(web_service(lab))
     assert probe("client", "peername", "10.96.0.10", 80)["peer"] == ["10.96.0.10", 80]
+
+
+def test_without_conn_rnat_getpeername_uses_socket_storage(lab, probe, bpffs, start_agent, monkeypatch):
+    monkeypatch.setenv("MESHBPF_DISABLE_FEATURES", "conn_rnat")
+    start_agent(web_service(lab))
+    assert probe("client", "peername", "10.96.0.10", 80)["peer"] == ["10.96.0.10", 80]
+    assert not (bpffs / "mbpf_conn_rnat").exists()
+    assert not (bpffs / "links" / loader.RELEASE_HOOK).exists()
 
 
 def test_without_netns_cookie_affinity_is_not_applied(lab, probe, start_agent, monkeypatch):
