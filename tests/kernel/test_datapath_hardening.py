@@ -7,13 +7,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 import sys
 from pathlib import Path
 
 import pytest
 
 from . import k8s
-from .conftest import web_service
+from .conftest import Load, web_service
 from .helpers import metric, services
 
 # A UDP server for a backend pod: answers each datagram with b"1" and, on a
@@ -436,12 +437,16 @@ def test_upgrade_from_0_1_0_takes_over_its_maps_under_load(lab, probe, bpffs, st
         client = lab.popen("client", [sys.executable, "-u", "-c", UDP_CLIENT, ip, str(port)],
                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert _json_line(client) == {"from": [ip, port], "peer": [ip, port]}  # 0.1.0 translated them
-        loop = probe.popen("client2", "loop", "10.96.0.10", 80, 5)
-        subprocess.run(["sleep", "1"])
+        load = Load(probe, "client2", "10.96.0.10", 80)
+        loop = load.proc
         old.stop()
         new = start_agent()
-        out, _ = loop.communicate(timeout=60)
-        result = json.loads(out.strip().splitlines()[-1])
+        # The load runs on until the new build's programs have translated
+        # some of it (however long this machine takes to compile them).
+        deadline = time.monotonic() + 30
+        while lb_counter(new, "translated") == 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        result = load.stop()
         assert result["errors"] == {} and sum(result["answers"].values()) > 20, result
 
         assert {name: _map_id(bpffs, name) for name in map_ids} == map_ids  # the same maps
