@@ -132,7 +132,8 @@ class SizeRun:
         finally:
             try:
                 for bpffs, lb in ((self.bpffs, self.lb), (self.sk_bpffs, self.sk_lb)):
-                    uninstall(bpffs)
+                    if bpffs.exists():
+                        uninstall(bpffs)
                     if lb is not None and lb.bpf is not None:
                         lb.bpf.cleanup()
             finally:
