@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from report import _shown
+
 PINNING_LABEL = {
     "same": "pinned: client and server share one CPU",
     "none": "unpinned: client and server free to use both CPUs",
@@ -238,5 +240,6 @@ def plot(res: dict, path: Path) -> None:
 def write_all(res: dict, out: Path, name: str = "redirect") -> None:
     out.mkdir(parents=True, exist_ok=True)
     plot(res, out / f"{name}.png")
-    text = markdown(res).replace("bench/results/redirect.png", f"bench/results/{name}.png")
+    # The snippet links the plot where this run wrote it (--out, --name).
+    text = markdown(res).replace("bench/results/redirect.png", _shown(out / f"{name}.png"))
     (out / f"README-{name}-snippet.md").write_text(text)

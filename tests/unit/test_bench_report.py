@@ -36,3 +36,17 @@ def test_a_run_with_out_names_its_own_results_file(tmp_path):
 def test_report_only_names_the_file_it_read(tmp_path):
     text = report.markdown(RESULTS, tmp_path / "out", tmp_path / "old" / "lb.json")
     assert f"Raw numbers: {tmp_path}/old/lb.json;" in text
+
+
+def test_the_redirect_snippet_links_the_plot_where_the_run_wrote_it(tmp_path, monkeypatch):
+    """bench/redirreport.py: --out DIR and --name go into the snippet's plot link."""
+    import json
+
+    import redirreport
+
+    monkeypatch.setattr(redirreport, "plot", lambda res, path: None)  # matplotlib: the bench extra
+    res = json.loads((report.REPO / "bench" / "results" / "redirect.json").read_text())
+    redirreport.write_all(res, tmp_path, "r2")
+    text = (tmp_path / "README-r2-snippet.md").read_text()
+    assert f"]({tmp_path / 'r2.png'})" in text
+    assert "bench/results/redirect.png" not in text
