@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -196,7 +197,16 @@ class SharedLB:
         k8s.write(self.config, objects)
         wait_for(lambda: metric(self.agent.get("/metrics")[1], "meshbpf_last_sync_timestamp_seconds") > before,
                  30, "the agent to sync the test's config")
+        # The Services are written first in a loop step; policy, capture and
+        # redirection settings (an AgentConfig) later in the same step. A
+        # step begun after now means that one has ended.
+        synced = time.monotonic()
+        wait_for(lambda: self._step_began_after(synced), 30, "the agent's loop to finish the step")
         return self.agent
+
+    def _step_began_after(self, t: float) -> bool:
+        asked = time.monotonic()  # the agent answers after this: its beat is at least this - age
+        return asked - json.loads(self.agent.get("/healthz")[1])["loop_heartbeat_age_s"] > t
 
 
 @pytest.fixture(scope="module")
