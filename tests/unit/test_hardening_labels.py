@@ -172,10 +172,16 @@ def test_the_api_source_leaves_out_a_service_with_a_bad_label_alone(api, tmp_pat
     """A server that skipped validation (the real one refuses such labels):
     through list and watch, that Service is one problem naming its field,
     the other stays."""
-    from meshbpf.sources.kubernetes import KubernetesSource
-    api.apply(service("db", "10.96.1.2"), endpoint_slice("db-x", "db", [ep("10.244.1.2")]))
     bad = service("web", "10.96.1.1")
     bad["metadata"]["labels"]["version"] = value
+    _api_source_leaves_out(api, tmp_path, bad, f"(Service default/web): metadata.labels.version: {reason}")
+
+
+def _api_source_leaves_out(api, tmp_path, bad: dict, said: str) -> None:
+    """The API source, given Service `bad` (default/web) beside a good one
+    (db): the problem ends with `said`, and only db is emitted."""
+    from meshbpf.sources.kubernetes import KubernetesSource
+    api.apply(service("db", "10.96.1.2"), endpoint_slice("db-x", "db", [ep("10.244.1.2")]))
     source = KubernetesSource(kubeconfig=str(api.kubeconfig(tmp_path / "kubeconfig")),
                               node_name="node-a", backoff=FAST)
     try:
@@ -184,7 +190,6 @@ def test_the_api_source_leaves_out_a_service_with_a_bad_label_alone(api, tmp_pat
         api.apply(bad, endpoint_slice("web-x", "web", [ep("10.244.1.1")]))
         poller.wait(lambda: any("web" in p for p in source.problems), "the bad Service's events")
         poller.poll()
-        said = f"(Service default/web): metadata.labels.version: {reason}"
         assert [p for p in source.problems if p.endswith(said)]
         assert {sp.name for sp in poller.emitted[-1].service_ports.values()} == {"db"}
     finally:
@@ -232,20 +237,6 @@ def test_the_api_source_leaves_out_a_service_with_a_bad_selector_alone(api, tmp_
                                                                        reason):
     """A server that skipped validation: the source drops a valid selector
     (never read) but keeps a bad one, so it is named as in a file."""
-    from meshbpf.sources.kubernetes import KubernetesSource
-    api.apply(service("db", "10.96.1.2"), endpoint_slice("db-x", "db", [ep("10.244.1.2")]))
     bad = service("web", "10.96.1.1")
     bad["spec"]["selector"] = selector
-    source = KubernetesSource(kubeconfig=str(api.kubeconfig(tmp_path / "kubeconfig")),
-                              node_name="node-a", backoff=FAST)
-    try:
-        poller = Poller(source)
-        poller.until(lambda v: len(v) == 1, "the first state")
-        api.apply(bad, endpoint_slice("web-x", "web", [ep("10.244.1.1")]))
-        poller.wait(lambda: any("web" in p for p in source.problems), "the bad Service's events")
-        poller.poll()
-        said = f"(Service default/web): spec.selector.{key}: {reason}"
-        assert [p for p in source.problems if p.endswith(said)]
-        assert {sp.name for sp in poller.emitted[-1].service_ports.values()} == {"db"}
-    finally:
-        source.stop()
+    _api_source_leaves_out(api, tmp_path, bad, f"(Service default/web): spec.selector.{key}: {reason}")
