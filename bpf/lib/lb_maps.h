@@ -68,9 +68,9 @@ BPF_TABLE_PINNED("percpu_array", __u32, __u64, mbpf_lb_stats,
 #ifdef MBPF_HAVE_CONN_RNAT
 /* connected socket's cookie -> the service its connect() was translated
  * from; mbpf_sock_release deletes the entry with the socket. A preallocated
- * hash entry costs connect() about a quarter of what socket storage does
- * (two allocations on connect, a free at close: bench/README.md, "Where the
- * socket-LB's cost goes"); when it is full, socket storage takes over. */
+ * hash entry spares connect() socket storage's two allocations and close()
+ * its free (measured side by side: bench/README.md, "The connection table");
+ * when it is full, socket storage takes over. */
 BPF_TABLE_PINNED("hash", __u64, struct mbpf_sk_rnat, mbpf_conn_rnat,
 		 MBPF_CONN_RNAT_MAX, MBPF_PIN(mbpf_conn_rnat));
 #endif

@@ -51,13 +51,18 @@ def _read(*objs):
     return read_policy_objects(SourceObject(o, f"test.yaml: document {i + 1}") for i, o in enumerate(objs))
 
 
+# A Service's spec.selector is validated as labels by Kubernetes too: a key
+# or value no pod can carry is a selector that silently matches nothing.
+@pytest.mark.parametrize("field", ["metadata.labels", "spec.selector"])
 @pytest.mark.parametrize("bad, key, reason", BAD_LABELS)
-def test_a_bad_service_label_is_named_and_only_that_service_is_left_out(bad, key, reason):
+def test_a_bad_service_label_or_selector_is_named_and_only_that_service_is_left_out(
+        field, bad, key, reason):
     svc = service("web", "10.96.0.10")
-    svc["metadata"]["labels"] = bad
+    section, name = field.split(".")
+    svc[section][name] = bad
     result = build(svc, service("api", "10.96.0.11"))
     assert [str(p) for p in result.problems] == [
-        f"test.yaml: document 1 (line 1) (Service default/web): metadata.labels.{key}: {reason}"]
+        f"test.yaml: document 1 (line 1) (Service default/web): {field}.{key}: {reason}"]
     assert [sp.service for sp in result.state.service_ports.values()] == ["default/api"]
 
 
@@ -194,18 +199,6 @@ def _api_source_leaves_out(api, tmp_path, bad: dict, said: str) -> None:
         assert {sp.name for sp in poller.emitted[-1].service_ports.values()} == {"db"}
     finally:
         source.stop()
-
-
-# A Service's spec.selector is validated as labels by Kubernetes: a key or
-# value no pod can carry is a selector that silently matches nothing.
-@pytest.mark.parametrize("bad, key, reason", BAD_LABELS)
-def test_a_bad_service_selector_is_named_and_only_that_service_is_left_out(bad, key, reason):
-    svc = service("web", "10.96.0.10")
-    svc["spec"]["selector"] = bad
-    result = build(svc, service("api", "10.96.0.11"))
-    assert [str(p) for p in result.problems] == [
-        f"test.yaml: document 1 (line 1) (Service default/web): spec.selector.{key}: {reason}"]
-    assert [sp.service for sp in result.state.service_ports.values()] == ["default/api"]
 
 
 def test_a_bad_selector_in_an_edited_file_is_refused_in_one_line_and_the_state_stays(tmp_path):
