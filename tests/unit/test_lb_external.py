@@ -118,6 +118,14 @@ def test_lb_ips_with_source_ranges_holding_the_node_are_the_node_sockets_only():
     assert plan(LBState(), want).service_updates[key].flags == SVC_F_NODE_NETNS
 
 
+def test_service_list_says_which_frontends_are_the_node_sockets_only():
+    from meshbpf.cli.inspect_cmd import services_view
+    svc = lb(loadBalancerSourceRanges=["10.243.0.8/29"])
+    state = plan(LBState(), wanted_services(desired(svc), ADDRS)).apply_to(LBState())
+    view = {s["frontend"]: s["node_only"] for s in services_view(state)}
+    assert view["10.240.0.7:80/TCP"] is True and view["10.243.0.11:30080/TCP"] is False
+
+
 V4, V6 = ipaddress.ip_address("10.243.0.11"), ipaddress.ip_address("fd00:243::11")
 NODE2 = ipaddress.ip_address("10.243.0.12")
 
