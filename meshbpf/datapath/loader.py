@@ -20,8 +20,8 @@ from pathlib import Path
 from . import btf, cgroup, features as kernel_features, libbpf
 from .bpffs import DatapathError, check_bpffs, is_bpffs, make_pin_folder  # noqa: F401 (DatapathError: re-exported)
 from .layout import CAPTURE_MAPS, LB_MAPS, NO_PREALLOC, PINNED_MAPS, POLICY_MAPS, REDIR_MAPS, MapSpec
-from .source import program_text
 from .netns import netns_cookie
+from .source import program_text
 
 log = logging.getLogger(__name__)
 
