@@ -82,6 +82,23 @@ static __always_inline int refuse(struct bpf_sock_addr *ctx, __u32 col)
 	return SYS_REJECT;
 }
 
+/* Whether this socket is one the frontend is translated for. A frontend
+ * flagged MBPF_SVC_F_NODE_NETNS has source ranges that only tc can check
+ * for a pod (its packet's source); the node's own sockets are known to be
+ * inside them (the planner's lb_ip_flags). The loader defines
+ * MBPF_NODE_NETNS as the node netns's cookie; without it (kernel before
+ * 5.14) the frontend is tc's for every socket, as before the flag. */
+static __always_inline int svc_serves(struct bpf_sock_addr *ctx, const struct mbpf_svc *svc)
+{
+	if (!(svc->flags & MBPF_SVC_F_NODE_NETNS))
+		return 1;
+#if defined(MBPF_HAVE_NETNS_COOKIE) && defined(MBPF_NODE_NETNS)
+	return bpf_get_netns_cookie(ctx) == MBPF_NODE_NETNS;
+#else
+	return 0;
+#endif
+}
+
 /* Translates a service destination to a backend; v6 says which ctx fields,
  * connect whether this is connect() (else an unconnected UDP send). */
 static __always_inline int xlate_forward(struct bpf_sock_addr *ctx, int v6, int connect)
@@ -107,6 +124,8 @@ static __always_inline int xlate_forward(struct bpf_sock_addr *ctx, int v6, int 
 		return SYS_PROCEED;
 	/* One copy, so count and id agree while the agent updates the entry. */
 	svc = *svcp;
+	if (!svc_serves(ctx, &svc))
+		return SYS_PROCEED;
 
 	be = lb_pick_backend(ctx, &svc, col);
 	if (!be) {

@@ -122,7 +122,7 @@ def as_programmed(current: LBState, key: SvcKey) -> WantedService:
         slot: SlotVal | None = current.slots.get((val.svc_id, i))
         if slot is not None and slot.backend_id in current.backends:
             backends.append((current.backends[slot.backend_id], slot.state))
-    return WantedService("(as programmed)", tuple(backends), val.affinity_timeout)
+    return WantedService("(as programmed)", tuple(backends), val.affinity_timeout, flags=val.flags)
 
 
 def _add(usage: dict[str, int], need: dict[str, int]) -> None:

@@ -104,7 +104,8 @@ class Agent:
         self.opts = opts
         self.metrics = AgentMetrics()
         self.source = source if source is not None else make_source(opts)
-        self.lb = lb if lb is not None else SockLB(bpffs=opts.bpffs, sizes=opts.map_sizes)
+        self.lb = lb if lb is not None else SockLB(bpffs=opts.bpffs, sizes=opts.map_sizes,
+                                                   node_netns=opts.node_netns)
         self.lock = BpffsLock(opts.bpffs)
         self.lbsync = LBSync(self.metrics, self._error)
         self.policy = PolicySync(self.metrics, self._error,

@@ -36,8 +36,13 @@ struct mbpf_svc {
 	__u32 svc_id;               /* host order; keys the slot and affinity maps */
 	__u32 count;                /* host order; usable slots 0..count-1; 0 = refuse */
 	__u32 affinity_timeout;     /* host order; seconds, 0 = no session affinity */
-	__u32 flags;                /* host order; MBPF_SVC_F_*, reserved, zero today */
+	__u32 flags;                /* host order; MBPF_SVC_F_* */
 };
+
+/* mbpf_svc.flags */
+#define MBPF_SVC_F_NODE_NETNS  1  /* translated for sockets of the node's netns only (an LB IP whose
+				   * loadBalancerSourceRanges hold the node's addresses); others
+				   * pass untouched to tc, which checks their source */
 
 /* Backend-slot map key: the n-th usable backend of a service. */
 struct mbpf_slot_key {

@@ -12,7 +12,7 @@ import click
 
 from ..datapath import loader
 from ..datapath.maps import read_pinned
-from ..reconcile import PROTO_NAME, SLOT_READY, SLOT_REFUSE, SLOT_TERMINATING, LBState
+from ..reconcile import PROTO_NAME, SLOT_READY, SLOT_REFUSE, SLOT_TERMINATING, SVC_F_NODE_NETNS, LBState
 from .agent_views import AgentUnreachable, agent_option, fetch
 from .common import bpffs_option, endpoint_text, friendly_errors, output_option, print_json, print_table
 
@@ -54,9 +54,15 @@ def services_view(state: LBState) -> list[dict]:
                 "state": SLOT_STATE.get(slot.state, str(slot.state)) if slot and be else "missing",
             })
         out.append({"id": svc.svc_id, "frontend": _frontend(key), "affinity": _affinity(svc.affinity_timeout),
-                    "affinity_timeout": svc.affinity_timeout, "backends": backends,
-                    "shares": _shares(backends)})
+                    "affinity_timeout": svc.affinity_timeout, "node_only": _node_only(svc.flags),
+                    "backends": backends, "shares": _shares(backends)})
     return out
+
+
+def _node_only(flags: int) -> bool:
+    """Translated for the node's own sockets only (an LB IP whose source
+    ranges hold the node); a pod's packet goes on to tc."""
+    return bool(flags & SVC_F_NODE_NETNS)
 
 
 def _shares(backends: list[dict]) -> list[dict]:
@@ -147,7 +153,7 @@ def bpf_lb_list(bpffs: Path, output: str) -> None:
     """The service, slot and backend maps as the kernel holds them."""
     state = _load(bpffs)
     services = [{"frontend": _frontend(k), "svc_id": v.svc_id, "count": v.count,
-                 "affinity_timeout": v.affinity_timeout}
+                 "affinity_timeout": v.affinity_timeout, "node_only": _node_only(v.flags)}
                 for k, v in sorted(state.services.items(), key=lambda kv: kv[1].svc_id)]
     slots = [{"svc_id": k.svc_id, "slot": k.slot, "backend_id": v.backend_id,
               "state": SLOT_STATE.get(v.state, str(v.state))}

@@ -300,11 +300,11 @@ def svc_key_into(c, k: SvcKey):
 
 
 def svc_from(c) -> SvcVal:
-    return SvcVal(c.svc_id, c.count, c.affinity_timeout)
+    return SvcVal(c.svc_id, c.count, c.affinity_timeout, c.flags)
 
 
 def svc_into(c, v: SvcVal):
-    c.svc_id, c.count, c.affinity_timeout, c.flags = v.svc_id, v.count, v.affinity_timeout, 0
+    c.svc_id, c.count, c.affinity_timeout, c.flags = v.svc_id, v.count, v.affinity_timeout, v.flags
     return c
 
 

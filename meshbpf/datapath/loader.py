@@ -20,6 +20,7 @@ from pathlib import Path
 from . import btf, cgroup, features as kernel_features, libbpf
 from .bpffs import DatapathError, check_bpffs, is_bpffs, make_pin_folder  # noqa: F401 (DatapathError: re-exported)
 from .layout import CAPTURE_MAPS, LB_MAPS, NO_PREALLOC, PINNED_MAPS, POLICY_MAPS, REDIR_MAPS, MapSpec
+from .netns import netns_cookie
 from .source import program_text
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,7 @@ class SockLB:
     redirect: bool = True                                    # compile redirection if the kernel can
     capture: bool = True                                     # compile sidecar capture if the kernel can
     spin: bool = False                                       # compiled: readers spinning on recv() are seen
+    node_netns: str | None = None                            # the node's netns (None: this process's)
     bpf: object = None
 
     def compile(self) -> None:
@@ -148,6 +150,7 @@ class SockLB:
         for feature in ("set_retval", "sk_storage", "netns_cookie", "conn_rnat"):
             if self.features.get(feature):
                 cflags.append(f"-DMBPF_HAVE_{feature.upper()}")
+        cflags += self._node_netns_cflags()
         files = list(LB_SOURCES)
         if self.redirect:
             cflags += [f"-D{k}={v}" for k, v in kernel_offsets().items()]
@@ -174,6 +177,12 @@ class SockLB:
         except Exception as exc:
             raise DatapathError(f"compiling {', '.join(files)} failed: {exc}") from exc
         self._check_pinned_layouts()
+
+    def _node_netns_cflags(self) -> list[str]:
+        """MBPF_NODE_NETNS: which sockets are the node's own (sock_lb.c's
+        svc_serves). Fixed for the netns's life, so compiled in."""
+        cookie = netns_cookie(self.node_netns) if self.features.get("netns_cookie") else None
+        return [f"-DMBPF_NODE_NETNS={cookie}ULL"] if cookie else []
 
     def maps(self) -> tuple[MapSpec, ...]:
         feats = self.features or {}

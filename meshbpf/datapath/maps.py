@@ -72,7 +72,7 @@ _ROWS: dict[tuple[str, str], tuple[tuple[str, ...], Callable]] = {
     ("services", "key"): (("addr", "port", "proto", "pad"),
                           lambda k: (k.addr, socket.htons(k.port), k.proto, 0)),
     ("services", "value"): (("svc_id", "count", "affinity_timeout", "flags"),
-                            lambda v: (v.svc_id, v.count, v.affinity_timeout, 0)),
+                            lambda v: (v.svc_id, v.count, v.affinity_timeout, v.flags)),
     ("slots", "key"): (("svc_id", "slot"), lambda k: (k.svc_id, k.slot)),
     ("slots", "value"): (("backend_id", "state", "pad"), lambda v: (v.backend_id, v.state, b"\0\0\0")),
     ("backends", "value"): (("addr", "port", "proto", "pad"),

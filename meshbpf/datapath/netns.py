@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import ctypes
 import os
+import socket
+import sys
 import threading
 from typing import Callable, TypeVar
 
 CLONE_NEWNET = 0x40000000
+SO_NETNS_COOKIE = 71   # include/uapi/asm-generic/socket.h (x86, arm64); kernel 5.14+
 NETNS_DIR = "/run/netns"
 
 T = TypeVar("T")
@@ -46,3 +49,16 @@ def run_in_netns(netns: str | None, fn: Callable[[], T]) -> T:
     if "error" in result:
         raise result["error"]
     return result["value"]
+
+
+def netns_cookie(netns: str | None) -> int | None:
+    """The kernel's cookie of the named netns (None: here), the value
+    bpf_get_netns_cookie() gives its sockets; None before kernel 5.14."""
+    def read() -> int | None:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            try:
+                raw = s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8)
+            except OSError:
+                return None
+        return int.from_bytes(raw, sys.byteorder)
+    return run_in_netns(netns, read)

@@ -32,6 +32,7 @@ PROTO_NAME = {v: k for k, v in IPPROTO.items()}
 SLOT_READY = 1        # MBPF_SLOT_READY in bpf/lib/common.h
 SLOT_TERMINATING = 2  # MBPF_SLOT_TERMINATING
 SLOT_REFUSE = 3       # MBPF_SLOT_REFUSE: a split's share with no backend
+SVC_F_NODE_NETNS = 1  # MBPF_SVC_F_NODE_NETNS: translated for the node's own sockets only
 # What a refusing slot names (a slot must name a stored backend): never
 # connected to, the kernel refuses on the slot state first.
 REFUSE_ADDR = b"\0" * 16
@@ -58,6 +59,7 @@ class SvcVal(NamedTuple):
     svc_id: int
     count: int
     affinity_timeout: int
+    flags: int = 0    # SVC_F_*
 
 
 class SlotKey(NamedTuple):
@@ -83,6 +85,7 @@ class WantedService(NamedTuple):
     backends: tuple[tuple[BackendVal, int], ...]  # (backend, slot state), in order
     affinity_timeout: int
     service: str = ""                      # "namespace/name"; admission keeps a Service whole
+    flags: int = 0                         # SVC_F_*
 
     @property
     def owner(self) -> str:
@@ -247,19 +250,20 @@ def external_claims(service_ports: Mapping[Frontend, ServicePort], node_addresse
     claimed: set[SvcKey] = set()
     for sp in ports:
         want = None
-        for front in external_frontends(sp, node_addresses):
+        for front, flags in external_frontends(sp, node_addresses):
             key = SvcKey(addr16(front.address), front.port, IPPROTO[front.protocol])
             claimed.add(key)
             if front in service_ports or key in out:
                 continue
             if want is None:
                 want = wanted_service(sp, external=True)[1]
-            out[key] = want
+            out[key] = want._replace(flags=flags) if flags else want
     return out, claimed
 
 
-def external_frontends(sp: ServicePort, node_addresses: tuple[IPAddress, ...]) -> list[Frontend]:
-    """Where a ServicePort answers from the outside's side, in its own family."""
+def external_frontends(sp: ServicePort, node_addresses: tuple[IPAddress, ...]) -> list[tuple[Frontend, int]]:
+    """Where a ServicePort answers from the outside's side, in its own
+    family, each with its SvcVal flags (lb_ip_flags())."""
     exp, fe = sp.exposure, sp.frontend
     if exp is None:
         return []
@@ -268,11 +272,35 @@ def external_frontends(sp: ServicePort, node_addresses: tuple[IPAddress, ...]) -
     if sp.node_port and exp.type in ("NodePort", "LoadBalancer"):
         out += [Frontend(a, sp.node_port, fe.protocol) for a in node_addresses if a.version == family]
     out += [Frontend(ip, fe.port, fe.protocol) for ip in exp.external_ips if ip.version == family]
-    # loadBalancerSourceRanges hold for pod clients too (kube-proxy's
-    # firewall chain drops them): such LB IPs stay tc's, which checks them.
-    if not exp.source_ranges:
-        out += [Frontend(ip, fe.port, fe.protocol) for ip in exp.lb_ips if ip.version == family]
-    return out
+    fronts = [(f, 0) for f in out]
+    flags = lb_ip_flags(exp.source_ranges, node_addresses, family)
+    if flags is not None:
+        fronts += [(Frontend(ip, fe.port, fe.protocol), flags) for ip in exp.lb_ips if ip.version == family]
+    return fronts
+
+
+def lb_ip_flags(source_ranges: tuple, node_addresses: tuple[IPAddress, ...], family: int) -> int | None:
+    """Who the socket-LB translates a LoadBalancer IP for: 0 everyone, None
+    no one (left to tc), SVC_F_NODE_NETNS the node's own sockets only.
+
+    loadBalancerSourceRanges hold for every client (kube-proxy's firewall
+    chain checks a pod's and, in `output`, the node's packet's source), and
+    only tc sees a pod's source. Ranges of the LB IP's family only count, as
+    in the north-south planner (none: any client). The node's packet to an
+    LB IP leaves with the address of a device its route takes, an address
+    this node has (node_addresses: the north-south devices'): when all of
+    them are inside the ranges the node is let in whichever it is, and is
+    translated at connect() as for any LB IP (sent to tc, a backend on this
+    node would never answer it: the reply to the node's own address is not
+    translated back). When one is outside, tc decides (it drops an outside
+    source and counts it, as kube-proxy drops it)."""
+    ranges = [n for n in source_ranges if n.version == family]
+    if not ranges:
+        return 0
+    own = [a for a in node_addresses if a.version == family]
+    if own and all(any(a in n for n in ranges) for a in own):
+        return SVC_F_NODE_NETNS
+    return None
 
 
 def _usable(endpoints: tuple) -> list[tuple]:
@@ -358,7 +386,7 @@ def plan(current: LBState, wanted: dict[SvcKey, WantedService]) -> Plan:
             if i >= len(layout):
                 p.slot_deletes.append(SlotKey(svc_id, i))
 
-        new_val = SvcVal(svc_id, len(layout), want.affinity_timeout)
+        new_val = SvcVal(svc_id, len(layout), want.affinity_timeout, want.flags)
         if old != new_val:
             p.service_updates[key] = new_val
 

@@ -153,7 +153,7 @@ def plan_services(current: LBState, index: LBIndex,
                 p.slot_deletes.append(SlotKey(svc_id, i))
         for bid, _ in layout:
             count(bid, +1)
-        new_val = SvcVal(svc_id, len(layout), want.affinity_timeout)
+        new_val = SvcVal(svc_id, len(layout), want.affinity_timeout, want.flags)
         if old != new_val:
             p.service_updates[key] = new_val
 

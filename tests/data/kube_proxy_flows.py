@@ -236,8 +236,9 @@ def _load_balancer() -> None:
         Flow("blocked external to LB1", "blocked", LB1, 80, "DROP"),
         Flow("blocked external to LB2", "blocked", LB2, 80, "DROP"),
         # The pod's packet leaves through the router and comes back (no short-circuit: the
-        # socket-LB leaves LB IPs with source ranges to tc, which checks them): its source,
-        # a pod address, is outside the ranges either way.
+        # socket-LB leaves a pod's packet to LB IPs with source ranges to tc, which checks
+        # them; the node's, inside the ranges, it translates): its source, a pod address, is
+        # outside the ranges either way.
         Flow("pod to LB1 (blocked by LoadBalancerSourceRanges)", "client1", LB1, 80, "DROP"),
         Flow("pod to LB2 (blocked by LoadBalancerSourceRanges)", "client1", LB2, 80, "DROP"),
         Flow("node to LB1 (allowed by LoadBalancerSourceRanges)", "node1", LB1, 80, ok, masq=True),
@@ -479,12 +480,14 @@ for _build in (_no_endpoints_reject, _cluster_ip_general, _load_balancer, _node_
 # checked in `output`; the eTP:Local short-circuit takes local sources, the node
 # included, to every endpoint: "node to LB with eTP:Local" in TestInternalExternalMasquerade,
 # "LOCAL, KUBE-MARK-MASQ" in TestRunPacketFlowTests). Not in SETUPS: no upstream test names them.
+# Two pod cases sit with them: source ranges that hold node1 but not its pod (dropped, as
+# the firewall chain drops the pod's source), and ranges that hold the pod (answered).
 HOST_SETUPS: list[Setup] = []
-SELF_HAIRPIN = ("no answer: the socket-LB leaves an LB IP with source ranges to tc, "
-                "so the node's packet leaves through ext0 and the router brings it back to node1, whose "
-                "tc DNATs it to its own pod a1 without SNAT; a1's reply to the node's own address is "
-                "delivered on node1 and never passes ext0, so mbpf_ns_egress never translates it back "
-                "and the client's socket drops it (a datapath gap: bpf/nodeport.c, bpf/sock_lb.c)")
+POD_HAIRPIN = ("no answer: the socket-LB leaves a pod's packet to an LB IP with source ranges to tc "
+               "(only tc sees its source), so it leaves through ext0 and the router brings it back to "
+               "node1, whose tc DNATs it to a1 on the same node without SNAT; a1's reply to the pod is "
+               "delivered on node1 and never passes ext0, so mbpf_ns_egress never translates it back "
+               "and the client's socket drops it (a datapath gap: bpf/nodeport.c)")
 DNS = [("p80", 80, "TCP"), ("dns", 53, "UDP")]
 HOST_CASE = "meshbpf: host processes"
 
@@ -494,7 +497,7 @@ def _dns_ports(tcp_node_port: int, udp_node_port: int) -> list[dict]:
 
 
 def _host_ipv4() -> None:
-    LB_IN = "10.240.0.116"
+    LB_IN, LB_POD = "10.240.0.116", "10.240.0.120"
     ext, ext_local, ext_none = "10.240.0.11", "10.240.0.12", "10.240.0.14"
     objs = [
         service("svc1", "10.96.0.41", _dns_ports(30001, 30051), type_="LoadBalancer",
@@ -508,10 +511,14 @@ def _host_ipv4() -> None:
         # the nodes' .11 and .12 inside; its one endpoint on node1
         service("svc5", "10.96.0.45", _dns_ports(30005, 30055), type_="LoadBalancer",
                 lb_ips=[LB_IN], source_ranges=["10.243.0.8/29"]),
+        # node1's pods inside, the nodes outside; its one endpoint on node1
+        service("svc9", "10.96.0.49", _dns_ports(30009, 30059), type_="LoadBalancer",
+                lb_ips=[LB_POD], source_ranges=["10.244.0.0/24"]),
         slice_("svc1", [ep(A1), ep(B1)], DNS),
         slice_("svc2", [ep(B2)], DNS),     # no endpoint on node1
         slice_("svc3", [ep(B3)], DNS),
         slice_("svc5", [ep(A1)], DNS),
+        slice_("svc9", [ep(A1)], DNS),
     ]
     both_dns = both(A1, B1, port=53)
     HOST_SETUPS.append(Setup(f"{HOST_CASE}/ipv4", (), objs, [
@@ -527,14 +534,20 @@ def _host_ipv4() -> None:
         Flow("node to LB outside LoadBalancerSourceRanges", "node1", LB3, 80, "DROP"),
         Flow("node to LB outside LoadBalancerSourceRanges (UDP)", "node1", LB3, 53, "DROP", protocol="UDP"),
         Flow("node to LB inside LoadBalancerSourceRanges, endpoint on the node", "node1", LB_IN, 80, both(A1),
-             masq=True, gap=SELF_HAIRPIN),
+             masq=True),
+        Flow("node to LB inside LoadBalancerSourceRanges, endpoint on the node (UDP)", "node1", LB_IN, 53,
+             both(A1, port=53), masq=True, protocol="UDP"),
+        # The ranges hold node1, not its pod: the pod's packet is still tc's, which drops it.
+        Flow("pod to LB outside LoadBalancerSourceRanges that hold its node", "client1", LB_IN, 80, "DROP"),
+        Flow("pod to LB inside LoadBalancerSourceRanges, endpoint on its node", "client1", LB_POD, 80,
+             both(A1), gap=POD_HAIRPIN),
         Flow("node to NodePort of a Service with LoadBalancerSourceRanges", "node1", NODE1, 30003, both(B3),
              masq=True),
         Flow("node to external IP with no endpoints", "node1", ext_none, 80, "REJECT", ours="REJECT",
              why=SOCKET_REFUSES),
         Flow("node to external IP with no endpoints (UDP)", "node1", ext_none, 53, "REJECT", protocol="UDP",
              ours="REJECT", why=SOCKET_REFUSES),
-    ], pinned=(ext_local, LB2, LB_IN)))
+    ], pinned=(ext_local, LB2, LB_IN, LB_POD)))
 
 
 def _host_ipv6() -> None:

@@ -43,3 +43,22 @@ def test_a_program_the_verifier_refuses_is_one_line(tmp_path):
         lb.attach_redirect([])
     assert str(exc.value) == ("the kernel refused mbpf_sk_msg: "
                               "Failed to load BPF program b'mbpf_sk_msg': Permission denied")
+
+
+def test_the_node_netns_cookie_is_compiled_in_when_the_kernel_gives_it(tmp_path, monkeypatch):
+    """sock_lb.c's svc_serves tells the node's sockets by their netns cookie;
+    without the helper or the cookie (before 5.14) no MBPF_NODE_NETNS, and
+    frontends for the node's sockets only stay tc's."""
+    seen = []
+    monkeypatch.setattr("meshbpf.datapath.loader.netns_cookie", lambda ns: seen.append(ns) or 4242)
+    lb = SockLB(bpffs=tmp_path, features={"netns_cookie": True}, node_netns="node1")
+    assert lb._node_netns_cflags() == ["-DMBPF_NODE_NETNS=4242ULL"] and seen == ["node1"]
+    assert SockLB(bpffs=tmp_path, features={"netns_cookie": False})._node_netns_cflags() == []
+    monkeypatch.setattr("meshbpf.datapath.loader.netns_cookie", lambda ns: None)
+    assert lb._node_netns_cflags() == []
+
+
+def test_netns_cookie_reads_this_netns_or_none():
+    from meshbpf.datapath.netns import netns_cookie
+    cookie = netns_cookie(None)
+    assert cookie is None or (cookie > 0 and netns_cookie(None) == cookie)

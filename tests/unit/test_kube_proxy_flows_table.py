@@ -122,9 +122,10 @@ def test_cases_are_named_once_and_skips_say_why():
             seen.add((setup.name, flow.case))
             assert flow.skip == "" or len(flow.skip) > 20
     assert len(seen) > 100
-    for setup in HOST_SETUPS:   # meshbpf's own: no upstream name, node clients only
+    for setup in HOST_SETUPS:   # meshbpf's own: no upstream name, node clients (and a pod beside them)
         assert not setup.name.startswith("Test") and not setup.files, setup.name
-        assert {f.client for f in setup.flows} == {"node1"} and not any(f.skip for f in setup.flows)
+        assert "node1" in {f.client for f in setup.flows} <= {"node1", "client1"}, setup.name
+        assert not any(f.skip for f in setup.flows)
 
 
 def test_the_checker_catches_a_wrong_backend_and_a_missing_frontend():
@@ -155,8 +156,9 @@ def test_pod_and_node_clients_get_the_expected_backends_from_the_socket_lb_plan(
     north-south on and node1's addresses (the kernel test sends the packets;
     127.0.0.1 and ::1 NodePorts get no frontend: REJECT):
     the expected backends, none for REJECT, no frontend where the packet is
-    meant to leave the node untranslated."""
-    from meshbpf.reconcile import SvcKey, addr16, wanted_services
+    meant to leave the node untranslated. A frontend for the node's own
+    sockets only (an LB IP whose source ranges hold node1) is none for a pod."""
+    from meshbpf.reconcile import SVC_F_NODE_NETNS, SvcKey, addr16, wanted_services
     path = tmp_path / "flows.yaml"
     path.write_text(dump_all(setup.objects))
     state = read_config(path, node_name="node1").state
@@ -164,12 +166,15 @@ def test_pod_and_node_clients_get_the_expected_backends_from_the_socket_lb_plan(
     proto = {"TCP": 6, "UDP": 17}[flow.protocol]
     want = wanted_services(state, node1).get(SvcKey(addr16(ipaddress.ip_address(flow.dest)), flow.port, proto))
     expected = flow.expected
+    node_only = want is not None and bool(want.flags & SVC_F_NODE_NETNS)
+    if node_only and flow.client != "node1":
+        want = None   # sock_lb.c's svc_serves: a pod's packet goes on to tc
     if want is None:
         # untranslated: the destination answers, or tc (source ranges) or the lab's routing decides
         assert expected in ("", "DROP", "REJECT") or flow.dest in _ranged_lb_ips(setup), \
             f"no socket-LB frontend for {flow.dest}:{flow.port}"
         return
-    assert flow.dest not in _ranged_lb_ips(setup), "an LB IP with source ranges in the socket-LB"
+    assert flow.dest not in _ranged_lb_ips(setup) or node_only, "an LB IP with source ranges for every socket"
     got = {f"[{ipaddress.ip_address(be.addr)}]:{be.port}" if ipaddress.IPv6Address(be.addr).ipv4_mapped is None
            else f"{ipaddress.IPv6Address(be.addr).ipv4_mapped}:{be.port}" for be, _ in want.backends}
     if expected in ("DROP", "REJECT"):   # the socket-LB refuses a frontend with no backend

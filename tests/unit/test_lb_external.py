@@ -15,7 +15,7 @@ import pytest
 from k8s_builders import build, endpoint_slice, ep, service
 from meshbpf.admission import admit
 from meshbpf.metrics import AgentMetrics
-from meshbpf.reconcile import LBState, SvcKey, addr16, plan, wanted_services
+from meshbpf.reconcile import SVC_F_NODE_NETNS, LBState, SvcKey, addr16, lb_ip_flags, plan, wanted_services
 from meshbpf.sources.kube_incremental import ServiceIndex
 from meshbpf.sources.kube_objects import SourceObject, build_state
 import meshbpf.sync.lb as lbsync_mod
@@ -101,11 +101,47 @@ def test_node_port_and_cluster_ip_types():
     assert want[k("10.243.0.11", 30080)].backends == ()  # no endpoints: the socket-LB refuses
 
 
-def test_lb_ips_with_source_ranges_stay_on_the_tc_path():
+def test_lb_ips_with_source_ranges_outside_the_node_stay_on_the_tc_path():
     svc = lb(loadBalancerSourceRanges=["10.243.0.0/29"], externalIPs=["10.240.0.9"])
     want = wanted_services(desired(svc), ADDRS)
     assert k("10.240.0.7", 80) not in want       # tc checks the ranges, as kube-proxy's firewall chain
-    assert k("10.243.0.11", 30080) in want and k("10.240.0.9", 80) in want
+    assert want[k("10.243.0.11", 30080)].flags == 0 and want[k("10.240.0.9", 80)].flags == 0
+
+
+def test_lb_ips_with_source_ranges_holding_the_node_are_the_node_sockets_only():
+    svc = lb(loadBalancerSourceRanges=["10.243.0.8/29"], externalIPs=["10.240.0.9"])
+    want = wanted_services(desired(svc, endpoint_slice("web-1", "web", TWO)), ADDRS)
+    assert want[k("10.240.0.7", 80)].flags == SVC_F_NODE_NETNS   # pods: tc, which sees their source
+    assert backends(want, k("10.240.0.7", 80)) == {"10.244.0.5", "10.244.1.5"}
+    assert want[k("10.240.0.9", 80)].flags == 0   # the ranges guard LB IPs only
+    key = k("10.240.0.7", 80)
+    assert plan(LBState(), want).service_updates[key].flags == SVC_F_NODE_NETNS
+
+
+def test_service_list_says_which_frontends_are_the_node_sockets_only():
+    from meshbpf.cli.inspect_cmd import services_view
+    svc = lb(loadBalancerSourceRanges=["10.243.0.8/29"])
+    state = plan(LBState(), wanted_services(desired(svc), ADDRS)).apply_to(LBState())
+    view = {s["frontend"]: s["node_only"] for s in services_view(state)}
+    assert view["10.240.0.7:80/TCP"] is True and view["10.243.0.11:30080/TCP"] is False
+
+
+V4, V6 = ipaddress.ip_address("10.243.0.11"), ipaddress.ip_address("fd00:243::11")
+NODE2 = ipaddress.ip_address("10.243.0.12")
+
+
+@pytest.mark.parametrize("ranges, addresses, family, flags", [
+    ((), ADDRS, 4, 0),                                   # no ranges: everyone
+    (("fd00:243::/64",), ADDRS, 4, 0),                   # none of the family: everyone, as tc
+    (("10.243.0.8/29",), ADDRS, 4, SVC_F_NODE_NETNS),    # the node inside
+    (("10.0.0.0/8", "fd00:243::/64"), ADDRS, 6, SVC_F_NODE_NETNS),
+    (("10.243.0.0/29",), ADDRS, 4, None),                # the node outside: tc drops it
+    (("10.243.0.11/32",), (V4, NODE2), 4, None),         # one address in, one out: tc decides
+    (("10.243.0.8/29",), (V6,), 4, None),                # no address of the family to judge
+])
+def test_lb_ip_flags_decide_who_the_socket_lb_translates_for(ranges, addresses, family, flags):
+    nets = tuple(ipaddress.ip_network(r) for r in ranges)
+    assert lb_ip_flags(nets, addresses, family) == flags
 
 
 def test_a_cluster_ip_keeps_its_key_and_the_first_service_wins_a_shared_external_ip():
@@ -149,8 +185,9 @@ def random_service(rng: random.Random, name: str) -> dict:
     svc = service(name, f"10.96.0.{i + 1}", ports=[port], **spec)
     if kind == "LoadBalancer":
         svc["status"] = {"loadBalancer": {"ingress": [{"ip": f"10.240.1.{rng.randint(1, 3)}"}]}}
-        if rng.random() < 0.2:
-            svc["spec"]["loadBalancerSourceRanges"] = ["10.0.0.0/8"]
+        if rng.random() < 0.3:   # node addresses inside, one of them, none: per ADDRESS_CHOICES
+            ranges = rng.choice(("10.0.0.0/8", "10.243.0.10/31", "192.168.0.0/16"))
+            svc["spec"]["loadBalancerSourceRanges"] = [ranges]
     return svc
 
 

@@ -21,7 +21,7 @@ def random_entries(role: str, part: str, rng: random.Random, n: int) -> list:
     port = lambda: rng.choice((0, 1, 80, 0xFF00, 65535, rng.randrange(1 << 16)))  # noqa: E731
     make = {
         ("services", "key"): lambda: SvcKey(addr(), port(), rng.choice((6, 17))),
-        ("services", "value"): lambda: SvcVal(u32(), u32(), u32()),
+        ("services", "value"): lambda: SvcVal(u32(), u32(), u32(), u32()),
         ("slots", "key"): lambda: SlotKey(u32(), u32()),
         ("slots", "value"): lambda: SlotVal(u32(), rng.randrange(256)),
         ("backends", "key"): u32,
