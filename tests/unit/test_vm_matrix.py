@@ -157,3 +157,12 @@ def _alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_a_number_of_vms_must_be_one_or_more(tmp_path):
+    root = _tree(tmp_path)
+    for args in (["--shares", "0"], ["--jobs", "x"], ["--hold-jobs", "-1"]):
+        done = _matrix(root, tmp_path, *args)
+        assert done.returncode == 2, (args, done.stdout)
+        assert "whole number of VMs" in done.stderr
+    assert not (tmp_path / "pids").exists()
