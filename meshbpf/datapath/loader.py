@@ -181,7 +181,16 @@ class SockLB:
     def _node_netns_cflags(self) -> list[str]:
         """MBPF_NODE_NETNS: which sockets are the node's own (sock_lb.c's
         svc_serves). Fixed for the netns's life, so compiled in."""
-        cookie = netns_cookie(self.node_netns) if self.features.get("netns_cookie") else None
+        if not self.features.get("netns_cookie"):
+            return []
+        try:
+            cookie = netns_cookie(self.node_netns)
+        except OSError as exc:
+            # North-south reports a bad --node-netns itself; socket-LB goes
+            # on, its flagged LB IPs left to tc as before the flag.
+            log.warning("socket-LB: the node netns %r is not readable (%s): LB IPs with source "
+                        "ranges are left to tc for the node's sockets too", self.node_netns, exc)
+            return []
         return [f"-DMBPF_NODE_NETNS={cookie}ULL"] if cookie else []
 
     def maps(self) -> tuple[MapSpec, ...]:

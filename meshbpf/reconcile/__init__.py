@@ -273,7 +273,10 @@ def external_frontends(sp: ServicePort, node_addresses: tuple[IPAddress, ...]) -
         out += [Frontend(a, sp.node_port, fe.protocol) for a in node_addresses if a.version == family]
     out += [Frontend(ip, fe.port, fe.protocol) for ip in exp.external_ips if ip.version == family]
     fronts = [(f, 0) for f in out]
-    flags = lb_ip_flags(exp.source_ranges, node_addresses, family)
+    # A VIP the node holds itself (kube-vip style) is not where its packets
+    # come from: the node's own addresses are the others.
+    own = tuple(a for a in node_addresses if a not in exp.lb_ips)
+    flags = lb_ip_flags(exp.source_ranges, own, family)
     if flags is not None:
         fronts += [(Frontend(ip, fe.port, fe.protocol), flags) for ip in exp.lb_ips if ip.version == family]
     return fronts

@@ -58,6 +58,19 @@ def test_the_node_netns_cookie_is_compiled_in_when_the_kernel_gives_it(tmp_path,
     assert lb._node_netns_cflags() == []
 
 
+def test_an_unreadable_node_netns_leaves_socket_lb_running(tmp_path, monkeypatch, caplog):
+    """A --node-netns that names no netns stops north-south (which says so),
+    not the socket-LB: it compiles without the cookie, its node-only LB IPs
+    left to tc."""
+    def missing(ns):
+        raise FileNotFoundError(2, "No such file or directory", f"/run/netns/{ns}")
+    monkeypatch.setattr("meshbpf.datapath.loader.netns_cookie", missing)
+    lb = SockLB(bpffs=tmp_path, features={"netns_cookie": True}, node_netns="nowhere")
+    with caplog.at_level("WARNING"):
+        assert lb._node_netns_cflags() == []
+    assert "'nowhere' is not readable" in caplog.text and "left to tc" in caplog.text
+
+
 def test_netns_cookie_reads_this_netns_or_none():
     from meshbpf.datapath.netns import netns_cookie
     cookie = netns_cookie(None)

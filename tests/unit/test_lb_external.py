@@ -118,6 +118,16 @@ def test_lb_ips_with_source_ranges_holding_the_node_are_the_node_sockets_only():
     assert plan(LBState(), want).service_updates[key].flags == SVC_F_NODE_NETNS
 
 
+def test_an_lb_ip_the_node_holds_itself_is_not_judged_as_the_nodes_source():
+    """kube-vip style: the VIP sits on the node's device, so it is among the
+    node's addresses, outside the ranges; the node's packets leave with its
+    own address (inside), so the LB IP is still the node's to translate."""
+    svc = lb(loadBalancerSourceRanges=["10.243.0.8/29"])
+    vip = ipaddress.ip_address("10.240.0.7")
+    want = wanted_services(desired(svc), (*ADDRS, vip))
+    assert want[k("10.240.0.7", 80)].flags == SVC_F_NODE_NETNS
+
+
 def test_service_list_says_which_frontends_are_the_node_sockets_only():
     from meshbpf.cli.inspect_cmd import services_view
     svc = lb(loadBalancerSourceRanges=["10.243.0.8/29"])
