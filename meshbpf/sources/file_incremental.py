@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterable
 from ..model import Delta, DesiredState
 from .errors import Problem
 from .file_pieces import Split
-from .kube_incremental import ServiceIndex, _slice_service
+from .kube_incremental import ServiceIndex, slice_service
 from .kube_objects import SourceObject, _Collector, _flatten_lists, _is_list
 from .kube_policy import POLICY_KINDS, policy_fields, read_policy_objects
 
@@ -285,7 +285,7 @@ class FileIndex:
             for obj in (new[1] if new else ()):
                 if obj.get("kind") != "EndpointSlice":
                     continue
-                service = _slice_service(obj)
+                service = slice_service(obj)
                 key = ("Service", *service) if service else None
                 if key is None or key in gone or (key not in self.where and key not in claimed):
                     return False

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from sys import intern
 import weakref
 from datetime import datetime
 from dataclasses import dataclass, field
@@ -44,11 +45,12 @@ def _key(obj: dict) -> Key:
     return meta.get("namespace") or "default", meta.get("name") or ""
 
 
-def _slice_service(obj: dict) -> Key | None:
+def slice_service(obj: dict) -> Key | None:
     meta = obj.get("metadata") or {}
     labels = meta.get("labels") or {}
     name = labels.get(SERVICE_NAME_LABEL) if isinstance(labels, dict) else None
-    return (meta.get("namespace") or "default", name) if isinstance(name, str) else None
+    # Interned: the index holds this key beside the Service's own, for every slice.
+    return (intern(meta.get("namespace") or "default"), intern(name)) if isinstance(name, str) else None
 
 
 def trigger_time(obj: dict | None) -> float | None:
@@ -83,16 +85,34 @@ class ServiceIndex:
     def __init__(self, state: DesiredState, services: Iterable[dict], slices: Iterable[dict],
                  problems: list[Problem], raw: tuple[Iterable, Iterable] | None = None,
                  **build_args: Any):
-        self.state = state
-        self.build_args = build_args      # node_name, service_proxy_name, node_zone
         services, slices = list(services), list(slices)
         raw_services, raw_slices = raw if raw is not None else (services, slices)
-        self.services: dict[Key, Any] = {_key(o): r for o, r in zip(services, raw_services)}
+        self._fill(state, ((_key(o), r) for o, r in zip(services, raw_services)),
+                   ((_key(o), slice_service(o), r) for o, r in zip(slices, raw_slices)),
+                   problems, build_args)
+
+    @classmethod
+    def of_held(cls, state: DesiredState, services: Iterable[tuple[Key, Any]],
+                slices: Iterable[tuple[Key, Key | None, Any]], problems: list[Problem],
+                **build_args: Any) -> "ServiceIndex":
+        """From the objects as held, with what the index reads of them
+        already known: (key, held) per Service, (key, its Service's key,
+        held) per EndpointSlice. No object is read again."""
+        index = cls.__new__(cls)
+        index._fill(state, services, slices, problems, build_args)
+        return index
+
+    def _fill(self, state: DesiredState, services: Iterable[tuple[Key, Any]],
+              slices: Iterable[tuple[Key, Key | None, Any]], problems: list[Problem],
+              build_args: dict[str, Any]) -> None:
+        self.state = state
+        self.build_args = build_args      # node_name, service_proxy_name, node_zone
+        self.services: dict[Key, Any] = dict(services)
         self.slices: dict[Key, Any] = {}
         self.slice_owner: dict[Key, Key | None] = {}
         self.slices_of: dict[Key, set[Key]] = {}
-        for obj, r in zip(slices, raw_slices):
-            self._put_slice(_key(obj), obj, r)
+        for key, owner, r in slices:
+            self._hold_slice(key, owner, r)
         self.ports_of: dict[Key, list[ServicePort]] = {}
         self.owner: dict[Frontend, Key] = {}
         for fe, sp in state.service_ports.items():
@@ -115,10 +135,12 @@ class ServiceIndex:
         if old_owner is not None:
             self.slices_of.get(old_owner, set()).discard(key)
         self.slices.pop(key, None)
-        if obj is None:
-            return
+        if obj is not None:
+            self._hold_slice(key, slice_service(obj), raw)
+
+    def _hold_slice(self, key: Key, owner: Key | None, raw: Any) -> None:
         self.slices[key] = raw
-        owner = self.slice_owner[key] = _slice_service(obj)
+        self.slice_owner[key] = owner
         if owner is not None:
             self.slices_of.setdefault(owner, set()).add(key)
 

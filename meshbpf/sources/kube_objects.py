@@ -449,7 +449,8 @@ def _read_service(src: SourceObject, out: _Collector) -> _Service | None:
 
     if len(out.problems) != before:
         return None
-    return _Service(_located(src), intern(namespace), name, ips, ports, timeout, itp == "Local", exposure)
+    return _Service(_located(src), intern(namespace), intern(name), ips, ports, timeout,
+                    itp == "Local", exposure)
 
 
 def _read_exposure(src: SourceObject, label: str, spec: dict, svc_type: str,

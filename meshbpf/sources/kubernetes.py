@@ -33,9 +33,10 @@ import os
 import socket
 import threading
 import weakref
+from sys import intern
 from dataclasses import replace
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import urllib3
 
@@ -44,7 +45,7 @@ from kubernetes import client, config
 from ..model import AgentSettings, Delta, DesiredState
 from . import agent_config, schema
 from .errors import ConfigError, Problem, internal_error
-from .kube_incremental import ServiceIndex, loaded
+from .kube_incremental import ServiceIndex, loaded, slice_service
 from .kube_objects import PROXY_NAME_LABEL, BuildResult, SourceObject, build_state
 from ..capture.settings import kept_annotations
 from .kube_policy import NETWORK_POLICY, CachedReader, policy_fields
@@ -415,20 +416,33 @@ class KubernetesSource:
     def build(self) -> BuildResult:
         # Messages about these name the object themselves: "API server
         # (Service default/web): spec.ports[0]...".
-        # As held (text) and as dicts: at a cold start the list's own dicts.
-        raw_services, services = self.reflectors["services"].read_items(loaded)
-        raw_slices, slices = self.reflectors["endpointslices"].read_items(loaded)
-        objects = [SourceObject(obj, "API server") for obj in services + slices]
+        # Each object is read back from its held text as the build reaches
+        # it and dropped once read: all of them as dicts at once would be
+        # the cold start's peak, which the heap keeps as RSS.
+        services = [((intern(ns or "default"), intern(name)), raw)
+                    for (ns, name), raw in self.reflectors["services"].held_items()]
+        slices = [((intern(ns or "default"), name), raw)
+                  for (ns, name), raw in self.reflectors["endpointslices"].held_items()]
+        owners: list[tuple[str, str] | None] = []  # each slice's Service, read on the way
+
+        def objects() -> Iterator[SourceObject]:
+            for _, raw in services:
+                yield SourceObject(loaded(raw), "API server")
+            for _, raw in slices:
+                obj = loaded(raw)
+                owners.append(slice_service(obj))
+                yield SourceObject(obj, "API server")
+
         settings_problems: list[Problem] = []
         settings = self._settings(settings_problems)
         zone = self.node_zone()
-        result = build_state(objects, node_name=self.node_name,
+        result = build_state(objects(), node_name=self.node_name,
                              service_proxy_name=self.service_proxy_name, node_zone=zone)
         result.state.settings = settings
-        self._index = ServiceIndex(result.state, services, slices, result.problems,
-                                   raw=(raw_services, raw_slices),
-                                   node_name=self.node_name,
-                                   service_proxy_name=self.service_proxy_name, node_zone=zone)
+        self._index = ServiceIndex.of_held(
+            result.state, services, [(key, owner, raw) for (key, raw), owner in zip(slices, owners)],
+            result.problems, node_name=self.node_name, service_proxy_name=self.service_proxy_name,
+            node_zone=zone)
         if self._add_routes(result):
             # A route ties its parent to other Services, which the
             # incremental path cannot follow: while routes exist, build all.

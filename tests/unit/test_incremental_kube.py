@@ -16,7 +16,7 @@ from k8s_builders import endpoint_slice, ep, service
 from meshbpf import overlay
 from meshbpf.reconcile import LBState, plan, wanted_services
 from meshbpf.reconcile.incremental import LBIndex, plan_services
-from meshbpf.sources.kube_incremental import TRIGGER_TIME, ServiceIndex, trigger_time
+from meshbpf.sources.kube_incremental import TRIGGER_TIME, ServiceIndex, slice_service, trigger_time
 from meshbpf.sources.kube_objects import SourceObject, build_state
 from meshbpf.sync.lb import frontend_changes
 from test_incremental_plan import as_sets
@@ -81,16 +81,23 @@ def as_text(events: dict) -> dict:
     return {k: None if o is None else json.dumps(o, separators=(",", ":")) for k, o in events.items()}
 
 
-@pytest.mark.parametrize("text", [False, True], ids=["dicts", "json-text"])
+@pytest.mark.parametrize("form", ["dicts", "json-text", "held"])
 @pytest.mark.parametrize("seed", range(60))
-def test_events_applied_per_service_equal_a_full_build(seed, text):
+def test_events_applied_per_service_equal_a_full_build(seed, form):
     rng = random.Random(seed)
     services = {key(o): o for o in (random_service(rng, n) for n in NAMES) if rng.random() < 0.7}
     slices = {key(o): o for o in (random_slice(rng, n) for n in range(8))}
     start = full_build(services, slices)
-    raw = (list(as_text(services).values()), list(as_text(slices).values())) if text else None
-    index = ServiceIndex(start.state, services.values(), slices.values(), start.problems, raw=raw,
-                         node_name="node-a")
+    text = form != "dicts"
+    if form == "held":  # as the API source makes it: text, with keys and owners known
+        held_slices = as_text(slices)
+        index = ServiceIndex.of_held(start.state, as_text(services).items(),
+                                     [(k, slice_service(o), held_slices[k]) for k, o in slices.items()],
+                                     start.problems, node_name="node-a")
+    else:
+        raw = (list(as_text(services).values()), list(as_text(slices).values())) if text else None
+        index = ServiceIndex(start.state, services.values(), slices.values(), start.problems, raw=raw,
+                             node_name="node-a")
     for _ in range(15):
         svc_events, slice_events = random_events(rng, services, slices)
         if text:
