@@ -123,7 +123,9 @@ def roots(agent, maps) -> list[tuple[str, object]]:
     parts = [("desired state (ServicePorts, Endpoints, Frontends, addresses)", agent.desired),
              ("maps' mirror (lbsync.current)", lb.current),
              ("bench's stand-in for the maps (MemoryMaps.state)", maps.state),
-             ("lbsync.programmed (WantedService per frontend)", lb.programmed),
+             # As held: derived on demand where only its desired state is kept.
+             ("lbsync.programmed (WantedService per frontend)",
+              vars(lb).get("_programmed", vars(lb).get("programmed"))),
              ("mirror's index (LBIndex)", lb.index),
              ("north-south sets (exposed, external, claimed)", (lb.exposed, lb.external, lb.claimed))]
     index = getattr(source, "_index", None)
