@@ -53,6 +53,12 @@ def slice_service(obj: dict) -> Key | None:
     return (intern(meta.get("namespace") or "default"), intern(name)) if isinstance(name, str) else None
 
 
+def _owner(ports: OverlayEditor, fe: Frontend, default: Key | None = None) -> Key | None:
+    """The Service holding a frontend in the state being built."""
+    sp = ports.get(fe)
+    return default if sp is None else (sp.namespace, sp.name)
+
+
 def trigger_time(obj: dict | None) -> float | None:
     """An object's last-change-trigger-time annotation as Unix seconds."""
     meta = (obj or {}).get("metadata") or {}
@@ -105,19 +111,25 @@ class ServiceIndex:
     def _fill(self, state: DesiredState, services: Iterable[tuple[Key, Any]],
               slices: Iterable[tuple[Key, Key | None, Any]], problems: list[Problem],
               build_args: dict[str, Any]) -> None:
+        # Held for every Service of the cluster, so kept small: one key tuple
+        # per Service shared by every table, tuples rather than sets and
+        # lists (a set of one slice is 216 bytes, a tuple 48), and which
+        # Service holds a frontend read from the state itself, not indexed.
         self.state = state
         self.build_args = build_args      # node_name, service_proxy_name, node_zone
         self.services: dict[Key, Any] = dict(services)
+        same = {k: k for k in self.services}  # the one tuple per key, while filling
         self.slices: dict[Key, Any] = {}
         self.slice_owner: dict[Key, Key | None] = {}
-        self.slices_of: dict[Key, set[Key]] = {}
+        self.slices_of: dict[Key, tuple[Key, ...]] = {}
         for key, owner, r in slices:
-            self._hold_slice(key, owner, r)
-        self.ports_of: dict[Key, list[ServicePort]] = {}
-        self.owner: dict[Frontend, Key] = {}
-        for fe, sp in state.service_ports.items():
-            self.ports_of.setdefault((sp.namespace, sp.name), []).append(sp)
-            self.owner[fe] = (sp.namespace, sp.name)
+            self._hold_slice(key, owner if owner is None else same.get(owner, owner), r)
+        ports_of: dict[Key, list[ServicePort]] = {}
+        for sp in state.service_ports.values():
+            key = (sp.namespace, sp.name)
+            ports_of.setdefault(same.get(key, key), []).append(sp)
+        self.ports_of: dict[Key, tuple[ServicePort, ...]] = {k: tuple(v) for k, v in ports_of.items()}
+        del same, ports_of
         self.blocked: set[Key] = set()   # left out: a frontend of theirs is another's
         self.problems_of: dict[Key, list[Problem]] = {}
         for p in problems:
@@ -133,7 +145,11 @@ class ServiceIndex:
     def _put_slice(self, key: Key, obj: dict | None, raw: Any) -> None:
         old_owner = self.slice_owner.pop(key, None)
         if old_owner is not None:
-            self.slices_of.get(old_owner, set()).discard(key)
+            left = tuple(k for k in self.slices_of.get(old_owner, ()) if k != key)
+            if left:
+                self.slices_of[old_owner] = left
+            else:
+                self.slices_of.pop(old_owner, None)
         self.slices.pop(key, None)
         if obj is not None:
             self._hold_slice(key, slice_service(obj), raw)
@@ -142,7 +158,9 @@ class ServiceIndex:
         self.slices[key] = raw
         self.slice_owner[key] = owner
         if owner is not None:
-            self.slices_of.setdefault(owner, set()).add(key)
+            held = self.slices_of.get(owner, ())
+            if key not in held:
+                self.slices_of[owner] = held + (key,)
 
     def hold_equal(self, kind: str, key: Key, obj: dict) -> None:
         """Swaps in an object equal to the one held (nothing to rebuild)."""
@@ -197,9 +215,8 @@ class ServiceIndex:
         return update
 
     def _release(self, key: Key, ports: OverlayEditor, changed: dict[Frontend, None]) -> None:
-        for sp in self.ports_of.pop(key, []):
-            if self.owner.get(sp.frontend) == key:
-                del self.owner[sp.frontend]
+        for sp in self.ports_of.pop(key, ()):
+            if _owner(ports, sp.frontend) == key:
                 del ports[sp.frontend]
                 changed[sp.frontend] = None
 
@@ -217,9 +234,9 @@ class ServiceIndex:
         result: BuildResult = build_state(objects, **self.build_args)
         problems = list(result.problems)
         mine = list(result.state.service_ports.values())
-        clashes = [sp for sp in mine if self.owner.get(sp.frontend, key) != key]
+        clashes = [sp for sp in mine if _owner(ports, sp.frontend, key) != key]
         for sp in clashes:
-            first = "/".join(self.owner[sp.frontend])
+            first = "/".join(_owner(ports, sp.frontend))
             problems.append(Problem("API server", f"Service {key[0]}/{key[1]}", "spec.clusterIP",
                                     f"{sp.frontend} is already used by Service {first}"))
         if clashes:
@@ -233,9 +250,8 @@ class ServiceIndex:
             else:
                 changed[sp.frontend] = None
             ports[sp.frontend] = sp
-            self.owner[sp.frontend] = key
         if mine:
-            self.ports_of[key] = mine
+            self.ports_of[key] = tuple(mine)
         if problems:
             self.problems_of[key] = problems
         for p in problems:
