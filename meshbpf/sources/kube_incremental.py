@@ -15,7 +15,6 @@ keeps the first listed), and problems are reported per touched Service.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from sys import intern
 import weakref
@@ -26,6 +25,7 @@ from typing import Any, Iterable
 from ..model import Delta, DesiredState, Frontend, ServicePort
 from ..overlay import OverlayEditor, OverlayMap
 from .errors import Problem
+from .held_text import loaded
 from .kube_objects import SERVICE_NAME_LABEL, BuildResult, SourceObject, build_state
 
 Key = tuple[str, str]  # (namespace, name)
@@ -77,10 +77,6 @@ def trigger_time(obj: dict | None) -> float | None:
     return when.timestamp()
 
 
-def loaded(raw: Any) -> Any:
-    """An object as held: a dict, or its compact JSON text (see
-    kubernetes.compact), read back."""
-    return json.loads(raw) if isinstance(raw, str) else raw
 
 
 class ServiceIndex:

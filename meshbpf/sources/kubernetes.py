@@ -45,7 +45,8 @@ from kubernetes import client, config
 from ..model import AgentSettings, Delta, DesiredState
 from . import agent_config, schema
 from .errors import ConfigError, Problem, internal_error
-from .kube_incremental import ServiceIndex, loaded, slice_service
+from .held_text import loaded, pack
+from .kube_incremental import ServiceIndex, slice_service
 from .kube_objects import PROXY_NAME_LABEL, BuildResult, SourceObject, build_state
 from ..capture.settings import kept_annotations
 from .kube_policy import NETWORK_POLICY, CachedReader, policy_fields
@@ -152,6 +153,12 @@ def as_text(obj: dict) -> str:
     Service and EndpointSlice (a fifth of the dicts' memory; read back per
     Service when an event touches it, all at a full build but the first)."""
     return "".join(_encode(obj, 0)) if _encode else _COMPACT.encode(obj)
+
+
+def as_held(obj: dict) -> bytes:
+    """What the source holds of every Service and EndpointSlice: its compact
+    text, packed (held_text)."""
+    return pack(as_text(obj))
 
 
 def _compiled_pruner(node: Any) -> Callable[[Any], Any] | None:
@@ -287,13 +294,13 @@ class KubernetesSource:
             "services": reflector(
                 "services", core.list_service_for_all_namespaces, "Service",
                 selectors={"label_selector": proxy_selector}, transform=_service_kept,
-                hold=as_text),
+                hold=as_held),
             # Slices are not filtered by label: hand-made ones may lack the
             # labels the controller copies from their Service. build_state
             # ignores the slices of Services it does not handle.
             "endpointslices": reflector(
                 "endpointslices", discovery.list_endpoint_slice_for_all_namespaces, "EndpointSlice",
-                "discovery.k8s.io/v1", transform=_pruned(ENDPOINT_SLICE_KEPT), hold=as_text),
+                "discovery.k8s.io/v1", transform=_pruned(ENDPOINT_SLICE_KEPT), hold=as_held),
             "configmap": reflector(
                 f"configmap {config_map}", core.list_namespaced_config_map, "ConfigMap",
                 selectors={"namespace": namespace, "field_selector": f"metadata.name={name}"},

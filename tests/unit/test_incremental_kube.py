@@ -16,6 +16,7 @@ from k8s_builders import endpoint_slice, ep, service
 from meshbpf import overlay
 from meshbpf.reconcile import LBState, plan, wanted_services
 from meshbpf.reconcile.incremental import LBIndex, plan_services
+from meshbpf.sources.held_text import loaded
 from meshbpf.sources.kube_incremental import TRIGGER_TIME, ServiceIndex, slice_service, trigger_time
 from meshbpf.sources.kube_objects import SourceObject, build_state
 from meshbpf.sync.lb import frontend_changes
@@ -219,7 +220,7 @@ def test_the_api_source_leaves_out_a_service_named_as_kubernetes_would_refuse(ap
         poller.poll()
         states = poller.emitted
         assert [p for p in source.problems if "): metadata.name: 'Web_1' is not a DNS-1035 label" in p]
-        items = [SourceObject(json.loads(o) if isinstance(o, str) else o, "API server")
+        items = [SourceObject(loaded(o), "API server")
                  for r in ("services", "endpointslices") for o in source.reflectors[r].items()]
         full = build_state(items, node_name="node-a").state
         assert states[-1].service_ports == full.service_ports

@@ -1,5 +1,5 @@
 """The Kubernetes source's cold start: a list holds each object as its
-compact text only, the build reads them back one at a time and keeps none,
+packed compact text only, the build reads them back one at a time and keeps none,
 and the cyclic collector stays paused while any thread lists."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from k8s_builders import endpoint_slice, ep, service
 from meshbpf.gcpause import gc_paused
 from meshbpf.sources.kube_objects import SourceObject, build_state
 from meshbpf.sources.kube_watch import Reflector
-from meshbpf.sources.kubernetes import ENDPOINT_SLICE_KEPT, _pruned, as_text
+from meshbpf.sources.held_text import loaded
+from meshbpf.sources.kubernetes import ENDPOINT_SLICE_KEPT, _pruned, as_held
 
 
 class _Page:
@@ -42,16 +43,16 @@ def reflector(items: list[dict]) -> Reflector:
     def list_func(**kwargs):
         return _Page({"kind": "EndpointSliceList", "metadata": {"resourceVersion": "7"}, "items": items})
     return Reflector("endpointslices", list_func, kind="EndpointSlice", api_version="discovery.k8s.io/v1",
-                     transform=_pruned(ENDPOINT_SLICE_KEPT), hold=as_text)
+                     transform=_pruned(ENDPOINT_SLICE_KEPT), hold=as_held)
 
 
-def test_a_list_holds_each_object_as_compact_text_only():
+def test_a_list_holds_each_object_as_packed_compact_text_only():
     r = reflector(_slices(5))
     r._relist()
     held = r.held_items()
     assert [k for k, _ in held] == [("default", f"s-{i}-x") for i in range(5)]
-    assert all(isinstance(h, str) for _, h in held)
-    objs = [json.loads(h) for _, h in held]
+    assert all(isinstance(h, bytes) for _, h in held)
+    objs = [loaded(h) for _, h in held]
     assert all("targetRef" not in e for o in objs for e in o["endpoints"])  # pruned before held
     assert objs[0]["kind"] == "EndpointSlice"  # list items get their kind back
 
@@ -61,7 +62,7 @@ def test_an_object_changed_after_the_list_is_held_as_its_new_text():
     r._relist()
     moved = _slices(3, moved=1)[1]
     r._apply({"type": "MODIFIED", "object": moved})
-    objs = [json.loads(h) for _, h in r.held_items()]
+    objs = [loaded(h) for _, h in r.held_items()]
     assert objs[1]["endpoints"][1]["addresses"] == ["10.3.0.1"]
 
 
