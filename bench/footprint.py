@@ -8,7 +8,7 @@ in-memory maps), then reports:
 
 - rss and glibc's own view (mallinfo2): bytes in use by malloc, free bytes
   held in its arenas (fragmentation: RSS that no live object uses), and
-  bytes in mmapped blocks; the same after malloc_trim(0);
+  bytes in mmapped blocks; the same after malloc_trim(0), right after;
 - live bytes per root: each part of the agent walked with gc.get_referents
   (sys.getsizeof of every object reached, each object counted once, in the
   order listed: a later root is charged only for what it does not share
@@ -181,6 +181,10 @@ def run(source_kind: str, n: int, trace: bool) -> dict:
         out: dict = {"source": source_kind, "services": n, "cold_start_s": round(time.monotonic() - t, 1),
                      "cold_start_cpu_s": round(time.process_time() - cpu, 1),
                      "rss_before_mb": round(rss0, 1), "after_start": malloc_view()}
+        libc = ctypes.CDLL(None)
+        t = time.monotonic()
+        libc.malloc_trim(0)  # glibc's free pages back to the system: does it help?
+        out["after_malloc_trim"] = {**malloc_view(), "took_ms": round((time.monotonic() - t) * 1000, 1)}
         if trace:
             snap = tracemalloc.take_snapshot()
             tracemalloc.stop()
@@ -191,9 +195,6 @@ def run(source_kind: str, n: int, trace: bool) -> dict:
         out["live_by_root"] = deep_sizes(roots(agent, maps))
         out["lru_address_cache_entries"] = inc_cache_entries()
         out["types"] = type_counts()
-        libc = ctypes.CDLL(None)
-        libc.malloc_trim(0)
-        out["after_malloc_trim"] = malloc_view()
         if api is not None:
             source.stop()
             api.stop()
