@@ -41,6 +41,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass
+from sys import intern
 from typing import Any, Callable, Iterator
 
 import urllib3
@@ -87,8 +88,10 @@ def _lines(resp: Any) -> Iterator[bytes]:
 
 
 def object_key(obj: dict) -> Key:
+    # Interned: the source's index and desired state name the same objects
+    # by the same strings (one copy each, not one per table).
     meta = obj.get("metadata") or {}
-    return meta.get("namespace") or "", meta.get("name") or ""
+    return intern(meta.get("namespace") or ""), intern(meta.get("name") or "")
 
 
 def well_formed(obj: Any) -> bool:

@@ -27,13 +27,11 @@ rebuilds the whole state: a route ties its parent to other Services.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
 import threading
 import weakref
-from sys import intern
 from dataclasses import replace
 from functools import partial
 from typing import Any, Callable, Iterator
@@ -45,7 +43,7 @@ from kubernetes import client, config
 from ..model import AgentSettings, Delta, DesiredState
 from . import agent_config, schema
 from .errors import ConfigError, Problem, internal_error
-from .held_text import loaded, pack
+from .held_text import as_held, as_text, loaded  # noqa: F401  (as_text: the tests' too)
 from .kube_incremental import ServiceIndex, slice_service
 from .kube_objects import PROXY_NAME_LABEL, BuildResult, SourceObject, build_state
 from ..capture.settings import kept_annotations
@@ -133,32 +131,6 @@ def _pruned(spec: Any) -> Callable[[dict], dict]:
         (out.get("metadata") or {}).pop("managedFields", None)
         return out
     return transform
-
-
-_COMPACT = json.JSONEncoder(separators=(",", ":"))
-# json.dumps() makes a new encoder per call: a third of the cost of the
-# 200 000 small objects of a cold start. The C encoder is made once here,
-# as JSONEncoder.iterencode makes it (the same text); without the C
-# accelerator, JSONEncoder.encode. No cycle check (markers None): a shared
-# markers dict would be shared by the watch threads too, and decoded JSON
-# has no cycles.
-_C_ENCODER = json.encoder.c_make_encoder
-_encode = _C_ENCODER and _C_ENCODER(
-    None, _COMPACT.default, json.encoder.encode_basestring_ascii, None, _COMPACT.key_separator,
-    _COMPACT.item_separator, False, False, True)
-
-
-def as_text(obj: dict) -> str:
-    """The object as compact JSON text: what the source holds of every
-    Service and EndpointSlice (a fifth of the dicts' memory; read back per
-    Service when an event touches it, all at a full build but the first)."""
-    return "".join(_encode(obj, 0)) if _encode else _COMPACT.encode(obj)
-
-
-def as_held(obj: dict) -> bytes:
-    """What the source holds of every Service and EndpointSlice: its compact
-    text, packed (held_text)."""
-    return pack(as_text(obj))
 
 
 def _compiled_pruner(node: Any) -> Callable[[Any], Any] | None:
@@ -426,10 +398,11 @@ class KubernetesSource:
         # Each object is read back from its held text as the build reaches
         # it and dropped once read: all of them as dicts at once would be
         # the cold start's peak, which the heap keeps as RSS.
-        services = [((intern(ns or "default"), intern(name)), raw)
-                    for (ns, name), raw in self.reflectors["services"].held_items()]
-        slices = [((intern(ns or "default"), name), raw)
-                  for (ns, name), raw in self.reflectors["endpointslices"].held_items()]
+        # The reflectors' own keys (interned there), where already in index form.
+        services = [(key if key[0] else ("default", key[1]), raw)
+                    for key, raw in self.reflectors["services"].held_items()]
+        slices = [(key if key[0] else ("default", key[1]), raw)
+                  for key, raw in self.reflectors["endpointslices"].held_items()]
         owners: list[tuple[str, str] | None] = []  # each slice's Service, read on the way
 
         def objects() -> Iterator[SourceObject]:

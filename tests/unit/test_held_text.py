@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import copy
+import datetime
 import json
 import threading
 
 from k8s_builders import endpoint_slice, ep, service
-from meshbpf.sources.held_text import loaded, pack, unpack
+from meshbpf.sources.held_text import as_held_exactly, loaded, pack, unpack
 from meshbpf.sources.kubernetes import as_held, as_text
 
 
@@ -46,3 +47,13 @@ def test_threads_pack_at_once():
     for t in threads:
         t.join()
     assert all(out[k] == out[0] for k in out) and [loaded(h) for h in out[0]] == objs
+
+
+def test_what_json_would_change_is_held_as_the_object_itself():
+    # A YAML file may give dates and keys that are not strings: JSON would
+    # turn them into strings, and the reader would no longer see them.
+    for odd in ({"kind": "Service", "metadata": {"labels": {1: "a"}}},
+                {"kind": "Service", "metadata": {"created": datetime.date(2024, 1, 1)}}):
+        assert as_held_exactly(odd) is odd
+    plain = service("web", "10.96.0.10")
+    assert isinstance(as_held_exactly(plain), bytes) and loaded(as_held_exactly(plain)) == plain
