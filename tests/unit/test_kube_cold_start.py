@@ -112,3 +112,16 @@ def test_a_pause_leaves_a_collector_that_was_off_off():
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_freezing_the_heap_after_a_full_sync_hands_free_c_memory_back(monkeypatch):
+    import meshbpf.gcpause as gcpause
+    calls = []
+    monkeypatch.setattr(gcpause, "_malloc_trim", lambda pad: calls.append(pad))
+    try:
+        gcpause.freeze_heap(collect=False)
+    finally:
+        gc.unfreeze()
+    assert calls == [0]  # malloc_trim(0): every free page
+    monkeypatch.setattr(gcpause, "_malloc_trim", None)  # not glibc: nothing to call
+    assert gcpause.trim_malloc() is False
