@@ -18,8 +18,8 @@ import functools
 import ipaddress
 import logging
 import socket
-from sys import intern
 from dataclasses import dataclass, field
+from sys import intern
 from typing import Any, Iterable, NamedTuple
 
 from ..model import (DEFAULT_AFFINITY_TIMEOUT, AgentSettings, DesiredState, Endpoint,
@@ -564,7 +564,7 @@ def _read_service_port(src: SourceObject, label: str, i: int, p: Any, count: int
     if node_port and not 1 <= node_port <= 65535:
         out.add(src, label, f"{where}.nodePort", f"{node_port} is not a port number (1-65535)")
         return None
-    return _Port(i, intern(name), PROTOCOL_NAMES[protocol], number, target, node_port)
+    return _Port(i, _interned(name), PROTOCOL_NAMES[protocol], number, target, node_port)
 
 
 def _read_slice(src: SourceObject, out: _Collector) -> _Slice | None:

@@ -117,7 +117,7 @@ class Reflector:
     CoreV1Api.list_service_for_all_namespaces; `selectors` are passed to it
     on every call (label_selector, field_selector). `transform` may trim each
     object before it is stored (client-go's TransformFunc); `hold`, if given,
-    turns it into the form stored (say compact text). A page's decoded
+    turns it into the form stored (say packed compact text). A page's decoded
     objects are dropped once held: keeping the first list's dicts for the
     cold start's build (it then decoded nothing again) held ~6 KB per
     Service at once, and the heap kept that peak as RSS for good.

@@ -753,3 +753,10 @@ def test_repeated_strings_are_shared_and_compare_as_before():
     (ea,), (eb,) = a.endpoints, b.endpoints
     assert (ea.node_name, ea.zone) == ("node-a", "z1")
     assert ea.node_name is eb.node_name and ea.zone is eb.zone
+
+
+def test_a_port_name_that_is_not_a_string_is_a_problem_not_an_internal_error():
+    # Names are shared (interned) as they are read: only strings are.
+    result = build(service("web", ports=[{"name": 80, "port": 80, "protocol": "TCP"}]))
+    assert [(p.path, p.reason) for p in result.problems] == [
+        ("spec.ports[0].name", "expected a string, got an integer 80")]
