@@ -36,7 +36,7 @@ SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SourceObject:
     """One object and where it came from, for error messages."""
 
@@ -51,7 +51,7 @@ class BuildResult:
     notes: list[str] = field(default_factory=list)  # things skipped on purpose
 
 
-@dataclass
+@dataclass(slots=True)
 class _Port:
     index: int
     name: str
@@ -61,7 +61,7 @@ class _Port:
     node_port: int = 0
 
 
-@dataclass
+@dataclass(slots=True)
 class _Service:
     src: SourceObject
     namespace: str
@@ -73,7 +73,7 @@ class _Service:
     exposure: Exposure | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class _SlicePort:
     index: int
     name: str
@@ -94,7 +94,7 @@ class _SliceEndpoint(NamedTuple):
     zone_hints: frozenset[str]
 
 
-@dataclass
+@dataclass(slots=True)
 class _Slice:
     src: SourceObject
     namespace: str
