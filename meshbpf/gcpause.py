@@ -9,6 +9,7 @@ everything; cycles (there are none in this data) wait until the pause ends.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
 import threading
 
@@ -51,7 +52,31 @@ def freeze_heap(collect: bool = True) -> None:
     older object (seconds at 100 000 Services). collect=False skips it, for
     the first full sync: the whole new state is young then, a walk of
     seconds at 100 000 Services to free a few dozen cyclic objects (they
-    stay frozen instead, once)."""
+    stay frozen instead, once). Then the C allocator's free pages go back
+    (trim_malloc)."""
     if collect:
         gc.collect(1)
     gc.freeze()
+    trim_malloc()
+
+
+def _libc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc only
+    except (OSError, AttributeError):
+        return None
+
+
+_malloc_trim = _libc_trim()
+
+
+def trim_malloc() -> bool:
+    """Hands the C allocator's free pages back to the system (glibc's
+    malloc_trim(0); nothing elsewhere). A full sync frees the big
+    transient tables and strings it built, which glibc otherwise keeps as
+    RSS: ~20 MB at 100 000 Services, in a few milliseconds. (Python's own
+    small-object arenas go back by themselves once empty.) Whether it ran."""
+    if _malloc_trim is None:
+        return False
+    _malloc_trim(0)
+    return True

@@ -21,7 +21,7 @@ Services a change touches, with the same IDs and slots (see that module).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Mapping, NamedTuple
+from typing import Collection, Iterable, Iterator, Mapping, NamedTuple
 
 from ..model import DesiredState, Frontend, IPAddress, ServicePort, usable_endpoints
 from .split import split_members
@@ -319,10 +319,10 @@ def _usable(endpoints: tuple) -> list[tuple]:
 class _IdAllocator:
     """Hands out IDs above the highest in use, so a freed ID is not reused
     while a kernel reader may still hold it. `used` is only read (the
-    incremental planner passes its index's live set); `top` is its maximum
-    when the caller knows it already."""
+    incremental planner passes its index's live set, or the backends map's
+    keys); `top` is its maximum when the caller knows it already."""
 
-    def __init__(self, used: set[int], limit: int = 0xFFFFFFFF, top: int | None = None):
+    def __init__(self, used: Collection[int], limit: int = 0xFFFFFFFF, top: int | None = None):
         self.used = used
         self.taken: set[int] = set()
         self.next = (max(used, default=0) if top is None else top) + 1

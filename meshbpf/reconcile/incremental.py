@@ -24,26 +24,55 @@ from . import (BackendVal, LBState, Plan, SlotKey, SlotVal, SvcKey, SvcVal, Want
                _IdAllocator, _slot_layout)
 
 
+class SlotRow(tuple):
+    """A service's slots by position (None: no slot there), read as the
+    dict of them plan() builds: a tuple of four is 72 bytes, such a dict
+    224, and the index keeps one per Service."""
+
+    __slots__ = ()
+
+    def get(self, i: int, default: SlotVal | None = None) -> SlotVal | None:
+        val = self[i] if 0 <= i < len(self) else None
+        return default if val is None else val
+
+    def items(self) -> list[tuple[int, SlotVal]]:
+        return [(i, val) for i, val in enumerate(self) if val is not None]
+
+    def edited(self, changes: dict[int, SlotVal | None]) -> "SlotRow":
+        """This row with `changes` (None: the slot goes) applied."""
+        slots = list(self)
+        slots += [None] * (max(changes) + 1 - len(slots))
+        for i, val in changes.items():
+            slots[i] = val
+        while slots and slots[-1] is None:
+            slots.pop()
+        return SlotRow(slots)
+
+
 class LBIndex:
-    """What plan() derives from an LBState, kept up to date instead."""
+    """What plan() derives from an LBState, kept up to date instead. The
+    backend IDs in use are the state's own backends map (a set of them was
+    16 MB at 100 000 Services)."""
 
     def __init__(self, state: LBState):
         self.backend_id: dict[BackendVal, int] = {}
         for bid, val in sorted(state.backends.items()):
             self.backend_id.setdefault(val, bid)
-        self.backend_ids: set[int] = set(state.backends)
         self.refs: dict[int, int] = {}  # backend ID -> slots naming it
-        self.slots_by_svc: dict[int, dict[int, SlotVal]] = {}
+        slots: dict[int, dict[int, SlotVal | None]] = {}
         for key, val in state.slots.items():
-            self.slots_by_svc.setdefault(key.svc_id, {})[key.slot] = val
+            slots.setdefault(key.svc_id, {})[key.slot] = val
             self.refs[val.backend_id] = self.refs.get(val.backend_id, 0) + 1
+        self.slots_by_svc: dict[int, SlotRow] = {svc: _EMPTY.edited(row) for svc, row in slots.items()}
+        del slots
         self.svc_ids: set[int] = {v.svc_id for v in state.services.values()}
         self._top_backend: int | None = None
         self._top_svc: int | None = None
 
-    def top_backend(self) -> int:
+    def top_backend(self, backends: dict[int, BackendVal]) -> int:
+        """The highest backend ID in use; `backends`: the state's."""
         if self._top_backend is None:
-            self._top_backend = max(self.backend_ids, default=0)
+            self._top_backend = max(backends, default=0)
         return self._top_backend
 
     def top_svc(self) -> int:
@@ -59,12 +88,12 @@ class LBIndex:
                 del self.backend_id[old]
             if self.backend_id.get(val, key + 1) > key:
                 self.backend_id[val] = key
-            self.backend_ids.add(key)
             if self._top_backend is not None and key > self._top_backend:
                 self._top_backend = key
+        rows: dict[int, dict[int, SlotVal | None]] = {}  # the slot changes, by service
         for key, val in p.slot_updates.items():
             self._unref(state.slots.get(key))
-            self.slots_by_svc.setdefault(key.svc_id, {})[key.slot] = val
+            rows.setdefault(key.svc_id, {})[key.slot] = val
             self.refs[val.backend_id] = self.refs.get(val.backend_id, 0) + 1
         for sval in p.service_updates.values():  # a frontend keeps its ID: only new ones
             self.svc_ids.add(sval.svc_id)
@@ -78,16 +107,17 @@ class LBIndex:
                     self._top_svc = None
         for key in p.slot_deletes:
             self._unref(state.slots.get(key))
-            slots = self.slots_by_svc.get(key.svc_id)
-            if slots is not None:
-                slots.pop(key.slot, None)
-                if not slots:
-                    del self.slots_by_svc[key.svc_id]
+            rows.setdefault(key.svc_id, {})[key.slot] = None
+        for svc_id, changes in rows.items():
+            row = self.slots_by_svc.get(svc_id, _EMPTY).edited(changes)
+            if row:
+                self.slots_by_svc[svc_id] = row
+            else:
+                self.slots_by_svc.pop(svc_id, None)
         for key in p.backend_deletes:
             old = state.backends.get(key)
             if old is not None and self.backend_id.get(old) == key:
                 del self.backend_id[old]
-            self.backend_ids.discard(key)
             if key == self._top_backend:
                 self._top_backend = None
         p.apply_in_place(state)
@@ -102,6 +132,9 @@ class LBIndex:
             self.refs.pop(slot.backend_id, None)
 
 
+_EMPTY = SlotRow()
+
+
 def plan_services(current: LBState, index: LBIndex,
                   changes: Mapping[SvcKey, WantedService | None]) -> Plan:
     """What to write so that each frontend in `changes` holds what it maps to
@@ -112,7 +145,7 @@ def plan_services(current: LBState, index: LBIndex,
     differs from what the maps hold at exactly these frontends, with new IDs
     handed out in the order of `changes`."""
     p = Plan()
-    backend_ids = _IdAllocator(index.backend_ids, top=index.top_backend())
+    backend_ids = _IdAllocator(current.backends.keys(), top=index.top_backend(current.backends))
     svc_ids = _IdAllocator(index.svc_ids, top=index.top_svc())
     new_backend: dict[BackendVal, int] = {}
     ref_delta: dict[int, int] = {}

@@ -36,7 +36,8 @@ from typing import Any, Callable, Iterable
 from ..model import Delta, DesiredState
 from .errors import Problem
 from .file_pieces import Split
-from .kube_incremental import ServiceIndex, _slice_service
+from .held_text import as_held_exactly
+from .kube_incremental import ServiceIndex, slice_service
 from .kube_objects import SourceObject, _Collector, _flatten_lists, _is_list
 from .kube_policy import POLICY_KINDS, policy_fields, read_policy_objects
 
@@ -213,7 +214,11 @@ class FileIndex:
                     services.append(src.obj)
                 elif kind == "EndpointSlice":
                     slices.append(src.obj)
-        self.services = ServiceIndex(state, services, slices, [], node_name=node_name)
+        # Held packed, as the API source holds them (held_text): as dicts
+        # they were the biggest part of the file source's memory.
+        self.services = ServiceIndex(state, services, slices, [], node_name=node_name,
+                                     raw=([as_held_exactly(o) for o in services],
+                                          [as_held_exactly(o) for o in slices]))
 
     @property
     def state(self) -> DesiredState:
@@ -255,7 +260,8 @@ class FileIndex:
                 kind = obj.get("kind")
                 if kind in INCREMENTAL_KINDS:
                     meta = obj["metadata"]
-                    events[kind][(meta.get("namespace") or "default", meta["name"])] = obj
+                    obj_key = (meta.get("namespace") or "default", meta["name"])
+                    events[kind][obj_key] = as_held_exactly(obj)
         base = self.services.state
         update = self.services.apply(events["Service"], events["EndpointSlice"])
         if update.problems:
@@ -285,7 +291,7 @@ class FileIndex:
             for obj in (new[1] if new else ()):
                 if obj.get("kind") != "EndpointSlice":
                     continue
-                service = _slice_service(obj)
+                service = slice_service(obj)
                 key = ("Service", *service) if service else None
                 if key is None or key in gone or (key not in self.where and key not in claimed):
                     return False

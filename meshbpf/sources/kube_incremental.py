@@ -15,16 +15,17 @@ keeps the first listed), and problems are reported per touched Service.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import weakref
 from datetime import datetime
 from dataclasses import dataclass, field
+from sys import intern
 from typing import Any, Iterable
 
 from ..model import Delta, DesiredState, Frontend, ServicePort
 from ..overlay import OverlayEditor, OverlayMap
 from .errors import Problem
+from .held_text import loaded
 from .kube_objects import SERVICE_NAME_LABEL, BuildResult, SourceObject, build_state
 
 Key = tuple[str, str]  # (namespace, name)
@@ -44,11 +45,18 @@ def _key(obj: dict) -> Key:
     return meta.get("namespace") or "default", meta.get("name") or ""
 
 
-def _slice_service(obj: dict) -> Key | None:
+def slice_service(obj: dict) -> Key | None:
     meta = obj.get("metadata") or {}
     labels = meta.get("labels") or {}
     name = labels.get(SERVICE_NAME_LABEL) if isinstance(labels, dict) else None
-    return (meta.get("namespace") or "default", name) if isinstance(name, str) else None
+    # Interned: the index holds this key beside the Service's own, for every slice.
+    return (intern(meta.get("namespace") or "default"), intern(name)) if isinstance(name, str) else None
+
+
+def _owner(ports: OverlayEditor, fe: Frontend, default: Key | None = None) -> Key | None:
+    """The Service holding a frontend in the state being built."""
+    sp = ports.get(fe)
+    return default if sp is None else (sp.namespace, sp.name)
 
 
 def trigger_time(obj: dict | None) -> float | None:
@@ -69,35 +77,54 @@ def trigger_time(obj: dict | None) -> float | None:
     return when.timestamp()
 
 
-def loaded(raw: Any) -> Any:
-    """An object as held: a dict, or its compact JSON text (see
-    kubernetes.compact), read back."""
-    return json.loads(raw) if isinstance(raw, str) else raw
-
-
 class ServiceIndex:
-    """Objects are held as given: dicts, or compact JSON text (`raw`: the
-    same objects in the form to hold, in the same order), which a rebuild
-    reads back; at 100 000 Services the text is a fifth of the dicts' size."""
+    """Objects are held as given: dicts, compact JSON text or that text
+    packed (held_text; `raw`: the same objects in the form to hold, in the
+    same order), which a rebuild reads back; at 100 000 Services the text
+    is a fifth of the dicts' size, packed about a thirtieth."""
 
     def __init__(self, state: DesiredState, services: Iterable[dict], slices: Iterable[dict],
                  problems: list[Problem], raw: tuple[Iterable, Iterable] | None = None,
                  **build_args: Any):
-        self.state = state
-        self.build_args = build_args      # node_name, service_proxy_name, node_zone
         services, slices = list(services), list(slices)
         raw_services, raw_slices = raw if raw is not None else (services, slices)
-        self.services: dict[Key, Any] = {_key(o): r for o, r in zip(services, raw_services)}
+        self._fill(state, ((_key(o), r) for o, r in zip(services, raw_services)),
+                   ((_key(o), slice_service(o), r) for o, r in zip(slices, raw_slices)),
+                   problems, build_args)
+
+    @classmethod
+    def of_held(cls, state: DesiredState, services: Iterable[tuple[Key, Any]],
+                slices: Iterable[tuple[Key, Key | None, Any]], problems: list[Problem],
+                **build_args: Any) -> "ServiceIndex":
+        """From the objects as held, with what the index reads of them
+        already known: (key, held) per Service, (key, its Service's key,
+        held) per EndpointSlice. No object is read again."""
+        index = cls.__new__(cls)
+        index._fill(state, services, slices, problems, build_args)
+        return index
+
+    def _fill(self, state: DesiredState, services: Iterable[tuple[Key, Any]],
+              slices: Iterable[tuple[Key, Key | None, Any]], problems: list[Problem],
+              build_args: dict[str, Any]) -> None:
+        # Held for every Service of the cluster, so kept small: one key tuple
+        # per Service shared by every table, tuples rather than sets and
+        # lists (a set of one slice is 216 bytes, a tuple 48), and which
+        # Service holds a frontend read from the state itself, not indexed.
+        self.state = state
+        self.build_args = build_args      # node_name, service_proxy_name, node_zone
+        self.services: dict[Key, Any] = dict(services)
+        same = {k: k for k in self.services}  # the one tuple per key, while filling
         self.slices: dict[Key, Any] = {}
         self.slice_owner: dict[Key, Key | None] = {}
-        self.slices_of: dict[Key, set[Key]] = {}
-        for obj, r in zip(slices, raw_slices):
-            self._put_slice(_key(obj), obj, r)
-        self.ports_of: dict[Key, list[ServicePort]] = {}
-        self.owner: dict[Frontend, Key] = {}
-        for fe, sp in state.service_ports.items():
-            self.ports_of.setdefault((sp.namespace, sp.name), []).append(sp)
-            self.owner[fe] = (sp.namespace, sp.name)
+        self.slices_of: dict[Key, tuple[Key, ...]] = {}
+        for key, owner, r in slices:
+            self._hold_slice(key, owner if owner is None else same.get(owner, owner), r)
+        ports_of: dict[Key, list[ServicePort]] = {}
+        for sp in state.service_ports.values():
+            key = (sp.namespace, sp.name)
+            ports_of.setdefault(same.get(key, key), []).append(sp)
+        self.ports_of: dict[Key, tuple[ServicePort, ...]] = {k: tuple(v) for k, v in ports_of.items()}
+        del same, ports_of
         self.blocked: set[Key] = set()   # left out: a frontend of theirs is another's
         self.problems_of: dict[Key, list[Problem]] = {}
         for p in problems:
@@ -113,14 +140,22 @@ class ServiceIndex:
     def _put_slice(self, key: Key, obj: dict | None, raw: Any) -> None:
         old_owner = self.slice_owner.pop(key, None)
         if old_owner is not None:
-            self.slices_of.get(old_owner, set()).discard(key)
+            left = tuple(k for k in self.slices_of.get(old_owner, ()) if k != key)
+            if left:
+                self.slices_of[old_owner] = left
+            else:
+                self.slices_of.pop(old_owner, None)
         self.slices.pop(key, None)
-        if obj is None:
-            return
+        if obj is not None:
+            self._hold_slice(key, slice_service(obj), raw)
+
+    def _hold_slice(self, key: Key, owner: Key | None, raw: Any) -> None:
         self.slices[key] = raw
-        owner = self.slice_owner[key] = _slice_service(obj)
+        self.slice_owner[key] = owner
         if owner is not None:
-            self.slices_of.setdefault(owner, set()).add(key)
+            held = self.slices_of.get(owner, ())
+            if key not in held:
+                self.slices_of[owner] = held + (key,)
 
     def hold_equal(self, kind: str, key: Key, obj: dict) -> None:
         """Swaps in an object equal to the one held (nothing to rebuild)."""
@@ -175,9 +210,8 @@ class ServiceIndex:
         return update
 
     def _release(self, key: Key, ports: OverlayEditor, changed: dict[Frontend, None]) -> None:
-        for sp in self.ports_of.pop(key, []):
-            if self.owner.get(sp.frontend) == key:
-                del self.owner[sp.frontend]
+        for sp in self.ports_of.pop(key, ()):
+            if _owner(ports, sp.frontend) == key:
                 del ports[sp.frontend]
                 changed[sp.frontend] = None
 
@@ -195,9 +229,9 @@ class ServiceIndex:
         result: BuildResult = build_state(objects, **self.build_args)
         problems = list(result.problems)
         mine = list(result.state.service_ports.values())
-        clashes = [sp for sp in mine if self.owner.get(sp.frontend, key) != key]
+        clashes = [sp for sp in mine if _owner(ports, sp.frontend, key) != key]
         for sp in clashes:
-            first = "/".join(self.owner[sp.frontend])
+            first = "/".join(_owner(ports, sp.frontend))
             problems.append(Problem("API server", f"Service {key[0]}/{key[1]}", "spec.clusterIP",
                                     f"{sp.frontend} is already used by Service {first}"))
         if clashes:
@@ -211,9 +245,8 @@ class ServiceIndex:
             else:
                 changed[sp.frontend] = None
             ports[sp.frontend] = sp
-            self.owner[sp.frontend] = key
         if mine:
-            self.ports_of[key] = mine
+            self.ports_of[key] = tuple(mine)
         if problems:
             self.problems_of[key] = problems
         for p in problems:

@@ -41,6 +41,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass
+from sys import intern
 from typing import Any, Callable, Iterator
 
 import urllib3
@@ -87,8 +88,10 @@ def _lines(resp: Any) -> Iterator[bytes]:
 
 
 def object_key(obj: dict) -> Key:
+    # Interned: the source's index and desired state name the same objects
+    # by the same strings (one copy each, not one per table).
     meta = obj.get("metadata") or {}
-    return meta.get("namespace") or "", meta.get("name") or ""
+    return intern(meta.get("namespace") or ""), intern(meta.get("name") or "")
 
 
 def well_formed(obj: Any) -> bool:
@@ -114,9 +117,10 @@ class Reflector:
     CoreV1Api.list_service_for_all_namespaces; `selectors` are passed to it
     on every call (label_selector, field_selector). `transform` may trim each
     object before it is stored (client-go's TransformFunc); `hold`, if given,
-    turns it into the form stored (say compact text): the first list's
-    objects are then also kept as `transform` left them, until read once by
-    read_items(), so the cold start's build does not decode all of them again.
+    turns it into the form stored (say packed compact text). A page's decoded
+    objects are dropped once held: keeping the first list's dicts for the
+    cold start's build (it then decoded nothing again) held ~6 KB per
+    Service at once, and the heap kept that peak as RSS for good.
     """
 
     def __init__(self, name: str, list_func: Callable[..., Any], *, kind: str, api_version: str,
@@ -144,9 +148,6 @@ class Reflector:
 
         self._lock = threading.Lock()
         self._items: dict[Key, dict] = {}
-        # The first list's objects before `hold`: key -> (the object held, it
-        # as a dict), dropped at the first read_items().
-        self._listed: dict[Key, tuple[Any, dict]] = {}
         self.generation = 0             # bumped whenever _items changes
         self._touched: set[Key] | None = set()  # keys changed since take_changes(); None: a relist
         self.synced = threading.Event()  # set once the first list is in
@@ -165,20 +166,10 @@ class Reflector:
         with self._lock:
             return list(self._items.values())
 
-    def read_items(self, read: Callable[[Any], dict]) -> tuple[list, list[dict]]:
-        """The objects as held and as dicts, in step: a dict is the first
-        list's own while the object is still the one listed, else read(held).
-        The first list's dicts are dropped here: only a cold start uses them."""
+    def held_items(self) -> list[tuple[Key, Any]]:
+        """(key, the object as held), one consistent snapshot."""
         with self._lock:
-            listed, self._listed = self._listed, {}
-            keys, held = list(self._items), list(self._items.values())
-        if not listed:
-            return held, [read(h) for h in held]
-        objs = []
-        for key, h in zip(keys, held):
-            kept = listed.get(key)
-            objs.append(kept[1] if kept is not None and kept[0] is h else read(h))
-        return held, objs
+            return list(self._items.items())
 
     def take_changes(self) -> dict[Key, dict | None] | None:
         """The objects changed since the last call, by key (None: deleted),
@@ -309,8 +300,6 @@ class Reflector:
         the cache itself may be what lagged, so that relist reads etcd (no
         resourceVersion) and cannot go back in time."""
         items: dict[Key, dict] = {}
-        # Dicts kept beside their held form: on the first list only, for one build.
-        listed: dict[Key, tuple[Any, dict]] | None = {} if self._hold and not self.lists else None
         cont: str | None = None
         first_page = {} if self._consistent_list else {"resource_version": "0"}
         while True:
@@ -323,7 +312,6 @@ class Reflector:
                     # The continue token expired: pages would mix snapshots.
                     log.info("%s: list continuation expired; listing from the start", self.name)
                     items, cont = {}, None
-                    listed = {} if listed is not None else None
                     continue
                 raise
             if not isinstance(body, dict):
@@ -338,22 +326,16 @@ class Reflector:
                 obj.setdefault("kind", self._kind)
                 obj.setdefault("apiVersion", self._api_version)
                 key, obj = object_key(obj), self._transform(obj)
-                if self._hold is None:
-                    items[key] = obj
-                    continue
-                held = items[key] = self._hold(obj)
-                if listed is not None:
-                    listed[key] = held, obj
+                items[key] = obj if self._hold is None else self._hold(obj)
             meta = body.get("metadata") or {}
+            body = obj = None  # the page's objects, freed before the next page is decoded
             cont = meta.get("continue")
             if not cont:
                 break
-        self._replace(items, meta.get("resourceVersion"), listed or {})
+        self._replace(items, meta.get("resourceVersion"))
 
-    def _replace(self, items: dict[Key, dict], resource_version: str | None,
-                 listed: dict[Key, tuple[Any, dict]]) -> None:
+    def _replace(self, items: dict[Key, dict], resource_version: str | None) -> None:
         with self._lock:
-            self._listed = listed
             old = self._items
             added = items.keys() - old.keys()
             deleted = old.keys() - items.keys()

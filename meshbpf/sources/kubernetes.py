@@ -27,7 +27,6 @@ rebuilds the whole state: a route ties its parent to other Services.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -35,7 +34,7 @@ import threading
 import weakref
 from dataclasses import replace
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import urllib3
 
@@ -44,7 +43,8 @@ from kubernetes import client, config
 from ..model import AgentSettings, Delta, DesiredState
 from . import agent_config, schema
 from .errors import ConfigError, Problem, internal_error
-from .kube_incremental import ServiceIndex, loaded
+from .held_text import as_held, as_text, loaded  # noqa: F401  (as_text: the tests' too)
+from .kube_incremental import ServiceIndex, slice_service
 from .kube_objects import PROXY_NAME_LABEL, BuildResult, SourceObject, build_state
 from ..capture.settings import kept_annotations
 from .kube_policy import NETWORK_POLICY, CachedReader, policy_fields
@@ -131,26 +131,6 @@ def _pruned(spec: Any) -> Callable[[dict], dict]:
         (out.get("metadata") or {}).pop("managedFields", None)
         return out
     return transform
-
-
-_COMPACT = json.JSONEncoder(separators=(",", ":"))
-# json.dumps() makes a new encoder per call: a third of the cost of the
-# 200 000 small objects of a cold start. The C encoder is made once here,
-# as JSONEncoder.iterencode makes it (the same text); without the C
-# accelerator, JSONEncoder.encode. No cycle check (markers None): a shared
-# markers dict would be shared by the watch threads too, and decoded JSON
-# has no cycles.
-_C_ENCODER = json.encoder.c_make_encoder
-_encode = _C_ENCODER and _C_ENCODER(
-    None, _COMPACT.default, json.encoder.encode_basestring_ascii, None, _COMPACT.key_separator,
-    _COMPACT.item_separator, False, False, True)
-
-
-def as_text(obj: dict) -> str:
-    """The object as compact JSON text: what the source holds of every
-    Service and EndpointSlice (a fifth of the dicts' memory; read back per
-    Service when an event touches it, all at a full build but the first)."""
-    return "".join(_encode(obj, 0)) if _encode else _COMPACT.encode(obj)
 
 
 def _compiled_pruner(node: Any) -> Callable[[Any], Any] | None:
@@ -286,13 +266,13 @@ class KubernetesSource:
             "services": reflector(
                 "services", core.list_service_for_all_namespaces, "Service",
                 selectors={"label_selector": proxy_selector}, transform=_service_kept,
-                hold=as_text),
+                hold=as_held),
             # Slices are not filtered by label: hand-made ones may lack the
             # labels the controller copies from their Service. build_state
             # ignores the slices of Services it does not handle.
             "endpointslices": reflector(
                 "endpointslices", discovery.list_endpoint_slice_for_all_namespaces, "EndpointSlice",
-                "discovery.k8s.io/v1", transform=_pruned(ENDPOINT_SLICE_KEPT), hold=as_text),
+                "discovery.k8s.io/v1", transform=_pruned(ENDPOINT_SLICE_KEPT), hold=as_held),
             "configmap": reflector(
                 f"configmap {config_map}", core.list_namespaced_config_map, "ConfigMap",
                 selectors={"namespace": namespace, "field_selector": f"metadata.name={name}"},
@@ -415,20 +395,34 @@ class KubernetesSource:
     def build(self) -> BuildResult:
         # Messages about these name the object themselves: "API server
         # (Service default/web): spec.ports[0]...".
-        # As held (text) and as dicts: at a cold start the list's own dicts.
-        raw_services, services = self.reflectors["services"].read_items(loaded)
-        raw_slices, slices = self.reflectors["endpointslices"].read_items(loaded)
-        objects = [SourceObject(obj, "API server") for obj in services + slices]
+        # Each object is read back from its held text as the build reaches
+        # it and dropped once read: all of them as dicts at once would be
+        # the cold start's peak, which the heap keeps as RSS.
+        # The reflectors' own keys (interned there), where already in index form.
+        services = [(key if key[0] else ("default", key[1]), raw)
+                    for key, raw in self.reflectors["services"].held_items()]
+        slices = [(key if key[0] else ("default", key[1]), raw)
+                  for key, raw in self.reflectors["endpointslices"].held_items()]
+        owners: list[tuple[str, str] | None] = []  # each slice's Service, read on the way
+
+        def objects() -> Iterator[SourceObject]:
+            for _, raw in services:
+                yield SourceObject(loaded(raw), "API server")
+            for _, raw in slices:
+                obj = loaded(raw)
+                owners.append(slice_service(obj))
+                yield SourceObject(obj, "API server")
+
         settings_problems: list[Problem] = []
         settings = self._settings(settings_problems)
         zone = self.node_zone()
-        result = build_state(objects, node_name=self.node_name,
+        result = build_state(objects(), node_name=self.node_name,
                              service_proxy_name=self.service_proxy_name, node_zone=zone)
         result.state.settings = settings
-        self._index = ServiceIndex(result.state, services, slices, result.problems,
-                                   raw=(raw_services, raw_slices),
-                                   node_name=self.node_name,
-                                   service_proxy_name=self.service_proxy_name, node_zone=zone)
+        self._index = ServiceIndex.of_held(
+            result.state, services, [(key, owner, raw) for (key, raw), owner in zip(slices, owners)],
+            result.problems, node_name=self.node_name, service_proxy_name=self.service_proxy_name,
+            node_zone=zone)
         if self._add_routes(result):
             # A route ties its parent to other Services, which the
             # incremental path cannot follow: while routes exist, build all.

@@ -39,7 +39,13 @@ class LBSync:
         self.error = error              # the agent's one-line error reporter
         self.maps = None                # LBMaps (or a fake in unit tests), set at start
         self.current = LBState()
-        self.programmed: dict[SvcKey, WantedService] | None = None  # what the maps were last brought to
+        # What the maps were last brought to (see `programmed`): kept as
+        # is only when admission left Services out; otherwise as the desired
+        # state and external frontends it was planned from (a copy of every
+        # frontend's WantedService was ~0.5 KB a Service, read only to undo
+        # a failed write).
+        self._programmed: dict[SvcKey, WantedService] | None = None
+        self._programmed_from: tuple[DesiredState, dict[SvcKey, WantedService]] | None = None
         # For the incremental path: the desired state the maps were last
         # wholly brought to (None: the next sync is a full one), and the index of
         # self.current that plan_services() reads.
@@ -66,7 +72,17 @@ class LBSync:
 
     @property
     def programmed_once(self) -> bool:
-        return self.programmed is not None
+        return self._programmed is not None or self._programmed_from is not None
+
+    @property
+    def programmed(self) -> dict[SvcKey, WantedService] | None:
+        """What the maps were last brought to (None: never), in map terms."""
+        if self._programmed is not None or self._programmed_from is None:
+            return self._programmed
+        desired, external = self._programmed_from
+        wanted = wanted_services(desired)
+        wanted.update(external)
+        return wanted
 
     def known_counts(self) -> dict[str, int]:
         return {BY_ROLE[role].name: len(getattr(self.current, role)) for role in BY_ROLE}
@@ -91,7 +107,7 @@ class LBSync:
         self.node_addresses = node_addresses
         try:
             started = time.monotonic()
-            first = self.programmed is None
+            first = not self.programmed_once
             if reread:
                 self._resync_read()
             writes = None if reread else self._sync_incremental(desired)
@@ -101,6 +117,7 @@ class LBSync:
                 writes = self._admit_and_apply(self._wanted_in_full(desired, node_addresses))
                 self.synced = None if self.refused else desired
                 if self.synced is not None:  # built now, so the next change does not wait for it
+                    self._programmed, self._programmed_from = None, (desired, self.external)
                     self.index = LBIndex(self.current)
                 freeze_heap(collect=not first)  # the first: seconds of walking for a few objects
         except CapacityError as exc:  # admission should have prevented it
@@ -150,7 +167,7 @@ class LBSync:
         synced state; None when a full sync is needed instead."""
         assert self.maps is not None
         before = self.synced
-        if before is None or self.programmed is None or self.stale or self.refused:
+        if before is None or self._programmed_from is None or self.stale or self.refused:
             return None
         delta = desired.delta
         if delta is not None and delta.base() is before:
@@ -181,13 +198,9 @@ class LBSync:
         self._count_writes(p)
         self.index.apply(p, self.current)
         self._update_gauges()
-        for key, want in changes.items():
-            if want is None:
-                self.programmed.pop(key, None)
-            else:
-                self.programmed[key] = want
         self._external_synced(exposed, claimed, external)
         self.synced = desired
+        self._programmed_from = (desired, self.external)
         return p.writes
 
     def _external_changes(self, desired: DesiredState, touched) -> tuple[dict, set[Frontend], set[SvcKey]]:
@@ -232,7 +245,7 @@ class LBSync:
         for _ in range(ADMISSION_ROUNDS):
             admission, p = self._plan_what_fits(wanted)
             self._apply(p)
-            self.programmed = admission.wanted
+            self._programmed, self._programmed_from = admission.wanted, None
             writes += p.writes
             freed = p.service_deletes or p.slot_deletes or p.backend_deletes
             if not (admission.refused and freed):
@@ -294,8 +307,9 @@ class LBSync:
         self.index, self.synced = None, None
         try:
             self.current = self.maps.read()
-            if self.programmed is not None:
-                self._apply(plan(self.current, self.programmed))
+            programmed = self.programmed
+            if programmed is not None:
+                self._apply(plan(self.current, programmed))
         except Exception as exc:
             log.error("could not restore the previous state: %s", one_line(exc))
             try:

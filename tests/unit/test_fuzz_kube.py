@@ -13,7 +13,6 @@ is one line naming its object, and the good set stays in the state.
 from __future__ import annotations
 
 import os
-import json
 import random
 
 from fuzz_objects import good_objects, mutate
@@ -83,6 +82,7 @@ def test_the_incremental_path_leaves_out_what_a_full_build_leaves_out(api, make_
     """Service and EndpointSlice events alone take the incremental path
     (kube_incremental); with bad objects among them it must give the state
     a full build of the same objects gives."""
+    from meshbpf.sources.held_text import loaded
     from meshbpf.sources.kube_objects import SourceObject, build_state
 
     first, second = good_objects(), good_objects("2")
@@ -100,8 +100,8 @@ def test_the_incremental_path_leaves_out_what_a_full_build_leaves_out(api, make_
             versions[kind] = api.apply(bad)
         wait_for(lambda: in_step(p, versions), "the round's events")
         p.poll()
-        items = [SourceObject(json.loads(o) if isinstance(o, str) else o, "API server")
-                 for r in ("services", "endpointslices")      # kept as compact JSON text
+        items = [SourceObject(loaded(o), "API server")
+                 for r in ("services", "endpointslices")      # kept as packed compact JSON text
                  for o in p.source.reflectors[r].items()]
         full = build_state(items, node_name="node-a").state
         assert p.emitted[-1].service_ports == full.service_ports

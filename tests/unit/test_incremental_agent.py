@@ -99,6 +99,40 @@ def test_a_failed_incremental_write_restores_and_the_retry_is_a_full_sync(agent_
     assert full.calls and matches(agent, second)
 
 
+class HalfWrite:
+    """Maps whose next write lands its first step only, then fails."""
+
+    def __init__(self, maps):
+        self.maps, self.armed = maps, True
+
+    def __getattr__(self, name):
+        return getattr(self.maps, name)
+
+    def apply(self, p) -> None:
+        if not self.armed:
+            return self.maps.apply(p)
+        self.armed = False
+        step = next(p.steps())
+        getattr(self.maps.state, step.map).update(step.entries)
+        raise MapWriteError("boom after one step")
+
+
+def test_a_half_applied_incremental_write_is_undone_to_what_was_synced_before(agent_for):
+    # What the maps were last brought to is kept as the state it was
+    # planned from, not as a copy: the undo must still plan back to it.
+    first, second = state(10), state(11, moved={2: "10.244.100.100"})
+    agent = agent_for(first, second)
+    agent.step()
+    held = agent.lbsync.maps.state.copy()
+    assert agent.lbsync.programmed == wanted_services(first)
+    agent.lbsync.maps = HalfWrite(agent.lbsync.maps)
+    agent.step()
+    assert agent.lbsync.stale
+    assert agent.lbsync.maps.state == held and agent.lbsync.programmed == wanted_services(first)
+    step_until(agent, agent.ready)
+    assert matches(agent, second) and agent.lbsync.programmed == wanted_services(second)
+
+
 def test_the_resync_plans_everything_and_repairs_drift(agent_for, monkeypatch, caplog):
     first = state(10)
     agent = agent_for(first, resync_interval=0.01)

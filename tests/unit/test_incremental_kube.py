@@ -16,7 +16,8 @@ from k8s_builders import endpoint_slice, ep, service
 from meshbpf import overlay
 from meshbpf.reconcile import LBState, plan, wanted_services
 from meshbpf.reconcile.incremental import LBIndex, plan_services
-from meshbpf.sources.kube_incremental import TRIGGER_TIME, ServiceIndex, trigger_time
+from meshbpf.sources.held_text import loaded
+from meshbpf.sources.kube_incremental import TRIGGER_TIME, ServiceIndex, slice_service, trigger_time
 from meshbpf.sources.kube_objects import SourceObject, build_state
 from meshbpf.sync.lb import frontend_changes
 from test_incremental_plan import as_sets
@@ -81,16 +82,23 @@ def as_text(events: dict) -> dict:
     return {k: None if o is None else json.dumps(o, separators=(",", ":")) for k, o in events.items()}
 
 
-@pytest.mark.parametrize("text", [False, True], ids=["dicts", "json-text"])
+@pytest.mark.parametrize("form", ["dicts", "json-text", "held"])
 @pytest.mark.parametrize("seed", range(60))
-def test_events_applied_per_service_equal_a_full_build(seed, text):
+def test_events_applied_per_service_equal_a_full_build(seed, form):
     rng = random.Random(seed)
     services = {key(o): o for o in (random_service(rng, n) for n in NAMES) if rng.random() < 0.7}
     slices = {key(o): o for o in (random_slice(rng, n) for n in range(8))}
     start = full_build(services, slices)
-    raw = (list(as_text(services).values()), list(as_text(slices).values())) if text else None
-    index = ServiceIndex(start.state, services.values(), slices.values(), start.problems, raw=raw,
-                         node_name="node-a")
+    text = form != "dicts"
+    if form == "held":  # as the API source makes it: text, with keys and owners known
+        held_slices = as_text(slices)
+        index = ServiceIndex.of_held(start.state, as_text(services).items(),
+                                     [(k, slice_service(o), held_slices[k]) for k, o in slices.items()],
+                                     start.problems, node_name="node-a")
+    else:
+        raw = (list(as_text(services).values()), list(as_text(slices).values())) if text else None
+        index = ServiceIndex(start.state, services.values(), slices.values(), start.problems, raw=raw,
+                             node_name="node-a")
     for _ in range(15):
         svc_events, slice_events = random_events(rng, services, slices)
         if text:
@@ -212,7 +220,7 @@ def test_the_api_source_leaves_out_a_service_named_as_kubernetes_would_refuse(ap
         poller.poll()
         states = poller.emitted
         assert [p for p in source.problems if "): metadata.name: 'Web_1' is not a DNS-1035 label" in p]
-        items = [SourceObject(json.loads(o) if isinstance(o, str) else o, "API server")
+        items = [SourceObject(loaded(o), "API server")
                  for r in ("services", "endpointslices") for o in source.reflectors[r].items()]
         full = build_state(items, node_name="node-a").state
         assert states[-1].service_ports == full.service_ports

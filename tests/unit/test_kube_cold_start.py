@@ -1,17 +1,20 @@
-"""The Kubernetes source's cold start: the first list's dicts feed the first
-build (once; later builds read the held text back), and the cyclic
-collector stays paused while any thread lists."""
+"""The Kubernetes source's cold start: a list holds each object as its
+packed compact text only, the build reads them back one at a time and keeps none,
+and the cyclic collector stays paused while any thread lists."""
 
 from __future__ import annotations
 
 import gc
 import json
+import sys
 import threading
 
-from k8s_builders import endpoint_slice, ep
+from k8s_builders import endpoint_slice, ep, service
 from meshbpf.gcpause import gc_paused
+from meshbpf.sources.kube_objects import SourceObject, build_state
 from meshbpf.sources.kube_watch import Reflector
-from meshbpf.sources.kubernetes import ENDPOINT_SLICE_KEPT, _pruned, as_text
+from meshbpf.sources.held_text import loaded
+from meshbpf.sources.kubernetes import ENDPOINT_SLICE_KEPT, _pruned, as_held
 
 
 class _Page:
@@ -40,51 +43,46 @@ def reflector(items: list[dict]) -> Reflector:
     def list_func(**kwargs):
         return _Page({"kind": "EndpointSliceList", "metadata": {"resourceVersion": "7"}, "items": items})
     return Reflector("endpointslices", list_func, kind="EndpointSlice", api_version="discovery.k8s.io/v1",
-                     transform=_pruned(ENDPOINT_SLICE_KEPT), hold=as_text)
+                     transform=_pruned(ENDPOINT_SLICE_KEPT), hold=as_held)
 
 
-class CountingRead:
-    def __init__(self):
-        self.calls = 0
-
-    def __call__(self, text: str) -> dict:
-        self.calls += 1
-        return json.loads(text)
-
-
-def test_the_first_build_reads_the_listed_dicts_and_later_ones_the_held_text():
+def test_a_list_holds_each_object_as_packed_compact_text_only():
     r = reflector(_slices(5))
     r._relist()
-    read = CountingRead()
-    held, objs = r.read_items(read)
-    assert read.calls == 0 and len(objs) == 5
-    assert all(isinstance(h, str) for h in held)
-    assert objs == [json.loads(h) for h in held]  # the same objects as the text holds
-    assert all("targetRef" not in e for o in objs for e in o["endpoints"])
-    # Dropped once read: the next build decodes the held text.
-    again, objs2 = r.read_items(read)
-    assert read.calls == 5 and again == held and objs2 == objs
+    held = r.held_items()
+    assert [k for k, _ in held] == [("default", f"s-{i}-x") for i in range(5)]
+    assert all(isinstance(h, bytes) for _, h in held)
+    objs = [loaded(h) for _, h in held]
+    assert all("targetRef" not in e for o in objs for e in o["endpoints"])  # pruned before held
+    assert objs[0]["kind"] == "EndpointSlice"  # list items get their kind back
 
 
-def test_an_object_changed_after_the_list_is_read_from_its_new_text():
+def test_an_object_changed_after_the_list_is_held_as_its_new_text():
     r = reflector(_slices(3))
     r._relist()
     moved = _slices(3, moved=1)[1]
     r._apply({"type": "MODIFIED", "object": moved})
-    read = CountingRead()
-    held, objs = r.read_items(read)
-    assert read.calls == 1
-    assert objs == [json.loads(h) for h in held]
+    objs = [loaded(h) for _, h in r.held_items()]
     assert objs[1]["endpoints"][1]["addresses"] == ["10.3.0.1"]
 
 
-def test_a_relist_keeps_no_dicts():
-    r = reflector(_slices(3))
-    r._relist()
-    r._relist()  # dicts only from the first list: a relist's build is not the cold start
-    read = CountingRead()
-    held, objs = r.read_items(read)
-    assert read.calls == 3 and objs == [json.loads(h) for h in held]
+def test_the_build_keeps_no_object_it_has_read():
+    # The cold start reads every object back from its text: each must be
+    # freed once read, not all of them held until the state is built.
+    objs = [dict(o, kind="EndpointSlice", apiVersion="discovery.k8s.io/v1") for o in _slices(4)]
+    objs.append(service("s-0", "10.96.0.1"))
+    def refs(upto: int) -> list[int]:
+        return [sys.getrefcount(objs[j]) for j in range(upto)]
+    held_before = refs(len(objs))
+
+    def one_at_a_time():
+        for i, obj in enumerate(objs):
+            # Every object but the last one or two (the readers' loop
+            # variables) is referenced only as before the build.
+            assert refs(max(i - 2, 0)) == held_before[:max(i - 2, 0)]
+            yield SourceObject(obj, "API server")
+    result = build_state(one_at_a_time())
+    assert result.problems == [] and len(result.state.service_ports) == 1
 
 
 def test_the_collector_stays_paused_until_the_last_thread_ends_its_pause():
@@ -114,3 +112,16 @@ def test_a_pause_leaves_a_collector_that_was_off_off():
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_freezing_the_heap_after_a_full_sync_hands_free_c_memory_back(monkeypatch):
+    import meshbpf.gcpause as gcpause
+    calls = []
+    monkeypatch.setattr(gcpause, "_malloc_trim", lambda pad: calls.append(pad))
+    try:
+        gcpause.freeze_heap(collect=False)
+    finally:
+        gc.unfreeze()
+    assert calls == [0]  # malloc_trim(0): every free page
+    monkeypatch.setattr(gcpause, "_malloc_trim", None)  # not glibc: nothing to call
+    assert gcpause.trim_malloc() is False

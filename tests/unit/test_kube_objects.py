@@ -735,3 +735,28 @@ def test_ipv4_mapped_endpoint_address_is_refused():
     result = build(service("web", "fd00:96::10"), sl)
     (problem,) = result.problems
     assert problem.path == "endpoints[1].addresses[0]" and "IPv4-mapped" in problem.reason
+
+
+def test_repeated_strings_are_shared_and_compare_as_before():
+    # Decoded JSON gives each value its own string: the state shares them
+    # (namespace, port name, protocol, node name, zone) instead.
+    objs = json.loads(json.dumps([
+        service("a", "10.96.0.1", namespace="shop"), service("b", "10.96.0.2", namespace="shop"),
+        endpoint_slice("a-x", "a", [ep("10.244.1.1", zone="z1")], namespace="shop"),
+        endpoint_slice("b-x", "b", [ep("10.244.1.2", zone="z1")], namespace="shop")]))
+    result = build(*objs)
+    assert result.problems == []
+    a, b = (result.state.service_ports[fe(ip, 80)] for ip in ("10.96.0.1", "10.96.0.2"))
+    assert a.namespace == "shop" and a.namespace is b.namespace
+    assert a.port_name == "http" and a.port_name is b.port_name
+    assert a.frontend.protocol == "TCP" and a.frontend.protocol is b.frontend.protocol
+    (ea,), (eb,) = a.endpoints, b.endpoints
+    assert (ea.node_name, ea.zone) == ("node-a", "z1")
+    assert ea.node_name is eb.node_name and ea.zone is eb.zone
+
+
+def test_a_port_name_that_is_not_a_string_is_a_problem_not_an_internal_error():
+    # Names are shared (interned) as they are read: only strings are.
+    result = build(service("web", ports=[{"name": 80, "port": 80, "protocol": "TCP"}]))
+    assert [(p.path, p.reason) for p in result.problems] == [
+        ("spec.ports[0].name", "expected a string, got an integer 80")]
