@@ -96,6 +96,5 @@ def unpack(held: bytes) -> str:
 def loaded(held: Any) -> Any:
     """An object as held (packed bytes, plain text or a dict) as a dict."""
     if isinstance(held, bytes):
-        d = zlib.decompressobj(_WBITS, _TYPICAL)
-        return json.loads(d.decompress(held) + d.flush())
+        return json.loads(unpack(held))
     return json.loads(held) if isinstance(held, str) else held

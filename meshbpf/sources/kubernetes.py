@@ -43,7 +43,7 @@ from kubernetes import client, config
 from ..model import AgentSettings, Delta, DesiredState
 from . import agent_config, schema
 from .errors import ConfigError, Problem, internal_error
-from .held_text import as_held, as_text, loaded  # noqa: F401  (as_text: the tests' too)
+from .held_text import as_held, loaded
 from .kube_incremental import ServiceIndex, slice_service
 from .kube_objects import PROXY_NAME_LABEL, BuildResult, SourceObject, build_state
 from ..capture.settings import kept_annotations

@@ -9,7 +9,7 @@ import threading
 
 from k8s_builders import endpoint_slice, ep, service
 from meshbpf.sources.held_text import as_held_exactly, loaded, pack, unpack
-from meshbpf.sources.kubernetes import as_held, as_text
+from meshbpf.sources.held_text import as_held, as_text
 
 
 def test_packed_text_reads_back_as_the_object():

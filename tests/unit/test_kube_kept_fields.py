@@ -9,7 +9,8 @@ import json
 
 from k8s_builders import endpoint_slice, ep, service
 from meshbpf.sources.kube_objects import SourceObject, build_state
-from meshbpf.sources.kubernetes import ENDPOINT_SLICE_KEPT, _pruned, _service_kept, as_text
+from meshbpf.sources.held_text import as_text
+from meshbpf.sources.kubernetes import ENDPOINT_SLICE_KEPT, _pruned, _service_kept
 
 OWNER = [{"apiVersion": "v1", "kind": "Service", "name": "web", "uid": "u-1", "controller": True}]
 
