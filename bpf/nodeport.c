@@ -56,7 +56,7 @@ int mbpf_ns_xdp(struct xdp_md *ctx)
 		entry = mbpf_ns_ct.lookup(&key);
 		if (entry) {
 			t = *entry;
-			if (!mbpf_ns_be.lookup(&t.backend_id))
+			if (!ns_backend_still(&t))
 				return XDP_PASS;  /* its backend is gone: tc balances it again */
 			ns_ct_touch(entry, &x.p);
 			counter = MBPF_NS_ESTABLISHED;

@@ -17,6 +17,7 @@
 #define MBPF_NODEPORT_H
 
 #include "common.h"
+#include "addr.h"
 #include "ns_pkt.h"
 #include "ns_reject.h"
 #include "ns_icmp.h"
@@ -372,6 +373,16 @@ static __always_inline int ns_new_flow(struct __sk_buff *skb, struct ns_pkt *p,
 	return ns_forward(skb, p);
 }
 
+/* Is the backend a flow chose still there? Its id may since name another
+ * backend (the agent gives a freed id to the next new one), so the id alone
+ * is not enough: the flow would go on to an address no Service names. */
+static __always_inline int ns_backend_still(const struct mbpf_ns_ct *fwd)
+{
+	struct mbpf_ns_backend *be = mbpf_ns_be.lookup(&fwd->backend_id);
+
+	return be && be->port == fwd->dport && addr_equal(be->addr, fwd->dst);
+}
+
 /* A packet of a known flow (FWD entry): same backend while it exists.
  * -2: not known (or its backend is gone: a new flow then). */
 static __always_inline int ns_established(struct __sk_buff *skb, struct ns_pkt *p)
@@ -385,7 +396,7 @@ static __always_inline int ns_established(struct __sk_buff *skb, struct ns_pkt *
 	if (!entry)
 		return -2;
 	fwd = *entry;
-	if (!mbpf_ns_be.lookup(&fwd.backend_id)) {
+	if (!ns_backend_still(&fwd)) {
 		mbpf_ns_ct.delete(&key);
 		return -2;
 	}

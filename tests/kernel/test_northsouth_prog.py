@@ -345,6 +345,20 @@ def test_a_flow_whose_backend_is_gone_is_balanced_again(dp, maps):
     assert l3(out).dst == f["remote2"]
 
 
+def test_a_flow_whose_backend_id_now_names_another_backend_is_balanced_again(dp, maps):
+    """The agent gives a freed backend id to the next new backend: a flow to
+    the old one must not go on to an address no Service names any more."""
+    f = FAMILIES[4]
+    key = NsKey(a16(f["ext"]), SVC_PORT, TCP_)
+    frontend(maps, key, [REMOTE_BE])
+    ingress(dp, pkt(4, f["client"], f["ext"], 40006, SVC_PORT))
+    maps.apply([NsStep("backends", "update", {REMOTE_BE: NsBackend(a16(f["remote2"]), BE_PORT, 0)})])
+    before = maps.counters()
+    _, out = ingress(dp, pkt(4, f["client"], f["ext"], 40006, SVC_PORT, flags="A"))
+    assert l3(out).dst == f["remote2"]
+    assert "established" not in counted(maps, before)
+
+
 @FAMS
 def test_replies_are_translated_back_on_ingress_and_egress(dp, maps, fam):
     f = FAMILIES[fam]
