@@ -4,11 +4,13 @@ The matrix script is copied into a scratch tree beside stubs of `run`,
 `build-image` and `render`; the stub `run` exits with the status the test
 names for its kernel series. What is checked: a VM's exit status reaches the
 verdict (a failing share fails its kernel, and only its kernel), a VM that
-ends without a status fails, and stopping the matrix stops the VMs.
+ends without a status fails, a kernel's shares are merged into the one result
+the table is drawn from, and stopping the matrix stops the VMs.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -105,6 +107,46 @@ def test_a_failing_share_fails_its_kernel_only(tmp_path):
     assert done.stderr.strip().splitlines()[-1] == "matrix: FAILED on 6.1"
     statuses = sorted(p.read_text().strip() for p in (tmp_path / "out").glob("*.status"))
     assert statuses == ["0", "0", "0", "3", "3"]
+
+
+RESULT_WRITER = """
+# Each stub VM writes its share's result, as tests/vm/collect would
+for ((k = 1; k <= $#; k++)); do [ "${!k}" = --results ] && { n=$((k + 1)); dir=${!n}; }; done
+mkdir -p "$dir"
+passed=$(( ${#s} * 10 + ${#dir} ))
+cat >"$dir/result.json" <<JSON
+{"series": "$s", "shard": "x", "seconds": ${#dir}, "pytest_exit_status": 0,
+ "counts": {"passed": $passed, "skipped": 1}, "skipped": [{"test": "$dir::s"}], "failed": [],
+ "file_seconds": {"tests/kernel/test_a.py": 1.5}}
+JSON
+"""
+
+
+def test_a_kernels_shares_are_merged_into_one_result(tmp_path):
+    root = _tree(tmp_path)
+    vm = root / "tests" / "vm"
+    shutil.copy(REPO / "tests" / "vm" / "collect", vm / "collect")
+    run = vm / "run"
+    run.write_text(run.read_text().replace('sleep "${STUB_SLEEP:-0.2}"',
+                                           RESULT_WRITER + 'sleep "${STUB_SLEEP:-0.2}"'))
+    # render: the kernel table is drawn from the merged results (its arguments kept)
+    (vm / "render").write_text("import sys\nprint('render:', *sys.argv[1:])\n")
+    done = _matrix(root, tmp_path)
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "out"
+    rendered = next(line for line in done.stdout.splitlines() if line.startswith("render:")).split()[1:]
+    assert rendered == [str(out / s / "result.json") for s in ("5.10", "6.1", "6.12")]
+    for series in ("5.10", "6.1"):
+        shares = [json.loads((out / f"{series}.{i}of2" / "result.json").read_text()) for i in (1, 2)]
+        merged = json.loads((out / series / "result.json").read_text())
+        assert merged["shards"] == 2 and "shard" not in merged
+        assert merged["counts"] == {k: sum(p["counts"][k] for p in shares) for k in ("passed", "skipped")}
+        assert merged["seconds"] == max(p["seconds"] for p in shares)
+        assert len(merged["skipped"]) == 2
+        assert merged["file_seconds"] == {"tests/kernel/test_a.py": 3.0}
+    # The newest kernel ran in one VM: its own result stands, nothing merged
+    assert not (out / "6.12.1of1").exists()
+    assert json.loads((out / "6.12" / "result.json").read_text())["shard"] == "x"
 
 
 def test_a_vm_without_a_status_fails(tmp_path):
