@@ -40,6 +40,9 @@ log = logging.getLogger("meshbpf.agent")  # the agent's log, as users and tests 
 # the table is unchanged.
 CT_GC_INTERVAL = 30.0
 CT_IDLE_NS = 600 * 10**9
+# A healthCheckNodePort another socket held is tried again this often, not
+# only when the Services change: load balancers probe it every few seconds.
+HEALTH_RETRY_INTERVAL = 10.0
 
 
 class NorthSouthMapsLike(Protocol):
@@ -71,6 +74,7 @@ class NorthSouthSync:
         self.retry = Backoff()
         self.stale = False
         self.next_gc = time.monotonic() + CT_GC_INTERVAL
+        self.next_health_try = 0.0
         self.frontends = Gauge("meshbpf_northsouth_frontends",
                                "North-south frontends programmed (NodePorts, external, "
                                "LoadBalancer and ClusterIP addresses)", registry=metrics.registry)
@@ -139,7 +143,11 @@ class NorthSouthSync:
             log.debug("north-south: %d idle conntrack entries removed", removed)
 
     def due(self, now: float) -> bool:
-        return self.retry.due(now)
+        return self.retry.due(now) or self._health_due(now)
+
+    def _health_due(self, now: float) -> bool:
+        """A healthCheckNodePort could not be bound and its next try is due."""
+        return self.health is not None and bool(self.health.failed) and now >= self.next_health_try
 
     def sync(self, desired: DesiredState, reread: bool = False) -> bool:
         """Brings the maps to desired; reread: the maps and the node's
@@ -152,6 +160,8 @@ class NorthSouthSync:
         if not reread and not self.stale and self.inputs is not None and (
                 self._untouched(desired) or _same(inputs, self.inputs)):
             self.synced, self.inputs = desired, inputs
+            if self._health_due(time.monotonic()):
+                self._health(desired)
             return True
         try:
             self._sync(desired)
@@ -211,6 +221,7 @@ class NorthSouthSync:
     def _health(self, desired: DesiredState) -> None:
         if self.health is None:
             return
+        self.next_health_try = time.monotonic() + HEALTH_RETRY_INTERVAL
         try:
             self.health.update(health_checks(desired, self.node.name))
         except Exception as exc:  # a health port never holds up the maps

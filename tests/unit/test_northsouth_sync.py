@@ -162,6 +162,39 @@ def test_health_checks_count_this_nodes_ready_endpoints():
     assert health.ports() == [31000, 31001]
 
 
+def test_a_health_port_another_socket_held_is_served_once_it_is_free(monkeypatch):
+    """Not only when the Services change: the loop's next step after the
+    retry interval binds it (load balancers probe it every few seconds)."""
+    import socket
+
+    import meshbpf.sync.northsouth as sync_mod
+    from meshbpf.northsouth_health import HealthCheckServers
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    state = desired(lb("web", "10.96.0.10", 30080, externalTrafficPolicy="Local", healthCheckNodePort=port),
+                    endpoint_slice("w", "web", [ep("10.244.0.5")]))
+    health = HealthCheckServers(host="127.0.0.1")
+    clock = [1000.0]
+    monkeypatch.setattr(sync_mod.time, "monotonic", lambda: clock[0])
+    try:
+        sync, _ = make_sync(health=health)
+        sync.start(FakeMaps())
+        assert sync.sync(state) and health.ports() == [] and port in health.failed
+        busy.close()
+        assert not sync.due(clock[0] + 1)            # tried again only after the interval
+        sync.sync(state)
+        assert health.ports() == []
+        clock[0] += sync_mod.HEALTH_RETRY_INTERVAL
+        assert sync.due(clock[0])
+        assert sync.sync(state) and health.ports() == [port] and not health.failed
+        assert not sync.due(clock[0] + 3600)         # nothing left to retry
+    finally:
+        busy.close()
+        health.stop()
+
+
 def test_a_delta_of_cluster_ip_only_services_is_not_replanned(monkeypatch):
     import dataclasses
     import weakref
