@@ -147,7 +147,7 @@ class NorthSouthSync:
 
     def _health_due(self, now: float) -> bool:
         """A healthCheckNodePort could not be bound and its next try is due."""
-        return bool(getattr(self.health, "failed", None)) and now >= self.next_health_try
+        return self.health is not None and bool(self.health.failed) and now >= self.next_health_try
 
     def sync(self, desired: DesiredState, reread: bool = False) -> bool:
         """Brings the maps to desired; reread: the maps and the node's

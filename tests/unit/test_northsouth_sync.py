@@ -134,6 +134,7 @@ def test_unchanged_input_is_not_replanned():
 class FakeHealth:
     def __init__(self):
         self.wanted = None
+        self.failed: dict[int, str] = {}   # as HealthCheckServers: every port binds here
 
     def update(self, wanted):
         self.wanted = wanted
