@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from ..admission import Admission, Refusal, admit
 from ..datapath.layout import BY_ROLE
@@ -28,6 +28,11 @@ log = logging.getLogger("meshbpf.agent")  # the agent's log, as users and tests 
 
 MAP_NAMES = {role: spec.name for role, spec in BY_ROLE.items()}
 ADMISSION_ROUNDS = 3   # a round that deletes frees room the next round can hand out
+# Frontends per plan when a big desired state goes into empty maps (a cold
+# start): a whole plan's transient objects (a WantedService per frontend,
+# ~1 KB, and the plan's entries) set the heap's peak at 100 000 Services,
+# and CPython keeps the peak's arenas as RSS.
+EMPTY_MAPS_CHUNK = 8192
 
 
 class LBSync:
@@ -113,12 +118,11 @@ class LBSync:
             writes = None if reread else self._sync_incremental(desired)
             how = "changed frontends only"
             if writes is None:
-                how = "full plan"
-                writes = self._admit_and_apply(self._wanted_in_full(desired, node_addresses))
-                self.synced = None if self.refused else desired
-                if self.synced is not None:  # built now, so the next change does not wait for it
-                    self._programmed, self._programmed_from = None, (desired, self.external)
-                    self.index = LBIndex(self.current)
+                writes = None if reread else self._sync_into_empty_maps(desired, node_addresses)
+                how = "full plan, in chunks into empty maps"
+                if writes is None:
+                    how = "full plan"
+                    writes = self._sync_in_full(desired, node_addresses)
                 freeze_heap(collect=not first)  # the first: seconds of walking for a few objects
         except CapacityError as exc:  # admission should have prevented it
             return self._failed("capacity", f"update rejected, still running the previous state: {exc}")
@@ -150,6 +154,57 @@ class LBSync:
         for t in self.pending_triggers:
             self.metrics.network_programming.observe(max(now - t, 0.0))
         self.pending_triggers.clear()
+
+    def _sync_in_full(self, desired: DesiredState, node_addresses) -> int:
+        writes = self._admit_and_apply(self._wanted_in_full(desired, node_addresses))
+        self.synced = None if self.refused else desired
+        if self.synced is not None:  # built now, so the next change does not wait for it
+            self._programmed, self._programmed_from = None, (desired, self.external)
+            self.index = LBIndex(self.current)
+        return writes
+
+    def _sync_into_empty_maps(self, desired: DesiredState, node_addresses) -> int | None:
+        """A big desired state into empty maps, EMPTY_MAPS_CHUNK frontends
+        per plan, in the full plan's order (plan_services() then hands out
+        the full plan's IDs and slots: tests/unit/test_lb_chunks.py). None
+        when this is not such a sync. A chunk that does not fit hands the
+        rest to the full sync and its admission; a failed write is undone
+        by sync() as any other."""
+        assert self.maps is not None
+        if (len(desired.service_ports) <= EMPTY_MAPS_CHUNK or self.current.services
+                or self.current.slots or self.current.backends):
+            return None
+        self.exposed = {f for f, sp in desired.service_ports.items() if sp.exposure is not None}
+        self.external, self.claimed = ({}, set()) if node_addresses is None else \
+            external_claims(desired.service_ports, node_addresses, self.exposed)
+        self.synced_addresses = node_addresses
+        self.index = index = LBIndex(self.current)
+        writes = 0
+        for chunk in _chunks(self._wanted_in_order(desired), EMPTY_MAPS_CHUNK):
+            p = plan_services(self.current, index, chunk)
+            try:
+                check_capacity(self.current, p, self.maps.capacity, MAP_NAMES)
+            except CapacityError:
+                self.index = None
+                return writes + self._sync_in_full(desired, node_addresses)
+            self.synced = None  # until the whole state has landed
+            self.maps.apply(p)
+            self._count_writes(p)
+            index.apply(p, self.current)
+            writes += p.writes
+        self._update_gauges()
+        self._note_refusals([])
+        self.synced = desired
+        self._programmed, self._programmed_from = None, (desired, self.external)
+        return writes
+
+    def _wanted_in_order(self, desired: DesiredState) -> Iterator[tuple[SvcKey, WantedService]]:
+        """What _wanted_in_full() returns, one frontend at a time, in its
+        order: the ClusterIP frontends, then the external ones (never a
+        ClusterIP's key: external_claims() leaves those to the ClusterIP)."""
+        for sp in desired.service_ports.values():
+            yield wanted_service(sp)
+        yield from self.external.items()
 
     def _wanted_in_full(self, desired: DesiredState, node_addresses) -> dict[SvcKey, WantedService]:
         """wanted_services(), keeping its external frontends and the exposed
@@ -351,6 +406,18 @@ def frontend_changes(before: dict, after: dict, where: Iterable | None = None
             key, want = wanted_service(new)
             changes[key] = want
     return changes
+
+
+def _chunks(items: Iterable[tuple[SvcKey, WantedService]], size: int
+            ) -> Iterator[dict[SvcKey, WantedService]]:
+    chunk: dict[SvcKey, WantedService] = {}
+    for key, want in items:
+        chunk[key] = want
+        if len(chunk) == size:
+            yield chunk
+            chunk = {}
+    if chunk:
+        yield chunk
 
 
 def _key_of(fe: Frontend) -> SvcKey:
