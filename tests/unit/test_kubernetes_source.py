@@ -580,6 +580,21 @@ def test_an_object_with_a_problem_is_left_out_and_logged(api, make_source, clust
     p.until(lambda v: WEB in v and not v[WEB], "clash takes the address once web is gone")
 
 
+def test_the_full_build_reports_slices_with_and_without_their_service(api, make_source, cluster_list):
+    # The full build reads each Service with its slices (build_by_service);
+    # a slice of no listed Service, or of none at all, is still read.
+    api.load(cluster_list)
+    api.apply(endpoint_slice("web-bad", "web", [ep("10.244.1.300")]))
+    api.apply(endpoint_slice("gone-1", "gone", [ep("10.244.9.300")]))
+    api.apply(endpoint_slice("gone-2", "gone", [ep("10.244.9.9")]))   # fine, and unused
+    p = make_source()
+    state = p.first()
+    problems = "\n".join(p.source.problems)
+    assert "EndpointSlice default/web-bad" in problems and "EndpointSlice default/gone-1" in problems
+    assert len(p.source.problems) == 2
+    assert view(state)[WEB] == ["10.244.1.5", "10.244.2.7"]   # web's good slice still counts
+
+
 def test_fields_of_a_newer_kubernetes_do_not_make_an_object_unusable(api, make_source):
     svc = service("future", "10.96.8.5", futureSpecField={"x": 1})
     sl = endpoint_slice("future-x", "future", [ep("10.244.8.5")])
