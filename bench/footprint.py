@@ -1,10 +1,12 @@
 """Where the agent's memory goes (issue 14): a breakdown, not a benchmark.
 
     .venv/bin/python bench/footprint.py [--source kubernetes|file] [--size 10000]
-        [--trace] [--out bench/results/footprint-kube-10k.json]
+        [--restart] [--trace] [--out bench/results/footprint-kube-10k.json]
 
 Runs the cold start bench/incremental.py runs (the same agent, source and
-in-memory maps), then reports:
+in-memory maps; with --restart, maps that already hold the state, as a
+restarted agent finds them pinned: a first cold start in a child process
+fills them), then reports:
 
 - rss and glibc's own view (mallinfo2): bytes in use by malloc, free bytes
   held in its arenas (fragmentation: RSS that no live object uses), and
@@ -25,6 +27,7 @@ import argparse
 import ctypes
 import gc
 import json
+import pickle
 import sys
 import time
 import tracemalloc
@@ -151,7 +154,8 @@ def _lru_contents(cached) -> list:
     return [info.currsize]
 
 
-def run(source_kind: str, n: int, trace: bool) -> dict:
+def run(source_kind: str, n: int, trace: bool, maps_from: Path | None = None,
+        save_maps: Path | None = None) -> dict:
     import tempfile
     if trace:
         tracemalloc.start(1)
@@ -171,6 +175,10 @@ def run(source_kind: str, n: int, trace: bool) -> dict:
         rss0 = inc.rss_mb()
         t, cpu = time.monotonic(), time.process_time()
         agent, maps, _ = inc.make_agent(source, n)
+        if maps_from is not None:
+            with maps_from.open("rb") as f:
+                maps.state = pickle.load(f)   # new objects, as a read of pinned maps makes
+            agent.lbsync.current = maps.read()  # what LBSync.start() reads at an agent's start
         if source_kind == "kubernetes":
             loop = inc.LoopThread(agent)
             while not agent.ready():
@@ -180,7 +188,11 @@ def run(source_kind: str, n: int, trace: bool) -> dict:
             agent.step()
         out: dict = {"source": source_kind, "services": n, "cold_start_s": round(time.monotonic() - t, 1),
                      "cold_start_cpu_s": round(time.process_time() - cpu, 1),
+                     "restart": maps_from is not None, "maps_written": maps.writes,
                      "rss_before_mb": round(rss0, 1), "after_start": malloc_view()}
+        if save_maps is not None:
+            with save_maps.open("wb") as f:
+                pickle.dump(maps.state, f, protocol=pickle.HIGHEST_PROTOCOL)
         libc = ctypes.CDLL(None)
         t = time.monotonic()
         libc.malloc_trim(0)  # glibc's free pages back to the system: does it help?
@@ -211,9 +223,21 @@ def main() -> None:
     ap.add_argument("--source", choices=("kubernetes", "file"), default="kubernetes")
     ap.add_argument("--size", type=int, default=10_000)
     ap.add_argument("--trace", action="store_true")
+    ap.add_argument("--restart", action="store_true",
+                    help="start over maps that already hold the state (filled by a child's cold start)")
+    ap.add_argument("--save-maps", type=Path, help=argparse.SUPPRESS)  # the child's side of --restart
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    out = run(args.source, args.size, args.trace)
+    if args.restart:
+        import subprocess
+        import tempfile
+        with tempfile.TemporaryDirectory() as d:
+            saved = Path(d) / "maps.pickle"
+            subprocess.run([sys.executable, __file__, "--source", args.source, "--size", str(args.size),
+                            "--save-maps", str(saved)], check=True, stdout=subprocess.DEVNULL)
+            out = run(args.source, args.size, args.trace, maps_from=saved)
+    else:
+        out = run(args.source, args.size, args.trace, save_maps=args.save_maps)
     text = json.dumps(out, indent=1)
     print(text)
     if args.out:
