@@ -179,6 +179,7 @@ class LBSync:
             external_claims(desired.service_ports, node_addresses, self.exposed)
         self.synced_addresses = node_addresses
         self.index = index = LBIndex(self.current)
+        self.synced = None  # until the whole state has landed
         writes = 0
         for chunk in _chunks(self._wanted_in_order(desired), EMPTY_MAPS_CHUNK):
             p = plan_services(self.current, index, chunk)
@@ -187,7 +188,6 @@ class LBSync:
             except CapacityError:
                 self.index = None
                 return writes + self._sync_in_full(desired, node_addresses)
-            self.synced = None  # until the whole state has landed
             self.maps.apply(p)
             self._count_writes(p)
             index.apply(p, self.current)
