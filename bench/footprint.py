@@ -1,7 +1,7 @@
 """Where the agent's memory goes (issue 14): a breakdown, not a benchmark.
 
     .venv/bin/python bench/footprint.py [--source kubernetes|file] [--size 10000]
-        [--restart] [--trace] [--out bench/results/footprint-kube-10k.json]
+        [--restart] [--stages] [--trace] [--out bench/results/footprint-kube-10k.json]
 
 Runs the cold start bench/incremental.py runs (the same agent, source and
 in-memory maps; with --restart, maps that already hold the state, as a
@@ -16,6 +16,8 @@ fills them), then reports:
   order listed: a later root is charged only for what it does not share
   with an earlier one);
 - object counts by type (the biggest);
+- with --stages, the allocators' accounts around the source's full build
+  and the LB sync (the arenas' high-water mark after the build is its peak);
 - with --trace, tracemalloc's top lines at the end of the start (tracing
   slows the start several times and costs its own memory: compare its
   lines with each other, not its total with RSS).
@@ -154,9 +156,32 @@ def _lru_contents(cached) -> list:
     return [info.currsize]
 
 
+def watch_stages(stages: list) -> None:
+    """Records malloc_view() before and after the cold start's two big steps."""
+    from meshbpf.sources.kubernetes import KubernetesSource
+    from meshbpf.sources.yaml_file import FileSource
+    from meshbpf.sync.lb import LBSync
+
+    def around(cls: type, name: str, label: str) -> None:
+        real = getattr(cls, name)
+
+        def wrapped(*args, **kwargs):
+            stages.append((f"{label} <", malloc_view()))
+            try:
+                return real(*args, **kwargs)
+            finally:
+                stages.append((f"{label} >", malloc_view()))
+        setattr(cls, name, wrapped)
+    around(KubernetesSource, "build", "source build")
+    around(FileSource, "poll", "source poll")
+    around(LBSync, "sync", "LB sync")
+
+
 def run(source_kind: str, n: int, trace: bool, maps_from: Path | None = None,
-        save_maps: Path | None = None) -> dict:
+        save_maps: Path | None = None, stages: list | None = None) -> dict:
     import tempfile
+    if stages is not None:
+        watch_stages(stages)
     if trace:
         tracemalloc.start(1)
     with tempfile.TemporaryDirectory() as d:
@@ -189,6 +214,7 @@ def run(source_kind: str, n: int, trace: bool, maps_from: Path | None = None,
         out: dict = {"source": source_kind, "services": n, "cold_start_s": round(time.monotonic() - t, 1),
                      "cold_start_cpu_s": round(time.process_time() - cpu, 1),
                      "restart": maps_from is not None, "maps_written": maps.writes,
+                     **({"stages": stages} if stages is not None else {}),
                      "rss_before_mb": round(rss0, 1), "after_start": malloc_view()}
         if save_maps is not None:
             with save_maps.open("wb") as f:
@@ -223,6 +249,8 @@ def main() -> None:
     ap.add_argument("--source", choices=("kubernetes", "file"), default="kubernetes")
     ap.add_argument("--size", type=int, default=10_000)
     ap.add_argument("--trace", action="store_true")
+    ap.add_argument("--stages", action="store_true",
+                    help="the allocators' accounts around the source's build and the LB sync")
     ap.add_argument("--restart", action="store_true",
                     help="start over maps that already hold the state (filled by a child's cold start)")
     ap.add_argument("--save-maps", type=Path, help=argparse.SUPPRESS)  # the child's side of --restart
@@ -235,9 +263,11 @@ def main() -> None:
             saved = Path(d) / "maps.pickle"
             subprocess.run([sys.executable, __file__, "--source", args.source, "--size", str(args.size),
                             "--save-maps", str(saved)], check=True, stdout=subprocess.DEVNULL)
-            out = run(args.source, args.size, args.trace, maps_from=saved)
+            out = run(args.source, args.size, args.trace, maps_from=saved,
+                      stages=[] if args.stages else None)
     else:
-        out = run(args.source, args.size, args.trace, save_maps=args.save_maps)
+        out = run(args.source, args.size, args.trace, save_maps=args.save_maps,
+                  stages=[] if args.stages else None)
     text = json.dumps(out, indent=1)
     print(text)
     if args.out:

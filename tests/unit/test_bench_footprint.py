@@ -27,3 +27,8 @@ def test_a_restart_over_filled_maps_writes_nothing_and_a_cold_start_writes_them(
     assert out["restart"] is restart and out["services"] == 300
     assert (out["maps_written"] == 0) is restart
     assert out["after_start"]["rss_mb"] > 0
+
+
+def test_stages_report_the_allocators_around_the_build_and_the_lb_sync():
+    stages = [name for name, view in footprint("--stages")["stages"] if view["rss_mb"] > 0]
+    assert stages == ["source build <", "source build >", "LB sync <", "LB sync >"]
