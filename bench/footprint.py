@@ -6,7 +6,8 @@
 Runs the cold start bench/incremental.py runs (the same agent, source and
 in-memory maps; with --restart, maps that already hold the state, as a
 restarted agent finds them pinned: a first cold start in a child process
-fills them), then reports:
+fills them, and the agent reads them back through LBMaps.read() from
+packed entries, as bcc hands out pinned maps' entries), then reports:
 
 - rss and glibc's own view (mallinfo2): bytes in use by malloc, free bytes
   held in its arenas (fragmentation: RSS that no live object uses), and
@@ -40,6 +41,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "bench")]
 
 import incremental as inc  # noqa: E402  (sets sys.path for meshbpf and the fakes)
+from meshbpf.datapath import maps as lbmaps  # noqa: E402
+from meshbpf.datapath.layout import BY_ROLE, CODECS  # noqa: E402
+from meshbpf.reconcile import LBState  # noqa: E402
 
 
 class _Mallinfo2(ctypes.Structure):
@@ -177,6 +181,34 @@ def watch_stages(stages: list) -> None:
     around(LBSync, "sync", "LB sync")
 
 
+class PackedTable:
+    """A map's entries as the kernel holds them, handed out the way bcc's
+    batch lookup does (one ctypes array of keys and one of values, an
+    object per element), so LBMaps.read() makes the objects, and leaves the
+    holes, that a read of pinned maps makes."""
+
+    def __init__(self, role: str, entries: dict):
+        spec, (_, key_into, _, val_into) = BY_ROLE[role], CODECS[role]
+        self.keys = lbmaps._array(spec.key, key_into, (role, "key"), list(entries))
+        self.values = lbmaps._array(spec.value, val_into, (role, "value"), list(entries.values()))
+
+    def items_lookup_batch(self):
+        keys, values = self.keys, self.values
+        for i in range(len(keys)):
+            yield keys[i], values[i]
+
+
+def read_as_pinned(saved: Path) -> LBState:
+    """What a restarted agent's LBMaps.read() makes of maps holding the
+    LBState pickled in `saved` (loaded, packed and dropped first: the
+    kernel holds the maps, not the agent)."""
+    with saved.open("rb") as f:
+        state = pickle.load(f)
+    tables = {role: PackedTable(role, getattr(state, role)) for role in BY_ROLE}
+    del state
+    return lbmaps.LBMaps(tables, {}).read()
+
+
 def run(source_kind: str, n: int, trace: bool, maps_from: Path | None = None,
         save_maps: Path | None = None, stages: list | None = None) -> dict:
     import tempfile
@@ -201,8 +233,7 @@ def run(source_kind: str, n: int, trace: bool, maps_from: Path | None = None,
         t, cpu = time.monotonic(), time.process_time()
         agent, maps, _ = inc.make_agent(source, n)
         if maps_from is not None:
-            with maps_from.open("rb") as f:
-                maps.state = pickle.load(f)   # new objects, as a read of pinned maps makes
+            maps.state = read_as_pinned(maps_from)
             agent.lbsync.current = maps.read()  # what LBSync.start() reads at an agent's start
         if source_kind == "kubernetes":
             loop = inc.LoopThread(agent)

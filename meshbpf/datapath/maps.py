@@ -8,9 +8,9 @@ import os
 import socket
 import struct
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
-from ..reconcile import LBState, Plan
+from ..reconcile import LBState, Plan, state_from_entries
 from . import libbpf
 from .layout import BY_ROLE, CODECS, COUNTABLE, LB_COLUMNS, LB_MAPS, LB_RESULTS
 
@@ -37,13 +37,12 @@ class LBMaps:
         return cls(tables, capacity)
 
     def read(self) -> LBState:
-        state = LBState()
-        for role in ROLES:
-            key_from, _, val_from, _ = CODECS[role]
-            target = getattr(state, role)
-            for k, v in _all_items(self.tables[role]):
-                target[key_from(k)] = val_from(v)
-        return state
+        return state_from_entries({role: self._entries(role) for role in ROLES})
+
+    def _entries(self, role: str) -> Iterator[tuple]:
+        key_from, _, val_from, _ = CODECS[role]
+        for k, v in _all_items(self.tables[role]):
+            yield key_from(k), val_from(v)
 
     def apply(self, plan: Plan) -> None:
         """Writes the plan's steps in order; each step is one batch syscall."""

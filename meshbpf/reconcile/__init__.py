@@ -104,6 +104,27 @@ class LBState:
         return LBState(dict(self.services), dict(self.slots), dict(self.backends))
 
 
+def state_from_entries(entries: Mapping[str, Iterable[tuple]]) -> LBState:
+    """An LBState from each map's (key, value) pairs, as a read of the maps
+    yields them, with one int object per value: a read makes a new one per
+    field (IDs and ports, 28 bytes each, 1.2 million at 100 000 Services,
+    where the plans that wrote the maps share one per ID)."""
+    pool: dict[int, int] = {}
+    one = pool.setdefault
+
+    def shared(value):
+        if type(value) is int:
+            return one(value, value)
+        return value._make([one(x, x) if type(x) is int else x for x in value])
+
+    state = LBState()
+    for role, pairs in entries.items():
+        target = getattr(state, role)
+        for key, value in pairs:
+            target[shared(key)] = shared(value)
+    return state
+
+
 class Step(NamedTuple):
     map: str     # "backends", "slots" or "services"
     op: str      # "update" or "delete"

@@ -135,6 +135,22 @@ class LBIndex:
 _EMPTY = SlotRow()
 
 
+def made_by_a_plan(state: LBState) -> bool:
+    """Whether `state` is as plans leave the maps (what plan_services()
+    needs to equal the full plan): each frontend its own service ID, every
+    slot of a frontend and naming a stored backend, one backend ID per
+    value. A crash inside a plan's deletes can leave a slot of no frontend
+    (the frontend goes first), as can maps edited by hand: the full plan
+    repairs those."""
+    svc_ids = {v.svc_id for v in state.services.values()}
+    if len(svc_ids) != len(state.services):
+        return False
+    backends = state.backends
+    if any(k.svc_id not in svc_ids or v.backend_id not in backends for k, v in state.slots.items()):
+        return False
+    return len(set(backends.values())) == len(backends)
+
+
 def plan_services(current: LBState, index: LBIndex,
                   changes: Mapping[SvcKey, WantedService | None]) -> Plan:
     """What to write so that each frontend in `changes` holds what it maps to

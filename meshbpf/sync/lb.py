@@ -20,7 +20,7 @@ from ..metrics import AgentMetrics
 from ..model import DesiredState, Frontend, IPAddress
 from ..reconcile import (IPPROTO, CapacityError, LBState, Plan, SvcKey, WantedService, addr16,
                          check_capacity, external_claims, plan, wanted_service, wanted_services)
-from ..reconcile.incremental import LBIndex, plan_services
+from ..reconcile.incremental import LBIndex, made_by_a_plan, plan_services
 from ..retry import Backoff
 from . import one_line
 
@@ -28,11 +28,12 @@ log = logging.getLogger("meshbpf.agent")  # the agent's log, as users and tests 
 
 MAP_NAMES = {role: spec.name for role, spec in BY_ROLE.items()}
 ADMISSION_ROUNDS = 3   # a round that deletes frees room the next round can hand out
-# Frontends per plan when a big desired state goes into empty maps (a cold
-# start): a whole plan's transient objects (a WantedService per frontend,
-# ~1 KB, and the plan's entries) set the heap's peak at 100 000 Services,
-# and CPython keeps the peak's arenas as RSS.
-EMPTY_MAPS_CHUNK = 8192
+# Frontends per plan when a big desired state is first synced (a cold
+# start into empty maps, a restart over pinned ones): a whole plan's
+# transient objects (a WantedService per frontend, ~1 KB, and the plan's
+# entries) set the heap's peak at 100 000 Services, and CPython keeps the
+# peak's arenas as RSS.
+FIRST_SYNC_CHUNK = 8192
 
 
 class LBSync:
@@ -118,8 +119,8 @@ class LBSync:
             writes = None if reread else self._sync_incremental(desired)
             how = "changed frontends only"
             if writes is None:
-                writes = None if reread else self._sync_into_empty_maps(desired, node_addresses)
-                how = "full plan, in chunks into empty maps"
+                writes = None if reread else self._sync_in_chunks(desired, node_addresses)
+                how = "full plan, in chunks"
                 if writes is None:
                     how = "full plan"
                     writes = self._sync_in_full(desired, node_addresses)
@@ -163,40 +164,69 @@ class LBSync:
             self.index = LBIndex(self.current)
         return writes
 
-    def _sync_into_empty_maps(self, desired: DesiredState, node_addresses) -> int | None:
-        """A big desired state into empty maps, EMPTY_MAPS_CHUNK frontends
-        per plan, in the full plan's order (plan_services() then hands out
-        the full plan's IDs and slots: tests/unit/test_lb_chunks.py). None
-        when this is not such a sync. A chunk that does not fit hands the
-        rest to the full sync and its admission; a failed write is undone
-        by sync() as any other."""
+    def _sync_in_chunks(self, desired: DesiredState, node_addresses) -> int | None:
+        """The first sync of a big desired state, FIRST_SYNC_CHUNK frontends
+        per plan, in the full plan's order, into empty maps (a cold start)
+        or maps a plan made (a restart finds them pinned). plan_services()
+        then hands out the full plan's IDs and slots, and the maps end as
+        the one full plan leaves them (tests/unit/test_lb_chunks.py): a
+        backend no slot names any more, and a frontend no longer wanted, go
+        at the end, as the full plan's deletes do after all its updates.
+        None when this is not such a sync. A chunk that does not fit hands
+        the rest to the full sync and its admission; a failed write is
+        undone by sync() as any other."""
         assert self.maps is not None
-        if (len(desired.service_ports) <= EMPTY_MAPS_CHUNK or self.current.services
-                or self.current.slots or self.current.backends):
+        current = self.current
+        empty = not (current.services or current.slots or current.backends)
+        if len(desired.service_ports) <= FIRST_SYNC_CHUNK or not (
+                empty or (not self.programmed_once and made_by_a_plan(current))):
             return None
         self.exposed = {f for f, sp in desired.service_ports.items() if sp.exposure is not None}
         self.external, self.claimed = ({}, set()) if node_addresses is None else \
             external_claims(desired.service_ports, node_addresses, self.exposed)
         self.synced_addresses = node_addresses
-        self.index = index = LBIndex(self.current)
+        # Before the chunks: the index lives on, their transients do not.
+        self.index = index = LBIndex(current)
         self.synced = None  # until the whole state has landed
+        wanted: set[SvcKey] = set()
         writes = 0
-        for chunk in _chunks(self._wanted_in_order(desired), EMPTY_MAPS_CHUNK):
-            p = plan_services(self.current, index, chunk)
-            try:
-                check_capacity(self.current, p, self.maps.capacity, MAP_NAMES)
-            except CapacityError:
-                self.index = None
+        for chunk in _chunks(self._wanted_in_order(desired), FIRST_SYNC_CHUNK):
+            if not empty:
+                wanted.update(chunk)
+            p = plan_services(current, index, chunk)
+            p.backend_deletes = []  # a later chunk may name it again, by the same ID
+            written = self._apply_chunk(p)
+            if written is None:
                 return writes + self._sync_in_full(desired, node_addresses)
-            self.maps.apply(p)
-            self._count_writes(p)
-            index.apply(p, self.current)
+            writes += written
+        if not empty:
+            p = plan_services(current, index, {key: None for key in current.services if key not in wanted})
+            freed, named = set(p.backend_deletes), index.refs
+            p.backend_deletes = [bid for bid in current.backends if bid in freed or not named.get(bid)]
+            self._write(p)  # deletes only: nothing to overflow
             writes += p.writes
         self._update_gauges()
         self._note_refusals([])
         self.synced = desired
         self._programmed, self._programmed_from = None, (desired, self.external)
         return writes
+
+    def _apply_chunk(self, p: Plan) -> int | None:
+        """Writes one chunk's plan; None when it does not fit."""
+        assert self.maps is not None
+        try:
+            check_capacity(self.current, p, self.maps.capacity, MAP_NAMES)
+        except CapacityError:
+            self.index = None
+            return None
+        self._write(p)
+        return p.writes
+
+    def _write(self, p: Plan) -> None:
+        assert self.maps is not None and self.index is not None
+        self.maps.apply(p)
+        self._count_writes(p)
+        self.index.apply(p, self.current)
 
     def _wanted_in_order(self, desired: DesiredState) -> Iterator[tuple[SvcKey, WantedService]]:
         """What _wanted_in_full() returns, one frontend at a time, in its

@@ -1,9 +1,10 @@
-"""A big desired state into empty maps (a cold start) is planned and written
-EMPTY_MAPS_CHUNK frontends at a time (sync/lb.py), to keep a whole plan's
+"""A first sync of a big desired state, into empty maps (a cold start) or
+into maps a plan made (a restart finds them pinned), is planned and written
+FIRST_SYNC_CHUNK frontends at a time (sync/lb.py), to keep a whole plan's
 transient objects off the heap's peak. The maps must end exactly as the one
 full plan leaves them: the same IDs, slots and entries, external frontends
-included; and everything else (admission, a failed write, maps that already
-hold entries) must behave as without chunks."""
+included; and everything else (admission, a failed write, maps no plan made,
+later syncs) must behave as without chunks."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 from k8s_builders import endpoint_slice, ep, service
 from meshbpf.datapath.maps import MapWriteError
 from meshbpf.metrics import AgentMetrics
-from meshbpf.reconcile import LBState, plan, wanted_services
+from meshbpf.reconcile import LBState, SlotKey, plan, wanted_services
 from meshbpf.sources.kube_incremental import ServiceIndex
 import meshbpf.sync.lb as lbsync_mod
 from meshbpf.sync.lb import LBSync
@@ -28,7 +29,7 @@ CHUNK = 2
 def full_plans(monkeypatch):
     """Small chunks, so a handful of Services takes several; and a count of
     the full plans made, so a test sees which path ran."""
-    monkeypatch.setattr(lbsync_mod, "EMPTY_MAPS_CHUNK", CHUNK)
+    monkeypatch.setattr(lbsync_mod, "FIRST_SYNC_CHUNK", CHUNK)
     calls: list[int] = []
     monkeypatch.setattr(lbsync_mod, "plan", lambda *a: calls.append(1) or plan(*a))
     return calls
@@ -77,16 +78,85 @@ def test_chunks_into_empty_maps_leave_what_one_full_plan_does(seed, full_plans):
     assert not full_plans
 
 
-def test_a_state_of_one_chunk_or_maps_holding_entries_take_the_full_plan(full_plans):
+@pytest.mark.parametrize("seed", range(40))
+def test_chunks_after_a_restart_leave_what_one_full_plan_does(seed, full_plans):
+    """The maps hold what a plan made of another state (a restart after
+    changes the agent missed): Services come, go and change, backends move
+    between them, external frontends come and go."""
+    _, _, _, before = random_state(seed + 1000)
+    rng, _, _, after = random_state(seed)
+    old_addresses, addresses = rng.choice(ADDRESS_CHOICES), rng.choice(ADDRESS_CHOICES)
+    maps = FakeMaps()
+    maps.state = in_one_plan(before.state, old_addresses)
+    held = maps.state.copy()
+    restarted = new_sync(maps)
+    assert restarted.sync(after.state, node_addresses=addresses)
+    assert not full_plans, "planned in full, not in chunks"
+    wanted = wanted_services(after.state, addresses)
+    assert maps.state == plan(held, wanted).apply_to(held)   # IDs and slots too
+    assert restarted.current == maps.state and restarted.programmed == wanted
+    assert restarted.sync(after.state, node_addresses=addresses) and maps.state == plan(held, wanted).apply_to(held)
+
+
+class Recording(FakeMaps):
+    def __init__(self):
+        super().__init__()
+        self.writes: list[int] = []
+
+    def apply(self, p) -> None:
+        self.writes.append(p.writes)
+        super().apply(p)
+
+
+def test_a_restart_over_maps_that_hold_the_state_writes_nothing(full_plans):
+    _, _, _, start = random_state(7)
+    maps = Recording()
+    assert new_sync(maps).sync(start.state)
+    held, first = maps.state.copy(), len(maps.writes)
+    assert new_sync(maps).sync(start.state)
+    assert maps.state == held and not full_plans
+    assert not any(maps.writes[first:]), "a write for nothing"
+
+
+def hand_edited(state: LBState, how: str) -> LBState:
+    """Maps no plan made: what the full plan repairs and the chunks do not."""
+    state = state.copy()
+    svc_key, svc = next(iter(state.services.items()))
+    slot_key, slot = next(iter(state.slots.items()))
+    if how == "orphan slot":
+        state.slots[SlotKey(max(v.svc_id for v in state.services.values()) + 7, 0)] = slot
+    elif how == "slot naming no backend":
+        state.slots[slot_key] = slot._replace(backend_id=max(state.backends) + 9)
+    elif how == "one value under two IDs":
+        state.backends[max(state.backends) + 3] = state.backends[slot.backend_id]
+    elif how == "two frontends on one ID":
+        other = next(k for k in state.services if k != svc_key)
+        state.services[other] = state.services[other]._replace(svc_id=svc.svc_id)
+    return state
+
+
+@pytest.mark.parametrize("how", ["orphan slot", "slot naming no backend", "one value under two IDs",
+                                 "two frontends on one ID"])
+def test_maps_no_plan_made_take_the_full_plan_that_repairs_them(how, full_plans):
+    _, _, _, before = random_state(11)
+    _, _, _, after = random_state(12)
+    maps = FakeMaps()
+    maps.state = hand_edited(in_one_plan(before.state, None), how)
+    held = maps.state.copy()
+    assert new_sync(maps).sync(after.state) and len(full_plans) == 1
+    assert maps.state == plan(held, wanted_services(after.state)).apply_to(held)
+
+
+def test_a_state_of_one_chunk_or_a_later_full_sync_take_the_full_plan(full_plans):
     one = full({"svc0": service("svc0", "10.96.0.1")},
                {"svc0": endpoint_slice("svc0-1", "svc0", [ep("10.244.0.1")])}).state
     sync = new_sync()
     assert sync.sync(one) and len(full_plans) == 1
     _, _, _, start = random_state(1)
     held = sync.maps.state.copy()
-    restarted = new_sync(sync.maps)   # a restart finds pinned maps: they are planned against
-    assert restarted.sync(start.state) and len(full_plans) == 2
-    assert restarted.maps.state == plan(held, wanted_services(start.state)).apply_to(held)
+    sync.synced = None   # as after Services were left out: the next sync plans in full
+    assert sync.sync(start.state) and len(full_plans) == 2
+    assert sync.maps.state == plan(held, wanted_services(start.state)).apply_to(held)
 
 
 def test_a_chunk_that_does_not_fit_hands_the_rest_to_admission(full_plans):
@@ -124,4 +194,4 @@ def test_the_log_says_the_cold_start_was_chunked(full_plans, caplog):
     _, _, _, start = random_state(5)
     with caplog.at_level("INFO", logger="meshbpf.agent"):
         assert new_sync().sync(start.state)
-    assert "(full plan, in chunks into empty maps)" in caplog.text
+    assert "(full plan, in chunks)" in caplog.text
