@@ -12,6 +12,7 @@ import pytest
 
 from meshbpf.datapath import features, loader
 from meshbpf.lab.workloads import wait_for
+from meshbpf.sync.lb import FIRST_SYNC_CHUNK
 
 from . import k8s
 from .conftest import Load, attached_programs, web_service
@@ -206,3 +207,43 @@ def test_upgrade_to_another_build_under_load(lab, probe, bpffs, start_agent, mon
     assert all(after[name] != before[name] for name in after)  # every program swapped
     assert _lb_json(bpffs) == ids_before  # maps taken over as they were
     assert _total_writes(new.get("/metrics")[1]) == 0
+
+
+def _many_services(lab, n: int, moved: set[int] = frozenset(), gone: int = 0) -> list[dict]:
+    """n Services of one endpoint each (web-1..web-4 in turn; web-2 for
+    those in `moved`), the last `gone` of them left out."""
+    objects = []
+    for i in range(n - gone):
+        pod = "web-2" if i in moved else f"web-{i % 4 + 1}"
+        objects += web_service(lab, pods=(pod,), name=f"s{i}", ip=f"10.97.{i // 250}.{i % 250 + 1}")
+    return objects
+
+
+@pytest.mark.heavy
+def test_a_restart_over_more_services_than_a_chunk_reads_the_maps_and_plans_in_chunks(
+        lab, probe, bpffs, config, start_agent):
+    """The first sync after a restart is planned and written in chunks over
+    what the pinned maps hold (sync/lb.py): with nothing changed it writes
+    nothing and keeps every ID; with changes made while no agent ran, the
+    maps get them."""
+    n = FIRST_SYNC_CHUNK + 40
+    agent = start_agent(_many_services(lab, n))
+    assert "(full plan, in chunks)" in agent.log()
+    before = _lb_json(bpffs)
+    agent.stop(signal.SIGKILL)
+
+    restarted = start_agent()
+    _, body = restarted.get("/metrics")
+    assert _total_writes(body) == 0, body
+    assert metric(body, "meshbpf_services") == n
+    assert _lb_json(bpffs) == before  # same IDs, same slots
+    restarted.stop(signal.SIGKILL)
+
+    k8s.write(config, _many_services(lab, n, moved={0, n - 20}, gone=10))
+    changed = start_agent()
+    assert "(full plan, in chunks)" in changed.log()
+    _, body = changed.get("/metrics")
+    assert metric(body, "meshbpf_services") == n - 10
+    for i in (0, n - 20):
+        assert set(probe("client", "whoami", f"10.97.{i // 250}.{i % 250 + 1}", 80, 4)["answers"]) == {"web-2"}
+    assert set(probe("client", "whoami", "10.97.0.4", 80, 4)["answers"]) == {"web-4"}  # s3, unchanged
