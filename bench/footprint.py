@@ -138,13 +138,18 @@ def roots(agent, maps) -> list[tuple[str, object]]:
              ("mirror's index (LBIndex)", lb.index),
              ("north-south sets (exposed, external, claimed)", (lb.exposed, lb.external, lb.claimed))]
     index = getattr(source, "_index", None)
-    if index is not None:  # Kubernetes source: ServiceIndex over the reflectors' text
+    services = getattr(index, "services", None)  # the file source's FileIndex holds its ServiceIndex
+    services = services if services is not None and not isinstance(services, dict) else index
+    if services is not None:  # the ServiceIndex over the objects' held text
         parts.append(("source: ServiceIndex (ports_of, owner, slices_of, ...)",
-                      {k: v for k, v in vars(index).items() if k not in ("state", "services", "slices")}))
-        parts.append(("source: objects held (compact JSON text)", (index.services, index.slices)))
+                      {k: v for k, v in vars(services).items() if k not in ("state", "services", "slices")}))
+        parts.append(("source: objects held (compact JSON text)", (services.services, services.slices)))
+    if hasattr(source, "reflectors"):
         parts.append(("source: reflectors", source.reflectors))
     else:
-        parts.append(("source (file)", vars(source)))
+        if services is not None and services is not index:
+            parts.append(("source: the files' records (digests and keys per piece)", index.records))
+        parts.append(("source (file): the rest", vars(source)))
     from meshbpf.sources import kube_objects
     parts.append(("address cache (kube_objects._parse_packed)", _lru_contents(kube_objects._parse_packed)))
     return parts

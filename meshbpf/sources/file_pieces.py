@@ -5,7 +5,9 @@ text scanning, so that an edit re-parses only the pieces it changed.
 file source's messages name it), a digest of its text and, for a piece
 not in `known` (the digests of the file's previous read), its parsed
 value. A piece whose digest is known is not parsed: its text is the one
-parsed last time.
+parsed last time. With `take`, each parsed value is handed to it as soon
+as it is parsed instead of kept (a full read holds a file's pieces in
+less than their parsed form, one at a time: file_held).
 
 Cutting text must never change what the file means, so a cut is made only
 where the structure guarantees it, and each piece proves itself by parsing
@@ -55,6 +57,7 @@ class Split:
     values: dict[int, Any] = field(default_factory=dict)  # piece index -> value, for pieces parsed now
     envelope: dict | None = None                  # "list": the List object without its items
     lines: list[int] = field(default_factory=list)  # "stream": each document's first line
+    take: Callable[["Split", int, Any], None] | None = None  # (split, piece index, value), instead of values
 
     def place(self, i: int) -> str:
         """Piece i's place in messages, as parse_documents and _flatten_lists name it."""
@@ -87,16 +90,18 @@ def digest(kind: bytes, text: str) -> bytes:
 _BLAKE2B = hashlib.blake2b
 
 
-def split(path: Path, text: str, known: frozenset[bytes] | set[bytes] = frozenset()) -> Split | None:
-    """The pieces of text; None when it does not cut cleanly (see above)."""
+def split(path: Path, text: str, known: frozenset[bytes] | set[bytes] = frozenset(),
+          take: Callable[[Split, int, Any], None] | None = None) -> Split | None:
+    """The pieces of text; None when it does not cut cleanly (see above).
+    A None may come after `take` was given some pieces: the caller drops them."""
     try:
         if text.lstrip().startswith("{"):
-            return _json_list(path, text, known)
+            return _json_list(path, text, known, take)
         if "&" in text or text.startswith(("%", "...")) or "\n%" in text or "\n..." in text:
             return None
         if text.startswith("---") or "\n---" in text:
-            return _stream(path, text, known)
-        return _yaml_list(path, text, known)
+            return _stream(path, text, known, take)
+        return _yaml_list(path, text, known, take)
     except (_Failed, yaml_fast.NotInSubset, LoadError, ValueError, RecursionError):
         return None  # the whole parse gives the answer, or locates the error
 
@@ -118,13 +123,20 @@ def _piece(out: Split, kind: bytes, text: str, known, parse: Callable[[str], Any
     d = digest(kind, text)
     out.digests.append(d)
     if d not in known:
-        out.values[len(out.digests) - 1] = parse(text)
+        _parsed(out, len(out.digests) - 1, parse(text))
+
+
+def _parsed(out: Split, index: int, value: Any) -> None:
+    if out.take is None:
+        out.values[index] = value
+    else:
+        out.take(out, index, value)
 
 
 # --- a YAML stream ---------------------------------------------------------------
 
-def _stream(path: Path, text: str, known) -> Split:
-    out, yaml = Split(path, "stream"), _YAML()
+def _stream(path: Path, text: str, known, take) -> Split:
+    out, yaml = Split(path, "stream", take=take), _YAML()
 
     def one(piece: str) -> Any:
         docs = yaml.load(piece)
@@ -164,7 +176,7 @@ def _markers(text: str) -> list[int]:
 _COLUMN0 = re.compile(r"\n(?=[^ \n])")
 
 
-def _yaml_list(path: Path, text: str, known) -> Split:
+def _yaml_list(path: Path, text: str, known, take) -> Split:
     at = 0 if text.startswith("items:\n") else text.find("\nitems:\n") + 1
     if at <= 0 and not text.startswith("items:\n"):
         raise _Failed
@@ -186,7 +198,7 @@ def _yaml_list(path: Path, text: str, known) -> Split:
     skeleton = yaml.load(text[:at] + "items: []\n" + tail)
     if len(skeleton) != 1 or not isinstance(skeleton[0], dict) or skeleton[0].get("items") != []:
         raise _Failed
-    out = Split(path, "list", envelope=skeleton[0])
+    out = Split(path, "list", envelope=skeleton[0], take=take)
 
     def item(piece: str) -> Any:
         docs = yaml.load(piece)
@@ -213,6 +225,8 @@ def _interned_keys(pairs: list[tuple[str, Any]]) -> dict:
 _intern = sys.intern
 _DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates)
 _SCAN = json.JSONDecoder(object_pairs_hook=_interned_keys).scan_once  # raw_decode without its Python frame
+# For items handed to `take` (held at once, their dicts dropped): nothing to share.
+_SCAN_PASSING = json.JSONDecoder(object_pairs_hook=_no_duplicates).scan_once
 _WS = re.compile(r"[ \t\n\r]*")
 
 
@@ -257,13 +271,13 @@ def _known_item(text: str, pos: int, sep: str, known) -> tuple[int, bytes]:
     return -1, b""  # the last item (or a separator in a string): parse it
 
 
-def _json_list(path: Path, text: str, known) -> Split:
+def _json_list(path: Path, text: str, known, take) -> Split:
     items_at = _items_start(text)
     pos = _ws(text, items_at)
     if text[pos:pos + 1] != "{":
         raise _Failed  # no items (or not objects): nothing to gain
-    out = Split(path, "list")
-    digests, values = out.digests, out.values
+    out = Split(path, "list", take=take)
+    digests, scan = out.digests, _SCAN if take is None else _SCAN_PASSING
     sep = ""  # between two items: "}" + the comma and whitespace after the first + "{"
     between = ""  # the comma and whitespace between the first two items
     while True:
@@ -272,13 +286,13 @@ def _json_list(path: Path, text: str, known) -> Split:
             digests.append(d)
         else:  # parsed where it starts, as json reads an array: its end is the item's
             try:
-                value, end = _SCAN(text, pos)
+                value, end = scan(text, pos)
             except StopIteration:
                 raise _Failed from None
             d = digest(b"jitem:", text[pos:end])
-            if d not in known:
-                values[len(digests)] = value
             digests.append(d)
+            if d not in known:
+                _parsed(out, len(digests) - 1, value)
         if between and text.startswith(between, end) and text.startswith("{", end + len(between)):
             pos = end + len(between)  # the common case: as between the first two
             continue

@@ -23,12 +23,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from ..gcpause import gc_paused
+from ..gcpause import gc_paused, trim_malloc
 from ..model import DesiredState
 from .errors import ConfigError, Problem, internal_error
 from . import file_pieces
-from .file_incremental import FileIndex, FileRecord, PendingRecord, record_documents, record_pieces, slim
-from .kube_objects import BuildResult, SourceObject, _Collector, _flatten_lists, build_state
+from .file_held import HeldFile, build_files, hold_file, service_index
+from .file_incremental import FileIndex, FileRecord, record_documents, record_pieces
+from .kube_objects import BuildResult, SourceObject
 from .kube_policy import POLICY_KINDS, policy_fields, read_policy_objects
 from .route_status import route_statuses
 from .routes import GRANT_KIND, ROUTE_KINDS, apply_routes, read_grants, read_routes
@@ -37,6 +38,8 @@ from .yaml_load import LoadError, load_all
 log = logging.getLogger(__name__)
 
 _SUFFIXES = (".yaml", ".yml", ".json")
+# Kinds read beside the Services, each by its own reader.
+PASSED_KINDS = POLICY_KINDS + ROUTE_KINDS + (GRANT_KIND,)
 _DOC_START = re.compile(r"^---(?:[ \t].*)?$", re.MULTILINE)
 
 
@@ -53,6 +56,11 @@ class ConfigResult(BuildResult):
 # times that in memory, on every node at once).
 MAX_FILE_BYTES = 1 << 30
 READ_TRIES = 3  # a file that changes under three reads in a row waits for the next poll
+# After reading this much text for an edit, the C allocator's free pages go
+# back (gcpause.trim_malloc, a few ms): glibc serves a big file's text from
+# its heap once the first big read raised its mmap threshold, and kept it
+# after, ~30 MB of RSS per 10 000 Services of the file edited.
+TRIM_AFTER_BYTES = 1 << 20
 
 
 def read_text(file: Path) -> tuple[str, tuple[int, int, int]]:
@@ -152,27 +160,20 @@ def parse_documents(path: Path, text: str) -> list[SourceObject]:
 
 
 def parse_file(path: Path, text: str, previous: FileRecord | None = None
-               ) -> tuple[FileRecord | PendingRecord, list[dict], list[SourceObject] | None]:
+               ) -> tuple[FileRecord, list[dict], HeldFile | None]:
     """A file's record, the objects of its pieces parsed now (those not in
-    `previous`, the record of its last read), and, without `previous`, its
-    documents and a PendingRecord (the index builds it later: a full read
-    needs only the documents). Raises ConfigError, located as
-    parse_documents locates it."""
-    split = file_pieces.split(path, text, previous.digests() if previous else frozenset())
-    if previous is not None:
-        if split is None:
-            return (*record_documents(parse_documents(path, text), previous), None)
-        return (*record_pieces(split, previous), None)
+    `previous`, the record of its last read), and, without `previous`, the
+    file as a full read holds it (file_held; the objects are in it then,
+    not in the list). Raises ConfigError, located as parse_documents
+    locates it."""
+    if previous is None:
+        held = hold_file(path, text, parse_documents)
+        return held.record, [], held
+    known = previous.digests()
+    split = file_pieces.split(path, text, known)
     if split is None:
-        docs = parse_documents(path, text)
-        return PendingRecord(lambda: record_documents(docs, None)[0]), [], docs
-    for value in split.values.values():  # the documents, or the List's items
-        slim(value)
-    if split.layout == "stream":
-        docs = [SourceObject(doc, split.place(i)) for i, doc in enumerate(split.documents())]
-    else:
-        docs = [SourceObject(split.documents()[0], f"{path}: document 1 (line 1)")]
-    return PendingRecord(lambda: record_pieces(split, None)[0]), [], docs
+        return (*record_documents(parse_documents(path, text), known), None)
+    return (*record_pieces(split, known), None)
 
 
 def read_config(path: Path, node_name: str | None = None, cache: dict | None = None,
@@ -180,8 +181,8 @@ def read_config(path: Path, node_name: str | None = None, cache: dict | None = N
     """Reads and validates everything under path; raises ConfigError.
 
     With a cache (kept by the caller between reads: file -> (stamp, record,
-    documents)), files whose inode, size and mtime are unchanged are not
-    parsed again, unless the caller dropped their documents. A policy object
+    HeldFile)), files whose inode, size and mtime are unchanged are not
+    parsed again, unless the caller dropped their HeldFile. A policy object
     left out for a problem keeps its version in `previous`."""
     with gc_paused():
         return _read_config(path, node_name, cache if cache is not None else {}, previous)
@@ -189,7 +190,7 @@ def read_config(path: Path, node_name: str | None = None, cache: dict | None = N
 
 def _read_config(path: Path, node_name: str | None, cache: dict,
                  previous: DesiredState | None) -> ConfigResult:
-    objects: list[SourceObject] = []
+    held: list[HeldFile] = []
     problems: list[Problem] = []
     files = config_files(path)
     for stale in set(cache) - set(files):
@@ -199,7 +200,7 @@ def _read_config(path: Path, node_name: str | None, cache: dict,
             st = os.stat(file)
             stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
             if file in cache and cache[file][0] == stamp and cache[file][2] is not None:
-                objects.extend(cache[file][2])
+                held.append(cache[file][2])
                 continue
             text, stamp = read_text(file)
         except (OSError, UnicodeDecodeError) as exc:
@@ -210,25 +211,20 @@ def _read_config(path: Path, node_name: str | None, cache: dict,
         except ConfigError as exc:
             problems.extend(exc.problems)
             continue
-        del text  # the documents are all that is needed now: free the text at once
+        del text  # what is held is all that is needed now: free the text at once
         cache[file] = (stamp, record, parsed)
-        objects.extend(parsed)
+        held.append(parsed)
     if problems:
         raise ConfigError(problems)
-    lists = _Collector()
-    flat = list(_flatten_lists(objects, lists))
-    policy_objects = [o for o in flat if o.obj.get("kind") in POLICY_KINDS]
-    route_objects = [o for o in flat if o.obj.get("kind") in ROUTE_KINDS]
-    grant_objects = [o for o in flat if o.obj.get("kind") == GRANT_KIND]
-    result = build_state((o for o in flat if o.obj.get("kind") not in POLICY_KINDS + ROUTE_KINDS + (GRANT_KIND,)),
-                         node_name=node_name)
-    if lists.problems or result.problems:
-        raise ConfigError(lists.problems + result.problems)
-    policy = read_policy_objects(policy_objects)
+    result, passed = build_files(held, node_name, PASSED_KINDS)
+    if result.problems:
+        raise ConfigError(result.problems)
+    policy = read_policy_objects(o for o in passed if o.obj.get("kind") in POLICY_KINDS)
     state = replace(result.state, **policy_fields(policy, previous))
     # A bad route is left out alone, as a bad policy is: the rest applies.
-    routes, route_problems, route_notes = read_routes(route_objects, getattr(previous, "routes", ()))
-    grants, grant_problems = read_grants(grant_objects)
+    routes, route_problems, route_notes = read_routes([o for o in passed if o.obj.get("kind") in ROUTE_KINDS],
+                                                      getattr(previous, "routes", ()))
+    grants, grant_problems = read_grants(o for o in passed if o.obj.get("kind") == GRANT_KIND)
     state, split_notes = apply_routes(state, routes, grants) if routes else (state, [])
     return ConfigResult(state, [], result.notes + policy.notes + route_notes + split_notes,
                         skipped=policy.problems + route_problems + grant_problems)
@@ -287,10 +283,8 @@ class FileSource:
         self._last: _Stamp | None = None     # the stamp last read
         self._seen: _Stamp | None = None     # the stamp of the previous poll
         self._notes: list[str] = []
-        self._parsed: dict = {}  # file -> (stamp, FileRecord, documents until the index holds them)
+        self._parsed: dict = {}  # file -> (stamp, FileRecord, HeldFile until the index holds them)
         self._index: FileIndex | None = None  # for incremental reads; None: read everything
-        # What the index of the last full read is built from, later: (state, skipped).
-        self._index_inputs: tuple[DesiredState, list[Problem]] | None = None
         self._pending: DesiredState | None = None  # read, not yet handed out (held)
         self._held_since: float | None = None
         self._serving_services = False       # the last state handed out had Services
@@ -320,7 +314,7 @@ class FileSource:
         """The next poll reads and parses every file again, changed or not,
         and hands out the state even if it is the same (SIGHUP)."""
         self._last, self._parsed = None, {}
-        self._index, self._index_inputs = None, None
+        self._index = None
 
     def poll(self) -> DesiredState | None:
         """None when nothing changed (or a change is settling or held);
@@ -328,9 +322,7 @@ class FileSource:
         every poll)."""
         stamp = _stamp(self.path)
         seen, self._seen = self._seen, stamp
-        if stamp == self._last:
-            self._build_index()  # a quiet poll: the state read last is in the maps by now
-        else:
+        if stamp != self._last:
             if not self._settled(stamp, seen):
                 return None  # still being written, perhaps: look again next poll
             self._last = stamp
@@ -354,13 +346,13 @@ class FileSource:
             state = self._read_changed_files()
             if state is not None:
                 return state
-            self._index, self._index_inputs = None, None
+            self._index = None
             result = read_config(self.path, self.node_name, self._parsed, self._read_state)
         except ConfigError:
-            self._index, self._index_inputs = None, None
+            self._index = None
             raise
         except Exception as exc:
-            self._index, self._index_inputs = None, None
+            self._index = None
             log.exception("reading %s failed", self.path)
             raise internal_error(str(self.path), exc) from None
         if result.notes != self._notes:
@@ -371,21 +363,20 @@ class FileSource:
         # A route ties its parent to other Services: the incremental path
         # would miss a backend Service's change, so routes mean full reads.
         if not (result.state.routes or any(p.obj.startswith(ROUTE_KINDS + (GRANT_KIND,)) for p in result.skipped)):
-            # Built on the next poll, not now: the new state goes to the maps first.
-            self._index_inputs = (result.state, result.skipped)
+            self._build_index(result.state, result.skipped)
         self._read_state = result.state
         return result.state
 
-    def _build_index(self) -> None:
-        """The incremental index of the last full read, if it is still due."""
-        if self._index_inputs is None:
-            return
-        state, skipped = self._index_inputs
-        self._index_inputs = None
-        if any(docs is None for _, _, docs in self._parsed.values()):
+    def _build_index(self, state: DesiredState, skipped: list[Problem]) -> None:
+        """The incremental index of a full read, built at once from what the
+        read holds (cheap: nothing is read again), so that what only the
+        index needs is freed before the state's sync allocates its own."""
+        if any(held is None for _, _, held in self._parsed.values()):
             return  # not all read by that full read (cannot happen): stay on full reads
+        files = {f: held for f, (_, _, held) in self._parsed.items()}
         with gc_paused():
-            self._index = FileIndex(state, self._parsed, self.node_name)
+            self._index = FileIndex({f: held.record for f, held in files.items()},
+                                    service_index(state, files.values(), self.node_name))
         self._index.skipped = skipped
         # The index holds the Services and EndpointSlices; the records are
         # all the next change needs. (A full read parses the files again.)
@@ -404,9 +395,9 @@ class FileSource:
     def _read_changed_files(self) -> DesiredState | None:
         """Parses only the files that changed and applies their differences
         (file_incremental); None when a full read is needed."""
-        self._build_index()
         if self._index is None:
             return None
+        text, text_bytes = "", 0
         with gc_paused():
             files = config_files(self.path)
             changed: dict[Path, tuple | None] = dict.fromkeys(self._parsed.keys() - set(files))
@@ -422,14 +413,18 @@ class FileSource:
                     return None  # the full read says what is wrong, with every other problem
                 previous = self._parsed[file][1] if file in self._parsed else None
                 # ConfigError: reported as the full read would
-                record, fresh, _ = parse_file(file, text, previous or FileRecord([], {}))
+                record, fresh, _ = parse_file(file, text, previous or FileRecord([], [], {}))
                 changed[file], stamps[file] = (record, fresh), stamp
+                text_bytes += len(text)
+            del text
             state = self._index.apply(changed)
             for file, new in changed.items():  # the records of this read, kept or not
                 if new is None:
                     self._parsed.pop(file, None)
                 else:
                     self._parsed[file] = (stamps[file], new[0], None)
+        if text_bytes >= TRIM_AFTER_BYTES:
+            trim_malloc()
         if state is None:
             self._index = None
         else:

@@ -102,9 +102,10 @@ def pieces_parsed(monkeypatch):
     counts: list[int] = []
     real = file_pieces.split
 
-    def spy(path, text, known=frozenset()):
-        out = real(path, text, known)
-        counts.append(-1 if out is None else len(out.values))
+    def spy(path, text, known=frozenset(), take=None):
+        taken = []
+        out = real(path, text, known, take and (lambda split, i, value: taken.append(take(split, i, value))))
+        counts.append(-1 if out is None else len(out.values) + len(taken))
         return out
     monkeypatch.setattr(file_pieces, "split", spy)
     return counts

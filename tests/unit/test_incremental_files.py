@@ -3,6 +3,8 @@ full read of the folder gives. Seeded random edits over a folder of files."""
 
 from __future__ import annotations
 
+import gc
+import json
 import os
 import random
 
@@ -12,6 +14,9 @@ import yaml
 import meshbpf.sources.yaml_file as yaml_file
 from k8s_builders import endpoint_slice, ep, service
 from meshbpf.sources.errors import ConfigError
+from meshbpf.sources.file_held import HeldFile
+from meshbpf.sources.file_incremental import PieceReader
+from meshbpf.sources.file_pieces import Split
 from meshbpf.sources.yaml_file import FileSource, read_config
 from policy_world import netpol, ns_obj, pod_obj
 
@@ -192,10 +197,11 @@ def test_an_agent_config_in_the_changed_file_takes_the_full_read(tmp_path):
     assert state == read_config(tmp_path, "node-a").state
 
 
-def test_a_full_read_hands_its_state_out_before_building_the_index(tmp_path, monkeypatch):
-    """The index of a full read costs about a tenth of the read at 10 000
-    Services; it is built on the next quiet poll (or the next change), not
-    between the read and the map writes."""
+def test_a_full_read_builds_its_index_and_drops_what_it_held_before_handing_the_state_out(tmp_path, monkeypatch):
+    """The index is made from the held forms the read made (nothing is read
+    again), once per full read; the read's own holdings (file_held) are
+    freed before the state goes to the maps, whose sync then reuses their
+    memory instead of adding to the peak."""
     built = []
     real = yaml_file.FileIndex
 
@@ -206,8 +212,8 @@ def test_a_full_read_hands_its_state_out_before_building_the_index(tmp_path, mon
     write(tmp_path / "a.yaml", [service("web", "10.96.0.1"), endpoint_slice("web-1", "web", [ep("10.244.0.1")])])
     src = source(tmp_path)
     first = src.poll()
-    assert first is not None and built == []  # handed out first
-    assert src.poll() is None and built == [1]  # the quiet poll that follows builds it
+    assert first is not None and built == [1]
+    assert all(held is None for _, _, held in src._parsed.values())  # only the records stay
     assert src.poll() is None and built == [1]  # once
     write(tmp_path / "a.yaml", [service("web", "10.96.0.1"), endpoint_slice("web-1", "web", [ep("10.244.0.2")])])
     second = src.poll()
@@ -223,3 +229,48 @@ def test_a_change_before_any_quiet_poll_still_takes_the_incremental_path(tmp_pat
     second = src.poll()
     assert second.delta is not None and second.delta.base() is first
     assert second == read_config(tmp_path, "node-a").state
+
+
+def test_an_edit_that_read_a_big_file_hands_the_c_allocators_free_pages_back(tmp_path, monkeypatch):
+    """glibc keeps a big file's freed text in its heap once its mmap
+    threshold has risen (~30 MB of RSS per 10 000 Services edited): an
+    edit that read over TRIM_AFTER_BYTES trims it; a small one does not."""
+    trims = []
+    monkeypatch.setattr(yaml_file, "trim_malloc", lambda: trims.append(1))
+    monkeypatch.setattr(yaml_file, "TRIM_AFTER_BYTES", 2000)
+    big, small = tmp_path / "big.yaml", tmp_path / "small.yaml"
+    services = [service(f"s{i}", f"10.96.0.{i + 1}") for i in range(12)]
+    write(big, services)
+    write(small, [service("one", "10.96.1.1")])
+    assert big.stat().st_size > 2000 > small.stat().st_size
+    src = source(tmp_path)
+    src.poll()
+    assert src._index is not None
+    write(small, [service("one", "10.96.1.2")])
+    assert src.poll() is not None and trims == []
+    write(big, services[:-1])
+    assert src.poll() is not None and trims == [1]
+    assert src._index is not None  # both edits took the incremental path
+    big.unlink()  # a removal reads no text
+    assert src.poll() is not None and trims == [1]
+
+
+@pytest.mark.parametrize("layout", ["yaml", "json"])
+def test_a_full_read_leaves_no_cycle_holding_what_it_read(tmp_path, layout):
+    """What a full read held of each piece is freed by reference counting
+    alone once the index holds the Services: a cycle (a reader, the cut's
+    place, the cut's take) kept all of it in a heap the agent freezes and
+    never collects (500 000 tuples at 100 000 Services)."""
+    objs = [service("web", "10.96.0.1"), endpoint_slice("web-1", "web", [ep("10.244.0.1")])]
+    path = tmp_path / f"a.{layout}"
+    path.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": objs}) if layout == "json"
+                    else yaml.safe_dump_all(objs))
+    gc.collect()
+    gc.disable()
+    try:
+        src = source(tmp_path)
+        assert src.poll() is not None and src._index is not None
+        left = [o for o in gc.get_objects() if isinstance(o, (PieceReader, HeldFile, Split))]
+    finally:
+        gc.enable()
+    assert left == []

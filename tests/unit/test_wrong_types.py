@@ -130,7 +130,7 @@ def test_a_bug_while_reading_is_a_rejected_change_not_a_crash(tmp_path, monkeypa
 
     def broken(*args, **kwargs):
         raise TypeError("a bug")
-    monkeypatch.setattr(yaml_file, "build_state", broken)
+    monkeypatch.setattr(yaml_file, "build_files", broken)
     with pytest.raises(ConfigError) as exc:
         src.poll()
     assert "internal error while reading it (TypeError: a bug)" in str(exc.value)
