@@ -25,15 +25,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from ..model import DesiredState
 from .errors import Problem
 from .file_incremental import FileRecord, Held, PieceReader, cut_record, record_documents
 from . import file_pieces
 from .file_pieces import Split
 from .held_text import as_held, as_held_exactly, loaded
-from .kube_incremental import ServiceIndex
+from .kube_incremental import Key, ServiceIndex
 from .kube_objects import BuildResult, SourceObject, _Collector, _flatten_lists, build_by_service, build_state
-
-Key = tuple[str, str]  # (namespace, name)
+from .yaml_load import starts_as_json
 
 
 @dataclass(slots=True)
@@ -57,8 +57,9 @@ class HeldFile:
 
 def hold_file(path: Path, text: str, parse_documents: Callable[[Path, str], list[SourceObject]]) -> HeldFile:
     """A file's full read (parse_documents raises ConfigError, located)."""
-    json_items = text.lstrip().startswith("{")  # file_pieces cuts those with the json module
-    reader = PieceReader(as_held if json_items else as_held_exactly)
+    # file_pieces cuts a JSON file's items with the json module: their
+    # values are JSON's own, held without the round-trip check YAML needs.
+    reader = PieceReader(as_held if starts_as_json(text) else as_held_exactly)
     digests, units = [], []
 
     def take(split: Split, index: int, value: Any) -> None:
@@ -142,7 +143,7 @@ def _groups(files: list[HeldFile]) -> Iterator[tuple[SourceObject | None, Iterat
     return groups()
 
 
-def service_index(state, files: Iterable[HeldFile], node_name: str | None) -> ServiceIndex:
+def service_index(state: DesiredState, files: Iterable[HeldFile], node_name: str | None) -> ServiceIndex:
     """The ServiceIndex of a full read without problems, from the held forms (nothing read again)."""
     files = list(files)
     return ServiceIndex.of_held(

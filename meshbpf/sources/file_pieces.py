@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import yaml_fast
-from .yaml_load import _no_duplicates, load_all_libyaml
+from .yaml_load import _no_duplicates, load_all_libyaml, starts_as_json
 from .yaml_scalars import LoadError
 
 @dataclass
@@ -95,7 +95,7 @@ def split(path: Path, text: str, known: frozenset[bytes] | set[bytes] = frozense
     """The pieces of text; None when it does not cut cleanly (see above).
     A None may come after `take` was given some pieces: the caller drops them."""
     try:
-        if text.lstrip().startswith("{"):
+        if starts_as_json(text):
             return _json_list(path, text, known, take)
         if "&" in text or text.startswith(("%", "...")) or "\n%" in text or "\n..." in text:
             return None

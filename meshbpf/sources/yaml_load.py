@@ -178,9 +178,19 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
     return out
 
 
+def starts_as_json(text: str) -> bool:
+    """Whether text opens with a JSON object (`{` after any whitespace),
+    which the readers take the json module's path for; without copying a
+    big file's text as text.lstrip() would."""
+    i = 0
+    while i < len(text) and text[i].isspace():
+        i += 1
+    return text.startswith("{", i)
+
+
 def _load_json(text: str) -> list[Any] | None:
     """One JSON object, or None when text is not JSON (then YAML decides)."""
-    if not text.lstrip().startswith("{"):
+    if not starts_as_json(text):
         return None
     try:
         docs = [json.loads(text, object_pairs_hook=_no_duplicates)]
