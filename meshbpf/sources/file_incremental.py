@@ -37,7 +37,7 @@ from ..model import Delta, DesiredState
 from .errors import Problem
 from .file_pieces import Split
 from .held_text import as_held_exactly
-from .kube_incremental import ServiceIndex, slice_service
+from .kube_incremental import ServiceIndex, hold_annotations, slice_service
 from .kube_objects import SourceObject, _Collector, _flatten_lists, _is_list
 from .kube_policy import POLICY_KINDS, policy_fields, read_policy_objects
 from .names import label_problems
@@ -245,10 +245,11 @@ def slim(obj: Any) -> Any:
         for name in _UNREAD_META:
             meta.pop(name, None)
         _drop_valid(meta, _CHECKED_META)
+        hold_annotations(meta)
     if obj.get("kind") == "Service":
         spec = obj.get("spec")
         selector = spec.get("selector") if type(spec) is dict else None
-        # Never read, but Kubernetes validates it as labels (kube_objects._label_problems).
+        # Never read, but Kubernetes validates it as labels (kube_objects._meta_problems).
         if selector is not None and not (schema.check(selector, schema.STR_MAP)
                                          or label_problems(selector, "spec.selector")):
             del spec["selector"]

@@ -27,6 +27,8 @@ from ..overlay import OverlayEditor, OverlayMap
 from .errors import Problem
 from .held_text import loaded
 from .kube_objects import SERVICE_NAME_LABEL, BuildResult, SourceObject, build_state
+from .names import annotation_problems
+from . import schema
 
 Key = tuple[str, str]  # (namespace, name)
 TRIGGER_TIME = "endpoints.kubernetes.io/last-change-trigger-time"
@@ -57,6 +59,24 @@ def _owner(ports: OverlayEditor, fe: Frontend, default: Key | None = None) -> Ke
     """The Service holding a frontend in the state being built."""
     sp = ports.get(fe)
     return default if sp is None else (sp.namespace, sp.name)
+
+
+def hold_annotations(meta: Any) -> None:
+    """A Service's or EndpointSlice's metadata.annotations as the sources
+    hold them (in place): only the last-change-trigger-time, the one
+    annotation read, when Kubernetes would take the map. The others are
+    never read and can be big (kubectl apply's last-applied-configuration
+    is a copy of the whole object, kept for every Service of a cluster). A
+    map Kubernetes would refuse stays whole, for the build to name."""
+    annotations = meta.get("annotations") if type(meta) is dict else None
+    if annotations is None or (schema.check(annotations, schema.STR_MAP)
+                               or annotation_problems(annotations, "metadata.annotations")):
+        return
+    trigger = annotations.get(TRIGGER_TIME)
+    if trigger is None:
+        del meta["annotations"]
+    elif len(annotations) > 1:
+        meta["annotations"] = {TRIGGER_TIME: trigger}
 
 
 def trigger_time(obj: dict | None) -> float | None:

@@ -26,7 +26,7 @@ from ..model import (DEFAULT_AFFINITY_TIMEOUT, AgentSettings, DesiredState, Endp
                      Exposure, Frontend, IPAddress, PROTOCOLS, ServicePort)
 from . import agent_config, schema
 from .errors import Problem, one_line
-from .names import label_problems, name_problem, namespace_problem
+from .names import annotation_problems, label_problems, name_problem, namespace_problem
 
 log = logging.getLogger(__name__)
 
@@ -335,19 +335,24 @@ def _check_schema(src: SourceObject, kind: str, api_versions: tuple[str, ...],
         out.add(src, ident[2], "apiVersion",
                 f"{src.obj.get('apiVersion')!r} is not supported; use {' or '.join(api_versions)}")
         bad = True
-    for path, reason in schema.check(src.obj, spec) + _label_problems(src.obj, kind):
+    for path, reason in schema.check(src.obj, spec) + _meta_problems(src.obj, kind):
         out.add(src, ident[2], path, reason)
         bad = True
     return None if bad else ident
 
 
-def _label_problems(obj: dict, kind: str) -> list[tuple[str, str]]:
+def _meta_problems(obj: dict, kind: str) -> list[tuple[str, str]]:
     """metadata.labels Kubernetes would refuse, for every kind read: a
     selector would silently never match them (or match the wrong thing).
     And a Service's spec.selector, which Kubernetes validates as labels: a
-    key or value no pod can carry means a selector that matches nothing."""
-    labels = obj["metadata"].get("labels")  # metadata is a map: _meta found a name in it
+    key or value no pod can carry means a selector that matches nothing.
+    And metadata.annotations it would refuse (a key that is no qualified
+    name, more than 256 KiB): an object no cluster could hold."""
+    meta = obj["metadata"]  # a map: _meta found a name in it
+    labels, annotations = meta.get("labels"), meta.get("annotations")
     found = label_problems(labels, "metadata.labels") if type(labels) is dict else []
+    if type(annotations) is dict and annotations:
+        found += annotation_problems(annotations, "metadata.annotations")
     spec = obj.get("spec") if kind == "Service" else None
     selector = spec.get("selector") if type(spec) is dict else None
     if type(selector) is dict:  # not a map: the schema check says so

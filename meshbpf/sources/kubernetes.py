@@ -45,7 +45,7 @@ from ..model import AgentSettings, Delta, DesiredState
 from . import agent_config, schema
 from .errors import ConfigError, Problem, internal_error
 from .held_text import as_held, loaded
-from .kube_incremental import ServiceIndex, slice_service
+from .kube_incremental import ServiceIndex, hold_annotations, slice_service
 from .kube_objects import PROXY_NAME_LABEL, BuildResult, SourceObject, build_by_service
 from ..capture.settings import kept_annotations
 from .kube_policy import NETWORK_POLICY, CachedReader, policy_fields
@@ -208,6 +208,14 @@ def _service_kept(obj: dict, _prune=_pruned(SERVICE_KEPT)) -> dict:
     if selector is not None and (schema.check(selector, schema.STR_MAP)
                                  or label_problems(selector, "spec.selector")):
         out["spec"]["selector"] = selector
+    hold_annotations(out.get("metadata"))
+    return out
+
+
+def _slice_kept(obj: dict, _prune=_pruned(ENDPOINT_SLICE_KEPT)) -> dict:
+    """ENDPOINT_SLICE_KEPT, its annotations as hold_annotations keeps them."""
+    out = _prune(obj)
+    hold_annotations(out.get("metadata"))
     return out
 
 
@@ -273,7 +281,7 @@ class KubernetesSource:
             # ignores the slices of Services it does not handle.
             "endpointslices": reflector(
                 "endpointslices", discovery.list_endpoint_slice_for_all_namespaces, "EndpointSlice",
-                "discovery.k8s.io/v1", transform=_pruned(ENDPOINT_SLICE_KEPT), hold=as_held),
+                "discovery.k8s.io/v1", transform=_slice_kept, hold=as_held),
             "configmap": reflector(
                 f"configmap {config_map}", core.list_namespaced_config_map, "ConfigMap",
                 selectors={"namespace": namespace, "field_selector": f"metadata.name={name}"},

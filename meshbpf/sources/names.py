@@ -60,19 +60,60 @@ _LABEL_VALUE = ("label value", *_LABEL_NAME[1:])
 @functools.lru_cache(maxsize=4096)  # a cluster uses few distinct label keys
 def label_key_problem(key: str) -> str | None:
     """Why Kubernetes would refuse `key` as a label key: [prefix/]name."""
+    return _qualified_name_problem("label key", key)
+
+
+def _qualified_name_problem(what: str, key: str) -> str | None:
+    """apimachinery's IsQualifiedName: [prefix/]name, the prefix a DNS-1123
+    subdomain, the name a label name."""
     prefix, slash, name = key.partition("/")
     if not slash:
-        return _rule_problem("label keys", _LABEL_NAME, key)
+        return _rule_problem(f"{what}s", _LABEL_NAME, key)
     if "/" in name:
-        return f"{key!r} has more than one '/'; a label key is [prefix/]name"
-    why = _rule_problem("label key prefixes", _DNS1123_SUBDOMAIN, prefix)
-    return why or _rule_problem("label keys (after the prefix)", _LABEL_NAME, name)
+        return f"{key!r} has more than one '/'; {what}s are [prefix/]name"
+    why = _rule_problem(f"{what} prefixes", _DNS1123_SUBDOMAIN, prefix)
+    return why or _rule_problem(f"{what}s (after the prefix)", _LABEL_NAME, name)
 
 
 @functools.lru_cache(maxsize=4096)
 def label_value_problem(value: str) -> str | None:
     """Why Kubernetes would refuse `value` as a label value ("" is allowed)."""
     return _rule_problem("label values", _LABEL_VALUE, value) if value else None
+
+
+# Annotations (apimachinery's ValidateAnnotations): each key a qualified
+# name once lowercased, and keys plus values at most 256 KiB in all. Never
+# read by meshbpf but for a few it names; the API server refuses others,
+# so a file holding one is not what a cluster could hold.
+ANNOTATIONS_MAX_BYTES = 256 * 1024
+
+
+@functools.lru_cache(maxsize=4096)  # a cluster uses few distinct annotation keys
+def annotation_key_problem(key: str) -> str | None:
+    """Why Kubernetes would refuse `key` as an annotation key: a label
+    key's rule, case aside."""
+    if _qualified_name_problem("annotation key", key.lower()) is None:  # as the API server checks it
+        return None
+    return _qualified_name_problem("annotation key", key)  # names the key as it is written
+
+
+def annotation_problems(annotations: dict, path: str) -> list[tuple[str, str]]:
+    """(path, reason) for each key of `annotations` Kubernetes would refuse,
+    and for the map when it is too big; wrong types are left to the schema
+    check, which names them."""
+    out = []
+    size = 0
+    for key, value in annotations.items():
+        if type(key) is not str or type(value) is not str:
+            continue
+        size += len(key.encode()) + len(value.encode())  # Go's len(): bytes
+        why = annotation_key_problem(key)
+        if why:
+            out.append((f"{path}.{key}", why))
+    if size > ANNOTATIONS_MAX_BYTES:
+        out.append((path, f"{size} bytes of keys and values; Kubernetes allows at most "
+                          f"{ANNOTATIONS_MAX_BYTES} (256 KiB) in all"))
+    return out
 
 
 def label_problems(labels: dict, path: str) -> list[tuple[str, str]]:

@@ -19,6 +19,7 @@ from meshbpf.sources.held_text import as_text
 from meshbpf.sources.kube_objects import SourceObject, build_state
 from meshbpf.sources.yaml_file import FileSource, read_config
 
+LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
 # (kind, where in the object, a value the check passes, a value it refuses)
 CHECKED = [
     ("Service", ("metadata", "uid"), "0b3c-41", 7),
@@ -32,6 +33,11 @@ CHECKED = [
     ("EndpointSlice", ("metadata", "uid"), "0b3c-42", {"u": 1}),
     ("EndpointSlice", ("endpoints", 0, "hostname"), "pod-0", 0),
     ("EndpointSlice", ("endpoints", 0, "deprecatedTopology"), {"zone": "a"}, ["zone"]),
+    # Annotations: never read (but the trigger time, test_hardening_annotations.py).
+    ("Service", ("metadata", "annotations"), {LAST_APPLIED: '{"kind":"Service"}'}, {"bad key": "x"}),
+    ("Service", ("metadata", "annotations"), {"a": "b"}, {"a": 1}),
+    ("Service", ("metadata", "annotations"), {"a": "x" * (256 * 1024 - 1)}, {"a": "x" * 256 * 1024}),
+    ("EndpointSlice", ("metadata", "annotations"), {"Example.com/note": "x"}, {"a/b/c": "x"}),
 ]
 
 

@@ -27,7 +27,7 @@ BAD_LABELS = [
     ({1: "x"}, "1", "expected a string key, got an integer 1 (quote it)"),
     ({"bad key": "x"}, "bad key", f"'bad key' is not a label name {NAME_RULE} label keys"),
     ({"-app": "x"}, "-app", f"'-app' is not a label name {NAME_RULE} label keys"),
-    ({"a/b/c": "x"}, "a/b/c", "'a/b/c' has more than one '/'; a label key is [prefix/]name"),
+    ({"a/b/c": "x"}, "a/b/c", "'a/b/c' has more than one '/'; label keys are [prefix/]name"),
     ({"Example.com/app": "x"}, "Example.com/app",
      "'Example.com' is not a DNS-1123 subdomain (labels of lowercase letters, digits and '-' joined "
      "by '.', each starting and ending with a letter or digit), which Kubernetes requires of label "
@@ -133,7 +133,7 @@ BAD_SELECTORS = [
     (expr("bad key", "Exists"), "matchExpressions[0].key",
      f"'bad key' is not a label name {NAME_RULE} label keys"),
     (expr("a/b/c", "DoesNotExist"), "matchExpressions[0].key",
-     "'a/b/c' has more than one '/'; a label key is [prefix/]name"),
+     "'a/b/c' has more than one '/'; label keys are [prefix/]name"),
     (expr("app", "In", "web", "web app"), "matchExpressions[0].values[1]",
      f"'web app' is not a label value {NAME_RULE} label values"),
     (expr("app", "NotIn", "v" * 64), "matchExpressions[0].values[0]",
@@ -204,21 +204,29 @@ def _api_source_leaves_out(api, tmp_path, bad: dict, said: str) -> None:
 def test_a_bad_selector_in_an_edited_file_is_refused_in_one_line_and_the_state_stays(tmp_path):
     """The file source, full read and edit alike: as any bad Service, the
     change is refused and what was read before stays."""
+    good = [service("web", "10.96.0.10"), service("api", "10.96.0.11")]
+    bad = service("web", "10.96.0.10")
+    bad["spec"]["selector"] = {"app": "web app"}
+    file_source_refuses(tmp_path, good, [bad, good[1]],
+                        f"spec.selector.app: 'web app' is not a label value {NAME_RULE} label values")
+
+
+def file_source_refuses(tmp_path, good: list[dict], bad: list[dict], said: str) -> None:
+    """A folder holding `good`, edited to `bad` (whose first object is
+    Service default/web): the edit and a full read are each refused with
+    one problem, `said` at that Service; `good` again is the first state."""
     from meshbpf.sources.yaml_file import FileSource
     path = tmp_path / "a.yaml"
-    good = [service("web", "10.96.0.10"), service("api", "10.96.0.11")]
     write(path, good)
     src = FileSource(tmp_path, "node-a", settle_s=0, hold_s=0)
     first = src.poll()
-    bad = service("web", "10.96.0.10")
-    bad["spec"]["selector"] = {"app": "web app"}
-    write(path, [bad, good[1]])
-    said = [f"{path}: document 1 (line 1) (Service default/web): spec.selector.app: "
-            f"'web app' is not a label value {NAME_RULE} label values"]
+    assert first is not None
+    write(path, bad)
     for read in (src.poll, lambda: read_config(tmp_path, "node-a")):
         with pytest.raises(ConfigError) as exc:
             read()
-        assert [str(p) for p in exc.value.problems] == said
+        assert [str(p) for p in exc.value.problems] == [
+            f"{path}: document 1 (line 1) (Service default/web): {said}"]
     write(path, good)
     assert src.poll() == first
 
