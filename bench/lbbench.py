@@ -49,6 +49,7 @@ from pathlib import Path
 
 import kube_rules as kr
 import report
+from meshbpf.agent import Agent, AgentOptions
 from meshbpf.datapath import features as kernel_features, libbpf
 from meshbpf.datapath.cgroup import cgroup2_mount
 from meshbpf.datapath.layout import LB_MAPS
@@ -57,7 +58,7 @@ from meshbpf.datapath.maps import LBMaps
 from meshbpf.datapath.route_counters import RouteCounters
 from meshbpf.lab.netlab import Lab
 from meshbpf.reconcile import check_capacity, plan, wanted_services
-from meshbpf.sources.yaml_file import read_config
+from meshbpf.sources.yaml_file import FileSource, read_config
 
 HERE = Path(__file__).resolve().parent
 LOADGEN = HERE / "bin" / "loadgen"
@@ -256,16 +257,7 @@ class SizeRun:
         """Adds service N (one more) the way each system does an update."""
         new = kr.service(self.n)
         if case == "meshbpf":
-            path = self.write(f"services-{self.n + 1}.yaml", self._meshbpf_yaml(self.svcs + [new]))
-            t0 = time.perf_counter()
-            desired = read_config(path).state
-            t1 = time.perf_counter()
-            # The agent keeps the state it wrote in memory; no map read here.
-            p = plan(self.state, wanted_services(desired))
-            check_capacity(self.state, p, self.maps.capacity)
-            self.maps.apply(p)
-            t2 = time.perf_counter()
-            return {"total_s": t2 - t0, "parse_s": t1 - t0, "maps_s": t2 - t1, "writes": p.writes}
+            return self._add_one_meshbpf(new)
         if case == "nftables":
             argv = ["nft", "-f", str(self.write("nft-add.nft", kr.nft_add_one(new)))]
         else:
@@ -274,6 +266,42 @@ class SizeRun:
         t0 = time.perf_counter()
         self.run_in(case, argv)
         return {"total_s": time.perf_counter() - t0}
+
+    def _add_one_meshbpf(self, new) -> dict:
+        """The agent's own path: its file source over a folder holding the N
+        Services (read and synced untimed first: the maps hold them already,
+        so that sync writes nothing), then the new Service in a file of its
+        own, which the next step reads alone and plans incrementally."""
+        folder = self.work / "meshbpf-folder"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        (folder / "services.yaml").write_text(self._meshbpf_yaml(self.svcs))
+        agent = Agent(AgentOptions(config=folder, bpffs=self.bpffs, resync_interval=0),
+                      source=FileSource(folder, settle_s=0), lb=_NoExtras())
+        agent.lbsync.start(self.maps)
+        agent.step()
+        first = _writes(agent)
+        if not agent.ready() or first:
+            raise RuntimeError(f"N={self.n}: the agent's first read did not match the maps ({first} writes)")
+        synced: list[float] = []
+        real_sync = agent.lbsync.sync
+
+        def timed_sync(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return real_sync(*args, **kwargs)
+            finally:
+                synced.append(time.perf_counter() - t)
+        agent.lbsync.sync = timed_sync
+        t0 = time.perf_counter()
+        (folder / "services-new.yaml").write_text(kr.kube_yaml([new]))
+        agent.step()
+        total = time.perf_counter() - t0
+        writes = _writes(agent) - first
+        if not writes or not agent.ready():
+            raise RuntimeError(f"N={self.n}: the agent did not program the new Service")
+        self.state = agent.lbsync.current
+        return {"total_s": total, "maps_s": sum(synced), "parse_s": total - sum(synced), "writes": writes}
 
     def rnat_entries(self) -> int:
         """Entries in meshbpf's reverse-NAT LRU map: one per connection made,
@@ -294,6 +322,19 @@ class SizeRun:
         if res.returncode != 0:
             raise RuntimeError(f"loadgen client in {case} failed: {res.stderr}")
         return json.loads(res.stdout)
+
+
+class _NoExtras:
+    """The socket-LB's features the agent asks about: none beyond load
+    balancing (the datapath here is the bench's SockLB, its maps given)."""
+    redirect = False
+    capture = False
+
+
+def _writes(agent: Agent) -> int:
+    """Map entries the agent has written or deleted so far."""
+    return int(sum(s.value for m in agent.metrics.map_writes.collect() for s in m.samples
+                   if s.name.endswith("_total")))
 
 
 def run_size(n: int, cases: list[str], args, work: Path) -> dict:

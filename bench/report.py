@@ -138,8 +138,9 @@ def markdown(res: dict, out_dir: Path, results_file: Path | None = None) -> str:
     add = _prog_rows(res, "add_one")
     if add:
         out += [
-            "**Adding one service** to N (meshbpf: the agent's path, file re-read and plan against "
-            "the state it holds; iptables: kube-proxy's partial `iptables-restore --noflush` "
+            "**Adding one service** to N (meshbpf: the agent's path, its file source over a folder "
+            "holding the N, the new Service in a file of its own, read alone and planned over the "
+            "frontends it touches; iptables: kube-proxy's partial `iptables-restore --noflush` "
             "rewriting KUBE-SERVICES; nftables: one small `nft -f` transaction):",
             "",
             _table(["method"] + [f"at N = {_n(n)}" for n in sizes],

@@ -34,6 +34,9 @@ def test_map_sizes_reach_the_maps(tmp_path):
     assert results["config"]["map_sizes"] == {"mbpf_svc": 128, "mbpf_backends": 1024}
     assert "--map-size mbpf_svc=128" in results["command"]
     assert results["sizes"]["100"]["rounds"], "no round ran"
+    # Adding one Service went through the agent's file source and its
+    # incremental sync (the bench raises when the step writes nothing).
+    assert results["sizes"]["100"]["add_one"]["meshbpf"]["writes"] > 0, results["sizes"]["100"]["add_one"]
 
 
 def test_a_malformed_map_size_is_a_usage_error(tmp_path):
