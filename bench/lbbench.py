@@ -301,7 +301,8 @@ class SizeRun:
         if not writes or not agent.ready():
             raise RuntimeError(f"N={self.n}: the agent did not program the new Service")
         self.state = agent.lbsync.current
-        return {"total_s": total, "maps_s": sum(synced), "parse_s": total - sum(synced), "writes": writes}
+        # rest_s: the step outside the LB sync (the source's read, mostly)
+        return {"total_s": total, "maps_s": sum(synced), "rest_s": total - sum(synced), "writes": writes}
 
     def rnat_entries(self) -> int:
         """Entries in meshbpf's reverse-NAT LRU map: one per connection made,
