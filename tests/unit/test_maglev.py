@@ -177,7 +177,7 @@ def paper_populate(idents: tuple[str, ...], size: int) -> list[int]:
                 return entry
 
 
-@pytest.mark.parametrize("n, size", [(1, 251), (3, 251), (7, 1021), (40, 4093), (300, 4093)])
+@pytest.mark.parametrize("n, size", [(1, 251), (1, LARGE_TABLE), (3, 251), (7, 1021), (40, 4093), (300, 4093), (5, 16381)])
 def test_the_fast_populate_claims_what_the_papers_does(n, size):
     table = build(backends(n), size)
     assert list(table.slots) == paper_populate(table.backends, size)
@@ -219,9 +219,23 @@ def weighted_by_probing(idents: tuple[str, ...], weights: list[int], size: int) 
                 return entry
 
 
-@pytest.mark.parametrize("n, size", [(2, 251), (5, 1021), (60, 4093), (300, 4093)])
+@pytest.mark.parametrize("n, size", [(2, 251), (5, 1021), (60, 4093), (300, 4093), (4, 16381)])
 def test_the_fast_weighted_populate_claims_what_probing_does(n, size):
     given = [Backend(a, p, 1 + i % 4) for i, (a, p) in enumerate(backends(n))]
     table = build(given, size)
     weights = {identity(b.addr, b.port): b.weight for b in given}
     assert list(table.slots) == weighted_by_probing(table.backends, [weights[i] for i in table.backends], size)
+
+
+@pytest.mark.parametrize("size", maglev.TABLE_SIZES)
+@pytest.mark.parametrize("weighted", [False, True])
+def test_the_scan_claims_only_the_last_slots_at_every_size(size, weighted, monkeypatch):
+    """Probing claims all but about sqrt(size) slots; the scan of the free
+    slots, whose cost grows with their number, claims the rest. With a fixed
+    tail longer than a small table, every slot of it went to the scan."""
+    claimed = []
+    real = maglev._claim_free
+    monkeypatch.setattr(maglev, "_claim_free", lambda entry, free, *rest: (claimed.append(len(free)), real(entry, free, *rest)))
+    given = [Backend(a, p, 1 + i % 2 if weighted else 1) for i, (a, p) in enumerate(backends(3))]
+    build(given, size)
+    assert 0 < len(claimed) <= int(size ** 0.5)
