@@ -49,7 +49,7 @@ int mbpf_ns_xdp(struct xdp_md *ctx)
 	entry = mbpf_ns_ct.lookup(&key);
 	if (entry && (entry->flags & MBPF_NS_CT_F_SNAT)) {
 		t = *entry;   /* a reply from another node: from the frontend, to the client */
-		ns_ct_touch(entry, &x.p);
+		ns_ct_touch(entry, &x.p, MBPF_NS_CT_REV);
 		counter = MBPF_NS_REPLY;
 	} else {
 		key.dir = MBPF_NS_CT_FWD;
@@ -58,7 +58,7 @@ int mbpf_ns_xdp(struct xdp_md *ctx)
 			t = *entry;
 			if (!ns_backend_still(&t))
 				return XDP_PASS;  /* its backend is gone: tc balances it again */
-			ns_ct_touch(entry, &x.p);
+			ns_ct_touch(entry, &x.p, MBPF_NS_CT_FWD);
 			counter = MBPF_NS_ESTABLISHED;
 		} else {
 			struct mbpf_ns_svc svc;

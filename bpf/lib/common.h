@@ -676,6 +676,8 @@ struct mbpf_ns_ct {
                                  * garbage collection frees the flow sooner) */
 #define MBPF_NS_CT_F_RST    8   /* TCP: a RST went by in this direction (a SYN
                                  * clears both: the tuple's next connection) */
+#define MBPF_NS_CT_F_FIN_FIRST 16  /* TCP, SNAT: this direction's FIN came while the
+                                    * other had none (it closed first; a SYN clears it) */
 
 /* mbpf_ns_stats: per-CPU array of __u64 counters. */
 #define MBPF_NS_NEW         0   /* new flow translated (DNAT, maybe SNAT) */

@@ -35,10 +35,19 @@
 
 /* A flow whose reply tuple a new flow tries is over, and its SNAT port
  * free again, once idle both ways this long: a TCP flow whose last packet
- * was a RST at once, after a FIN 60 s, UDP 120 s, any other 600 s (the
+ * was a RST at once; one the client closed first and the backend closed
+ * too after 1 s; after another FIN 60 s; UDP 120 s; any other 600 s (the
  * agent's garbage collection, datapath/northsouth.py, removes such flows
- * too; this keeps ports coming back while no agent runs). */
+ * too; this keeps ports coming back while no agent runs).
+ * Why the close order: the side that closes first keeps the tuple in
+ * TIME_WAIT (60 s on Linux). When that is the backend, a new flow on the
+ * tuple from another client may carry a lower sequence number than the
+ * TIME_WAIT remembers, and the backend answers its SYN with an old ACK.
+ * When the client closed first the backend's socket is gone once the
+ * client's last ACK arrives: the 1 s covers that ACK and a retransmitted
+ * FIN (which touches the flow again) if it was lost. */
 #define NS_SEC               1000000000ULL
+#define NS_CT_CLOSED_IDLE    (1 * NS_SEC)
 #define NS_CT_FIN_IDLE       (60 * NS_SEC)
 #define NS_CT_UDP_IDLE       (120 * NS_SEC)
 #define NS_CT_IDLE           (600 * NS_SEC)
@@ -51,12 +60,40 @@ static __always_inline void ns_count(__u32 idx)
 		*n += 1;  /* per-CPU slot: no atomics needed */
 }
 
+/* This direction's first FIN of an SNATed flow: is it the flow's first
+ * (the other direction has none)? Only SNATed flows ask: their reply
+ * tuple is a port of the range that a new flow may take over (see
+ * NS_CT_CLOSED_IDLE). The other direction's key comes from this entry:
+ * a FWD entry holds the reply's tuple, a REV entry the client's. */
+static __always_inline int ns_ct_fin_first(const struct mbpf_ns_ct *entry, __u8 dir)
+{
+	struct ns_claim_scratch *s;
+	struct mbpf_ns_ct *other;
+	__u32 zero = 0;
+
+	if (!(entry->flags & MBPF_NS_CT_F_SNAT))
+		return 0;
+	s = mbpf_ns_claim.lookup(&zero);
+	if (!s)
+		return 0;
+	__builtin_memcpy(s->fk.saddr, entry->dst, MBPF_ADDR_LEN);
+	__builtin_memcpy(s->fk.daddr, entry->src, MBPF_ADDR_LEN);
+	s->fk.sport = entry->dport;
+	s->fk.dport = entry->sport;
+	s->fk.proto = IPPROTO_TCP;
+	s->fk.dir = dir == MBPF_NS_CT_FWD ? MBPF_NS_CT_REV : MBPF_NS_CT_FWD;
+	s->fk.pad[0] = 0;
+	s->fk.pad[1] = 0;
+	other = mbpf_ns_ct.lookup(&s->fk);
+	return other && !(other->flags & MBPF_NS_CT_F_FIN);
+}
+
 /* A packet of the flow went by: the agent's garbage collection removes
  * flows idle too long (NorthSouthMaps.collect_garbage); LRU eviction is
  * the backstop. A plain store: a lost race only ages the entry less. */
-static __always_inline void ns_ct_touch(struct mbpf_ns_ct *entry, const struct ns_pkt *p)
+static __always_inline void ns_ct_touch(struct mbpf_ns_ct *entry, const struct ns_pkt *p, __u8 dir)
 {
-	__u8 closed = MBPF_NS_CT_F_FIN | MBPF_NS_CT_F_RST;
+	__u8 closed = MBPF_NS_CT_F_FIN | MBPF_NS_CT_F_RST | MBPF_NS_CT_F_FIN_FIRST;
 
 	entry->last_ns = bpf_ktime_get_ns();
 	if (p->proto != IPPROTO_TCP)
@@ -69,8 +106,11 @@ static __always_inline void ns_ct_touch(struct mbpf_ns_ct *entry, const struct n
 	} else if (p->tcp_flags & (NS_TCP_FIN | NS_TCP_RST)) {
 		/* closing: the garbage collection frees its port sooner */
 		closed = (p->tcp_flags & NS_TCP_RST) ? MBPF_NS_CT_F_RST : MBPF_NS_CT_F_FIN;
-		if (!(entry->flags & closed))
-			entry->flags |= closed;
+		if (entry->flags & closed)
+			return;
+		if (closed == MBPF_NS_CT_F_FIN && ns_ct_fin_first(entry, dir))
+			closed |= MBPF_NS_CT_F_FIN_FIRST;
+		entry->flags |= closed;
 	}
 }
 
@@ -224,6 +264,9 @@ static __always_inline int ns_take_over(const struct mbpf_ns_ct_key *rk, __u64 n
 	} else if (((rev_flags & MBPF_NS_CT_F_RST) && last >= fwd_last) ||
 		   ((fwd_flags & MBPF_NS_CT_F_RST) && fwd_last >= last)) {
 		limit = 0;
+	} else if ((fwd_flags & MBPF_NS_CT_F_FIN_FIRST) && (rev_flags & MBPF_NS_CT_F_FIN) &&
+		   !(rev_flags & MBPF_NS_CT_F_FIN_FIRST)) {
+		limit = NS_CT_CLOSED_IDLE;  /* the client closed first: no TIME_WAIT at the backend */
 	} else if ((rev_flags | fwd_flags) & MBPF_NS_CT_F_FIN) {
 		limit = NS_CT_FIN_IDLE;
 	}
@@ -400,7 +443,7 @@ static __always_inline int ns_established(struct __sk_buff *skb, struct ns_pkt *
 		mbpf_ns_ct.delete(&key);
 		return -2;
 	}
-	ns_ct_touch(entry, p);
+	ns_ct_touch(entry, p, MBPF_NS_CT_FWD);
 	ns_count(MBPF_NS_ESTABLISHED);
 	if (ns_rewrite(skb, p, 0, fwd.dst, fwd.dport) < 0)
 		return NS_TC_DROP;
@@ -429,7 +472,7 @@ static __always_inline int ns_reply(struct __sk_buff *skb, struct ns_pkt *p, int
 	snat = !!(rev.flags & MBPF_NS_CT_F_SNAT);
 	if (snat != ingress)
 		return -2;
-	ns_ct_touch(entry, p);
+	ns_ct_touch(entry, p, MBPF_NS_CT_REV);
 	ns_count(MBPF_NS_REPLY);
 	if (ns_rewrite(skb, p, 1, rev.src, rev.sport) < 0)
 		return NS_TC_DROP;

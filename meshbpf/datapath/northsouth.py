@@ -43,10 +43,14 @@ PROGRAMS = ("mbpf_ns_ingress", "mbpf_ns_egress")
 CT_FWD, CT_REV = 1, 2    # MBPF_NS_CT_FWD / _REV
 CT_F_SNAT = 1            # MBPF_NS_CT_F_SNAT
 CT_F_FIN, CT_F_RST = 4, 8   # MBPF_NS_CT_F_FIN / _RST: a FIN / RST went by (TCP)
+CT_F_FIN_FIRST = 16         # MBPF_NS_CT_F_FIN_FIRST: an SNATed flow's first FIN went this way
 # Idle limits shorter than the caller's: a TCP flow that saw a RST, one
-# that saw a FIN, UDP (so that its SNAT port serves again: the range is
-# small). Linux's conntrack keeps a closed TCP flow 10 s (tcp_timeout_close).
+# the client closed first (no TIME_WAIT at the backend: bpf/lib/nodeport.h,
+# NS_CT_CLOSED_IDLE), one that saw a FIN, UDP (so that its SNAT port serves
+# again: the range is small). Linux's conntrack keeps a closed TCP flow
+# 10 s (tcp_timeout_close).
 CT_RST_IDLE_NS = 10 * 10**9
+CT_CLOSED_IDLE_NS = 1 * 10**9
 CT_FIN_IDLE_NS = 60 * 10**9
 CT_UDP_IDLE_NS = 120 * 10**9
 XDP_PROGRAM = "mbpf_ns_xdp"
@@ -209,13 +213,16 @@ class NorthSouthMaps(PinnedMaps):
 
     def collect_garbage(self, idle_ns: int, now_ns: int | None = None, *,
                         rst_idle_ns: int = CT_RST_IDLE_NS, fin_idle_ns: int = CT_FIN_IDLE_NS,
-                        udp_idle_ns: int = CT_UDP_IDLE_NS) -> int:
+                        udp_idle_ns: int = CT_UDP_IDLE_NS,
+                        closed_idle_ns: int = CT_CLOSED_IDLE_NS) -> int:
         """Removes the flows whose two directions have both seen no packet
         for idle_ns (the programs stamp each direction's entry), and entries
         whose other half is gone and that are idle too. Shorter for some
         (each at most idle_ns): a TCP flow that saw a RST either way after
-        rst_idle_ns, one that saw a FIN after fin_idle_ns (a SYN on the
-        tuple since clears both), UDP after udp_idle_ns.
+        rst_idle_ns, an SNATed one whose client closed first and whose
+        backend closed too after closed_idle_ns, one that saw another FIN
+        after fin_idle_ns (a SYN on the tuple since clears them), UDP after
+        udp_idle_ns.
         LRU eviction only acts once the table is full; this keeps it from
         filling with the dead (and frees SNAT ports). Returns the entries
         removed."""
@@ -230,6 +237,8 @@ class NorthSouthMaps(PinnedMaps):
                 limit = min(limit, udp_idle_ns)
             elif flags & CT_F_RST:
                 limit = min(limit, rst_idle_ns)
+            elif partner and _closed_by_client(key, val, partner[1]):
+                limit = min(limit, closed_idle_ns)
             elif flags & CT_F_FIN:
                 limit = min(limit, fin_idle_ns)
             if now - val.last_ns < limit:
@@ -265,6 +274,14 @@ def _ct_partner(key: NsCtKeyC, val: NsCtC) -> NsCtKeyC:
         other.daddr[:] = bytes(val.src)
         other.sport, other.dport, other.dir = val.dport, val.sport, CT_FWD
     return other
+
+
+def _closed_by_client(key: NsCtKeyC, val: NsCtC, partner: NsCtC) -> bool:
+    """An SNATed TCP flow whose client's FIN came first and whose backend
+    closed too (as bpf/lib/nodeport.h's ns_take_over judges it)."""
+    fwd, rev = (val, partner) if key.dir == CT_FWD else (partner, val)
+    return bool(fwd.flags & CT_F_FIN_FIRST and rev.flags & CT_F_FIN
+                and not rev.flags & CT_F_FIN_FIRST)
 
 
 # --- programs ------------------------------------------------------------------

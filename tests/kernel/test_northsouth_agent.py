@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import time
 
 import pytest
 
@@ -34,11 +35,11 @@ def lab2():
         yield lab
 
 
-def node_port_service(lab: Lab, **spec) -> list[dict]:
+def node_port_service(lab: Lab, pods: tuple[str, ...] = ("web-1", "web-2"), **spec) -> list[dict]:
     svc = k8s.service("web", ["10.96.0.10"], [dict(k8s.port("http", 80, 8080), nodePort=NODE_PORT)])
     svc["spec"].update(type="NodePort", **spec)
     endpoints = [dict(k8s.endpoint(str(lab.pods[p].ipv4)), nodeName=f"node{lab.pods[p].node}")
-                 for p in ("web-1", "web-2")]
+                 for p in pods]
     return [svc, k8s.endpoint_slice("web-1", "web", endpoints, [k8s.slice_port("http", 8080)])]
 
 
@@ -136,6 +137,38 @@ def test_snat_ports_come_from_the_flag_and_need_no_reservation(lab2, bpffs, tmp_
         assert snat and all(50000 <= p <= 50999 for p in snat), snat
         assert reserved_ports(lab2, 1) == before
         assert "SNAT ports 50000-50999, not reserved (--no-reserve-snat-ports)" in agent.log()
+    finally:
+        agent.stop()
+        agent.cleanup()
+
+
+def test_eight_snat_ports_serve_eight_connections_a_second_when_clients_close_first(lab2, bpffs, tmp_path):
+    """--snat-ports 50000-50007 (the fewest the agent takes): eight ports
+    for every flow to node 2's pod. curl closes first (HTTP/1.1, the body's
+    length known), so the backend keeps no TIME_WAIT and a closed flow's
+    port serves a new flow after 1 s idle. Three rounds of eight
+    connections from new client ports, a second apart: all answered. With
+    the 60 s hold after any FIN the second round was dropped (drop_no_snat)."""
+    node = lab2.node(1)
+    config = k8s.write(tmp_path / "services.yaml", node_port_service(lab2, pods=("web-2",)))
+    agent = AgentProcess(config, node.cgroup, bpffs, ["--node-netns", node.netns, "--node-name", "node1",
+                                                     "--maglev-table-size", "251",
+                                                     "--snat-ports", "50000-50007", "--no-reserve-snat-ports"])
+    url = f"http://{node.ext_ipv4}:{NODE_PORT}/"
+    try:
+        agent.start(timeout=AGENT_READY_TIMEOUT)
+        wait_for(lambda: json.loads(agent.get("/v1/northsouth")[1])["frontends"] == 2, 60,
+                 "the NodePort and ClusterIP frontends")
+        ports = iter(range(43000, 43200))
+        wait_for(lambda: curl(lab2, url, next(ports))[1] == "web-2", 60, "node 2's pod through node 1")
+        got = []
+        for _ in range(3):
+            time.sleep(1.2)   # the last round's ports serve again
+            got += [curl(lab2, url, next(ports)) for _ in range(8)]
+        assert got == [(200, "web-2")] * 24
+        metrics = agent.get("/metrics")[1]
+        assert metric(metrics, "meshbpf_northsouth_packets_total", 'result="snat"') >= 24
+        assert metric(metrics, "meshbpf_northsouth_packets_total", 'result="drop_no_snat"') in (None, 0)
     finally:
         agent.stop()
         agent.cleanup()

@@ -18,7 +18,7 @@ from scapy.layers.inet6 import ICMPv6DestUnreach, ICMPv6PacketTooBig, IPerror6, 
 from scapy.layers.l2 import Ether
 
 from meshbpf.datapath import libbpf
-from meshbpf.datapath.northsouth import NorthSouthDatapath
+from meshbpf.datapath.northsouth import CT_F_FIN, NorthSouthDatapath
 from meshbpf.reconcile.northsouth_keys import (BE_LOCAL, DEFAULT_SNAT_PORTS, F_LOCAL, F_NODEPORT, wildcard,
                                                NorthSouthState, NsBackend, NsCfg, NsKey, NsSrcKey, NsStep,
                                                NsSvc, flow_hash, snat_port_tries)
@@ -727,3 +727,64 @@ def test_a_closed_flows_snat_port_is_taken_over_after_a_rst(dp, maps, closed):
     else:
         assert l4(second).sport == tries[1] and counted(maps, before)["snat_port_retry"] == 1
         assert fwd_ports == {40070, other}
+
+
+
+@pytest.mark.parametrize("first", ["client", "backend"])
+def test_a_flow_the_client_closed_first_frees_its_snat_port_after_a_second(dp, maps, first):
+    """The side that closes first keeps the tuple in TIME_WAIT. The client
+    closed first: the backend keeps nothing, and a new flow takes the
+    flow's SNAT port once it has been idle 1 s (the garbage collection
+    removes it then too). The backend closed first: the port is held 60 s
+    as before, and a new flow takes its next try."""
+    f = FAMILIES[4]
+    frontend(maps, nodeport(4), [REMOTE_BE], flags=F_NODEPORT)
+    _, opened = ingress(dp, pkt(4, f["client"], f["node"], 40080, NODE_PORT))
+    port = l4(opened).sport
+    client_fin = pkt(4, f["client"], f["node"], 40080, NODE_PORT, flags="FA")
+    backend_fin = pkt(4, f["remote"], f["node"], BE_PORT, port, flags="FA")
+    for packet in ([client_fin, backend_fin] if first == "client" else [backend_fin, client_fin]):
+        ingress(dp, packet)
+    mark = time.clock_gettime_ns(time.CLOCK_MONOTONIC)   # the flow's last packet is later
+    if first == "client":
+        ingress(dp, pkt(4, f["client"], f["node"], 40080, NODE_PORT, flags="A"))    # the last ACK
+    else:   # the backend's last ACK (it closed first)
+        ingress(dp, pkt(4, f["remote"], f["node"], BE_PORT, port, flags="A"))
+    flags = {k.dir: v.flags for k, v in maps.conntrack() if socket.ntohs(k.sport) in (40080, BE_PORT)}
+    assert flags[1] & CT_F_FIN and flags[2] & CT_F_FIN
+    colliding = (sport for sport in range(20000, 60000)
+                 if snat_tries(f["far"], f["node"], sport, NODE_PORT)[0] == port)
+    early_port = next(colliding)
+    _, early = ingress(dp, pkt(4, f["far"], f["node"], early_port, NODE_PORT))
+    if time.clock_gettime_ns(time.CLOCK_MONOTONIC) - mark < 9 * 10**8:   # unless the host stalled
+        assert l4(early).sport == snat_tries(f["far"], f["node"], early_port, NODE_PORT)[1]   # held
+    assert maps.collect_garbage(3600 * 10**9, now_ns=mark + 5 * 10**8) == 0
+    time.sleep(1.1)
+    late_port = next(colliding)
+    _, late = ingress(dp, pkt(4, f["far"], f["node"], late_port, NODE_PORT))
+    if first == "client":
+        assert l4(late).sport == port                       # taken over
+    else:
+        assert l4(late).sport != port                       # a later try
+        assert 40080 in {socket.ntohs(k.sport) for k, _ in maps.conntrack() if k.dir == 1}
+        # the garbage collection keeps it as long (60 s), then frees it
+        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        assert maps.collect_garbage(3600 * 10**9, now_ns=now) == 0
+        assert maps.collect_garbage(3600 * 10**9, now_ns=mark + 120 * 10**9) == 2
+
+
+def test_the_garbage_collection_frees_a_flow_the_client_closed_first_after_a_second(dp, maps):
+    """As ns_take_over judges it (the test above): client FIN, backend FIN,
+    the last ACK, then 1 s idle both ways."""
+    f = FAMILIES[4]
+    frontend(maps, nodeport(4), [REMOTE_BE], flags=F_NODEPORT)
+    _, opened = ingress(dp, pkt(4, f["client"], f["node"], 40090, NODE_PORT))
+    port = l4(opened).sport
+    ingress(dp, pkt(4, f["client"], f["node"], 40090, NODE_PORT, flags="FA"))
+    ingress(dp, pkt(4, f["remote"], f["node"], BE_PORT, port, flags="FA"))
+    mark = time.clock_gettime_ns(time.CLOCK_MONOTONIC)   # the flow's last packet is later
+    ingress(dp, pkt(4, f["client"], f["node"], 40090, NODE_PORT, flags="A"))
+    hour = 3600 * 10**9
+    assert maps.collect_garbage(hour, now_ns=mark + 5 * 10**8) == 0
+    assert maps.collect_garbage(hour, now_ns=mark + 5 * 10**9) == 2
+    assert maps.conntrack() == []
