@@ -342,7 +342,9 @@ class Agent:
         """Counter entries for the splits just programmed (metrics only: a
         failure is logged and never holds up anything else)."""
         try:
-            self.route_counters.sync(self.desired, self.lbsync.current)
+            index = self.lbsync.index  # the planners' backend IDs, when kept
+            self.route_counters.sync(self.desired, self.lbsync.current,
+                                     index.backend_id if index is not None else None)
         except Exception as exc:
             log.warning("route backend counters not updated: %s", one_line(exc))
 

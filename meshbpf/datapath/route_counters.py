@@ -17,9 +17,11 @@ import ctypes as ct
 import errno
 import logging
 import os
+import weakref
 from pathlib import Path
+from typing import Iterable, Mapping
 
-from ..model import DesiredState
+from ..model import DesiredState, Frontend
 from ..reconcile import IPPROTO, BackendVal, LBState, SvcKey, addr16
 from . import libbpf
 from .layout import PickKeyC
@@ -32,14 +34,20 @@ BPF_NOEXIST = 1
 Labels = tuple[str, str]  # (route, backend Service "namespace/name:port")
 
 
-def wanted_pairs(desired: DesiredState, lb: LBState) -> dict[tuple[int, int], Labels]:
-    """(svc_id, backend_id) -> (route, backend) for every programmed split."""
+def wanted_pairs(desired: DesiredState, lb: LBState, split: Iterable[Frontend] | None = None,
+                 backend_id: Mapping[BackendVal, int] | None = None) -> dict[tuple[int, int], Labels]:
+    """(svc_id, backend_id) -> (route, backend) for every programmed split.
+    split: the frontends that may be split (default: all); backend_id: each
+    backend's ID, as the planners index them (default: from lb's backends).
+    With both, the cost is the splits', not the state's."""
     out: dict[tuple[int, int], Labels] = {}
     if not desired.routes:
         return out  # before the index below: it costs every backend, on every change
-    backend_ids = {val: bid for bid, val in lb.backends.items()}
-    for sp in desired.service_ports.values():
-        if not sp.split:
+    backend_ids = backend_id if backend_id is not None else {val: bid for bid, val in lb.backends.items()}
+    ports = desired.service_ports
+    for fe in (ports if split is None else split):
+        sp = ports.get(fe)
+        if sp is None or not sp.split:
             continue
         proto = IPPROTO[sp.frontend.protocol]
         svc = lb.services.get(SvcKey(addr16(sp.frontend.address), sp.frontend.port, proto))
@@ -60,9 +68,14 @@ class RouteCounters:
         self.path = bpffs / MAP_NAME
         self.labels: dict[tuple[int, int], Labels] = {}
         self._full_said = False
+        # The state of the last sync, weakly, and its split frontends.
+        self._split_of: tuple[weakref.ref, tuple[Frontend, ...]] | None = None
 
-    def sync(self, desired: DesiredState, lb: LBState) -> None:
-        wanted = wanted_pairs(desired, lb)
+    def sync(self, desired: DesiredState, lb: LBState,
+             backend_id: Mapping[BackendVal, int] | None = None) -> None:
+        """backend_id: as for wanted_pairs."""
+        split = self._split(desired)
+        wanted = wanted_pairs(desired, lb, split, backend_id)
         if not wanted and not self.labels:
             return
         try:
@@ -86,6 +99,20 @@ class RouteCounters:
             self.labels = wanted
         finally:
             os.close(fd)
+
+    def _split(self, desired: DesiredState) -> tuple[Frontend, ...]:
+        """The split frontends: a walk of those the Delta names and those
+        split last time, when the Delta is over the state synced last; else
+        of every frontend."""
+        delta, last = desired.delta, self._split_of
+        ports = desired.service_ports
+        if last is not None and delta is not None and delta.base() is last[0]():
+            candidates: Iterable[Frontend] = dict.fromkeys([*last[1], *delta.frontends])
+        else:
+            candidates = ports.keys() if desired.routes else ()
+        split = tuple(fe for fe in candidates if (sp := ports.get(fe)) is not None and sp.split)
+        self._split_of = (weakref.ref(desired), split)
+        return split
 
     def _open(self) -> int:
         """The counter map, checked: its values are per CPU, so one of

@@ -17,7 +17,7 @@ parent (no listeners) and is never set.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from ..model import BackendRef, DesiredState, ParentRef, ReferenceGrant, Route, ServicePort
 from .errors import MAX_PART, one_line
@@ -87,11 +87,11 @@ def ref_permitted(route: Route, ref: BackendRef, grants: Iterable[ReferenceGrant
                for g in grants)
 
 
-def route_statuses(state: DesiredState) -> list[ParentStatus]:
-    """The status of every route of the state, per Service parent."""
-    by_service: dict[str, list[ServicePort]] = {}
-    for sp in state.service_ports.values():
-        by_service.setdefault(sp.service, []).append(sp)
+def route_statuses(state: DesiredState,
+                   ports_of: Callable[[str], Iterable[ServicePort]] | None = None) -> list[ParentStatus]:
+    """The status of every route of the state, per Service parent.
+    ports_of: as for services_named."""
+    by_service = services_named(state, state.routes, ports_of)
     out = []
     for route in sorted(state.routes, key=lambda r: (r.namespace, r.name, r.kind)):
         for parent in route.parents:
@@ -103,6 +103,30 @@ def route_statuses(state: DesiredState) -> list[ParentStatus]:
             out.append(ParentStatus(route, parent, _accepted(route, parent, by_service, matched, ours),
                                     _resolved_refs(route, by_service, ours, state.reference_grants)))
     return out
+
+
+def services_named(state: DesiredState, routes: Iterable[Route],
+                   ports_of: Callable[[str], Iterable[ServicePort]] | None = None
+                   ) -> dict[str, list[ServicePort]]:
+    """The ports in `state` of each Service ("namespace/name") the routes
+    name as a parent or a backend, for those that have any: the others
+    cannot be either. ports_of: a Service's frontends as a source indexes
+    them (a port's value is then read from the state, which may hold it
+    split); without it every frontend is walked."""
+    named = {f"{p.namespace}/{p.name}" for r in routes for p in r.parents}
+    named |= {f"{b.namespace}/{b.name}" for r in routes for b in r.backend_refs}
+    by_service: dict[str, list[ServicePort]] = {}
+    if ports_of is None:
+        for sp in state.service_ports.values():
+            if sp.service in named:
+                by_service.setdefault(sp.service, []).append(sp)
+        return by_service
+    ports = state.service_ports
+    for name in sorted(named):
+        held = [ports[sp.frontend] for sp in ports_of(name) if sp.frontend in ports]
+        if held:
+            by_service[name] = held
+    return by_service
 
 
 def _accepted(route: Route, parent: ParentRef, by_service: dict[str, list[ServicePort]],

@@ -16,14 +16,17 @@ skipped.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import replace
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
-from ..model import BackendRef, DesiredState, ParentRef, ReferenceGrant, Route, ServicePort, SplitShare
+from ..model import (BackendRef, Delta, DesiredState, Frontend, ParentRef, ReferenceGrant, Route, ServicePort,
+                     SplitShare)
+from ..overlay import OverlayMap
 from .errors import MAX_PART, Problem, one_line
 from .kube_objects import SourceObject
 from .names import name_problem, namespace_problem
-from .route_status import _INVALID_MESSAGE, ref_permitted
+from .route_status import _INVALID_MESSAGE, ref_permitted, services_named
 
 API_VERSION = "gateway.networking.k8s.io/v1alpha2"
 ROUTE_KINDS = ("TCPRoute", "UDPRoute")
@@ -278,11 +281,40 @@ def apply_routes(state: DesiredState, routes: list[Route],
     references and parents a route does not match. The first route (by
     namespace/name) on a frontend wins; later ones are noted. A backendRef
     to another namespace needs a ReferenceGrant there, else it is refused."""
+    routed, _, notes = _apply(state, routes, grants)
+    return routed, notes
+
+
+def reapply_routes(state: DesiredState, previous: DesiredState, previous_split: Iterable[Frontend],
+                   routes: list[Route], grants: Iterable[ReferenceGrant] = (),
+                   ports_of: Callable[[str], Iterable[ServicePort]] | None = None
+                   ) -> tuple[DesiredState, tuple[Frontend, ...], list[str]]:
+    """apply_routes for a source that derives each state from the last:
+    `state` is unsplit, with a Delta over the unsplit state before it, and
+    `previous` is the split state handed out from that one, whose split
+    frontends were `previous_split`. The result's Delta is over `previous`:
+    the frontends the change touched, and every split frontend before and
+    after (a parent's split follows its backend Services, which the change
+    may have touched). Also returns the split frontends. Without a Delta the
+    result has none either (its consumer compares the states itself).
+    ports_of: a Service's ("namespace/name") ports in `state`, when the
+    source indexes them; else they are found by a walk of every frontend.
+    With it, and `state.service_ports` an OverlayMap, the work is the
+    routes', not the state's."""
+    routed, split, notes = _apply(state, routes, grants, ports_of)
+    if state.delta is not None:
+        frontends = tuple(dict.fromkeys([*state.delta.frontends, *previous_split, *split]))
+        routed = replace(routed, delta=Delta(weakref.ref(previous), frontends))
+    return routed, split, notes
+
+
+def _apply(state: DesiredState, routes: list[Route], grants: Iterable[ReferenceGrant],
+           ports_of: Callable[[str], Iterable[ServicePort]] | None = None
+           ) -> tuple[DesiredState, tuple[Frontend, ...], list[str]]:
     grants = tuple(sorted(grants, key=lambda g: (g.namespace, g.name)))
-    by_service: dict[str, list[ServicePort]] = {}
-    for sp in state.service_ports.values():
-        by_service.setdefault(sp.service, []).append(sp)
-    ports = dict(state.service_ports)
+    by_service = services_named(state, routes, ports_of)
+    # The split parents set in place (an OverlayMap: a copy of the change only)
+    ports = OverlayMap.of(state.service_ports).editor()
     notes: list[str] = []
     owner: dict = {}
     for route in sorted(routes, key=lambda r: (r.namespace, r.name, r.kind)):
@@ -300,8 +332,9 @@ def apply_routes(state: DesiredState, routes: list[Route],
                 owner[sp.frontend] = route
                 shares = tuple(_share(route, ref, sp, by_service, notes, grants) for ref in route.backend_refs)
                 ports[sp.frontend] = replace(sp, split=shares, route=str(route))
-    return replace(state, service_ports=ports, routes=tuple(routes), reference_grants=grants,
-                   delta=None), _one_line_each(notes)
+    return (replace(state, service_ports=ports.done(), routes=tuple(routes), reference_grants=grants,
+                    delta=None),
+            tuple(owner), _one_line_each(notes))
 
 
 def _share(route: Route, ref: BackendRef, parent: ServicePort, by_service: dict[str, list[ServicePort]],

@@ -32,7 +32,7 @@ from .file_incremental import FileIndex, FileRecord, record_documents, record_pi
 from .kube_objects import BuildResult, SourceObject
 from .kube_policy import POLICY_KINDS, policy_fields, read_policy_objects
 from .route_status import route_statuses
-from .routes import GRANT_KIND, ROUTE_KINDS, apply_routes, read_grants, read_routes
+from .routes import GRANT_KIND, ROUTE_KINDS, apply_routes, read_grants, read_routes, reapply_routes
 from .yaml_load import LoadError, load_all
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,10 @@ class ConfigResult(BuildResult):
     policy objects left out for a problem (which never reject the read)."""
 
     skipped: list[Problem] = field(default_factory=list)
+    # With routes: the state before they split their parents (a source that
+    # derives the next state from this one splits it again), and their notes.
+    unrouted: DesiredState | None = None
+    split_notes: list[str] = field(default_factory=list)
 
 
 # The largest config file read: a bigger one is refused from its size alone,
@@ -225,9 +229,11 @@ def _read_config(path: Path, node_name: str | None, cache: dict,
     routes, route_problems, route_notes = read_routes([o for o in passed if o.obj.get("kind") in ROUTE_KINDS],
                                                       getattr(previous, "routes", ()))
     grants, grant_problems = read_grants(o for o in passed if o.obj.get("kind") == GRANT_KIND)
+    unrouted = state
     state, split_notes = apply_routes(state, routes, grants) if routes else (state, [])
     return ConfigResult(state, [], result.notes + policy.notes + route_notes + split_notes,
-                        skipped=policy.problems + route_problems + grant_problems)
+                        skipped=policy.problems + route_problems + grant_problems,
+                        unrouted=unrouted, split_notes=split_notes)
 
 
 @dataclass(frozen=True)
@@ -285,6 +291,9 @@ class FileSource:
         self._notes: list[str] = []
         self._parsed: dict = {}  # file -> (stamp, FileRecord, HeldFile until the index holds them)
         self._index: FileIndex | None = None  # for incremental reads; None: read everything
+        self._routes: tuple | None = None     # (routes, grants) of the last full read, if any route
+        self._split: tuple = ()               # the frontends they split in the last state read
+        self._unsplit_notes: list[str] = []   # the last full read's notes but the routes' splits
         self._pending: DesiredState | None = None  # read, not yet handed out (held)
         self._held_since: float | None = None
         self._serving_services = False       # the last state handed out had Services
@@ -304,7 +313,7 @@ class FileSource:
         state = self._read_state
         if state is not None and state.routes and self._status_of is not state:
             self._status_of = state
-            self._status_problems = [line for ps in route_statuses(state) for line in ps.problems()]
+            self._status_problems = [line for ps in route_statuses(state, self._ports_of()) for line in ps.problems()]
         return list(self._skipped) + (self._status_problems if state is not None and state.routes else [])
 
     def changed(self) -> bool:
@@ -360,12 +369,41 @@ class FileSource:
                 log.info("%s", note)
             self._notes = result.notes
         self._report_skipped([str(p) for p in result.skipped])
-        # A route ties its parent to other Services: the incremental path
-        # would miss a backend Service's change, so routes mean full reads.
-        if not (result.state.routes or any(p.obj.startswith(ROUTE_KINDS + (GRANT_KIND,)) for p in result.skipped)):
-            self._build_index(result.state, result.skipped)
+        # The index holds the Services unsplit; routes split each state it
+        # derives again (_route). A change to a route or a grant is another
+        # kind in its file, which takes the full read.
+        self._build_index(result.unrouted or result.state, result.skipped)
+        self._routes = (result.state.routes, result.state.reference_grants) if result.state.routes else None
+        self._split = ()
+        if self._routes is not None:
+            self._split = tuple(f for f, sp in result.state.service_ports.items() if sp.route)
+        self._unsplit_notes = result.notes[:len(result.notes) - len(result.split_notes)]
         self._read_state = result.state
         return result.state
+
+    def _ports_of(self):
+        """A Service's ("namespace/name") frontends in the last state read,
+        from the index (None without one: then they are searched for)."""
+        if self._index is None:
+            return None
+        ports_of = self._index.services.ports_of
+        return lambda service: ports_of.get(tuple(service.split("/", 1)), ())
+
+    def _route(self, state: DesiredState, before: DesiredState) -> DesiredState:
+        """The index's next state split by the routes of the last full read.
+        Its Delta stays usable (over the state handed out last) when the
+        index's was over `before`, the unsplit state that one came from."""
+        routes, grants = self._routes
+        if state.delta is not None and state.delta.base() is not before:
+            state = replace(state, delta=None)
+        routed, self._split, split_notes = reapply_routes(
+            state, self._read_state, self._split, routes, grants, self._ports_of())
+        notes = self._unsplit_notes + split_notes
+        if notes != self._notes:
+            for note in notes:
+                log.info("%s", note)
+            self._notes = notes
+        return routed
 
     def _build_index(self, state: DesiredState, skipped: list[Problem]) -> None:
         """The incremental index of a full read, built at once from what the
@@ -417,7 +455,10 @@ class FileSource:
                 changed[file], stamps[file] = (record, fresh), stamp
                 text_bytes += len(text)
             del text
+            before = self._index.state
             state = self._index.apply(changed)
+            if state is not None and self._routes is not None:
+                state = self._route(state, before)
             for file, new in changed.items():  # the records of this read, kept or not
                 if new is None:
                     self._parsed.pop(file, None)

@@ -17,6 +17,7 @@ from meshbpf.sources.errors import ConfigError
 from meshbpf.sources.file_held import HeldFile
 from meshbpf.sources.file_incremental import PieceReader
 from meshbpf.sources.file_pieces import Split
+from meshbpf.sources.route_status import route_statuses
 from meshbpf.sources.yaml_file import FileSource, read_config
 from policy_world import netpol, ns_obj, pod_obj
 
@@ -274,3 +275,101 @@ def test_a_full_read_leaves_no_cycle_holding_what_it_read(tmp_path, layout):
     finally:
         gc.enable()
     assert left == []
+
+
+def split_route(parent: str, backends: dict[str, int], name: str = "split") -> dict:
+    """A TCPRoute on Service `parent` (port 80) over `backends` by weight."""
+    return {"apiVersion": "gateway.networking.k8s.io/v1alpha2", "kind": "TCPRoute",
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": parent}],
+                     "rules": [{"backendRefs": [{"name": n, "port": 80, "weight": w}
+                                                for n, w in backends.items()]}]}}
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_with_routes_random_edits_stay_incremental_and_give_the_state_of_a_full_read(
+        tmp_path, parses, seed):
+    """Routes in a file of their own, split parents whose backend Services
+    are the ones edited (they come, go and change endpoints). Edits to the
+    Services' files are read alone as before; each state is split again and
+    equals a full read's, its Delta over the last state naming every
+    frontend that changed (split parents included)."""
+    rng = random.Random(1000 + seed)
+    for f in range(5):
+        write(tmp_path / f"f{f}.yaml", random_file(rng, f))
+    write(tmp_path / "routes.yaml", [split_route("f0s0", {"f1s0": 1, "f2s1": 3}),
+                                     split_route("f3s0", {"f4s0": 1, "f0s1": 1, "f9s9": 1}, "other")])
+    src = source(tmp_path)
+    state = src.poll()
+    assert state == read_config(tmp_path, "node-a").state and state.routes
+    assert src._index is not None
+    for _ in range(8):
+        edited = rng.sample(range(5), rng.randint(1, 2))
+        for f in edited:
+            write(tmp_path / f"f{f}.yaml", random_file(rng, f))
+        parses.clear()
+        previous = state
+        new = src.poll()
+        expected = read_config(tmp_path, "node-a").state
+        if new is not None:
+            state = new
+        assert state == expected
+        assert src._index is not None  # stayed incremental
+        # the routes' status from the index's view of the Services, as from a walk of all
+        assert [ps.view() for ps in route_statuses(state, src._ports_of())] == \
+            [ps.view() for ps in route_statuses(expected)]
+        assert sorted(parses[:len(edited)]) == sorted(f"f{f}.yaml" for f in edited)  # then read_config's
+        if new is not None:
+            assert new.delta is not None and new.delta.base() is previous
+            changed = {fe for fe in state.service_ports.keys() | previous.service_ports.keys()
+                       if state.service_ports.get(fe) != previous.service_ports.get(fe)}
+            split = {fe for s in (state, previous) for fe, sp in s.service_ports.items() if sp.route}
+            assert changed <= set(new.delta.frontends) <= changed | split
+
+
+def test_an_edit_to_a_route_takes_the_full_read(tmp_path):
+    write(tmp_path / "svc.yaml", [service("web", "10.96.0.10"), service("v1", "10.96.1.1"),
+                                  endpoint_slice("v1-a", "v1", [ep("10.1.0.1")])])
+    write(tmp_path / "routes.yaml", [split_route("web", {"v1": 1})])
+    src = source(tmp_path)
+    first = src.poll()
+    [sp] = [sp for sp in first.service_ports.values() if sp.route]
+    write(tmp_path / "routes.yaml", [split_route("web", {"v1": 1, "v2": 1})])
+    new = src.poll()
+    assert new == read_config(tmp_path, "node-a").state and new.delta is None
+    [sp] = [sp for sp in new.service_ports.values() if sp.route]
+    assert len(sp.split) == 2
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_route_counters_find_the_splits_from_the_delta_as_from_a_walk_of_all(tmp_path, seed):
+    """The agent's route counters look at the frontends the Delta names and
+    those split last time, and take backend IDs from the planner's index:
+    the same (svc_id, backend_id) pairs as a walk of every frontend and
+    backend."""
+    from meshbpf.datapath.route_counters import RouteCounters, wanted_pairs
+    from meshbpf.reconcile import LBState, plan, wanted_services
+    from meshbpf.reconcile.incremental import LBIndex
+    rng = random.Random(2000 + seed)
+    for f in range(5):
+        write(tmp_path / f"f{f}.yaml", random_file(rng, f))
+    write(tmp_path / "routes.yaml", [split_route("f0s0", {"f1s0": 1, "f2s1": 3}),
+                                     split_route("f3s0", {"f4s0": 1, "f0s1": 1}, "other"),
+                                     split_route("web", {"b1": 1, "b2": 2}, "always")])
+
+    def split_file() -> list[dict]:   # a parent and backends that are always there
+        return [service("web", "10.97.0.1"), service("b1", "10.97.0.2"), service("b2", "10.97.0.3"),
+                endpoint_slice("b1-a", "b1", [ep(f"10.245.0.{i + 1}") for i in range(rng.randint(1, 3))]),
+                endpoint_slice("b2-a", "b2", [ep(f"10.245.1.{i + 1}") for i in range(rng.randint(0, 3))])]
+    write(tmp_path / "split.yaml", split_file())
+    src, counters, lb = source(tmp_path), RouteCounters(tmp_path), LBState()
+    for _ in range(8):
+        state = src.poll()
+        if state is not None:
+            lb = plan(lb, wanted_services(state)).apply_to(lb)
+            fast = wanted_pairs(state, lb, counters._split(state), LBIndex(lb).backend_id)
+            assert fast == wanted_pairs(state, lb)
+            assert any(labels[0] == "TCPRoute default/always" for labels in fast.values())
+        write(tmp_path / "split.yaml", split_file())
+        for f in rng.sample(range(5), rng.randint(1, 2)):
+            write(tmp_path / f"f{f}.yaml", random_file(rng, f))
