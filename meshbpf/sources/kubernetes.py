@@ -22,8 +22,10 @@ nothing for it.
 
 Gateway API TCPRoutes and UDPRoutes (weighted splitting, sources/routes.py)
 are optional the same way: without their CRDs the server answers 404, and
-one note says routes are not served. While any route exists every change
-rebuilds the whole state: a route ties its parent to other Services.
+one note says routes are not served. A route ties its parent to other
+Services: the index holds the Services unsplit and each state it derives
+is split again (routes.reapply_routes); a change to what the build reads
+of a route or grant rebuilds everything (our own status writes do not).
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ from .names import label_problems
 from .routes import API_VERSION as ROUTE_API_VERSION
 from .kube_route_status import RouteStatusWriter
 from .route_status import route_statuses
-from .routes import GRANT_KIND, apply_routes, read_grants, read_routes
+from .routes import GRANT_KIND, read_grants, read_routes, reapply_routes
 from .yaml_load import LoadError, load_one
 
 log = logging.getLogger(__name__)
@@ -326,10 +328,19 @@ class KubernetesSource:
                 transform=_without_managed_fields)
 
         self._inputs = [r for key, r in self.reflectors.items() if key not in POLICY_REFLECTORS]
+        # Routes and grants: their status is ours to write, and a write comes
+        # back as an event; only a change to what the build reads rebuilds all.
+        self._route_inputs = {i for i, key in enumerate(k for k in self.reflectors if k not in POLICY_REFLECTORS)
+                              if key in ROUTE_REFLECTORS or key == "referencegrants"}
+        self._built_route_specs: list | None = None
         self._policy_inputs = [self.reflectors[k] for k in POLICY_REFLECTORS if network_policy]
         self._built: tuple[int, ...] | None = None
         self._policy_built: tuple[int, ...] | None = None
         self._index: ServiceIndex | None = None  # for incremental builds; None: build everything
+        # With routes: (routes, grants, rejected route names) of the last full
+        # build, and the frontends they split in the last state handed out.
+        self._routes: tuple | None = None
+        self._split: tuple = ()
         self._last: DesiredState | None = None
         self._problems: set[str] = set()
         self._policy_problems: set[str] = set()
@@ -371,15 +382,18 @@ class KubernetesSource:
         services = self.reflectors["services"].take_changes()
         slices = self.reflectors["endpointslices"].take_changes()
         incremental = (self._index is not None and services is not None and slices is not None
-                       and previous is not None and previous[2:] == generations[2:])
+                       and previous is not None and self._only_services_changed(previous, generations))
         differs = False  # known to differ from the last state, without comparing all of it
         try:
             if generations == previous:
                 state = None  # only NetworkPolicy's inputs changed
             elif incremental:
+                before = self._index.state
                 state = self._apply_events(services, slices)
                 # Built from the last state, with the frontends that changed value.
                 differs = state is not None
+                if state is not None and self._routes is not None:
+                    state = self._route(state, before)
             else:
                 state = self.build().state
             if state is None:
@@ -393,8 +407,10 @@ class KubernetesSource:
             log.exception("building the state from the API objects failed")
             raise internal_error("API server objects", exc) from None
         same = not differs and state == self._last
-        if self._index is not None:
+        if self._index is not None and self._routes is None:
             # Deltas then name the state handed out, and carry its policy inputs.
+            # (With routes the index keeps its own, unsplit, and _route names
+            # the state handed out.)
             self._index.state = self._last if same else state
         if same:
             return None
@@ -439,10 +455,11 @@ class KubernetesSource:
             result.state, services, [(key, owner, raw) for (key, raw), owner in zip(slices, owners)],
             result.problems, node_name=self.node_name, service_proxy_name=self.service_proxy_name,
             node_zone=zone)
-        if self._add_routes(result):
-            # A route ties its parent to other Services, which the
-            # incremental path cannot follow: while routes exist, build all.
-            self._index = None
+        # The index holds the Services unsplit: with routes, each state it
+        # derives is split again (_route); a change to a route or grant is a
+        # full build. Read before them: a change landing in between rebuilds again.
+        self._built_route_specs = self._route_specs()
+        self._add_routes(result)
         result.problems[:0] = settings_problems
         if "node" in self.reflectors and not self.reflectors["node"].items():
             result.notes.append(f"Node {self.node_name} not found: topology hints are not used")
@@ -471,13 +488,62 @@ class KubernetesSource:
                                 f"backendRefs to other namespaces are refused")
         result.problems += problems + grant_problems
         result.notes += notes
+        self._routes, self._split = None, ()
         if routes:
-            result.state, split_notes = apply_routes(result.state, routes, grants)
+            result.state, self._split, split_notes = reapply_routes(
+                result.state, result.state, (), routes, grants, self._ports_of())
             result.notes += split_notes
+            self._routes = (routes, grants, {p.obj for p in problems})
         if route_objects:
-            self._route_status.offer(route_statuses(result.state) if routes else [],
+            self._route_status.offer(route_statuses(result.state, self._ports_of()) if routes else [],
                                      {p.obj for p in problems})
         return bool(routes)
+
+    def _only_services_changed(self, previous: tuple[int, ...], generations: tuple[int, ...]) -> bool:
+        """Whether the inputs but Services and EndpointSlices (the first two)
+        are as the last build read them: their generations, or for routes
+        and grants what the build reads of them (a status write of ours
+        comes back as an event that changes nothing else)."""
+        changed = [i for i in range(2, len(generations)) if previous[i] != generations[i]]
+        if not changed:
+            return True
+        if not set(changed) <= self._route_inputs:
+            return False
+        return self._route_specs() == self._built_route_specs
+
+    def _route_specs(self) -> list:
+        """What the build reads of every route and grant: kind, name and spec."""
+        out = []
+        for key in (*ROUTE_REFLECTORS, "referencegrants"):
+            for obj in self.reflectors[key].items():
+                meta = obj.get("metadata") or {}
+                out.append((obj.get("kind"), meta.get("namespace"), meta.get("name"), obj.get("spec")))
+        out.sort(key=lambda t: tuple(str(x) for x in t[:3]))
+        return out
+
+    def _ports_of(self):
+        """A Service's ("namespace/name") frontends, from the index."""
+        if self._index is None:
+            return None
+        ports_of = self._index.ports_of
+        return lambda service: ports_of.get(tuple(service.split("/", 1)), ())
+
+    def _route(self, state: DesiredState, before: DesiredState) -> DesiredState:
+        """The index's next state split by the routes of the last full build,
+        its Delta over the state handed out last when the index's was over
+        `before`; the routes' statuses offered again (a backend Service may
+        have come or gone)."""
+        routes, grants, rejected = self._routes
+        if state.delta is not None and state.delta.base() is not before:
+            state = replace(state, delta=None)
+        routed, self._split, split_notes = reapply_routes(
+            state, self._last, self._split, routes, grants, self._ports_of())
+        for text in split_notes:
+            if text not in self._notes:
+                log.info("%s", text)
+                self._notes.add(text)
+        self._route_status.offer(route_statuses(routed, self._ports_of()), rejected)
+        return routed
 
     def _apply_events(self, services: dict, slices: dict) -> DesiredState | None:
         assert self._index is not None

@@ -91,3 +91,46 @@ def test_a_bad_route_edit_keeps_the_previous_version(api, make_source):
     api.apply(route({"v1": 20, "v2": 80}))
     p.wait(lambda: split_of(p.emitted[-1]) == {"default/v1:80": 20, "default/v2:80": 80}, "the fixed route")
     p.wait(lambda: not p.source.problems, "the problem resolved")
+
+
+
+def test_with_a_route_service_events_stay_incremental_and_equal_a_full_build(api, make_source):
+    """A route no longer forces a full build on every change: a backend
+    Service's new endpoints and its deletion come from the index (our own
+    status write, which comes back as a route event, changes nothing the
+    build reads); each state equals a full build of the same objects with
+    the route applied, its Delta over the state before naming the split
+    parent; the status still follows (BackendNotFound once v2 is gone)."""
+    from test_routes_status import reasons
+
+    from meshbpf.sources.held_text import loaded
+    from meshbpf.sources.kube_objects import SourceObject, build_state
+    from meshbpf.sources.routes import apply_routes, read_routes
+    api.apply(*cluster({"v1": 1, "v2": 1}), route({"v1": 70, "v2": 30}))
+    p = make_source()
+    p.first()
+    p.wait(lambda: p.emitted and split_of(p.emitted[-1]) and api.status_patches, "the split and its status")
+    builds = []
+    real_build = p.source.build
+    p.source.build = lambda: builds.append(1) or real_build()
+
+    def full():
+        items = [SourceObject(loaded(o), "API server")
+                 for r in ("services", "endpointslices") for o in p.source.reflectors[r].items()]
+        routes, _, _ = read_routes([SourceObject(o, "API server") for o in p.source.reflectors["tcproutes"].items()])
+        return apply_routes(build_state(items, node_name="node-a").state, routes)[0]
+    parent = fe(V4["web"], 80)
+    for change, done in [
+            (lambda: api.apply(*cluster({"v1": 1, "v2": 3})[4:6]),
+             lambda s: len(s.service_ports[parent].split[1].endpoints) == 3),
+            (lambda: api.delete("Service", "default", "v2"),
+             lambda s: not s.service_ports[parent].split[1].endpoints)]:
+        before = p.emitted[-1]
+        change()
+        p.wait(lambda: done(p.emitted[-1]), "the change in the split")
+        new = p.emitted[-1]
+        assert new.service_ports == full().service_ports
+        assert new.delta is not None and new.delta.base() is before and parent in new.delta.frontends
+    p.wait(lambda: ("ResolvedRefs", "False", "BackendNotFound") in reasons(api.get("TCPRoute", "default", "split")),
+           "BackendNotFound written")
+    assert not builds and p.source._index is not None   # never a full build
