@@ -152,3 +152,30 @@ def test_a_lone_surrogate_in_a_json_file_is_refused_or_replaced(tmp_path):
         return
     for route in result.state.routes:
         str(route).encode("utf-8")
+
+
+@pytest.mark.parametrize("name", BAD_FILES)
+def test_with_a_route_a_bad_file_is_one_line_and_a_fix_is_read_incrementally(folder, name):
+    """The same with a TCPRoute in the folder (its Services' edits now stay
+    incremental): the bad file is refused, the running state stays, and a
+    later edit of a backend Service is read alone and split again."""
+    objs = good_objects()
+    (folder / "route.yaml").write_text(dump_all([objs["TCPRoute"]]))
+    source = FileSource(folder, settle_s=0)
+    first = source.poll()
+    assert good_applied(first) and any(sp.route for sp in first.service_ports.values())
+    file_name, data, says = BAD_FILES[name]
+    (folder / file_name).write_bytes(data)
+    with pytest.raises(ConfigError) as rejected:
+        source.poll()
+    assert any(says in str(p) for p in rejected.value.problems)
+    assert source.poll() is None
+    (folder / file_name).unlink()
+    again = source.poll()
+    assert again == read_config(folder).state and good_applied(again)
+    slice_ = dict(objs["EndpointSlice"])
+    slice_["endpoints"] = slice_["endpoints"][:1]
+    (folder / "good.yaml").write_text(dump_all([objs["Service"], slice_]))
+    edited = source.poll()
+    assert source._index is not None and edited.delta is not None   # incremental
+    assert edited == read_config(folder).state
