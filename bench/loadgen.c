@@ -16,6 +16,11 @@
  * so neither side keeps a TIME_WAIT socket. Otherwise NATed and direct
  * 4-tuples collide in TIME_WAIT/PAWS and cost SYN retransmits that have
  * nothing to do with the path being measured.
+ *
+ * -F (both sides): FINs instead, the client first, as HTTP/1.1 clients
+ * close: the client shuts its side after the response and waits for the
+ * server's FIN; the server closes once it reads the client's. The client
+ * keeps the TIME_WAIT (bench/snat_capacity.py: NAT port reuse).
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -43,6 +48,7 @@ struct target {
 static struct target targets[MAX_TARGETS];
 static int ntargets;
 static size_t req_len = 64, resp_len = 64;
+static int fin_close;  /* -F */
 static double duration = 2.0, warmup = 0.2;
 
 static void die(const char *what)
@@ -99,6 +105,7 @@ bad:
 /* ------------------------------------------------------------------ server */
 
 static size_t got[MAX_FDS];  /* request bytes read so far, by fd */
+static char answered[MAX_FDS];  /* -F: the response went, the client's FIN is awaited */
 
 static int serve(void)
 {
@@ -142,6 +149,7 @@ static int serve(void)
 						continue;
 					}
 					got[c] = 0;
+					answered[c] = 0;
 					ev.events = EPOLLIN;
 					ev.data.u64 = (uint64_t)c;
 					epoll_ctl(ep, EPOLL_CTL_ADD, c, &ev);
@@ -152,12 +160,18 @@ static int serve(void)
 
 			if (r < 0 && errno == EAGAIN)
 				continue;
+			if (r > 0 && answered[fd])
+				continue;  /* -F: more than the request; the FIN is awaited */
 			if (r > 0 && (got[fd] += r) < req_len)
 				continue;
 			if (r > 0) {
 				/* A short or failed write means the client went away. */
 				ssize_t w = write(fd, resp, resp_len);
 				(void)w;
+				if (fin_close) {
+					answered[fd] = 1;
+					continue;
+				}
 			}
 			close(fd);  /* also removes it from the epoll set */
 		}
@@ -188,7 +202,8 @@ static int one_connection(const struct target *t, const char *req, char *buf)
 
 	if (fd < 0)
 		return -1;
-	setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+	if (!fin_close)
+		setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
 	setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tmo, sizeof(tmo));
 	setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tmo, sizeof(tmo));
 	if (connect(fd, (const struct sockaddr *)&t->sa, t->len) < 0)
@@ -201,6 +216,17 @@ static int one_connection(const struct target *t, const char *req, char *buf)
 		if (r <= 0)
 			goto out;
 		have += r;
+	}
+	if (fin_close) {
+		/* ours first, then the server's: read until its FIN (EOF) */
+		ssize_t r;
+
+		if (shutdown(fd, SHUT_WR) < 0)
+			goto out;
+		while ((r = read(fd, buf, resp_len)) > 0)
+			;
+		if (r != 0)
+			goto out;
 	}
 	ok = 0;
 out:
@@ -292,8 +318,8 @@ static int client(int nthreads)
 
 static void usage(void)
 {
-	fprintf(stderr, "usage: loadgen server [-q REQ] [-r RESP] ADDR:PORT...\n"
-			"       loadgen client [-d SECONDS] [-w WARMUP] [-T THREADS] "
+	fprintf(stderr, "usage: loadgen server [-F] [-q REQ] [-r RESP] ADDR:PORT...\n"
+			"       loadgen client [-F] [-d SECONDS] [-w WARMUP] [-T THREADS] "
 			"[-q REQ] [-r RESP] ADDR:PORT...\n");
 	exit(2);
 }
@@ -307,8 +333,9 @@ int main(int argc, char **argv)
 	const char *mode = argv[1];
 
 	optind = 2;
-	while ((opt = getopt(argc, argv, "d:w:T:q:r:")) != -1) {
+	while ((opt = getopt(argc, argv, "Fd:w:T:q:r:")) != -1) {
 		switch (opt) {
+		case 'F': fin_close = 1; break;
 		case 'd': duration = atof(optarg); break;
 		case 'w': warmup = atof(optarg); break;
 		case 'T': threads = atoi(optarg); break;

@@ -36,7 +36,8 @@
 /* A flow whose reply tuple a new flow tries is over, and its SNAT port
  * free again, once idle both ways this long: a TCP flow whose last packet
  * was a RST at once; one the client closed first and the backend closed
- * too after 1 s; after another FIN 60 s; UDP 120 s; any other 600 s (the
+ * too at once after the client's last ACK, else after 1 s; after another
+ * FIN 60 s; UDP 120 s; any other 600 s (the
  * agent's garbage collection, datapath/northsouth.py, removes such flows
  * too; this keeps ports coming back while no agent runs).
  * Why the close order: the side that closes first keeps the tuple in
@@ -44,8 +45,12 @@
  * tuple from another client may carry a lower sequence number than the
  * TIME_WAIT remembers, and the backend answers its SYN with an old ACK.
  * When the client closed first the backend's socket is gone once the
- * client's last ACK arrives: the 1 s covers that ACK and a retransmitted
- * FIN (which touches the flow again) if it was lost. */
+ * client's last ACK arrives: the port serves at once when a client packet
+ * followed the backend's FIN, else after 1 s (that ACK may be on its way,
+ * or lost and the FIN retransmitted, which touches the flow again). An ACK
+ * lost after the node leaves the backend in LAST_ACK: the new flow's SYN
+ * then gets a challenge ACK, the client resets it and retries, as behind
+ * Linux's NAT, which reuses a closed tuple alike. */
 #define NS_SEC               1000000000ULL
 #define NS_CT_CLOSED_IDLE    (1 * NS_SEC)
 #define NS_CT_FIN_IDLE       (60 * NS_SEC)
@@ -266,7 +271,10 @@ static __always_inline int ns_take_over(const struct mbpf_ns_ct_key *rk, __u64 n
 		limit = 0;
 	} else if ((fwd_flags & MBPF_NS_CT_F_FIN_FIRST) && (rev_flags & MBPF_NS_CT_F_FIN) &&
 		   !(rev_flags & MBPF_NS_CT_F_FIN_FIRST)) {
-		limit = NS_CT_CLOSED_IDLE;  /* the client closed first: no TIME_WAIT at the backend */
+		/* the client closed first: no TIME_WAIT at the backend. Once the
+		 * client's packet followed the backend's last (the ACK of its
+		 * FIN), at once, as Linux's NAT reuses a closed tuple */
+		limit = fwd_last > last ? 0 : NS_CT_CLOSED_IDLE;
 	} else if ((rev_flags | fwd_flags) & MBPF_NS_CT_F_FIN) {
 		limit = NS_CT_FIN_IDLE;
 	}

@@ -71,3 +71,25 @@ def test_a_run_stopped_half_way_removes_what_it_made():
             proc.wait()
     assert proc.returncode != 0
     assert left_by(proc.pid) == []
+
+
+@pytest.mark.heavy
+def test_the_snat_capacity_run_serves_client_closed_connections_and_leaves_nothing(tmp_path):
+    """bench/snat_capacity.py as bench/README.md shows it (short runs): every
+    mode served FIN-closed connections, meshbpf's tc SNATed them with no
+    flow dropped for want of a port, and the lab and pins are gone."""
+    subprocess.run(["bench/run-northsouth", "--help"], cwd=REPO, check=True, capture_output=True,
+                   timeout=600)   # its setup builds loadgen (with -F)
+    out = tmp_path / "snat.json"
+    proc = subprocess.Popen([str(REPO / ".venv" / "bin" / "python"), "bench/snat_capacity.py",
+                             "--seconds", "1", "--pause", "0", "--out", str(out)],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, err[-3000:]
+    modes = json.loads(out.read_text())["modes"]
+    assert set(modes) == {"direct", "tc", "nftables"}
+    for mode, result in modes.items():
+        assert result["count"] > 0 and result["errors"] == 0, (mode, result)
+    assert modes["tc"]["meshbpf_counters"]["snat"] > 0
+    assert "drop_no_snat" not in modes["tc"]["meshbpf_counters"]
+    assert left_by(proc.pid) == []

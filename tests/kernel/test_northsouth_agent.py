@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import signal
 import socket
-import time
 
 import pytest
 
@@ -142,13 +141,13 @@ def test_snat_ports_come_from_the_flag_and_need_no_reservation(lab2, bpffs, tmp_
         agent.cleanup()
 
 
-def test_eight_snat_ports_serve_eight_connections_a_second_when_clients_close_first(lab2, bpffs, tmp_path):
+def test_eight_snat_ports_serve_connections_back_to_back_when_clients_close_first(lab2, bpffs, tmp_path):
     """--snat-ports 50000-50007 (the fewest the agent takes): eight ports
     for every flow to node 2's pod. curl closes first (HTTP/1.1, the body's
     length known), so the backend keeps no TIME_WAIT and a closed flow's
-    port serves a new flow after 1 s idle. Three rounds of eight
-    connections from new client ports, a second apart: all answered. With
-    the 60 s hold after any FIN the second round was dropped (drop_no_snat)."""
+    port serves a new flow once curl's ACK of the backend's FIN went by.
+    24 connections back to back from new client ports: all answered. With
+    the 60 s hold after any FIN the ninth was dropped (drop_no_snat)."""
     node = lab2.node(1)
     config = k8s.write(tmp_path / "services.yaml", node_port_service(lab2, pods=("web-2",)))
     agent = AgentProcess(config, node.cgroup, bpffs, ["--node-netns", node.netns, "--node-name", "node1",
@@ -161,10 +160,7 @@ def test_eight_snat_ports_serve_eight_connections_a_second_when_clients_close_fi
                  "the NodePort and ClusterIP frontends")
         ports = iter(range(43000, 43200))
         wait_for(lambda: curl(lab2, url, next(ports))[1] == "web-2", 60, "node 2's pod through node 1")
-        got = []
-        for _ in range(3):
-            time.sleep(1.2)   # the last round's ports serve again
-            got += [curl(lab2, url, next(ports)) for _ in range(8)]
+        got = [curl(lab2, url, next(ports)) for _ in range(24)]
         assert got == [(200, "web-2")] * 24
         metrics = agent.get("/metrics")[1]
         assert metric(metrics, "meshbpf_northsouth_packets_total", 'result="snat"') >= 24
