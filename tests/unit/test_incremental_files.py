@@ -72,6 +72,17 @@ def random_file(rng: random.Random, f: int) -> list[dict]:
     return objects
 
 
+def poll_as_a_full_read(src: FileSource, path, state):
+    """Polls; returns what the poll handed out (None: nothing new), the
+    source's state now, and a full read's, which it must equal."""
+    new = src.poll()
+    expected = read_config(path, "node-a").state
+    if new is not None:
+        state = new
+    assert state == expected
+    return new, state, expected
+
+
 @pytest.mark.parametrize("seed", range(25))
 def test_random_edits_give_the_state_of_a_full_read_and_parse_only_the_edited_files(
         tmp_path, parses, seed):
@@ -91,11 +102,7 @@ def test_random_edits_give_the_state_of_a_full_read_and_parse_only_the_edited_fi
                 write(path, random_file(rng, f))
         parses.clear()
         previous = state
-        new = src.poll()
-        expected = read_config(tmp_path, "node-a").state
-        if new is not None:
-            state = new
-        assert state == expected
+        new, state, expected = poll_as_a_full_read(src, tmp_path, state)
         existing = {f"f{f}.yaml" for f in edited if (tmp_path / f"f{f}.yaml").exists()}
         assert sorted(parses[: len(existing)]) == sorted(existing)  # then read_config's own
         assert src._index is not None  # stayed incremental
@@ -309,11 +316,7 @@ def test_with_routes_random_edits_stay_incremental_and_give_the_state_of_a_full_
             write(tmp_path / f"f{f}.yaml", random_file(rng, f))
         parses.clear()
         previous = state
-        new = src.poll()
-        expected = read_config(tmp_path, "node-a").state
-        if new is not None:
-            state = new
-        assert state == expected
+        new, state, expected = poll_as_a_full_read(src, tmp_path, state)
         assert src._index is not None  # stayed incremental
         # the routes' status from the index's view of the Services, as from a walk of all
         assert [ps.view() for ps in route_statuses(state, src._ports_of())] == \
