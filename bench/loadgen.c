@@ -21,6 +21,9 @@
  * close: the client shuts its side after the response and waits for the
  * server's FIN; the server closes once it reads the client's. The client
  * keeps the TIME_WAIT (bench/snat_capacity.py: NAT port reuse).
+ * -S (client, with a server without -F): FINs, the server first, as an
+ * HTTP/1.0 server closes: the client reads to the server's FIN, then
+ * closes. The server keeps the TIME_WAIT.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -49,6 +52,7 @@ static struct target targets[MAX_TARGETS];
 static int ntargets;
 static size_t req_len = 64, resp_len = 64;
 static int fin_close;  /* -F */
+static int server_first;  /* -S */
 static double duration = 2.0, warmup = 0.2;
 
 static void die(const char *what)
@@ -202,7 +206,7 @@ static int one_connection(const struct target *t, const char *req, char *buf)
 
 	if (fd < 0)
 		return -1;
-	if (!fin_close)
+	if (!fin_close && !server_first)
 		setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
 	setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tmo, sizeof(tmo));
 	setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tmo, sizeof(tmo));
@@ -217,11 +221,12 @@ static int one_connection(const struct target *t, const char *req, char *buf)
 			goto out;
 		have += r;
 	}
-	if (fin_close) {
-		/* ours first, then the server's: read until its FIN (EOF) */
+	if (fin_close || server_first) {
+		/* -F: ours first, then the server's; -S: the server's first.
+		 * Either way read until its FIN (EOF), then close. */
 		ssize_t r;
 
-		if (shutdown(fd, SHUT_WR) < 0)
+		if (fin_close && shutdown(fd, SHUT_WR) < 0)
 			goto out;
 		while ((r = read(fd, buf, resp_len)) > 0)
 			;
@@ -319,7 +324,7 @@ static int client(int nthreads)
 static void usage(void)
 {
 	fprintf(stderr, "usage: loadgen server [-F] [-q REQ] [-r RESP] ADDR:PORT...\n"
-			"       loadgen client [-F] [-d SECONDS] [-w WARMUP] [-T THREADS] "
+			"       loadgen client [-F | -S] [-d SECONDS] [-w WARMUP] [-T THREADS] "
 			"[-q REQ] [-r RESP] ADDR:PORT...\n");
 	exit(2);
 }
@@ -333,9 +338,10 @@ int main(int argc, char **argv)
 	const char *mode = argv[1];
 
 	optind = 2;
-	while ((opt = getopt(argc, argv, "Fd:w:T:q:r:")) != -1) {
+	while ((opt = getopt(argc, argv, "FSd:w:T:q:r:")) != -1) {
 		switch (opt) {
 		case 'F': fin_close = 1; break;
+		case 'S': server_first = 1; break;
 		case 'd': duration = atof(optarg); break;
 		case 'w': warmup = atof(optarg); break;
 		case 'T': threads = atoi(optarg); break;
@@ -344,7 +350,8 @@ int main(int argc, char **argv)
 		default: usage();
 		}
 	}
-	if (req_len < 1 || req_len > 65536 || resp_len < 1 || resp_len > 65536 || threads < 1)
+	if (req_len < 1 || req_len > 65536 || resp_len < 1 || resp_len > 65536 || threads < 1 ||
+	    (fin_close && server_first))
 		usage();
 	for (; optind < argc && ntargets < MAX_TARGETS; optind++)
 		parse_target(argv[optind], &targets[ntargets++]);

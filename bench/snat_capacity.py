@@ -1,4 +1,4 @@
-"""SNAT port capacity for connections the client closes first (issue 12).
+"""SNAT port capacity for connections ended by FINs (issue 12).
 
     bench/run-northsouth --quick   # once: setup, the load generator
     .venv/bin/python bench/snat_capacity.py [--seconds 10]
@@ -8,12 +8,14 @@ range, which serves again only once that flow is over. A client that
 closes first (HTTP/1.1 clients do) leaves the backend no TIME_WAIT, and
 meshbpf frees the port 1 s after the flow's last packet; a flow the backend
 closed first holds it 60 s. This runs one client in the lab's router netns
-for --seconds against node1's NodePort, its connections ended by FINs, the
-client first (loadgen -F on both ends), backend on node2, in turn through
+for --seconds against node1's NodePort, backend on node2, in turn through
 meshbpf's tc programs and kube-proxy's nftables layout (masquerade: Linux's
-conntrack picks the port), with plain routing to the pod as the ceiling.
-The client's own TIME_WAIT sockets are reused (net.ipv4.tcp_tw_reuse = 1 in
-the router netns only), so its ports are not the limit.
+conntrack picks the port), with plain routing to the pod as the ceiling;
+first with connections the client closes first (loadgen -F on both ends),
+then with connections the server closes first (loadgen client -S to a
+plain loadgen server). The client's own TIME_WAIT sockets are reused
+(net.ipv4.tcp_tw_reuse = 1 in the router netns only), so its ports are not
+the limit; --pause between runs lets the backend's go.
 
 Reported per mode: connections/s over the run, failed connections (a SYN
 dropped for want of a port is retried after 1 s; loadgen gives up a
@@ -35,6 +37,7 @@ from meshbpf.lab.netlab import ROUTER
 
 FIN_PORT = 8081
 MODES = ("direct", "tc", "nftables")
+FIRST = ("client", "server")   # which end closes first
 
 
 class FinRun(ns.NsRun):
@@ -53,23 +56,28 @@ class FinRun(ns.NsRun):
         self._server("web", [str(ns.LOADGEN), "server", "-F", f"{self.addr('web')}:{FIN_PORT}"], "ready")
         self.lab.run(None, ["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"], node=ROUTER, check=True)
 
-    def fin_target(self, mode: str) -> str:
-        s = self.services()[-1]
-        return f"{s.endpoints[0]}:{FIN_PORT}" if mode == "direct" else f"{self.node1.ext_ipv4}:{s.node_port}"
+    def fin_target(self, mode: str, first: str) -> str:
+        """client first: the -F server's Service; server first: the plain
+        server's (it closes once it has answered)."""
+        s = self.services()[-1 if first == "client" else -4]
+        port = FIN_PORT if first == "client" else ns.TCP_PORT
+        return f"{s.endpoints[0]}:{port}" if mode == "direct" else f"{self.node1.ext_ipv4}:{s.node_port}"
 
-    def fin_load(self, mode: str, seconds: float) -> dict:
-        argv = [*self.pin, str(ns.LOADGEN), "client", "-F", "-d", str(seconds), "-w", "0",
-                self.fin_target(mode)]
+    def fin_load(self, mode: str, first: str, seconds: float) -> dict:
+        flag = "-F" if first == "client" else "-S"
+        argv = [*self.pin, str(ns.LOADGEN), "client", flag, "-d", str(seconds), "-w", "0",
+                self.fin_target(mode, first)]
         res = self.lab.run(None, argv, node=ROUTER, timeout=seconds + 60)
         if res.returncode != 0:
-            raise RuntimeError(f"loadgen client -F ({mode}) failed: {res.stderr}")
+            raise RuntimeError(f"loadgen client {flag} ({mode}) failed: {res.stderr}")
         return json.loads(res.stdout)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=10.0, help="length of each mode's run")
-    ap.add_argument("--pause", type=float, default=5.0, help="seconds between modes")
+    ap.add_argument("--pause", type=float, default=65.0,
+                    help="seconds between runs: the backend's TIME_WAITs of the last one gone")
     ap.add_argument("--cpu", default=str((os.cpu_count() or 1) - 1), help="CPU for client and servers, or none")
     ap.add_argument("--out", type=Path, default=ns.HERE / "results" / "snat-capacity.json")
     args = ap.parse_args()
@@ -79,23 +87,24 @@ def main() -> None:
     work = ns.HERE / "out" / f"snat-{os.getpid()}"
     results = {"command": f"bench/snat_capacity.py {' '.join(sys.argv[1:])}".strip(), "machine": ns.machine(),
                "load_before": " ".join(f"{x:.2f}" for x in os.getloadavg()), "seconds": args.seconds,
-               "modes": {}}
+               "client_first": {}, "server_first": {}}
     try:
         with FinRun(10, work, cpu) as run:
             run.prepare()
             run.program(["tc", "nftables"])
-            for i, mode in enumerate(MODES):
-                if i:
-                    time.sleep(args.pause)
-                run.switch(None if mode == "direct" else mode)
-                before = run.counters()
-                out = run.fin_load(mode, args.seconds)
-                after = run.counters()
-                out["meshbpf_counters"] = {k: after.get(k, 0) - before.get(k, 0) for k in after
-                                           if after.get(k, 0) != before.get(k, 0)}
-                results["modes"][mode] = out
-                ns.log(f"{mode}: {out['rate']:.0f} conn/s, {out['errors']} failed, "
-                       f"counters {out['meshbpf_counters']}")
+            for first in FIRST:
+                for i, mode in enumerate(MODES):
+                    if i or first != FIRST[0]:
+                        time.sleep(args.pause)
+                    run.switch(None if mode == "direct" else mode)
+                    before = run.counters()
+                    out = run.fin_load(mode, first, args.seconds)
+                    after = run.counters()
+                    out["meshbpf_counters"] = {k: after.get(k, 0) - before.get(k, 0) for k in after
+                                               if after.get(k, 0) != before.get(k, 0)}
+                    results[f"{first}_first"][mode] = out
+                    ns.log(f"{first} closes first, {mode}: {out['rate']:.0f} conn/s, {out['errors']} failed, "
+                           f"counters {out['meshbpf_counters']}")
             run.switch(None)
     finally:
         import shutil

@@ -231,11 +231,19 @@ static __always_inline int ns_node_socket(void *ctx, const struct mbpf_ns_ct_key
 	return 1;
 }
 
+/* ns_take_over() results */
+#define NS_HELD        0   /* a live flow's (or gone meanwhile): the next try */
+#define NS_TAKEN       1   /* over: its FWD entry deleted, the tuple may be claimed */
+#define NS_HELD_CLOSED 2   /* held, though both ends sent their FIN: the
+                            * backend's TIME_WAIT (it closed first) */
+
 /* The flow holding reply tuple rk (a REV entry) is over (see NS_CT_*):
- * its FWD entry is deleted (its client's next packet is a new flow) and 1
- * returned: the tuple may be claimed. A RST counts when it is the flow's
- * last packet (a SYN since, the client reusing its port, opens it again). */
-static __always_inline int ns_take_over(const struct mbpf_ns_ct_key *rk, __u64 now)
+ * its FWD entry is deleted (its client's next packet is a new flow) and
+ * NS_TAKEN returned: the tuple may be claimed. A RST counts when it is the
+ * flow's last packet (a SYN since, the client reusing its port, opens it
+ * again). closed_ok: a flow both ends closed with FINs counts as over too
+ * (the last resort of ns_claim_rev). */
+static __always_inline int ns_take_over(const struct mbpf_ns_ct_key *rk, __u64 now, int closed_ok)
 {
 	struct ns_claim_scratch *s;
 	struct mbpf_ns_ct_key *fk;
@@ -280,11 +288,18 @@ static __always_inline int ns_take_over(const struct mbpf_ns_ct_key *rk, __u64 n
 	}
 	if (fwd_last > last)
 		last = fwd_last;
-	if (last > now || now - last < limit)
-		return 0;
+	if (last > now || now - last < limit) {
+		if (rk->proto == IPPROTO_TCP && (rev_flags & MBPF_NS_CT_F_FIN) && (fwd_flags & MBPF_NS_CT_F_FIN) &&
+		    !((rev_flags | fwd_flags) & MBPF_NS_CT_F_RST)) {
+			if (!closed_ok)
+				return NS_HELD_CLOSED;
+		} else {
+			return NS_HELD;
+		}
+	}
 	if (fwd)
 		mbpf_ns_ct.delete(fk);
-	return 1;
+	return NS_TAKEN;
 }
 
 /* bench/snat_cost.py compiles a copy without the socket check, to price it */
@@ -300,7 +315,8 @@ static __always_inline __u16 ns_claim_rev(void *ctx, const struct ns_pkt *p, con
 					  struct mbpf_ns_ct_key *rk, struct mbpf_ns_ct *rv, int snat,
 					  __u32 hash)
 {
-	__u32 min = cfg->snat_port_min, max = cfg->snat_port_max, span, port;
+	__u32 min = cfg->snat_port_min, max = cfg->snat_port_max, span, port, closed = 0;
+	int held;
 
 	if (!snat) {
 		rk->dport = p->sport;
@@ -315,12 +331,29 @@ static __always_inline __u16 ns_claim_rev(void *ctx, const struct ns_pkt *p, con
 	port = hash % span;
 	for (int i = 0; i < NS_SNAT_PORT_TRIES; i++) {
 		rk->dport = bpf_htons(min + port);
-		if (!ns_node_socket(ctx, rk, p->v6) &&
-		    (mbpf_ns_ct.insert(rk, rv) == 0 ||
-		     (ns_take_over(rk, rv->last_ns) && mbpf_ns_ct.update(rk, rv) == 0)))
-			return rk->dport;
+		if (!ns_node_socket(ctx, rk, p->v6)) {
+			if (mbpf_ns_ct.insert(rk, rv) == 0)
+				return rk->dport;
+			held = ns_take_over(rk, rv->last_ns, 0);
+			if (held == NS_TAKEN && mbpf_ns_ct.update(rk, rv) == 0)
+				return rk->dport;
+			if (held == NS_HELD_CLOSED && !closed)
+				closed = min + port;
+		}
 		ns_count(MBPF_NS_SNAT_RETRY);
 		port = (port + NS_SNAT_PORT_STRIDE) % span;
+	}
+	/* Every try taken. Rather than drop the flow, take the first one whose
+	 * flow both ends closed with FINs, the backend first: its TIME_WAIT may
+	 * answer the new SYN with the old connection's ACK, which the client
+	 * resets before retrying (a second lost), where a drop costs that
+	 * second for sure. Linux's NAT reuses such a tuple too. */
+	if (closed) {
+		rk->dport = bpf_htons(closed);
+		/* not counted apart: mbpf_ns_stats has no free slot, and another
+		 * size would not match the pinned map of a running datapath */
+		if (ns_take_over(rk, rv->last_ns, 1) == NS_TAKEN && mbpf_ns_ct.update(rk, rv) == 0)
+			return rk->dport;
 	}
 	return 0;
 }

@@ -86,10 +86,12 @@ def test_the_snat_capacity_run_serves_client_closed_connections_and_leaves_nothi
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _, err = proc.communicate(timeout=900)
     assert proc.returncode == 0, err[-3000:]
-    modes = json.loads(out.read_text())["modes"]
-    assert set(modes) == {"direct", "tc", "nftables"}
+    results = json.loads(out.read_text())
+    modes = results["client_first"]
+    assert set(modes) == set(results["server_first"]) == {"direct", "tc", "nftables"}
     for mode, result in modes.items():
         assert result["count"] > 0 and result["errors"] == 0, (mode, result)
     assert modes["tc"]["meshbpf_counters"]["snat"] > 0
     assert "drop_no_snat" not in modes["tc"]["meshbpf_counters"]
+    assert all(r["count"] > 0 for r in results["server_first"].values())
     assert left_by(proc.pid) == []

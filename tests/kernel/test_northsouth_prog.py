@@ -792,3 +792,38 @@ def test_the_garbage_collection_frees_a_flow_the_client_closed_first_after_a_sec
     assert maps.collect_garbage(hour, now_ns=mark + 5 * 10**8) == 0
     assert maps.collect_garbage(hour, now_ns=mark + 5 * 10**9) == 2
     assert maps.conntrack() == []
+
+
+@pytest.mark.parametrize("held_by", ["flows the backend closed first", "open flows"])
+def test_a_flow_whose_every_try_is_held_takes_a_closed_flows_port_rather_than_drop(dp, maps, held_by):
+    """All 8 SNAT tries of a new flow held. By flows both ends closed with
+    FINs, the backend first (their ports held 60 s for its TIME_WAIT): the
+    flow takes its first such try rather than be dropped, as Linux's NAT
+    reuses a closed tuple. By open flows: dropped (drop_no_snat), as before."""
+    f = FAMILIES[4]
+    frontend(maps, nodeport(4), [REMOTE_BE], flags=F_NODEPORT)
+    new_sport = 45000
+    tries = snat_tries(f["far"], f["node"], new_sport, NODE_PORT)
+    holders = {}
+    for port in tries:   # a client port whose flow takes this try first
+        holders[port] = next(s for s in range(20000, 60000) if s not in holders.values()
+                             and snat_tries(f["client"], f["node"], s, NODE_PORT)[0] == port)
+    for port, sport in holders.items():
+        _, opened = ingress(dp, pkt(4, f["client"], f["node"], sport, NODE_PORT))
+        assert l4(opened).sport == port
+        if held_by != "open flows":
+            ingress(dp, pkt(4, f["remote"], f["node"], BE_PORT, port, flags="FA"))      # the backend's FIN
+            ingress(dp, pkt(4, f["client"], f["node"], sport, NODE_PORT, flags="FA"))  # the client's
+            ingress(dp, pkt(4, f["remote"], f["node"], BE_PORT, port, flags="A"))       # the last ACK
+    before = maps.counters()
+    verdict, out = ingress(dp, pkt(4, f["far"], f["node"], new_sport, NODE_PORT))
+    seen = counted(maps, before)
+    assert seen["snat_port_retry"] == 8
+    if held_by == "open flows":
+        assert verdict == DROP and seen.get("drop_no_snat") == 1
+        return
+    assert l4(out).sport == tries[0] and "drop_no_snat" not in seen
+    fwd_ports = {socket.ntohs(k.sport) for k, _ in maps.conntrack() if k.dir == 1}
+    assert holders[tries[0]] not in fwd_ports and new_sport in fwd_ports   # the old flow went
+    _, back = ingress(dp, pkt(4, f["remote"], f["node"], BE_PORT, tries[0], flags="SA"))
+    assert (l3(back).dst, l4(back).dport) == (f["far"], new_sport)
