@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -107,7 +108,6 @@ def main() -> None:
                            f"counters {out['meshbpf_counters']}")
             run.switch(None)
     finally:
-        import shutil
         shutil.rmtree(work, ignore_errors=True)
     results["load_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -229,6 +229,11 @@ class ServiceIndex:
         self.state = update.state
         return update
 
+    def service_ports(self, service: str) -> tuple[ServicePort, ...]:
+        """The frontends of Service "namespace/name" in this index's state
+        (routes.reapply_routes and route_statuses look Services up so)."""
+        return self.ports_of.get(tuple(service.split("/", 1)), ())
+
     def _release(self, key: Key, ports: OverlayEditor, changed: dict[Frontend, None]) -> None:
         for sp in self.ports_of.pop(key, ()):
             if _owner(ports, sp.frontend) == key:

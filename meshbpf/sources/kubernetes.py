@@ -56,7 +56,7 @@ from .names import label_problems
 from .routes import API_VERSION as ROUTE_API_VERSION
 from .kube_route_status import RouteStatusWriter
 from .route_status import route_statuses
-from .routes import GRANT_KIND, read_grants, read_routes, reapply_routes
+from .routes import GRANT_KIND, read_grants, read_routes, reapply_routes, split_by_routes
 from .yaml_load import LoadError, load_one
 
 log = logging.getLogger(__name__)
@@ -490,8 +490,8 @@ class KubernetesSource:
         result.notes += notes
         self._routes, self._split = None, ()
         if routes:
-            result.state, self._split, split_notes = reapply_routes(
-                result.state, result.state, (), routes, grants, self._ports_of())
+            result.state, self._split, split_notes = split_by_routes(result.state, routes, grants,
+                                                                     self._ports_of())
             result.notes += split_notes
             self._routes = (routes, grants, {p.obj for p in problems})
         if route_objects:
@@ -522,11 +522,8 @@ class KubernetesSource:
         return out
 
     def _ports_of(self):
-        """A Service's ("namespace/name") frontends, from the index."""
-        if self._index is None:
-            return None
-        ports_of = self._index.ports_of
-        return lambda service: ports_of.get(tuple(service.split("/", 1)), ())
+        """A Service's frontends, from the index (None without one)."""
+        return None if self._index is None else self._index.service_ports
 
     def _route(self, state: DesiredState, before: DesiredState) -> DesiredState:
         """The index's next state split by the routes of the last full build,
@@ -536,13 +533,13 @@ class KubernetesSource:
         routes, grants, rejected = self._routes
         if state.delta is not None and state.delta.base() is not before:
             state = replace(state, delta=None)
-        routed, self._split, split_notes = reapply_routes(
-            state, self._last, self._split, routes, grants, self._ports_of())
+        ports_of = self._ports_of()
+        routed, self._split, split_notes = reapply_routes(state, self._last, self._split, routes, grants, ports_of)
         for text in split_notes:
             if text not in self._notes:
                 log.info("%s", text)
                 self._notes.add(text)
-        self._route_status.offer(route_statuses(routed, self._ports_of()), rejected)
+        self._route_status.offer(route_statuses(routed, ports_of), rejected)
         return routed
 
     def _apply_events(self, services: dict, slices: dict) -> DesiredState | None:

@@ -281,7 +281,7 @@ def apply_routes(state: DesiredState, routes: list[Route],
     references and parents a route does not match. The first route (by
     namespace/name) on a frontend wins; later ones are noted. A backendRef
     to another namespace needs a ReferenceGrant there, else it is refused."""
-    routed, _, notes = _apply(state, routes, grants)
+    routed, _, notes = split_by_routes(state, routes, grants)
     return routed, notes
 
 
@@ -301,16 +301,18 @@ def reapply_routes(state: DesiredState, previous: DesiredState, previous_split: 
     source indexes them; else they are found by a walk of every frontend.
     With it, and `state.service_ports` an OverlayMap, the work is the
     routes', not the state's."""
-    routed, split, notes = _apply(state, routes, grants, ports_of)
+    routed, split, notes = split_by_routes(state, routes, grants, ports_of)
     if state.delta is not None:
         frontends = tuple(dict.fromkeys([*state.delta.frontends, *previous_split, *split]))
         routed = replace(routed, delta=Delta(weakref.ref(previous), frontends))
     return routed, split, notes
 
 
-def _apply(state: DesiredState, routes: list[Route], grants: Iterable[ReferenceGrant],
-           ports_of: Callable[[str], Iterable[ServicePort]] | None = None
-           ) -> tuple[DesiredState, tuple[Frontend, ...], list[str]]:
+def split_by_routes(state: DesiredState, routes: list[Route], grants: Iterable[ReferenceGrant] = (),
+                    ports_of: Callable[[str], Iterable[ServicePort]] | None = None
+                    ) -> tuple[DesiredState, tuple[Frontend, ...], list[str]]:
+    """apply_routes, also returning the frontends split (a source that
+    derives states later hands them to reapply_routes); ports_of as there."""
     grants = tuple(sorted(grants, key=lambda g: (g.namespace, g.name)))
     by_service = services_named(state, routes, ports_of)
     # The split parents set in place (an OverlayMap: a copy of the change only)

@@ -32,7 +32,7 @@ from .file_incremental import FileIndex, FileRecord, record_documents, record_pi
 from .kube_objects import BuildResult, SourceObject
 from .kube_policy import POLICY_KINDS, policy_fields, read_policy_objects
 from .route_status import route_statuses
-from .routes import GRANT_KIND, ROUTE_KINDS, apply_routes, read_grants, read_routes, reapply_routes
+from .routes import GRANT_KIND, ROUTE_KINDS, read_grants, read_routes, reapply_routes, split_by_routes
 from .yaml_load import LoadError, load_all
 
 log = logging.getLogger(__name__)
@@ -50,8 +50,10 @@ class ConfigResult(BuildResult):
 
     skipped: list[Problem] = field(default_factory=list)
     # With routes: the state before they split their parents (a source that
-    # derives the next state from this one splits it again), and their notes.
+    # derives the next state from this one splits it again), the frontends
+    # they split, and their notes.
     unrouted: DesiredState | None = None
+    split: tuple = ()
     split_notes: list[str] = field(default_factory=list)
 
 
@@ -230,10 +232,10 @@ def _read_config(path: Path, node_name: str | None, cache: dict,
                                                       getattr(previous, "routes", ()))
     grants, grant_problems = read_grants(o for o in passed if o.obj.get("kind") == GRANT_KIND)
     unrouted = state
-    state, split_notes = apply_routes(state, routes, grants) if routes else (state, [])
+    state, split, split_notes = split_by_routes(state, routes, grants) if routes else (state, (), [])
     return ConfigResult(state, [], result.notes + policy.notes + route_notes + split_notes,
                         skipped=policy.problems + route_problems + grant_problems,
-                        unrouted=unrouted, split_notes=split_notes)
+                        unrouted=unrouted, split=split, split_notes=split_notes)
 
 
 @dataclass(frozen=True)
@@ -374,20 +376,15 @@ class FileSource:
         # kind in its file, which takes the full read.
         self._build_index(result.unrouted or result.state, result.skipped)
         self._routes = (result.state.routes, result.state.reference_grants) if result.state.routes else None
-        self._split = ()
-        if self._routes is not None:
-            self._split = tuple(f for f, sp in result.state.service_ports.items() if sp.route)
+        self._split = result.split
         self._unsplit_notes = result.notes[:len(result.notes) - len(result.split_notes)]
         self._read_state = result.state
         return result.state
 
     def _ports_of(self):
-        """A Service's ("namespace/name") frontends in the last state read,
-        from the index (None without one: then they are searched for)."""
-        if self._index is None:
-            return None
-        ports_of = self._index.services.ports_of
-        return lambda service: ports_of.get(tuple(service.split("/", 1)), ())
+        """A Service's frontends in the last state read, from the index
+        (None without one: then they are searched for)."""
+        return None if self._index is None else self._index.services.service_ports
 
     def _route(self, state: DesiredState, before: DesiredState) -> DesiredState:
         """The index's next state split by the routes of the last full read.
