@@ -14,9 +14,12 @@ every pod runs the same server on 127.0.0.11-14:8080 (the four backends):
     meshbpf-skstorage
                   as meshbpf, built as on a kernel without the conn_rnat feature:
                   a connected socket's reverse NAT in socket storage, not in
-                  mbpf_conn_rnat; a second lab and cgroup of its own, so that
-                  the two designs meet the same rounds (the rate is divided by
-                  the same direct runs)
+                  the connection table; a second lab and cgroup of its own, so
+                  that the two designs meet the same rounds (the rate is
+                  divided by the same direct runs)
+    meshbpf-hash  the same, built as on a kernel without conn_slots (before
+                  5.12): the connection table is the hash mbpf_conn_rnat, not
+                  the direct-mapped mbpf_conn_slot
     iptables      kube-proxy iptables-mode layout, iptables-legacy-restore
     iptables-nft  the same layout through iptables-nft-restore
     nftables      kube-proxy nftables-mode layout (service-ips verdict map), nft -f
@@ -63,10 +66,14 @@ from meshbpf.sources.yaml_file import FileSource, read_config
 HERE = Path(__file__).resolve().parent
 LOADGEN = HERE / "bin" / "loadgen"
 SK_STORAGE = "meshbpf-skstorage"
-CASES = ("direct", "meshbpf", "split", SK_STORAGE, "iptables", "iptables-nft", "nftables")
-POD = {"direct": "direct", "meshbpf": "bpf", "split": "split", SK_STORAGE: "bpfsk", "iptables": "ipt",
+# Datapaths built as on an older kernel, each in a lab and cgroup of its own:
+# case -> (lab and pin suffix, the features turned off)
+VARIANTS = {SK_STORAGE: ("s", {"conn_rnat": False}), "meshbpf-hash": ("h", {"conn_slots": False})}
+CASES = ("direct", "meshbpf", "split", *VARIANTS, "iptables", "iptables-nft", "nftables")
+POD = {"direct": "direct", "meshbpf": "bpf", "split": "split", SK_STORAGE: "bpfsk", "meshbpf-hash": "bpfh",
+       "iptables": "ipt",
        "iptables-nft": "iptnft", "nftables": "nft"}
-IN_CGROUP = ("meshbpf", "split", SK_STORAGE)  # the cases meshbpf's programs translate
+IN_CGROUP = ("meshbpf", "split", *VARIANTS)  # the cases meshbpf's programs translate
 RESTORE = {"iptables": "iptables-legacy-restore", "iptables-nft": "iptables-nft-restore"}
 BACKEND_TARGETS = [f"{ip}:{kr.EP_PORT}" for ip in kr.BACKENDS]
 
@@ -103,10 +110,11 @@ class SizeRun:
         self.pin = [] if cpu is None else ["taskset", "-c", str(cpu)]
         self.lab = Lab(f"bench{os.getpid()}n{n}")
         self.bpffs = Path(f"/sys/fs/bpf/meshbpf-bench-{os.getpid()}")
-        # The SK_STORAGE case's own lab, cgroup and pins (a second datapath).
-        self.sk_lab = Lab(f"bench{os.getpid()}n{n}s")
-        self.sk_bpffs = Path(f"/sys/fs/bpf/meshbpf-bench-{os.getpid()}-sk")
-        self.sk_lb: SockLB | None = None
+        # Each variant case's own lab, cgroup, pins and datapath.
+        self.var_labs = {c: Lab(f"bench{os.getpid()}n{n}{VARIANTS[c][0]}") for c in cases if c in VARIANTS}
+        self.var_bpffs = {c: Path(f"/sys/fs/bpf/meshbpf-bench-{os.getpid()}-{VARIANTS[c][0]}")
+                          for c in self.var_labs}
+        self.var_lbs: dict[str, SockLB] = {}
         self.servers: list[subprocess.Popen] = []
         self.lb: SockLB | None = None
         self.maps: LBMaps | None = None
@@ -117,13 +125,13 @@ class SizeRun:
 
     # --- set-up and tear-down --------------------------------------------------
     def __enter__(self) -> "SizeRun":
-        self.lab.up([POD[c] for c in self.cases if c != SK_STORAGE])
-        if SK_STORAGE in self.cases:
-            self.sk_lab.up([POD[SK_STORAGE]])
+        self.lab.up([POD[c] for c in self.cases if c not in VARIANTS])
+        for case, lab in self.var_labs.items():
+            lab.up([POD[case]])
         return self
 
     def lab_of(self, case: str) -> Lab:
-        return self.sk_lab if case == SK_STORAGE else self.lab
+        return self.var_labs.get(case, self.lab)
 
     def __exit__(self, *exc) -> None:
         try:
@@ -132,17 +140,21 @@ class SizeRun:
                 p.wait()
         finally:
             try:
-                for bpffs, lb in ((self.bpffs, self.lb), (self.sk_bpffs, self.sk_lb)):
+                for bpffs, lb in ((self.bpffs, self.lb),
+                                  *((b, self.var_lbs.get(c)) for c, b in self.var_bpffs.items())):
                     if bpffs.exists():
                         uninstall(bpffs)
                     if lb is not None and lb.bpf is not None:
                         lb.bpf.cleanup()
             finally:
-                try:
-                    self.lab.down()
-                finally:
-                    if SK_STORAGE in self.cases:
-                        self.sk_lab.down()
+                errors = []
+                for lab in (self.lab, *self.var_labs.values()):
+                    try:
+                        lab.down()
+                    except Exception as exc:  # the others still come down
+                        errors.append(exc)
+                if errors:
+                    raise errors[0]
 
     def start_servers(self) -> None:
         for case in self.cases:
@@ -175,8 +187,8 @@ class SizeRun:
         if case == "split":
             self._program_split()
             return {}
-        if case == SK_STORAGE:
-            self._program_sk_storage()
+        if case in VARIANTS:
+            self._program_variant(case)
             return {}
         if case == "nftables":
             path = self.write(f"nft-{self.n}.nft", kr.nft_ruleset(self.svcs))
@@ -202,12 +214,12 @@ class SizeRun:
         lb.attach(cg)
         return lb
 
-    def _program_sk_storage(self) -> None:
-        """The N services on a second datapath built without conn_rnat
-        (untimed: the programming benchmark is meshbpf's)."""
-        features = dict(kernel_features.as_dict(kernel_features.probe()), conn_rnat=False)
-        self.sk_lb = self._datapath(self.sk_lab, self.sk_bpffs, features)
-        maps = LBMaps.from_socklb(self.sk_lb)
+    def _program_variant(self, case: str) -> None:
+        """The N services on a datapath of the case's own, built without its
+        features (untimed: the programming benchmark is meshbpf's)."""
+        features = {**kernel_features.as_dict(kernel_features.probe()), **VARIANTS[case][1]}
+        lb = self.var_lbs[case] = self._datapath(self.var_labs[case], self.var_bpffs[case], features)
+        maps = LBMaps.from_socklb(lb)
         desired = read_config(self.write(f"services-{self.n}.yaml", kr.kube_yaml(self.svcs))).state
         maps.apply(plan(maps.read(), wanted_services(desired)))
 
@@ -363,14 +375,15 @@ def run_size(n: int, cases: list[str], args, work: Path) -> dict:
             out["split_route_backend_connections"] = {b: n for (_, b), n in run.counters.read().items()}
             log(f"N={n}: split connections per backend Service: {out['split_route_backend_connections']}")
         # Where each meshbpf datapath keeps a connected socket's reverse NAT.
-        out["conn_rnat"] = {case: bool(lb.features.get("conn_rnat"))
-                            for case, lb in (("meshbpf", run.lb), (SK_STORAGE, run.sk_lb)) if lb}
+        datapaths = (("meshbpf", run.lb), *run.var_lbs.items())
+        out["conn_rnat"] = {case: bool(lb.features.get("conn_rnat")) for case, lb in datapaths if lb}
+        out["conn_slots"] = {case: bool(lb.features.get("conn_slots")) for case, lb in datapaths if lb}
         if "meshbpf" in cases:
             rnat = next(m for m in LB_MAPS if m.name == "mbpf_rnat")
             out["meshbpf_rnat_entries"] = run.rnat_entries()
             out["meshbpf_rnat_capacity"] = run.lb.capacity(rnat)
         for case in cases:
-            if case not in ("direct", "split", SK_STORAGE):  # meshbpf's datapath, added to above
+            if case not in ("direct", "split", *VARIANTS):  # meshbpf's datapath, added to above
                 out["add_one"][case] = run.add_one(case)
                 log(f"N={n}: {case} added one service in {out['add_one'][case]['total_s']:.4f} s")
     out["summary"] = summarize(out["rounds"], cases)

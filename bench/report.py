@@ -13,6 +13,7 @@ LABEL = {
     "meshbpf": "meshbpf (BPF connect4 translation)",
     "split": "meshbpf, a Service split 50/50 by a TCPRoute",
     "meshbpf-skstorage": "meshbpf, reverse NAT in socket storage (no conn_rnat)",
+    "meshbpf-hash": "meshbpf, connection table in a hash (no conn_slots, as before 5.12)",
     "iptables": "kube-proxy iptables layout (legacy)",
     "iptables-nft": "kube-proxy iptables layout (iptables-nft)",
     "nftables": "kube-proxy nftables layout (verdict map)",

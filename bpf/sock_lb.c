@@ -314,7 +314,18 @@ int mbpf_getpeer6(struct bpf_sock_addr *ctx)
 int mbpf_sock_release(struct bpf_sock *ctx)
 {
 	__u64 cookie = mbpf_get_socket_cookie(ctx);
+#ifdef MBPF_HAVE_CONN_SLOTS
+	struct mbpf_conn_slot *slot = conn_slot_held(cookie);
 
+	if (slot) {
+		/* Done: this build writes no hash entries. One an earlier
+		 * build wrote for a socket that connected again since stays
+		 * behind, never read (cookies are not reused) until
+		 * `meshbpf uninstall`. */
+		slot->cookie = 0;
+		return 1;
+	}
+#endif
 	mbpf_conn_rnat.delete(&cookie);
 	return 1;
 }

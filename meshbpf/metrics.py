@@ -22,7 +22,7 @@ from prometheus_client.core import GaugeMetricFamily
 
 from .datapath import libbpf, redirect
 from .datapath.layout import ALL_MAPS, COUNTABLE, POLICY_MAPS
-from .datapath.maps import read_lb_stats
+from .datapath.maps import count_entries, read_lb_stats
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ class MapPressureCollector:
                 if spec.name in known:
                     n = known[spec.name]
                 else:
-                    n = self.cache.get(spec.name, lambda: libbpf.map_count(fd, info.key_size))
+                    n = self.cache.get(spec.name, lambda: count_entries(fd, spec))
             finally:
                 os.close(fd)
             entries.add_metric([spec.name], n)

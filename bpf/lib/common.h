@@ -119,6 +119,14 @@ struct mbpf_sk_rnat {
 	                                     * entries, and those written by 0.1.0) */
 };
 
+/* A slot of the direct-mapped connection table (mbpf_conn_slot): the
+ * socket whose cookie indexes it, modulo the table's size, holds it from
+ * connect() to release. */
+struct mbpf_conn_slot {
+	__u64 cookie;               /* the holder's socket cookie; 0: free */
+	struct mbpf_sk_rnat rnat;
+};
+
 /* Same-node socket redirection: the sockhash and socket-state key, one per
  * TCP socket, as that socket sees its connection. A peer's key is the same
  * with local and remote swapped.

@@ -148,15 +148,55 @@ static __always_inline void sk_rnat_fill(struct mbpf_sk_rnat *r, const struct mb
 	r->svc_id = svc_id;
 }
 
-/* A connected socket keeps its translation in the connection table while
- * it has room, else in socket storage (or, on kernels with neither, in the
- * LRU map like unconnected UDP). */
+#ifdef MBPF_HAVE_CONN_SLOTS
+static __always_inline struct mbpf_conn_slot *conn_slot_of(__u64 cookie)
+{
+	__u32 idx = (__u32)cookie & (MBPF_CONN_SLOT_MAX - 1);
+
+	return mbpf_conn_slot.lookup(&idx);
+}
+
+/* Claims the cookie's slot (or refills it: a socket may connect again)
+ * and fills it; 0 when another live socket holds it. */
+static __always_inline int conn_slot_claim(__u64 cookie, const struct mbpf_backend *be,
+					   const struct mbpf_svc_key *svc_key, __u32 svc_id)
+{
+	struct mbpf_conn_slot *s = conn_slot_of(cookie);
+	__u64 holder;
+
+	if (!s)
+		return 0;
+	holder = __sync_val_compare_and_swap(&s->cookie, 0, cookie);
+	if (holder != 0 && holder != cookie)
+		return 0;
+	/* Only this socket reads it (getpeername, recvmsg), after its
+	 * connect() returns. */
+	sk_rnat_fill(&s->rnat, be, svc_key, svc_id);
+	return 1;
+}
+
+/* The socket's slot, if it holds one. */
+static __always_inline struct mbpf_conn_slot *conn_slot_held(__u64 cookie)
+{
+	struct mbpf_conn_slot *s = conn_slot_of(cookie);
+
+	return s && s->cookie == cookie ? s : NULL;
+}
+#endif
+
+/* A connected socket keeps its translation in the direct-mapped slots, or
+ * (before 5.12) the connection hash, while they have room; else in socket
+ * storage (or, on kernels with neither, in the LRU map like unconnected
+ * UDP). */
 static __always_inline void rnat_remember_sk(struct bpf_sock_addr *ctx,
 					     const struct mbpf_backend *be,
 					     const struct mbpf_svc_key *svc_key,
 					     __u32 svc_id)
 {
-#ifdef MBPF_HAVE_CONN_RNAT
+#if defined(MBPF_HAVE_CONN_SLOTS)
+	if (conn_slot_claim(mbpf_get_socket_cookie(ctx), be, svc_key, svc_id))
+		return;
+#elif defined(MBPF_HAVE_CONN_RNAT)
 	struct mbpf_sk_rnat conn = {};
 	__u64 cookie = mbpf_get_socket_cookie(ctx);
 
@@ -249,6 +289,15 @@ static __always_inline int rnat_restore(struct bpf_sock_addr *ctx, struct mbpf_l
 	__u64 cookie = mbpf_get_socket_cookie(ctx);
 	int done;
 
+#ifdef MBPF_HAVE_CONN_SLOTS
+	struct mbpf_conn_slot *slot = conn_slot_held(cookie);
+
+	if (slot) {
+		done = sk_rnat_apply(&slot->rnat, peer, proto, col);
+		if (done >= 0)
+			return done;
+	}
+#endif
 #ifdef MBPF_HAVE_CONN_RNAT
 	done = sk_rnat_apply(mbpf_conn_rnat.lookup(&cookie), peer, proto, col);
 	if (done >= 0)

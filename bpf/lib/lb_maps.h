@@ -32,6 +32,9 @@
 #ifndef MBPF_CONN_RNAT_MAX
 #define MBPF_CONN_RNAT_MAX 65536
 #endif
+#ifndef MBPF_CONN_SLOT_MAX
+#define MBPF_CONN_SLOT_MAX 131072  /* a power of two: a cookie's slot is its low bits */
+#endif
 
 /* (service address, port, protocol) -> service id and usable backend count.
  * Programs copy what they read from this map and mbpf_backends once: an
@@ -73,6 +76,20 @@ BPF_TABLE_PINNED("percpu_array", __u32, __u64, mbpf_lb_stats,
  * when it is full, socket storage takes over. */
 BPF_TABLE_PINNED("hash", __u64, struct mbpf_sk_rnat, mbpf_conn_rnat,
 		 MBPF_CONN_RNAT_MAX, MBPF_PIN(mbpf_conn_rnat));
+#endif
+
+#ifdef MBPF_HAVE_CONN_SLOTS
+_Static_assert((MBPF_CONN_SLOT_MAX & (MBPF_CONN_SLOT_MAX - 1)) == 0,
+	       "MBPF_CONN_SLOT_MAX must be a power of two");
+/* cookie modulo the size -> that connected socket's reverse NAT. Where
+ * compare-and-swap exists (5.12+) this replaces the hash above: claiming a
+ * slot is one array lookup and a cmpxchg, releasing it one store, against
+ * a hash insert and delete under the bucket lock (about 0.3 µs a
+ * connection, bench/README.md). A slot held by a live socket sends a
+ * colliding one to socket storage. mbpf_conn_rnat stays declared: entries
+ * an earlier build wrote are read and deleted until their sockets go. */
+BPF_TABLE_PINNED("array", __u32, struct mbpf_conn_slot, mbpf_conn_slot,
+		 MBPF_CONN_SLOT_MAX, MBPF_PIN(mbpf_conn_slot));
 #endif
 
 #ifdef MBPF_HAVE_SK_STORAGE

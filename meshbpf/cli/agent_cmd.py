@@ -11,7 +11,7 @@ import click
 
 from .. import __version__
 from ..agent import AgentOptions, run_agent
-from ..datapath.layout import LB_MAPS
+from ..datapath.layout import LB_MAPS, POWER_OF_TWO
 from ..health import parse_listen
 from ..reconcile.maglev import TABLE_SIZES
 from ..reconcile.northsouth_keys import DEFAULT_SNAT_PORTS, DEFAULT_TABLE_SIZE, parse_port_range
@@ -57,6 +57,9 @@ def _map_sizes(values: tuple[str, ...]) -> dict[str, int]:
                                      param_hint="--map-size")
         if not 1 <= int(number) <= U32_MAX:
             raise click.BadParameter(f"{item!r}: ENTRIES must be 1 to {U32_MAX}", param_hint="--map-size")
+        if name in POWER_OF_TWO and int(number) & (int(number) - 1):
+            raise click.BadParameter(f"{item!r}: {name}'s ENTRIES must be a power of two",
+                                     param_hint="--map-size")
         sizes[name] = int(number)
     return sizes
 

@@ -67,7 +67,7 @@ def _node_only(flags: int) -> bool:
 
 def _shares(backends: list[dict]) -> list[dict]:
     """Each distinct backend once, with the slots it fills: a weighted split
-    (a TCPRoute/UDPRoute) repeats a backend over many of its 1000 slots."""
+    (a TCPRoute/UDPRoute) repeats a backend over several of its slots."""
     by_backend: dict[tuple, dict] = {}
     for b in backends:
         entry = by_backend.setdefault((b["address"], b["state"]),

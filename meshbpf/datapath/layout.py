@@ -65,6 +65,10 @@ class SkRnatC(ct.Structure):
                 ("svc_port", ct.c_uint16), ("svc_id", ct.c_uint32)]
 
 
+class ConnSlotC(ct.Structure):
+    _fields_ = [("cookie", ct.c_uint64), ("rnat", SkRnatC)]
+
+
 class SockKeyC(ct.Structure):
     _fields_ = [("local_ip", U8x16), ("remote_ip", U8x16), ("local_port", ct.c_uint16),
                 ("remote_port", ct.c_uint16), ("family", ct.c_uint8), ("scope", ct.c_uint8),
@@ -229,13 +233,17 @@ LB_MAPS = (
     # Connected socket's cookie -> the same record, while there is room;
     # emptied by the sock_release hook.
     MapSpec("mbpf_conn_rnat", "", ct.c_uint64, SkRnatC, "MBPF_CONN_RNAT_MAX", 65536),
+    # Socket cookie modulo the size (a power of two) -> the holder's cookie
+    # and that record; the hash above's successor where cmpxchg exists.
+    MapSpec("mbpf_conn_slot", "", ct.c_uint32, ConnSlotC, "MBPF_CONN_SLOT_MAX", 131072),
     MapSpec("mbpf_lb_stats", "", ct.c_uint32, ct.c_uint64, "", 24),
     # Connections per route backend (per CPU); the agent makes the entries.
     MapSpec("mbpf_route_cnt", "", PickKeyC, ct.c_uint64, "MBPF_ROUTE_CNT_MAX", 16384),
 )
 COUNTABLE = {"mbpf_svc", "mbpf_slots", "mbpf_backends", "mbpf_affinity", "mbpf_rnat", "mbpf_conn_rnat",
-             "mbpf_sockhash", "mbpf_sockstate"}  # maps whose keys can be walked
+             "mbpf_conn_slot", "mbpf_sockhash", "mbpf_sockstate"}  # maps whose entries can be counted
 BY_ROLE = {m.role: m for m in LB_MAPS if m.role}
+POWER_OF_TWO = {"mbpf_conn_slot"}  # sizes that must be (a slot is a cookie's low bits)
 
 # Same-node socket redirection (bpf/lib/redir_maps.h).
 REDIR_MAPS = (

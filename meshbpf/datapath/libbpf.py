@@ -297,6 +297,32 @@ def map_update_batch(fd: int, keys, values, count: int) -> None:
            "map batch update")
 
 
+_lib.bpf_map_lookup_batch.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p, ct.c_void_p, ct.c_void_p,
+                                      ct.POINTER(ct.c_uint32), ct.c_void_p]
+_ENOENT = 2
+
+
+def array_values(fd: int, value_type: type, chunk: int = 8192):
+    """Every value of an array map, in index order, read CHUNK at a time
+    with BPF_MAP_LOOKUP_BATCH (5.6+): a 131 072-entry array in a few
+    milliseconds, where one lookup per index takes a quarter second."""
+    info = check_layout(fd, ct.sizeof(ct.c_uint32), ct.sizeof(value_type))
+    keys, values = (ct.c_uint32 * chunk)(), (value_type * chunk)()
+    token, next_token, first = ct.c_uint32(), ct.c_uint32(), True
+    read = 0
+    while read < info.max_entries:
+        n = ct.c_uint32(chunk)
+        res = _lib.bpf_map_lookup_batch(fd, None if first else ct.byref(token), ct.byref(next_token),
+                                        keys, values, ct.byref(n), None)
+        if res < 0 and res != -_ENOENT:
+            _check(res, "map batch lookup")
+        yield from values[:n.value]
+        read += n.value
+        if res < 0 or n.value == 0:
+            return
+        token, first = ct.c_uint32(next_token.value), False
+
+
 def map_keys(fd: int, key_type: type):
     """Every key of a map (works for sockhash, whose values are sockets)."""
     check_layout(fd, ct.sizeof(key_type))

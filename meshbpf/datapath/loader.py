@@ -139,6 +139,10 @@ class SockLB:
             raise DatapathError("this kernel has no cgroup socket-address hooks (4.17+ with "
                                 "bpf_get_socket_cookie, 5.0+): meshbpf cannot run here")
         self.redirect = self.redirect and kernel_features.redirect_possible(self.features)
+        # The slots need the release hook, and socket storage for a socket
+        # whose slot is held (either may be turned off alone).
+        f = self.features
+        self.features = {**f, "conn_slots": bool(f.get("conn_slots") and f.get("conn_rnat") and f.get("sk_storage"))}
         # Compiled in whenever the kernel can: with no pod meshed it costs
         # connect() one array lookup, and turning it on needs no recompile.
         self.capture = self.capture and bool(self.features.get("capture"))
@@ -147,7 +151,7 @@ class SockLB:
         for spec in self.maps():
             if spec.size_macro:
                 cflags.append(f"-D{spec.size_macro}={self.capacity(spec)}")
-        for feature in ("set_retval", "sk_storage", "netns_cookie", "conn_rnat"):
+        for feature in ("set_retval", "sk_storage", "netns_cookie", "conn_rnat", "conn_slots"):
             if self.features.get(feature):
                 cflags.append(f"-DMBPF_HAVE_{feature.upper()}")
         cflags += self._node_netns_cflags()
@@ -195,7 +199,8 @@ class SockLB:
 
     def maps(self) -> tuple[MapSpec, ...]:
         feats = self.features or {}
-        optional = {"mbpf_sk_rnat": "sk_storage", "mbpf_conn_rnat": "conn_rnat"}  # map -> feature
+        optional = {"mbpf_sk_rnat": "sk_storage", "mbpf_conn_rnat": "conn_rnat",
+                    "mbpf_conn_slot": "conn_slots"}  # map -> feature
         lb = tuple(m for m in LB_MAPS if feats.get(optional.get(m.name, ""), True))
         return lb + (REDIR_MAPS if self.redirect else ()) + (CAPTURE_MAPS if self.capture else ())
 

@@ -12,7 +12,7 @@ from typing import Callable, Iterator
 
 from ..reconcile import LBState, Plan, state_from_entries
 from . import libbpf
-from .layout import BY_ROLE, CODECS, COUNTABLE, LB_COLUMNS, LB_MAPS, LB_RESULTS
+from .layout import BY_ROLE, CODECS, COUNTABLE, LB_COLUMNS, LB_MAPS, LB_RESULTS, MapSpec
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +166,14 @@ def _delete(table, keys) -> None:
             pass
 
 
+def count_entries(fd: int, spec: MapSpec) -> int:
+    """Entries in use: for the connection slots (an array, where every
+    index exists) the ones a socket holds; for other maps, their keys."""
+    if spec.name == "mbpf_conn_slot":
+        return sum(1 for slot in libbpf.array_values(fd, spec.value) if slot.cookie)
+    return libbpf.map_count(fd, libbpf.map_info(fd).key_size)
+
+
 def read_pinned(bpffs: Path) -> tuple[LBState, dict[str, int]]:
     """LBState and entry counts straight from the pinned maps, for the CLI.
 
@@ -185,8 +193,7 @@ def read_pinned(bpffs: Path) -> tuple[LBState, dict[str, int]]:
                     target[key_from(k)] = val_from(v)
                 counts[spec.name] = len(target)
             else:
-                info = libbpf.map_info(fd)
-                counts[spec.name] = libbpf.map_count(fd, info.key_size)
+                counts[spec.name] = count_entries(fd, spec)
         finally:
             os.close(fd)
     return state, counts

@@ -1,10 +1,15 @@
 """Weighted splitting in the socket-LB maps, with no BPF change.
 
 The kernel picks a slot uniformly at random, so a split frontend gets a
-fixed budget of SPLIT_SLOTS slots, shared among its backend Services by
-weight with largest-remainder rounding (each Service's share is exact to
-1/SPLIT_SLOTS), then spread over that Service's usable endpoints (which
-differ by at most one slot). A backend endpoint fills several slots; the
+budget of slots shared among its backend Services by weight, then spread
+over each Service's usable endpoints. The budget is the fewest slots that
+make every share exact and give a share's endpoints equal slots (50/50 over
+2 + 2 endpoints: 4); when that would take more than SPLIT_SLOTS, it is
+SPLIT_SLOTS with largest-remainder rounding (each Service's share exact to
+1/SPLIT_SLOTS, its endpoints differing by at most one slot). Few slots
+matter: connect() reads one at random, and a thousand of them fall out of
+the CPU's caches between connections (0.25 µs a connection in
+bench/README.md's split case). A backend endpoint fills several slots; the
 planner keeps their positions across updates. A share whose backend
 Service is missing or has no usable endpoint keeps its slots, as refusing
 slots (SLOT_REFUSE): its connections fail at once with ECONNREFUSED.
@@ -12,9 +17,26 @@ slots (SLOT_REFUSE): its connections fail at once with ECONNREFUSED.
 
 from __future__ import annotations
 
+from math import gcd, lcm
+
 from ..model import Endpoint, SplitShare, usable_endpoints
 
 SPLIT_SLOTS = 1000
+
+
+def split_budget(weights: list[int], members: list[int], cap: int = SPLIT_SLOTS) -> int:
+    """The fewest slots that give each weight (all > 0) its exact share and
+    each share's `members` (endpoints, 1 for a refused share) equal slots;
+    cap when that takes more."""
+    g = gcd(*weights)
+    reduced = [w // g for w in weights]
+    total = sum(reduced)
+    per_unit = 1  # slots per unit of reduced weight
+    for w, m in zip(reduced, members):
+        per_unit = lcm(per_unit, m // gcd(m, w))
+        if per_unit * total > cap:
+            return cap
+    return per_unit * total
 
 
 def slot_shares(weights: list[int], budget: int = SPLIT_SLOTS) -> list[int]:
@@ -37,7 +59,10 @@ def split_members(split: tuple[SplitShare, ...]) -> list[tuple[Endpoint | None, 
     with no usable endpoint (its Service is missing or empty) keeps its slots
     with no endpoint (None): the kernel refuses them, as Gateway API asks."""
     shares = [(share, usable_endpoints(share.endpoints)) for share in split if share.weight > 0]
-    counts = slot_shares([share.weight for share, _ in shares])
+    if not shares:
+        return []
+    weights = [share.weight for share, _ in shares]
+    counts = slot_shares(weights, split_budget(weights, [len(eps) or 1 for _, eps in shares]))
     members: list[tuple[Endpoint | None, bool]] = []
     for (share, eps), count in zip(shares, counts):
         if not eps:

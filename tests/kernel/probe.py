@@ -56,6 +56,19 @@ def peername_after_churn(host: str, port: str, idle: str, churn: str) -> dict:
     return {"peers": peers}
 
 
+SO_COOKIE = 57  # asm-generic/socket.h: the socket cookie BPF programs see
+
+
+def hold_peer(host: str, port: str) -> dict:
+    """One connection: its socket cookie and getpeername() on a first line,
+    then getpeername() again after a line from stdin, at close."""
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        cookie = struct.unpack("Q", s.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8))[0]
+        print(json.dumps({"cookie": cookie, "peer": list(s.getpeername()[:2])}), flush=True)
+        sys.stdin.readline()
+        return {"peer": list(s.getpeername()[:2])}
+
+
 def _dns_query(name: str) -> bytes:
     header = struct.pack("!HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0)
     qname = b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0"
@@ -424,7 +437,7 @@ def stream_client(host: str, port: str, size: str) -> dict:
 
 
 COMMANDS = {f.__name__.replace("_", "-"): f for f in
-            (whoami, peername, peername_after_churn, udp_peer, connect_error, udp_send_error, loop, load, hold,
+            (whoami, peername, peername_after_churn, hold_peer, udp_peer, connect_error, udp_send_error, loop, load, hold,
              xfer_server, xfer_client, burst_server, burst_client, echo_server, stream_client)}
 
 if __name__ == "__main__":

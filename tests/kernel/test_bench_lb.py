@@ -45,18 +45,23 @@ def test_a_malformed_map_size_is_a_usage_error(tmp_path):
     assert "--map-size: give NAME=ENTRIES" in proc.stderr
 
 
-@pytest.mark.needs_feature("conn_rnat")
-def test_the_socket_storage_case_runs_beside_meshbpf(tmp_path):
-    """bench/README's side-by-side of the two reverse-NAT designs: the
-    meshbpf-skstorage case is a second datapath built without conn_rnat,
-    serving in the same rounds, and its lab and pins go with the run."""
+@pytest.mark.needs_feature("conn_slots")
+def test_the_older_designs_run_beside_meshbpf(tmp_path):
+    """bench/README's side-by-side of the reverse-NAT designs: the
+    meshbpf-skstorage and meshbpf-hash cases are datapaths of their own,
+    built without conn_rnat and without conn_slots, serving in the same
+    rounds, and their labs and pins go with the run."""
+    cases = "direct,meshbpf,meshbpf-skstorage,meshbpf-hash"
     proc = subprocess.run([str(REPO / "bench" / "run"), "--quick", "--sizes", "100", "--rounds", "2",
-                           "--cases", "direct,meshbpf,meshbpf-skstorage", "--out", str(tmp_path)],
+                           "--cases", cases, "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     size = json.loads((tmp_path / "results.json").read_text())["sizes"]["100"]
-    assert size["conn_rnat"] == {"meshbpf": True, "meshbpf-skstorage": False}
+    assert size["conn_rnat"] == {"meshbpf": True, "meshbpf-skstorage": False, "meshbpf-hash": True}
+    assert size["conn_slots"] == {"meshbpf": True, "meshbpf-skstorage": False, "meshbpf-hash": False}
     for r in size["rounds"]:
-        assert r["meshbpf-skstorage"]["count"] > 0 and not r["meshbpf-skstorage"]["errors"], r
-    assert "reverse NAT in socket storage" in (tmp_path / "README-snippet.md").read_text()
+        for case in ("meshbpf-skstorage", "meshbpf-hash"):
+            assert r[case]["count"] > 0 and not r[case]["errors"], r
+    snippet = (tmp_path / "README-snippet.md").read_text()
+    assert "reverse NAT in socket storage" in snippet and "connection table in a hash" in snippet
     assert not list(Path("/sys/fs/bpf").glob("meshbpf-bench-*")), "bench pins left behind"

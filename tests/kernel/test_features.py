@@ -40,8 +40,16 @@ def test_without_conn_rnat_getpeername_uses_socket_storage(lab, probe, bpffs, st
     monkeypatch.setenv("MESHBPF_DISABLE_FEATURES", "conn_rnat")
     start_agent(web_service(lab))
     assert probe("client", "peername", "10.96.0.10", 80)["peer"] == ["10.96.0.10", 80]
-    assert not (bpffs / "mbpf_conn_rnat").exists()
+    assert not (bpffs / "mbpf_conn_rnat").exists() and not (bpffs / "mbpf_conn_slot").exists()
     assert not (bpffs / "links" / loader.RELEASE_HOOK).exists()
+
+
+def test_without_conn_slots_the_connection_table_is_a_hash(lab, probe, bpffs, start_agent, monkeypatch):
+    monkeypatch.setenv("MESHBPF_DISABLE_FEATURES", "conn_slots")
+    start_agent(web_service(lab))
+    assert probe("client", "peername", "10.96.0.10", 80)["peer"] == ["10.96.0.10", 80]
+    assert (bpffs / "mbpf_conn_rnat").exists() and not (bpffs / "mbpf_conn_slot").exists()
+    assert (bpffs / "links" / loader.RELEASE_HOOK).exists()
 
 
 def test_without_netns_cookie_affinity_is_not_applied(lab, probe, start_agent, monkeypatch):

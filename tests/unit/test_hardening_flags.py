@@ -19,6 +19,7 @@ def no_agent(monkeypatch):
     (["--map-size", "mbpf_svc=4294967296"], "ENTRIES must be 1 to 4294967295"),
     (["--map-size", "mbpf_svc=99999999999999999999"], "ENTRIES must be 1 to 4294967295"),
     (["--map-size", "mbpf_svc=0"], "ENTRIES must be 1 to 4294967295"),
+    (["--map-size", "mbpf_conn_slot=100000"], "mbpf_conn_slot's ENTRIES must be a power of two"),
     (["--map-size", "mbpf_svc=-1"], "use NAME=ENTRIES"),
     (["--map-size", "mbpf_svc=²"], "use NAME=ENTRIES"),
     (["--resync-interval", "nan"], "Invalid value for '--resync-interval'"),

@@ -19,7 +19,12 @@ def _fake_maps(monkeypatch) -> list[int]:
 
     monkeypatch.setattr(libbpf, "obj_get", lambda path: os.open(os.devnull, os.O_RDONLY))
     monkeypatch.setattr(libbpf, "map_info", lambda fd: libbpf.MapInfo(1, 9, 8, 8, 4096, "m"))
+    def held_slots(fd, value_type):  # the connection slots: an array, every slot held
+        walks.append(fd)
+        return [value_type(cookie=1)] * 1000
+
     monkeypatch.setattr(libbpf, "map_count", walk)
+    monkeypatch.setattr(libbpf, "array_values", held_slots)
     return walks
 
 

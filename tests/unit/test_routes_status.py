@@ -6,6 +6,7 @@ differs, and shown by `meshbpf route list`."""
 from __future__ import annotations
 
 import copy
+from fractions import Fraction
 import logging
 
 import pytest
@@ -14,7 +15,7 @@ from meshbpf.sources.route_status import CONTROLLER_NAME, route_statuses, routes
 
 from k8s_builders import fe
 from test_kubernetes_source import api, make_source, no_leaked_threads  # noqa: F401 (fixtures)
-from test_split import V4, cluster, read, route, service_share
+from test_split import V4, cluster, fractions, read, route, service_share
 
 
 def conditions(result) -> dict[str, list[tuple[str, str, str]]]:
@@ -51,7 +52,7 @@ def test_a_ref_we_cannot_use_is_refused_and_said_why(tmp_path, edit, reason):
     assert not result.skipped  # the route applies; only that reference is refused
     assert conditions(result)["TCPRoute default/split -> web"] == [
         ("Accepted", "True", "Accepted"), ("ResolvedRefs", "False", reason)]
-    assert service_share(result) == {"v1": 700, "refused": 300}
+    assert fractions(service_share(result)) == {"v1": Fraction(7, 10), "refused": Fraction(3, 10)}
 
 
 def test_parent_without_the_port_or_service_is_no_matching_parent(tmp_path):
@@ -198,7 +199,7 @@ def test_a_reference_grant_allows_a_cross_namespace_backend(tmp_path, grants, re
         assert [str(e.address) for e in sp.split[1].endpoints] == ["10.9.0.1"]
     else:
         assert got == ("ResolvedRefs", "False", "RefNotPermitted")
-        assert service_share(result) == {"v1": 700, "refused": 300}
+        assert fractions(service_share(result)) == {"v1": Fraction(7, 10), "refused": Fraction(3, 10)}
 
 
 def test_a_bad_reference_grant_is_a_problem_and_allows_nothing(tmp_path):

@@ -4,6 +4,7 @@ parent frontend's ServicePort, planned as weighted slots."""
 from __future__ import annotations
 
 from collections import Counter
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import yaml
 
 from meshbpf.reconcile import SLOT_REFUSE, LBState, plan, wanted_service, wanted_services
 from meshbpf.reconcile.incremental import LBIndex, plan_services
-from meshbpf.reconcile.split import SPLIT_SLOTS, slot_shares
+from meshbpf.reconcile.split import SPLIT_SLOTS, slot_shares, split_budget
 from meshbpf.sources.yaml_file import read_config
 
 from k8s_builders import endpoint_slice, ep, fe, service
@@ -73,25 +74,56 @@ def service_share(result, parent: str = V4["web"], protocol: str = "TCP") -> dic
     return dict(counts)
 
 
-@pytest.mark.parametrize("weights,endpoints", [
-    ({"v1": 70, "v2": 30}, {"v1": 3, "v2": 1}),
-    ({"v1": 50, "v2": 30, "v3": 20}, {"v1": 1, "v2": 4, "v3": 3}),
-    ({"v1": 1, "v2": 1, "v3": 1}, {"v1": 7, "v2": 2, "v3": 1}),
+@pytest.mark.parametrize("weights,endpoints,slots", [
+    ({"v1": 70, "v2": 30}, {"v1": 3, "v2": 1}, 30),
+    ({"v1": 50, "v2": 30, "v3": 20}, {"v1": 1, "v2": 4, "v3": 3}, 120),
+    ({"v1": 1, "v2": 1, "v3": 1}, {"v1": 7, "v2": 2, "v3": 1}, 42),
 ])
-def test_shares_match_weights_within_one_slot(tmp_path, weights, endpoints):
+def test_shares_are_exact_in_the_fewest_slots(tmp_path, weights, endpoints, slots):
     result = read(tmp_path, cluster(endpoints) + [route(weights)])
     shares = service_share(result)
-    total = sum(weights.values())
+    assert sum(shares.values()) == slots
+    assert fractions(shares) == fractions(weights)
+    # Within a backend Service its endpoints get the same number of slots.
+    assert max_endpoint_spread(result) == 0
+
+
+def test_weights_needing_more_than_the_cap_are_within_one_slot(tmp_path):
+    """1:999 over 1 and 2 endpoints would take 2 000 slots to be exact."""
+    weights = {"v1": 1, "v2": 999}
+    result = read(tmp_path, cluster({"v1": 1, "v2": 2}) + [route(weights)])
+    shares = service_share(result)
     assert sum(shares.values()) == SPLIT_SLOTS
     for name, w in weights.items():
-        assert abs(shares[name] / SPLIT_SLOTS - w / total) <= 1 / SPLIT_SLOTS
-    # Within a backend Service its endpoints differ by at most one slot.
+        assert abs(shares[name] / SPLIT_SLOTS - w / 1000) <= 1 / SPLIT_SLOTS
+    assert max_endpoint_spread(result) == 1
+
+
+def max_endpoint_spread(result) -> int:
+    """The most slots by which two endpoints of one backend Service differ."""
     sp = result.state.service_ports[fe(V4["web"], 80)]
     per_endpoint = Counter(be for be, _ in wanted_service(sp)[1].backends)
+    spread = 0
     for share in sp.split:
         mine = [n for be, n in per_endpoint.items()
                 if any(be.addr.endswith(e.address.packed) for e in share.endpoints)]
-        assert len(mine) == len(share.endpoints) and max(mine) - min(mine) <= 1
+        assert len(mine) == len(share.endpoints)
+        spread = max(spread, max(mine) - min(mine))
+    return spread
+
+
+def fractions(counts: dict[str, int]) -> dict[str, Fraction]:
+    total = sum(counts.values())
+    return {name: Fraction(n, total) for name, n in counts.items() if n}
+
+
+def test_split_budget():
+    assert split_budget([50, 50], [2, 2]) == 4
+    assert split_budget([70, 30], [3, 1]) == 30
+    assert split_budget([3, 5], [2, 1]) == 16       # a refused share counts as one member
+    assert split_budget([1, 999], [1, 1]) == 1000
+    assert split_budget([1, 999], [1, 2]) == SPLIT_SLOTS  # exact would take 2 000
+    assert split_budget([7], [5]) == 5
 
 
 def test_largest_remainder_is_exact():
@@ -109,20 +141,21 @@ def test_no_route_is_today(tmp_path):
 
 def test_weight_zero_gets_no_slots_and_a_missing_backend_is_refused(tmp_path):
     result = read(tmp_path, cluster({"v1": 2, "v2": 1}) + [route({"v1": 3, "v2": 0, "gone": 5})])
-    assert service_share(result) == {"v1": 375, "refused": 625}
+    assert fractions(service_share(result)) == {"v1": Fraction(3, 8), "refused": Fraction(5, 8)}
     assert any("gone" in n and "does not exist" in n for n in result.notes)
 
 
 def test_backend_service_without_endpoints_is_refused(tmp_path):
     objs = cluster({"v1": 1, "v2": 1})
     objs[-1]["endpoints"] = []  # v2's slice: no endpoint
-    assert service_share(read(tmp_path, objs + [route({"v1": 70, "v2": 30})])) == {"v1": 700, "refused": 300}
+    shares = service_share(read(tmp_path, objs + [route({"v1": 70, "v2": 30})]))
+    assert fractions(shares) == {"v1": Fraction(7, 10), "refused": Fraction(3, 10)}
 
 
 def test_udp_route_splits_udp_ports_only(tmp_path):
     objs = cluster({"v1": 1, "v2": 1}, protocol="UDP") + [route({"v1": 70, "v2": 30}, kind="UDPRoute")]
     result = read(tmp_path, objs)
-    assert service_share(result, protocol="UDP") == {"v1": 700, "v2": 300}
+    assert fractions(service_share(result, protocol="UDP")) == {"v1": Fraction(7, 10), "v2": Fraction(3, 10)}
     # A TCPRoute on a UDP-only parent splits nothing, and says so.
     tcp = read(tmp_path, cluster({"v1": 1, "v2": 1}, protocol="UDP") + [route({"v1": 1})])
     assert not tcp.state.service_ports[fe(V4["web"], 80, "UDP")].split
@@ -133,7 +166,7 @@ def test_ipv6(tmp_path):
     result = read(tmp_path, cluster({"v1": 2, "v2": 3}, ips=V6) + [route({"v1": 50, "v2": 50})])
     sp = result.state.service_ports[fe(V6["web"], 80)]
     _, want = wanted_service(sp)
-    assert len(want.backends) == SPLIT_SLOTS
+    assert len(want.backends) == 12  # 50/50 over 2 and 3 endpoints: 6 + 6
     assert Counter(be.addr[:15] for be, _ in want.backends)  # all IPv6 backends
     assert all(not be.addr.startswith(b"\0" * 10 + b"\xff\xff") for be, _ in want.backends)
 
@@ -147,7 +180,7 @@ def test_bad_route_is_left_out_alone(tmp_path):
     assert problem.startswith(f"{tmp_path / 'c.yaml'}: document 7 (line ")
     assert problem.endswith("(TCPRoute default/bad): spec.rules[0].backendRefs[0].weight: "
                             "must be an integer from 0 to 1000000, not -1")
-    assert service_share(result) == {"v1": 500, "v2": 500}
+    assert fractions(service_share(result)) == {"v1": Fraction(1, 2), "v2": Fraction(1, 2)}
 
 
 def backend_of_another_kind(r: dict, name: str) -> dict:
@@ -177,7 +210,7 @@ def test_a_name_kubernetes_would_refuse_leaves_the_route_out_alone(tmp_path, fie
     assert problem.startswith(f"{tmp_path / 'c.yaml'}: document 7 (line "), problem
     assert f"): {path}: {reason}" in problem and len(problem.splitlines()) == 1, problem
     assert [r.name for r in result.state.routes] == ["good"]
-    assert service_share(result) == {"v1": 500, "v2": 500}
+    assert fractions(service_share(result)) == {"v1": Fraction(1, 2), "v2": Fraction(1, 2)}
 
 
 @pytest.mark.parametrize("name", ["1web", "v1\nx", "V1"])
@@ -187,7 +220,7 @@ def test_a_backend_name_no_service_can_have_is_a_missing_backend(tmp_path, name)
     the note about it stays one line."""
     result = read(tmp_path, cluster({"v1": 1, "v2": 1}) + [route({"v1": 1, name: 1})])
     assert not result.skipped
-    assert service_share(result) == {"v1": 500, "refused": 500}
+    assert fractions(service_share(result)) == {"v1": Fraction(1, 2), "refused": Fraction(1, 2)}
     (note,) = [n for n in result.notes if "does not exist" in n]
     assert len(note.splitlines()) == 1
 
@@ -227,11 +260,12 @@ def plan_and_apply(state: LBState, want) -> tuple[LBState, object]:
 
 
 def test_weight_change_rewrites_only_moved_slots(tmp_path):
-    before = wanted_services(read(tmp_path, cluster({"v1": 2, "v2": 1}) + [route({"v1": 70, "v2": 30})]).state)
-    after = wanted_services(read(tmp_path, cluster({"v1": 2, "v2": 1}) + [route({"v1": 60, "v2": 40})]).state)
+    # 70/30 and 90/10 over one endpoint each: 10 slots both; 2 move from v2 to v1.
+    before = wanted_services(read(tmp_path, cluster({"v1": 1, "v2": 1}) + [route({"v1": 70, "v2": 30})]).state)
+    after = wanted_services(read(tmp_path, cluster({"v1": 1, "v2": 1}) + [route({"v1": 90, "v2": 10})]).state)
     state, _ = plan_and_apply(LBState(), before)
     state, p = plan_and_apply(state, after)
-    assert len(p.slot_updates) == 100 and not p.slot_deletes and not p.backend_updates
+    assert len(p.slot_updates) == 2 and not p.slot_deletes and not p.backend_updates
     # The same again plans nothing; the incremental planner agrees with plan().
     assert not plan(state, after)
     index_state = plan(LBState(), before).apply_to(LBState())
@@ -244,11 +278,11 @@ def test_backend_service_removed_and_route_deleted(tmp_path):
     split = wanted_services(read(tmp_path, objs + [route({"v1": 70, "v2": 30})]).state)
     state, _ = plan_and_apply(LBState(), split)
     key = next(k for k, w in split.items() if w.name.startswith("default/web"))
-    # v2 removed: its 300 slots now refuse; v1 keeps the slots it held.
+    # v2 removed: its 6 slots of 20 now refuse; v1 keeps the slots it held.
     no_v2 = [o for o in objs if o["metadata"]["name"] not in ("v2", "v2-abc")]
     gone = wanted_services(read(tmp_path, no_v2 + [route({"v1": 70, "v2": 30})]).state)
     state, p = plan_and_apply(state, gone)
-    assert len(p.slot_updates) == 300 and len(p.backend_deletes) == 1
+    assert len(p.slot_updates) == 6 and len(p.backend_deletes) == 1
     assert {v.state for v in p.slot_updates.values()} == {SLOT_REFUSE}
     # Route deleted: the parent goes back to its own endpoint, one slot.
     plain = wanted_services(read(tmp_path, no_v2).state)
@@ -262,7 +296,7 @@ def test_service_list_shows_each_backend_share(tmp_path):
     state = plan(LBState(), want).apply_to(LBState())
     view = {s["frontend"]: s for s in services_view(state)}
     shares = {b["address"]: (b["slots"], b["share"]) for b in view["10.96.0.10:80/TCP"]["shares"]}
-    assert shares == {"10.2.0.1:8080": (350, 0.35), "10.2.0.2:8080": (350, 0.35), "10.3.0.1:8080": (300, 0.3)}
+    assert shares == {"10.2.0.1:8080": (7, 0.35), "10.2.0.2:8080": (7, 0.35), "10.3.0.1:8080": (6, 0.3)}
     assert [b["slots"] for b in view["10.96.1.1:80/TCP"]["shares"]] == [1, 1]
 
 
