@@ -141,8 +141,8 @@ class SockLB:
         self.redirect = self.redirect and kernel_features.redirect_possible(self.features)
         # The slots need the release hook, and socket storage for a socket
         # whose slot is held (either may be turned off alone).
-        f = self.features
-        self.features = {**f, "conn_slots": bool(f.get("conn_slots") and f.get("conn_rnat") and f.get("sk_storage"))}
+        slots = all(self.features.get(name) for name in ("conn_slots", "conn_rnat", "sk_storage"))
+        self.features = {**self.features, "conn_slots": slots}
         # Compiled in whenever the kernel can: with no pod meshed it costs
         # connect() one array lookup, and turning it on needs no recompile.
         self.capture = self.capture and bool(self.features.get("capture"))
