@@ -217,7 +217,7 @@ def wanted_service(sp: ServicePort, external: bool = False) -> tuple[SvcKey, Wan
     backends = []
     if sp.split:
         # Weighted: a backend fills as many slots as its share (split.py).
-        for ep, fallback in split_members(sp.split):
+        for ep, fallback in split_members(sp.split, sticky=bool(sp.affinity_timeout)):
             if ep is None:  # a broken backendRef's share
                 backends.append((BackendVal(REFUSE_ADDR, 0, proto), SLOT_REFUSE))
             else:

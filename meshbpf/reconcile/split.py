@@ -54,15 +54,19 @@ def slot_shares(weights: list[int], budget: int = SPLIT_SLOTS) -> list[int]:
     return shares
 
 
-def split_members(split: tuple[SplitShare, ...]) -> list[tuple[Endpoint | None, bool]]:
+def split_members(split: tuple[SplitShare, ...], sticky: bool = False) -> list[tuple[Endpoint | None, bool]]:
     """(endpoint, terminating_fallback) per slot, in a stable order. A share
     with no usable endpoint (its Service is missing or empty) keeps its slots
-    with no endpoint (None): the kernel refuses them, as Gateway API asks."""
+    with no endpoint (None): the kernel refuses them, as Gateway API asks.
+    sticky (a ClientIP parent): always SPLIT_SLOTS slots, so that a weight
+    change moves only the clients whose slot is rewritten; a budget that
+    shrank would also move every client of a slot past the new count."""
     shares = [(share, usable_endpoints(share.endpoints)) for share in split if share.weight > 0]
     if not shares:
         return []
     weights = [share.weight for share, _ in shares]
-    counts = slot_shares(weights, split_budget(weights, [len(eps) or 1 for _, eps in shares]))
+    budget = SPLIT_SLOTS if sticky else split_budget(weights, [len(eps) or 1 for _, eps in shares])
+    counts = slot_shares(weights, budget)
     members: list[tuple[Endpoint | None, bool]] = []
     for (share, eps), count in zip(shares, counts):
         if not eps:

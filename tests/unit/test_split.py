@@ -117,6 +117,15 @@ def fractions(counts: dict[str, int]) -> dict[str, Fraction]:
     return {name: Fraction(n, total) for name, n in counts.items() if n}
 
 
+def test_a_client_ip_parent_keeps_the_full_budget(tmp_path):
+    """Session affinity remembers a slot: a budget that followed the weights
+    would move every client whose slot went past the new count."""
+    objs = cluster({"v1": 2, "v2": 1})
+    objs[0]["spec"]["sessionAffinity"] = "ClientIP"
+    result = read(tmp_path, objs + [route({"v1": 70, "v2": 30})])
+    assert service_share(result) == {"v1": 700, "v2": 300}
+
+
 def test_split_budget():
     assert split_budget([50, 50], [2, 2]) == 4
     assert split_budget([70, 30], [3, 1]) == 30
