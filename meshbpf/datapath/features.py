@@ -18,6 +18,7 @@ from . import btf
 from .libbpf import _lib
 
 # uapi/linux/bpf.h enum values
+ATTACH_INET4_CONNECT = 10
 ATTACH_INET4_GETSOCKNAME, ATTACH_INET6_GETSOCKNAME = 31, 32
 ATTACH_INET_SOCK_RELEASE = 34
 # The tracepoint every recvmsg() passes once the protocol's recvmsg returns
@@ -70,7 +71,6 @@ _CMPXCHG = bytes([0xb7, 1, 0, 0, 0, 0, 0, 0,
                   0xdb, 0x1a, 0xf8, 0xff, 0xf1, 0, 0, 0,   # BPF_STX | BPF_ATOMIC | BPF_DW, BPF_CMPXCHG
                   0xb7, 0, 0, 0, 1, 0, 0, 0,
                   0x95, 0, 0, 0, 0, 0, 0, 0])
-ATTACH_INET4_CONNECT = 10
 
 
 def _cmpxchg() -> bool:
