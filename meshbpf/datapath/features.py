@@ -14,25 +14,18 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import btf
+from . import btf, uapi
 from .libbpf import _lib
 
-# uapi/linux/bpf.h enum values
-ATTACH_INET4_CONNECT = 10
-ATTACH_INET4_GETSOCKNAME, ATTACH_INET6_GETSOCKNAME = 31, 32
-ATTACH_INET_SOCK_RELEASE = 34
+ATTACH_INET4_CONNECT = uapi.ATTACH["connect4"]
+ATTACH_INET4_GETSOCKNAME, ATTACH_INET6_GETSOCKNAME = uapi.ATTACH["getsockname4"], uapi.ATTACH["getsockname6"]
+ATTACH_INET_SOCK_RELEASE = uapi.ATTACH["sock_release"]
 # The tracepoint every recvmsg() passes once the protocol's recvmsg returns
 # (6.3+): redirection counts empty reads there (bpf/recv_trace.c).
 RECV_TRACEPOINT = "sock_recv_length"
-PROG = {"cgroup_sock": 9, "cgroup_sock_addr": 18, "sock_ops": 13, "sk_msg": 16, "cgroup_sockopt": 25,
-        "raw_tracepoint": 17}
-MAP = {"sockhash": 18, "sk_storage": 24, "lru_hash": 9, "lpm_trie": 11}
-HELPER = {
-    "get_socket_cookie": 46, "get_netns_cookie": 122, "set_retval": 187,
-    "sk_storage_get": 107, "sock_hash_update": 70, "msg_redirect_hash": 71,
-    "probe_read_kernel": 113, "sock_ops_cb_flags_set": 59, "getsockopt": 57,
-    "get_current_uid_gid": 15, "get_current_ancestor_cgroup_id": 123,
-}
+PROG = uapi.PROG_TYPE
+MAP = uapi.MAP_TYPE
+HELPER = uapi.HELPER
 
 _lib.libbpf_probe_bpf_prog_type.argtypes = [ct.c_int, ct.c_void_p]
 _lib.libbpf_probe_bpf_map_type.argtypes = [ct.c_int, ct.c_void_p]

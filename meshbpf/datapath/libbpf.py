@@ -12,10 +12,11 @@ import ctypes.util
 import os
 from dataclasses import dataclass
 
+from . import uapi
+
 _lib = ct.CDLL(ctypes.util.find_library("bpf") or "libbpf.so.1", use_errno=True)
 
-BPF_MAP_TYPE_NAMES = {1: "hash", 2: "array", 9: "lru_hash", 18: "sockhash", 15: "sockmap"}
-BPF_MAP_TYPE_RINGBUF = 27
+BPF_MAP_TYPE_RINGBUF = uapi.MAP_TYPE["ringbuf"]
 
 
 class BPFError(OSError):

@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import btf, cgroup, features as kernel_features, libbpf
+from . import btf, cgroup, features as kernel_features, libbpf, uapi
 from .bpffs import DatapathError, check_bpffs, is_bpffs, make_pin_folder  # noqa: F401 (DatapathError: re-exported)
 from .layout import CAPTURE_MAPS, LB_MAPS, NO_PREALLOC, PINNED_MAPS, POLICY_MAPS, REDIR_MAPS, MapSpec
 from .netns import netns_cookie
@@ -27,24 +27,22 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BPFFS = Path("/sys/fs/bpf/meshbpf")
 
-# bpf_attach_type values from uapi/linux/bpf.h
-ATTACH = {
-    "connect4": 10, "connect6": 11, "sendmsg4": 14, "sendmsg6": 15,
-    "recvmsg4": 19, "recvmsg6": 20, "getpeername4": 29, "getpeername6": 30,
-}
-ATTACH_SOCK_OPS = 3
-ATTACH_SK_MSG_VERDICT = 7
-ATTACH_SETSOCKOPT = 22
-ATTACH_GETSOCKOPT = 21
-ATTACH_GETSOCKNAME4, ATTACH_GETSOCKNAME6 = 31, 32
-ATTACH_SOCK_RELEASE = kernel_features.ATTACH_INET_SOCK_RELEASE
-PROG_TYPE_CGROUP_SOCK = 9
+# The cgroup hooks of socket-LB by name (uapi.ATTACH holds them all).
+ATTACH = {name: uapi.ATTACH[name] for name in (
+    "connect4", "connect6", "sendmsg4", "sendmsg6", "recvmsg4", "recvmsg6", "getpeername4", "getpeername6")}
+ATTACH_SOCK_OPS = uapi.ATTACH["sock_ops"]
+ATTACH_SK_MSG_VERDICT = uapi.ATTACH["sk_msg_verdict"]
+ATTACH_SETSOCKOPT = uapi.ATTACH["setsockopt"]
+ATTACH_GETSOCKOPT = uapi.ATTACH["getsockopt"]
+ATTACH_GETSOCKNAME4, ATTACH_GETSOCKNAME6 = uapi.ATTACH["getsockname4"], uapi.ATTACH["getsockname6"]
+ATTACH_SOCK_RELEASE = uapi.ATTACH["sock_release"]
+PROG_TYPE_CGROUP_SOCK = uapi.PROG_TYPE["cgroup_sock"]
 # Empties the connection reverse-NAT table (mbpf_conn_rnat) as sockets go.
 RELEASE_HOOK = "mbpf_sock_release"
-PROG_TYPE_SOCK_OPS = 13
-PROG_TYPE_SK_MSG = 16
-PROG_TYPE_CGROUP_SOCKOPT = 25
-PROG_TYPE_RAW_TRACEPOINT = 17
+PROG_TYPE_SOCK_OPS = uapi.PROG_TYPE["sock_ops"]
+PROG_TYPE_SK_MSG = uapi.PROG_TYPE["sk_msg"]
+PROG_TYPE_CGROUP_SOCKOPT = uapi.PROG_TYPE["cgroup_sockopt"]
+PROG_TYPE_RAW_TRACEPOINT = uapi.PROG_TYPE["raw_tracepoint"]
 # Pin of the recv tracepoint's link (bpf/recv_trace.c), beside the per-cgroup ones.
 RECV_LINK = "mbpf_recv_len"
 
