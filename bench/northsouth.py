@@ -20,6 +20,9 @@ Variants, each measured in every mode's turn:
     remote    TCP to a backend on node2 (node1 SNATs; kube-proxy masquerades)
     local     TCP to a backend on node1 itself
     udp       UDP ping-pong (sockperf) to a backend on node2
+    flood     UDP packets forwarded per second to a backend on node2: a flood
+              made in the kernel from the router's port, counted as node1
+              sends it on (bench/flood.py)
 """
 
 from __future__ import annotations
@@ -39,11 +42,12 @@ from pathlib import Path
 
 import kube_rules as kr
 import maglev as maglev_bench
+from flood import Flood, frame
 from meshbpf.datapath.loader import uninstall
 from meshbpf.datapath.northsouth import (XDP_FLAGS_DRV_MODE, NorthSouthDatapath, attached, detach_filters,
                                          detach_xdp)
 from meshbpf.datapath.policy import _ipr
-from meshbpf.lab.netlab import NODE_UPLINK, ROUTER, Lab
+from meshbpf.lab.netlab import NODE_NET4, NODE_UPLINK, ROUTER, Lab
 from meshbpf.reconcile import northsouth as planner
 from meshbpf.reconcile.maglev import LARGE_TABLE
 from meshbpf.reconcile.northsouth_keys import DEFAULT_TABLE_SIZE
@@ -52,19 +56,21 @@ from meshbpf.sources.yaml_file import read_config
 HERE = Path(__file__).resolve().parent
 LOADGEN = HERE / "bin" / "loadgen"
 MODES = ("direct", "tc", "xdp", "iptables", "nftables")
-VARIANTS = ("remote", "local", "udp")
+VARIANTS = ("remote", "local", "udp", "flood")
 TCP_PORT, UDP_PORT = 8080, 9090
 # A table per Service: 10 000 Services at the default 16381 slots would need
 # 655 MB of mbpf_maglev; a lookup is one array index whatever the size.
 BENCH_TABLE_SIZE = 251
 NODE_NAMES = ("node1", "node2")
 
-# Turns a device's TX checksum offload on or off (ETHTOOL_STXCSUM), as
-# tests/kernel/test_northsouth_datapath.py does: a frame XDP sends on must
-# carry a finished checksum.
-TX_CSUM = r"""
+# Sets one of a device's ethtool flags (argv: device, ETHTOOL_S* command,
+# value): TX checksum offload off (ETHTOOL_STXCSUM), as
+# tests/kernel/test_northsouth_datapath.py does, since a frame XDP sends on
+# must carry a finished checksum; GRO on for the flood (ETHTOOL_SGRO).
+ETHTOOL_STXCSUM, ETHTOOL_SGRO = 0x17, 0x2C
+ETHTOOL_SET = r"""
 import ctypes, fcntl, socket, struct, sys
-value = ctypes.create_string_buffer(struct.pack("II", 0x17, int(sys.argv[2])))
+value = ctypes.create_string_buffer(struct.pack("II", int(sys.argv[2]), int(sys.argv[3])))
 ifreq = struct.pack("16sP", sys.argv[1].encode(), ctypes.addressof(value)) + bytes(16)
 fcntl.ioctl(socket.socket(socket.AF_INET, socket.SOCK_DGRAM), 0x8946, ifreq)
 """
@@ -80,11 +86,13 @@ class NsRun:
 
     def __init__(self, n: int, work: Path, cpu: int | None):
         self.n, self.work = n, work
+        self.cpu = cpu
         self.pin = [] if cpu is None else ["taskset", "-c", str(cpu)]
         self.lab = Lab(f"nsb{os.getpid()}n{n}")
         self.bpffs = Path(f"/sys/fs/bpf/meshbpf-bench-ns{os.getpid()}")
         self.dp: NorthSouthDatapath | None = None
         self.peer = None           # the XDP_PASS program on the router's ports
+        self.flood: Flood | None = None  # the flood's generator, and its sink on nd1
         self.active: str | None = None
         self.files: dict[str, Path] = {}
 
@@ -94,6 +102,8 @@ class NsRun:
 
     def __exit__(self, *exc) -> None:
         try:
+            if self.flood is not None:
+                self.flood.close()
             if self.dp is not None:
                 self.dp.detach()
         finally:
@@ -123,13 +133,19 @@ class NsRun:
         from bcc import BPF
         self.peer = BPF(text=XDP_PASS)
         fd = self.peer.load_func(b"mbpf_bench_pass", BPF.XDP).fd
-        for node in self.lab.nodes:
+        self.flood = Flood(self.lab.router_ns, "nd1")
+        for node in self.lab.nodes:   # node1's port: the flood's sink, passing all else
             with _ipr(self.lab.router_ns) as ipr:
                 ipr.link("set", index=ipr.link_lookup(ifname=f"nd{node.index}")[0],
-                         xdp={"attrs": [["IFLA_XDP_FD", fd], ["IFLA_XDP_FLAGS", XDP_FLAGS_DRV_MODE]]})
+                         xdp={"attrs": [["IFLA_XDP_FD", self.flood.sink_fd if node.index == 1 else fd],
+                                        ["IFLA_XDP_FLAGS", XDP_FLAGS_DRV_MODE]]})
         for node, dev in [(ROUTER, f"nd{n.index}") for n in self.lab.nodes] + \
                          [(n.index, NODE_UPLINK) for n in self.lab.nodes]:
-            self.lab.run(None, [sys.executable, "-c", TX_CSUM, dev, "0"], node=node, check=True)
+            self.ethtool(node, dev, ETHTOOL_STXCSUM, 0)
+
+    def ethtool(self, node: int | str, dev: str, command: int, value: int) -> None:
+        self.lab.run(None, [sys.executable, "-c", ETHTOOL_SET, dev, str(command), str(value)],
+                     node=node, check=True)
 
     def _server(self, pod: str, argv: list[str], ready: str | None) -> None:
         p = self.lab.popen(pod, [*self.pin, *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -154,7 +170,7 @@ class NsRun:
 
     def target(self, variant: str, mode: str) -> tuple[str, int]:
         svcs = {s.name: s for s in self.services()[-3:]}
-        s = svcs[{"remote": "web-tcp", "local": "loc-tcp", "udp": "web-udp"}[variant]]
+        s = svcs[{"remote": "web-tcp", "local": "loc-tcp", "udp": "web-udp", "flood": "web-udp"}[variant]]
         if mode == "direct":
             return s.endpoints[0], s.target_port
         return str(self.node1.ext_ipv4), s.node_port
@@ -253,6 +269,8 @@ class NsRun:
         host, port = self.target(variant, mode)
         if variant == "udp":
             return self._udp(host, port, seconds, warmup)
+        if variant == "flood":
+            return self._flood(host, port, seconds, warmup)
         argv = [*self.pin, str(LOADGEN), "client", "-d", str(seconds), "-w", str(warmup), f"{host}:{port}"]
         res = self.lab.run(None, argv, node=ROUTER, timeout=seconds + warmup + 60)
         if res.returncode != 0:
@@ -273,6 +291,22 @@ class NsRun:
         return {"rate": got / float(m.group(1)), "count": got, "errors": sent - got,
                 # sockperf's percentiles are half round trips
                 "p99_us": 2 * float(p99.group(1)) if p99 else None}
+
+    def _flood(self, host: str, port: int, seconds: float, warmup: float) -> dict:
+        """The flood from the router's port through node1 (bench/flood.py),
+        with GRO on node1's ext0 for its length: a veth hands XDP_TX frames
+        only to a peer with NAPI, which GRO gives one without XDP."""
+        def mac(ns: str, dev: str) -> str:
+            with _ipr(ns) as ipr:
+                return ipr.get_links(ipr.link_lookup(ifname=dev)[0])[0].get_attr("IFLA_ADDRESS")
+        pkt = frame(mac(self.lab.router_ns, "nd1"), mac(self.node1.netns, NODE_UPLINK),
+                    str(NODE_NET4.network_address + 1), host, port)
+        self.ethtool(1, NODE_UPLINK, ETHTOOL_SGRO, 1)
+        try:
+            self.flood.run(pkt, warmup, self.cpu)
+            return self.flood.run(pkt, seconds, self.cpu)
+        finally:
+            self.ethtool(1, NODE_UPLINK, ETHTOOL_SGRO, 0)
 
     def counters(self) -> dict:
         return self.dp.maps.counters() if self.dp is not None else {}
@@ -367,7 +401,8 @@ def markdown(results: dict) -> str:
     lines = [f"North-south, {results['machine']['kernel']}, {results['machine']['cpus']} CPUs, "
              f"load average {results['load_before']} before; `{results['command']}`", ""]
     what = {"remote": "TCP conn/s, backend on node2", "local": "TCP conn/s, backend on node1",
-            "udp": "UDP round trips/s, backend on node2"}
+            "udp": "UDP round trips/s, backend on node2",
+            "flood": "UDP packets/s forwarded, backend on node2"}
     for n, size in results["sizes"].items():
         modes = size["modes"]
         if "xdp_unavailable" in size:

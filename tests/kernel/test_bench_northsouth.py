@@ -40,7 +40,7 @@ def test_quick_run_measures_every_mode_and_leaves_nothing():
     size = results["sizes"]["10"]
     assert {"direct", "tc", "iptables", "nftables"} <= set(size["modes"])
     assert "xdp" in size["modes"] or size["xdp_unavailable"]
-    for variant in ("remote", "local", "udp"):
+    for variant in ("remote", "local", "udp", "flood"):
         for mode in size["modes"]:
             assert size["summary"][variant][mode]["rate"] > 0, (variant, mode)
     assert size["meshbpf_counters"]["new"] > 0
