@@ -1,0 +1,87 @@
+"""Where the ~11 ms of server-first connections through SNAT come from
+(bench/snat_capacity.py's "the server closes first" row): the kernel's drop
+reasons counted (kfree_skb raw tracepoint) while that load runs, per mode.
+
+    sudo .venv/bin/python bench/experiments/snat_timewait.py [--seconds 5] [modes...]
+
+(after bench/run-northsouth --quick once, which builds loadgen). Writes
+bench/results/snat-timewait.json. The reasons that matter, by name from the
+running kernel's BTF (enum skb_drop_reason): TCP_RFC7323_TW_PAWS (a backend's
+TIME_WAIT refused a SYN), TCP_INVALID_ACK_SEQUENCE (the client, in SYN_SENT,
+got that TIME_WAIT's ACK instead of a SYN-ACK).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import snat_capacity as sc  # noqa: E402
+
+PROBE = r"""
+BPF_HASH(drops, u32, u64);
+RAW_TRACEPOINT_PROBE(kfree_skb) {   /* (skb, location, reason, ...) */
+    u32 reason = (u32)ctx->args[2];
+    drops.increment(reason);
+    return 0;
+}
+"""
+
+
+def reason_names() -> dict[int, str]:
+    text = subprocess.run(["bpftool", "btf", "dump", "file", "/sys/kernel/btf/vmlinux", "format", "raw"],
+                          capture_output=True, text=True, check=True).stdout
+    block = text[text.index("ENUM 'skb_drop_reason'"):]
+    return {int(v): n.removeprefix("SKB_DROP_REASON_")
+            for n, v in re.findall(r"'(SKB_[A-Z0-9_]+)' val=(\d+)", block.split("\n[", 1)[0])}
+
+
+def hz() -> int | None:
+    """CONFIG_HZ: TCP_TIMEOUT_MIN, the SYN retransmit after an invalid ACK, is 2 jiffies."""
+    for path in (Path("/proc/config.gz"), Path(f"/boot/config-{__import__('os').uname().release}")):
+        if path.exists():
+            text = subprocess.run(["zcat", "-f", str(path)], capture_output=True, text=True).stdout
+            m = re.search(r"^CONFIG_HZ=(\d+)", text, re.M)
+            if m:
+                return int(m.group(1))
+    return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("modes", nargs="*", default=["tc", "nftables", "direct"])
+    args = ap.parse_args()
+    from bcc import BPF
+    names = reason_names()
+    probe = BPF(text=PROBE)
+    out = {"command": f"bench/experiments/snat_timewait.py {' '.join(sys.argv[1:])}".strip(),
+           "machine": sc.ns.machine(), "config_hz": hz(), "seconds": args.seconds, "modes": {}}
+    cpu = (__import__("os").cpu_count() or 1) - 1   # client and servers on one CPU, as snat_capacity.py
+    with sc.FinRun(10, sc.ns.HERE / "out" / "snat-timewait", cpu) as run:
+        run.prepare()
+        run.program(["tc", "nftables"])
+        for mode in args.modes:
+            run.switch(None if mode == "direct" else mode)
+            probe["drops"].clear()
+            load = run.fin_load(mode, "server", args.seconds)
+            drops = {names.get(k.value, str(k.value)): v.value for k, v in probe["drops"].items()}
+            out["modes"][mode] = {"load": load, "drop_reasons": drops}
+            sc.ns.log(f"{mode}: {load['count']} connections, p99 {load.get('p99_us')} us, "
+                      f"TW_PAWS {drops.get('TCP_RFC7323_TW_PAWS', 0)}, "
+                      f"invalid ACK in SYN_SENT {drops.get('TCP_INVALID_ACK_SEQUENCE', 0)}")
+        run.switch(None)
+    probe.cleanup()
+    path = sc.ns.HERE / "results" / "snat-timewait.json"
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    sc.ns.log(f"results in {path}")
+
+
+if __name__ == "__main__":
+    main()
