@@ -153,7 +153,7 @@ class LinkInfo:
     type: int = 0    # BPF_LINK_TYPE_*
 
 
-LINK_TYPE_RAW_TRACEPOINT, LINK_TYPE_CGROUP = 1, 3
+LINK_TYPE_RAW_TRACEPOINT, LINK_TYPE_CGROUP = uapi.LINK_TYPE["raw_tracepoint"], uapi.LINK_TYPE["cgroup"]
 
 
 @dataclass(frozen=True)
@@ -207,7 +207,8 @@ def map_info(fd: int) -> MapInfo:
                    info.name.decode(), info.map_flags)
 
 
-PERCPU_MAP_TYPES = {5, 6, 10, 21}  # percpu hash, array, lru hash, cgroup storage
+PERCPU_MAP_TYPES = {uapi.MAP_TYPE[t] for t in ("percpu_hash", "percpu_array", "lru_percpu_hash",
+                                                 "percpu_cgroup_storage")}
 
 
 def check_layout(fd: int, key_size: int, value_size: int | None = None) -> MapInfo:

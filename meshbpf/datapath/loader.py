@@ -37,6 +37,8 @@ ATTACH_GETSOCKOPT = uapi.ATTACH["getsockopt"]
 ATTACH_GETSOCKNAME4, ATTACH_GETSOCKNAME6 = uapi.ATTACH["getsockname4"], uapi.ATTACH["getsockname6"]
 ATTACH_SOCK_RELEASE = uapi.ATTACH["sock_release"]
 PROG_TYPE_CGROUP_SOCK = uapi.PROG_TYPE["cgroup_sock"]
+# Socket-LB maps compiled only where the kernel has their feature: map -> feature.
+OPTIONAL_LB_MAPS = {"mbpf_sk_rnat": "sk_storage", "mbpf_conn_rnat": "conn_rnat", "mbpf_conn_slot": "conn_slots"}
 # Empties the connection reverse-NAT table (mbpf_conn_rnat) as sockets go.
 RELEASE_HOOK = "mbpf_sock_release"
 PROG_TYPE_SOCK_OPS = uapi.PROG_TYPE["sock_ops"]
@@ -197,9 +199,7 @@ class SockLB:
 
     def maps(self) -> tuple[MapSpec, ...]:
         feats = self.features or {}
-        optional = {"mbpf_sk_rnat": "sk_storage", "mbpf_conn_rnat": "conn_rnat",
-                    "mbpf_conn_slot": "conn_slots"}  # map -> feature
-        lb = tuple(m for m in LB_MAPS if feats.get(optional.get(m.name, ""), True))
+        lb = tuple(m for m in LB_MAPS if feats.get(OPTIONAL_LB_MAPS.get(m.name, ""), True))
         return lb + (REDIR_MAPS if self.redirect else ()) + (CAPTURE_MAPS if self.capture else ())
 
     def capacity(self, spec: MapSpec) -> int:

@@ -1,13 +1,16 @@
 """The numbers meshbpf passes to bpf() and libbpf, from the kernel's
-uapi/linux/bpf.h (enum bpf_prog_type, bpf_map_type, bpf_attach_type): the
-one place they are written; the loader, the feature probes and the map
-reader name them from here."""
+uapi/linux/bpf.h (enum bpf_prog_type, bpf_map_type, bpf_attach_type,
+bpf_link_type, bpf_func_id): the one place they are written; the loader,
+the feature probes and the map reader name them from here."""
 
 PROG_TYPE = {"cgroup_sock": 9, "sock_ops": 13, "sk_msg": 16, "raw_tracepoint": 17,
              "cgroup_sock_addr": 18, "cgroup_sockopt": 25}
 
-MAP_TYPE = {"hash": 1, "array": 2, "lru_hash": 9, "lpm_trie": 11, "sockmap": 15, "sockhash": 18,
+MAP_TYPE = {"hash": 1, "array": 2, "percpu_hash": 5, "percpu_array": 6, "lru_hash": 9,
+            "lru_percpu_hash": 10, "lpm_trie": 11, "sockmap": 15, "sockhash": 18, "percpu_cgroup_storage": 21,
             "sk_storage": 24, "ringbuf": 27}
+
+LINK_TYPE = {"raw_tracepoint": 1, "cgroup": 3}
 
 ATTACH = {
     "sock_ops": 3, "sk_msg_verdict": 7,

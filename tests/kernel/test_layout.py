@@ -8,7 +8,7 @@ import pytest
 
 from meshbpf.datapath import libbpf
 from meshbpf.datapath.layout import ALL_MAPS, CAPTURE_MAPS, NO_PREALLOC
-from meshbpf.datapath.loader import SockLB
+from meshbpf.datapath.loader import OPTIONAL_LB_MAPS, SockLB
 
 
 def _layout(t) -> list[tuple[str, int, int]]:
@@ -24,10 +24,10 @@ def test_hand_mirror_matches_the_compiled_structs(bpffs):
     lb.compile()
     assert set(CAPTURE_MAPS) <= set(ALL_MAPS)
     compiled = lb.maps()
-    # A map left out is one its feature gates off on this kernel (on 5.10,
-    # no compare-and-swap: no mbpf_conn_slot), never one forgotten.
+    # A map left out is exactly one its feature gates off on this kernel (on
+    # 5.10, no compare-and-swap: no mbpf_conn_slot), never one forgotten.
     left_out = {spec.name for spec in ALL_MAPS} - {spec.name for spec in compiled}
-    assert left_out <= {"mbpf_conn_slot"} and bool(left_out) != bool(lb.features.get("conn_slots")), left_out
+    assert left_out == {m for m, f in OPTIONAL_LB_MAPS.items() if not lb.features.get(f)}, left_out
     for spec in compiled:
         key, leaf = lb.compiled_types(spec.name)
         assert ct.sizeof(spec.key) == ct.sizeof(key), spec.name
