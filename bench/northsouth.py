@@ -102,10 +102,12 @@ class NsRun:
 
     def __exit__(self, *exc) -> None:
         try:
-            if self.flood is not None:
-                self.flood.close()
-            if self.dp is not None:
-                self.dp.detach()
+            try:
+                if self.flood is not None:
+                    self.flood.close()
+            finally:
+                if self.dp is not None:
+                    self.dp.detach()
         finally:
             try:
                 if self.bpffs.exists():
@@ -327,31 +329,38 @@ def run_size(n: int, modes: list[str], args, work: Path) -> dict:
                 out["xdp_unavailable"] = why
                 modes = [m for m in modes if m != "xdp"]
         out["modes"] = modes
-        preflight(run, modes)
+        variants = list(VARIANTS)
+        why = run.flood.available()
+        if why is not None:
+            log(f"N={n}: no flood variant: {why}")
+            out["flood_unavailable"] = why
+            variants.remove("flood")
+        out["variants"] = variants
+        preflight(run, modes, variants)
         switches: dict[str, list[float]] = {m: [] for m in modes}
         for r in range(args.rounds):
             order = modes[r % len(modes):] + modes[:r % len(modes)]
             results: dict = {}
             for mode in order:
                 switches[mode].append(run.switch(mode))
-                results[mode] = {v: run.measure(mode, v, args.duration, args.warmup) for v in VARIANTS}
+                results[mode] = {v: run.measure(mode, v, args.duration, args.warmup) for v in variants}
             run.switch(None)
             out["rounds"].append(results)
             log(f"N={n}: round {r + 1}/{args.rounds}: " + "; ".join(
-                f"{m} " + "/".join(f"{results[m][v]['rate']:.0f}" for v in VARIANTS) for m in modes))
+                f"{m} " + "/".join(f"{results[m][v]['rate']:.0f}" for v in variants) for m in modes))
         out["switch_s"] = {m: statistics.median(t) for m, t in switches.items() if t}
         out["meshbpf_counters"] = run.counters()
-    out["summary"] = summarize(out["rounds"], out["modes"])
+    out["summary"] = summarize(out["rounds"], out["modes"], out["variants"])
     return out
 
 
-def preflight(run: NsRun, modes: list[str]) -> None:
+def preflight(run: NsRun, modes: list[str], variants: list[str]) -> None:
     """Every mode serves every variant, and meshbpf's modes are meshbpf's
     doing (its counters move; nothing else in node1's netns could translate)."""
     for mode in modes:
         run.switch(mode)
         before = run.counters()
-        for v in VARIANTS:
+        for v in variants:
             res = run.measure(mode, v, 0.3 if v != "udp" else 1, 0.05)
             if res["errors"] > max(2, res["count"] // 100) or res["count"] < 20:
                 raise RuntimeError(f"N={run.n}: {mode} does not serve {v}: {res}")
@@ -365,12 +374,12 @@ def preflight(run: NsRun, modes: list[str]) -> None:
     run.switch(None)
 
 
-def summarize(rounds: list[dict], modes: list[str]) -> dict:
+def summarize(rounds: list[dict], modes: list[str], variants: list[str]) -> dict:
     """Per variant and mode: median rate and p99, and the median over rounds
     of the within-round ratio to each baseline (with quartiles)."""
     med = statistics.median
     out: dict = {}
-    for v in VARIANTS:
+    for v in variants:
         out[v] = {}
         for m in modes:
             rates = [r[m][v]["rate"] for r in rounds]
@@ -407,7 +416,9 @@ def markdown(results: dict) -> str:
         modes = size["modes"]
         if "xdp_unavailable" in size:
             lines.append(f"N = {n}: no XDP mode ({size['xdp_unavailable']})")
-        for v in VARIANTS:
+        if "flood_unavailable" in size:
+            lines.append(f"N = {n}: no packet-rate variant ({size['flood_unavailable']})")
+        for v in size.get("variants", VARIANTS):
             lines += [f"**N = {n}, {what[v]}** ({len(size['rounds'])} rounds)", "",
                       "| mode | rate | p99 µs | ÷ direct | ÷ iptables | ÷ nftables |",
                       "| --- | ---: | ---: | ---: | ---: | ---: |"]
