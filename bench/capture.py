@@ -18,6 +18,11 @@ connect to the backend in every path, so the paths differ only in capture:
                       the agent (Istio's annotation, AgentConfig capture on)
     meshbpf+redirect  the same, plus same-node socket redirection (sockmap)
                       of the proxy hops
+    uncaptured        the ceiling: nothing captured, the app (outside
+                      socket-LB, as under iptables) connects to HAProxy itself
+                      (listeners on 127.0.0.1 with the Service as their one
+                      server): HAProxy's work without any capture's, the
+                      most any capture method can reach here
 
 Each round runs every path in turn (a fresh agent each; the order rotates
 from round to round), and every path's
@@ -56,10 +61,19 @@ RESULTS = HERE / "results"
 APP, SRV, NODE = "mesh/app", "srv", "lab-node"
 SVC = "10.96.0.10"
 CRR_PORT, RR_PORT = 8080, 9000          # backends; the Service maps 80 -> 8080, 90 -> 9000
-PATHS = ("iptables", "meshbpf", "meshbpf+redirect")
+PATHS = ("iptables", "meshbpf", "meshbpf+redirect", "uncaptured")
 NAMES = {"iptables": "Istio iptables REDIRECT capture",
          "meshbpf": "meshbpf capture",
-         "meshbpf+redirect": "meshbpf capture + redirection"}
+         "meshbpf+redirect": "meshbpf capture + redirection",
+         "uncaptured": "no capture: the app connects to HAProxy (the ceiling)"}
+# The ceiling's listeners: the app's own connects to 127.0.0.1 (never
+# captured), HAProxy on to the Service (socket-LB translates it, as on every path).
+DIRECT = {80: 15011, 90: 15012}
+CEILING_LISTENERS = "".join(f"""
+listen direct{port}
+    bind 127.0.0.1:{local}
+    server svc {SVC}:{port}
+""" for port, local in DIRECT.items())
 TARGET_RATE, TARGET_P99 = 1.2, 0.8
 SIZE = 64
 
@@ -67,7 +81,7 @@ SIZE = 64
 def world(lab: Lab, path: str) -> list[dict]:
     """Services, the app pod (meshed), AgentConfig for this path."""
     srv = str(lab.pods[SRV].ipv4)
-    spec: dict = {"capture": {"enabled": path != "iptables", "mesh": "istio"}}
+    spec: dict = {"capture": {"enabled": path not in ("iptables", "uncaptured"), "mesh": "istio"}}
     if path == "meshbpf+redirect":
         spec["socketRedirect"] = {"enabled": True, "podCIDRs": ["10.244.0.0/24", "fd00:244::/64"]}
     ports = [("crr", 80, CRR_PORT), ("rr", 90, RR_PORT)]
@@ -104,7 +118,7 @@ class Setup:
             self.agent.start(timeout=300)
             if self.rules:
                 self.rules.__enter__()
-            else:
+            elif self.path != "uncaptured":
                 wait_for(self._captured, 60, f"{APP} to be captured")
         except Exception:
             self.__exit__()
@@ -125,7 +139,7 @@ class Setup:
     def run(self, argv: list[str], timeout: float) -> dict:
         """A load generator as the app: in the pod's cgroup, except under
         iptables, where the app stays outside socket-LB (see above)."""
-        r = self.lab.run(APP, argv, in_cgroup=self.path != "iptables", timeout=timeout)
+        r = self.lab.run(APP, argv, in_cgroup=self.path not in ("iptables", "uncaptured"), timeout=timeout)
         if r.returncode != 0:
             raise RuntimeError(f"{self.path}: {argv[0]} failed ({r.returncode}): {r.stderr}")
         return json.loads(r.stdout.strip().splitlines()[-1])
@@ -151,13 +165,18 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def target(path: str, port: int) -> str:
+    """Where the app connects: the Service, or HAProxy itself on the ceiling path."""
+    return f"127.0.0.1:{DIRECT[port]}" if path == "uncaptured" else f"{SVC}:{port}"
+
+
 def measure(p: Setup, proxy: sidecar.HAProxySidecar, args) -> dict:
     logged = len(proxy.connections())
     cpu = {"agent": cpu_seconds(p.agent.proc.pid), "haproxy": cpu_seconds(proxy.proc.pid)}
     crr = p.run([str(LOADGEN), "client", "-d", str(args.seconds), "-w", "0.2", "-T", str(args.threads),
-                 "-q", str(SIZE), "-r", str(SIZE), f"{SVC}:80"], timeout=args.seconds + 120)
+                 "-q", str(SIZE), "-r", str(SIZE), target(p.path, 80)], timeout=args.seconds + 120)
     rr = p.run([str(SOCKBENCH), "rr", "-d", str(args.seconds), "-w", "0.2", "-s", str(SIZE), "-N",
-                "-c", str(args.conns), f"{SVC}:90"], timeout=args.seconds + 120)
+                "-c", str(args.conns), target(p.path, 90)], timeout=args.seconds + 120)
     # CPU seconds the agent and HAProxy used while the load ran: the
     # agent should be idle, whatever the path.
     cpu = {k: round(cpu_seconds(pid) - cpu[k], 2)
@@ -172,14 +191,16 @@ def measure(p: Setup, proxy: sidecar.HAProxySidecar, args) -> dict:
 
 def check_proxied(path: str, proxy: sidecar.HAProxySidecar, before: int, crr: dict) -> None:
     """Every measured connection went through HAProxy, which read the
-    Service address: a path that bypassed the proxy measures nothing."""
+    Service address (on the ceiling path: its own listener, whose server is
+    the Service): a path that bypassed the proxy measures nothing."""
     if crr["errors"]:
         raise RuntimeError(f"{path}: {crr['errors']} connection(s) failed")
     want = before + crr["count"]
     seen = wait_for(lambda: len(proxy.connections()) >= want and proxy.connections(), 60,
                     f"{path}: HAProxy to log {crr['count']} connections")
-    origs = {c.orig for c in seen[before:] if c.listener == "outbound"}
-    if origs != {f"{SVC}:80"} and origs != {f"{SVC}:80", f"{SVC}:90"}:
+    listener = "direct" if path == "uncaptured" else "outbound"
+    origs = {c.orig for c in seen[before:] if c.listener.startswith(listener)}
+    if origs != {target(path, 80)} and origs != {target(path, 80), target(path, 90)}:
         raise RuntimeError(f"{path}: HAProxy's original destinations were {sorted(origs)}, "
                            f"not the Service {SVC}")
 
@@ -217,7 +238,10 @@ def snippet(report: dict) -> str:
         lines.append(f"| {NAMES[path]} | {m['crr_rate']:,.0f} ({r['crr_rate']}×) | "
                      f"{m['crr_p50_us']:.0f} µs ({r['crr_p50']}×) | {m['crr_p99_us']:.0f} µs ({r['crr_p99']}×) | "
                      f"{m['rr_rate']:,.0f} ({r['rr_rate']}×) | {m['rr_p99_us']:.0f} µs ({r['rr_p99']}×) |")
-    lines += ["", f"Targets (meshbpf capture vs iptables): connection rate ≥ {TARGET_RATE}× "
+    ceiling = rel["uncaptured"]
+    lines += ["", f"The ceiling (no capture at all, HAProxy's own work): {ceiling['crr_rate']}× iptables' "
+              f"connection rate, p99 {ceiling['crr_p99']}×: the most any capture method could give here.",
+              "", f"Targets (meshbpf capture vs iptables): connection rate ≥ {TARGET_RATE}× "
               f"({'met' if report['targets']['rate'] else 'not met'}), p99 ≤ {TARGET_P99}× "
               f"({'met' if report['targets']['p99'] else 'not met'})."]
     return "\n".join(lines) + "\n"
@@ -249,7 +273,7 @@ def main() -> None:
         lab.up([APP, SRV])
         backends = start_backends(lab, workdir)
         try:
-            with sidecar.HAProxySidecar(lab, APP, workdir) as proxy:
+            with sidecar.HAProxySidecar(lab, APP, workdir, extra=CEILING_LISTENERS) as proxy:
                 for n in range(args.rounds):
                     one = {}
                     # Each round starts with another path: no path always

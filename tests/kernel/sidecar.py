@@ -55,8 +55,8 @@ class HAProxySidecar:
     both families; stopped on exit."""
 
     def __init__(self, lab: Lab, pod: str, workdir: Path, *, uid: int = PROXY_UID,
-                 out_port: int = OUT_PORT, in_port: int = IN_PORT, threads: int = 1):
-        self.lab, self.pod, self.uid = lab, pod, uid
+                 out_port: int = OUT_PORT, in_port: int = IN_PORT, threads: int = 1, extra: str = ""):
+        self.lab, self.pod, self.uid, self.extra = lab, pod, uid, extra  # extra: config appended
         self.out_port, self.in_port, self.threads = out_port, in_port, threads
         name = pod.replace("/", "-")
         self.config = workdir / f"haproxy-{name}.cfg"
@@ -71,7 +71,7 @@ class HAProxySidecar:
 
     def start(self) -> "HAProxySidecar":
         self.config.write_text(Template(CONFIG_TEMPLATE.read_text()).substitute(
-            uid=self.uid, out_port=self.out_port, in_port=self.in_port, threads=self.threads))
+            uid=self.uid, out_port=self.out_port, in_port=self.in_port, threads=self.threads) + self.extra)
         check = subprocess.run(["haproxy", "-c", "-q", "-f", str(self.config)],
                                capture_output=True, text=True)
         assert check.returncode == 0, f"haproxy -c {self.config}: {check.stderr or check.stdout}"

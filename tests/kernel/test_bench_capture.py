@@ -16,7 +16,7 @@ import pytest
 from meshbpf.lab.netlab import NETNS_PREFIX
 
 REPO = Path(__file__).resolve().parents[2]
-PATHS = ("iptables", "meshbpf", "meshbpf+redirect")
+PATHS = ("iptables", "meshbpf", "meshbpf+redirect", "uncaptured")
 
 
 @pytest.mark.heavy      # a benchmark: the VMs skip it
@@ -37,8 +37,10 @@ def test_quick_capture_benchmark_runs_as_typed(tmp_path):
     snippet = (tmp_path / "README-capture-snippet.md").read_text()
     assert snippet in out
     assert "load average before" in snippet and "Targets" in snippet
-    for name in ("Istio iptables REDIRECT capture", "meshbpf capture", "meshbpf capture + redirection"):
+    for name in ("Istio iptables REDIRECT capture", "meshbpf capture", "meshbpf capture + redirection",
+                 "no capture: the app connects to HAProxy (the ceiling)"):
         assert f"| {name} |" in snippet
+    assert "The ceiling" in snippet
 
     # run-capture execs the benchmark: its pid names the lab and the pins.
     pid = proc.pid
