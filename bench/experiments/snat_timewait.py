@@ -2,7 +2,7 @@
 (bench/snat_capacity.py's "the server closes first" row): the kernel's drop
 reasons counted (kfree_skb raw tracepoint) while that load runs, per mode.
 
-    sudo .venv/bin/python bench/experiments/snat_timewait.py [--seconds 5] [modes...]
+    sudo .venv/bin/python bench/experiments/snat_timewait.py [--seconds 5] [--out F] [modes...]
 
 (after bench/run-northsouth --quick once, which builds loadgen). Writes
 bench/results/snat-timewait.json. The reasons that matter, by name from the
@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -102,7 +104,7 @@ def syn_timestamps(run) -> list[int]:
 
 def hz() -> int | None:
     """CONFIG_HZ: TCP_TIMEOUT_MIN, the SYN retransmit after an invalid ACK, is 2 jiffies."""
-    for path in (Path("/proc/config.gz"), Path(f"/boot/config-{__import__('os').uname().release}")):
+    for path in (Path("/proc/config.gz"), Path(f"/boot/config-{os.uname().release}")):
         if path.exists():
             text = subprocess.run(["zcat", "-f", str(path)], capture_output=True, text=True).stdout
             m = re.search(r"^CONFIG_HZ=(\d+)", text, re.M)
@@ -114,6 +116,7 @@ def hz() -> int | None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--out", type=Path, default=sc.ns.HERE / "results" / "snat-timewait.json")
     ap.add_argument("modes", nargs="*", default=["tc", "nftables", "direct"])
     args = ap.parse_args()
     from bcc import BPF
@@ -121,8 +124,20 @@ def main() -> None:
     probe = BPF(text=PROBE)
     out = {"command": f"bench/experiments/snat_timewait.py {' '.join(sys.argv[1:])}".strip(),
            "machine": sc.ns.machine(), "config_hz": hz(), "seconds": args.seconds, "modes": {}}
-    cpu = (__import__("os").cpu_count() or 1) - 1   # client and servers on one CPU, as snat_capacity.py
-    with sc.FinRun(10, sc.ns.HERE / "out" / "snat-timewait", cpu) as run:
+    cpu = (os.cpu_count() or 1) - 1   # client and servers on one CPU, as snat_capacity.py
+    work = sc.ns.HERE / "out" / "snat-timewait"
+    try:
+        measure(work, cpu, probe, names, args, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    probe.cleanup()
+    args.out.write_text(json.dumps(out, indent=1) + "\n")
+    sc.ns.log(f"results in {args.out}")
+
+
+def measure(work: Path, cpu: int, probe, names: dict[int, str], args, out: dict) -> None:
+    """Each mode's server-first load, with the drop reasons counted."""
+    with sc.FinRun(10, work, cpu) as run:
         run.prepare()
         run.program(["tc", "nftables"])
         out["syn_tsvals"] = syn_timestamps(run)
@@ -137,10 +152,6 @@ def main() -> None:
                       f"TW_PAWS {drops.get('TCP_RFC7323_TW_PAWS', 0)}, "
                       f"invalid ACK in SYN_SENT {drops.get('TCP_INVALID_ACK_SEQUENCE', 0)}")
         run.switch(None)
-    probe.cleanup()
-    path = sc.ns.HERE / "results" / "snat-timewait.json"
-    path.write_text(json.dumps(out, indent=1) + "\n")
-    sc.ns.log(f"results in {path}")
 
 
 if __name__ == "__main__":
