@@ -74,6 +74,8 @@ listen direct{port}
     bind 127.0.0.1:{local}
     server svc {SVC}:{port}
 """ for port, local in DIRECT.items())
+# Paths with capture off, whose app stays outside socket-LB (the pod's cgroup).
+UNCAPTURED = ("iptables", "uncaptured")
 TARGET_RATE, TARGET_P99 = 1.2, 0.8
 SIZE = 64
 
@@ -81,7 +83,7 @@ SIZE = 64
 def world(lab: Lab, path: str) -> list[dict]:
     """Services, the app pod (meshed), AgentConfig for this path."""
     srv = str(lab.pods[SRV].ipv4)
-    spec: dict = {"capture": {"enabled": path not in ("iptables", "uncaptured"), "mesh": "istio"}}
+    spec: dict = {"capture": {"enabled": path not in UNCAPTURED, "mesh": "istio"}}
     if path == "meshbpf+redirect":
         spec["socketRedirect"] = {"enabled": True, "podCIDRs": ["10.244.0.0/24", "fd00:244::/64"]}
     ports = [("crr", 80, CRR_PORT), ("rr", 90, RR_PORT)]
@@ -138,8 +140,9 @@ class Setup:
 
     def run(self, argv: list[str], timeout: float) -> dict:
         """A load generator as the app: in the pod's cgroup, except under
-        iptables, where the app stays outside socket-LB (see above)."""
-        r = self.lab.run(APP, argv, in_cgroup=self.path not in ("iptables", "uncaptured"), timeout=timeout)
+        iptables and on the ceiling path, where the app stays outside
+        socket-LB (see above)."""
+        r = self.lab.run(APP, argv, in_cgroup=self.path not in UNCAPTURED, timeout=timeout)
         if r.returncode != 0:
             raise RuntimeError(f"{self.path}: {argv[0]} failed ({r.returncode}): {r.stderr}")
         return json.loads(r.stdout.strip().splitlines()[-1])

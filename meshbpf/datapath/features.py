@@ -17,15 +17,9 @@ from pathlib import Path
 from . import btf, uapi
 from .libbpf import _lib
 
-ATTACH_INET4_CONNECT = uapi.ATTACH["connect4"]
-ATTACH_INET4_GETSOCKNAME, ATTACH_INET6_GETSOCKNAME = uapi.ATTACH["getsockname4"], uapi.ATTACH["getsockname6"]
-ATTACH_INET_SOCK_RELEASE = uapi.ATTACH["sock_release"]
 # The tracepoint every recvmsg() passes once the protocol's recvmsg returns
 # (6.3+): redirection counts empty reads there (bpf/recv_trace.c).
 RECV_TRACEPOINT = "sock_recv_length"
-PROG = uapi.PROG_TYPE
-MAP = uapi.MAP_TYPE
-HELPER = uapi.HELPER
 
 _lib.libbpf_probe_bpf_prog_type.argtypes = [ct.c_int, ct.c_void_p]
 _lib.libbpf_probe_bpf_map_type.argtypes = [ct.c_int, ct.c_void_p]
@@ -48,7 +42,7 @@ def _attach_type(prog: str, attach_type: int) -> bool:
     (libbpf's type probe sets none; a kernel that predates the attach
     point refuses it.)"""
     opts = _ProgLoadOpts(sz=ct.sizeof(_ProgLoadOpts), expected_attach_type=attach_type)
-    fd = _lib.bpf_prog_load(PROG[prog], None, b"GPL", _RETURN_1, 2, ct.byref(opts))
+    fd = _lib.bpf_prog_load(uapi.PROG_TYPE[prog], None, b"GPL", _RETURN_1, 2, ct.byref(opts))
     if fd < 0:
         return False
     os.close(fd)
@@ -69,8 +63,8 @@ _CMPXCHG = bytes([0xb7, 1, 0, 0, 0, 0, 0, 0,
 def _cmpxchg() -> bool:
     """Does the verifier take BPF_CMPXCHG (5.12+)? The connection slots
     claim theirs with it."""
-    opts = _ProgLoadOpts(sz=ct.sizeof(_ProgLoadOpts), expected_attach_type=ATTACH_INET4_CONNECT)
-    fd = _lib.bpf_prog_load(PROG["cgroup_sock_addr"], None, b"GPL", _CMPXCHG, len(_CMPXCHG) // 8,
+    opts = _ProgLoadOpts(sz=ct.sizeof(_ProgLoadOpts), expected_attach_type=uapi.ATTACH["connect4"])
+    fd = _lib.bpf_prog_load(uapi.PROG_TYPE["cgroup_sock_addr"], None, b"GPL", _CMPXCHG, len(_CMPXCHG) // 8,
                             ct.byref(opts))
     if fd < 0:
         return False
@@ -79,15 +73,15 @@ def _cmpxchg() -> bool:
 
 
 def _prog(name: str) -> bool:
-    return _lib.libbpf_probe_bpf_prog_type(PROG[name], None) == 1
+    return _lib.libbpf_probe_bpf_prog_type(uapi.PROG_TYPE[name], None) == 1
 
 
 def _map(name: str) -> bool:
-    return _lib.libbpf_probe_bpf_map_type(MAP[name], None) == 1
+    return _lib.libbpf_probe_bpf_map_type(uapi.MAP_TYPE[name], None) == 1
 
 
 def _helper(prog: str, helper: str) -> bool:
-    return _lib.libbpf_probe_bpf_helper(PROG[prog], HELPER[helper], None) == 1
+    return _lib.libbpf_probe_bpf_helper(uapi.PROG_TYPE[prog], uapi.HELPER[helper], None) == 1
 
 
 @dataclass(frozen=True)
@@ -114,7 +108,7 @@ def probe() -> list[Feature]:
         has_btf = False
     sockops = _prog("sock_ops") and _helper("sock_ops", "sock_hash_update")
     sk_storage = _map("sk_storage") and sock_addr and _helper("cgroup_sock_addr", "sk_storage_get")
-    conn_rnat = (sock_addr and _attach_type("cgroup_sock", ATTACH_INET_SOCK_RELEASE)
+    conn_rnat = (sock_addr and _attach_type("cgroup_sock", uapi.ATTACH["sock_release"])
                  and _helper("cgroup_sock", "get_socket_cookie"))
     return [
         Feature("cgroup_sock_addr", sock_addr and _helper("cgroup_sock_addr", "get_socket_cookie"),
@@ -155,8 +149,8 @@ def probe() -> list[Feature]:
         Feature("capture", _capture(sock_addr), "sidecar capture without iptables (5.7+)",
                 "sidecar capture is off"),
         Feature("capture_getsockname", sock_addr
-                and _attach_type("cgroup_sock_addr", ATTACH_INET4_GETSOCKNAME)
-                and _attach_type("cgroup_sock_addr", ATTACH_INET6_GETSOCKNAME),
+                and _attach_type("cgroup_sock_addr", uapi.ATTACH["getsockname4"])
+                and _attach_type("cgroup_sock_addr", uapi.ATTACH["getsockname6"]),
                 "sidecar capture: getsockname() names the original destination (5.8+)",
                 "capture works; a proxy that reads getsockname() (HAProxy for IPv6) sees its own port"),
     ]
