@@ -696,23 +696,24 @@ def test_closed_and_udp_flows_are_collected_sooner(dp, maps, path):
 def test_a_closed_flows_snat_port_is_taken_over_after_a_rst(dp, maps, closed):
     """A new flow whose try is a port held by a flow that is over takes it
     at once after a RST (the old flow's FWD entry goes: its client's next
-    packet is a new flow); after a FIN not before 60 s idle (it takes its
-    next try); nor when the client opened the tuple again since (its SYN
-    after the RST)."""
+    packet is a new flow); after FINs the backend sent first not before 60 s
+    idle (it takes its next try); nor when the client opened the tuple again
+    since (its SYN after the RST). (A flow the client closed first gives its
+    port up after 1 s idle: the next test; a slow VM can take that long.)"""
     f = FAMILIES[4]
     frontend(maps, nodeport(4), [REMOTE_BE], flags=F_NODEPORT)
     _, first = ingress(dp, pkt(4, f["client"], f["node"], 40070, NODE_PORT))
     port = l4(first).sport
+    other = _client_port_colliding(f, port, 4)
     if closed == "rst":
         ingress(dp, pkt(4, f["client"], f["node"], 40070, NODE_PORT, flags="R"))
     elif closed == "reopened":
         ingress(dp, pkt(4, f["remote"], f["node"], BE_PORT, port, flags="R"))       # the backend's RST
     else:
-        ingress(dp, pkt(4, f["client"], f["node"], 40070, NODE_PORT, flags="FA"))
         ingress(dp, pkt(4, f["remote"], f["node"], BE_PORT, port, flags="FA"))
+        ingress(dp, pkt(4, f["client"], f["node"], 40070, NODE_PORT, flags="FA"))
     if closed == "reopened":
         ingress(dp, pkt(4, f["client"], f["node"], 40070, NODE_PORT))    # the same tuple again: its SYN
-    other = _client_port_colliding(f, port, 4)
     before = maps.counters()
     _, second = ingress(dp, pkt(4, f["far"], f["node"], other, NODE_PORT))
     tries = snat_tries(f["far"], f["node"], other, NODE_PORT)
