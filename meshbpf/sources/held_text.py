@@ -15,9 +15,10 @@ equal bytes, so held forms still compare as the objects do.
 
 from __future__ import annotations
 
-import json
 import zlib
 from typing import Any
+
+from .json_codec import dumps_compact, loads
 
 # A Service and an EndpointSlice as the source keeps them (pruned, compact,
 # keys in the API server's order), with placeholder values: what later
@@ -47,27 +48,14 @@ _WBITS, _MEM_LEVEL, _LEVEL = -11, 2, 1
 _PRIMED = zlib.compressobj(_LEVEL, zlib.DEFLATED, _WBITS, _MEM_LEVEL, zlib.Z_DEFAULT_STRATEGY, _TYPICAL)
 
 
-_COMPACT = json.JSONEncoder(separators=(",", ":"))
-# json.dumps() makes a new encoder per call: a third of the cost of the
-# 200 000 small objects of a cold start. The C encoder is made once here,
-# as JSONEncoder.iterencode makes it (the same text); without the C
-# accelerator, JSONEncoder.encode. No cycle check (markers None): a shared
-# markers dict would be shared by the watch threads too, and decoded JSON
-# has no cycles.
-_C_ENCODER = json.encoder.c_make_encoder
-_encode = _C_ENCODER and _C_ENCODER(
-    None, _COMPACT.default, json.encoder.encode_basestring_ascii, None, _COMPACT.key_separator,
-    _COMPACT.item_separator, False, False, True)
-
-
 def as_text(obj: dict) -> str:
     """The object as compact JSON text (what is packed)."""
-    return "".join(_encode(obj, 0)) if _encode else _COMPACT.encode(obj)
+    return dumps_compact(obj).decode()
 
 
 def as_held(obj: dict) -> bytes:
     """What a source holds of a Service or EndpointSlice: its compact text, packed."""
-    return pack(as_text(obj))
+    return _pack_bytes(dumps_compact(obj))
 
 
 def as_held_exactly(obj: dict) -> Any:
@@ -84,17 +72,25 @@ def as_held_exactly(obj: dict) -> Any:
 
 def pack(text: str) -> bytes:
     """Compact JSON text as held."""
+    return _pack_bytes(text.encode())
+
+
+def _pack_bytes(data: bytes) -> bytes:
     c = _PRIMED.copy()  # the copy is made under the compressor's own lock: safe across watch threads
-    return c.compress(text.encode()) + c.flush()
+    return c.compress(data) + c.flush()
 
 
 def unpack(held: bytes) -> str:
+    return _unpack_bytes(held).decode()
+
+
+def _unpack_bytes(held: bytes) -> bytes:
     d = zlib.decompressobj(_WBITS, _TYPICAL)
-    return (d.decompress(held) + d.flush()).decode()
+    return d.decompress(held) + d.flush()
 
 
 def loaded(held: Any) -> Any:
     """An object as held (packed bytes, plain text or a dict) as a dict."""
     if isinstance(held, bytes):
-        return json.loads(unpack(held))
-    return json.loads(held) if isinstance(held, str) else held
+        return loads(_unpack_bytes(held))
+    return loads(held) if isinstance(held, str) else held

@@ -35,7 +35,6 @@ Services, and would tie us to the client's model checks.
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import random
 import threading
@@ -48,6 +47,7 @@ import urllib3
 from kubernetes.client.exceptions import ApiException
 
 from ..gcpause import gc_paused
+from . import json_codec
 
 log = logging.getLogger(__name__)
 
@@ -304,7 +304,7 @@ class Reflector:
         first_page = {} if self._consistent_list else {"resource_version": "0"}
         while True:
             try:
-                body = json.loads(self._read_all(self._call(
+                body = json_codec.loads(self._read_all(self._call(
                     60.0, limit=self._page_size,
                     **({"_continue": cont} if cont else first_page))))
             except ApiException as exc:
@@ -438,7 +438,7 @@ class Reflector:
 def _event(line: bytes) -> dict:
     """One watch line as an event; BadEvent for anything else."""
     try:
-        event = json.loads(line)
+        event = json_codec.loads(line)
     except ValueError:
         raise BadEvent(f"a watch line that is not JSON: {line[:80]!r}") from None
     if not isinstance(event, dict) or not isinstance(event.get("object", {}), dict):
