@@ -14,9 +14,11 @@ of a few entries on top (microseconds). Services have 4 endpoints each.
   endpoints.kubernetes.io/last-change-trigger-time = now (RFC3339Nano); the
   latency is the agent's own meshbpf_network_programming_duration_seconds
   observation: trigger time to maps written, as kube-proxy measures it.
-- churn: 100 EndpointSlice updates per second at 10 000 Services; the CPU
-  time of the agent's threads (loop + watch threads, from /proc, the fake
-  server's threads excluded) over wall time; every update must land.
+- churn: 100 EndpointSlice updates per second at 10 000 Services (up to
+  --churn-max-size); the CPU time of the agent's threads (loop + watch
+  threads, from /proc, the fake server's threads excluded) over wall time;
+  every update must land; the agent's RSS every --rss-every seconds (an
+  hour: --churn-seconds 3600), to show it does not grow.
 - file: one folder with one N-Service file (JSON, and YAML at 10 000) plus
   a small file; time from the edit to maps written (poll + sync), for an
   endpoint moved in the big file and a Service added in a small file.
@@ -43,6 +45,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -151,6 +154,36 @@ def summary(values: list[float]) -> dict:
             "histogram_ms": histogram}
 
 
+class Latencies:
+    """Latencies in 1 µs bins, folded in from the agent's raw list as they
+    come: an hour of churn is 360 000 events, and a list of them would grow
+    the very RSS the run watches. Percentiles as pct() takes them."""
+
+    def __init__(self, raw: list[float]):
+        self.raw, self.bins, self.n = raw, Counter(), 0
+
+    def fold(self) -> None:
+        batch = self.raw[:]
+        del self.raw[:len(batch)]   # appends made meanwhile by the loop thread stay
+        self.bins.update(round(v * 1e6) for v in batch)
+        self.n += len(batch)
+
+    def pct(self, q: float) -> float:
+        target, seen = min(self.n - 1, int(q * self.n)), 0
+        for us in sorted(self.bins):
+            seen += self.bins[us]
+            if seen > target:
+                return us / 1000
+        return float("nan")
+
+    def summary(self) -> dict:
+        self.fold()
+        histogram = {f"<={b}": sum(c for us, c in self.bins.items() if us <= b * 1000) for b in BUCKETS_MS}
+        return {"n": self.n, "p50_ms": round(self.pct(0.5), 3), "p90_ms": round(self.pct(0.9), 3),
+                "p99_ms": round(self.pct(0.99), 3), "max_ms": max(self.bins) / 1000 if self.bins else None,
+                "histogram_ms": histogram}
+
+
 class LoopThread:
     """The agent's loop (Agent.run without its signal handlers) in a thread."""
 
@@ -231,7 +264,7 @@ def _serve(conn, n: int) -> None:
     api.stop()
 
 
-def bench_kubernetes(n: int, events: int, churn_seconds: float, tmp: Path) -> dict:
+def bench_kubernetes(n: int, events: int, churn_seconds: float, tmp: Path, rss_every: float = 60.0) -> dict:
     gc.collect()
     rss0 = rss_mb()
     api = APIServerProcess(n)
@@ -258,32 +291,47 @@ def bench_kubernetes(n: int, events: int, churn_seconds: float, tmp: Path) -> di
     out["one_event"] = summary(latencies)
 
     if churn_seconds:
-        latencies.clear()
-        watch_tids = [r._thread.native_id for r in source.reflectors.values()]
-        tids = watch_tids + [loop.tid]
-        cpu0, wall0 = thread_cpu(tids), time.monotonic()
-        sent, k = 0, events
-        period = 0.01
-        next_at = time.monotonic()
-        while time.monotonic() - wall0 < churn_seconds:
-            api.move((k * 104729) % n, k)
-            sent, k = sent + 1, k + 1
-            next_at += period
-            time.sleep(max(0.0, next_at - time.monotonic()))
-        deadline = time.monotonic() + 10
-        while len(latencies) < sent and time.monotonic() < deadline:
-            time.sleep(0.01)
-        wall = time.monotonic() - wall0
-        cpu = thread_cpu(tids) - cpu0
-        out["churn"] = {"updates_per_s": round(sent / churn_seconds, 1), "seconds": churn_seconds,
-                        "agent_cpu_pct_of_one_core": round(100 * cpu / wall, 1),
-                        "programmed": len(latencies), "sent": sent,
-                        "latency": summary(latencies)}
+        out["churn"] = churn(api, source, loop, latencies, n, events, churn_seconds, rss_every)
     out["rss_after_events_mb"] = round(rss_mb(), 1)
     loop.stop()
     source.stop()
     api.stop()
     return out
+
+
+def churn(api: APIServerProcess, source: KubernetesSource, loop: LoopThread, raw: list[float],
+          n: int, k: int, seconds: float, rss_every: float) -> dict:
+    """100 EndpointSlice updates per second for `seconds`, each moving one
+    endpoint of another Service; the agent's RSS every `rss_every` s."""
+    raw.clear()
+    latencies = Latencies(raw)
+    tids = [r._thread.native_id for r in source.reflectors.values()] + [loop.tid]
+    cpu0, wall0 = thread_cpu(tids), time.monotonic()
+    rss = [(0.0, round(rss_mb(), 1))]
+    sent, period = 0, 0.01
+    next_at = next_rss = time.monotonic()
+    while (now := time.monotonic()) - wall0 < seconds:
+        api.move((k * 104729) % n, k)
+        sent, k = sent + 1, k + 1
+        if now - next_rss >= rss_every:
+            next_rss = now
+            latencies.fold()
+            rss.append((round(now - wall0), round(rss_mb(), 1)))
+        next_at += period
+        time.sleep(max(0.0, next_at - time.monotonic()))
+    deadline = time.monotonic() + 10
+    while latencies.n + len(raw) < sent and time.monotonic() < deadline:
+        time.sleep(0.01)
+    wall = time.monotonic() - wall0
+    cpu = thread_cpu(tids) - cpu0
+    latency = latencies.summary()
+    rss.append((round(wall), round(rss_mb(), 1)))
+    after_first = [mb for t, mb in rss if t >= min(seconds, 300)]  # past the first minutes' warm-up
+    return {"updates_per_s": round(sent / seconds, 1), "seconds": seconds,
+            "agent_cpu_pct_of_one_core": round(100 * cpu / wall, 1),
+            "programmed": latency["n"], "sent": sent, "latency": latency,
+            "rss_mb": rss, "rss_growth_mb": round(rss[-1][1] - rss[0][1], 1),
+            "rss_growth_after_5_min_mb": round(after_first[-1] - after_first[0], 1) if after_first else None}
 
 
 def bench_file(n: int, tmp: Path, fmt: str) -> dict:
@@ -357,6 +405,8 @@ def main() -> None:
     ap.add_argument("--sizes", default="10000,100000")
     ap.add_argument("--events", type=int, default=200)
     ap.add_argument("--churn-seconds", type=float, default=20.0)
+    ap.add_argument("--churn-max-size", type=int, default=10_000, help="churn only at N up to this")
+    ap.add_argument("--rss-every", type=float, default=60.0, help="seconds between RSS samples during churn")
     ap.add_argument("--only", choices=("kubernetes", "file"), default=None)
     ap.add_argument("--formats", default="json,yaml",
                     help="file source formats (YAML at 10 000 at most); one per process for clean RSS")
@@ -372,7 +422,8 @@ def main() -> None:
                     print(json.dumps({"file": r}), flush=True)
                     results["runs"].append({"file": r})
             if args.only in (None, "kubernetes"):
-                r = bench_kubernetes(n, args.events, args.churn_seconds if n <= 10_000 else 0, Path(d))
+                r = bench_kubernetes(n, args.events, args.churn_seconds if n <= args.churn_max_size else 0,
+                                     Path(d), args.rss_every)
                 print(json.dumps({"kubernetes": r}), flush=True)
                 results["runs"].append({"kubernetes": r})
     results["load_average_after"] = os.getloadavg()
