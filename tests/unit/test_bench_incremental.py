@@ -1,0 +1,29 @@
+"""bench/incremental.py's churn, run as README shows it (small and short):
+every update lands, the latencies add up, and RSS is sampled as it goes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_churn_counts_every_update_and_samples_rss(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "bench/incremental.py", "--only", "kubernetes", "--sizes", "300", "--events", "3",
+         "--churn-seconds", "3", "--rss-every", "1", "--out", str(tmp_path / "out.json")],
+        cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    run = json.loads((tmp_path / "out.json").read_text())["runs"][0]["kubernetes"]
+    churn = run["churn"]
+    assert churn["sent"] >= 200 and churn["programmed"] == churn["sent"] == churn["latency"]["n"]
+    lat = churn["latency"]
+    assert 0 < lat["p50_ms"] <= lat["p90_ms"] <= lat["p99_ms"] <= lat["max_ms"]
+    cumulative = list(lat["histogram_ms"].values())
+    assert cumulative == sorted(cumulative) and cumulative[-1] <= lat["n"]
+    times = [t for t, _ in churn["rss_mb"]]
+    assert len(times) >= 4 and times == sorted(times) and all(mb > 0 for _, mb in churn["rss_mb"])
+    assert churn["rss_growth_mb"] == round(churn["rss_mb"][-1][1] - churn["rss_mb"][0][1], 1)
