@@ -109,10 +109,18 @@ def test_endpoint_and_policy_list_with_and_without_the_agent(policy_lab, bpffs):
     assert table.returncode == 0 and f"{a_ip}/32" in table.stdout, table.stderr
 
 
+def _ctrl_c_as_in_a_terminal() -> None:
+    # A suite started as a background job (`... &` in a script) inherits
+    # SIGINT ignored, and Python then keeps it ignored: the monitor would
+    # never see the Ctrl-C these tests send. A terminal's user has it.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _monitor(bpffs, agent, *args) -> subprocess.Popen:
     proc = subprocess.Popen([str(SCRIPT), "monitor", "--bpffs", str(bpffs),
                              "--agent", f"127.0.0.1:{agent.port}", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_ctrl_c_as_in_a_terminal)
     proc.notes = []  # stderr lines before it listens
     while "listening for flow events" not in (line := proc.stderr.readline()):
         assert line, f"monitor exited: {proc.notes}"
