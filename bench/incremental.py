@@ -138,26 +138,18 @@ def thread_cpu(tids: list[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
-
-
 BUCKETS_MS = (1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000)  # the metric's, up to 1 s
 
 
 def summary(values: list[float]) -> dict:
-    ms = [v * 1000 for v in values]
-    histogram = {f"<={b}": sum(1 for v in ms if v <= b) for b in BUCKETS_MS}  # cumulative
-    return {"n": len(ms), "p50_ms": round(pct(ms, 0.5), 3), "p90_ms": round(pct(ms, 0.9), 3),
-            "p99_ms": round(pct(ms, 0.99), 3), "max_ms": round(max(ms), 3) if ms else None,
-            "histogram_ms": histogram}
+    return Latencies(list(values)).summary()
 
 
 class Latencies:
     """Latencies in 1 µs bins, folded in from the agent's raw list as they
     come: an hour of churn is 360 000 events, and a list of them would grow
-    the very RSS the run watches. Percentiles as pct() takes them."""
+    the very RSS the run watches. A percentile q is the value at rank
+    int(q * n) of the sorted latencies."""
 
     def __init__(self, raw: list[float]):
         self.raw, self.bins, self.n = raw, Counter(), 0
