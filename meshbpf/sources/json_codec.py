@@ -41,7 +41,7 @@ _encode = _C_ENCODER and _C_ENCODER(
     _COMPACT.item_separator, False, False, True)
 
 
-def stdlib_dumps(obj: Any) -> bytes:
+def _stdlib_dumps(obj: Any) -> bytes:
     """obj as compact JSON by the standard library, UTF-8 encoded."""
     return ("".join(_encode(obj, 0)) if _encode else _COMPACT.encode(obj)).encode()
 
@@ -63,4 +63,4 @@ def dumps_compact(obj: Any) -> bytes:
             return orjson.dumps(obj)
         except TypeError:
             pass    # an integer beyond 64 bits, a key that is not a string
-    return stdlib_dumps(obj)
+    return _stdlib_dumps(obj)
