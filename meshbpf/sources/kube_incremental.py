@@ -158,16 +158,22 @@ class ServiceIndex:
                 self.problems_of.setdefault(self.slice_owner[(ns, n)], []).append(p)
 
     def _put_slice(self, key: Key, obj: dict | None, raw: Any) -> None:
-        old_owner = self.slice_owner.pop(key, None)
-        if old_owner is not None:
+        # An update overwrites in place: popping and re-adding a key that
+        # stays would use up a dict's free slots, and under churn every
+        # table here doubles (README, an hour of churn).
+        old_owner = self.slice_owner.get(key)
+        new_owner = None if obj is None else slice_service(obj)
+        if old_owner is not None and old_owner != new_owner:
             left = tuple(k for k in self.slices_of.get(old_owner, ()) if k != key)
             if left:
                 self.slices_of[old_owner] = left
             else:
                 self.slices_of.pop(old_owner, None)
-        self.slices.pop(key, None)
-        if obj is not None:
-            self._hold_slice(key, slice_service(obj), raw)
+        if obj is None:
+            self.slice_owner.pop(key, None)
+            self.slices.pop(key, None)
+        else:
+            self._hold_slice(key, new_owner, raw)
 
     def _hold_slice(self, key: Key, owner: Key | None, raw: Any) -> None:
         self.slices[key] = raw
@@ -235,7 +241,8 @@ class ServiceIndex:
         return self.ports_of.get(tuple(service.split("/", 1)), ())
 
     def _release(self, key: Key, ports: OverlayEditor, changed: dict[Frontend, None]) -> None:
-        for sp in self.ports_of.pop(key, ()):
+        # ports_of[key] stays until _rebuild overwrites it (in place: see _put_slice).
+        for sp in self.ports_of.get(key, ()):
             if _owner(ports, sp.frontend) == key:
                 del ports[sp.frontend]
                 changed[sp.frontend] = None
@@ -247,6 +254,7 @@ class ServiceIndex:
             update.resolved.add(str(p))
         svc = self.services.get(key)
         if svc is None:
+            self.ports_of.pop(key, None)
             return
         objects = [SourceObject(loaded(svc), "API server")] + [
             SourceObject(loaded(self.slices[k]), "API server")
@@ -272,6 +280,8 @@ class ServiceIndex:
             ports[sp.frontend] = sp
         if mine:
             self.ports_of[key] = tuple(mine)
+        else:
+            self.ports_of.pop(key, None)
         if problems:
             self.problems_of[key] = problems
         for p in problems:
