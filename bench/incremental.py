@@ -58,6 +58,7 @@ from k8s_builders import endpoint_slice, ep, service  # noqa: E402
 from meshbpf.agent import Agent, AgentOptions  # noqa: E402
 from meshbpf.gcpause import gc_paused  # noqa: E402
 from meshbpf.reconcile import LBState, Plan, plan, wanted_services  # noqa: E402
+from meshbpf.reconcile.compact import DeleteCount  # noqa: E402
 from meshbpf.sources.kube_incremental import TRIGGER_TIME  # noqa: E402
 from meshbpf.sources.kubernetes import KubernetesSource  # noqa: E402
 from meshbpf.sources.yaml_file import FileSource  # noqa: E402
@@ -70,6 +71,7 @@ class MemoryMaps:
 
     def __init__(self, size: int):
         self.state = LBState()
+        self.churn = DeleteCount()
         self.capacity = {"services": size, "slots": size * 8, "backends": size * 8}
         self.writes = 0
         self.last_write = 0.0
@@ -85,6 +87,8 @@ class MemoryMaps:
 
     def apply(self, p: Plan) -> None:
         p.apply_in_place(self.state)
+        # As the agent's own copy (LBIndex.apply): a kernel map does not grow so.
+        self.churn.add(len(p.backend_deletes), self.state.backends)
         self.writes += p.writes
         self.last_write = time.time()
 

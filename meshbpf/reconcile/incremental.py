@@ -22,6 +22,7 @@ from typing import Mapping
 
 from . import (BackendVal, LBState, Plan, SlotKey, SlotVal, SvcKey, SvcVal, WantedService,
                _IdAllocator, _slot_layout)
+from .compact import DeleteCount
 
 
 class SlotRow(tuple):
@@ -68,6 +69,7 @@ class LBIndex:
         self.svc_ids: set[int] = {v.svc_id for v in state.services.values()}
         self._top_backend: int | None = None
         self._top_svc: int | None = None
+        self.backend_churn = DeleteCount()  # the three dicts keyed by backend
 
     def top_backend(self, backends: dict[int, BackendVal]) -> int:
         """The highest backend ID in use; `backends`: the state's."""
@@ -121,6 +123,7 @@ class LBIndex:
             if key == self._top_backend:
                 self._top_backend = None
         p.apply_in_place(state)
+        self.backend_churn.add(len(p.backend_deletes), state.backends, self.backend_id, self.refs)
 
     def _unref(self, slot: SlotVal | None) -> None:
         if slot is None:

@@ -1,0 +1,45 @@
+"""Keeping churned dicts at the size their live entries need.
+
+Under endpoint churn the dicts keyed by backend (by ID: IDs are handed out
+above the highest in use; by address: a moved endpoint's is new) lose one
+key and gain another for ever. A CPython dict does not reuse a deleted
+key's slot: it fills its table and then resizes to fit its live entries
+three times over, which for 400 000 backends (100 000 Services) is twice
+the table it was built with, 20 MB more per dict (README, an hour of
+churn; `python3 bench/experiments/dict_churn.py`). Rebuilding such a dict
+once as many keys were deleted as half its live entries keeps it at its
+built size whenever that table has the room (a rebuilt dict holds live
+entries in a table 1.5 to 3 times their number), at the cost of one copy
+per half-turnover of its keys.
+"""
+
+from __future__ import annotations
+
+# Below this a dict's churn costs less than counting it.
+MIN_DELETED = 4096
+
+
+def compact(table: dict) -> None:
+    """Rebuilds `table` in place (its identity and order kept): a copy
+    holds the live entries only, and update() into the emptied dict takes
+    the copy's table whole."""
+    live = dict(table)
+    table.clear()
+    table.update(live)
+
+
+class DeleteCount:
+    """The keys deleted from a group of dicts that churn together (the
+    first one's size is the group's), compacting them all once enough went."""
+
+    def __init__(self) -> None:
+        self.deleted = 0
+        self.compactions = 0
+
+    def add(self, deleted: int, *tables: dict) -> None:
+        self.deleted += deleted
+        if self.deleted >= max(len(tables[0]) // 2, MIN_DELETED):
+            for table in tables:
+                compact(table)
+            self.deleted = 0
+            self.compactions += 1
