@@ -163,6 +163,8 @@ class ServiceIndex:
         # table here doubles (README, an hour of churn).
         old_owner = self.slice_owner.get(key)
         new_owner = None if obj is None else slice_service(obj)
+        if new_owner == old_owner:
+            new_owner = old_owner  # the one key tuple per Service (see _fill), not one per event
         if old_owner is not None and old_owner != new_owner:
             left = tuple(k for k in self.slices_of.get(old_owner, ()) if k != key)
             if left:

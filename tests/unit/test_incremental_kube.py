@@ -163,6 +163,9 @@ def test_the_index_tables_keep_their_size_under_endpoint_churn():
         assert index.apply({}, {(f"ns-{i % 7}", f"s{i}-x"): moved}).state is not None
     assert {t: sys.getsizeof(getattr(index, t)) for t in tables} == sizes
     assert len(index.state.service_ports) == n and len(index.ports_of) == n
+    # Each slice still names its Service by the one key tuple the index holds for it.
+    held = {k: k for k in index.services}
+    assert all(owner is held[owner] for owner in index.slice_owner.values())
 
 
 @pytest.mark.parametrize("field, value", [("name", "Web_1"), ("name", "web\nother"), ("namespace", "N" * 64)])
