@@ -32,7 +32,7 @@ from .datapath.redirect import apply_settings
 from .datapath.maps import LBMaps
 from .datapath.route_counters import RouteCounters
 from .datapath.policy import PolicyDatapath
-from .gcpause import gc_paused
+from .gcpause import gc_paused, trim_malloc
 from .health import HealthServer, ListenError
 from .metrics import (AgentMetrics, CaptureCollector, LBStatsCollector, MapPressureCollector,
                       PolicyStatsCollector, RedirectCollector, RouteBackendCollector)
@@ -55,6 +55,7 @@ from .sync.policy import PolicySync
 log = logging.getLogger(__name__)
 
 HEARTBEAT_MAX_AGE = 10.0
+MALLOC_TRIM_INTERVAL = 60.0  # seconds between two trims after changes
 
 # Problems of a rejected change logged one per line; a file of 100 000 bad
 # Services must not flood the log (the count says how many were left unsaid).
@@ -125,6 +126,7 @@ class Agent:
         self.applied_redirect: RedirectSettings | None = None
         self.target: Path | None = None
         self.next_resync = time.monotonic() + opts.resync_interval
+        self.next_trim = 0.0  # when a changed state next hands freed memory back (see _step)
         self.last_error = ""
         self._beat = time.monotonic()
         self._stop = threading.Event()
@@ -324,6 +326,12 @@ class Agent:
         if changed or asked or self.redirect_retry.due(now):
             self.sync_redirect(self.desired.settings.redirect)
             self.redirect_tried = True
+        if changed and now >= self.next_trim:
+            # Each change frees the objects it replaced; glibc keeps the freed
+            # pages as RSS (14 MB after 30 000 events at 100 000 Services, 1 ms
+            # to hand back; README, an hour of churn). Once a minute at most.
+            trim_malloc()
+            self.next_trim = now + MALLOC_TRIM_INTERVAL
 
     def _take_resync_request(self) -> bool:
         """SIGHUP's full resync: the source forgets what it read, so this

@@ -220,3 +220,26 @@ def test_the_first_full_sync_freezes_the_heap_unwalked_and_later_full_syncs_coll
     assert calls == [("freeze",)]
     step_until(agent, lambda: len(calls) > 1)
     assert calls[1:] == [("collect", 1), ("freeze",)]
+
+
+def test_changes_hand_freed_memory_back_once_a_minute_at_most(agent_for, monkeypatch):
+    """glibc keeps what each change freed as RSS until malloc_trim (README,
+    an hour of churn); the agent trims after a change, not more than once
+    per MALLOC_TRIM_INTERVAL, and not while nothing changes."""
+    import meshbpf.agent as agent_mod
+    trims, clock = [], [1000.0]
+    monkeypatch.setattr(agent_mod, "trim_malloc", lambda: trims.append(clock[0]))
+    monkeypatch.setattr(agent_mod.time, "monotonic", lambda: clock[0])
+    states = [state(5, moved={1: f"10.244.100.{k}"}) for k in range(1, 5)]
+    agent = agent_for(states[0], states[1], None, states[2], None, states[3], resync_interval=0)
+    agent.step()                      # the first state: trimmed
+    clock[0] += 10
+    agent.step()                      # a change 10 s later: not yet
+    clock[0] += 60
+    agent.step()                      # nothing changed: no trim however long since
+    agent.step()                      # a change past the minute: trimmed
+    clock[0] += 61
+    agent.step()                      # nothing changed
+    agent.step()                      # a change: trimmed
+    assert trims == [1000.0, 1070.0, 1131.0]
+    assert matches(agent, states[3])
