@@ -250,13 +250,27 @@ class APIServerProcess:
         self.proc.join(30)
 
 
+# As kube-apiserver sends each watch that allows them a BOOKMARK about once a
+# minute: a watch that sees no event (ConfigMaps, Pods here) would otherwise
+# hit the agent's read timeout (two bookmark intervals) and log it.
+BOOKMARK_EVERY = 50.0
+
+
 def _serve(conn, n: int) -> None:
     api = FakeAPIServer().start()
     t = time.monotonic()
     api.apply(*objects(n))
     conn.send((api.port, round(time.monotonic() - t, 1)))
-    while (msg := conn.recv()) is not None:
-        api.apply(moved_slice(*msg))
+    next_bookmark = time.monotonic() + BOOKMARK_EVERY
+    while True:
+        if conn.poll(max(0.0, next_bookmark - time.monotonic())):
+            msg = conn.recv()
+            if msg is None:
+                break
+            api.apply(moved_slice(*msg))
+        if time.monotonic() >= next_bookmark:
+            api.bookmark()
+            next_bookmark = time.monotonic() + BOOKMARK_EVERY
     api.stop()
 
 

@@ -27,3 +27,28 @@ def test_churn_counts_every_update_and_samples_rss(tmp_path):
     times = [t for t, _ in churn["rss_mb"]]
     assert len(times) >= 4 and times == sorted(times) and all(mb > 0 for _, mb in churn["rss_mb"])
     assert churn["rss_growth_mb"] == round(churn["rss_mb"][-1][1] - churn["rss_mb"][0][1], 1)
+
+
+def test_the_bench_api_server_sends_idle_watches_bookmarks(monkeypatch):
+    """As kube-apiserver does about once a minute: without them an hour's
+    idle watches (ConfigMaps, Pods) hit the agent's read timeout."""
+    import http.client
+    import multiprocessing
+    import threading
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import incremental
+
+    monkeypatch.setattr(incremental, "BOOKMARK_EVERY", 0.3)
+    ours, theirs = multiprocessing.Pipe()
+    server = threading.Thread(target=incremental._serve, args=(theirs, 2), daemon=True)
+    server.start()
+    port, _ = ours.recv()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("GET", "/api/v1/configmaps?watch=1&allowWatchBookmarks=true&resourceVersion=0&timeoutSeconds=5")
+    line = conn.getresponse().readline()  # chunked: http.client undoes the framing
+    assert json.loads(line)["type"] == "BOOKMARK"
+    conn.close()
+    ours.send(None)
+    server.join(10)
+    assert not server.is_alive()
