@@ -6,15 +6,19 @@ key and gain another for ever. A CPython dict does not reuse a deleted
 key's slot: it fills its table and then resizes to fit its live entries
 three times over, which for 400 000 backends (100 000 Services) is twice
 the table it was built with, 20 MB more per dict (README, an hour of
-churn; `python3 bench/experiments/dict_churn.py`). Rebuilding such a dict
-once as many keys were deleted as half its live entries keeps it at its
-built size whenever that table has the room (a rebuilt dict holds live
-entries in a table 1.5 to 3 times their number), at the cost of one copy
-per half-turnover of its keys. The copy's transient table is handed back
-to the system after (glibc keeps a freed 20 MB table as RSS otherwise).
+churn; `python3 bench/experiments/dict_churn.py`). A rebuilt dict holds its
+live entries in a table 1.5 to 3 times their number, so how soon it fills
+depends on where that number falls. Such a dict is rebuilt once as many
+keys were deleted as half its live entries (a roomy table never fills
+before), or once it resized after a sixteenth (a tight one fills early: 40
+000 backends, 10 000 Services, after ~3 700 events), at the cost of one
+copy per so many deletions. The copy's transient table is handed back to
+the system after (glibc keeps a freed 20 MB table as RSS otherwise).
 """
 
 from __future__ import annotations
+
+import sys
 
 from ..gcpause import trim_malloc
 
@@ -33,17 +37,24 @@ def compact(table: dict) -> None:
 
 class DeleteCount:
     """The keys deleted from a group of dicts that churn together (the
-    first one's size is the group's), compacting them all once enough went."""
+    first one stands for the group), compacting them all once enough went."""
 
     def __init__(self) -> None:
         self.deleted = 0
         self.compactions = 0
+        self.size: int | None = None  # the first dict's bytes after the last compaction
 
     def add(self, deleted: int, *tables: dict) -> None:
+        if self.size is None:
+            self.size = sys.getsizeof(tables[0])
         self.deleted += deleted
-        if self.deleted >= max(len(tables[0]) // 2, MIN_DELETED):
+        if self.deleted < MIN_DELETED:
+            return
+        live = len(tables[0])
+        if self.deleted >= live // 2 or (self.deleted >= live // 16 and sys.getsizeof(tables[0]) > self.size):
             for table in tables:
                 compact(table)
             trim_malloc()
             self.deleted = 0
             self.compactions += 1
+            self.size = sys.getsizeof(tables[0])

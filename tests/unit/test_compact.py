@@ -10,6 +10,8 @@ from __future__ import annotations
 import ipaddress
 import sys
 
+import pytest
+
 from meshbpf.model import Endpoint
 from meshbpf.reconcile import LBState, plan, wanted_services
 from meshbpf.reconcile import compact as compact_mod
@@ -17,23 +19,28 @@ from meshbpf.reconcile.compact import DeleteCount, compact
 from meshbpf.reconcile.incremental import LBIndex, plan_services
 from reconcile_checks import check_realises, desired, service_port
 
-LIVE = 20_000
+ROOMY = 12_000   # a table of 32 768: 9 845 free after the build, more than half its entries
+TIGHT = 20_000   # the same table: 1 845 free, full long before half its entries went
 
 
-def churn(table: dict, steps: int, count: DeleteCount | None) -> None:
-    """Each step deletes the oldest key and adds a never-seen one."""
+def churn(table: dict, steps: int, count: DeleteCount | None) -> list[int]:
+    """Each step deletes the oldest key and adds a never-seen one; the
+    dict's bytes after each step."""
     oldest, new = min(table), max(table) + 1
+    sizes = []
     for _ in range(steps):
         del table[oldest]
         table[new] = new
         oldest, new = oldest + 1, new + 1
         if count is not None:
             count.add(1, table)
+        sizes.append(sys.getsizeof(table))
+    return sizes
 
 
 def test_compact_keeps_identity_entries_and_order_and_drops_the_deleted_slots():
-    table = {i: str(i) for i in range(LIVE)}
-    churn(table, LIVE // 2, None)
+    table = {i: str(i) for i in range(TIGHT)}
+    churn(table, TIGHT // 2, None)
     same, items, size = table, list(table.items()), sys.getsizeof(table)
 
     compact(table)
@@ -42,18 +49,32 @@ def test_compact_keeps_identity_entries_and_order_and_drops_the_deleted_slots():
     assert sys.getsizeof(table) < size
 
 
-def test_a_churned_dict_grows_once_uncounted_and_keeps_its_built_size_counted():
-    built = sys.getsizeof({i: i for i in range(LIVE)})
+@pytest.mark.parametrize("live", [ROOMY, TIGHT])
+def test_uncounted_a_churned_dict_grows(live):
+    """The control: CPython's dict does grow under this churn."""
+    built = sys.getsizeof({i: i for i in range(live)})
+    assert max(churn({i: i for i in range(live)}, 3 * live, None)) > built
 
-    uncounted = {i: i for i in range(LIVE)}
-    churn(uncounted, 3 * LIVE, None)
-    assert sys.getsizeof(uncounted) > built  # the control: CPython's dict does grow
 
-    counted, count = {i: i for i in range(LIVE)}, DeleteCount()
-    churn(counted, 3 * LIVE, count)
-    assert sys.getsizeof(counted) <= built
-    assert count.compactions == 3 * LIVE // (LIVE // 2)
-    assert list(counted) == list(range(3 * LIVE, 4 * LIVE))
+def test_a_roomy_dict_never_grows_compacted_each_half_turnover():
+    built = sys.getsizeof({i: i for i in range(ROOMY)})
+    table, count = {i: i for i in range(ROOMY)}, DeleteCount()
+    assert max(churn(table, 3 * ROOMY, count)) == built
+    assert count.compactions == 3 * ROOMY // (ROOMY // 2)
+    assert list(table) == list(range(3 * ROOMY, 4 * ROOMY))
+
+
+def test_a_tight_dict_is_compacted_soon_after_it_resized():
+    """It resizes after 1 845 events; compacted at the floor (4 096
+    deletions), well before half its entries went, and back to its built
+    size each time."""
+    built = sys.getsizeof({i: i for i in range(TIGHT)})
+    table, count = {i: i for i in range(TIGHT)}, DeleteCount()
+    sizes = churn(table, 3 * TIGHT, count)
+    assert count.compactions == 3 * TIGHT // compact_mod.MIN_DELETED
+    floor = compact_mod.MIN_DELETED
+    assert all(size == built for size in sizes[floor - 1::floor])  # right after each compaction
+    assert max(sizes) > built  # it did grow in between
 
 
 def test_a_group_compacts_together_sized_by_its_first_dict():
