@@ -52,3 +52,17 @@ def test_the_bench_api_server_sends_idle_watches_bookmarks(monkeypatch):
     ours.send(None)
     server.join(10)
     assert not server.is_alive()
+
+
+def test_churn_tables_lists_the_agents_big_tables_as_readme_cites_them():
+    done = subprocess.run(
+        [sys.executable, "bench/experiments/churn_tables.py", "--services", "300", "--events", "1200",
+         "--every", "600", "--big", "300"],
+        cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("ready: RSS ")
+    listed = {line.split()[-1] for line in lines[1:] if line.startswith("       ")}
+    assert {"agent.lbsync.current.backends", "agent.lbsync.index.backend_id", "source._index.slices",
+            "maps.state.backends"} <= listed
+    assert [line.split(",")[0] for line in lines if line[0].isdigit()] == ["600 events", "1200 events"]
