@@ -66,3 +66,14 @@ def test_churn_tables_lists_the_agents_big_tables_as_readme_cites_them():
     assert {"agent.lbsync.current.backends", "agent.lbsync.index.backend_id", "source._index.slices",
             "maps.state.backends"} <= listed
     assert [line.split(",")[0] for line in lines if line[0].isdigit()] == ["600 events", "1200 events"]
+
+
+def test_churn_malloc_reports_rss_and_pymalloc_as_readme_cites_them():
+    done = subprocess.run(
+        [sys.executable, "bench/experiments/churn_malloc.py", "--services", "300", "--events", "600"],
+        cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout
+    for tag in ("cold start: RSS ", "after 600 events: RSS ", "malloc_trim: ", "after malloc_trim: RSS "):
+        assert tag in out
+    assert out.count("arenas allocated current") == 3 and out.count("unused pools") == 3
